@@ -1,0 +1,19 @@
+"""TextContext: one sequence's tokens and where its K/V live in the paged cache."""
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+
+
+@dataclass(slots=True, eq=False)
+class TextContext:
+    tokens: list[int]
+    request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    max_length: int | None = None
+    # Pages of the KV cache holding this sequence, in order, and how many of `tokens` are in them.
+    block_ids: list[int] = field(default_factory=list)
+    num_computed_tokens: int = 0
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.tokens)
