@@ -1,0 +1,104 @@
+"""The per-device worker: one tensor-parallel rank's weights, KV cache slice and forward step.
+
+The same class runs in-process (one device) and as a Ray actor (one per device). It knows
+nothing of requests or tokenizers: it takes a StepInput of flat arrays and returns, on rank 0,
+the rows of logits and hidden states that were asked for.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .batch import StepInput
+from .checkpoint import TORCH_DTYPES, Checkpoint, WeightSource
+from .config import Llama3Config
+from .model import AttentionMetadata, Llama3Transformer
+from .parallel import ParallelContext
+from .rope import cos_sin_cache
+
+DEFAULT_CPU_KV_CACHE_BYTES = 256 << 20
+
+
+@dataclass(slots=True)
+class StepOutput:
+    logits: torch.Tensor | None = None          # [M, V] float32
+    hidden_states: torch.Tensor | None = None
+
+
+class Worker:
+    def __init__(self, config: Llama3Config, checkpoint_path: str, rank: int = 0,
+                 num_kv_pages: int | None = None, kv_cache_bytes: int | None = None,
+                 gpu_memory_utilization: float = 0.9, device: str | None = None):
+        self.config = config
+        self.pc = ParallelContext(rank, config.tp_degree)
+        self.device = torch.device(device or config.devices[rank])
+        torch.set_grad_enabled(False)
+        with torch.device(self.device):
+            self.model = Llama3Transformer(config, self.pc)
+        checkpoint = Checkpoint(checkpoint_path)
+        try:
+            self.model.load(WeightSource(checkpoint, config, self.device))
+        finally:
+            checkpoint.close()
+        self.cos_sin = cos_sin_cache(config).to(self.device)
+        kv = config.kv_params
+        if num_kv_pages is None:
+            num_kv_pages = self._kv_budget(kv_cache_bytes, gpu_memory_utilization) // kv.bytes_per_page_per_device
+        if num_kv_pages < 1:
+            raise RuntimeError(f"no room for a KV cache page on {self.device} "
+                               f"({kv.bytes_per_page_per_device} bytes per page); lower the model's memory "
+                               f"use or pass kv_cache_bytes / num_kv_pages")
+        self.num_kv_pages = num_kv_pages
+        shape = (num_kv_pages, kv.page_size, kv.n_kv_heads_per_device, kv.head_dim)
+        # Zeroed, not empty: padded decode attention reads (masked) slots of other pages, and
+        # garbage NaNs there would leak through 0 * NaN.
+        self.kv_caches = [(torch.zeros(shape, dtype=TORCH_DTYPES[kv.dtype], device=self.device),
+                           torch.zeros(shape, dtype=TORCH_DTYPES[kv.dtype], device=self.device))
+                          for _ in range(kv.num_layers)]
+
+    def _kv_budget(self, kv_cache_bytes: int | None, gpu_memory_utilization: float) -> int:
+        """Bytes for the KV cache: as asked, else a share of the GPU's free memory after the weights,
+        else a fixed default on CPU (host memory is shared with everything else)."""
+        if kv_cache_bytes is not None:
+            return kv_cache_bytes
+        if self.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(self.device)
+            return max(0, int(total * gpu_memory_utilization) - (total - free))
+        return DEFAULT_CPU_KV_CACHE_BYTES
+
+    def parameter_bytes(self) -> dict[str, int]:
+        """Bytes of this rank's parameters: sharded ones and those replicated on every rank."""
+        sharded = replicated = 0
+        seen = set()
+        for name, p in self.model.named_parameters(remove_duplicate=False):
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            size = p.numel() * p.element_size()
+            if "norm" in name or (name.endswith("bias") and ("o_proj" in name or "down_proj" in name)):
+                replicated += size
+            else:
+                sharded += size
+        return {"sharded": sharded, "replicated": replicated}
+
+    def _tensor(self, array: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(array).to(self.device, non_blocking=True)
+
+    @torch.inference_mode()
+    def execute(self, step: StepInput) -> StepOutput | None:
+        offsets = self._tensor(step.input_row_offsets)
+        meta = AttentionMetadata(
+            positions=self._tensor(step.positions), slot_mapping=self._tensor(step.slot_mapping),
+            query_start_loc=offsets, context_lens=self._tensor(step.context_lens),
+            block_tables=self._tensor(step.block_tables),
+            is_decode=len(step.tokens) == len(step.context_lens))
+        hidden, normed = self.model(self._tensor(step.tokens), meta, self.kv_caches, self.cos_sin)
+        logits = self.model.compute_logits(normed[self._tensor(step.logit_rows)])
+        if self.pc.rank != 0:
+            return None
+        out = StepOutput(logits=logits)
+        if step.hidden_rows is not None:
+            out.hidden_states = (normed if step.normalized_hidden else hidden)[self._tensor(step.hidden_rows)]
+        return out
