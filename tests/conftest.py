@@ -1,0 +1,64 @@
+"""Shared fixtures: small random checkpoints of every supported architecture, built with
+transformers and saved with save_pretrained, and one Ray instance per test session."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import transformers
+
+COMMON = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, intermediate_size=96,
+              num_hidden_layers=2, vocab_size=130, max_position_embeddings=512, initializer_range=0.1)
+
+# name -> (config class, model class, config overrides): each exercises what its family adds.
+ARCHITECTURES = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", dict(
+        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                      "original_max_position_embeddings": 64}, rope_theta=500000.0)),
+    "llama32": ("LlamaConfig", "LlamaForCausalLM", dict(tie_word_embeddings=True, head_dim=32)),
+    "mistral": ("MistralConfig", "MistralForCausalLM", dict(sliding_window=24, rope_theta=1e6)),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(rms_norm_eps=1e-6)),
+    "granite": ("GraniteConfig", "GraniteForCausalLM", dict(
+        embedding_multiplier=12.0, attention_multiplier=0.1, residual_multiplier=0.22, logits_scaling=16.0,
+        tie_word_embeddings=True)),
+    "olmo": ("OlmoConfig", "OlmoForCausalLM", dict(clip_qkv=0.3)),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", dict(
+        max_position_embeddings=256, original_max_position_embeddings=64, partial_rotary_factor=0.75,
+        head_dim=16, rope_scaling={"type": "longrope", "short_factor": [1.0 + 0.1 * i for i in range(6)],
+                                   "long_factor": [2.0 + 0.5 * i for i in range(6)]},
+        sliding_window=None, pad_token_id=0, bos_token_id=1, eos_token_id=2)),
+}
+
+
+def build_checkpoint(arch: str, path, **overrides) -> str:
+    """Saves a random float32 checkpoint of `arch` to `path` and returns the path."""
+    config_cls, model_cls, extra = ARCHITECTURES[arch]
+    config = getattr(transformers, config_cls)(**{**COMMON, **extra, **overrides})
+    torch.manual_seed(hash(arch) % 2**31)
+    getattr(transformers, model_cls)(config).eval().save_pretrained(path)
+    return str(path)
+
+
+def load_reference(path):
+    """The transformers model for a checkpoint directory, float32, eager attention."""
+    return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
+                                                             attn_implementation="eager").eval()
+
+
+@pytest.fixture(scope="session")
+def checkpoints(tmp_path_factory):
+    """arch name -> checkpoint directory, built once per session."""
+    root = tmp_path_factory.mktemp("checkpoints")
+    return {arch: build_checkpoint(arch, root / arch) for arch in ARCHITECTURES}
+
+
+@pytest.fixture(scope="session")
+def references(checkpoints):
+    cache = {}
+
+    def get(arch):
+        if arch not in cache:
+            cache[arch] = load_reference(checkpoints[arch])
+        return cache[arch]
+    return get
