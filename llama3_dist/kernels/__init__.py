@@ -1,19 +1,98 @@
 """Kernel dispatchers: the model calls only these.
 
 Each picks the Triton kernel for CUDA tensors and the torch reference elsewhere.
-LLAMA3_DIST_KERNELS=torch|triton|auto (read at call time) forces a path; "triton" on CPU
-tensors needs TRITON_INTERPRET=1 and is how the kernels are tested on machines without a GPU.
+LLAMA3_DIST_KERNELS=torch|triton|auto (read at every call, default auto) forces a path.
+
+"triton" on CPU tensors runs the kernels in triton's interpreter, which is how they are tested
+on machines without a GPU. With triton 3.9 the interpreter is chosen when the kernels are
+decorated, i.e. when llama3_dist.kernels.triton_kernels is first imported (lazily, on the first
+Triton call): set TRITON_INTERPRET=1 in os.environ before that, e.g. at the top of a test module
+or in the environment of the process. Triton itself is never imported unless a Triton path is
+taken, so the package imports where triton is absent (macOS).
 """
 from __future__ import annotations
 
+import importlib.util
+import os
+from types import ModuleType
+
+import torch
+
 from . import reference
 
-rms_norm = reference.rms_norm
-rotary_embedding = reference.rotary_embedding
-silu_and_mul = reference.silu_and_mul
-store_kv_cache = reference.store_kv_cache
-prefill_attention = reference.prefill_attention
-paged_decode_attention = reference.paged_decode_attention
+_MODES = ("auto", "torch", "triton")
+_triton_available: bool | None = None
+
+
+def _triton_installed() -> bool:
+    global _triton_available
+    if _triton_available is None:
+        try:
+            _triton_available = importlib.util.find_spec("triton") is not None
+        except (ImportError, ValueError, AttributeError):  # e.g. sys.modules["triton"] = None
+            _triton_available = False
+    return _triton_available
+
+
+def _triton_for(x: torch.Tensor) -> ModuleType | None:
+    """The Triton kernel module if the Triton path is taken for tensors like x, else None."""
+    mode = os.environ.get("LLAMA3_DIST_KERNELS", "auto").strip().lower() or "auto"
+    if mode not in _MODES:
+        raise ValueError(f"LLAMA3_DIST_KERNELS={mode!r} is not one of {'|'.join(_MODES)}")
+    if mode == "torch" or (mode == "auto" and not (x.is_cuda and _triton_installed())):
+        return None
+    if not _triton_installed():
+        raise RuntimeError("LLAMA3_DIST_KERNELS=triton but triton is not installed; "
+                           "install triton or use LLAMA3_DIST_KERNELS=torch|auto")
+    from . import triton_kernels
+
+    if not x.is_cuda and not triton_kernels.INTERPRET:
+        raise RuntimeError(
+            f"LLAMA3_DIST_KERNELS=triton with {x.device} tensors needs triton's interpreter: set "
+            "TRITON_INTERPRET=1 before llama3_dist.kernels.triton_kernels is first imported, or "
+            "use LLAMA3_DIST_KERNELS=auto to run the torch reference on CPU")
+    return triton_kernels
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float,
+             residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    impl = _triton_for(x) or reference
+    return impl.rms_norm(x, weight, eps, residual)
+
+
+def rotary_embedding(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                     cos_sin_cache: torch.Tensor, interleaved: bool) -> None:
+    impl = _triton_for(q) or reference
+    impl.rotary_embedding(positions, q, k, cos_sin_cache, interleaved)
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    impl = _triton_for(x) or reference
+    return impl.silu_and_mul(x)
+
+
+def store_kv_cache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                   slot_mapping: torch.Tensor) -> None:
+    impl = _triton_for(k_cache) or reference
+    impl.store_kv_cache(k, v, k_cache, v_cache, slot_mapping)
+
+
+def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                      block_tables: torch.Tensor, query_start_loc: torch.Tensor,
+                      context_lens: torch.Tensor, scale: float,
+                      sliding_window: int | None = None) -> torch.Tensor:
+    impl = _triton_for(q) or reference
+    return impl.prefill_attention(q, k_cache, v_cache, block_tables, query_start_loc,
+                                  context_lens, scale, sliding_window)
+
+
+def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                           block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float,
+                           sliding_window: int | None = None) -> torch.Tensor:
+    impl = _triton_for(q) or reference
+    return impl.paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale,
+                                       sliding_window)
+
 
 __all__ = ["rms_norm", "rotary_embedding", "silu_and_mul", "store_kv_cache",
            "prefill_attention", "paged_decode_attention"]

@@ -113,6 +113,12 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     v = v_cache[pages].flatten(1, 2)[:, :max_len]
     k_pos = torch.arange(max_len, device=q.device)
     q_pos = (context_lens.long() - 1)[:, None]
+    # Slots past a sequence's length (padding pages, the tail of its last page) hold whatever
+    # the cache held (torch.empty garbage: NaN/inf); masking the scores is not enough, as
+    # 0 * NaN = NaN in the softmax @ V product and NaN + -inf = NaN in the masked scores.
+    unwritten = (k_pos[None, :] > q_pos)[:, :, None, None]
+    k = k.masked_fill(unwritten, 0)
+    v = v.masked_fill(unwritten, 0)
     allowed = k_pos[None, :] <= q_pos
     if sliding_window is not None:
         allowed &= k_pos[None, :] > q_pos - sliding_window

@@ -1,0 +1,531 @@
+"""Triton kernels for the hot paths. Semantics, shapes and rounding follow reference.py exactly.
+
+Importing this module imports triton. Triton 3.9 decides between compiling for the GPU and its
+CPU interpreter when @triton.jit decorates a function, i.e. when this module is first imported:
+TRITON_INTERPRET=1 must be in os.environ by then (before or after `import triton` itself does
+not matter) for the kernels to run on CPU tensors. `INTERPRET` records which mode was taken.
+
+Every kernel computes addresses in int64 (caches can exceed 2**31 elements), pads block sizes to
+powers of two with masks (head_dim 96, rotary_dim 48, ...) and accumulates in float32.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+try:
+    INTERPRET = bool(triton.knobs.runtime.interpret)
+except AttributeError:  # triton < 3.4 has no knobs
+    INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+# The triton 3.9 interpreter computes tl.dot on bfloat16 operands wrongly (it multiplies the raw
+# bit patterns), so under the interpreter both operands are upcast to float32 first. The values
+# are the same (bfloat16 products are exact in float32 and the accumulator is float32 anyway).
+_DOT_UPCAST = INTERPRET
+# It also rounds float32 -> bfloat16 casts toward zero instead of to nearest even (the GPU's
+# rounding), so under the interpreter _cast rounds first, exactly, in float32 arithmetic.
+_FIX_BF16_CAST = tl.constexpr(INTERPRET)
+
+_TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+
+
+def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Every buffer a kernel writes is allocated here (the tests poison them with NaN)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _pow2(n: int, minimum: int = 1) -> int:
+    return max(triton.next_power_of_2(int(n)), minimum)
+
+
+def _precision(dtype: torch.dtype) -> str:
+    # float32 inputs would otherwise go through TF32 tensor cores (10-bit mantissa) on CUDA.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+@triton.jit
+def _dot(a, b, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    if UPCAST:
+        c = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        c = tl.dot(a, b, input_precision=PRECISION)
+    return c
+
+
+@triton.jit
+def _cast(x, dtype: tl.constexpr):
+    """x.to(dtype), rounding to nearest even also under the interpreter."""
+    if _FIX_BF16_CAST and dtype == tl.bfloat16:
+        # Veltkamp split: c - (c - x) with c = x * (2**16 + 1) is x rounded to nearest even at
+        # 8 significant bits (bfloat16's precision), so the truncating cast below is exact.
+        xf = x.to(tl.float32)
+        c = xf * 65537.0
+        y = (c - (c - xf)).to(dtype)
+    else:
+        y = x.to(dtype)
+    return y
+
+
+# --------------------------------------------------------------------------------------------
+# RMSNorm fused with the residual add
+
+
+@triton.jit
+def _rms_norm_kernel(x_ptr, r_ptr, w_ptr, out_ptr, h_ptr, D, eps,
+                     stride_x, stride_r, stride_out, stride_h,
+                     HAS_RESIDUAL: tl.constexpr, HAS_WEIGHT: tl.constexpr, BLOCK_D: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_D)
+    mask = cols < D
+    x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
+    if HAS_RESIDUAL:
+        r = tl.load(r_ptr + row * stride_r + cols, mask=mask, other=0.0)
+        h = _cast(x.to(tl.float32) + r.to(tl.float32), h_ptr.dtype.element_ty)
+        tl.store(h_ptr + row * stride_h + cols, h, mask=mask)
+        hf = h.to(tl.float32)
+    else:
+        hf = x.to(tl.float32)
+    var = tl.sum(hf * hf, axis=0) / D
+    # Rounded to x's dtype before the weight multiply, as transformers' LlamaRMSNorm does.
+    normed = _cast(hf * (1.0 / tl.sqrt(var + eps)), x.dtype).to(tl.float32)
+    if HAS_WEIGHT:
+        w = tl.load(w_ptr + cols, mask=mask, other=0.0)
+        normed = w.to(tl.float32) * normed
+    tl.store(out_ptr + row * stride_out + cols, _cast(normed, out_ptr.dtype.element_ty), mask=mask)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float,
+             residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    shape, D = x.shape, x.shape[-1]
+    x2 = x.reshape(-1, D)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    n = x2.shape[0]
+    out_dtype = x.dtype if weight is None else torch.result_type(weight, x)
+    out = _empty((n, D), out_dtype, x.device)
+    if residual is not None:
+        r2 = residual.reshape(-1, D)
+        if r2.stride(-1) != 1:
+            r2 = r2.contiguous()
+        h = _empty((n, D), torch.result_type(x, residual), x.device)
+    else:
+        r2, h = x2, x2
+    if n:
+        block_d = _pow2(D)
+        _rms_norm_kernel[(n,)](
+            x2, r2, weight if weight is not None else x2, out, h, D, float(eps),
+            x2.stride(0), r2.stride(0), out.stride(0), h.stride(0),
+            HAS_RESIDUAL=residual is not None, HAS_WEIGHT=weight is not None, BLOCK_D=block_d,
+            num_warps=min(max(block_d // 512, 1), 16))
+    if residual is None:
+        return out.view(shape), x
+    return out.view(shape), h.view(shape)
+
+
+# --------------------------------------------------------------------------------------------
+# Rotary embedding, in place
+
+
+@triton.jit
+def _rotate_heads(base, heads, H, stride_h, stride_d, off1, off2, fmask, cos, sin):
+    mask = (heads[:, None] < H) & fmask[None, :]
+    hoff = heads[:, None].to(tl.int64) * stride_h
+    p1 = base + hoff + off1[None, :] * stride_d
+    p2 = base + hoff + off2[None, :] * stride_d
+    x1 = tl.load(p1, mask=mask, other=0.0)
+    x2 = tl.load(p2, mask=mask, other=0.0)
+    dt = x1.dtype
+    # Every product and sum is rounded to the element dtype, as the reference (and transformers,
+    # which runs rotary in the activation dtype) computes it; a no-op for float32.
+    c = _cast(cos, dt).to(tl.float32)[None, :]
+    s = _cast(sin, dt).to(tl.float32)[None, :]
+    x1 = x1.to(tl.float32)
+    x2 = x2.to(tl.float32)
+    o1 = _cast(x1 * c, dt).to(tl.float32) - _cast(x2 * s, dt).to(tl.float32)
+    o2 = _cast(x2 * c, dt).to(tl.float32) + _cast(x1 * s, dt).to(tl.float32)
+    tl.store(p1, _cast(o1, dt), mask=mask)
+    tl.store(p2, _cast(o2, dt), mask=mask)
+
+
+@triton.jit
+def _rotary_kernel(pos_ptr, q_ptr, k_ptr, cs_ptr, Hq, Hk, HALF,
+                   stride_qt, stride_qh, stride_qd, stride_kt, stride_kh, stride_kd, stride_cs,
+                   INTERLEAVED: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    pos = tl.load(pos_ptr + t).to(tl.int64)
+    i = tl.arange(0, BLOCK_HALF)
+    fmask = i < HALF
+    cos = tl.load(cs_ptr + pos * stride_cs + i, mask=fmask, other=0.0)
+    sin = tl.load(cs_ptr + pos * stride_cs + HALF + i, mask=fmask, other=0.0)
+    if INTERLEAVED:
+        off1 = 2 * i
+        off2 = 2 * i + 1
+    else:
+        off1 = i
+        off2 = i + HALF
+    _rotate_heads(q_ptr + t * stride_qt, heads, Hq, stride_qh, stride_qd, off1, off2, fmask, cos, sin)
+    _rotate_heads(k_ptr + t * stride_kt, heads, Hk, stride_kh, stride_kd, off1, off2, fmask, cos, sin)
+
+
+def rotary_embedding(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                     cos_sin_cache: torch.Tensor, interleaved: bool) -> None:
+    n, hq, hk, rot = q.shape[0], q.shape[1], k.shape[1], cos_sin_cache.shape[1]
+    if rot % 2 or rot > q.shape[2] or rot > k.shape[2]:
+        raise ValueError(f"rotary_dim {rot} must be even and at most head_dim {q.shape[2]}")
+    if n == 0:
+        return
+    if cos_sin_cache.stride(1) != 1:
+        cos_sin_cache = cos_sin_cache.contiguous()
+    positions = positions.contiguous()
+    block_h = min(_pow2(max(hq, hk)), 16)
+    grid = (n, triton.cdiv(max(hq, hk), block_h))
+    _rotary_kernel[grid](
+        positions, q, k, cos_sin_cache, hq, hk, rot // 2,
+        *q.stride(), *k.stride(), cos_sin_cache.stride(0),
+        INTERLEAVED=bool(interleaved), BLOCK_H=block_h, BLOCK_HALF=_pow2(rot // 2), num_warps=4)
+
+
+# --------------------------------------------------------------------------------------------
+# SiLU(gate) * up
+
+
+@triton.jit
+def _silu_and_mul_kernel(x_ptr, out_ptr, I, stride_x, stride_out, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < I
+    gate = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
+    up = tl.load(x_ptr + row * stride_x + I + cols, mask=mask, other=0.0)
+    g = gate.to(tl.float32)
+    # silu rounded to the element dtype before the multiply, as torch computes silu(gate) * up.
+    act = _cast(g / (1.0 + tl.exp(-g)), gate.dtype).to(tl.float32)
+    tl.store(out_ptr + row * stride_out + cols, _cast(act * up.to(tl.float32), gate.dtype), mask=mask)
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    two_i = x.shape[-1]
+    if two_i % 2:
+        raise ValueError(f"silu_and_mul needs an even last dim ([gate | up]), got {two_i}")
+    x2 = x.reshape(-1, two_i)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    i = two_i // 2
+    out = _empty((x2.shape[0], i), x.dtype, x.device)
+    if x2.shape[0]:
+        block = min(_pow2(i), 1024)
+        _silu_and_mul_kernel[(x2.shape[0], triton.cdiv(i, block))](
+            x2, out, i, x2.stride(0), out.stride(0), BLOCK=block, num_warps=4)
+    return out.view(*x.shape[:-1], i)
+
+
+# --------------------------------------------------------------------------------------------
+# KV cache store
+
+
+@triton.jit
+def _store_kv_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr, H, D, PAGE_SIZE,
+                     stride_kt, stride_kh, stride_kd, stride_vt, stride_vh, stride_vd,
+                     stride_kcp, stride_kcs, stride_kch, stride_kcd,
+                     stride_vcp, stride_vcs, stride_vch, stride_vcd,
+                     BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    slot = tl.load(slot_ptr + t).to(tl.int64)
+    page = slot // PAGE_SIZE
+    off = slot % PAGE_SIZE
+    h = tl.arange(0, BLOCK_H).to(tl.int64)[:, None]
+    d = tl.arange(0, BLOCK_D).to(tl.int64)[None, :]
+    # Skipped tokens (slot -1): broadcast the scalar test to the tile (the interpreter rejects a
+    # scalar operand in a mask).
+    mask = (h < H) & (d < D) & ((slot + tl.zeros([BLOCK_H, BLOCK_D], tl.int64)) >= 0)
+    k = tl.load(k_ptr + t * stride_kt + h * stride_kh + d * stride_kd, mask=mask)
+    v = tl.load(v_ptr + t * stride_vt + h * stride_vh + d * stride_vd, mask=mask)
+    tl.store(kc_ptr + page * stride_kcp + off * stride_kcs + h * stride_kch + d * stride_kcd,
+             _cast(k, kc_ptr.dtype.element_ty), mask=mask)
+    tl.store(vc_ptr + page * stride_vcp + off * stride_vcs + h * stride_vch + d * stride_vcd,
+             _cast(v, vc_ptr.dtype.element_ty), mask=mask)
+
+
+def store_kv_cache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                   slot_mapping: torch.Tensor) -> None:
+    n, hk, d = k.shape
+    if n == 0:
+        return
+    _store_kv_kernel[(n,)](
+        k, v, k_cache, v_cache, slot_mapping.contiguous(), hk, d, k_cache.shape[1],
+        *k.stride(), *v.stride(), *k_cache.stride(), *v_cache.stride(),
+        BLOCK_H=_pow2(hk), BLOCK_D=_pow2(d), num_warps=4)
+
+
+# --------------------------------------------------------------------------------------------
+# Attention over the paged cache. Scores are kept in the log2 domain (scale * log2(e) folded in)
+# so the softmax uses exp2. Keys are gathered token by token through the block table, so tile
+# sizes are independent of the page size and pages past a sequence's length are never read.
+
+_LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _load_kv_tile(cache_ptr, bt_row_ptr, n, n_mask, kvh, d, d_mask, PAGE_SIZE,
+                  stride_p, stride_s, stride_h):
+    page = tl.load(bt_row_ptr + n // PAGE_SIZE, mask=n_mask, other=0).to(tl.int64)
+    slot = (n % PAGE_SIZE).to(tl.int64)
+    ptrs = cache_ptr + (page * stride_p + slot * stride_s + kvh * stride_h)[:, None] + d[None, :]
+    return tl.load(ptrs, mask=n_mask[:, None] & d_mask[None, :], other=0.0)
+
+
+@triton.jit
+def _decode_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, cl_ptr, out_ptr, po_ptr, pm_ptr, pl_ptr,
+                   scale_log2, G, D, PAGE_SIZE, WINDOW, PARTITION,
+                   stride_qb, stride_qh, stride_kp, stride_ks, stride_kh,
+                   stride_vp, stride_vs, stride_vh, stride_bt, stride_ob, stride_oh,
+                   SPLIT: tl.constexpr, USE_WINDOW: tl.constexpr, BLOCK_G: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                   UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    # One program per (sequence, KV head, split): the G query heads sharing this KV head are the
+    # rows of the score tile, so each K/V tile is read once for the whole group.
+    b = tl.program_id(0).to(tl.int64)
+    kvh = tl.program_id(1).to(tl.int64)
+    split = tl.program_id(2)
+    num_splits = tl.num_programs(2)
+    ctx = tl.load(cl_ptr + b)
+    lo = ctx * 0
+    hi = ctx
+    if USE_WINDOW:
+        lo = tl.maximum(ctx - WINDOW, 0)
+    if SPLIT:
+        lo = tl.maximum(lo, split * PARTITION)
+        hi = tl.minimum(hi, (split + 1) * PARTITION)
+
+    g = tl.arange(0, BLOCK_G)
+    d = tl.arange(0, BLOCK_D)
+    g_mask = g < G
+    d_mask = d < D
+    heads = kvh * G + g
+    q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + d[None, :],
+                mask=g_mask[:, None] & d_mask[None, :], other=0.0)
+    bt_row = bt_ptr + b * stride_bt
+
+    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+    for start in range(lo, hi, BLOCK_N):
+        # Every tile holds at least one allowed key (start < hi), so m_new is finite.
+        n = start + tl.arange(0, BLOCK_N)
+        n_mask = n < hi
+        k = _load_kv_tile(kc_ptr, bt_row, n, n_mask, kvh, d, d_mask, PAGE_SIZE,
+                          stride_kp, stride_ks, stride_kh)
+        s = _dot(q, tl.trans(k), UPCAST, PRECISION) * scale_log2
+        s = tl.where(n_mask[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = _load_kv_tile(vc_ptr, bt_row, n, n_mask, kvh, d, d_mask, PAGE_SIZE,
+                          stride_vp, stride_vs, stride_vh)
+        acc = acc * alpha[:, None] + _dot(_cast(p, v.dtype), v, UPCAST, PRECISION)
+        m_i = m_new
+
+    mask = g_mask[:, None] & d_mask[None, :]
+    if SPLIT:
+        # Unnormalized partials [B, Hq, splits, (D)], combined by _decode_reduce_kernel.
+        row = (b * G * tl.num_programs(1) + heads) * num_splits + split
+        tl.store(po_ptr + row[:, None] * D + d[None, :], acc, mask=mask)
+        tl.store(pm_ptr + row, m_i, mask=g_mask)
+        tl.store(pl_ptr + row, l_i, mask=g_mask)
+    else:
+        out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+        tl.store(out_ptr + b * stride_ob + heads[:, None] * stride_oh + d[None, :],
+                 _cast(out, out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _decode_reduce_kernel(po_ptr, pm_ptr, pl_ptr, out_ptr, NUM_SPLITS, D, stride_ob, stride_oh,
+                          BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1).to(tl.int64)
+    row0 = (b * tl.num_programs(1) + h) * NUM_SPLITS
+    s = tl.arange(0, BLOCK_S)
+    d = tl.arange(0, BLOCK_D)
+    s_mask = s < NUM_SPLITS
+    d_mask = d < D
+    m = tl.load(pm_ptr + row0 + s, mask=s_mask, other=float("-inf"))
+    l = tl.load(pl_ptr + row0 + s, mask=s_mask, other=0.0)
+    m_max = tl.max(m, 0)
+    m_max = tl.where(m_max == float("-inf"), 0.0, m_max)
+    w = tl.exp2(m - m_max)  # empty splits have m = -inf: weight 0
+    total = tl.sum(w * l, 0)
+    acc = tl.load(po_ptr + (row0 + s)[:, None] * D + d[None, :],
+                  mask=s_mask[:, None] & d_mask[None, :], other=0.0)
+    out = tl.sum(acc * w[:, None], 0) / tl.where(total == 0.0, 1.0, total)
+    tl.store(out_ptr + b * stride_ob + h * stride_oh + d, _cast(out, out_ptr.dtype.element_ty),
+             mask=d_mask)
+
+
+def _num_decode_splits(batch: int, kv_heads: int, ctx_cap: int, device: torch.device) -> int:
+    """Flash-decoding: split long contexts so that there are enough programs to fill the chip."""
+    if ctx_cap <= 1024:
+        return 1
+    if device.type == "cuda":
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+    else:
+        sms = 16
+    want = triton.cdiv(8 * sms, batch * kv_heads)
+    return max(1, min(want, triton.cdiv(ctx_cap, 256), 64))
+
+
+def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                           block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float,
+                           sliding_window: int | None = None,
+                           num_splits: int | None = None) -> torch.Tensor:
+    """num_splits (tests only) overrides the split heuristic; 1 disables flash-decoding."""
+    B, hq, d = q.shape
+    page_size, hk = k_cache.shape[1], k_cache.shape[2]
+    if hq % hk:
+        raise ValueError(f"query heads {hq} must be a multiple of KV heads {hk}")
+    group = hq // hk
+    out = _empty((B, hq, d), q.dtype, q.device)
+    if B == 0:
+        return out
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
+        raise ValueError("the KV caches must be contiguous along head_dim")
+    # An upper bound on the context without a device sync: the width of the block table.
+    ctx_cap = block_tables.shape[1] * page_size
+    if num_splits is None:
+        num_splits = _num_decode_splits(B, hk, ctx_cap, q.device)
+    block_n = 32 if q.dtype == torch.float32 or d > 128 else 64
+    partition = triton.cdiv(triton.cdiv(ctx_cap, num_splits), block_n) * block_n
+    split = num_splits > 1
+    if split:
+        partial_out = _empty((B, hq, num_splits, d), torch.float32, q.device)
+        partial_m = _empty((B, hq, num_splits), torch.float32, q.device)
+        partial_l = _empty((B, hq, num_splits), torch.float32, q.device)
+    else:
+        partial_out = partial_m = partial_l = out
+    block_d = _pow2(d, 16)
+    _decode_kernel[(B, hk, num_splits)](
+        q, k_cache, v_cache, block_tables, context_lens, out, partial_out, partial_m, partial_l,
+        float(scale) * _LOG2E, group, d, page_size,
+        int(sliding_window) if sliding_window is not None else 0, partition,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
+        out.stride(0), out.stride(1),
+        SPLIT=split, USE_WINDOW=sliding_window is not None, BLOCK_G=_pow2(group, 16),
+        BLOCK_N=block_n, BLOCK_D=block_d, UPCAST=_DOT_UPCAST, PRECISION=_precision(q.dtype),
+        num_warps=4, num_stages=2)
+    if split:
+        _decode_reduce_kernel[(B, hq)](
+            partial_out, partial_m, partial_l, out, num_splits, d, out.stride(0), out.stride(1),
+            BLOCK_S=_pow2(num_splits), BLOCK_D=_pow2(d), num_warps=4)
+    return out
+
+
+@triton.jit
+def _prefill_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, qsl_ptr, cl_ptr, out_ptr,
+                    scale_log2, G, D, PAGE_SIZE, WINDOW,
+                    stride_qt, stride_qh, stride_kp, stride_ks, stride_kh,
+                    stride_vp, stride_vs, stride_vh, stride_bt, stride_ot, stride_oh,
+                    USE_WINDOW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    # One program per (query block, KV head, sequence). The rows of a query block are
+    # (token, query head) pairs of one KV head's group, token-major: row r is token r // G,
+    # head r % G, so each K/V tile is read once for the whole group.
+    m_blk = tl.program_id(0)
+    kvh = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(2).to(tl.int64)
+    q_start = tl.load(qsl_ptr + b)
+    q_len = tl.load(qsl_ptr + b + 1) - q_start
+    ctx = tl.load(cl_ptr + b)
+    first_pos = ctx - q_len  # absolute position of the sequence's first query
+
+    rows = m_blk * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_mask = rows < q_len * G
+    tok = rows // G
+    heads = kvh * G + rows % G
+    pos = first_pos + tok
+    d = tl.arange(0, BLOCK_D)
+    d_mask = d < D
+    q_rows = (q_start + tok).to(tl.int64)
+    q = tl.load(q_ptr + (q_rows * stride_qt + heads * stride_qh)[:, None] + d[None, :],
+                mask=row_mask[:, None] & d_mask[None, :], other=0.0)
+    bt_row = bt_ptr + b * stride_bt
+
+    # Keys this block can see: up to its last query's position, from its first query's window.
+    block_first = first_pos + (m_blk * BLOCK_M) // G
+    block_last = tl.minimum(first_pos + (m_blk * BLOCK_M + BLOCK_M - 1) // G, ctx - 1)
+    lo = block_first * 0
+    if USE_WINDOW:
+        lo = tl.maximum(block_first - WINDOW + 1, 0)
+    hi = tl.where(m_blk * BLOCK_M < q_len * G, block_last + 1, lo)  # empty block: no loop
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for start in range(lo, hi, BLOCK_N):
+        n = start + tl.arange(0, BLOCK_N)
+        n_mask = n < hi
+        k = _load_kv_tile(kc_ptr, bt_row, n, n_mask, kvh, d, d_mask, PAGE_SIZE,
+                          stride_kp, stride_ks, stride_kh)
+        s = _dot(q, tl.trans(k), UPCAST, PRECISION) * scale_log2
+        allowed = n_mask[None, :] & (n[None, :] <= pos[:, None])
+        if USE_WINDOW:
+            allowed = allowed & (n[None, :] > pos[:, None] - WINDOW)
+        s = tl.where(allowed, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # A row may have no allowed key in this tile yet (window, causal edge, padding rows).
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = _load_kv_tile(vc_ptr, bt_row, n, n_mask, kvh, d, d_mask, PAGE_SIZE,
+                          stride_vp, stride_vs, stride_vh)
+        acc = acc * alpha[:, None] + _dot(_cast(p, v.dtype), v, UPCAST, PRECISION)
+        m_i = m_new
+
+    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+    tl.store(out_ptr + (q_rows * stride_ot + heads * stride_oh)[:, None] + d[None, :],
+             _cast(out, out_ptr.dtype.element_ty), mask=row_mask[:, None] & d_mask[None, :])
+
+
+def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                      block_tables: torch.Tensor, query_start_loc: torch.Tensor,
+                      context_lens: torch.Tensor, scale: float,
+                      sliding_window: int | None = None) -> torch.Tensor:
+    n, hq, d = q.shape
+    page_size, hk = k_cache.shape[1], k_cache.shape[2]
+    if hq % hk:
+        raise ValueError(f"query heads {hq} must be a multiple of KV heads {hk}")
+    group = hq // hk
+    out = _empty((n, hq, d), q.dtype, q.device)
+    B = context_lens.shape[0]
+    if n == 0 or B == 0:
+        return out
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
+        raise ValueError("the KV caches must be contiguous along head_dim")
+    # One host sync for the grid size, as the reference (and vLLM's max_query_len) needs.
+    max_q = int((query_start_loc[1:] - query_start_loc[:-1]).max())
+    if max_q <= 0:
+        return out
+    if q.dtype == torch.float32 or d > 128:
+        block_m, block_n, warps = 32, 32, 4
+    else:
+        block_m, block_n, warps = 64, 64, 4
+    grid = (triton.cdiv(max_q * group, block_m), hk, B)
+    _prefill_kernel[grid](
+        q, k_cache, v_cache, block_tables, query_start_loc, context_lens, out,
+        float(scale) * _LOG2E, group, d, page_size,
+        int(sliding_window) if sliding_window is not None else 0,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
+        out.stride(0), out.stride(1),
+        USE_WINDOW=sliding_window is not None, BLOCK_M=block_m, BLOCK_N=block_n,
+        BLOCK_D=_pow2(d, 16), UPCAST=_DOT_UPCAST, PRECISION=_precision(q.dtype),
+        num_warps=warps, num_stages=2)
+    return out
