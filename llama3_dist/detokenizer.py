@@ -103,7 +103,7 @@ class IncrementalDetokenizer:
                 self.text += out
                 self.finished = True
                 return Delta(out, s)
-            if not final and not self.include_stop_str_in_output:
+            if not final:
                 # Everything before the tail is final; hold the tail that may start a stop.
                 h = _partial_stop_len(pending, self.stop, self._max_partial)
                 if h:
