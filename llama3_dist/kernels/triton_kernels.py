@@ -58,14 +58,14 @@ def _dot(a, b, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
 @triton.jit
 def _cast(x, dtype: tl.constexpr):
     """x.to(dtype), rounding to nearest even also under the interpreter."""
-    if _FIX_BF16_CAST and dtype == tl.bfloat16:
-        # Veltkamp split: c - (c - x) with c = x * (2**16 + 1) is x rounded to nearest even at
-        # 8 significant bits (bfloat16's precision), so the truncating cast below is exact.
-        xf = x.to(tl.float32)
-        c = xf * 65537.0
-        y = (c - (c - xf)).to(dtype)
-    else:
-        y = x.to(dtype)
+    y = x.to(dtype)
+    if _FIX_BF16_CAST:  # compile-time: False on the GPU
+        if dtype == tl.bfloat16:
+            # Veltkamp split: c - (c - x) with c = x * (2**16 + 1) is x rounded to nearest even at
+            # 8 significant bits (bfloat16's precision), so the truncating cast below is exact.
+            xf = x.to(tl.float32)
+            c = xf * 65537.0
+            y = (c - (c - xf)).to(dtype)
     return y
 
 
