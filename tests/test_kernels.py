@@ -282,3 +282,18 @@ def test_model_logits_match_torch_path(tmp_path, monkeypatch):
     assert set(calls) == set(kernels.__all__), calls  # every kernel ran (in this process)
     for g, e in zip(got, expected):
         torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="checks the CPU error path")
+def test_cpu_tensors_without_interpreter_fail_clearly():
+    code = ("import os, torch\n"
+            "os.environ['LLAMA3_DIST_KERNELS'] = 'triton'\n"
+            "from llama3_dist import kernels\n"
+            "try:\n"
+            "    kernels.silu_and_mul(torch.randn(2, 8))\n"
+            "except RuntimeError as e:\n"
+            "    assert 'TRITON_INTERPRET=1' in str(e), e\n"
+            "else:\n"
+            "    raise SystemExit('no error')\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    subprocess.run([sys.executable, "-c", code], check=True, env=env)
