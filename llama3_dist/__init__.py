@@ -3,8 +3,12 @@ from .config import (ConfigError, KVCacheParams, Llama3Config, Llama3RopeScaling
                      LongRoPEScalingParams, ReturnHiddenStates, ReturnLogits)
 from .context import TextContext
 from .kv_cache import KVCacheExhaustedError
+from .engine import LLMEngine
+from .llm import LLM
+from .outputs import CompletionOutput, Logprob, RequestOutput
 from .pipeline import Llama3Inputs, Llama3Model, LogProbabilities, ModelOutputs
+from .sampling import SamplingParams
 
-__all__ = ["ConfigError", "KVCacheExhaustedError", "KVCacheParams", "Llama3Config", "Llama3Inputs",
+__all__ = ["LLM", "LLMEngine", "SamplingParams", "RequestOutput", "CompletionOutput", "Logprob", "ConfigError", "KVCacheExhaustedError", "KVCacheParams", "Llama3Config", "Llama3Inputs",
            "Llama3Model", "Llama3RopeScalingParams", "LogProbabilities", "LongRoPEScalingParams",
            "ModelOutputs", "ReturnHiddenStates", "ReturnLogits", "TextContext"]

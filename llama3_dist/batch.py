@@ -6,6 +6,18 @@ from dataclasses import dataclass
 import numpy as np
 
 from .context import TextContext
+from .sampling import SamplingMetadata
+
+
+@dataclass(slots=True)
+class SamplingInput:
+    """What the rank holding the logits does with them, so that only token ids and the asked-for
+    log-probabilities travel back. Row indices point into StepInput.logit_rows."""
+    metadata: SamplingMetadata
+    sample_rows: np.ndarray          # [S] one per sequence that samples this step
+    prompt_rows: np.ndarray          # [P] rows scored for prompt_logprobs
+    prompt_targets: np.ndarray       # [P] the prompt token that follows each of those rows
+    prompt_num_logprobs: list[int]   # [P] top-k to return with each
 
 
 @dataclass(slots=True)
@@ -20,6 +32,7 @@ class StepInput:
     logit_rows: np.ndarray         # [M] int64: rows whose logits rank 0 returns
     hidden_rows: np.ndarray | None = None  # rows whose hidden states rank 0 returns
     normalized_hidden: bool = False
+    sampling: SamplingInput | None = None  # set: sample on rank 0 and return no logits
 
 
 def build_step_input(contexts: list[TextContext], num_new_tokens: list[int], page_size: int,

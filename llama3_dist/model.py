@@ -119,9 +119,13 @@ class Llama3Transformer(nn.Module):
         self.norm = Norm(c.hidden_size, c.rms_norm_eps, c.norm_method, c.norm_elementwise_affine, dtype)
         self.lm_head = ParallelLMHead(self.embed_tokens, c.tie_word_embeddings)
 
-    def load(self, source: WeightSource) -> None:
+    def load(self, source: WeightSource, show_progress: bool = False) -> None:
         self.embed_tokens.load(source, "model.embed_tokens.weight")
-        for i, layer in enumerate(self.layers):
+        layers = enumerate(self.layers)
+        if show_progress:
+            from tqdm import tqdm
+            layers = tqdm(layers, total=len(self.layers), desc="Loading weights", unit="layer")
+        for i, layer in layers:
             layer.load(source, f"model.layers.{i}")
         self.norm.load(source, "model.norm")
         self.lm_head.load(source, "lm_head.weight")

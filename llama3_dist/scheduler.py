@@ -43,6 +43,7 @@ class Request:
     arrival: int  # admission order: lower is older
     status: RequestStatus = RequestStatus.WAITING
     num_preemptions: int = 0
+    use_prefix_cache: bool = True  # off for requests that need every prompt row (prompt_logprobs)
     data: Any = None  # the engine's (sampling params, detokenizer state); never read here
 
     @property
@@ -128,7 +129,7 @@ class Scheduler:
     def max_tokens_in_cache(self) -> int:
         return self.block_manager.num_blocks * self.block_manager.block_size
 
-    def add_request(self, ctx: TextContext, data: Any = None) -> Request:
+    def add_request(self, ctx: TextContext, data: Any = None, use_prefix_cache: bool = True) -> Request:
         if ctx.request_id in self.requests:
             raise ValueError(f"request id {ctx.request_id!r} is already in the scheduler")
         if not ctx.tokens:
@@ -141,7 +142,8 @@ class Scheduler:
                 f"the KV cache ({self.block_manager.num_blocks} blocks of "
                 f"{self.block_manager.block_size} = {self.max_tokens_in_cache} tokens). Shorten "
                 f"the prompt or give the cache more memory.")
-        req = Request(ctx, prompt_len=ctx.num_tokens, arrival=next(self._arrivals), data=data)
+        req = Request(ctx, prompt_len=ctx.num_tokens, arrival=next(self._arrivals), data=data,
+                      use_prefix_cache=use_prefix_cache)
         self.requests[ctx.request_id] = req
         self.waiting.append(req)
         return req
@@ -181,8 +183,8 @@ class Scheduler:
             if bm.blocks_needed(ctx.num_tokens) > bm.num_blocks:
                 self._cap(req, out)
                 continue
-            prefix = bm.match_prefix(ctx)
-            n = min(ctx.num_tokens - prefix.num_tokens, budget)
+            prefix = bm.match_prefix(ctx) if req.use_prefix_cache else None
+            n = min(ctx.num_tokens - (prefix.num_tokens if prefix else 0), budget)
             if not bm.allocate(ctx, n, prefix):
                 break  # first come, first served: nobody overtakes the head of the queue
             self.waiting.popleft()

@@ -17,6 +17,7 @@ from .config import Llama3Config
 from .model import AttentionMetadata, Llama3Transformer
 from .parallel import ParallelContext
 from .rope import cos_sin_cache
+from .sampling import Sampler, SamplerOutput, compute_logprobs
 
 DEFAULT_CPU_KV_CACHE_BYTES = 256 << 20
 
@@ -25,13 +26,17 @@ DEFAULT_CPU_KV_CACHE_BYTES = 256 << 20
 class StepOutput:
     logits: torch.Tensor | None = None          # [M, V] float32
     hidden_states: torch.Tensor | None = None
+    sampled: SamplerOutput | None = None
+    prompt_logprobs: list | None = None         # TokenLogprobs per SamplingInput.prompt_rows
 
 
 class Worker:
     def __init__(self, config: Llama3Config, checkpoint_path: str, rank: int = 0,
                  num_kv_pages: int | None = None, kv_cache_bytes: int | None = None,
-                 gpu_memory_utilization: float = 0.9, device: str | None = None):
+                 gpu_memory_utilization: float = 0.9, device: str | None = None,
+                 sampler_seed: int | None = None, show_progress: bool = False):
         self.config = config
+        self.sampler = Sampler(sampler_seed)
         self.pc = ParallelContext(rank, config.tp_degree)
         self.device = torch.device(device or config.devices[rank])
         torch.set_grad_enabled(False)
@@ -39,7 +44,7 @@ class Worker:
             self.model = Llama3Transformer(config, self.pc)
         checkpoint = Checkpoint(checkpoint_path)
         try:
-            self.model.load(WeightSource(checkpoint, config, self.device))
+            self.model.load(WeightSource(checkpoint, config, self.device), show_progress and rank == 0)
         finally:
             checkpoint.close()
         self.cos_sin = cos_sin_cache(config).to(self.device)
@@ -98,7 +103,16 @@ class Worker:
         logits = self.model.compute_logits(normed[self._tensor(step.logit_rows)])
         if self.pc.rank != 0:
             return None
+        if step.sampling is not None:
+            return self._sample(logits, step.sampling)
         out = StepOutput(logits=logits)
         if step.hidden_rows is not None:
             out.hidden_states = (normed if step.normalized_hidden else hidden)[self._tensor(step.hidden_rows)]
+        return out
+
+    def _sample(self, logits: torch.Tensor, s) -> StepOutput:
+        out = StepOutput(sampled=self.sampler(logits[self._tensor(s.sample_rows)], s.metadata))
+        if len(s.prompt_rows):
+            out.prompt_logprobs = compute_logprobs(logits[self._tensor(s.prompt_rows)], s.prompt_targets,
+                                                   s.prompt_num_logprobs)
         return out

@@ -1,0 +1,330 @@
+"""LLMEngine: requests in, RequestOutputs out, one scheduler step at a time.
+
+    add_request -> Scheduler (continuous batching, KV blocks, prefix cache)
+                -> StepInput (+ SamplingInput) -> Executor -> Worker(s): forward, sample on rank 0
+                -> token ids (+ log-probabilities) -> stop checks, detokenizer -> RequestOutput
+
+It is synchronous and single-threaded; LLM and the HTTP server drive it.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .batch import SamplingInput, build_step_input
+from .checkpoint import Checkpoint
+from .config import Llama3Config
+from .context import TextContext
+from .detokenizer import IncrementalDetokenizer
+from .outputs import CompletionOutput, LogprobsDict, RequestOutput
+from .pipeline import make_executor
+from .sampling import SamplingMetadata, SamplingParams
+from .scheduler import Request, Scheduler
+
+logger = logging.getLogger("llama3_dist")
+
+
+@dataclass(slots=True, eq=False)
+class _Sequence:
+    """One of a request's n completions (the scheduler's Request.data)."""
+    group: "_Group"
+    index: int
+    params: SamplingParams
+    detokenizer: IncrementalDetokenizer | None
+    request: Request | None = None  # the scheduler's record; its context holds the tokens
+    text: str = ""
+    logprobs: list[LogprobsDict] | None = None
+    cumulative_logprob: float | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+
+@dataclass(slots=True, eq=False)
+class _Group:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    sequences: list[_Sequence] = field(default_factory=list)
+    prompt_logprobs: list[LogprobsDict | None] | None = None
+    arrival_time: float = 0.0
+    first_token_time: float | None = None
+
+    @property
+    def finished(self) -> bool:
+        return all(s.finish_reason is not None for s in self.sequences)
+
+
+@dataclass(slots=True, frozen=True)
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    num_preemptions: int
+    kv_blocks_used: int
+    kv_blocks_total: int
+    prefix_cache_queries: int
+    prefix_cache_hits: int
+    num_generated_tokens: int
+    num_steps: int
+
+
+class LLMEngine:
+    def __init__(self, model: str | Path | None = None, *, devices: list[str] | None = None,
+                 dtype: str | None = None, tokenizer: str | Path | None = None, max_seq_len: int | None = None,
+                 max_num_seqs: int = 256, max_num_batched_tokens: int = 2048, page_size: int = 16,
+                 num_kv_pages: int | None = None, kv_cache_bytes: int | None = None,
+                 gpu_memory_utilization: float = 0.9, enable_prefix_caching: bool = True,
+                 seed: int | None = None, executor: str = "auto", show_progress: bool = True,
+                 **executor_kwargs):
+        if model is None:
+            from .default_model import default_model_path
+            model = default_model_path()
+        self.model_path = str(model)
+        self.config = Llama3Config.from_pretrained(self.model_path, dtype=dtype, max_seq_len=max_seq_len,
+                                                   devices=devices, page_size=page_size)
+        Checkpoint(self.model_path).close()  # a missing or pickle-only checkpoint fails before any worker
+        self.tokenizer = _load_tokenizer(tokenizer or self.model_path)
+        self.eos_token_ids = set(self.config.eos_token_ids) | _generation_eos(self.model_path)
+        worker_kwargs = dict(num_kv_pages=num_kv_pages, kv_cache_bytes=kv_cache_bytes,
+                             gpu_memory_utilization=gpu_memory_utilization, sampler_seed=seed,
+                             show_progress=show_progress)
+        self.executor = make_executor(self.config, self.model_path, executor, worker_kwargs, **executor_kwargs)
+        self.scheduler = Scheduler(self.executor.num_kv_pages, page_size, max_num_batched_tokens=max_num_batched_tokens,
+                                   max_num_seqs=max_num_seqs, enable_prefix_caching=enable_prefix_caching)
+        kv = self.config.kv_params
+        logger.info("KV cache: %d blocks of %d tokens (%.1f MiB per device, %d tokens in all)",
+                    self.executor.num_kv_pages, page_size,
+                    self.executor.num_kv_pages * kv.bytes_per_page_per_device / 2**20,
+                    self.scheduler.max_tokens_in_cache)
+        self._groups: dict[str, _Group] = {}
+        self.num_generated_tokens = 0
+        self.num_steps = 0
+
+    # --- requests ---------------------------------------------------------------------------
+    def add_request(self, request_id: str, prompt: str | list[int] | None = None,
+                    params: SamplingParams | dict | None = None, *, prompt_token_ids: list[int] | None = None,
+                    arrival_time: float | None = None) -> None:
+        """Queues a request. Bad input raises ValueError here, before the engine holds anything."""
+        params = _as_params(params)
+        if request_id in self._groups:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        if isinstance(prompt, list):
+            prompt, prompt_token_ids = None, prompt
+        if prompt_token_ids is None:
+            if prompt is None:
+                raise ValueError("give a prompt string or prompt_token_ids")
+            if self.tokenizer is None:
+                raise ValueError(f"no tokenizer in {self.model_path!r}: pass prompt_token_ids instead of text")
+            prompt_token_ids = self.tokenizer.encode(prompt)
+        ids = [int(t) for t in prompt_token_ids]
+        c = self.config
+        if not ids:
+            raise ValueError(f"request {request_id!r}: the prompt is empty")
+        bad = next((t for t in ids if not 0 <= t < c.vocab_size), None)
+        if bad is not None:
+            raise ValueError(f"request {request_id!r}: token id {bad} is outside the vocabulary [0, {c.vocab_size})")
+        if len(ids) >= c.max_seq_len:
+            raise ValueError(f"request {request_id!r}: the prompt has {len(ids)} tokens; the context is "
+                             f"{c.max_seq_len} tokens and at least one must be left to generate")
+        if len(ids) > self.scheduler.max_tokens_in_cache:
+            raise ValueError(f"request {request_id!r}: the prompt has {len(ids)} tokens but the KV cache holds "
+                             f"{self.scheduler.max_tokens_in_cache}; give the cache more memory")
+        group = _Group(request_id, prompt, ids, params, arrival_time=arrival_time or time.monotonic())
+        if params.prompt_logprobs is not None:
+            group.prompt_logprobs = [None]
+        for i in range(params.n):
+            # Seeded n > 1: each completion gets its own stream, reproducibly.
+            seq_params = params if params.seed is None or i == 0 else params.model_copy(update={"seed": params.seed + i})
+            detok = (IncrementalDetokenizer.from_params(self.tokenizer, ids, params)
+                     if self.tokenizer is not None else None)
+            seq = _Sequence(group, i, seq_params, detok, logprobs=[] if params.logprobs is not None else None,
+                            cumulative_logprob=0.0 if params.logprobs is not None else None)
+            group.sequences.append(seq)
+        self._groups[request_id] = group
+        for seq in group.sequences:
+            ctx = TextContext(tokens=list(ids), request_id=_seq_id(request_id, seq.index, params.n),
+                              max_length=c.max_seq_len)
+            # prompt_logprobs needs every prompt row computed, so it skips the prefix cache.
+            seq.request = self.scheduler.add_request(ctx, data=seq,
+                                                     use_prefix_cache=params.prompt_logprobs is None)
+
+    def abort_request(self, request_id: str) -> None:
+        """Drops a request wherever it is and frees its KV blocks; unknown ids are ignored."""
+        group = self._groups.pop(request_id, None)
+        if group is None:
+            return
+        for seq in group.sequences:
+            self.scheduler.abort(_seq_id(request_id, seq.index, len(group.sequences)))
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self._groups)
+
+    def get_num_unfinished_requests(self) -> int:
+        return len(self._groups)
+
+    # --- the step ---------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """Runs one scheduler step; returns the (cumulative) output of every request it advanced."""
+        out = self.scheduler.schedule()
+        touched: dict[str, _Group] = {}
+        for req in out.capped:  # the whole cache cannot hold their next token
+            self._finish(req.data, "length", None, final_text=True)
+            touched[req.data.group.request_id] = req.data.group
+        if not out.scheduled:
+            return self._outputs(touched)
+        entries = out.scheduled
+        step = build_step_input([e.context for e in entries], [e.num_new_tokens for e in entries],
+                                self.config.kv_params.page_size, logit_rows=np.zeros(0, np.int64))
+        step.logit_rows, step.sampling, prompt_spans = self._sampling_input(entries, step.input_row_offsets)
+        result = self.executor.execute(step)
+        self.num_steps += 1
+        sampled = result.sampled
+        sampling_entries = [e for e in entries if e.samples]
+        tokens = {e.request_id: int(t) for e, t in zip(sampling_entries, sampled.token_ids)}
+        for (seq, lo, hi) in prompt_spans:
+            seq.group.prompt_logprobs.extend(lp.to_dict(self._decode_one) for lp in result.prompt_logprobs[lo:hi])
+        self.scheduler.update(out, tokens)
+        now = time.monotonic()
+        for e, lp in zip(sampling_entries, sampled.logprobs):
+            seq: _Sequence = e.request.data
+            if seq.finish_reason is not None:
+                continue
+            group = seq.group
+            if group.first_token_time is None:
+                group.first_token_time = now
+            self.num_generated_tokens += 1
+            if lp is not None:
+                seq.logprobs.append(lp.to_dict(self._decode_one))
+                seq.cumulative_logprob += lp.chosen_logprob
+            self._check_stop(e.request, tokens[e.request_id])
+            touched[group.request_id] = group
+        return self._outputs(touched)
+
+    def _sampling_input(self, entries, offsets):
+        """Logit rows to compute, what to sample from them, and which rows score prompt tokens."""
+        rows, sample_rows, prompt_rows, targets, ks, spans = [], [], [], [], [], []
+        params, prompts, outputs = [], [], []
+        for i, e in enumerate(entries):
+            seq: _Sequence = e.request.data
+            group = seq.group
+            start, end = int(offsets[i]), int(offsets[i + 1])
+            if group.prompt_logprobs is not None and seq.index == 0:
+                # Row at position p scores prompt token p+1; skip rows already scored before a preemption.
+                plen = len(group.prompt_token_ids)
+                first = max(e.start, len(group.prompt_logprobs) - 1)
+                last = min(e.start + e.num_new_tokens, plen - 1)
+                if last > first:
+                    lo = len(prompt_rows)
+                    for p in range(first, last):
+                        prompt_rows.append(len(rows))
+                        rows.append(start + p - e.start)
+                        targets.append(group.prompt_token_ids[p + 1])
+                        ks.append(group.params.prompt_logprobs)
+                    spans.append((seq, lo, len(prompt_rows)))
+            if e.samples:
+                sample_rows.append(len(rows))
+                rows.append(end - 1)
+                params.append(seq.params)
+                prompts.append(group.prompt_token_ids)
+                outputs.append(e.request.output_token_ids)
+        meta = SamplingMetadata.build(params, prompts, outputs, self.eos_token_ids)
+        as_int = lambda xs: np.asarray(xs, dtype=np.int64)  # noqa: E731
+        return as_int(rows), SamplingInput(meta, as_int(sample_rows), as_int(prompt_rows), as_int(targets), ks), spans
+
+    def _check_stop(self, req: Request, token: int) -> None:
+        seq: _Sequence = req.data
+        p = seq.params
+        n_out = req.num_output_tokens
+        stop_token = (token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_token_ids))
+        if stop_token and n_out > p.min_tokens - 1:
+            reason = token if token in p.stop_token_ids else None
+            self._finish(seq, "stop", reason, new_tokens=[token], stop_terminated=True)
+            return
+        at_limit = n_out >= p.max_tokens or req.context.num_tokens >= self.config.max_seq_len
+        if seq.detokenizer is not None:
+            delta = seq.detokenizer.add_tokens([token], final=at_limit)
+            seq.text += delta.text
+            if delta.stop is not None:
+                self._finish(seq, "stop", delta.stop)
+                return
+        if at_limit:
+            self._finish(seq, "length", None)
+
+    def _finish(self, seq: _Sequence, reason: str, stop_reason, new_tokens=(), stop_terminated=False,
+                final_text=False) -> None:
+        if seq.detokenizer is not None and (stop_terminated or final_text) and not seq.detokenizer.finished:
+            seq.text += seq.detokenizer.add_tokens(new_tokens, final=True, stop_terminated=stop_terminated).text
+        seq.finish_reason, seq.stop_reason = reason, stop_reason
+        # abort, not finish: a capped request has already left the scheduler.
+        self.scheduler.abort(_seq_id(seq.group.request_id, seq.index, len(seq.group.sequences)))
+
+    def _outputs(self, touched: dict[str, _Group]) -> list[RequestOutput]:
+        results = []
+        for rid, group in touched.items():
+            results.append(self._request_output(group))
+            if group.finished:
+                self._groups.pop(rid, None)
+        return results
+
+    def _request_output(self, group: _Group) -> RequestOutput:
+        completions = []
+        for seq in group.sequences:
+            completions.append(CompletionOutput(
+                index=seq.index, text=seq.text, token_ids=list(seq.request.output_token_ids), cumulative_logprob=seq.cumulative_logprob,
+                logprobs=None if seq.logprobs is None else list(seq.logprobs),
+                finish_reason=seq.finish_reason, stop_reason=seq.stop_reason))
+        return RequestOutput(request_id=group.request_id, prompt=group.prompt,
+                             prompt_token_ids=group.prompt_token_ids,
+                             prompt_logprobs=None if group.prompt_logprobs is None else list(group.prompt_logprobs),
+                             outputs=completions, finished=group.finished)
+
+    def _decode_one(self, token_id: int) -> str | None:
+        return None if self.tokenizer is None else self.tokenizer.decode([token_id])
+
+    # --- introspection and lifetime ---------------------------------------------------------
+    def stats(self) -> EngineStats:
+        s = self.scheduler.stats()
+        return EngineStats(num_running=s.num_running, num_waiting=s.num_waiting, num_preemptions=s.num_preemptions,
+                           kv_blocks_used=s.kv_blocks_used, kv_blocks_total=s.kv_blocks_total,
+                           prefix_cache_queries=s.prefix_cache_queries, prefix_cache_hits=s.prefix_cache_hits,
+                           num_generated_tokens=self.num_generated_tokens, num_steps=self.num_steps)
+
+    def shutdown(self) -> None:
+        if self.executor is not None:
+            self.executor.close()
+            self.executor = None
+
+
+def _seq_id(request_id: str, index: int, n: int) -> str:
+    return request_id if n == 1 else f"{request_id}#{index}"
+
+
+def _as_params(params) -> SamplingParams:
+    if params is None:
+        return SamplingParams()
+    if isinstance(params, dict):
+        return SamplingParams(**params)
+    if not isinstance(params, SamplingParams):
+        raise TypeError(f"sampling params must be a SamplingParams or a dict, got {type(params).__name__}")
+    return params
+
+
+def _load_tokenizer(path: str | Path):
+    path = Path(path)
+    if not (path / "tokenizer.json").is_file() and not (path / "tokenizer_config.json").is_file():
+        return None
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(str(path))
+
+
+def _generation_eos(path: str) -> set[int]:
+    import json
+    file = Path(path) / "generation_config.json"
+    if not file.is_file():
+        return set()
+    eos = json.loads(file.read_text()).get("eos_token_id")
+    return set() if eos is None else ({eos} if isinstance(eos, int) else set(eos))
