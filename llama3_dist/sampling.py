@@ -403,8 +403,7 @@ def _sample_top(probs: torch.Tensor, top_k: np.ndarray, top_p: np.ndarray, min_p
     c = np.where(p_only, (1.0 - top_p) / v, c).astype(np.float32)
 
     passing = block_max >= torch.from_numpy(c).to(dev)[:, None]
-    counts = passing.sum(dim=-1)
-    m = int(counts.max())
+    m = int(passing.sum(dim=-1).max())
     if m * bs * 4 > v:  # too many candidates to gain anything: take whole rows
         cand, cand_ids = probs, None
     else:
@@ -414,9 +413,8 @@ def _sample_top(probs: torch.Tensor, top_k: np.ndarray, top_p: np.ndarray, min_p
         if v % bs:
             cand_ids = cand_ids.clamp_(max=v - 1)
         cand = probs.gather(1, cand_ids)
-        # padding blocks and, in the last partial block, clamped duplicates weigh nothing
-        valid = torch.arange(m, device=dev)[None, :] < counts[:, None]
-        cand = cand * valid.repeat_interleave(bs, dim=1)
+        # Padding blocks need no mask: all their tokens lie below c, so below the threshold.
+        # The clamped ids past the end of a partial last block would count token v-1 twice.
         if v % bs:
             last = (order * bs + bs > v).repeat_interleave(bs, dim=1)
             dup = last & (torch.arange(m * bs, device=dev) % bs >= v % bs)[None, :]
