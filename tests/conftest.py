@@ -79,3 +79,17 @@ def tokenized_checkpoint(tmp_path_factory):
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
         shutil.copy(TOKENIZER_DIR / name, path / name)
     return str(path)
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray instance for the whole session (it takes 5-10 s to start); RayExecutors
+    reuse a Ray that is already initialised and leave it running at close. address="local":
+    a plain ray.init() may try to join a dead cluster named in a stale session file."""
+    import ray
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address="local", num_cpus=4, include_dashboard=False, object_store_memory=256 << 20)
+    yield ray
+    if started:
+        ray.shutdown()
