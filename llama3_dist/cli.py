@@ -40,7 +40,41 @@ def _engine_kwargs(args) -> dict:
 
 
 # ============================================================================ generate
-# (the lead engineer's subcommand: `_add_generate(subparsers)` and `_run_generate(args)` go here)
+def _add_generate(sub) -> None:
+    p = sub.add_parser("generate", help="generate text from a prompt, streamed to stdout",
+                       description="Generate from a checkpoint directory (or the embedded default) and print "
+                                   "the text as it streams.")
+    _add_model_args(p)
+    p.add_argument("--prompt", default="The capital of France is", help="the prompt text")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt as a user message in the chat template")
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(run=_run_generate)
+
+
+def _run_generate(args) -> int:
+    import time
+
+    from .llm import LLM
+    from .sampling import SamplingParams
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                            top_k=args.top_k, seed=args.seed)
+    with LLM(args.model, show_progress=not args.no_progress, **_engine_kwargs(args)) as llm:
+        prompt_ids = (llm.apply_chat_template([{"role": "user", "content": args.prompt}]) if args.chat else None)
+        start, printed, out = time.perf_counter(), 0, None
+        print(args.prompt, end="", flush=True)
+        for out in llm.generate_stream(None if args.chat else args.prompt, params, prompt_token_ids=prompt_ids):
+            text = out.outputs[0].text
+            print(text[printed:], end="", flush=True)
+            printed = len(text)
+        elapsed = time.perf_counter() - start
+        n = len(out.outputs[0].token_ids)
+        print(f"\n[{n} tokens in {elapsed:.2f} s, {n / elapsed:.1f} tokens/s, finish: {out.outputs[0].finish_reason}]",
+              file=sys.stderr)
+    return 0
 
 
 # ============================================================================ serve
@@ -104,9 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llama3-dist",
                                      description="Tensor-parallel inference for Llama 3 family checkpoints.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for add in [globals().get("_add_generate"), _add_serve, _add_bench]:
-        if add is not None:
-            add(sub)
+    for add in (_add_generate, _add_serve, _add_bench):
+        add(sub)
     return parser
 
 
