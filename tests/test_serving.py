@@ -182,3 +182,13 @@ def test_text_stop_strings_chat_and_streaming(tokenized_checkpoint):
         assert len(chunks) == 16 and chunks[-1].finished and not chunks[0].finished
         assert chunks[-1].outputs[0].text == text
         assert all(b.outputs[0].text.startswith(a.outputs[0].text) for a, b in zip(chunks, chunks[1:]))
+
+
+def test_cli_generate_runs_on_the_embedded_default():
+    import subprocess
+    import sys
+    result = subprocess.run([sys.executable, "-m", "llama3_dist.cli", "generate", "--prompt", "Hello",
+                             "--max-tokens", "6", "--no-progress"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("Hello") and len(result.stdout) > len("Hello")
+    assert "[6 tokens in" in result.stderr and "finish: length" in result.stderr
