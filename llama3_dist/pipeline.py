@@ -16,6 +16,7 @@ from .checkpoint import Checkpoint
 from .config import ConfigError, Llama3Config, ReturnHiddenStates, ReturnLogits
 from .context import TextContext
 from .kv_cache import BlockPool
+from .sampling import compute_logprobs
 
 
 @dataclass(slots=True)
@@ -206,13 +207,9 @@ class Llama3Model:
 
 def log_probabilities(logits: torch.Tensor, targets: list[int], top_n: int) -> LogProbabilities:
     """Log-softmax of each row: the target's value and the top_n entries."""
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    token = logp.gather(1, torch.tensor(targets, device=logp.device)[:, None]).squeeze(1).tolist()
-    top: list[dict[int, float]] = []
-    if top_n:
-        values, ids = logp.topk(top_n, dim=-1)
-        top = [dict(zip(i, v)) for i, v in zip(ids.tolist(), values.tolist())]
-    return LogProbabilities(token, top)
+    rows = compute_logprobs(logits, targets, top_n)
+    return LogProbabilities([r.logprobs[0] for r in rows],
+                            [dict(zip(r.token_ids[1:], r.logprobs[1:])) for r in rows] if top_n else [])
 
 
 def make_executor(config: Llama3Config, path: str, kind: str, worker_kwargs: dict, **executor_kwargs):
