@@ -6,12 +6,13 @@ the rows of logits and hidden states that were asked for.
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from .batch import StepInput
+from .batch import SamplingInput, StepInput
 from .checkpoint import TORCH_DTYPES, Checkpoint, WeightSource
 from .config import Llama3Config
 from .model import AttentionMetadata, Llama3Transformer
@@ -28,6 +29,9 @@ class StepOutput:
     hidden_states: torch.Tensor | None = None
     sampled: SamplerOutput | None = None
     prompt_logprobs: list | None = None         # TokenLogprobs per SamplingInput.prompt_rows
+    # Where the step's time went on rank 0 (for the engine's overhead figures).
+    forward_seconds: float = 0.0
+    sample_seconds: float = 0.0
 
 
 class Worker:
@@ -93,6 +97,7 @@ class Worker:
 
     @torch.inference_mode()
     def execute(self, step: StepInput) -> StepOutput | None:
+        start = time.perf_counter()
         offsets = self._tensor(step.input_row_offsets)
         meta = AttentionMetadata(
             positions=self._tensor(step.positions), slot_mapping=self._tensor(step.slot_mapping),
@@ -103,14 +108,18 @@ class Worker:
         logits = self.model.compute_logits(normed[self._tensor(step.logit_rows)])
         if self.pc.rank != 0:
             return None
+        forward_done = time.perf_counter()
         if step.sampling is not None:
-            return self._sample(logits, step.sampling)
-        out = StepOutput(logits=logits)
-        if step.hidden_rows is not None:
-            out.hidden_states = (normed if step.normalized_hidden else hidden)[self._tensor(step.hidden_rows)]
+            out = self._sample(logits, step.sampling)
+        else:
+            out = StepOutput(logits=logits)
+            if step.hidden_rows is not None:
+                out.hidden_states = (normed if step.normalized_hidden else hidden)[self._tensor(step.hidden_rows)]
+        out.forward_seconds = forward_done - start
+        out.sample_seconds = time.perf_counter() - forward_done
         return out
 
-    def _sample(self, logits: torch.Tensor, s) -> StepOutput:
+    def _sample(self, logits: torch.Tensor, s: SamplingInput) -> StepOutput:
         out = StepOutput(sampled=self.sampler(logits[self._tensor(s.sample_rows)], s.metadata))
         if len(s.prompt_rows):
             out.prompt_logprobs = compute_logprobs(logits[self._tensor(s.prompt_rows)], s.prompt_targets,
