@@ -1,0 +1,256 @@
+"""AsyncLLMEngine: the synchronous LLMEngine behind one thread, for asyncio callers (the server).
+
+    handlers (event loop) --commands: add / abort / stop (queue.SimpleQueue)--> engine thread
+    engine thread: drain commands, engine.step(), per-request outputs --call_soon_threadsafe--> asyncio.Queue
+
+The engine is not thread-safe, so exactly one thread (started here) touches it. The thread blocks
+on the command queue while the engine is idle and steps while it has work. Each request's
+outputs go to the asyncio.Queue given with it (several requests may share one queue: a
+completions call with several prompts). If a step raises, the engine is dead: every open request
+receives an EngineDeadError, new requests are refused, and `error` says why (the server's /health
+reports it).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from .engine import EngineStats, LLMEngine
+from .outputs import RequestOutput
+from .sampling import SamplingParams
+
+logger = logging.getLogger("llama3_dist.async_engine")
+
+# Bucket bounds (seconds) as vLLM's, so dashboards built for it read these too.
+TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+                20.0, 40.0, 80.0)
+TPOT_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
+                40.0, 80.0)
+E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0,
+               480.0, 960.0)
+
+
+class EngineDeadError(RuntimeError):
+    """The engine thread failed (or was shut down); the server must be restarted."""
+
+
+class Histogram:
+    """A Prometheus histogram: cumulative bucket counts, sum and count."""
+
+    def __init__(self, buckets: tuple[float, ...]):
+        self.bounds = buckets
+        self.counts = [0] * (len(buckets) + 1)  # the last is +Inf
+        self.sum = 0.0
+        self.count = 0
+
+    def observe(self, value: float) -> None:
+        i = next((i for i, b in enumerate(self.bounds) if value <= b), len(self.bounds))
+        self.counts[i] += 1
+        self.sum += value
+        self.count += 1
+
+    def render(self, name: str, help_text: str, labels: str = "") -> list[str]:
+        """Prometheus text lines; labels like 'model_name="x"' go on every sample."""
+        sep = "," if labels else ""
+        lines = [f"# HELP {name} {help_text}", f"# TYPE {name} histogram"]
+        total = 0
+        for bound, c in zip((*self.bounds, float("inf")), self.counts):
+            total += c
+            le = "+Inf" if bound == float("inf") else repr(float(bound))
+            lines.append(f'{name}_bucket{{{labels}{sep}le="{le}"}} {total}')
+        lines += [f"{name}_sum{{{labels}}} {self.sum!r}", f"{name}_count{{{labels}}} {self.count}"]
+        return lines
+
+
+@dataclass(slots=True)
+class _Stream:
+    """The driver-side record of one engine request: where its outputs go, and its timings."""
+    queue: asyncio.Queue
+    loop: asyncio.AbstractEventLoop
+    arrival: float
+    num_prompt_tokens: int = 0
+    tokens_seen: list[int] = field(default_factory=list)  # per completion index
+    last_token_time: list[float] = field(default_factory=list)
+    first_token: bool = False
+
+
+class AsyncLLMEngine:
+    """Owns an LLMEngine on a background thread. Create and use it from one event loop."""
+
+    def __init__(self, engine: LLMEngine):
+        self.engine = engine
+        self.error: str | None = None  # why the engine died, once it has
+        self._cmds: queue.SimpleQueue = queue.SimpleQueue()
+        self._streams: dict[str, _Stream] = {}  # engine thread only
+        self._stats: EngineStats = engine.stats()
+        self._lock = threading.Lock()  # the metrics below, written by the engine thread
+        self.ttft = Histogram(TTFT_BUCKETS)
+        self.tpot = Histogram(TPOT_BUCKETS)
+        self.e2e = Histogram(E2E_BUCKETS)
+        self.prompt_tokens_total = 0
+        self.requests_finished: dict[str, int] = {}
+        self._thread = threading.Thread(target=self._run, name="llama3-dist-engine", daemon=True)
+        self._thread.start()
+
+    # --- the event-loop side ----------------------------------------------------------------
+    @property
+    def is_alive(self) -> bool:
+        return self.error is None and self._thread.is_alive()
+
+    def stats(self) -> EngineStats:
+        """The engine's counters as of its last step (a snapshot; never blocks on a step)."""
+        return self._stats
+
+    async def add_request(self, request_id: str, prompt: str | None, params: SamplingParams,
+                          prompt_token_ids: list[int] | None, out: asyncio.Queue,
+                          arrival_time: float | None = None) -> None:
+        """Queues a request whose outputs go to `out`; returns once the engine has accepted it.
+        The engine's ValueError for bad input is raised here. A caller cancelled while waiting
+        must still call abort(request_id) (abort is always safe)."""
+        if not self.is_alive:
+            raise EngineDeadError(f"the engine is not running: {self.error or 'its thread has stopped'}")
+        loop = asyncio.get_running_loop()
+        accepted = loop.create_future()
+        stream = _Stream(out, loop, arrival_time or time.monotonic(),
+                         num_prompt_tokens=len(prompt_token_ids) if prompt_token_ids else 0)
+        self._cmds.put(("add", request_id, prompt, params, prompt_token_ids, stream, accepted))
+        await accepted
+
+    def abort(self, request_id: str) -> None:
+        """Drops the request and frees its KV blocks; thread-safe, unknown ids are ignored."""
+        self._cmds.put(("abort", request_id))
+
+    async def generate(self, request_id: str, prompt: str | None, params: SamplingParams,
+                       prompt_token_ids: list[int] | None = None) -> AsyncIterator[RequestOutput]:
+        """Yields the request's cumulative outputs; leaving early (or being cancelled) aborts it."""
+        out: asyncio.Queue = asyncio.Queue()
+        finished = False
+        try:
+            await self.add_request(request_id, prompt, params, prompt_token_ids, out)
+            while not finished:
+                item = await out.get()
+                if isinstance(item, BaseException):
+                    raise item
+                finished = item.finished
+                yield item
+        finally:
+            if not finished:
+                self.abort(request_id)
+
+    def shutdown(self, timeout: float = 30.0) -> None:
+        """Stops the thread (open requests get EngineDeadError) and shuts the engine down."""
+        if self._thread.is_alive():
+            self._cmds.put(("stop",))
+            self._thread.join(timeout)
+        if self.engine is not None:
+            self.engine.shutdown()
+
+    # --- the engine thread ------------------------------------------------------------------
+    def _run(self) -> None:
+        engine = self.engine
+        try:
+            while True:
+                busy = self.error is None and engine.has_unfinished_requests()
+                cmds = [] if busy else [self._cmds.get()]  # idle: sleep until there is something to do
+                while True:
+                    try:
+                        cmds.append(self._cmds.get_nowait())
+                    except queue.Empty:
+                        break
+                for cmd in cmds:
+                    if cmd[0] == "stop":
+                        self._fail_all("the server is shutting down")
+                        return
+                    self._command(cmd)
+                if self.error is None and engine.has_unfinished_requests():
+                    try:
+                        outputs = engine.step()
+                    except Exception as e:  # a dead Ray actor, a CUDA error, a bug: nothing more can run
+                        logger.exception("engine step failed; the engine is dead")
+                        self._die(f"{type(e).__name__}: {e}")
+                        continue
+                    self._deliver(outputs)
+                    self._stats = engine.stats()
+        except BaseException as e:  # never leave a handler waiting on a thread that is gone
+            self._die(f"the engine thread stopped: {type(e).__name__}: {e}")
+            raise
+
+    def _command(self, cmd) -> None:
+        if cmd[0] == "abort":
+            rid = cmd[1]
+            if self._streams.pop(rid, None) is not None and self.error is None:
+                self.engine.abort_request(rid)
+                self._stats = self.engine.stats()
+            return
+        _, rid, prompt, params, token_ids, stream, accepted = cmd
+        if self.error is not None:
+            stream.loop.call_soon_threadsafe(_settle, accepted, EngineDeadError(f"the engine is dead: {self.error}"))
+            return
+        try:
+            self.engine.add_request(rid, prompt, params, prompt_token_ids=token_ids)
+        except Exception as e:  # bad input: refused before the engine holds anything
+            stream.loop.call_soon_threadsafe(_settle, accepted, e)
+            return
+        self._streams[rid] = stream
+        self._stats = self.engine.stats()
+        with self._lock:
+            self.prompt_tokens_total += stream.num_prompt_tokens
+        stream.loop.call_soon_threadsafe(_settle, accepted, None)
+
+    def _deliver(self, outputs: list[RequestOutput]) -> None:
+        now = time.monotonic()
+        with self._lock:
+            for out in outputs:
+                stream = self._streams.get(out.request_id)
+                if stream is None:  # aborted while this step ran
+                    continue
+                self._observe(stream, out, now)
+                if out.finished:
+                    del self._streams[out.request_id]
+                    self.e2e.observe(now - stream.arrival)
+                    for c in out.outputs:
+                        reason = c.finish_reason or "abort"
+                        self.requests_finished[reason] = self.requests_finished.get(reason, 0) + 1
+                stream.loop.call_soon_threadsafe(stream.queue.put_nowait, out)
+
+    def _observe(self, s: _Stream, out: RequestOutput, now: float) -> None:
+        if not s.tokens_seen:
+            s.tokens_seen = [0] * len(out.outputs)
+            s.last_token_time = [now] * len(out.outputs)
+        for i, c in enumerate(out.outputs):
+            new = len(c.token_ids) - s.tokens_seen[i]
+            if new <= 0:
+                continue
+            if s.tokens_seen[i] == 0:
+                if not s.first_token:
+                    s.first_token = True
+                    self.ttft.observe(now - s.arrival)
+            else:
+                per_token = (now - s.last_token_time[i]) / new
+                for _ in range(new):
+                    self.tpot.observe(per_token)
+            s.tokens_seen[i] += new
+            s.last_token_time[i] = now
+
+    def _die(self, why: str) -> None:
+        self.error = why
+        self._fail_all(f"the engine is dead: {why}")
+
+    def _fail_all(self, why: str) -> None:
+        for rid, stream in list(self._streams.items()):
+            stream.loop.call_soon_threadsafe(stream.queue.put_nowait, EngineDeadError(why))
+        self._streams.clear()
+
+
+def _settle(fut: asyncio.Future, error: BaseException | None) -> None:
+    if fut.done():  # the caller was cancelled meanwhile
+        return
+    if error is None:
+        fut.set_result(None)
+    else:
+        fut.set_exception(error)
