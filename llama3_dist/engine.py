@@ -59,6 +59,17 @@ class _Group:
         return all(s.finish_reason is not None for s in self.sequences)
 
 
+@dataclass(slots=True)
+class StepTimes:
+    """Seconds summed over the engine's steps: the whole step, the executor call inside it, and
+    rank 0's forward and sampling inside that. step - forward is the engine's own overhead."""
+    steps: int = 0
+    step: float = 0.0
+    execute: float = 0.0
+    forward: float = 0.0
+    sample: float = 0.0
+
+
 @dataclass(slots=True, frozen=True)
 class EngineStats:
     num_running: int
@@ -103,6 +114,7 @@ class LLMEngine:
         self._groups: dict[str, _Group] = {}
         self.num_generated_tokens = 0
         self.num_steps = 0
+        self.times = StepTimes()
 
     # --- requests ---------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt: str | list[int] | None = None,
@@ -169,6 +181,7 @@ class LLMEngine:
     # --- the step ---------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """Runs one scheduler step; returns the (cumulative) output of every request it advanced."""
+        started = time.perf_counter()
         out = self.scheduler.schedule()
         touched: dict[str, _Group] = {}
         for req in out.capped:  # the whole cache cannot hold their next token
@@ -180,7 +193,12 @@ class LLMEngine:
         step = build_step_input([e.context for e in entries], [e.num_new_tokens for e in entries],
                                 self.config.kv_params.page_size, logit_rows=np.zeros(0, np.int64))
         step.logit_rows, step.sampling, prompt_spans = self._sampling_input(entries, step.input_row_offsets)
+        executed = time.perf_counter()
         result = self.executor.execute(step)
+        t = self.times
+        t.execute += time.perf_counter() - executed
+        t.forward += result.forward_seconds
+        t.sample += result.sample_seconds
         self.num_steps += 1
         sampled = result.sampled
         sampling_entries = [e for e in entries if e.samples]
@@ -202,7 +220,10 @@ class LLMEngine:
                 seq.cumulative_logprob += lp.chosen_logprob
             self._check_stop(e.request, tokens[e.request_id])
             touched[group.request_id] = group
-        return self._outputs(touched)
+        outputs = self._outputs(touched)
+        self.times.steps += 1
+        self.times.step += time.perf_counter() - started
+        return outputs
 
     def _sampling_input(self, entries, offsets):
         """Logit rows to compute, what to sample from them, and which rows score prompt tokens."""
