@@ -244,9 +244,11 @@ class SamplerOutput:
 
 
 class Sampler:
-    """Samples one token per row of logits [B, V] (float32, any device).
+    """Samples one token per row of logits [B, V] (float32, any device); never modifies them.
 
-    `seed` seeds the generator shared by unseeded rows (None: nondeterministic).
+    `seed` seeds the generator shared by unseeded rows (None: nondeterministic). The sampler keeps
+    [B, V] work buffers between calls: on CPUs the page faults of fresh multi-megabyte tensors
+    cost more than the arithmetic done in them.
     """
 
     def __init__(self, seed: int | None = None):
@@ -255,17 +257,19 @@ class Sampler:
             self.generator.seed()
         else:
             self.generator.manual_seed(seed)
+        self._buffers: dict[str, torch.Tensor] = {}
 
     @torch.inference_mode()
     def __call__(self, logits: torch.Tensor, meta: SamplingMetadata) -> SamplerOutput:
         b, v = logits.shape
+        dev = logits.device
         if b != meta.batch_size:
             raise ValueError(f"logits have {b} rows but the sampling metadata {meta.batch_size}")
         x = logits.float()
         if meta.penalties is not None or meta.banned_rows is not None:
-            x = x.clone() if x is logits else x  # logprobs are of the raw logits
+            x = self._buffer("penalised", b, v, dev).copy_(x)  # logprobs are of the raw logits
             if meta.banned_rows is not None:
-                x[_t(meta.banned_rows, x.device), _t(meta.banned_ids, x.device)] = float("-inf")
+                x[_t(meta.banned_rows, dev), _t(meta.banned_ids, dev)] = float("-inf")
             if meta.penalties is not None:
                 apply_penalties(x, meta.penalties)
 
@@ -273,26 +277,33 @@ class Sampler:
         if greedy.all():
             token_ids = _argmax(x)
         else:
-            token_ids = np.empty(b, np.int64)
-            g_rows = np.flatnonzero(greedy)
             r_rows = np.flatnonzero(~greedy)
-            if len(g_rows):
-                token_ids[g_rows] = _argmax(x[_t(g_rows, x.device)])
-            xr = x if len(g_rows) == 0 else x[_t(r_rows, x.device)]
-            u = self._uniforms(meta, r_rows)
+            work = self._buffer("probs", len(r_rows), v, dev)
+            if len(r_rows) < b:
+                token_ids = _argmax(x)  # cheaper than gathering the greedy rows first
+                torch.index_select(x, 0, _t(r_rows, dev), out=work)
+                x = work
+            else:
+                token_ids = np.empty(b, np.int64)
             token_ids[r_rows] = sample_filtered(
-                xr, meta.temperature[r_rows], meta.top_k[r_rows], meta.top_p[r_rows],
-                meta.min_p[r_rows], u)
+                x, meta.temperature[r_rows], meta.top_k[r_rows], meta.top_p[r_rows],
+                meta.min_p[r_rows], self._uniforms(meta, r_rows), out=work)
 
         logprobs: list[TokenLogprobs | None] = [None] * b
         lp_rows = [i for i, k in enumerate(meta.num_logprobs) if k is not None]
         if lp_rows:
-            rows = _t(np.array(lp_rows), logits.device)
+            rows = logits if len(lp_rows) == b else logits[_t(np.array(lp_rows), dev)]
             computed = compute_logprobs(
-                logits[rows], token_ids[lp_rows], [meta.num_logprobs[i] for i in lp_rows])
+                rows, token_ids[lp_rows], [meta.num_logprobs[i] for i in lp_rows])
             for i, lp in zip(lp_rows, computed):
                 logprobs[i] = lp
         return SamplerOutput(token_ids, logprobs)
+
+    def _buffer(self, name: str, rows: int, v: int, device: torch.device) -> torch.Tensor:
+        buf = self._buffers.get(name)
+        if buf is None or buf.numel() < rows * v or buf.device != device:
+            buf = self._buffers[name] = torch.empty(rows * v, dtype=torch.float32, device=device)
+        return buf[: rows * v].view(rows, v)
 
     def _uniforms(self, meta: SamplingMetadata, rows: np.ndarray) -> np.ndarray:
         """One uniform number in [0, 1) per row: from (seed, step) for seeded rows, else from
@@ -349,33 +360,37 @@ def sample_filtered(
     top_p: np.ndarray,  # [R]
     min_p: np.ndarray,  # [R]
     u: np.ndarray,  # [R] uniforms in [0, 1)
+    out: torch.Tensor | None = None,  # [R, V] float32 work buffer; may be `logits` itself
 ) -> np.ndarray:
     """Temperature, then min_p / top_k / top_p filtering, then one draw per row. Returns [R]."""
     r, v = logits.shape
     dev = logits.device
-    x = logits
+    probs = out if out is not None else torch.empty_like(logits, dtype=torch.float32)
     if (temperature != 1.0).any():
-        x = x / torch.from_numpy(temperature).to(dev)[:, None]
-    probs = torch.softmax(x, dim=-1)
+        torch.div(logits, torch.from_numpy(temperature).to(dev)[:, None], out=probs)
+    elif probs is not logits:
+        probs.copy_(logits)
+    probs.sub_(probs.amax(dim=-1, keepdim=True)).exp_()  # softmax in place
+    probs.div_(probs.sum(dim=-1, keepdim=True))
+
     top_k = np.where(top_k >= v, 0, top_k)
     filtered = (top_k > 0) | (top_p < 1.0) | (min_p > 0.0)
-    out = np.empty(r, np.int64)
     if filtered.all():
-        out[:] = _sample_top(probs, top_k, top_p, min_p, u)
-    else:
-        f_rows = np.flatnonzero(filtered)
-        n_rows = np.flatnonzero(~filtered)
-        if len(f_rows):
-            out[f_rows] = _sample_top(probs[_t(f_rows, dev)], top_k[f_rows], top_p[f_rows],
-                                      min_p[f_rows], u[f_rows])
-        pn = probs if len(f_rows) == 0 else probs[_t(n_rows, dev)]
-        out[n_rows] = _inverse_cdf(pn, u[n_rows]).cpu().numpy()
-    return out
+        return _sample_top(probs, top_k, top_p, min_p, u)
+    if not filtered.any():
+        return _inverse_cdf(probs, u).cpu().numpy()
+    f_rows, n_rows = np.flatnonzero(filtered), np.flatnonzero(~filtered)
+    tokens = np.empty(r, np.int64)
+    tokens[n_rows] = _inverse_cdf(probs[_t(n_rows, dev)], u[n_rows]).cpu().numpy()
+    tokens[f_rows] = _sample_top(probs[_t(f_rows, dev)], top_k[f_rows], top_p[f_rows],
+                                 min_p[f_rows], u[f_rows])
+    return tokens
 
 
 def _sample_top(probs: torch.Tensor, top_k: np.ndarray, top_p: np.ndarray, min_p: np.ndarray,
                 u: np.ndarray) -> np.ndarray:
     """Draw from the top slice of each row of probs [R, V] that min_p, top_k and top_p keep.
+    Overwrites probs.
 
     All three keep the tokens above a per-row probability threshold, so the kept set is a prefix
     of the sorted distribution. To avoid sorting the whole vocabulary (slow on CPUs), first find a
@@ -388,56 +403,72 @@ def _sample_top(probs: torch.Tensor, top_k: np.ndarray, top_p: np.ndarray, min_p
     bs = _block_size(v)
     block_max = _block_reduce(probs, bs, "amax")  # [R, nb]
     nb = block_max.shape[1]
-    pmax = block_max.max(dim=-1).values.cpu().numpy()
+    bm_sorted = _sort_desc(block_max)  # [R, nb]
+    pmax = bm_sorted[:, 0]
+    rows = np.arange(r)
     has_k, has_min_p = top_k > 0, min_p > 0.0
-
-    # Lower bounds on the final threshold. top_k: the k largest block maxima are k distinct
-    # tokens, so the k-th largest token is >= the k-th largest block maximum. min_p: exact.
-    # top_p alone (over the whole distribution): the tokens below (1 - p) / V weigh less than
-    # 1 - p together, so the nucleus lies above it.
-    c = np.zeros(r, np.float32)
-    if has_k.any():
-        c = np.where(has_k & (top_k <= nb), _kth_largest(block_max, np.clip(top_k, 1, nb)), c)
-    c = np.maximum(c, min_p * pmax)
     p_only = ~has_k & ~has_min_p
-    c = np.where(p_only, (1.0 - top_p) / v, c).astype(np.float32)
+
+    # Lower bounds c on the final threshold, from the block maxima (themselves tokens):
+    # top_k: the k largest block maxima are k tokens, so the k-th largest token is at least the
+    # k-th largest block maximum. min_p: exact. top_p alone: the tokens >= the j-th largest
+    # block maximum weigh at least the j largest maxima together; once those reach p, that set
+    # contains the nucleus. Failing that (flat rows), the tokens below (1 - p) / V weigh less
+    # than 1 - p together, so the nucleus lies above (1 - p) / V.
+    c = np.where(has_k & (top_k <= nb), bm_sorted[rows, np.clip(top_k, 1, nb) - 1], 0.0)
+    c = np.maximum(c, min_p * pmax)
+    cum = np.cumsum(bm_sorted, axis=-1)
+    reaches = cum >= top_p[:, None]
+    c_p = np.where(reaches[:, -1], bm_sorted[rows, reaches.argmax(-1)], 0.0)
+    c = np.where(p_only, np.maximum(c_p, (1.0 - top_p) / v), c).astype(np.float32)
 
     passing = block_max >= torch.from_numpy(c).to(dev)[:, None]
-    m = int(passing.sum(dim=-1).max())
-    if m * bs * 4 > v:  # too many candidates to gain anything: take whole rows
-        cand, cand_ids = probs, None
-    else:
-        # the passing blocks of each row first (argsort of a bool row), padded with others
-        order = torch.argsort((~passing).to(torch.uint8), dim=-1, stable=True)[:, :m]
-        cand_ids = (order[:, :, None] * bs + torch.arange(bs, device=dev)).reshape(r, m * bs)
+    counts = passing.sum(dim=-1).cpu().numpy()
+    few = counts * bs * 4 <= v  # else too many candidates to gain anything: take whole rows
+    tokens = np.empty(r, np.int64)
+    if few.any():
+        f = np.flatnonzero(few)
+        f_t = _t(f, dev)
+        m = int(counts[f].max())
+        order = _true_first(passing[f_t])[:, :m]  # the passing blocks, padded with others
+        cand_ids = (order[:, :, None] * bs + torch.arange(bs, device=dev)).reshape(len(f), m * bs)
         if v % bs:
             cand_ids = cand_ids.clamp_(max=v - 1)
-        cand = probs.gather(1, cand_ids)
+        cand = probs[f_t[:, None], cand_ids]
         # Padding blocks need no mask: all their tokens lie below c, so below the threshold.
         # The clamped ids past the end of a partial last block would count token v-1 twice.
         if v % bs:
             last = (order * bs + bs > v).repeat_interleave(bs, dim=1)
             dup = last & (torch.arange(m * bs, device=dev) % bs >= v % bs)[None, :]
-            cand = cand.masked_fill(dup, 0.0)
+            cand = cand.masked_fill_(dup, 0.0)
+        idx = _draw_top(cand, top_k[f], top_p[f], min_p[f], pmax[f], u[f])
+        tokens[f] = cand_ids.gather(1, idx[:, None])[:, 0].cpu().numpy()
+    if not few.all():
+        w = np.flatnonzero(~few)
+        cand = probs if len(w) == r else probs[_t(w, dev)]
+        tokens[w] = _draw_top(cand, top_k[w], top_p[w], min_p[w], pmax[w], u[w]).cpu().numpy()
+    return tokens
 
-    # The exact threshold from the sorted candidates.
+
+def _draw_top(cand: torch.Tensor, top_k: np.ndarray, top_p: np.ndarray, min_p: np.ndarray,
+              pmax: np.ndarray, u: np.ndarray) -> torch.Tensor:
+    """Given candidates [R, M] holding every token that the filters may keep (the whole row,
+    or the blocks above the bound), find the exact threshold from their sorted values and draw
+    among those above it. Overwrites cand; returns column indices [R]."""
+    r = cand.shape[0]
+    has_k = top_k > 0
     s = _sort_desc(cand)  # [R, M]
     keep = np.ones(s.shape, bool)
-    pos = np.arange(s.shape[1])
-    keep &= ~has_k[:, None] | (pos[None, :] < top_k[:, None])
+    keep &= ~has_k[:, None] | (np.arange(s.shape[1])[None, :] < top_k[:, None])
     keep &= s >= (min_p * pmax)[:, None]
     s_kept = np.where(keep, s, 0.0)
-    mass_c = np.where(p_only, 1.0, s_kept.sum(-1))  # what top_p is a fraction of
-    before = np.cumsum(s_kept, axis=-1, dtype=np.float64) - s_kept
-    keep &= before < (np.where(top_p < 1.0, top_p, np.inf) * mass_c)[:, None]
+    # top_p is a fraction of what min_p and top_k kept; those keep all candidates when off.
+    mass = np.where(has_k | (min_p > 0.0), s_kept.sum(-1), 1.0)
+    before = np.cumsum(s_kept, axis=-1) - s_kept
+    keep &= before < (np.where(top_p < 1.0, top_p, np.inf) * mass)[:, None]
     n_kept = np.maximum(keep.sum(-1), 1)
-    threshold = s[np.arange(r), n_kept - 1]
-
-    w = cand * (cand >= torch.from_numpy(threshold).to(dev)[:, None])
-    idx = _inverse_cdf(w, u)
-    if cand_ids is not None:
-        idx = cand_ids.gather(1, idx[:, None])[:, 0]
-    return idx.cpu().numpy()
+    threshold = torch.from_numpy(s[np.arange(r), n_kept - 1]).to(cand.device)
+    return _inverse_cdf(cand.masked_fill_(cand < threshold[:, None], 0.0), u)
 
 
 def _inverse_cdf(w: torch.Tensor, u: np.ndarray) -> torch.Tensor:
@@ -524,12 +555,11 @@ def _sort_desc(x: torch.Tensor) -> np.ndarray:
     return torch.sort(x, dim=-1, descending=True).values.cpu().numpy()
 
 
-def _kth_largest(x: torch.Tensor, k: np.ndarray) -> np.ndarray:
-    """Per-row k-th largest value (k >= 1) of a small [R, N] tensor."""
-    a = -x.cpu().numpy()
-    kth = np.unique(k - 1)
-    part = np.partition(a, kth, axis=-1)
-    return -part[np.arange(len(k)), k - 1]
+def _true_first(mask: torch.Tensor) -> torch.Tensor:
+    """Per row, the column indices with True first (a stable argsort of ~mask)."""
+    if mask.device.type == "cpu":
+        return torch.from_numpy(np.argsort(~mask.numpy(), axis=-1, kind="stable"))
+    return torch.argsort((~mask).to(torch.uint8), dim=-1, stable=True)
 
 
 def _block_size(v: int) -> int:
