@@ -62,7 +62,9 @@ def _from_validation(e: ValidationError, prefix: str = "") -> APIError:
     err = e.errors()[0]
     loc = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
     msg = err.get("msg", str(e)).removeprefix("Value error, ")
-    return _bad_request(f"{prefix}{loc + ': ' if loc else ''}{msg}", param=loc or None)
+    if loc and not msg.startswith(loc):
+        msg = f"{loc}: {msg}"
+    return _bad_request(prefix + msg, param=loc or None)
 
 
 # ============================================================================ the protocol
@@ -644,7 +646,10 @@ def serve(model: str | Path | None = None, *, engine_kwargs: dict | None = None,
         url = _url(host, sock.getsockname()[1])
         print(f"llama3-dist: serving {name!r} at {url}/v1", flush=True)
         config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5)
-        uvicorn.Server(config).run(sockets=[sock])
+        try:
+            uvicorn.Server(config).run(sockets=[sock])
+        except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C once it has shut down
+            pass
     finally:
         engine.shutdown()
         sock.close()
