@@ -381,7 +381,8 @@ class OpenAIServer:
         if req.top_logprobs is not None and not req.logprobs:
             raise _bad_request("top_logprobs needs logprobs: true", param="top_logprobs")
         ids = self._chat_prompt(req)
-        max_tokens = self._max_tokens(req.max_completion_tokens or req.max_tokens, len(ids), "messages")
+        requested = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+        max_tokens = self._max_tokens(requested, len(ids), "messages")
         k = (req.top_logprobs or 0) if req.logprobs else None
         params = self._params(req, max_tokens, k)
         base_id = f"chatcmpl-{uuid.uuid4().hex}"
@@ -569,6 +570,9 @@ class _SSEResponse(StreamingResponse):
                 task.cancel()
             await asyncio.gather(stream, watch, return_exceptions=True)
             await self.body_iterator.aclose()
+        if not stream.cancelled() and isinstance(stream.exception(), Exception) \
+                and not isinstance(stream.exception(), OSError):  # a bug, not a client that left: let it be logged
+            raise stream.exception()
 
 
 class _APIKeyMiddleware:
