@@ -26,6 +26,7 @@ import dataclasses
 import datetime
 import logging
 import os
+import re
 import threading
 import time
 import warnings
@@ -191,10 +192,16 @@ def _release(res: _Resources) -> None:
                     log.debug("kill: %s", e)
             if res.graph is not None and res.failed:
                 # Killed first: a rank stuck in a collective would hold teardown for its timeout.
+                # Ray logs every dead actor it cannot cancel; they were killed on purpose.
+                dag_log = logging.getLogger("ray.dag.compiled_dag_node")
+                level = dag_log.level
+                dag_log.setLevel(logging.CRITICAL)
                 try:
                     res.graph.teardown()
                 except Exception as e:  # noqa: BLE001
                     log.debug("compiled graph teardown: %s", e)
+                finally:
+                    dag_log.setLevel(level)
             if res.placement_group is not None:
                 from ray.util.placement_group import remove_placement_group
                 try:
@@ -344,8 +351,8 @@ class RayExecutor:
         return outs[0]
 
     def _gather(self, refs: list, what: str, timeout_s: float | None = None) -> list:
-        """ray.get of every rank's ref, raising the first failure as soon as it lands (the other
-        ranks may then be stuck in a collective that will never complete)."""
+        """ray.get of every rank's ref (refs[r] from rank r), raising the first failure as soon as
+        it lands: the other ranks may then be stuck in a collective that will never complete."""
         import ray
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         pending = list(refs)
@@ -357,12 +364,12 @@ class RayExecutor:
             try:
                 ray.get(done[0])
             except Exception as e:
-                raise WorkerError(self._describe(e, what)) from e
+                raise WorkerError(self._describe(e, what, refs.index(done[0]))) from e
         return ray.get(refs)
 
-    def _describe(self, e: BaseException, what: str) -> str:
+    def _describe(self, e: BaseException, what: str, rank: int | None = None) -> str:
         import ray.exceptions as rex
-        rank = self._rank_of(e)
+        rank = self._rank_of(e) if rank is None else rank
         where = f"rank {rank}" if rank is not None else "a rank"
         if rank is not None and getattr(self, "nodes", None):
             where += f" (pid {self.nodes[rank]['pid']} on {self.nodes[rank]['ip']})"
@@ -377,14 +384,16 @@ class RayExecutor:
         return f"{what} failed: {type(e).__name__}: {e}"
 
     def _rank_of(self, e: BaseException) -> int | None:
-        actor_id = getattr(e, "actor_id", None) or getattr(e, "_actor_id", None)
-        if actor_id is not None:
-            for r, a in enumerate(self._res.actors):
-                if a._actor_id.hex() == actor_id:
-                    return r
-        pid = getattr(e, "pid", None)
+        """The rank an error came from: by actor id, else by process id (a RayTaskError raised as
+        an instance of its cause keeps them only in its message)."""
+        text = str(e)
+        actor_id = getattr(e, "actor_id", None) or _search(r"actor_id[=:] ?([0-9a-f]{16,})", text)
+        for r, a in enumerate(self._res.actors):
+            if actor_id is not None and a._actor_id.hex() == actor_id:
+                return r
+        pid = _search(r"pid[=:] ?(\d+)", text)
         for r, n in enumerate(getattr(self, "nodes", None) or []):
-            if pid is not None and n["pid"] == pid:
+            if pid is not None and str(n["pid"]) == pid:
                 return r
         return None
 
@@ -413,6 +422,11 @@ class RayExecutor:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _search(pattern: str, text: str) -> str | None:
+    m = re.search(pattern, text)
+    return m.group(1) if m else None
 
 
 def _cluster_summary() -> str:
