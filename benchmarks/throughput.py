@@ -40,9 +40,9 @@ def workload(n: int, seed: int = 0):
     return prompts, output_lens
 
 
-def hf_model(path: str, dtype: torch.dtype):
+def hf_model(path: str, dtype: torch.dtype, device: str):
     from transformers import AutoModelForCausalLM
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
     model.generation_config.eos_token_id = None  # run every request to its length, as ours does
     model.generation_config.pad_token_id = 0
     return model
@@ -50,7 +50,7 @@ def hf_model(path: str, dtype: torch.dtype):
 
 @torch.inference_mode()
 def hf_decode_ms(model, prompt: list[int], new_tokens: int) -> float:
-    ids = torch.tensor([prompt])
+    ids = torch.tensor([prompt], device=model.device)
     model.generate(ids, max_new_tokens=4, do_sample=False)  # warm-up
     start = time.perf_counter()
     model.generate(ids, max_new_tokens=1, do_sample=False)
@@ -78,8 +78,8 @@ def hf_batch_tokens_per_s(model, prompts, output_lens, batch: int = 8) -> float:
     for i in range(0, len(prompts), batch):
         ps, outs = prompts[i:i + batch], output_lens[i:i + batch]
         width = max(len(p) for p in ps)
-        ids = torch.tensor([[0] * (width - len(p)) + p for p in ps])
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in ps])
+        ids = torch.tensor([[0] * (width - len(p)) + p for p in ps], device=model.device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in ps], device=model.device)
         model.generate(ids, attention_mask=mask, max_new_tokens=max(outs), min_new_tokens=max(outs), do_sample=False)
     return sum(output_lens) / (time.perf_counter() - start)
 
@@ -113,6 +113,7 @@ def overhead_line(d: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (TP=2 runs on cpu,cpu or cuda:0,cuda:1)")
     parser.add_argument("--quick", action="store_true", help="16 requests and 32 decode tokens instead of 64 and 128")
     parser.add_argument("--tp2", action="store_true", help="also run the batch benchmark at TP=2 (gloo)")
     parser.add_argument("--skip-hf", action="store_true")
@@ -123,16 +124,17 @@ def main() -> None:
     n_req, n_tok = (16, 32) if args.quick else (64, 128)
     prompts, output_lens = workload(n_req)
     decode_prompt = prompts[0][:32]
-    print(f"checkpoint {path} ({args.dtype}), torch threads {torch.get_num_threads()}")
+    where = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"{torch.get_num_threads()} CPU threads"
+    print(f"checkpoint {path} ({args.dtype}) on {where}")
 
-    with LLM(path, dtype=args.dtype, show_progress=False, max_num_seqs=64, max_num_batched_tokens=2048,
+    with LLM(path, dtype=args.dtype, devices=[args.device], show_progress=False, max_num_seqs=64, max_num_batched_tokens=2048,
              kv_cache_bytes=1 << 30) as llm:
         ours_ms = ours_decode_ms(llm, decode_prompt, n_tok)
         ours_tps, d = ours_batch(llm, prompts, output_lens)
     print(f"[ours TP=1] decode batch 1: {ours_ms:.1f} ms/token; {n_req} requests: {ours_tps:.1f} output tokens/s")
     print(f"[ours TP=1] {overhead_line(d)}")
     if not args.skip_hf:
-        model = hf_model(path, dtype)
+        model = hf_model(path, dtype, args.device)
         hf_ms = hf_decode_ms(model, decode_prompt, n_tok)
         hf_tps = hf_batch_tokens_per_s(model, prompts, output_lens)
         del model
@@ -141,7 +143,8 @@ def main() -> None:
         print(f"RATIO decode speed (ours/transformers): {hf_ms / ours_ms:.2f}x   (target >= 1.7x)")
         print(f"RATIO batch throughput (ours/transformers): {ours_tps / hf_tps:.2f}x   (target >= 3x)")
     if args.tp2:
-        with LLM(path, dtype=args.dtype, devices=["cpu", "cpu"], show_progress=False, max_num_seqs=64,
+        tp2 = ["cpu", "cpu"] if args.device == "cpu" else ["cuda:0", "cuda:1"]
+        with LLM(path, dtype=args.dtype, devices=tp2, show_progress=False, max_num_seqs=64,
                  max_num_batched_tokens=2048, kv_cache_bytes=1 << 30) as llm:
             tp_ms = ours_decode_ms(llm, decode_prompt, n_tok)
             tp_tps, d = ours_batch(llm, prompts, output_lens)
