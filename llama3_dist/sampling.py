@@ -308,7 +308,8 @@ class Sampler:
     def _uniforms(self, meta: SamplingMetadata, rows: np.ndarray) -> np.ndarray:
         """One uniform number in [0, 1) per row: from (seed, step) for seeded rows, else from
         the shared generator."""
-        u = torch.rand(len(rows), generator=self.generator, dtype=torch.float64).numpy()
+        u = torch.rand(len(rows), generator=self.generator, dtype=torch.float64,
+                       device="cpu").numpy()
         for j, i in enumerate(rows):
             if meta.seeds[i] is not None:
                 u[j] = _seeded_uniform(meta.seeds[i], meta.steps[i])
@@ -365,32 +366,30 @@ def sample_filtered(
     """Temperature, then min_p / top_k / top_p filtering, then one draw per row. Returns [R]."""
     r, v = logits.shape
     dev = logits.device
-    probs = out if out is not None else torch.empty_like(logits, dtype=torch.float32)
-    if (temperature != 1.0).any():
-        torch.div(logits, torch.from_numpy(temperature).to(dev)[:, None], out=probs)
-    elif probs is not logits:
-        probs.copy_(logits)
-    probs.sub_(probs.amax(dim=-1, keepdim=True)).exp_()  # softmax in place
-    probs.div_(probs.sum(dim=-1, keepdim=True))
+    # Unnormalised probabilities exp((x - max) / T), the largest exactly 1, in two passes over
+    # the logits (normalising would cost two more; thresholds are scaled by the row sums instead).
+    w = out if out is not None else torch.empty_like(logits, dtype=torch.float32)
+    inv_t = torch.from_numpy(1.0 / temperature).to(dev)[:, None]
+    torch.addcmul(-logits.amax(dim=-1, keepdim=True) * inv_t, logits, inv_t, out=w).exp_()
 
     top_k = np.where(top_k >= v, 0, top_k)
     filtered = (top_k > 0) | (top_p < 1.0) | (min_p > 0.0)
     if filtered.all():
-        return _sample_top(probs, top_k, top_p, min_p, u)
+        return _sample_top(w, top_k, top_p, min_p, u)
     if not filtered.any():
-        return _inverse_cdf(probs, u).cpu().numpy()
+        return _inverse_cdf(w, u).cpu().numpy()
     f_rows, n_rows = np.flatnonzero(filtered), np.flatnonzero(~filtered)
     tokens = np.empty(r, np.int64)
-    tokens[n_rows] = _inverse_cdf(probs[_t(n_rows, dev)], u[n_rows]).cpu().numpy()
-    tokens[f_rows] = _sample_top(probs[_t(f_rows, dev)], top_k[f_rows], top_p[f_rows],
+    tokens[n_rows] = _inverse_cdf(w[_t(n_rows, dev)], u[n_rows]).cpu().numpy()
+    tokens[f_rows] = _sample_top(w[_t(f_rows, dev)], top_k[f_rows], top_p[f_rows],
                                  min_p[f_rows], u[f_rows])
     return tokens
 
 
 def _sample_top(probs: torch.Tensor, top_k: np.ndarray, top_p: np.ndarray, min_p: np.ndarray,
                 u: np.ndarray) -> np.ndarray:
-    """Draw from the top slice of each row of probs [R, V] that min_p, top_k and top_p keep.
-    Overwrites probs.
+    """Draw from the top slice of each row of probs [R, V] (unnormalised: fractions are of the
+    row sums) that min_p, top_k and top_p keep. Overwrites probs.
 
     All three keep the tokens above a per-row probability threshold, so the kept set is a prefix
     of the sorted distribution. To avoid sorting the whole vocabulary (slow on CPUs), first find a
@@ -405,6 +404,7 @@ def _sample_top(probs: torch.Tensor, top_k: np.ndarray, top_p: np.ndarray, min_p
     nb = block_max.shape[1]
     bm_sorted = _sort_desc(block_max)  # [R, nb]
     pmax = bm_sorted[:, 0]
+    total = probs.sum(dim=-1).cpu().numpy()
     rows = np.arange(r)
     has_k, has_min_p = top_k > 0, min_p > 0.0
     p_only = ~has_k & ~has_min_p
@@ -418,9 +418,9 @@ def _sample_top(probs: torch.Tensor, top_k: np.ndarray, top_p: np.ndarray, min_p
     c = np.where(has_k & (top_k <= nb), bm_sorted[rows, np.clip(top_k, 1, nb) - 1], 0.0)
     c = np.maximum(c, min_p * pmax)
     cum = np.cumsum(bm_sorted, axis=-1)
-    reaches = cum >= top_p[:, None]
+    reaches = cum >= (top_p * total)[:, None]
     c_p = np.where(reaches[:, -1], bm_sorted[rows, reaches.argmax(-1)], 0.0)
-    c = np.where(p_only, np.maximum(c_p, (1.0 - top_p) / v), c).astype(np.float32)
+    c = np.where(p_only, np.maximum(c_p, (1.0 - top_p) * total / v), c).astype(np.float32)
 
     passing = block_max >= torch.from_numpy(c).to(dev)[:, None]
     counts = passing.sum(dim=-1).cpu().numpy()
@@ -441,17 +441,18 @@ def _sample_top(probs: torch.Tensor, top_k: np.ndarray, top_p: np.ndarray, min_p
             last = (order * bs + bs > v).repeat_interleave(bs, dim=1)
             dup = last & (torch.arange(m * bs, device=dev) % bs >= v % bs)[None, :]
             cand = cand.masked_fill_(dup, 0.0)
-        idx = _draw_top(cand, top_k[f], top_p[f], min_p[f], pmax[f], u[f])
+        idx = _draw_top(cand, top_k[f], top_p[f], min_p[f], pmax[f], total[f], u[f])
         tokens[f] = cand_ids.gather(1, idx[:, None])[:, 0].cpu().numpy()
     if not few.all():
         w = np.flatnonzero(~few)
         cand = probs if len(w) == r else probs[_t(w, dev)]
-        tokens[w] = _draw_top(cand, top_k[w], top_p[w], min_p[w], pmax[w], u[w]).cpu().numpy()
+        tokens[w] = _draw_top(cand, top_k[w], top_p[w], min_p[w], pmax[w], total[w],
+                              u[w]).cpu().numpy()
     return tokens
 
 
 def _draw_top(cand: torch.Tensor, top_k: np.ndarray, top_p: np.ndarray, min_p: np.ndarray,
-              pmax: np.ndarray, u: np.ndarray) -> torch.Tensor:
+              pmax: np.ndarray, total: np.ndarray, u: np.ndarray) -> torch.Tensor:
     """Given candidates [R, M] holding every token that the filters may keep (the whole row,
     or the blocks above the bound), find the exact threshold from their sorted values and draw
     among those above it. Overwrites cand; returns column indices [R]."""
@@ -463,7 +464,7 @@ def _draw_top(cand: torch.Tensor, top_k: np.ndarray, top_p: np.ndarray, min_p: n
     keep &= s >= (min_p * pmax)[:, None]
     s_kept = np.where(keep, s, 0.0)
     # top_p is a fraction of what min_p and top_k kept; those keep all candidates when off.
-    mass = np.where(has_k | (min_p > 0.0), s_kept.sum(-1), 1.0)
+    mass = np.where(has_k | (min_p > 0.0), s_kept.sum(-1), total)
     before = np.cumsum(s_kept, axis=-1) - s_kept
     keep &= before < (np.where(top_p < 1.0, top_p, np.inf) * mass)[:, None]
     n_kept = np.maximum(keep.sum(-1), 1)

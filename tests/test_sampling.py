@@ -1,6 +1,8 @@
 """The sampler against hand-written references of vLLM's definitions."""
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pydantic
 import pytest
@@ -11,6 +13,8 @@ from llama3_dist.sampling import (Sampler, SamplingMetadata, SamplingParams, app
                                   compute_logprobs)
 
 EOS = 7
+# The sampler runs where the logits are: LLAMA3_DIST_TEST_DEVICE=cuda runs these on a GPU.
+DEVICE = torch.device(os.environ.get("LLAMA3_DIST_TEST_DEVICE", "cpu"))
 
 
 def meta_for(params, outputs=None, prompts=None):
@@ -54,7 +58,7 @@ def test_params_defaults_and_normalisation():
 
 def test_greedy_is_argmax_and_top_k_1_is_greedy():
     torch.manual_seed(0)
-    logits = torch.randn(12, 1000) * 3
+    logits = (torch.randn(12, 1000) * 3).to(DEVICE)
     params = [SamplingParams(temperature=0.0) if i % 3 == 0 else
               SamplingParams(temperature=1.3, top_k=1, seed=i if i % 2 else None)
               for i in range(12)]
@@ -67,7 +71,7 @@ def test_greedy_is_argmax_and_top_k_1_is_greedy():
 def test_seeded_rows_ignore_the_rest_of_the_batch():
     torch.manual_seed(1)
     v = 5000
-    row = torch.randn(v) * 2
+    row = (torch.randn(v) * 2).to(DEVICE)
     p = SamplingParams(temperature=0.9, top_p=0.95, seed=1234)
     others = [SamplingParams(temperature=1.0, seed=s) for s in (None, 5, None)] + [
         SamplingParams(temperature=0.0), SamplingParams(top_k=20, min_p=0.01)]
@@ -78,7 +82,8 @@ def test_seeded_rows_ignore_the_rest_of_the_batch():
             params, logits = [p], row[None]
             if batch_with_others:
                 params = others[:2] + [p] + others[2:]
-                logits = torch.cat([torch.randn(2, v), row[None], torch.randn(3, v)])
+                logits = torch.cat([torch.randn(2, v).to(DEVICE), row[None],
+                                    torch.randn(3, v).to(DEVICE)])
             out = sampler(logits, meta_for(params, [[0] * step] * len(params)))
             tokens.append(int(out.token_ids[params.index(p)]))
         return tokens
@@ -146,7 +151,7 @@ def test_sampled_frequencies_follow_filtered_softmax(cfg, vocab, monkeypatch):
     # flat rows in the same batch take the whole-row path; they must not disturb the others
     extra = 0 if vocab == "dense" else 16
     meta = meta_for([SamplingParams(**cfg)] * (rows + extra))
-    batch = torch.cat([logits.expand(rows, v), torch.randn(extra, v)])
+    batch = torch.cat([logits.expand(rows, v), torch.randn(extra, v)]).to(DEVICE)
     counts = np.zeros(v, np.int64)
     for _ in range(calls):
         counts += np.bincount(sampler(batch, meta).token_ids[:rows], minlength=v)
@@ -178,7 +183,7 @@ def reference_penalties(logits, prompts, outputs, params):
 def test_penalties_match_vllm_formulas():
     torch.manual_seed(2)
     v = 50
-    logits = torch.randn(4, v) * 2
+    logits = (torch.randn(4, v) * 2).to(DEVICE)
     params = [SamplingParams(repetition_penalty=1.7),
               SamplingParams(presence_penalty=0.6, frequency_penalty=0.4),
               SamplingParams(),
@@ -188,10 +193,11 @@ def test_penalties_match_vllm_formulas():
     meta = meta_for(params, outputs, prompts)
     got = logits.clone()
     apply_penalties(got, meta.penalties)
-    want = reference_penalties(logits, prompts, outputs, params)
+    want = reference_penalties(logits.cpu(), prompts, outputs, params)
+    got = got.cpu()
     torch.testing.assert_close(got, want)
     # prompt tokens get no presence/frequency penalty; a row without penalties is unchanged
-    assert got[1, 5] == logits[1, 5] and torch.equal(got[2], logits[2])
+    assert got[1, 5] == logits[1, 5].cpu() and torch.equal(got[2], logits[2].cpu())
     greedy = [p.model_copy(update={"temperature": 0.0}) for p in params]
     out = Sampler()(logits, meta_for(greedy, outputs, prompts))
     assert out.token_ids.tolist() == want.argmax(-1).tolist()
@@ -204,14 +210,14 @@ def test_min_tokens_masks_eos_and_stop_token_ids():
     params = [SamplingParams(temperature=0, min_tokens=3, stop_token_ids=[8]),
               SamplingParams(temperature=0, min_tokens=3, stop_token_ids=[8]),
               SamplingParams(temperature=0, min_tokens=3, ignore_eos=True)]
-    out = Sampler()(logits, meta_for(params, [[1, 1], [1, 1, 1], [1]]))
+    out = Sampler()(logits.to(DEVICE), meta_for(params, [[1, 1], [1, 1, 1], [1]]))
     assert out.token_ids.tolist() == [0, EOS, EOS]  # row 0 masked; row 1 done; row 2 keeps eos
 
 
 def test_logprobs_are_raw_log_softmax_with_ranks():
     torch.manual_seed(5)
     v = 300
-    logits = torch.randn(5, v) * 2
+    logits = (torch.randn(5, v) * 2).to(DEVICE)
     params = [SamplingParams(temperature=0.5, top_p=0.5, logprobs=3, repetition_penalty=1.3),
               SamplingParams(logprobs=0, seed=3),
               SamplingParams(temperature=0, logprobs=5),
@@ -220,7 +226,7 @@ def test_logprobs_are_raw_log_softmax_with_ranks():
     original = logits.clone()
     out = Sampler(seed=0)(logits, meta_for(params, [[1, 2]] * 5, [[3]] * 5))
     assert torch.equal(logits, original), "the sampler must not modify its input"
-    ref = torch.log_softmax(logits.double(), -1)
+    ref = torch.log_softmax(logits.double(), -1).cpu()
     for i, p in enumerate(params):
         lp = out.logprobs[i]
         if p.logprobs is None:
@@ -241,7 +247,7 @@ def test_compute_logprobs_for_prompt_tokens():
     torch.manual_seed(6)
     logits = torch.randn(7, 64)
     tokens = [3, 9, 1, 63, 0, 5, 5]
-    got = compute_logprobs(logits, tokens, 4, chunk=3)  # chunk boundaries inside the rows
+    got = compute_logprobs(logits.to(DEVICE), tokens, 4, chunk=3)  # chunk boundaries inside the rows
     ref = torch.log_softmax(logits.double(), -1)
     for j, lp in enumerate(got):
         assert lp.token_ids[0] == tokens[j]
