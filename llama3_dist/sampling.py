@@ -1,4 +1,4 @@
-"""SamplingParams (vLLM's names and meanings) and the batched sampler that runs where the logits are.
+"""SamplingParams (vLLM's names and meanings) and the batched sampler, run where the logits are.
 
 The driver turns each running sequence's SamplingParams into one row of a `SamplingMetadata`
 (plain numpy and lists: it is pickled to the worker every step). The worker holding the logits
@@ -403,11 +403,10 @@ def _sample_top(probs: torch.Tensor, top_k: np.ndarray, top_p: np.ndarray, min_p
     block_max = _block_reduce(probs, bs, "amax")  # [R, nb]
     nb = block_max.shape[1]
     bm_sorted = _sort_desc(block_max)  # [R, nb]
-    pmax = bm_sorted[:, 0]
-    total = probs.sum(dim=-1).cpu().numpy()
-    rows = np.arange(r)
-    has_k, has_min_p = top_k > 0, min_p > 0.0
-    p_only = ~has_k & ~has_min_p
+    f = _Filters(torch.from_numpy(top_k).to(dev), torch.from_numpy(top_p).to(dev),
+                 torch.from_numpy(min_p).to(dev), bm_sorted[:, 0], probs.sum(dim=-1))
+    has_k = f.top_k > 0
+    p_only = ~has_k & (f.min_p <= 0.0)
 
     # Lower bounds c on the final threshold, from the block maxima (themselves tokens):
     # top_k: the k largest block maxima are k tokens, so the k-th largest token is at least the
@@ -415,61 +414,81 @@ def _sample_top(probs: torch.Tensor, top_k: np.ndarray, top_p: np.ndarray, min_p
     # block maximum weigh at least the j largest maxima together; once those reach p, that set
     # contains the nucleus. Failing that (flat rows), the tokens below (1 - p) / V weigh less
     # than 1 - p together, so the nucleus lies above (1 - p) / V.
-    c = np.where(has_k & (top_k <= nb), bm_sorted[rows, np.clip(top_k, 1, nb) - 1], 0.0)
-    c = np.maximum(c, min_p * pmax)
-    cum = np.cumsum(bm_sorted, axis=-1)
-    reaches = cum >= (top_p * total)[:, None]
-    c_p = np.where(reaches[:, -1], bm_sorted[rows, reaches.argmax(-1)], 0.0)
-    c = np.where(p_only, np.maximum(c_p, (1.0 - top_p) * total / v), c).astype(np.float32)
+    kth = bm_sorted.gather(1, (f.top_k.clamp(1, nb) - 1)[:, None])[:, 0]
+    c = torch.where(has_k & (f.top_k <= nb), kth, 0.0)
+    c = torch.maximum(c, f.min_p * f.pmax)
+    reaches = torch.cumsum(bm_sorted, dim=-1) >= (f.top_p * f.total)[:, None]
+    first = (~reaches).sum(dim=-1).clamp_(max=nb - 1)  # reaches is False then True
+    c_p = torch.where(reaches[:, -1], bm_sorted.gather(1, first[:, None])[:, 0], 0.0)
+    c = torch.where(p_only, torch.maximum(c_p, (1.0 - f.top_p) * f.total / v), c)
 
-    passing = block_max >= torch.from_numpy(c).to(dev)[:, None]
+    passing = block_max >= c[:, None]
     counts = passing.sum(dim=-1).cpu().numpy()
-    few = counts * bs * 4 <= v  # else too many candidates to gain anything: take whole rows
     tokens = np.empty(r, np.int64)
-    if few.any():
-        f = np.flatnonzero(few)
-        f_t = _t(f, dev)
-        m = int(counts[f].max())
-        order = _true_first(passing[f_t])[:, :m]  # the passing blocks, padded with others
-        cand_ids = (order[:, :, None] * bs + torch.arange(bs, device=dev)).reshape(len(f), m * bs)
+    # Rows go in tiers by candidate blocks, so that one wide row does not widen all the others;
+    # past V / 4 candidates a row gains nothing over being taken whole.
+    lo = 0
+    for hi in sorted({min(8, v // (4 * bs)), min(64, v // (4 * bs)), v // (4 * bs)}):
+        rows = np.flatnonzero((counts > lo) & (counts <= hi))
+        lo = hi
+        if len(rows) == 0:
+            continue
+        rows_t = _t(rows, dev)
+        m = int(counts[rows].max())
+        order = _true_first(passing[rows_t])[:, :m]  # the passing blocks, padded with others
+        cand_ids = (order[:, :, None] * bs + torch.arange(bs, device=dev)).reshape(len(rows),
+                                                                                  m * bs)
         if v % bs:
             cand_ids = cand_ids.clamp_(max=v - 1)
-        cand = probs[f_t[:, None], cand_ids]
+        cand = probs[rows_t[:, None], cand_ids]
         # Padding blocks need no mask: all their tokens lie below c, so below the threshold.
         # The clamped ids past the end of a partial last block would count token v-1 twice.
         if v % bs:
             last = (order * bs + bs > v).repeat_interleave(bs, dim=1)
             dup = last & (torch.arange(m * bs, device=dev) % bs >= v % bs)[None, :]
             cand = cand.masked_fill_(dup, 0.0)
-        idx = _draw_top(cand, top_k[f], top_p[f], min_p[f], pmax[f], total[f], u[f])
-        tokens[f] = cand_ids.gather(1, idx[:, None])[:, 0].cpu().numpy()
-    if not few.all():
-        w = np.flatnonzero(~few)
-        cand = probs if len(w) == r else probs[_t(w, dev)]
-        tokens[w] = _draw_top(cand, top_k[w], top_p[w], min_p[w], pmax[w], total[w],
-                              u[w]).cpu().numpy()
+        idx = _draw_top(cand, f.rows(rows_t), u[rows])
+        tokens[rows] = cand_ids.gather(1, idx[:, None])[:, 0].cpu().numpy()
+    rows = np.flatnonzero(counts > lo)
+    if len(rows):
+        rows_t = _t(rows, dev)
+        cand = probs if len(rows) == r else probs[rows_t]
+        tokens[rows] = _draw_top(cand, f.rows(rows_t), u[rows]).cpu().numpy()
     return tokens
 
 
-def _draw_top(cand: torch.Tensor, top_k: np.ndarray, top_p: np.ndarray, min_p: np.ndarray,
-              pmax: np.ndarray, total: np.ndarray, u: np.ndarray) -> torch.Tensor:
+@dataclass(slots=True)
+class _Filters:
+    """Per-row filter settings and row statistics, as tensors on the logits' device."""
+
+    top_k: torch.Tensor
+    top_p: torch.Tensor
+    min_p: torch.Tensor
+    pmax: torch.Tensor  # the largest weight
+    total: torch.Tensor  # the sum of the weights
+
+    def rows(self, idx: torch.Tensor) -> _Filters:
+        return _Filters(self.top_k[idx], self.top_p[idx], self.min_p[idx], self.pmax[idx],
+                        self.total[idx])
+
+
+def _draw_top(cand: torch.Tensor, f: _Filters, u: np.ndarray) -> torch.Tensor:
     """Given candidates [R, M] holding every token that the filters may keep (the whole row,
     or the blocks above the bound), find the exact threshold from their sorted values and draw
     among those above it. Overwrites cand; returns column indices [R]."""
-    r = cand.shape[0]
-    has_k = top_k > 0
     s = _sort_desc(cand)  # [R, M]
-    keep = np.ones(s.shape, bool)
-    keep &= ~has_k[:, None] | (np.arange(s.shape[1])[None, :] < top_k[:, None])
-    keep &= s >= (min_p * pmax)[:, None]
-    s_kept = np.where(keep, s, 0.0)
+    has_k = f.top_k > 0
+    pos = torch.arange(s.shape[1], device=s.device)
+    keep = ~has_k[:, None] | (pos[None, :] < f.top_k[:, None])
+    keep &= s >= (f.min_p * f.pmax)[:, None]
+    s_kept = s * keep
     # top_p is a fraction of what min_p and top_k kept; those keep all candidates when off.
-    mass = np.where(has_k | (min_p > 0.0), s_kept.sum(-1), total)
-    before = np.cumsum(s_kept, axis=-1) - s_kept
-    keep &= before < (np.where(top_p < 1.0, top_p, np.inf) * mass)[:, None]
-    n_kept = np.maximum(keep.sum(-1), 1)
-    threshold = torch.from_numpy(s[np.arange(r), n_kept - 1]).to(cand.device)
-    return _inverse_cdf(cand.masked_fill_(cand < threshold[:, None], 0.0), u)
+    mass = torch.where(has_k | (f.min_p > 0.0), s_kept.sum(dim=-1), f.total)
+    before = torch.cumsum(s_kept, dim=-1) - s_kept
+    keep &= before < (torch.where(f.top_p < 1.0, f.top_p, float("inf")) * mass)[:, None]
+    n_kept = keep.sum(dim=-1).clamp_(min=1)
+    threshold = s.gather(1, (n_kept - 1)[:, None])
+    return _inverse_cdf(cand.masked_fill_(cand < threshold, 0.0), u)
 
 
 def _inverse_cdf(w: torch.Tensor, u: np.ndarray) -> torch.Tensor:
@@ -549,11 +568,12 @@ def _argmax(x: torch.Tensor) -> np.ndarray:
     return x.argmax(dim=-1).cpu().numpy()
 
 
-def _sort_desc(x: torch.Tensor) -> np.ndarray:
-    """The values of each row, sorted descending, as numpy (torch's CPU sort is ~20x slower)."""
+def _sort_desc(x: torch.Tensor) -> torch.Tensor:
+    """The values of each row, sorted descending (numpy on CPU: torch's CPU sort is ~20x
+    slower there)."""
     if x.device.type == "cpu":
-        return -np.sort(-x.contiguous().numpy(), axis=-1)
-    return torch.sort(x, dim=-1, descending=True).values.cpu().numpy()
+        return torch.from_numpy(-np.sort(-x.contiguous().numpy(), axis=-1))
+    return torch.sort(x, dim=-1, descending=True).values
 
 
 def _true_first(mask: torch.Tensor) -> torch.Tensor:

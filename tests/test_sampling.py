@@ -239,7 +239,8 @@ def test_logprobs_are_raw_log_softmax_with_ranks():
         assert lp.ranks == [order.index(tok) + 1, *range(1, p.logprobs + 1)]
         np.testing.assert_allclose(lp.logprobs, ref[i, lp.token_ids].numpy(), atol=1e-5)
         d = lp.to_dict(decode=lambda t: f"<{t}>")
-        assert tok in d and d[tok].rank == order.index(tok) + 1 and d[tok].decoded_token == f"<{tok}>"
+        assert tok in d and d[tok].rank == order.index(tok) + 1
+        assert d[tok].decoded_token == f"<{tok}>"
         assert len(d) in (p.logprobs, p.logprobs + 1)
 
 
@@ -247,7 +248,7 @@ def test_compute_logprobs_for_prompt_tokens():
     torch.manual_seed(6)
     logits = torch.randn(7, 64)
     tokens = [3, 9, 1, 63, 0, 5, 5]
-    got = compute_logprobs(logits.to(DEVICE), tokens, 4, chunk=3)  # chunk boundaries inside the rows
+    got = compute_logprobs(logits.to(DEVICE), tokens, 4, chunk=3)  # chunk ends inside the rows
     ref = torch.log_softmax(logits.double(), -1)
     for j, lp in enumerate(got):
         assert lp.token_ids[0] == tokens[j]
