@@ -184,6 +184,9 @@ class Llama3Config(_Frozen):
         n_kv = int(hf.get("num_key_value_heads") or hf["num_attention_heads"])
         tp = len(devices)
         check_tp_degree(int(hf["num_attention_heads"]), n_kv, tp)
+        if int(hf.get("intermediate_size") or 0) % tp:
+            raise ConfigError(f"tensor-parallel degree {tp} does not divide intermediate_size "
+                              f"{hf['intermediate_size']}: the MLP cannot be split evenly; use fewer devices")
         return KVCacheParams(dtype=cache_dtype, n_kv_heads=n_kv, n_kv_heads_per_device=max(1, n_kv // tp),
                              head_dim=_head_dim(hf), num_layers=cls.get_num_layers(hf),
                              page_size=page_size, n_devices=tp)

@@ -17,7 +17,7 @@ import psutil
 import pytest
 import torch
 
-from llama3_dist import ConfigError, Llama3Model, ReturnLogits, TextContext
+from llama3_dist import ConfigError, Llama3Config, Llama3Model, ReturnLogits, TextContext
 from llama3_dist.executor import LocalExecutor
 from llama3_dist.executor_ray import PlacementError, RayExecutor, RayWorker, WorkerError
 
@@ -155,3 +155,11 @@ def test_bad_arguments_fail_before_any_actor_starts(devices, kwargs, message, ch
 def test_one_device_runs_in_process(checkpoints):
     with load(checkpoints["llama"], ["cpu"]) as model:
         assert isinstance(model.executor, LocalExecutor)
+
+
+def test_intermediate_size_that_does_not_split_is_refused():
+    hf = dict(architectures=["LlamaForCausalLM"], hidden_size=64, num_attention_heads=8, num_key_value_heads=8,
+              num_hidden_layers=1, intermediate_size=100, vocab_size=130, max_position_embeddings=64)
+    assert Llama3Config.from_pretrained(hf, devices=["cpu"] * 4).tp_degree == 4
+    with pytest.raises(ConfigError, match="tensor-parallel degree 8 does not divide intermediate_size 100"):
+        Llama3Config.from_pretrained(hf, devices=["cpu"] * 8)
