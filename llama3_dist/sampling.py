@@ -435,18 +435,9 @@ def _sample_top(probs: torch.Tensor, top_k: np.ndarray, top_p: np.ndarray, min_p
             continue
         rows_t = _t(rows, dev)
         m = int(counts[rows].max())
-        order = _true_first(passing[rows_t])[:, :m]  # the passing blocks, padded with others
-        cand_ids = (order[:, :, None] * bs + torch.arange(bs, device=dev)).reshape(len(rows),
-                                                                                  m * bs)
-        if v % bs:
-            cand_ids = cand_ids.clamp_(max=v - 1)
-        cand = probs[rows_t[:, None], cand_ids]
+        blocks = _true_first(passing[rows_t])[:, :m]  # the passing blocks, padded with others
         # Padding blocks need no mask: all their tokens lie below c, so below the threshold.
-        # The clamped ids past the end of a partial last block would count token v-1 twice.
-        if v % bs:
-            last = (order * bs + bs > v).repeat_interleave(bs, dim=1)
-            dup = last & (torch.arange(m * bs, device=dev) % bs >= v % bs)[None, :]
-            cand = cand.masked_fill_(dup, 0.0)
+        cand, cand_ids = _gather_blocks(probs, rows_t, blocks, bs, fill=0.0)
         idx = _draw_top(cand, f.rows(rows_t), u[rows])
         tokens[rows] = cand_ids.gather(1, idx[:, None])[:, 0].cpu().numpy()
     rows = np.flatnonzero(counts > lo)
@@ -526,7 +517,7 @@ def compute_logprobs(
     logits: torch.Tensor,  # [N, V]
     token_ids: Sequence[int] | np.ndarray,  # [N]: the chosen token of each row
     num_logprobs: int | Sequence[int],  # top-k to include, per row or for all
-    chunk: int = 256,
+    chunk: int = 64,
 ) -> list[TokenLogprobs]:
     """Log-probabilities (log-softmax of these logits) of the chosen tokens with their ranks,
     plus each row's top k. For sampled tokens and for prompt_logprobs alike."""
@@ -536,14 +527,17 @@ def compute_logprobs(
     out: list[TokenLogprobs] = []
     for lo in range(0, n, chunk):  # a prompt's worth of [N, V] at once would be too big
         hi = min(lo + chunk, n)
-        lp = torch.log_softmax(logits[lo:hi].float(), dim=-1)
+        x = logits[lo:hi].float()
+        # log-softmax only where it is read: x - logsumexp(x); ranks compare raw logits
+        lse = torch.logsumexp(x, dim=-1, keepdim=True)
         tok = tokens[lo:hi, None]
-        tok_lp = lp.gather(1, tok)
-        rank = ((lp > tok_lp).sum(dim=-1) + 1).tolist()
+        tok_x = x.gather(1, tok)
+        rank = ((x > tok_x).sum(dim=-1) + 1).tolist()
+        tok_lp = tok_x - lse
         kmax = max(ks[lo:hi])
         if kmax > 0:
-            top_lp, top_ids = torch.topk(lp, kmax, dim=-1)
-            top_lp, top_ids = top_lp.tolist(), top_ids.tolist()
+            top_x, top_ids = _topk(x, kmax)
+            top_lp, top_ids = (top_x - lse).tolist(), top_ids.tolist()
         tok_lp = tok_lp[:, 0].tolist()
         tok = tok[:, 0].tolist()
         for j in range(hi - lo):
@@ -574,6 +568,34 @@ def _sort_desc(x: torch.Tensor) -> torch.Tensor:
     if x.device.type == "cpu":
         return torch.from_numpy(-np.sort(-x.contiguous().numpy(), axis=-1))
     return torch.sort(x, dim=-1, descending=True).values
+
+
+def _topk(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """torch.topk(x, k) for small k, sorted. The k largest lie in the k blocks with the largest
+    maxima, so only those are searched (torch's CPU topk over a long row is slow)."""
+    r, v = x.shape
+    bs = _block_size(v)
+    if k * bs * 4 > v:
+        return torch.topk(x, k, dim=-1)
+    blocks = torch.topk(_block_reduce(x, bs, "amax"), k, dim=-1).indices
+    vals, ids = _gather_blocks(x, None, blocks, bs, fill=float("-inf"))
+    top, j = torch.topk(vals, k, dim=-1)
+    return top, ids.gather(1, j)
+
+
+def _gather_blocks(x: torch.Tensor, rows: torch.Tensor | None, blocks: torch.Tensor, bs: int,
+                   fill: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Values and column ids of whole blocks of bs columns: blocks [R, m] of x's `rows` (None:
+    all) -> [R, m * bs]. Columns past the end of a row (a partial last block) get `fill`."""
+    v = x.shape[1]
+    ids = (blocks[:, :, None] * bs + torch.arange(bs, device=x.device)).flatten(1)
+    over = ids >= v if v % bs else None
+    if over is not None:
+        ids = ids.clamp_(max=v - 1)
+    vals = x.gather(1, ids) if rows is None else x[rows[:, None], ids]
+    if over is not None:
+        vals.masked_fill_(over, fill)
+    return vals, ids
 
 
 def _true_first(mask: torch.Tensor) -> torch.Tensor:

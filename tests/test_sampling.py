@@ -216,8 +216,10 @@ def test_min_tokens_masks_eos_and_stop_token_ids():
 
 def test_logprobs_are_raw_log_softmax_with_ranks():
     torch.manual_seed(5)
-    v = 300
-    logits = (torch.randn(5, v) * 2).to(DEVICE)
+    v = 3000  # 16-wide blocks, the last one partial
+    logits = torch.randn(5, v) * 2
+    logits[0, -1] = 20.0  # the top token in the partial last block
+    logits = logits.to(DEVICE)
     params = [SamplingParams(temperature=0.5, top_p=0.5, logprobs=3, repetition_penalty=1.3),
               SamplingParams(logprobs=0, seed=3),
               SamplingParams(temperature=0, logprobs=5),
@@ -246,8 +248,8 @@ def test_logprobs_are_raw_log_softmax_with_ranks():
 
 def test_compute_logprobs_for_prompt_tokens():
     torch.manual_seed(6)
-    logits = torch.randn(7, 64)
-    tokens = [3, 9, 1, 63, 0, 5, 5]
+    logits = torch.randn(7, 2000)
+    tokens = [3, 9, 1, 1999, 0, 5, 5]
     got = compute_logprobs(logits.to(DEVICE), tokens, 4, chunk=3)  # chunk ends inside the rows
     ref = torch.log_softmax(logits.double(), -1)
     for j, lp in enumerate(got):
