@@ -234,9 +234,11 @@ class OpenAIServer:
                     self.engine.abort(rid)
         return final
 
-    async def _stream_events(self, out: asyncio.Queue, rids: list[str], on_output, on_end):
-        """SSE frames: on_output(item) -> chunks per engine output, on_end() -> closing chunks, then
-        [DONE]. Leaving early (the client disconnected) aborts the unfinished requests."""
+    async def _stream_events(self, out: asyncio.Queue, rids: list[str], on_output, usage_chunk,
+                             include_usage: bool):
+        """SSE frames: on_output(item) -> chunks for each engine output, then [DONE]. The usage
+        comes in a last chunk of its own if the client asked for it (stream_options), else on the
+        last content chunk. Leaving early (the client disconnected) aborts the unfinished requests."""
         pending = set(rids)
         try:
             while pending:
@@ -245,13 +247,16 @@ class OpenAIServer:
                     err = APIError(503, str(item), "server_error", None, "engine_dead")
                     yield _sse(err.body())
                     break
-                for chunk in on_output(item):
-                    yield _sse(chunk)
+                chunks = on_output(item)
                 if item.finished:
                     pending.discard(item.request_id)
-            else:
-                for chunk in on_end():
+                if not pending and chunks and not include_usage:
+                    chunks[-1]["usage"] = usage_chunk()["usage"]
+                for chunk in chunks:
                     yield _sse(chunk)
+            else:
+                if include_usage:
+                    yield _sse(usage_chunk())
             yield "data: [DONE]\n\n"
         finally:
             for rid in pending:
@@ -308,6 +313,7 @@ class OpenAIServer:
                                  "usage": self._usage(prompt_tokens, completion_tokens)})
 
         sent: dict[tuple[str, int], list[int]] = {}  # (rid, index) -> [chars, tokens, text offset]
+        done: set[tuple[str, int]] = set()  # choices whose finish_reason has gone out
         totals = {"completion": 0}
 
         def on_output(item: RequestOutput):
@@ -317,9 +323,11 @@ class OpenAIServer:
                 first = key not in sent
                 chars, toks, offset = sent.setdefault(key, [0, 0, len(echo[item.request_id])])
                 text, new_ids = c.text[chars:], c.token_ids[toks:]
-                newly_done = c.finish_reason is not None and item.finished
+                newly_done = c.finish_reason is not None and key not in done
                 if not text and not new_ids and not newly_done and not first:
                     continue
+                if newly_done:
+                    done.add(key)
                 lps = (c.logprobs or [])[toks:toks + len(new_ids)]
                 prefix = echo[item.request_id] if first else ""
                 chunks.append({"id": base_id, "object": "text_completion", "created": created,
@@ -331,12 +339,12 @@ class OpenAIServer:
                              offset + sum(len(self._token_str(lp, t)) for lp, t in zip(lps, new_ids))]
             return chunks
 
-        def on_end():
-            if req.stream_options and req.stream_options.include_usage:
-                yield {"id": base_id, "object": "text_completion", "created": created, "model": self.model_name,
-                       "choices": [], "usage": self._usage(prompt_tokens, totals["completion"])}
+        def usage_chunk():
+            return {"id": base_id, "object": "text_completion", "created": created, "model": self.model_name,
+                    "choices": [], "usage": self._usage(prompt_tokens, totals["completion"])}
 
-        return _SSEResponse(self._stream_events(out, rids, on_output, on_end))
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        return _SSEResponse(self._stream_events(out, rids, on_output, usage_chunk, include_usage))
 
     def _completion_prompts(self, prompt) -> list[tuple[str | None, list[int]]]:
         if isinstance(prompt, str):
@@ -400,7 +408,8 @@ class OpenAIServer:
                                  "model": self.model_name, "choices": choices,
                                  "usage": self._usage(prompt_tokens, completion_tokens)})
 
-        sent: dict[int, list[int]] = {}
+        sent: dict[int, list[int]] = {}  # index -> [chars, tokens]
+        done: set[int] = set()  # choices whose finish_reason has gone out
         totals = {"completion": 0}
 
         def chunk(choices):
@@ -416,9 +425,11 @@ class OpenAIServer:
                                           "logprobs": None, "finish_reason": None}]))
                 chars, toks = sent[c.index]
                 text, new_ids = c.text[chars:], c.token_ids[toks:]
-                newly_done = c.finish_reason is not None and item.finished
+                newly_done = c.finish_reason is not None and c.index not in done
                 if not text and not new_ids and not newly_done:
                     continue
+                if newly_done:
+                    done.add(c.index)
                 logprobs = None
                 if k is not None:
                     logprobs = self._chat_logprobs(new_ids, (c.logprobs or [])[toks:toks + len(new_ids)], k)
@@ -429,11 +440,11 @@ class OpenAIServer:
                 sent[c.index] = [len(c.text), len(c.token_ids)]
             return chunks
 
-        def on_end():
-            if req.stream_options and req.stream_options.include_usage:
-                yield {**chunk([]), "usage": self._usage(prompt_tokens, totals["completion"])}
+        def usage_chunk():
+            return {**chunk([]), "usage": self._usage(prompt_tokens, totals["completion"])}
 
-        return _SSEResponse(self._stream_events(out, rids, on_output, on_end))
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        return _SSEResponse(self._stream_events(out, rids, on_output, usage_chunk, include_usage))
 
     def _chat_prompt(self, req: ChatCompletionRequest) -> list[int]:
         if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):

@@ -47,21 +47,22 @@ def test_generate_example(capsys):
     assert "[finished: length]" in out
 
 
-def test_tensor_parallel_example():
-    out = run([str(EXAMPLES / "tensor_parallel.py"), "--max-tokens", "6"])
+def test_tensor_parallel_example(ray_local, capsys):
+    # in this process, so its ranks join the session's Ray instead of starting one more
+    out = run_here(EXAMPLES / "tensor_parallel.py", ["--max-tokens", "6"], capsys)
     assert "TP=1 on ['cpu'], TP=2 on ['cpu', 'cpu']" in out
     assert "4/4 generations identical at TP=1 and TP=2" in out
 
 
-@pytest.fixture(scope="module")
-def serve_cli():
-    """`llama3-dist serve` (the embedded default) with an API key, on a free port."""
+@pytest.fixture(scope="module", autouse=True)
+def serve_process():
+    """`llama3-dist serve` (the embedded default) with an API key, on a free port; started first
+    so that it loads while the other examples run."""
     proc = subprocess.Popen([*CLI, "serve", "--port", "0", "--api-key", "k3y", "--log-level", "warning"], cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
     try:
-        url = _read_url(proc, timeout=120)
-        assert url.startswith("http://127.0.0.1:")
-        yield proc, url
+        yield proc
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGINT)
@@ -70,6 +71,13 @@ def serve_cli():
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+
+@pytest.fixture(scope="module")
+def serve_cli(serve_process):
+    url = _read_url(serve_process, timeout=120)
+    assert url.startswith("http://127.0.0.1:")
+    return serve_process, url
 
 
 def test_openai_client_example(serve_cli):

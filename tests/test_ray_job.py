@@ -79,12 +79,17 @@ class LocalCluster:
             self.stop()
             raise
 
+    def _is_ours(self, cmdline: list[str]) -> bool:
+        # Most daemons name the temp dir; the Ray client server names only the GCS address.
+        return any(self.temp_dir in arg or (arg.startswith(("--address=", "--gcs-address="))
+                                            and arg.endswith(f":{self.gcs_port}")) for arg in cmdline)
+
     def _processes(self) -> list[psutil.Process]:
-        """This cluster's daemons (their command lines name its temp dir) and all their descendants."""
+        """This cluster's daemons and all their descendants."""
         found: dict[int, psutil.Process] = {}
         for p in psutil.process_iter(["cmdline"]):
             try:
-                if any(self.temp_dir in arg for arg in p.info["cmdline"] or ()):
+                if self._is_ours(p.info["cmdline"] or []):
                     found[p.pid] = p
                     for child in p.children(recursive=True):
                         found[child.pid] = child
@@ -100,7 +105,7 @@ class LocalCluster:
                 p.send_signal(signal.SIGTERM)
             except psutil.NoSuchProcess:
                 pass
-        _, alive = psutil.wait_procs(procs, timeout=5)
+        _, alive = psutil.wait_procs(procs, timeout=2)
         for p in alive:
             try:
                 p.kill()

@@ -3,6 +3,7 @@ port (one server per module, on a tiny random Llama 3 with the real tokenizer an
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import shutil
 import time
@@ -124,6 +125,10 @@ def test_streaming_completion_matches_non_streaming(served, client):
         assert r.headers["content-type"].startswith("text/event-stream")
         lines = [line for line in r.iter_lines() if line]
     assert all(line.startswith("data: ") for line in lines) and lines[-1] == "data: [DONE]"
+    # without stream_options the usage rides on the last content chunk
+    last = json.loads(lines[-2][len("data: "):])
+    assert last["choices"][0]["finish_reason"] == "length" and last["usage"]["completion_tokens"] == 12
+    assert all("usage" not in json.loads(line[len("data: "):]) for line in lines[:-2])
 
 
 def test_chat(client, tokenizer):
@@ -142,7 +147,14 @@ def test_chat(client, tokenizer):
     assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == \
         [r.choices[0].finish_reason]
     assert chunks[-1].usage.total_tokens == r.usage.total_tokens
-    # content parts, and the same conversation through the completions endpoint as token ids
+    # n=2 streamed: each choice opens with its role and closes with exactly one finish_reason
+    chunks = list(client.chat.completions.create(model=MODEL, messages=messages, max_tokens=4, n=2, stream=True,
+                                                 temperature=1.0, seed=3))
+    for i in (0, 1):
+        mine = [c.choices[0] for c in chunks if c.choices[0].index == i]
+        assert mine[0].delta.role == "assistant" and [c.finish_reason for c in mine if c.finish_reason] == ["length"]
+    assert chunks[-1].usage.completion_tokens == 8
+    # content parts give the same prompt
     parts = [messages[0], {"role": "user", "content": [{"type": "text", "text": "Say hi."}]}]
     assert client.chat.completions.create(model=MODEL, messages=parts, max_tokens=8, **GREEDY).choices[0].message \
         .content == r.choices[0].message.content
