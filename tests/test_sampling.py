@@ -151,9 +151,11 @@ def test_sampled_frequencies_follow_filtered_softmax(cfg, vocab, monkeypatch):
     # flat rows in the same batch take the whole-row path; they must not disturb the others
     extra = 0 if vocab == "dense" else 16
     meta = meta_for([SamplingParams(**cfg)] * (rows + extra))
+    meta.seeds = [i if i % 2 else None for i in range(rows + extra)]  # both sources of draws
     batch = torch.cat([logits.expand(rows, v), torch.randn(extra, v)]).to(DEVICE)
     counts = np.zeros(v, np.int64)
-    for _ in range(calls):
+    for call in range(calls):
+        meta.steps = [call] * (rows + extra)  # else the seeded rows repeat their draws
         counts += np.bincount(sampler(batch, meta).token_ids[:rows], minlength=v)
     n = rows * calls
     p = expected.numpy()
