@@ -93,32 +93,30 @@ def test_killed_rank_mid_step_is_a_clear_error_then_a_new_model_starts(checkpoin
             raise RuntimeError("planted fault")
         rank.worker.model.layers[1].mlp.forward = boom
 
-    for compiled in (False, True):
-        with load(path, ["cpu", "cpu"], return_logits=ReturnLogits.ALL, compiled_graph=False) as model:
-            ex = model.executor
-            pids, actor_ids, pg_id = handles(ex)
-            out = one_step(model)
-            torch.testing.assert_close(out.logits, references("llama")(torch.tensor([PROMPT])).logits[0], **TOL)
-            ray_local.get(ex.actors[1].__ray_call__.remote(plant_fault))
-            if compiled:
-                ex._graph_setup(True)
-            start = time.monotonic()
-            with pytest.raises(WorkerError, match=r"rank 1 \(pid \d+ .*\) raised during step: "
-                                                  r"RuntimeError: planted fault"):
-                one_step(model)
-            assert time.monotonic() - start < 30
-        assert_released(ray_local, pids, actor_ids, pg_id)
+    def planted_fault_is_reported(model: Llama3Model, compiled: bool) -> None:
+        out = one_step(model)
+        torch.testing.assert_close(out.logits, references("llama")(torch.tensor([PROMPT])).logits[0], **TOL)
+        ray_local.get(model.executor.actors[1].__ray_call__.remote(plant_fault))
+        if compiled:
+            model.executor._graph_setup(True)
+        start = time.monotonic()
+        with pytest.raises(WorkerError, match=r"rank 1 \(pid \d+ .*\) raised during step: "
+                                              r"RuntimeError: planted fault"):
+            one_step(model)
+        assert time.monotonic() - start < 30
 
-
-def test_finalizer_releases_an_unclosed_model(checkpoints, ray_local):
-    """executor="ray" on one device; the model dropped without close() (the same finalizer runs
-    at interpreter exit)."""
-    model = load(checkpoints["llama32"], ["cpu"], executor="ray")
-    ex = model.executor
-    assert isinstance(ex, RayExecutor) and ex._finalizer.atexit
-    one_step(model)
-    ids = handles(ex)
-    del model, ex
+    # Plain calls, released by leaving a `with` block.
+    with load(path, ["cpu", "cpu"], return_logits=ReturnLogits.ALL, compiled_graph=False) as model:
+        ids = handles(model.executor)
+        planted_fault_is_reported(model, compiled=False)
+    assert_released(ray_local, *ids)
+    # Compiled graph, dropped without close(): the executor's finalizer (which also runs at
+    # interpreter exit) releases everything.
+    model = load(path, ["cpu", "cpu"], return_logits=ReturnLogits.ALL, compiled_graph=False)
+    ids = handles(model.executor)
+    assert model.executor._finalizer.atexit
+    planted_fault_is_reported(model, compiled=True)
+    del model, ex, err
     gc.collect()
     assert_released(ray_local, *ids)
 
