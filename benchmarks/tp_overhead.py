@@ -6,7 +6,8 @@ Two measurements, both at TP=2 on CPU ranks (gloo):
      compiled graph);
   2. end to end: decode steps of a small random Llama through Llama3Model, in-process (TP=1) and
      through the RayExecutor at TP=2 with and without the compiled graph. The difference between
-     the two TP=2 rows is the fan-out alone; TP=2 against TP=1 adds the collectives.
+     the two TP=2 rows is the fan-out alone; TP=2 against TP=1 adds the collectives (on a model
+     this small they cost more than the halved matmuls save).
 
     python benchmarks/tp_overhead.py [--steps 200] [--batch 8] [--address ...]
 """
@@ -88,9 +89,13 @@ def end_to_end(steps: int, batch: int, hidden: int, layers: int) -> dict[str, tu
     results = {}
     with tempfile.TemporaryDirectory() as path:
         transformers.LlamaForCausalLM(config).save_pretrained(path)
-        for name, kwargs in (("TP=1 in-process", dict(devices=["cpu"])),
+        # One torch thread in-process, like each rank (cpus_per_rank 0.5 -> 1 thread): on a busy
+        # 2-core machine two threads per process oversubscribe the cores and run several times slower.
+        threads = torch.get_num_threads()
+        for name, kwargs in (("TP=1 in-process, 1 thread", dict(devices=["cpu"])),
                              ("TP=2 compiled graph", dict(devices=["cpu"] * 2, compiled_graph=True)),
                              ("TP=2 plain calls", dict(devices=["cpu"] * 2, compiled_graph=False))):
+            torch.set_num_threads(1 if name.startswith("TP=1") else threads)
             with Llama3Model.from_pretrained(path, dtype="float32", num_kv_pages=batch * (steps // 16 + 8),
                                              page_size=16, **kwargs) as model:
                 ctxs = [TextContext(tokens=[1 + b, 2, 3, 4]) for b in range(batch)]

@@ -11,9 +11,10 @@ Start-up, in order, each step failing with a clear error before the next:
   4. compile the step into a Ray Compiled Graph (falls back to plain actor calls if that fails).
 
 A step goes to every rank once (the graph's input channel, or one ray.put for plain calls)
-and only rank 0's output comes back. Per-step fan-out overhead on a 2-core machine,
-benchmarks/tp_overhead.py: about 0.6-1.2 ms with the compiled graph against 2.5-3 ms with plain
-calls, which is why the graph is the default.
+and only rank 0's output comes back. Fan-out overhead per step at TP=2 on a shared 2-core
+machine (benchmarks/tp_overhead.py, noisy): 0.6-1.2 ms idle and 1.8-4.3 ms busy with the compiled
+graph, against 2.8 ms idle and 5-6 ms busy with plain calls (7-10 ms with the one ray.put); end to
+end a TP=2 decode step took 9-17 ms less through the graph. Hence the graph is the default.
 
 Any failure of a rank (an exception in a step, a dead or OOM-killed actor, a collective that
 timed out) fails the executor for good: the tensor-parallel group is out of step, so every
