@@ -366,11 +366,13 @@ def sample_filtered(
     """Temperature, then min_p / top_k / top_p filtering, then one draw per row. Returns [R]."""
     r, v = logits.shape
     dev = logits.device
-    # Unnormalised probabilities exp((x - max) / T), the largest exactly 1, in two passes over
-    # the logits (normalising would cost two more; thresholds are scaled by the row sums instead).
+    # Unnormalised probabilities exp((x - max) / T), the largest exactly 1 (normalising would
+    # cost two more passes over [R, V]; thresholds are scaled by the row sums instead).
     w = out if out is not None else torch.empty_like(logits, dtype=torch.float32)
-    inv_t = torch.from_numpy(1.0 / temperature).to(dev)[:, None]
-    torch.addcmul(-logits.amax(dim=-1, keepdim=True) * inv_t, logits, inv_t, out=w).exp_()
+    torch.sub(logits, logits.amax(dim=-1, keepdim=True), out=w)
+    if (temperature != 1.0).any():
+        w.mul_(torch.from_numpy(1.0 / temperature).to(dev)[:, None])
+    w.exp_()
 
     top_k = np.where(top_k >= v, 0, top_k)
     filtered = (top_k > 0) | (top_p < 1.0) | (min_p > 0.0)
@@ -424,6 +426,7 @@ def _sample_top(probs: torch.Tensor, top_k: np.ndarray, top_p: np.ndarray, min_p
 
     passing = block_max >= c[:, None]
     counts = passing.sum(dim=-1).cpu().numpy()
+    order = _true_first(passing)  # per row the passing blocks first, then the others
     tokens = np.empty(r, np.int64)
     # Rows go in tiers by candidate blocks, so that one wide row does not widen all the others;
     # past V / 4 candidates a row gains nothing over being taken whole.
@@ -435,9 +438,8 @@ def _sample_top(probs: torch.Tensor, top_k: np.ndarray, top_p: np.ndarray, min_p
             continue
         rows_t = _t(rows, dev)
         m = int(counts[rows].max())
-        blocks = _true_first(passing[rows_t])[:, :m]  # the passing blocks, padded with others
         # Padding blocks need no mask: all their tokens lie below c, so below the threshold.
-        cand, cand_ids = _gather_blocks(probs, rows_t, blocks, bs, fill=0.0)
+        cand, cand_ids = _gather_blocks(probs, rows_t, order[rows_t, :m], bs, fill=0.0)
         idx = _draw_top(cand, f.rows(rows_t), u[rows])
         tokens[rows] = cand_ids.gather(1, idx[:, None])[:, 0].cpu().numpy()
     rows = np.flatnonzero(counts > lo)
@@ -592,7 +594,8 @@ def _gather_blocks(x: torch.Tensor, rows: torch.Tensor | None, blocks: torch.Ten
     over = ids >= v if v % bs else None
     if over is not None:
         ids = ids.clamp_(max=v - 1)
-    vals = x.gather(1, ids) if rows is None else x[rows[:, None], ids]
+    # torch.take on flat offsets: much cheaper on CPU than advanced indexing x[rows, ids]
+    vals = x.gather(1, ids) if rows is None else torch.take(x, rows[:, None] * v + ids)
     if over is not None:
         vals.masked_fill_(over, fill)
     return vals, ids
