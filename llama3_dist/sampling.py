@@ -339,6 +339,10 @@ def apply_penalties(logits: torch.Tensor, pen: PenaltyInputs) -> None:
     token's count) and presence (once per distinct output token) subtracted."""
     b, v = logits.shape
     dev = logits.device
+    for ids in (pen.output_ids, pen.prompt_ids):
+        if len(ids) and (ids.min() < 0 or ids.max() >= v):
+            raise ValueError(f"penalty token ids must be in [0, {v}) for logits of vocabulary "
+                             f"{v}, got ids from {ids.min()} to {ids.max()}")
     out_keys, counts = torch.unique(
         _t(pen.output_rows, dev) * v + _t(pen.output_ids, dev), return_counts=True)
     rep = torch.from_numpy(pen.repetition).to(dev)
