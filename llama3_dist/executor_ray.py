@@ -93,8 +93,8 @@ class RayWorker:
                 os.environ["GLOO_SOCKET_IFNAME"] = ifname
         device = "cpu"
         if backend == "nccl":
-            torch.cuda.set_device(0)  # Ray sets CUDA_VISIBLE_DEVICES to the GPU it assigned
-            device = "cuda:0"
+            device = f"cuda:{_assigned_cuda_index()}"
+            torch.cuda.set_device(device)
         timeout = datetime.timedelta(seconds=timeout_s)
         store = self.store or dist.TCPStore(host, port, world_size=self.world_size, is_master=False,
                                             timeout=timeout)
@@ -116,6 +116,19 @@ class RayWorker:
         return dataclasses.replace(out, **{f.name: getattr(out, f.name).cpu()
                                            for f in dataclasses.fields(out)
                                            if isinstance(getattr(out, f.name), torch.Tensor)})
+
+
+def _assigned_cuda_index() -> int:
+    """This actor's GPU as a torch index: Ray normally narrows CUDA_VISIBLE_DEVICES to the GPU it
+    assigned (index 0), unless told not to (RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES)."""
+    import ray
+    gpu_ids = [str(g) for g in ray.get_gpu_ids()]
+    if not gpu_ids:
+        raise RuntimeError("this rank was given no GPU by Ray; CUDA ranks need a {'GPU': 1} bundle")
+    visible = [d.strip() for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+    if not visible:
+        return int(gpu_ids[0])
+    return visible.index(gpu_ids[0]) if gpu_ids[0] in visible else 0
 
 
 def _interface_of(ip: str) -> str | None:
@@ -257,7 +270,7 @@ class RayExecutor:
             DEFAULT_CPUS_PER_GPU_RANK if on_gpu else DEFAULT_CPUS_PER_CPU_RANK)
         if cpus <= 0 and not on_gpu:
             raise ConfigError(f"cpus_per_rank must be > 0 for CPU ranks, got {cpus_per_rank}")
-        self.bundle = {"CPU": float(cpus), **({"GPU": 1.0} if on_gpu else {})}
+        self.bundle = {**({"CPU": float(cpus)} if cpus > 0 else {}), **({"GPU": 1.0} if on_gpu else {})}
         if on_gpu and not ray.is_initialized() and not (address or os.environ.get("RAY_ADDRESS")):
             # About to start a local Ray: this machine's GPUs are all there will be.
             found = torch.cuda.device_count()
@@ -294,9 +307,9 @@ class RayExecutor:
     def _start(self, config, checkpoint_path, worker_kwargs, pg, collective_timeout_s, pg_strategy) -> None:
         import ray
         actor_cls = ray.remote(RayWorker)
-        num_threads = max(1, int(self.bundle["CPU"]))
+        num_threads = max(1, int(self.bundle.get("CPU", 0)))
         self._res.actors = [
-            actor_cls.options(num_cpus=self.bundle["CPU"], num_gpus=self.bundle.get("GPU", 0), max_restarts=0,
+            actor_cls.options(num_cpus=self.bundle.get("CPU", 0), num_gpus=self.bundle.get("GPU", 0), max_restarts=0,
                               scheduling_strategy=pg_strategy(placement_group=pg, placement_group_bundle_index=r),
                               ).remote(r, self.world_size, num_threads)
             for r in range(self.world_size)]
@@ -349,6 +362,9 @@ class RayExecutor:
         except Exception as e:
             self._fail(self._describe(e, "step"))
             raise WorkerError(f"{self._failure}; close the model and load it again") from e
+        except BaseException:  # e.g. KeyboardInterrupt: the ranks may be mid-step, out of step
+            self._fail("a step was interrupted")
+            raise
         return outs[0]
 
     def _gather(self, refs: list, what: str, timeout_s: float | None = None) -> list:
