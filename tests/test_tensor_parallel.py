@@ -77,14 +77,19 @@ def test_tp2_equals_tp1_and_transformers(arch, checkpoints, references, ray_loca
             r["kv_heads"] * c.head_dim * 4
 
 
-def test_tp4_replicates_kv_heads(checkpoints, references, ray_local):
-    """4 query heads, 2 KV heads: each rank holds one KV head, shared by two ranks."""
+def test_tp4_replicates_kv_heads_beside_a_second_engine(checkpoints, references, ray_local):
+    """4 query heads, 2 KV heads: each rank holds one KV head, shared by two ranks. A TP=2 engine
+    runs on the same machine at the same time: each rendezvous is on its own kernel-picked port."""
     ref = references("llama")
-    with load(checkpoints["llama"], 4) as tp4:
+    expected = expected_logits(ref, ref.config.vocab_size)
+    with load(checkpoints["llama"], 4) as tp4, load(checkpoints["llama"], 2) as tp2:
         assert [r["kv_heads"] for r in tp4.executor.ranks] == [1, 1, 1, 1]
-        got = run_ragged(tp4)
-    for g, want in zip(got, expected_logits(ref, ref.config.vocab_size)):
-        torch.testing.assert_close(g, want, **TOL)
+        assert tp4.executor.rendezvous[0] == tp2.executor.rendezvous[0] == "127.0.0.1"
+        assert tp4.executor.rendezvous[1] != tp2.executor.rendezvous[1]
+        got4, got2 = run_ragged(tp4), run_ragged(tp2)
+    for g4, g2, want in zip(got4, got2, expected):
+        torch.testing.assert_close(g4, want, **TOL)
+        torch.testing.assert_close(g2, want, **TOL)
 
 
 def test_two_nodes_strict_spread(checkpoints):
