@@ -74,6 +74,7 @@ class _Stream:
     loop: asyncio.AbstractEventLoop
     arrival: float
     num_prompt_tokens: int = 0
+    final_only: bool = False  # deliver only the finished output (a non-streaming caller)
     tokens_seen: list[int] = field(default_factory=list)  # per completion index
     last_token_time: list[float] = field(default_factory=list)
     first_token: bool = False
@@ -108,16 +109,17 @@ class AsyncLLMEngine:
 
     async def add_request(self, request_id: str, prompt: str | None, params: SamplingParams,
                           prompt_token_ids: list[int] | None, out: asyncio.Queue,
-                          arrival_time: float | None = None) -> None:
-        """Queues a request whose outputs go to `out`; returns once the engine has accepted it.
-        The engine's ValueError for bad input is raised here. A caller cancelled while waiting
-        must still call abort(request_id) (abort is always safe)."""
+                          arrival_time: float | None = None, final_only: bool = False) -> None:
+        """Queues a request whose outputs go to `out` (each step's cumulative output, or with
+        final_only just the finished one); returns once the engine has accepted it. The engine's
+        ValueError for bad input is raised here. A caller cancelled while waiting must still call
+        abort(request_id) (abort is always safe)."""
         if not self.is_alive:
             raise EngineDeadError(f"the engine is not running: {self.error or 'its thread has stopped'}")
         loop = asyncio.get_running_loop()
         accepted = loop.create_future()
         stream = _Stream(out, loop, arrival_time or time.monotonic(),
-                         num_prompt_tokens=len(prompt_token_ids) if prompt_token_ids else 0)
+                         num_prompt_tokens=len(prompt_token_ids) if prompt_token_ids else 0, final_only=final_only)
         self._cmds.put(("add", request_id, prompt, params, prompt_token_ids, stream, accepted))
         await accepted
 
@@ -204,6 +206,7 @@ class AsyncLLMEngine:
 
     def _deliver(self, outputs: list[RequestOutput]) -> None:
         now = time.monotonic()
+        batches: dict[asyncio.AbstractEventLoop, list] = {}  # one wake-up per loop per step, not per request
         with self._lock:
             for out in outputs:
                 stream = self._streams.get(out.request_id)
@@ -216,7 +219,11 @@ class AsyncLLMEngine:
                     for c in out.outputs:
                         reason = c.finish_reason or "abort"
                         self.requests_finished[reason] = self.requests_finished.get(reason, 0) + 1
-                stream.loop.call_soon_threadsafe(stream.queue.put_nowait, out)
+                elif stream.final_only:
+                    continue
+                batches.setdefault(stream.loop, []).append((stream.queue, out))
+        for loop, items in batches.items():
+            loop.call_soon_threadsafe(_put_all, items)
 
     def _observe(self, s: _Stream, out: RequestOutput, now: float) -> None:
         if not s.tokens_seen:
@@ -245,6 +252,11 @@ class AsyncLLMEngine:
         for rid, stream in list(self._streams.items()):
             stream.loop.call_soon_threadsafe(stream.queue.put_nowait, EngineDeadError(why))
         self._streams.clear()
+
+
+def _put_all(items: list[tuple[asyncio.Queue, object]]) -> None:
+    for q, item in items:
+        q.put_nowait(item)
 
 
 def _settle(fut: asyncio.Future, error: BaseException | None) -> None:

@@ -192,7 +192,7 @@ class OpenAIServer:
             raise _from_validation(e) from None
 
     async def _submit(self, prompts: list[tuple[str | None, list[int]]], params: SamplingParams, base_id: str,
-                      arrival: float) -> tuple[asyncio.Queue, list[str]]:
+                      arrival: float, stream: bool) -> tuple[asyncio.Queue, list[str]]:
         """Adds one engine request per prompt, all delivering to one queue; all or none."""
         out: asyncio.Queue = asyncio.Queue()
         rids: list[str] = []
@@ -200,7 +200,8 @@ class OpenAIServer:
             for i, (text, ids) in enumerate(prompts):
                 rid = f"{base_id}-{i}"
                 rids.append(rid)
-                await self.engine.add_request(rid, text, params, ids, out, arrival_time=arrival)
+                await self.engine.add_request(rid, text, params, ids, out, arrival_time=arrival,
+                                              final_only=not stream)
         except BaseException as e:
             for rid in rids:
                 self.engine.abort(rid)
@@ -241,22 +242,29 @@ class OpenAIServer:
         last content chunk. Leaving early (the client disconnected) aborts the unfinished requests."""
         pending = set(rids)
         try:
-            while pending:
-                item = await out.get()
-                if isinstance(item, BaseException):
-                    err = APIError(503, str(item), "server_error", None, "engine_dead")
-                    yield _sse(err.body())
-                    break
-                chunks = on_output(item)
-                if item.finished:
-                    pending.discard(item.request_id)
-                if not pending and chunks and not include_usage:
-                    chunks[-1]["usage"] = usage_chunk()["usage"]
-                for chunk in chunks:
-                    yield _sse(chunk)
-            else:
-                if include_usage:
-                    yield _sse(usage_chunk())
+            failed = None
+            while pending and failed is None:
+                # Outputs are cumulative: after a wait, only each request's newest one matters (a
+                # client that reads slowly gets fewer, larger chunks instead of a growing backlog).
+                items = [await out.get()]
+                while not out.empty():
+                    items.append(out.get_nowait())
+                failed = next((i for i in items if isinstance(i, BaseException)), None)
+                newest = {i.request_id: i for i in items if not isinstance(i, BaseException)}
+                frames = []
+                for item in newest.values():
+                    chunks = on_output(item)
+                    if item.finished:
+                        pending.discard(item.request_id)
+                    if not pending and chunks and not include_usage:
+                        chunks[-1]["usage"] = usage_chunk()["usage"]
+                    frames += map(_sse, chunks)
+                if frames:
+                    yield "".join(frames)
+            if failed is not None:
+                yield _sse(APIError(503, str(failed), "server_error", None, "engine_dead").body())
+            elif include_usage:
+                yield _sse(usage_chunk())
             yield "data: [DONE]\n\n"
         finally:
             for rid in pending:
@@ -288,7 +296,7 @@ class OpenAIServer:
         max_tokens = self._max_tokens(req.max_tokens, longest, "prompt")
         params = self._params(req, max_tokens, req.logprobs)
         base_id = f"cmpl-{uuid.uuid4().hex}"
-        out, rids = await self._submit(prompts, params, base_id, arrival)
+        out, rids = await self._submit(prompts, params, base_id, arrival, req.stream)
         created = int(time.time())
         n = req.n
         index_of = {rid: i for i, rid in enumerate(rids)}
@@ -394,7 +402,7 @@ class OpenAIServer:
         k = (req.top_logprobs or 0) if req.logprobs else None
         params = self._params(req, max_tokens, k)
         base_id = f"chatcmpl-{uuid.uuid4().hex}"
-        out, rids = await self._submit([(None, ids)], params, base_id, arrival)
+        out, rids = await self._submit([(None, ids)], params, base_id, arrival, req.stream)
         created = int(time.time())
         prompt_tokens = len(ids)
 

@@ -335,16 +335,22 @@ class _FailingEngine:
         pass
 
 
-def test_health_reflects_a_dead_engine():
+@pytest.mark.parametrize("stream", [False, True])
+def test_health_reflects_a_dead_engine(stream):
     engine = AsyncLLMEngine(_FailingEngine())
     with ServerThread(engine) as s:
         assert httpx.get(s.url + "/health").status_code == 200
-        r = httpx.post(s.base_url + "/completions", json={"prompt": [1, 2, 3], "max_tokens": 2})
-        assert r.status_code == 503 and "rank 1 died" in r.json()["error"]["message"]
+        body = {"prompt": [1, 2, 3], "max_tokens": 2, "stream": stream}
+        r = httpx.post(s.base_url + "/completions", json=body)
+        if stream:  # accepted, then the step failed: an error event, then [DONE]
+            assert r.status_code == 200
+            events = [line[len("data: "):] for line in r.text.splitlines() if line.startswith("data: ")]
+            assert events[-1] == "[DONE]" and "rank 1 died" in json.loads(events[-2])["error"]["message"]
+        else:
+            assert r.status_code == 503 and "rank 1 died" in r.json()["error"]["message"]
         h = httpx.get(s.url + "/health")
         assert h.status_code == 503 and "rank 1 died" in h.json()["error"]
-        r = httpx.post(s.base_url + "/completions", json={"prompt": [1, 2, 3], "max_tokens": 2, "stream": True})
-        assert r.status_code == 503
-        assert "llama3_dist_engine_healthy{" in (m := httpx.get(s.url + "/metrics").text) and \
-            re.search(r"llama3_dist_engine_healthy\{[^}]*\} 0", m)
+        r = httpx.post(s.base_url + "/completions", json=body)  # refused at once now
+        assert r.status_code == 503 and r.json()["error"]["code"] == "engine_dead"
+        assert re.search(r"llama3_dist_engine_healthy\{[^}]*\} 0", httpx.get(s.url + "/metrics").text)
     engine.shutdown()
