@@ -213,16 +213,21 @@ def log_probabilities(logits: torch.Tensor, targets: list[int], top_n: int) -> L
 
 
 def make_executor(config: Llama3Config, path: str, kind: str, worker_kwargs: dict, **executor_kwargs):
+    """executor_kwargs are the Ray executor's options (address, placement_strategy, ...): giving
+    any of them asks for Ray, even at one device."""
     if kind not in ("auto", "local", "ray"):
         raise ConfigError(f"unknown executor {kind!r}; use 'auto', 'local' or 'ray'")
     if kind == "auto":
-        kind = "local" if config.tp_degree == 1 else "ray"
+        kind = "local" if config.tp_degree == 1 and not executor_kwargs else "ray"
     if kind == "local":
         if config.tp_degree != 1:
             raise ConfigError(f"the local executor runs one device, got {config.devices}; use executor='ray'")
+        if executor_kwargs:
+            raise ConfigError(f"{sorted(executor_kwargs)} are options of the Ray executor; drop them or "
+                              f"use executor='ray'")
         if config.devices[0].startswith("cuda") and not torch.cuda.is_available():
             raise ConfigError(f"device {config.devices[0]!r} asked for, but this machine has no CUDA device")
         from .executor import LocalExecutor
-        return LocalExecutor(config, path, **worker_kwargs, **executor_kwargs)
+        return LocalExecutor(config, path, **worker_kwargs)
     from .executor_ray import RayExecutor
     return RayExecutor(config, path, worker_kwargs, **executor_kwargs)
