@@ -38,9 +38,10 @@ def main() -> int:
     parser.add_argument("--tp", type=int, default=None, help="tensor-parallel degree (default: #GPUs, else 2)")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--max-tokens", type=int, default=16)
+    parser.add_argument("--cpu", action="store_true", help="CPU ranks even where GPUs exist")
     args = parser.parse_args()
 
-    gpus = torch.cuda.device_count()
+    gpus = 0 if args.cpu else torch.cuda.device_count()
     tp = args.tp or (gpus if gpus > 1 else 2)
     devices = [f"cuda:{i}" for i in range(tp)] if gpus >= tp else ["cpu"] * tp
     print(f"TP=1 on {devices[:1]}, TP={tp} on {devices}")

@@ -49,7 +49,7 @@ def test_generate_example(capsys):
 
 def test_tensor_parallel_example(ray_local, capsys):
     # in this process, so its ranks join the session's Ray instead of starting one more
-    out = run_here(EXAMPLES / "tensor_parallel.py", ["--max-tokens", "6"], capsys)
+    out = run_here(EXAMPLES / "tensor_parallel.py", ["--max-tokens", "6", "--cpu"], capsys)
     assert "TP=1 on ['cpu'], TP=2 on ['cpu', 'cpu']" in out
     assert "4/4 generations identical at TP=1 and TP=2" in out
 
