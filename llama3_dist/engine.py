@@ -191,7 +191,8 @@ class LLMEngine:
             return self._outputs(touched)
         entries = out.scheduled
         step = build_step_input([e.context for e in entries], [e.num_new_tokens for e in entries],
-                                self.config.kv_params.page_size, logit_rows=np.zeros(0, np.int64))
+                                self.config.kv_params.page_size)
+        # Which rows get logits depends on who samples and who wants prompt logprobs.
         step.logit_rows, step.sampling, prompt_spans = self._sampling_input(entries, step.input_row_offsets)
         executed = time.perf_counter()
         result = self.executor.execute(step)

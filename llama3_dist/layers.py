@@ -48,7 +48,7 @@ class ColumnParallelLinear(nn.Module):
                                                     rows=(p.start, p.stop)) for p in self.parts])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return kernels.linear(x, self.weight, self.bias)
 
 
 class QKVParallelLinear(ColumnParallelLinear):
@@ -95,7 +95,7 @@ class RowParallelLinear(nn.Module):
             self.bias.data = source.read(f"{prefix}.bias", self.full_shape[:1])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.pc.all_reduce(F.linear(x, self.weight))
+        out = self.pc.all_reduce(kernels.linear(x, self.weight))
         return out if self.bias is None else out + self.bias
 
 
@@ -144,7 +144,7 @@ class ParallelLMHead(nn.Module):
 
     def forward(self, h: torch.Tensor) -> torch.Tensor | None:
         """Float32 logits [n, V] on rank 0, None elsewhere."""
-        logits = self.embedding.pc.gather_last_dim(F.linear(h, self.weight))
+        logits = self.embedding.pc.gather_last_dim(kernels.linear(h, self.weight))
         return None if logits is None else logits[:, :self.embedding.vocab_size].float()
 
 

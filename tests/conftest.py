@@ -10,6 +10,8 @@ import pytest
 import torch
 import transformers
 
+from llama3_dist.default_model import TOKENIZER_DIR, TOKENIZER_FILES
+
 COMMON = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, intermediate_size=96,
               num_hidden_layers=2, vocab_size=130, max_position_embeddings=512, initializer_range=0.1)
 
@@ -66,19 +68,20 @@ def references(checkpoints):
     return get
 
 
-TOKENIZER_DIR = Path(__file__).parent.parent / "llama3_dist" / "assets" / "llama3-tokenizer"
+def build_tokenized_checkpoint(path, **overrides) -> str:
+    """A tiny random Llama 3 with the real Llama 3 vocabulary and tokenizer (chat template
+    included): for text, stop strings, chat and the server."""
+    build_checkpoint("llama", path, **{**dict(vocab_size=128256, bos_token_id=128000,
+                                              eos_token_id=[128001, 128008, 128009], tie_word_embeddings=True),
+                                       **overrides})
+    for name in TOKENIZER_FILES:
+        shutil.copy(TOKENIZER_DIR / name, Path(path) / name)
+    return str(path)
 
 
 @pytest.fixture(scope="session")
 def tokenized_checkpoint(tmp_path_factory):
-    """A tiny random Llama 3 with the real Llama 3 vocabulary and tokenizer (for text, stop
-    strings and chat templates)."""
-    path = tmp_path_factory.mktemp("tokenized") / "llama3-tiny"
-    build_checkpoint("llama", path, vocab_size=128256, bos_token_id=128000, eos_token_id=128009,
-                     tie_word_embeddings=True)
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-        shutil.copy(TOKENIZER_DIR / name, path / name)
-    return str(path)
+    return build_tokenized_checkpoint(tmp_path_factory.mktemp("tokenized") / "llama3-tiny")
 
 
 @pytest.fixture(scope="session")

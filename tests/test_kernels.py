@@ -271,7 +271,7 @@ def test_model_logits_match_torch_path(tmp_path, monkeypatch):
         return logits
 
     calls = {}
-    for name in kernels.__all__:
+    for name in kernels.TRITON_KERNELS:
         def counted(*args, _name=name, _fn=getattr(tk, name), **kwargs):
             calls[_name] = calls.get(_name, 0) + 1
             return _fn(*args, **kwargs)
@@ -279,7 +279,7 @@ def test_model_logits_match_torch_path(tmp_path, monkeypatch):
     expected = run("torch")
     assert not calls
     got = run("triton")
-    assert set(calls) == set(kernels.__all__), calls  # every kernel ran (in this process)
+    assert set(calls) == set(kernels.TRITON_KERNELS), calls  # every kernel ran (in this process)
     for g, e in zip(got, expected):
         torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
 
@@ -297,3 +297,19 @@ def test_cpu_tensors_without_interpreter_fail_clearly():
             "    raise SystemExit('no error')\n")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     subprocess.run([sys.executable, "-c", code], check=True, env=env)
+
+
+@pytest.mark.parametrize("rows", [1, 5, 40])
+def test_cpu_bfloat16_linear_rounds_a_float32_product(rows):
+    """kernels/cpu.py (oneDNN for few rows, a widened float32 weight for many) computes what a
+    bfloat16 GEMM with float32 accumulation computes."""
+    from llama3_dist.kernels import cpu
+    g = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, 96, generator=g).to(torch.bfloat16)
+    w = torch.randn(160, 96, generator=g).to(torch.bfloat16)
+    b = torch.randn(160, generator=g).to(torch.bfloat16)
+    expected = (x.float() @ w.float().T + b.float()).to(torch.bfloat16)
+    got = cpu.linear(x, w, b)
+    assert got.dtype == torch.bfloat16 and got.shape == (rows, 160)
+    torch.testing.assert_close(got.float(), expected.float(), rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(kernels.linear(x, w, b).float(), expected.float(), rtol=1e-2, atol=1e-2)

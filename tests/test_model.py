@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers
 
 from conftest import ARCHITECTURES, build_checkpoint, load_reference
 from llama3_dist import (ConfigError, KVCacheExhaustedError, Llama3Config, Llama3Model, ReturnHiddenStates,
@@ -46,6 +47,15 @@ def test_prefill_and_decode_match_transformers(arch, checkpoints, references):
         for b, ctx in enumerate(ctxs):
             expected = ref(torch.tensor([ctx.tokens])).logits[0, -16:]
             torch.testing.assert_close(torch.stack([s[b] for s in steps]), expected, **TOL)
+
+
+def test_linear_rope_scaling_matches_transformers(tmp_path):
+    path = build_checkpoint("llama", tmp_path / "linear", rope_scaling={"rope_type": "linear", "factor": 4.0})
+    tokens = prompts(130, (70,))[0]
+    with Llama3Model.from_pretrained(path, dtype="float32", return_logits=ReturnLogits.ALL) as model:
+        assert model.config.rope_scaling_params.rope_type == "linear"
+        got = model.execute(model.prepare_initial_token_inputs([TextContext(tokens=tokens)])).logits
+    torch.testing.assert_close(got, load_reference(path)(torch.tensor([tokens])).logits[0], **TOL)
 
 
 def test_ragged_batch_equals_each_sequence_alone(checkpoints):
@@ -88,6 +98,9 @@ def test_both_config_formats_give_identical_logits(checkpoints, tmp_path):
     (old / "config.json").write_text(json.dumps(v4))
     shutil.copy(src / "model.safetensors", old / "model.safetensors")
     assert Llama3Config.from_pretrained(old) == Llama3Config.from_pretrained(src)
+    # A dict and a transformers PretrainedConfig are read the same way as the file.
+    assert Llama3Config.from_pretrained(v4) == Llama3Config.from_pretrained(src)
+    assert Llama3Config.from_pretrained(transformers.AutoConfig.from_pretrained(src)) == Llama3Config.from_pretrained(src)
     tokens = prompts(130, (33,))[0]
     results = []
     for path in (src, old):

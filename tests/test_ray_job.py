@@ -22,11 +22,9 @@ from pathlib import Path
 
 import psutil
 import pytest
-import torch
-import transformers
 
+from conftest import build_tokenized_checkpoint
 from llama3_dist import LLM, SamplingParams
-from llama3_dist.default_model import TOKENIZER_DIR, TOKENIZER_FILES
 
 REPO = Path(__file__).resolve().parent.parent
 RAY = [sys.executable, "-m", "ray.scripts.scripts"]  # the `ray` command of this interpreter
@@ -115,18 +113,6 @@ class LocalCluster:
         shutil.rmtree(self.temp_dir, ignore_errors=True)
 
 
-def build_tiny_llama3(path: Path) -> str:
-    config = transformers.LlamaConfig(
-        hidden_size=64, num_attention_heads=4, num_key_value_heads=2, intermediate_size=128, num_hidden_layers=2,
-        vocab_size=128256, max_position_embeddings=256, tie_word_embeddings=True, initializer_range=0.05,
-        bos_token_id=128000, eos_token_id=[128001, 128008, 128009])
-    torch.manual_seed(1)
-    transformers.LlamaForCausalLM(config).save_pretrained(path)
-    for name in TOKENIZER_FILES:
-        shutil.copy(TOKENIZER_DIR / name, path / name)
-    return str(path)
-
-
 @pytest.fixture(scope="module")
 def cluster():
     c = LocalCluster()
@@ -144,7 +130,7 @@ def _example_prompts(n: int) -> list[str]:
 
 
 def test_ray_job_runs_tensor_parallel_generation(cluster, tmp_path):
-    model = build_tiny_llama3(tmp_path / "tiny")
+    model = build_tokenized_checkpoint(tmp_path / "tiny")
     submission = f"llama3-dist-test-{os.getpid()}-{int(time.time())}"
     cmd = [*RAY, "job", "submit", f"--address={cluster.address}", f"--submission-id={submission}",
            "--working-dir", ".", "--", "python", "examples/ray_job.py", "--model", model, *JOB_ARGS]

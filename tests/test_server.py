@@ -5,17 +5,14 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-import shutil
 import time
 
 import httpx
 import openai
 import pytest
-import torch
-import transformers
 
+from conftest import build_tokenized_checkpoint
 from llama3_dist.async_engine import AsyncLLMEngine
-from llama3_dist.default_model import TOKENIZER_DIR, TOKENIZER_FILES
 from llama3_dist.engine import EngineStats, LLMEngine
 from llama3_dist.server import ServerThread
 
@@ -24,22 +21,9 @@ API_KEY = "sk-test-123"
 CONTEXT = 256
 
 
-def build_tiny_llama3(path) -> str:
-    """hidden 64, 2 layers, the Llama 3 vocabulary and tokenizer (chat template included)."""
-    config = transformers.LlamaConfig(
-        hidden_size=64, num_attention_heads=4, num_key_value_heads=2, intermediate_size=128, num_hidden_layers=2,
-        vocab_size=128256, max_position_embeddings=CONTEXT, tie_word_embeddings=True, initializer_range=0.05,
-        bos_token_id=128000, eos_token_id=[128001, 128008, 128009])
-    torch.manual_seed(0)
-    transformers.LlamaForCausalLM(config).save_pretrained(path)
-    for name in TOKENIZER_FILES:
-        shutil.copy(TOKENIZER_DIR / name, path / name)
-    return str(path)
-
-
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    path = build_tiny_llama3(tmp_path_factory.mktemp("tiny-llama3"))
+    path = build_tokenized_checkpoint(tmp_path_factory.mktemp("tiny-llama3"), max_position_embeddings=CONTEXT)
     engine = AsyncLLMEngine(LLMEngine(path, dtype="float32", kv_cache_bytes=8 << 20, seed=0, show_progress=False))
     with ServerThread(engine, served_model_name=MODEL) as server:
         yield server

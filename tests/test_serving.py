@@ -40,6 +40,15 @@ def test_greedy_batch_of_24_matches_transformers(llm, references):
     assert_greedy_matches_transformers(references("llama"), prompts, outputs)
 
 
+def test_greedy_batch_of_24_at_tp2_matches_transformers(checkpoints, references, ray_local):
+    """The same through two gloo ranks: sampling on rank 0, token ids back to the driver."""
+    prompts = mixed_prompts(24)
+    with LLM(checkpoints["llama"], devices=["cpu", "cpu"], dtype="float32", max_num_batched_tokens=256,
+             show_progress=False) as llm:
+        outputs = llm.generate(prompt_token_ids=prompts, sampling_params=GREEDY, use_tqdm=False)
+    assert_greedy_matches_transformers(references("llama"), prompts, outputs)
+
+
 def test_logprobs_and_prompt_logprobs_match_transformers(llm, references):
     prompts = mixed_prompts(3, seed=1)
     params = SamplingParams(temperature=0.8, seed=3, max_tokens=6, logprobs=3, prompt_logprobs=2)

@@ -18,7 +18,7 @@ from types import ModuleType
 
 import torch
 
-from . import reference
+from . import cpu, reference
 
 _MODES = ("auto", "torch", "triton")
 _triton_available: bool | None = None
@@ -94,5 +94,15 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                                        sliding_window)
 
 
-__all__ = ["rms_norm", "rotary_embedding", "silu_and_mul", "store_kv_cache",
-           "prefill_attention", "paged_decode_attention"]
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ weight.T + bias. cuBLAS on GPUs is already the right kernel; bfloat16 weights on CPUs
+    without native bfloat16 take the faster route of kernels/cpu.py."""
+    if cpu.needs_help(x, weight):
+        return cpu.linear(x, weight, bias)
+    return reference.linear(x, weight, bias)
+
+
+# The kernels with a Triton implementation; linear has none (cuBLAS on GPUs).
+TRITON_KERNELS = ("rms_norm", "rotary_embedding", "silu_and_mul", "store_kv_cache", "prefill_attention",
+                  "paged_decode_attention")
+__all__ = ["linear", *TRITON_KERNELS]

@@ -62,17 +62,40 @@ def _gather_pages(cache: torch.Tensor, block_table: torch.Tensor, length: int) -
     return cache[block_table[:n_pages].long()].flatten(0, 1)[:length]
 
 
-def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor,
-            scale: float, sliding_window: int | None) -> torch.Tensor:
-    """q [Tq, Hq, d] at absolute positions q_pos [Tq]; k, v [Tk, Hk, d] at positions 0..Tk-1."""
-    k_pos = torch.arange(k.shape[0], device=q.device)
-    allowed = k_pos[None, :] <= q_pos[:, None]
-    if sliding_window is not None:
-        allowed &= k_pos[None, :] > q_pos[:, None] - sliding_window
-    out = torch.nn.functional.scaled_dot_product_attention(
-        q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=allowed,
-        scale=scale, enable_gqa=q.shape[1] != k.shape[1])
-    return out.transpose(0, 1)
+# Queries attended in blocks of this many rows bound the float32 score matrix of a long prefill.
+_Q_BLOCK = 256
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos0: int, scale: float,
+            sliding_window: int | None) -> torch.Tensor:
+    """q [Tq, Hq, d] at positions q_pos0.. attending to k, v [Tk, Hk, d] at positions 0..Tk-1.
+
+    Float32 math with GQA as a view (query heads grouped under their KV head, no K/V copy):
+    on CPUs without native bfloat16 this is several times faster than SDPA's bfloat16 path,
+    and it never reads a slot past the context, so unwritten cache slots cannot leak in.
+    """
+    tq, hq, d = q.shape
+    tk, hk = k.shape[0], k.shape[1]
+    g = hq // hk
+    kt = k.float().permute(1, 2, 0)   # [Hk, d, Tk]
+    vt = v.float().transpose(0, 1)    # [Hk, Tk, d]
+    out = torch.empty(tq, hq, d, dtype=q.dtype, device=q.device)
+    for r0 in range(0, tq, _Q_BLOCK):
+        t = min(_Q_BLOCK, tq - r0)
+        # Rows ordered (group, token) under each KV head: both products are batched over KV heads.
+        qb = (q[r0:r0 + t].float() * scale).view(t, hk, g, d).permute(1, 2, 0, 3).reshape(hk, g * t, d)
+        scores = torch.matmul(qb, kt).view(hk, g, t, tk)
+        first = q_pos0 + r0  # position of this block's first query
+        if t > 1 or (sliding_window is not None and first + 1 > sliding_window):
+            q_pos = torch.arange(first, first + t, device=q.device)[:, None]
+            k_pos = torch.arange(tk, device=q.device)[None, :]
+            allowed = k_pos <= q_pos
+            if sliding_window is not None:
+                allowed &= k_pos > q_pos - sliding_window
+            scores.masked_fill_(~allowed, float("-inf"))
+        probs = torch.softmax(scores, dim=-1).view(hk, g * t, tk)
+        out[r0:r0 + t] = torch.matmul(probs, vt).view(hk, g, t, d).permute(2, 0, 1, 3).reshape(t, hq, d)
+    return out
 
 
 def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -92,37 +115,18 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
             continue
         k = _gather_pages(k_cache, block_tables[b], ctx)
         v = _gather_pages(v_cache, block_tables[b], ctx)
-        q_pos = torch.arange(ctx - (e - s), ctx, device=q.device)
-        out[s:e] = _attend(q[s:e], k, v, q_pos, scale, sliding_window)
+        out[s:e] = _attend(q[s:e], k, v, ctx - (e - s), scale, sliding_window)
     return out
 
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float,
                            sliding_window: int | None = None) -> torch.Tensor:
-    """One query token per sequence (q [B, Hq, d], the last of its context) against its pages.
+    """One query token per sequence (q [B, Hq, d], the last of its context) against its pages:
+    prefill attention with one query row each."""
+    one_each = torch.arange(q.shape[0] + 1, dtype=torch.int32, device=q.device)
+    return prefill_attention(q, k_cache, v_cache, block_tables, one_each, context_lens, scale, sliding_window)
 
-    All sequences are gathered at once, padded to the longest context and masked, so a decode
-    step costs one attention call per layer instead of one per sequence.
-    """
-    B, page_size = q.shape[0], k_cache.shape[1]
-    max_len = int(context_lens.max())
-    n_pages = (max_len + page_size - 1) // page_size
-    pages = block_tables[:, :n_pages].long().clamp_min(0)
-    k = k_cache[pages].flatten(1, 2)[:, :max_len]  # [B, T, Hk, d]
-    v = v_cache[pages].flatten(1, 2)[:, :max_len]
-    k_pos = torch.arange(max_len, device=q.device)
-    q_pos = (context_lens.long() - 1)[:, None]
-    # Slots past a sequence's length (padding pages, the tail of its last page) hold whatever
-    # the cache held (torch.empty garbage: NaN/inf); masking the scores is not enough, as
-    # 0 * NaN = NaN in the softmax @ V product and NaN + -inf = NaN in the masked scores.
-    unwritten = (k_pos[None, :] > q_pos)[:, :, None, None]
-    k = k.masked_fill(unwritten, 0)
-    v = v.masked_fill(unwritten, 0)
-    allowed = k_pos[None, :] <= q_pos
-    if sliding_window is not None:
-        allowed &= k_pos[None, :] > q_pos - sliding_window
-    out = torch.nn.functional.scaled_dot_product_attention(
-        q.unsqueeze(2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=allowed[:, None, None, :],
-        scale=scale, enable_gqa=q.shape[1] != k.shape[2])  # [B, Hq, 1, d]
-    return out.squeeze(2)
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    return torch.nn.functional.linear(x, weight, bias)
