@@ -42,6 +42,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
     wide = getattr(_scratch, "buffer", None)
     if wide is None or wide.numel() < weight.numel():
-        wide = _scratch.buffer = torch.empty(weight.numel(), dtype=torch.float32)
+        # A normal tensor, not an inference tensor, so that it can be written in and out of
+        # inference mode alike.
+        with torch.inference_mode(False):
+            wide = _scratch.buffer = torch.empty(weight.numel(), dtype=torch.float32)
     w32 = wide[:weight.numel()].view(weight.shape).copy_(weight)
     return F.linear(x.float(), w32, None if bias is None else bias.float()).to(x.dtype)
