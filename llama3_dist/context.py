@@ -17,3 +17,12 @@ class TextContext:
     @property
     def num_tokens(self) -> int:
         return len(self.tokens)
+
+
+def check_tokens(label: str, tokens: list[int], vocab_size: int, start: int = 0) -> None:
+    """Refuses an empty sequence, or an id in tokens[start:] outside [0, vocab_size)."""
+    if not tokens:
+        raise ValueError(f"{label}: the prompt is empty; give at least one token")
+    bad = next((t for t in tokens[start:] if not 0 <= t < vocab_size), None)
+    if bad is not None:
+        raise ValueError(f"{label}: token id {bad} is outside the vocabulary [0, {vocab_size})")

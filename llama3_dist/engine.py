@@ -18,7 +18,7 @@ import numpy as np
 from .batch import SamplingInput, build_step_input
 from .checkpoint import Checkpoint
 from .config import Llama3Config
-from .context import TextContext
+from .context import TextContext, check_tokens
 from .detokenizer import IncrementalDetokenizer
 from .outputs import CompletionOutput, LogprobsDict, RequestOutput
 from .pipeline import make_executor
@@ -113,7 +113,6 @@ class LLMEngine:
                     self.scheduler.max_tokens_in_cache)
         self._groups: dict[str, _Group] = {}
         self.num_generated_tokens = 0
-        self.num_steps = 0
         self.times = StepTimes()
 
     # --- requests ---------------------------------------------------------------------------
@@ -134,11 +133,7 @@ class LLMEngine:
             prompt_token_ids = self.tokenizer.encode(prompt)
         ids = [int(t) for t in prompt_token_ids]
         c = self.config
-        if not ids:
-            raise ValueError(f"request {request_id!r}: the prompt is empty")
-        bad = next((t for t in ids if not 0 <= t < c.vocab_size), None)
-        if bad is not None:
-            raise ValueError(f"request {request_id!r}: token id {bad} is outside the vocabulary [0, {c.vocab_size})")
+        check_tokens(f"request {request_id!r}", ids, c.vocab_size)
         if len(ids) >= c.max_seq_len:
             raise ValueError(f"request {request_id!r}: the prompt has {len(ids)} tokens; the context is "
                              f"{c.max_seq_len} tokens and at least one must be left to generate")
@@ -200,7 +195,6 @@ class LLMEngine:
         t.execute += time.perf_counter() - executed
         t.forward += result.forward_seconds
         t.sample += result.sample_seconds
-        self.num_steps += 1
         sampled = result.sampled
         sampling_entries = [e for e in entries if e.samples]
         tokens = {e.request_id: int(t) for e, t in zip(sampling_entries, sampled.token_ids)}
@@ -313,7 +307,7 @@ class LLMEngine:
         return EngineStats(num_running=s.num_running, num_waiting=s.num_waiting, num_preemptions=s.num_preemptions,
                            kv_blocks_used=s.kv_blocks_used, kv_blocks_total=s.kv_blocks_total,
                            prefix_cache_queries=s.prefix_cache_queries, prefix_cache_hits=s.prefix_cache_hits,
-                           num_generated_tokens=self.num_generated_tokens, num_steps=self.num_steps)
+                           num_generated_tokens=self.num_generated_tokens, num_steps=self.times.steps)
 
     def shutdown(self) -> None:
         if self.executor is not None:

@@ -14,7 +14,7 @@ import torch
 from .batch import StepInput, build_step_input
 from .checkpoint import Checkpoint
 from .config import ConfigError, Llama3Config, ReturnHiddenStates, ReturnLogits
-from .context import TextContext
+from .context import TextContext, check_tokens
 from .kv_cache import BlockPool
 from .sampling import compute_logprobs
 
@@ -45,9 +45,8 @@ class LogProbabilities:
 
 
 class Llama3Model:
-    def __init__(self, config: Llama3Config, checkpoint_path: str | Path, executor):
+    def __init__(self, config: Llama3Config, executor):
         self.config = config
-        self.checkpoint_path = str(checkpoint_path)
         self.executor = executor
         self.pool = BlockPool(executor.num_kv_pages, config.kv_params.page_size)
 
@@ -68,20 +67,16 @@ class Llama3Model:
                                               page_size=page_size)
         Checkpoint(path).close()  # fail on a missing or pickle-only checkpoint before any worker starts
         worker_kwargs = dict(num_kv_pages=num_kv_pages, kv_cache_bytes=kv_cache_bytes)
-        return cls(config, path, make_executor(config, str(path), executor, worker_kwargs, **executor_kwargs))
+        return cls(config, make_executor(config, str(path), executor, worker_kwargs, **executor_kwargs))
 
     # --- inputs ---------------------------------------------------------------------------
     def _validate(self, ctx: TextContext) -> None:
         c = self.config
-        if not ctx.tokens:
-            raise ValueError(f"context {ctx.request_id}: the prompt is empty; give at least one token")
+        # Only the new tokens need an id check: the computed ones passed it before.
+        check_tokens(f"context {ctx.request_id}", ctx.tokens, c.vocab_size, start=ctx.num_computed_tokens)
         if len(ctx.tokens) > c.max_seq_len:
             raise ValueError(f"context {ctx.request_id}: {len(ctx.tokens)} tokens exceed max_seq_len "
                              f"{c.max_seq_len}")
-        bad = [t for t in ctx.tokens[ctx.num_computed_tokens:] if not 0 <= t < c.vocab_size]
-        if bad:
-            raise ValueError(f"context {ctx.request_id}: token id {bad[0]} is outside the vocabulary "
-                             f"[0, {c.vocab_size})")
 
     def _reserve_pages(self, ctx: TextContext) -> None:
         needed = self.pool.blocks_needed(len(ctx.tokens)) - len(ctx.block_ids)

@@ -818,6 +818,20 @@ def _serve_args(model_dir, engine_kwargs: dict) -> list[str]:
     return args
 
 
+def stop_server_process(proc, timeout: float) -> None:
+    """Ends a `llama3-dist serve` subprocess as Ctrl-C would (clean shutdown), killing it if it
+    has not exited within timeout seconds."""
+    import signal
+    import subprocess
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 def run_bench(cfg: BenchConfig, base_url: str | None = None, model_dir=None, engine_kwargs: dict | None = None,
               start_timeout: float = 600.0) -> dict:
     """Benchmarks the server at base_url or, without one, a `llama3-dist serve` subprocess (on a free
@@ -825,7 +839,6 @@ def run_bench(cfg: BenchConfig, base_url: str | None = None, model_dir=None, eng
     if base_url is not None:
         return asyncio.run(_bench_async(base_url.rstrip("/"), cfg))
     import os
-    import signal
     import subprocess
     import sys
     cmd = [sys.executable, "-m", "llama3_dist.cli", "serve", *_serve_args(model_dir, engine_kwargs or {}),
@@ -838,13 +851,7 @@ def run_bench(cfg: BenchConfig, base_url: str | None = None, model_dir=None, eng
         url = _read_url(proc, start_timeout)
         return asyncio.run(_bench_async(url + "/v1", cfg))
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_server_process(proc, 30)
 
 
 def _read_url(proc, timeout: float) -> str:

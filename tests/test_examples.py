@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from llama3_dist import cli
+from llama3_dist.server import stop_server_process
 from llama3_dist.server import _read_url
 
 REPO = Path(__file__).resolve().parent.parent
@@ -64,13 +65,7 @@ def serve_process():
     try:
         yield proc
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_server_process(proc, 20)
 
 
 @pytest.fixture(scope="module")
