@@ -6,10 +6,11 @@ but every code path a real checkpoint takes (loading, tokenizing, sharding, gene
 """
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 from pathlib import Path
+
+from .cache import cache_root
 
 TOKENIZER_DIR = Path(__file__).parent / "assets" / "llama3-tokenizer"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
@@ -23,8 +24,7 @@ CONFIG = dict(hidden_size=256, num_attention_heads=8, num_key_value_heads=2, int
 
 
 def cache_dir() -> Path:
-    root = os.environ.get("LLAMA3_DIST_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "llama3-dist"
-    return Path(root) / f"default-llama3-v{VERSION}"
+    return cache_root() / f"default-llama3-v{VERSION}"
 
 
 def default_model_path() -> str:

@@ -22,6 +22,7 @@ if DEVICE == "cpu":
 
 pytest.importorskip("triton")
 
+from conftest import paged_cache  # noqa: E402
 from llama3_dist import kernels  # noqa: E402
 from llama3_dist.kernels import reference as ref  # noqa: E402
 
@@ -125,32 +126,6 @@ def test_store_kv_cache(dtype, d):
 # ------------------------------------------------------------------------------- attention
 
 
-def paged_cache(lens, page_size, hk, d, dtype, pad_value):
-    """K/V caches holding random K/V for sequences of `lens` tokens on shuffled pages.
-
-    Page 0 and a few spare pages belong to no sequence, and the tail of every last page is
-    unwritten: all hold NaN, so a kernel that reads them fails. Block tables are padded with
-    pad_value (0 points at the NaN page 0) past each sequence's pages.
-    """
-    n_pages = [-(-L // page_size) for L in lens]
-    num_pages = sum(n_pages) + 3
-    order = (torch.randperm(num_pages - 1) + 1).tolist()
-    k_cache = torch.full((num_pages, page_size, hk, d), NAN, dtype=dtype, device=DEVICE)
-    v_cache = torch.full_like(k_cache, NAN)
-    tables = torch.full((len(lens), max(n_pages) + 2), pad_value, dtype=torch.int32)
-    for b, (L, n) in enumerate(zip(lens, n_pages)):
-        pages, order = order[:n], order[n:]
-        tables[b, :n] = torch.tensor(pages, dtype=torch.int32)
-        flat_k = k_cache[pages].flatten(0, 1)
-        flat_v = v_cache[pages].flatten(0, 1)
-        flat_k[:L] = randn(L, hk, d, dtype=dtype)
-        flat_v[:L] = randn(L, hk, d, dtype=dtype)
-        k_cache[pages] = flat_k.view(n, page_size, hk, d)
-        v_cache[pages] = flat_v.view(n, page_size, hk, d)
-    lens_t = torch.tensor(lens, dtype=torch.int32, device=DEVICE)
-    return k_cache, v_cache, tables.to(DEVICE), lens_t
-
-
 @pytest.mark.parametrize("dtype,d,hq,hk,page_size,lens,window,splits", [
     (F32, 64, 2, 2, 16, [1, 37, 70], None, None),   # GQA 1, heuristic (no split)
     (BF16, 128, 8, 2, 16, [300], None, 3),          # GQA 4, batch of one, flash-decoding
@@ -158,7 +133,7 @@ def paged_cache(lens, page_size, hk, d, dtype, pad_value):
     (BF16, 96, 8, 2, 16, [50, 21], 20, 1),          # head_dim 96 (padded), window
 ])
 def test_paged_decode_attention(dtype, d, hq, hk, page_size, lens, window, splits):
-    k_cache, v_cache, tables, ctx = paged_cache(lens, page_size, hk, d, dtype,
+    k_cache, v_cache, tables, ctx = paged_cache(lens, page_size, hk, d, dtype, DEVICE,
                                                 pad_value=-1 if splits else 0)
     q = randn(len(lens), hq, d, dtype=dtype)
     scale = d ** -0.5
@@ -180,7 +155,7 @@ def test_paged_decode_attention(dtype, d, hq, hk, page_size, lens, window, split
 ])
 def test_prefill_attention(dtype, d, hq, hk, page_size, seqs, window):
     lens = [c for c, _ in seqs]
-    k_cache, v_cache, tables, ctx = paged_cache(lens, page_size, hk, d, dtype, pad_value=0)
+    k_cache, v_cache, tables, ctx = paged_cache(lens, page_size, hk, d, dtype, DEVICE, pad_value=0)
     q_lens = torch.tensor([0] + [n for _, n in seqs])
     qsl = q_lens.cumsum(0).to(torch.int32).to(DEVICE)
     q = randn(int(q_lens.sum()), hq, d, dtype=dtype)
@@ -193,7 +168,7 @@ def test_prefill_attention(dtype, d, hq, hk, page_size, seqs, window):
 def test_prefill_attention_noncontiguous_q():
     """q as a slice of a fused qkv output, as the model passes it."""
     hq, hk, d, n = 4, 2, 64, 19
-    k_cache, v_cache, tables, ctx = paged_cache([n], 16, hk, d, F32, pad_value=0)
+    k_cache, v_cache, tables, ctx = paged_cache([n], 16, hk, d, F32, DEVICE, pad_value=0)
     qkv = randn(n, (hq + 2 * hk) * d)
     q = qkv[:, :hq * d].view(n, hq, d)
     qsl = torch.tensor([0, n], dtype=torch.int32, device=DEVICE)
@@ -297,20 +272,3 @@ def test_cpu_tensors_without_interpreter_fail_clearly():
             "    raise SystemExit('no error')\n")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     subprocess.run([sys.executable, "-c", code], check=True, env=env)
-
-
-@pytest.mark.parametrize("rows", [1, 5, 40])
-def test_cpu_bfloat16_linear_rounds_a_float32_product(rows):
-    """kernels/cpu.py (oneDNN for few rows, a widened float32 weight for many) computes what a
-    bfloat16 GEMM with float32 accumulation computes."""
-    from llama3_dist.kernels import cpu
-    g = torch.Generator().manual_seed(rows)
-    x = torch.randn(rows, 96, generator=g).to(torch.bfloat16)
-    w = torch.randn(160, 96, generator=g).to(torch.bfloat16)
-    b = torch.randn(160, generator=g).to(torch.bfloat16)
-    expected = (x.float() @ w.float().T + b.float()).to(torch.bfloat16)
-    with torch.inference_mode():  # the worker's mode; the scratch buffer then serves both
-        got = cpu.linear(x, w, b)
-    assert got.dtype == torch.bfloat16 and got.shape == (rows, 160)
-    torch.testing.assert_close(got.float(), expected.float(), rtol=1e-2, atol=1e-2)
-    torch.testing.assert_close(kernels.linear(x, w, b).float(), expected.float(), rtol=1e-2, atol=1e-2)

@@ -1,7 +1,8 @@
 """Kernel dispatchers: the model calls only these.
 
-Each picks the Triton kernel for CUDA tensors and the torch reference elsewhere.
-LLAMA3_DIST_KERNELS=torch|triton|auto (read at every call, default auto) forces a path.
+Each picks the Triton kernel for CUDA tensors, the compiled CPU kernels (cpu.py) for bfloat16
+CPU tensors, and the torch reference elsewhere. LLAMA3_DIST_KERNELS=torch|triton|auto (read at
+every call, default auto) forces a path: torch means the reference everywhere.
 
 "triton" on CPU tensors runs the kernels in triton's interpreter, which is how they are tested
 on machines without a GPU. With triton 3.9 the interpreter is chosen when the kernels are
@@ -34,13 +35,15 @@ def _triton_installed() -> bool:
     return _triton_available
 
 
-def _triton_for(x: torch.Tensor) -> ModuleType | None:
-    """The Triton kernel module if the Triton path is taken for tensors like x, else None."""
+def _impl(x: torch.Tensor) -> ModuleType:
+    """The kernel module that serves tensors like x."""
     mode = os.environ.get("LLAMA3_DIST_KERNELS", "auto").strip().lower() or "auto"
     if mode not in _MODES:
         raise ValueError(f"LLAMA3_DIST_KERNELS={mode!r} is not one of {'|'.join(_MODES)}")
-    if mode == "torch" or (mode == "auto" and not (x.is_cuda and _triton_installed())):
-        return None
+    if mode == "torch":
+        return reference
+    if mode == "auto" and not (x.is_cuda and _triton_installed()):
+        return cpu if cpu.handles(x) else reference
     if not _triton_installed():
         raise RuntimeError("LLAMA3_DIST_KERNELS=triton but triton is not installed; "
                            "install triton or use LLAMA3_DIST_KERNELS=torch|auto")
@@ -56,41 +59,35 @@ def _triton_for(x: torch.Tensor) -> ModuleType | None:
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float,
              residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    impl = _triton_for(x) or reference
-    return impl.rms_norm(x, weight, eps, residual)
+    return _impl(x).rms_norm(x, weight, eps, residual)
 
 
 def rotary_embedding(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
                      cos_sin_cache: torch.Tensor, interleaved: bool) -> None:
-    impl = _triton_for(q) or reference
-    impl.rotary_embedding(positions, q, k, cos_sin_cache, interleaved)
+    _impl(q).rotary_embedding(positions, q, k, cos_sin_cache, interleaved)
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
-    impl = _triton_for(x) or reference
-    return impl.silu_and_mul(x)
+    return _impl(x).silu_and_mul(x)
 
 
 def store_kv_cache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                    slot_mapping: torch.Tensor) -> None:
-    impl = _triton_for(k_cache) or reference
-    impl.store_kv_cache(k, v, k_cache, v_cache, slot_mapping)
+    _impl(k_cache).store_kv_cache(k, v, k_cache, v_cache, slot_mapping)
 
 
 def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                       block_tables: torch.Tensor, query_start_loc: torch.Tensor,
                       context_lens: torch.Tensor, scale: float,
                       sliding_window: int | None = None) -> torch.Tensor:
-    impl = _triton_for(q) or reference
-    return impl.prefill_attention(q, k_cache, v_cache, block_tables, query_start_loc,
+    return _impl(q).prefill_attention(q, k_cache, v_cache, block_tables, query_start_loc,
                                   context_lens, scale, sliding_window)
 
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float,
                            sliding_window: int | None = None) -> torch.Tensor:
-    impl = _triton_for(q) or reference
-    return impl.paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale,
+    return _impl(q).paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale,
                                        sliding_window)
 
 
