@@ -133,7 +133,9 @@ class WeightSource:
                                   f"expected {list(shape)} for {name!r} from config.json")
         r0, nrows = (0, None) if rows is None else (rows[0], rows[1] - rows[0])
         tensor = self.checkpoint.read(loc.name, loc.row0 + r0, nrows if nrows is not None else loc.rows, cols)
-        return tensor.to(device=self.device, dtype=self.dtype)
+        # A column slice comes back as a strided view of whole rows: copying it out frees the rows
+        # this rank does not hold, and kernels (oneDNN, the CPU GEMV) need contiguous weights.
+        return tensor.to(device=self.device, dtype=self.dtype).contiguous()
 
     def check_all_consumed(self) -> None:
         extra = self.checkpoint.unexpected()

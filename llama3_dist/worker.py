@@ -120,7 +120,10 @@ class Worker:
         return out
 
     def _sample(self, logits: torch.Tensor, s: SamplingInput) -> StepOutput:
-        out = StepOutput(sampled=self.sampler(logits[self._tensor(s.sample_rows)], s.metadata))
+        rows = s.sample_rows
+        # Usually every row samples, in order: then gathering them would only copy [B, V] floats.
+        every_row = len(rows) == logits.shape[0] and np.array_equal(rows, np.arange(len(rows)))
+        out = StepOutput(sampled=self.sampler(logits if every_row else logits[self._tensor(rows)], s.metadata))
         if len(s.prompt_rows):
             out.prompt_logprobs = compute_logprobs(logits[self._tensor(s.prompt_rows)], s.prompt_targets,
                                                    s.prompt_num_logprobs)
