@@ -42,24 +42,22 @@ def build_step_input(contexts: list[TextContext], num_new_tokens: list[int], pag
     Every context must already hold the KV pages for those tokens. logit_rows defaults to the
     last row of each sequence.
     """
-    offsets = np.zeros(len(contexts) + 1, dtype=np.int32)
-    offsets[1:] = np.cumsum(num_new_tokens)
-    tokens, positions, slots = [], [], []
-    context_lens = np.empty(len(contexts), dtype=np.int32)
-    max_pages = max(len(c.block_ids) for c in contexts)
-    block_tables = np.zeros((len(contexts), max_pages), dtype=np.int32)
-    for b, (ctx, n) in enumerate(zip(contexts, num_new_tokens)):
-        start = ctx.num_computed_tokens
-        pos = np.arange(start, start + n, dtype=np.int64)
-        pages = np.asarray(ctx.block_ids, dtype=np.int64)
-        tokens.append(ctx.tokens[start:start + n])
-        positions.append(pos)
-        slots.append(pages[pos // page_size] * page_size + pos % page_size)
-        context_lens[b] = start + n
-        block_tables[b, :len(pages)] = pages
+    b = len(contexts)
+    counts = np.asarray(num_new_tokens, dtype=np.int64)
+    offsets = np.zeros(b + 1, dtype=np.int32)
+    offsets[1:] = np.cumsum(counts)
+    starts = np.fromiter((c.num_computed_tokens for c in contexts), dtype=np.int64, count=b)
+    block_tables = np.zeros((b, max(len(c.block_ids) for c in contexts)), dtype=np.int32)
+    for row, ctx in zip(block_tables, contexts):
+        row[:len(ctx.block_ids)] = ctx.block_ids
+    # Vectorised over the whole batch: one numpy call per array, not one per sequence.
+    seq_of_token = np.repeat(np.arange(b), counts)
+    positions = np.arange(int(offsets[-1]), dtype=np.int64) + np.repeat(starts - offsets[:-1], counts)
+    slots = block_tables[seq_of_token, positions // page_size].astype(np.int64) * page_size + positions % page_size
+    tokens = np.fromiter((t for c, s, n in zip(contexts, starts.tolist(), num_new_tokens) for t in c.tokens[s:s + n]),
+                         dtype=np.int64, count=int(offsets[-1]))
+    context_lens = (starts + counts).astype(np.int32)
     if logit_rows is None:
         logit_rows = offsets[1:].astype(np.int64) - 1
-    return StepInput(tokens=np.fromiter((t for ts in tokens for t in ts), dtype=np.int64, count=int(offsets[-1])),
-                     positions=np.concatenate(positions), input_row_offsets=offsets,
-                     context_lens=context_lens, block_tables=block_tables,
-                     slot_mapping=np.concatenate(slots), logit_rows=logit_rows)
+    return StepInput(tokens=tokens, positions=positions, input_row_offsets=offsets, context_lens=context_lens,
+                     block_tables=block_tables, slot_mapping=slots, logit_rows=logit_rows)
