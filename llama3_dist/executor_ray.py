@@ -15,6 +15,10 @@ and only rank 0's output comes back. Fan-out overhead per step at TP=2 on a shar
 machine (benchmarks/tp_overhead.py, noisy): 0.6-1.2 ms idle and 1.8-4.3 ms busy with the compiled
 graph, against 2.8 ms idle and 5-6 ms busy with plain calls (7-10 ms with the one ray.put); end to
 end a TP=2 decode step took 9-17 ms less through the graph. Hence the graph is the default.
+Its channels wait by spinning (Ray 2.60's ReadAcquire yields in a loop), so where the ranks share
+a few CPU cores with the driver that spinning takes their time: on a 2-core host, batch-1 decode
+of the 284M benchmark model was ~15% faster with compiled_graph=False, 8-request batches ~7%
+slower, and the engine's overhead per step 4 ms with the graph against 20 ms without.
 
 Any failure of a rank (an exception in a step, a dead or OOM-killed actor, a collective that
 timed out) fails the executor for good: the tensor-parallel group is out of step, so every
@@ -64,6 +68,7 @@ class RayWorker:
         self.rank, self.world_size = rank, world_size
         self.store = None
         self.worker: Worker | None = None
+        self.num_threads = num_threads
         torch.set_num_threads(num_threads)
         # Compiled-graph inputs arrive as read-only numpy views of the channel buffer; the worker
         # only reads them, so torch's warning about non-writable arrays is noise here.
@@ -109,6 +114,10 @@ class RayWorker:
                                       for k, v in self.worker.kv_caches)}
 
     def execute(self, step: StepInput) -> StepOutput | None:
+        # OpenMP's thread count is per calling thread, and a compiled graph runs steps on a thread
+        # of its own: without this, torch and the CPU kernels there would use every core.
+        if torch.get_num_threads() != self.num_threads:
+            torch.set_num_threads(self.num_threads)
         out = self.worker.execute(step)
         if out is None or self.worker.device.type == "cpu":
             return out

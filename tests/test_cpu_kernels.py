@@ -7,6 +7,10 @@ left unwritten.
 """
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -17,11 +21,12 @@ from llama3_dist.kernels import reference as ref
 
 BF16 = torch.bfloat16
 
-if cpu.library() is None:
-    missing = [f for f in cpu.NEEDED_CPU_FLAGS if f not in (cpu._FLAGS or ())]
-    if not missing:
-        raise RuntimeError("this CPU has AVX-512 but the CPU kernels did not build; see the warning above")
-    pytest.skip(f"the CPU kernels need {', '.join(missing)}", allow_module_level=True)
+MISSING = [f for f in cpu.NEEDED_CPU_FLAGS if f not in (cpu._FLAGS or ())]
+TURNED_OFF = os.environ.get("LLAMA3_DIST_CPU_KERNELS", "1") == "0"
+if not (MISSING or TURNED_OFF) and cpu.library() is None:
+    raise RuntimeError("this CPU has AVX-512 but the CPU kernels did not build; see the warning above")
+built = pytest.mark.skipif(bool(MISSING) or TURNED_OFF,
+                           reason=f"the CPU kernels are off or need {', '.join(MISSING)}")
 
 
 @pytest.fixture(autouse=True)
@@ -41,6 +46,7 @@ def assert_matches(got: torch.Tensor, expected: torch.Tensor, exact_fraction: fl
     assert same >= exact_fraction, f"only {same:.4f} of the elements are bit-identical"
 
 
+@built
 @pytest.mark.parametrize("D,residual,weight", [(1024, True, True), (80, False, True), (96, True, False)])
 @pytest.mark.parametrize("N", [1, 37])
 def test_rms_norm(N, D, residual, weight):
@@ -52,6 +58,7 @@ def test_rms_norm(N, D, residual, weight):
     assert_matches(out, ref_out)
 
 
+@built
 @pytest.mark.parametrize("d,rot,interleaved,hq,hk", [
     (64, 64, False, 4, 4),     # full rotary, Hugging Face layout
     (128, 96, True, 8, 2),     # partial rotary (0.75), GGUF layout
@@ -75,12 +82,14 @@ def test_rotary_embedding(d, rot, interleaved, hq, hk):
     assert torch.equal(qkv, expected)
 
 
+@built
 @pytest.mark.parametrize("N,inter", [(1, 3584), (5, 1100)])
 def test_silu_and_mul(N, inter):
     x = randn(N, 2 * inter) * 4
     assert_matches(cpu.silu_and_mul(x), ref.silu_and_mul(x))
 
 
+@built
 def test_store_kv_cache():
     N, hq, hk, d, num_pages, page_size = 11, 4, 2, 64, 6, 4
     qkv = randn(N, (hq + 2 * hk) * d)
@@ -96,6 +105,7 @@ def test_store_kv_cache():
     torch.testing.assert_close(v_cache, ev, rtol=0, atol=0, equal_nan=True)
 
 
+@built
 @pytest.mark.parametrize("d,hq,hk,page_size,lens,window", [
     (64, 16, 4, 16, [33], None),               # the benchmark model's heads, batch of one
     (128, 8, 2, 16, [1, 37, 300], None),       # GQA 4, several sequences, one of one token
@@ -113,6 +123,7 @@ def test_paged_decode_attention(d, hq, hk, page_size, lens, window):
     assert_matches(got, expected, exact_fraction=0.97)
 
 
+@built
 @pytest.mark.parametrize("rows", [1, 5, 13, 40])
 def test_linear_rounds_a_float32_product(rows):
     """bfloat16 products (the GEMV for few rows, a widened float32 weight for many) compute what
@@ -128,6 +139,7 @@ def test_linear_rounds_a_float32_product(rows):
         assert torch.equal(kernels.linear(x, w, b), got)
 
 
+@built
 def test_dispatch(monkeypatch):
     """bfloat16 CPU tensors take the compiled kernels; float32, or LLAMA3_DIST_KERNELS=torch,
     the reference."""
@@ -139,6 +151,7 @@ def test_dispatch(monkeypatch):
     assert kernels._impl(x) is ref
 
 
+@built
 def test_bfloat16_model_matches_torch_path(tmp_path, monkeypatch):
     """A bfloat16 model through the engine: the compiled kernels give the torch path's logits
     (prefill, then decode steps) to within bfloat16 rounding."""
@@ -171,3 +184,21 @@ def test_bfloat16_model_matches_torch_path(tmp_path, monkeypatch):
     for g, e in zip(got, expected):
         torch.testing.assert_close(g, e, rtol=0.05, atol=0.05)
         assert (g.argmax(-1) == e.argmax(-1)).float().mean() >= 0.9
+
+
+def test_torch_fallback_without_the_library():
+    """LLAMA3_DIST_CPU_KERNELS=0 (as on a CPU without AVX-512 or a compiler): one warning, then
+    the torch reference for every kernel and oneDNN for products, with the same results."""
+    code = (
+        "import logging, torch\n"
+        "from llama3_dist import kernels\n"
+        "from llama3_dist.kernels import cpu, reference\n"
+        "logging.basicConfig()\n"
+        "x = torch.randn(3, 64).to(torch.bfloat16); w = torch.randn(32, 64).to(torch.bfloat16)\n"
+        "assert kernels._impl(x) is reference and cpu.library() is None and cpu.gemv(x, w, None) is None\n"
+        "expected = (x.float() @ w.float().T).to(torch.bfloat16)\n"
+        "torch.testing.assert_close(kernels.linear(x, w), expected, rtol=2 ** -7, atol=1e-3)\n")
+    env = {**os.environ, "LLAMA3_DIST_CPU_KERNELS": "0", "LLAMA3_DIST_KERNELS": "auto"}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.count("LLAMA3_DIST_CPU_KERNELS=0") == 1, done.stderr

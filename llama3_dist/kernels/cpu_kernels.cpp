@@ -37,6 +37,11 @@ inline __m512 widen(const uint16_t* p, __mmask16 mask) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
 
+// Lanes for the last `left` elements of a loop over 16 at a time.
+inline __mmask16 tail_mask(int64_t left) {
+    return left >= 16 ? __mmask16(0xffff) : __mmask16((1u << left) - 1u);
+}
+
 inline float bf16_to_float(uint16_t h) {
     uint32_t bits = uint32_t(h) << 16;
     float f;
@@ -92,7 +97,7 @@ inline void store_bf16(uint16_t* p, __mmask16 mask, __m512 v) { _mm256_mask_stor
 inline float dot(const uint16_t* k, const float* q, int64_t d) {
     __m512 acc = _mm512_setzero_ps();
     for (int64_t j = 0; j < d; j += 16) {
-        __mmask16 mask = d - j >= 16 ? __mmask16(0xffff) : __mmask16((1u << (d - j)) - 1u);
+        const __mmask16 mask = tail_mask(d - j);
         acc = _mm512_fmadd_ps(widen(k + j, mask), _mm512_maskz_loadu_ps(mask, q + j), acc);
     }
     return _mm512_reduce_add_ps(acc);
@@ -102,23 +107,31 @@ inline float dot(const uint16_t* k, const float* q, int64_t d) {
 inline void axpy(float p, const uint16_t* v, float* acc, int64_t d) {
     const __m512 pv = _mm512_set1_ps(p);
     for (int64_t j = 0; j < d; j += 16) {
-        __mmask16 mask = d - j >= 16 ? __mmask16(0xffff) : __mmask16((1u << (d - j)) - 1u);
+        const __mmask16 mask = tail_mask(d - j);
         __m512 a = _mm512_maskz_loadu_ps(mask, acc + j);
         _mm512_mask_storeu_ps(acc + j, mask, _mm512_fmadd_ps(pv, widen(v + j, mask), a));
     }
 }
 
-// Rotates the first rot features of one head in place, as reference.rotary_embedding does on
-// bfloat16 tensors: cos and sin rounded to bfloat16, every product and sum rounded.
-inline void rotate(uint16_t* x, const float* cs, int64_t rot, bool interleaved) {
-    const int64_t half = rot / 2;
-    for (int64_t j = 0; j < half; ++j) {
-        uint16_t* p1 = interleaved ? x + 2 * j : x + j;
-        uint16_t* p2 = interleaved ? x + 2 * j + 1 : x + j + half;
-        const float c = round_bf16(cs[j]), s = round_bf16(cs[half + j]);
-        const float x1 = bf16_to_float(*p1), x2 = bf16_to_float(*p2);
-        *p1 = float_to_bf16(round_bf16(x1 * c) - round_bf16(x2 * s));
-        *p2 = float_to_bf16(round_bf16(x2 * c) + round_bf16(x1 * s));
+// Rotates the first 2 * half features of one head in place, as reference.rotary_embedding does
+// on bfloat16 tensors: c and s are cos and sin already rounded to bfloat16, and every product
+// and sum is rounded.
+inline void rotate(uint16_t* x, const float* c, const float* s, int64_t half, bool interleaved) {
+    if (interleaved) {  // pairs (2j, 2j+1): no Hugging Face checkpoint uses it, kept scalar
+        for (int64_t j = 0; j < half; ++j) {
+            const float x1 = bf16_to_float(x[2 * j]), x2 = bf16_to_float(x[2 * j + 1]);
+            x[2 * j] = float_to_bf16(round_bf16(x1 * c[j]) - round_bf16(x2 * s[j]));
+            x[2 * j + 1] = float_to_bf16(round_bf16(x2 * c[j]) + round_bf16(x1 * s[j]));
+        }
+        return;
+    }
+    for (int64_t j = 0; j < half; j += 16) {  // j pairs with j + half
+        const __mmask16 mask = tail_mask(half - j);
+        const __m512 x1 = widen(x + j, mask), x2 = widen(x + half + j, mask);
+        const __m512 cv = _mm512_maskz_loadu_ps(mask, c + j), sv = _mm512_maskz_loadu_ps(mask, s + j);
+        store_bf16(x + j, mask, _mm512_sub_ps(round_bf16(_mm512_mul_ps(x1, cv)), round_bf16(_mm512_mul_ps(x2, sv))));
+        store_bf16(x + half + j, mask,
+                   _mm512_add_ps(round_bf16(_mm512_mul_ps(x2, cv)), round_bf16(_mm512_mul_ps(x1, sv))));
     }
 }
 
@@ -210,23 +223,26 @@ void bf16_rms_norm(const uint16_t* x, const uint16_t* residual, const uint16_t* 
                    uint16_t* out, uint16_t* h_out, int64_t n, int64_t d) {
 #pragma omp parallel for schedule(static) if (n >= 16)
     for (int64_t i = 0; i < n; ++i) {
-        const uint16_t* xr = x + i * d;
-        const uint16_t* h = xr;
-        if (residual) {
-            uint16_t* hr = h_out + i * d;
-            for (int64_t j = 0; j < d; ++j)
-                hr[j] = float_to_bf16(bf16_to_float(xr[j]) + bf16_to_float(residual[i * d + j]));
-            h = hr;
+        const uint16_t* h = x + i * d;
+        if (residual) {  // h = x + residual, rounded to bfloat16 as the reference's add
+            for (int64_t j = 0; j < d; j += 16) {
+                const __mmask16 mask = tail_mask(d - j);
+                store_bf16(h_out + i * d + j, mask,
+                           _mm512_add_ps(widen(x + i * d + j, mask), widen(residual + i * d + j, mask)));
+            }
+            h = h_out + i * d;
         }
-        float sum = 0.0f;
-        for (int64_t j = 0; j < d; ++j) {
-            const float v = bf16_to_float(h[j]);
-            sum += v * v;
+        __m512 sum = _mm512_setzero_ps();
+        for (int64_t j = 0; j < d; j += 16) {
+            const __m512 v = widen(h + j, tail_mask(d - j));
+            sum = _mm512_fmadd_ps(v, v, sum);
         }
-        const float inv = 1.0f / sqrtf(sum / float(d) + eps);
-        for (int64_t j = 0; j < d; ++j) {
-            const float v = round_bf16(bf16_to_float(h[j]) * inv);
-            out[i * d + j] = float_to_bf16(weight ? bf16_to_float(weight[j]) * v : v);
+        const __m512 inv = _mm512_set1_ps(1.0f / sqrtf(_mm512_reduce_add_ps(sum) / float(d) + eps));
+        for (int64_t j = 0; j < d; j += 16) {
+            const __mmask16 mask = tail_mask(d - j);
+            __m512 v = round_bf16(_mm512_mul_ps(widen(h + j, mask), inv));
+            if (weight) v = _mm512_mul_ps(widen(weight + j, mask), v);
+            store_bf16(out + i * d + j, mask, v);
         }
     }
 }
@@ -236,11 +252,17 @@ void bf16_rms_norm(const uint16_t* x, const uint16_t* residual, const uint16_t* 
 void bf16_rotary(const int64_t* positions, uint16_t* q, int64_t q_stride, int64_t hq, uint16_t* k,
                  int64_t k_stride, int64_t hk, int64_t d, const float* cos_sin, int64_t rot,
                  int interleaved, int64_t n) {
+    const int64_t half = rot / 2;
 #pragma omp parallel for schedule(static) if (n >= 16)
     for (int64_t i = 0; i < n; ++i) {
+        std::vector<float> c(half), s(half);  // this position's cos and sin, rounded once
         const float* cs = cos_sin + positions[i] * rot;
-        for (int64_t h = 0; h < hq; ++h) rotate(q + i * q_stride + h * d, cs, rot, interleaved);
-        for (int64_t h = 0; h < hk; ++h) rotate(k + i * k_stride + h * d, cs, rot, interleaved);
+        for (int64_t j = 0; j < half; ++j) {
+            c[j] = round_bf16(cs[j]);
+            s[j] = round_bf16(cs[half + j]);
+        }
+        for (int64_t h = 0; h < hq; ++h) rotate(q + i * q_stride + h * d, c.data(), s.data(), half, interleaved);
+        for (int64_t h = 0; h < hk; ++h) rotate(k + i * k_stride + h * d, c.data(), s.data(), half, interleaved);
     }
 }
 
@@ -264,7 +286,10 @@ void bf16_decode_attention(const uint16_t* q, int64_t q_stride, const uint16_t* 
                            const int32_t* context_lens, uint16_t* out, int64_t b, int64_t hq,
                            int64_t hk, int64_t d, int64_t page_size, float scale, int64_t window) {
     const int64_t g = hq / hk;
-#pragma omp parallel for schedule(dynamic)
+    int64_t keys = 0;
+    for (int64_t s = 0; s < b; ++s) keys += context_lens[s];
+    // Threads only pay off past a few thousand keys: waking them costs more than short contexts.
+#pragma omp parallel for schedule(dynamic) if (keys * hk >= 8192)
     for (int64_t task = 0; task < b * hk; ++task) {
         const int64_t s = task / hk, h = task % hk;
         const int64_t ctx = context_lens[s];
@@ -283,10 +308,19 @@ void bf16_decode_attention(const uint16_t* q, int64_t q_stride, const uint16_t* 
         }
         for (int64_t gi = 0; gi < g; ++gi) {
             float* sc = &scores[gi * len];
-            const float top = *std::max_element(sc, sc + len);
-            float total = 0.0f;
-            for (int64_t t = 0; t < len; ++t) total += (sc[t] = expf(sc[t] - top));
-            for (int64_t t = 0; t < len; ++t) sc[t] /= total;
+            const __m512 top = _mm512_set1_ps(*std::max_element(sc, sc + len));
+            __m512 total = _mm512_setzero_ps();
+            for (int64_t t = 0; t < len; t += 16) {
+                const __mmask16 mask = tail_mask(len - t);
+                const __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(mask, sc + t), top));
+                _mm512_mask_storeu_ps(sc + t, mask, e);
+                total = _mm512_add_ps(total, _mm512_maskz_mov_ps(mask, e));
+            }
+            const __m512 inv_total = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(total));
+            for (int64_t t = 0; t < len; t += 16) {
+                const __mmask16 mask = tail_mask(len - t);
+                _mm512_mask_storeu_ps(sc + t, mask, _mm512_mul_ps(_mm512_maskz_loadu_ps(mask, sc + t), inv_total));
+            }
         }
         for (int64_t t = 0; t < len; ++t) {
             const uint16_t* vp = v_cache + slot(first + t) * d;
@@ -306,7 +340,7 @@ void bf16_silu_and_mul(const uint16_t* x, uint16_t* out, int64_t n, int64_t inte
         const uint16_t* gate = x + i * 2 * inter;
         const uint16_t* up = gate + inter;
         for (int64_t j = 0; j < inter; j += 16) {
-            const __mmask16 mask = inter - j >= 16 ? __mmask16(0xffff) : __mmask16((1u << (inter - j)) - 1u);
+            const __mmask16 mask = tail_mask(inter - j);
             const __m512 g = widen(gate + j, mask);
             const __m512 e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), g));
             const __m512 silu = round_bf16(_mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0f), e)));
