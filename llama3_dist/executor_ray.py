@@ -68,7 +68,6 @@ class RayWorker:
         self.rank, self.world_size = rank, world_size
         self.store = None
         self.worker: Worker | None = None
-        self.num_threads = num_threads
         torch.set_num_threads(num_threads)
         # Compiled-graph inputs arrive as read-only numpy views of the channel buffer; the worker
         # only reads them, so torch's warning about non-writable arrays is noise here.
@@ -114,10 +113,6 @@ class RayWorker:
                                       for k, v in self.worker.kv_caches)}
 
     def execute(self, step: StepInput) -> StepOutput | None:
-        # OpenMP's thread count is per calling thread, and a compiled graph runs steps on a thread
-        # of its own: without this, torch and the CPU kernels there would use every core.
-        if torch.get_num_threads() != self.num_threads:
-            torch.set_num_threads(self.num_threads)
         out = self.worker.execute(step)
         if out is None or self.worker.device.type == "cpu":
             return out
