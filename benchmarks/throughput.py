@@ -139,7 +139,7 @@ def main() -> None:
         # ours and transformers alternate, and each reports its median.
         model = None if args.skip_hf else hf_model(path, dtype, args.device)
         ours_runs, hf_runs = [], []
-        for _ in range(3):
+        for _ in range(5):
             ours_runs.append(ours_decode_ms(llm, decode_prompt, n_tok))
             if model is not None:
                 hf_runs.append(hf_decode_ms(model, decode_prompt, n_tok))

@@ -212,15 +212,16 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> to
     if (lib is None or x.dtype != torch.bfloat16 or not weight.is_contiguous()
             or (bias is not None and (bias.dtype != torch.bfloat16 or not bias.is_contiguous()))):
         return None
-    rows, k, n = x.numel() // x.shape[-1], x.shape[-1], weight.shape[0]
-    x2 = x.reshape(rows, k).contiguous()
+    k, n = x.shape[-1], weight.shape[0]
+    x2 = x if x.dim() == 2 and x.is_contiguous() else x.reshape(-1, k).contiguous()
+    rows = x2.shape[0]
     out = torch.empty(rows, n, dtype=torch.bfloat16)
     bias_ptr = None if bias is None else bias.data_ptr()
-    x_ptr, out_ptr = x2.data_ptr(), out.data_ptr()
+    x_ptr, w_ptr, out_ptr = x2.data_ptr(), weight.data_ptr(), out.data_ptr()
     for start in range(0, rows, GEMV_MAX_ROWS):
-        m = min(GEMV_MAX_ROWS, rows - start)
-        lib.bf16_gemv(x_ptr + start * k * 2, weight.data_ptr(), bias_ptr, out_ptr + start * n * 2, m, n, k)
-    return out.view(*x.shape[:-1], n)
+        lib.bf16_gemv(x_ptr + start * k * 2, w_ptr, bias_ptr, out_ptr + start * n * 2,
+                      min(GEMV_MAX_ROWS, rows - start), n, k)
+    return out if x.dim() == 2 else out.view(*x.shape[:-1], n)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -177,7 +177,7 @@ void gemv(const uint16_t* x, const uint16_t* w, const uint16_t* bias, uint16_t* 
     for (int m = 0; m < M; ++m)
         for (int64_t j = 0; j < k; ++j) xf[m * k_pad + j] = bf16_to_float(x[m * k + j]);
     const int64_t tiles = (n + R - 1) / R;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(guided)  // ~4% faster than static over the benchmark model
     for (int64_t t = 0; t < tiles; ++t) {
         const int64_t n0 = t * R;
         float out[M * R];
