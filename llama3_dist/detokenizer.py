@@ -58,12 +58,13 @@ class IncrementalDetokenizer:
                    include_stop_str_in_output=params.include_stop_str_in_output)
 
     def add_tokens(self, token_ids: Iterable[int], *, final: bool = False,
-                   stop_terminated: bool = False) -> Delta:
+                   stop_terminated: bool = False, check_stops: bool = True) -> Delta:
         """Feed newly generated ids; returns the text now known to be final.
 
         final: the sequence ends after these ids (length limit, stop token, abort), so nothing is
         held back any more. stop_terminated: the last id is an eos/stop token id that ended the
         sequence; its text is left out unless include_stop_str_in_output (vLLM). Implies final.
+        check_stops=False (before min_tokens, as vLLM): stop strings in this text do not count.
         """
         if self.finished:
             raise RuntimeError("add_tokens after the sequence finished (a stop string or final)")
@@ -73,7 +74,7 @@ class IncrementalDetokenizer:
             if ids and not self.include_stop_str_in_output:
                 ids.pop()
         self._ids.extend(ids)
-        return self._emit(self._decode_window(final), final)
+        return self._emit(self._decode_window(final), final, check_stops)
 
     def _decode_window(self, final: bool) -> str:
         if self._read_offset == len(self._ids):
@@ -92,10 +93,10 @@ class IncrementalDetokenizer:
         self._prefix_text = None
         return delta
 
-    def _emit(self, new: str, final: bool) -> Delta:
+    def _emit(self, new: str, final: bool, check_stops: bool) -> Delta:
         pending = self._held + new
         self._held = ""
-        if self.stop and pending:
+        if self.stop and pending and check_stops:
             hit = _find_stop(pending, self.stop)
             if hit is not None:
                 at, s = hit

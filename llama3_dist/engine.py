@@ -262,7 +262,7 @@ class LLMEngine:
             return
         at_limit = n_out >= p.max_tokens or req.context.num_tokens >= self.config.max_seq_len
         if seq.detokenizer is not None:
-            delta = seq.detokenizer.add_tokens([token], final=at_limit)
+            delta = seq.detokenizer.add_tokens([token], final=at_limit, check_stops=n_out >= p.min_tokens)
             seq.text += delta.text
             if delta.stop is not None:
                 self._finish(seq, "stop", delta.stop)

@@ -181,6 +181,10 @@ def test_text_stop_strings_chat_and_streaming(tokenized_checkpoint):
         kept = llm.generate("The capital of France is", SamplingParams(
             temperature=0, max_tokens=16, stop=[stop], include_stop_str_in_output=True), use_tqdm=False)[0].outputs[0]
         assert kept.text == text[:boundary + 2]
+        # Before min_tokens stop strings do not count (vLLM): the one ending in token 5 is passed.
+        late = llm.generate("The capital of France is", SamplingParams(
+            temperature=0, max_tokens=16, stop=[stop], min_tokens=8), use_tqdm=False)[0].outputs[0]
+        assert late.text.startswith(text[:boundary + 2]) and len(late.token_ids) >= 8
         # ignore_eos: generation runs to max_tokens even past the eos token.
         eos_params = SamplingParams(temperature=0, max_tokens=6, stop_token_ids=[ids[2]], ignore_eos=True)
         assert len(llm.generate("The capital of France is", eos_params, use_tqdm=False)[0].outputs[0].token_ids) == 3
