@@ -18,7 +18,8 @@ end a TP=2 decode step took 9-17 ms less through the graph. Hence the graph is t
 Its channels wait by spinning (Ray 2.60's ReadAcquire yields in a loop), so where the ranks share
 a few CPU cores with the driver that spinning takes their time: on a 2-core host, batch-1 decode
 of the 284M benchmark model was ~15% faster with compiled_graph=False, 8-request batches ~7%
-slower, and the engine's overhead per step 4 ms with the graph against 20 ms without.
+slower, and the engine's overhead per step 4 ms with the graph against 20 ms without (before
+the driver lowered its own priority for CPU ranks: see driver_nice).
 
 Any failure of a rank (an exception in a step, a dead or OOM-killed actor, a collective that
 timed out) fails the executor for good: the tensor-parallel group is out of step, so every
