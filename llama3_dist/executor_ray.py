@@ -270,6 +270,8 @@ class RayExecutor:
         self.config = config
         self.world_size = tp = config.tp_degree
         self.step_timeout_s = step_timeout_s
+        if driver_nice is not None and not 0 <= driver_nice <= 19:
+            raise ConfigError(f"driver_nice must be a niceness from 0 to 19, got {driver_nice}")
         strategy = str(placement_strategy).upper()
         if strategy not in STRATEGIES:
             raise ConfigError(f"unknown placement_strategy {placement_strategy!r}; use one of {', '.join(STRATEGIES)}")
@@ -360,8 +362,6 @@ class RayExecutor:
             here = ray.get_runtime_context().get_node_id()
             shares_cores = self.device_kind == "cpu" and any(n["node_id"] == here for n in self.nodes)
             driver_nice = DRIVER_NICE_FOR_CPU_RANKS if shares_cores and self.compiled_graph else 0
-        if not 0 <= driver_nice <= 19:
-            raise ConfigError(f"driver_nice must be a niceness from 0 to 19, got {driver_nice}")
         increment = driver_nice - os.nice(0)
         if increment > 0:
             os.nice(increment)

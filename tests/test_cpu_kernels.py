@@ -21,7 +21,7 @@ from llama3_dist.kernels import reference as ref
 
 BF16 = torch.bfloat16
 
-MISSING = [f for f in cpu.NEEDED_CPU_FLAGS if f not in (cpu._FLAGS or ())]
+MISSING = cpu.missing_features()
 TURNED_OFF = os.environ.get("LLAMA3_DIST_CPU_KERNELS", "1") == "0"
 if not (MISSING or TURNED_OFF) and cpu.library() is None:
     raise RuntimeError("this CPU has AVX-512 but the CPU kernels did not build; see the warning above")

@@ -93,9 +93,10 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x @ weight.T + bias. cuBLAS on GPUs is already the right kernel; bfloat16 weights on CPUs
-    without native bfloat16 take the faster route of kernels/cpu.py."""
+    without native bfloat16 take the faster routes of kernels/cpu.py (its compiled GEMV only where
+    the other kernels take the compiled path too)."""
     if cpu.needs_help(x, weight):
-        return cpu.linear(x, weight, bias)
+        return cpu.linear(x, weight, bias, compiled=_impl(x) is cpu)
     return reference.linear(x, weight, bias)
 
 

@@ -76,7 +76,12 @@ _lib_lock = threading.Lock()
 _lib: ctypes.CDLL | None | bool = None  # None: not tried yet; False: unavailable
 
 
-def build(cache: Path | None = None) -> Path:
+def missing_features() -> list[str]:
+    """The CPU features the library needs and this CPU lacks (all of them off Linux)."""
+    return [f for f in NEEDED_CPU_FLAGS if f not in (_FLAGS or ())]
+
+
+def build() -> Path:
     """Compile cpu_kernels.cpp into the cache (once per source and flags); returns the library.
 
     Several processes (Ray ranks) may build at once: each compiles into its own temporary file
@@ -85,7 +90,7 @@ def build(cache: Path | None = None) -> Path:
     if not compiler:
         raise RuntimeError("no C++ compiler found (set CXX or install g++)")
     digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(COMPILE_FLAGS).encode()).hexdigest()[:16]
-    target = (cache or cache_root() / "kernels") / f"cpu_kernels-{digest}.so"
+    target = cache_root() / "kernels" / f"cpu_kernels-{digest}.so"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -110,7 +115,7 @@ def library() -> ctypes.CDLL | None:
         return _lib or None
     with _lib_lock:
         if _lib is None:
-            missing = [f for f in NEEDED_CPU_FLAGS if f not in (_FLAGS or ())]
+            missing = missing_features()
             try:
                 if os.environ.get("LLAMA3_DIST_CPU_KERNELS", "1") == "0":
                     raise RuntimeError("LLAMA3_DIST_CPU_KERNELS=0")
@@ -219,15 +224,18 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> to
     bias_ptr = None if bias is None else bias.data_ptr()
     x_ptr, w_ptr, out_ptr = x2.data_ptr(), weight.data_ptr(), out.data_ptr()
     for start in range(0, rows, GEMV_MAX_ROWS):
-        lib.bf16_gemv(x_ptr + start * k * 2, w_ptr, bias_ptr, out_ptr + start * n * 2,
-                      min(GEMV_MAX_ROWS, rows - start), n, k)
+        m = min(GEMV_MAX_ROWS, rows - start)
+        if lib.bf16_gemv(x_ptr + start * k * 2, w_ptr, bias_ptr, out_ptr + start * n * 2, m, n, k):
+            raise ValueError(f"bf16_gemv takes 1 to {GEMV_MAX_ROWS} rows at a time, got {m}")
     return out if x.dim() == 2 else out.view(*x.shape[:-1], n)
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+           compiled: bool = True) -> torch.Tensor:
+    """compiled=False keeps to torch (oneDNN for few rows)."""
     rows = x.numel() // x.shape[-1]
     if rows < WIDEN_MIN_ROWS:
-        out = gemv(x, weight, bias)
+        out = gemv(x, weight, bias) if compiled else None
         return out if out is not None else torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
     wide = getattr(_scratch, "buffer", None)
     if wide is None or wide.numel() < weight.numel():
