@@ -1,9 +1,11 @@
-"""The compiled CPU kernels (llama3_dist/kernels/cpu_kernels.cpp) against the torch reference.
+"""The compiled CPU kernels (llama3_dist/kernels/cpu_kernels.cpp) against the torch reference, for
+every instruction set this CPU runs (an AVX-512 host builds and checks the AVX2 and generic
+libraries too) and both element types.
 
 They do the reference's arithmetic (float32 math, bfloat16 roundings in the same places), so
-outputs must agree to within float32 summation order: almost every element bit for bit, the rest
-one bfloat16 step apart. Caches and outputs are poisoned with NaN where nothing may be read or
-left unwritten.
+bfloat16 outputs must agree to within float32 summation order: almost every element bit for
+bit, the rest one bfloat16 step apart; float32 outputs to float32 rounding. Caches and outputs
+are poisoned with NaN where nothing may be read or left unwritten.
 """
 from __future__ import annotations
 
@@ -19,14 +21,12 @@ from llama3_dist import kernels
 from llama3_dist.kernels import cpu
 from llama3_dist.kernels import reference as ref
 
-BF16 = torch.bfloat16
-
-MISSING = cpu.missing_features()
+BF16, F32 = torch.bfloat16, torch.float32
 TURNED_OFF = os.environ.get("LLAMA3_DIST_CPU_KERNELS", "1") == "0"
-if not (MISSING or TURNED_OFF) and cpu.library() is None:
-    raise RuntimeError("this CPU has AVX-512 but the CPU kernels did not build; see the warning above")
-built = pytest.mark.skipif(bool(MISSING) or TURNED_OFF,
-                           reason=f"the CPU kernels are off or need {', '.join(MISSING)}")
+ISAS = cpu.executable_isas()
+if not TURNED_OFF and any(cpu.library(isa) is None for isa in ISAS):
+    raise RuntimeError(f"this CPU runs {ISAS} but a CPU kernel library did not build; see the warning above")
+built = pytest.mark.skipif(TURNED_OFF, reason="LLAMA3_DIST_CPU_KERNELS=0")
 
 
 @pytest.fixture(autouse=True)
@@ -34,42 +34,56 @@ def seeded():
     torch.manual_seed(0)
 
 
-def randn(*shape):
-    return torch.randn(*shape).to(BF16)
+@pytest.fixture(params=[(isa, dtype) for isa in ISAS for dtype in (BF16, F32)],
+                ids=lambda p: f"{p[0]}-{str(p[1]).removeprefix('torch.')}")
+def variant(request):
+    """(library, dtype) for every instruction set this CPU runs and both element types."""
+    if TURNED_OFF:
+        pytest.skip("LLAMA3_DIST_CPU_KERNELS=0")
+    isa, dtype = request.param
+    return cpu.library(isa), dtype
+
+
+def randn(*shape, dtype=BF16):
+    return torch.randn(*shape).to(dtype)
 
 
 def assert_matches(got: torch.Tensor, expected: torch.Tensor, exact_fraction: float = 0.99):
-    """Within one bfloat16 step everywhere, and bit-identical nearly everywhere."""
+    """bfloat16: within one step everywhere, bit-identical nearly everywhere. float32: within
+    float32 rounding of a different summation order."""
     assert got.dtype == expected.dtype and got.shape == expected.shape
+    if got.dtype == F32:
+        torch.testing.assert_close(got, expected, rtol=2e-5, atol=2e-5)
+        return
     torch.testing.assert_close(got, expected, rtol=2 ** -7, atol=1e-3)
     same = (got == expected).float().mean().item()
     assert same >= exact_fraction, f"only {same:.4f} of the elements are bit-identical"
 
 
-@built
-@pytest.mark.parametrize("D,residual,weight", [(1024, True, True), (80, False, True), (96, True, False)])
+@pytest.mark.parametrize("D,residual,weight", [(1024, True, True), (80, False, True), (100, True, False)])
 @pytest.mark.parametrize("N", [1, 37])
-def test_rms_norm(N, D, residual, weight):
-    x, r = randn(N, D), (randn(N, D) if residual else None)
-    w = (1 + 0.5 * torch.randn(D)).to(BF16) if weight else None
-    out, h = cpu.rms_norm(x, w, 1e-5, r)
+def test_rms_norm(variant, N, D, residual, weight):
+    library, dtype = variant
+    x, r = randn(N, D, dtype=dtype), (randn(N, D, dtype=dtype) if residual else None)
+    w = (1 + 0.5 * torch.randn(D)).to(dtype) if weight else None
+    out, h = library.rms_norm(x, w, 1e-5, r)
     ref_out, ref_h = ref.rms_norm(x, w, 1e-5, r)
     assert torch.equal(h, ref_h)
     assert_matches(out, ref_out)
 
 
-@built
 @pytest.mark.parametrize("d,rot,interleaved,hq,hk", [
     (64, 64, False, 4, 4),     # full rotary, Hugging Face layout
     (128, 96, True, 8, 2),     # partial rotary (0.75), GGUF layout
-    (96, 48, False, 6, 2),     # partial, rotate-half
+    (96, 48, False, 6, 2),     # partial, rotate-half, half (24) not a multiple of any vector
 ])
-def test_rotary_embedding(d, rot, interleaved, hq, hk):
+def test_rotary_embedding(variant, d, rot, interleaved, hq, hk):
+    library, dtype = variant
     N, max_pos = 9, 64
-    qkv = randn(N, (hq + 2 * hk) * d)  # q and k as the model passes them: views into qkv
+    qkv = randn(N, (hq + 2 * hk) * d, dtype=dtype)  # q and k as the model passes them: views into qkv
     expected = qkv.clone()
-    inv = 1.0 / (500000 ** (torch.arange(0, rot, 2, dtype=torch.float32) / rot))
-    freqs = torch.arange(max_pos, dtype=torch.float32)[:, None] * inv[None, :]
+    inv = 1.0 / (500000 ** (torch.arange(0, rot, 2, dtype=F32) / rot))
+    freqs = torch.arange(max_pos, dtype=F32)[:, None] * inv[None, :]
     cos_sin = torch.cat((freqs.cos(), freqs.sin()), dim=-1)
     positions = torch.randint(0, max_pos, (N,))
 
@@ -77,95 +91,121 @@ def test_rotary_embedding(d, rot, interleaved, hq, hk):
         return t[:, :hq * d].view(N, hq, d), t[:, hq * d:(hq + hk) * d].view(N, hk, d)
 
     ref.rotary_embedding(positions, *views(expected), cos_sin, interleaved)
-    cpu.rotary_embedding(positions, *views(qkv), cos_sin, interleaved)
-    # Same roundings in the same order: bit for bit, v and the unrotated features included.
-    assert torch.equal(qkv, expected)
+    library.rotary_embedding(positions, *views(qkv), cos_sin, interleaved)
+    if dtype == BF16:  # same roundings in the same order: bit for bit, v and the unrotated features included
+        assert torch.equal(qkv, expected)
+    else:  # float32: the reference's products may be fused differently
+        torch.testing.assert_close(qkv, expected, rtol=1e-6, atol=1e-6)
+        assert torch.equal(qkv[:, (hq + hk) * d:], expected[:, (hq + hk) * d:])
 
 
-@built
-@pytest.mark.parametrize("N,inter", [(1, 3584), (5, 1100)])
-def test_silu_and_mul(N, inter):
-    x = randn(N, 2 * inter) * 4
-    assert_matches(cpu.silu_and_mul(x), ref.silu_and_mul(x))
+@pytest.mark.parametrize("N,inter", [(1, 3584), (5, 1100), (2, 13)])
+def test_silu_and_mul(variant, N, inter):
+    library, dtype = variant
+    x = randn(N, 2 * inter, dtype=dtype) * 4
+    x[0, :3] = torch.tensor([-200.0, 200.0, 0.0])  # exp's range ends: silu gives -0, x and 0
+    assert_matches(library.silu_and_mul(x), ref.silu_and_mul(x))
 
 
-@built
-def test_store_kv_cache():
+def test_store_kv_cache(variant):
+    library, dtype = variant
     N, hq, hk, d, num_pages, page_size = 11, 4, 2, 64, 6, 4
-    qkv = randn(N, (hq + 2 * hk) * d)
+    qkv = randn(N, (hq + 2 * hk) * d, dtype=dtype)
     k, v = qkv[:, hq * d:(hq + hk) * d].view(N, hk, d), qkv[:, (hq + hk) * d:].view(N, hk, d)
     slots = torch.randperm(num_pages * page_size)[:N]
     slots[[2, 7]] = -1
-    k_cache = torch.full((num_pages, page_size, hk, d), float("nan"), dtype=BF16)
+    k_cache = torch.full((num_pages, page_size, hk, d), float("nan"), dtype=dtype)
     v_cache = torch.full_like(k_cache, float("nan"))
     ek, ev = k_cache.clone(), v_cache.clone()
     ref.store_kv_cache(k, v, ek, ev, slots)
-    cpu.store_kv_cache(k, v, k_cache, v_cache, slots)
+    library.store_kv_cache(k, v, k_cache, v_cache, slots)
     torch.testing.assert_close(k_cache, ek, rtol=0, atol=0, equal_nan=True)
     torch.testing.assert_close(v_cache, ev, rtol=0, atol=0, equal_nan=True)
 
 
-@built
 @pytest.mark.parametrize("d,hq,hk,page_size,lens,window", [
     (64, 16, 4, 16, [33], None),               # the benchmark model's heads, batch of one
     (128, 8, 2, 16, [1, 37, 300], None),       # GQA 4, several sequences, one of one token
     (128, 8, 1, 8, [45, 130, 9], 32),          # GQA 8, sliding window
     (96, 6, 6, 16, [50, 21], 20),              # head_dim 96, no grouping, window
+    (72, 6, 2, 16, [3000], None),              # head_dim of no vector multiple; threaded (many keys)
 ])
-def test_paged_decode_attention(d, hq, hk, page_size, lens, window):
-    k_cache, v_cache, tables, ctx = paged_cache(lens, page_size, hk, d, BF16, "cpu", pad_value=0)
-    qkv = randn(len(lens), (hq + 2 * hk) * d)
+def test_paged_decode_attention(variant, d, hq, hk, page_size, lens, window):
+    library, dtype = variant
+    k_cache, v_cache, tables, ctx = paged_cache(lens, page_size, hk, d, dtype, "cpu", pad_value=0)
+    qkv = randn(len(lens), (hq + 2 * hk) * d, dtype=dtype)
     q = qkv[:, :hq * d].view(len(lens), hq, d)  # a strided view, as the model passes it
     scale = d ** -0.5
     expected = ref.paged_decode_attention(q, k_cache, v_cache, tables, ctx, scale, window)
-    got = cpu.paged_decode_attention(q, k_cache, v_cache, tables, ctx, scale, window)
+    got = library.paged_decode_attention(q, k_cache, v_cache, tables, ctx, scale, window)
     assert not got.isnan().any()
     assert_matches(got, expected, exact_fraction=0.97)
 
 
-@built
-@pytest.mark.parametrize("rows", [1, 5, 13, 40])
-def test_linear_rounds_a_float32_product(rows):
-    """bfloat16 products (the GEMV for few rows, a widened float32 weight for many) compute what
-    a bfloat16 GEMM with float32 accumulation computes."""
-    x, w, b = randn(rows, 1000), randn(160, 1000), randn(160)
-    expected = (x.float() @ w.float().T + b.float()).to(BF16)
-    if rows < cpu.WIDEN_MIN_ROWS:
-        assert cpu.gemv(x, w, b) is not None  # the compiled GEMV serves it
-    with torch.inference_mode():  # the worker's mode; the scratch buffer then serves both
-        got = cpu.linear(x, w, b)
+@pytest.mark.parametrize("rows,k", [(1, 1000), (5, 1024), (8, 72), (13, 1000)])
+def test_gemv_rounds_a_float32_product(variant, rows, k):
+    """The GEMV computes what a GEMM with float32 accumulation computes, rounded once; k of no
+    vector multiple ends with a partial vector; 13 rows take two passes (8 + 5)."""
+    library, dtype = variant
+    x, w, b = randn(rows, k, dtype=dtype), randn(160, k, dtype=dtype), randn(160, dtype=dtype)
+    expected = (x.double() @ w.double().T + b.double()).to(dtype)
+    got = library.gemv(x, w, b)
     assert_matches(got, expected, exact_fraction=0.98)
-    if cpu.needs_help(x, w):
-        assert torch.equal(kernels.linear(x, w, b), got)
+    assert library.gemv(x, w.T.contiguous().T, None) is None  # a strided weight is not served
+
+
+@built
+@pytest.mark.parametrize("dtype", [BF16, F32, torch.float16])
+@pytest.mark.parametrize("rows", [1, 40])
+def test_linear_routes(dtype, rows):
+    """kernels.linear: the GEMV for few rows of bfloat16/float32, torch (half precision widened to
+    float32 where torch's half GEMM is not native) for the rest; one result either way."""
+    x, w, b = randn(rows, 1000, dtype=dtype), randn(160, 1000, dtype=dtype), randn(160, dtype=dtype)
+    expected = (x.double() @ w.double().T + b.double()).to(dtype)
+    with torch.inference_mode():  # the worker's mode; the scratch buffer then serves both
+        got = kernels.linear(x, w, b)
+    if dtype == torch.float16:
+        torch.testing.assert_close(got, expected, rtol=2 ** -10, atol=1e-2)
+    else:
+        assert_matches(got, expected, exact_fraction=0.98)
 
 
 @built
 def test_dispatch(monkeypatch):
-    """bfloat16 CPU tensors take the compiled kernels; float32, or LLAMA3_DIST_KERNELS=torch,
-    the reference."""
+    """bfloat16 and float32 CPU tensors take the compiled kernels of the selected instruction set;
+    float16, or LLAMA3_DIST_KERNELS=torch, the reference; a bad LLAMA3_DIST_CPU_ISA is an error
+    that names it and what is accepted."""
     x = randn(3, 64)
     monkeypatch.setenv("LLAMA3_DIST_KERNELS", "auto")
-    assert kernels._impl(x) is cpu
-    assert kernels._impl(x.float()) is ref
+    assert kernels._impl(x) is cpu.library(cpu.host_isa())
+    assert kernels._impl(x.float()) is cpu.library(cpu.host_isa())
+    assert kernels._impl(x.half()) is ref
+    monkeypatch.setenv("LLAMA3_DIST_CPU_ISA", ISAS[-1])
+    assert kernels._impl(x).isa == ISAS[-1]
+    monkeypatch.setenv("LLAMA3_DIST_CPU_ISA", "avx1024")
+    with pytest.raises(ValueError, match=r"LLAMA3_DIST_CPU_ISA='avx1024'.*auto\|avx512\|avx2\|generic"):
+        kernels.silu_and_mul(x)
+    monkeypatch.delenv("LLAMA3_DIST_CPU_ISA")
     monkeypatch.setenv("LLAMA3_DIST_KERNELS", "torch")
     assert kernels._impl(x) is ref
 
 
 @built
-def test_bfloat16_model_matches_torch_path(tmp_path, monkeypatch):
-    """A bfloat16 model through the engine: the compiled kernels give the torch path's logits
-    (prefill, then decode steps) to within bfloat16 rounding."""
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_model_matches_torch_path(tmp_path, monkeypatch, dtype):
+    """A model through Llama3Model: the compiled kernels give the torch path's logits (prefill,
+    then decode steps) to within the dtype's rounding."""
     transformers = pytest.importorskip("transformers")
     from llama3_dist import Llama3Model, ReturnLogits, TextContext
 
     config = transformers.LlamaConfig(hidden_size=128, num_attention_heads=4, num_key_value_heads=2,
                                       intermediate_size=256, num_hidden_layers=2, vocab_size=256)
-    transformers.LlamaForCausalLM(config).to(BF16).eval().save_pretrained(tmp_path)
+    transformers.LlamaForCausalLM(config).to(getattr(torch, dtype)).eval().save_pretrained(tmp_path)
     prompts = [[3, 17, 99, 5, 64], list(range(40, 60))]
 
     def run(mode):
         monkeypatch.setenv("LLAMA3_DIST_KERNELS", mode)
-        with Llama3Model.from_pretrained(tmp_path, devices=["cpu"], dtype="bfloat16",
+        with Llama3Model.from_pretrained(tmp_path, devices=["cpu"], dtype=dtype,
                                          return_logits=ReturnLogits.ALL, page_size=8, num_kv_pages=16) as model:
             inputs = model.prepare_initial_token_inputs([TextContext(tokens=list(p)) for p in prompts])
             logits = [model.execute(inputs).logits]
@@ -175,30 +215,63 @@ def test_bfloat16_model_matches_torch_path(tmp_path, monkeypatch):
         return logits
 
     calls = []
-    monkeypatch.setattr(cpu, "paged_decode_attention",
-                        lambda *a, _f=cpu.paged_decode_attention: calls.append(1) or _f(*a))
+    library = cpu.library()
+    monkeypatch.setattr(library, "paged_decode_attention",
+                        lambda *a, _f=library.paged_decode_attention: calls.append(1) or _f(*a))
     expected = run("torch")
     assert not calls
     got = run("auto")
     assert len(calls) == 4 * config.num_hidden_layers
     for g, e in zip(got, expected):
-        torch.testing.assert_close(g, e, rtol=0.05, atol=0.05)
-        assert (g.argmax(-1) == e.argmax(-1)).float().mean() >= 0.9
+        if dtype == "float32":
+            torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
+        else:
+            torch.testing.assert_close(g, e, rtol=0.05, atol=0.05)
+            assert (g.argmax(-1) == e.argmax(-1)).float().mean() >= 0.9
+
+
+def _run_python(code: str, **env: str) -> subprocess.CompletedProcess:
+    done = subprocess.run([sys.executable, "-c", code], env={**os.environ, **env}, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    return done
 
 
 def test_torch_fallback_without_the_library():
-    """LLAMA3_DIST_CPU_KERNELS=0 (as on a CPU without AVX-512 or a compiler): one warning, then
-    the torch reference for every kernel and oneDNN for products, with the same results."""
+    """LLAMA3_DIST_CPU_KERNELS=0 (as without a compiler): one warning naming the reason and its
+    cost, then the torch reference for every kernel, with the same results."""
     code = (
         "import logging, torch\n"
         "from llama3_dist import kernels\n"
         "from llama3_dist.kernels import cpu, reference\n"
         "logging.basicConfig()\n"
-        "x = torch.randn(3, 64).to(torch.bfloat16); w = torch.randn(32, 64).to(torch.bfloat16)\n"
-        "assert kernels._impl(x) is reference and cpu.library() is None and cpu.gemv(x, w, None) is None\n"
-        "expected = (x.float() @ w.float().T).to(torch.bfloat16)\n"
-        "torch.testing.assert_close(kernels.linear(x, w), expected, rtol=2 ** -7, atol=1e-3)\n")
-    env = {**os.environ, "LLAMA3_DIST_CPU_KERNELS": "0", "LLAMA3_DIST_KERNELS": "auto"}
-    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
+        "for dtype in (torch.bfloat16, torch.float32, torch.float16):\n"
+        "    x = torch.randn(3, 64).to(dtype); w = torch.randn(32, 64).to(dtype)\n"
+        "    assert kernels._impl(x) is reference and cpu.library() is None\n"
+        "    expected = (x.float() @ w.float().T).to(dtype)\n"
+        "    torch.testing.assert_close(kernels.linear(x, w), expected, rtol=2 ** -7, atol=1e-2)\n")
+    done = _run_python(code, LLAMA3_DIST_CPU_KERNELS="0", LLAMA3_DIST_KERNELS="auto")
     assert done.stderr.count("LLAMA3_DIST_CPU_KERNELS=0") == 1, done.stderr
+    assert "slower" in done.stderr
+
+
+@pytest.mark.skipif(cpu.host_isa() not in ("avx512", "avx2"), reason="needs an x86-64 CPU with AVX2")
+def test_held_to_avx2(tmp_path):
+    """torch and oneDNN held to AVX2, as on most laptops and pre-Zen-4 AMD servers: the AVX2 library
+    is chosen, half-precision GEMMs are not native, and bfloat16 and float16 models run (one row
+    and many) where oneDNN's bfloat16 inner product does not exist."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                                      intermediate_size=128, num_hidden_layers=2, vocab_size=128)
+    transformers.LlamaForCausalLM(config).to(BF16).eval().save_pretrained(tmp_path)
+    code = (
+        "import torch\n"
+        "from llama3_dist import LLM, SamplingParams\n"
+        "from llama3_dist.kernels import cpu\n"
+        "assert cpu.host_isa() == 'avx2', cpu.host_isa()\n"
+        "assert not cpu.native_gemm(torch.bfloat16) and not cpu.native_gemm(torch.float16)\n"
+        f"for dtype in ('bfloat16', 'float16'):\n"
+        f"    with LLM({str(tmp_path)!r}, devices=['cpu'], dtype=dtype, kv_cache_bytes=1 << 24) as llm:\n"
+        "        outs = llm.generate(prompt_token_ids=[list(range(3, 40)), [5]],\n"
+        "                            sampling_params=SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))\n"
+        "        assert [len(o.outputs[0].token_ids) for o in outs] == [4, 4]\n")
+    _run_python(code, ATEN_CPU_CAPABILITY="avx2", ONEDNN_MAX_CPU_ISA="AVX2", LLAMA3_DIST_KERNELS="auto")

@@ -1,7 +1,8 @@
 """Kernel dispatchers: the model calls only these.
 
 Each picks the Triton kernel for CUDA tensors, the compiled CPU kernels (cpu.py) for bfloat16
-CPU tensors, and the torch reference elsewhere. LLAMA3_DIST_KERNELS=torch|triton|auto (read at
+and float32 CPU tensors, and the torch reference elsewhere (float16 on CPUs, or where the CPU
+kernels cannot be built). LLAMA3_DIST_KERNELS=torch|triton|auto (read at
 every call, default auto) forces a path: torch means the reference everywhere.
 
 "triton" on CPU tensors runs the kernels in triton's interpreter, which is how they are tested
@@ -35,15 +36,20 @@ def _triton_installed() -> bool:
     return _triton_available
 
 
-def _impl(x: torch.Tensor) -> ModuleType:
-    """The kernel module that serves tensors like x."""
+def _mode() -> str:
     mode = os.environ.get("LLAMA3_DIST_KERNELS", "auto").strip().lower() or "auto"
     if mode not in _MODES:
         raise ValueError(f"LLAMA3_DIST_KERNELS={mode!r} is not one of {'|'.join(_MODES)}")
+    return mode
+
+
+def _impl(x: torch.Tensor) -> ModuleType | cpu.KernelLibrary:
+    """The kernels that serve tensors like x: a module or the compiled CPU library."""
+    mode = _mode()
     if mode == "torch":
         return reference
     if mode == "auto" and not (x.is_cuda and _triton_installed()):
-        return cpu if cpu.handles(x) else reference
+        return cpu.library() if cpu.handles(x) else reference
     if not _triton_installed():
         raise RuntimeError("LLAMA3_DIST_KERNELS=triton but triton is not installed; "
                            "install triton or use LLAMA3_DIST_KERNELS=torch|auto")
@@ -92,12 +98,13 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x @ weight.T + bias. cuBLAS on GPUs is already the right kernel; bfloat16 weights on CPUs
-    without native bfloat16 take the faster routes of kernels/cpu.py (its compiled GEMV only where
-    the other kernels take the compiled path too)."""
-    if cpu.needs_help(x, weight):
-        return cpu.linear(x, weight, bias, compiled=_impl(x) is cpu)
-    return reference.linear(x, weight, bias)
+    """x @ weight.T + bias. cuBLAS on GPUs is already the right kernel; CPU tensors take the
+    routes of cpu.linear (the compiled GEMV only where the other kernels take the compiled path
+    too); LLAMA3_DIST_KERNELS=torch keeps plain torch."""
+    if _mode() == "torch" or weight.device.type != "cpu":
+        return reference.linear(x, weight, bias)
+    impl = _impl(x)
+    return cpu.linear(x, weight, bias, impl if isinstance(impl, cpu.KernelLibrary) else None)
 
 
 # The kernels with a Triton implementation; linear has none (cuBLAS on GPUs).

@@ -1,21 +1,28 @@
-"""Kernels for bfloat16 models on CPUs: the compiled library of cpu_kernels.cpp where it can be
-built, torch otherwise.
+"""Kernels for bfloat16 and float32 models on CPUs: the compiled library of cpu_kernels.cpp where
+it can be built, torch otherwise.
 
 On a CPU a decode step of a small model is a few hundred tiny torch ops (each 3-20 us of
-dispatch) around GEMVs that torch runs below the memory's speed on CPUs without bfloat16
-arithmetic. cpu_kernels.cpp does each kernel of the decode path in one call with the reference's
-arithmetic (float32 math, bfloat16 roundings where the reference's bfloat16 tensors round); it is
-built with the machine's C++ compiler at first use and cached. Where it cannot be built (no
-compiler, no AVX-512) everything falls back to the torch reference, with one warning.
+dispatch) around GEMVs that torch runs below the memory's speed. cpu_kernels.cpp does each
+kernel of the decode path in one call with the reference's arithmetic (float32 math, bfloat16
+roundings where the reference's bfloat16 tensors round). It is one portable source written with
+vector extensions, built per instruction set with the machine's C++ compiler at first use and
+cached by source, flags and instruction set:
 
-Linear layers with bfloat16 weights on CPUs without native bfloat16 (no avx512_bf16 / AMX), where
-torch's bfloat16 GEMM runs at a fraction of its float32 speed (measured: 50-60 GFLOP/s against
-185-195 for float32 at 64 rows or more):
-- products with few rows (decode) go through the library's GEMV (oneDNN's bfloat16 path, about
-  twice as fast as torch's default one for a single row, without the library);
-- products with many rows widen the weight into a reused float32 buffer (a cheap, exact copy)
-  and multiply in float32.
-All accumulate in float32 and round the result to bfloat16, as a bfloat16 GEMM does.
+- avx512: x86-64 with AVX-512 F/BW/VL/DQ (64-byte vectors);
+- avx2: x86-64 with AVX2 and FMA (32-byte vectors);
+- generic: the base instruction set (SSE2 on x86-64, NEON on aarch64; 16-byte vectors).
+
+The instruction set comes from what torch reports (torch.backends.cpu.get_cpu_capability(), which
+ATEN_CPU_CAPABILITY lowers), never from the compiler's guess, so a library never holds an
+instruction the CPU lacks; LLAMA3_DIST_CPU_ISA=avx512|avx2|generic picks one of those this CPU
+can run (the tests build and check every one of them). Where no library can be built (no
+compiler) everything falls back to the torch reference, with one warning.
+
+Linear layers: few rows (decode) go through the library's GEMV, many rows through torch. Half
+precision weights on CPUs whose oneDNN has no native bfloat16/float16 GEMM (no avx512_bf16/AMX),
+where torch's half-precision GEMM runs at a fraction of its float32 speed, are widened into a
+reused float32 buffer (a cheap, exact copy) and multiplied in float32; all accumulate in float32
+and round the result once, as a bfloat16 GEMM does.
 """
 
 from __future__ import annotations
@@ -24,10 +31,12 @@ import ctypes
 import hashlib
 import logging
 import os
+import platform
 import shutil
 import subprocess
 import tempfile
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -38,104 +47,239 @@ from . import reference
 
 log = logging.getLogger(__name__)
 
-# Below this many rows a product is bound by reading the weight once: widening it would only add
-# traffic.
-WIDEN_MIN_ROWS = 16
 SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
-COMPILE_FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mfma", "-fopenmp", "-shared", "-fPIC")
-NEEDED_CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "fma")
-GEMV_MAX_ROWS = 8  # the largest m bf16_gemv() takes
+# Below this many rows a product is bound by reading the weight once: the GEMV (8 rows per pass
+# over the weight) beats widening it or torch's GEMM.
+WIDEN_MIN_ROWS = 16
+GEMV_MAX_ROWS = 8  # the largest m the library's gemv takes
+BASE_FLAGS = ("-O3", "-ffp-contract=fast", "-fno-math-errno", "-shared", "-fPIC")
+OPENMP_FLAG = "-fopenmp"
 
-_P, _I64, _F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
+
+@dataclass(frozen=True)
+class InstructionSet:
+    name: str
+    vector_bytes: int
+    x86_flags: tuple[str, ...]  # compiler flags on x86-64; other machines build their base ISA
+    rank: int                   # a CPU that runs one instruction set runs every lower-ranked one
+
+
+INSTRUCTION_SETS = {isa.name: isa for isa in (
+    InstructionSet("avx512", 64, ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c"), 2),
+    InstructionSet("avx2", 32, ("-mavx2", "-mfma", "-mf16c"), 1),
+    InstructionSet("generic", 16, (), 0),
+)}
+# torch.backends.cpu.get_cpu_capability() -> the best of ours that CPU runs.
+_FROM_TORCH = {"AVX512": "avx512", "AVX2": "avx2"}
+_X86 = platform.machine().lower() in ("x86_64", "amd64", "i686", "x86")
+
+_P, _I64, _F32, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
+# name -> (argument types, return type); each exists as NAME_bf16 and NAME_f32.
 _SIGNATURES = {
-    "bf16_gemv": [_P, _P, _P, _P, _I64, _I64, _I64],
-    "bf16_rms_norm": [_P, _P, _P, _F32, _P, _P, _I64, _I64],
-    "bf16_rotary": [_P, _P, _I64, _I64, _P, _I64, _I64, _I64, _P, _I64, ctypes.c_int, _I64],
-    "bf16_store_kv": [_P, _I64, _P, _I64, _P, _P, _P, _I64, _I64],
-    "bf16_decode_attention": [_P, _I64, _P, _P, _P, _I64, _P, _P, _I64, _I64, _I64, _I64, _I64, _F32, _I64],
-    "bf16_silu_and_mul": [_P, _P, _I64, _I64],
+    "gemv": ([_P, _P, _P, _P, _I64, _I64, _I64], _INT),
+    "rms_norm": ([_P, _P, _P, _F32, _P, _P, _I64, _I64], None),
+    "rotary": ([_P, _P, _I64, _I64, _P, _I64, _I64, _I64, _P, _I64, _INT, _I64], None),
+    "store_kv": ([_P, _I64, _P, _I64, _P, _P, _P, _I64, _I64], None),
+    "decode_attention": ([_P, _I64, _P, _P, _P, _I64, _P, _P, _I64, _I64, _I64, _I64, _I64, _F32, _I64], None),
+    "silu_and_mul": ([_P, _P, _I64, _I64], None),
 }
+_SUFFIX = {torch.bfloat16: "bf16", torch.float32: "f32"}
+_ELEMENT_BYTES = {torch.bfloat16: 2, torch.float32: 4}
 
 
-def _cpu_flags() -> set[str] | None:
+def host_isa() -> str:
+    """The best instruction set of ours that this CPU runs, as torch reports the CPU (so
+    ATEN_CPU_CAPABILITY=avx2 on an AVX-512 host gives avx2)."""
+    if not _X86:
+        return "generic"
     try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return None  # not Linux
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            return set(line.split(":", 1)[1].split())
-    return set()
+        capability = torch.backends.cpu.get_cpu_capability()
+    except (AttributeError, RuntimeError):
+        return "generic"
+    return _FROM_TORCH.get(capability, "generic")
 
 
-_FLAGS = _cpu_flags()
-# Not Linux: leave torch's choice alone.
-NATIVE_BF16 = _FLAGS is None or bool({"avx512_bf16", "amx_bf16"} & _FLAGS)
-_scratch = threading.local()
-_lib_lock = threading.Lock()
-_lib: ctypes.CDLL | None | bool = None  # None: not tried yet; False: unavailable
+def executable_isas() -> list[str]:
+    """Every instruction set of ours this CPU runs, best first."""
+    top = INSTRUCTION_SETS[host_isa()].rank
+    return [isa.name for isa in sorted(INSTRUCTION_SETS.values(), key=lambda i: -i.rank) if isa.rank <= top]
 
 
-def missing_features() -> list[str]:
-    """The CPU features the library needs and this CPU lacks (all of them off Linux)."""
-    return [f for f in NEEDED_CPU_FLAGS if f not in (_FLAGS or ())]
+def selected_isa() -> str:
+    """LLAMA3_DIST_CPU_ISA if set (it must be one this CPU runs), else host_isa()."""
+    wanted = os.environ.get("LLAMA3_DIST_CPU_ISA", "").strip().lower()
+    if not wanted or wanted == "auto":
+        return host_isa()
+    runnable = executable_isas()
+    if wanted not in runnable:
+        known = "|".join(INSTRUCTION_SETS)
+        raise ValueError(f"LLAMA3_DIST_CPU_ISA={wanted!r}: this CPU runs {', '.join(runnable)} "
+                         f"(torch reports {host_isa()}); the accepted values are auto|{known}")
+    return wanted
 
 
-def build() -> Path:
-    """Compile cpu_kernels.cpp into the cache (once per source and flags); returns the library.
-
-    Several processes (Ray ranks) may build at once: each compiles into its own temporary file
-    and renames it into place, so a reader never sees half a library."""
-    compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+def _compiler() -> str:
+    compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
     if not compiler:
-        raise RuntimeError("no C++ compiler found (set CXX or install g++)")
-    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(COMPILE_FLAGS).encode()).hexdigest()[:16]
-    target = cache_root() / "kernels" / f"cpu_kernels-{digest}.so"
-    if target.exists():
-        return target
+        raise RuntimeError("no C++ compiler found (set CXX or install g++ or clang++)")
+    return compiler
+
+
+def _compile(compiler: str, flags: list[str], target: Path) -> str | None:
+    """Builds into `target` through a temporary file and an atomic rename, so that several
+    processes (Ray ranks) can build at once and a reader never sees half a library. Returns
+    the compiler's error output on failure."""
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".building-", suffix=".so")
     os.close(fd)
     try:
-        done = subprocess.run([compiler, *COMPILE_FLAGS, "-o", tmp, str(SOURCE)], capture_output=True, text=True)
+        done = subprocess.run([compiler, *flags, "-o", tmp, str(SOURCE)], capture_output=True, text=True)
         if done.returncode != 0:
-            raise RuntimeError(f"{compiler} failed to build {SOURCE.name}:\n{done.stderr[-2000:]}")
+            return done.stderr[-2000:] or f"exit status {done.returncode}"
         os.replace(tmp, target)
+        return None
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-    return target
 
 
-def library() -> ctypes.CDLL | None:
-    """The compiled kernels, or None (logged once, with the reason) where they cannot be had.
-    LLAMA3_DIST_CPU_KERNELS=0 turns them off."""
-    global _lib
-    if _lib is not None:
-        return _lib or None
-    with _lib_lock:
-        if _lib is None:
-            missing = missing_features()
-            try:
-                if os.environ.get("LLAMA3_DIST_CPU_KERNELS", "1") == "0":
-                    raise RuntimeError("LLAMA3_DIST_CPU_KERNELS=0")
-                if missing:
-                    raise RuntimeError(f"the CPU lacks {', '.join(missing)}")
-                lib = ctypes.CDLL(str(build()))
-                for name, argtypes in _SIGNATURES.items():
-                    getattr(lib, name).argtypes = argtypes
-                    getattr(lib, name).restype = ctypes.c_int if name == "bf16_gemv" else None
-                _lib = lib
-            except (OSError, RuntimeError) as e:
-                log.warning("bfloat16 CPU kernels run in torch (slower): the compiled ones are "
-                            "unavailable: %s", e)
-                _lib = False
-        return _lib or None
+def build(isa: str) -> Path:
+    """Compiles cpu_kernels.cpp for `isa` into the cache (once per source, compiler, flags and
+    instruction set); returns the library's path. Without OpenMP in the compiler (Apple's clang)
+    the library is built single-threaded, with a warning."""
+    spec = INSTRUCTION_SETS[isa]
+    compiler = _compiler()
+    flags = [*BASE_FLAGS, *(spec.x86_flags if _X86 else ()), f"-DVECTOR_BYTES={spec.vector_bytes}"]
+    source = SOURCE.read_bytes()
+    errors = []
+    for extra in ([OPENMP_FLAG], []):
+        key = source + "\0".join([compiler, *flags, *extra]).encode()
+        target = cache_root() / "kernels" / f"cpu_kernels-{isa}-{hashlib.sha256(key).hexdigest()[:16]}.so"
+        if target.exists():
+            return target
+        error = _compile(compiler, [*flags, *extra], target)
+        if error is None:
+            if not extra:
+                log.warning("CPU kernels (%s) built without OpenMP, so they run on one thread: %s cannot "
+                            "build with -fopenmp:\n%s", isa, compiler, errors[0])
+            return target
+        errors.append(error)
+    raise RuntimeError(f"{compiler} failed to build {SOURCE.name} for {isa}:\n{errors[-1]}")
 
 
-def handles(x: torch.Tensor) -> bool:
-    """Whether this module serves tensors like x: bfloat16 on the CPU, with the library built."""
-    return x.dtype == torch.bfloat16 and x.device.type == "cpu" and library() is not None
+class KernelLibrary:
+    """One compiled variant of cpu_kernels.cpp: the kernels of kernels/__init__.py for bfloat16
+    and float32 CPU tensors (prefill attention stays in torch: it has many rows per op, so
+    torch's dispatch cost is spread thin there)."""
+
+    def __init__(self, isa: str):
+        self.isa = isa
+        self._lib = ctypes.CDLL(str(build(isa)))
+        built_for = self._lib.vector_bytes()
+        if built_for != INSTRUCTION_SETS[isa].vector_bytes:
+            raise RuntimeError(f"the {isa} kernel library was built for {built_for}-byte vectors")
+        self._functions: dict[tuple[str, torch.dtype], ctypes._CFuncPtr] = {}
+        for name, (argtypes, restype) in _SIGNATURES.items():
+            for dtype, suffix in _SUFFIX.items():
+                function = getattr(self._lib, f"{name}_{suffix}")
+                function.argtypes, function.restype = argtypes, restype
+                self._functions[name, dtype] = function
+        self._lib.sum_floats.argtypes, self._lib.sum_floats.restype = [_P, _I64], _F32
+
+    def __repr__(self) -> str:
+        return f"KernelLibrary({self.isa!r})"
+
+    @staticmethod
+    def serves(x: torch.Tensor) -> bool:
+        return x.dtype in _SUFFIX and x.device.type == "cpu"
+
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor | None, eps: float,
+                 residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        if (weight is not None and weight.dtype != x.dtype) or (residual is not None and residual.dtype != x.dtype):
+            return reference.rms_norm(x, weight, eps, residual)
+        x = x.contiguous()
+        width = x.shape[-1]
+        out = torch.empty_like(x)
+        hidden = x if residual is None else torch.empty_like(x)
+        residual = None if residual is None else residual.contiguous()
+        self._functions["rms_norm", x.dtype](
+            x.data_ptr(), None if residual is None else residual.data_ptr(),
+            None if weight is None else weight.data_ptr(), eps, out.data_ptr(), hidden.data_ptr(),
+            x.numel() // width, width)
+        return out, hidden
+
+    def rotary_embedding(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                         cos_sin_cache: torch.Tensor, interleaved: bool) -> None:
+        if not (_rows(q) and _rows(k)) or k.dtype != q.dtype or cos_sin_cache.dtype != torch.float32:
+            return reference.rotary_embedding(positions, q, k, cos_sin_cache, interleaved)
+        positions = positions.to(torch.int64).contiguous()
+        cos_sin = cos_sin_cache.contiguous()
+        self._functions["rotary", q.dtype](
+            positions.data_ptr(), q.data_ptr(), q.stride(0), q.shape[1], k.data_ptr(), k.stride(0), k.shape[1],
+            q.shape[2], cos_sin.data_ptr(), cos_sin.shape[1], int(interleaved), q.shape[0])
+
+    def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.contiguous()
+        intermediate = x.shape[-1] // 2
+        out = torch.empty(*x.shape[:-1], intermediate, dtype=x.dtype)
+        self._functions["silu_and_mul", x.dtype](x.data_ptr(), out.data_ptr(), x.numel() // x.shape[-1],
+                                                 intermediate)
+        return out
+
+    def store_kv_cache(self, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                       slot_mapping: torch.Tensor) -> None:
+        if not (_rows(k) and _rows(v) and k_cache.is_contiguous() and v_cache.is_contiguous()
+                and k.dtype == v.dtype == k_cache.dtype == v_cache.dtype):
+            return reference.store_kv_cache(k, v, k_cache, v_cache, slot_mapping)
+        slots = slot_mapping.to(torch.int64).contiguous()
+        self._functions["store_kv", k.dtype](
+            k.data_ptr(), k.stride(0), v.data_ptr(), v.stride(0), k_cache.data_ptr(), v_cache.data_ptr(),
+            slots.data_ptr(), k.shape[0], k.shape[1] * k.shape[2])
+
+    def paged_decode_attention(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                               block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float,
+                               sliding_window: int | None = None) -> torch.Tensor:
+        if not (_rows(q) and k_cache.is_contiguous() and v_cache.is_contiguous()
+                and q.dtype == k_cache.dtype == v_cache.dtype):
+            return reference.paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale,
+                                                    sliding_window)
+        batch, query_heads, head_dim = q.shape
+        tables = block_tables.to(torch.int32).contiguous()
+        lengths = context_lens.to(torch.int32).contiguous()
+        out = torch.empty(batch, query_heads, head_dim, dtype=q.dtype)
+        self._functions["decode_attention", q.dtype](
+            q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(), tables.data_ptr(), tables.shape[1],
+            lengths.data_ptr(), out.data_ptr(), batch, query_heads, k_cache.shape[2], head_dim, k_cache.shape[1],
+            scale, sliding_window or 0)
+        return out
+
+    prefill_attention = staticmethod(reference.prefill_attention)
+
+    def gemv(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
+        """x @ weight.T + bias, GEMV_MAX_ROWS rows of x per pass over the weight; None where the
+        library does not serve these tensors (other dtypes, mixed dtypes, strided weights)."""
+        dtype = weight.dtype
+        if (dtype not in _SUFFIX or x.dtype != dtype or not weight.is_contiguous()
+                or (bias is not None and (bias.dtype != dtype or not bias.is_contiguous()))):
+            return None
+        k, n = x.shape[-1], weight.shape[0]
+        x2 = x if x.dim() == 2 and x.is_contiguous() else x.reshape(-1, k).contiguous()
+        rows = x2.shape[0]
+        out = torch.empty(rows, n, dtype=dtype)
+        size = _ELEMENT_BYTES[dtype]
+        function = self._functions["gemv", dtype]
+        bias_ptr = None if bias is None else bias.data_ptr()
+        x_ptr, w_ptr, out_ptr = x2.data_ptr(), weight.data_ptr(), out.data_ptr()
+        for start in range(0, rows, GEMV_MAX_ROWS):
+            m = min(GEMV_MAX_ROWS, rows - start)
+            if function(x_ptr + start * k * size, w_ptr, bias_ptr, out_ptr + start * n * size, m, n, k):
+                raise ValueError(f"gemv takes 1 to {GEMV_MAX_ROWS} rows at a time, got {m}")
+        return out if x.dim() == 2 else out.view(*x.shape[:-1], n)
+
+    def sum_floats(self, x: torch.Tensor) -> float:
+        """Sum of a contiguous float32 tensor read once by all threads (a streaming-read probe)."""
+        assert x.dtype == torch.float32 and x.is_contiguous()
+        return self._lib.sum_floats(x.data_ptr(), x.numel())
 
 
 def _rows(x: torch.Tensor) -> bool:
@@ -143,105 +287,103 @@ def _rows(x: torch.Tensor) -> bool:
     return x.stride(-1) == 1 and (x.dim() == 2 or x.stride(-2) == x.shape[-1])
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float,
-             residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    if weight is not None and weight.dtype != torch.bfloat16:
-        return reference.rms_norm(x, weight, eps, residual)
-    x = x.contiguous()
-    d = x.shape[-1]
-    out = torch.empty_like(x)
-    h = x if residual is None else torch.empty_like(x)
-    res = None if residual is None else residual.contiguous()
-    library().bf16_rms_norm(x.data_ptr(), None if res is None else res.data_ptr(),
-                            None if weight is None else weight.data_ptr(), eps, out.data_ptr(),
-                            h.data_ptr(), x.numel() // d, d)
-    return out, h
+_lock = threading.Lock()
+_libraries: dict[str, KernelLibrary | None] = {}
 
 
-def rotary_embedding(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
-                     cos_sin_cache: torch.Tensor, interleaved: bool) -> None:
-    if not (_rows(q) and _rows(k)) or cos_sin_cache.dtype != torch.float32:
-        return reference.rotary_embedding(positions, q, k, cos_sin_cache, interleaved)
-    pos = positions.to(torch.int64).contiguous()
-    cs = cos_sin_cache.contiguous()
-    library().bf16_rotary(pos.data_ptr(), q.data_ptr(), q.stride(0), q.shape[1], k.data_ptr(), k.stride(0),
-                          k.shape[1], q.shape[2], cs.data_ptr(), cs.shape[1], int(interleaved), q.shape[0])
+def library(isa: str | None = None) -> KernelLibrary | None:
+    """The compiled kernels for `isa` (default: selected_isa()), or None (logged once, with the
+    reason and its cost) where they cannot be had. LLAMA3_DIST_CPU_KERNELS=0 turns them off."""
+    isa = isa or selected_isa()
+    if isa in _libraries:
+        return _libraries[isa]
+    with _lock:
+        if isa not in _libraries:
+            try:
+                if os.environ.get("LLAMA3_DIST_CPU_KERNELS", "1") == "0":
+                    raise RuntimeError("LLAMA3_DIST_CPU_KERNELS=0")
+                if isa not in executable_isas():
+                    raise RuntimeError(f"this CPU does not run {isa} (torch reports {host_isa()})")
+                _libraries[isa] = KernelLibrary(isa)
+            except (OSError, RuntimeError) as e:
+                log.warning("CPU kernels run in torch, about 2x slower per decode step: the compiled ones "
+                            "(%s) are unavailable: %s", isa, e)
+                _libraries[isa] = None
+        return _libraries[isa]
 
 
-def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
-    x = x.contiguous()
-    inter = x.shape[-1] // 2
-    out = torch.empty(*x.shape[:-1], inter, dtype=x.dtype)
-    library().bf16_silu_and_mul(x.data_ptr(), out.data_ptr(), x.numel() // x.shape[-1], inter)
-    return out
+def handles(x: torch.Tensor) -> bool:
+    """Whether the compiled kernels serve tensors like x: bfloat16 or float32 on the CPU, with
+    the library built."""
+    return KernelLibrary.serves(x) and library() is not None
 
 
-def store_kv_cache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                   slot_mapping: torch.Tensor) -> None:
-    if not (_rows(k) and _rows(v) and k_cache.is_contiguous() and v_cache.is_contiguous()):
-        return reference.store_kv_cache(k, v, k_cache, v_cache, slot_mapping)
-    slots = slot_mapping.to(torch.int64).contiguous()
-    library().bf16_store_kv(k.data_ptr(), k.stride(0), v.data_ptr(), v.stride(0), k_cache.data_ptr(),
-                            v_cache.data_ptr(), slots.data_ptr(), k.shape[0], k.shape[1] * k.shape[2])
+# --- linear layers ------------------------------------------------------------------------------
+
+def _cpu_features() -> set[str]:
+    """The CPU's feature flags as Linux reports them (x86 'flags', Arm 'Features'); empty
+    elsewhere, which counts as no native half-precision GEMM."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        if line.startswith(("flags", "Features")):
+            return set(line.split(":", 1)[1].split())
+    return set()
 
 
-def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                           block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float,
-                           sliding_window: int | None = None) -> torch.Tensor:
-    if not (_rows(q) and k_cache.is_contiguous() and v_cache.is_contiguous()):
-        return reference.paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale,
-                                                sliding_window)
-    b, hq, d = q.shape
-    tables = block_tables.to(torch.int32).contiguous()
-    lens = context_lens.to(torch.int32).contiguous()
-    out = torch.empty(b, hq, d, dtype=q.dtype)
-    library().bf16_decode_attention(q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(),
-                                    tables.data_ptr(), tables.shape[1], lens.data_ptr(), out.data_ptr(), b, hq,
-                                    k_cache.shape[2], d, k_cache.shape[1], scale, sliding_window or 0)
-    return out
+def _onednn_reports(dtype: torch.dtype) -> bool:
+    probe = {torch.bfloat16: "_is_mkldnn_bf16_supported", torch.float16: "_is_mkldnn_fp16_supported"}[dtype]
+    try:
+        return bool(getattr(torch.ops.mkldnn, probe)())
+    except (AttributeError, RuntimeError):
+        return False
 
 
-# Prefill has many rows per op, so torch's dispatch cost is spread thin there.
-prefill_attention = reference.prefill_attention
+_NATIVE_FEATURES = {torch.bfloat16: {"avx512_bf16", "amx_bf16", "bf16"},
+                    torch.float16: {"avx512_fp16", "amx_fp16", "fphp"}}
+_native_gemm: dict[torch.dtype, bool] = {}
 
 
-def needs_help(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """bfloat16 products that torch runs slowly: on CPUs without native bfloat16."""
-    return not NATIVE_BF16 and weight.dtype == torch.bfloat16 and weight.device.type == "cpu"
+def native_gemm(dtype: torch.dtype) -> bool:
+    """Whether torch multiplies `dtype` (bfloat16, float16) matrices natively here: oneDNN says it
+    supports the type (it does not when held below AVX-512 by ONEDNN_MAX_CPU_ISA or
+    ATEN_CPU_CAPABILITY) and the CPU has the instructions (else oneDNN emulates them, slower than
+    widening to float32). Logged once per type when not."""
+    if dtype not in _native_gemm:
+        native = _onednn_reports(dtype) and bool(_NATIVE_FEATURES[dtype] & _cpu_features())
+        if not native:
+            log.info("%s products of %d rows or more widen the weight to float32 (an exact copy, then a "
+                     "float32 GEMM): this CPU has no native %s GEMM, where torch's runs 3-4x slower",
+                     dtype, WIDEN_MIN_ROWS, dtype)
+        _native_gemm[dtype] = native
+    return _native_gemm[dtype]
 
 
-def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
-    """x @ weight.T + bias through the library (8 rows of x per pass over the weight); None if it
-    is unavailable or the tensors are not contiguous bfloat16."""
-    lib = library()
-    if (lib is None or x.dtype != torch.bfloat16 or not weight.is_contiguous()
-            or (bias is not None and (bias.dtype != torch.bfloat16 or not bias.is_contiguous()))):
-        return None
-    k, n = x.shape[-1], weight.shape[0]
-    x2 = x if x.dim() == 2 and x.is_contiguous() else x.reshape(-1, k).contiguous()
-    rows = x2.shape[0]
-    out = torch.empty(rows, n, dtype=torch.bfloat16)
-    bias_ptr = None if bias is None else bias.data_ptr()
-    x_ptr, w_ptr, out_ptr = x2.data_ptr(), weight.data_ptr(), out.data_ptr()
-    for start in range(0, rows, GEMV_MAX_ROWS):
-        m = min(GEMV_MAX_ROWS, rows - start)
-        if lib.bf16_gemv(x_ptr + start * k * 2, w_ptr, bias_ptr, out_ptr + start * n * 2, m, n, k):
-            raise ValueError(f"bf16_gemv takes 1 to {GEMV_MAX_ROWS} rows at a time, got {m}")
-    return out if x.dim() == 2 else out.view(*x.shape[:-1], n)
+_scratch = threading.local()
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-           compiled: bool = True) -> torch.Tensor:
-    """compiled=False keeps to torch (oneDNN for few rows)."""
-    rows = x.numel() // x.shape[-1]
-    if rows < WIDEN_MIN_ROWS:
-        out = gemv(x, weight, bias) if compiled else None
-        return out if out is not None else torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+def _widened(weight: torch.Tensor) -> torch.Tensor:
+    """weight as float32, in a buffer reused across calls on this thread."""
     wide = getattr(_scratch, "buffer", None)
     if wide is None or wide.numel() < weight.numel():
         # A normal tensor, not an inference tensor, so that it can be written in and out of
         # inference mode alike.
         with torch.inference_mode(False):
             wide = _scratch.buffer = torch.empty(weight.numel(), dtype=torch.float32)
-    w32 = wide[:weight.numel()].view(weight.shape).copy_(weight)
-    return F.linear(x.float(), w32, None if bias is None else bias.float()).to(x.dtype)
+    return wide[:weight.numel()].view(weight.shape).copy_(weight)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+           kernels: KernelLibrary | None = None) -> torch.Tensor:
+    """x @ weight.T + bias for CPU tensors: the GEMV of `kernels` for few rows, torch for many
+    (half-precision weights widened to float32 where torch's half-precision GEMM is not native)."""
+    rows = x.numel() // x.shape[-1]
+    if rows < WIDEN_MIN_ROWS:
+        out = None if kernels is None else kernels.gemv(x, weight, bias)
+        if out is not None:
+            return out
+    elif weight.dtype in _NATIVE_FEATURES and x.dtype == weight.dtype and not native_gemm(weight.dtype):
+        return F.linear(x.float(), _widened(weight), None if bias is None else bias.float()).to(x.dtype)
+    return F.linear(x, weight, bias)

@@ -1,171 +1,259 @@
-// CPU kernels for bfloat16 models, loaded by llama3_dist/kernels/cpu.py through ctypes.
+// CPU kernels for bfloat16 and float32 models, loaded by llama3_dist/kernels/cpu.py through ctypes.
 //
 // Why: on a CPU, a decode step of a small model is a few hundred tiny torch ops (each 3-20 us of
-// dispatch) around GEMVs that torch runs below the memory's speed on CPUs without bfloat16
-// arithmetic. Here each kernel of the model's decode path (kernels/__init__.py) is one call,
-// with the arithmetic of the torch reference (kernels/reference.py): float32 math, rounded to
-// bfloat16 where the reference's bfloat16 tensors round, so results agree to float32 summation
-// order.
+// dispatch) around GEMVs that torch runs below the memory's speed. Here each kernel of the
+// model's decode path (kernels/__init__.py) is one call, with the arithmetic of the torch
+// reference (kernels/reference.py): float32 math, rounded to bfloat16 where the reference's
+// bfloat16 tensors round, so results agree to float32 summation order.
 //
-// bf16_gemv: decode is bound by reading the weight once per step. torch's bfloat16 GEMV on such
-// CPUs streams the weight at 12-15 GB/s; here each 32-byte load of 16 bfloat16 weights is widened
-// to float32 in registers (a 16-bit shift, exact) and fused-multiply-added into float32
-// accumulators, with software prefetch, so the loop runs near the memory's speed. Several output
-// rows are done at once so that their FMA chains overlap and each loaded x chunk serves all of
-// them. The result is rounded to bfloat16 (nearest, ties to even) once, as a bfloat16 GEMM with
-// float32 accumulation does.
+// One source for every CPU: the code is written with GCC/Clang vector extensions, vectors of
+// VECTOR_BYTES, which cpu.py sets per instruction set (64 for AVX-512, 32 for AVX2, 16 for
+// SSE2 and NEON) together with the matching -m flags, so each algorithm exists once and the
+// compiler picks the instructions. Loops run over whole vectors and end with one partial
+// vector (load_partial/store_partial), never with a scalar copy of the loop.
 //
-// Built at first use by cpu.py with -fopenmp: torch has already loaded its own libgomp.so.1, so
-// this library's parallel loops share torch's OpenMP threads.
-#include <immintrin.h>
-#include <stdint.h>
+// gemv: decode is bound by reading the weight once per step. Each weight vector is widened to
+// float32 in registers (bfloat16: a 16-bit shift, exact) and multiplied-added into float32
+// accumulators; one cache line of each of several rows per iteration, with a software prefetch
+// ahead, so the loop runs near the memory's speed. Several output rows are done at once so that
+// their chains overlap and each loaded x vector serves all of them. A bfloat16 result is
+// rounded once (nearest, ties to even), as a bfloat16 GEMM with float32 accumulation does.
+//
+// Built by cpu.py with -fopenmp where the compiler has it: torch has already loaded its own
+// libgomp, so this library's parallel loops share torch's OpenMP threads.
 #include <math.h>
+#include <stdint.h>
 #include <string.h>
 
 #include <algorithm>
 #include <vector>
 
+#ifndef VECTOR_BYTES
+#error "cpu.py builds this file with -DVECTOR_BYTES=64|32|16 for the target instruction set"
+#endif
+
 namespace {
 
-// Measured on a 2-core KVM Xeon over the 284M benchmark model's weights: 8-24 KiB ahead are alike
-// and ~1.4x faster than no software prefetch; 4 rows per tile beat 2 and 8 for one x row.
+constexpr int LANES = VECTOR_BYTES / 4;  // float32 lanes per vector
+typedef float Floats __attribute__((vector_size(VECTOR_BYTES)));
+typedef int32_t Ints __attribute__((vector_size(VECTOR_BYTES)));
+typedef uint32_t Words __attribute__((vector_size(VECTOR_BYTES)));
+typedef uint16_t Halves __attribute__((vector_size(VECTOR_BYTES / 2)));
+
+// bfloat16 values are stored as their bit patterns.
+typedef uint16_t bfloat16;
+
+// Measured on a 2-core KVM Xeon over the 284M benchmark model's weights: 8-24 KiB ahead are
+// alike and ~1.4x faster than no software prefetch.
 constexpr int PREFETCH_BYTES = 16384;
+constexpr int CACHE_LINE = 64;
 
-inline __m512 widen(const uint16_t* p, __mmask16 mask) {
-    __m256i h = _mm256_maskz_loadu_epi16(mask, p);
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+inline Floats splat(float f) { return Floats{} + f; }
+
+inline float horizontal_sum(Floats v) {
+    float total = 0.0f;
+    for (int i = 0; i < LANES; ++i) total += v[i];
+    return total;
 }
 
-// Lanes for the last `left` elements of a loop over 16 at a time.
-inline __mmask16 tail_mask(int64_t left) {
-    return left >= 16 ? __mmask16(0xffff) : __mmask16((1u << left) - 1u);
-}
-
-inline float bf16_to_float(uint16_t h) {
-    uint32_t bits = uint32_t(h) << 16;
-    float f;
-    memcpy(&f, &bits, sizeof f);
+inline Floats bits_to_floats(Words w) {
+    Floats f;
+    memcpy(&f, &w, sizeof f);
     return f;
 }
 
-inline uint16_t float_to_bf16(float f) {
-    uint32_t bits;
-    memcpy(&bits, &f, sizeof bits);
-    if ((bits & 0x7fffffffu) > 0x7f800000u) return uint16_t((bits >> 16) | 0x40);  // quiet NaN
-    bits += 0x7fffu + ((bits >> 16) & 1u);
-    return uint16_t(bits >> 16);
+inline Words floats_to_bits(Floats f) {
+    Words w;
+    memcpy(&w, &f, sizeof w);
+    return w;
 }
 
-// A float32 value rounded to bfloat16 and back: what storing it in a bfloat16 tensor does.
-inline float round_bf16(float f) { return bf16_to_float(float_to_bf16(f)); }
-
-// exp of 16 floats: Cephes' polynomial on x - k*ln2, then scaled by 2^k (scalef gives inf and 0
-// past the float range, and NaN stays NaN). Within 2 float32 ulps of expf.
-inline __m512 exp16(__m512 x) {
-    const __m512 k = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(k, _mm512_set1_ps(0.693359375f), x);
-    r = _mm512_fnmadd_ps(k, _mm512_set1_ps(-2.12194440e-4f), r);
-    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-    p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-    return _mm512_scalef_ps(p, k);
+// Lane i of a where lane i of mask is all ones (a vector comparison's true), else lane i of b.
+inline Floats select(Ints mask, Floats a, Floats b) {
+    const Words m = (Words)mask;
+    return bits_to_floats((floats_to_bits(a) & m) | (floats_to_bits(b) & ~m));
 }
 
-// 16 floats rounded to bfloat16 (nearest, ties to even; NaN kept quiet), as 16 bit patterns.
-inline __m256i to_bf16(__m512 v) {
-    const __m512i bits = _mm512_castps_si512(v);
-    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-    __m512i rounded = _mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)));
-    const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
-    rounded = _mm512_mask_or_epi32(rounded, nan, bits, _mm512_set1_epi32(0x400000));
-    return _mm512_cvtepi32_epi16(_mm512_srli_epi32(rounded, 16));
+inline Ints lane_indices() {
+    Ints v;
+    for (int i = 0; i < LANES; ++i) v[i] = i;
+    return v;
 }
 
-inline __m512 round_bf16(__m512 v) {
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(to_bf16(v)), 16));
-}
+// Loads and stores of one element type, widened to / rounded from float32 vectors. round()
+// is what storing a float32 value into a tensor of that type does (identity for float32).
+template <typename T>
+struct Element;
 
-inline void store_bf16(uint16_t* p, __mmask16 mask, __m512 v) { _mm256_mask_storeu_epi16(p, mask, to_bf16(v)); }
-
-// Sum over d of widened k[j] * q[j], q already float32.
-inline float dot(const uint16_t* k, const float* q, int64_t d) {
-    __m512 acc = _mm512_setzero_ps();
-    for (int64_t j = 0; j < d; j += 16) {
-        const __mmask16 mask = tail_mask(d - j);
-        acc = _mm512_fmadd_ps(widen(k + j, mask), _mm512_maskz_loadu_ps(mask, q + j), acc);
+template <>
+struct Element<float> {
+    static Floats load(const float* p) {
+        Floats v;
+        memcpy(&v, p, sizeof v);
+        return v;
     }
-    return _mm512_reduce_add_ps(acc);
-}
+    static void store(float* p, Floats v) { memcpy(p, &v, sizeof v); }
+    static Floats round(Floats v) { return v; }
+    static float to_float(float x) { return x; }
+    static float from_float(float x) { return x; }
+};
 
-// acc[j] += p * widened v[j].
-inline void axpy(float p, const uint16_t* v, float* acc, int64_t d) {
-    const __m512 pv = _mm512_set1_ps(p);
-    for (int64_t j = 0; j < d; j += 16) {
-        const __mmask16 mask = tail_mask(d - j);
-        __m512 a = _mm512_maskz_loadu_ps(mask, acc + j);
-        _mm512_mask_storeu_ps(acc + j, mask, _mm512_fmadd_ps(pv, widen(v + j, mask), a));
+template <>
+struct Element<bfloat16> {
+    static Floats widen(Halves h) { return bits_to_floats(__builtin_convertvector(h, Words) << 16); }
+    // Nearest, ties to even; a NaN stays a (quiet) NaN.
+    static Halves narrow(Floats v) {
+        const Words bits = floats_to_bits(v);
+        const Words rounded = bits + 0x7fffu + ((bits >> 16) & 1u);
+        const Words nan = (Words)(v != v);
+        return __builtin_convertvector(((rounded & ~nan) | ((bits | 0x400000u) & nan)) >> 16, Halves);
     }
+    static Floats load(const bfloat16* p) {
+        Halves h;
+        memcpy(&h, p, sizeof h);
+        return widen(h);
+    }
+    static void store(bfloat16* p, Floats v) {
+        const Halves h = narrow(v);
+        memcpy(p, &h, sizeof h);
+    }
+    static Floats round(Floats v) { return widen(narrow(v)); }
+    static float to_float(bfloat16 h) {
+        const uint32_t bits = uint32_t(h) << 16;
+        float f;
+        memcpy(&f, &bits, sizeof f);
+        return f;
+    }
+    static bfloat16 from_float(float f) {
+        uint32_t bits;
+        memcpy(&bits, &f, sizeof bits);
+        if ((bits & 0x7fffffffu) > 0x7f800000u) return bfloat16((bits >> 16) | 0x40);  // quiet NaN
+        bits += 0x7fffu + ((bits >> 16) & 1u);
+        return bfloat16(bits >> 16);
+    }
+};
+
+// The first `count` (< LANES) elements of p as a vector, zero beyond; and the store of as many.
+template <typename T>
+inline Floats load_partial(const T* p, int64_t count) {
+    T buffer[LANES] = {};
+    memcpy(buffer, p, count * sizeof(T));
+    return Element<T>::load(buffer);
 }
 
-// Rotates the first 2 * half features of one head in place, as reference.rotary_embedding does
-// on bfloat16 tensors: c and s are cos and sin already rounded to bfloat16, and every product
-// and sum is rounded.
-inline void rotate(uint16_t* x, const float* c, const float* s, int64_t half, bool interleaved) {
+template <typename T>
+inline void store_partial(T* p, Floats v, int64_t count) {
+    T buffer[LANES];
+    Element<T>::store(buffer, v);
+    memcpy(p, buffer, count * sizeof(T));
+}
+
+template <typename T>
+inline Floats load(const T* p, int64_t count) {
+    return count >= LANES ? Element<T>::load(p) : load_partial(p, count);
+}
+
+template <typename T>
+inline void store(T* p, Floats v, int64_t count) {
+    if (count >= LANES)
+        Element<T>::store(p, v);
+    else
+        store_partial(p, v, count);
+}
+
+// exp of each lane: Cephes' polynomial on x - k*ln2, scaled by 2^k in two halves so that
+// results below the float range flush to zero and above it overflow to inf. Within 2 float32
+// ulps of expf; NaN stays NaN.
+inline Floats exp_lanes(Floats x) {
+    x = select(x < splat(-104.0f), splat(-104.0f), x);  // exp(-104) is below the smallest denormal
+    x = select(x > splat(89.0f), splat(89.0f), x);      // exp(89) overflows float32
+    // Rounds to the nearest integer (|x * log2e| < 2^22): adding and removing 1.5 * 2^23.
+    const Floats k = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+    Floats r = x - k * 0.693359375f;
+    r = r - k * -2.12194440e-4f;
+    Floats p = splat(1.9875691500e-4f);
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + (r + 1.0f);
+    const Ints ki = __builtin_convertvector(k, Ints);
+    const Ints half = ki >> 1;
+    const Floats scale_a = bits_to_floats((Words)((half + 127) << 23));
+    const Floats scale_b = bits_to_floats((Words)((ki - half + 127) << 23));
+    return p * scale_a * scale_b;
+}
+
+// Rotates the first 2 * half features of one head in place, as reference.rotary_embedding does:
+// c and s are cos and sin already rounded to T, and every product and sum is rounded to T.
+template <typename T>
+inline void rotate(T* x, const float* c, const float* s, int64_t half, bool interleaved) {
+    using E = Element<T>;
     if (interleaved) {  // pairs (2j, 2j+1): no Hugging Face checkpoint uses it, kept scalar
         for (int64_t j = 0; j < half; ++j) {
-            const float x1 = bf16_to_float(x[2 * j]), x2 = bf16_to_float(x[2 * j + 1]);
-            x[2 * j] = float_to_bf16(round_bf16(x1 * c[j]) - round_bf16(x2 * s[j]));
-            x[2 * j + 1] = float_to_bf16(round_bf16(x2 * c[j]) + round_bf16(x1 * s[j]));
+            const float x1 = E::to_float(x[2 * j]), x2 = E::to_float(x[2 * j + 1]);
+            const float a = E::to_float(E::from_float(x1 * c[j])), b = E::to_float(E::from_float(x2 * s[j]));
+            const float e = E::to_float(E::from_float(x2 * c[j])), f = E::to_float(E::from_float(x1 * s[j]));
+            x[2 * j] = E::from_float(a - b);
+            x[2 * j + 1] = E::from_float(e + f);
         }
         return;
     }
-    for (int64_t j = 0; j < half; j += 16) {  // j pairs with j + half
-        const __mmask16 mask = tail_mask(half - j);
-        const __m512 x1 = widen(x + j, mask), x2 = widen(x + half + j, mask);
-        const __m512 cv = _mm512_maskz_loadu_ps(mask, c + j), sv = _mm512_maskz_loadu_ps(mask, s + j);
-        store_bf16(x + j, mask, _mm512_sub_ps(round_bf16(_mm512_mul_ps(x1, cv)), round_bf16(_mm512_mul_ps(x2, sv))));
-        store_bf16(x + half + j, mask,
-                   _mm512_add_ps(round_bf16(_mm512_mul_ps(x2, cv)), round_bf16(_mm512_mul_ps(x1, sv))));
+    for (int64_t j = 0; j < half; j += LANES) {  // j pairs with j + half
+        const int64_t count = half - j;
+        const Floats x1 = load(x + j, count), x2 = load(x + half + j, count);
+        const Floats cv = load(c + j, count), sv = load(s + j, count);
+        store(x + j, E::round(x1 * cv) - E::round(x2 * sv), count);
+        store(x + half + j, E::round(x2 * cv) + E::round(x1 * sv), count);
     }
 }
 
 // R output rows of w against M rows of x (both compile-time, so the R*M accumulators live in
 // registers). xf holds x widened to float32, M rows of k_pad floats, zero beyond k.
-template <int R, int M>
-inline void tile(const float* xf, int64_t k_pad, const uint16_t* w, int64_t k, int64_t n0,
-                 float* out /* M x R */) {
-    __m512 acc[R][M];
+template <typename T, int R, int M>
+inline void tile(const float* xf, int64_t k_pad, const T* w, int64_t k, float* out /* M x R */) {
+    // Vectors per row and iteration: one cache line of weights.
+    constexpr int VECTORS = std::max<int>(1, CACHE_LINE / (LANES * int(sizeof(T))));
+    constexpr int STEP = VECTORS * LANES;
+    Floats acc[R][M];
     for (int r = 0; r < R; ++r)
-        for (int m = 0; m < M; ++m) acc[r][m] = _mm512_setzero_ps();
-    for (int64_t j = 0; j < k; j += 16) {
-        const __mmask16 mask = tail_mask(k - j);  // xf is zero past k, so only w needs the mask
-        __m512 xv[M];
-        for (int m = 0; m < M; ++m) xv[m] = _mm512_loadu_ps(xf + m * k_pad + j);
+        for (int m = 0; m < M; ++m) acc[r][m] = Floats{};
+    int64_t j = 0;
+    for (; j + STEP <= k; j += STEP) {
         for (int r = 0; r < R; ++r) {
             // Hardware prefetch alone leaves one core at ~8 GB/s on the machines measured;
             // asking for the line 16 KiB ahead into L2 keeps enough reads in flight.
-            _mm_prefetch((const char*)(w + (n0 + r) * k + j) + PREFETCH_BYTES, _MM_HINT_T1);
-            __m512 wv = widen(w + (n0 + r) * k + j, mask);
-            for (int m = 0; m < M; ++m) acc[r][m] = _mm512_fmadd_ps(wv, xv[m], acc[r][m]);
+            __builtin_prefetch((const char*)(w + r * k + j) + PREFETCH_BYTES, 0, 2);
+            for (int v = 0; v < VECTORS; ++v) {
+                const Floats wv = Element<T>::load(w + r * k + j + v * LANES);
+                for (int m = 0; m < M; ++m)
+                    acc[r][m] += wv * Element<float>::load(xf + m * k_pad + j + v * LANES);
+            }
+        }
+    }
+    for (; j < k; j += LANES) {  // xf is zero past k, so only w needs the partial load
+        for (int r = 0; r < R; ++r) {
+            const Floats wv = load(w + r * k + j, k - j);
+            for (int m = 0; m < M; ++m) acc[r][m] += wv * Element<float>::load(xf + m * k_pad + j);
         }
     }
     for (int r = 0; r < R; ++r)
-        for (int m = 0; m < M; ++m) out[m * R + r] = _mm512_reduce_add_ps(acc[r][m]);
+        for (int m = 0; m < M; ++m) out[m * R + r] = horizontal_sum(acc[r][m]);
 }
 
-template <int M>
-void gemv(const uint16_t* x, const uint16_t* w, const uint16_t* bias, uint16_t* y, int64_t n,
-          int64_t k) {
-    constexpr int R = M <= 2 ? 4 : 2;  // R * M <= 16 accumulators of the 32 zmm registers
-    const int64_t k_pad = (k + 15) / 16 * 16;
+// Accumulator vectors that fit in the registers beside the x and w vectors: 32 vector
+// registers on AVX-512 and NEON, 16 on AVX2 and SSE.
+constexpr int ACCUMULATORS = VECTOR_BYTES == 64 ? 16 : 8;
+
+template <typename T, int M>
+void gemv(const T* x, const T* w, const T* bias, T* y, int64_t n, int64_t k) {
+    using E = Element<T>;
+    constexpr int R = std::max(1, std::min(4, ACCUMULATORS / M));
+    const int64_t k_pad = (k + LANES - 1) / LANES * LANES;
     std::vector<float> xf(M * k_pad, 0.0f);
     for (int m = 0; m < M; ++m)
-        for (int64_t j = 0; j < k; ++j) xf[m * k_pad + j] = bf16_to_float(x[m * k + j]);
+        for (int64_t j = 0; j < k; ++j) xf[m * k_pad + j] = E::to_float(x[m * k + j]);
     const int64_t tiles = (n + R - 1) / R;
 #pragma omp parallel for schedule(guided)  // ~4% faster than static over the benchmark model
     for (int64_t t = 0; t < tiles; ++t) {
@@ -174,82 +262,74 @@ void gemv(const uint16_t* x, const uint16_t* w, const uint16_t* bias, uint16_t* 
         const int width = n0 + R <= n ? R : 1;  // a last, partial tile goes one row at a time
         for (int64_t r0 = n0; r0 < n0 + R && r0 < n; r0 += width) {
             if (width == R)
-                tile<R, M>(xf.data(), k_pad, w, k, r0, out);
+                tile<T, R, M>(xf.data(), k_pad, w + r0 * k, k, out);
             else
-                tile<1, M>(xf.data(), k_pad, w, k, r0, out);
+                tile<T, 1, M>(xf.data(), k_pad, w + r0 * k, k, out);
             for (int r = 0; r < width; ++r) {
-                const float b = bias ? bf16_to_float(bias[r0 + r]) : 0.0f;
-                for (int m = 0; m < M; ++m) y[m * n + r0 + r] = float_to_bf16(out[m * width + r] + b);
+                const float b = bias ? E::to_float(bias[r0 + r]) : 0.0f;
+                for (int m = 0; m < M; ++m) y[m * n + r0 + r] = E::from_float(out[m * width + r] + b);
             }
         }
     }
 }
 
-}  // namespace
-
-extern "C" {
-
-// x: m x k (m from 1 to 8; callers split bigger inputs), w: n x k, bias: n or null, y: m x n, all contiguous bfloat16 (as uint16).
-// Returns 0, or -1 if m is out of range.
-int bf16_gemv(const uint16_t* x, const uint16_t* w, const uint16_t* bias, uint16_t* y, int64_t m,
-              int64_t n, int64_t k) {
+template <typename T>
+int gemv_rows(const T* x, const T* w, const T* bias, T* y, int64_t m, int64_t n, int64_t k) {
     switch (m) {
-        case 1: gemv<1>(x, w, bias, y, n, k); return 0;
-        case 2: gemv<2>(x, w, bias, y, n, k); return 0;
-        case 3: gemv<3>(x, w, bias, y, n, k); return 0;
-        case 4: gemv<4>(x, w, bias, y, n, k); return 0;
-        case 5: gemv<5>(x, w, bias, y, n, k); return 0;
-        case 6: gemv<6>(x, w, bias, y, n, k); return 0;
-        case 7: gemv<7>(x, w, bias, y, n, k); return 0;
-        case 8: gemv<8>(x, w, bias, y, n, k); return 0;
+        case 1: gemv<T, 1>(x, w, bias, y, n, k); return 0;
+        case 2: gemv<T, 2>(x, w, bias, y, n, k); return 0;
+        case 3: gemv<T, 3>(x, w, bias, y, n, k); return 0;
+        case 4: gemv<T, 4>(x, w, bias, y, n, k); return 0;
+        case 5: gemv<T, 5>(x, w, bias, y, n, k); return 0;
+        case 6: gemv<T, 6>(x, w, bias, y, n, k); return 0;
+        case 7: gemv<T, 7>(x, w, bias, y, n, k); return 0;
+        case 8: gemv<T, 8>(x, w, bias, y, n, k); return 0;
         default: return -1;
     }
 }
 
-// out = norm(h) (times weight), h = x + residual (or x); float32 statistics, h and the normalised
-// value rounded to bfloat16 before the weight multiplies, as transformers' LlamaRMSNorm.
-// residual, weight and h_out may be null (no residual: h is x).
-void bf16_rms_norm(const uint16_t* x, const uint16_t* residual, const uint16_t* weight, float eps,
-                   uint16_t* out, uint16_t* h_out, int64_t n, int64_t d) {
+// out = norm(h) (times weight), h = x + residual (or x); float32 statistics, h and the
+// normalised value rounded to T before the weight multiplies, as transformers' LlamaRMSNorm.
+template <typename T>
+void rms_norm(const T* x, const T* residual, const T* weight, float eps, T* out, T* h_out, int64_t n,
+              int64_t d) {
+    using E = Element<T>;
 #pragma omp parallel for schedule(static) if (n >= 16)
     for (int64_t i = 0; i < n; ++i) {
-        const uint16_t* h = x + i * d;
-        if (residual) {  // h = x + residual, rounded to bfloat16 as the reference's add
-            for (int64_t j = 0; j < d; j += 16) {
-                const __mmask16 mask = tail_mask(d - j);
-                store_bf16(h_out + i * d + j, mask,
-                           _mm512_add_ps(widen(x + i * d + j, mask), widen(residual + i * d + j, mask)));
-            }
+        const T* h = x + i * d;
+        if (residual) {  // h = x + residual, rounded to T as the reference's add
+            for (int64_t j = 0; j < d; j += LANES)
+                store(h_out + i * d + j, load(x + i * d + j, d - j) + load(residual + i * d + j, d - j), d - j);
             h = h_out + i * d;
         }
-        __m512 sum = _mm512_setzero_ps();
-        for (int64_t j = 0; j < d; j += 16) {
-            const __m512 v = widen(h + j, tail_mask(d - j));
-            sum = _mm512_fmadd_ps(v, v, sum);
+        Floats sum = {};
+        for (int64_t j = 0; j < d; j += LANES) {
+            const Floats v = load(h + j, d - j);
+            sum += v * v;
         }
-        const __m512 inv = _mm512_set1_ps(1.0f / sqrtf(_mm512_reduce_add_ps(sum) / float(d) + eps));
-        for (int64_t j = 0; j < d; j += 16) {
-            const __mmask16 mask = tail_mask(d - j);
-            __m512 v = round_bf16(_mm512_mul_ps(widen(h + j, mask), inv));
-            if (weight) v = _mm512_mul_ps(widen(weight + j, mask), v);
-            store_bf16(out + i * d + j, mask, v);
+        const float inverse = 1.0f / sqrtf(horizontal_sum(sum) / float(d) + eps);
+        for (int64_t j = 0; j < d; j += LANES) {
+            Floats v = E::round(load(h + j, d - j) * inverse);
+            if (weight) v = load(weight + j, d - j) * v;
+            store(out + i * d + j, v, d - j);
         }
     }
 }
 
 // Rotary embedding in place on q [n, hq, d] and k [n, hk, d] (rows q_stride / k_stride apart,
 // heads contiguous), cos|sin from cos_sin [max_pos, rot] float32.
-void bf16_rotary(const int64_t* positions, uint16_t* q, int64_t q_stride, int64_t hq, uint16_t* k,
-                 int64_t k_stride, int64_t hk, int64_t d, const float* cos_sin, int64_t rot,
-                 int interleaved, int64_t n) {
+template <typename T>
+void rotary(const int64_t* positions, T* q, int64_t q_stride, int64_t hq, T* k, int64_t k_stride, int64_t hk,
+            int64_t d, const float* cos_sin, int64_t rot, int interleaved, int64_t n) {
+    using E = Element<T>;
     const int64_t half = rot / 2;
 #pragma omp parallel for schedule(static) if (n >= 16)
     for (int64_t i = 0; i < n; ++i) {
         std::vector<float> c(half), s(half);  // this position's cos and sin, rounded once
         const float* cs = cos_sin + positions[i] * rot;
         for (int64_t j = 0; j < half; ++j) {
-            c[j] = round_bf16(cs[j]);
-            s[j] = round_bf16(cs[half + j]);
+            c[j] = E::to_float(E::from_float(cs[j]));
+            s[j] = E::to_float(E::from_float(cs[half + j]));
         }
         for (int64_t h = 0; h < hq; ++h) rotate(q + i * q_stride + h * d, c.data(), s.data(), half, interleaved);
         for (int64_t h = 0; h < hk; ++h) rotate(k + i * k_stride + h * d, c.data(), s.data(), half, interleaved);
@@ -258,23 +338,38 @@ void bf16_rotary(const int64_t* positions, uint16_t* q, int64_t q_stride, int64_
 
 // k, v [n, width] (rows k_stride / v_stride apart) into the paged caches [slots, width] at
 // slots[i]; slot -1 is skipped.
-void bf16_store_kv(const uint16_t* k, int64_t k_stride, const uint16_t* v, int64_t v_stride,
-                   uint16_t* k_cache, uint16_t* v_cache, const int64_t* slots, int64_t n,
-                   int64_t width) {
+template <typename T>
+void store_kv(const T* k, int64_t k_stride, const T* v, int64_t v_stride, T* k_cache, T* v_cache,
+              const int64_t* slots, int64_t n, int64_t width) {
     for (int64_t i = 0; i < n; ++i) {
         if (slots[i] < 0) continue;
-        memcpy(k_cache + slots[i] * width, k + i * k_stride, width * sizeof(uint16_t));
-        memcpy(v_cache + slots[i] * width, v + i * v_stride, width * sizeof(uint16_t));
+        memcpy(k_cache + slots[i] * width, k + i * k_stride, width * sizeof(T));
+        memcpy(v_cache + slots[i] * width, v + i * v_stride, width * sizeof(T));
     }
+}
+
+// Sum over d of k[j] * q[j], q already float32 and scaled.
+template <typename T>
+inline float dot(const T* k, const float* q, int64_t d) {
+    Floats acc = {};
+    for (int64_t j = 0; j < d; j += LANES) acc += load(k + j, d - j) * load(q + j, d - j);
+    return horizontal_sum(acc);
+}
+
+// acc[j] += p * v[j].
+template <typename T>
+inline void axpy(float p, const T* v, float* acc, int64_t d) {
+    for (int64_t j = 0; j < d; j += LANES) store(acc + j, load(acc + j, d - j) + p * load(v + j, d - j), d - j);
 }
 
 // One query token per sequence (q [b, hq, d], rows q_stride apart) against its paged K/V
 // ([pages, page_size, hk, d]); out [b, hq, d] contiguous. Query heads h*g .. h*g+g-1 share KV
 // head h. Float32 scores, softmax and sums; window > 0 keeps the last `window` keys.
-void bf16_decode_attention(const uint16_t* q, int64_t q_stride, const uint16_t* k_cache,
-                           const uint16_t* v_cache, const int32_t* block_tables, int64_t max_pages,
-                           const int32_t* context_lens, uint16_t* out, int64_t b, int64_t hq,
-                           int64_t hk, int64_t d, int64_t page_size, float scale, int64_t window) {
+template <typename T>
+void decode_attention(const T* q, int64_t q_stride, const T* k_cache, const T* v_cache, const int32_t* block_tables,
+                      int64_t max_pages, const int32_t* context_lens, T* out, int64_t b, int64_t hq, int64_t hk,
+                      int64_t d, int64_t page_size, float scale, int64_t window) {
+    using E = Element<T>;
     const int64_t g = hq / hk;
     int64_t keys = 0;
     for (int64_t s = 0; s < b; ++s) keys += context_lens[s];
@@ -282,60 +377,105 @@ void bf16_decode_attention(const uint16_t* q, int64_t q_stride, const uint16_t* 
 #pragma omp parallel for schedule(dynamic) if (keys * hk >= 8192)
     for (int64_t task = 0; task < b * hk; ++task) {
         const int64_t s = task / hk, h = task % hk;
-        const int64_t ctx = context_lens[s];
-        const int64_t first = window > 0 ? std::max<int64_t>(0, ctx - window) : 0;
-        const int64_t len = ctx - first;
-        std::vector<float> qf(g * d), scores(g * len), acc(g * d, 0.0f);
-        for (int64_t gi = 0; gi < g; ++gi)
+        const int64_t context = context_lens[s];
+        const int64_t first = window > 0 ? std::max<int64_t>(0, context - window) : 0;
+        const int64_t length = context - first;
+        std::vector<float> query(g * d), scores(g * length), acc(g * d, 0.0f);
+        for (int64_t group = 0; group < g; ++group)
             for (int64_t j = 0; j < d; ++j)
-                qf[gi * d + j] = bf16_to_float(q[s * q_stride + (h * g + gi) * d + j]) * scale;
+                query[group * d + j] = E::to_float(q[s * q_stride + (h * g + group) * d + j]) * scale;
         auto slot = [&](int64_t t) {
             return (int64_t(block_tables[s * max_pages + t / page_size]) * page_size + t % page_size) * hk + h;
         };
-        for (int64_t t = 0; t < len; ++t) {
-            const uint16_t* kp = k_cache + slot(first + t) * d;
-            for (int64_t gi = 0; gi < g; ++gi) scores[gi * len + t] = dot(kp, &qf[gi * d], d);
+        for (int64_t t = 0; t < length; ++t) {
+            const T* key = k_cache + slot(first + t) * d;
+            for (int64_t group = 0; group < g; ++group)
+                scores[group * length + t] = dot(key, &query[group * d], d);
         }
-        for (int64_t gi = 0; gi < g; ++gi) {
-            float* sc = &scores[gi * len];
-            const __m512 top = _mm512_set1_ps(*std::max_element(sc, sc + len));
-            __m512 total = _mm512_setzero_ps();
-            for (int64_t t = 0; t < len; t += 16) {
-                const __mmask16 mask = tail_mask(len - t);
-                const __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(mask, sc + t), top));
-                _mm512_mask_storeu_ps(sc + t, mask, e);
-                total = _mm512_add_ps(total, _mm512_maskz_mov_ps(mask, e));
+        for (int64_t group = 0; group < g; ++group) {
+            float* row = &scores[group * length];
+            const Floats top = splat(*std::max_element(row, row + length));
+            Floats total = {};
+            for (int64_t t = 0; t < length; t += LANES) {
+                const int64_t count = length - t;
+                // Lanes past the row (zeros from the partial load) must not count in the total.
+                const Floats e = select(lane_indices() < Ints{} + int32_t(std::min<int64_t>(count, LANES)),
+                                        exp_lanes(load(row + t, count) - top), Floats{});
+                store(row + t, e, count);
+                total += e;
             }
-            const __m512 inv_total = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(total));
-            for (int64_t t = 0; t < len; t += 16) {
-                const __mmask16 mask = tail_mask(len - t);
-                _mm512_mask_storeu_ps(sc + t, mask, _mm512_mul_ps(_mm512_maskz_loadu_ps(mask, sc + t), inv_total));
-            }
+            const float inverse_total = 1.0f / horizontal_sum(total);
+            for (int64_t t = 0; t < length; t += LANES) store(row + t, load(row + t, length - t) * inverse_total, length - t);
         }
-        for (int64_t t = 0; t < len; ++t) {
-            const uint16_t* vp = v_cache + slot(first + t) * d;
-            for (int64_t gi = 0; gi < g; ++gi) axpy(scores[gi * len + t], vp, &acc[gi * d], d);
+        for (int64_t t = 0; t < length; ++t) {
+            const T* value = v_cache + slot(first + t) * d;
+            for (int64_t group = 0; group < g; ++group) axpy(scores[group * length + t], value, &acc[group * d], d);
         }
-        for (int64_t gi = 0; gi < g; ++gi)
-            for (int64_t j = 0; j < d; ++j)
-                out[(s * hq + h * g + gi) * d + j] = float_to_bf16(acc[gi * d + j]);
+        for (int64_t group = 0; group < g; ++group)
+            for (int64_t j = 0; j < d; ++j) out[(s * hq + h * g + group) * d + j] = E::from_float(acc[group * d + j]);
     }
 }
 
-// x [n, 2 * inter] laid out [gate | up] -> SiLU(gate) * up [n, inter], each rounded as torch's
-// bfloat16 silu and mul round.
-void bf16_silu_and_mul(const uint16_t* x, uint16_t* out, int64_t n, int64_t inter) {
+// x [n, 2 * inter] laid out [gate | up] -> SiLU(gate) * up [n, inter], each rounded as the
+// reference's silu and mul round.
+template <typename T>
+void silu_and_mul(const T* x, T* out, int64_t n, int64_t inter) {
+    using E = Element<T>;
 #pragma omp parallel for schedule(static) if (n * inter >= 65536)
     for (int64_t i = 0; i < n; ++i) {
-        const uint16_t* gate = x + i * 2 * inter;
-        const uint16_t* up = gate + inter;
-        for (int64_t j = 0; j < inter; j += 16) {
-            const __mmask16 mask = tail_mask(inter - j);
-            const __m512 g = widen(gate + j, mask);
-            const __m512 e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), g));
-            const __m512 silu = round_bf16(_mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0f), e)));
-            store_bf16(out + i * inter + j, mask, _mm512_mul_ps(silu, widen(up + j, mask)));
+        const T* gate = x + i * 2 * inter;
+        const T* up = gate + inter;
+        for (int64_t j = 0; j < inter; j += LANES) {
+            const int64_t count = inter - j;
+            const Floats g = load(gate + j, count);
+            const Floats silu = E::round(g / (1.0f + exp_lanes(-g)));
+            store(out + i * inter + j, silu * load(up + j, count), count);
         }
     }
+}
+
+}  // namespace
+
+// The C entry points, one set per element type: NAME_bf16 and NAME_f32.
+#define LLAMA3_DIST_EXPORT(T, SUFFIX)                                                                              \
+    int gemv_##SUFFIX(const T* x, const T* w, const T* bias, T* y, int64_t m, int64_t n, int64_t k) {                \
+        return gemv_rows<T>(x, w, bias, y, m, n, k);                                                                 \
+    }                                                                                                                \
+    void rms_norm_##SUFFIX(const T* x, const T* residual, const T* weight, float eps, T* out, T* h_out, int64_t n,  \
+                           int64_t d) {                                                                              \
+        rms_norm<T>(x, residual, weight, eps, out, h_out, n, d);                                                     \
+    }                                                                                                                \
+    void rotary_##SUFFIX(const int64_t* positions, T* q, int64_t q_stride, int64_t hq, T* k, int64_t k_stride,     \
+                         int64_t hk, int64_t d, const float* cos_sin, int64_t rot, int interleaved, int64_t n) {     \
+        rotary<T>(positions, q, q_stride, hq, k, k_stride, hk, d, cos_sin, rot, interleaved, n);                     \
+    }                                                                                                                \
+    void store_kv_##SUFFIX(const T* k, int64_t k_stride, const T* v, int64_t v_stride, T* k_cache, T* v_cache,      \
+                           const int64_t* slots, int64_t n, int64_t width) {                                         \
+        store_kv<T>(k, k_stride, v, v_stride, k_cache, v_cache, slots, n, width);                                    \
+    }                                                                                                                \
+    void decode_attention_##SUFFIX(const T* q, int64_t q_stride, const T* k_cache, const T* v_cache,                \
+                                   const int32_t* block_tables, int64_t max_pages, const int32_t* context_lens,      \
+                                   T* out, int64_t b, int64_t hq, int64_t hk, int64_t d, int64_t page_size,          \
+                                   float scale, int64_t window) {                                                    \
+        decode_attention<T>(q, q_stride, k_cache, v_cache, block_tables, max_pages, context_lens, out, b, hq, hk,   \
+                            d, page_size, scale, window);                                                            \
+    }                                                                                                                \
+    void silu_and_mul_##SUFFIX(const T* x, T* out, int64_t n, int64_t inter) { silu_and_mul<T>(x, out, n, inter); }
+
+extern "C" {
+
+LLAMA3_DIST_EXPORT(bfloat16, bf16)
+LLAMA3_DIST_EXPORT(float, f32)
+
+// The vector width this library was built for, in bytes (cpu.py checks it against the ISA).
+int vector_bytes() { return VECTOR_BYTES; }
+
+// Sum of n floats, read once by all threads: the benchmarks' measure of the memory's streaming
+// read speed (the floor for a decode step is the weight bytes over it).
+float sum_floats(const float* p, int64_t n) {
+    float total = 0.0f;
+#pragma omp parallel for schedule(static) reduction(+ : total)
+    for (int64_t block = 0; block < n / LANES; ++block) total += horizontal_sum(Element<float>::load(p + block * LANES));
+    return total;
 }
 }
