@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import kernels
 from .checkpoint import WeightSource
+from .kernels import Kernels
 from .parallel import ParallelContext
 
 
@@ -32,8 +32,9 @@ def _param(*shape: int, dtype: torch.dtype) -> nn.Parameter:
 class ColumnParallelLinear(nn.Module):
     """Output features split across ranks; several logical weights may be fused into one GEMM."""
 
-    def __init__(self, input_size: int, parts: list[ShardedPart], bias: bool, dtype: torch.dtype):
+    def __init__(self, input_size: int, parts: list[ShardedPart], bias: bool, dtype: torch.dtype, kernels: Kernels):
         super().__init__()
+        self.kernels = kernels
         self.parts = parts
         self.input_size = input_size
         self.output_sizes = [p.stop - p.start for p in parts]
@@ -48,14 +49,14 @@ class ColumnParallelLinear(nn.Module):
                                                     rows=(p.start, p.stop)) for p in self.parts])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return kernels.linear(x, self.weight, self.bias)
+        return self.kernels.linear(x, self.weight, self.bias)
 
 
 class QKVParallelLinear(ColumnParallelLinear):
     """q, k, v fused: this rank's query heads and its KV heads (replicated when tp > n_kv)."""
 
     def __init__(self, hidden: int, head_dim: int, n_heads: int, n_kv_heads: int, bias: bool,
-                 dtype: torch.dtype, pc: ParallelContext, names=("q_proj", "k_proj", "v_proj")):
+                 dtype: torch.dtype, pc: ParallelContext, kernels: Kernels, names=("q_proj", "k_proj", "v_proj")):
         q0, q1 = pc.shard(n_heads)
         if pc.world_size <= n_kv_heads:
             k0, k1 = pc.shard(n_kv_heads)
@@ -66,24 +67,27 @@ class QKVParallelLinear(ColumnParallelLinear):
         d = head_dim
         super().__init__(hidden, [ShardedPart(names[0], n_heads * d, q0 * d, q1 * d),
                                   ShardedPart(names[1], n_kv_heads * d, k0 * d, k1 * d),
-                                  ShardedPart(names[2], n_kv_heads * d, k0 * d, k1 * d)], bias, dtype)
+                                  ShardedPart(names[2], n_kv_heads * d, k0 * d, k1 * d)], bias, dtype, kernels)
 
 
 class MergedColumnParallelLinear(ColumnParallelLinear):
     """gate and up fused as [gate | up] of this rank's slice of the intermediate features."""
 
-    def __init__(self, hidden: int, intermediate: int, bias: bool, dtype: torch.dtype, pc: ParallelContext):
+    def __init__(self, hidden: int, intermediate: int, bias: bool, dtype: torch.dtype, pc: ParallelContext,
+                 kernels: Kernels):
         i0, i1 = pc.shard(intermediate)
         super().__init__(hidden, [ShardedPart("gate_proj", intermediate, i0, i1),
-                                  ShardedPart("up_proj", intermediate, i0, i1)], bias, dtype)
+                                  ShardedPart("up_proj", intermediate, i0, i1)], bias, dtype, kernels)
 
 
 class RowParallelLinear(nn.Module):
     """Input features split across ranks; partial sums all-reduced; the bias added once after."""
 
-    def __init__(self, input_size: int, output_size: int, bias: bool, dtype: torch.dtype, pc: ParallelContext):
+    def __init__(self, input_size: int, output_size: int, bias: bool, dtype: torch.dtype, pc: ParallelContext,
+                 kernels: Kernels):
         super().__init__()
         self.pc = pc
+        self.kernels = kernels
         self.cols = pc.shard(input_size)
         self.full_shape = (output_size, input_size)
         self.weight = _param(output_size, self.cols[1] - self.cols[0], dtype=dtype)
@@ -95,7 +99,7 @@ class RowParallelLinear(nn.Module):
             self.bias.data = source.read(f"{prefix}.bias", self.full_shape[:1])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.pc.all_reduce(kernels.linear(x, self.weight))
+        out = self.pc.all_reduce(self.kernels.linear(x, self.weight))
         return out if self.bias is None else out + self.bias
 
 
@@ -127,8 +131,9 @@ class VocabParallelEmbedding(nn.Module):
 class ParallelLMHead(nn.Module):
     """Vocabulary-parallel output projection gathered to rank 0; tied heads share the embedding shard."""
 
-    def __init__(self, embedding: VocabParallelEmbedding, tied: bool):
+    def __init__(self, embedding: VocabParallelEmbedding, tied: bool, kernels: Kernels):
         super().__init__()
+        self.kernels = kernels
         self.embedding = embedding
         self.tied = tied
         self.weight = embedding.weight if tied else _param(*embedding.weight.shape, dtype=embedding.weight.dtype)
@@ -144,7 +149,7 @@ class ParallelLMHead(nn.Module):
 
     def forward(self, h: torch.Tensor) -> torch.Tensor | None:
         """Float32 logits [n, V] on rank 0, None elsewhere."""
-        logits = self.embedding.pc.gather_last_dim(kernels.linear(h, self.weight))
+        logits = self.embedding.pc.gather_last_dim(self.kernels.linear(h, self.weight))
         return None if logits is None else logits[:, :self.embedding.vocab_size].float()
 
 
@@ -152,8 +157,9 @@ class Norm(nn.Module):
     """RMSNorm (learned weight) or LayerNorm without learned parameters (OLMo), fused with the
     residual add: forward(x, residual) returns (norm(x + residual), x + residual)."""
 
-    def __init__(self, hidden: int, eps: float, method: str, affine: bool, dtype: torch.dtype):
+    def __init__(self, hidden: int, eps: float, method: str, affine: bool, dtype: torch.dtype, kernels: Kernels):
         super().__init__()
+        self.kernels = kernels
         self.eps, self.method, self.hidden = eps, method, hidden
         self.weight = _param(hidden, dtype=dtype) if affine else None
 
@@ -163,7 +169,7 @@ class Norm(nn.Module):
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         if self.method == "rms_norm":
-            return kernels.rms_norm(x, self.weight, self.eps, residual)
+            return self.kernels.rms_norm(x, self.weight, self.eps, residual)
         h = x if residual is None else x + residual
         out = F.layer_norm(h.float(), (self.hidden,), eps=self.eps).to(h.dtype)
         return (out if self.weight is None else out * self.weight), h

@@ -11,9 +11,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from . import kernels
+from . import kernels as kernel_dispatch
 from .checkpoint import TORCH_DTYPES, WeightSource
 from .config import Llama3Config
+from .kernels import Kernels
 from .layers import (MergedColumnParallelLinear, Norm, ParallelLMHead, QKVParallelLinear,
                      RowParallelLinear, VocabParallelEmbedding)
 from .parallel import ParallelContext
@@ -31,14 +32,15 @@ class AttentionMetadata:
 
 
 class Attention(nn.Module):
-    def __init__(self, c: Llama3Config, pc: ParallelContext, dtype: torch.dtype):
+    def __init__(self, c: Llama3Config, pc: ParallelContext, dtype: torch.dtype, kernels: Kernels):
         super().__init__()
         self.c = c
+        self.kernels = kernels
         self.qkv_proj = QKVParallelLinear(c.hidden_size, c.head_dim, c.num_attention_heads,
-                                          c.num_key_value_heads, c.attention_bias, dtype, pc)
+                                          c.num_key_value_heads, c.attention_bias, dtype, pc, kernels)
         self.n_heads, self.n_kv_heads = self.qkv_proj.n_heads, self.qkv_proj.n_kv_heads
         self.o_proj = RowParallelLinear(c.num_attention_heads * c.head_dim, c.hidden_size,
-                                        c.attention_out_bias, dtype, pc)
+                                        c.attention_out_bias, dtype, pc, kernels)
 
     def load(self, source: WeightSource, prefix: str) -> None:
         self.qkv_proj.load(source, prefix)
@@ -52,6 +54,7 @@ class Attention(nn.Module):
             qkv = qkv.clamp(-c.clip_qkv, c.clip_qkv)
         q, k, v = qkv.split([self.n_heads * d, self.n_kv_heads * d, self.n_kv_heads * d], dim=-1)
         q, k, v = q.view(-1, self.n_heads, d), k.view(-1, self.n_kv_heads, d), v.view(-1, self.n_kv_heads, d)
+        kernels = self.kernels
         kernels.rotary_embedding(meta.positions, q, k, cos_sin, c.interleaved_rope_weights)
         k_cache, v_cache = kv
         kernels.store_kv_cache(k, v, k_cache, v_cache, meta.slot_mapping)
@@ -65,28 +68,30 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, c: Llama3Config, pc: ParallelContext, dtype: torch.dtype):
+    def __init__(self, c: Llama3Config, pc: ParallelContext, dtype: torch.dtype, kernels: Kernels):
         super().__init__()
-        self.gate_up_proj = MergedColumnParallelLinear(c.hidden_size, c.intermediate_size, c.mlp_bias, dtype, pc)
-        self.down_proj = RowParallelLinear(c.intermediate_size, c.hidden_size, c.mlp_bias, dtype, pc)
+        self.kernels = kernels
+        self.gate_up_proj = MergedColumnParallelLinear(c.hidden_size, c.intermediate_size, c.mlp_bias, dtype, pc,
+                                                       kernels)
+        self.down_proj = RowParallelLinear(c.intermediate_size, c.hidden_size, c.mlp_bias, dtype, pc, kernels)
 
     def load(self, source: WeightSource, prefix: str) -> None:
         self.gate_up_proj.load(source, prefix)
         self.down_proj.load(source, f"{prefix}.down_proj")
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(kernels.silu_and_mul(self.gate_up_proj(h)))
+        return self.down_proj(self.kernels.silu_and_mul(self.gate_up_proj(h)))
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, c: Llama3Config, pc: ParallelContext, dtype: torch.dtype):
+    def __init__(self, c: Llama3Config, pc: ParallelContext, dtype: torch.dtype, kernels: Kernels):
         super().__init__()
         norm = dict(hidden=c.hidden_size, eps=c.rms_norm_eps, method=c.norm_method,
-                    affine=c.norm_elementwise_affine, dtype=dtype)
+                    affine=c.norm_elementwise_affine, dtype=dtype, kernels=kernels)
         self.input_layernorm = Norm(**norm)
-        self.self_attn = Attention(c, pc, dtype)
+        self.self_attn = Attention(c, pc, dtype, kernels)
         self.post_attention_layernorm = Norm(**norm)
-        self.mlp = MLP(c, pc, dtype)
+        self.mlp = MLP(c, pc, dtype, kernels)
         self.residual_multiplier = c.residual_multiplier
 
     def load(self, source: WeightSource, prefix: str) -> None:
@@ -108,16 +113,20 @@ class DecoderLayer(nn.Module):
 
 
 class Llama3Transformer(nn.Module):
-    """This rank's shard of the whole model. forward -> (final hidden before norm, after norm)."""
+    """This rank's shard of the whole model. forward -> (final hidden before norm, after norm).
 
-    def __init__(self, c: Llama3Config, pc: ParallelContext):
+    The kernels are chosen once, for `device` and the model's dtype (kernels.select)."""
+
+    def __init__(self, c: Llama3Config, pc: ParallelContext, device: torch.device | str):
         super().__init__()
         dtype = TORCH_DTYPES[c.dtype]
         self.config = c
-        self.embed_tokens = VocabParallelEmbedding(c.vocab_size, c.hidden_size, dtype, pc)
-        self.layers = nn.ModuleList(DecoderLayer(c, pc, dtype) for _ in range(c.num_hidden_layers))
-        self.norm = Norm(c.hidden_size, c.rms_norm_eps, c.norm_method, c.norm_elementwise_affine, dtype)
-        self.lm_head = ParallelLMHead(self.embed_tokens, c.tie_word_embeddings)
+        self.kernels = kernels = kernel_dispatch.select(device, dtype)
+        with torch.device(device):
+            self.embed_tokens = VocabParallelEmbedding(c.vocab_size, c.hidden_size, dtype, pc)
+            self.layers = nn.ModuleList(DecoderLayer(c, pc, dtype, kernels) for _ in range(c.num_hidden_layers))
+            self.norm = Norm(c.hidden_size, c.rms_norm_eps, c.norm_method, c.norm_elementwise_affine, dtype, kernels)
+            self.lm_head = ParallelLMHead(self.embed_tokens, c.tie_word_embeddings, kernels)
 
     def load(self, source: WeightSource, show_progress: bool = False) -> None:
         self.embed_tokens.load(source, "model.embed_tokens.weight")

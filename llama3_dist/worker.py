@@ -44,8 +44,7 @@ class Worker:
         self.pc = ParallelContext(rank, config.tp_degree)
         self.device = torch.device(device or config.devices[rank])
         torch.set_grad_enabled(False)
-        with torch.device(self.device):
-            self.model = Llama3Transformer(config, self.pc)
+        self.model = Llama3Transformer(config, self.pc, self.device)
         checkpoint = Checkpoint(checkpoint_path)
         try:
             self.model.load(WeightSource(checkpoint, config, self.device), show_progress and rank == 0)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import threading
 import time
 
 import httpx
@@ -215,9 +216,18 @@ def test_disconnect_aborts_and_frees_blocks(served):
     wait_for(lambda: (m := metrics(served))["llama3_dist_num_requests_running"] == 0
              and m["llama3_dist_kv_cache_blocks_used"] == 0, what="the aborted stream's blocks to be freed")
     assert engine.stats().kv_blocks_used == 0
-    # a non-streaming client that gives up is aborted too
-    with pytest.raises(httpx.ReadTimeout):
-        httpx.post(served.base_url + "/completions", json={**body, "stream": False}, timeout=1.0)
+    # a non-streaming client that gives up is aborted too: the engine's steps wait until it has
+    # given up, so the request cannot finish first however fast the engine is
+    executor = engine.engine.executor
+    client_gave_up = threading.Event()
+    real_execute = executor.execute
+    executor.execute = lambda step: client_gave_up.wait(30) and real_execute(step)
+    try:
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(served.base_url + "/completions", json={**body, "stream": False}, timeout=0.5)
+    finally:
+        client_gave_up.set()
+        del executor.execute
     wait_for(lambda: engine.stats().num_running == 0 and engine.stats().kv_blocks_used == 0,
              what="the abandoned request's blocks to be freed")
 

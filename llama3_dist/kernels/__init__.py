@@ -2,8 +2,9 @@
 
 Each picks the Triton kernel for CUDA tensors, the compiled CPU kernels (cpu.py) for bfloat16
 and float32 CPU tensors, and the torch reference elsewhere (float16 on CPUs, or where the CPU
-kernels cannot be built). LLAMA3_DIST_KERNELS=torch|triton|auto (read at
-every call, default auto) forces a path: torch means the reference everywhere.
+kernels cannot be built). LLAMA3_DIST_KERNELS=torch|triton|auto (default auto) forces a path:
+torch means the reference everywhere. The module functions read it at every call; a model picks
+its kernels once, when it is built (select()), so set it before that.
 
 "triton" on CPU tensors runs the kernels in triton's interpreter, which is how they are tested
 on machines without a GPU. With triton 3.9 the interpreter is chosen when the kernels are
@@ -14,8 +15,11 @@ taken, so the package imports where triton is absent (macOS).
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
+from collections.abc import Callable
+from dataclasses import dataclass
 from types import ModuleType
 
 import torch
@@ -43,13 +47,13 @@ def _mode() -> str:
     return mode
 
 
-def _impl(x: torch.Tensor) -> ModuleType | cpu.KernelLibrary:
+def _impl(x: torch.Tensor, mode: str | None = None) -> ModuleType | cpu.KernelLibrary:
     """The kernels that serve tensors like x: a module or the compiled CPU library."""
-    mode = _mode()
+    mode = mode or _mode()
     if mode == "torch":
         return reference
     if mode == "auto" and not (x.is_cuda and _triton_installed()):
-        return cpu.library() if cpu.handles(x) else reference
+        return cpu.kernels_for(x) or reference
     if not _triton_installed():
         raise RuntimeError("LLAMA3_DIST_KERNELS=triton but triton is not installed; "
                            "install triton or use LLAMA3_DIST_KERNELS=torch|auto")
@@ -97,17 +101,46 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                                        sliding_window)
 
 
+def _linear_for(x: torch.Tensor, mode: str) -> Callable[..., torch.Tensor]:
+    """x @ weight.T + bias for tensors like x. cuBLAS on GPUs is already the right kernel; CPU
+    tensors take the routes of cpu.linear (the compiled GEMV only where the other kernels take
+    the compiled path too); LLAMA3_DIST_KERNELS=torch keeps plain torch."""
+    if mode == "torch" or x.device.type != "cpu":
+        return reference.linear
+    impl = _impl(x, mode)
+    return functools.partial(cpu.linear, kernels=impl if isinstance(impl, cpu.KernelLibrary) else None)
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x @ weight.T + bias. cuBLAS on GPUs is already the right kernel; CPU tensors take the
-    routes of cpu.linear (the compiled GEMV only where the other kernels take the compiled path
-    too); LLAMA3_DIST_KERNELS=torch keeps plain torch."""
-    if _mode() == "torch" or weight.device.type != "cpu":
-        return reference.linear(x, weight, bias)
-    impl = _impl(x)
-    return cpu.linear(x, weight, bias, impl if isinstance(impl, cpu.KernelLibrary) else None)
+    return _linear_for(weight, _mode())(x, weight, bias)
 
 
 # The kernels with a Triton implementation; linear has none (cuBLAS on GPUs).
 TRITON_KERNELS = ("rms_norm", "rotary_embedding", "silu_and_mul", "store_kv_cache", "prefill_attention",
                   "paged_decode_attention")
-__all__ = ["linear", *TRITON_KERNELS]
+
+
+@dataclass(frozen=True)
+class Kernels:
+    """The kernels one model uses, chosen once for its device and dtype (select()): the module
+    functions above decide per call, which costs a few microseconds each, and a CPU decode step
+    of a small model makes hundreds of calls."""
+    rms_norm: Callable[..., tuple[torch.Tensor, torch.Tensor]]
+    rotary_embedding: Callable[..., None]
+    silu_and_mul: Callable[..., torch.Tensor]
+    store_kv_cache: Callable[..., None]
+    prefill_attention: Callable[..., torch.Tensor]
+    paged_decode_attention: Callable[..., torch.Tensor]
+    linear: Callable[..., torch.Tensor]
+
+
+def select(device: torch.device | str, dtype: torch.dtype) -> Kernels:
+    """The kernels for tensors of `dtype` on `device`, as the module functions would pick them now
+    (LLAMA3_DIST_KERNELS, LLAMA3_DIST_CPU_ISA and LLAMA3_DIST_CPU_KERNELS are read here)."""
+    probe = torch.empty(0, dtype=dtype, device=device)
+    mode = _mode()
+    impl = _impl(probe, mode)
+    return Kernels(**{name: getattr(impl, name) for name in TRITON_KERNELS}, linear=_linear_for(probe, mode))
+
+
+__all__ = ["Kernels", "linear", "select", *TRITON_KERNELS]

@@ -28,6 +28,7 @@ and round the result once, as a bfloat16 GEMM does.
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import logging
 import os
@@ -87,9 +88,10 @@ _SUFFIX = {torch.bfloat16: "bf16", torch.float32: "f32"}
 _ELEMENT_BYTES = {torch.bfloat16: 2, torch.float32: 4}
 
 
+@functools.cache
 def host_isa() -> str:
     """The best instruction set of ours that this CPU runs, as torch reports the CPU (so
-    ATEN_CPU_CAPABILITY=avx2 on an AVX-512 host gives avx2)."""
+    ATEN_CPU_CAPABILITY=avx2 on an AVX-512 host gives avx2; torch reads it once, at start)."""
     if not _X86:
         return "generic"
     try:
@@ -188,10 +190,6 @@ class KernelLibrary:
 
     def __repr__(self) -> str:
         return f"KernelLibrary({self.isa!r})"
-
-    @staticmethod
-    def serves(x: torch.Tensor) -> bool:
-        return x.dtype in _SUFFIX and x.device.type == "cpu"
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor | None, eps: float,
                  residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -295,8 +293,10 @@ def library(isa: str | None = None) -> KernelLibrary | None:
     """The compiled kernels for `isa` (default: selected_isa()), or None (logged once, with the
     reason and its cost) where they cannot be had. LLAMA3_DIST_CPU_KERNELS=0 turns them off."""
     isa = isa or selected_isa()
-    if isa in _libraries:
+    try:
         return _libraries[isa]
+    except KeyError:
+        pass
     with _lock:
         if isa not in _libraries:
             try:
@@ -312,10 +312,10 @@ def library(isa: str | None = None) -> KernelLibrary | None:
         return _libraries[isa]
 
 
-def handles(x: torch.Tensor) -> bool:
-    """Whether the compiled kernels serve tensors like x: bfloat16 or float32 on the CPU, with
-    the library built."""
-    return KernelLibrary.serves(x) and library() is not None
+def kernels_for(x: torch.Tensor) -> KernelLibrary | None:
+    """The compiled kernels if they serve tensors like x (bfloat16 or float32 on the CPU, with
+    the library built), else None."""
+    return library() if x.dtype in _SUFFIX and x.device.type == "cpu" else None
 
 
 # --- linear layers ------------------------------------------------------------------------------

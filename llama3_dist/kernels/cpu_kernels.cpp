@@ -50,10 +50,28 @@ constexpr int CACHE_LINE = 64;
 
 inline Floats splat(float f) { return Floats{} + f; }
 
+// Pairwise, halving the vector each time: log2(LANES) dependent additions instead of LANES - 1
+// (a decode step does one per key and head), in the same order on every instruction set.
+template <int N>
+inline float pairwise_sum(const float* lanes_in) {
+    if constexpr (N == 1) {
+        return lanes_in[0];
+    } else {
+        typedef float Half __attribute__((vector_size(N / 2 * 4)));
+        Half low, high;
+        memcpy(&low, lanes_in, sizeof low);
+        memcpy(&high, lanes_in + N / 2, sizeof high);
+        const Half sum = low + high;
+        float lanes[N / 2];
+        memcpy(lanes, &sum, sizeof lanes);
+        return pairwise_sum<N / 2>(lanes);
+    }
+}
+
 inline float horizontal_sum(Floats v) {
-    float total = 0.0f;
-    for (int i = 0; i < LANES; ++i) total += v[i];
-    return total;
+    float lanes[LANES];
+    memcpy(lanes, &v, sizeof lanes);
+    return pairwise_sum<LANES>(lanes);
 }
 
 inline Floats bits_to_floats(Words w) {
@@ -161,6 +179,16 @@ inline void store(T* p, Floats v, int64_t count) {
         store_partial(p, v, count);
 }
 
+// body(j, count) over [0, n) a vector at a time: whole vectors (count == LANES, a constant once
+// inlined, so their loads and stores are plain) and then, if n is no multiple of LANES, the
+// partial rest. Every loop over features goes through here: one loop, no scalar tail copy.
+template <typename Body>
+inline void over_vectors(int64_t n, Body&& body) {
+    int64_t j = 0;
+    for (; j + LANES <= n; j += LANES) body(j, int64_t(LANES));
+    if (j < n) body(j, n - j);
+}
+
 // exp of each lane: Cephes' polynomial on x - k*ln2, scaled by 2^k in two halves so that
 // results below the float range flush to zero and above it overflow to inf. Within 2 float32
 // ulps of expf; NaN stays NaN.
@@ -200,43 +228,94 @@ inline void rotate(T* x, const float* c, const float* s, int64_t half, bool inte
         }
         return;
     }
-    for (int64_t j = 0; j < half; j += LANES) {  // j pairs with j + half
-        const int64_t count = half - j;
+    over_vectors(half, [&](int64_t j, int64_t count) {  // j pairs with j + half
         const Floats x1 = load(x + j, count), x2 = load(x + half + j, count);
         const Floats cv = load(c + j, count), sv = load(s + j, count);
         store(x + j, E::round(x1 * cv) - E::round(x2 * sv), count);
         store(x + half + j, E::round(x2 * cv) + E::round(x1 * sv), count);
-    }
+    });
 }
 
+// The GEMV reads weights in blocks of 2 * LANES elements, as two float32 vectors. For bfloat16
+// the block is one full-width load of 32-bit words: the even elements are the words shifted left
+// by 16 and the odd ones the words with the low half cleared (two cheap ops, where widening
+// LANES elements with a conversion costs a shuffle each); x is stored in the same even/odd
+// order, so each product pairs the right elements. For float32 the two vectors are simply
+// consecutive.
+template <typename T>
+struct Block;
+
+template <>
+struct Block<float> {
+    static void load(const float* p, Floats& first, Floats& second) {
+        first = Element<float>::load(p);
+        second = Element<float>::load(p + LANES);
+    }
+    static int64_t x_index(int64_t j) { return j; }  // x in its own order
+};
+
+template <>
+struct Block<bfloat16> {
+    static void load(const bfloat16* p, Floats& even, Floats& odd) {
+        Words words;
+        memcpy(&words, p, sizeof words);
+        even = bits_to_floats(words << 16);
+        odd = bits_to_floats(words & 0xffff0000u);
+    }
+    // Where element j of x goes: the evens of each block first, then its odds.
+    static int64_t x_index(int64_t j) {
+        const int64_t block = j / (2 * LANES), within = j % (2 * LANES);
+        return block * 2 * LANES + (within % 2) * LANES + within / 2;
+    }
+};
+
 // R output rows of w against M rows of x (both compile-time, so the R*M accumulators live in
-// registers). xf holds x widened to float32, M rows of k_pad floats, zero beyond k.
+// registers). xf holds x widened to float32 in Block<T> order, M rows of k_pad floats (a
+// multiple of 2 * LANES), zero beyond k.
 template <typename T, int R, int M>
 inline void tile(const float* xf, int64_t k_pad, const T* w, int64_t k, float* out /* M x R */) {
-    // Vectors per row and iteration: one cache line of weights.
-    constexpr int VECTORS = std::max<int>(1, CACHE_LINE / (LANES * int(sizeof(T))));
-    constexpr int STEP = VECTORS * LANES;
+    constexpr int BLOCK = 2 * LANES;
+    // Blocks per row and iteration: at least one cache line of weights.
+    constexpr int BLOCKS = std::max<int>(1, CACHE_LINE / (BLOCK * int(sizeof(T))));
+    constexpr int LINES = std::max<int>(1, BLOCKS * BLOCK * int(sizeof(T)) / CACHE_LINE);
     Floats acc[R][M];
     for (int r = 0; r < R; ++r)
         for (int m = 0; m < M; ++m) acc[r][m] = Floats{};
+    // R weight blocks and one x vector at a time beside the R*M accumulators: loading all M x
+    // vectors first would spill registers.
+    auto accumulate = [&](const T* const* rows, const float* x) {
+        Floats first[R], second[R];
+        for (int r = 0; r < R; ++r) Block<T>::load(rows[r], first[r], second[r]);
+        for (int m = 0; m < M; ++m) {
+            const Floats x_first = Element<float>::load(x + m * k_pad);
+            const Floats x_second = Element<float>::load(x + m * k_pad + LANES);
+            for (int r = 0; r < R; ++r) acc[r][m] += first[r] * x_first + second[r] * x_second;
+        }
+    };
+    const T* rows[R];
     int64_t j = 0;
-    for (; j + STEP <= k; j += STEP) {
-        for (int r = 0; r < R; ++r) {
-            // Hardware prefetch alone leaves one core at ~8 GB/s on the machines measured;
-            // asking for the line 16 KiB ahead into L2 keeps enough reads in flight.
-            __builtin_prefetch((const char*)(w + r * k + j) + PREFETCH_BYTES, 0, 2);
-            for (int v = 0; v < VECTORS; ++v) {
-                const Floats wv = Element<T>::load(w + r * k + j + v * LANES);
-                for (int m = 0; m < M; ++m)
-                    acc[r][m] += wv * Element<float>::load(xf + m * k_pad + j + v * LANES);
-            }
+    for (; j + BLOCKS * BLOCK <= k; j += BLOCKS * BLOCK) {
+        // Hardware prefetch alone leaves one core at ~8 GB/s on the machines measured; asking
+        // for the lines 16 KiB ahead into L2 keeps enough reads in flight.
+        for (int r = 0; r < R; ++r)
+            for (int line = 0; line < LINES; ++line)
+                __builtin_prefetch((const char*)(w + r * k + j) + PREFETCH_BYTES + line * CACHE_LINE, 0, 2);
+        for (int b = 0; b < BLOCKS; ++b) {
+            for (int r = 0; r < R; ++r) rows[r] = w + r * k + j + b * BLOCK;
+            accumulate(rows, xf + j + b * BLOCK);
         }
     }
-    for (; j < k; j += LANES) {  // xf is zero past k, so only w needs the partial load
+    for (; j < k; j += BLOCK) {  // the last blocks, the very last one partial (zero-padded)
+        T padded[R][BLOCK];
         for (int r = 0; r < R; ++r) {
-            const Floats wv = load(w + r * k + j, k - j);
-            for (int m = 0; m < M; ++m) acc[r][m] += wv * Element<float>::load(xf + m * k_pad + j);
+            rows[r] = w + r * k + j;
+            if (k - j < BLOCK) {
+                memset(padded[r], 0, sizeof padded[r]);
+                memcpy(padded[r], rows[r], (k - j) * sizeof(T));
+                rows[r] = padded[r];
+            }
         }
+        accumulate(rows, xf + j);
     }
     for (int r = 0; r < R; ++r)
         for (int m = 0; m < M; ++m) out[m * R + r] = horizontal_sum(acc[r][m]);
@@ -250,10 +329,10 @@ template <typename T, int M>
 void gemv(const T* x, const T* w, const T* bias, T* y, int64_t n, int64_t k) {
     using E = Element<T>;
     constexpr int R = std::max(1, std::min(4, ACCUMULATORS / M));
-    const int64_t k_pad = (k + LANES - 1) / LANES * LANES;
+    const int64_t k_pad = (k + 2 * LANES - 1) / (2 * LANES) * (2 * LANES);
     std::vector<float> xf(M * k_pad, 0.0f);
     for (int m = 0; m < M; ++m)
-        for (int64_t j = 0; j < k; ++j) xf[m * k_pad + j] = E::to_float(x[m * k + j]);
+        for (int64_t j = 0; j < k; ++j) xf[m * k_pad + Block<T>::x_index(j)] = E::to_float(x[m * k + j]);
     const int64_t tiles = (n + R - 1) / R;
 #pragma omp parallel for schedule(guided)  // ~4% faster than static over the benchmark model
     for (int64_t t = 0; t < tiles; ++t) {
@@ -298,21 +377,22 @@ void rms_norm(const T* x, const T* residual, const T* weight, float eps, T* out,
     for (int64_t i = 0; i < n; ++i) {
         const T* h = x + i * d;
         if (residual) {  // h = x + residual, rounded to T as the reference's add
-            for (int64_t j = 0; j < d; j += LANES)
-                store(h_out + i * d + j, load(x + i * d + j, d - j) + load(residual + i * d + j, d - j), d - j);
+            over_vectors(d, [&](int64_t j, int64_t count) {
+                store(h_out + i * d + j, load(x + i * d + j, count) + load(residual + i * d + j, count), count);
+            });
             h = h_out + i * d;
         }
         Floats sum = {};
-        for (int64_t j = 0; j < d; j += LANES) {
-            const Floats v = load(h + j, d - j);
+        over_vectors(d, [&](int64_t j, int64_t count) {
+            const Floats v = load(h + j, count);
             sum += v * v;
-        }
+        });
         const float inverse = 1.0f / sqrtf(horizontal_sum(sum) / float(d) + eps);
-        for (int64_t j = 0; j < d; j += LANES) {
-            Floats v = E::round(load(h + j, d - j) * inverse);
-            if (weight) v = load(weight + j, d - j) * v;
-            store(out + i * d + j, v, d - j);
-        }
+        over_vectors(d, [&](int64_t j, int64_t count) {
+            Floats v = E::round(load(h + j, count) * inverse);
+            if (weight) v = load(weight + j, count) * v;
+            store(out + i * d + j, v, count);
+        });
     }
 }
 
@@ -352,14 +432,14 @@ void store_kv(const T* k, int64_t k_stride, const T* v, int64_t v_stride, T* k_c
 template <typename T>
 inline float dot(const T* k, const float* q, int64_t d) {
     Floats acc = {};
-    for (int64_t j = 0; j < d; j += LANES) acc += load(k + j, d - j) * load(q + j, d - j);
+    over_vectors(d, [&](int64_t j, int64_t count) { acc += load(k + j, count) * load(q + j, count); });
     return horizontal_sum(acc);
 }
 
 // acc[j] += p * v[j].
 template <typename T>
 inline void axpy(float p, const T* v, float* acc, int64_t d) {
-    for (int64_t j = 0; j < d; j += LANES) store(acc + j, load(acc + j, d - j) + p * load(v + j, d - j), d - j);
+    over_vectors(d, [&](int64_t j, int64_t count) { store(acc + j, load(acc + j, count) + p * load(v + j, count), count); });
 }
 
 // One query token per sequence (q [b, hq, d], rows q_stride apart) against its paged K/V
@@ -384,33 +464,36 @@ void decode_attention(const T* q, int64_t q_stride, const T* k_cache, const T* v
         for (int64_t group = 0; group < g; ++group)
             for (int64_t j = 0; j < d; ++j)
                 query[group * d + j] = E::to_float(q[s * q_stride + (h * g + group) * d + j]) * scale;
-        auto slot = [&](int64_t t) {
-            return (int64_t(block_tables[s * max_pages + t / page_size]) * page_size + t % page_size) * hk + h;
+        // Visits the keys (or values) first .. context-1 of this sequence and KV head page by
+        // page: cache row t is (page, offset) without a division per key.
+        auto over_keys = [&](const T* cache, auto&& visit) {
+            int64_t t = 0;
+            for (int64_t page_index = first / page_size; t < length; ++page_index) {
+                const T* page = cache + int64_t(block_tables[s * max_pages + page_index]) * page_size * hk * d;
+                for (int64_t offset = t == 0 ? first % page_size : 0; offset < page_size && t < length; ++offset, ++t)
+                    visit(t, page + (offset * hk + h) * d);
+            }
         };
-        for (int64_t t = 0; t < length; ++t) {
-            const T* key = k_cache + slot(first + t) * d;
-            for (int64_t group = 0; group < g; ++group)
-                scores[group * length + t] = dot(key, &query[group * d], d);
-        }
+        over_keys(k_cache, [&](int64_t t, const T* key) {
+            for (int64_t group = 0; group < g; ++group) scores[group * length + t] = dot(key, &query[group * d], d);
+        });
         for (int64_t group = 0; group < g; ++group) {
             float* row = &scores[group * length];
             const Floats top = splat(*std::max_element(row, row + length));
             Floats total = {};
-            for (int64_t t = 0; t < length; t += LANES) {
-                const int64_t count = length - t;
-                // Lanes past the row (zeros from the partial load) must not count in the total.
-                const Floats e = select(lane_indices() < Ints{} + int32_t(std::min<int64_t>(count, LANES)),
-                                        exp_lanes(load(row + t, count) - top), Floats{});
+            over_vectors(length, [&](int64_t t, int64_t count) {
+                // Lanes past the row (zeros from a partial load) must not count in the total.
+                const Floats e = select(lane_indices() < Ints{} + int32_t(count), exp_lanes(load(row + t, count) - top),
+                                        Floats{});
                 store(row + t, e, count);
                 total += e;
-            }
+            });
             const float inverse_total = 1.0f / horizontal_sum(total);
-            for (int64_t t = 0; t < length; t += LANES) store(row + t, load(row + t, length - t) * inverse_total, length - t);
+            over_vectors(length, [&](int64_t t, int64_t count) { store(row + t, load(row + t, count) * inverse_total, count); });
         }
-        for (int64_t t = 0; t < length; ++t) {
-            const T* value = v_cache + slot(first + t) * d;
+        over_keys(v_cache, [&](int64_t t, const T* value) {
             for (int64_t group = 0; group < g; ++group) axpy(scores[group * length + t], value, &acc[group * d], d);
-        }
+        });
         for (int64_t group = 0; group < g; ++group)
             for (int64_t j = 0; j < d; ++j) out[(s * hq + h * g + group) * d + j] = E::from_float(acc[group * d + j]);
     }
@@ -425,12 +508,11 @@ void silu_and_mul(const T* x, T* out, int64_t n, int64_t inter) {
     for (int64_t i = 0; i < n; ++i) {
         const T* gate = x + i * 2 * inter;
         const T* up = gate + inter;
-        for (int64_t j = 0; j < inter; j += LANES) {
-            const int64_t count = inter - j;
+        over_vectors(inter, [&](int64_t j, int64_t count) {
             const Floats g = load(gate + j, count);
             const Floats silu = E::round(g / (1.0f + exp_lanes(-g)));
             store(out + i * inter + j, silu * load(up + j, count), count);
-        }
+        });
     }
 }
 
@@ -473,9 +555,18 @@ int vector_bytes() { return VECTOR_BYTES; }
 // Sum of n floats, read once by all threads: the benchmarks' measure of the memory's streaming
 // read speed (the floor for a decode step is the weight bytes over it).
 float sum_floats(const float* p, int64_t n) {
+    constexpr int CHAINS = 4;  // independent accumulators, so that additions overlap
+    const int64_t blocks = n / (CHAINS * LANES);
     float total = 0.0f;
-#pragma omp parallel for schedule(static) reduction(+ : total)
-    for (int64_t block = 0; block < n / LANES; ++block) total += horizontal_sum(Element<float>::load(p + block * LANES));
+#pragma omp parallel reduction(+ : total)
+    {
+        Floats acc[CHAINS] = {};
+#pragma omp for schedule(static)
+        for (int64_t block = 0; block < blocks; ++block)
+            for (int c = 0; c < CHAINS; ++c) acc[c] += Element<float>::load(p + (block * CHAINS + c) * LANES);
+        for (int c = 0; c < CHAINS; ++c) total += horizontal_sum(acc[c]);
+    }
+    for (int64_t i = blocks * CHAINS * LANES; i < n; ++i) total += p[i];
     return total;
 }
 }
