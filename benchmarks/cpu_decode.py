@@ -1,7 +1,8 @@
 """Batch-1 decode on the CPU, against the memory's floor, transformers and llama.cpp, in one run.
 
 1. The host: torch's CPU capability, the kernel library's instruction set, the streaming-read speed
-   (the faster of torch's sum and the library's over 512 MiB of float32, best of 5).
+   (the faster of torch's sum and the library's over 512 MiB of float32, best of 5), measured
+   again before each round of every comparison: the floor uses the best.
 2. The 284M Llama-3-shaped benchmark model (throughput.py's), bfloat16 and float32: ours and
    transformers' ms/token (medians of alternating runs) and the floor (weight bytes read per
    token / streaming-read speed).
@@ -84,20 +85,21 @@ def llama_bench_ms(binary: str, gguf: str, threads: int) -> float:
     return 1000.0 / json.loads(done.stdout)[0]["avg_ts"]
 
 
-def compare(name: str, path: str, dtype: str, floor_gbs: float, prompt: list[int],
-            llama_bench: tuple[str, str] | None) -> None:
+def compare(name: str, path: str, dtype: str, prompt: list[int], llama_bench: tuple[str, str] | None) -> None:
     from llama3_dist import LLM
     torch_dtype = getattr(torch, dtype)
-    floor_ms = weight_bytes_per_token(path, torch_dtype) / floor_gbs / 1e6
     with LLM(path, dtype=dtype, devices=["cpu"], show_progress=False, kv_cache_bytes=256 << 20) as llm:
-        # Decode speed follows the memory bandwidth, which a shared host makes drift: ours and
-        # transformers alternate, and each reports its median.
+        # Decode speed follows the memory bandwidth, which a shared host makes drift: ours,
+        # transformers and the streaming read alternate; each decode reports its median, the
+        # floor uses the best read.
         model = hf_model(path, torch_dtype, "cpu")
-        ours, theirs = [], []
+        ours, theirs, reads = [], [], []
         for _ in range(ROUNDS):
+            reads.append(streaming_read_gbs())
             ours.append(ours_decode_ms(llm, prompt, NEW_TOKENS))
             theirs.append(hf_decode_ms(model, prompt, NEW_TOKENS))
         del model
+    floor_ms = weight_bytes_per_token(path, torch_dtype) / max(reads) / 1e6
     ours_ms, hf_ms = statistics.median(ours), statistics.median(theirs)
     line = (f"[{name} {dtype}] ours {ours_ms:.1f} ms/token, transformers {hf_ms:.1f}, floor {floor_ms:.1f} | "
             f"ours/floor {ours_ms / floor_ms:.2f}x, speed vs transformers {hf_ms / ours_ms:.2f}x")
@@ -105,7 +107,8 @@ def compare(name: str, path: str, dtype: str, floor_gbs: float, prompt: list[int
         llama_ms = llama_bench_ms(*llama_bench, torch.get_num_threads())
         line += f", llama.cpp {llama_ms:.1f} ms/token, ours/llama.cpp {ours_ms / llama_ms:.2f}x"
     print(line, flush=True)
-    print(f"    runs: ours {', '.join(f'{r:.1f}' for r in ours)}; transformers {', '.join(f'{r:.1f}' for r in theirs)}")
+    print(f"    runs: ours {', '.join(f'{r:.1f}' for r in ours)}; transformers {', '.join(f'{r:.1f}' for r in theirs)}; "
+          f"streaming read {', '.join(f'{r:.1f}' for r in reads)} GB/s")
 
 
 def main() -> None:
@@ -133,12 +136,12 @@ def main() -> None:
     prompt = list(range(1000, 1032))
     if not args.skip_284m:
         for dtype in dtypes:
-            compare("284M", model_284m(), dtype, gbs, prompt, None)
+            compare("284M", model_284m(), dtype, prompt, None)
     smollm2 = smollm2_checkpoint(args.smollm2)
     gguf = {"float32": args.gguf_f32, "bfloat16": args.gguf_bf16}
     for dtype in dtypes:
         peer = (args.llama_bench, gguf[dtype]) if args.llama_bench and gguf.get(dtype) else None
-        compare("SmolLM2-135M" + ("" if args.smollm2 else " (random)"), smollm2, dtype, gbs, prompt, peer)
+        compare("SmolLM2-135M" + ("" if args.smollm2 else " (random)"), smollm2, dtype, prompt, peer)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ from torch import nn
 from . import kernels as kernel_dispatch
 from .checkpoint import TORCH_DTYPES, WeightSource
 from .config import Llama3Config
-from .kernels import Kernels
+from .kernels import Kernels, cpu
 from .layers import (MergedColumnParallelLinear, Norm, ParallelLMHead, QKVParallelLinear,
                      RowParallelLinear, VocabParallelEmbedding)
 from .parallel import ParallelContext
@@ -111,6 +111,33 @@ class DecoderLayer(nn.Module):
     def _scaled(self, x: torch.Tensor) -> torch.Tensor:
         return x if self.residual_multiplier == 1.0 else x * self.residual_multiplier
 
+    def fused_decode(self, library: cpu.KernelLibrary, c: Llama3Config, page_size: int) -> cpu.FusedDecodeLayer | None:
+        """This layer as two calls of the compiled CPU library (decode steps), or None where the
+        fused halves do not cover its architecture: LayerNorm (OLMo), clip_qkv, residual
+        multipliers (Granite), o_proj or down_proj biases (added after the all-reduce)."""
+        attention, mlp = self.self_attn, self.mlp
+        if (c.norm_method != "rms_norm" or c.clip_qkv is not None or self.residual_multiplier != 1.0
+                or attention.o_proj.bias is not None or mlp.down_proj.bias is not None):
+            return None
+        try:
+            return cpu.FusedDecodeLayer(
+                library, input_norm=self.input_layernorm.weight, qkv=attention.qkv_proj.weight,
+                qkv_bias=attention.qkv_proj.bias, o_proj=attention.o_proj.weight,
+                post_norm=self.post_attention_layernorm.weight, gate_up=mlp.gate_up_proj.weight,
+                gate_up_bias=mlp.gate_up_proj.bias, down=mlp.down_proj.weight, heads=attention.n_heads,
+                kv_heads=attention.n_kv_heads, head_dim=c.head_dim, rotary_dim=c.rotary_dim,
+                interleaved=c.interleaved_rope_weights, page_size=page_size, sliding_window=c.sliding_window,
+                eps=c.rms_norm_eps, scale=c.attention_multiplier)
+        except ValueError:
+            return None
+
+    def forward_fused(self, fused: cpu.FusedDecodeLayer, x: torch.Tensor, residual: torch.Tensor | None,
+                      step: cpu.DecodeStep, kv: tuple[torch.Tensor, torch.Tensor]):
+        """forward() for a decode step, each half one library call (bit-identical to forward())."""
+        out, residual = fused.attention(x, residual, step, *kv)
+        out, residual = fused.mlp(self.self_attn.o_proj.pc.all_reduce(out), residual)
+        return self.mlp.down_proj.pc.all_reduce(out), residual
+
 
 class Llama3Transformer(nn.Module):
     """This rank's shard of the whole model. forward -> (final hidden before norm, after norm).
@@ -122,6 +149,7 @@ class Llama3Transformer(nn.Module):
         dtype = TORCH_DTYPES[c.dtype]
         self.config = c
         self.kernels = kernels = kernel_dispatch.select(device, dtype)
+        self._fused: list[cpu.FusedDecodeLayer] | None = None  # built at the first fused decode step
         with torch.device(device):
             self.embed_tokens = VocabParallelEmbedding(c.vocab_size, c.hidden_size, dtype, pc)
             self.layers = nn.ModuleList(DecoderLayer(c, pc, dtype, kernels) for _ in range(c.num_hidden_layers))
@@ -146,10 +174,31 @@ class Llama3Transformer(nn.Module):
         if self.config.embedding_multiplier != 1.0:
             x = x * self.config.embedding_multiplier
         residual = None
-        for layer, kv in zip(self.layers, kv_caches):
-            x, residual = layer(x, residual, meta, kv, cos_sin)
+        fused = self._fused_layers(meta, kv_caches)
+        if fused is not None:
+            step, keep_alive = cpu.FusedDecodeLayer.step(meta.positions, meta.slot_mapping, meta.block_tables,
+                                                         meta.context_lens, cos_sin)
+            for layer, fused_layer, kv in zip(self.layers, fused, kv_caches):
+                x, residual = layer.forward_fused(fused_layer, x, residual, step, kv)
+            del keep_alive
+        else:
+            for layer, kv in zip(self.layers, kv_caches):
+                x, residual = layer(x, residual, meta, kv, cos_sin)
         normed, hidden = self.norm(x, residual)
         return hidden, normed
+
+    def _fused_layers(self, meta: AttentionMetadata, kv_caches) -> list[cpu.FusedDecodeLayer] | None:
+        """The layers as fused decode halves when this step can take them: a decode step of at
+        most GEMV_MAX_ROWS sequences, with the compiled CPU library, on an architecture it covers.
+        Built at the first such step (the weights are loaded by then)."""
+        library = self.kernels.fused_decode
+        if library is None or not meta.is_decode or meta.positions.shape[0] > cpu.GEMV_MAX_ROWS:
+            return None
+        if self._fused is None:
+            page_size = kv_caches[0][0].shape[1]
+            layers = [layer.fused_decode(library, self.config, page_size) for layer in self.layers]
+            self._fused = layers if all(layer is not None for layer in layers) else []
+        return self._fused or None
 
     def compute_logits(self, normed: torch.Tensor) -> torch.Tensor | None:
         logits = self.lm_head(normed)

@@ -286,3 +286,32 @@ def test_held_to_avx2(tmp_path):
         "                            sampling_params=SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))\n"
         "        assert [len(o.outputs[0].token_ids) for o in outs] == [4, 4]\n")
     _run_python(code, ATEN_CPU_CAPABILITY="avx2", ONEDNN_MAX_CPU_ISA="AVX2", LLAMA3_DIST_KERNELS="auto")
+
+
+@built
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+@pytest.mark.parametrize("arch,fused", [("llama", True), ("mistral", True), ("qwen2", True), ("phi3", True),
+                                        ("granite", False), ("olmo", False)])
+def test_fused_decode_is_bit_identical(checkpoints, monkeypatch, arch, fused, dtype):
+    """Decode steps with each layer half as one library call give exactly the per-kernel path's
+    logits (same kernels, same order): GQA, sliding windows (mistral), q/k/v biases (qwen2),
+    partial rotary (phi3), across page boundaries; architectures the fused halves do not cover
+    (Granite's multipliers, OLMo's LayerNorm and clip_qkv) keep the per-kernel path."""
+    from llama3_dist import Llama3Model, ReturnLogits, TextContext
+
+    def run(fused_env):
+        monkeypatch.setenv("LLAMA3_DIST_CPU_FUSED", fused_env)
+        with Llama3Model.from_pretrained(checkpoints[arch], devices=["cpu"], dtype=dtype, page_size=8,
+                                         return_logits=ReturnLogits.ALL, num_kv_pages=32) as model:
+            inputs = model.prepare_initial_token_inputs([TextContext(tokens=[3, 4, 5, 6, 7]),
+                                                         TextContext(tokens=list(range(10, 40)))])
+            logits = [model.execute(inputs).logits]
+            for step in range(20):
+                inputs = model.prepare_next_token_inputs([7 + step, 11 + step], inputs)
+                logits.append(model.execute(inputs).logits)
+            return torch.cat(logits), bool(model.executor.worker.model._fused)
+
+    got, used = run("1")
+    expected, unused = run("0")
+    assert (used, unused) == (fused, False)
+    assert torch.equal(got, expected)

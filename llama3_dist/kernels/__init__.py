@@ -132,15 +132,21 @@ class Kernels:
     prefill_attention: Callable[..., torch.Tensor]
     paged_decode_attention: Callable[..., torch.Tensor]
     linear: Callable[..., torch.Tensor]
+    # The compiled CPU library when it runs whole decoder-layer halves per call for decode steps
+    # (cpu.FusedDecodeLayer); LLAMA3_DIST_CPU_FUSED=0 keeps one call per kernel.
+    fused_decode: cpu.KernelLibrary | None = None
 
 
 def select(device: torch.device | str, dtype: torch.dtype) -> Kernels:
     """The kernels for tensors of `dtype` on `device`, as the module functions would pick them now
-    (LLAMA3_DIST_KERNELS, LLAMA3_DIST_CPU_ISA and LLAMA3_DIST_CPU_KERNELS are read here)."""
+    (LLAMA3_DIST_KERNELS, LLAMA3_DIST_CPU_ISA, LLAMA3_DIST_CPU_KERNELS and LLAMA3_DIST_CPU_FUSED
+    are read here)."""
     probe = torch.empty(0, dtype=dtype, device=device)
     mode = _mode()
     impl = _impl(probe, mode)
-    return Kernels(**{name: getattr(impl, name) for name in TRITON_KERNELS}, linear=_linear_for(probe, mode))
+    fused = isinstance(impl, cpu.KernelLibrary) and os.environ.get("LLAMA3_DIST_CPU_FUSED", "1") != "0"
+    return Kernels(**{name: getattr(impl, name) for name in TRITON_KERNELS}, linear=_linear_for(probe, mode),
+                   fused_decode=impl if fused else None)
 
 
 __all__ = ["Kernels", "linear", "select", *TRITON_KERNELS]

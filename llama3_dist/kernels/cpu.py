@@ -85,6 +85,29 @@ _SIGNATURES = {
     "silu_and_mul": ([_P, _P, _I64, _I64], None),
 }
 _SUFFIX = {torch.bfloat16: "bf16", torch.float32: "f32"}
+_FUSED_SIGNATURES = {  # name -> argument types; each returns 0, or -1 for a batch over GEMV_MAX_ROWS
+    "attention_block": [_P, _P, _P, _P, _P, _P, _P],
+    "mlp_block": [_P, _I64, _P, _P, _P],
+}
+
+
+class DecodeStep(ctypes.Structure):
+    """cpu_kernels.cpp's DecodeStep: one decode step's metadata, shared by every layer."""
+    _fields_ = [("positions", _P), ("slots", _P), ("block_tables", _P), ("context_lens", _P), ("batch", _I64),
+                ("max_pages", _I64), ("cos_sin", _P)]
+
+
+class AttentionBlock(ctypes.Structure):
+    """cpu_kernels.cpp's AttentionBlock: one layer's attention half on this rank."""
+    _fields_ = [("norm_weight", _P), ("qkv_weight", _P), ("qkv_bias", _P), ("o_weight", _P), ("hidden", _I64),
+                ("heads", _I64), ("kv_heads", _I64), ("head_dim", _I64), ("rotary_dim", _I64), ("page_size", _I64),
+                ("window", _I64), ("eps", _F32), ("scale", _F32), ("interleaved", ctypes.c_int32)]
+
+
+class MlpBlock(ctypes.Structure):
+    """cpu_kernels.cpp's MlpBlock: one layer's MLP half on this rank."""
+    _fields_ = [("norm_weight", _P), ("gate_up_weight", _P), ("gate_up_bias", _P), ("down_weight", _P),
+                ("hidden", _I64), ("intermediate", _I64), ("eps", _F32)]
 _ELEMENT_BYTES = {torch.bfloat16: 2, torch.float32: 4}
 
 
@@ -186,6 +209,11 @@ class KernelLibrary:
                 function = getattr(self._lib, f"{name}_{suffix}")
                 function.argtypes, function.restype = argtypes, restype
                 self._functions[name, dtype] = function
+        for name, argtypes in _FUSED_SIGNATURES.items():
+            for dtype, suffix in _SUFFIX.items():
+                function = getattr(self._lib, f"{name}_{suffix}")
+                function.argtypes, function.restype = argtypes, _INT
+                self._functions[name, dtype] = function
         self._lib.sum_floats.argtypes, self._lib.sum_floats.restype = [_P, _I64], _F32
 
     def __repr__(self) -> str:
@@ -278,6 +306,66 @@ class KernelLibrary:
         """Sum of a contiguous float32 tensor read once by all threads (a streaming-read probe)."""
         assert x.dtype == torch.float32 and x.is_contiguous()
         return self._lib.sum_floats(x.data_ptr(), x.numel())
+
+
+class FusedDecodeLayer:
+    """One decoder layer's two halves for decode steps of up to GEMV_MAX_ROWS sequences, each one
+    call of the library: the per-kernel path's kernels in its order, so bit-identical to it.
+    Built from the layer's loaded weights (contiguous, of the model's dtype)."""
+
+    def __init__(self, kernels: KernelLibrary, *, input_norm: torch.Tensor | None, qkv: torch.Tensor,
+                 qkv_bias: torch.Tensor | None, o_proj: torch.Tensor, post_norm: torch.Tensor | None,
+                 gate_up: torch.Tensor, gate_up_bias: torch.Tensor | None, down: torch.Tensor, heads: int,
+                 kv_heads: int, head_dim: int, rotary_dim: int, interleaved: bool, page_size: int,
+                 sliding_window: int | None, eps: float, scale: float):
+        tensors = [t for t in (input_norm, qkv, qkv_bias, o_proj, post_norm, gate_up, gate_up_bias, down) if t is not None]
+        self.dtype = qkv.dtype
+        if any(t.dtype != self.dtype or not t.is_contiguous() or t.device.type != "cpu" for t in tensors):
+            raise ValueError("fused decode needs contiguous CPU weights of one dtype")
+        self._tensors = tensors  # the structs below point into them
+        self.hidden = qkv.shape[1]
+        self._attention_function = kernels._functions["attention_block", self.dtype]
+        self._mlp_function = kernels._functions["mlp_block", self.dtype]
+        self.attention_block = AttentionBlock(
+            _pointer(input_norm), qkv.data_ptr(), _pointer(qkv_bias), o_proj.data_ptr(), self.hidden, heads, kv_heads,
+            head_dim, rotary_dim, page_size, sliding_window or 0, eps, scale, int(interleaved))
+        self.mlp_block = MlpBlock(_pointer(post_norm), gate_up.data_ptr(), _pointer(gate_up_bias), down.data_ptr(),
+                                  self.hidden, gate_up.shape[0] // 2, eps)
+
+    @staticmethod
+    def step(positions: torch.Tensor, slot_mapping: torch.Tensor, block_tables: torch.Tensor,
+             context_lens: torch.Tensor, cos_sin: torch.Tensor) -> tuple[DecodeStep, list[torch.Tensor]]:
+        """The step's DecodeStep, and the tensors it points into (keep them alive with it)."""
+        tensors = [positions.to(torch.int64).contiguous(), slot_mapping.to(torch.int64).contiguous(),
+                   block_tables.to(torch.int32).contiguous(), context_lens.to(torch.int32).contiguous(),
+                   cos_sin.to(torch.float32).contiguous()]
+        positions, slots, tables, lengths, cos_sin = tensors
+        return DecodeStep(positions.data_ptr(), slots.data_ptr(), tables.data_ptr(), lengths.data_ptr(),
+                          positions.shape[0], tables.shape[1], cos_sin.data_ptr()), tensors
+
+    def attention(self, x: torch.Tensor, residual: torch.Tensor | None, step: DecodeStep,
+                  k_cache: torch.Tensor, v_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the attention half's output before any all-reduce, the residual stream x + residual).
+        residual is updated in place."""
+        x = x.contiguous()
+        out = torch.empty_like(x)
+        if self._attention_function(ctypes.byref(self.attention_block), ctypes.byref(step), x.data_ptr(),
+                                    _pointer(residual), out.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr()):
+            raise ValueError(f"fused decode takes 1 to {GEMV_MAX_ROWS} sequences, got {step.batch}")
+        return out, x if residual is None else residual
+
+    def mlp(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the MLP half's output before any all-reduce, x + residual); residual updated in place."""
+        x = x.contiguous()
+        out = torch.empty_like(x)
+        if self._mlp_function(ctypes.byref(self.mlp_block), x.shape[0], x.data_ptr(), residual.data_ptr(),
+                              out.data_ptr()):
+            raise ValueError(f"fused decode takes 1 to {GEMV_MAX_ROWS} rows, got {x.shape[0]}")
+        return out, residual
+
+
+def _pointer(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
 
 
 def _rows(x: torch.Tensor) -> bool:

@@ -325,25 +325,26 @@ inline void tile(const float* xf, int64_t k_pad, const T* w, int64_t k, float* o
 // registers on AVX-512 and NEON, 16 on AVX2 and SSE.
 constexpr int ACCUMULATORS = VECTOR_BYTES == 64 ? 16 : 8;
 
+inline int64_t padded_width(int64_t k) { return (k + 2 * LANES - 1) / (2 * LANES) * (2 * LANES); }
+
+// The GEMV's work, shared by the threads of an enclosing parallel region (an orphaned `omp for`:
+// called outside one, the calling thread does it all). xf: x widened by widen_rows.
 template <typename T, int M>
-void gemv(const T* x, const T* w, const T* bias, T* y, int64_t n, int64_t k) {
+void gemv_tiles(const float* xf, const T* w, const T* bias, T* y, int64_t n, int64_t k) {
     using E = Element<T>;
     constexpr int R = std::max(1, std::min(4, ACCUMULATORS / M));
-    const int64_t k_pad = (k + 2 * LANES - 1) / (2 * LANES) * (2 * LANES);
-    std::vector<float> xf(M * k_pad, 0.0f);
-    for (int m = 0; m < M; ++m)
-        for (int64_t j = 0; j < k; ++j) xf[m * k_pad + Block<T>::x_index(j)] = E::to_float(x[m * k + j]);
+    const int64_t k_pad = padded_width(k);
     const int64_t tiles = (n + R - 1) / R;
-#pragma omp parallel for schedule(guided)  // ~4% faster than static over the benchmark model
+#pragma omp for schedule(guided)  // ~4% faster than static over the benchmark model
     for (int64_t t = 0; t < tiles; ++t) {
         const int64_t n0 = t * R;
         float out[M * R];
         const int width = n0 + R <= n ? R : 1;  // a last, partial tile goes one row at a time
         for (int64_t r0 = n0; r0 < n0 + R && r0 < n; r0 += width) {
             if (width == R)
-                tile<T, R, M>(xf.data(), k_pad, w + r0 * k, k, out);
+                tile<T, R, M>(xf, k_pad, w + r0 * k, k, out);
             else
-                tile<T, 1, M>(xf.data(), k_pad, w + r0 * k, k, out);
+                tile<T, 1, M>(xf, k_pad, w + r0 * k, k, out);
             for (int r = 0; r < width; ++r) {
                 const float b = bias ? E::to_float(bias[r0 + r]) : 0.0f;
                 for (int m = 0; m < M; ++m) y[m * n + r0 + r] = E::from_float(out[m * width + r] + b);
@@ -352,19 +353,45 @@ void gemv(const T* x, const T* w, const T* bias, T* y, int64_t n, int64_t k) {
     }
 }
 
+// x [m, k] as float32 in Block<T> order, rows padded_width(k) apart and zero beyond k.
+template <typename T>
+void widen_rows(const T* x, int64_t m, int64_t k, float* xf) {
+    const int64_t k_pad = padded_width(k);
+    std::fill(xf, xf + m * k_pad, 0.0f);
+    for (int64_t row = 0; row < m; ++row)
+        for (int64_t j = 0; j < k; ++j) xf[row * k_pad + Block<T>::x_index(j)] = Element<T>::to_float(x[row * k + j]);
+}
+
+// y [m, n] = x [m, k] @ w [n, k].T + bias, m from 1 to GEMV_MAX_ROWS, by the threads of the
+// enclosing parallel region (or the calling thread). xf: scratch of m * padded_width(k) floats,
+// shared by the team. Returns -1 if m is out of range.
+constexpr int GEMV_MAX_ROWS = 8;
+
+template <typename T>
+int gemv_team(const T* x, int64_t m, const T* w, const T* bias, T* y, int64_t n, int64_t k, float* xf) {
+    if (m < 1 || m > GEMV_MAX_ROWS) return -1;
+#pragma omp single
+    widen_rows(x, m, k, xf);
+    switch (m) {
+        case 1: gemv_tiles<T, 1>(xf, w, bias, y, n, k); break;
+        case 2: gemv_tiles<T, 2>(xf, w, bias, y, n, k); break;
+        case 3: gemv_tiles<T, 3>(xf, w, bias, y, n, k); break;
+        case 4: gemv_tiles<T, 4>(xf, w, bias, y, n, k); break;
+        case 5: gemv_tiles<T, 5>(xf, w, bias, y, n, k); break;
+        case 6: gemv_tiles<T, 6>(xf, w, bias, y, n, k); break;
+        case 7: gemv_tiles<T, 7>(xf, w, bias, y, n, k); break;
+        default: gemv_tiles<T, 8>(xf, w, bias, y, n, k); break;
+    }
+    return 0;
+}
+
 template <typename T>
 int gemv_rows(const T* x, const T* w, const T* bias, T* y, int64_t m, int64_t n, int64_t k) {
-    switch (m) {
-        case 1: gemv<T, 1>(x, w, bias, y, n, k); return 0;
-        case 2: gemv<T, 2>(x, w, bias, y, n, k); return 0;
-        case 3: gemv<T, 3>(x, w, bias, y, n, k); return 0;
-        case 4: gemv<T, 4>(x, w, bias, y, n, k); return 0;
-        case 5: gemv<T, 5>(x, w, bias, y, n, k); return 0;
-        case 6: gemv<T, 6>(x, w, bias, y, n, k); return 0;
-        case 7: gemv<T, 7>(x, w, bias, y, n, k); return 0;
-        case 8: gemv<T, 8>(x, w, bias, y, n, k); return 0;
-        default: return -1;
-    }
+    if (m < 1 || m > GEMV_MAX_ROWS) return -1;
+    std::vector<float> xf(m * padded_width(k));
+#pragma omp parallel
+    gemv_team(x, m, w, bias, y, n, k, xf.data());
+    return 0;
 }
 
 // out = norm(h) (times weight), h = x + residual (or x); float32 statistics, h and the
@@ -442,19 +469,15 @@ inline void axpy(float p, const T* v, float* acc, int64_t d) {
     over_vectors(d, [&](int64_t j, int64_t count) { store(acc + j, load(acc + j, count) + p * load(v + j, count), count); });
 }
 
-// One query token per sequence (q [b, hq, d], rows q_stride apart) against its paged K/V
-// ([pages, page_size, hk, d]); out [b, hq, d] contiguous. Query heads h*g .. h*g+g-1 share KV
-// head h. Float32 scores, softmax and sums; window > 0 keeps the last `window` keys.
+// The (sequence, KV head) tasks of decode_attention, shared by the threads of an enclosing
+// parallel region (or all done by the calling thread).
 template <typename T>
-void decode_attention(const T* q, int64_t q_stride, const T* k_cache, const T* v_cache, const int32_t* block_tables,
-                      int64_t max_pages, const int32_t* context_lens, T* out, int64_t b, int64_t hq, int64_t hk,
-                      int64_t d, int64_t page_size, float scale, int64_t window) {
+void decode_attention_team(const T* q, int64_t q_stride, const T* k_cache, const T* v_cache, const int32_t* block_tables,
+                           int64_t max_pages, const int32_t* context_lens, T* out, int64_t b, int64_t hq, int64_t hk,
+                           int64_t d, int64_t page_size, float scale, int64_t window) {
     using E = Element<T>;
     const int64_t g = hq / hk;
-    int64_t keys = 0;
-    for (int64_t s = 0; s < b; ++s) keys += context_lens[s];
-    // Threads only pay off past a few thousand keys: waking them costs more than short contexts.
-#pragma omp parallel for schedule(dynamic) if (keys * hk >= 8192)
+#pragma omp for schedule(dynamic)
     for (int64_t task = 0; task < b * hk; ++task) {
         const int64_t s = task / hk, h = task % hk;
         const int64_t context = context_lens[s];
@@ -499,6 +522,21 @@ void decode_attention(const T* q, int64_t q_stride, const T* k_cache, const T* v
     }
 }
 
+// One query token per sequence (q [b, hq, d], rows q_stride apart) against its paged K/V
+// ([pages, page_size, hk, d]); out [b, hq, d] contiguous. Query heads h*g .. h*g+g-1 share KV
+// head h. Float32 scores, softmax and sums; window > 0 keeps the last `window` keys.
+template <typename T>
+void decode_attention(const T* q, int64_t q_stride, const T* k_cache, const T* v_cache, const int32_t* block_tables,
+                      int64_t max_pages, const int32_t* context_lens, T* out, int64_t b, int64_t hq, int64_t hk,
+                      int64_t d, int64_t page_size, float scale, int64_t window) {
+    int64_t keys = 0;
+    for (int64_t s = 0; s < b; ++s) keys += context_lens[s];
+    // Threads only pay off past a few thousand keys: waking them costs more than short contexts.
+#pragma omp parallel if (keys * hk >= 8192)
+    decode_attention_team(q, q_stride, k_cache, v_cache, block_tables, max_pages, context_lens, out, b, hq, hk, d,
+                          page_size, scale, window);
+}
+
 // x [n, 2 * inter] laid out [gate | up] -> SiLU(gate) * up [n, inter], each rounded as the
 // reference's silu and mul round.
 template <typename T>
@@ -514,6 +552,104 @@ void silu_and_mul(const T* x, T* out, int64_t n, int64_t inter) {
             store(out + i * inter + j, silu * load(up + j, count), count);
         });
     }
+}
+
+// --- fused decode blocks ------------------------------------------------------------------------
+// A decode step of a small model is dozens of GEMVs with small kernels between them; called one
+// by one from Python, each costs a few microseconds of dispatch and its own parallel region, and
+// the threads idle between them. A decoder layer's two halves (attention, MLP) run here each in
+// one call and one parallel region instead: the same kernels, in the same order, on the same
+// roundings as the per-kernel path, so the results are bit-identical. The halves stay apart
+// because tensor parallelism all-reduces each half's output in between.
+
+// One decode step: `batch` sequences of one new token each (the AttentionMetadata tensors).
+struct DecodeStep {
+    const int64_t* positions;     // [batch]
+    const int64_t* slots;         // [batch]
+    const int32_t* block_tables;  // [batch, max_pages]
+    const int32_t* context_lens;  // [batch], cached tokens including this step's
+    int64_t batch;
+    int64_t max_pages;
+    const float* cos_sin;  // [max_positions, rotary_dim]
+};
+
+// One layer's attention half on this rank: norm, q/k/v, rotary, KV store, attention, o_proj.
+struct AttentionBlock {
+    const void* norm_weight;  // [hidden] or null (no learned weight)
+    const void* qkv_weight;   // [(heads + 2 * kv_heads) * head_dim, hidden]
+    const void* qkv_bias;     // or null
+    const void* o_weight;     // [hidden, heads * head_dim]
+    int64_t hidden, heads, kv_heads, head_dim, rotary_dim, page_size, window;
+    float eps, scale;
+    int32_t interleaved;
+};
+
+// One layer's MLP half on this rank: norm, gate|up, SiLU * up, down.
+struct MlpBlock {
+    const void* norm_weight;     // [hidden] or null
+    const void* gate_up_weight;  // [2 * intermediate, hidden]
+    const void* gate_up_bias;    // or null
+    const void* down_weight;     // [hidden, intermediate]
+    int64_t hidden, intermediate;
+    float eps;
+};
+
+// h = x + residual (stored into residual; x alone when residual is null), normed = norm(h).
+template <typename T>
+void norm_into(const T* x, T* residual, const void* weight, float eps, T* normed, int64_t m, int64_t hidden) {
+#pragma omp single
+    rms_norm<T>(x, residual, static_cast<const T*>(weight), eps, normed, residual, m, hidden);
+}
+
+// out [batch, hidden] = the attention half's output (before any all-reduce) for input x.
+template <typename T>
+int attention_block(const AttentionBlock& layer, const DecodeStep& step, const T* x, T* residual, T* out,
+                    T* k_cache, T* v_cache) {
+    const int64_t m = step.batch, d = layer.head_dim;
+    if (m < 1 || m > GEMV_MAX_ROWS) return -1;
+    const int64_t q_width = layer.heads * d, kv_width = layer.kv_heads * d, qkv_width = q_width + 2 * kv_width;
+    std::vector<T> normed(m * layer.hidden), qkv(m * qkv_width), attended(m * q_width);
+    std::vector<float> xf(m * padded_width(std::max(layer.hidden, q_width)));
+#pragma omp parallel
+    {
+        norm_into(x, residual, layer.norm_weight, layer.eps, normed.data(), m, layer.hidden);
+        gemv_team(normed.data(), m, static_cast<const T*>(layer.qkv_weight), static_cast<const T*>(layer.qkv_bias),
+                  qkv.data(), qkv_width, layer.hidden, xf.data());
+#pragma omp single
+        {
+            T* q = qkv.data();
+            T* k = q + q_width;
+            rotary<T>(step.positions, q, qkv_width, layer.heads, k, qkv_width, layer.kv_heads, d, step.cos_sin,
+                      layer.rotary_dim, layer.interleaved, m);
+            store_kv<T>(k, qkv_width, k + kv_width, qkv_width, k_cache, v_cache, step.slots, m, kv_width);
+        }
+        decode_attention_team<T>(qkv.data(), qkv_width, k_cache, v_cache, step.block_tables, step.max_pages,
+                                 step.context_lens, attended.data(), m, layer.heads, layer.kv_heads, d,
+                                 layer.page_size, layer.scale, layer.window);
+        gemv_team(attended.data(), m, static_cast<const T*>(layer.o_weight), static_cast<const T*>(nullptr), out,
+                  layer.hidden, q_width, xf.data());
+    }
+    return 0;
+}
+
+// out [batch, hidden] = the MLP half's output (before any all-reduce) for input x.
+template <typename T>
+int mlp_block(const MlpBlock& layer, int64_t m, const T* x, T* residual, T* out) {
+    if (m < 1 || m > GEMV_MAX_ROWS) return -1;
+    const int64_t inter = layer.intermediate;
+    std::vector<T> normed(m * layer.hidden), gate_up(m * 2 * inter), activated(m * inter);
+    std::vector<float> xf(m * padded_width(std::max(layer.hidden, inter)));
+#pragma omp parallel
+    {
+        norm_into(x, residual, layer.norm_weight, layer.eps, normed.data(), m, layer.hidden);
+        gemv_team(normed.data(), m, static_cast<const T*>(layer.gate_up_weight),
+                  static_cast<const T*>(layer.gate_up_bias), gate_up.data(), 2 * inter, layer.hidden, xf.data());
+#pragma omp single
+        silu_and_mul<T>(gate_up.data(), activated.data(), m, inter);
+        gemv_team(activated.data(), m, static_cast<const T*>(layer.down_weight), static_cast<const T*>(nullptr), out,
+                  layer.hidden, inter, xf.data());
+    }
+    return 0;
 }
 
 }  // namespace
@@ -542,7 +678,14 @@ void silu_and_mul(const T* x, T* out, int64_t n, int64_t inter) {
         decode_attention<T>(q, q_stride, k_cache, v_cache, block_tables, max_pages, context_lens, out, b, hq, hk,   \
                             d, page_size, scale, window);                                                            \
     }                                                                                                                \
-    void silu_and_mul_##SUFFIX(const T* x, T* out, int64_t n, int64_t inter) { silu_and_mul<T>(x, out, n, inter); }
+    void silu_and_mul_##SUFFIX(const T* x, T* out, int64_t n, int64_t inter) { silu_and_mul<T>(x, out, n, inter); } \
+    int attention_block_##SUFFIX(const AttentionBlock* layer, const DecodeStep* step, const T* x, T* residual,     \
+                                 T* out, T* k_cache, T* v_cache) {                                                   \
+        return attention_block<T>(*layer, *step, x, residual, out, k_cache, v_cache);                                \
+    }                                                                                                                \
+    int mlp_block_##SUFFIX(const MlpBlock* layer, int64_t m, const T* x, T* residual, T* out) {                     \
+        return mlp_block<T>(*layer, m, x, residual, out);                                                            \
+    }
 
 extern "C" {
 
