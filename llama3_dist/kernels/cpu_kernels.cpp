@@ -289,7 +289,10 @@ inline void tile(const float* xf, int64_t k_pad, const T* w, int64_t k, float* o
         for (int m = 0; m < M; ++m) {
             const Floats x_first = Element<float>::load(x + m * k_pad);
             const Floats x_second = Element<float>::load(x + m * k_pad + LANES);
-            for (int r = 0; r < R; ++r) acc[r][m] += first[r] * x_first + second[r] * x_second;
+            for (int r = 0; r < R; ++r) {  // two fused multiply-adds, not a multiply, an FMA and an add
+                acc[r][m] += first[r] * x_first;
+                acc[r][m] += second[r] * x_second;
+            }
         }
     };
     const T* rows[R];
