@@ -148,9 +148,13 @@ def test_gemv_rounds_a_float32_product(variant, rows, k):
     vector multiple ends with a partial vector; 13 rows take two passes (8 + 5)."""
     library, dtype = variant
     x, w, b = randn(rows, k, dtype=dtype), randn(160, k, dtype=dtype), randn(160, dtype=dtype)
-    expected = (x.double() @ w.double().T + b.double()).to(dtype)
+    exact = x.double() @ w.double().T + b.double()
     got = library.gemv(x, w, b)
-    assert_matches(got, expected, exact_fraction=0.98)
+    if dtype == F32:  # float32 sums of 1000 terms: as close to the exact sum as torch's own GEMM
+        torch_error = ((x @ w.T + b).double() - exact).abs().max()
+        assert (got.double() - exact).abs().max() <= 4 * torch_error + 1e-6
+    else:
+        assert_matches(got, exact.to(dtype), exact_fraction=0.98)
     assert library.gemv(x, w.T.contiguous().T, None) is None  # a strided weight is not served
 
 
