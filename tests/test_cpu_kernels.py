@@ -210,8 +210,9 @@ def test_model_matches_torch_path_and_transformers(tmp_path, monkeypatch, dtype)
     prompts = [[3, 17, 99, 5, 64], list(range(40, 60))]
     steps = [[7 + step, 11 * step] for step in range(4)]
 
-    def run(mode):
+    def run(mode, fused="1"):
         monkeypatch.setenv("LLAMA3_DIST_KERNELS", mode)
+        monkeypatch.setenv("LLAMA3_DIST_CPU_FUSED", fused)
         with Llama3Model.from_pretrained(tmp_path, devices=["cpu"], dtype=dtype,
                                          return_logits=ReturnLogits.ALL, page_size=8, num_kv_pages=16) as model:
             inputs = model.prepare_initial_token_inputs([TextContext(tokens=list(p)) for p in prompts])
@@ -234,9 +235,11 @@ def test_model_matches_torch_path_and_transformers(tmp_path, monkeypatch, dtype)
                         lambda *a, _f=library.paged_decode_attention: calls.append(1) or _f(*a))
     expected = run("torch")
     assert not calls
-    got = run("auto")
+    per_kernel = run("auto", fused="0")
     assert len(calls) == len(steps) * config.num_hidden_layers
-    for g, e in zip(got, expected):
+    got = run("auto")  # each decoder-layer half one call: bit-identical to the per-kernel path
+    for g, e, k in zip(got, expected, per_kernel):
+        assert torch.equal(g, k)
         close(g, e)
     with torch.no_grad():  # transformers on each whole sequence: prefill rows, then one row per step
         full = [hf(torch.tensor([p + [s[b] for s in steps]])).logits[0].float() for b, p in enumerate(prompts)]
