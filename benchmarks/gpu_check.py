@@ -97,14 +97,14 @@ def time_pair(name: str, shape: str, timer: Timer, torch_fn, triton_fn, extra=No
 
 def paged(lens: list[int], page: int, hk: int, d: int, dtype, device, spare: int = 2):
     """Random K/V for sequences of `lens` tokens on shuffled pages; unused pages hold NaN."""
-    n_pages = [-(-n // page) for n in lens]
-    total = sum(n_pages) + spare
+    n_blocks = [-(-n // page) for n in lens]
+    total = sum(n_blocks) + spare
     k = torch.full((total, page, hk, d), float("nan"), dtype=dtype, device=device)
     v = torch.full_like(k, float("nan"))
     order = torch.randperm(total - 1, device=device) + 1  # page 0 stays NaN: padding points at it
-    tables = torch.zeros((len(lens), max(n_pages) + 1), dtype=torch.int32, device=device)
+    tables = torch.zeros((len(lens), max(n_blocks) + 1), dtype=torch.int32, device=device)
     used = 0
-    for b, (n, p) in enumerate(zip(lens, n_pages)):
+    for b, (n, p) in enumerate(zip(lens, n_blocks)):
         pages = order[used:used + p]
         used += p
         tables[b, :p] = pages.to(torch.int32)
@@ -259,7 +259,7 @@ def end_to_end(device: torch.device, s: dict) -> None:
             for mode in ("torch", "triton"):
                 os.environ["LLAMA3_DIST_KERNELS"] = mode
                 with Llama3Model.from_pretrained(path, devices=[str(device)], dtype="bfloat16",
-                                                 return_logits=ReturnLogits.ALL, num_kv_pages=256) as model:
+                                                 return_logits=ReturnLogits.ALL, num_kv_blocks=256) as model:
                     t = time.perf_counter()
                     inputs = model.prepare_initial_token_inputs([TextContext(tokens=list(p)) for p in prompts])
                     logits = [model.execute(inputs).logits]

@@ -28,7 +28,7 @@ def decode_step(batch: int, vocab: int):
     pages = 4
     return StepInput(tokens=np.arange(batch, dtype=np.int64) % vocab,
                      positions=np.full(batch, 40, dtype=np.int64),
-                     input_row_offsets=np.arange(batch + 1, dtype=np.int32),
+                     query_start_loc=np.arange(batch + 1, dtype=np.int32),
                      context_lens=np.full(batch, 41, dtype=np.int32),
                      block_tables=np.arange(batch * pages, dtype=np.int32).reshape(batch, pages),
                      slot_mapping=np.arange(batch, dtype=np.int64) * 64 + 40,
@@ -96,8 +96,8 @@ def end_to_end(steps: int, batch: int, hidden: int, layers: int) -> dict[str, tu
                              ("TP=2 compiled graph", dict(devices=["cpu"] * 2, compiled_graph=True)),
                              ("TP=2 plain calls", dict(devices=["cpu"] * 2, compiled_graph=False))):
             torch.set_num_threads(1 if name.startswith("TP=1") else threads)
-            with Llama3Model.from_pretrained(path, dtype="float32", num_kv_pages=batch * (steps // 16 + 8),
-                                             page_size=16, **kwargs) as model:
+            with Llama3Model.from_pretrained(path, dtype="float32", num_kv_blocks=batch * (steps // 16 + 8),
+                                             block_size=16, **kwargs) as model:
                 ctxs = [TextContext(tokens=[1 + b, 2, 3, 4]) for b in range(batch)]
                 state = {"inputs": model.prepare_initial_token_inputs(ctxs)}
                 state["out"] = model.execute(state["inputs"])

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 from .engine import EngineStats, LLMEngine
 from .outputs import RequestOutput
-from .sampling import SamplingParams
+from .sampling_params import SamplingParams
 
 logger = logging.getLogger("llama3_dist.async_engine")
 

@@ -1,7 +1,8 @@
 """Llama3Config: the model-level configuration, read from a Hugging Face config.json.
 
-Field names follow Modular MAX's `Llama3Config`; semantics follow transformers (see
-REFERENCE.md in the design notes). Both config formats are read: transformers 4 files carry
+Field names follow Modular MAX's `Llama3Config`; semantics follow transformers (the model code
+of each architecture there is the reference, and the tests compare against it). Both config
+formats are read: transformers 4 files carry
 `rope_scaling` plus a top-level `rope_theta`, transformers 5 files carry `rope_parameters`.
 """
 from __future__ import annotations
@@ -21,7 +22,7 @@ SUPPORTED_ARCHITECTURES = (
 DTYPES = ("float32", "bfloat16", "float16")
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 ROPE_TYPES = ("default", "linear", "llama3", "longrope")
-DEFAULT_PAGE_SIZE = 16
+DEFAULT_BLOCK_SIZE = 16
 
 
 class ReturnLogits(str, enum.Enum):
@@ -46,7 +47,8 @@ class _Frozen(BaseModel):
 
 
 class Llama3RopeScalingParams(_Frozen):
-    """`linear` uses factor only; `llama3` uses all four (REFERENCE.md gives the formula)."""
+    """`linear` uses factor only; `llama3` uses all four (transformers'
+    `_compute_llama3_parameters`; model/rope.py implements it)."""
     rope_type: Literal["linear", "llama3"] = "llama3"
     factor: float
     low_freq_factor: float = 1.0
@@ -68,7 +70,7 @@ class KVCacheParams(_Frozen):
     n_kv_heads_per_device: int
     head_dim: int
     num_layers: int
-    page_size: int = DEFAULT_PAGE_SIZE
+    block_size: int = DEFAULT_BLOCK_SIZE
     n_devices: int = 1
 
     @property
@@ -81,8 +83,8 @@ class KVCacheParams(_Frozen):
         return 2 * self.num_layers * self.n_kv_heads_per_device * self.head_dim * DTYPE_BYTES[self.dtype]
 
     @property
-    def bytes_per_page_per_device(self) -> int:
-        return self.page_size * self.bytes_per_token_per_device
+    def bytes_per_block_per_device(self) -> int:
+        return self.block_size * self.bytes_per_token_per_device
 
 
 def normalize_device(device: str) -> str:
@@ -179,7 +181,7 @@ class Llama3Config(_Frozen):
 
     @classmethod
     def construct_kv_params(cls, huggingface_config: dict, devices: list[str], cache_dtype: str,
-                            page_size: int = DEFAULT_PAGE_SIZE) -> KVCacheParams:
+                            block_size: int = DEFAULT_BLOCK_SIZE) -> KVCacheParams:
         hf = _as_dict(huggingface_config)
         n_kv = int(hf.get("num_key_value_heads") or hf["num_attention_heads"])
         tp = len(devices)
@@ -189,14 +191,14 @@ class Llama3Config(_Frozen):
                               f"{hf['intermediate_size']}: the MLP cannot be split evenly; use fewer devices")
         return KVCacheParams(dtype=cache_dtype, n_kv_heads=n_kv, n_kv_heads_per_device=max(1, n_kv // tp),
                              head_dim=_head_dim(hf), num_layers=cls.get_num_layers(hf),
-                             page_size=page_size, n_devices=tp)
+                             block_size=block_size, n_devices=tp)
 
     @classmethod
     def initialize(cls, huggingface_config: Any, *, dtype: str | None = None,
                    max_seq_len: int | None = None, devices: list[str] | None = None,
                    return_logits: ReturnLogits = ReturnLogits.LAST_TOKEN,
                    return_hidden_states: ReturnHiddenStates = ReturnHiddenStates.NONE,
-                   page_size: int = DEFAULT_PAGE_SIZE) -> "Llama3Config":
+                   block_size: int = DEFAULT_BLOCK_SIZE) -> "Llama3Config":
         """Builds the config from a Hugging Face config (dict, PretrainedConfig or directory)."""
         hf = _as_dict(huggingface_config)
         arch = _architecture(hf)
@@ -258,7 +260,7 @@ class Llama3Config(_Frozen):
             intermediate_size=hf["intermediate_size"],
             vocab_size=hf["vocab_size"],
             dtype=dtype,
-            kv_params=cls.construct_kv_params(hf, devices, dtype, page_size),
+            kv_params=cls.construct_kv_params(hf, devices, dtype, block_size),
             return_logits=return_logits,
             return_hidden_states=return_hidden_states,
             norm_method="layer_norm" if is_olmo else "rms_norm",

@@ -10,7 +10,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from .cache import cache_root
+from .paths import cache_root
 
 TOKENIZER_DIR = Path(__file__).parent / "assets" / "llama3-tokenizer"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")

@@ -15,15 +15,15 @@ from pathlib import Path
 
 import numpy as np
 
-from .batch import SamplingInput, build_step_input
-from .checkpoint import Checkpoint
+from .core.step_input import SamplingInput, build_step_input
 from .config import Llama3Config
-from .context import TextContext, check_tokens
-from .detokenizer import IncrementalDetokenizer
+from .core.text_context import TextContext, check_tokens
+from .core.detokenizer import IncrementalDetokenizer
 from .outputs import CompletionOutput, LogprobsDict, RequestOutput
-from .pipeline import make_executor
-from .sampling import SamplingMetadata, SamplingParams
-from .scheduler import Request, Scheduler
+from .executor import make_executor
+from .core.sampling_metadata import SamplingMetadata
+from .sampling_params import SamplingParams
+from .core.scheduler import Request, Scheduler
 
 logger = logging.getLogger("llama3_dist")
 
@@ -86,8 +86,8 @@ class EngineStats:
 class LLMEngine:
     def __init__(self, model: str | Path | None = None, *, devices: list[str] | None = None,
                  dtype: str | None = None, tokenizer: str | Path | None = None, max_seq_len: int | None = None,
-                 max_num_seqs: int = 256, max_num_batched_tokens: int = 2048, page_size: int = 16,
-                 num_kv_pages: int | None = None, kv_cache_bytes: int | None = None,
+                 max_num_seqs: int = 256, max_num_batched_tokens: int = 2048, block_size: int = 16,
+                 num_kv_blocks: int | None = None, kv_cache_bytes: int | None = None,
                  gpu_memory_utilization: float = 0.9, enable_prefix_caching: bool = True,
                  seed: int | None = None, executor: str = "auto", show_progress: bool = True,
                  **executor_kwargs):
@@ -96,20 +96,21 @@ class LLMEngine:
             model = default_model_path()
         self.model_path = str(model)
         self.config = Llama3Config.from_pretrained(self.model_path, dtype=dtype, max_seq_len=max_seq_len,
-                                                   devices=devices, page_size=page_size)
+                                                   devices=devices, block_size=block_size)
+        from .model.checkpoint import Checkpoint
         Checkpoint(self.model_path).close()  # a missing or pickle-only checkpoint fails before any worker
         self.tokenizer = _load_tokenizer(tokenizer or self.model_path)
         self.eos_token_ids = set(self.config.eos_token_ids) | _generation_eos(self.model_path)
-        worker_kwargs = dict(num_kv_pages=num_kv_pages, kv_cache_bytes=kv_cache_bytes,
+        worker_kwargs = dict(num_kv_blocks=num_kv_blocks, kv_cache_bytes=kv_cache_bytes,
                              gpu_memory_utilization=gpu_memory_utilization, sampler_seed=seed,
                              show_progress=show_progress)
         self.executor = make_executor(self.config, self.model_path, executor, worker_kwargs, **executor_kwargs)
-        self.scheduler = Scheduler(self.executor.num_kv_pages, page_size, max_num_batched_tokens=max_num_batched_tokens,
+        self.scheduler = Scheduler(self.executor.num_kv_blocks, block_size, max_num_batched_tokens=max_num_batched_tokens,
                                    max_num_seqs=max_num_seqs, enable_prefix_caching=enable_prefix_caching)
         kv = self.config.kv_params
         logger.info("KV cache: %d blocks of %d tokens (%.1f MiB per device, %d tokens in all)",
-                    self.executor.num_kv_pages, page_size,
-                    self.executor.num_kv_pages * kv.bytes_per_page_per_device / 2**20,
+                    self.executor.num_kv_blocks, block_size,
+                    self.executor.num_kv_blocks * kv.bytes_per_block_per_device / 2**20,
                     self.scheduler.max_tokens_in_cache)
         self._groups: dict[str, _Group] = {}
         self.num_generated_tokens = 0
@@ -186,9 +187,9 @@ class LLMEngine:
             return self._outputs(touched)
         entries = out.scheduled
         step = build_step_input([e.context for e in entries], [e.num_new_tokens for e in entries],
-                                self.config.kv_params.page_size)
+                                self.config.kv_params.block_size)
         # Which rows get logits depends on who samples and who wants prompt logprobs.
-        step.logit_rows, step.sampling, prompt_spans = self._sampling_input(entries, step.input_row_offsets)
+        step.logit_rows, step.sampling, prompt_spans = self._sampling_input(entries, step.query_start_loc)
         executed = time.perf_counter()
         result = self.executor.execute(step)
         t = self.times

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from .engine import LLMEngine
 from .outputs import RequestOutput
-from .sampling import SamplingParams
+from .sampling_params import SamplingParams
 
 
 class LLM:

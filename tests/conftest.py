@@ -98,27 +98,27 @@ def ray_local():
         ray.shutdown()
 
 
-def paged_cache(lens, page_size, hk, d, dtype, device, pad_value):
+def paged_cache(lens, block_size, hk, d, dtype, device, pad_value):
     """K/V caches holding random K/V for sequences of `lens` tokens on shuffled pages.
 
     Page 0 and a few spare pages belong to no sequence, and the tail of every last page is
     unwritten: all hold NaN, so a kernel that reads them fails. Block tables are padded with
     pad_value (0 points at the NaN page 0) past each sequence's pages.
     """
-    n_pages = [-(-L // page_size) for L in lens]
-    num_pages = sum(n_pages) + 3
-    order = (torch.randperm(num_pages - 1) + 1).tolist()
-    k_cache = torch.full((num_pages, page_size, hk, d), float("nan"), dtype=dtype, device=device)
+    n_blocks = [-(-L // block_size) for L in lens]
+    num_blocks = sum(n_blocks) + 3
+    order = (torch.randperm(num_blocks - 1) + 1).tolist()
+    k_cache = torch.full((num_blocks, block_size, hk, d), float("nan"), dtype=dtype, device=device)
     v_cache = torch.full_like(k_cache, float("nan"))
-    tables = torch.full((len(lens), max(n_pages) + 2), pad_value, dtype=torch.int32)
-    for b, (L, n) in enumerate(zip(lens, n_pages)):
+    tables = torch.full((len(lens), max(n_blocks) + 2), pad_value, dtype=torch.int32)
+    for b, (L, n) in enumerate(zip(lens, n_blocks)):
         pages, order = order[:n], order[n:]
         tables[b, :n] = torch.tensor(pages, dtype=torch.int32)
         flat_k = k_cache[pages].flatten(0, 1)
         flat_v = v_cache[pages].flatten(0, 1)
         flat_k[:L] = torch.randn(L, hk, d).to(dtype)
         flat_v[:L] = torch.randn(L, hk, d).to(dtype)
-        k_cache[pages] = flat_k.view(n, page_size, hk, d)
-        v_cache[pages] = flat_v.view(n, page_size, hk, d)
+        k_cache[pages] = flat_k.view(n, block_size, hk, d)
+        v_cache[pages] = flat_v.view(n, block_size, hk, d)
     lens_t = torch.tensor(lens, dtype=torch.int32, device=device)
     return k_cache, v_cache, tables.to(device), lens_t

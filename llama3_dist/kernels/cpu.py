@@ -43,7 +43,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..cache import cache_root
+from ..paths import cache_root
 from . import reference
 
 log = logging.getLogger(__name__)
@@ -94,13 +94,13 @@ _FUSED_SIGNATURES = {  # name -> argument types; each returns 0, or -1 for a bat
 class DecodeStep(ctypes.Structure):
     """cpu_kernels.cpp's DecodeStep: one decode step's metadata, shared by every layer."""
     _fields_ = [("positions", _P), ("slots", _P), ("block_tables", _P), ("context_lens", _P), ("batch", _I64),
-                ("max_pages", _I64), ("cos_sin", _P)]
+                ("max_blocks", _I64), ("cos_sin", _P)]
 
 
 class AttentionBlock(ctypes.Structure):
     """cpu_kernels.cpp's AttentionBlock: one layer's attention half on this rank."""
     _fields_ = [("norm_weight", _P), ("qkv_weight", _P), ("qkv_bias", _P), ("o_weight", _P), ("hidden", _I64),
-                ("heads", _I64), ("kv_heads", _I64), ("head_dim", _I64), ("rotary_dim", _I64), ("page_size", _I64),
+                ("heads", _I64), ("kv_heads", _I64), ("head_dim", _I64), ("rotary_dim", _I64), ("block_size", _I64),
                 ("window", _I64), ("eps", _F32), ("scale", _F32), ("interleaved", ctypes.c_int32)]
 
 
@@ -316,7 +316,7 @@ class FusedDecodeLayer:
     def __init__(self, kernels: KernelLibrary, *, input_norm: torch.Tensor | None, qkv: torch.Tensor,
                  qkv_bias: torch.Tensor | None, o_proj: torch.Tensor, post_norm: torch.Tensor | None,
                  gate_up: torch.Tensor, gate_up_bias: torch.Tensor | None, down: torch.Tensor, heads: int,
-                 kv_heads: int, head_dim: int, rotary_dim: int, interleaved: bool, page_size: int,
+                 kv_heads: int, head_dim: int, rotary_dim: int, interleaved: bool, block_size: int,
                  sliding_window: int | None, eps: float, scale: float):
         tensors = [t for t in (input_norm, qkv, qkv_bias, o_proj, post_norm, gate_up, gate_up_bias, down) if t is not None]
         self.dtype = qkv.dtype
@@ -328,7 +328,7 @@ class FusedDecodeLayer:
         self._mlp_function = kernels._functions["mlp_block", self.dtype]
         self.attention_block = AttentionBlock(
             _pointer(input_norm), qkv.data_ptr(), _pointer(qkv_bias), o_proj.data_ptr(), self.hidden, heads, kv_heads,
-            head_dim, rotary_dim, page_size, sliding_window or 0, eps, scale, int(interleaved))
+            head_dim, rotary_dim, block_size, sliding_window or 0, eps, scale, int(interleaved))
         self.mlp_block = MlpBlock(_pointer(post_norm), gate_up.data_ptr(), _pointer(gate_up_bias), down.data_ptr(),
                                   self.hidden, gate_up.shape[0] // 2, eps)
 

@@ -476,8 +476,8 @@ inline void axpy(float p, const T* v, float* acc, int64_t d) {
 // parallel region (or all done by the calling thread).
 template <typename T>
 void decode_attention_team(const T* q, int64_t q_stride, const T* k_cache, const T* v_cache, const int32_t* block_tables,
-                           int64_t max_pages, const int32_t* context_lens, T* out, int64_t b, int64_t hq, int64_t hk,
-                           int64_t d, int64_t page_size, float scale, int64_t window) {
+                           int64_t max_blocks, const int32_t* context_lens, T* out, int64_t b, int64_t hq, int64_t hk,
+                           int64_t d, int64_t block_size, float scale, int64_t window) {
     using E = Element<T>;
     const int64_t g = hq / hk;
 #pragma omp for schedule(dynamic)
@@ -494,9 +494,9 @@ void decode_attention_team(const T* q, int64_t q_stride, const T* k_cache, const
         // page: cache row t is (page, offset) without a division per key.
         auto over_keys = [&](const T* cache, auto&& visit) {
             int64_t t = 0;
-            for (int64_t page_index = first / page_size; t < length; ++page_index) {
-                const T* page = cache + int64_t(block_tables[s * max_pages + page_index]) * page_size * hk * d;
-                for (int64_t offset = t == 0 ? first % page_size : 0; offset < page_size && t < length; ++offset, ++t)
+            for (int64_t page_index = first / block_size; t < length; ++page_index) {
+                const T* page = cache + int64_t(block_tables[s * max_blocks + page_index]) * block_size * hk * d;
+                for (int64_t offset = t == 0 ? first % block_size : 0; offset < block_size && t < length; ++offset, ++t)
                     visit(t, page + (offset * hk + h) * d);
             }
         };
@@ -526,18 +526,18 @@ void decode_attention_team(const T* q, int64_t q_stride, const T* k_cache, const
 }
 
 // One query token per sequence (q [b, hq, d], rows q_stride apart) against its paged K/V
-// ([pages, page_size, hk, d]); out [b, hq, d] contiguous. Query heads h*g .. h*g+g-1 share KV
+// ([pages, block_size, hk, d]); out [b, hq, d] contiguous. Query heads h*g .. h*g+g-1 share KV
 // head h. Float32 scores, softmax and sums; window > 0 keeps the last `window` keys.
 template <typename T>
 void decode_attention(const T* q, int64_t q_stride, const T* k_cache, const T* v_cache, const int32_t* block_tables,
-                      int64_t max_pages, const int32_t* context_lens, T* out, int64_t b, int64_t hq, int64_t hk,
-                      int64_t d, int64_t page_size, float scale, int64_t window) {
+                      int64_t max_blocks, const int32_t* context_lens, T* out, int64_t b, int64_t hq, int64_t hk,
+                      int64_t d, int64_t block_size, float scale, int64_t window) {
     int64_t keys = 0;
     for (int64_t s = 0; s < b; ++s) keys += context_lens[s];
     // Threads only pay off past a few thousand keys: waking them costs more than short contexts.
 #pragma omp parallel if (keys * hk >= 8192)
-    decode_attention_team(q, q_stride, k_cache, v_cache, block_tables, max_pages, context_lens, out, b, hq, hk, d,
-                          page_size, scale, window);
+    decode_attention_team(q, q_stride, k_cache, v_cache, block_tables, max_blocks, context_lens, out, b, hq, hk, d,
+                          block_size, scale, window);
 }
 
 // x [n, 2 * inter] laid out [gate | up] -> SiLU(gate) * up [n, inter], each rounded as the
@@ -569,10 +569,10 @@ void silu_and_mul(const T* x, T* out, int64_t n, int64_t inter) {
 struct DecodeStep {
     const int64_t* positions;     // [batch]
     const int64_t* slots;         // [batch]
-    const int32_t* block_tables;  // [batch, max_pages]
+    const int32_t* block_tables;  // [batch, max_blocks]
     const int32_t* context_lens;  // [batch], cached tokens including this step's
     int64_t batch;
-    int64_t max_pages;
+    int64_t max_blocks;
     const float* cos_sin;  // [max_positions, rotary_dim]
 };
 
@@ -582,7 +582,7 @@ struct AttentionBlock {
     const void* qkv_weight;   // [(heads + 2 * kv_heads) * head_dim, hidden]
     const void* qkv_bias;     // or null
     const void* o_weight;     // [hidden, heads * head_dim]
-    int64_t hidden, heads, kv_heads, head_dim, rotary_dim, page_size, window;
+    int64_t hidden, heads, kv_heads, head_dim, rotary_dim, block_size, window;
     float eps, scale;
     int32_t interleaved;
 };
@@ -626,9 +626,9 @@ int attention_block(const AttentionBlock& layer, const DecodeStep& step, const T
                       layer.rotary_dim, layer.interleaved, m);
             store_kv<T>(k, qkv_width, k + kv_width, qkv_width, k_cache, v_cache, step.slots, m, kv_width);
         }
-        decode_attention_team<T>(qkv.data(), qkv_width, k_cache, v_cache, step.block_tables, step.max_pages,
+        decode_attention_team<T>(qkv.data(), qkv_width, k_cache, v_cache, step.block_tables, step.max_blocks,
                                  step.context_lens, attended.data(), m, layer.heads, layer.kv_heads, d,
-                                 layer.page_size, layer.scale, layer.window);
+                                 layer.block_size, layer.scale, layer.window);
         gemv_team(attended.data(), m, static_cast<const T*>(layer.o_weight), static_cast<const T*>(nullptr), out,
                   layer.hidden, q_width, xf.data());
     }
@@ -675,11 +675,11 @@ int mlp_block(const MlpBlock& layer, int64_t m, const T* x, T* residual, T* out)
         store_kv<T>(k, k_stride, v, v_stride, k_cache, v_cache, slots, n, width);                                    \
     }                                                                                                                \
     void decode_attention_##SUFFIX(const T* q, int64_t q_stride, const T* k_cache, const T* v_cache,                \
-                                   const int32_t* block_tables, int64_t max_pages, const int32_t* context_lens,      \
-                                   T* out, int64_t b, int64_t hq, int64_t hk, int64_t d, int64_t page_size,          \
+                                   const int32_t* block_tables, int64_t max_blocks, const int32_t* context_lens,      \
+                                   T* out, int64_t b, int64_t hq, int64_t hk, int64_t d, int64_t block_size,          \
                                    float scale, int64_t window) {                                                    \
-        decode_attention<T>(q, q_stride, k_cache, v_cache, block_tables, max_pages, context_lens, out, b, hq, hk,   \
-                            d, page_size, scale, window);                                                            \
+        decode_attention<T>(q, q_stride, k_cache, v_cache, block_tables, max_blocks, context_lens, out, b, hq, hk,   \
+                            d, block_size, scale, window);                                                            \
     }                                                                                                                \
     void silu_and_mul_##SUFFIX(const T* x, T* out, int64_t n, int64_t inter) { silu_and_mul<T>(x, out, n, inter); } \
     int attention_block_##SUFFIX(const AttentionBlock* layer, const DecodeStep* step, const T* x, T* residual,     \

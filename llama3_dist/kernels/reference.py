@@ -1,7 +1,7 @@
 """Plain torch implementations of every kernel: the CPU path and the oracle for the Triton tests.
 
 Shapes: N = tokens in the flat ragged batch, B = sequences, Hq/Hk = query/KV heads on this rank,
-d = head_dim. A paged cache is [num_pages, page_size, Hk, d]; slot = page * page_size + offset.
+d = head_dim. A paged cache is [num_blocks, block_size, Hk, d]; slot = page * block_size + offset.
 """
 from __future__ import annotations
 
@@ -55,11 +55,11 @@ def store_kv_cache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_ca
     v_cache.view(-1, *v_cache.shape[2:])[slots] = v[keep]
 
 
-def _gather_pages(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
+def _gather_blocks(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
     """The first `length` cached tokens of one sequence: [length, Hk, d]."""
-    page_size = cache.shape[1]
-    n_pages = (length + page_size - 1) // page_size
-    return cache[block_table[:n_pages].long()].flatten(0, 1)[:length]
+    block_size = cache.shape[1]
+    n_blocks = (length + block_size - 1) // block_size
+    return cache[block_table[:n_blocks].long()].flatten(0, 1)[:length]
 
 
 # Queries attended in blocks of this many rows bound the float32 score matrix of a long prefill.
@@ -113,8 +113,8 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
         s, e = starts[b], starts[b + 1]
         if e == s:
             continue
-        k = _gather_pages(k_cache, block_tables[b], ctx)
-        v = _gather_pages(v_cache, block_tables[b], ctx)
+        k = _gather_blocks(k_cache, block_tables[b], ctx)
+        v = _gather_blocks(v_cache, block_tables[b], ctx)
         out[s:e] = _attend(q[s:e], k, v, ctx - (e - s), scale, sliding_window)
     return out
 

@@ -227,15 +227,15 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
 
 
 @triton.jit
-def _store_kv_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr, H, D, PAGE_SIZE,
+def _store_kv_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr, H, D, BLOCK_SIZE,
                      stride_kt, stride_kh, stride_kd, stride_vt, stride_vh, stride_vd,
                      stride_kcp, stride_kcs, stride_kch, stride_kcd,
                      stride_vcp, stride_vcs, stride_vch, stride_vcd,
                      BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     slot = tl.load(slot_ptr + t).to(tl.int64)
-    page = slot // PAGE_SIZE
-    off = slot % PAGE_SIZE
+    page = slot // BLOCK_SIZE
+    off = slot % BLOCK_SIZE
     h = tl.arange(0, BLOCK_H).to(tl.int64)[:, None]
     d = tl.arange(0, BLOCK_D).to(tl.int64)[None, :]
     # Skipped tokens (slot -1): broadcast the scalar test to the tile (the interpreter rejects a
@@ -269,17 +269,17 @@ _LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _load_kv_tile(cache_ptr, bt_row_ptr, n, n_mask, kvh, d, d_mask, PAGE_SIZE,
+def _load_kv_tile(cache_ptr, bt_row_ptr, n, n_mask, kvh, d, d_mask, BLOCK_SIZE,
                   stride_p, stride_s, stride_h):
-    page = tl.load(bt_row_ptr + n // PAGE_SIZE, mask=n_mask, other=0).to(tl.int64)
-    slot = (n % PAGE_SIZE).to(tl.int64)
+    page = tl.load(bt_row_ptr + n // BLOCK_SIZE, mask=n_mask, other=0).to(tl.int64)
+    slot = (n % BLOCK_SIZE).to(tl.int64)
     ptrs = cache_ptr + (page * stride_p + slot * stride_s + kvh * stride_h)[:, None] + d[None, :]
     return tl.load(ptrs, mask=n_mask[:, None] & d_mask[None, :], other=0.0)
 
 
 @triton.jit
 def _decode_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, cl_ptr, out_ptr, po_ptr, pm_ptr, pl_ptr,
-                   scale_log2, G, D, PAGE_SIZE, WINDOW, PARTITION,
+                   scale_log2, G, D, BLOCK_SIZE, WINDOW, PARTITION,
                    stride_qb, stride_qh, stride_kp, stride_ks, stride_kh,
                    stride_vp, stride_vs, stride_vh, stride_bt, stride_ob, stride_oh,
                    SPLIT: tl.constexpr, USE_WINDOW: tl.constexpr, BLOCK_G: tl.constexpr,
@@ -316,7 +316,7 @@ def _decode_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, cl_ptr, out_ptr, po_ptr, pm_pt
         # Every tile holds at least one allowed key (start < hi), so m_new is finite.
         n = start + tl.arange(0, BLOCK_N)
         n_mask = n < hi
-        k = _load_kv_tile(kc_ptr, bt_row, n, n_mask, kvh, d, d_mask, PAGE_SIZE,
+        k = _load_kv_tile(kc_ptr, bt_row, n, n_mask, kvh, d, d_mask, BLOCK_SIZE,
                           stride_kp, stride_ks, stride_kh)
         s = _dot(q, tl.trans(k), UPCAST, PRECISION) * scale_log2
         s = tl.where(n_mask[None, :], s, float("-inf"))
@@ -324,7 +324,7 @@ def _decode_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, cl_ptr, out_ptr, po_ptr, pm_pt
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = _load_kv_tile(vc_ptr, bt_row, n, n_mask, kvh, d, d_mask, PAGE_SIZE,
+        v = _load_kv_tile(vc_ptr, bt_row, n, n_mask, kvh, d, d_mask, BLOCK_SIZE,
                           stride_vp, stride_vs, stride_vh)
         acc = acc * alpha[:, None] + _dot(_cast(p, v.dtype), v, UPCAST, PRECISION)
         m_i = m_new
@@ -383,7 +383,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                            num_splits: int | None = None) -> torch.Tensor:
     """num_splits (tests only) overrides the split heuristic; 1 disables flash-decoding."""
     B, hq, d = q.shape
-    page_size, hk = k_cache.shape[1], k_cache.shape[2]
+    block_size, hk = k_cache.shape[1], k_cache.shape[2]
     if hq % hk:
         raise ValueError(f"query heads {hq} must be a multiple of KV heads {hk}")
     group = hq // hk
@@ -395,7 +395,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
         raise ValueError("the KV caches must be contiguous along head_dim")
     # An upper bound on the context without a device sync: the width of the block table.
-    ctx_cap = block_tables.shape[1] * page_size
+    ctx_cap = block_tables.shape[1] * block_size
     if num_splits is None:
         num_splits = _num_decode_splits(B, hk, ctx_cap, q.device)
     block_n = 32 if q.dtype == torch.float32 or d > 128 else 64
@@ -410,7 +410,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     block_d = _pow2(d, 16)
     _decode_kernel[(B, hk, num_splits)](
         q, k_cache, v_cache, block_tables, context_lens, out, partial_out, partial_m, partial_l,
-        float(scale) * _LOG2E, group, d, page_size,
+        float(scale) * _LOG2E, group, d, block_size,
         int(sliding_window) if sliding_window is not None else 0, partition,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
@@ -427,7 +427,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
 
 @triton.jit
 def _prefill_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, qsl_ptr, cl_ptr, out_ptr,
-                    scale_log2, G, D, PAGE_SIZE, WINDOW,
+                    scale_log2, G, D, BLOCK_SIZE, WINDOW,
                     stride_qt, stride_qh, stride_kp, stride_ks, stride_kh,
                     stride_vp, stride_vs, stride_vh, stride_bt, stride_ot, stride_oh,
                     USE_WINDOW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -469,7 +469,7 @@ def _prefill_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, qsl_ptr, cl_ptr, out_ptr,
     for start in range(lo, hi, BLOCK_N):
         n = start + tl.arange(0, BLOCK_N)
         n_mask = n < hi
-        k = _load_kv_tile(kc_ptr, bt_row, n, n_mask, kvh, d, d_mask, PAGE_SIZE,
+        k = _load_kv_tile(kc_ptr, bt_row, n, n_mask, kvh, d, d_mask, BLOCK_SIZE,
                           stride_kp, stride_ks, stride_kh)
         s = _dot(q, tl.trans(k), UPCAST, PRECISION) * scale_log2
         allowed = n_mask[None, :] & (n[None, :] <= pos[:, None])
@@ -482,7 +482,7 @@ def _prefill_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, qsl_ptr, cl_ptr, out_ptr,
         alpha = tl.exp2(m_i - m_safe)
         p = tl.exp2(s - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = _load_kv_tile(vc_ptr, bt_row, n, n_mask, kvh, d, d_mask, PAGE_SIZE,
+        v = _load_kv_tile(vc_ptr, bt_row, n, n_mask, kvh, d, d_mask, BLOCK_SIZE,
                           stride_vp, stride_vs, stride_vh)
         acc = acc * alpha[:, None] + _dot(_cast(p, v.dtype), v, UPCAST, PRECISION)
         m_i = m_new
@@ -497,7 +497,7 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
                       context_lens: torch.Tensor, scale: float,
                       sliding_window: int | None = None) -> torch.Tensor:
     n, hq, d = q.shape
-    page_size, hk = k_cache.shape[1], k_cache.shape[2]
+    block_size, hk = k_cache.shape[1], k_cache.shape[2]
     if hq % hk:
         raise ValueError(f"query heads {hq} must be a multiple of KV heads {hk}")
     group = hq // hk
@@ -520,7 +520,7 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     grid = (triton.cdiv(max_q * group, block_m), hk, B)
     _prefill_kernel[grid](
         q, k_cache, v_cache, block_tables, query_start_loc, context_lens, out,
-        float(scale) * _LOG2E, group, d, page_size,
+        float(scale) * _LOG2E, group, d, block_size,
         int(sliding_window) if sliding_window is not None else 0,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),

@@ -1,0 +1,592 @@
+"""An OpenAI-compatible HTTP server on the engine's step API (FastAPI + uvicorn).
+
+    POST /v1/completions, POST /v1/chat/completions   ("stream": true: server-sent events, then [DONE])
+    GET  /v1/models, GET /health, GET /metrics         (Prometheus text format)
+
+One thread owns the engine (AsyncLLMEngine); handlers on the event loop tokenize, validate, queue
+requests and read their outputs from per-request asyncio queues. Parameters follow the OpenAI
+API plus vLLM's extensions (top_k, min_p, repetition_penalty, min_tokens, ignore_eos,
+stop_token_ids, ...); errors use OpenAI's shape {"error": {"message", "type", "param", "code"}}.
+A client that disconnects has its requests aborted, which frees their KV blocks.
+
+`llama3-dist serve` runs `serve()`. The request bodies are in openai_protocol.py, /metrics in
+metrics.py, the load test in bench.py.
+"""
+from __future__ import annotations
+
+import asyncio
+import copy
+import hmac
+import json
+import socket
+import threading
+import time
+import uuid
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from pydantic import BaseModel, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..async_engine import AsyncLLMEngine, EngineDeadError
+from ..outputs import LogprobsDict, RequestOutput
+from ..sampling_params import SamplingParams
+from .metrics import render_metrics
+from .openai_protocol import (MAX_LOGPROBS, APIError, ChatCompletionRequest, CompletionRequest, SamplingFields,
+                              bad_request,
+                              from_validation_error)
+
+DEFAULT_MODEL_NAME = "llama3-dist-default"
+
+
+# ============================================================================ the server
+class OpenAIServer:
+    """The handlers; the engine thread lives in `engine` (an AsyncLLMEngine)."""
+
+    def __init__(self, engine: AsyncLLMEngine, served_model_name: str | None = None, api_key: str | None = None):
+        self.engine = engine
+        llm = engine.engine
+        self.model_path = llm.model_path
+        self.model_name = served_model_name or DEFAULT_MODEL_NAME
+        self.api_key = api_key
+        self.max_model_len = llm.config.max_seq_len
+        # A tokenizer of our own: the engine thread uses its own for detokenizing, and a Rust
+        # tokenizer shared between threads can fail with "Already borrowed".
+        self.tokenizer = copy.deepcopy(llm.tokenizer) if llm.tokenizer is not None else None
+        self.created = int(time.time())
+
+    # --- shared steps -----------------------------------------------------------------------
+    def _check_model(self, model: str | None) -> None:
+        if model is not None and model != self.model_name:
+            raise APIError(404, f"The model `{model}` does not exist; this server serves `{self.model_name}` "
+                                f"(GET /v1/models).", "invalid_request_error", "model", "model_not_found")
+
+    def _encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        if self.tokenizer is None:
+            raise bad_request(f"the checkpoint {self.model_path!r} has no tokenizer; send the prompt as a list "
+                               f"of token ids", param="prompt")
+        return list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens))
+
+    def _max_tokens(self, requested: int | None, prompt_len: int, param: str) -> int:
+        """OpenAI's context check: prompt plus completion must fit the context."""
+        limit = self.max_model_len
+        if prompt_len >= limit:
+            raise bad_request(f"This model's maximum context length is {limit} tokens. However, your prompt has "
+                               f"{prompt_len} tokens. Please reduce the length of the prompt.",
+                               param=param, code="context_length_exceeded")
+        if requested is None:
+            return limit - prompt_len
+        if requested + prompt_len > limit:
+            raise bad_request(f"This model's maximum context length is {limit} tokens. However, you requested "
+                               f"{requested + prompt_len} tokens ({prompt_len} in the prompt, {requested} in the "
+                               f"completion). Please reduce the length of the prompt or completion.",
+                               param="max_tokens", code="context_length_exceeded")
+        return requested
+
+    def _params(self, req: SamplingFields, max_tokens: int, logprobs: int | None) -> SamplingParams:
+        if req.logit_bias:
+            raise bad_request("logit_bias is not supported", param="logit_bias")
+        if logprobs is not None and not 0 <= logprobs <= MAX_LOGPROBS:
+            raise bad_request(f"logprobs must be in [0, {MAX_LOGPROBS}], got {logprobs}", param="logprobs")
+        fields = dict(n=req.n, max_tokens=max_tokens, min_tokens=req.min_tokens, seed=req.seed, stop=req.stop,
+                      stop_token_ids=req.stop_token_ids, ignore_eos=req.ignore_eos, logprobs=logprobs,
+                      presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
+                      skip_special_tokens=req.skip_special_tokens,
+                      include_stop_str_in_output=req.include_stop_str_in_output)
+        optional = dict(temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, min_p=req.min_p,
+                        repetition_penalty=req.repetition_penalty)
+        fields.update({k: v for k, v in optional.items() if v is not None})
+        try:
+            return SamplingParams(**fields)
+        except ValidationError as e:
+            raise from_validation_error(e) from None
+
+    async def _submit(self, prompts: list[tuple[str | None, list[int]]], params: SamplingParams, base_id: str,
+                      arrival: float, stream: bool) -> tuple[asyncio.Queue, list[str]]:
+        """Adds one engine request per prompt, all delivering to one queue; all or none."""
+        out: asyncio.Queue = asyncio.Queue()
+        rids: list[str] = []
+        try:
+            for i, (text, ids) in enumerate(prompts):
+                rid = f"{base_id}-{i}"
+                rids.append(rid)
+                await self.engine.add_request(rid, text, params, ids, out, arrival_time=arrival,
+                                              final_only=not stream)
+        except BaseException as e:
+            for rid in rids:
+                self.engine.abort(rid)
+            if isinstance(e, EngineDeadError):
+                raise APIError(503, str(e), "server_error", None, "engine_dead") from None
+            if isinstance(e, ValueError):
+                raise bad_request(str(e), param="prompt") from None
+            raise
+        return out, rids
+
+    async def _collect(self, out: asyncio.Queue, rids: list[str], request: Request) -> dict[str, RequestOutput]:
+        """Waits for every request to finish; aborts them all if the client goes away."""
+        final: dict[str, RequestOutput] = {}
+        gone = asyncio.ensure_future(_wait_disconnect(request))
+        try:
+            while len(final) < len(rids):
+                get = asyncio.ensure_future(out.get())
+                done, _ = await asyncio.wait({get, gone}, return_when=asyncio.FIRST_COMPLETED)
+                if get not in done:
+                    get.cancel()
+                    raise asyncio.CancelledError("client disconnected")
+                item = get.result()
+                if isinstance(item, BaseException):
+                    raise APIError(503, str(item), "server_error", None, "engine_dead")
+                if item.finished:
+                    final[item.request_id] = item
+        finally:
+            gone.cancel()
+            for rid in rids:
+                if rid not in final:
+                    self.engine.abort(rid)
+        return final
+
+    async def _stream_events(self, out: asyncio.Queue, rids: list[str], on_output, usage_chunk,
+                             include_usage: bool):
+        """SSE frames: on_output(item) -> chunks for each engine output, then [DONE]. The usage
+        comes in a last chunk of its own if the client asked for it (stream_options), else on the
+        last content chunk. Leaving early (the client disconnected) aborts the unfinished requests."""
+        pending = set(rids)
+        try:
+            failed = None
+            while pending and failed is None:
+                # Outputs are cumulative: after a wait, only each request's newest one matters (a
+                # client that reads slowly gets fewer, larger chunks instead of a growing backlog).
+                items = [await out.get()]
+                while not out.empty():
+                    items.append(out.get_nowait())
+                failed = next((i for i in items if isinstance(i, BaseException)), None)
+                newest = {i.request_id: i for i in items if not isinstance(i, BaseException)}
+                frames = []
+                for item in newest.values():
+                    chunks = on_output(item)
+                    if item.finished:
+                        pending.discard(item.request_id)
+                    if not pending and chunks and not include_usage:
+                        chunks[-1]["usage"] = usage_chunk()["usage"]
+                    frames += map(_sse, chunks)
+                if frames:
+                    yield "".join(frames)
+            if failed is not None:
+                yield _sse(APIError(503, str(failed), "server_error", None, "engine_dead").body())
+            elif include_usage:
+                yield _sse(usage_chunk())
+            yield "data: [DONE]\n\n"
+        finally:
+            for rid in pending:
+                self.engine.abort(rid)
+
+    def _usage(self, prompt_tokens: int, completion_tokens: int) -> dict:
+        return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                "total_tokens": prompt_tokens + completion_tokens}
+
+    def _token_str(self, lp: LogprobsDict, tid: int) -> str:
+        entry = lp.get(tid)
+        if entry is not None and entry.decoded_token is not None:
+            return entry.decoded_token
+        return f"token_id:{tid}"
+
+    # --- /v1/completions --------------------------------------------------------------------
+    async def completions(self, request: Request):
+        arrival = time.monotonic()
+        req = await _parse(request, CompletionRequest)
+        self._check_model(req.model)
+        if req.suffix:
+            raise bad_request("suffix is not supported", param="suffix")
+        if req.best_of is not None and req.best_of != req.n:
+            raise bad_request(f"best_of ({req.best_of}) other than n ({req.n}) is not supported", param="best_of")
+        if req.echo and req.logprobs is not None:
+            raise bad_request("echo together with logprobs is not supported", param="echo")
+        prompts = self._completion_prompts(req.prompt)
+        longest = max(len(ids) for _, ids in prompts)
+        max_tokens = self._max_tokens(req.max_tokens, longest, "prompt")
+        params = self._params(req, max_tokens, req.logprobs)
+        base_id = f"cmpl-{uuid.uuid4().hex}"
+        out, rids = await self._submit(prompts, params, base_id, arrival, req.stream)
+        created = int(time.time())
+        n = req.n
+        index_of = {rid: i for i, rid in enumerate(rids)}
+        echo = {rid: (text if text is not None else self._decode(ids)) if req.echo else ""
+                for rid, (text, ids) in zip(rids, prompts)}
+        prompt_tokens = sum(len(ids) for _, ids in prompts)
+
+        def choice(rid, c, text, token_ids, lps, start_offset, finish):
+            logprobs = None
+            if req.logprobs is not None:
+                logprobs = self._completion_logprobs(token_ids, lps, start_offset)
+            return {"index": index_of[rid] * n + c.index, "text": text, "logprobs": logprobs,
+                    "finish_reason": finish, "stop_reason": c.stop_reason if finish else None}
+
+        if not req.stream:
+            final = await self._collect(out, rids, request)
+            choices = [choice(rid, c, echo[rid] + c.text, c.token_ids, c.logprobs or [], 0, c.finish_reason)
+                       for rid in rids for c in final[rid].outputs]
+            completion_tokens = sum(len(c.token_ids) for r in final.values() for c in r.outputs)
+            return JSONResponse({"id": base_id, "object": "text_completion", "created": created,
+                                 "model": self.model_name, "choices": choices,
+                                 "usage": self._usage(prompt_tokens, completion_tokens)})
+
+        sent: dict[tuple[str, int], list[int]] = {}  # (rid, index) -> [chars, tokens, text offset]
+        done: set[tuple[str, int]] = set()  # choices whose finish_reason has gone out
+        totals = {"completion": 0}
+
+        def on_output(item: RequestOutput):
+            chunks = []
+            for c in item.outputs:
+                key = (item.request_id, c.index)
+                first = key not in sent
+                chars, toks, offset = sent.setdefault(key, [0, 0, len(echo[item.request_id])])
+                text, new_ids = c.text[chars:], c.token_ids[toks:]
+                newly_done = c.finish_reason is not None and key not in done
+                if not text and not new_ids and not newly_done and not first:
+                    continue
+                if newly_done:
+                    done.add(key)
+                lps = (c.logprobs or [])[toks:toks + len(new_ids)]
+                prefix = echo[item.request_id] if first else ""
+                chunks.append({"id": base_id, "object": "text_completion", "created": created,
+                               "model": self.model_name,
+                               "choices": [choice(item.request_id, c, prefix + text, new_ids, lps, offset,
+                                                  c.finish_reason if newly_done else None)]})
+                totals["completion"] += len(new_ids)
+                sent[key] = [len(c.text), len(c.token_ids),
+                             offset + sum(len(self._token_str(lp, t)) for lp, t in zip(lps, new_ids))]
+            return chunks
+
+        def usage_chunk():
+            return {"id": base_id, "object": "text_completion", "created": created, "model": self.model_name,
+                    "choices": [], "usage": self._usage(prompt_tokens, totals["completion"])}
+
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        return _SSEResponse(self._stream_events(out, rids, on_output, usage_chunk, include_usage))
+
+    def _completion_prompts(self, prompt) -> list[tuple[str | None, list[int]]]:
+        if isinstance(prompt, str):
+            return [(prompt, self._encode(prompt))]
+        if not prompt:
+            raise bad_request("prompt must not be empty", param="prompt")
+        if all(isinstance(p, int) for p in prompt):
+            return [(None, list(prompt))]
+        if all(isinstance(p, str) for p in prompt):
+            return [(p, self._encode(p)) for p in prompt]
+        if all(isinstance(p, list) for p in prompt):
+            if any(not p for p in prompt):
+                raise bad_request("prompt token lists must not be empty", param="prompt")
+            return [(None, list(p)) for p in prompt]
+        raise bad_request("prompt must be a string, a list of strings, a list of token ids or a list of lists "
+                           "of token ids", param="prompt")
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids) if self.tokenizer is not None else ""
+
+    def _completion_logprobs(self, token_ids, lps: list[LogprobsDict], start_offset: int) -> dict:
+        tokens, token_logprobs, top, offsets = [], [], [], []
+        offset = start_offset
+        for tid, lp in zip(token_ids, lps):
+            s = self._token_str(lp, tid)
+            tokens.append(s)
+            token_logprobs.append(lp[tid].logprob if tid in lp else None)
+            top.append({self._token_str(lp, t): v.logprob for t, v in lp.items()})
+            offsets.append(offset)
+            offset += len(s)
+        return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top, "text_offset": offsets}
+
+    # --- /v1/chat/completions ---------------------------------------------------------------
+    async def chat_completions(self, request: Request):
+        arrival = time.monotonic()
+        req = await _parse(request, ChatCompletionRequest)
+        self._check_model(req.model)
+        if req.tools:
+            raise bad_request("tools are not supported", param="tools")
+        if req.response_format and req.response_format.get("type", "text") != "text":
+            raise bad_request("only response_format {'type': 'text'} is supported", param="response_format")
+        if req.top_logprobs is not None and not req.logprobs:
+            raise bad_request("top_logprobs needs logprobs: true", param="top_logprobs")
+        ids = self._chat_prompt(req)
+        requested = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+        max_tokens = self._max_tokens(requested, len(ids), "messages")
+        k = (req.top_logprobs or 0) if req.logprobs else None
+        params = self._params(req, max_tokens, k)
+        base_id = f"chatcmpl-{uuid.uuid4().hex}"
+        out, rids = await self._submit([(None, ids)], params, base_id, arrival, req.stream)
+        created = int(time.time())
+        prompt_tokens = len(ids)
+
+        if not req.stream:
+            final = (await self._collect(out, rids, request))[rids[0]]
+            choices = [{"index": c.index, "message": {"role": "assistant", "content": c.text},
+                        "logprobs": self._chat_logprobs(c.token_ids, c.logprobs, k) if k is not None else None,
+                        "finish_reason": c.finish_reason, "stop_reason": c.stop_reason} for c in final.outputs]
+            completion_tokens = sum(len(c.token_ids) for c in final.outputs)
+            return JSONResponse({"id": base_id, "object": "chat.completion", "created": created,
+                                 "model": self.model_name, "choices": choices,
+                                 "usage": self._usage(prompt_tokens, completion_tokens)})
+
+        sent: dict[int, list[int]] = {}  # index -> [chars, tokens]
+        done: set[int] = set()  # choices whose finish_reason has gone out
+        totals = {"completion": 0}
+
+        def chunk(choices):
+            return {"id": base_id, "object": "chat.completion.chunk", "created": created, "model": self.model_name,
+                    "choices": choices}
+
+        def on_output(item: RequestOutput):
+            chunks = []
+            for c in item.outputs:
+                if c.index not in sent:
+                    sent[c.index] = [0, 0]
+                    chunks.append(chunk([{"index": c.index, "delta": {"role": "assistant", "content": ""},
+                                          "logprobs": None, "finish_reason": None}]))
+                chars, toks = sent[c.index]
+                text, new_ids = c.text[chars:], c.token_ids[toks:]
+                newly_done = c.finish_reason is not None and c.index not in done
+                if not text and not new_ids and not newly_done:
+                    continue
+                if newly_done:
+                    done.add(c.index)
+                logprobs = None
+                if k is not None:
+                    logprobs = self._chat_logprobs(new_ids, (c.logprobs or [])[toks:toks + len(new_ids)], k)
+                chunks.append(chunk([{"index": c.index, "delta": {"content": text} if text or not newly_done else {},
+                                      "logprobs": logprobs, "finish_reason": c.finish_reason if newly_done else None,
+                                      **({"stop_reason": c.stop_reason} if newly_done else {})}]))
+                totals["completion"] += len(new_ids)
+                sent[c.index] = [len(c.text), len(c.token_ids)]
+            return chunks
+
+        def usage_chunk():
+            return {**chunk([]), "usage": self._usage(prompt_tokens, totals["completion"])}
+
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        return _SSEResponse(self._stream_events(out, rids, on_output, usage_chunk, include_usage))
+
+    def _chat_prompt(self, req: ChatCompletionRequest) -> list[int]:
+        if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
+            raise bad_request(f"the checkpoint {self.model_path!r} has no chat template; use /v1/completions",
+                               param="messages")
+        messages = []
+        for i, m in enumerate(req.messages):
+            content = m.content
+            if isinstance(content, list):  # content parts: text only
+                texts = []
+                for part in content:
+                    if part.get("type") != "text" or not isinstance(part.get("text"), str):
+                        raise bad_request(f"messages.{i}.content: only text parts are supported, got "
+                                           f"{part.get('type')!r}", param=f"messages.{i}.content")
+                    texts.append(part["text"])
+                content = "\n".join(texts)
+            msg = {"role": m.role, "content": content or ""}
+            if m.name:
+                msg["name"] = m.name
+            messages.append(msg)
+        try:
+            ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=req.add_generation_prompt,
+                                                     tokenize=True)
+        except Exception as e:  # the template itself refuses (a role it does not know, ...)
+            raise bad_request(f"the chat template could not render these messages: {e}", param="messages") from None
+        return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+
+    def _chat_logprobs(self, token_ids, lps: list[LogprobsDict] | None, k: int) -> dict:
+        content = []
+        for tid, lp in zip(token_ids, lps or []):
+            s = self._token_str(lp, tid)
+            top = sorted((v for v in lp.values() if v.rank is not None and v.rank <= k), key=lambda v: v.rank)[:k]
+            top_ids = {id(v): t for t, v in lp.items()}
+            content.append({"token": s, "logprob": lp[tid].logprob if tid in lp else None,
+                            "bytes": list(s.encode("utf-8")),
+                            "top_logprobs": [{"token": self._token_str(lp, top_ids[id(v)]), "logprob": v.logprob,
+                                              "bytes": list(self._token_str(lp, top_ids[id(v)]).encode("utf-8"))}
+                                             for v in top]})
+        return {"content": content}
+
+    # --- the rest -----------------------------------------------------------------------------
+    async def models(self, request: Request):
+        return {"object": "list", "data": [{"id": self.model_name, "object": "model", "created": self.created,
+                                             "owned_by": "llama3-dist", "root": self.model_path,
+                                             "max_model_len": self.max_model_len}]}
+
+    async def health(self, request: Request):
+        if self.engine.is_alive:
+            return JSONResponse({"status": "ok"})
+        return JSONResponse({"status": "dead", "error": self.engine.error or "the engine thread has stopped"},
+                            status_code=503)
+
+    async def metrics(self, request: Request):
+        return PlainTextResponse(render_metrics(self.engine, self.model_name),
+                                 media_type="text/plain; version=0.0.4; charset=utf-8")
+
+
+async def _parse(request: Request, model: type[BaseModel]):
+    body = await request.body()
+    try:
+        data = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise bad_request(f"the request body is not valid JSON: {e}", code="invalid_json") from None
+    if not isinstance(data, dict):
+        raise bad_request(f"the request body must be a JSON object, got {type(data).__name__}")
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        raise from_validation_error(e) from None
+
+
+async def _wait_disconnect(request: Request) -> None:
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+def _sse(obj: dict) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+class _SSEResponse(StreamingResponse):
+    """A server-sent event stream that always watches for the client leaving and always closes
+    its generator (so the generator's cleanup, which aborts the requests, runs at once)."""
+
+    def __init__(self, content):
+        super().__init__(content, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    async def __call__(self, scope, receive, send) -> None:
+        stream = asyncio.ensure_future(self.stream_response(send))
+        watch = asyncio.ensure_future(self.listen_for_disconnect(receive))
+        try:
+            await asyncio.wait({stream, watch}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (stream, watch):
+                task.cancel()
+            await asyncio.gather(stream, watch, return_exceptions=True)
+            await self.body_iterator.aclose()
+        if not stream.cancelled() and isinstance(stream.exception(), Exception) \
+                and not isinstance(stream.exception(), OSError):  # a bug, not a client that left: let it be logged
+            raise stream.exception()
+
+
+class _APIKeyMiddleware:
+    """Every HTTP request must carry 'Authorization: Bearer <key>' (pure ASGI: leaves streams alone)."""
+
+    def __init__(self, app, api_key: str):
+        self.app = app
+        self.expected = f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            got = dict(scope.get("headers") or []).get(b"authorization", b"")
+            if not hmac.compare_digest(got, self.expected):
+                err = APIError(401, "Incorrect or missing API key: send 'Authorization: Bearer <key>'.",
+                               "invalid_request_error", None, "invalid_api_key")
+                return await err.response()(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
+def build_app(engine: AsyncLLMEngine, served_model_name: str | None = None, api_key: str | None = None) -> FastAPI:
+    server = OpenAIServer(engine, served_model_name, api_key)
+    app = FastAPI(title="llama3-dist", description="OpenAI-compatible API for Llama 3 family checkpoints")
+    app.state.server = server
+    app.add_api_route("/v1/completions", server.completions, methods=["POST"])
+    app.add_api_route("/v1/chat/completions", server.chat_completions, methods=["POST"])
+    app.add_api_route("/v1/models", server.models, methods=["GET"])
+    app.add_api_route("/health", server.health, methods=["GET"])
+    app.add_api_route("/metrics", server.metrics, methods=["GET"])
+
+    @app.exception_handler(APIError)
+    async def _api_error(request, exc: APIError):
+        return exc.response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request, exc: StarletteHTTPException):
+        return APIError(exc.status_code, str(exc.detail), "invalid_request_error").response()
+
+    @app.exception_handler(Exception)
+    async def _internal(request, exc: Exception):
+        return APIError(500, f"internal error: {type(exc).__name__}: {exc}", "server_error").response()
+
+    if api_key:
+        app.add_middleware(_APIKeyMiddleware, api_key=api_key)
+    return app
+
+
+# ============================================================================ running it
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A listening socket; port 0 picks a free one (read it with sock.getsockname()[1])."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+def _url(host: str, port: int) -> str:
+    return f"http://{'[' + host + ']' if ':' in host else host}:{port}"
+
+
+def serve(model: str | Path | None = None, *, engine_kwargs: dict | None = None, host: str = "127.0.0.1",
+          port: int = 8000, api_key: str | None = None, served_model_name: str | None = None,
+          log_level: str = "info") -> None:
+    """Loads the model, then serves until interrupted (the `llama3-dist serve` command)."""
+    import uvicorn
+
+    from ..engine import LLMEngine
+    sock = bind_socket(host, port)  # first: a taken port fails before minutes of loading
+    engine = AsyncLLMEngine(LLMEngine(model, **(engine_kwargs or {})))
+    try:
+        name = served_model_name or (str(model) if model is not None else DEFAULT_MODEL_NAME)
+        app = build_app(engine, name, api_key)
+        url = _url(host, sock.getsockname()[1])
+        print(f"llama3-dist: serving {name!r} at {url}/v1", flush=True)
+        config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5)
+        try:
+            uvicorn.Server(config).run(sockets=[sock])
+        except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C once it has shut down
+            pass
+    finally:
+        engine.shutdown()
+        sock.close()
+
+
+class ServerThread:
+    """A server on its own thread in this process (tests, examples): `with ServerThread(engine) as s:
+    s.base_url`. Binds 127.0.0.1 on a free port unless told otherwise."""
+
+    def __init__(self, engine: AsyncLLMEngine, served_model_name: str | None = None, api_key: str | None = None,
+                 host: str = "127.0.0.1", port: int = 0, log_level: str = "warning"):
+        import uvicorn
+        self.engine = engine
+        self.app = build_app(engine, served_model_name, api_key)
+        self.sock = bind_socket(host, port)
+        self.url = _url(host, self.sock.getsockname()[1])
+        self.base_url = self.url + "/v1"
+        self.server = uvicorn.Server(uvicorn.Config(self.app, log_level=log_level, timeout_graceful_shutdown=2))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]},
+                                       name="llama3-dist-http", daemon=True)
+
+    def start(self, timeout: float = 30.0) -> "ServerThread":
+        self.thread.start()
+        deadline = time.monotonic() + timeout
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"the HTTP server did not start within {timeout:g} s")
+            time.sleep(0.01)
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout)
+        self.sock.close()
+
+    def __enter__(self) -> "ServerThread":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+

@@ -1,0 +1,48 @@
+"""Where the workers live and how a step reaches them (the driver side of execution).
+
+Two executors implement one protocol: LocalExecutor runs one Worker in-process (one device, no
+Ray); RayExecutor runs one Worker actor per device (ray_executor.py on the driver, ray_worker.py
+in each actor). The engine and the MAX-style model API only see `Executor`.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Protocol
+
+from ..config import ConfigError, Llama3Config
+
+if TYPE_CHECKING:
+    from ..core.step_input import StepInput
+    from .worker import StepOutput
+
+
+class Executor(Protocol):
+    """Runs steps on every tensor-parallel rank; only rank 0's output comes back."""
+
+    num_kv_blocks: int  # KV cache blocks per rank (every rank holds the same number)
+
+    def execute(self, step: StepInput) -> StepOutput: ...
+
+    def parameter_bytes(self) -> list[dict[str, int]]:
+        """Per rank: bytes of its sharded and of its replicated parameters."""
+        ...
+
+    def close(self) -> None: ...
+
+
+def make_executor(config: Llama3Config, path: str, kind: str, worker_kwargs: dict, **executor_kwargs) -> Executor:
+    """executor_kwargs are the Ray executor's options (address, placement_strategy, ...): giving
+    any of them asks for Ray, even at one device."""
+    if kind not in ("auto", "local", "ray"):
+        raise ConfigError(f"unknown executor {kind!r}; use 'auto', 'local' or 'ray'")
+    if kind == "auto":
+        kind = "local" if config.tp_degree == 1 and not executor_kwargs else "ray"
+    if kind == "local":
+        if config.tp_degree != 1:
+            raise ConfigError(f"the local executor runs one device, got {config.devices}; use executor='ray'")
+        if executor_kwargs:
+            raise ConfigError(f"{sorted(executor_kwargs)} are options of the Ray executor; drop them or "
+                              f"use executor='ray'")
+        from .local import LocalExecutor
+        return LocalExecutor(config, path, **worker_kwargs)
+    from .ray_executor import RayExecutor
+    return RayExecutor(config, path, worker_kwargs, **executor_kwargs)

@@ -1,0 +1,33 @@
+"""LocalExecutor: one Worker in this process (one device, no Ray)."""
+from __future__ import annotations
+
+import torch
+
+from ..config import ConfigError, Llama3Config
+from ..core.step_input import StepInput
+from .worker import StepOutput, Worker
+
+
+class LocalExecutor:
+    def __init__(self, config: Llama3Config, checkpoint_path: str, **worker_kwargs):
+        device = config.devices[0]
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise ConfigError(f"device {device!r} asked for, but this machine has no CUDA device")
+        self.worker: Worker | None = Worker(config, checkpoint_path, rank=0, **worker_kwargs)
+        self.num_kv_blocks = self.worker.num_kv_blocks
+
+    def _live_worker(self) -> Worker:
+        if self.worker is None:
+            raise RuntimeError("the executor is closed")
+        return self.worker
+
+    def execute(self, step: StepInput) -> StepOutput:
+        out = self._live_worker().execute(step)
+        assert out is not None  # rank 0 always answers
+        return out
+
+    def parameter_bytes(self) -> list[dict[str, int]]:
+        return [self._live_worker().parameter_bytes()]
+
+    def close(self) -> None:
+        self.worker = None

@@ -1,0 +1,387 @@
+"""RayExecutor: one Worker actor per device, tensor-parallel over torch.distributed.
+
+Start-up, in order, each step failing with a clear error before the next:
+  1. check the devices (all "cpu" or all CUDA) and connect to Ray: the running instance, else
+     `address=` / RAY_ADDRESS, else a local instance started here (and stopped at close);
+  2. check the cluster has the GPUs asked for, reserve a placement group (one bundle per rank)
+     and wait for it at most `placement_timeout_s`;
+  3. start the actors; rank 0 opens a TCPStore on a port the kernel picks (never a fixed one) at
+     127.0.0.1 when every rank shares a node, else at its node's IP; every rank joins the
+     process group (gloo on CPU, NCCL on CUDA) and loads its shard;
+  4. compile the step into a Ray Compiled Graph (falls back to plain actor calls if that fails).
+
+A step goes to every rank once (the graph's input channel, or one ray.put for plain calls)
+and only rank 0's output comes back. The graph is the default: its per-step fan-out costs a
+fraction of plain actor calls' (benchmarks/tp_overhead.py; figures in benchmarks/results/).
+Its channels wait by spinning (Ray 2.60's ReadAcquire yields in a loop), so where the ranks
+share a few CPU cores with the driver, that spinning takes their time: see driver_nice.
+
+Any failure of a rank (an exception in a step, a dead or OOM-killed actor, a collective that
+timed out) fails the executor for good: the tensor-parallel group is out of step, so every
+later call raises at once. close() (or leaving a `with` block, or the finalizer at garbage
+collection and interpreter exit) kills the actors and removes the placement group.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import re
+import threading
+import time
+import weakref
+from dataclasses import dataclass, field
+
+import torch
+
+from ..config import ConfigError, Llama3Config
+from ..core.step_input import StepInput
+from .ray_worker import RayWorker
+from .worker import StepOutput
+
+log = logging.getLogger(__name__)
+
+STRATEGIES = ("PACK", "STRICT_PACK", "SPREAD", "STRICT_SPREAD")
+DEFAULT_CPUS_PER_CPU_RANK = 0.5  # several CPU ranks fit on a small machine
+DEFAULT_CPUS_PER_GPU_RANK = 1.0
+DRIVER_NICE_FOR_CPU_RANKS = 10
+
+
+class PlacementError(RuntimeError):
+    """The cluster could not hold the placement group asked for in time."""
+
+
+class WorkerError(RuntimeError):
+    """A tensor-parallel rank failed; the executor must be closed and the model loaded again."""
+
+
+class _OwnedRay:
+    """The Ray connection this process made for its executors; shut down when the last closes.
+    A Ray that something else initialised is used and never shut down here."""
+    lock = threading.Lock()
+    users = 0
+
+    @classmethod
+    def acquire(cls, address: str | None, init_kwargs: dict) -> bool:
+        """Connects if needed; True if this executor holds a share of a connection made here."""
+        import ray
+        with cls.lock:
+            if ray.is_initialized():
+                if cls.users:
+                    cls.users += 1
+                    return True
+                return False
+            address = address or os.environ.get("RAY_ADDRESS") or None
+            if address:
+                ray.init(address=address, **init_kwargs)
+            else:
+                # "local", not None: plain ray.init() may try to join a dead cluster named in a stale
+                # session file.
+                ray.init(address="local", **{"include_dashboard": False, **init_kwargs})
+            cls.users = 1
+            return True
+
+    @classmethod
+    def release(cls) -> None:
+        import ray
+        with cls.lock:
+            cls.users -= 1
+            if cls.users == 0 and ray.is_initialized():
+                ray.shutdown()
+
+
+@dataclass
+class _Resources:
+    """What an executor holds in Ray; the finalizer frees it without a reference to the executor."""
+    owns_ray: bool = False
+    placement_group: object = None
+    actors: list = field(default_factory=list)
+    graph: object = None
+    failed: bool = False
+
+
+def _release(res: _Resources) -> None:
+    import ray
+    try:
+        if ray.is_initialized():
+            if res.graph is not None and not res.failed:
+                try:
+                    res.graph.teardown()
+                except Exception as e:  # noqa: BLE001 - the actors are killed below anyway
+                    log.debug("compiled graph teardown: %s", e)
+            for actor in res.actors:
+                try:
+                    ray.kill(actor, no_restart=True)
+                except Exception as e:  # noqa: BLE001 - already dead
+                    log.debug("kill: %s", e)
+            if res.graph is not None and res.failed:
+                # Killed first: a rank stuck in a collective would hold teardown for its timeout.
+                # Ray logs every dead actor it cannot cancel; they were killed on purpose.
+                dag_log = logging.getLogger("ray.dag.compiled_dag_node")
+                level = dag_log.level
+                dag_log.setLevel(logging.CRITICAL)
+                try:
+                    res.graph.teardown()
+                except Exception as e:  # noqa: BLE001
+                    log.debug("compiled graph teardown: %s", e)
+                finally:
+                    dag_log.setLevel(level)
+            if res.placement_group is not None:
+                from ray.util.placement_group import remove_placement_group
+                try:
+                    remove_placement_group(res.placement_group)
+                except Exception as e:  # noqa: BLE001
+                    log.debug("remove placement group: %s", e)
+    finally:
+        res.actors, res.graph, res.placement_group = [], None, None
+        if res.owns_ray:
+            res.owns_ray = False
+            _OwnedRay.release()
+
+
+class RayExecutor:
+    """One Worker actor per entry of config.devices, rank i on devices[i].
+
+    address: the Ray cluster to join (else RAY_ADDRESS, else a local instance started here);
+        ignored when this process is already connected to Ray.
+    placement_strategy: PACK (default), STRICT_PACK, SPREAD or STRICT_SPREAD.
+    cpus_per_rank: the CPU share of each bundle (default 0.5 for "cpu" ranks, 1 beside each GPU);
+        each rank runs max(1, int(cpus_per_rank)) torch threads.
+    placement_timeout_s: how long to wait for the placement group before giving up.
+    collective_timeout_s: torch.distributed timeout for the rendezvous and every collective.
+    step_timeout_s: the longest a step may take before the driver gives up (None: no limit; dead
+        actors and failed ranks are reported as soon as Ray sees them either way).
+    compiled_graph: True (required), False (plain actor calls) or None (try, else plain calls).
+    driver_nice: the niceness (0-19, higher = lower CPU priority) this driver process takes if its
+        own is lower. The compiled graph's driver waits for each step by spinning; where CPU ranks
+        share this node's cores, that spin takes their time. By default (None) the driver takes
+        DRIVER_NICE_FOR_CPU_RANKS then (benchmarks/results/cpu-throughput.log has the TP=2 runs
+        with and without) and keeps its priority otherwise; 0 never changes it. An unprivileged process cannot take a lowered priority back.
+    ray_init_kwargs: extra ray.init arguments when this executor connects or starts Ray.
+    """
+
+    def __init__(self, config: Llama3Config, checkpoint_path: str, worker_kwargs: dict | None = None, *,
+                 address: str | None = None, placement_strategy: str = "PACK",
+                 cpus_per_rank: float | None = None, placement_timeout_s: float = 60.0,
+                 collective_timeout_s: float = 120.0, step_timeout_s: float | None = None,
+                 compiled_graph: bool | None = None, driver_nice: int | None = None,
+                 ray_init_kwargs: dict | None = None):
+        import ray
+        from ray.util.placement_group import placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        self.config = config
+        self.world_size = tp = config.tp_degree
+        self.step_timeout_s = step_timeout_s
+        if driver_nice is not None and not 0 <= driver_nice <= 19:
+            raise ConfigError(f"driver_nice must be a niceness from 0 to 19, got {driver_nice}")
+        strategy = str(placement_strategy).upper()
+        if strategy not in STRATEGIES:
+            raise ConfigError(f"unknown placement_strategy {placement_strategy!r}; use one of {', '.join(STRATEGIES)}")
+        kinds = {d.split(":")[0] for d in config.devices}
+        if len(kinds) > 1:
+            raise ConfigError(f"devices {config.devices} mix CPU and CUDA ranks; one tensor-parallel group "
+                              f"runs on one kind of device")
+        self.device_kind = kinds.pop()
+        on_gpu = self.device_kind == "cuda"
+        cpus = cpus_per_rank if cpus_per_rank is not None else (
+            DEFAULT_CPUS_PER_GPU_RANK if on_gpu else DEFAULT_CPUS_PER_CPU_RANK)
+        if cpus <= 0 and not on_gpu:
+            raise ConfigError(f"cpus_per_rank must be > 0 for CPU ranks, got {cpus_per_rank}")
+        self.bundle = {**({"CPU": float(cpus)} if cpus > 0 else {}), **({"GPU": 1.0} if on_gpu else {})}
+        if on_gpu and not ray.is_initialized() and not (address or os.environ.get("RAY_ADDRESS")):
+            # About to start a local Ray: this machine's GPUs are all there will be.
+            found = torch.cuda.device_count()
+            if found < tp:
+                raise ConfigError(f"devices {config.devices} ask for {tp} CUDA GPUs, but this machine has "
+                                  f"{found}; use devices=['cpu'] * {tp} or join a cluster with GPUs (address=)")
+
+        self._res = _Resources()
+        self._finalizer = weakref.finalize(self, _release, self._res)
+        self._res.owns_ray = _OwnedRay.acquire(address, dict(ray_init_kwargs or {}))
+        try:
+            if on_gpu:
+                gpus = ray.cluster_resources().get("GPU", 0)
+                if gpus < tp:
+                    raise ConfigError(f"devices {config.devices} ask for {tp} GPUs, but the Ray cluster has "
+                                      f"{gpus:g}; use devices=['cpu'] * {tp} or add GPU nodes")
+            bundles = [dict(self.bundle) for _ in range(tp)]
+            pg = placement_group(bundles, strategy=strategy, name=f"llama3-dist-{os.getpid()}-{id(self):x}")
+            self._res.placement_group = pg
+            ready, _ = ray.wait([pg.ready()], timeout=placement_timeout_s)
+            if not ready:
+                raise PlacementError(
+                    f"could not reserve {tp} bundles of {self.bundle} ({strategy}) within {placement_timeout_s:g} s. "
+                    f"{_cluster_summary()}. Free those resources (another job or actor may hold them), lower "
+                    f"cpus_per_rank, choose a looser placement_strategy, or raise placement_timeout_s.")
+            self._start(config, checkpoint_path, worker_kwargs or {}, pg, collective_timeout_s,
+                        PlacementGroupSchedulingStrategy)
+            self._graph_setup(compiled_graph)
+            self._lower_driver_priority(driver_nice)
+        except BaseException:
+            self.close()
+            raise
+
+    # --- start-up -------------------------------------------------------------------------
+    def _start(self, config, checkpoint_path, worker_kwargs, pg, collective_timeout_s, pg_strategy) -> None:
+        import ray
+        actor_cls = ray.remote(RayWorker)
+        num_threads = max(1, int(self.bundle.get("CPU", 0)))
+        self._res.actors = [
+            actor_cls.options(num_cpus=self.bundle.get("CPU", 0), num_gpus=self.bundle.get("GPU", 0), max_restarts=0,
+                              scheduling_strategy=pg_strategy(placement_group=pg, placement_group_bundle_index=r),
+                              ).remote(r, self.world_size, num_threads)
+            for r in range(self.world_size)]
+        self.nodes = self._gather([a.node_info.remote() for a in self._res.actors], "starting")
+        one_node = len({n["node_id"] for n in self.nodes}) == 1
+        host = "127.0.0.1" if one_node else self.nodes[0]["ip"]
+        port = self._gather([self._res.actors[0].open_store.remote(host, collective_timeout_s)], "rendezvous")[0]
+        self.rendezvous = (host, port)
+        backend = "nccl" if self.device_kind == "cuda" else "gloo"
+        self.ranks = self._gather([
+            a.init_worker.remote(host, port, backend, "127.0.0.1" if one_node else n["ip"], collective_timeout_s,
+                                 config, checkpoint_path, worker_kwargs)
+            for a, n in zip(self._res.actors, self.nodes)], "loading")
+        self.num_kv_blocks = min(r["num_kv_blocks"] for r in self.ranks)
+
+    def _graph_setup(self, compiled_graph: bool | None) -> None:
+        self.compiled_graph = False
+        if compiled_graph is False:
+            return
+        try:
+            from ray.dag import InputNode, MultiOutputNode
+            with InputNode() as step:
+                dag = MultiOutputNode([a.execute.bind(step) for a in self._res.actors])
+            self._res.graph = dag.experimental_compile()
+            self.compiled_graph = True
+        except Exception as e:
+            if compiled_graph:
+                raise
+            log.warning("Ray Compiled Graph setup failed (%s); falling back to plain actor calls", e)
+
+    def _lower_driver_priority(self, driver_nice: int | None) -> None:
+        import ray
+        if driver_nice is None:
+            here = ray.get_runtime_context().get_node_id()
+            shares_cores = self.device_kind == "cpu" and any(n["node_id"] == here for n in self.nodes)
+            driver_nice = DRIVER_NICE_FOR_CPU_RANKS if shares_cores and self.compiled_graph else 0
+        increment = driver_nice - os.nice(0)
+        if increment > 0:
+            os.nice(increment)
+            log.info("driver process reniced to %d so that the CPU ranks on this node get the cores the "
+                     "compiled graph's spinning wait would take (driver_nice=0 keeps the priority)",
+                     driver_nice)
+
+    # --- steps ----------------------------------------------------------------------------
+    def execute(self, step: StepInput) -> StepOutput:
+        import ray
+        res = self._res
+        if res.failed:
+            raise WorkerError(f"the tensor-parallel group failed earlier ({self._failure}); close the model "
+                              f"and load it again")
+        if not res.actors:
+            raise WorkerError("the executor is closed")
+        try:
+            if res.graph is not None:
+                timeout = -1 if self.step_timeout_s is None else self.step_timeout_s
+                outs = ray.get(res.graph.execute(step), timeout=timeout)
+            else:
+                ref = ray.put(step)  # one copy for every rank
+                outs = self._gather([a.execute.remote(ref) for a in res.actors], "step", self.step_timeout_s)
+        except WorkerError as e:
+            self._fail(str(e))
+            raise
+        except Exception as e:
+            self._fail(self._describe(e, "step"))
+            raise WorkerError(f"{self._failure}; close the model and load it again") from e
+        except BaseException:  # e.g. KeyboardInterrupt: the ranks may be mid-step, out of step
+            self._fail("a step was interrupted")
+            raise
+        return outs[0]
+
+    def _gather(self, refs: list, what: str, timeout_s: float | None = None) -> list:
+        """ray.get of every rank's ref (refs[r] from rank r), raising the first failure as soon as
+        it lands: the other ranks may then be stuck in a collective that will never complete."""
+        import ray
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        pending = list(refs)
+        while pending:
+            wait = None if deadline is None else max(0.0, deadline - time.monotonic())
+            done, pending = ray.wait(pending, num_returns=1, timeout=wait)
+            if not done:
+                raise WorkerError(f"tensor-parallel {what} took longer than {timeout_s:g} s")
+            try:
+                ray.get(done[0])
+            except Exception as e:
+                raise WorkerError(self._describe(e, what, refs.index(done[0]))) from e
+        return ray.get(refs)
+
+    def _describe(self, e: BaseException, what: str, rank: int | None = None) -> str:
+        import ray.exceptions as rex
+        rank = self._rank_of(e) if rank is None else rank
+        where = f"rank {rank}" if rank is not None else "a rank"
+        if rank is not None and getattr(self, "nodes", None):
+            where += f" (pid {self.nodes[rank]['pid']} on {self.nodes[rank]['ip']})"
+        if isinstance(e, rex.RayTaskError):
+            cause = e.cause if e.cause is not None else e
+            return f"{where} raised during {what}: {type(cause).__name__}: {cause}"
+        if isinstance(e, rex.RayActorError):
+            return (f"{where} died during {what} (killed, out of memory or crashed): "
+                    f"{str(e).splitlines()[0] if str(e) else type(e).__name__}")
+        if isinstance(e, (rex.GetTimeoutError, rex.RayChannelTimeoutError)):
+            return f"tensor-parallel {what} took longer than step_timeout_s={self.step_timeout_s}"
+        return f"{what} failed: {type(e).__name__}: {e}"
+
+    def _rank_of(self, e: BaseException) -> int | None:
+        """The rank an error came from: by actor id, else by process id (a RayTaskError raised as
+        an instance of its cause keeps them only in its message)."""
+        text = str(e)
+        actor_id = getattr(e, "actor_id", None) or _search(r"actor_id[=:] ?([0-9a-f]{16,})", text)
+        for r, a in enumerate(self._res.actors):
+            if actor_id is not None and a._actor_id.hex() == actor_id:
+                return r
+        pid = _search(r"pid[=:] ?(\d+)", text)
+        for r, n in enumerate(getattr(self, "nodes", None) or []):
+            if pid is not None and str(n["pid"]) == pid:
+                return r
+        return None
+
+    def _fail(self, why: str) -> None:
+        self._failure = why
+        self._res.failed = True
+
+    # --- introspection and lifetime -------------------------------------------------------
+    def parameter_bytes(self) -> list[dict[str, int]]:
+        """Each rank's parameter bytes, sharded and replicated (measured at load)."""
+        return [r["parameter_bytes"] for r in self.ranks]
+
+    @property
+    def actors(self) -> list:
+        return list(self._res.actors)
+
+    @property
+    def placement_group(self):
+        return self._res.placement_group
+
+    def close(self) -> None:
+        self._finalizer()
+
+    def __enter__(self) -> "RayExecutor":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _search(pattern: str, text: str) -> str | None:
+    m = re.search(pattern, text)
+    return m.group(1) if m else None
+
+
+def _cluster_summary() -> str:
+    import ray
+    total = {k: v for k, v in ray.cluster_resources().items() if not k.startswith("node:")}
+    free = {k: v for k, v in ray.available_resources().items() if not k.startswith("node:")}
+    nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
+    keep = ("CPU", "GPU")
+    fmt = lambda d: ", ".join(f"{k}={d[k]:g}" for k in keep if k in d) or "nothing"  # noqa: E731
+    return f"The cluster has {nodes} node(s) with {fmt(total)} in total, {fmt(free)} free"

@@ -1,0 +1,200 @@
+"""Hugging Face safetensors checkpoints: files, index, per-architecture names, per-rank slices.
+
+CHECKPOINT_NAMES is the one table of tensor names: per architecture, what each logical weight
+is called and which are stored fused. A rank asks WeightSource for a logical tensor and,
+optionally, a range of its rows or columns; only those bytes are read from disk (safetensors
+`get_slice`). Phi-3's fused `qkv_proj` and `gate_up_proj` are presented as their q/k/v and
+gate/up parts, so sharding by heads never needs the fused tensor whole.
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from ..config import ConfigError, Llama3Config
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+# Buffers some exporters write that carry no weights.
+IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class CheckpointError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class CheckpointNames:
+    """The tensor names of one architecture's checkpoints. Layer parts are relative to `layer`
+    (with the layer's index); a weight adds ".weight", a bias ".bias"."""
+    embedding: str = "model.embed_tokens.weight"
+    final_norm: str = "model.norm.weight"
+    lm_head: str = "lm_head.weight"
+    layer: str = "model.layers.{index}"
+    input_norm: str = "input_layernorm"
+    post_attention_norm: str = "post_attention_layernorm"
+    q_proj: str = "self_attn.q_proj"
+    k_proj: str = "self_attn.k_proj"
+    v_proj: str = "self_attn.v_proj"
+    o_proj: str = "self_attn.o_proj"
+    gate_proj: str = "mlp.gate_proj"
+    up_proj: str = "mlp.up_proj"
+    down_proj: str = "mlp.down_proj"
+    # A tensor the checkpoint stores fused -> the logical parts stacked in its rows, in order.
+    fused: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+
+    def layer_tensor(self, index: int, part: str) -> str:
+        """The name of layer `index`'s `part` (a field name, e.g. "q_proj"), without .weight."""
+        return f"{self.layer.format(index=index)}.{getattr(self, part)}"
+
+
+LLAMA_NAMES = CheckpointNames()
+CHECKPOINT_NAMES = {
+    "LlamaForCausalLM": LLAMA_NAMES,
+    "MistralForCausalLM": LLAMA_NAMES,
+    "Qwen2ForCausalLM": LLAMA_NAMES,
+    "GraniteForCausalLM": LLAMA_NAMES,
+    "OlmoForCausalLM": LLAMA_NAMES,
+    "Phi3ForCausalLM": CheckpointNames(fused={
+        "self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+        "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj"),
+    }),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class _Location:
+    name: str   # tensor name in the file
+    row0: int   # first row of the logical tensor inside it (fused tensors)
+    rows: int | None  # rows of the logical tensor (None: all)
+
+
+class Checkpoint:
+    """The safetensors files of one checkpoint directory."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if not (self.path / "config.json").is_file():
+            raise ConfigError(f"no config.json in {str(self.path)!r}: expected a Hugging Face checkpoint directory")
+        index = self.path / "model.safetensors.index.json"
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            self.files = {name: self.path / file for name, file in weight_map.items()}
+        else:
+            files = sorted(self.path.glob("*.safetensors"))
+            if not files:
+                pickles = sorted(p.name for p in self.path.iterdir() if p.suffix in PICKLE_SUFFIXES)
+                if pickles:
+                    raise CheckpointError(
+                        f"{str(self.path)!r} holds only pickle checkpoints ({', '.join(pickles)}); they are "
+                        f"refused because loading them runs arbitrary code. Convert them to safetensors "
+                        f"(e.g. model.save_pretrained(dir, safe_serialization=True)).")
+                raise CheckpointError(f"no model.safetensors in {str(self.path)!r}")
+            self.files = {}
+            for file in files:
+                with safe_open(file, framework="pt") as f:
+                    self.files.update({name: file for name in f.keys()})
+        self._handles: dict[Path, object] = {}
+        self.consumed: set[str] = set()
+
+    def _open(self, file: Path):
+        if file not in self._handles:
+            if not file.is_file():
+                raise CheckpointError(f"checkpoint file {str(file)!r} named in the index is missing")
+            self._handles[file] = safe_open(file, framework="pt")
+        return self._handles[file]
+
+    def shape(self, name: str) -> list[int]:
+        return list(self._open(self.files[name]).get_slice(name).get_shape())
+
+    def read(self, name: str, row0: int = 0, rows: int | None = None,
+             cols: tuple[int, int] | None = None) -> torch.Tensor:
+        sl = self._open(self.files[name]).get_slice(name)
+        self.consumed.add(name)
+        stop = None if rows is None else row0 + rows
+        if cols is None:
+            return sl[row0:stop]
+        return sl[row0:stop, cols[0]:cols[1]]
+
+    def unexpected(self) -> list[str]:
+        return sorted(n for n in self.files if n not in self.consumed and not n.endswith(IGNORED_SUFFIXES))
+
+    def close(self) -> None:
+        self._handles.clear()
+
+
+class WeightSource:
+    """Logical (Llama-named) tensors of a checkpoint, converted to the model's dtype."""
+
+    def __init__(self, checkpoint: Checkpoint, config: Llama3Config, device: torch.device | str = "cpu"):
+        self.checkpoint = checkpoint
+        self.device = torch.device(device)
+        self.config = config
+        self.dtype = TORCH_DTYPES[config.dtype]
+        self.names = CHECKPOINT_NAMES[config.architecture]
+        self._fused = self._fused_parts(config, self.names)
+
+    @staticmethod
+    def _fused_parts(config: Llama3Config, names: CheckpointNames) -> dict[str, tuple[str, int, int]]:
+        """Logical part (e.g. "self_attn.k_proj") -> (stored tensor, first row, rows) for the
+        tensors this architecture stores fused."""
+        q_rows = config.num_attention_heads * config.head_dim
+        kv_rows = config.num_key_value_heads * config.head_dim
+        rows = {"self_attn.q_proj": q_rows, "self_attn.k_proj": kv_rows, "self_attn.v_proj": kv_rows,
+                "mlp.gate_proj": config.intermediate_size, "mlp.up_proj": config.intermediate_size}
+        parts = {}
+        for stored, logical in names.fused.items():
+            row0 = 0
+            for part in logical:
+                parts[part] = (stored, row0, rows[part])
+                row0 += rows[part]
+        return parts
+
+    def _locate(self, name: str) -> _Location:
+        for part, (fused, row0, rows) in self._fused.items():
+            suffix = f".{part}.weight"
+            if name.endswith(suffix):
+                return _Location(f"{name[:-len(suffix)]}.{fused}.weight", row0, rows)
+        return _Location(name, 0, None)
+
+    def has(self, name: str) -> bool:
+        return self._locate(name).name in self.checkpoint.files
+
+    def read(self, name: str, shape: tuple[int, ...], rows: tuple[int, int] | None = None,
+             cols: tuple[int, int] | None = None) -> torch.Tensor:
+        """The logical tensor `name` of full shape `shape`, or its [rows) / [cols) slice."""
+        loc = self._locate(name)
+        files = self.checkpoint.files
+        if loc.name not in files:
+            raise CheckpointError(f"tensor {loc.name!r} is missing from the checkpoint in "
+                                  f"{str(self.checkpoint.path)!r} ({self.config.architecture})")
+        stored = self.checkpoint.shape(loc.name)
+        logical = [loc.rows, *stored[1:]] if loc.rows is not None else stored
+        fits = loc.rows is None or loc.row0 + loc.rows <= stored[0]
+        if list(shape) != logical or not fits:
+            raise CheckpointError(f"tensor {loc.name!r} in {files[loc.name].name} has shape {stored}, "
+                                  f"expected {list(shape)} for {name!r} from config.json")
+        r0, nrows = (0, None) if rows is None else (rows[0], rows[1] - rows[0])
+        tensor = self.checkpoint.read(loc.name, loc.row0 + r0, nrows if nrows is not None else loc.rows, cols)
+        # A column slice comes back as a strided view of whole rows: copying it out frees the rows
+        # this rank does not hold, and kernels (oneDNN, the CPU GEMV) need contiguous weights.
+        return tensor.to(device=self.device, dtype=self.dtype).contiguous()
+
+    def skip(self, name: str) -> None:
+        """Marks `name` as accounted for without reading it (a tied LM head some exporters write
+        as a copy of the embedding), if the checkpoint has it."""
+        location = self._locate(name)
+        if location.name in self.checkpoint.files:
+            self.checkpoint.consumed.add(location.name)
+
+    def check_all_consumed(self) -> None:
+        extra = self.checkpoint.unexpected()
+        if extra:
+            shown = ", ".join(extra[:8]) + (f" and {len(extra) - 8} more" if len(extra) > 8 else "")
+            raise CheckpointError(f"unexpected tensors in the checkpoint in {str(self.checkpoint.path)!r}: "
+                                  f"{shown}; it does not look like a {self.config.architecture}")

@@ -1,0 +1,186 @@
+"""Tensor-parallel layers (Megatron style, vLLM's names).
+
+Each layer knows its rank and the world size (a ParallelContext) and loads only its shard
+through a WeightSource, by the checkpoint names the model passes (model/checkpoint.py's table).
+At one device the collectives are no-ops. Each layer says which of its parameters every rank
+holds whole (REPLICATED); the others are sharded.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..kernels import Kernels
+from .checkpoint import WeightSource
+from .parallel import ParallelContext
+
+
+@dataclass(frozen=True, slots=True)
+class ShardedPart:
+    """Rows [start, stop) of one logical tensor (full_rows rows) that this rank holds."""
+    full_rows: int
+    start: int
+    stop: int
+
+
+def _parameter(*shape: int, dtype: torch.dtype) -> nn.Parameter:
+    return nn.Parameter(torch.empty(*shape, dtype=dtype), requires_grad=False)
+
+
+class ColumnParallelLinear(nn.Module):
+    """Output features split across ranks; several logical weights may be fused into one GEMM."""
+    REPLICATED: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, input_size: int, parts: list[ShardedPart], bias: bool, dtype: torch.dtype, kernels: Kernels):
+        super().__init__()
+        self.kernels = kernels
+        self.parts = parts
+        self.input_size = input_size
+        self.output_sizes = [part.stop - part.start for part in parts]
+        self.weight = _parameter(sum(self.output_sizes), input_size, dtype=dtype)
+        self.bias = _parameter(sum(self.output_sizes), dtype=dtype) if bias else None
+
+    def load(self, source: WeightSource, names: list[str]) -> None:
+        """names: the checkpoint name (without .weight) of each logical part, in order."""
+        self.weight.data = torch.cat([
+            source.read(f"{name}.weight", (part.full_rows, self.input_size), rows=(part.start, part.stop))
+            for name, part in zip(names, self.parts, strict=True)])
+        if self.bias is not None:
+            self.bias.data = torch.cat([source.read(f"{name}.bias", (part.full_rows,), rows=(part.start, part.stop))
+                                        for name, part in zip(names, self.parts, strict=True)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.kernels.linear(x, self.weight, self.bias)
+
+
+class QKVParallelLinear(ColumnParallelLinear):
+    """q, k, v fused: this rank's query heads and its KV heads (replicated when tp > n_kv)."""
+
+    def __init__(self, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int, bias: bool,
+                 dtype: torch.dtype, parallel: ParallelContext, kernels: Kernels):
+        q_start, q_stop = parallel.shard(num_heads)
+        if parallel.world_size <= num_kv_heads:
+            kv_start, kv_stop = parallel.shard(num_kv_heads)
+        else:  # one KV head per rank: ranks r*n_kv/tp .. share head r*n_kv//tp
+            kv_start = parallel.rank * num_kv_heads // parallel.world_size
+            kv_stop = kv_start + 1
+        self.num_heads, self.num_kv_heads = q_stop - q_start, kv_stop - kv_start
+        kv_part = ShardedPart(num_kv_heads * head_dim, kv_start * head_dim, kv_stop * head_dim)
+        super().__init__(hidden_size, [ShardedPart(num_heads * head_dim, q_start * head_dim, q_stop * head_dim),
+                                       kv_part, kv_part], bias, dtype, kernels)
+
+
+class MergedColumnParallelLinear(ColumnParallelLinear):
+    """gate and up fused as [gate | up] of this rank's slice of the intermediate features."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, bias: bool, dtype: torch.dtype,
+                 parallel: ParallelContext, kernels: Kernels):
+        start, stop = parallel.shard(intermediate_size)
+        part = ShardedPart(intermediate_size, start, stop)
+        super().__init__(hidden_size, [part, part], bias, dtype, kernels)
+
+
+class RowParallelLinear(nn.Module):
+    """Input features split across ranks; partial sums all-reduced; the bias added once after."""
+    REPLICATED: ClassVar[tuple[str, ...]] = ("bias",)
+
+    def __init__(self, input_size: int, output_size: int, bias: bool, dtype: torch.dtype, parallel: ParallelContext,
+                 kernels: Kernels):
+        super().__init__()
+        self.parallel = parallel
+        self.kernels = kernels
+        self.columns = parallel.shard(input_size)
+        self.full_shape = (output_size, input_size)
+        self.weight = _parameter(output_size, self.columns[1] - self.columns[0], dtype=dtype)
+        self.bias = _parameter(output_size, dtype=dtype) if bias else None
+
+    def load(self, source: WeightSource, name: str) -> None:
+        self.weight.data = source.read(f"{name}.weight", self.full_shape, cols=self.columns)
+        if self.bias is not None:
+            self.bias.data = source.read(f"{name}.bias", self.full_shape[:1])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.parallel.all_reduce(self.kernels.linear(x, self.weight))
+        return out if self.bias is None else out + self.bias
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Rows of the vocabulary split across ranks; ids outside a rank's range give zeros there."""
+    REPLICATED: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, vocab_size: int, hidden_size: int, dtype: torch.dtype, parallel: ParallelContext):
+        super().__init__()
+        self.parallel = parallel
+        self.vocab_size, self.hidden_size = vocab_size, hidden_size
+        per_rank = -(-vocab_size // parallel.world_size)  # the last shard is padded when V does not divide
+        self.start = parallel.rank * per_rank
+        self.stop = min(self.start + per_rank, vocab_size)
+        self.per_rank = per_rank
+        self.weight = _parameter(per_rank, hidden_size, dtype=dtype)
+
+    def load(self, source: WeightSource, name: str) -> None:
+        self.weight.data = self.read_rows(source, name)
+
+    def read_rows(self, source: WeightSource, name: str) -> torch.Tensor:
+        """This rank's rows of a [vocab, hidden] tensor, zero-padded to per_rank rows."""
+        rows = source.read(name, (self.vocab_size, self.hidden_size), rows=(self.start, self.stop))
+        return F.pad(rows, (0, 0, 0, self.per_rank - rows.shape[0]))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.parallel.world_size == 1:
+            return F.embedding(ids, self.weight)
+        outside = (ids < self.start) | (ids >= self.stop)
+        out = F.embedding((ids - self.start).masked_fill(outside, 0), self.weight)
+        return self.parallel.all_reduce(out.masked_fill(outside[:, None], 0))
+
+
+class ParallelLMHead(nn.Module):
+    """Vocabulary-parallel output projection gathered to rank 0; tied heads share the embedding shard."""
+    REPLICATED: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, embedding: VocabParallelEmbedding, tied: bool, kernels: Kernels):
+        super().__init__()
+        self.kernels = kernels
+        self.embedding = embedding
+        self.tied = tied
+        self.weight = embedding.weight if tied else _parameter(*embedding.weight.shape, dtype=embedding.weight.dtype)
+
+    def load(self, source: WeightSource, name: str) -> None:
+        if self.tied:
+            source.skip(name)  # some exporters write the tied copy too; it is the same tensor
+        else:
+            self.weight.data = self.embedding.read_rows(source, name)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """Float32 logits [n, V] on rank 0, None elsewhere."""
+        logits = self.embedding.parallel.gather_last_dim(self.kernels.linear(hidden, self.weight))
+        return None if logits is None else logits[:, :self.embedding.vocab_size].float()
+
+
+class Norm(nn.Module):
+    """RMSNorm (learned weight) or LayerNorm without learned parameters (OLMo), fused with the
+    residual add: forward(x, residual) returns (norm(x + residual), x + residual)."""
+    REPLICATED: ClassVar[tuple[str, ...]] = ("weight",)
+
+    def __init__(self, hidden_size: int, eps: float, method: str, affine: bool, dtype: torch.dtype,
+                 kernels: Kernels):
+        super().__init__()
+        self.kernels = kernels
+        self.eps, self.method, self.hidden_size = eps, method, hidden_size
+        self.weight = _parameter(hidden_size, dtype=dtype) if affine else None
+
+    def load(self, source: WeightSource, name: str) -> None:
+        """name: the checkpoint name of the weight (with .weight)."""
+        if self.weight is not None:
+            self.weight.data = source.read(name, (self.hidden_size,))
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.method == "rms_norm":
+            return self.kernels.rms_norm(x, self.weight, self.eps, residual)
+        hidden = x if residual is None else x + residual
+        out = F.layer_norm(hidden.float(), (self.hidden_size,), eps=self.eps).to(hidden.dtype)
+        return (out if self.weight is None else out * self.weight), hidden

@@ -1,0 +1,416 @@
+"""The batched sampler, run on the rank that holds the logits.
+
+The driver turns each running sequence's SamplingParams into one row of a `SamplingMetadata`
+(plain numpy and lists: it is pickled to the worker every step). The worker holding the logits
+runs `Sampler` on them and sends back token ids and, for rows that asked, log-probabilities.
+
+Processing order follows vLLM: min_tokens masking and penalties on the logits; greedy rows take
+the argmax; the others are divided by their temperature, filtered by min_p, top_k and top_p
+(each keeps a top slice of the distribution, so together they are one probability threshold per
+row), and sampled by inverse CDF with one uniform number per row. A seeded row draws that number
+from (seed, step), so it is reproducible whatever else shares the batch and after preemption.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..core.sampling_metadata import PenaltyInputs, SamplingMetadata
+from ..outputs import TokenLogprobs
+from ..sampling_params import SAMPLING_EPS
+
+@dataclass(slots=True)
+class SamplerOutput:
+    token_ids: np.ndarray  # int64 [B]
+    logprobs: list[TokenLogprobs | None]  # per row; entry 0 is the sampled token
+
+
+class Sampler:
+    """Samples one token per row of logits [B, V] (float32, any device); never modifies them.
+
+    `seed` seeds the generator shared by unseeded rows (None: nondeterministic). The sampler keeps
+    [B, V] work buffers between calls: on CPUs the page faults of fresh multi-megabyte tensors
+    cost more than the arithmetic done in them.
+    """
+
+    def __init__(self, seed: int | None = None):
+        self.generator = torch.Generator()
+        if seed is None:
+            self.generator.seed()
+        else:
+            self.generator.manual_seed(seed)
+        self._buffers: dict[str, torch.Tensor] = {}
+
+    @torch.inference_mode()
+    def __call__(self, logits: torch.Tensor, meta: SamplingMetadata) -> SamplerOutput:
+        b, v = logits.shape
+        dev = logits.device
+        if b != meta.batch_size:
+            raise ValueError(f"logits have {b} rows but the sampling metadata {meta.batch_size}")
+        x = logits.float()
+        if meta.penalties is not None or meta.banned_rows is not None:
+            x = self._buffer("penalised", b, v, dev).copy_(x)  # logprobs are of the raw logits
+            if meta.banned_rows is not None:
+                x[_t(meta.banned_rows, dev), _t(meta.banned_ids, dev)] = float("-inf")
+            if meta.penalties is not None:
+                apply_penalties(x, meta.penalties)
+
+        greedy = meta.temperature < SAMPLING_EPS
+        if greedy.all():
+            token_ids = _argmax(x)
+        else:
+            r_rows = np.flatnonzero(~greedy)
+            work = self._buffer("probs", len(r_rows), v, dev)
+            if len(r_rows) < b:
+                token_ids = _argmax(x)  # cheaper than gathering the greedy rows first
+                torch.index_select(x, 0, _t(r_rows, dev), out=work)
+                x = work
+            else:
+                token_ids = np.empty(b, np.int64)
+            token_ids[r_rows] = sample_filtered(
+                x, meta.temperature[r_rows], meta.top_k[r_rows], meta.top_p[r_rows],
+                meta.min_p[r_rows], self._uniforms(meta, r_rows), out=work)
+
+        logprobs: list[TokenLogprobs | None] = [None] * b
+        lp_rows = [i for i, k in enumerate(meta.num_logprobs) if k is not None]
+        if lp_rows:
+            rows = logits if len(lp_rows) == b else logits[_t(np.array(lp_rows), dev)]
+            computed = compute_logprobs(
+                rows, token_ids[lp_rows], [meta.num_logprobs[i] for i in lp_rows])
+            for i, lp in zip(lp_rows, computed):
+                logprobs[i] = lp
+        return SamplerOutput(token_ids, logprobs)
+
+    def _buffer(self, name: str, rows: int, v: int, device: torch.device) -> torch.Tensor:
+        buf = self._buffers.get(name)
+        if buf is None or buf.numel() < rows * v or buf.device != device:
+            buf = self._buffers[name] = torch.empty(rows * v, dtype=torch.float32, device=device)
+        return buf[: rows * v].view(rows, v)
+
+    def _uniforms(self, meta: SamplingMetadata, rows: np.ndarray) -> np.ndarray:
+        """One uniform number in [0, 1) per row: from (seed, step) for seeded rows, else from
+        the shared generator."""
+        u = torch.rand(len(rows), generator=self.generator, dtype=torch.float64,
+                       device="cpu").numpy()
+        for j, i in enumerate(rows):
+            if meta.seeds[i] is not None:
+                u[j] = _seeded_uniform(meta.seeds[i], meta.steps[i])
+        return u
+
+
+_MASK64 = (1 << 64) - 1
+
+
+def _splitmix64(z: int) -> int:
+    z = (z + 0x9E3779B97F4A7C15) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return z ^ (z >> 31)
+
+
+def _seeded_uniform(seed: int, step: int) -> float:
+    """A counter-based draw: the same (seed, step) always gives the same number, with no
+    generator state to carry across steps or preemption. SplitMix64, 53 bits."""
+    z = _splitmix64(_splitmix64(seed & _MASK64) ^ (step & _MASK64))
+    return (z >> 11) * 2.0**-53
+
+
+def apply_penalties(logits: torch.Tensor, pen: PenaltyInputs) -> None:
+    """vLLM's penalties, in place on logits [B, V]: repetition over prompt and output tokens
+    (positive logits divided by it, others multiplied), then frequency (times each output
+    token's count) and presence (once per distinct output token) subtracted."""
+    b, v = logits.shape
+    dev = logits.device
+    for ids in (pen.output_ids, pen.prompt_ids):
+        if len(ids) and (ids.min() < 0 or ids.max() >= v):
+            raise ValueError(f"penalty token ids must be in [0, {v}) for logits of vocabulary "
+                             f"{v}, got ids from {ids.min()} to {ids.max()}")
+    out_keys, counts = torch.unique(
+        _t(pen.output_rows, dev) * v + _t(pen.output_ids, dev), return_counts=True)
+    rep = torch.from_numpy(pen.repetition).to(dev)
+    if (pen.repetition != 1.0).any():
+        keys = torch.unique(torch.cat([_t(pen.prompt_rows, dev) * v + _t(pen.prompt_ids, dev),
+                                       out_keys]))
+        r, t = keys // v, keys % v
+        vals, p = logits[r, t], rep[r]
+        logits[r, t] = torch.where(vals > 0, vals / p, vals * p)
+    r, t = out_keys // v, out_keys % v
+    freq = torch.from_numpy(pen.frequency).to(dev)
+    pres = torch.from_numpy(pen.presence).to(dev)
+    logits[r, t] -= freq[r] * counts.to(logits.dtype) + pres[r]
+
+
+def sample_filtered(
+    logits: torch.Tensor,  # [R, V], float32
+    temperature: np.ndarray,  # [R], all >= SAMPLING_EPS
+    top_k: np.ndarray,  # [R], 0 = off
+    top_p: np.ndarray,  # [R]
+    min_p: np.ndarray,  # [R]
+    u: np.ndarray,  # [R] uniforms in [0, 1)
+    out: torch.Tensor | None = None,  # [R, V] float32 work buffer; may be `logits` itself
+) -> np.ndarray:
+    """Temperature, then min_p / top_k / top_p filtering, then one draw per row. Returns [R]."""
+    r, v = logits.shape
+    dev = logits.device
+    # Unnormalised probabilities exp((x - max) / T), the largest exactly 1 (normalising would
+    # cost two more passes over [R, V]; thresholds are scaled by the row sums instead).
+    w = out if out is not None else torch.empty_like(logits, dtype=torch.float32)
+    torch.sub(logits, logits.amax(dim=-1, keepdim=True), out=w)
+    if (temperature != 1.0).any():
+        w.mul_(torch.from_numpy(1.0 / temperature).to(dev)[:, None])
+    w.exp_()
+
+    top_k = np.where(top_k >= v, 0, top_k)
+    filtered = (top_k > 0) | (top_p < 1.0) | (min_p > 0.0)
+    if filtered.all():
+        return _sample_top(w, top_k, top_p, min_p, u)
+    if not filtered.any():
+        return _inverse_cdf(w, u).cpu().numpy()
+    f_rows, n_rows = np.flatnonzero(filtered), np.flatnonzero(~filtered)
+    tokens = np.empty(r, np.int64)
+    tokens[n_rows] = _inverse_cdf(w[_t(n_rows, dev)], u[n_rows]).cpu().numpy()
+    tokens[f_rows] = _sample_top(w[_t(f_rows, dev)], top_k[f_rows], top_p[f_rows],
+                                 min_p[f_rows], u[f_rows])
+    return tokens
+
+
+def _sample_top(probs: torch.Tensor, top_k: np.ndarray, top_p: np.ndarray, min_p: np.ndarray,
+                u: np.ndarray) -> np.ndarray:
+    """Draw from the top slice of each row of probs [R, V] (unnormalised: fractions are of the
+    row sums) that min_p, top_k and top_p keep. Overwrites probs.
+
+    All three keep the tokens above a per-row probability threshold, so the kept set is a prefix
+    of the sorted distribution. To avoid sorting the whole vocabulary (slow on CPUs), first find a
+    lower bound `c` on that threshold from per-block maxima, gather the few blocks that hold
+    tokens >= c, and sort only those. A flat distribution whose blocks mostly pass falls back
+    to sorting the whole rows.
+    """
+    r, v = probs.shape
+    dev = probs.device
+    bs = _block_size(v)
+    block_max = _block_reduce(probs, bs, "amax")  # [R, nb]
+    nb = block_max.shape[1]
+    bm_sorted = _sort_desc(block_max)  # [R, nb]
+    f = _Filters(torch.from_numpy(top_k).to(dev), torch.from_numpy(top_p).to(dev),
+                 torch.from_numpy(min_p).to(dev), bm_sorted[:, 0], probs.sum(dim=-1))
+    has_k = f.top_k > 0
+    p_only = ~has_k & (f.min_p <= 0.0)
+
+    # Lower bounds c on the final threshold, from the block maxima (themselves tokens):
+    # top_k: the k largest block maxima are k tokens, so the k-th largest token is at least the
+    # k-th largest block maximum. min_p: exact. top_p alone: the tokens >= the j-th largest
+    # block maximum weigh at least the j largest maxima together; once those reach p, that set
+    # contains the nucleus. Failing that (flat rows), the tokens below (1 - p) / V weigh less
+    # than 1 - p together, so the nucleus lies above (1 - p) / V.
+    kth = bm_sorted.gather(1, (f.top_k.clamp(1, nb) - 1)[:, None])[:, 0]
+    c = torch.where(has_k & (f.top_k <= nb), kth, 0.0)
+    c = torch.maximum(c, f.min_p * f.pmax)
+    reaches = torch.cumsum(bm_sorted, dim=-1) >= (f.top_p * f.total)[:, None]
+    first = (~reaches).sum(dim=-1).clamp_(max=nb - 1)  # reaches is False then True
+    c_p = torch.where(reaches[:, -1], bm_sorted.gather(1, first[:, None])[:, 0], 0.0)
+    c = torch.where(p_only, torch.maximum(c_p, (1.0 - f.top_p) * f.total / v), c)
+
+    passing = block_max >= c[:, None]
+    counts = passing.sum(dim=-1).cpu().numpy()
+    order = _true_first(passing)  # per row the passing blocks first, then the others
+    tokens = np.empty(r, np.int64)
+    # Rows go in tiers by candidate blocks, so that one wide row does not widen all the others;
+    # past V / 4 candidates a row gains nothing over being taken whole.
+    lo = 0
+    for hi in sorted({min(8, v // (4 * bs)), min(64, v // (4 * bs)), v // (4 * bs)}):
+        rows = np.flatnonzero((counts > lo) & (counts <= hi))
+        lo = hi
+        if len(rows) == 0:
+            continue
+        rows_t = _t(rows, dev)
+        m = int(counts[rows].max())
+        # Padding blocks need no mask: all their tokens lie below c, so below the threshold.
+        cand, cand_ids = _gather_blocks(probs, rows_t, order[rows_t, :m], bs, fill=0.0)
+        idx = _draw_top(cand, f.rows(rows_t), u[rows])
+        tokens[rows] = cand_ids.gather(1, idx[:, None])[:, 0].cpu().numpy()
+    rows = np.flatnonzero(counts > lo)
+    if len(rows):
+        rows_t = _t(rows, dev)
+        cand = probs if len(rows) == r else probs[rows_t]
+        tokens[rows] = _draw_top(cand, f.rows(rows_t), u[rows]).cpu().numpy()
+    return tokens
+
+
+@dataclass(slots=True)
+class _Filters:
+    """Per-row filter settings and row statistics, as tensors on the logits' device."""
+
+    top_k: torch.Tensor
+    top_p: torch.Tensor
+    min_p: torch.Tensor
+    pmax: torch.Tensor  # the largest weight
+    total: torch.Tensor  # the sum of the weights
+
+    def rows(self, idx: torch.Tensor) -> _Filters:
+        return _Filters(self.top_k[idx], self.top_p[idx], self.min_p[idx], self.pmax[idx],
+                        self.total[idx])
+
+
+def _draw_top(cand: torch.Tensor, f: _Filters, u: np.ndarray) -> torch.Tensor:
+    """Given candidates [R, M] holding every token that the filters may keep (the whole row,
+    or the blocks above the bound), find the exact threshold from their sorted values and draw
+    among those above it. Overwrites cand; returns column indices [R]."""
+    s = _sort_desc(cand)  # [R, M]
+    has_k = f.top_k > 0
+    pos = torch.arange(s.shape[1], device=s.device)
+    keep = ~has_k[:, None] | (pos[None, :] < f.top_k[:, None])
+    keep &= s >= (f.min_p * f.pmax)[:, None]
+    s_kept = s * keep
+    # top_p is a fraction of what min_p and top_k kept; those keep all candidates when off.
+    mass = torch.where(has_k | (f.min_p > 0.0), s_kept.sum(dim=-1), f.total)
+    before = torch.cumsum(s_kept, dim=-1) - s_kept
+    keep &= before < (torch.where(f.top_p < 1.0, f.top_p, float("inf")) * mass)[:, None]
+    n_kept = keep.sum(dim=-1).clamp_(min=1)
+    threshold = s.gather(1, (n_kept - 1)[:, None])
+    return _inverse_cdf(cand.masked_fill_(cand < threshold, 0.0), u)
+
+
+def _inverse_cdf(w: torch.Tensor, u: np.ndarray) -> torch.Tensor:
+    """Index of the first entry of each row of non-negative weights w [R, M] whose cumulative sum
+    exceeds u * total. Long rows go in two levels (block sums, then within the chosen block),
+    which costs one pass over w instead of a full cumsum. Never picks a zero weight."""
+    r, m = w.shape
+    dev = w.device
+    u_t = torch.from_numpy(u).to(device=dev, dtype=w.dtype)
+    if m <= 4096:
+        cdf = torch.cumsum(w, dim=-1)
+        return _search(cdf, u_t * cdf[:, -1])
+    bs = 256
+    sums = _block_reduce(w, bs, "sum")  # [R, nb]
+    cdf = torch.cumsum(sums, dim=-1)
+    target = u_t * cdf[:, -1]
+    blk = _search(cdf, target)
+    rest = (target - (cdf.gather(1, blk[:, None])[:, 0] - sums.gather(1, blk[:, None])[:, 0]))
+    ids = blk[:, None] * bs + torch.arange(bs, device=dev)
+    inside = ids < m
+    wb = w.gather(1, ids.clamp(max=m - 1)) * inside
+    cdf_b = torch.cumsum(wb, dim=-1)
+    return blk * bs + _search(cdf_b, rest.clamp(min=0.0))
+
+
+def _search(cdf: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """First index with cdf > target, clamped to the last index that carries weight (rounding can
+    put target at or past the total)."""
+    i = torch.searchsorted(cdf, target[:, None].contiguous(), right=True)
+    last = torch.searchsorted(cdf, cdf[:, -1:].contiguous(), right=False)
+    return torch.minimum(i, last)[:, 0]
+
+
+def compute_logprobs(
+    logits: torch.Tensor,  # [N, V]
+    token_ids: Sequence[int] | np.ndarray,  # [N]: the chosen token of each row
+    num_logprobs: int | Sequence[int],  # top-k to include, per row or for all
+    chunk: int = 64,
+) -> list[TokenLogprobs]:
+    """Log-probabilities (log-softmax of these logits) of the chosen tokens with their ranks,
+    plus each row's top k. For sampled tokens and for prompt_logprobs alike."""
+    n = logits.shape[0]
+    ks = [num_logprobs] * n if isinstance(num_logprobs, int) else list(num_logprobs)
+    tokens = torch.as_tensor(np.asarray(token_ids, np.int64), device=logits.device)
+    out: list[TokenLogprobs] = []
+    for lo in range(0, n, chunk):  # a prompt's worth of [N, V] at once would be too big
+        hi = min(lo + chunk, n)
+        x = logits[lo:hi].float()
+        # log-softmax only where it is read: x - logsumexp(x); ranks compare raw logits
+        lse = torch.logsumexp(x, dim=-1, keepdim=True)
+        tok = tokens[lo:hi, None]
+        tok_x = x.gather(1, tok)
+        rank = ((x > tok_x).sum(dim=-1) + 1).tolist()
+        tok_lp = tok_x - lse
+        kmax = max(ks[lo:hi])
+        if kmax > 0:
+            top_x, top_ids = _topk(x, kmax)
+            top_lp, top_ids = (top_x - lse).tolist(), top_ids.tolist()
+        tok_lp = tok_lp[:, 0].tolist()
+        tok = tok[:, 0].tolist()
+        for j in range(hi - lo):
+            k = ks[lo + j]
+            ids, lps = [tok[j]], [tok_lp[j]]
+            if k > 0:
+                ids += top_ids[j][:k]
+                lps += top_lp[j][:k]
+            out.append(TokenLogprobs(ids, lps, [rank[j], *range(1, k + 1)]))
+    return out
+
+
+# ---- small helpers; numpy on CPU where torch's CPU kernels are many times slower --------------
+
+def _t(a: np.ndarray, device: torch.device) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(a, np.int64)).to(device)
+
+
+def _argmax(x: torch.Tensor) -> np.ndarray:
+    if x.device.type == "cpu":  # numpy's argmax is ~7x faster than torch's on CPU
+        return np.argmax(x.contiguous().numpy(), axis=-1).astype(np.int64)
+    return x.argmax(dim=-1).cpu().numpy()
+
+
+def _sort_desc(x: torch.Tensor) -> torch.Tensor:
+    """The values of each row, sorted descending (numpy on CPU: torch's CPU sort is ~20x
+    slower there)."""
+    if x.device.type == "cpu":
+        return torch.from_numpy(-np.sort(-x.contiguous().numpy(), axis=-1))
+    return torch.sort(x, dim=-1, descending=True).values
+
+
+def _topk(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """torch.topk(x, k) for small k, sorted. The k largest lie in the k blocks with the largest
+    maxima, so only those are searched (torch's CPU topk over a long row is slow)."""
+    r, v = x.shape
+    bs = _block_size(v)
+    if k * bs * 4 > v:
+        return torch.topk(x, k, dim=-1)
+    blocks = torch.topk(_block_reduce(x, bs, "amax"), k, dim=-1).indices
+    vals, ids = _gather_blocks(x, None, blocks, bs, fill=float("-inf"))
+    top, j = torch.topk(vals, k, dim=-1)
+    return top, ids.gather(1, j)
+
+
+def _gather_blocks(x: torch.Tensor, rows: torch.Tensor | None, blocks: torch.Tensor, bs: int,
+                   fill: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Values and column ids of whole blocks of bs columns: blocks [R, m] of x's `rows` (None:
+    all) -> [R, m * bs]. Columns past the end of a row (a partial last block) get `fill`."""
+    v = x.shape[1]
+    ids = (blocks[:, :, None] * bs + torch.arange(bs, device=x.device)).flatten(1)
+    over = ids >= v if v % bs else None
+    if over is not None:
+        ids = ids.clamp_(max=v - 1)
+    # torch.take on flat offsets: much cheaper on CPU than advanced indexing x[rows, ids]
+    vals = x.gather(1, ids) if rows is None else torch.take(x, rows[:, None] * v + ids)
+    if over is not None:
+        vals.masked_fill_(over, fill)
+    return vals, ids
+
+
+def _true_first(mask: torch.Tensor) -> torch.Tensor:
+    """Per row, the column indices with True first (a stable argsort of ~mask)."""
+    if mask.device.type == "cpu":
+        return torch.from_numpy(np.argsort(~mask.numpy(), axis=-1, kind="stable"))
+    return torch.argsort((~mask).to(torch.uint8), dim=-1, stable=True)
+
+
+def _block_size(v: int) -> int:
+    """About a thousand blocks per row, at least 16 wide."""
+    bs = 16
+    while bs * 1024 < v:
+        bs *= 2
+    return bs
+
+
+def _block_reduce(x: torch.Tensor, bs: int, op: str) -> torch.Tensor:
+    """amax or sum over consecutive blocks of bs entries of each row; the last may be partial."""
+    r, v = x.shape
+    nb = v // bs
+    full = getattr(x[:, : nb * bs].reshape(r, nb, bs), op)(dim=-1)
+    if v % bs == 0:
+        return full
+    tail = getattr(x[:, nb * bs:], op)(dim=-1, keepdim=True)
+    return torch.cat([full, tail], dim=1)

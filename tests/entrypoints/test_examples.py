@@ -1,0 +1,96 @@
+"""Every example runs as written (on CPU, the embedded default model), and the `llama3-dist serve`
+and `bench` commands work end to end."""
+from __future__ import annotations
+
+import json
+import os
+import runpy
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from llama3_dist.entrypoints import cli
+from llama3_dist.entrypoints.bench import read_server_url, stop_server_process
+
+REPO = Path(__file__).resolve().parents[2]
+EXAMPLES = REPO / "examples"
+CLI = [sys.executable, "-m", "llama3_dist"]
+
+
+def run(args: list[str], timeout: float = 180) -> str:
+    r = subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout,
+                       env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert r.returncode == 0, f"{args} failed ({r.returncode}):\n{r.stdout}\n{r.stderr}"
+    return r.stdout
+
+
+def run_here(script: Path, args: list[str], capsys) -> str:
+    """Runs an example as __main__ in this process (which has already paid for importing torch and
+    transformers, seconds on a small machine)."""
+    argv = sys.argv
+    sys.argv = [str(script), *args]
+    try:
+        runpy.run_path(str(script), run_name="__main__")
+    except SystemExit as e:
+        assert e.code in (None, 0), f"{script.name} exited with {e.code}"
+    finally:
+        sys.argv = argv
+    return capsys.readouterr().out
+
+
+def test_generate_example(capsys):
+    out = run_here(EXAMPLES / "generate.py", ["--max-tokens", "6"], capsys)
+    assert "[batch of 3: 18 tokens" in out and "sample 1:" in out and "chat (" in out
+    assert "[finished: length]" in out
+
+
+def test_tensor_parallel_example(ray_local, capsys):
+    # in this process, so its ranks join the session's Ray instead of starting one more
+    out = run_here(EXAMPLES / "tensor_parallel.py", ["--max-tokens", "6", "--cpu"], capsys)
+    assert "TP=1 on ['cpu'], TP=2 on ['cpu', 'cpu']" in out
+    assert "4/4 generations identical at TP=1 and TP=2" in out
+
+
+@pytest.fixture(scope="module", autouse=True)
+def serve_process():
+    """`llama3-dist serve` (the embedded default) with an API key, on a free port; started first
+    so that it loads while the other examples run."""
+    proc = subprocess.Popen([*CLI, "serve", "--port", "0", "--api-key", "k3y", "--log-level", "warning"], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    try:
+        yield proc
+    finally:
+        stop_server_process(proc, 20)
+
+
+@pytest.fixture(scope="module")
+def serve_cli(serve_process):
+    url = read_server_url(serve_process, timeout=120)
+    assert url.startswith("http://127.0.0.1:")
+    return serve_process, url
+
+
+def test_openai_client_example(serve_cli):
+    _, url = serve_cli
+    out = run([str(EXAMPLES / "openai_client.py"), "--base-url", url + "/v1", "--api-key", "k3y",
+               "--max-tokens", "5"])
+    assert "model: llama3-dist-default" in out
+    assert "completion: " in out and "chat: " in out and "[5 tokens streamed]" in out
+    assert "bad request refused: 400 temperature must be >= 0 (0 means greedy), got -1.0" in out
+
+
+def test_bench_command_and_clean_shutdown(serve_cli, capsys):
+    proc, url = serve_cli
+    assert cli.main(["bench", "--base-url", url + "/v1", "--api-key", "k3y", "--num-prompts", "4",
+                     "--concurrency", "2", "--input-len", "8", "--output-len", "4", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["output_tokens"] == 16 and result["requests_per_s"] > 0
+    assert 0 < result["ttft_ms_p50"] <= result["ttft_ms_p99"] and 0 < result["itl_ms_p50"] <= result["itl_ms_p99"]
+    # Ctrl-C stops the server cleanly
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(30) == 0
+    assert "Traceback" not in proc.stderr.read()

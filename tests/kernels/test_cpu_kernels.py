@@ -1,0 +1,324 @@
+"""The compiled CPU kernels (llama3_dist/kernels/cpu_kernels.cpp) against the torch reference, for
+every instruction set this CPU runs (an AVX-512 host builds and checks the AVX2 and generic
+libraries too) and both element types.
+
+They do the reference's arithmetic (float32 math, bfloat16 roundings in the same places), so
+bfloat16 outputs must agree to within float32 summation order: almost every element bit for
+bit, the rest one bfloat16 step apart; float32 outputs to float32 rounding. Caches and outputs
+are poisoned with NaN where nothing may be read or left unwritten.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import paged_cache
+from llama3_dist import kernels
+from llama3_dist.kernels import cpu
+from llama3_dist.kernels import reference as ref
+
+BF16, F32 = torch.bfloat16, torch.float32
+TURNED_OFF = os.environ.get("LLAMA3_DIST_CPU_KERNELS", "1") == "0"
+ISAS = cpu.executable_isas()
+if not TURNED_OFF and any(cpu.library(isa) is None for isa in ISAS):
+    raise RuntimeError(f"this CPU runs {ISAS} but a CPU kernel library did not build; see the warning above")
+built = pytest.mark.skipif(TURNED_OFF, reason="LLAMA3_DIST_CPU_KERNELS=0")
+
+
+@pytest.fixture(autouse=True)
+def seeded():
+    torch.manual_seed(0)
+
+
+@pytest.fixture(params=[(isa, dtype) for isa in ISAS for dtype in (BF16, F32)],
+                ids=lambda p: f"{p[0]}-{str(p[1]).removeprefix('torch.')}")
+def variant(request):
+    """(library, dtype) for every instruction set this CPU runs and both element types."""
+    if TURNED_OFF:
+        pytest.skip("LLAMA3_DIST_CPU_KERNELS=0")
+    isa, dtype = request.param
+    return cpu.library(isa), dtype
+
+
+def randn(*shape, dtype=BF16):
+    return torch.randn(*shape).to(dtype)
+
+
+def assert_matches(got: torch.Tensor, expected: torch.Tensor, exact_fraction: float = 0.99):
+    """bfloat16: within one step everywhere, bit-identical nearly everywhere. float32: within
+    float32 rounding of a different summation order."""
+    assert got.dtype == expected.dtype and got.shape == expected.shape
+    if got.dtype == F32:
+        torch.testing.assert_close(got, expected, rtol=2e-5, atol=2e-5)
+        return
+    torch.testing.assert_close(got, expected, rtol=2 ** -7, atol=1e-3)
+    same = (got == expected).float().mean().item()
+    assert same >= exact_fraction, f"only {same:.4f} of the elements are bit-identical"
+
+
+@pytest.mark.parametrize("D,residual,weight", [(1024, True, True), (80, False, True), (100, True, False)])
+@pytest.mark.parametrize("N", [1, 37])
+def test_rms_norm(variant, N, D, residual, weight):
+    library, dtype = variant
+    x, r = randn(N, D, dtype=dtype), (randn(N, D, dtype=dtype) if residual else None)
+    w = (1 + 0.5 * torch.randn(D)).to(dtype) if weight else None
+    out, h = library.rms_norm(x, w, 1e-5, r)
+    ref_out, ref_h = ref.rms_norm(x, w, 1e-5, r)
+    assert torch.equal(h, ref_h)
+    assert_matches(out, ref_out)
+
+
+@pytest.mark.parametrize("d,rot,interleaved,hq,hk", [
+    (64, 64, False, 4, 4),     # full rotary, Hugging Face layout
+    (128, 96, True, 8, 2),     # partial rotary (0.75), GGUF layout
+    (96, 48, False, 6, 2),     # partial, rotate-half, half (24) not a multiple of any vector
+])
+def test_rotary_embedding(variant, d, rot, interleaved, hq, hk):
+    library, dtype = variant
+    N, max_pos = 9, 64
+    qkv = randn(N, (hq + 2 * hk) * d, dtype=dtype)  # q and k as the model passes them: views into qkv
+    expected = qkv.clone()
+    inv = 1.0 / (500000 ** (torch.arange(0, rot, 2, dtype=F32) / rot))
+    freqs = torch.arange(max_pos, dtype=F32)[:, None] * inv[None, :]
+    cos_sin = torch.cat((freqs.cos(), freqs.sin()), dim=-1)
+    positions = torch.randint(0, max_pos, (N,))
+
+    def views(t):
+        return t[:, :hq * d].view(N, hq, d), t[:, hq * d:(hq + hk) * d].view(N, hk, d)
+
+    ref.rotary_embedding(positions, *views(expected), cos_sin, interleaved)
+    library.rotary_embedding(positions, *views(qkv), cos_sin, interleaved)
+    if dtype == BF16:  # same roundings in the same order: bit for bit, v and the unrotated features included
+        assert torch.equal(qkv, expected)
+    else:  # float32: the reference's products may be fused differently
+        torch.testing.assert_close(qkv, expected, rtol=1e-6, atol=1e-6)
+        assert torch.equal(qkv[:, (hq + hk) * d:], expected[:, (hq + hk) * d:])
+
+
+@pytest.mark.parametrize("N,inter", [(1, 3584), (5, 1100), (2, 13)])
+def test_silu_and_mul(variant, N, inter):
+    library, dtype = variant
+    x = randn(N, 2 * inter, dtype=dtype) * 4
+    x[0, :3] = torch.tensor([-200.0, 200.0, 0.0])  # exp's range ends: silu gives -0, x and 0
+    assert_matches(library.silu_and_mul(x), ref.silu_and_mul(x))
+
+
+def test_store_kv_cache(variant):
+    library, dtype = variant
+    N, hq, hk, d, num_blocks, block_size = 11, 4, 2, 64, 6, 4
+    qkv = randn(N, (hq + 2 * hk) * d, dtype=dtype)
+    k, v = qkv[:, hq * d:(hq + hk) * d].view(N, hk, d), qkv[:, (hq + hk) * d:].view(N, hk, d)
+    slots = torch.randperm(num_blocks * block_size)[:N]
+    slots[[2, 7]] = -1
+    k_cache = torch.full((num_blocks, block_size, hk, d), float("nan"), dtype=dtype)
+    v_cache = torch.full_like(k_cache, float("nan"))
+    ek, ev = k_cache.clone(), v_cache.clone()
+    ref.store_kv_cache(k, v, ek, ev, slots)
+    library.store_kv_cache(k, v, k_cache, v_cache, slots)
+    torch.testing.assert_close(k_cache, ek, rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(v_cache, ev, rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("d,hq,hk,block_size,lens,window", [
+    (64, 16, 4, 16, [33], None),               # the benchmark model's heads, batch of one
+    (128, 8, 2, 16, [1, 37, 300], None),       # GQA 4, several sequences, one of one token
+    (128, 8, 1, 8, [45, 130, 9], 32),          # GQA 8, sliding window
+    (96, 6, 6, 16, [50, 21], 20),              # head_dim 96, no grouping, window
+    (72, 6, 2, 16, [3000], None),              # head_dim of no vector multiple; threaded (many keys)
+])
+def test_paged_decode_attention(variant, d, hq, hk, block_size, lens, window):
+    library, dtype = variant
+    k_cache, v_cache, tables, ctx = paged_cache(lens, block_size, hk, d, dtype, "cpu", pad_value=0)
+    qkv = randn(len(lens), (hq + 2 * hk) * d, dtype=dtype)
+    q = qkv[:, :hq * d].view(len(lens), hq, d)  # a strided view, as the model passes it
+    scale = d ** -0.5
+    expected = ref.paged_decode_attention(q, k_cache, v_cache, tables, ctx, scale, window)
+    got = library.paged_decode_attention(q, k_cache, v_cache, tables, ctx, scale, window)
+    assert not got.isnan().any()
+    assert_matches(got, expected, exact_fraction=0.97)
+
+
+@pytest.mark.parametrize("rows,k", [(1, 1000), (5, 1024), (8, 72), (13, 1000)])
+def test_gemv_rounds_a_float32_product(variant, rows, k):
+    """The GEMV computes what a GEMM with float32 accumulation computes, rounded once; k of no
+    vector multiple ends with a partial vector; 13 rows take two passes (8 + 5)."""
+    library, dtype = variant
+    x, w, b = randn(rows, k, dtype=dtype), randn(160, k, dtype=dtype), randn(160, dtype=dtype)
+    exact = x.double() @ w.double().T + b.double()
+    got = library.gemv(x, w, b)
+    if dtype == F32:  # float32 sums of 1000 terms: as close to the exact sum as torch's own GEMM
+        torch_error = ((x @ w.T + b).double() - exact).abs().max()
+        assert (got.double() - exact).abs().max() <= 4 * torch_error + 1e-6
+    else:
+        assert_matches(got, exact.to(dtype), exact_fraction=0.98)
+    assert library.gemv(x, w.T.contiguous().T, None) is None  # a strided weight is not served
+
+
+@built
+@pytest.mark.parametrize("dtype", [BF16, F32, torch.float16])
+@pytest.mark.parametrize("rows", [1, 40])
+def test_linear_routes(dtype, rows):
+    """kernels.linear: the GEMV for few rows of bfloat16/float32, torch (half precision widened to
+    float32 where torch's half GEMM is not native) for the rest; one result either way."""
+    x, w, b = randn(rows, 1000, dtype=dtype), randn(160, 1000, dtype=dtype), randn(160, dtype=dtype)
+    expected = (x.double() @ w.double().T + b.double()).to(dtype)
+    with torch.inference_mode():  # the worker's mode; the scratch buffer then serves both
+        got = kernels.linear(x, w, b)
+    if dtype == torch.float16:
+        torch.testing.assert_close(got, expected, rtol=2 ** -10, atol=1e-2)
+    else:
+        assert_matches(got, expected, exact_fraction=0.98)
+
+
+@built
+def test_dispatch(monkeypatch):
+    """bfloat16 and float32 CPU tensors take the compiled kernels of the selected instruction set;
+    float16, or LLAMA3_DIST_KERNELS=torch, the reference; a bad LLAMA3_DIST_CPU_ISA is an error
+    that names it and what is accepted."""
+    x = randn(3, 64)
+    monkeypatch.setenv("LLAMA3_DIST_KERNELS", "auto")
+    assert kernels._impl(x) is cpu.library(cpu.host_isa())
+    assert kernels._impl(x.float()) is cpu.library(cpu.host_isa())
+    assert kernels._impl(x.half()) is ref
+    monkeypatch.setenv("LLAMA3_DIST_CPU_ISA", ISAS[-1])
+    assert kernels._impl(x).isa == ISAS[-1]
+    monkeypatch.setenv("LLAMA3_DIST_CPU_ISA", "avx1024")
+    with pytest.raises(ValueError, match=r"LLAMA3_DIST_CPU_ISA='avx1024'.*auto\|avx512\|avx2\|generic"):
+        kernels.silu_and_mul(x)
+    monkeypatch.delenv("LLAMA3_DIST_CPU_ISA")
+    monkeypatch.setenv("LLAMA3_DIST_KERNELS", "torch")
+    assert kernels._impl(x) is ref
+
+
+@built
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_model_matches_torch_path_and_transformers(tmp_path, monkeypatch, dtype):
+    """A model through Llama3Model: the compiled kernels give the torch path's logits (prefill,
+    then decode steps) to within the dtype's rounding, and transformers' on the same weights."""
+    transformers = pytest.importorskip("transformers")
+    from llama3_dist import Llama3Model, ReturnLogits, TextContext
+
+    config = transformers.LlamaConfig(hidden_size=128, num_attention_heads=4, num_key_value_heads=2,
+                                      intermediate_size=256, num_hidden_layers=2, vocab_size=256)
+    torch_dtype = getattr(torch, dtype)
+    hf = transformers.LlamaForCausalLM(config).to(torch_dtype).eval()
+    hf.save_pretrained(tmp_path)
+    prompts = [[3, 17, 99, 5, 64], list(range(40, 60))]
+    steps = [[7 + step, 11 * step] for step in range(4)]
+
+    def run(mode, fused="1"):
+        monkeypatch.setenv("LLAMA3_DIST_KERNELS", mode)
+        monkeypatch.setenv("LLAMA3_DIST_CPU_FUSED", fused)
+        with Llama3Model.from_pretrained(tmp_path, devices=["cpu"], dtype=dtype,
+                                         return_logits=ReturnLogits.ALL, block_size=8, num_kv_blocks=16) as model:
+            inputs = model.prepare_initial_token_inputs([TextContext(tokens=list(p)) for p in prompts])
+            logits = [model.execute(inputs).logits]
+            for tokens in steps:
+                inputs = model.prepare_next_token_inputs(tokens, inputs)
+                logits.append(model.execute(inputs).logits)
+        return logits
+
+    def close(got, expected):
+        if dtype == "float32":
+            torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+        else:
+            torch.testing.assert_close(got, expected, rtol=0.05, atol=0.05)
+            assert (got.argmax(-1) == expected.argmax(-1)).float().mean() >= 0.9
+
+    calls = []
+    library = cpu.library()
+    monkeypatch.setattr(library, "paged_decode_attention",
+                        lambda *a, _f=library.paged_decode_attention: calls.append(1) or _f(*a))
+    expected = run("torch")
+    assert not calls
+    per_kernel = run("auto", fused="0")
+    assert len(calls) == len(steps) * config.num_hidden_layers
+    got = run("auto")  # each decoder-layer half one call: bit-identical to the per-kernel path
+    for g, e, k in zip(got, expected, per_kernel):
+        assert torch.equal(g, k)
+        close(g, e)
+    with torch.no_grad():  # transformers on each whole sequence: prefill rows, then one row per step
+        full = [hf(torch.tensor([p + [s[b] for s in steps]])).logits[0].float() for b, p in enumerate(prompts)]
+    close(got[0], torch.cat([full[b][:len(p)] for b, p in enumerate(prompts)]))
+    for i in range(len(steps)):
+        close(got[1 + i], torch.stack([full[b][len(p) + i] for b, p in enumerate(prompts)]))
+
+
+def _run_python(code: str, **env: str) -> subprocess.CompletedProcess:
+    done = subprocess.run([sys.executable, "-c", code], env={**os.environ, **env}, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    return done
+
+
+def test_torch_fallback_without_the_library():
+    """LLAMA3_DIST_CPU_KERNELS=0 (as without a compiler): one warning naming the reason and its
+    cost, then the torch reference for every kernel, with the same results."""
+    code = (
+        "import logging, torch\n"
+        "from llama3_dist import kernels\n"
+        "from llama3_dist.kernels import cpu, reference\n"
+        "logging.basicConfig()\n"
+        "for dtype in (torch.bfloat16, torch.float32, torch.float16):\n"
+        "    x = torch.randn(3, 64).to(dtype); w = torch.randn(32, 64).to(dtype)\n"
+        "    assert kernels._impl(x) is reference and cpu.library() is None\n"
+        "    expected = (x.float() @ w.float().T).to(dtype)\n"
+        "    torch.testing.assert_close(kernels.linear(x, w), expected, rtol=2 ** -7, atol=1e-2)\n")
+    done = _run_python(code, LLAMA3_DIST_CPU_KERNELS="0", LLAMA3_DIST_KERNELS="auto")
+    assert done.stderr.count("LLAMA3_DIST_CPU_KERNELS=0") == 1, done.stderr
+    assert "slower" in done.stderr
+
+
+@pytest.mark.skipif(cpu.host_isa() not in ("avx512", "avx2"), reason="needs an x86-64 CPU with AVX2")
+def test_held_to_avx2(tmp_path):
+    """torch and oneDNN held to AVX2, as on most laptops and pre-Zen-4 AMD servers: the AVX2 library
+    is chosen, half-precision GEMMs are not native, and bfloat16 and float16 models run (one row
+    and many) where oneDNN's bfloat16 inner product does not exist."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                                      intermediate_size=128, num_hidden_layers=2, vocab_size=128)
+    transformers.LlamaForCausalLM(config).to(BF16).eval().save_pretrained(tmp_path)
+    code = (
+        "import torch\n"
+        "from llama3_dist import LLM, SamplingParams\n"
+        "from llama3_dist.kernels import cpu\n"
+        "assert cpu.host_isa() == 'avx2', cpu.host_isa()\n"
+        "assert not cpu.native_gemm(torch.bfloat16) and not cpu.native_gemm(torch.float16)\n"
+        f"for dtype in ('bfloat16', 'float16'):\n"
+        f"    with LLM({str(tmp_path)!r}, devices=['cpu'], dtype=dtype, kv_cache_bytes=1 << 24) as llm:\n"
+        "        outs = llm.generate(prompt_token_ids=[list(range(3, 40)), [5]],\n"
+        "                            sampling_params=SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))\n"
+        "        assert [len(o.outputs[0].token_ids) for o in outs] == [4, 4]\n")
+    _run_python(code, ATEN_CPU_CAPABILITY="avx2", ONEDNN_MAX_CPU_ISA="AVX2", LLAMA3_DIST_KERNELS="auto")
+
+
+@built
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+@pytest.mark.parametrize("arch,fused", [("llama", True), ("mistral", True), ("qwen2", True), ("phi3", True),
+                                        ("granite", False), ("olmo", False)])
+def test_fused_decode_is_bit_identical(checkpoints, monkeypatch, arch, fused, dtype):
+    """Decode steps with each layer half as one library call give exactly the per-kernel path's
+    logits (same kernels, same order): GQA, sliding windows (mistral), q/k/v biases (qwen2),
+    partial rotary (phi3), across page boundaries; architectures the fused halves do not cover
+    (Granite's multipliers, OLMo's LayerNorm and clip_qkv) keep the per-kernel path."""
+    from llama3_dist import Llama3Model, ReturnLogits, TextContext
+
+    def run(fused_env):
+        monkeypatch.setenv("LLAMA3_DIST_CPU_FUSED", fused_env)
+        with Llama3Model.from_pretrained(checkpoints[arch], devices=["cpu"], dtype=dtype, block_size=8,
+                                         return_logits=ReturnLogits.ALL, num_kv_blocks=32) as model:
+            inputs = model.prepare_initial_token_inputs([TextContext(tokens=[3, 4, 5, 6, 7]),
+                                                         TextContext(tokens=list(range(10, 40)))])
+            logits = [model.execute(inputs).logits]
+            for step in range(20):
+                inputs = model.prepare_next_token_inputs([7 + step, 11 + step], inputs)
+                logits.append(model.execute(inputs).logits)
+            return torch.cat(logits), bool(model.executor.worker.model._fused)
+
+    got, used = run("1")
+    expected, unused = run("0")
+    assert (used, unused) == (fused, False)
+    assert torch.equal(got, expected)

@@ -1,0 +1,274 @@
+"""Triton kernels against their torch references (llama3_dist/kernels/reference.py).
+
+Without a GPU the kernels run in triton's interpreter. Triton 3.9 picks the interpreter when
+@triton.jit decorates a kernel, i.e. when llama3_dist.kernels.triton_kernels is first imported,
+so TRITON_INTERPRET=1 is set here, before that import. Sizes are kept small: the interpreter is
+slow. Every buffer a kernel allocates is poisoned with NaN and every cache slot no sequence
+owns holds NaN, so an unwritten output or a read of a padding page fails the comparison.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+if DEVICE == "cpu":
+    os.environ["TRITON_INTERPRET"] = "1"
+
+pytest.importorskip("triton")
+
+from conftest import paged_cache  # noqa: E402
+from llama3_dist import kernels  # noqa: E402
+from llama3_dist.kernels import reference as ref  # noqa: E402
+
+tk = importlib.import_module("llama3_dist.kernels.triton_kernels")
+if DEVICE == "cpu" and not tk.INTERPRET:
+    pytest.skip("llama3_dist.kernels.triton_kernels was imported before TRITON_INTERPRET=1 was "
+                "set; run this module in its own process", allow_module_level=True)
+
+F32, BF16 = torch.float32, torch.bfloat16
+TOL = {F32: dict(rtol=1e-5, atol=1e-5), BF16: dict(rtol=1e-2, atol=1e-2)}
+NAN = float("nan")
+
+
+@pytest.fixture(autouse=True)
+def triton_path(monkeypatch):
+    """Forces the Triton path through the dispatchers and poisons every buffer it allocates."""
+    monkeypatch.setenv("LLAMA3_DIST_KERNELS", "triton")
+    monkeypatch.setattr(tk, "_empty", lambda shape, dtype, device: torch.full(
+        shape, NAN, dtype=dtype, device=device))
+    torch.manual_seed(0)
+
+
+def randn(*shape, dtype=F32):
+    return torch.randn(*shape, device=DEVICE).to(dtype)
+
+
+# ------------------------------------------------------------------------------- elementwise
+
+
+@pytest.mark.parametrize("dtype,D,residual,weight", [
+    (F32, 96, True, True), (F32, 64, False, False), (BF16, 128, True, True), (BF16, 80, False, True),
+])
+def test_rms_norm(dtype, D, residual, weight):
+    N = 7
+    x = randn(N, D, dtype=dtype)
+    r = randn(N, D, dtype=dtype) if residual else None
+    w = (1 + 0.5 * randn(D)).to(dtype) if weight else None
+    out, h = kernels.rms_norm(x, w, 1e-6, r)
+    ref_out, ref_h = ref.rms_norm(x, w, 1e-6, r)
+    assert out.dtype == ref_out.dtype and out.shape == ref_out.shape
+    torch.testing.assert_close(out, ref_out, **TOL[dtype])
+    torch.testing.assert_close(h, ref_h, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype,d,rot,interleaved,hq,hk", [
+    (F32, 64, 64, False, 4, 4),     # full rotary, Hugging Face layout
+    (BF16, 128, 96, True, 8, 2),    # partial rotary (0.75), GGUF layout
+    (F32, 128, 48, False, 20, 4),   # rotary_dim/2 = 24 (padded), 20 heads (two head blocks)
+    (BF16, 64, 64, True, 2, 1),
+])
+def test_rotary_embedding(dtype, d, rot, interleaved, hq, hk):
+    N, max_pos = 9, 64
+    # q and k are non-contiguous views into a fused qkv projection output.
+    qkv = randn(N, (hq + 2 * hk) * d, dtype=dtype)
+    expected = qkv.clone()
+    inv = 1.0 / (10000 ** (torch.arange(0, rot, 2, device=DEVICE, dtype=F32) / rot))
+    freqs = torch.arange(max_pos, device=DEVICE, dtype=F32)[:, None] * inv[None, :]
+    cos_sin = torch.cat((freqs.cos(), freqs.sin()), dim=-1)
+    positions = torch.randint(0, max_pos, (N,), device=DEVICE)
+
+    def views(t):
+        q = t[:, :hq * d].view(N, hq, d)
+        k = t[:, hq * d:(hq + hk) * d].view(N, hk, d)
+        return q, k
+
+    ref.rotary_embedding(positions, *views(expected), cos_sin, interleaved)
+    kernels.rotary_embedding(positions, *views(qkv), cos_sin, interleaved)
+    torch.testing.assert_close(qkv, expected, **TOL[dtype])
+    # Features past rotary_dim and the v part are untouched, bit for bit.
+    q, k = views(qkv)
+    q0, k0 = views(expected)
+    assert torch.equal(q[..., rot:], q0[..., rot:]) and torch.equal(k[..., rot:], k0[..., rot:])
+    assert torch.equal(qkv[:, (hq + hk) * d:], expected[:, (hq + hk) * d:])
+
+
+@pytest.mark.parametrize("dtype,inter", [(F32, 96), (BF16, 1100)])
+def test_silu_and_mul(dtype, inter):
+    x = randn(5, 2 * inter, dtype=dtype)
+    out = kernels.silu_and_mul(x)
+    torch.testing.assert_close(out, ref.silu_and_mul(x), **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype,d", [(F32, 64), (BF16, 128)])
+def test_store_kv_cache(dtype, d):
+    N, hq, hk, num_blocks, block_size = 11, 4, 2, 6, 4
+    qkv = randn(N, (hq + 2 * hk) * d, dtype=dtype)
+    k = qkv[:, hq * d:(hq + hk) * d].view(N, hk, d)
+    v = qkv[:, (hq + hk) * d:].view(N, hk, d)
+    slots = torch.randperm(num_blocks * block_size, device=DEVICE)[:N]
+    slots[[2, 7]] = -1
+    k_cache = torch.full((num_blocks, block_size, hk, d), NAN, dtype=dtype, device=DEVICE)
+    v_cache = torch.full_like(k_cache, NAN)
+    ek, ev = k_cache.clone(), v_cache.clone()
+    ref.store_kv_cache(k, v, ek, ev, slots)
+    kernels.store_kv_cache(k, v, k_cache, v_cache, slots)
+    # Exact, and the slots nobody wrote still hold NaN.
+    torch.testing.assert_close(k_cache, ek, rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(v_cache, ev, rtol=0, atol=0, equal_nan=True)
+
+
+# ------------------------------------------------------------------------------- attention
+
+
+@pytest.mark.parametrize("dtype,d,hq,hk,block_size,lens,window,splits", [
+    (F32, 64, 2, 2, 16, [1, 37, 70], None, None),   # GQA 1, heuristic (no split)
+    (BF16, 128, 8, 2, 16, [300], None, 3),          # GQA 4, batch of one, flash-decoding
+    (F32, 128, 8, 1, 8, [45, 130, 9], 32, 4),       # GQA 8, window, splits outside the window
+    (BF16, 96, 8, 2, 16, [50, 21], 20, 1),          # head_dim 96 (padded), window
+])
+def test_paged_decode_attention(dtype, d, hq, hk, block_size, lens, window, splits):
+    k_cache, v_cache, tables, ctx = paged_cache(lens, block_size, hk, d, dtype, DEVICE,
+                                                pad_value=-1 if splits else 0)
+    q = randn(len(lens), hq, d, dtype=dtype)
+    scale = d ** -0.5
+    expected = ref.paged_decode_attention(q, k_cache, v_cache, tables, ctx, scale, window)
+    if splits is None:
+        out = kernels.paged_decode_attention(q, k_cache, v_cache, tables, ctx, scale, window)
+    else:
+        out = tk.paged_decode_attention(q, k_cache, v_cache, tables, ctx, scale, window,
+                                        num_splits=splits)
+    torch.testing.assert_close(out, expected, **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype,d,hq,hk,block_size,seqs,window", [
+    # seqs: (context length, query tokens); fewer queries than context = prefix-cached start.
+    (F32, 64, 2, 2, 16, [(37, 37), (20, 5), (1, 1)], None),   # GQA 1, many sequences
+    (BF16, 128, 8, 2, 16, [(70, 70)], None),                  # GQA 4, batch of one
+    (F32, 128, 8, 1, 8, [(50, 50), (33, 10)], 16),            # GQA 8, sliding window
+    (BF16, 64, 4, 1, 16, [(45, 45), (19, 3)], 7),             # GQA 4, window, tiny chunk
+])
+def test_prefill_attention(dtype, d, hq, hk, block_size, seqs, window):
+    lens = [c for c, _ in seqs]
+    k_cache, v_cache, tables, ctx = paged_cache(lens, block_size, hk, d, dtype, DEVICE, pad_value=0)
+    q_lens = torch.tensor([0] + [n for _, n in seqs])
+    qsl = q_lens.cumsum(0).to(torch.int32).to(DEVICE)
+    q = randn(int(q_lens.sum()), hq, d, dtype=dtype)
+    scale = d ** -0.5
+    expected = ref.prefill_attention(q, k_cache, v_cache, tables, qsl, ctx, scale, window)
+    out = kernels.prefill_attention(q, k_cache, v_cache, tables, qsl, ctx, scale, window)
+    torch.testing.assert_close(out, expected, **TOL[dtype])
+
+
+def test_prefill_attention_noncontiguous_q():
+    """q as a slice of a fused qkv output, as the model passes it."""
+    hq, hk, d, n = 4, 2, 64, 19
+    k_cache, v_cache, tables, ctx = paged_cache([n], 16, hk, d, F32, DEVICE, pad_value=0)
+    qkv = randn(n, (hq + 2 * hk) * d)
+    q = qkv[:, :hq * d].view(n, hq, d)
+    qsl = torch.tensor([0, n], dtype=torch.int32, device=DEVICE)
+    expected = ref.prefill_attention(q, k_cache, v_cache, tables, qsl, ctx, 0.125)
+    out = kernels.prefill_attention(q, k_cache, v_cache, tables, qsl, ctx, 0.125)
+    torch.testing.assert_close(out, expected, **TOL[F32])
+
+
+# ------------------------------------------------------------------------------- dispatch
+
+
+def test_dispatch_modes(monkeypatch):
+    x = randn(3, 16)
+
+    def boom(*args, **kwargs):
+        raise AssertionError("Triton path taken")
+
+    monkeypatch.setattr(tk, "silu_and_mul", boom)
+    monkeypatch.setenv("LLAMA3_DIST_KERNELS", "torch")
+    kernels.silu_and_mul(x)
+    if DEVICE == "cpu":
+        monkeypatch.setenv("LLAMA3_DIST_KERNELS", "auto")
+        kernels.silu_and_mul(x)
+    monkeypatch.setenv("LLAMA3_DIST_KERNELS", "triton")
+    with pytest.raises(AssertionError, match="Triton path taken"):
+        kernels.silu_and_mul(x)
+    monkeypatch.setenv("LLAMA3_DIST_KERNELS", "cuda")
+    with pytest.raises(ValueError, match="LLAMA3_DIST_KERNELS"):
+        kernels.silu_and_mul(x)
+
+
+def test_imports_without_triton():
+    """The package (and the torch path) work where triton is not installed, e.g. macOS."""
+    code = ("import sys; sys.modules['triton'] = None\n"
+            "import torch\n"
+            "from llama3_dist import kernels\n"
+            "out, h = kernels.rms_norm(torch.randn(2, 8), None, 1e-6)\n"
+            "assert 'triton' not in [m for m in sys.modules if sys.modules[m] is not None]\n"
+            "import os; os.environ['LLAMA3_DIST_KERNELS'] = 'triton'\n"
+            "try:\n"
+            "    kernels.rms_norm(torch.randn(2, 8), None, 1e-6)\n"
+            "except RuntimeError as e:\n"
+            "    assert 'not installed' in str(e)\n"
+            "else:\n"
+            "    raise SystemExit('no error')\n")
+    env = {k: v for k, v in os.environ.items() if k != "LLAMA3_DIST_KERNELS"}
+    subprocess.run([sys.executable, "-c", code], check=True, env=env)
+
+
+# ------------------------------------------------------------------------------- end to end
+
+
+def test_model_logits_match_torch_path(tmp_path, monkeypatch):
+    """A tiny random Llama through Llama3Model: the Triton path gives the torch path's logits
+    for a ragged prefill (one sequence prefix-free, one longer than a page) and decode steps."""
+    transformers = pytest.importorskip("transformers")
+    from llama3_dist import Llama3Model, ReturnLogits, TextContext
+
+    config = transformers.LlamaConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                                      intermediate_size=128, num_hidden_layers=2, vocab_size=128)
+    transformers.LlamaForCausalLM(config).eval().save_pretrained(tmp_path)
+    prompts = [[3, 17, 99, 5, 64], list(range(40, 60))]
+
+    def run(mode):
+        monkeypatch.setenv("LLAMA3_DIST_KERNELS", mode)
+        with Llama3Model.from_pretrained(tmp_path, devices=[DEVICE], dtype="float32",
+                                         return_logits=ReturnLogits.ALL, block_size=8,
+                                         num_kv_blocks=16) as model:
+            inputs = model.prepare_initial_token_inputs([TextContext(tokens=list(p)) for p in prompts])
+            out = model.execute(inputs)
+            logits = [out.logits]
+            for step in range(3):
+                inputs = model.prepare_next_token_inputs([7 + step, 11 * step], inputs)
+                logits.append(model.execute(inputs).logits)
+        return logits
+
+    calls = {}
+    for name in kernels.TRITON_KERNELS:
+        def counted(*args, _name=name, _fn=getattr(tk, name), **kwargs):
+            calls[_name] = calls.get(_name, 0) + 1
+            return _fn(*args, **kwargs)
+        monkeypatch.setattr(tk, name, counted)
+    expected = run("torch")
+    assert not calls
+    got = run("triton")
+    assert set(calls) == set(kernels.TRITON_KERNELS), calls  # every kernel ran (in this process)
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="checks the CPU error path")
+def test_cpu_tensors_without_interpreter_fail_clearly():
+    code = ("import os, torch\n"
+            "os.environ['LLAMA3_DIST_KERNELS'] = 'triton'\n"
+            "from llama3_dist import kernels\n"
+            "try:\n"
+            "    kernels.silu_and_mul(torch.randn(2, 8))\n"
+            "except RuntimeError as e:\n"
+            "    assert 'TRITON_INTERPRET=1' in str(e), e\n"
+            "else:\n"
+            "    raise SystemExit('no error')\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    subprocess.run([sys.executable, "-c", code], check=True, env=env)
