@@ -80,13 +80,37 @@ class _Stream:
     first_token: bool = False
 
 
+@dataclass(slots=True)
+class AddRequest:
+    """Engine thread, please queue this request; settle `accepted` once done (or refused)."""
+    request_id: str
+    prompt: str | None
+    params: SamplingParams
+    prompt_token_ids: list[int] | None
+    stream: _Stream
+    accepted: asyncio.Future
+
+
+@dataclass(slots=True)
+class AbortRequest:
+    request_id: str
+
+
+@dataclass(slots=True)
+class Stop:
+    """Fail every open request and end the engine thread."""
+
+
+Command = AddRequest | AbortRequest | Stop
+
+
 class AsyncLLMEngine:
     """Owns an LLMEngine on a background thread. Create and use it from one event loop."""
 
     def __init__(self, engine: LLMEngine):
         self.engine = engine
         self.error: str | None = None  # why the engine died, once it has
-        self._cmds: queue.SimpleQueue = queue.SimpleQueue()
+        self._commands: queue.SimpleQueue[Command] = queue.SimpleQueue()
         self._streams: dict[str, _Stream] = {}  # engine thread only
         self._stats: EngineStats = engine.stats()
         self._lock = threading.Lock()  # the metrics below, written by the engine thread
@@ -120,12 +144,12 @@ class AsyncLLMEngine:
         accepted = loop.create_future()
         stream = _Stream(out, loop, arrival_time or time.monotonic(),
                          num_prompt_tokens=len(prompt_token_ids) if prompt_token_ids else 0, final_only=final_only)
-        self._cmds.put(("add", request_id, prompt, params, prompt_token_ids, stream, accepted))
+        self._commands.put(AddRequest(request_id, prompt, params, prompt_token_ids, stream, accepted))
         await accepted
 
     def abort(self, request_id: str) -> None:
         """Drops the request and frees its KV blocks; thread-safe, unknown ids are ignored."""
-        self._cmds.put(("abort", request_id))
+        self._commands.put(AbortRequest(request_id))
 
     async def generate(self, request_id: str, prompt: str | None, params: SamplingParams,
                        prompt_token_ids: list[int] | None = None) -> AsyncIterator[RequestOutput]:
@@ -147,7 +171,7 @@ class AsyncLLMEngine:
     def shutdown(self, timeout: float = 30.0) -> None:
         """Stops the thread (open requests get EngineDeadError) and shuts the engine down."""
         if self._thread.is_alive():
-            self._cmds.put(("stop",))
+            self._commands.put(Stop())
             self._thread.join(timeout)
         if self.engine is not None:
             self.engine.shutdown()
@@ -158,17 +182,17 @@ class AsyncLLMEngine:
         try:
             while True:
                 busy = self.error is None and engine.has_unfinished_requests()
-                cmds = [] if busy else [self._cmds.get()]  # idle: sleep until there is something to do
+                commands = [] if busy else [self._commands.get()]  # idle: sleep until there is something to do
                 while True:
                     try:
-                        cmds.append(self._cmds.get_nowait())
+                        commands.append(self._commands.get_nowait())
                     except queue.Empty:
                         break
-                for cmd in cmds:
-                    if cmd[0] == "stop":
+                for command in commands:
+                    if isinstance(command, Stop):
                         self._fail_all("the server is shutting down")
                         return
-                    self._command(cmd)
+                    self._command(command)
                 if self.error is None and engine.has_unfinished_requests():
                     try:
                         outputs = engine.step()
@@ -182,23 +206,23 @@ class AsyncLLMEngine:
             self._die(f"the engine thread stopped: {type(e).__name__}: {e}")
             raise
 
-    def _command(self, cmd) -> None:
-        if cmd[0] == "abort":
-            rid = cmd[1]
-            if self._streams.pop(rid, None) is not None and self.error is None:
-                self.engine.abort_request(rid)
+    def _command(self, command: AddRequest | AbortRequest) -> None:
+        if isinstance(command, AbortRequest):
+            if self._streams.pop(command.request_id, None) is not None and self.error is None:
+                self.engine.abort_request(command.request_id)
                 self._stats = self.engine.stats()
             return
-        _, rid, prompt, params, token_ids, stream, accepted = cmd
+        stream, accepted = command.stream, command.accepted
         if self.error is not None:
             stream.loop.call_soon_threadsafe(_settle, accepted, EngineDeadError(f"the engine is dead: {self.error}"))
             return
         try:
-            self.engine.add_request(rid, prompt, params, prompt_token_ids=token_ids)
+            self.engine.add_request(command.request_id, command.prompt, command.params,
+                                    prompt_token_ids=command.prompt_token_ids)
         except Exception as e:  # bad input: refused before the engine holds anything
             stream.loop.call_soon_threadsafe(_settle, accepted, e)
             return
-        self._streams[rid] = stream
+        self._streams[command.request_id] = stream
         self._stats = self.engine.stats()
         with self._lock:
             self.prompt_tokens_total += stream.num_prompt_tokens

@@ -23,10 +23,15 @@ import enum
 from collections import deque
 from dataclasses import dataclass, field
 from itertools import count
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Generic, TypeVar
 
 from .text_context import TextContext
 from .block_manager import BlockManager
+
+
+# What the engine keeps with each request (its sampling state); the scheduler never reads it.
+DataT = TypeVar("DataT")
 
 
 class RequestStatus(enum.Enum):
@@ -37,14 +42,14 @@ class RequestStatus(enum.Enum):
 
 
 @dataclass(slots=True, eq=False)
-class Request:
+class Request(Generic[DataT]):
     context: TextContext
     prompt_len: int
     arrival: int  # admission order: lower is older
     status: RequestStatus = RequestStatus.WAITING
     num_preemptions: int = 0
     use_prefix_cache: bool = True  # off for requests that need every prompt row (prompt_logprobs)
-    data: Any = None  # the engine's (sampling params, detokenizer state); never read here
+    data: DataT | None = None  # the engine's (sampling params, detokenizer state); never read here
 
     @property
     def request_id(self) -> str:
@@ -129,7 +134,7 @@ class Scheduler:
     def max_tokens_in_cache(self) -> int:
         return self.block_manager.num_blocks * self.block_manager.block_size
 
-    def add_request(self, ctx: TextContext, data: Any = None, use_prefix_cache: bool = True) -> Request:
+    def add_request(self, ctx: TextContext, data: DataT | None = None, use_prefix_cache: bool = True) -> Request[DataT]:
         if ctx.request_id in self.requests:
             raise ValueError(f"request id {ctx.request_id!r} is already in the scheduler")
         if not ctx.tokens:
