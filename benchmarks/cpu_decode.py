@@ -19,6 +19,7 @@ package's Q4_1 file into F32 and BF16 ones). Run it held to AVX2 to measure the 
 ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 python benchmarks/cpu_decode.py ... with a
 llama.cpp built without AVX-512.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,9 +35,18 @@ import torch
 from throughput import checkpoint as model_284m
 from throughput import hf_decode_ms, hf_model, ours_decode_ms
 
-SMOLLM2_SHAPE = dict(hidden_size=576, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
-                     intermediate_size=1536, vocab_size=49152, max_position_embeddings=8192,
-                     tie_word_embeddings=True, rope_theta=100000.0, rms_norm_eps=1e-5)
+SMOLLM2_SHAPE = dict(
+    hidden_size=576,
+    num_hidden_layers=30,
+    num_attention_heads=9,
+    num_key_value_heads=3,
+    intermediate_size=1536,
+    vocab_size=49152,
+    max_position_embeddings=8192,
+    tie_word_embeddings=True,
+    rope_theta=100000.0,
+    rms_norm_eps=1e-5,
+)
 SMOLLM2_RANDOM = Path.home() / ".cache" / "llama3-dist" / "bench-smollm2-shape"
 ROUNDS = 5
 NEW_TOKENS = 64
@@ -44,6 +54,7 @@ NEW_TOKENS = 64
 
 def streaming_read_gbs() -> float:
     from llama3_dist.kernels import cpu
+
     buffer = torch.empty(128 << 20, dtype=torch.float32).uniform_()
     library = cpu.library()
     readers = [buffer.sum] + ([lambda: library.sum_floats(buffer)] if library else [])
@@ -61,6 +72,7 @@ def weight_bytes_per_token(path: str, dtype: torch.dtype) -> int:
     """Bytes a decode step reads: every weight once, except the embedding (one row), which the
     LM head reads whole when tied."""
     from transformers import AutoConfig
+
     config = AutoConfig.from_pretrained(path)
     h, i, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
     head_dim = getattr(config, "head_dim", None) or h // config.num_attention_heads
@@ -74,19 +86,25 @@ def smollm2_checkpoint(given: str | None) -> str:
         return given
     if not (SMOLLM2_RANDOM / "model.safetensors").is_file():
         from transformers import LlamaConfig, LlamaForCausalLM
+
         torch.manual_seed(0)
         LlamaForCausalLM(LlamaConfig(**SMOLLM2_SHAPE)).save_pretrained(SMOLLM2_RANDOM)
     return str(SMOLLM2_RANDOM)
 
 
 def llama_bench_ms(binary: str, gguf: str, threads: int) -> float:
-    done = subprocess.run([binary, "-m", gguf, "-t", str(threads), "-p", "0", "-n", "32", "-r", "3", "-o", "json"],
-                          capture_output=True, text=True, check=True)
+    done = subprocess.run(
+        [binary, "-m", gguf, "-t", str(threads), "-p", "0", "-n", "32", "-r", "3", "-o", "json"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return 1000.0 / json.loads(done.stdout)[0]["avg_ts"]
 
 
 def compare(name: str, path: str, dtype: str, prompt: list[int], llama_bench: tuple[str, str] | None) -> None:
     from llama3_dist import LLM
+
     torch_dtype = getattr(torch, dtype)
     with LLM(path, dtype=dtype, devices=["cpu"], show_progress=False, kv_cache_bytes=256 << 20) as llm:
         # Decode speed follows the memory bandwidth, which a shared host makes drift: ours,
@@ -101,14 +119,18 @@ def compare(name: str, path: str, dtype: str, prompt: list[int], llama_bench: tu
         del model
     floor_ms = weight_bytes_per_token(path, torch_dtype) / max(reads) / 1e6
     ours_ms, hf_ms = statistics.median(ours), statistics.median(theirs)
-    line = (f"[{name} {dtype}] ours {ours_ms:.1f} ms/token, transformers {hf_ms:.1f}, floor {floor_ms:.1f} | "
-            f"ours/floor {ours_ms / floor_ms:.2f}x, speed vs transformers {hf_ms / ours_ms:.2f}x")
+    line = (
+        f"[{name} {dtype}] ours {ours_ms:.1f} ms/token, transformers {hf_ms:.1f}, floor {floor_ms:.1f} | "
+        f"ours/floor {ours_ms / floor_ms:.2f}x, speed vs transformers {hf_ms / ours_ms:.2f}x"
+    )
     if llama_bench:
         llama_ms = llama_bench_ms(*llama_bench, torch.get_num_threads())
         line += f", llama.cpp {llama_ms:.1f} ms/token, ours/llama.cpp {ours_ms / llama_ms:.2f}x"
     print(line, flush=True)
-    print(f"    runs: ours {', '.join(f'{r:.1f}' for r in ours)}; transformers {', '.join(f'{r:.1f}' for r in theirs)}; "
-          f"streaming read {', '.join(f'{r:.1f}' for r in reads)} GB/s")
+    print(
+        f"    runs: ours {', '.join(f'{r:.1f}' for r in ours)}; transformers {', '.join(f'{r:.1f}' for r in theirs)}; "
+        f"streaming read {', '.join(f'{r:.1f}' for r in reads)} GB/s"
+    )
 
 
 def main() -> None:
@@ -124,14 +146,21 @@ def main() -> None:
 
     flags = set()
     if Path("/proc/cpuinfo").exists():
-        flags = {f for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")
-                 for f in line.split(":", 1)[1].split()}
+        flags = {
+            f
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("flags")
+            for f in line.split(":", 1)[1].split()
+        }
     shown = sorted(flags & {"avx2", "fma", "f16c", "avx512f", "avx512_bf16", "amx_bf16"})
     gbs = streaming_read_gbs()
-    print(f"host: CPU flags {' '.join(shown) or '?'}; torch capability {torch.backends.cpu.get_cpu_capability()} "
-          f"(ATEN_CPU_CAPABILITY={os.environ.get('ATEN_CPU_CAPABILITY', '-')}, "
-          f"ONEDNN_MAX_CPU_ISA={os.environ.get('ONEDNN_MAX_CPU_ISA', '-')}); kernels {cpu.selected_isa()}; "
-          f"{torch.get_num_threads()} threads; streaming read {gbs:.1f} GB/s", flush=True)
+    print(
+        f"host: CPU flags {' '.join(shown) or '?'}; torch capability {torch.backends.cpu.get_cpu_capability()} "
+        f"(ATEN_CPU_CAPABILITY={os.environ.get('ATEN_CPU_CAPABILITY', '-')}, "
+        f"ONEDNN_MAX_CPU_ISA={os.environ.get('ONEDNN_MAX_CPU_ISA', '-')}); kernels {cpu.selected_isa()}; "
+        f"{torch.get_num_threads()} threads; streaming read {gbs:.1f} GB/s",
+        flush=True,
+    )
     dtypes = args.dtypes.split(",")
     prompt = list(range(1000, 1032))
     if not args.skip_284m:

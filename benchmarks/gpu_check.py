@@ -10,6 +10,7 @@ size 16): decode of 64 sequences over 4k-token contexts, prefill of 8 x 1024 tok
 norm / rope / silu on 8192 tokens of hidden size 4096. Every check prints one line; the script
 exits non-zero if any check failed.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,12 +36,36 @@ TOL = {F32: 1e-5, BF16: 1e-2}  # rtol = atol
 
 # Full sizes on CUDA; tiny ones for the interpreter smoke run.
 SIZES = {
-    "gpu": dict(tokens=8192, hidden=4096, inter=14336, hq=32, hk=8, d=128, page=16,
-                decode_batch=64, decode_ctx=4096, prefill=(8, 1024), runs=30, e2e_steps=16,
-                e2e_prompts=(5, 77, 300, 1)),
-    "smoke": dict(tokens=16, hidden=64, inter=96, hq=8, hk=2, d=64, page=16,
-                  decode_batch=2, decode_ctx=70, prefill=(2, 24), runs=2, e2e_steps=2,
-                  e2e_prompts=(5, 19, 1)),
+    "gpu": dict(
+        tokens=8192,
+        hidden=4096,
+        inter=14336,
+        hq=32,
+        hk=8,
+        d=128,
+        page=16,
+        decode_batch=64,
+        decode_ctx=4096,
+        prefill=(8, 1024),
+        runs=30,
+        e2e_steps=16,
+        e2e_prompts=(5, 77, 300, 1),
+    ),
+    "smoke": dict(
+        tokens=16,
+        hidden=64,
+        inter=96,
+        hq=8,
+        hk=2,
+        d=64,
+        page=16,
+        decode_batch=2,
+        decode_ctx=70,
+        prefill=(2, 24),
+        runs=2,
+        e2e_steps=2,
+        e2e_prompts=(5, 19, 1),
+    ),
 }
 
 results: list[tuple[str, bool]] = []
@@ -58,8 +83,9 @@ def check(name: str, got: torch.Tensor, expected: torch.Tensor, dtype: torch.dty
     bad = err > tol + tol * expected.abs()
     nonfinite = int((~torch.isfinite(got)).sum())
     ok = not bool(bad.any()) and nonfinite == 0
-    report(name, ok, f"max abs err {err.max().item():.2e} (tol {tol:g}), {int(bad.sum())} over tol, "
-                     f"{nonfinite} non-finite")
+    report(
+        name, ok, f"max abs err {err.max().item():.2e} (tol {tol:g}), {int(bad.sum())} over tol, {nonfinite} non-finite"
+    )
 
 
 class Timer:
@@ -105,7 +131,7 @@ def paged(lens: list[int], page: int, hk: int, d: int, dtype, device, spare: int
     tables = torch.zeros((len(lens), max(n_blocks) + 1), dtype=torch.int32, device=device)
     used = 0
     for b, (n, p) in enumerate(zip(lens, n_blocks)):
-        pages = order[used:used + p]
+        pages = order[used : used + p]
         used += p
         tables[b, :p] = pages.to(torch.int32)
         slots = (pages[:, None] * page + torch.arange(page, device=device)).flatten()[:n]
@@ -136,8 +162,14 @@ def kernel_checks(device: torch.device, s: dict, timer: Timer) -> None:
             out, h = tk.rms_norm(x, w, 1e-5, r)
             e_out, e_h = ref.rms_norm(x, w, 1e-5, r)
             check(f"rms_norm+residual {SHORT[dtype]} [{N},{H}]", torch.cat([out, h]), torch.cat([e_out, e_h]), dtype)
-        time_pair("rms_norm+residual", f"{N}x{H} bf16", timer, lambda: ref.rms_norm(x, w, 1e-5, r),
-                  lambda: tk.rms_norm(x, w, 1e-5, r))
+        time_pair(
+            "rms_norm+residual",
+            f"{N}x{H} bf16",
+            timer,
+            lambda: ref.rms_norm(x, w, 1e-5, r),
+            lambda: tk.rms_norm(x, w, 1e-5, r),
+        )
+
     guarded("rms_norm", norm)
 
     # Rotary on q/k views of a fused qkv output: full rotary, partial (0.75) interleaved.
@@ -149,23 +181,29 @@ def kernel_checks(device: torch.device, s: dict, timer: Timer) -> None:
             f = torch.arange(max_pos, device=device).float()[:, None] * inv
             cs = torch.cat((f.cos(), f.sin()), -1)
             pos = torch.randint(0, max_pos, (N,), device=device)
-            q, k = qkv[:, :hq * d].view(N, hq, d), qkv[:, hq * d:(hq + hk) * d].view(N, hk, d)
+            q, k = qkv[:, : hq * d].view(N, hq, d), qkv[:, hq * d : (hq + hk) * d].view(N, hk, d)
             expected = qkv.clone()
-            ref.rotary_embedding(pos, expected[:, :hq * d].view(N, hq, d),
-                                 expected[:, hq * d:(hq + hk) * d].view(N, hk, d), cs, inter)
+            ref.rotary_embedding(
+                pos, expected[:, : hq * d].view(N, hq, d), expected[:, hq * d : (hq + hk) * d].view(N, hk, d), cs, inter
+            )
             tk.rotary_embedding(pos, q, k, cs, inter)
             check(f"rotary {SHORT[dtype]} rot={rot} interleaved={inter}", qkv, expected, dtype)
-        time_pair("rotary (partial, interleaved)", f"{N}x({hq}+{hk})x{d} bf16", timer,
-                  lambda: ref.rotary_embedding(pos, q, k, cs, inter),
-                  lambda: tk.rotary_embedding(pos, q, k, cs, inter))
+        time_pair(
+            "rotary (partial, interleaved)",
+            f"{N}x({hq}+{hk})x{d} bf16",
+            timer,
+            lambda: ref.rotary_embedding(pos, q, k, cs, inter),
+            lambda: tk.rotary_embedding(pos, q, k, cs, inter),
+        )
+
     guarded("rotary", rope)
 
     def silu():
         for dtype in (F32, BF16):
             x = torch.randn(N, 2 * I, device=device).to(dtype)
             check(f"silu_and_mul {SHORT[dtype]} [{N},{2 * I}]", tk.silu_and_mul(x), ref.silu_and_mul(x), dtype)
-        time_pair("silu_and_mul", f"{N}x{2 * I} bf16", timer, lambda: ref.silu_and_mul(x),
-                  lambda: tk.silu_and_mul(x))
+        time_pair("silu_and_mul", f"{N}x{2 * I} bf16", timer, lambda: ref.silu_and_mul(x), lambda: tk.silu_and_mul(x))
+
     guarded("silu_and_mul", silu)
 
     def store():
@@ -180,60 +218,90 @@ def kernel_checks(device: torch.device, s: dict, timer: Timer) -> None:
         ref.store_kv_cache(k, v, ekc, evc, slots)
         tk.store_kv_cache(k, v, kc, vc, slots)
         same = all(torch.equal(a.nan_to_num(7.0), b.nan_to_num(7.0)) for a, b in ((kc, ekc), (vc, evc)))
-        report(f"store_kv_cache {SHORT[dtype]} [{N},{hk},{d}]", same, "bit-exact, skipped/unused slots untouched"
-               if same else "cache differs from the reference")
-        time_pair("store_kv_cache", f"{N}x{hk}x{d} bf16", timer,
-                  lambda: ref.store_kv_cache(k, v, ekc, evc, slots),
-                  lambda: tk.store_kv_cache(k, v, kc, vc, slots))
+        report(
+            f"store_kv_cache {SHORT[dtype]} [{N},{hk},{d}]",
+            same,
+            "bit-exact, skipped/unused slots untouched" if same else "cache differs from the reference",
+        )
+        time_pair(
+            "store_kv_cache",
+            f"{N}x{hk}x{d} bf16",
+            timer,
+            lambda: ref.store_kv_cache(k, v, ekc, evc, slots),
+            lambda: tk.store_kv_cache(k, v, kc, vc, slots),
+        )
+
     guarded("store_kv_cache", store)
 
     def decode():
         B, ctx = s["decode_batch"], s["decode_ctx"]
-        scale = d ** -0.5
+        scale = d**-0.5
         # Ragged lengths (not page multiples), GQA 4, both dtypes; then a window and GQA 8.
         for dtype, hq_, hk_, d_, window, lens in (
-                (F32, hq, hk, d, None, [ctx - 3 * b for b in range(min(B, 8))]),
-                (BF16, hq, hk, d, None, [ctx - 5 * b for b in range(B)]),
-                (BF16, hq, hq // 8, 64, 1000, [ctx - 11 * b for b in range(min(B, 8))]),
-                (BF16, hq, hk, d, None, [37, 1, 300]),):
+            (F32, hq, hk, d, None, [ctx - 3 * b for b in range(min(B, 8))]),
+            (BF16, hq, hk, d, None, [ctx - 5 * b for b in range(B)]),
+            (BF16, hq, hq // 8, 64, 1000, [ctx - 11 * b for b in range(min(B, 8))]),
+            (BF16, hq, hk, d, None, [37, 1, 300]),
+        ):
             kc, vc, bt, cl = paged(lens, page, hk_, d_, dtype, device)
             q = torch.randn(len(lens), hq_, d_, device=device).to(dtype)
-            check(f"decode {SHORT[dtype]} B={len(lens)} G={hq_ // hk_} d={d_} win={window}",
-                  tk.paged_decode_attention(q, kc, vc, bt, cl, scale, window),
-                  ref.paged_decode_attention(q, kc, vc, bt, cl, scale, window), dtype)
+            check(
+                f"decode {SHORT[dtype]} B={len(lens)} G={hq_ // hk_} d={d_} win={window}",
+                tk.paged_decode_attention(q, kc, vc, bt, cl, scale, window),
+                ref.paged_decode_attention(q, kc, vc, bt, cl, scale, window),
+                dtype,
+            )
         kc, vc, bt, cl = paged([ctx] * B, page, hk, d, BF16, device)
         q = torch.randn(B, hq, d, device=device).to(BF16)
-        check(f"decode bf16 B={B} ctx={ctx} (timed shape)", tk.paged_decode_attention(q, kc, vc, bt, cl, scale),
-              ref.paged_decode_attention(q, kc, vc, bt, cl, scale), BF16)
+        check(
+            f"decode bf16 B={B} ctx={ctx} (timed shape)",
+            tk.paged_decode_attention(q, kc, vc, bt, cl, scale),
+            ref.paged_decode_attention(q, kc, vc, bt, cl, scale),
+            BF16,
+        )
         kv_bytes = 2 * B * ctx * hk * d * 2
-        time_pair("paged_decode_attention", f"B={B} ctx={ctx} {hq}/{hk}x{d} bf16", timer,
-                  lambda: ref.paged_decode_attention(q, kc, vc, bt, cl, scale),
-                  lambda: tk.paged_decode_attention(q, kc, vc, bt, cl, scale),
-                  extra=lambda ms: f"{kv_bytes / ms / 1e6:.0f} GB/s K/V")
+        time_pair(
+            "paged_decode_attention",
+            f"B={B} ctx={ctx} {hq}/{hk}x{d} bf16",
+            timer,
+            lambda: ref.paged_decode_attention(q, kc, vc, bt, cl, scale),
+            lambda: tk.paged_decode_attention(q, kc, vc, bt, cl, scale),
+            extra=lambda ms: f"{kv_bytes / ms / 1e6:.0f} GB/s K/V",
+        )
+
     guarded("paged_decode_attention", decode)
 
     def prefill():
         nseq, length = s["prefill"]
-        scale = d ** -0.5
+        scale = d**-0.5
         for dtype, window, seqs in (
-                (F32, None, [(length // 4 + 3, length // 4 + 3), (length // 8 + 5, 9)]),
-                (BF16, None, [(length - 7 * b, length - 7 * b) for b in range(nseq)]),
-                (BF16, 256, [(length + 13, length // 2), (300, 300)]),):
+            (F32, None, [(length // 4 + 3, length // 4 + 3), (length // 8 + 5, 9)]),
+            (BF16, None, [(length - 7 * b, length - 7 * b) for b in range(nseq)]),
+            (BF16, 256, [(length + 13, length // 2), (300, 300)]),
+        ):
             lens = [c for c, _ in seqs]
             kc, vc, bt, cl = paged(lens, page, hk, d, dtype, device)
             qsl = torch.tensor([0] + [n for _, n in seqs], device=device).cumsum(0).to(torch.int32)
             q = torch.randn(int(qsl[-1]), hq, d, device=device).to(dtype)
-            check(f"prefill {SHORT[dtype]} B={len(seqs)} win={window}",
-                  tk.prefill_attention(q, kc, vc, bt, qsl, cl, scale, window),
-                  ref.prefill_attention(q, kc, vc, bt, qsl, cl, scale, window), dtype)
+            check(
+                f"prefill {SHORT[dtype]} B={len(seqs)} win={window}",
+                tk.prefill_attention(q, kc, vc, bt, qsl, cl, scale, window),
+                ref.prefill_attention(q, kc, vc, bt, qsl, cl, scale, window),
+                dtype,
+            )
         kc, vc, bt, cl = paged([length] * nseq, page, hk, d, BF16, device)
         qsl = torch.arange(nseq + 1, device=device, dtype=torch.int32) * length
         q = torch.randn(nseq * length, hq, d, device=device).to(BF16)
         flops = 4 * nseq * hq * d * length * length / 2  # causal
-        time_pair("prefill_attention", f"{nseq}x{length} {hq}/{hk}x{d} bf16", timer,
-                  lambda: ref.prefill_attention(q, kc, vc, bt, qsl, cl, scale),
-                  lambda: tk.prefill_attention(q, kc, vc, bt, qsl, cl, scale),
-                  extra=lambda ms: f"{flops / ms / 1e9:.0f} TFLOP/s")
+        time_pair(
+            "prefill_attention",
+            f"{nseq}x{length} {hq}/{hk}x{d} bf16",
+            timer,
+            lambda: ref.prefill_attention(q, kc, vc, bt, qsl, cl, scale),
+            lambda: tk.prefill_attention(q, kc, vc, bt, qsl, cl, scale),
+            extra=lambda ms: f"{flops / ms / 1e9:.0f} TFLOP/s",
+        )
+
     guarded("prefill_attention", prefill)
 
 
@@ -246,9 +314,15 @@ def end_to_end(device: torch.device, s: dict) -> None:
 
     name = "end-to-end Llama3Model bf16, triton vs torch"
     try:
-        cfg = transformers.LlamaConfig(hidden_size=512, num_attention_heads=8, num_key_value_heads=2,
-                                       intermediate_size=1024, num_hidden_layers=4, vocab_size=1024,
-                                       max_position_embeddings=4096)
+        cfg = transformers.LlamaConfig(
+            hidden_size=512,
+            num_attention_heads=8,
+            num_key_value_heads=2,
+            intermediate_size=1024,
+            num_hidden_layers=4,
+            vocab_size=1024,
+            max_position_embeddings=4096,
+        )
         torch.manual_seed(0)
         with tempfile.TemporaryDirectory() as path:
             transformers.LlamaForCausalLM(cfg).to(BF16).save_pretrained(path)
@@ -258,8 +332,9 @@ def end_to_end(device: torch.device, s: dict) -> None:
             runs = {}
             for mode in ("torch", "triton"):
                 os.environ["LLAMA3_DIST_KERNELS"] = mode
-                with Llama3Model.from_pretrained(path, devices=[str(device)], dtype="bfloat16",
-                                                 return_logits=ReturnLogits.ALL, num_kv_blocks=256) as model:
+                with Llama3Model.from_pretrained(
+                    path, devices=[str(device)], dtype="bfloat16", return_logits=ReturnLogits.ALL, num_kv_blocks=256
+                ) as model:
                     t = time.perf_counter()
                     inputs = model.prepare_initial_token_inputs([TextContext(tokens=list(p)) for p in prompts])
                     logits = [model.execute(inputs).logits]
@@ -275,9 +350,13 @@ def end_to_end(device: torch.device, s: dict) -> None:
         scale = expected.abs().max().item()
         agree = (got.argmax(-1) == expected.argmax(-1)).float().mean().item()
         ok = bool(torch.isfinite(got).all()) and err <= 2e-2 * max(scale, 1.0)
-        report(name, ok, f"max abs logit err {err:.2e} (max |logit| {scale:.2f}), argmax agreement "
-                         f"{agree:.1%}, {s['e2e_steps']} decode steps; torch {runs['torch'][1]:.0f} ms, "
-                         f"triton {runs['triton'][1]:.0f} ms (first run includes Triton compilation)")
+        report(
+            name,
+            ok,
+            f"max abs logit err {err:.2e} (max |logit| {scale:.2f}), argmax agreement "
+            f"{agree:.1%}, {s['e2e_steps']} decode steps; torch {runs['torch'][1]:.0f} ms, "
+            f"triton {runs['triton'][1]:.0f} ms (first run includes Triton compilation)",
+        )
     except Exception as e:
         traceback.print_exc()
         report(name, False, f"raised {type(e).__name__}: {e}")
@@ -287,8 +366,7 @@ def compile_only(arch: int) -> int:
     """Compiles every kernel specialization the GPU run uses down to a cubin for sm_<arch>, with
     triton's bundled ptxas: catches code-generation errors the interpreter cannot see."""
     if os.environ.get("TRITON_INTERPRET") == "1":
-        print("gpu_check --compile-only: unset TRITON_INTERPRET (the interpreter compiles nothing)",
-              file=sys.stderr)
+        print("gpu_check --compile-only: unset TRITON_INTERPRET (the interpreter compiles nothing)", file=sys.stderr)
         return 2
     import triton
     from triton.backends.compiler import GPUTarget
@@ -303,34 +381,72 @@ def compile_only(arch: int) -> int:
         name = f"compile sm_{arch} {fn.__name__} {types.get('q_ptr', types.get('x_ptr', ''))}"
         try:
             t = time.perf_counter()
-            k = triton.compile(ASTSource(fn, sig, constexprs=consts), target=target,
-                               options=dict(num_warps=num_warps, num_stages=2))
+            k = triton.compile(
+                ASTSource(fn, sig, constexprs=consts), target=target, options=dict(num_warps=num_warps, num_stages=2)
+            )
             report(name, True, f"{time.perf_counter() - t:.1f} s, {k.metadata.shared} B shared, {consts}")
         except Exception as e:
             report(name, False, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} {consts}")
 
     for dt in ("bf16", "fp32"):
         p = "*" + dt
-        build(tk._rms_norm_kernel, dict(x_ptr=p, r_ptr=p, w_ptr=p, out_ptr=p, h_ptr=p, eps="fp32"),
-              dict(HAS_RESIDUAL=True, HAS_WEIGHT=True, BLOCK_D=4096), num_warps=8)
-        build(tk._rotary_kernel, dict(pos_ptr="*i64", q_ptr=p, k_ptr=p, cs_ptr="*fp32"),
-              dict(INTERLEAVED=True, BLOCK_H=16, BLOCK_HALF=64))
+        build(
+            tk._rms_norm_kernel,
+            dict(x_ptr=p, r_ptr=p, w_ptr=p, out_ptr=p, h_ptr=p, eps="fp32"),
+            dict(HAS_RESIDUAL=True, HAS_WEIGHT=True, BLOCK_D=4096),
+            num_warps=8,
+        )
+        build(
+            tk._rotary_kernel,
+            dict(pos_ptr="*i64", q_ptr=p, k_ptr=p, cs_ptr="*fp32"),
+            dict(INTERLEAVED=True, BLOCK_H=16, BLOCK_HALF=64),
+        )
         build(tk._silu_and_mul_kernel, dict(x_ptr=p, out_ptr=p), dict(BLOCK=1024))
-        build(tk._store_kv_kernel, dict(k_ptr=p, v_ptr=p, kc_ptr=p, vc_ptr=p, slot_ptr="*i64"),
-              dict(BLOCK_H=8, BLOCK_D=128))
+        build(
+            tk._store_kv_kernel,
+            dict(k_ptr=p, v_ptr=p, kc_ptr=p, vc_ptr=p, slot_ptr="*i64"),
+            dict(BLOCK_H=8, BLOCK_D=128),
+        )
         prec, block = ("ieee", 32) if dt == "fp32" else ("tf32", 64)
         for split in (False, True):
-            build(tk._decode_kernel, dict(q_ptr=p, kc_ptr=p, vc_ptr=p, bt_ptr="*i32", cl_ptr="*i32", out_ptr=p,
-                                          po_ptr="*fp32", pm_ptr="*fp32", pl_ptr="*fp32", scale_log2="fp32"),
-                  dict(SPLIT=split, USE_WINDOW=split, BLOCK_G=16, BLOCK_N=block, BLOCK_D=128, UPCAST=False,
-                       PRECISION=prec))
-        build(tk._decode_reduce_kernel, dict(po_ptr="*fp32", pm_ptr="*fp32", pl_ptr="*fp32", out_ptr=p),
-              dict(BLOCK_S=8, BLOCK_D=128))
+            build(
+                tk._decode_kernel,
+                dict(
+                    q_ptr=p,
+                    kc_ptr=p,
+                    vc_ptr=p,
+                    bt_ptr="*i32",
+                    cl_ptr="*i32",
+                    out_ptr=p,
+                    po_ptr="*fp32",
+                    pm_ptr="*fp32",
+                    pl_ptr="*fp32",
+                    scale_log2="fp32",
+                ),
+                dict(
+                    SPLIT=split, USE_WINDOW=split, BLOCK_G=16, BLOCK_N=block, BLOCK_D=128, UPCAST=False, PRECISION=prec
+                ),
+            )
+        build(
+            tk._decode_reduce_kernel,
+            dict(po_ptr="*fp32", pm_ptr="*fp32", pl_ptr="*fp32", out_ptr=p),
+            dict(BLOCK_S=8, BLOCK_D=128),
+        )
         for window in (False, True):
-            build(tk._prefill_kernel, dict(q_ptr=p, kc_ptr=p, vc_ptr=p, bt_ptr="*i32", qsl_ptr="*i32",
-                                           cl_ptr="*i32", out_ptr=p, scale_log2="fp32"),
-                  dict(USE_WINDOW=window, BLOCK_M=block, BLOCK_N=block, BLOCK_D=128, UPCAST=False,
-                       PRECISION=prec))
+            build(
+                tk._prefill_kernel,
+                dict(
+                    q_ptr=p,
+                    kc_ptr=p,
+                    vc_ptr=p,
+                    bt_ptr="*i32",
+                    qsl_ptr="*i32",
+                    cl_ptr="*i32",
+                    out_ptr=p,
+                    scale_log2="fp32",
+                ),
+                dict(USE_WINDOW=window, BLOCK_M=block, BLOCK_N=block, BLOCK_D=128, UPCAST=False, PRECISION=prec),
+            )
     failed = [n for n, ok in results if not ok]
     print(f"{len(results) - len(failed)}/{len(results)} kernels compiled")
     return 1 if failed else 0
@@ -338,17 +454,24 @@ def compile_only(arch: int) -> int:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cpu-smoke", action="store_true",
-                        help="tiny sizes on CPU in triton's interpreter (checks this script, not speed)")
-    parser.add_argument("--compile-only", action="store_true",
-                        help="compile every kernel for --arch with triton's ptxas; needs no GPU")
+    parser.add_argument(
+        "--cpu-smoke",
+        action="store_true",
+        help="tiny sizes on CPU in triton's interpreter (checks this script, not speed)",
+    )
+    parser.add_argument(
+        "--compile-only", action="store_true", help="compile every kernel for --arch with triton's ptxas; needs no GPU"
+    )
     parser.add_argument("--arch", type=int, default=90, help="CUDA compute capability for --compile-only")
     args = parser.parse_args()
     if args.compile_only:
         return compile_only(args.arch)
     if not args.cpu_smoke and not torch.cuda.is_available():
-        print("gpu_check: no CUDA device visible (torch.cuda.is_available() is False); run it on a "
-              "GPU machine, or pass --cpu-smoke for a tiny run in triton's interpreter", file=sys.stderr)
+        print(
+            "gpu_check: no CUDA device visible (torch.cuda.is_available() is False); run it on a "
+            "GPU machine, or pass --cpu-smoke for a tiny run in triton's interpreter",
+            file=sys.stderr,
+        )
         return 2
     try:
         import triton
@@ -369,8 +492,10 @@ def main() -> int:
     for kname, shape, t_torch, t_triton, extra in timings:
         print(f"{kname:<30} {shape:<34} {t_torch:>10.3f} {t_triton:>10.3f} {t_torch / t_triton:>7.2f}x  {extra}")
     failed = [n for n, ok in results if not ok]
-    print(f"\n{len(results) - len(failed)}/{len(results)} checks passed in {time.perf_counter() - t0:.0f} s"
-          + (f"; FAILED: {', '.join(failed)}" if failed else ""))
+    print(
+        f"\n{len(results) - len(failed)}/{len(results)} checks passed in {time.perf_counter() - t0:.0f} s"
+        + (f"; FAILED: {', '.join(failed)}" if failed else "")
+    )
     return 1 if failed else 0
 
 

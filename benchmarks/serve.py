@@ -8,6 +8,7 @@ output tokens/s, time to first token and inter-token latency (p50, p99).
 The same code as `llama3-dist bench` (llama3_dist/server.py: run_bench); every option of that
 command works here (--help).
 """
+
 from __future__ import annotations
 
 import sys

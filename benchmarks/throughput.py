@@ -10,6 +10,7 @@ intermediate 3584, vocabulary 32000: about 284M parameters), in one run:
 
     python benchmarks/throughput.py [--quick] [--tp2] [--decode-only] [--skip-hf] [--dtype bfloat16]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,13 +22,22 @@ from pathlib import Path
 import torch
 
 CACHE = Path(os.environ.get("LLAMA3_DIST_BENCH_DIR", Path.home() / ".cache" / "llama3-dist" / "bench-284m"))
-SHAPE = dict(hidden_size=1024, num_hidden_layers=16, num_attention_heads=16, num_key_value_heads=4,
-             intermediate_size=3584, vocab_size=32000, max_position_embeddings=4096, rope_theta=500000.0)
+SHAPE = dict(
+    hidden_size=1024,
+    num_hidden_layers=16,
+    num_attention_heads=16,
+    num_key_value_heads=4,
+    intermediate_size=3584,
+    vocab_size=32000,
+    max_position_embeddings=4096,
+    rope_theta=500000.0,
+)
 
 
 def checkpoint() -> str:
     if not (CACHE / "model.safetensors").is_file():
         from transformers import LlamaConfig, LlamaForCausalLM
+
         torch.manual_seed(0)
         LlamaForCausalLM(LlamaConfig(**SHAPE)).to(torch.bfloat16).save_pretrained(CACHE)
     return str(CACHE)
@@ -43,6 +53,7 @@ def workload(n: int, seed: int = 0):
 
 def hf_model(path: str, dtype: torch.dtype, device: str):
     from transformers import AutoModelForCausalLM
+
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
     model.generation_config.eos_token_id = None  # run every request to its length, as ours does
     model.generation_config.pad_token_id = 0
@@ -64,9 +75,11 @@ def hf_decode_ms(model, prompt: list[int], new_tokens: int) -> float:
 def ours_decode_ms(llm, prompt: list[int], new_tokens: int) -> float:
     """Time between streamed tokens: one decode step each, after the prefill."""
     from llama3_dist import SamplingParams
+
     params = SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True)
-    llm.generate(prompt_token_ids=[prompt], sampling_params=params.model_copy(update={"max_tokens": 4}),
-                 use_tqdm=False)  # warm-up
+    llm.generate(
+        prompt_token_ids=[prompt], sampling_params=params.model_copy(update={"max_tokens": 4}), use_tqdm=False
+    )  # warm-up
     stamps = [time.perf_counter() for _ in llm.generate_stream(prompt_token_ids=prompt, sampling_params=params)]
     return (stamps[-1] - stamps[0]) / (len(stamps) - 1) * 1000
 
@@ -77,7 +90,7 @@ def hf_batch_tokens_per_s(model, prompts, output_lens, batch: int = 8) -> float:
     requested tokens count."""
     start = time.perf_counter()
     for i in range(0, len(prompts), batch):
-        ps, outs = prompts[i:i + batch], output_lens[i:i + batch]
+        ps, outs = prompts[i : i + batch], output_lens[i : i + batch]
         width = max(len(p) for p in ps)
         ids = torch.tensor([[0] * (width - len(p)) + p for p in ps], device=model.device)
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in ps], device=model.device)
@@ -87,6 +100,7 @@ def hf_batch_tokens_per_s(model, prompts, output_lens, batch: int = 8) -> float:
 
 def ours_batch(llm, prompts, output_lens) -> tuple[float, dict]:
     from llama3_dist import SamplingParams
+
     params = [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True) for n in output_lens]
     t0 = _times(llm)
     start = time.perf_counter()
@@ -106,9 +120,11 @@ def _times(llm) -> dict:
 def overhead_line(d: dict) -> str:
     n = max(d["steps"], 1)
     ms = lambda x: x / n * 1000  # noqa: E731
-    return (f"per step ({n} steps): total {ms(d['step']):.2f} ms, forward {ms(d['forward']):.2f} ms; overhead "
-            f"{ms(d['step'] - d['forward']):.2f} ms = driver {ms(d['step'] - d['execute']):.2f} + transport "
-            f"{ms(d['execute'] - d['forward'] - d['sample']):.2f} + sampling {ms(d['sample']):.2f}")
+    return (
+        f"per step ({n} steps): total {ms(d['step']):.2f} ms, forward {ms(d['forward']):.2f} ms; overhead "
+        f"{ms(d['step'] - d['forward']):.2f} ms = driver {ms(d['step'] - d['execute']):.2f} + transport "
+        f"{ms(d['execute'] - d['forward'] - d['sample']):.2f} + sampling {ms(d['sample']):.2f}"
+    )
 
 
 def _fmt(runs: list[float]) -> str:
@@ -125,6 +141,7 @@ def main() -> None:
     parser.add_argument("--decode-only", action="store_true", help="only the batch-1 decode comparison")
     args = parser.parse_args()
     from llama3_dist import LLM
+
     path = checkpoint()
     dtype = getattr(torch, args.dtype)
     n_req, n_tok = (16, 32) if args.quick else (64, 128)
@@ -133,8 +150,15 @@ def main() -> None:
     where = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"{torch.get_num_threads()} CPU threads"
     print(f"checkpoint {path} ({args.dtype}) on {where}")
 
-    with LLM(path, dtype=args.dtype, devices=[args.device], show_progress=False, max_num_seqs=64, max_num_batched_tokens=2048,
-             kv_cache_bytes=1 << 30) as llm:
+    with LLM(
+        path,
+        dtype=args.dtype,
+        devices=[args.device],
+        show_progress=False,
+        max_num_seqs=64,
+        max_num_batched_tokens=2048,
+        kv_cache_bytes=1 << 30,
+    ) as llm:
         # Decode speed follows the machine's memory bandwidth, which a shared host makes drift:
         # ours and transformers alternate, and each reports its median.
         model = None if args.skip_hf else hf_model(path, dtype, args.device)
@@ -161,8 +185,15 @@ def main() -> None:
         print(f"RATIO batch throughput (ours/transformers): {ours_tps / hf_tps:.2f}x   (target >= 3x)")
     if args.tp2:
         tp2 = ["cpu", "cpu"] if args.device == "cpu" else ["cuda:0", "cuda:1"]
-        with LLM(path, dtype=args.dtype, devices=tp2, show_progress=False, max_num_seqs=64,
-                 max_num_batched_tokens=2048, kv_cache_bytes=1 << 30) as llm:
+        with LLM(
+            path,
+            dtype=args.dtype,
+            devices=tp2,
+            show_progress=False,
+            max_num_seqs=64,
+            max_num_batched_tokens=2048,
+            kv_cache_bytes=1 << 30,
+        ) as llm:
             tp_ms = ours_decode_ms(llm, decode_prompt, n_tok)
             tp_tps, d = ours_batch(llm, prompts, output_lens)
         print(f"[ours TP=2] decode batch 1: {tp_ms:.1f} ms/token; {n_req} requests: {tp_tps:.1f} output tokens/s")

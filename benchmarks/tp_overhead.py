@@ -11,6 +11,7 @@ Two measurements, both at TP=2 on CPU ranks (gloo):
 
     python benchmarks/tp_overhead.py [--steps 200] [--batch 8] [--address ...]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,14 +26,17 @@ import torch
 
 def decode_step(batch: int, vocab: int):
     from llama3_dist.batch import StepInput
+
     pages = 4
-    return StepInput(tokens=np.arange(batch, dtype=np.int64) % vocab,
-                     positions=np.full(batch, 40, dtype=np.int64),
-                     query_start_loc=np.arange(batch + 1, dtype=np.int32),
-                     context_lens=np.full(batch, 41, dtype=np.int32),
-                     block_tables=np.arange(batch * pages, dtype=np.int32).reshape(batch, pages),
-                     slot_mapping=np.arange(batch, dtype=np.int64) * 64 + 40,
-                     logit_rows=np.arange(batch, dtype=np.int64))
+    return StepInput(
+        tokens=np.arange(batch, dtype=np.int64) % vocab,
+        positions=np.full(batch, 40, dtype=np.int64),
+        query_start_loc=np.arange(batch + 1, dtype=np.int32),
+        context_lens=np.full(batch, 41, dtype=np.int32),
+        block_tables=np.arange(batch * pages, dtype=np.int32).reshape(batch, pages),
+        slot_mapping=np.arange(batch, dtype=np.int64) * 64 + 40,
+        logit_rows=np.arange(batch, dtype=np.int64),
+    )
 
 
 def timed(fn, steps: int, warmup: int = 10) -> tuple[float, float]:
@@ -67,6 +71,7 @@ def fanout_only(steps: int, batch: int, vocab: int) -> dict[str, tuple[float, fl
     def put_once():
         ref = ray.put(step)
         return ray.get([a.execute.remote(ref) for a in ranks])
+
     results["plain calls, one ray.put"] = timed(put_once, steps)
     with InputNode() as inp:
         dag = MultiOutputNode([a.execute.bind(inp) for a in ranks])
@@ -83,21 +88,30 @@ def end_to_end(steps: int, batch: int, hidden: int, layers: int) -> dict[str, tu
 
     from llama3_dist import Llama3Model, TextContext
 
-    config = transformers.LlamaConfig(hidden_size=hidden, intermediate_size=hidden * 3, num_attention_heads=8,
-                                      num_key_value_heads=4, num_hidden_layers=layers, vocab_size=4096,
-                                      max_position_embeddings=4096)
+    config = transformers.LlamaConfig(
+        hidden_size=hidden,
+        intermediate_size=hidden * 3,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        num_hidden_layers=layers,
+        vocab_size=4096,
+        max_position_embeddings=4096,
+    )
     results = {}
     with tempfile.TemporaryDirectory() as path:
         transformers.LlamaForCausalLM(config).save_pretrained(path)
         # One torch thread in-process, like each rank (cpus_per_rank 0.5 -> 1 thread): on a busy
         # 2-core machine two threads per process oversubscribe the cores and run several times slower.
         threads = torch.get_num_threads()
-        for name, kwargs in (("TP=1 in-process, 1 thread", dict(devices=["cpu"])),
-                             ("TP=2 compiled graph", dict(devices=["cpu"] * 2, compiled_graph=True)),
-                             ("TP=2 plain calls", dict(devices=["cpu"] * 2, compiled_graph=False))):
+        for name, kwargs in (
+            ("TP=1 in-process, 1 thread", dict(devices=["cpu"])),
+            ("TP=2 compiled graph", dict(devices=["cpu"] * 2, compiled_graph=True)),
+            ("TP=2 plain calls", dict(devices=["cpu"] * 2, compiled_graph=False)),
+        ):
             torch.set_num_threads(1 if name.startswith("TP=1") else threads)
-            with Llama3Model.from_pretrained(path, dtype="float32", num_kv_blocks=batch * (steps // 16 + 8),
-                                             block_size=16, **kwargs) as model:
+            with Llama3Model.from_pretrained(
+                path, dtype="float32", num_kv_blocks=batch * (steps // 16 + 8), block_size=16, **kwargs
+            ) as model:
                 ctxs = [TextContext(tokens=[1 + b, 2, 3, 4]) for b in range(batch)]
                 state = {"inputs": model.prepare_initial_token_inputs(ctxs)}
                 state["out"] = model.execute(state["inputs"])
@@ -106,6 +120,7 @@ def end_to_end(steps: int, batch: int, hidden: int, layers: int) -> dict[str, tu
                     tokens = state["out"].next_token_logits.argmax(-1)
                     state["inputs"] = model.prepare_next_token_inputs(tokens, state["inputs"])
                     state["out"] = model.execute(state["inputs"])
+
                 results[name] = timed(step, steps)
     return results
 
@@ -124,20 +139,26 @@ def main() -> None:
     else:
         ray.init(address="local", num_cpus=4, include_dashboard=False, object_store_memory=256 << 20)
     try:
-        print(f"fan-out alone: 2 ranks, decode step of batch {args.batch}, rank 0 returns [{args.batch}, "
-              f"{args.vocab}] float32 ({args.steps} steps)")
+        print(
+            f"fan-out alone: 2 ranks, decode step of batch {args.batch}, rank 0 returns [{args.batch}, "
+            f"{args.vocab}] float32 ({args.steps} steps)"
+        )
         fan = fanout_only(args.steps, args.batch, args.vocab)
         for name, (med, p90) in fan.items():
             print(f"  {name:28s} median {med:6.2f} ms   p90 {p90:6.2f} ms")
-        print(f"end to end: Llama hidden {args.hidden}, {args.layers} layers, batch {args.batch} decode "
-              f"({args.steps} steps)")
+        print(
+            f"end to end: Llama hidden {args.hidden}, {args.layers} layers, batch {args.batch} decode "
+            f"({args.steps} steps)"
+        )
         e2e = end_to_end(args.steps, args.batch, args.hidden, args.layers)
         for name, (med, p90) in e2e.items():
             print(f"  {name:28s} median {med:6.2f} ms   p90 {p90:6.2f} ms")
         saved = e2e["TP=2 plain calls"][0] - e2e["TP=2 compiled graph"][0]
-        print(f"per-step overhead of the fan-out: compiled graph {fan['compiled graph'][0]:.2f} ms, plain calls "
-              f"{fan['plain calls, step inline'][0]:.2f} ms (one ray.put: {fan['plain calls, one ray.put'][0]:.2f} ms);"
-              f" end to end the compiled graph saves {saved:.2f} ms per TP=2 step")
+        print(
+            f"per-step overhead of the fan-out: compiled graph {fan['compiled graph'][0]:.2f} ms, plain calls "
+            f"{fan['plain calls, step inline'][0]:.2f} ms (one ray.put: {fan['plain calls, one ray.put'][0]:.2f} ms);"
+            f" end to end the compiled graph saves {saved:.2f} ms per TP=2 step"
+        )
     finally:
         ray.shutdown()
 

@@ -7,6 +7,7 @@
 The embedded default is a small random Llama 3 with the real tokenizer: its text is gibberish,
 but every step a real checkpoint takes runs.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,20 +38,29 @@ def main() -> None:
         print(f"[batch of {len(prompts)}: {n_tokens} tokens in {elapsed:.2f} s, {n_tokens / elapsed:.1f} tokens/s]")
 
         # 2. Greedy with log-probabilities and a stop string; n=2 samples of one prompt.
-        greedy = llm.generate(prompts[0], SamplingParams(temperature=0, max_tokens=8, logprobs=2, stop=["\n"]),
-                              use_tqdm=False)[0].outputs[0]
+        greedy = llm.generate(
+            prompts[0], SamplingParams(temperature=0, max_tokens=8, logprobs=2, stop=["\n"]), use_tqdm=False
+        )[0].outputs[0]
         first = greedy.logprobs[0]
-        print(f"greedy: {greedy.text!r}; first token's top-2 log-probabilities: "
-              f"{ {lp.decoded_token: round(lp.logprob, 3) for lp in first.values()} }")
-        for c in llm.generate(prompts[1], SamplingParams(n=2, temperature=1.0, max_tokens=8, seed=1),
-                              use_tqdm=False)[0].outputs:
+        print(
+            f"greedy: {greedy.text!r}; first token's top-2 log-probabilities: "
+            f"{ {lp.decoded_token: round(lp.logprob, 3) for lp in first.values()} }"
+        )
+        for c in llm.generate(prompts[1], SamplingParams(n=2, temperature=1.0, max_tokens=8, seed=1), use_tqdm=False)[
+            0
+        ].outputs:
             print(f"sample {c.index}: {c.text!r}")
 
         # 3. Chat, with the checkpoint's chat template.
         if llm.get_tokenizer() is not None and getattr(llm.get_tokenizer(), "chat_template", None):
-            reply = llm.chat([{"role": "system", "content": "You are a helpful assistant."},
-                              {"role": "user", "content": "Name three rivers."}],
-                             SamplingParams(temperature=0, max_tokens=args.max_tokens), use_tqdm=False)[0]
+            reply = llm.chat(
+                [
+                    {"role": "system", "content": "You are a helpful assistant."},
+                    {"role": "user", "content": "Name three rivers."},
+                ],
+                SamplingParams(temperature=0, max_tokens=args.max_tokens),
+                use_tqdm=False,
+            )[0]
             print(f"chat ({len(reply.prompt_token_ids)} prompt tokens): {reply.outputs[0].text!r}")
 
         # 4. Streaming: each step yields the cumulative output; print what is new.

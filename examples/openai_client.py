@@ -5,6 +5,7 @@
 
 With `serve --api-key KEY`, pass --api-key KEY (or set OPENAI_API_KEY).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,21 +27,38 @@ def main() -> None:
     print(f"model: {model}")
 
     # Completions; vLLM's extra parameters (top_k, min_p, repetition_penalty, ignore_eos, ...) go in extra_body.
-    r = client.completions.create(model=model, prompt="The capital of France is", max_tokens=args.max_tokens,
-                                  temperature=0.7, top_p=0.95, seed=0, extra_body={"top_k": 40})
-    print(f"completion: {r.choices[0].text!r} [{r.choices[0].finish_reason}; usage {r.usage.prompt_tokens} + "
-          f"{r.usage.completion_tokens} = {r.usage.total_tokens}]")
+    r = client.completions.create(
+        model=model,
+        prompt="The capital of France is",
+        max_tokens=args.max_tokens,
+        temperature=0.7,
+        top_p=0.95,
+        seed=0,
+        extra_body={"top_k": 40},
+    )
+    print(
+        f"completion: {r.choices[0].text!r} [{r.choices[0].finish_reason}; usage {r.usage.prompt_tokens} + "
+        f"{r.usage.completion_tokens} = {r.usage.total_tokens}]"
+    )
 
     # Chat, rendered with the checkpoint's chat template.
-    messages = [{"role": "system", "content": "You are a helpful assistant."},
-                {"role": "user", "content": "Name three rivers."}]
+    messages = [
+        {"role": "system", "content": "You are a helpful assistant."},
+        {"role": "user", "content": "Name three rivers."},
+    ]
     r = client.chat.completions.create(model=model, messages=messages, max_tokens=args.max_tokens, temperature=0)
     print(f"chat: {r.choices[0].message.content!r} [{r.choices[0].finish_reason}; {r.usage.total_tokens} tokens]")
 
     # Streaming chat: server-sent events, one delta per step.
     print("stream: ", end="", flush=True)
-    stream = client.chat.completions.create(model=model, messages=messages, max_tokens=args.max_tokens,
-                                            temperature=0, stream=True, stream_options={"include_usage": True})
+    stream = client.chat.completions.create(
+        model=model,
+        messages=messages,
+        max_tokens=args.max_tokens,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
     for chunk in stream:
         if chunk.choices:
             print(chunk.choices[0].delta.content or "", end="", flush=True)

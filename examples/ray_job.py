@@ -10,6 +10,7 @@ results and throughput go to the job's logs; the last line is `RESULT {json}` fo
 --model must be a path every node can read; without it, the embedded default model is built on the
 driver's node.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,8 +21,16 @@ import ray
 
 from llama3_dist import LLM, SamplingParams
 
-PROMPTS = ["The capital of France is", "Ray jobs run on", "Tensor parallelism splits each layer",
-           "Once upon a time", "The quick brown fox", "def main():", "Llamas live in", "In 1969, the"]
+PROMPTS = [
+    "The capital of France is",
+    "Ray jobs run on",
+    "Tensor parallelism splits each layer",
+    "Once upon a time",
+    "The quick brown fox",
+    "def main():",
+    "Llamas live in",
+    "In 1969, the",
+]
 
 
 def main() -> None:
@@ -48,12 +57,23 @@ def main() -> None:
     n_tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
     for o in outputs:
         print(f"{o.prompt!r} -> {o.outputs[0].text!r}")
-    print(f"TP={len(devices)} on {devices}: loaded in {loaded - start:.1f} s; {len(prompts)} prompts, {n_tokens} "
-          f"tokens in {done - loaded:.2f} s: {len(prompts) / (done - loaded):.2f} requests/s, "
-          f"{n_tokens / (done - loaded):.1f} tokens/s")
-    print("RESULT " + json.dumps({"devices": devices, "texts": [o.outputs[0].text for o in outputs],
-                                  "token_ids": [o.outputs[0].token_ids for o in outputs],
-                                  "tokens_per_s": n_tokens / (done - loaded)}), flush=True)
+    print(
+        f"TP={len(devices)} on {devices}: loaded in {loaded - start:.1f} s; {len(prompts)} prompts, {n_tokens} "
+        f"tokens in {done - loaded:.2f} s: {len(prompts) / (done - loaded):.2f} requests/s, "
+        f"{n_tokens / (done - loaded):.1f} tokens/s"
+    )
+    print(
+        "RESULT "
+        + json.dumps(
+            {
+                "devices": devices,
+                "texts": [o.outputs[0].text for o in outputs],
+                "token_ids": [o.outputs[0].token_ids for o in outputs],
+                "tokens_per_s": n_tokens / (done - loaded),
+            }
+        ),
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

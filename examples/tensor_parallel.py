@@ -8,6 +8,7 @@ Each rank is a Ray actor holding 1/N of the attention heads, of the MLP and of t
 local Ray instance is started, or RAY_ADDRESS joined). float32 by default, so the results of the
 two runs agree to rounding and greedy decoding picks the same tokens.
 """
+
 from __future__ import annotations
 
 import argparse

@@ -4,6 +4,7 @@ The public API is imported lazily (PEP 562): `from llama3_dist import LLM` loads
 torch, while the driver-side core (`llama3_dist.core`) and the config load neither. The code map
 is docs/ARCHITECTURE.md.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -43,9 +44,25 @@ _EXPORTS = {
     "ModelOutputs": ".max_model",
 }
 __all__ = [  # the names of _EXPORTS, spelled out for tools that read __all__ statically
-    "LLM", "LLMEngine", "SamplingParams", "RequestOutput", "CompletionOutput", "Logprob", "ConfigError", "KVCacheParams",
-    "Llama3Config", "Llama3RopeScalingParams", "LongRoPEScalingParams", "ReturnHiddenStates", "ReturnLogits",
-    "TextContext", "KVCacheExhaustedError", "Llama3Inputs", "Llama3Model", "LogProbabilities", "ModelOutputs",
+    "LLM",
+    "LLMEngine",
+    "SamplingParams",
+    "RequestOutput",
+    "CompletionOutput",
+    "Logprob",
+    "ConfigError",
+    "KVCacheParams",
+    "Llama3Config",
+    "Llama3RopeScalingParams",
+    "LongRoPEScalingParams",
+    "ReturnHiddenStates",
+    "ReturnLogits",
+    "TextContext",
+    "KVCacheExhaustedError",
+    "Llama3Inputs",
+    "Llama3Model",
+    "LogProbabilities",
+    "ModelOutputs",
 ]
 assert set(__all__) == set(_EXPORTS)
 
@@ -64,8 +81,15 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:
-    from .config import (ConfigError, KVCacheParams, Llama3Config, Llama3RopeScalingParams, LongRoPEScalingParams,
-                         ReturnHiddenStates, ReturnLogits)
+    from .config import (
+        ConfigError,
+        KVCacheParams,
+        Llama3Config,
+        Llama3RopeScalingParams,
+        LongRoPEScalingParams,
+        ReturnHiddenStates,
+        ReturnLogits,
+    )
     from .core.block_manager import KVCacheExhaustedError
     from .core.text_context import TextContext
     from .engine import LLMEngine

@@ -10,6 +10,7 @@ completions call with several prompts). If a step raises, the engine is dead: ev
 receives an EngineDeadError, new requests are refused, and `error` says why (the server's /health
 reports it).
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -27,12 +28,69 @@ from .sampling_params import SamplingParams
 logger = logging.getLogger("llama3_dist.async_engine")
 
 # Bucket bounds (seconds) as vLLM's, so dashboards built for it read these too.
-TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
-                20.0, 40.0, 80.0)
-TPOT_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
-                40.0, 80.0)
-E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0,
-               480.0, 960.0)
+TTFT_BUCKETS = (
+    0.001,
+    0.005,
+    0.01,
+    0.02,
+    0.04,
+    0.06,
+    0.08,
+    0.1,
+    0.25,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+)
+TPOT_BUCKETS = (
+    0.01,
+    0.025,
+    0.05,
+    0.075,
+    0.1,
+    0.15,
+    0.2,
+    0.3,
+    0.4,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+)
+E2E_BUCKETS = (
+    0.3,
+    0.5,
+    0.8,
+    1.0,
+    1.5,
+    2.0,
+    2.5,
+    5.0,
+    10.0,
+    15.0,
+    20.0,
+    30.0,
+    40.0,
+    50.0,
+    60.0,
+    120.0,
+    240.0,
+    480.0,
+    960.0,
+)
 
 
 class EngineDeadError(RuntimeError):
@@ -70,6 +128,7 @@ class Histogram:
 @dataclass(slots=True)
 class _Stream:
     """The driver-side record of one engine request: where its outputs go, and its timings."""
+
     queue: asyncio.Queue
     loop: asyncio.AbstractEventLoop
     arrival: float
@@ -83,6 +142,7 @@ class _Stream:
 @dataclass(slots=True)
 class AddRequest:
     """Engine thread, please queue this request; settle `accepted` once done (or refused)."""
+
     request_id: str
     prompt: str | None
     params: SamplingParams
@@ -131,9 +191,16 @@ class AsyncLLMEngine:
         """The engine's counters as of its last step (a snapshot; never blocks on a step)."""
         return self._stats
 
-    async def add_request(self, request_id: str, prompt: str | None, params: SamplingParams,
-                          prompt_token_ids: list[int] | None, out: asyncio.Queue,
-                          arrival_time: float | None = None, final_only: bool = False) -> None:
+    async def add_request(
+        self,
+        request_id: str,
+        prompt: str | None,
+        params: SamplingParams,
+        prompt_token_ids: list[int] | None,
+        out: asyncio.Queue,
+        arrival_time: float | None = None,
+        final_only: bool = False,
+    ) -> None:
         """Queues a request whose outputs go to `out` (each step's cumulative output, or with
         final_only just the finished one); returns once the engine has accepted it. The engine's
         ValueError for bad input is raised here. A caller cancelled while waiting must still call
@@ -142,8 +209,13 @@ class AsyncLLMEngine:
             raise EngineDeadError(f"the engine is not running: {self.error or 'its thread has stopped'}")
         loop = asyncio.get_running_loop()
         accepted = loop.create_future()
-        stream = _Stream(out, loop, arrival_time or time.monotonic(),
-                         num_prompt_tokens=len(prompt_token_ids) if prompt_token_ids else 0, final_only=final_only)
+        stream = _Stream(
+            out,
+            loop,
+            arrival_time or time.monotonic(),
+            num_prompt_tokens=len(prompt_token_ids) if prompt_token_ids else 0,
+            final_only=final_only,
+        )
         self._commands.put(AddRequest(request_id, prompt, params, prompt_token_ids, stream, accepted))
         await accepted
 
@@ -151,8 +223,9 @@ class AsyncLLMEngine:
         """Drops the request and frees its KV blocks; thread-safe, unknown ids are ignored."""
         self._commands.put(AbortRequest(request_id))
 
-    async def generate(self, request_id: str, prompt: str | None, params: SamplingParams,
-                       prompt_token_ids: list[int] | None = None) -> AsyncIterator[RequestOutput]:
+    async def generate(
+        self, request_id: str, prompt: str | None, params: SamplingParams, prompt_token_ids: list[int] | None = None
+    ) -> AsyncIterator[RequestOutput]:
         """Yields the request's cumulative outputs; leaving early (or being cancelled) aborts it."""
         out: asyncio.Queue = asyncio.Queue()
         finished = False
@@ -217,8 +290,9 @@ class AsyncLLMEngine:
             stream.loop.call_soon_threadsafe(_settle, accepted, EngineDeadError(f"the engine is dead: {self.error}"))
             return
         try:
-            self.engine.add_request(command.request_id, command.prompt, command.params,
-                                    prompt_token_ids=command.prompt_token_ids)
+            self.engine.add_request(
+                command.request_id, command.prompt, command.params, prompt_token_ids=command.prompt_token_ids
+            )
         except Exception as e:  # bad input: refused before the engine holds anything
             stream.loop.call_soon_threadsafe(_settle, accepted, e)
             return

@@ -5,6 +5,7 @@ of each architecture there is the reference, and the tests compare against it). 
 formats are read: transformers 4 files carry
 `rope_scaling` plus a top-level `rope_theta`, transformers 5 files carry `rope_parameters`.
 """
+
 from __future__ import annotations
 
 import enum
@@ -16,8 +17,12 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, model_validator
 
 SUPPORTED_ARCHITECTURES = (
-    "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "GraniteForCausalLM",
-    "OlmoForCausalLM", "Phi3ForCausalLM",
+    "LlamaForCausalLM",
+    "MistralForCausalLM",
+    "Qwen2ForCausalLM",
+    "GraniteForCausalLM",
+    "OlmoForCausalLM",
+    "Phi3ForCausalLM",
 )
 DTYPES = ("float32", "bfloat16", "float16")
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -49,6 +54,7 @@ class _Frozen(BaseModel):
 class Llama3RopeScalingParams(_Frozen):
     """`linear` uses factor only; `llama3` uses all four (transformers'
     `_compute_llama3_parameters`; model/rope.py implements it)."""
+
     rope_type: Literal["linear", "llama3"] = "llama3"
     factor: float
     low_freq_factor: float = 1.0
@@ -88,7 +94,7 @@ class KVCacheParams(_Frozen):
 
 
 def normalize_device(device: str) -> str:
-    """"cpu", "cuda", "cuda:N" or "gpu:N" -> "cpu" / "cuda:N"."""
+    """ "cpu", "cuda", "cuda:N" or "gpu:N" -> "cpu" / "cuda:N"."""
     if not isinstance(device, str):
         raise ConfigError(f"device {device!r} must be a string: 'cpu', 'cuda', 'cuda:N' or 'gpu:N'")
     d = device.strip().lower()
@@ -145,11 +151,15 @@ class Llama3Config(_Frozen):
         if self.dtype not in DTYPES:
             raise ConfigError(f"dtype {self.dtype!r} is not supported; use one of {DTYPES}")
         if self.num_attention_heads % self.num_key_value_heads:
-            raise ConfigError(f"num_attention_heads ({self.num_attention_heads}) must be a multiple "
-                              f"of num_key_value_heads ({self.num_key_value_heads})")
+            raise ConfigError(
+                f"num_attention_heads ({self.num_attention_heads}) must be a multiple "
+                f"of num_key_value_heads ({self.num_key_value_heads})"
+            )
         if self.max_seq_len > self.max_position_embeddings:
-            raise ConfigError(f"max_seq_len {self.max_seq_len} exceeds the checkpoint's "
-                              f"max_position_embeddings {self.max_position_embeddings}")
+            raise ConfigError(
+                f"max_seq_len {self.max_seq_len} exceeds the checkpoint's "
+                f"max_position_embeddings {self.max_position_embeddings}"
+            )
         return self
 
     @property
@@ -180,25 +190,40 @@ class Llama3Config(_Frozen):
         return int(_as_dict(huggingface_config)["num_hidden_layers"])
 
     @classmethod
-    def construct_kv_params(cls, huggingface_config: dict, devices: list[str], cache_dtype: str,
-                            block_size: int = DEFAULT_BLOCK_SIZE) -> KVCacheParams:
+    def construct_kv_params(
+        cls, huggingface_config: dict, devices: list[str], cache_dtype: str, block_size: int = DEFAULT_BLOCK_SIZE
+    ) -> KVCacheParams:
         hf = _as_dict(huggingface_config)
         n_kv = int(hf.get("num_key_value_heads") or hf["num_attention_heads"])
         tp = len(devices)
         check_tp_degree(int(hf["num_attention_heads"]), n_kv, tp)
         if int(hf.get("intermediate_size") or 0) % tp:
-            raise ConfigError(f"tensor-parallel degree {tp} does not divide intermediate_size "
-                              f"{hf['intermediate_size']}: the MLP cannot be split evenly; use fewer devices")
-        return KVCacheParams(dtype=cache_dtype, n_kv_heads=n_kv, n_kv_heads_per_device=max(1, n_kv // tp),
-                             head_dim=_head_dim(hf), num_layers=cls.get_num_layers(hf),
-                             block_size=block_size, n_devices=tp)
+            raise ConfigError(
+                f"tensor-parallel degree {tp} does not divide intermediate_size "
+                f"{hf['intermediate_size']}: the MLP cannot be split evenly; use fewer devices"
+            )
+        return KVCacheParams(
+            dtype=cache_dtype,
+            n_kv_heads=n_kv,
+            n_kv_heads_per_device=max(1, n_kv // tp),
+            head_dim=_head_dim(hf),
+            num_layers=cls.get_num_layers(hf),
+            block_size=block_size,
+            n_devices=tp,
+        )
 
     @classmethod
-    def initialize(cls, huggingface_config: Any, *, dtype: str | None = None,
-                   max_seq_len: int | None = None, devices: list[str] | None = None,
-                   return_logits: ReturnLogits = ReturnLogits.LAST_TOKEN,
-                   return_hidden_states: ReturnHiddenStates = ReturnHiddenStates.NONE,
-                   block_size: int = DEFAULT_BLOCK_SIZE) -> "Llama3Config":
+    def initialize(
+        cls,
+        huggingface_config: Any,
+        *,
+        dtype: str | None = None,
+        max_seq_len: int | None = None,
+        devices: list[str] | None = None,
+        return_logits: ReturnLogits = ReturnLogits.LAST_TOKEN,
+        return_hidden_states: ReturnHiddenStates = ReturnHiddenStates.NONE,
+        block_size: int = DEFAULT_BLOCK_SIZE,
+    ) -> "Llama3Config":
         """Builds the config from a Hugging Face config (dict, PretrainedConfig or directory)."""
         hf = _as_dict(huggingface_config)
         arch = _architecture(hf)
@@ -206,8 +231,10 @@ class Llama3Config(_Frozen):
         dtype = _normalize_dtype(dtype or hf.get("dtype") or hf.get("torch_dtype") or "float32")
         max_pos = int(hf.get("max_position_embeddings") or 2048)
         if max_seq_len is not None and max_seq_len > max_pos:
-            raise ConfigError(f"max_seq_len {max_seq_len} exceeds the checkpoint's "
-                              f"max_position_embeddings {max_pos}; ask for at most {max_pos}")
+            raise ConfigError(
+                f"max_seq_len {max_seq_len} exceeds the checkpoint's "
+                f"max_position_embeddings {max_pos}; ask for at most {max_pos}"
+            )
         rope = _rope_dict(hf)
         rope_type = rope.get("rope_type") or rope.get("type") or "default"
         if rope_type not in ROPE_TYPES:
@@ -216,24 +243,33 @@ class Llama3Config(_Frozen):
         scaling, longrope = None, None
         if rope_type in ("linear", "llama3"):
             scaling = Llama3RopeScalingParams(
-                rope_type=rope_type, factor=rope["factor"],
+                rope_type=rope_type,
+                factor=rope["factor"],
                 low_freq_factor=rope.get("low_freq_factor", 1.0),
                 high_freq_factor=rope.get("high_freq_factor", 4.0),
-                orig_max_position=rope.get("original_max_position_embeddings", 8192))
+                orig_max_position=rope.get("original_max_position_embeddings", 8192),
+            )
         elif rope_type == "longrope":
-            orig = int(rope.get("original_max_position_embeddings")
-                       or hf.get("original_max_position_embeddings") or max_pos)
+            orig = int(
+                rope.get("original_max_position_embeddings") or hf.get("original_max_position_embeddings") or max_pos
+            )
             factor = rope.get("factor") or max_pos / orig
             attention_factor = rope.get("attention_factor")
             if attention_factor is None:
                 attention_factor = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(orig))
-            longrope = LongRoPEScalingParams(short_factor=rope["short_factor"], long_factor=rope["long_factor"],
-                                             original_max_position=orig, attention_factor=attention_factor)
+            longrope = LongRoPEScalingParams(
+                short_factor=rope["short_factor"],
+                long_factor=rope["long_factor"],
+                original_max_position=orig,
+                attention_factor=attention_factor,
+            )
         sliding_window = hf.get("sliding_window")
         if arch == "Qwen2ForCausalLM":
             if hf.get("use_sliding_window"):
-                raise ConfigError("Qwen2 checkpoints with use_sliding_window=true (per-layer sliding "
-                                  "windows) are not supported; set use_sliding_window to false")
+                raise ConfigError(
+                    "Qwen2 checkpoints with use_sliding_window=true (per-layer sliding "
+                    "windows) are not supported; set use_sliding_window to false"
+                )
             sliding_window = None
         elif arch not in ("MistralForCausalLM", "Phi3ForCausalLM"):
             sliding_window = None
@@ -284,12 +320,19 @@ class Llama3Config(_Frozen):
         )
 
     @classmethod
-    def from_pretrained(cls, path_or_config: Any, dtype: str | None = None, max_seq_len: int | None = None,
-                        devices: list[str] | None = None, **kwargs: Any) -> "Llama3Config":
+    def from_pretrained(
+        cls,
+        path_or_config: Any,
+        dtype: str | None = None,
+        max_seq_len: int | None = None,
+        devices: list[str] | None = None,
+        **kwargs: Any,
+    ) -> "Llama3Config":
         return cls.initialize(path_or_config, dtype=dtype, max_seq_len=max_seq_len, devices=devices, **kwargs)
 
-    def finalize(self, *, return_logits: ReturnLogits | None = None,
-                 return_hidden_states: ReturnHiddenStates | None = None) -> "Llama3Config":
+    def finalize(
+        self, *, return_logits: ReturnLogits | None = None, return_hidden_states: ReturnHiddenStates | None = None
+    ) -> "Llama3Config":
         """The settings only known when the model is built (MAX sets them in place; ours is frozen)."""
         update = {}
         if return_logits is not None:
@@ -303,10 +346,11 @@ def check_tp_degree(n_heads: int, n_kv_heads: int, tp: int) -> None:
     """Heads must split evenly; KV heads split evenly or replicate (tp a multiple of them)."""
     kv_ok = n_kv_heads % tp == 0 or tp % n_kv_heads == 0
     if tp < 1 or n_heads % tp or not kv_ok:
-        valid = [t for t in range(1, n_heads + 1)
-                 if n_heads % t == 0 and (n_kv_heads % t == 0 or t % n_kv_heads == 0)]
-        raise ConfigError(f"tensor-parallel degree {tp} does not divide the heads "
-                          f"({n_heads} query heads, {n_kv_heads} KV heads); valid degrees: {valid}")
+        valid = [t for t in range(1, n_heads + 1) if n_heads % t == 0 and (n_kv_heads % t == 0 or t % n_kv_heads == 0)]
+        raise ConfigError(
+            f"tensor-parallel degree {tp} does not divide the heads "
+            f"({n_heads} query heads, {n_kv_heads} KV heads); valid degrees: {valid}"
+        )
 
 
 def _as_dict(config: Any) -> dict:
@@ -320,16 +364,20 @@ def _as_dict(config: Any) -> dict:
         return json.loads(file.read_text())
     if hasattr(config, "to_dict"):  # transformers.PretrainedConfig
         return config.to_dict()
-    raise ConfigError(f"cannot read a config from {type(config).__name__}: pass a directory, a dict "
-                      f"or a transformers PretrainedConfig")
+    raise ConfigError(
+        f"cannot read a config from {type(config).__name__}: pass a directory, a dict "
+        f"or a transformers PretrainedConfig"
+    )
 
 
 def _architecture(hf: dict) -> str:
     archs = hf.get("architectures") or []
     supported = [a for a in archs if a in SUPPORTED_ARCHITECTURES]
     if not supported:
-        raise ConfigError(f"unsupported architecture {archs or hf.get('model_type')!r}; "
-                          f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+        raise ConfigError(
+            f"unsupported architecture {archs or hf.get('model_type')!r}; "
+            f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+        )
     return supported[0]
 
 
@@ -347,8 +395,9 @@ def _rope_dict(hf: dict) -> dict:
 
 def _normalize_dtype(dtype: Any) -> str:
     name = str(dtype).removeprefix("torch.")
-    name = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32",
-            "float": "float32"}.get(name, name)
+    name = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}.get(
+        name, name
+    )
     if name not in DTYPES:
         raise ConfigError(f"dtype {dtype!r} is not supported; use one of {DTYPES}")
     return name

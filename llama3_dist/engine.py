@@ -6,6 +6,7 @@
 
 It is synchronous and single-threaded; LLM and the HTTP server drive it.
 """
+
 from __future__ import annotations
 
 import logging
@@ -31,6 +32,7 @@ logger = logging.getLogger("llama3_dist")
 @dataclass(slots=True, eq=False)
 class _Sequence:
     """One of a request's n completions (the scheduler's Request.data)."""
+
     group: "_Group"
     index: int
     params: SamplingParams
@@ -63,6 +65,7 @@ class _Group:
 class StepTimes:
     """Seconds summed over the engine's steps: the whole step, the executor call inside it, and
     rank 0's forward and sampling inside that. step - forward is the engine's own overhead."""
+
     steps: int = 0
     step: float = 0.0
     execute: float = 0.0
@@ -84,42 +87,76 @@ class EngineStats:
 
 
 class LLMEngine:
-    def __init__(self, model: str | Path | None = None, *, devices: list[str] | None = None,
-                 dtype: str | None = None, tokenizer: str | Path | None = None, max_seq_len: int | None = None,
-                 max_num_seqs: int = 256, max_num_batched_tokens: int = 2048, block_size: int = 16,
-                 num_kv_blocks: int | None = None, kv_cache_bytes: int | None = None,
-                 gpu_memory_utilization: float = 0.9, enable_prefix_caching: bool = True,
-                 seed: int | None = None, executor: str = "auto", show_progress: bool = True,
-                 **executor_kwargs):
+    def __init__(
+        self,
+        model: str | Path | None = None,
+        *,
+        devices: list[str] | None = None,
+        dtype: str | None = None,
+        tokenizer: str | Path | None = None,
+        max_seq_len: int | None = None,
+        max_num_seqs: int = 256,
+        max_num_batched_tokens: int = 2048,
+        block_size: int = 16,
+        num_kv_blocks: int | None = None,
+        kv_cache_bytes: int | None = None,
+        gpu_memory_utilization: float = 0.9,
+        enable_prefix_caching: bool = True,
+        seed: int | None = None,
+        executor: str = "auto",
+        show_progress: bool = True,
+        **executor_kwargs,
+    ):
         if model is None:
             from .default_model import default_model_path
+
             model = default_model_path()
         self.model_path = str(model)
-        self.config = Llama3Config.from_pretrained(self.model_path, dtype=dtype, max_seq_len=max_seq_len,
-                                                   devices=devices, block_size=block_size)
+        self.config = Llama3Config.from_pretrained(
+            self.model_path, dtype=dtype, max_seq_len=max_seq_len, devices=devices, block_size=block_size
+        )
         from .model.checkpoint import Checkpoint
+
         Checkpoint(self.model_path).close()  # a missing or pickle-only checkpoint fails before any worker
         self.tokenizer = _load_tokenizer(tokenizer or self.model_path)
         self.eos_token_ids = set(self.config.eos_token_ids) | _generation_eos(self.model_path)
-        worker_kwargs = dict(num_kv_blocks=num_kv_blocks, kv_cache_bytes=kv_cache_bytes,
-                             gpu_memory_utilization=gpu_memory_utilization, sampler_seed=seed,
-                             show_progress=show_progress)
+        worker_kwargs = dict(
+            num_kv_blocks=num_kv_blocks,
+            kv_cache_bytes=kv_cache_bytes,
+            gpu_memory_utilization=gpu_memory_utilization,
+            sampler_seed=seed,
+            show_progress=show_progress,
+        )
         self.executor = make_executor(self.config, self.model_path, executor, worker_kwargs, **executor_kwargs)
-        self.scheduler = Scheduler(self.executor.num_kv_blocks, block_size, max_num_batched_tokens=max_num_batched_tokens,
-                                   max_num_seqs=max_num_seqs, enable_prefix_caching=enable_prefix_caching)
+        self.scheduler = Scheduler(
+            self.executor.num_kv_blocks,
+            block_size,
+            max_num_batched_tokens=max_num_batched_tokens,
+            max_num_seqs=max_num_seqs,
+            enable_prefix_caching=enable_prefix_caching,
+        )
         kv = self.config.kv_params
-        logger.info("KV cache: %d blocks of %d tokens (%.1f MiB per device, %d tokens in all)",
-                    self.executor.num_kv_blocks, block_size,
-                    self.executor.num_kv_blocks * kv.bytes_per_block_per_device / 2**20,
-                    self.scheduler.max_tokens_in_cache)
+        logger.info(
+            "KV cache: %d blocks of %d tokens (%.1f MiB per device, %d tokens in all)",
+            self.executor.num_kv_blocks,
+            block_size,
+            self.executor.num_kv_blocks * kv.bytes_per_block_per_device / 2**20,
+            self.scheduler.max_tokens_in_cache,
+        )
         self._groups: dict[str, _Group] = {}
         self.num_generated_tokens = 0
         self.times = StepTimes()
 
     # --- requests ---------------------------------------------------------------------------
-    def add_request(self, request_id: str, prompt: str | list[int] | None = None,
-                    params: SamplingParams | dict | None = None, *, prompt_token_ids: list[int] | None = None,
-                    arrival_time: float | None = None) -> None:
+    def add_request(
+        self,
+        request_id: str,
+        prompt: str | list[int] | None = None,
+        params: SamplingParams | dict | None = None,
+        *,
+        prompt_token_ids: list[int] | None = None,
+        arrival_time: float | None = None,
+    ) -> None:
         """Queues a request. Bad input raises ValueError here, before the engine holds anything."""
         params = _as_params(params)
         if request_id in self._groups:
@@ -136,29 +173,42 @@ class LLMEngine:
         c = self.config
         check_tokens(f"request {request_id!r}", ids, c.vocab_size)
         if len(ids) >= c.max_seq_len:
-            raise ValueError(f"request {request_id!r}: the prompt has {len(ids)} tokens; the context is "
-                             f"{c.max_seq_len} tokens and at least one must be left to generate")
+            raise ValueError(
+                f"request {request_id!r}: the prompt has {len(ids)} tokens; the context is "
+                f"{c.max_seq_len} tokens and at least one must be left to generate"
+            )
         if len(ids) > self.scheduler.max_tokens_in_cache:
-            raise ValueError(f"request {request_id!r}: the prompt has {len(ids)} tokens but the KV cache holds "
-                             f"{self.scheduler.max_tokens_in_cache}; give the cache more memory")
+            raise ValueError(
+                f"request {request_id!r}: the prompt has {len(ids)} tokens but the KV cache holds "
+                f"{self.scheduler.max_tokens_in_cache}; give the cache more memory"
+            )
         group = _Group(request_id, prompt, ids, params, arrival_time=arrival_time or time.monotonic())
         if params.prompt_logprobs is not None:
             group.prompt_logprobs = [None]
         for i in range(params.n):
             # Seeded n > 1: each completion gets its own stream, reproducibly.
-            seq_params = params if params.seed is None or i == 0 else params.model_copy(update={"seed": params.seed + i})
-            detok = (IncrementalDetokenizer.from_params(self.tokenizer, ids, params)
-                     if self.tokenizer is not None else None)
-            seq = _Sequence(group, i, seq_params, detok, logprobs=[] if params.logprobs is not None else None,
-                            cumulative_logprob=0.0 if params.logprobs is not None else None)
+            seq_params = (
+                params if params.seed is None or i == 0 else params.model_copy(update={"seed": params.seed + i})
+            )
+            detok = (
+                IncrementalDetokenizer.from_params(self.tokenizer, ids, params) if self.tokenizer is not None else None
+            )
+            seq = _Sequence(
+                group,
+                i,
+                seq_params,
+                detok,
+                logprobs=[] if params.logprobs is not None else None,
+                cumulative_logprob=0.0 if params.logprobs is not None else None,
+            )
             group.sequences.append(seq)
         self._groups[request_id] = group
         for seq in group.sequences:
-            ctx = TextContext(tokens=list(ids), request_id=_seq_id(request_id, seq.index, params.n),
-                              max_length=c.max_seq_len)
+            ctx = TextContext(
+                tokens=list(ids), request_id=_seq_id(request_id, seq.index, params.n), max_length=c.max_seq_len
+            )
             # prompt_logprobs needs every prompt row computed, so it skips the prefix cache.
-            seq.request = self.scheduler.add_request(ctx, data=seq,
-                                                     use_prefix_cache=params.prompt_logprobs is None)
+            seq.request = self.scheduler.add_request(ctx, data=seq, use_prefix_cache=params.prompt_logprobs is None)
 
     def abort_request(self, request_id: str) -> None:
         """Drops a request wherever it is and frees its KV blocks; unknown ids are ignored."""
@@ -186,8 +236,9 @@ class LLMEngine:
         if not out.scheduled:
             return self._outputs(touched)
         entries = out.scheduled
-        step = build_step_input([e.context for e in entries], [e.num_new_tokens for e in entries],
-                                self.config.kv_params.block_size)
+        step = build_step_input(
+            [e.context for e in entries], [e.num_new_tokens for e in entries], self.config.kv_params.block_size
+        )
         # Which rows get logits depends on who samples and who wants prompt logprobs.
         step.logit_rows, step.sampling, prompt_spans = self._sampling_input(entries, step.query_start_loc)
         executed = time.perf_counter()
@@ -199,7 +250,7 @@ class LLMEngine:
         sampled = result.sampled
         sampling_entries = [e for e in entries if e.samples]
         tokens = {e.request_id: int(t) for e, t in zip(sampling_entries, sampled.token_ids)}
-        for (seq, lo, hi) in prompt_spans:
+        for seq, lo, hi in prompt_spans:
             seq.group.prompt_logprobs.extend(lp.to_dict(self._decode_one) for lp in result.prompt_logprobs[lo:hi])
         self.scheduler.update(out, tokens)
         now = time.monotonic()
@@ -256,7 +307,7 @@ class LLMEngine:
         seq: _Sequence = req.data
         p = seq.params
         n_out = req.num_output_tokens
-        stop_token = (token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_token_ids))
+        stop_token = token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_token_ids)
         if stop_token and n_out > p.min_tokens - 1:
             reason = token if token in p.stop_token_ids else None
             self._finish(seq, "stop", reason, new_tokens=[token], stop_terminated=True)
@@ -271,8 +322,9 @@ class LLMEngine:
         if at_limit:
             self._finish(seq, "length", None)
 
-    def _finish(self, seq: _Sequence, reason: str, stop_reason, new_tokens=(), stop_terminated=False,
-                final_text=False) -> None:
+    def _finish(
+        self, seq: _Sequence, reason: str, stop_reason, new_tokens=(), stop_terminated=False, final_text=False
+    ) -> None:
         if seq.detokenizer is not None and (stop_terminated or final_text) and not seq.detokenizer.finished:
             seq.text += seq.detokenizer.add_tokens(new_tokens, final=True, stop_terminated=stop_terminated).text
         seq.finish_reason, seq.stop_reason = reason, stop_reason
@@ -290,14 +342,25 @@ class LLMEngine:
     def _request_output(self, group: _Group) -> RequestOutput:
         completions = []
         for seq in group.sequences:
-            completions.append(CompletionOutput(
-                index=seq.index, text=seq.text, token_ids=list(seq.request.output_token_ids), cumulative_logprob=seq.cumulative_logprob,
-                logprobs=None if seq.logprobs is None else list(seq.logprobs),
-                finish_reason=seq.finish_reason, stop_reason=seq.stop_reason))
-        return RequestOutput(request_id=group.request_id, prompt=group.prompt,
-                             prompt_token_ids=group.prompt_token_ids,
-                             prompt_logprobs=None if group.prompt_logprobs is None else list(group.prompt_logprobs),
-                             outputs=completions, finished=group.finished)
+            completions.append(
+                CompletionOutput(
+                    index=seq.index,
+                    text=seq.text,
+                    token_ids=list(seq.request.output_token_ids),
+                    cumulative_logprob=seq.cumulative_logprob,
+                    logprobs=None if seq.logprobs is None else list(seq.logprobs),
+                    finish_reason=seq.finish_reason,
+                    stop_reason=seq.stop_reason,
+                )
+            )
+        return RequestOutput(
+            request_id=group.request_id,
+            prompt=group.prompt,
+            prompt_token_ids=group.prompt_token_ids,
+            prompt_logprobs=None if group.prompt_logprobs is None else list(group.prompt_logprobs),
+            outputs=completions,
+            finished=group.finished,
+        )
 
     def _decode_one(self, token_id: int) -> str | None:
         return None if self.tokenizer is None else self.tokenizer.decode([token_id])
@@ -305,10 +368,17 @@ class LLMEngine:
     # --- introspection and lifetime ---------------------------------------------------------
     def stats(self) -> EngineStats:
         s = self.scheduler.stats()
-        return EngineStats(num_running=s.num_running, num_waiting=s.num_waiting, num_preemptions=s.num_preemptions,
-                           kv_blocks_used=s.kv_blocks_used, kv_blocks_total=s.kv_blocks_total,
-                           prefix_cache_queries=s.prefix_cache_queries, prefix_cache_hits=s.prefix_cache_hits,
-                           num_generated_tokens=self.num_generated_tokens, num_steps=self.times.steps)
+        return EngineStats(
+            num_running=s.num_running,
+            num_waiting=s.num_waiting,
+            num_preemptions=s.num_preemptions,
+            kv_blocks_used=s.kv_blocks_used,
+            kv_blocks_total=s.kv_blocks_total,
+            prefix_cache_queries=s.prefix_cache_queries,
+            prefix_cache_hits=s.prefix_cache_hits,
+            num_generated_tokens=self.num_generated_tokens,
+            num_steps=self.times.steps,
+        )
 
     def shutdown(self) -> None:
         if self.executor is not None:
@@ -335,11 +405,13 @@ def _load_tokenizer(path: str | Path):
     if not (path / "tokenizer.json").is_file() and not (path / "tokenizer_config.json").is_file():
         return None
     from transformers import AutoTokenizer
+
     return AutoTokenizer.from_pretrained(str(path))
 
 
 def _generation_eos(path: str) -> set[int]:
     import json
+
     file = Path(path) / "generation_config.json"
     if not file.is_file():
         return set()

@@ -1,4 +1,5 @@
 """LLM: the offline batch API vLLM users know, built on LLMEngine."""
+
 from __future__ import annotations
 
 import itertools
@@ -14,18 +15,30 @@ class LLM:
     """LLM(model=checkpoint_dir, devices=["cpu", "cpu"], dtype="bfloat16"); model=None uses the
     embedded default. Other keyword arguments go to LLMEngine (max_num_seqs, kv_cache_bytes, ...)."""
 
-    def __init__(self, model: str | Path | None = None, *, devices: list[str] | None = None,
-                 dtype: str | None = None, tokenizer: str | Path | None = None, seed: int | None = None,
-                 **engine_kwargs):
+    def __init__(
+        self,
+        model: str | Path | None = None,
+        *,
+        devices: list[str] | None = None,
+        dtype: str | None = None,
+        tokenizer: str | Path | None = None,
+        seed: int | None = None,
+        **engine_kwargs,
+    ):
         self.engine = LLMEngine(model, devices=devices, dtype=dtype, tokenizer=tokenizer, seed=seed, **engine_kwargs)
         self._ids = itertools.count()
 
     def get_tokenizer(self):
         return self.engine.tokenizer
 
-    def generate(self, prompts: str | Sequence[str] | None = None,
-                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None, *,
-                 prompt_token_ids: Sequence[Sequence[int]] | None = None, use_tqdm: bool = True) -> list[RequestOutput]:
+    def generate(
+        self,
+        prompts: str | Sequence[str] | None = None,
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        *,
+        prompt_token_ids: Sequence[Sequence[int]] | None = None,
+        use_tqdm: bool = True,
+    ) -> list[RequestOutput]:
         """One RequestOutput per prompt, in order. sampling_params: one for all, or one per prompt."""
         if prompts is not None and prompt_token_ids is not None:
             raise ValueError("give prompts or prompt_token_ids, not both")
@@ -36,29 +49,45 @@ class LLM:
         ids = self._add([(p, None) if prompts is not None else (None, list(p)) for p in items], params)
         return self._run(ids, use_tqdm)
 
-    def chat(self, messages: list[dict] | list[list[dict]], sampling_params=None, *, use_tqdm: bool = True,
-             add_generation_prompt: bool = True, chat_template: str | None = None) -> list[RequestOutput]:
+    def chat(
+        self,
+        messages: list[dict] | list[list[dict]],
+        sampling_params=None,
+        *,
+        use_tqdm: bool = True,
+        add_generation_prompt: bool = True,
+        chat_template: str | None = None,
+    ) -> list[RequestOutput]:
         """Renders each conversation with the tokenizer's chat template and generates."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
         token_ids = [self.apply_chat_template(c, add_generation_prompt, chat_template) for c in conversations]
         params = _per_prompt(sampling_params, len(token_ids))
         return self._run(self._add([(None, t) for t in token_ids], params), use_tqdm)
 
-    def apply_chat_template(self, conversation: list[dict], add_generation_prompt: bool = True,
-                            chat_template: str | None = None) -> list[int]:
+    def apply_chat_template(
+        self, conversation: list[dict], add_generation_prompt: bool = True, chat_template: str | None = None
+    ) -> list[int]:
         tok = self.engine.tokenizer
         if tok is None or (chat_template is None and not getattr(tok, "chat_template", None)):
             raise ValueError(f"the tokenizer of {self.engine.model_path!r} has no chat template")
-        ids = tok.apply_chat_template(conversation, add_generation_prompt=add_generation_prompt, tokenize=True,
-                                      chat_template=chat_template)
+        ids = tok.apply_chat_template(
+            conversation, add_generation_prompt=add_generation_prompt, tokenize=True, chat_template=chat_template
+        )
         return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
 
-    def generate_stream(self, prompt: str | None = None, sampling_params: SamplingParams | None = None, *,
-                        prompt_token_ids: Sequence[int] | None = None) -> Iterator[RequestOutput]:
+    def generate_stream(
+        self,
+        prompt: str | None = None,
+        sampling_params: SamplingParams | None = None,
+        *,
+        prompt_token_ids: Sequence[int] | None = None,
+    ) -> Iterator[RequestOutput]:
         """Yields the request's cumulative RequestOutput after every step that advanced it; the last
         one has finished=True. Closing the generator early aborts the request."""
-        [rid] = self._add([(prompt, None if prompt_token_ids is None else list(prompt_token_ids))],
-                          [sampling_params or SamplingParams()])
+        [rid] = self._add(
+            [(prompt, None if prompt_token_ids is None else list(prompt_token_ids))],
+            [sampling_params or SamplingParams()],
+        )
         finished = False
         try:
             while not finished:
@@ -86,6 +115,7 @@ class LLM:
 
     def _run(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
         from tqdm import tqdm
+
         pending = set(ids)
         done: dict[str, RequestOutput] = {}
         with tqdm(total=len(ids), desc="Generating", unit="req", disable=not use_tqdm) as bar:

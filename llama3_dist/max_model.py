@@ -3,6 +3,7 @@
 The driver owns the TextContexts and the page pool; the executor owns the workers. A call
 sequence is prepare_initial_token_inputs -> execute -> prepare_next_token_inputs -> execute ...
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -22,9 +23,9 @@ from .model.sampler import compute_logprobs
 
 @dataclass(slots=True)
 class Llama3Inputs:
-    tokens: torch.Tensor             # [N] int64, every sequence's new tokens back to back
+    tokens: torch.Tensor  # [N] int64, every sequence's new tokens back to back
     input_row_offsets: torch.Tensor  # [B+1] int32
-    return_n_logits: torch.Tensor    # scalar int64
+    return_n_logits: torch.Tensor  # scalar int64
     kv_cache_inputs: StepInput
     contexts: list[TextContext]
     logit_offsets: torch.Tensor | None = None  # [B+1] rows of `logits` per sequence (ALL/VARIABLE)
@@ -32,8 +33,8 @@ class Llama3Inputs:
 
 @dataclass(slots=True)
 class ModelOutputs:
-    next_token_logits: torch.Tensor            # [B, V] float32
-    logits: torch.Tensor | None = None         # [M, V] float32 (ALL / VARIABLE)
+    next_token_logits: torch.Tensor  # [B, V] float32
+    logits: torch.Tensor | None = None  # [M, V] float32 (ALL / VARIABLE)
     logit_offsets: torch.Tensor | None = None  # [B+1]
     hidden_states: torch.Tensor | None = None
 
@@ -41,6 +42,7 @@ class ModelOutputs:
 @dataclass(slots=True)
 class LogProbabilities:
     """Per sequence: the log-probability of each scored token and the top-n alternatives."""
+
     token_log_probabilities: list[float]
     top_log_probabilities: list[dict[int, float]]
 
@@ -52,20 +54,34 @@ class Llama3Model:
         self.pool = BlockPool(executor.num_kv_blocks, config.kv_params.block_size)
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, devices: list[str] | None = None, dtype: str | None = None,
-                        max_seq_len: int | None = None, return_logits: ReturnLogits = ReturnLogits.LAST_TOKEN,
-                        return_hidden_states: ReturnHiddenStates = ReturnHiddenStates.NONE,
-                        block_size: int = 16, num_kv_blocks: int | None = None, kv_cache_bytes: int | None = None,
-                        executor: str = "auto", **executor_kwargs) -> "Llama3Model":
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        devices: list[str] | None = None,
+        dtype: str | None = None,
+        max_seq_len: int | None = None,
+        return_logits: ReturnLogits = ReturnLogits.LAST_TOKEN,
+        return_hidden_states: ReturnHiddenStates = ReturnHiddenStates.NONE,
+        block_size: int = 16,
+        num_kv_blocks: int | None = None,
+        kv_cache_bytes: int | None = None,
+        executor: str = "auto",
+        **executor_kwargs,
+    ) -> "Llama3Model":
         """Loads a Hugging Face checkpoint directory onto `devices` (one tensor-parallel rank each).
 
         executor: "local" (in-process, one device), "ray" (one actor per device) or "auto"
         (local for one device, Ray for more).
         """
-        config = Llama3Config.from_pretrained(path, dtype=dtype, max_seq_len=max_seq_len, devices=devices,
-                                              return_logits=ReturnLogits(return_logits),
-                                              return_hidden_states=ReturnHiddenStates(return_hidden_states),
-                                              block_size=block_size)
+        config = Llama3Config.from_pretrained(
+            path,
+            dtype=dtype,
+            max_seq_len=max_seq_len,
+            devices=devices,
+            return_logits=ReturnLogits(return_logits),
+            return_hidden_states=ReturnHiddenStates(return_hidden_states),
+            block_size=block_size,
+        )
         Checkpoint(path).close()  # fail on a missing or pickle-only checkpoint before any worker starts
         worker_kwargs = dict(num_kv_blocks=num_kv_blocks, kv_cache_bytes=kv_cache_bytes)
         return cls(config, make_executor(config, str(path), executor, worker_kwargs, **executor_kwargs))
@@ -76,8 +92,7 @@ class Llama3Model:
         # Only the new tokens need an id check: the computed ones passed it before.
         check_tokens(f"context {ctx.request_id}", ctx.tokens, c.vocab_size, start=ctx.num_computed_tokens)
         if len(ctx.tokens) > c.max_seq_len:
-            raise ValueError(f"context {ctx.request_id}: {len(ctx.tokens)} tokens exceed max_seq_len "
-                             f"{c.max_seq_len}")
+            raise ValueError(f"context {ctx.request_id}: {len(ctx.tokens)} tokens exceed max_seq_len {c.max_seq_len}")
 
     def _reserve_pages(self, ctx: TextContext) -> None:
         needed = self.pool.blocks_needed(len(ctx.tokens)) - len(ctx.block_ids)
@@ -97,16 +112,22 @@ class Llama3Model:
         step = build_step_input(ctxs, num_new, self.config.kv_params.block_size, rows.astype(np.int64))
         hidden = self.config.return_hidden_states
         if hidden != ReturnHiddenStates.NONE:
-            step.hidden_rows = (offsets[1:] - 1 if hidden == ReturnHiddenStates.LAST
-                                else np.arange(offsets[-1])).astype(np.int64)
+            step.hidden_rows = (
+                offsets[1:] - 1 if hidden == ReturnHiddenStates.LAST else np.arange(offsets[-1])
+            ).astype(np.int64)
             step.normalized_hidden = hidden == ReturnHiddenStates.ALL_NORMALIZED
-        return Llama3Inputs(tokens=torch.from_numpy(step.tokens),
-                            input_row_offsets=torch.from_numpy(step.query_start_loc),
-                            return_n_logits=torch.tensor(return_n_logits), kv_cache_inputs=step,
-                            contexts=list(ctxs), logit_offsets=logit_offsets)
+        return Llama3Inputs(
+            tokens=torch.from_numpy(step.tokens),
+            input_row_offsets=torch.from_numpy(step.query_start_loc),
+            return_n_logits=torch.tensor(return_n_logits),
+            kv_cache_inputs=step,
+            contexts=list(ctxs),
+            logit_offsets=logit_offsets,
+        )
 
-    def prepare_initial_token_inputs(self, replica_batches: list[TextContext], kv_cache_inputs=None,
-                                     return_n_logits: int = 1) -> Llama3Inputs:
+    def prepare_initial_token_inputs(
+        self, replica_batches: list[TextContext], kv_cache_inputs=None, return_n_logits: int = 1
+    ) -> Llama3Inputs:
         """Claims KV pages for each context's uncomputed tokens and batches them ragged."""
         ctxs = replica_batches
         if not ctxs:
@@ -151,12 +172,21 @@ class Llama3Model:
         if self.config.return_logits == ReturnLogits.LAST_TOKEN:
             return ModelOutputs(next_token_logits=out.logits, hidden_states=out.hidden_states)
         last = model_inputs.logit_offsets[1:] - 1
-        return ModelOutputs(next_token_logits=out.logits[last], logits=out.logits,
-                            logit_offsets=model_inputs.logit_offsets, hidden_states=out.hidden_states)
+        return ModelOutputs(
+            next_token_logits=out.logits[last],
+            logits=out.logits,
+            logit_offsets=model_inputs.logit_offsets,
+            hidden_states=out.hidden_states,
+        )
 
-    def compute_log_probabilities(self, model_inputs: Llama3Inputs, model_outputs: ModelOutputs,
-                                  next_tokens, batch_top_n: list[int], batch_echo: list[bool]
-                                  ) -> list[LogProbabilities | None]:
+    def compute_log_probabilities(
+        self,
+        model_inputs: Llama3Inputs,
+        model_outputs: ModelOutputs,
+        next_tokens,
+        batch_top_n: list[int],
+        batch_echo: list[bool],
+    ) -> list[LogProbabilities | None]:
         """Log-probabilities of each sequence's sampled token (and, with echo, of every input token
         that has a logits row before it), with the top-n alternatives. None where top_n is 0 and
         echo is off."""
@@ -174,10 +204,10 @@ class Llama3Model:
                 lo, hi = model_outputs.logit_offsets[b].item(), model_outputs.logit_offsets[b + 1].item()
                 rows = model_outputs.logits[lo:hi]
                 # Row i scores the token after it: the next input token, and for the last row the sampled one.
-                seq = tokens[in_offsets[b]:in_offsets[b + 1]]
-                targets = seq[len(seq) - (hi - lo) + 1:] + [next_tokens[b]]
+                seq = tokens[in_offsets[b] : in_offsets[b + 1]]
+                targets = seq[len(seq) - (hi - lo) + 1 :] + [next_tokens[b]]
             else:
-                rows = model_outputs.next_token_logits[b:b + 1]
+                rows = model_outputs.next_token_logits[b : b + 1]
                 targets = [next_tokens[b]]
             results.append(log_probabilities(rows, targets, top_n))
         return results
@@ -204,5 +234,6 @@ class Llama3Model:
 def log_probabilities(logits: torch.Tensor, targets: list[int], top_n: int) -> LogProbabilities:
     """Log-softmax of each row: the target's value and the top_n entries."""
     rows = compute_logprobs(logits, targets, top_n)
-    return LogProbabilities([r.logprobs[0] for r in rows],
-                            [dict(zip(r.token_ids[1:], r.logprobs[1:])) for r in rows] if top_n else [])
+    return LogProbabilities(
+        [r.logprobs[0] for r in rows], [dict(zip(r.token_ids[1:], r.logprobs[1:])) for r in rows] if top_n else []
+    )

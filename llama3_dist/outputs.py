@@ -1,4 +1,5 @@
 """What a request produces, in the shapes vLLM users know (`RequestOutput`, `CompletionOutput`)."""
+
 from __future__ import annotations
 
 from collections.abc import Callable

@@ -1,5 +1,6 @@
 """Where llama3-dist keeps what it builds once per machine (the embedded default model, the CPU
 kernel library): $LLAMA3_DIST_CACHE, else $XDG_CACHE_HOME/llama3-dist, else ~/.cache/llama3-dist."""
+
 from __future__ import annotations
 
 import os

@@ -1,5 +1,6 @@
 """SamplingParams: how to sample one request (vLLM's names, defaults and meanings), validated
 where it is made so that a bad value is refused before the engine holds anything."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -126,8 +127,7 @@ class SamplingParams(BaseModel):
     @model_validator(mode="after")
     def _min_le_max(self):
         if self.min_tokens > self.max_tokens:
-            raise ValueError(
-                f"min_tokens ({self.min_tokens}) must be <= max_tokens ({self.max_tokens})")
+            raise ValueError(f"min_tokens ({self.min_tokens}) must be <= max_tokens ({self.max_tokens})")
         return self
 
     @property
@@ -136,5 +136,4 @@ class SamplingParams(BaseModel):
 
     @property
     def has_penalties(self) -> bool:
-        return (self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
-                or self.repetition_penalty != 1.0)
+        return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0 or self.repetition_penalty != 1.0

@@ -1,5 +1,6 @@
 """Shared fixtures: small random checkpoints of every supported architecture, built with
 transformers and saved with save_pretrained, and one Ray instance per test session."""
+
 from __future__ import annotations
 
 import shutil
@@ -12,26 +13,67 @@ import transformers
 
 from llama3_dist.default_model import TOKENIZER_DIR, TOKENIZER_FILES
 
-COMMON = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, intermediate_size=96,
-              num_hidden_layers=2, vocab_size=130, max_position_embeddings=512, initializer_range=0.1)
+COMMON = dict(
+    hidden_size=64,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    vocab_size=130,
+    max_position_embeddings=512,
+    initializer_range=0.1,
+)
 
 # name -> (config class, model class, config overrides): each exercises what its family adds.
 ARCHITECTURES = {
-    "llama": ("LlamaConfig", "LlamaForCausalLM", dict(
-        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                      "original_max_position_embeddings": 64}, rope_theta=500000.0)),
+    "llama": (
+        "LlamaConfig",
+        "LlamaForCausalLM",
+        dict(
+            rope_scaling={
+                "rope_type": "llama3",
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 64,
+            },
+            rope_theta=500000.0,
+        ),
+    ),
     "llama32": ("LlamaConfig", "LlamaForCausalLM", dict(tie_word_embeddings=True, head_dim=32)),
     "mistral": ("MistralConfig", "MistralForCausalLM", dict(sliding_window=24, rope_theta=1e6)),
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(rms_norm_eps=1e-6)),
-    "granite": ("GraniteConfig", "GraniteForCausalLM", dict(
-        embedding_multiplier=12.0, attention_multiplier=0.1, residual_multiplier=0.22, logits_scaling=16.0,
-        tie_word_embeddings=True)),
+    "granite": (
+        "GraniteConfig",
+        "GraniteForCausalLM",
+        dict(
+            embedding_multiplier=12.0,
+            attention_multiplier=0.1,
+            residual_multiplier=0.22,
+            logits_scaling=16.0,
+            tie_word_embeddings=True,
+        ),
+    ),
     "olmo": ("OlmoConfig", "OlmoForCausalLM", dict(clip_qkv=0.3)),
-    "phi3": ("Phi3Config", "Phi3ForCausalLM", dict(
-        max_position_embeddings=256, original_max_position_embeddings=64, partial_rotary_factor=0.75,
-        head_dim=16, rope_scaling={"type": "longrope", "short_factor": [1.0 + 0.1 * i for i in range(6)],
-                                   "long_factor": [2.0 + 0.5 * i for i in range(6)]},
-        sliding_window=None, pad_token_id=0, bos_token_id=1, eos_token_id=2)),
+    "phi3": (
+        "Phi3Config",
+        "Phi3ForCausalLM",
+        dict(
+            max_position_embeddings=256,
+            original_max_position_embeddings=64,
+            partial_rotary_factor=0.75,
+            head_dim=16,
+            rope_scaling={
+                "type": "longrope",
+                "short_factor": [1.0 + 0.1 * i for i in range(6)],
+                "long_factor": [2.0 + 0.5 * i for i in range(6)],
+            },
+            sliding_window=None,
+            pad_token_id=0,
+            bos_token_id=1,
+            eos_token_id=2,
+        ),
+    ),
 }
 
 
@@ -46,8 +88,9 @@ def build_checkpoint(arch: str, path, **overrides) -> str:
 
 def load_reference(path):
     """The transformers model for a checkpoint directory, float32, eager attention."""
-    return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
-                                                             attn_implementation="eager").eval()
+    return transformers.AutoModelForCausalLM.from_pretrained(
+        path, dtype=torch.float32, attn_implementation="eager"
+    ).eval()
 
 
 @pytest.fixture(scope="session")
@@ -65,15 +108,23 @@ def references(checkpoints):
         if arch not in cache:
             cache[arch] = load_reference(checkpoints[arch])
         return cache[arch]
+
     return get
 
 
 def build_tokenized_checkpoint(path, **overrides) -> str:
     """A tiny random Llama 3 with the real Llama 3 vocabulary and tokenizer (chat template
     included): for text, stop strings, chat and the server."""
-    build_checkpoint("llama", path, **{**dict(vocab_size=128256, bos_token_id=128000,
-                                              eos_token_id=[128001, 128008, 128009], tie_word_embeddings=True),
-                                       **overrides})
+    build_checkpoint(
+        "llama",
+        path,
+        **{
+            **dict(
+                vocab_size=128256, bos_token_id=128000, eos_token_id=[128001, 128008, 128009], tie_word_embeddings=True
+            ),
+            **overrides,
+        },
+    )
     for name in TOKENIZER_FILES:
         shutil.copy(TOKENIZER_DIR / name, Path(path) / name)
     return str(path)
@@ -90,6 +141,7 @@ def ray_local():
     reuse a Ray that is already initialised and leave it running at close. address="local":
     a plain ray.init() may try to join a dead cluster named in a stale session file."""
     import ray
+
     started = not ray.is_initialized()
     if started:
         ray.init(address="local", num_cpus=4, include_dashboard=False, object_store_memory=256 << 20)

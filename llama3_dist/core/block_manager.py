@@ -6,6 +6,7 @@ reference counts and prefix caching for the scheduler: every full page of comput
 keyed by a hash chained over its parent's hash and its own token ids, so a new sequence that
 starts with the same tokens reuses those pages instead of recomputing them.
 """
+
 from __future__ import annotations
 
 from collections import OrderedDict
@@ -41,7 +42,8 @@ class BlockPool:
             raise KVCacheExhaustedError(
                 f"KV cache exhausted: {n} more pages of {self.block_size} tokens needed, "
                 f"{len(self._free)} of {self.num_blocks} free. Release finished contexts or "
-                f"start the model with a larger kv_cache_pages.")
+                f"start the model with a larger kv_cache_pages."
+            )
         return [self._free.pop() for _ in range(n)]
 
     def free(self, block_ids: list[int]) -> None:
@@ -73,6 +75,7 @@ class _Block:
 class PrefixMatch:
     """Cached full blocks a context can reuse. Only valid until the next call that changes the
     manager: pass it straight to `BlockManager.allocate`."""
+
     block_ids: tuple[int, ...] = ()
     num_tokens: int = 0
 
@@ -143,7 +146,7 @@ class BlockManager:
         parent_hash, parent_id = _ROOT_HASH, None
         ids: list[int] = []
         for i in range((ctx.num_tokens - 1) // bs):
-            toks = tuple(ctx.tokens[i * bs:(i + 1) * bs])
+            toks = tuple(ctx.tokens[i * bs : (i + 1) * bs])
             h = hash_block_tokens(parent_hash, toks)
             b = self._cached.get(h)
             if b is None or b.parent_cache_id != parent_id or b.token_ids != toks:
@@ -160,15 +163,19 @@ class BlockManager:
         nothing when there are not enough free blocks.
         """
         if prefix is not None and (ctx.block_ids or ctx.num_computed_tokens):
-            raise ValueError(f"request {ctx.request_id}: a prefix can only be attached to a context "
-                             f"with no blocks (has {len(ctx.block_ids)}, "
-                             f"{ctx.num_computed_tokens} computed tokens)")
+            raise ValueError(
+                f"request {ctx.request_id}: a prefix can only be attached to a context "
+                f"with no blocks (has {len(ctx.block_ids)}, "
+                f"{ctx.num_computed_tokens} computed tokens)"
+            )
         reused = [self._blocks[i] for i in prefix.block_ids] if prefix else []
         num_computed = prefix.num_tokens if prefix else ctx.num_computed_tokens
         total = num_computed + num_new_tokens
         if num_new_tokens < 0 or total > ctx.num_tokens:
-            raise ValueError(f"request {ctx.request_id}: cannot allocate {num_new_tokens} new tokens "
-                             f"after {num_computed} computed, the context has {ctx.num_tokens}")
+            raise ValueError(
+                f"request {ctx.request_id}: cannot allocate {num_new_tokens} new tokens "
+                f"after {num_computed} computed, the context has {ctx.num_tokens}"
+            )
         num_new_blocks = max(0, self.blocks_needed(total) - len(ctx.block_ids) - len(reused))
         num_revived = sum(1 for b in reused if b.ref_count == 0)  # leave the evictable pool
         if num_new_blocks + num_revived > self.num_free_blocks:
@@ -196,7 +203,7 @@ class BlockManager:
         chain = self._chains.setdefault(ctx.request_id, [])
         for i in range(len(chain), ctx.num_computed_tokens // bs):
             parent_hash, parent_id = chain[-1] if chain else (_ROOT_HASH, None)
-            toks = tuple(ctx.tokens[i * bs:(i + 1) * bs])
+            toks = tuple(ctx.tokens[i * bs : (i + 1) * bs])
             h = hash_block_tokens(parent_hash, toks)
             block = self._blocks[ctx.block_ids[i]]
             held = self._cached.get(h)

@@ -6,6 +6,7 @@ only when the window's decode does not end in U+FFFD, so a UTF-8 character split
 comes out whole. Stop strings are searched in the new text plus the held-back tail; a tail that
 could still grow into a stop string is held back until it either completes or cannot.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
@@ -51,14 +52,18 @@ class IncrementalDetokenizer:
         self.finished = False
 
     @classmethod
-    def from_params(cls, tokenizer, prompt_token_ids: Sequence[int],
-                    params: SamplingParams) -> IncrementalDetokenizer:
-        return cls(tokenizer, prompt_token_ids, skip_special_tokens=params.skip_special_tokens,
-                   stop=params.stop,
-                   include_stop_str_in_output=params.include_stop_str_in_output)
+    def from_params(cls, tokenizer, prompt_token_ids: Sequence[int], params: SamplingParams) -> IncrementalDetokenizer:
+        return cls(
+            tokenizer,
+            prompt_token_ids,
+            skip_special_tokens=params.skip_special_tokens,
+            stop=params.stop,
+            include_stop_str_in_output=params.include_stop_str_in_output,
+        )
 
-    def add_tokens(self, token_ids: Iterable[int], *, final: bool = False,
-                   stop_terminated: bool = False, check_stops: bool = True) -> Delta:
+    def add_tokens(
+        self, token_ids: Iterable[int], *, final: bool = False, stop_terminated: bool = False, check_stops: bool = True
+    ) -> Delta:
         """Feed newly generated ids; returns the text now known to be final.
 
         final: the sequence ends after these ids (length limit, stop token, abort), so nothing is
@@ -80,15 +85,15 @@ class IncrementalDetokenizer:
         if self._read_offset == len(self._ids):
             return ""
         if self._prefix_text is None:
-            self._prefix_text = self._decode(self._ids[self._prefix_offset:self._read_offset],
-                                             skip_special_tokens=self.skip_special_tokens)
-        new_text = self._decode(self._ids[self._prefix_offset:],
-                                skip_special_tokens=self.skip_special_tokens)
+            self._prefix_text = self._decode(
+                self._ids[self._prefix_offset : self._read_offset], skip_special_tokens=self.skip_special_tokens
+            )
+        new_text = self._decode(self._ids[self._prefix_offset :], skip_special_tokens=self.skip_special_tokens)
         if len(new_text) <= len(self._prefix_text):
             return ""  # e.g. a skipped special token; keep it in the window
         if new_text.endswith(_REPLACEMENT) and not final:
             return ""  # a character split across tokens: wait for its remaining bytes
-        delta = new_text[len(self._prefix_text):]
+        delta = new_text[len(self._prefix_text) :]
         self._prefix_offset, self._read_offset = self._read_offset, len(self._ids)
         self._prefix_text = None
         return delta

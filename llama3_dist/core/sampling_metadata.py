@@ -3,6 +3,7 @@
 Built on the driver (plain numpy and lists: it is pickled to the rank holding the logits every
 step); model/sampler.py applies it there.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
@@ -11,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..sampling_params import SamplingParams
+
 
 @dataclass(slots=True)
 class PenaltyInputs:
@@ -77,17 +79,31 @@ class SamplingMetadata:
                 presence=np.fromiter((p.presence_penalty for p in params), np.float32, b),
                 frequency=np.fromiter((p.frequency_penalty for p in params), np.float32, b),
                 repetition=np.fromiter((p.repetition_penalty for p in params), np.float32, b),
-                output_rows=cat(out_rows), output_ids=cat(out_ids),
-                prompt_rows=cat(pr_rows), prompt_ids=cat(pr_ids))
+                output_rows=cat(out_rows),
+                output_ids=cat(out_ids),
+                prompt_rows=cat(pr_rows),
+                prompt_ids=cat(pr_ids),
+            )
 
         banned_rows = banned_ids = None
-        banned = [(i, t) for i, p in enumerate(params) if steps[i] < p.min_tokens
-                  for t in (p.stop_token_ids if p.ignore_eos else [*eos, *p.stop_token_ids])]
+        banned = [
+            (i, t)
+            for i, p in enumerate(params)
+            if steps[i] < p.min_tokens
+            for t in (p.stop_token_ids if p.ignore_eos else [*eos, *p.stop_token_ids])
+        ]
         if banned:
             banned_rows, banned_ids = (np.array(c, np.int64) for c in zip(*banned))
 
         return cls(
-            temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-            seeds=[p.seed for p in params], steps=steps,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            min_p=min_p,
+            seeds=[p.seed for p in params],
+            steps=steps,
             num_logprobs=[p.logprobs for p in params],
-            penalties=penalties, banned_rows=banned_rows, banned_ids=banned_ids)
+            penalties=penalties,
+            banned_rows=banned_rows,
+            banned_ids=banned_ids,
+        )

@@ -17,6 +17,7 @@ Every schedule() is followed by exactly one update() with its output before the 
 schedule(); finish() and abort() may come at any time, and update() skips entries for requests
 finished in between.
 """
+
 from __future__ import annotations
 
 import enum
@@ -57,7 +58,7 @@ class Request(Generic[DataT]):
 
     @property
     def output_token_ids(self) -> list[int]:
-        return self.context.tokens[self.prompt_len:]
+        return self.context.tokens[self.prompt_len :]
 
     @property
     def num_output_tokens(self) -> int:
@@ -69,6 +70,7 @@ class ScheduledSequence:
     """One sequence's share of a step: `num_new_tokens` tokens starting at position `start`
     (= context.num_computed_tokens when scheduled). `samples` is False for a prefill chunk
     that stops short of the last token: the model returns no token for it."""
+
     request: Request
     start: int
     num_new_tokens: int
@@ -84,7 +86,7 @@ class ScheduledSequence:
 
     @property
     def token_ids(self) -> list[int]:
-        return self.request.context.tokens[self.start:self.start + self.num_new_tokens]
+        return self.request.context.tokens[self.start : self.start + self.num_new_tokens]
 
 
 @dataclass(slots=True)
@@ -115,11 +117,18 @@ class SchedulerStats:
 
 
 class Scheduler:
-    def __init__(self, num_blocks: int, block_size: int, max_num_batched_tokens: int = 2048,
-                 max_num_seqs: int = 256, enable_prefix_caching: bool = True):
+    def __init__(
+        self,
+        num_blocks: int,
+        block_size: int,
+        max_num_batched_tokens: int = 2048,
+        max_num_seqs: int = 256,
+        enable_prefix_caching: bool = True,
+    ):
         if max_num_batched_tokens < 1 or max_num_seqs < 1:
-            raise ValueError(f"max_num_batched_tokens ({max_num_batched_tokens}) and max_num_seqs "
-                             f"({max_num_seqs}) must be >= 1")
+            raise ValueError(
+                f"max_num_batched_tokens ({max_num_batched_tokens}) and max_num_seqs ({max_num_seqs}) must be >= 1"
+            )
         self.block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching)
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_num_seqs = max_num_seqs
@@ -146,17 +155,20 @@ class Scheduler:
                 f"request {ctx.request_id!r}: its prompt of {ctx.num_tokens} tokens can never fit "
                 f"the KV cache ({self.block_manager.num_blocks} blocks of "
                 f"{self.block_manager.block_size} = {self.max_tokens_in_cache} tokens). Shorten "
-                f"the prompt or give the cache more memory.")
-        req = Request(ctx, prompt_len=ctx.num_tokens, arrival=next(self._arrivals), data=data,
-                      use_prefix_cache=use_prefix_cache)
+                f"the prompt or give the cache more memory."
+            )
+        req = Request(
+            ctx, prompt_len=ctx.num_tokens, arrival=next(self._arrivals), data=data, use_prefix_cache=use_prefix_cache
+        )
         self.requests[ctx.request_id] = req
         self.waiting.append(req)
         return req
 
     def schedule(self) -> SchedulerOutput:
         if self._pending is not None:
-            raise RuntimeError("schedule() called twice without update(): pass the previous "
-                               "step's output to update() first")
+            raise RuntimeError(
+                "schedule() called twice without update(): pass the previous step's output to update() first"
+            )
         bm = self.block_manager
         out = SchedulerOutput()
         budget = self.max_num_batched_tokens
@@ -181,8 +193,7 @@ class Scheduler:
                 i += 1
 
         # Then waiting ones, in order, while nothing had to be preempted.
-        while (self.waiting and budget > 0 and not out.preempted
-               and len(self.running) < self.max_num_seqs):
+        while self.waiting and budget > 0 and not out.preempted and len(self.running) < self.max_num_seqs:
             req = self.waiting[0]
             ctx = req.context
             if bm.blocks_needed(ctx.num_tokens) > bm.num_blocks:
@@ -222,8 +233,9 @@ class Scheduler:
                 try:
                     ctx.tokens.append(sampled_token_ids[req.request_id])
                 except KeyError:
-                    raise KeyError(f"no sampled token for request {req.request_id!r}, whose entry "
-                                   f"has samples=True") from None
+                    raise KeyError(
+                        f"no sampled token for request {req.request_id!r}, whose entry has samples=True"
+                    ) from None
                 new_token.append(req)
             self.block_manager.cache_full_blocks(ctx)
         return new_token
@@ -244,11 +256,17 @@ class Scheduler:
     def stats(self) -> SchedulerStats:
         bm = self.block_manager
         return SchedulerStats(
-            num_running=len(self.running), num_waiting=len(self.waiting),
-            num_preemptions=self.num_preemptions, kv_blocks_used=bm.num_used_blocks,
-            kv_blocks_total=bm.num_blocks, kv_cache_usage=bm.usage,
-            num_cached_blocks=bm.num_cached_blocks, prefix_cache_queries=bm.prefix_cache_queries,
-            prefix_cache_hits=bm.prefix_cache_hits, prefix_cache_hit_rate=bm.prefix_cache_hit_rate)
+            num_running=len(self.running),
+            num_waiting=len(self.waiting),
+            num_preemptions=self.num_preemptions,
+            kv_blocks_used=bm.num_used_blocks,
+            kv_blocks_total=bm.num_blocks,
+            kv_cache_usage=bm.usage,
+            num_cached_blocks=bm.num_cached_blocks,
+            prefix_cache_queries=bm.prefix_cache_queries,
+            prefix_cache_hits=bm.prefix_cache_hits,
+            prefix_cache_hit_rate=bm.prefix_cache_hit_rate,
+        )
 
     # ---- internals -------------------------------------------------------------------------
 

@@ -1,4 +1,5 @@
 """StepInput: one forward step of a ragged batch, built on the driver from TextContexts."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -13,30 +14,33 @@ from .sampling_metadata import SamplingMetadata
 class SamplingInput:
     """What the rank holding the logits does with them, so that only token ids and the asked-for
     log-probabilities travel back. Row indices point into StepInput.logit_rows."""
+
     metadata: SamplingMetadata
-    sample_rows: np.ndarray          # [S] one per sequence that samples this step
-    prompt_rows: np.ndarray          # [P] rows scored for prompt_logprobs
-    prompt_targets: np.ndarray       # [P] the prompt token that follows each of those rows
-    prompt_num_logprobs: list[int]   # [P] top-k to return with each
+    sample_rows: np.ndarray  # [S] one per sequence that samples this step
+    prompt_rows: np.ndarray  # [P] rows scored for prompt_logprobs
+    prompt_targets: np.ndarray  # [P] the prompt token that follows each of those rows
+    prompt_num_logprobs: list[int]  # [P] top-k to return with each
 
 
 @dataclass(slots=True)
 class StepInput:
     """Flat numpy arrays so a step pickles small and fast. N tokens, B sequences."""
-    tokens: np.ndarray             # [N] int64
-    positions: np.ndarray          # [N] int64
-    query_start_loc: np.ndarray    # [B+1] int32: sequence b owns tokens [query_start_loc[b], query_start_loc[b+1])
-    context_lens: np.ndarray       # [B] int32: cached tokens including this step's
-    block_tables: np.ndarray       # [B, max_blocks] int32 (padded with 0)
-    slot_mapping: np.ndarray       # [N] int64: page * block_size + offset
-    logit_rows: np.ndarray         # [M] int64: rows whose logits rank 0 returns
+
+    tokens: np.ndarray  # [N] int64
+    positions: np.ndarray  # [N] int64
+    query_start_loc: np.ndarray  # [B+1] int32: sequence b owns tokens [query_start_loc[b], query_start_loc[b+1])
+    context_lens: np.ndarray  # [B] int32: cached tokens including this step's
+    block_tables: np.ndarray  # [B, max_blocks] int32 (padded with 0)
+    slot_mapping: np.ndarray  # [N] int64: page * block_size + offset
+    logit_rows: np.ndarray  # [M] int64: rows whose logits rank 0 returns
     hidden_rows: np.ndarray | None = None  # rows whose hidden states rank 0 returns
     normalized_hidden: bool = False
     sampling: SamplingInput | None = None  # set: sample on rank 0 and return no logits
 
 
-def build_step_input(contexts: list[TextContext], num_new_tokens: list[int], block_size: int,
-                     logit_rows: np.ndarray | None = None) -> StepInput:
+def build_step_input(
+    contexts: list[TextContext], num_new_tokens: list[int], block_size: int, logit_rows: np.ndarray | None = None
+) -> StepInput:
     """The step that computes tokens[num_computed : num_computed + n] of each context.
 
     Every context must already hold the KV pages for those tokens. logit_rows defaults to the
@@ -49,15 +53,25 @@ def build_step_input(contexts: list[TextContext], num_new_tokens: list[int], blo
     starts = np.fromiter((c.num_computed_tokens for c in contexts), dtype=np.int64, count=b)
     block_tables = np.zeros((b, max(len(c.block_ids) for c in contexts)), dtype=np.int32)
     for row, ctx in zip(block_tables, contexts):
-        row[:len(ctx.block_ids)] = ctx.block_ids
+        row[: len(ctx.block_ids)] = ctx.block_ids
     # Vectorised over the whole batch: one numpy call per array, not one per sequence.
     seq_of_token = np.repeat(np.arange(b), counts)
     positions = np.arange(int(offsets[-1]), dtype=np.int64) + np.repeat(starts - offsets[:-1], counts)
     slots = block_tables[seq_of_token, positions // block_size].astype(np.int64) * block_size + positions % block_size
-    tokens = np.fromiter((t for c, s, n in zip(contexts, starts.tolist(), num_new_tokens) for t in c.tokens[s:s + n]),
-                         dtype=np.int64, count=int(offsets[-1]))
+    tokens = np.fromiter(
+        (t for c, s, n in zip(contexts, starts.tolist(), num_new_tokens) for t in c.tokens[s : s + n]),
+        dtype=np.int64,
+        count=int(offsets[-1]),
+    )
     context_lens = (starts + counts).astype(np.int32)
     if logit_rows is None:
         logit_rows = offsets[1:].astype(np.int64) - 1
-    return StepInput(tokens=tokens, positions=positions, query_start_loc=offsets, context_lens=context_lens,
-                     block_tables=block_tables, slot_mapping=slots, logit_rows=logit_rows)
+    return StepInput(
+        tokens=tokens,
+        positions=positions,
+        query_start_loc=offsets,
+        context_lens=context_lens,
+        block_tables=block_tables,
+        slot_mapping=slots,
+        logit_rows=logit_rows,
+    )

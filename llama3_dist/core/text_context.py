@@ -1,4 +1,5 @@
 """TextContext: one sequence's tokens and where its K/V live in the paged cache."""
+
 from __future__ import annotations
 
 import uuid

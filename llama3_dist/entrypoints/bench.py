@@ -1,6 +1,7 @@
 """`llama3-dist bench`: a load test of an OpenAI-compatible server with concurrent streaming
 clients (time to first token, inter-token latency, throughput), and the helpers that run a
 `llama3-dist serve` subprocess for it and for the tests."""
+
 from __future__ import annotations
 
 import asyncio
@@ -10,8 +11,10 @@ import time
 from dataclasses import dataclass
 
 
-_WORDS = ("the quick brown fox jumps over a lazy dog while seven wizards quietly hum old songs about "
-          "rivers mountains clocks lanterns bridges and distant harbors").split()
+_WORDS = (
+    "the quick brown fox jumps over a lazy dog while seven wizards quietly hum old songs about "
+    "rivers mountains clocks lanterns bridges and distant harbors"
+).split()
 
 
 @dataclass
@@ -28,6 +31,7 @@ class BenchConfig:
 
 def _bench_prompts(cfg: BenchConfig) -> list[str]:
     import random
+
     rng = random.Random(cfg.seed)
     return [" ".join(rng.choice(_WORDS) for _ in range(cfg.input_len)) for _ in range(cfg.num_prompts)]
 
@@ -35,6 +39,7 @@ def _bench_prompts(cfg: BenchConfig) -> list[str]:
 async def _bench_async(base_url: str, cfg: BenchConfig) -> dict:
     import httpx
     import numpy as np
+
     headers = {"Authorization": f"Bearer {cfg.api_key}"} if cfg.api_key else {}
     limits = httpx.Limits(max_connections=cfg.concurrency + 2, max_keepalive_connections=cfg.concurrency + 2)
     async with httpx.AsyncClient(base_url=base_url, headers=headers, timeout=None, limits=limits) as client:
@@ -45,8 +50,15 @@ async def _bench_async(base_url: str, cfg: BenchConfig) -> dict:
             model = r.json()["data"][0]["id"]
 
         async def one(prompt: str, max_tokens: int) -> dict:
-            body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": cfg.temperature,
-                    "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+            body = {
+                "model": model,
+                "prompt": prompt,
+                "max_tokens": max_tokens,
+                "temperature": cfg.temperature,
+                "ignore_eos": True,
+                "stream": True,
+                "stream_options": {"include_usage": True},
+            }
             start = time.perf_counter()
             times, usage = [], None
             async with client.stream("POST", "/completions", json=body) as r:
@@ -80,29 +92,50 @@ async def _bench_async(base_url: str, cfg: BenchConfig) -> dict:
     out_tokens = sum(r["usage"]["completion_tokens"] for r in results)
     in_tokens = sum(r["usage"]["prompt_tokens"] for r in results)
     pct = lambda a, q: float(np.percentile(a, q) * 1e3) if len(a) else float("nan")  # noqa: E731
-    return {"base_url": base_url, "model": model, "num_prompts": cfg.num_prompts, "concurrency": cfg.concurrency,
-            "prompt_tokens": in_tokens, "output_tokens": out_tokens, "duration_s": duration,
-            "requests_per_s": cfg.num_prompts / duration, "output_tokens_per_s": out_tokens / duration,
-            "ttft_ms_p50": pct(ttft, 50), "ttft_ms_p99": pct(ttft, 99), "ttft_ms_mean": float(ttft.mean() * 1e3),
-            "itl_ms_p50": pct(itl, 50), "itl_ms_p99": pct(itl, 99), "itl_ms_mean": float(itl.mean() * 1e3)}
+    return {
+        "base_url": base_url,
+        "model": model,
+        "num_prompts": cfg.num_prompts,
+        "concurrency": cfg.concurrency,
+        "prompt_tokens": in_tokens,
+        "output_tokens": out_tokens,
+        "duration_s": duration,
+        "requests_per_s": cfg.num_prompts / duration,
+        "output_tokens_per_s": out_tokens / duration,
+        "ttft_ms_p50": pct(ttft, 50),
+        "ttft_ms_p99": pct(ttft, 99),
+        "ttft_ms_mean": float(ttft.mean() * 1e3),
+        "itl_ms_p50": pct(itl, 50),
+        "itl_ms_p99": pct(itl, 99),
+        "itl_ms_mean": float(itl.mean() * 1e3),
+    }
 
 
 def format_bench(r: dict) -> str:
-    return "\n".join([
-        f"model {r['model']} at {r['base_url']}: {r['num_prompts']} requests, {r['concurrency']} concurrent",
-        f"  prompt tokens {r['prompt_tokens']}, output tokens {r['output_tokens']}, {r['duration_s']:.2f} s",
-        f"  requests/s          {r['requests_per_s']:.2f}",
-        f"  output tokens/s     {r['output_tokens_per_s']:.1f}",
-        f"  time to first token p50 {r['ttft_ms_p50']:.1f} ms  p99 {r['ttft_ms_p99']:.1f} ms",
-        f"  inter-token latency p50 {r['itl_ms_p50']:.1f} ms  p99 {r['itl_ms_p99']:.1f} ms"])
+    return "\n".join(
+        [
+            f"model {r['model']} at {r['base_url']}: {r['num_prompts']} requests, {r['concurrency']} concurrent",
+            f"  prompt tokens {r['prompt_tokens']}, output tokens {r['output_tokens']}, {r['duration_s']:.2f} s",
+            f"  requests/s          {r['requests_per_s']:.2f}",
+            f"  output tokens/s     {r['output_tokens_per_s']:.1f}",
+            f"  time to first token p50 {r['ttft_ms_p50']:.1f} ms  p99 {r['ttft_ms_p99']:.1f} ms",
+            f"  inter-token latency p50 {r['itl_ms_p50']:.1f} ms  p99 {r['itl_ms_p99']:.1f} ms",
+        ]
+    )
 
 
 def _serve_args(model_dir, engine_kwargs: dict) -> list[str]:
     """engine_kwargs -> `llama3-dist serve` flags (the ones the CLI has)."""
     args = [str(model_dir)] if model_dir is not None else []
-    flags = {"devices": "--devices", "dtype": "--dtype", "max_num_seqs": "--max-num-seqs",
-             "max_num_batched_tokens": "--max-num-batched-tokens", "max_seq_len": "--max-model-len",
-             "kv_cache_bytes": "--kv-cache-bytes", "seed": "--seed"}
+    flags = {
+        "devices": "--devices",
+        "dtype": "--dtype",
+        "max_num_seqs": "--max-num-seqs",
+        "max_num_batched_tokens": "--max-num-batched-tokens",
+        "max_seq_len": "--max-model-len",
+        "kv_cache_bytes": "--kv-cache-bytes",
+        "seed": "--seed",
+    }
     for key, value in engine_kwargs.items():
         if value is None:
             continue
@@ -117,6 +150,7 @@ def stop_server_process(proc, timeout: float) -> None:
     has not exited within timeout seconds."""
     import signal
     import subprocess
+
     if proc.poll() is None:
         proc.send_signal(signal.SIGINT)
         try:
@@ -126,8 +160,13 @@ def stop_server_process(proc, timeout: float) -> None:
             proc.wait()
 
 
-def run_bench(cfg: BenchConfig, base_url: str | None = None, model_dir=None, engine_kwargs: dict | None = None,
-              start_timeout: float = 600.0) -> dict:
+def run_bench(
+    cfg: BenchConfig,
+    base_url: str | None = None,
+    model_dir=None,
+    engine_kwargs: dict | None = None,
+    start_timeout: float = 600.0,
+) -> dict:
     """Benchmarks the server at base_url or, without one, a `llama3-dist serve` subprocess (on a free
     local port) for model_dir, stopped afterwards."""
     if base_url is not None:
@@ -135,8 +174,18 @@ def run_bench(cfg: BenchConfig, base_url: str | None = None, model_dir=None, eng
     import os
     import subprocess
     import sys
-    cmd = [sys.executable, "-m", "llama3_dist", "serve", *_serve_args(model_dir, engine_kwargs or {}),
-           "--port", "0", "--log-level", "warning"]
+
+    cmd = [
+        sys.executable,
+        "-m",
+        "llama3_dist",
+        "serve",
+        *_serve_args(model_dir, engine_kwargs or {}),
+        "--port",
+        "0",
+        "--log-level",
+        "warning",
+    ]
     env = dict(os.environ)
     if cfg.api_key:
         cmd += ["--api-key", cfg.api_key]
@@ -156,6 +205,7 @@ def read_server_url(proc, timeout: float) -> str:
         for line in proc.stdout:
             if " at http" in line and not found:
                 found.append(line.rsplit(" at ", 1)[1].strip().removesuffix("/v1"))
+
     reader = threading.Thread(target=read, daemon=True)
     reader.start()
     deadline = time.monotonic() + timeout
@@ -167,6 +217,7 @@ def read_server_url(proc, timeout: float) -> str:
         reader.join(0.05)
     # the URL line comes just before uvicorn starts; wait until it answers
     import httpx
+
     while True:
         try:
             httpx.get(found[0] + "/health", timeout=1.0)

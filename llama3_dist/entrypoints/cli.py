@@ -4,6 +4,7 @@ Each subcommand registers its own arguments in an `_add_<name>` function and run
 function; heavy imports (torch, the engine, the HTTP stack) happen inside the runner, so
 `llama3-dist --help` stays fast.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,11 +21,16 @@ def _devices(value: str) -> list[str]:
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     """The engine arguments every subcommand that loads a model shares."""
-    p.add_argument("model", nargs="?", default=None,
-                   help="checkpoint directory (default: the embedded small random Llama 3)")
-    p.add_argument("--devices", type=_devices, default=None,
-                   help="comma-separated devices, one tensor-parallel rank each: cpu | cpu,cpu | cuda:0,cuda:1 "
-                        "(default: one device, CUDA if available)")
+    p.add_argument(
+        "model", nargs="?", default=None, help="checkpoint directory (default: the embedded small random Llama 3)"
+    )
+    p.add_argument(
+        "--devices",
+        type=_devices,
+        default=None,
+        help="comma-separated devices, one tensor-parallel rank each: cpu | cpu,cpu | cuda:0,cuda:1 "
+        "(default: one device, CUDA if available)",
+    )
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: the checkpoint's)")
     p.add_argument("--max-num-seqs", type=int, default=256, help="most sequences in one step")
     p.add_argument("--max-num-batched-tokens", type=int, default=2048, help="most tokens in one step")
@@ -34,16 +40,24 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _engine_kwargs(args) -> dict:
-    return dict(devices=args.devices, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
-                max_num_batched_tokens=args.max_num_batched_tokens, max_seq_len=args.max_model_len,
-                kv_cache_bytes=args.kv_cache_bytes, seed=args.seed)
+    return dict(
+        devices=args.devices,
+        dtype=args.dtype,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        max_seq_len=args.max_model_len,
+        kv_cache_bytes=args.kv_cache_bytes,
+        seed=args.seed,
+    )
 
 
 # ============================================================================ generate
 def _add_generate(sub) -> None:
-    p = sub.add_parser("generate", help="generate text from a prompt, streamed to stdout",
-                       description="Generate from a checkpoint directory (or the embedded default) and print "
-                                   "the text as it streams.")
+    p = sub.add_parser(
+        "generate",
+        help="generate text from a prompt, streamed to stdout",
+        description="Generate from a checkpoint directory (or the embedded default) and print the text as it streams.",
+    )
     _add_model_args(p)
     p.add_argument("--prompt", default="The capital of France is", help="the prompt text")
     p.add_argument("--chat", action="store_true", help="wrap the prompt as a user message in the chat template")
@@ -60,10 +74,12 @@ def _run_generate(args) -> int:
 
     from ..llm import LLM
     from ..sampling_params import SamplingParams
-    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-                            top_k=args.top_k, seed=args.seed)
+
+    params = SamplingParams(
+        max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed
+    )
     with LLM(args.model, show_progress=not args.no_progress, **_engine_kwargs(args)) as llm:
-        prompt_ids = (llm.apply_chat_template([{"role": "user", "content": args.prompt}]) if args.chat else None)
+        prompt_ids = llm.apply_chat_template([{"role": "user", "content": args.prompt}]) if args.chat else None
         start, printed, out = time.perf_counter(), 0, None
         print(args.prompt, end="", flush=True)
         for out in llm.generate_stream(None if args.chat else args.prompt, params, prompt_token_ids=prompt_ids):
@@ -72,23 +88,34 @@ def _run_generate(args) -> int:
             printed = len(text)
         elapsed = time.perf_counter() - start
         n = len(out.outputs[0].token_ids)
-        print(f"\n[{n} tokens in {elapsed:.2f} s, {n / elapsed:.1f} tokens/s, finish: {out.outputs[0].finish_reason}]",
-              file=sys.stderr)
+        print(
+            f"\n[{n} tokens in {elapsed:.2f} s, {n / elapsed:.1f} tokens/s, finish: {out.outputs[0].finish_reason}]",
+            file=sys.stderr,
+        )
     return 0
 
 
 # ============================================================================ serve
 def _add_serve(sub) -> None:
-    p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server",
-                       description="Serve a checkpoint over the OpenAI API (/v1/completions, /v1/chat/completions, "
-                                   "/v1/models, /health, /metrics).")
+    p = sub.add_parser(
+        "serve",
+        help="an OpenAI-compatible HTTP server",
+        description="Serve a checkpoint over the OpenAI API (/v1/completions, /v1/chat/completions, "
+        "/v1/models, /health, /metrics).",
+    )
     _add_model_args(p)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port to bind (0: any free port; the URL is printed)")
-    p.add_argument("--api-key", default=None,
-                   help="require 'Authorization: Bearer KEY' on every request (default: $LLAMA3_DIST_API_KEY)")
-    p.add_argument("--served-model-name", default=None,
-                   help="the model name clients send (default: MODEL_DIR as given, or 'llama3-dist-default')")
+    p.add_argument(
+        "--api-key",
+        default=None,
+        help="require 'Authorization: Bearer KEY' on every request (default: $LLAMA3_DIST_API_KEY)",
+    )
+    p.add_argument(
+        "--served-model-name",
+        default=None,
+        help="the model name clients send (default: MODEL_DIR as given, or 'llama3-dist-default')",
+    )
     p.add_argument("--log-level", default="info", help="uvicorn log level")
     p.set_defaults(run=_run_serve)
 
@@ -97,19 +124,29 @@ def _run_serve(args) -> int:
     import os
 
     from .openai_server import serve
-    serve(args.model, engine_kwargs=_engine_kwargs(args), host=args.host, port=args.port,
-          api_key=args.api_key or os.environ.get("LLAMA3_DIST_API_KEY"),
-          served_model_name=args.served_model_name, log_level=args.log_level)
+
+    serve(
+        args.model,
+        engine_kwargs=_engine_kwargs(args),
+        host=args.host,
+        port=args.port,
+        api_key=args.api_key or os.environ.get("LLAMA3_DIST_API_KEY"),
+        served_model_name=args.served_model_name,
+        log_level=args.log_level,
+    )
     return 0
 
 
 # ============================================================================ bench
 def _add_bench(sub) -> None:
-    p = sub.add_parser("bench", help="load-test a server with concurrent streaming clients",
-                       description="Drive an OpenAI-compatible server with concurrent streaming completions and "
-                                   "report requests/s, output tokens/s, time to first token and inter-token "
-                                   "latency. Without --base-url it starts `llama3-dist serve` for MODEL_DIR on a "
-                                   "free local port and stops it afterwards.")
+    p = sub.add_parser(
+        "bench",
+        help="load-test a server with concurrent streaming clients",
+        description="Drive an OpenAI-compatible server with concurrent streaming completions and "
+        "report requests/s, output tokens/s, time to first token and inter-token "
+        "latency. Without --base-url it starts `llama3-dist serve` for MODEL_DIR on a "
+        "free local port and stops it afterwards.",
+    )
     _add_model_args(p)
     p.add_argument("--base-url", default=None, help="a running server, e.g. http://127.0.0.1:8000/v1")
     p.add_argument("--api-key", default=None, help="bearer token for the server")
@@ -126,8 +163,15 @@ def _run_bench(args) -> int:
     import json
 
     from .bench import BenchConfig, format_bench, run_bench
-    cfg = BenchConfig(num_prompts=args.num_prompts, concurrency=args.concurrency, input_len=args.input_len,
-                      output_len=args.output_len, api_key=args.api_key, model=args.served_model_name)
+
+    cfg = BenchConfig(
+        num_prompts=args.num_prompts,
+        concurrency=args.concurrency,
+        input_len=args.input_len,
+        output_len=args.output_len,
+        api_key=args.api_key,
+        model=args.served_model_name,
+    )
     result = run_bench(cfg, base_url=args.base_url, model_dir=args.model, engine_kwargs=_engine_kwargs(args))
     print(json.dumps(result, indent=2) if args.json else format_bench(result))
     return 0
@@ -135,8 +179,9 @@ def _run_bench(args) -> int:
 
 # ============================================================================ main
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="llama3-dist",
-                                     description="Tensor-parallel inference for Llama 3 family checkpoints.")
+    parser = argparse.ArgumentParser(
+        prog="llama3-dist", description="Tensor-parallel inference for Llama 3 family checkpoints."
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for add in (_add_generate, _add_serve, _add_bench):
         add(sub)

@@ -1,4 +1,5 @@
 """Prometheus metrics of the serving engine (/metrics), in vLLM's names where they exist."""
+
 from __future__ import annotations
 
 from ..async_engine import AsyncLLMEngine
@@ -18,11 +19,14 @@ def render_metrics(engine: AsyncLLMEngine, model_name: str) -> str:
     metric(p + "num_requests_waiting", "gauge", "Sequences waiting to be scheduled.", s.num_waiting)
     metric(p + "kv_cache_blocks_used", "gauge", "KV cache blocks held by requests.", s.kv_blocks_used)
     metric(p + "kv_cache_blocks_total", "gauge", "KV cache blocks in all.", s.kv_blocks_total)
-    metric(p + "kv_cache_usage_perc", "gauge", "Fraction of KV cache blocks in use.",
-           s.kv_blocks_used / s.kv_blocks_total if s.kv_blocks_total else 0.0)
+    metric(
+        p + "kv_cache_usage_perc",
+        "gauge",
+        "Fraction of KV cache blocks in use.",
+        s.kv_blocks_used / s.kv_blocks_total if s.kv_blocks_total else 0.0,
+    )
     metric(p + "num_preemptions_total", "counter", "Preemptions since start.", s.num_preemptions)
-    metric(p + "prefix_cache_queries_total", "counter", "Blocks looked up in the prefix cache.",
-           s.prefix_cache_queries)
+    metric(p + "prefix_cache_queries_total", "counter", "Blocks looked up in the prefix cache.", s.prefix_cache_queries)
     metric(p + "prefix_cache_hits_total", "counter", "Blocks found in the prefix cache.", s.prefix_cache_hits)
     metric(p + "generation_tokens_total", "counter", "Tokens generated since start.", s.num_generated_tokens)
     metric(p + "engine_steps_total", "counter", "Engine steps since start.", s.num_steps)
@@ -33,8 +37,9 @@ def render_metrics(engine: AsyncLLMEngine, model_name: str) -> str:
         for reason, count in sorted(engine.requests_finished.items()):
             lines.append(f'{name}{{{label},finished_reason="{reason}"}} {count}')
         for hist, name, help_text in [
-                (engine.ttft, "time_to_first_token_seconds", "Time from arrival to the first generated token."),
-                (engine.tpot, "time_per_output_token_seconds", "Time between generated tokens of a sequence."),
-                (engine.e2e, "e2e_request_latency_seconds", "Time from arrival to the last token.")]:
+            (engine.ttft, "time_to_first_token_seconds", "Time from arrival to the first generated token."),
+            (engine.tpot, "time_per_output_token_seconds", "Time between generated tokens of a sequence."),
+            (engine.e2e, "e2e_request_latency_seconds", "Time from arrival to the last token."),
+        ]:
             lines += hist.render(p + name, help_text, label)
     return "\n".join(lines) + "\n"

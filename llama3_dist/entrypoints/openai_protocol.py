@@ -3,6 +3,7 @@
 Requests are lenient where OpenAI's are (unknown fields are ignored) and strict about values:
 a bad one becomes an APIError, answered as {"error": {"message", "type", "param", "code"}}.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -14,8 +15,14 @@ MAX_LOGPROBS = 20
 
 
 class APIError(Exception):
-    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
-                 code: str | int | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | int | None = None,
+    ):
         super().__init__(message)
         self.status, self.message, self.type, self.param = status, message, type, param
         self.code = code if code is not None else status
@@ -52,6 +59,7 @@ class StreamOptions(_Lenient):
 
 class SamplingFields(_Lenient):
     """The parameters both endpoints share: OpenAI's, then vLLM's extensions."""
+
     model: str | None = None
     n: int = 1
     temperature: float | None = None

@@ -12,6 +12,7 @@ A client that disconnects has its requests aborted, which frees their KV blocks.
 `llama3-dist serve` runs `serve()`. The request bodies are in openai_protocol.py, /metrics in
 metrics.py, the load test in bench.py.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -33,9 +34,15 @@ from ..async_engine import AsyncLLMEngine, EngineDeadError
 from ..outputs import LogprobsDict, RequestOutput
 from ..sampling_params import SamplingParams
 from .metrics import render_metrics
-from .openai_protocol import (MAX_LOGPROBS, APIError, ChatCompletionRequest, CompletionRequest, SamplingFields,
-                              bad_request,
-                              from_validation_error)
+from .openai_protocol import (
+    MAX_LOGPROBS,
+    APIError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    SamplingFields,
+    bad_request,
+    from_validation_error,
+)
 
 DEFAULT_MODEL_NAME = "llama3-dist-default"
 
@@ -59,29 +66,42 @@ class OpenAIServer:
     # --- shared steps -----------------------------------------------------------------------
     def _check_model(self, model: str | None) -> None:
         if model is not None and model != self.model_name:
-            raise APIError(404, f"The model `{model}` does not exist; this server serves `{self.model_name}` "
-                                f"(GET /v1/models).", "invalid_request_error", "model", "model_not_found")
+            raise APIError(
+                404,
+                f"The model `{model}` does not exist; this server serves `{self.model_name}` (GET /v1/models).",
+                "invalid_request_error",
+                "model",
+                "model_not_found",
+            )
 
     def _encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         if self.tokenizer is None:
-            raise bad_request(f"the checkpoint {self.model_path!r} has no tokenizer; send the prompt as a list "
-                               f"of token ids", param="prompt")
+            raise bad_request(
+                f"the checkpoint {self.model_path!r} has no tokenizer; send the prompt as a list of token ids",
+                param="prompt",
+            )
         return list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens))
 
     def _max_tokens(self, requested: int | None, prompt_len: int, param: str) -> int:
         """OpenAI's context check: prompt plus completion must fit the context."""
         limit = self.max_model_len
         if prompt_len >= limit:
-            raise bad_request(f"This model's maximum context length is {limit} tokens. However, your prompt has "
-                               f"{prompt_len} tokens. Please reduce the length of the prompt.",
-                               param=param, code="context_length_exceeded")
+            raise bad_request(
+                f"This model's maximum context length is {limit} tokens. However, your prompt has "
+                f"{prompt_len} tokens. Please reduce the length of the prompt.",
+                param=param,
+                code="context_length_exceeded",
+            )
         if requested is None:
             return limit - prompt_len
         if requested + prompt_len > limit:
-            raise bad_request(f"This model's maximum context length is {limit} tokens. However, you requested "
-                               f"{requested + prompt_len} tokens ({prompt_len} in the prompt, {requested} in the "
-                               f"completion). Please reduce the length of the prompt or completion.",
-                               param="max_tokens", code="context_length_exceeded")
+            raise bad_request(
+                f"This model's maximum context length is {limit} tokens. However, you requested "
+                f"{requested + prompt_len} tokens ({prompt_len} in the prompt, {requested} in the "
+                f"completion). Please reduce the length of the prompt or completion.",
+                param="max_tokens",
+                code="context_length_exceeded",
+            )
         return requested
 
     def _params(self, req: SamplingFields, max_tokens: int, logprobs: int | None) -> SamplingParams:
@@ -89,21 +109,41 @@ class OpenAIServer:
             raise bad_request("logit_bias is not supported", param="logit_bias")
         if logprobs is not None and not 0 <= logprobs <= MAX_LOGPROBS:
             raise bad_request(f"logprobs must be in [0, {MAX_LOGPROBS}], got {logprobs}", param="logprobs")
-        fields = dict(n=req.n, max_tokens=max_tokens, min_tokens=req.min_tokens, seed=req.seed, stop=req.stop,
-                      stop_token_ids=req.stop_token_ids, ignore_eos=req.ignore_eos, logprobs=logprobs,
-                      presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
-                      skip_special_tokens=req.skip_special_tokens,
-                      include_stop_str_in_output=req.include_stop_str_in_output)
-        optional = dict(temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, min_p=req.min_p,
-                        repetition_penalty=req.repetition_penalty)
+        fields = dict(
+            n=req.n,
+            max_tokens=max_tokens,
+            min_tokens=req.min_tokens,
+            seed=req.seed,
+            stop=req.stop,
+            stop_token_ids=req.stop_token_ids,
+            ignore_eos=req.ignore_eos,
+            logprobs=logprobs,
+            presence_penalty=req.presence_penalty,
+            frequency_penalty=req.frequency_penalty,
+            skip_special_tokens=req.skip_special_tokens,
+            include_stop_str_in_output=req.include_stop_str_in_output,
+        )
+        optional = dict(
+            temperature=req.temperature,
+            top_p=req.top_p,
+            top_k=req.top_k,
+            min_p=req.min_p,
+            repetition_penalty=req.repetition_penalty,
+        )
         fields.update({k: v for k, v in optional.items() if v is not None})
         try:
             return SamplingParams(**fields)
         except ValidationError as e:
             raise from_validation_error(e) from None
 
-    async def _submit(self, prompts: list[tuple[str | None, list[int]]], params: SamplingParams, base_id: str,
-                      arrival: float, stream: bool) -> tuple[asyncio.Queue, list[str]]:
+    async def _submit(
+        self,
+        prompts: list[tuple[str | None, list[int]]],
+        params: SamplingParams,
+        base_id: str,
+        arrival: float,
+        stream: bool,
+    ) -> tuple[asyncio.Queue, list[str]]:
         """Adds one engine request per prompt, all delivering to one queue; all or none."""
         out: asyncio.Queue = asyncio.Queue()
         rids: list[str] = []
@@ -111,8 +151,7 @@ class OpenAIServer:
             for i, (text, ids) in enumerate(prompts):
                 rid = f"{base_id}-{i}"
                 rids.append(rid)
-                await self.engine.add_request(rid, text, params, ids, out, arrival_time=arrival,
-                                              final_only=not stream)
+                await self.engine.add_request(rid, text, params, ids, out, arrival_time=arrival, final_only=not stream)
         except BaseException as e:
             for rid in rids:
                 self.engine.abort(rid)
@@ -146,8 +185,7 @@ class OpenAIServer:
                     self.engine.abort(rid)
         return final
 
-    async def _stream_events(self, out: asyncio.Queue, rids: list[str], on_output, usage_chunk,
-                             include_usage: bool):
+    async def _stream_events(self, out: asyncio.Queue, rids: list[str], on_output, usage_chunk, include_usage: bool):
         """SSE frames: on_output(item) -> chunks for each engine output, then [DONE]. The usage
         comes in a last chunk of its own if the client asked for it (stream_options), else on the
         last content chunk. Leaving early (the client disconnected) aborts the unfinished requests."""
@@ -182,8 +220,11 @@ class OpenAIServer:
                 self.engine.abort(rid)
 
     def _usage(self, prompt_tokens: int, completion_tokens: int) -> dict:
-        return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                "total_tokens": prompt_tokens + completion_tokens}
+        return {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+        }
 
     def _token_str(self, lp: LogprobsDict, tid: int) -> str:
         entry = lp.get(tid)
@@ -211,25 +252,42 @@ class OpenAIServer:
         created = int(time.time())
         n = req.n
         index_of = {rid: i for i, rid in enumerate(rids)}
-        echo = {rid: (text if text is not None else self._decode(ids)) if req.echo else ""
-                for rid, (text, ids) in zip(rids, prompts)}
+        echo = {
+            rid: (text if text is not None else self._decode(ids)) if req.echo else ""
+            for rid, (text, ids) in zip(rids, prompts)
+        }
         prompt_tokens = sum(len(ids) for _, ids in prompts)
 
         def choice(rid, c, text, token_ids, lps, start_offset, finish):
             logprobs = None
             if req.logprobs is not None:
                 logprobs = self._completion_logprobs(token_ids, lps, start_offset)
-            return {"index": index_of[rid] * n + c.index, "text": text, "logprobs": logprobs,
-                    "finish_reason": finish, "stop_reason": c.stop_reason if finish else None}
+            return {
+                "index": index_of[rid] * n + c.index,
+                "text": text,
+                "logprobs": logprobs,
+                "finish_reason": finish,
+                "stop_reason": c.stop_reason if finish else None,
+            }
 
         if not req.stream:
             final = await self._collect(out, rids, request)
-            choices = [choice(rid, c, echo[rid] + c.text, c.token_ids, c.logprobs or [], 0, c.finish_reason)
-                       for rid in rids for c in final[rid].outputs]
+            choices = [
+                choice(rid, c, echo[rid] + c.text, c.token_ids, c.logprobs or [], 0, c.finish_reason)
+                for rid in rids
+                for c in final[rid].outputs
+            ]
             completion_tokens = sum(len(c.token_ids) for r in final.values() for c in r.outputs)
-            return JSONResponse({"id": base_id, "object": "text_completion", "created": created,
-                                 "model": self.model_name, "choices": choices,
-                                 "usage": self._usage(prompt_tokens, completion_tokens)})
+            return JSONResponse(
+                {
+                    "id": base_id,
+                    "object": "text_completion",
+                    "created": created,
+                    "model": self.model_name,
+                    "choices": choices,
+                    "usage": self._usage(prompt_tokens, completion_tokens),
+                }
+            )
 
         sent: dict[tuple[str, int], list[int]] = {}  # (rid, index) -> [chars, tokens, text offset]
         done: set[tuple[str, int]] = set()  # choices whose finish_reason has gone out
@@ -247,20 +305,44 @@ class OpenAIServer:
                     continue
                 if newly_done:
                     done.add(key)
-                lps = (c.logprobs or [])[toks:toks + len(new_ids)]
+                lps = (c.logprobs or [])[toks : toks + len(new_ids)]
                 prefix = echo[item.request_id] if first else ""
-                chunks.append({"id": base_id, "object": "text_completion", "created": created,
-                               "model": self.model_name,
-                               "choices": [choice(item.request_id, c, prefix + text, new_ids, lps, offset,
-                                                  c.finish_reason if newly_done else None)]})
+                chunks.append(
+                    {
+                        "id": base_id,
+                        "object": "text_completion",
+                        "created": created,
+                        "model": self.model_name,
+                        "choices": [
+                            choice(
+                                item.request_id,
+                                c,
+                                prefix + text,
+                                new_ids,
+                                lps,
+                                offset,
+                                c.finish_reason if newly_done else None,
+                            )
+                        ],
+                    }
+                )
                 totals["completion"] += len(new_ids)
-                sent[key] = [len(c.text), len(c.token_ids),
-                             offset + sum(len(self._token_str(lp, t)) for lp, t in zip(lps, new_ids))]
+                sent[key] = [
+                    len(c.text),
+                    len(c.token_ids),
+                    offset + sum(len(self._token_str(lp, t)) for lp, t in zip(lps, new_ids)),
+                ]
             return chunks
 
         def usage_chunk():
-            return {"id": base_id, "object": "text_completion", "created": created, "model": self.model_name,
-                    "choices": [], "usage": self._usage(prompt_tokens, totals["completion"])}
+            return {
+                "id": base_id,
+                "object": "text_completion",
+                "created": created,
+                "model": self.model_name,
+                "choices": [],
+                "usage": self._usage(prompt_tokens, totals["completion"]),
+            }
 
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         return _SSEResponse(self._stream_events(out, rids, on_output, usage_chunk, include_usage))
@@ -278,8 +360,10 @@ class OpenAIServer:
             if any(not p for p in prompt):
                 raise bad_request("prompt token lists must not be empty", param="prompt")
             return [(None, list(p)) for p in prompt]
-        raise bad_request("prompt must be a string, a list of strings, a list of token ids or a list of lists "
-                           "of token ids", param="prompt")
+        raise bad_request(
+            "prompt must be a string, a list of strings, a list of token ids or a list of lists of token ids",
+            param="prompt",
+        )
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids) if self.tokenizer is not None else ""
@@ -319,29 +403,58 @@ class OpenAIServer:
 
         if not req.stream:
             final = (await self._collect(out, rids, request))[rids[0]]
-            choices = [{"index": c.index, "message": {"role": "assistant", "content": c.text},
-                        "logprobs": self._chat_logprobs(c.token_ids, c.logprobs, k) if k is not None else None,
-                        "finish_reason": c.finish_reason, "stop_reason": c.stop_reason} for c in final.outputs]
+            choices = [
+                {
+                    "index": c.index,
+                    "message": {"role": "assistant", "content": c.text},
+                    "logprobs": self._chat_logprobs(c.token_ids, c.logprobs, k) if k is not None else None,
+                    "finish_reason": c.finish_reason,
+                    "stop_reason": c.stop_reason,
+                }
+                for c in final.outputs
+            ]
             completion_tokens = sum(len(c.token_ids) for c in final.outputs)
-            return JSONResponse({"id": base_id, "object": "chat.completion", "created": created,
-                                 "model": self.model_name, "choices": choices,
-                                 "usage": self._usage(prompt_tokens, completion_tokens)})
+            return JSONResponse(
+                {
+                    "id": base_id,
+                    "object": "chat.completion",
+                    "created": created,
+                    "model": self.model_name,
+                    "choices": choices,
+                    "usage": self._usage(prompt_tokens, completion_tokens),
+                }
+            )
 
         sent: dict[int, list[int]] = {}  # index -> [chars, tokens]
         done: set[int] = set()  # choices whose finish_reason has gone out
         totals = {"completion": 0}
 
         def chunk(choices):
-            return {"id": base_id, "object": "chat.completion.chunk", "created": created, "model": self.model_name,
-                    "choices": choices}
+            return {
+                "id": base_id,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": self.model_name,
+                "choices": choices,
+            }
 
         def on_output(item: RequestOutput):
             chunks = []
             for c in item.outputs:
                 if c.index not in sent:
                     sent[c.index] = [0, 0]
-                    chunks.append(chunk([{"index": c.index, "delta": {"role": "assistant", "content": ""},
-                                          "logprobs": None, "finish_reason": None}]))
+                    chunks.append(
+                        chunk(
+                            [
+                                {
+                                    "index": c.index,
+                                    "delta": {"role": "assistant", "content": ""},
+                                    "logprobs": None,
+                                    "finish_reason": None,
+                                }
+                            ]
+                        )
+                    )
                 chars, toks = sent[c.index]
                 text, new_ids = c.text[chars:], c.token_ids[toks:]
                 newly_done = c.finish_reason is not None and c.index not in done
@@ -351,10 +464,20 @@ class OpenAIServer:
                     done.add(c.index)
                 logprobs = None
                 if k is not None:
-                    logprobs = self._chat_logprobs(new_ids, (c.logprobs or [])[toks:toks + len(new_ids)], k)
-                chunks.append(chunk([{"index": c.index, "delta": {"content": text} if text or not newly_done else {},
-                                      "logprobs": logprobs, "finish_reason": c.finish_reason if newly_done else None,
-                                      **({"stop_reason": c.stop_reason} if newly_done else {})}]))
+                    logprobs = self._chat_logprobs(new_ids, (c.logprobs or [])[toks : toks + len(new_ids)], k)
+                chunks.append(
+                    chunk(
+                        [
+                            {
+                                "index": c.index,
+                                "delta": {"content": text} if text or not newly_done else {},
+                                "logprobs": logprobs,
+                                "finish_reason": c.finish_reason if newly_done else None,
+                                **({"stop_reason": c.stop_reason} if newly_done else {}),
+                            }
+                        ]
+                    )
+                )
                 totals["completion"] += len(new_ids)
                 sent[c.index] = [len(c.text), len(c.token_ids)]
             return chunks
@@ -367,8 +490,9 @@ class OpenAIServer:
 
     def _chat_prompt(self, req: ChatCompletionRequest) -> list[int]:
         if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
-            raise bad_request(f"the checkpoint {self.model_path!r} has no chat template; use /v1/completions",
-                               param="messages")
+            raise bad_request(
+                f"the checkpoint {self.model_path!r} has no chat template; use /v1/completions", param="messages"
+            )
         messages = []
         for i, m in enumerate(req.messages):
             content = m.content
@@ -376,8 +500,10 @@ class OpenAIServer:
                 texts = []
                 for part in content:
                     if part.get("type") != "text" or not isinstance(part.get("text"), str):
-                        raise bad_request(f"messages.{i}.content: only text parts are supported, got "
-                                           f"{part.get('type')!r}", param=f"messages.{i}.content")
+                        raise bad_request(
+                            f"messages.{i}.content: only text parts are supported, got {part.get('type')!r}",
+                            param=f"messages.{i}.content",
+                        )
                     texts.append(part["text"])
                 content = "\n".join(texts)
             msg = {"role": m.role, "content": content or ""}
@@ -385,8 +511,9 @@ class OpenAIServer:
                 msg["name"] = m.name
             messages.append(msg)
         try:
-            ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=req.add_generation_prompt,
-                                                     tokenize=True)
+            ids = self.tokenizer.apply_chat_template(
+                messages, add_generation_prompt=req.add_generation_prompt, tokenize=True
+            )
         except Exception as e:  # the template itself refuses (a role it does not know, ...)
             raise bad_request(f"the chat template could not render these messages: {e}", param="messages") from None
         return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
@@ -397,28 +524,50 @@ class OpenAIServer:
             s = self._token_str(lp, tid)
             top = sorted((v for v in lp.values() if v.rank is not None and v.rank <= k), key=lambda v: v.rank)[:k]
             top_ids = {id(v): t for t, v in lp.items()}
-            content.append({"token": s, "logprob": lp[tid].logprob if tid in lp else None,
-                            "bytes": list(s.encode("utf-8")),
-                            "top_logprobs": [{"token": self._token_str(lp, top_ids[id(v)]), "logprob": v.logprob,
-                                              "bytes": list(self._token_str(lp, top_ids[id(v)]).encode("utf-8"))}
-                                             for v in top]})
+            content.append(
+                {
+                    "token": s,
+                    "logprob": lp[tid].logprob if tid in lp else None,
+                    "bytes": list(s.encode("utf-8")),
+                    "top_logprobs": [
+                        {
+                            "token": self._token_str(lp, top_ids[id(v)]),
+                            "logprob": v.logprob,
+                            "bytes": list(self._token_str(lp, top_ids[id(v)]).encode("utf-8")),
+                        }
+                        for v in top
+                    ],
+                }
+            )
         return {"content": content}
 
     # --- the rest -----------------------------------------------------------------------------
     async def models(self, request: Request):
-        return {"object": "list", "data": [{"id": self.model_name, "object": "model", "created": self.created,
-                                             "owned_by": "llama3-dist", "root": self.model_path,
-                                             "max_model_len": self.max_model_len}]}
+        return {
+            "object": "list",
+            "data": [
+                {
+                    "id": self.model_name,
+                    "object": "model",
+                    "created": self.created,
+                    "owned_by": "llama3-dist",
+                    "root": self.model_path,
+                    "max_model_len": self.max_model_len,
+                }
+            ],
+        }
 
     async def health(self, request: Request):
         if self.engine.is_alive:
             return JSONResponse({"status": "ok"})
-        return JSONResponse({"status": "dead", "error": self.engine.error or "the engine thread has stopped"},
-                            status_code=503)
+        return JSONResponse(
+            {"status": "dead", "error": self.engine.error or "the engine thread has stopped"}, status_code=503
+        )
 
     async def metrics(self, request: Request):
-        return PlainTextResponse(render_metrics(self.engine, self.model_name),
-                                 media_type="text/plain; version=0.0.4; charset=utf-8")
+        return PlainTextResponse(
+            render_metrics(self.engine, self.model_name), media_type="text/plain; version=0.0.4; charset=utf-8"
+        )
 
 
 async def _parse(request: Request, model: type[BaseModel]):
@@ -451,8 +600,9 @@ class _SSEResponse(StreamingResponse):
     its generator (so the generator's cleanup, which aborts the requests, runs at once)."""
 
     def __init__(self, content):
-        super().__init__(content, media_type="text/event-stream",
-                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        super().__init__(
+            content, media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        )
 
     async def __call__(self, scope, receive, send) -> None:
         stream = asyncio.ensure_future(self.stream_response(send))
@@ -464,8 +614,11 @@ class _SSEResponse(StreamingResponse):
                 task.cancel()
             await asyncio.gather(stream, watch, return_exceptions=True)
             await self.body_iterator.aclose()
-        if not stream.cancelled() and isinstance(stream.exception(), Exception) \
-                and not isinstance(stream.exception(), OSError):  # a bug, not a client that left: let it be logged
+        if (
+            not stream.cancelled()
+            and isinstance(stream.exception(), Exception)
+            and not isinstance(stream.exception(), OSError)
+        ):  # a bug, not a client that left: let it be logged
             raise stream.exception()
 
 
@@ -480,8 +633,13 @@ class _APIKeyMiddleware:
         if scope["type"] == "http":
             got = dict(scope.get("headers") or []).get(b"authorization", b"")
             if not hmac.compare_digest(got, self.expected):
-                err = APIError(401, "Incorrect or missing API key: send 'Authorization: Bearer <key>'.",
-                               "invalid_request_error", None, "invalid_api_key")
+                err = APIError(
+                    401,
+                    "Incorrect or missing API key: send 'Authorization: Bearer <key>'.",
+                    "invalid_request_error",
+                    None,
+                    "invalid_api_key",
+                )
                 return await err.response()(scope, receive, send)
         await self.app(scope, receive, send)
 
@@ -529,13 +687,21 @@ def _url(host: str, port: int) -> str:
     return f"http://{'[' + host + ']' if ':' in host else host}:{port}"
 
 
-def serve(model: str | Path | None = None, *, engine_kwargs: dict | None = None, host: str = "127.0.0.1",
-          port: int = 8000, api_key: str | None = None, served_model_name: str | None = None,
-          log_level: str = "info") -> None:
+def serve(
+    model: str | Path | None = None,
+    *,
+    engine_kwargs: dict | None = None,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    api_key: str | None = None,
+    served_model_name: str | None = None,
+    log_level: str = "info",
+) -> None:
     """Loads the model, then serves until interrupted (the `llama3-dist serve` command)."""
     import uvicorn
 
     from ..engine import LLMEngine
+
     sock = bind_socket(host, port)  # first: a taken port fails before minutes of loading
     engine = AsyncLLMEngine(LLMEngine(model, **(engine_kwargs or {})))
     try:
@@ -557,17 +723,26 @@ class ServerThread:
     """A server on its own thread in this process (tests, examples): `with ServerThread(engine) as s:
     s.base_url`. Binds 127.0.0.1 on a free port unless told otherwise."""
 
-    def __init__(self, engine: AsyncLLMEngine, served_model_name: str | None = None, api_key: str | None = None,
-                 host: str = "127.0.0.1", port: int = 0, log_level: str = "warning"):
+    def __init__(
+        self,
+        engine: AsyncLLMEngine,
+        served_model_name: str | None = None,
+        api_key: str | None = None,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        log_level: str = "warning",
+    ):
         import uvicorn
+
         self.engine = engine
         self.app = build_app(engine, served_model_name, api_key)
         self.sock = bind_socket(host, port)
         self.url = _url(host, self.sock.getsockname()[1])
         self.base_url = self.url + "/v1"
         self.server = uvicorn.Server(uvicorn.Config(self.app, log_level=log_level, timeout_graceful_shutdown=2))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]},
-                                       name="llama3-dist-http", daemon=True)
+        self.thread = threading.Thread(
+            target=self.server.run, kwargs={"sockets": [self.sock]}, name="llama3-dist-http", daemon=True
+        )
 
     def start(self, timeout: float = 30.0) -> "ServerThread":
         self.thread.start()
@@ -588,5 +763,3 @@ class ServerThread:
 
     def __exit__(self, *exc) -> None:
         self.stop()
-
-

@@ -4,6 +4,7 @@ Two executors implement one protocol: LocalExecutor runs one Worker in-process (
 Ray); RayExecutor runs one Worker actor per device (ray_executor.py on the driver, ray_worker.py
 in each actor). The engine and the MAX-style model API only see `Executor`.
 """
+
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Protocol
@@ -40,9 +41,12 @@ def make_executor(config: Llama3Config, path: str, kind: str, worker_kwargs: dic
         if config.tp_degree != 1:
             raise ConfigError(f"the local executor runs one device, got {config.devices}; use executor='ray'")
         if executor_kwargs:
-            raise ConfigError(f"{sorted(executor_kwargs)} are options of the Ray executor; drop them or "
-                              f"use executor='ray'")
+            raise ConfigError(
+                f"{sorted(executor_kwargs)} are options of the Ray executor; drop them or use executor='ray'"
+            )
         from .local import LocalExecutor
+
         return LocalExecutor(config, path, **worker_kwargs)
     from .ray_executor import RayExecutor
+
     return RayExecutor(config, path, worker_kwargs, **executor_kwargs)

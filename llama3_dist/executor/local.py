@@ -1,4 +1,5 @@
 """LocalExecutor: one Worker in this process (one device, no Ray)."""
+
 from __future__ import annotations
 
 import torch

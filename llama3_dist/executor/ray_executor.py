@@ -21,6 +21,7 @@ timed out) fails the executor for good: the tensor-parallel group is out of step
 later call raises at once. close() (or leaving a `with` block, or the finalizer at garbage
 collection and interpreter exit) kills the actors and removes the placement group.
 """
+
 from __future__ import annotations
 
 import logging
@@ -57,6 +58,7 @@ class WorkerError(RuntimeError):
 class _OwnedRay:
     """The Ray connection this process made for its executors; shut down when the last closes.
     A Ray that something else initialised is used and never shut down here."""
+
     lock = threading.Lock()
     users = 0
 
@@ -64,6 +66,7 @@ class _OwnedRay:
     def acquire(cls, address: str | None, init_kwargs: dict) -> bool:
         """Connects if needed; True if this executor holds a share of a connection made here."""
         import ray
+
         with cls.lock:
             if ray.is_initialized():
                 if cls.users:
@@ -83,6 +86,7 @@ class _OwnedRay:
     @classmethod
     def release(cls) -> None:
         import ray
+
         with cls.lock:
             cls.users -= 1
             if cls.users == 0 and ray.is_initialized():
@@ -92,6 +96,7 @@ class _OwnedRay:
 @dataclass
 class _Resources:
     """What an executor holds in Ray; the finalizer frees it without a reference to the executor."""
+
     owns_ray: bool = False
     placement_group: object = None
     actors: list = field(default_factory=list)
@@ -101,6 +106,7 @@ class _Resources:
 
 def _release(res: _Resources) -> None:
     import ray
+
     try:
         if ray.is_initialized():
             if res.graph is not None and not res.failed:
@@ -127,6 +133,7 @@ def _release(res: _Resources) -> None:
                     dag_log.setLevel(level)
             if res.placement_group is not None:
                 from ray.util.placement_group import remove_placement_group
+
                 try:
                     remove_placement_group(res.placement_group)
                 except Exception as e:  # noqa: BLE001
@@ -159,12 +166,22 @@ class RayExecutor:
     ray_init_kwargs: extra ray.init arguments when this executor connects or starts Ray.
     """
 
-    def __init__(self, config: Llama3Config, checkpoint_path: str, worker_kwargs: dict | None = None, *,
-                 address: str | None = None, placement_strategy: str = "PACK",
-                 cpus_per_rank: float | None = None, placement_timeout_s: float = 60.0,
-                 collective_timeout_s: float = 120.0, step_timeout_s: float | None = None,
-                 compiled_graph: bool | None = None, driver_nice: int | None = None,
-                 ray_init_kwargs: dict | None = None):
+    def __init__(
+        self,
+        config: Llama3Config,
+        checkpoint_path: str,
+        worker_kwargs: dict | None = None,
+        *,
+        address: str | None = None,
+        placement_strategy: str = "PACK",
+        cpus_per_rank: float | None = None,
+        placement_timeout_s: float = 60.0,
+        collective_timeout_s: float = 120.0,
+        step_timeout_s: float | None = None,
+        compiled_graph: bool | None = None,
+        driver_nice: int | None = None,
+        ray_init_kwargs: dict | None = None,
+    ):
         import ray
         from ray.util.placement_group import placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -179,12 +196,16 @@ class RayExecutor:
             raise ConfigError(f"unknown placement_strategy {placement_strategy!r}; use one of {', '.join(STRATEGIES)}")
         kinds = {d.split(":")[0] for d in config.devices}
         if len(kinds) > 1:
-            raise ConfigError(f"devices {config.devices} mix CPU and CUDA ranks; one tensor-parallel group "
-                              f"runs on one kind of device")
+            raise ConfigError(
+                f"devices {config.devices} mix CPU and CUDA ranks; one tensor-parallel group runs on one kind of device"
+            )
         self.device_kind = kinds.pop()
         on_gpu = self.device_kind == "cuda"
-        cpus = cpus_per_rank if cpus_per_rank is not None else (
-            DEFAULT_CPUS_PER_GPU_RANK if on_gpu else DEFAULT_CPUS_PER_CPU_RANK)
+        cpus = (
+            cpus_per_rank
+            if cpus_per_rank is not None
+            else (DEFAULT_CPUS_PER_GPU_RANK if on_gpu else DEFAULT_CPUS_PER_CPU_RANK)
+        )
         if cpus <= 0 and not on_gpu:
             raise ConfigError(f"cpus_per_rank must be > 0 for CPU ranks, got {cpus_per_rank}")
         self.bundle = {**({"CPU": float(cpus)} if cpus > 0 else {}), **({"GPU": 1.0} if on_gpu else {})}
@@ -192,8 +213,10 @@ class RayExecutor:
             # About to start a local Ray: this machine's GPUs are all there will be.
             found = torch.cuda.device_count()
             if found < tp:
-                raise ConfigError(f"devices {config.devices} ask for {tp} CUDA GPUs, but this machine has "
-                                  f"{found}; use devices=['cpu'] * {tp} or join a cluster with GPUs (address=)")
+                raise ConfigError(
+                    f"devices {config.devices} ask for {tp} CUDA GPUs, but this machine has "
+                    f"{found}; use devices=['cpu'] * {tp} or join a cluster with GPUs (address=)"
+                )
 
         self._res = _Resources()
         self._finalizer = weakref.finalize(self, _release, self._res)
@@ -202,8 +225,10 @@ class RayExecutor:
             if on_gpu:
                 gpus = ray.cluster_resources().get("GPU", 0)
                 if gpus < tp:
-                    raise ConfigError(f"devices {config.devices} ask for {tp} GPUs, but the Ray cluster has "
-                                      f"{gpus:g}; use devices=['cpu'] * {tp} or add GPU nodes")
+                    raise ConfigError(
+                        f"devices {config.devices} ask for {tp} GPUs, but the Ray cluster has "
+                        f"{gpus:g}; use devices=['cpu'] * {tp} or add GPU nodes"
+                    )
             bundles = [dict(self.bundle) for _ in range(tp)]
             pg = placement_group(bundles, strategy=strategy, name=f"llama3-dist-{os.getpid()}-{id(self):x}")
             self._res.placement_group = pg
@@ -212,9 +237,11 @@ class RayExecutor:
                 raise PlacementError(
                     f"could not reserve {tp} bundles of {self.bundle} ({strategy}) within {placement_timeout_s:g} s. "
                     f"{_cluster_summary()}. Free those resources (another job or actor may hold them), lower "
-                    f"cpus_per_rank, choose a looser placement_strategy, or raise placement_timeout_s.")
-            self._start(config, checkpoint_path, worker_kwargs or {}, pg, collective_timeout_s,
-                        PlacementGroupSchedulingStrategy)
+                    f"cpus_per_rank, choose a looser placement_strategy, or raise placement_timeout_s."
+                )
+            self._start(
+                config, checkpoint_path, worker_kwargs or {}, pg, collective_timeout_s, PlacementGroupSchedulingStrategy
+            )
             self._graph_setup(compiled_graph)
             self._lower_driver_priority(driver_nice)
         except BaseException:
@@ -224,23 +251,40 @@ class RayExecutor:
     # --- start-up -------------------------------------------------------------------------
     def _start(self, config, checkpoint_path, worker_kwargs, pg, collective_timeout_s, pg_strategy) -> None:
         import ray
+
         actor_cls = ray.remote(RayWorker)
         num_threads = max(1, int(self.bundle.get("CPU", 0)))
         self._res.actors = [
-            actor_cls.options(num_cpus=self.bundle.get("CPU", 0), num_gpus=self.bundle.get("GPU", 0), max_restarts=0,
-                              scheduling_strategy=pg_strategy(placement_group=pg, placement_group_bundle_index=r),
-                              ).remote(r, self.world_size, num_threads)
-            for r in range(self.world_size)]
+            actor_cls.options(
+                num_cpus=self.bundle.get("CPU", 0),
+                num_gpus=self.bundle.get("GPU", 0),
+                max_restarts=0,
+                scheduling_strategy=pg_strategy(placement_group=pg, placement_group_bundle_index=r),
+            ).remote(r, self.world_size, num_threads)
+            for r in range(self.world_size)
+        ]
         self.nodes = self._gather([a.node_info.remote() for a in self._res.actors], "starting")
         one_node = len({n["node_id"] for n in self.nodes}) == 1
         host = "127.0.0.1" if one_node else self.nodes[0]["ip"]
         port = self._gather([self._res.actors[0].open_store.remote(host, collective_timeout_s)], "rendezvous")[0]
         self.rendezvous = (host, port)
         backend = "nccl" if self.device_kind == "cuda" else "gloo"
-        self.ranks = self._gather([
-            a.init_worker.remote(host, port, backend, "127.0.0.1" if one_node else n["ip"], collective_timeout_s,
-                                 config, checkpoint_path, worker_kwargs)
-            for a, n in zip(self._res.actors, self.nodes)], "loading")
+        self.ranks = self._gather(
+            [
+                a.init_worker.remote(
+                    host,
+                    port,
+                    backend,
+                    "127.0.0.1" if one_node else n["ip"],
+                    collective_timeout_s,
+                    config,
+                    checkpoint_path,
+                    worker_kwargs,
+                )
+                for a, n in zip(self._res.actors, self.nodes)
+            ],
+            "loading",
+        )
         self.num_kv_blocks = min(r["num_kv_blocks"] for r in self.ranks)
 
     def _graph_setup(self, compiled_graph: bool | None) -> None:
@@ -249,6 +293,7 @@ class RayExecutor:
             return
         try:
             from ray.dag import InputNode, MultiOutputNode
+
             with InputNode() as step:
                 dag = MultiOutputNode([a.execute.bind(step) for a in self._res.actors])
             self._res.graph = dag.experimental_compile()
@@ -260,6 +305,7 @@ class RayExecutor:
 
     def _lower_driver_priority(self, driver_nice: int | None) -> None:
         import ray
+
         if driver_nice is None:
             here = ray.get_runtime_context().get_node_id()
             shares_cores = self.device_kind == "cpu" and any(n["node_id"] == here for n in self.nodes)
@@ -267,17 +313,21 @@ class RayExecutor:
         increment = driver_nice - os.nice(0)
         if increment > 0:
             os.nice(increment)
-            log.info("driver process reniced to %d so that the CPU ranks on this node get the cores the "
-                     "compiled graph's spinning wait would take (driver_nice=0 keeps the priority)",
-                     driver_nice)
+            log.info(
+                "driver process reniced to %d so that the CPU ranks on this node get the cores the "
+                "compiled graph's spinning wait would take (driver_nice=0 keeps the priority)",
+                driver_nice,
+            )
 
     # --- steps ----------------------------------------------------------------------------
     def execute(self, step: StepInput) -> StepOutput:
         import ray
+
         res = self._res
         if res.failed:
-            raise WorkerError(f"the tensor-parallel group failed earlier ({self._failure}); close the model "
-                              f"and load it again")
+            raise WorkerError(
+                f"the tensor-parallel group failed earlier ({self._failure}); close the model and load it again"
+            )
         if not res.actors:
             raise WorkerError("the executor is closed")
         try:
@@ -302,6 +352,7 @@ class RayExecutor:
         """ray.get of every rank's ref (refs[r] from rank r), raising the first failure as soon as
         it lands: the other ranks may then be stuck in a collective that will never complete."""
         import ray
+
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         pending = list(refs)
         while pending:
@@ -317,6 +368,7 @@ class RayExecutor:
 
     def _describe(self, e: BaseException, what: str, rank: int | None = None) -> str:
         import ray.exceptions as rex
+
         rank = self._rank_of(e) if rank is None else rank
         where = f"rank {rank}" if rank is not None else "a rank"
         if rank is not None and getattr(self, "nodes", None):
@@ -325,8 +377,10 @@ class RayExecutor:
             cause = e.cause if e.cause is not None else e
             return f"{where} raised during {what}: {type(cause).__name__}: {cause}"
         if isinstance(e, rex.RayActorError):
-            return (f"{where} died during {what} (killed, out of memory or crashed): "
-                    f"{str(e).splitlines()[0] if str(e) else type(e).__name__}")
+            return (
+                f"{where} died during {what} (killed, out of memory or crashed): "
+                f"{str(e).splitlines()[0] if str(e) else type(e).__name__}"
+            )
         if isinstance(e, (rex.GetTimeoutError, rex.RayChannelTimeoutError)):
             return f"tensor-parallel {what} took longer than step_timeout_s={self.step_timeout_s}"
         return f"{what} failed: {type(e).__name__}: {e}"
@@ -379,6 +433,7 @@ def _search(pattern: str, text: str) -> str | None:
 
 def _cluster_summary() -> str:
     import ray
+
     total = {k: v for k, v in ray.cluster_resources().items() if not k.startswith("node:")}
     free = {k: v for k, v in ray.available_resources().items() if not k.startswith("node:")}
     nodes = sum(1 for n in ray.nodes() if n.get("Alive"))

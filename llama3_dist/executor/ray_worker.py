@@ -3,6 +3,7 @@
 It joins the rendezvous store and the process group (gloo on CPU, NCCL on CUDA), builds a Worker
 and runs the steps the driver sends, returning rank 0's output with its tensors in host memory.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -31,20 +32,42 @@ class RayWorker:
 
     def node_info(self) -> dict:
         import ray
+
         ctx = ray.get_runtime_context()
-        return {"node_id": ctx.get_node_id(), "ip": ray.util.get_node_ip_address(), "pid": os.getpid(),
-                "gpu_ids": [str(g) for g in ray.get_gpu_ids()]}
+        return {
+            "node_id": ctx.get_node_id(),
+            "ip": ray.util.get_node_ip_address(),
+            "pid": os.getpid(),
+            "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
+        }
 
     def open_store(self, host: str, timeout_s: float) -> int:
         """Rank 0: the rendezvous store on a port the kernel picks; returns the port."""
         import torch.distributed as dist
-        self.store = dist.TCPStore(host, 0, world_size=self.world_size, is_master=True,
-                                   wait_for_workers=False, timeout=datetime.timedelta(seconds=timeout_s))
+
+        self.store = dist.TCPStore(
+            host,
+            0,
+            world_size=self.world_size,
+            is_master=True,
+            wait_for_workers=False,
+            timeout=datetime.timedelta(seconds=timeout_s),
+        )
         return self.store.port
 
-    def init_worker(self, host: str, port: int, backend: str, local_ip: str, timeout_s: float,
-                    config: Llama3Config, checkpoint_path: str, worker_kwargs: dict) -> dict:
+    def init_worker(
+        self,
+        host: str,
+        port: int,
+        backend: str,
+        local_ip: str,
+        timeout_s: float,
+        config: Llama3Config,
+        checkpoint_path: str,
+        worker_kwargs: dict,
+    ) -> dict:
         import torch.distributed as dist
+
         if backend == "gloo":
             # Keep gloo's traffic on the interface that holds the rendezvous (or this node's) address:
             # loopback when every rank shares a node.
@@ -56,32 +79,39 @@ class RayWorker:
             device = f"cuda:{_assigned_cuda_index()}"
             torch.cuda.set_device(device)
         timeout = datetime.timedelta(seconds=timeout_s)
-        store = self.store or dist.TCPStore(host, port, world_size=self.world_size, is_master=False,
-                                            timeout=timeout)
-        dist.init_process_group(backend, store=store, rank=self.rank, world_size=self.world_size,
-                                timeout=timeout)
+        store = self.store or dist.TCPStore(host, port, world_size=self.world_size, is_master=False, timeout=timeout)
+        dist.init_process_group(backend, store=store, rank=self.rank, world_size=self.world_size, timeout=timeout)
         self.worker = Worker(config, checkpoint_path, rank=self.rank, device=device, **worker_kwargs)
         k_cache = self.worker.kv_caches[0][0]
-        return {"num_kv_blocks": self.worker.num_kv_blocks,
-                "parameter_bytes": self.worker.parameter_bytes(),
-                "kv_heads": int(k_cache.shape[2]),
-                "kv_cache_bytes": sum(k.numel() * k.element_size() + v.numel() * v.element_size()
-                                      for k, v in self.worker.kv_caches)}
+        return {
+            "num_kv_blocks": self.worker.num_kv_blocks,
+            "parameter_bytes": self.worker.parameter_bytes(),
+            "kv_heads": int(k_cache.shape[2]),
+            "kv_cache_bytes": sum(
+                k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in self.worker.kv_caches
+            ),
+        }
 
     def execute(self, step: StepInput) -> StepOutput | None:
         out = self.worker.execute(step)
         if out is None or self.worker.device.type == "cpu":
             return out
         # The driver may have no GPU: bring rank 0's tensors to host memory.
-        return dataclasses.replace(out, **{f.name: getattr(out, f.name).cpu()
-                                           for f in dataclasses.fields(out)
-                                           if isinstance(getattr(out, f.name), torch.Tensor)})
+        return dataclasses.replace(
+            out,
+            **{
+                f.name: getattr(out, f.name).cpu()
+                for f in dataclasses.fields(out)
+                if isinstance(getattr(out, f.name), torch.Tensor)
+            },
+        )
 
 
 def _assigned_cuda_index() -> int:
     """This actor's GPU as a torch index: Ray normally narrows CUDA_VISIBLE_DEVICES to the GPU it
     assigned (index 0), unless told not to (RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES)."""
     import ray
+
     gpu_ids = [str(g) for g in ray.get_gpu_ids()]
     if not gpu_ids:
         raise RuntimeError("this rank was given no GPU by Ray; CUDA ranks need a {'GPU': 1} bundle")

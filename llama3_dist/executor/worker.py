@@ -4,6 +4,7 @@ The same class runs in-process (one device) and as a Ray actor (one per device).
 nothing of requests or tokenizers: it takes a StepInput of flat arrays and returns, on rank 0,
 the rows of logits and hidden states that were asked for.
 """
+
 from __future__ import annotations
 
 import time
@@ -25,20 +26,28 @@ DEFAULT_CPU_KV_CACHE_BYTES = 256 << 20
 
 @dataclass(slots=True)
 class StepOutput:
-    logits: torch.Tensor | None = None          # [M, V] float32
+    logits: torch.Tensor | None = None  # [M, V] float32
     hidden_states: torch.Tensor | None = None
     sampled: SamplerOutput | None = None
-    prompt_logprobs: list | None = None         # TokenLogprobs per SamplingInput.prompt_rows
+    prompt_logprobs: list | None = None  # TokenLogprobs per SamplingInput.prompt_rows
     # Where the step's time went on rank 0 (for the engine's overhead figures).
     forward_seconds: float = 0.0
     sample_seconds: float = 0.0
 
 
 class Worker:
-    def __init__(self, config: Llama3Config, checkpoint_path: str, rank: int = 0,
-                 num_kv_blocks: int | None = None, kv_cache_bytes: int | None = None,
-                 gpu_memory_utilization: float = 0.9, device: str | None = None,
-                 sampler_seed: int | None = None, show_progress: bool = False):
+    def __init__(
+        self,
+        config: Llama3Config,
+        checkpoint_path: str,
+        rank: int = 0,
+        num_kv_blocks: int | None = None,
+        kv_cache_bytes: int | None = None,
+        gpu_memory_utilization: float = 0.9,
+        device: str | None = None,
+        sampler_seed: int | None = None,
+        show_progress: bool = False,
+    ):
         self.config = config
         self.sampler = Sampler(sampler_seed)
         self.parallel = ParallelContext(rank, config.tp_degree)
@@ -55,16 +64,22 @@ class Worker:
         if num_kv_blocks is None:
             num_kv_blocks = self._kv_budget(kv_cache_bytes, gpu_memory_utilization) // kv.bytes_per_block_per_device
         if num_kv_blocks < 1:
-            raise RuntimeError(f"no room for a KV cache page on {self.device} "
-                               f"({kv.bytes_per_block_per_device} bytes per page); lower the model's memory "
-                               f"use or pass kv_cache_bytes / num_kv_blocks")
+            raise RuntimeError(
+                f"no room for a KV cache page on {self.device} "
+                f"({kv.bytes_per_block_per_device} bytes per page); lower the model's memory "
+                f"use or pass kv_cache_bytes / num_kv_blocks"
+            )
         self.num_kv_blocks = num_kv_blocks
         shape = (num_kv_blocks, kv.block_size, kv.n_kv_heads_per_device, kv.head_dim)
         # Zeroed, not empty: padded decode attention reads (masked) slots of other pages, and
         # garbage NaNs there would leak through 0 * NaN.
-        self.kv_caches = [(torch.zeros(shape, dtype=TORCH_DTYPES[kv.dtype], device=self.device),
-                           torch.zeros(shape, dtype=TORCH_DTYPES[kv.dtype], device=self.device))
-                          for _ in range(kv.num_layers)]
+        self.kv_caches = [
+            (
+                torch.zeros(shape, dtype=TORCH_DTYPES[kv.dtype], device=self.device),
+                torch.zeros(shape, dtype=TORCH_DTYPES[kv.dtype], device=self.device),
+            )
+            for _ in range(kv.num_layers)
+        ]
 
     def _kv_budget(self, kv_cache_bytes: int | None, gpu_memory_utilization: float) -> int:
         """Bytes for the KV cache: as asked, else a share of the GPU's free memory after the weights,
@@ -101,10 +116,13 @@ class Worker:
         start = time.perf_counter()
         offsets = self._tensor(step.query_start_loc)
         meta = AttentionMetadata(
-            positions=self._tensor(step.positions), slot_mapping=self._tensor(step.slot_mapping),
-            query_start_loc=offsets, context_lens=self._tensor(step.context_lens),
+            positions=self._tensor(step.positions),
+            slot_mapping=self._tensor(step.slot_mapping),
+            query_start_loc=offsets,
+            context_lens=self._tensor(step.context_lens),
             block_tables=self._tensor(step.block_tables),
-            is_decode=len(step.tokens) == len(step.context_lens))
+            is_decode=len(step.tokens) == len(step.context_lens),
+        )
         hidden, normed = self.model(self._tensor(step.tokens), meta, self.kv_caches, self.cos_sin)
         logits = self.model.compute_logits(normed[self._tensor(step.logit_rows)])
         if self.parallel.rank != 0:
@@ -126,6 +144,7 @@ class Worker:
         every_row = len(rows) == logits.shape[0] and np.array_equal(rows, np.arange(len(rows)))
         out = StepOutput(sampled=self.sampler(logits if every_row else logits[self._tensor(rows)], s.metadata))
         if len(s.prompt_rows):
-            out.prompt_logprobs = compute_logprobs(logits[self._tensor(s.prompt_rows)], s.prompt_targets,
-                                                   s.prompt_num_logprobs)
+            out.prompt_logprobs = compute_logprobs(
+                logits[self._tensor(s.prompt_rows)], s.prompt_targets, s.prompt_num_logprobs
+            )
         return out

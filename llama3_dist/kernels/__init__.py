@@ -13,6 +13,7 @@ Triton call): set TRITON_INTERPRET=1 in os.environ before that, e.g. at the top 
 or in the environment of the process. Triton itself is never imported unless a Triton path is
 taken, so the package imports where triton is absent (macOS).
 """
+
 from __future__ import annotations
 
 import functools
@@ -55,25 +56,30 @@ def _impl(x: torch.Tensor, mode: str | None = None) -> ModuleType | cpu.KernelLi
     if mode == "auto" and not (x.is_cuda and _triton_installed()):
         return cpu.kernels_for(x) or reference
     if not _triton_installed():
-        raise RuntimeError("LLAMA3_DIST_KERNELS=triton but triton is not installed; "
-                           "install triton or use LLAMA3_DIST_KERNELS=torch|auto")
+        raise RuntimeError(
+            "LLAMA3_DIST_KERNELS=triton but triton is not installed; "
+            "install triton or use LLAMA3_DIST_KERNELS=torch|auto"
+        )
     from . import triton_kernels
 
     if not x.is_cuda and not triton_kernels.INTERPRET:
         raise RuntimeError(
             f"LLAMA3_DIST_KERNELS=triton with {x.device} tensors needs triton's interpreter: set "
             "TRITON_INTERPRET=1 before llama3_dist.kernels.triton_kernels is first imported, or "
-            "use LLAMA3_DIST_KERNELS=auto to run the torch reference on CPU")
+            "use LLAMA3_DIST_KERNELS=auto to run the torch reference on CPU"
+        )
     return triton_kernels
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float,
-             residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def rms_norm(
+    x: torch.Tensor, weight: torch.Tensor | None, eps: float, residual: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     return _impl(x).rms_norm(x, weight, eps, residual)
 
 
-def rotary_embedding(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
-                     cos_sin_cache: torch.Tensor, interleaved: bool) -> None:
+def rotary_embedding(
+    positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin_cache: torch.Tensor, interleaved: bool
+) -> None:
     _impl(q).rotary_embedding(positions, q, k, cos_sin_cache, interleaved)
 
 
@@ -81,24 +87,37 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     return _impl(x).silu_and_mul(x)
 
 
-def store_kv_cache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                   slot_mapping: torch.Tensor) -> None:
+def store_kv_cache(
+    k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
+) -> None:
     _impl(k_cache).store_kv_cache(k, v, k_cache, v_cache, slot_mapping)
 
 
-def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                      block_tables: torch.Tensor, query_start_loc: torch.Tensor,
-                      context_lens: torch.Tensor, scale: float,
-                      sliding_window: int | None = None) -> torch.Tensor:
-    return _impl(q).prefill_attention(q, k_cache, v_cache, block_tables, query_start_loc,
-                                  context_lens, scale, sliding_window)
+def prefill_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+    sliding_window: int | None = None,
+) -> torch.Tensor:
+    return _impl(q).prefill_attention(
+        q, k_cache, v_cache, block_tables, query_start_loc, context_lens, scale, sliding_window
+    )
 
 
-def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                           block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float,
-                           sliding_window: int | None = None) -> torch.Tensor:
-    return _impl(q).paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale,
-                                       sliding_window)
+def paged_decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+    sliding_window: int | None = None,
+) -> torch.Tensor:
+    return _impl(q).paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale, sliding_window)
 
 
 def _linear_for(x: torch.Tensor, mode: str) -> Callable[..., torch.Tensor]:
@@ -116,8 +135,14 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 
 # The kernels with a Triton implementation; linear has none (cuBLAS on GPUs).
-TRITON_KERNELS = ("rms_norm", "rotary_embedding", "silu_and_mul", "store_kv_cache", "prefill_attention",
-                  "paged_decode_attention")
+TRITON_KERNELS = (
+    "rms_norm",
+    "rotary_embedding",
+    "silu_and_mul",
+    "store_kv_cache",
+    "prefill_attention",
+    "paged_decode_attention",
+)
 
 
 @dataclass(frozen=True)
@@ -125,6 +150,7 @@ class Kernels:
     """The kernels one model uses, chosen once for its device and dtype (select()): the module
     functions above decide per call, which costs a few microseconds each, and a CPU decode step
     of a small model makes hundreds of calls."""
+
     rms_norm: Callable[..., tuple[torch.Tensor, torch.Tensor]]
     rotary_embedding: Callable[..., None]
     silu_and_mul: Callable[..., torch.Tensor]
@@ -145,8 +171,11 @@ def select(device: torch.device | str, dtype: torch.dtype) -> Kernels:
     mode = _mode()
     impl = _impl(probe, mode)
     fused = isinstance(impl, cpu.KernelLibrary) and os.environ.get("LLAMA3_DIST_CPU_FUSED", "1") != "0"
-    return Kernels(**{name: getattr(impl, name) for name in TRITON_KERNELS}, linear=_linear_for(probe, mode),
-                   fused_decode=impl if fused else None)
+    return Kernels(
+        **{name: getattr(impl, name) for name in TRITON_KERNELS},
+        linear=_linear_for(probe, mode),
+        fused_decode=impl if fused else None,
+    )
 
 
 __all__ = ["Kernels", "linear", "select", *TRITON_KERNELS]

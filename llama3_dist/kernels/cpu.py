@@ -62,14 +62,17 @@ class InstructionSet:
     name: str
     vector_bytes: int
     x86_flags: tuple[str, ...]  # compiler flags on x86-64; other machines build their base ISA
-    rank: int                   # a CPU that runs one instruction set runs every lower-ranked one
+    rank: int  # a CPU that runs one instruction set runs every lower-ranked one
 
 
-INSTRUCTION_SETS = {isa.name: isa for isa in (
-    InstructionSet("avx512", 64, ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c"), 2),
-    InstructionSet("avx2", 32, ("-mavx2", "-mfma", "-mf16c"), 1),
-    InstructionSet("generic", 16, (), 0),
-)}
+INSTRUCTION_SETS = {
+    isa.name: isa
+    for isa in (
+        InstructionSet("avx512", 64, ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c"), 2),
+        InstructionSet("avx2", 32, ("-mavx2", "-mfma", "-mf16c"), 1),
+        InstructionSet("generic", 16, (), 0),
+    )
+}
 # torch.backends.cpu.get_cpu_capability() -> the best of ours that CPU runs.
 _FROM_TORCH = {"AVX512": "avx512", "AVX2": "avx2"}
 _X86 = platform.machine().lower() in ("x86_64", "amd64", "i686", "x86")
@@ -93,21 +96,53 @@ _FUSED_SIGNATURES = {  # name -> argument types; each returns 0, or -1 for a bat
 
 class DecodeStep(ctypes.Structure):
     """cpu_kernels.cpp's DecodeStep: one decode step's metadata, shared by every layer."""
-    _fields_ = [("positions", _P), ("slots", _P), ("block_tables", _P), ("context_lens", _P), ("batch", _I64),
-                ("max_blocks", _I64), ("cos_sin", _P)]
+
+    _fields_ = [
+        ("positions", _P),
+        ("slots", _P),
+        ("block_tables", _P),
+        ("context_lens", _P),
+        ("batch", _I64),
+        ("max_blocks", _I64),
+        ("cos_sin", _P),
+    ]
 
 
 class AttentionBlock(ctypes.Structure):
     """cpu_kernels.cpp's AttentionBlock: one layer's attention half on this rank."""
-    _fields_ = [("norm_weight", _P), ("qkv_weight", _P), ("qkv_bias", _P), ("o_weight", _P), ("hidden", _I64),
-                ("heads", _I64), ("kv_heads", _I64), ("head_dim", _I64), ("rotary_dim", _I64), ("block_size", _I64),
-                ("window", _I64), ("eps", _F32), ("scale", _F32), ("interleaved", ctypes.c_int32)]
+
+    _fields_ = [
+        ("norm_weight", _P),
+        ("qkv_weight", _P),
+        ("qkv_bias", _P),
+        ("o_weight", _P),
+        ("hidden", _I64),
+        ("heads", _I64),
+        ("kv_heads", _I64),
+        ("head_dim", _I64),
+        ("rotary_dim", _I64),
+        ("block_size", _I64),
+        ("window", _I64),
+        ("eps", _F32),
+        ("scale", _F32),
+        ("interleaved", ctypes.c_int32),
+    ]
 
 
 class MlpBlock(ctypes.Structure):
     """cpu_kernels.cpp's MlpBlock: one layer's MLP half on this rank."""
-    _fields_ = [("norm_weight", _P), ("gate_up_weight", _P), ("gate_up_bias", _P), ("down_weight", _P),
-                ("hidden", _I64), ("intermediate", _I64), ("eps", _F32)]
+
+    _fields_ = [
+        ("norm_weight", _P),
+        ("gate_up_weight", _P),
+        ("gate_up_bias", _P),
+        ("down_weight", _P),
+        ("hidden", _I64),
+        ("intermediate", _I64),
+        ("eps", _F32),
+    ]
+
+
 _ELEMENT_BYTES = {torch.bfloat16: 2, torch.float32: 4}
 
 
@@ -138,8 +173,10 @@ def selected_isa() -> str:
     runnable = executable_isas()
     if wanted not in runnable:
         known = "|".join(INSTRUCTION_SETS)
-        raise ValueError(f"LLAMA3_DIST_CPU_ISA={wanted!r}: this CPU runs {', '.join(runnable)} "
-                         f"(torch reports {host_isa()}); the accepted values are auto|{known}")
+        raise ValueError(
+            f"LLAMA3_DIST_CPU_ISA={wanted!r}: this CPU runs {', '.join(runnable)} "
+            f"(torch reports {host_isa()}); the accepted values are auto|{known}"
+        )
     return wanted
 
 
@@ -185,8 +222,13 @@ def build(isa: str) -> Path:
         error = _compile(compiler, [*flags, *extra], target)
         if error is None:
             if not extra:
-                log.warning("CPU kernels (%s) built without OpenMP, so they run on one thread: %s cannot "
-                            "build with -fopenmp:\n%s", isa, compiler, errors[0])
+                log.warning(
+                    "CPU kernels (%s) built without OpenMP, so they run on one thread: %s cannot "
+                    "build with -fopenmp:\n%s",
+                    isa,
+                    compiler,
+                    errors[0],
+                )
             return target
         errors.append(error)
     raise RuntimeError(f"{compiler} failed to build {SOURCE.name} for {isa}:\n{errors[-1]}")
@@ -219,8 +261,9 @@ class KernelLibrary:
     def __repr__(self) -> str:
         return f"KernelLibrary({self.isa!r})"
 
-    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor | None, eps: float,
-                 residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def rms_norm(
+        self, x: torch.Tensor, weight: torch.Tensor | None, eps: float, residual: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         if (weight is not None and weight.dtype != x.dtype) or (residual is not None and residual.dtype != x.dtype):
             return reference.rms_norm(x, weight, eps, residual)
         x = x.contiguous()
@@ -229,54 +272,110 @@ class KernelLibrary:
         hidden = x if residual is None else torch.empty_like(x)
         residual = None if residual is None else residual.contiguous()
         self._functions["rms_norm", x.dtype](
-            x.data_ptr(), None if residual is None else residual.data_ptr(),
-            None if weight is None else weight.data_ptr(), eps, out.data_ptr(), hidden.data_ptr(),
-            x.numel() // width, width)
+            x.data_ptr(),
+            None if residual is None else residual.data_ptr(),
+            None if weight is None else weight.data_ptr(),
+            eps,
+            out.data_ptr(),
+            hidden.data_ptr(),
+            x.numel() // width,
+            width,
+        )
         return out, hidden
 
-    def rotary_embedding(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
-                         cos_sin_cache: torch.Tensor, interleaved: bool) -> None:
+    def rotary_embedding(
+        self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin_cache: torch.Tensor, interleaved: bool
+    ) -> None:
         if not (_rows(q) and _rows(k)) or k.dtype != q.dtype or cos_sin_cache.dtype != torch.float32:
             return reference.rotary_embedding(positions, q, k, cos_sin_cache, interleaved)
         positions = positions.to(torch.int64).contiguous()
         cos_sin = cos_sin_cache.contiguous()
         self._functions["rotary", q.dtype](
-            positions.data_ptr(), q.data_ptr(), q.stride(0), q.shape[1], k.data_ptr(), k.stride(0), k.shape[1],
-            q.shape[2], cos_sin.data_ptr(), cos_sin.shape[1], int(interleaved), q.shape[0])
+            positions.data_ptr(),
+            q.data_ptr(),
+            q.stride(0),
+            q.shape[1],
+            k.data_ptr(),
+            k.stride(0),
+            k.shape[1],
+            q.shape[2],
+            cos_sin.data_ptr(),
+            cos_sin.shape[1],
+            int(interleaved),
+            q.shape[0],
+        )
 
     def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
         x = x.contiguous()
         intermediate = x.shape[-1] // 2
         out = torch.empty(*x.shape[:-1], intermediate, dtype=x.dtype)
-        self._functions["silu_and_mul", x.dtype](x.data_ptr(), out.data_ptr(), x.numel() // x.shape[-1],
-                                                 intermediate)
+        self._functions["silu_and_mul", x.dtype](x.data_ptr(), out.data_ptr(), x.numel() // x.shape[-1], intermediate)
         return out
 
-    def store_kv_cache(self, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                       slot_mapping: torch.Tensor) -> None:
-        if not (_rows(k) and _rows(v) and k_cache.is_contiguous() and v_cache.is_contiguous()
-                and k.dtype == v.dtype == k_cache.dtype == v_cache.dtype):
+    def store_kv_cache(
+        self, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
+    ) -> None:
+        if not (
+            _rows(k)
+            and _rows(v)
+            and k_cache.is_contiguous()
+            and v_cache.is_contiguous()
+            and k.dtype == v.dtype == k_cache.dtype == v_cache.dtype
+        ):
             return reference.store_kv_cache(k, v, k_cache, v_cache, slot_mapping)
         slots = slot_mapping.to(torch.int64).contiguous()
         self._functions["store_kv", k.dtype](
-            k.data_ptr(), k.stride(0), v.data_ptr(), v.stride(0), k_cache.data_ptr(), v_cache.data_ptr(),
-            slots.data_ptr(), k.shape[0], k.shape[1] * k.shape[2])
+            k.data_ptr(),
+            k.stride(0),
+            v.data_ptr(),
+            v.stride(0),
+            k_cache.data_ptr(),
+            v_cache.data_ptr(),
+            slots.data_ptr(),
+            k.shape[0],
+            k.shape[1] * k.shape[2],
+        )
 
-    def paged_decode_attention(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                               block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float,
-                               sliding_window: int | None = None) -> torch.Tensor:
-        if not (_rows(q) and k_cache.is_contiguous() and v_cache.is_contiguous()
-                and q.dtype == k_cache.dtype == v_cache.dtype):
-            return reference.paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale,
-                                                    sliding_window)
+    def paged_decode_attention(
+        self,
+        q: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        block_tables: torch.Tensor,
+        context_lens: torch.Tensor,
+        scale: float,
+        sliding_window: int | None = None,
+    ) -> torch.Tensor:
+        if not (
+            _rows(q)
+            and k_cache.is_contiguous()
+            and v_cache.is_contiguous()
+            and q.dtype == k_cache.dtype == v_cache.dtype
+        ):
+            return reference.paged_decode_attention(
+                q, k_cache, v_cache, block_tables, context_lens, scale, sliding_window
+            )
         batch, query_heads, head_dim = q.shape
         tables = block_tables.to(torch.int32).contiguous()
         lengths = context_lens.to(torch.int32).contiguous()
         out = torch.empty(batch, query_heads, head_dim, dtype=q.dtype)
         self._functions["decode_attention", q.dtype](
-            q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(), tables.data_ptr(), tables.shape[1],
-            lengths.data_ptr(), out.data_ptr(), batch, query_heads, k_cache.shape[2], head_dim, k_cache.shape[1],
-            scale, sliding_window or 0)
+            q.data_ptr(),
+            q.stride(0),
+            k_cache.data_ptr(),
+            v_cache.data_ptr(),
+            tables.data_ptr(),
+            tables.shape[1],
+            lengths.data_ptr(),
+            out.data_ptr(),
+            batch,
+            query_heads,
+            k_cache.shape[2],
+            head_dim,
+            k_cache.shape[1],
+            scale,
+            sliding_window or 0,
+        )
         return out
 
     prefill_attention = staticmethod(reference.prefill_attention)
@@ -285,8 +384,12 @@ class KernelLibrary:
         """x @ weight.T + bias, GEMV_MAX_ROWS rows of x per pass over the weight; None where the
         library does not serve these tensors (other dtypes, mixed dtypes, strided weights)."""
         dtype = weight.dtype
-        if (dtype not in _SUFFIX or x.dtype != dtype or not weight.is_contiguous()
-                or (bias is not None and (bias.dtype != dtype or not bias.is_contiguous()))):
+        if (
+            dtype not in _SUFFIX
+            or x.dtype != dtype
+            or not weight.is_contiguous()
+            or (bias is not None and (bias.dtype != dtype or not bias.is_contiguous()))
+        ):
             return None
         k, n = x.shape[-1], weight.shape[0]
         x2 = x if x.dim() == 2 and x.is_contiguous() else x.reshape(-1, k).contiguous()
@@ -313,12 +416,31 @@ class FusedDecodeLayer:
     call of the library: the per-kernel path's kernels in its order, so bit-identical to it.
     Built from the layer's loaded weights (contiguous, of the model's dtype)."""
 
-    def __init__(self, kernels: KernelLibrary, *, input_norm: torch.Tensor | None, qkv: torch.Tensor,
-                 qkv_bias: torch.Tensor | None, o_proj: torch.Tensor, post_norm: torch.Tensor | None,
-                 gate_up: torch.Tensor, gate_up_bias: torch.Tensor | None, down: torch.Tensor, heads: int,
-                 kv_heads: int, head_dim: int, rotary_dim: int, interleaved: bool, block_size: int,
-                 sliding_window: int | None, eps: float, scale: float):
-        tensors = [t for t in (input_norm, qkv, qkv_bias, o_proj, post_norm, gate_up, gate_up_bias, down) if t is not None]
+    def __init__(
+        self,
+        kernels: KernelLibrary,
+        *,
+        input_norm: torch.Tensor | None,
+        qkv: torch.Tensor,
+        qkv_bias: torch.Tensor | None,
+        o_proj: torch.Tensor,
+        post_norm: torch.Tensor | None,
+        gate_up: torch.Tensor,
+        gate_up_bias: torch.Tensor | None,
+        down: torch.Tensor,
+        heads: int,
+        kv_heads: int,
+        head_dim: int,
+        rotary_dim: int,
+        interleaved: bool,
+        block_size: int,
+        sliding_window: int | None,
+        eps: float,
+        scale: float,
+    ):
+        tensors = [
+            t for t in (input_norm, qkv, qkv_bias, o_proj, post_norm, gate_up, gate_up_bias, down) if t is not None
+        ]
         self.dtype = qkv.dtype
         if any(t.dtype != self.dtype or not t.is_contiguous() or t.device.type != "cpu" for t in tensors):
             raise ValueError("fused decode needs contiguous CPU weights of one dtype")
@@ -327,30 +449,79 @@ class FusedDecodeLayer:
         self._attention_function = kernels._functions["attention_block", self.dtype]
         self._mlp_function = kernels._functions["mlp_block", self.dtype]
         self.attention_block = AttentionBlock(
-            _pointer(input_norm), qkv.data_ptr(), _pointer(qkv_bias), o_proj.data_ptr(), self.hidden, heads, kv_heads,
-            head_dim, rotary_dim, block_size, sliding_window or 0, eps, scale, int(interleaved))
-        self.mlp_block = MlpBlock(_pointer(post_norm), gate_up.data_ptr(), _pointer(gate_up_bias), down.data_ptr(),
-                                  self.hidden, gate_up.shape[0] // 2, eps)
+            _pointer(input_norm),
+            qkv.data_ptr(),
+            _pointer(qkv_bias),
+            o_proj.data_ptr(),
+            self.hidden,
+            heads,
+            kv_heads,
+            head_dim,
+            rotary_dim,
+            block_size,
+            sliding_window or 0,
+            eps,
+            scale,
+            int(interleaved),
+        )
+        self.mlp_block = MlpBlock(
+            _pointer(post_norm),
+            gate_up.data_ptr(),
+            _pointer(gate_up_bias),
+            down.data_ptr(),
+            self.hidden,
+            gate_up.shape[0] // 2,
+            eps,
+        )
 
     @staticmethod
-    def step(positions: torch.Tensor, slot_mapping: torch.Tensor, block_tables: torch.Tensor,
-             context_lens: torch.Tensor, cos_sin: torch.Tensor) -> tuple[DecodeStep, list[torch.Tensor]]:
+    def step(
+        positions: torch.Tensor,
+        slot_mapping: torch.Tensor,
+        block_tables: torch.Tensor,
+        context_lens: torch.Tensor,
+        cos_sin: torch.Tensor,
+    ) -> tuple[DecodeStep, list[torch.Tensor]]:
         """The step's DecodeStep, and the tensors it points into (keep them alive with it)."""
-        tensors = [positions.to(torch.int64).contiguous(), slot_mapping.to(torch.int64).contiguous(),
-                   block_tables.to(torch.int32).contiguous(), context_lens.to(torch.int32).contiguous(),
-                   cos_sin.to(torch.float32).contiguous()]
+        tensors = [
+            positions.to(torch.int64).contiguous(),
+            slot_mapping.to(torch.int64).contiguous(),
+            block_tables.to(torch.int32).contiguous(),
+            context_lens.to(torch.int32).contiguous(),
+            cos_sin.to(torch.float32).contiguous(),
+        ]
         positions, slots, tables, lengths, cos_sin = tensors
-        return DecodeStep(positions.data_ptr(), slots.data_ptr(), tables.data_ptr(), lengths.data_ptr(),
-                          positions.shape[0], tables.shape[1], cos_sin.data_ptr()), tensors
+        return DecodeStep(
+            positions.data_ptr(),
+            slots.data_ptr(),
+            tables.data_ptr(),
+            lengths.data_ptr(),
+            positions.shape[0],
+            tables.shape[1],
+            cos_sin.data_ptr(),
+        ), tensors
 
-    def attention(self, x: torch.Tensor, residual: torch.Tensor | None, step: DecodeStep,
-                  k_cache: torch.Tensor, v_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def attention(
+        self,
+        x: torch.Tensor,
+        residual: torch.Tensor | None,
+        step: DecodeStep,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(the attention half's output before any all-reduce, the residual stream x + residual).
         residual is updated in place."""
         x = x.contiguous()
         out = torch.empty_like(x)
-        if self._attention_function(ctypes.byref(self.attention_block), ctypes.byref(step), x.data_ptr(),
-                                    _pointer(residual), out.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr()):
+        if self._attention_function(
+            ctypes.byref(self.attention_block),
+            ctypes.byref(step),
+            x.data_ptr(),
+            _pointer(residual),
+            out.data_ptr(),
+            k_cache.data_ptr(),
+            v_cache.data_ptr(),
+        ):
             raise ValueError(f"fused decode takes 1 to {GEMV_MAX_ROWS} sequences, got {step.batch}")
         return out, x if residual is None else residual
 
@@ -358,8 +529,9 @@ class FusedDecodeLayer:
         """(the MLP half's output before any all-reduce, x + residual); residual updated in place."""
         x = x.contiguous()
         out = torch.empty_like(x)
-        if self._mlp_function(ctypes.byref(self.mlp_block), x.shape[0], x.data_ptr(), residual.data_ptr(),
-                              out.data_ptr()):
+        if self._mlp_function(
+            ctypes.byref(self.mlp_block), x.shape[0], x.data_ptr(), residual.data_ptr(), out.data_ptr()
+        ):
             raise ValueError(f"fused decode takes 1 to {GEMV_MAX_ROWS} rows, got {x.shape[0]}")
         return out, residual
 
@@ -394,8 +566,12 @@ def library(isa: str | None = None) -> KernelLibrary | None:
                     raise RuntimeError(f"this CPU does not run {isa} (torch reports {host_isa()})")
                 _libraries[isa] = KernelLibrary(isa)
             except (OSError, RuntimeError) as e:
-                log.warning("CPU kernels run in torch, about 2x slower per decode step: the compiled ones "
-                            "(%s) are unavailable: %s", isa, e)
+                log.warning(
+                    "CPU kernels run in torch, about 2x slower per decode step: the compiled ones "
+                    "(%s) are unavailable: %s",
+                    isa,
+                    e,
+                )
                 _libraries[isa] = None
         return _libraries[isa]
 
@@ -407,6 +583,7 @@ def kernels_for(x: torch.Tensor) -> KernelLibrary | None:
 
 
 # --- linear layers ------------------------------------------------------------------------------
+
 
 def _cpu_features() -> set[str]:
     """The CPU's feature flags as Linux reports them (x86 'flags', Arm 'Features'); empty
@@ -429,8 +606,10 @@ def _onednn_reports(dtype: torch.dtype) -> bool:
         return False
 
 
-_NATIVE_FEATURES = {torch.bfloat16: {"avx512_bf16", "amx_bf16", "bf16"},
-                    torch.float16: {"avx512_fp16", "amx_fp16", "fphp"}}
+_NATIVE_FEATURES = {
+    torch.bfloat16: {"avx512_bf16", "amx_bf16", "bf16"},
+    torch.float16: {"avx512_fp16", "amx_fp16", "fphp"},
+}
 _native_gemm: dict[torch.dtype, bool] = {}
 
 
@@ -442,9 +621,13 @@ def native_gemm(dtype: torch.dtype) -> bool:
     if dtype not in _native_gemm:
         native = _onednn_reports(dtype) and bool(_NATIVE_FEATURES[dtype] & _cpu_features())
         if not native:
-            log.info("%s products of %d rows or more widen the weight to float32 (an exact copy, then a "
-                     "float32 GEMM): this CPU has no native %s GEMM, where torch's runs 3-4x slower",
-                     dtype, WIDEN_MIN_ROWS, dtype)
+            log.info(
+                "%s products of %d rows or more widen the weight to float32 (an exact copy, then a "
+                "float32 GEMM): this CPU has no native %s GEMM, where torch's runs 3-4x slower",
+                dtype,
+                WIDEN_MIN_ROWS,
+                dtype,
+            )
         _native_gemm[dtype] = native
     return _native_gemm[dtype]
 
@@ -460,11 +643,12 @@ def _widened(weight: torch.Tensor) -> torch.Tensor:
         # inference mode alike.
         with torch.inference_mode(False):
             wide = _scratch.buffer = torch.empty(weight.numel(), dtype=torch.float32)
-    return wide[:weight.numel()].view(weight.shape).copy_(weight)
+    return wide[: weight.numel()].view(weight.shape).copy_(weight)
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-           kernels: KernelLibrary | None = None) -> torch.Tensor:
+def linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, kernels: KernelLibrary | None = None
+) -> torch.Tensor:
     """x @ weight.T + bias for CPU tensors: the GEMV of `kernels` for few rows, torch for many
     (half-precision weights widened to float32 where torch's half-precision GEMM is not native)."""
     rows = x.numel() // x.shape[-1]

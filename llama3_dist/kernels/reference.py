@@ -3,13 +3,15 @@
 Shapes: N = tokens in the flat ragged batch, B = sequences, Hq/Hk = query/KV heads on this rank,
 d = head_dim. A paged cache is [num_blocks, block_size, Hk, d]; slot = page * block_size + offset.
 """
+
 from __future__ import annotations
 
 import torch
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float,
-             residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def rms_norm(
+    x: torch.Tensor, weight: torch.Tensor | None, eps: float, residual: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns (norm(h), h) with h = x + residual (or x). Statistics in float32, as transformers."""
     h = x if residual is None else x + residual
     hf = h.float()
@@ -19,8 +21,9 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float,
     return out, h
 
 
-def rotary_embedding(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
-                     cos_sin_cache: torch.Tensor, interleaved: bool) -> None:
+def rotary_embedding(
+    positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin_cache: torch.Tensor, interleaved: bool
+) -> None:
     """Rotates the first rotary_dim features of every head of q [N, Hq, d] and k [N, Hk, d] in place.
 
     cos_sin_cache is [max_pos, rotary_dim] float32: cos in the first half, sin in the second.
@@ -46,8 +49,9 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.silu(gate) * up
 
 
-def store_kv_cache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                   slot_mapping: torch.Tensor) -> None:
+def store_kv_cache(
+    k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
+) -> None:
     """Writes k, v [N, Hk, d] into the paged caches at slot_mapping [N]; slot -1 is skipped."""
     keep = slot_mapping >= 0
     slots = slot_mapping[keep]
@@ -66,8 +70,9 @@ def _gather_blocks(cache: torch.Tensor, block_table: torch.Tensor, length: int) 
 _Q_BLOCK = 256
 
 
-def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos0: int, scale: float,
-            sliding_window: int | None) -> torch.Tensor:
+def _attend(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos0: int, scale: float, sliding_window: int | None
+) -> torch.Tensor:
     """q [Tq, Hq, d] at positions q_pos0.. attending to k, v [Tk, Hk, d] at positions 0..Tk-1.
 
     Float32 math with GQA as a view (query heads grouped under their KV head, no K/V copy):
@@ -77,13 +82,13 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos0: int, scal
     tq, hq, d = q.shape
     tk, hk = k.shape[0], k.shape[1]
     g = hq // hk
-    kt = k.float().permute(1, 2, 0)   # [Hk, d, Tk]
-    vt = v.float().transpose(0, 1)    # [Hk, Tk, d]
+    kt = k.float().permute(1, 2, 0)  # [Hk, d, Tk]
+    vt = v.float().transpose(0, 1)  # [Hk, Tk, d]
     out = torch.empty(tq, hq, d, dtype=q.dtype, device=q.device)
     for r0 in range(0, tq, _Q_BLOCK):
         t = min(_Q_BLOCK, tq - r0)
         # Rows ordered (group, token) under each KV head: both products are batched over KV heads.
-        qb = (q[r0:r0 + t].float() * scale).view(t, hk, g, d).permute(1, 2, 0, 3).reshape(hk, g * t, d)
+        qb = (q[r0 : r0 + t].float() * scale).view(t, hk, g, d).permute(1, 2, 0, 3).reshape(hk, g * t, d)
         scores = torch.matmul(qb, kt).view(hk, g, t, tk)
         first = q_pos0 + r0  # position of this block's first query
         if t > 1 or (sliding_window is not None and first + 1 > sliding_window):
@@ -94,14 +99,20 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos0: int, scal
                 allowed &= k_pos > q_pos - sliding_window
             scores.masked_fill_(~allowed, float("-inf"))
         probs = torch.softmax(scores, dim=-1).view(hk, g * t, tk)
-        out[r0:r0 + t] = torch.matmul(probs, vt).view(hk, g, t, d).permute(2, 0, 1, 3).reshape(t, hq, d)
+        out[r0 : r0 + t] = torch.matmul(probs, vt).view(hk, g, t, d).permute(2, 0, 1, 3).reshape(t, hq, d)
     return out
 
 
-def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                      block_tables: torch.Tensor, query_start_loc: torch.Tensor,
-                      context_lens: torch.Tensor, scale: float,
-                      sliding_window: int | None = None) -> torch.Tensor:
+def prefill_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+    sliding_window: int | None = None,
+) -> torch.Tensor:
     """Causal attention for a ragged batch whose K/V are already in the cache.
 
     Sequence b owns queries q[query_start_loc[b]:query_start_loc[b+1]], the last tokens of its
@@ -119,9 +130,15 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     return out
 
 
-def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                           block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float,
-                           sliding_window: int | None = None) -> torch.Tensor:
+def paged_decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+    sliding_window: int | None = None,
+) -> torch.Tensor:
     """One query token per sequence (q [B, Hq, d], the last of its context) against its pages:
     prefill attention with one query row each."""
     one_each = torch.arange(q.shape[0] + 1, dtype=torch.int32, device=q.device)

@@ -8,6 +8,7 @@ not matter) for the kernels to run on CPU tensors. `INTERPRET` records which mod
 Every kernel computes addresses in int64 (caches can exceed 2**31 elements), pads block sizes to
 powers of two with masks (head_dim 96, rotary_dim 48, ...) and accumulates in float32.
 """
+
 from __future__ import annotations
 
 import os
@@ -74,9 +75,22 @@ def _cast(x, dtype: tl.constexpr):
 
 
 @triton.jit
-def _rms_norm_kernel(x_ptr, r_ptr, w_ptr, out_ptr, h_ptr, D, eps,
-                     stride_x, stride_r, stride_out, stride_h,
-                     HAS_RESIDUAL: tl.constexpr, HAS_WEIGHT: tl.constexpr, BLOCK_D: tl.constexpr):
+def _rms_norm_kernel(
+    x_ptr,
+    r_ptr,
+    w_ptr,
+    out_ptr,
+    h_ptr,
+    D,
+    eps,
+    stride_x,
+    stride_r,
+    stride_out,
+    stride_h,
+    HAS_RESIDUAL: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_D)
     mask = cols < D
@@ -97,8 +111,9 @@ def _rms_norm_kernel(x_ptr, r_ptr, w_ptr, out_ptr, h_ptr, D, eps,
     tl.store(out_ptr + row * stride_out + cols, _cast(normed, out_ptr.dtype.element_ty), mask=mask)
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float,
-             residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def rms_norm(
+    x: torch.Tensor, weight: torch.Tensor | None, eps: float, residual: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     shape, D = x.shape, x.shape[-1]
     x2 = x.reshape(-1, D)
     if x2.stride(-1) != 1:
@@ -116,10 +131,22 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float,
     if n:
         block_d = _pow2(D)
         _rms_norm_kernel[(n,)](
-            x2, r2, weight if weight is not None else x2, out, h, D, float(eps),
-            x2.stride(0), r2.stride(0), out.stride(0), h.stride(0),
-            HAS_RESIDUAL=residual is not None, HAS_WEIGHT=weight is not None, BLOCK_D=block_d,
-            num_warps=min(max(block_d // 512, 1), 16))
+            x2,
+            r2,
+            weight if weight is not None else x2,
+            out,
+            h,
+            D,
+            float(eps),
+            x2.stride(0),
+            r2.stride(0),
+            out.stride(0),
+            h.stride(0),
+            HAS_RESIDUAL=residual is not None,
+            HAS_WEIGHT=weight is not None,
+            BLOCK_D=block_d,
+            num_warps=min(max(block_d // 512, 1), 16),
+        )
     if residual is None:
         return out.view(shape), x
     return out.view(shape), h.view(shape)
@@ -151,9 +178,25 @@ def _rotate_heads(base, heads, H, stride_h, stride_d, off1, off2, fmask, cos, si
 
 
 @triton.jit
-def _rotary_kernel(pos_ptr, q_ptr, k_ptr, cs_ptr, Hq, Hk, HALF,
-                   stride_qt, stride_qh, stride_qd, stride_kt, stride_kh, stride_kd, stride_cs,
-                   INTERLEAVED: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr):
+def _rotary_kernel(
+    pos_ptr,
+    q_ptr,
+    k_ptr,
+    cs_ptr,
+    Hq,
+    Hk,
+    HALF,
+    stride_qt,
+    stride_qh,
+    stride_qd,
+    stride_kt,
+    stride_kh,
+    stride_kd,
+    stride_cs,
+    INTERLEAVED: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_HALF: tl.constexpr,
+):
     t = tl.program_id(0).to(tl.int64)
     heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     pos = tl.load(pos_ptr + t).to(tl.int64)
@@ -171,8 +214,9 @@ def _rotary_kernel(pos_ptr, q_ptr, k_ptr, cs_ptr, Hq, Hk, HALF,
     _rotate_heads(k_ptr + t * stride_kt, heads, Hk, stride_kh, stride_kd, off1, off2, fmask, cos, sin)
 
 
-def rotary_embedding(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
-                     cos_sin_cache: torch.Tensor, interleaved: bool) -> None:
+def rotary_embedding(
+    positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin_cache: torch.Tensor, interleaved: bool
+) -> None:
     n, hq, hk, rot = q.shape[0], q.shape[1], k.shape[1], cos_sin_cache.shape[1]
     if rot % 2 or rot > q.shape[2] or rot > k.shape[2]:
         raise ValueError(f"rotary_dim {rot} must be even and at most head_dim {q.shape[2]}")
@@ -184,9 +228,21 @@ def rotary_embedding(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
     block_h = min(_pow2(max(hq, hk)), 16)
     grid = (n, triton.cdiv(max(hq, hk), block_h))
     _rotary_kernel[grid](
-        positions, q, k, cos_sin_cache, hq, hk, rot // 2,
-        *q.stride(), *k.stride(), cos_sin_cache.stride(0),
-        INTERLEAVED=bool(interleaved), BLOCK_H=block_h, BLOCK_HALF=_pow2(rot // 2), num_warps=4)
+        positions,
+        q,
+        k,
+        cos_sin_cache,
+        hq,
+        hk,
+        rot // 2,
+        *q.stride(),
+        *k.stride(),
+        cos_sin_cache.stride(0),
+        INTERLEAVED=bool(interleaved),
+        BLOCK_H=block_h,
+        BLOCK_HALF=_pow2(rot // 2),
+        num_warps=4,
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -218,7 +274,8 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     if x2.shape[0]:
         block = min(_pow2(i), 1024)
         _silu_and_mul_kernel[(x2.shape[0], triton.cdiv(i, block))](
-            x2, out, i, x2.stride(0), out.stride(0), BLOCK=block, num_warps=4)
+            x2, out, i, x2.stride(0), out.stride(0), BLOCK=block, num_warps=4
+        )
     return out.view(*x.shape[:-1], i)
 
 
@@ -227,11 +284,32 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
 
 
 @triton.jit
-def _store_kv_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr, H, D, BLOCK_SIZE,
-                     stride_kt, stride_kh, stride_kd, stride_vt, stride_vh, stride_vd,
-                     stride_kcp, stride_kcs, stride_kch, stride_kcd,
-                     stride_vcp, stride_vcs, stride_vch, stride_vcd,
-                     BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+def _store_kv_kernel(
+    k_ptr,
+    v_ptr,
+    kc_ptr,
+    vc_ptr,
+    slot_ptr,
+    H,
+    D,
+    BLOCK_SIZE,
+    stride_kt,
+    stride_kh,
+    stride_kd,
+    stride_vt,
+    stride_vh,
+    stride_vd,
+    stride_kcp,
+    stride_kcs,
+    stride_kch,
+    stride_kcd,
+    stride_vcp,
+    stride_vcs,
+    stride_vch,
+    stride_vcd,
+    BLOCK_H: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     t = tl.program_id(0).to(tl.int64)
     slot = tl.load(slot_ptr + t).to(tl.int64)
     page = slot // BLOCK_SIZE
@@ -243,21 +321,41 @@ def _store_kv_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr, H, D, BLOCK_SIZE,
     mask = (h < H) & (d < D) & ((slot + tl.zeros([BLOCK_H, BLOCK_D], tl.int64)) >= 0)
     k = tl.load(k_ptr + t * stride_kt + h * stride_kh + d * stride_kd, mask=mask)
     v = tl.load(v_ptr + t * stride_vt + h * stride_vh + d * stride_vd, mask=mask)
-    tl.store(kc_ptr + page * stride_kcp + off * stride_kcs + h * stride_kch + d * stride_kcd,
-             _cast(k, kc_ptr.dtype.element_ty), mask=mask)
-    tl.store(vc_ptr + page * stride_vcp + off * stride_vcs + h * stride_vch + d * stride_vcd,
-             _cast(v, vc_ptr.dtype.element_ty), mask=mask)
+    tl.store(
+        kc_ptr + page * stride_kcp + off * stride_kcs + h * stride_kch + d * stride_kcd,
+        _cast(k, kc_ptr.dtype.element_ty),
+        mask=mask,
+    )
+    tl.store(
+        vc_ptr + page * stride_vcp + off * stride_vcs + h * stride_vch + d * stride_vcd,
+        _cast(v, vc_ptr.dtype.element_ty),
+        mask=mask,
+    )
 
 
-def store_kv_cache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                   slot_mapping: torch.Tensor) -> None:
+def store_kv_cache(
+    k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
+) -> None:
     n, hk, d = k.shape
     if n == 0:
         return
     _store_kv_kernel[(n,)](
-        k, v, k_cache, v_cache, slot_mapping.contiguous(), hk, d, k_cache.shape[1],
-        *k.stride(), *v.stride(), *k_cache.stride(), *v_cache.stride(),
-        BLOCK_H=_pow2(hk), BLOCK_D=_pow2(d), num_warps=4)
+        k,
+        v,
+        k_cache,
+        v_cache,
+        slot_mapping.contiguous(),
+        hk,
+        d,
+        k_cache.shape[1],
+        *k.stride(),
+        *v.stride(),
+        *k_cache.stride(),
+        *v_cache.stride(),
+        BLOCK_H=_pow2(hk),
+        BLOCK_D=_pow2(d),
+        num_warps=4,
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -269,8 +367,7 @@ _LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _load_kv_tile(cache_ptr, bt_row_ptr, n, n_mask, kvh, d, d_mask, BLOCK_SIZE,
-                  stride_p, stride_s, stride_h):
+def _load_kv_tile(cache_ptr, bt_row_ptr, n, n_mask, kvh, d, d_mask, BLOCK_SIZE, stride_p, stride_s, stride_h):
     page = tl.load(bt_row_ptr + n // BLOCK_SIZE, mask=n_mask, other=0).to(tl.int64)
     slot = (n % BLOCK_SIZE).to(tl.int64)
     ptrs = cache_ptr + (page * stride_p + slot * stride_s + kvh * stride_h)[:, None] + d[None, :]
@@ -278,13 +375,41 @@ def _load_kv_tile(cache_ptr, bt_row_ptr, n, n_mask, kvh, d, d_mask, BLOCK_SIZE,
 
 
 @triton.jit
-def _decode_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, cl_ptr, out_ptr, po_ptr, pm_ptr, pl_ptr,
-                   scale_log2, G, D, BLOCK_SIZE, WINDOW, PARTITION,
-                   stride_qb, stride_qh, stride_kp, stride_ks, stride_kh,
-                   stride_vp, stride_vs, stride_vh, stride_bt, stride_ob, stride_oh,
-                   SPLIT: tl.constexpr, USE_WINDOW: tl.constexpr, BLOCK_G: tl.constexpr,
-                   BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                   UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+def _decode_kernel(
+    q_ptr,
+    kc_ptr,
+    vc_ptr,
+    bt_ptr,
+    cl_ptr,
+    out_ptr,
+    po_ptr,
+    pm_ptr,
+    pl_ptr,
+    scale_log2,
+    G,
+    D,
+    BLOCK_SIZE,
+    WINDOW,
+    PARTITION,
+    stride_qb,
+    stride_qh,
+    stride_kp,
+    stride_ks,
+    stride_kh,
+    stride_vp,
+    stride_vs,
+    stride_vh,
+    stride_bt,
+    stride_ob,
+    stride_oh,
+    SPLIT: tl.constexpr,
+    USE_WINDOW: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
     # One program per (sequence, KV head, split): the G query heads sharing this KV head are the
     # rows of the score tile, so each K/V tile is read once for the whole group.
     b = tl.program_id(0).to(tl.int64)
@@ -305,8 +430,11 @@ def _decode_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, cl_ptr, out_ptr, po_ptr, pm_pt
     g_mask = g < G
     d_mask = d < D
     heads = kvh * G + g
-    q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + d[None, :],
-                mask=g_mask[:, None] & d_mask[None, :], other=0.0)
+    q = tl.load(
+        q_ptr + b * stride_qb + heads[:, None] * stride_qh + d[None, :],
+        mask=g_mask[:, None] & d_mask[None, :],
+        other=0.0,
+    )
     bt_row = bt_ptr + b * stride_bt
 
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
@@ -316,16 +444,14 @@ def _decode_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, cl_ptr, out_ptr, po_ptr, pm_pt
         # Every tile holds at least one allowed key (start < hi), so m_new is finite.
         n = start + tl.arange(0, BLOCK_N)
         n_mask = n < hi
-        k = _load_kv_tile(kc_ptr, bt_row, n, n_mask, kvh, d, d_mask, BLOCK_SIZE,
-                          stride_kp, stride_ks, stride_kh)
+        k = _load_kv_tile(kc_ptr, bt_row, n, n_mask, kvh, d, d_mask, BLOCK_SIZE, stride_kp, stride_ks, stride_kh)
         s = _dot(q, tl.trans(k), UPCAST, PRECISION) * scale_log2
         s = tl.where(n_mask[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = _load_kv_tile(vc_ptr, bt_row, n, n_mask, kvh, d, d_mask, BLOCK_SIZE,
-                          stride_vp, stride_vs, stride_vh)
+        v = _load_kv_tile(vc_ptr, bt_row, n, n_mask, kvh, d, d_mask, BLOCK_SIZE, stride_vp, stride_vs, stride_vh)
         acc = acc * alpha[:, None] + _dot(_cast(p, v.dtype), v, UPCAST, PRECISION)
         m_i = m_new
 
@@ -338,13 +464,17 @@ def _decode_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, cl_ptr, out_ptr, po_ptr, pm_pt
         tl.store(pl_ptr + row, l_i, mask=g_mask)
     else:
         out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
-        tl.store(out_ptr + b * stride_ob + heads[:, None] * stride_oh + d[None, :],
-                 _cast(out, out_ptr.dtype.element_ty), mask=mask)
+        tl.store(
+            out_ptr + b * stride_ob + heads[:, None] * stride_oh + d[None, :],
+            _cast(out, out_ptr.dtype.element_ty),
+            mask=mask,
+        )
 
 
 @triton.jit
-def _decode_reduce_kernel(po_ptr, pm_ptr, pl_ptr, out_ptr, NUM_SPLITS, D, stride_ob, stride_oh,
-                          BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+def _decode_reduce_kernel(
+    po_ptr, pm_ptr, pl_ptr, out_ptr, NUM_SPLITS, D, stride_ob, stride_oh, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr
+):
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1).to(tl.int64)
     row0 = (b * tl.num_programs(1) + h) * NUM_SPLITS
@@ -358,11 +488,9 @@ def _decode_reduce_kernel(po_ptr, pm_ptr, pl_ptr, out_ptr, NUM_SPLITS, D, stride
     m_max = tl.where(m_max == float("-inf"), 0.0, m_max)
     w = tl.exp2(m - m_max)  # empty splits have m = -inf: weight 0
     total = tl.sum(w * l, 0)
-    acc = tl.load(po_ptr + (row0 + s)[:, None] * D + d[None, :],
-                  mask=s_mask[:, None] & d_mask[None, :], other=0.0)
+    acc = tl.load(po_ptr + (row0 + s)[:, None] * D + d[None, :], mask=s_mask[:, None] & d_mask[None, :], other=0.0)
     out = tl.sum(acc * w[:, None], 0) / tl.where(total == 0.0, 1.0, total)
-    tl.store(out_ptr + b * stride_ob + h * stride_oh + d, _cast(out, out_ptr.dtype.element_ty),
-             mask=d_mask)
+    tl.store(out_ptr + b * stride_ob + h * stride_oh + d, _cast(out, out_ptr.dtype.element_ty), mask=d_mask)
 
 
 def _num_decode_splits(batch: int, kv_heads: int, ctx_cap: int, device: torch.device) -> int:
@@ -377,10 +505,16 @@ def _num_decode_splits(batch: int, kv_heads: int, ctx_cap: int, device: torch.de
     return max(1, min(want, triton.cdiv(ctx_cap, 256), 64))
 
 
-def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                           block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float,
-                           sliding_window: int | None = None,
-                           num_splits: int | None = None) -> torch.Tensor:
+def paged_decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+    sliding_window: int | None = None,
+    num_splits: int | None = None,
+) -> torch.Tensor:
     """num_splits (tests only) overrides the split heuristic; 1 disables flash-decoding."""
     B, hq, d = q.shape
     block_size, hk = k_cache.shape[1], k_cache.shape[2]
@@ -409,29 +543,91 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         partial_out = partial_m = partial_l = out
     block_d = _pow2(d, 16)
     _decode_kernel[(B, hk, num_splits)](
-        q, k_cache, v_cache, block_tables, context_lens, out, partial_out, partial_m, partial_l,
-        float(scale) * _LOG2E, group, d, block_size,
-        int(sliding_window) if sliding_window is not None else 0, partition,
-        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
-        out.stride(0), out.stride(1),
-        SPLIT=split, USE_WINDOW=sliding_window is not None, BLOCK_G=_pow2(group, 16),
-        BLOCK_N=block_n, BLOCK_D=block_d, UPCAST=_DOT_UPCAST, PRECISION=_precision(q.dtype),
-        num_warps=4, num_stages=2)
+        q,
+        k_cache,
+        v_cache,
+        block_tables,
+        context_lens,
+        out,
+        partial_out,
+        partial_m,
+        partial_l,
+        float(scale) * _LOG2E,
+        group,
+        d,
+        block_size,
+        int(sliding_window) if sliding_window is not None else 0,
+        partition,
+        q.stride(0),
+        q.stride(1),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        v_cache.stride(0),
+        v_cache.stride(1),
+        v_cache.stride(2),
+        block_tables.stride(0),
+        out.stride(0),
+        out.stride(1),
+        SPLIT=split,
+        USE_WINDOW=sliding_window is not None,
+        BLOCK_G=_pow2(group, 16),
+        BLOCK_N=block_n,
+        BLOCK_D=block_d,
+        UPCAST=_DOT_UPCAST,
+        PRECISION=_precision(q.dtype),
+        num_warps=4,
+        num_stages=2,
+    )
     if split:
         _decode_reduce_kernel[(B, hq)](
-            partial_out, partial_m, partial_l, out, num_splits, d, out.stride(0), out.stride(1),
-            BLOCK_S=_pow2(num_splits), BLOCK_D=_pow2(d), num_warps=4)
+            partial_out,
+            partial_m,
+            partial_l,
+            out,
+            num_splits,
+            d,
+            out.stride(0),
+            out.stride(1),
+            BLOCK_S=_pow2(num_splits),
+            BLOCK_D=_pow2(d),
+            num_warps=4,
+        )
     return out
 
 
 @triton.jit
-def _prefill_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, qsl_ptr, cl_ptr, out_ptr,
-                    scale_log2, G, D, BLOCK_SIZE, WINDOW,
-                    stride_qt, stride_qh, stride_kp, stride_ks, stride_kh,
-                    stride_vp, stride_vs, stride_vh, stride_bt, stride_ot, stride_oh,
-                    USE_WINDOW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                    BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+def _prefill_kernel(
+    q_ptr,
+    kc_ptr,
+    vc_ptr,
+    bt_ptr,
+    qsl_ptr,
+    cl_ptr,
+    out_ptr,
+    scale_log2,
+    G,
+    D,
+    BLOCK_SIZE,
+    WINDOW,
+    stride_qt,
+    stride_qh,
+    stride_kp,
+    stride_ks,
+    stride_kh,
+    stride_vp,
+    stride_vs,
+    stride_vh,
+    stride_bt,
+    stride_ot,
+    stride_oh,
+    USE_WINDOW: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
     # One program per (query block, KV head, sequence). The rows of a query block are
     # (token, query head) pairs of one KV head's group, token-major: row r is token r // G,
     # head r % G, so each K/V tile is read once for the whole group.
@@ -451,8 +647,11 @@ def _prefill_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, qsl_ptr, cl_ptr, out_ptr,
     d = tl.arange(0, BLOCK_D)
     d_mask = d < D
     q_rows = (q_start + tok).to(tl.int64)
-    q = tl.load(q_ptr + (q_rows * stride_qt + heads * stride_qh)[:, None] + d[None, :],
-                mask=row_mask[:, None] & d_mask[None, :], other=0.0)
+    q = tl.load(
+        q_ptr + (q_rows * stride_qt + heads * stride_qh)[:, None] + d[None, :],
+        mask=row_mask[:, None] & d_mask[None, :],
+        other=0.0,
+    )
     bt_row = bt_ptr + b * stride_bt
 
     # Keys this block can see: up to its last query's position, from its first query's window.
@@ -469,8 +668,7 @@ def _prefill_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, qsl_ptr, cl_ptr, out_ptr,
     for start in range(lo, hi, BLOCK_N):
         n = start + tl.arange(0, BLOCK_N)
         n_mask = n < hi
-        k = _load_kv_tile(kc_ptr, bt_row, n, n_mask, kvh, d, d_mask, BLOCK_SIZE,
-                          stride_kp, stride_ks, stride_kh)
+        k = _load_kv_tile(kc_ptr, bt_row, n, n_mask, kvh, d, d_mask, BLOCK_SIZE, stride_kp, stride_ks, stride_kh)
         s = _dot(q, tl.trans(k), UPCAST, PRECISION) * scale_log2
         allowed = n_mask[None, :] & (n[None, :] <= pos[:, None])
         if USE_WINDOW:
@@ -482,20 +680,28 @@ def _prefill_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, qsl_ptr, cl_ptr, out_ptr,
         alpha = tl.exp2(m_i - m_safe)
         p = tl.exp2(s - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = _load_kv_tile(vc_ptr, bt_row, n, n_mask, kvh, d, d_mask, BLOCK_SIZE,
-                          stride_vp, stride_vs, stride_vh)
+        v = _load_kv_tile(vc_ptr, bt_row, n, n_mask, kvh, d, d_mask, BLOCK_SIZE, stride_vp, stride_vs, stride_vh)
         acc = acc * alpha[:, None] + _dot(_cast(p, v.dtype), v, UPCAST, PRECISION)
         m_i = m_new
 
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
-    tl.store(out_ptr + (q_rows * stride_ot + heads * stride_oh)[:, None] + d[None, :],
-             _cast(out, out_ptr.dtype.element_ty), mask=row_mask[:, None] & d_mask[None, :])
+    tl.store(
+        out_ptr + (q_rows * stride_ot + heads * stride_oh)[:, None] + d[None, :],
+        _cast(out, out_ptr.dtype.element_ty),
+        mask=row_mask[:, None] & d_mask[None, :],
+    )
 
 
-def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                      block_tables: torch.Tensor, query_start_loc: torch.Tensor,
-                      context_lens: torch.Tensor, scale: float,
-                      sliding_window: int | None = None) -> torch.Tensor:
+def prefill_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+    sliding_window: int | None = None,
+) -> torch.Tensor:
     n, hq, d = q.shape
     block_size, hk = k_cache.shape[1], k_cache.shape[2]
     if hq % hk:
@@ -519,13 +725,36 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
         block_m, block_n, warps = 64, 64, 4
     grid = (triton.cdiv(max_q * group, block_m), hk, B)
     _prefill_kernel[grid](
-        q, k_cache, v_cache, block_tables, query_start_loc, context_lens, out,
-        float(scale) * _LOG2E, group, d, block_size,
+        q,
+        k_cache,
+        v_cache,
+        block_tables,
+        query_start_loc,
+        context_lens,
+        out,
+        float(scale) * _LOG2E,
+        group,
+        d,
+        block_size,
         int(sliding_window) if sliding_window is not None else 0,
-        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
-        out.stride(0), out.stride(1),
-        USE_WINDOW=sliding_window is not None, BLOCK_M=block_m, BLOCK_N=block_n,
-        BLOCK_D=_pow2(d, 16), UPCAST=_DOT_UPCAST, PRECISION=_precision(q.dtype),
-        num_warps=warps, num_stages=2)
+        q.stride(0),
+        q.stride(1),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        v_cache.stride(0),
+        v_cache.stride(1),
+        v_cache.stride(2),
+        block_tables.stride(0),
+        out.stride(0),
+        out.stride(1),
+        USE_WINDOW=sliding_window is not None,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_D=_pow2(d, 16),
+        UPCAST=_DOT_UPCAST,
+        PRECISION=_precision(q.dtype),
+        num_warps=warps,
+        num_stages=2,
+    )
     return out

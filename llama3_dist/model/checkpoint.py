@@ -6,6 +6,7 @@ optionally, a range of its rows or columns; only those bytes are read from disk 
 `get_slice`). Phi-3's fused `qkv_proj` and `gate_up_proj` are presented as their q/k/v and
 gate/up parts, so sharding by heads never needs the fused tensor whole.
 """
+
 from __future__ import annotations
 
 import json
@@ -32,6 +33,7 @@ class CheckpointError(ValueError):
 class CheckpointNames:
     """The tensor names of one architecture's checkpoints. Layer parts are relative to `layer`
     (with the layer's index); a weight adds ".weight", a bias ".bias"."""
+
     embedding: str = "model.embed_tokens.weight"
     final_norm: str = "model.norm.weight"
     lm_head: str = "lm_head.weight"
@@ -60,17 +62,19 @@ CHECKPOINT_NAMES = {
     "Qwen2ForCausalLM": LLAMA_NAMES,
     "GraniteForCausalLM": LLAMA_NAMES,
     "OlmoForCausalLM": LLAMA_NAMES,
-    "Phi3ForCausalLM": CheckpointNames(fused={
-        "self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-        "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj"),
-    }),
+    "Phi3ForCausalLM": CheckpointNames(
+        fused={
+            "self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+            "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj"),
+        }
+    ),
 }
 
 
 @dataclass(frozen=True, slots=True)
 class _Location:
-    name: str   # tensor name in the file
-    row0: int   # first row of the logical tensor inside it (fused tensors)
+    name: str  # tensor name in the file
+    row0: int  # first row of the logical tensor inside it (fused tensors)
     rows: int | None  # rows of the logical tensor (None: all)
 
 
@@ -93,7 +97,8 @@ class Checkpoint:
                     raise CheckpointError(
                         f"{str(self.path)!r} holds only pickle checkpoints ({', '.join(pickles)}); they are "
                         f"refused because loading them runs arbitrary code. Convert them to safetensors "
-                        f"(e.g. model.save_pretrained(dir, safe_serialization=True)).")
+                        f"(e.g. model.save_pretrained(dir, safe_serialization=True))."
+                    )
                 raise CheckpointError(f"no model.safetensors in {str(self.path)!r}")
             self.files = {}
             for file in files:
@@ -112,14 +117,15 @@ class Checkpoint:
     def shape(self, name: str) -> list[int]:
         return list(self._open(self.files[name]).get_slice(name).get_shape())
 
-    def read(self, name: str, row0: int = 0, rows: int | None = None,
-             cols: tuple[int, int] | None = None) -> torch.Tensor:
+    def read(
+        self, name: str, row0: int = 0, rows: int | None = None, cols: tuple[int, int] | None = None
+    ) -> torch.Tensor:
         sl = self._open(self.files[name]).get_slice(name)
         self.consumed.add(name)
         stop = None if rows is None else row0 + rows
         if cols is None:
             return sl[row0:stop]
-        return sl[row0:stop, cols[0]:cols[1]]
+        return sl[row0:stop, cols[0] : cols[1]]
 
     def unexpected(self) -> list[str]:
         return sorted(n for n in self.files if n not in self.consumed and not n.endswith(IGNORED_SUFFIXES))
@@ -145,8 +151,13 @@ class WeightSource:
         tensors this architecture stores fused."""
         q_rows = config.num_attention_heads * config.head_dim
         kv_rows = config.num_key_value_heads * config.head_dim
-        rows = {"self_attn.q_proj": q_rows, "self_attn.k_proj": kv_rows, "self_attn.v_proj": kv_rows,
-                "mlp.gate_proj": config.intermediate_size, "mlp.up_proj": config.intermediate_size}
+        rows = {
+            "self_attn.q_proj": q_rows,
+            "self_attn.k_proj": kv_rows,
+            "self_attn.v_proj": kv_rows,
+            "mlp.gate_proj": config.intermediate_size,
+            "mlp.up_proj": config.intermediate_size,
+        }
         parts = {}
         for stored, logical in names.fused.items():
             row0 = 0
@@ -159,26 +170,35 @@ class WeightSource:
         for part, (fused, row0, rows) in self._fused.items():
             suffix = f".{part}.weight"
             if name.endswith(suffix):
-                return _Location(f"{name[:-len(suffix)]}.{fused}.weight", row0, rows)
+                return _Location(f"{name[: -len(suffix)]}.{fused}.weight", row0, rows)
         return _Location(name, 0, None)
 
     def has(self, name: str) -> bool:
         return self._locate(name).name in self.checkpoint.files
 
-    def read(self, name: str, shape: tuple[int, ...], rows: tuple[int, int] | None = None,
-             cols: tuple[int, int] | None = None) -> torch.Tensor:
+    def read(
+        self,
+        name: str,
+        shape: tuple[int, ...],
+        rows: tuple[int, int] | None = None,
+        cols: tuple[int, int] | None = None,
+    ) -> torch.Tensor:
         """The logical tensor `name` of full shape `shape`, or its [rows) / [cols) slice."""
         loc = self._locate(name)
         files = self.checkpoint.files
         if loc.name not in files:
-            raise CheckpointError(f"tensor {loc.name!r} is missing from the checkpoint in "
-                                  f"{str(self.checkpoint.path)!r} ({self.config.architecture})")
+            raise CheckpointError(
+                f"tensor {loc.name!r} is missing from the checkpoint in "
+                f"{str(self.checkpoint.path)!r} ({self.config.architecture})"
+            )
         stored = self.checkpoint.shape(loc.name)
         logical = [loc.rows, *stored[1:]] if loc.rows is not None else stored
         fits = loc.rows is None or loc.row0 + loc.rows <= stored[0]
         if list(shape) != logical or not fits:
-            raise CheckpointError(f"tensor {loc.name!r} in {files[loc.name].name} has shape {stored}, "
-                                  f"expected {list(shape)} for {name!r} from config.json")
+            raise CheckpointError(
+                f"tensor {loc.name!r} in {files[loc.name].name} has shape {stored}, "
+                f"expected {list(shape)} for {name!r} from config.json"
+            )
         r0, nrows = (0, None) if rows is None else (rows[0], rows[1] - rows[0])
         tensor = self.checkpoint.read(loc.name, loc.row0 + r0, nrows if nrows is not None else loc.rows, cols)
         # A column slice comes back as a strided view of whole rows: copying it out frees the rows
@@ -196,5 +216,7 @@ class WeightSource:
         extra = self.checkpoint.unexpected()
         if extra:
             shown = ", ".join(extra[:8]) + (f" and {len(extra) - 8} more" if len(extra) > 8 else "")
-            raise CheckpointError(f"unexpected tensors in the checkpoint in {str(self.checkpoint.path)!r}: "
-                                  f"{shown}; it does not look like a {self.config.architecture}")
+            raise CheckpointError(
+                f"unexpected tensors in the checkpoint in {str(self.checkpoint.path)!r}: "
+                f"{shown}; it does not look like a {self.config.architecture}"
+            )

@@ -5,6 +5,7 @@ through a WeightSource, by the checkpoint names the model passes (model/checkpoi
 At one device the collectives are no-ops. Each layer says which of its parameters every rank
 holds whole (REPLICATED); the others are sharded.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from .parallel import ParallelContext
 @dataclass(frozen=True, slots=True)
 class ShardedPart:
     """Rows [start, stop) of one logical tensor (full_rows rows) that this rank holds."""
+
     full_rows: int
     start: int
     stop: int
@@ -33,6 +35,7 @@ def _parameter(*shape: int, dtype: torch.dtype) -> nn.Parameter:
 
 class ColumnParallelLinear(nn.Module):
     """Output features split across ranks; several logical weights may be fused into one GEMM."""
+
     REPLICATED: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, input_size: int, parts: list[ShardedPart], bias: bool, dtype: torch.dtype, kernels: Kernels):
@@ -46,12 +49,19 @@ class ColumnParallelLinear(nn.Module):
 
     def load(self, source: WeightSource, names: list[str]) -> None:
         """names: the checkpoint name (without .weight) of each logical part, in order."""
-        self.weight.data = torch.cat([
-            source.read(f"{name}.weight", (part.full_rows, self.input_size), rows=(part.start, part.stop))
-            for name, part in zip(names, self.parts, strict=True)])
+        self.weight.data = torch.cat(
+            [
+                source.read(f"{name}.weight", (part.full_rows, self.input_size), rows=(part.start, part.stop))
+                for name, part in zip(names, self.parts, strict=True)
+            ]
+        )
         if self.bias is not None:
-            self.bias.data = torch.cat([source.read(f"{name}.bias", (part.full_rows,), rows=(part.start, part.stop))
-                                        for name, part in zip(names, self.parts, strict=True)])
+            self.bias.data = torch.cat(
+                [
+                    source.read(f"{name}.bias", (part.full_rows,), rows=(part.start, part.stop))
+                    for name, part in zip(names, self.parts, strict=True)
+                ]
+            )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.kernels.linear(x, self.weight, self.bias)
@@ -60,8 +70,17 @@ class ColumnParallelLinear(nn.Module):
 class QKVParallelLinear(ColumnParallelLinear):
     """q, k, v fused: this rank's query heads and its KV heads (replicated when tp > n_kv)."""
 
-    def __init__(self, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int, bias: bool,
-                 dtype: torch.dtype, parallel: ParallelContext, kernels: Kernels):
+    def __init__(
+        self,
+        hidden_size: int,
+        head_dim: int,
+        num_heads: int,
+        num_kv_heads: int,
+        bias: bool,
+        dtype: torch.dtype,
+        parallel: ParallelContext,
+        kernels: Kernels,
+    ):
         q_start, q_stop = parallel.shard(num_heads)
         if parallel.world_size <= num_kv_heads:
             kv_start, kv_stop = parallel.shard(num_kv_heads)
@@ -70,15 +89,27 @@ class QKVParallelLinear(ColumnParallelLinear):
             kv_stop = kv_start + 1
         self.num_heads, self.num_kv_heads = q_stop - q_start, kv_stop - kv_start
         kv_part = ShardedPart(num_kv_heads * head_dim, kv_start * head_dim, kv_stop * head_dim)
-        super().__init__(hidden_size, [ShardedPart(num_heads * head_dim, q_start * head_dim, q_stop * head_dim),
-                                       kv_part, kv_part], bias, dtype, kernels)
+        super().__init__(
+            hidden_size,
+            [ShardedPart(num_heads * head_dim, q_start * head_dim, q_stop * head_dim), kv_part, kv_part],
+            bias,
+            dtype,
+            kernels,
+        )
 
 
 class MergedColumnParallelLinear(ColumnParallelLinear):
     """gate and up fused as [gate | up] of this rank's slice of the intermediate features."""
 
-    def __init__(self, hidden_size: int, intermediate_size: int, bias: bool, dtype: torch.dtype,
-                 parallel: ParallelContext, kernels: Kernels):
+    def __init__(
+        self,
+        hidden_size: int,
+        intermediate_size: int,
+        bias: bool,
+        dtype: torch.dtype,
+        parallel: ParallelContext,
+        kernels: Kernels,
+    ):
         start, stop = parallel.shard(intermediate_size)
         part = ShardedPart(intermediate_size, start, stop)
         super().__init__(hidden_size, [part, part], bias, dtype, kernels)
@@ -86,10 +117,18 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
 
 class RowParallelLinear(nn.Module):
     """Input features split across ranks; partial sums all-reduced; the bias added once after."""
+
     REPLICATED: ClassVar[tuple[str, ...]] = ("bias",)
 
-    def __init__(self, input_size: int, output_size: int, bias: bool, dtype: torch.dtype, parallel: ParallelContext,
-                 kernels: Kernels):
+    def __init__(
+        self,
+        input_size: int,
+        output_size: int,
+        bias: bool,
+        dtype: torch.dtype,
+        parallel: ParallelContext,
+        kernels: Kernels,
+    ):
         super().__init__()
         self.parallel = parallel
         self.kernels = kernels
@@ -110,6 +149,7 @@ class RowParallelLinear(nn.Module):
 
 class VocabParallelEmbedding(nn.Module):
     """Rows of the vocabulary split across ranks; ids outside a rank's range give zeros there."""
+
     REPLICATED: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, vocab_size: int, hidden_size: int, dtype: torch.dtype, parallel: ParallelContext):
@@ -140,6 +180,7 @@ class VocabParallelEmbedding(nn.Module):
 
 class ParallelLMHead(nn.Module):
     """Vocabulary-parallel output projection gathered to rank 0; tied heads share the embedding shard."""
+
     REPLICATED: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, embedding: VocabParallelEmbedding, tied: bool, kernels: Kernels):
@@ -158,16 +199,16 @@ class ParallelLMHead(nn.Module):
     def forward(self, hidden: torch.Tensor) -> torch.Tensor | None:
         """Float32 logits [n, V] on rank 0, None elsewhere."""
         logits = self.embedding.parallel.gather_last_dim(self.kernels.linear(hidden, self.weight))
-        return None if logits is None else logits[:, :self.embedding.vocab_size].float()
+        return None if logits is None else logits[:, : self.embedding.vocab_size].float()
 
 
 class Norm(nn.Module):
     """RMSNorm (learned weight) or LayerNorm without learned parameters (OLMo), fused with the
     residual add: forward(x, residual) returns (norm(x + residual), x + residual)."""
+
     REPLICATED: ClassVar[tuple[str, ...]] = ("weight",)
 
-    def __init__(self, hidden_size: int, eps: float, method: str, affine: bool, dtype: torch.dtype,
-                 kernels: Kernels):
+    def __init__(self, hidden_size: int, eps: float, method: str, affine: bool, dtype: torch.dtype, kernels: Kernels):
         super().__init__()
         self.kernels = kernels
         self.eps, self.method, self.hidden_size = eps, method, hidden_size

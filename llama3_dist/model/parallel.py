@@ -2,6 +2,7 @@
 
 At one device every collective is a no-op, so the same layers run in-process and sharded.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

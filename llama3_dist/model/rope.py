@@ -3,6 +3,7 @@
 The table is [max_seq_len, rotary_dim] float32, cos in the first half and sin in the second,
 computed the way transformers computes it so float32 results match to rounding.
 """
+
 from __future__ import annotations
 
 import math
@@ -16,8 +17,10 @@ def inverse_frequencies(config: Llama3Config, factors: list[float] | None = None
     dim = config.rotary_dim
     inv = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
     if factors is not None:  # longrope: one extension factor per frequency
-        inv = 1.0 / (torch.tensor(factors, dtype=torch.float32) * config.rope_theta
-                     ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+        inv = 1.0 / (
+            torch.tensor(factors, dtype=torch.float32)
+            * config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim)
+        )
     scaling = config.rope_scaling_params
     if scaling is None:
         return inv
@@ -29,7 +32,8 @@ def inverse_frequencies(config: Llama3Config, factors: list[float] | None = None
     wl = 2 * math.pi / inv
     scaled = torch.where(wl > low_wl, inv / scaling.factor, inv)
     s = (scaling.orig_max_position / wl - scaling.low_freq_factor) / (
-        scaling.high_freq_factor - scaling.low_freq_factor)
+        scaling.high_freq_factor - scaling.low_freq_factor
+    )
     smoothed = (1 - s) * scaled / scaling.factor + s * scaled
     is_medium = ~(wl < high_wl) & ~(wl > low_wl)
     return torch.where(is_medium, smoothed, scaled)

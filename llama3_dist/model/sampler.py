@@ -10,6 +10,7 @@ the argmax; the others are divided by their temperature, filtered by min_p, top_
 row), and sampled by inverse CDF with one uniform number per row. A seeded row draws that number
 from (seed, step), so it is reproducible whatever else shares the batch and after preemption.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -21,6 +22,7 @@ import torch
 from ..core.sampling_metadata import PenaltyInputs, SamplingMetadata
 from ..outputs import TokenLogprobs
 from ..sampling_params import SAMPLING_EPS
+
 
 @dataclass(slots=True)
 class SamplerOutput:
@@ -71,15 +73,20 @@ class Sampler:
             else:
                 token_ids = np.empty(b, np.int64)
             token_ids[r_rows] = sample_filtered(
-                x, meta.temperature[r_rows], meta.top_k[r_rows], meta.top_p[r_rows],
-                meta.min_p[r_rows], self._uniforms(meta, r_rows), out=work)
+                x,
+                meta.temperature[r_rows],
+                meta.top_k[r_rows],
+                meta.top_p[r_rows],
+                meta.min_p[r_rows],
+                self._uniforms(meta, r_rows),
+                out=work,
+            )
 
         logprobs: list[TokenLogprobs | None] = [None] * b
         lp_rows = [i for i, k in enumerate(meta.num_logprobs) if k is not None]
         if lp_rows:
             rows = logits if len(lp_rows) == b else logits[_t(np.array(lp_rows), dev)]
-            computed = compute_logprobs(
-                rows, token_ids[lp_rows], [meta.num_logprobs[i] for i in lp_rows])
+            computed = compute_logprobs(rows, token_ids[lp_rows], [meta.num_logprobs[i] for i in lp_rows])
             for i, lp in zip(lp_rows, computed):
                 logprobs[i] = lp
         return SamplerOutput(token_ids, logprobs)
@@ -93,8 +100,7 @@ class Sampler:
     def _uniforms(self, meta: SamplingMetadata, rows: np.ndarray) -> np.ndarray:
         """One uniform number in [0, 1) per row: from (seed, step) for seeded rows, else from
         the shared generator."""
-        u = torch.rand(len(rows), generator=self.generator, dtype=torch.float64,
-                       device="cpu").numpy()
+        u = torch.rand(len(rows), generator=self.generator, dtype=torch.float64, device="cpu").numpy()
         for j, i in enumerate(rows):
             if meta.seeds[i] is not None:
                 u[j] = _seeded_uniform(meta.seeds[i], meta.steps[i])
@@ -126,14 +132,14 @@ def apply_penalties(logits: torch.Tensor, pen: PenaltyInputs) -> None:
     dev = logits.device
     for ids in (pen.output_ids, pen.prompt_ids):
         if len(ids) and (ids.min() < 0 or ids.max() >= v):
-            raise ValueError(f"penalty token ids must be in [0, {v}) for logits of vocabulary "
-                             f"{v}, got ids from {ids.min()} to {ids.max()}")
-    out_keys, counts = torch.unique(
-        _t(pen.output_rows, dev) * v + _t(pen.output_ids, dev), return_counts=True)
+            raise ValueError(
+                f"penalty token ids must be in [0, {v}) for logits of vocabulary "
+                f"{v}, got ids from {ids.min()} to {ids.max()}"
+            )
+    out_keys, counts = torch.unique(_t(pen.output_rows, dev) * v + _t(pen.output_ids, dev), return_counts=True)
     rep = torch.from_numpy(pen.repetition).to(dev)
     if (pen.repetition != 1.0).any():
-        keys = torch.unique(torch.cat([_t(pen.prompt_rows, dev) * v + _t(pen.prompt_ids, dev),
-                                       out_keys]))
+        keys = torch.unique(torch.cat([_t(pen.prompt_rows, dev) * v + _t(pen.prompt_ids, dev), out_keys]))
         r, t = keys // v, keys % v
         vals, p = logits[r, t], rep[r]
         logits[r, t] = torch.where(vals > 0, vals / p, vals * p)
@@ -172,13 +178,13 @@ def sample_filtered(
     f_rows, n_rows = np.flatnonzero(filtered), np.flatnonzero(~filtered)
     tokens = np.empty(r, np.int64)
     tokens[n_rows] = _inverse_cdf(w[_t(n_rows, dev)], u[n_rows]).cpu().numpy()
-    tokens[f_rows] = _sample_top(w[_t(f_rows, dev)], top_k[f_rows], top_p[f_rows],
-                                 min_p[f_rows], u[f_rows])
+    tokens[f_rows] = _sample_top(w[_t(f_rows, dev)], top_k[f_rows], top_p[f_rows], min_p[f_rows], u[f_rows])
     return tokens
 
 
-def _sample_top(probs: torch.Tensor, top_k: np.ndarray, top_p: np.ndarray, min_p: np.ndarray,
-                u: np.ndarray) -> np.ndarray:
+def _sample_top(
+    probs: torch.Tensor, top_k: np.ndarray, top_p: np.ndarray, min_p: np.ndarray, u: np.ndarray
+) -> np.ndarray:
     """Draw from the top slice of each row of probs [R, V] (unnormalised: fractions are of the
     row sums) that min_p, top_k and top_p keep. Overwrites probs.
 
@@ -194,8 +200,13 @@ def _sample_top(probs: torch.Tensor, top_k: np.ndarray, top_p: np.ndarray, min_p
     block_max = _block_reduce(probs, bs, "amax")  # [R, nb]
     nb = block_max.shape[1]
     bm_sorted = _sort_desc(block_max)  # [R, nb]
-    f = _Filters(torch.from_numpy(top_k).to(dev), torch.from_numpy(top_p).to(dev),
-                 torch.from_numpy(min_p).to(dev), bm_sorted[:, 0], probs.sum(dim=-1))
+    f = _Filters(
+        torch.from_numpy(top_k).to(dev),
+        torch.from_numpy(top_p).to(dev),
+        torch.from_numpy(min_p).to(dev),
+        bm_sorted[:, 0],
+        probs.sum(dim=-1),
+    )
     has_k = f.top_k > 0
     p_only = ~has_k & (f.min_p <= 0.0)
 
@@ -250,8 +261,7 @@ class _Filters:
     total: torch.Tensor  # the sum of the weights
 
     def rows(self, idx: torch.Tensor) -> _Filters:
-        return _Filters(self.top_k[idx], self.top_p[idx], self.min_p[idx], self.pmax[idx],
-                        self.total[idx])
+        return _Filters(self.top_k[idx], self.top_p[idx], self.min_p[idx], self.pmax[idx], self.total[idx])
 
 
 def _draw_top(cand: torch.Tensor, f: _Filters, u: np.ndarray) -> torch.Tensor:
@@ -288,7 +298,7 @@ def _inverse_cdf(w: torch.Tensor, u: np.ndarray) -> torch.Tensor:
     cdf = torch.cumsum(sums, dim=-1)
     target = u_t * cdf[:, -1]
     blk = _search(cdf, target)
-    rest = (target - (cdf.gather(1, blk[:, None])[:, 0] - sums.gather(1, blk[:, None])[:, 0]))
+    rest = target - (cdf.gather(1, blk[:, None])[:, 0] - sums.gather(1, blk[:, None])[:, 0])
     ids = blk[:, None] * bs + torch.arange(bs, device=dev)
     inside = ids < m
     wb = w.gather(1, ids.clamp(max=m - 1)) * inside
@@ -343,6 +353,7 @@ def compute_logprobs(
 
 # ---- small helpers; numpy on CPU where torch's CPU kernels are many times slower --------------
 
+
 def _t(a: np.ndarray, device: torch.device) -> torch.Tensor:
     return torch.from_numpy(np.asarray(a, np.int64)).to(device)
 
@@ -374,8 +385,9 @@ def _topk(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     return top, ids.gather(1, j)
 
 
-def _gather_blocks(x: torch.Tensor, rows: torch.Tensor | None, blocks: torch.Tensor, bs: int,
-                   fill: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _gather_blocks(
+    x: torch.Tensor, rows: torch.Tensor | None, blocks: torch.Tensor, bs: int, fill: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Values and column ids of whole blocks of bs columns: blocks [R, m] of x's `rows` (None:
     all) -> [R, m * bs]. Columns past the end of a row (a partial last block) get `fill`."""
     v = x.shape[1]
@@ -412,5 +424,5 @@ def _block_reduce(x: torch.Tensor, bs: int, op: str) -> torch.Tensor:
     full = getattr(x[:, : nb * bs].reshape(r, nb, bs), op)(dim=-1)
     if v % bs == 0:
         return full
-    tail = getattr(x[:, nb * bs:], op)(dim=-1, keepdim=True)
+    tail = getattr(x[:, nb * bs :], op)(dim=-1, keepdim=True)
     return torch.cat([full, tail], dim=1)

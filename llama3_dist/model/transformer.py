@@ -4,6 +4,7 @@ One forward serves every supported architecture; the differences are config fiel
 Granite multipliers, OLMo's non-affine LayerNorm and clip_qkv, Qwen2 biases, Phi-3 fused
 weights (split at load), partial rotary (Phi-4-mini), sliding windows (Mistral, Phi-3).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -15,20 +16,27 @@ from .. import kernels as kernel_dispatch
 from .checkpoint import TORCH_DTYPES, CheckpointNames, WeightSource
 from ..config import Llama3Config
 from ..kernels import Kernels, cpu
-from .layers import (MergedColumnParallelLinear, Norm, ParallelLMHead, QKVParallelLinear,
-                     RowParallelLinear, VocabParallelEmbedding)
+from .layers import (
+    MergedColumnParallelLinear,
+    Norm,
+    ParallelLMHead,
+    QKVParallelLinear,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+)
 from .parallel import ParallelContext
 
 
 @dataclass(slots=True)
 class AttentionMetadata:
     """Where each token of the flat ragged batch sits. N tokens, B sequences."""
-    positions: torch.Tensor        # [N] int64
-    slot_mapping: torch.Tensor     # [N] int64: block * block_size + offset; -1 = do not store
+
+    positions: torch.Tensor  # [N] int64
+    slot_mapping: torch.Tensor  # [N] int64: block * block_size + offset; -1 = do not store
     query_start_loc: torch.Tensor  # [B+1] int32 (MAX: input_row_offsets)
-    context_lens: torch.Tensor     # [B] int32, cached tokens including this step's
-    block_tables: torch.Tensor     # [B, max_blocks] int32
-    is_decode: bool                # every sequence has exactly one new token
+    context_lens: torch.Tensor  # [B] int32, cached tokens including this step's
+    block_tables: torch.Tensor  # [B, max_blocks] int32
+    is_decode: bool  # every sequence has exactly one new token
 
 
 class Attention(nn.Module):
@@ -36,35 +44,70 @@ class Attention(nn.Module):
         super().__init__()
         self.config = config
         self.kernels = kernels
-        self.qkv_proj = QKVParallelLinear(config.hidden_size, config.head_dim, config.num_attention_heads,
-                                          config.num_key_value_heads, config.attention_bias, dtype, parallel, kernels)
+        self.qkv_proj = QKVParallelLinear(
+            config.hidden_size,
+            config.head_dim,
+            config.num_attention_heads,
+            config.num_key_value_heads,
+            config.attention_bias,
+            dtype,
+            parallel,
+            kernels,
+        )
         self.num_heads, self.num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads
-        self.o_proj = RowParallelLinear(config.num_attention_heads * config.head_dim, config.hidden_size,
-                                        config.attention_out_bias, dtype, parallel, kernels)
+        self.o_proj = RowParallelLinear(
+            config.num_attention_heads * config.head_dim,
+            config.hidden_size,
+            config.attention_out_bias,
+            dtype,
+            parallel,
+            kernels,
+        )
 
     def load(self, source: WeightSource, names: CheckpointNames, index: int) -> None:
         self.qkv_proj.load(source, [names.layer_tensor(index, part) for part in ("q_proj", "k_proj", "v_proj")])
         self.o_proj.load(source, names.layer_tensor(index, "o_proj"))
 
-    def forward(self, hidden: torch.Tensor, meta: AttentionMetadata, kv_cache: tuple[torch.Tensor, torch.Tensor],
-                cos_sin: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        meta: AttentionMetadata,
+        kv_cache: tuple[torch.Tensor, torch.Tensor],
+        cos_sin: torch.Tensor,
+    ) -> torch.Tensor:
         config, head_dim, kernels = self.config, self.config.head_dim, self.kernels
         qkv = self.qkv_proj(hidden)
         if config.clip_qkv is not None:
             qkv = qkv.clamp(-config.clip_qkv, config.clip_qkv)
-        q, k, v = qkv.split([self.num_heads * head_dim, self.num_kv_heads * head_dim, self.num_kv_heads * head_dim],
-                            dim=-1)
+        q, k, v = qkv.split(
+            [self.num_heads * head_dim, self.num_kv_heads * head_dim, self.num_kv_heads * head_dim], dim=-1
+        )
         q = q.view(-1, self.num_heads, head_dim)
         k, v = k.view(-1, self.num_kv_heads, head_dim), v.view(-1, self.num_kv_heads, head_dim)
         kernels.rotary_embedding(meta.positions, q, k, cos_sin, config.interleaved_rope_weights)
         k_cache, v_cache = kv_cache
         kernels.store_kv_cache(k, v, k_cache, v_cache, meta.slot_mapping)
         if meta.is_decode:
-            out = kernels.paged_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens,
-                                                 config.attention_multiplier, config.sliding_window)
+            out = kernels.paged_decode_attention(
+                q,
+                k_cache,
+                v_cache,
+                meta.block_tables,
+                meta.context_lens,
+                config.attention_multiplier,
+                config.sliding_window,
+            )
         else:
-            out = kernels.prefill_attention(q, k_cache, v_cache, meta.block_tables, meta.query_start_loc,
-                                            meta.context_lens, config.attention_multiplier, config.sliding_window)
+            out = kernels.prefill_attention(
+                q,
+                k_cache,
+                v_cache,
+                meta.block_tables,
+                meta.query_start_loc,
+                meta.context_lens,
+                config.attention_multiplier,
+                config.sliding_window,
+            )
         return self.o_proj(out.reshape(-1, self.num_heads * head_dim))
 
 
@@ -72,10 +115,12 @@ class MLP(nn.Module):
     def __init__(self, config: Llama3Config, parallel: ParallelContext, dtype: torch.dtype, kernels: Kernels):
         super().__init__()
         self.kernels = kernels
-        self.gate_up_proj = MergedColumnParallelLinear(config.hidden_size, config.intermediate_size, config.mlp_bias,
-                                                       dtype, parallel, kernels)
-        self.down_proj = RowParallelLinear(config.intermediate_size, config.hidden_size, config.mlp_bias, dtype,
-                                           parallel, kernels)
+        self.gate_up_proj = MergedColumnParallelLinear(
+            config.hidden_size, config.intermediate_size, config.mlp_bias, dtype, parallel, kernels
+        )
+        self.down_proj = RowParallelLinear(
+            config.intermediate_size, config.hidden_size, config.mlp_bias, dtype, parallel, kernels
+        )
 
     def load(self, source: WeightSource, names: CheckpointNames, index: int) -> None:
         self.gate_up_proj.load(source, [names.layer_tensor(index, part) for part in ("gate_proj", "up_proj")])
@@ -90,8 +135,14 @@ class DecoderLayer(nn.Module):
         super().__init__()
         self.config = config
         self.parallel = parallel
-        norm = dict(hidden_size=config.hidden_size, eps=config.rms_norm_eps, method=config.norm_method,
-                    affine=config.norm_elementwise_affine, dtype=dtype, kernels=kernels)
+        norm = dict(
+            hidden_size=config.hidden_size,
+            eps=config.rms_norm_eps,
+            method=config.norm_method,
+            affine=config.norm_elementwise_affine,
+            dtype=dtype,
+            kernels=kernels,
+        )
         self.input_layernorm = Norm(**norm)
         self.self_attn = Attention(config, parallel, dtype, kernels)
         self.post_attention_layernorm = Norm(**norm)
@@ -104,8 +155,14 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm.load(source, f"{names.layer_tensor(index, 'post_attention_norm')}.weight")
         self.mlp.load(source, names, index)
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None, meta: AttentionMetadata,
-                kv_cache: tuple[torch.Tensor, torch.Tensor], cos_sin: torch.Tensor):
+    def forward(
+        self,
+        x: torch.Tensor,
+        residual: torch.Tensor | None,
+        meta: AttentionMetadata,
+        kv_cache: tuple[torch.Tensor, torch.Tensor],
+        cos_sin: torch.Tensor,
+    ):
         """x is the previous layer's (scaled) output, not yet added to the residual stream."""
         hidden, residual = self.input_layernorm(x, residual)
         x = self._scaled(self.self_attn(hidden, meta, kv_cache, cos_sin))
@@ -120,23 +177,46 @@ class DecoderLayer(nn.Module):
         fused halves do not cover its architecture: LayerNorm (OLMo), clip_qkv, residual
         multipliers (Granite), o_proj or down_proj biases (added after the all-reduce)."""
         config, attention, mlp = self.config, self.self_attn, self.mlp
-        if (config.norm_method != "rms_norm" or config.clip_qkv is not None or self.residual_multiplier != 1.0
-                or attention.o_proj.bias is not None or mlp.down_proj.bias is not None):
+        if (
+            config.norm_method != "rms_norm"
+            or config.clip_qkv is not None
+            or self.residual_multiplier != 1.0
+            or attention.o_proj.bias is not None
+            or mlp.down_proj.bias is not None
+        ):
             return None
         try:
             return cpu.FusedDecodeLayer(
-                library, input_norm=self.input_layernorm.weight, qkv=attention.qkv_proj.weight,
-                qkv_bias=attention.qkv_proj.bias, o_proj=attention.o_proj.weight,
-                post_norm=self.post_attention_layernorm.weight, gate_up=mlp.gate_up_proj.weight,
-                gate_up_bias=mlp.gate_up_proj.bias, down=mlp.down_proj.weight, heads=attention.num_heads,
-                kv_heads=attention.num_kv_heads, head_dim=config.head_dim, rotary_dim=config.rotary_dim,
-                interleaved=config.interleaved_rope_weights, block_size=block_size,
-                sliding_window=config.sliding_window, eps=config.rms_norm_eps, scale=config.attention_multiplier)
+                library,
+                input_norm=self.input_layernorm.weight,
+                qkv=attention.qkv_proj.weight,
+                qkv_bias=attention.qkv_proj.bias,
+                o_proj=attention.o_proj.weight,
+                post_norm=self.post_attention_layernorm.weight,
+                gate_up=mlp.gate_up_proj.weight,
+                gate_up_bias=mlp.gate_up_proj.bias,
+                down=mlp.down_proj.weight,
+                heads=attention.num_heads,
+                kv_heads=attention.num_kv_heads,
+                head_dim=config.head_dim,
+                rotary_dim=config.rotary_dim,
+                interleaved=config.interleaved_rope_weights,
+                block_size=block_size,
+                sliding_window=config.sliding_window,
+                eps=config.rms_norm_eps,
+                scale=config.attention_multiplier,
+            )
         except ValueError:
             return None
 
-    def forward_fused(self, fused: cpu.FusedDecodeLayer, x: torch.Tensor, residual: torch.Tensor | None,
-                      step: cpu.DecodeStep, kv_cache: tuple[torch.Tensor, torch.Tensor]):
+    def forward_fused(
+        self,
+        fused: cpu.FusedDecodeLayer,
+        x: torch.Tensor,
+        residual: torch.Tensor | None,
+        step: cpu.DecodeStep,
+        kv_cache: tuple[torch.Tensor, torch.Tensor],
+    ):
         """forward() for a decode step, each half one library call (bit-identical to forward())."""
         out, residual = fused.attention(x, residual, step, *kv_cache)
         out, residual = fused.mlp(self.parallel.all_reduce(out), residual)
@@ -156,10 +236,17 @@ class Llama3Transformer(nn.Module):
         self._fused: list[cpu.FusedDecodeLayer] | None = None  # built at the first fused decode step
         with torch.device(device):
             self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, dtype, parallel)
-            self.layers = nn.ModuleList(DecoderLayer(config, parallel, dtype, kernels)
-                                        for _ in range(config.num_hidden_layers))
-            self.norm = Norm(config.hidden_size, config.rms_norm_eps, config.norm_method,
-                             config.norm_elementwise_affine, dtype, kernels)
+            self.layers = nn.ModuleList(
+                DecoderLayer(config, parallel, dtype, kernels) for _ in range(config.num_hidden_layers)
+            )
+            self.norm = Norm(
+                config.hidden_size,
+                config.rms_norm_eps,
+                config.norm_method,
+                config.norm_elementwise_affine,
+                dtype,
+                kernels,
+            )
             self.lm_head = ParallelLMHead(self.embed_tokens, config.tie_word_embeddings, kernels)
 
     def load(self, source: WeightSource, show_progress: bool = False) -> None:
@@ -168,6 +255,7 @@ class Llama3Transformer(nn.Module):
         layers = enumerate(self.layers)
         if show_progress:
             from tqdm import tqdm
+
             layers = tqdm(layers, total=len(self.layers), desc="Loading weights", unit="layer")
         for index, layer in layers:
             layer.load(source, names, index)
@@ -175,16 +263,22 @@ class Llama3Transformer(nn.Module):
         self.lm_head.load(source, names.lm_head)
         source.check_all_consumed()
 
-    def forward(self, tokens: torch.Tensor, meta: AttentionMetadata,
-                kv_caches: list[tuple[torch.Tensor, torch.Tensor]], cos_sin: torch.Tensor):
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        meta: AttentionMetadata,
+        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+        cos_sin: torch.Tensor,
+    ):
         x = self.embed_tokens(tokens)
         if self.config.embedding_multiplier != 1.0:
             x = x * self.config.embedding_multiplier
         residual = None
         fused = self._fused_layers(meta, kv_caches)
         if fused is not None:
-            step, keep_alive = cpu.FusedDecodeLayer.step(meta.positions, meta.slot_mapping, meta.block_tables,
-                                                         meta.context_lens, cos_sin)
+            step, keep_alive = cpu.FusedDecodeLayer.step(
+                meta.positions, meta.slot_mapping, meta.block_tables, meta.context_lens, cos_sin
+            )
             for layer, fused_layer, kv_cache in zip(self.layers, fused, kv_caches, strict=True):
                 x, residual = layer.forward_fused(fused_layer, x, residual, step, kv_cache)
             del keep_alive

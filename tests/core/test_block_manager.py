@@ -1,4 +1,5 @@
 """Block manager: ref counts, prefix caching, LRU eviction, collision safety. Pure Python."""
+
 import pytest
 
 from llama3_dist.core import block_manager

@@ -1,4 +1,5 @@
 """Incremental detokenization on the real Llama 3 tokenizer, compared with its full decode."""
+
 from __future__ import annotations
 
 import json
@@ -31,7 +32,7 @@ def stream(tok, ids, step=1, **kw):
     d = IncrementalDetokenizer(tok, PROMPT, **kw)
     deltas = []
     for i in range(0, len(ids), step):
-        deltas.append(d.add_tokens(ids[i:i + step], final=i + step >= len(ids)))
+        deltas.append(d.add_tokens(ids[i : i + step], final=i + step >= len(ids)))
         if d.finished:
             break
     return deltas, d
@@ -60,13 +61,16 @@ def test_split_character_is_held_until_complete(tok):
     assert [d.add_tokens([i]).text for i in ids] == [""] * (len(ids) - 1) + [" 🦙"]
 
 
-@pytest.mark.parametrize("text, stop, include, want", [
-    ("Hello world! More text", "ld! Mo", False, "Hello wor"),
-    ("Hello world! More text", "ld! Mo", True, "Hello world! Mo"),
-    ("I like 🦙 llamas a lot", "🦙 l", False, "I like "),
-    ("I like 🦙 llamas a lot", "a l", True, "I like 🦙 llamas a l"),
-    ("x = 1\n\n\ny = 2", "\n\n", False, "x = 1"),  # inside one token: its rest is dropped
-])
+@pytest.mark.parametrize(
+    "text, stop, include, want",
+    [
+        ("Hello world! More text", "ld! Mo", False, "Hello wor"),
+        ("Hello world! More text", "ld! Mo", True, "Hello world! Mo"),
+        ("I like 🦙 llamas a lot", "🦙 l", False, "I like "),
+        ("I like 🦙 llamas a lot", "a l", True, "I like 🦙 llamas a l"),
+        ("x = 1\n\n\ny = 2", "\n\n", False, "x = 1"),  # inside one token: its rest is dropped
+    ],
+)
 def test_stop_strings_spanning_tokens(tok, text, stop, include, want):
     ids = tok.encode(text, add_special_tokens=False)
     spans = not any(stop in tok.decode([i]) for i in ids)
@@ -90,7 +94,7 @@ def test_partial_stop_is_held_then_released(tok):
         so_far = tok.decode(ids[: i + 1])
         # held back exactly while the tail could still start "The end."
         assert so_far.startswith(emitted)
-        held = so_far[len(emitted):]
+        held = so_far[len(emitted) :]
         assert held == "" or "The end.".startswith(held) and not delta.stop
 
 
@@ -98,8 +102,7 @@ def test_stop_terminated_and_special_tokens(tok):
     ids = tok.encode("Sure.", add_special_tokens=False) + [EOT]
     for include in (False, True):
         for skip in (True, False):
-            d = IncrementalDetokenizer(tok, PROMPT, skip_special_tokens=skip,
-                                       include_stop_str_in_output=include)
+            d = IncrementalDetokenizer(tok, PROMPT, skip_special_tokens=skip, include_stop_str_in_output=include)
             for i in ids[:-1]:
                 d.add_tokens([i])
             d.add_tokens([ids[-1]], stop_terminated=True)

@@ -1,5 +1,6 @@
 """Continuous batching: budgets, chunked prefill, preemption, and a simulated engine loop whose
 outputs must not depend on cache size, budget or prefix caching. Pure Python."""
+
 import pytest
 
 from llama3_dist.core import block_manager
@@ -76,8 +77,7 @@ def test_prefix_hit_skips_cached_tokens_in_the_schedule():
 
 def test_newest_request_is_preempted_and_resumes_with_its_tokens():
     # 4 blocks of 4: a and b (6-token prompts) hold 2 blocks each, then b needs a third.
-    sched = Scheduler(num_blocks=4, block_size=BS, max_num_batched_tokens=64,
-                      enable_prefix_caching=False)
+    sched = Scheduler(num_blocks=4, block_size=BS, max_num_batched_tokens=64, enable_prefix_caching=False)
     a, b = ctx_of(range(6), "a"), ctx_of(range(10, 16), "b")
     sched.add_request(a)
     sched.add_request(b)
@@ -99,8 +99,7 @@ def test_newest_request_is_preempted_and_resumes_with_its_tokens():
 
 
 def test_preemption_puts_requests_back_in_arrival_order():
-    sched = Scheduler(num_blocks=3, block_size=BS, max_num_batched_tokens=64,
-                      enable_prefix_caching=False)
+    sched = Scheduler(num_blocks=3, block_size=BS, max_num_batched_tokens=64, enable_prefix_caching=False)
     for i in range(3):
         sched.add_request(ctx_of(range(i * 10, i * 10 + 4), f"r{i}"))
     step(sched)  # three full blocks
@@ -157,6 +156,7 @@ def test_schedule_and_update_must_alternate():
 
 # ---- a simulated engine -----------------------------------------------------------------------
 
+
 def next_token(prefix):
     return hash(tuple(prefix)) % 997
 
@@ -165,15 +165,16 @@ def expected_outputs(prompt, max_tokens):
     toks = list(prompt)
     for _ in range(max_tokens):
         toks.append(next_token(toks))
-    return toks[len(prompt):]
+    return toks[len(prompt) :]
 
 
 def simulate(requests, num_blocks, budget, max_num_seqs=8, prefix_caching=True):
     """Run a fake model over a fake paged cache. Each slot remembers (position, token) written
     there; sampling reads the whole prefix back through the block table, so any wrong sharing,
     stale page or lost token changes the output."""
-    sched = Scheduler(num_blocks, BS, max_num_batched_tokens=budget, max_num_seqs=max_num_seqs,
-                      enable_prefix_caching=prefix_caching)
+    sched = Scheduler(
+        num_blocks, BS, max_num_batched_tokens=budget, max_num_seqs=max_num_seqs, enable_prefix_caching=prefix_caching
+    )
     bm = sched.block_manager
     slots = [None] * (num_blocks * BS)
     arrivals = sorted(requests, key=lambda r: r[0])
@@ -193,8 +194,9 @@ def simulate(requests, num_blocks, budget, max_num_seqs=8, prefix_caching=True):
             assert e.start == ctx.num_computed_tokens and e.num_new_tokens >= 1
             for pos in range(e.start, e.start + e.num_new_tokens):
                 block = bt[pos // BS]
-                assert bm.ref_count(block) == 1 and bm._blocks[block].cache_id is None, \
+                assert bm.ref_count(block) == 1 and bm._blocks[block].cache_id is None, (
                     "wrote into a shared or cached block"
+                )
                 slots[block * BS + pos % BS] = (pos, ctx.tokens[pos])
             if e.samples:
                 end = e.start + e.num_new_tokens
@@ -222,17 +224,21 @@ def workload():
     return reqs
 
 
-@pytest.mark.parametrize("num_blocks,budget,prefix_caching,colliding_hash", [
-    (1000, 512, True, False),  # everything fits: no preemption
-    (1000, 5, True, False),    # tiny budget: chunked prefills everywhere
-    (9, 16, True, False),      # tiny cache: preemption and recomputation
-    (9, 16, False, False),
-    (7, 3, True, False),       # both at once
-    (1000, 512, True, True),   # a hash that collides all the time must cost hits only
-    (7, 3, True, True),
-])
+@pytest.mark.parametrize(
+    "num_blocks,budget,prefix_caching,colliding_hash",
+    [
+        (1000, 512, True, False),  # everything fits: no preemption
+        (1000, 5, True, False),  # tiny budget: chunked prefills everywhere
+        (9, 16, True, False),  # tiny cache: preemption and recomputation
+        (9, 16, False, False),
+        (7, 3, True, False),  # both at once
+        (1000, 512, True, True),  # a hash that collides all the time must cost hits only
+        (7, 3, True, True),
+    ],
+)
 def test_outputs_do_not_depend_on_cache_size_budget_or_prefix_caching(
-        monkeypatch, num_blocks, budget, prefix_caching, colliding_hash):
+    monkeypatch, num_blocks, budget, prefix_caching, colliding_hash
+):
     if colliding_hash:
         monkeypatch.setattr(block_manager, "hash_block_tokens", lambda parent, toks: (parent + 1) % 3)
     reqs = workload()

@@ -1,5 +1,6 @@
 """Every example runs as written (on CPU, the embedded default model), and the `llama3-dist serve`
 and `bench` commands work end to end."""
+
 from __future__ import annotations
 
 import json
@@ -21,8 +22,14 @@ CLI = [sys.executable, "-m", "llama3_dist"]
 
 
 def run(args: list[str], timeout: float = 180) -> str:
-    r = subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout,
-                       env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    r = subprocess.run(
+        [sys.executable, *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
+    )
     assert r.returncode == 0, f"{args} failed ({r.returncode}):\n{r.stdout}\n{r.stderr}"
     return r.stdout
 
@@ -58,9 +65,14 @@ def test_tensor_parallel_example(ray_local, capsys):
 def serve_process():
     """`llama3-dist serve` (the embedded default) with an API key, on a free port; started first
     so that it loads while the other examples run."""
-    proc = subprocess.Popen([*CLI, "serve", "--port", "0", "--api-key", "k3y", "--log-level", "warning"], cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    proc = subprocess.Popen(
+        [*CLI, "serve", "--port", "0", "--api-key", "k3y", "--log-level", "warning"],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
+    )
     try:
         yield proc
     finally:
@@ -76,8 +88,7 @@ def serve_cli(serve_process):
 
 def test_openai_client_example(serve_cli):
     _, url = serve_cli
-    out = run([str(EXAMPLES / "openai_client.py"), "--base-url", url + "/v1", "--api-key", "k3y",
-               "--max-tokens", "5"])
+    out = run([str(EXAMPLES / "openai_client.py"), "--base-url", url + "/v1", "--api-key", "k3y", "--max-tokens", "5"])
     assert "model: llama3-dist-default" in out
     assert "completion: " in out and "chat: " in out and "[5 tokens streamed]" in out
     assert "bad request refused: 400 temperature must be >= 0 (0 means greedy), got -1.0" in out
@@ -85,8 +96,27 @@ def test_openai_client_example(serve_cli):
 
 def test_bench_command_and_clean_shutdown(serve_cli, capsys):
     proc, url = serve_cli
-    assert cli.main(["bench", "--base-url", url + "/v1", "--api-key", "k3y", "--num-prompts", "4",
-                     "--concurrency", "2", "--input-len", "8", "--output-len", "4", "--json"]) == 0
+    assert (
+        cli.main(
+            [
+                "bench",
+                "--base-url",
+                url + "/v1",
+                "--api-key",
+                "k3y",
+                "--num-prompts",
+                "4",
+                "--concurrency",
+                "2",
+                "--input-len",
+                "8",
+                "--output-len",
+                "4",
+                "--json",
+            ]
+        )
+        == 0
+    )
     result = json.loads(capsys.readouterr().out)
     assert result["output_tokens"] == 16 and result["requests_per_s"] > 0
     assert 0 < result["ttft_ms_p50"] <= result["ttft_ms_p99"] and 0 < result["itl_ms_p50"] <= result["itl_ms_p99"]

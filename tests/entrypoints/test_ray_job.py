@@ -6,6 +6,7 @@ The cluster lives in subprocesses with its own ports and temp dir, so it never t
 session's own Ray. It is stopped by ending its own processes: `ray stop` would end every Ray
 instance on the machine.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -54,20 +55,44 @@ class LocalCluster:
 
     def __init__(self, num_cpus: int = 4):
         self.temp_dir = tempfile.mkdtemp(prefix="rj", dir="/tmp")  # short: Ray's socket paths have a limit
-        (self.gcs_port, self.dashboard_port, client, node_manager, object_manager, agent_http, agent_grpc,
-         runtime_env, metrics) = _free_ports(9)
+        (
+            self.gcs_port,
+            self.dashboard_port,
+            client,
+            node_manager,
+            object_manager,
+            agent_http,
+            agent_grpc,
+            runtime_env,
+            metrics,
+        ) = _free_ports(9)
         self.env = _cluster_env()
         self.address = f"http://127.0.0.1:{self.dashboard_port}"
         if not (Path.home() / ".ray" / "auth_token").is_file():
-            subprocess.run([*RAY, "get-auth-token", "--generate"], env=self.env, check=True, capture_output=True,
-                           timeout=60)
-        cmd = [*RAY, "start", "--head", "--disable-usage-stats", f"--num-cpus={num_cpus}",
-               "--node-ip-address=127.0.0.1", f"--port={self.gcs_port}", f"--temp-dir={self.temp_dir}",
-               "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}",
-               f"--ray-client-server-port={client}", f"--node-manager-port={node_manager}",
-               f"--object-manager-port={object_manager}", f"--dashboard-agent-listen-port={agent_http}",
-               f"--dashboard-agent-grpc-port={agent_grpc}", f"--runtime-env-agent-port={runtime_env}",
-               f"--metrics-export-port={metrics}", f"--object-store-memory={200 << 20}"]
+            subprocess.run(
+                [*RAY, "get-auth-token", "--generate"], env=self.env, check=True, capture_output=True, timeout=60
+            )
+        cmd = [
+            *RAY,
+            "start",
+            "--head",
+            "--disable-usage-stats",
+            f"--num-cpus={num_cpus}",
+            "--node-ip-address=127.0.0.1",
+            f"--port={self.gcs_port}",
+            f"--temp-dir={self.temp_dir}",
+            "--include-dashboard=true",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={self.dashboard_port}",
+            f"--ray-client-server-port={client}",
+            f"--node-manager-port={node_manager}",
+            f"--object-manager-port={object_manager}",
+            f"--dashboard-agent-listen-port={agent_http}",
+            f"--dashboard-agent-grpc-port={agent_grpc}",
+            f"--runtime-env-agent-port={runtime_env}",
+            f"--metrics-export-port={metrics}",
+            f"--object-store-memory={200 << 20}",
+        ]
         try:
             subprocess.run(cmd, env=self.env, check=True, capture_output=True, text=True, timeout=120)
         except subprocess.CalledProcessError as e:
@@ -79,8 +104,11 @@ class LocalCluster:
 
     def _is_ours(self, cmdline: list[str]) -> bool:
         # Most daemons name the temp dir; the Ray client server names only the GCS address.
-        return any(self.temp_dir in arg or (arg.startswith(("--address=", "--gcs-address="))
-                                            and arg.endswith(f":{self.gcs_port}")) for arg in cmdline)
+        return any(
+            self.temp_dir in arg
+            or (arg.startswith(("--address=", "--gcs-address=")) and arg.endswith(f":{self.gcs_port}"))
+            for arg in cmdline
+        )
 
     def _processes(self) -> list[psutil.Process]:
         """This cluster's daemons and all their descendants."""
@@ -132,15 +160,29 @@ def _example_prompts(n: int) -> list[str]:
 def test_ray_job_runs_tensor_parallel_generation(cluster, tmp_path):
     model = build_tokenized_checkpoint(tmp_path / "tiny")
     submission = f"llama3-dist-test-{os.getpid()}-{int(time.time())}"
-    cmd = [*RAY, "job", "submit", f"--address={cluster.address}", f"--submission-id={submission}",
-           "--working-dir", ".", "--", "python", "examples/ray_job.py", "--model", model, *JOB_ARGS]
-    job = subprocess.Popen(cmd, cwd=REPO, env=cluster.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                           text=True)
+    cmd = [
+        *RAY,
+        "job",
+        "submit",
+        f"--address={cluster.address}",
+        f"--submission-id={submission}",
+        "--working-dir",
+        ".",
+        "--",
+        "python",
+        "examples/ray_job.py",
+        "--model",
+        model,
+        *JOB_ARGS,
+    ]
+    job = subprocess.Popen(cmd, cwd=REPO, env=cluster.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         # The expected generations: the same checkpoint at TP=1 in this process, while the job runs.
         with LLM(model, dtype="float32", show_progress=False) as llm:
-            expected = [o.outputs[0].text for o in llm.generate(
-                _example_prompts(4), SamplingParams(temperature=0, max_tokens=8), use_tqdm=False)]
+            expected = [
+                o.outputs[0].text
+                for o in llm.generate(_example_prompts(4), SamplingParams(temperature=0, max_tokens=8), use_tqdm=False)
+            ]
         logs, _ = job.communicate(timeout=240)
     finally:
         if job.poll() is None:
@@ -149,7 +191,7 @@ def test_ray_job_runs_tensor_parallel_generation(cluster, tmp_path):
     assert job.returncode == 0, logs
     assert f"Job '{submission}' succeeded" in logs, logs
     assert "joined a Ray cluster of 1 node(s) with {'CPU': 4.0}" in logs, logs
-    result = json.loads(next(line for line in logs.splitlines() if line.startswith("RESULT "))[len("RESULT "):])
+    result = json.loads(next(line for line in logs.splitlines() if line.startswith("RESULT "))[len("RESULT ") :])
     assert result["devices"] == ["cpu", "cpu"]
     assert result["texts"] == expected
     assert result["tokens_per_s"] > 0

@@ -1,5 +1,6 @@
 """The OpenAI-compatible server, driven by the real `openai` client against uvicorn on a free local
 port (one server per module, on a tiny random Llama 3 with the real tokenizer and chat template)."""
+
 from __future__ import annotations
 
 import asyncio
@@ -72,8 +73,9 @@ def test_models_and_health(served, client):
 
 
 def test_completion_usage_and_prompt_forms(client, tokenizer):
-    r = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=5, **GREEDY,
-                                  extra_body={"ignore_eos": True})
+    r = client.completions.create(
+        model=MODEL, prompt="The capital of France is", max_tokens=5, **GREEDY, extra_body={"ignore_eos": True}
+    )
     ids = tokenizer.encode("The capital of France is")
     assert r.object == "text_completion" and len(r.choices) == 1
     assert r.choices[0].finish_reason == "length"
@@ -83,14 +85,20 @@ def test_completion_usage_and_prompt_forms(client, tokenizer):
     r2 = client.completions.create(model=MODEL, prompt=ids, max_tokens=5, **GREEDY, extra_body={"ignore_eos": True})
     assert r2.choices[0].text == text and r2.usage.prompt_tokens == len(ids)
     # a list of strings, n=2: choices ordered prompt-major
-    r3 = client.completions.create(model=MODEL, prompt=["The capital of France is", "Hi"], max_tokens=5, n=2,
-                                   **GREEDY, extra_body={"ignore_eos": True})
+    r3 = client.completions.create(
+        model=MODEL,
+        prompt=["The capital of France is", "Hi"],
+        max_tokens=5,
+        n=2,
+        **GREEDY,
+        extra_body={"ignore_eos": True},
+    )
     assert [c.index for c in r3.choices] == [0, 1, 2, 3]
     assert r3.choices[0].text == r3.choices[1].text == text
     assert r3.usage.prompt_tokens == len(ids) + len(tokenizer.encode("Hi")) and r3.usage.completion_tokens == 20
     # a list of token-id lists
     r4 = client.completions.create(model=MODEL, prompt=[ids, ids[:3]], max_tokens=3, **GREEDY)
-    assert len(r4.choices) == 2 and r4.choices[0].text == text[:len(r4.choices[0].text)]
+    assert len(r4.choices) == 2 and r4.choices[0].text == text[: len(r4.choices[0].text)]
     # echo puts the prompt in front
     r5 = client.completions.create(model=MODEL, prompt="Hi there", max_tokens=3, echo=True, **GREEDY)
     assert r5.choices[0].text.startswith("Hi there")
@@ -106,14 +114,16 @@ def test_streaming_completion_matches_non_streaming(served, client):
     assert all(c.choices[0].finish_reason is None for c in content[:-1])
     assert chunks[-1].usage.completion_tokens == 12 and chunks[-1].usage.prompt_tokens == full.usage.prompt_tokens
     # the raw stream is server-sent events ending in [DONE]
-    with httpx.stream("POST", served.base_url + "/completions", json={**kw.pop("extra_body"), **kw, "stream": True}) as r:
+    with httpx.stream(
+        "POST", served.base_url + "/completions", json={**kw.pop("extra_body"), **kw, "stream": True}
+    ) as r:
         assert r.headers["content-type"].startswith("text/event-stream")
         lines = [line for line in r.iter_lines() if line]
     assert all(line.startswith("data: ") for line in lines) and lines[-1] == "data: [DONE]"
     # without stream_options the usage rides on the last content chunk
-    last = json.loads(lines[-2][len("data: "):])
+    last = json.loads(lines[-2][len("data: ") :])
     assert last["choices"][0]["finish_reason"] == "length" and last["usage"]["completion_tokens"] == 12
-    assert all("usage" not in json.loads(line[len("data: "):]) for line in lines[:-2])
+    assert all("usage" not in json.loads(line[len("data: ") :]) for line in lines[:-2])
 
 
 def test_chat(client, tokenizer):
@@ -122,27 +132,36 @@ def test_chat(client, tokenizer):
     prompt_ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)["input_ids"]
     assert r.object == "chat.completion" and r.choices[0].message.role == "assistant"
     assert r.usage.prompt_tokens == len(prompt_ids)
-    assert r.usage.completion_tokens == len(tokenizer.encode(r.choices[0].message.content, add_special_tokens=False)) \
+    assert (
+        r.usage.completion_tokens == len(tokenizer.encode(r.choices[0].message.content, add_special_tokens=False))
         or r.choices[0].finish_reason == "length"
-    stream = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=8, stream=True,
-                                            stream_options={"include_usage": True}, **GREEDY)
+    )
+    stream = client.chat.completions.create(
+        model=MODEL, messages=messages, max_tokens=8, stream=True, stream_options={"include_usage": True}, **GREEDY
+    )
     chunks = list(stream)
     assert chunks[0].choices[0].delta.role == "assistant"
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == r.choices[0].message.content
-    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == \
-        [r.choices[0].finish_reason]
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == [
+        r.choices[0].finish_reason
+    ]
     assert chunks[-1].usage.total_tokens == r.usage.total_tokens
     # n=2 streamed: each choice opens with its role and closes with exactly one finish_reason
-    chunks = list(client.chat.completions.create(model=MODEL, messages=messages, max_tokens=4, n=2, stream=True,
-                                                 temperature=1.0, seed=3))
+    chunks = list(
+        client.chat.completions.create(
+            model=MODEL, messages=messages, max_tokens=4, n=2, stream=True, temperature=1.0, seed=3
+        )
+    )
     for i in (0, 1):
         mine = [c.choices[0] for c in chunks if c.choices[0].index == i]
         assert mine[0].delta.role == "assistant" and [c.finish_reason for c in mine if c.finish_reason] == ["length"]
     assert chunks[-1].usage.completion_tokens == 8
     # content parts give the same prompt
     parts = [messages[0], {"role": "user", "content": [{"type": "text", "text": "Say hi."}]}]
-    assert client.chat.completions.create(model=MODEL, messages=parts, max_tokens=8, **GREEDY).choices[0].message \
-        .content == r.choices[0].message.content
+    assert (
+        client.chat.completions.create(model=MODEL, messages=parts, max_tokens=8, **GREEDY).choices[0].message.content
+        == r.choices[0].message.content
+    )
 
 
 def test_sampling_parameters(client):
@@ -151,9 +170,14 @@ def test_sampling_parameters(client):
     b = client.completions.create(**kw, temperature=1.0, seed=7, extra_body={"top_k": 50, "min_p": 0.01})
     assert a.choices[0].text == b.choices[0].text
     # vLLM extensions: min_tokens / ignore_eos / repetition_penalty, OpenAI penalties and top_p
-    r = client.completions.create(**{**kw, "max_tokens": 7}, temperature=0.8, top_p=0.9, presence_penalty=0.5,
-                                  frequency_penalty=0.5,
-                                  extra_body={"ignore_eos": True, "min_tokens": 7, "repetition_penalty": 1.2})
+    r = client.completions.create(
+        **{**kw, "max_tokens": 7},
+        temperature=0.8,
+        top_p=0.9,
+        presence_penalty=0.5,
+        frequency_penalty=0.5,
+        extra_body={"ignore_eos": True, "min_tokens": 7, "repetition_penalty": 1.2},
+    )
     assert r.usage.completion_tokens == 7
     # a stop string cuts the text (found by generating once without it)
     g = client.completions.create(**{**kw, "max_tokens": 12}, temperature=0.0, extra_body={"ignore_eos": True})
@@ -165,15 +189,23 @@ def test_sampling_parameters(client):
 
 
 def test_logprobs(client):
-    r = client.completions.create(model=MODEL, prompt="Hello", max_tokens=4, logprobs=3, **GREEDY,
-                                  extra_body={"ignore_eos": True})
+    r = client.completions.create(
+        model=MODEL, prompt="Hello", max_tokens=4, logprobs=3, **GREEDY, extra_body={"ignore_eos": True}
+    )
     lp = r.choices[0].logprobs
     assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 4
     assert "".join(lp.tokens) == r.choices[0].text
     for tok, val, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs):
         assert val <= 0 and len(top) >= 3 and abs(max(top.values()) - val) < 1e-4  # greedy: the top one
-    c = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=4,
-                                      logprobs=True, top_logprobs=2, **GREEDY, extra_body={"ignore_eos": True})
+    c = client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "Hi"}],
+        max_tokens=4,
+        logprobs=True,
+        top_logprobs=2,
+        **GREEDY,
+        extra_body={"ignore_eos": True},
+    )
     content = c.choices[0].logprobs.content
     assert len(content) == 4 and all(len(t.top_logprobs) == 2 for t in content)
     assert all(abs(t.top_logprobs[0].logprob - t.logprob) < 1e-4 for t in content)
@@ -182,18 +214,29 @@ def test_logprobs(client):
 def test_concurrent_requests_match_requests_alone(served, client):
     prompts = [f"Request number {i} says" + " hello" * (i % 5) for i in range(12)]
     lengths = [4 + (i * 3) % 11 for i in range(12)]
-    alone = [client.completions.create(model=MODEL, prompt=p, max_tokens=n, **GREEDY, extra_body={"ignore_eos": True})
-             .choices[0].text for p, n in zip(prompts, lengths)]
+    alone = [
+        client.completions.create(model=MODEL, prompt=p, max_tokens=n, **GREEDY, extra_body={"ignore_eos": True})
+        .choices[0]
+        .text
+        for p, n in zip(prompts, lengths)
+    ]
 
     async def together():
         async with openai.AsyncOpenAI(base_url=served.base_url, api_key="unused", max_retries=0, timeout=60) as ac:
-            streamed = [ac.completions.create(model=MODEL, prompt=p, max_tokens=n, stream=True, **GREEDY,
-                                              extra_body={"ignore_eos": True}) for p, n in zip(prompts, lengths)]
+            streamed = [
+                ac.completions.create(
+                    model=MODEL, prompt=p, max_tokens=n, stream=True, **GREEDY, extra_body={"ignore_eos": True}
+                )
+                for p, n in zip(prompts, lengths)
+            ]
 
             async def text(coro):
                 return "".join([c.choices[0].text async for c in await coro if c.choices])
-            plain = [ac.completions.create(model=MODEL, prompt=p, max_tokens=n, **GREEDY,
-                                           extra_body={"ignore_eos": True}) for p, n in zip(prompts, lengths)]
+
+            plain = [
+                ac.completions.create(model=MODEL, prompt=p, max_tokens=n, **GREEDY, extra_body={"ignore_eos": True})
+                for p, n in zip(prompts, lengths)
+            ]
             return await asyncio.gather(*map(text, streamed), *plain)
 
     results = asyncio.run(together())
@@ -213,8 +256,13 @@ def test_disconnect_aborts_and_frees_blocks(served):
                 m = metrics(served)
                 assert m["llama3_dist_num_requests_running"] == 1 and m["llama3_dist_kv_cache_blocks_used"] > 0
                 break  # leaving the block closes the connection mid-stream
-    wait_for(lambda: (m := metrics(served))["llama3_dist_num_requests_running"] == 0
-             and m["llama3_dist_kv_cache_blocks_used"] == 0, what="the aborted stream's blocks to be freed")
+    wait_for(
+        lambda: (
+            (m := metrics(served))["llama3_dist_num_requests_running"] == 0
+            and m["llama3_dist_kv_cache_blocks_used"] == 0
+        ),
+        what="the aborted stream's blocks to be freed",
+    )
     assert engine.stats().kv_blocks_used == 0
     # a non-streaming client that gives up is aborted too: the engine's steps wait until it has
     # given up, so the request cannot finish first however fast the engine is
@@ -228,16 +276,23 @@ def test_disconnect_aborts_and_frees_blocks(served):
     finally:
         client_gave_up.set()
         del executor.execute
-    wait_for(lambda: engine.stats().num_running == 0 and engine.stats().kv_blocks_used == 0,
-             what="the abandoned request's blocks to be freed")
+    wait_for(
+        lambda: engine.stats().num_running == 0 and engine.stats().kv_blocks_used == 0,
+        what="the abandoned request's blocks to be freed",
+    )
 
 
 def test_metrics(served, client):
     client.completions.create(model=MODEL, prompt="metrics", max_tokens=3, **GREEDY, extra_body={"ignore_eos": True})
     text = httpx.get(served.url + "/metrics").text
-    for name, kind in [("num_requests_running", "gauge"), ("num_requests_waiting", "gauge"),
-                       ("generation_tokens_total", "counter"), ("kv_cache_blocks_used", "gauge"),
-                       ("time_to_first_token_seconds", "histogram"), ("time_per_output_token_seconds", "histogram")]:
+    for name, kind in [
+        ("num_requests_running", "gauge"),
+        ("num_requests_waiting", "gauge"),
+        ("generation_tokens_total", "counter"),
+        ("kv_cache_blocks_used", "gauge"),
+        ("time_to_first_token_seconds", "histogram"),
+        ("time_per_output_token_seconds", "histogram"),
+    ]:
         assert f"# TYPE llama3_dist_{name} {kind}" in text
     m = metrics(served)
     assert m["llama3_dist_generation_tokens_total"] >= 3
@@ -258,13 +313,23 @@ def test_bad_requests_get_openai_errors(served, client):
     error_of(httpx.post(url, content=b"{not json", headers={"content-type": "application/json"}), 400)
     error_of(httpx.post(url, json=["a list"]), 400)
     assert error_of(httpx.post(url, json={"model": MODEL}), 400)["param"] == "prompt"
-    assert error_of(httpx.post(url, json={"model": MODEL, "prompt": "x", "max_tokens": "many"}), 400)["param"] \
+    assert (
+        error_of(httpx.post(url, json={"model": MODEL, "prompt": "x", "max_tokens": "many"}), 400)["param"]
         == "max_tokens"
+    )
     with pytest.raises(openai.NotFoundError) as e:
         client.completions.create(model="gpt-5", prompt="hi", max_tokens=2)
     assert e.value.body["code"] == "model_not_found" and e.value.body["param"] == "model"
-    for bad in [dict(temperature=-1.0), dict(top_p=0.0), dict(n=0), dict(max_tokens=0), dict(logprobs=99),
-                dict(extra_body={"top_k": -5}), dict(extra_body={"min_p": 2.0}), dict(presence_penalty=5.0)]:
+    for bad in [
+        dict(temperature=-1.0),
+        dict(top_p=0.0),
+        dict(n=0),
+        dict(max_tokens=0),
+        dict(logprobs=99),
+        dict(extra_body={"top_k": -5}),
+        dict(extra_body={"min_p": 2.0}),
+        dict(presence_penalty=5.0),
+    ]:
         with pytest.raises(openai.BadRequestError) as e:
             client.completions.create(model=MODEL, prompt="hi", **{"max_tokens": 2, **bad})
         assert e.value.status_code == 400 and e.value.body["message"], bad
@@ -338,7 +403,7 @@ def test_health_reflects_a_dead_engine(stream):
         r = httpx.post(s.base_url + "/completions", json=body)
         if stream:  # accepted, then the step failed: an error event, then [DONE]
             assert r.status_code == 200
-            events = [line[len("data: "):] for line in r.text.splitlines() if line.startswith("data: ")]
+            events = [line[len("data: ") :] for line in r.text.splitlines() if line.startswith("data: ")]
             assert events[-1] == "[DONE]" and "rank 1 died" in json.loads(events[-2])["error"]["message"]
         else:
             assert r.status_code == 503 and "rank 1 died" in r.json()["error"]["message"]

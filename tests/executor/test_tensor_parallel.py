@@ -3,6 +3,7 @@
 Every test but the two-node one shares the session's local Ray (the ray_local fixture); the
 two-node test needs a Ray cluster of its own, so it runs in a subprocess.
 """
+
 from __future__ import annotations
 
 import os
@@ -31,12 +32,12 @@ def run_ragged(model: Llama3Model) -> list[torch.Tensor]:
     ctxs = [TextContext(tokens=list(p)) for p in PROMPTS]
     inputs = model.prepare_initial_token_inputs(ctxs)
     out = model.execute(inputs)
-    rows = [[out.logits[out.logit_offsets[b]:out.logit_offsets[b + 1]]] for b in range(len(PROMPTS))]
+    rows = [[out.logits[out.logit_offsets[b] : out.logit_offsets[b + 1]]] for b in range(len(PROMPTS))]
     for step in range(DECODE_STEPS):
         inputs = model.prepare_next_token_inputs(fed[step], inputs)
         out = model.execute(inputs)
         for b in range(len(PROMPTS)):
-            rows[b].append(out.next_token_logits[b:b + 1])
+            rows[b].append(out.next_token_logits[b : b + 1])
     return [torch.cat(r) for r in rows]
 
 
@@ -49,8 +50,9 @@ def expected_logits(ref, vocab: int) -> list[torch.Tensor]:
 
 
 def load(path, tp: int, **kwargs) -> Llama3Model:
-    return Llama3Model.from_pretrained(path, devices=["cpu"] * tp, dtype="float32",
-                                       return_logits=ReturnLogits.ALL, **KV, **kwargs)
+    return Llama3Model.from_pretrained(
+        path, devices=["cpu"] * tp, dtype="float32", return_logits=ReturnLogits.ALL, **KV, **kwargs
+    )
 
 
 @pytest.mark.parametrize("arch", list(ARCHITECTURES))
@@ -76,8 +78,10 @@ def test_tp2_equals_tp1_and_transformers(arch, checkpoints, references, ray_loca
         assert r["parameter_bytes"]["sharded"] * 2 == full["sharded"], (r, full)
         assert r["parameter_bytes"]["replicated"] == full["replicated"]
         assert r["kv_heads"] == c.num_key_value_heads // 2
-        assert r["kv_cache_bytes"] == 2 * c.num_hidden_layers * KV["num_kv_blocks"] * KV["block_size"] * \
-            r["kv_heads"] * c.head_dim * 4
+        assert (
+            r["kv_cache_bytes"]
+            == 2 * c.num_hidden_layers * KV["num_kv_blocks"] * KV["block_size"] * r["kv_heads"] * c.head_dim * 4
+        )
 
 
 def test_tp4_replicates_kv_heads_beside_a_second_engine(checkpoints, references, ray_local):
@@ -101,8 +105,14 @@ def test_two_nodes_strict_spread(checkpoints):
     here = Path(__file__).parent
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(here), str(here.parent), os.environ.get("PYTHONPATH", "")])}
     env.pop("RAY_ADDRESS", None)
-    proc = subprocess.run([sys.executable, "-c", "import test_tensor_parallel as t; t.two_node_main()",
-                           checkpoints["llama"]], env=env, cwd=here, capture_output=True, text=True, timeout=240)
+    proc = subprocess.run(
+        [sys.executable, "-c", "import test_tensor_parallel as t; t.two_node_main()", checkpoints["llama"]],
+        env=env,
+        cwd=here,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-8000:]
     assert "two-node parity ok" in proc.stdout
 
@@ -117,8 +127,9 @@ def two_node_main() -> None:
     cluster.wait_for_nodes()
     try:
         ref = load_reference(path)
-        with load(path, 2, address=cluster.address, placement_strategy="STRICT_SPREAD",
-                  placement_timeout_s=60) as model:
+        with load(
+            path, 2, address=cluster.address, placement_strategy="STRICT_SPREAD", placement_timeout_s=60
+        ) as model:
             ex = model.executor
             assert len({n["node_id"] for n in ex.nodes}) == 2, ex.nodes
             host, port = ex.rendezvous

@@ -7,6 +7,7 @@ bfloat16 outputs must agree to within float32 summation order: almost every elem
 bit, the rest one bfloat16 step apart; float32 outputs to float32 rounding. Caches and outputs
 are poisoned with NaN where nothing may be read or left unwritten.
 """
+
 from __future__ import annotations
 
 import os
@@ -34,8 +35,10 @@ def seeded():
     torch.manual_seed(0)
 
 
-@pytest.fixture(params=[(isa, dtype) for isa in ISAS for dtype in (BF16, F32)],
-                ids=lambda p: f"{p[0]}-{str(p[1]).removeprefix('torch.')}")
+@pytest.fixture(
+    params=[(isa, dtype) for isa in ISAS for dtype in (BF16, F32)],
+    ids=lambda p: f"{p[0]}-{str(p[1]).removeprefix('torch.')}",
+)
 def variant(request):
     """(library, dtype) for every instruction set this CPU runs and both element types."""
     if TURNED_OFF:
@@ -55,7 +58,7 @@ def assert_matches(got: torch.Tensor, expected: torch.Tensor, exact_fraction: fl
     if got.dtype == F32:
         torch.testing.assert_close(got, expected, rtol=2e-5, atol=2e-5)
         return
-    torch.testing.assert_close(got, expected, rtol=2 ** -7, atol=1e-3)
+    torch.testing.assert_close(got, expected, rtol=2**-7, atol=1e-3)
     same = (got == expected).float().mean().item()
     assert same >= exact_fraction, f"only {same:.4f} of the elements are bit-identical"
 
@@ -72,11 +75,14 @@ def test_rms_norm(variant, N, D, residual, weight):
     assert_matches(out, ref_out)
 
 
-@pytest.mark.parametrize("d,rot,interleaved,hq,hk", [
-    (64, 64, False, 4, 4),     # full rotary, Hugging Face layout
-    (128, 96, True, 8, 2),     # partial rotary (0.75), GGUF layout
-    (96, 48, False, 6, 2),     # partial, rotate-half, half (24) not a multiple of any vector
-])
+@pytest.mark.parametrize(
+    "d,rot,interleaved,hq,hk",
+    [
+        (64, 64, False, 4, 4),  # full rotary, Hugging Face layout
+        (128, 96, True, 8, 2),  # partial rotary (0.75), GGUF layout
+        (96, 48, False, 6, 2),  # partial, rotate-half, half (24) not a multiple of any vector
+    ],
+)
 def test_rotary_embedding(variant, d, rot, interleaved, hq, hk):
     library, dtype = variant
     N, max_pos = 9, 64
@@ -88,7 +94,7 @@ def test_rotary_embedding(variant, d, rot, interleaved, hq, hk):
     positions = torch.randint(0, max_pos, (N,))
 
     def views(t):
-        return t[:, :hq * d].view(N, hq, d), t[:, hq * d:(hq + hk) * d].view(N, hk, d)
+        return t[:, : hq * d].view(N, hq, d), t[:, hq * d : (hq + hk) * d].view(N, hk, d)
 
     ref.rotary_embedding(positions, *views(expected), cos_sin, interleaved)
     library.rotary_embedding(positions, *views(qkv), cos_sin, interleaved)
@@ -96,7 +102,7 @@ def test_rotary_embedding(variant, d, rot, interleaved, hq, hk):
         assert torch.equal(qkv, expected)
     else:  # float32: the reference's products may be fused differently
         torch.testing.assert_close(qkv, expected, rtol=1e-6, atol=1e-6)
-        assert torch.equal(qkv[:, (hq + hk) * d:], expected[:, (hq + hk) * d:])
+        assert torch.equal(qkv[:, (hq + hk) * d :], expected[:, (hq + hk) * d :])
 
 
 @pytest.mark.parametrize("N,inter", [(1, 3584), (5, 1100), (2, 13)])
@@ -111,7 +117,7 @@ def test_store_kv_cache(variant):
     library, dtype = variant
     N, hq, hk, d, num_blocks, block_size = 11, 4, 2, 64, 6, 4
     qkv = randn(N, (hq + 2 * hk) * d, dtype=dtype)
-    k, v = qkv[:, hq * d:(hq + hk) * d].view(N, hk, d), qkv[:, (hq + hk) * d:].view(N, hk, d)
+    k, v = qkv[:, hq * d : (hq + hk) * d].view(N, hk, d), qkv[:, (hq + hk) * d :].view(N, hk, d)
     slots = torch.randperm(num_blocks * block_size)[:N]
     slots[[2, 7]] = -1
     k_cache = torch.full((num_blocks, block_size, hk, d), float("nan"), dtype=dtype)
@@ -123,19 +129,22 @@ def test_store_kv_cache(variant):
     torch.testing.assert_close(v_cache, ev, rtol=0, atol=0, equal_nan=True)
 
 
-@pytest.mark.parametrize("d,hq,hk,block_size,lens,window", [
-    (64, 16, 4, 16, [33], None),               # the benchmark model's heads, batch of one
-    (128, 8, 2, 16, [1, 37, 300], None),       # GQA 4, several sequences, one of one token
-    (128, 8, 1, 8, [45, 130, 9], 32),          # GQA 8, sliding window
-    (96, 6, 6, 16, [50, 21], 20),              # head_dim 96, no grouping, window
-    (72, 6, 2, 16, [3000], None),              # head_dim of no vector multiple; threaded (many keys)
-])
+@pytest.mark.parametrize(
+    "d,hq,hk,block_size,lens,window",
+    [
+        (64, 16, 4, 16, [33], None),  # the benchmark model's heads, batch of one
+        (128, 8, 2, 16, [1, 37, 300], None),  # GQA 4, several sequences, one of one token
+        (128, 8, 1, 8, [45, 130, 9], 32),  # GQA 8, sliding window
+        (96, 6, 6, 16, [50, 21], 20),  # head_dim 96, no grouping, window
+        (72, 6, 2, 16, [3000], None),  # head_dim of no vector multiple; threaded (many keys)
+    ],
+)
 def test_paged_decode_attention(variant, d, hq, hk, block_size, lens, window):
     library, dtype = variant
     k_cache, v_cache, tables, ctx = paged_cache(lens, block_size, hk, d, dtype, "cpu", pad_value=0)
     qkv = randn(len(lens), (hq + 2 * hk) * d, dtype=dtype)
-    q = qkv[:, :hq * d].view(len(lens), hq, d)  # a strided view, as the model passes it
-    scale = d ** -0.5
+    q = qkv[:, : hq * d].view(len(lens), hq, d)  # a strided view, as the model passes it
+    scale = d**-0.5
     expected = ref.paged_decode_attention(q, k_cache, v_cache, tables, ctx, scale, window)
     got = library.paged_decode_attention(q, k_cache, v_cache, tables, ctx, scale, window)
     assert not got.isnan().any()
@@ -169,7 +178,7 @@ def test_linear_routes(dtype, rows):
     with torch.inference_mode():  # the worker's mode; the scratch buffer then serves both
         got = kernels.linear(x, w, b)
     if dtype == torch.float16:
-        torch.testing.assert_close(got, expected, rtol=2 ** -10, atol=1e-2)
+        torch.testing.assert_close(got, expected, rtol=2**-10, atol=1e-2)
     else:
         assert_matches(got, expected, exact_fraction=0.98)
 
@@ -202,8 +211,14 @@ def test_model_matches_torch_path_and_transformers(tmp_path, monkeypatch, dtype)
     transformers = pytest.importorskip("transformers")
     from llama3_dist import Llama3Model, ReturnLogits, TextContext
 
-    config = transformers.LlamaConfig(hidden_size=128, num_attention_heads=4, num_key_value_heads=2,
-                                      intermediate_size=256, num_hidden_layers=2, vocab_size=256)
+    config = transformers.LlamaConfig(
+        hidden_size=128,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        vocab_size=256,
+    )
     torch_dtype = getattr(torch, dtype)
     hf = transformers.LlamaForCausalLM(config).to(torch_dtype).eval()
     hf.save_pretrained(tmp_path)
@@ -213,8 +228,9 @@ def test_model_matches_torch_path_and_transformers(tmp_path, monkeypatch, dtype)
     def run(mode, fused="1"):
         monkeypatch.setenv("LLAMA3_DIST_KERNELS", mode)
         monkeypatch.setenv("LLAMA3_DIST_CPU_FUSED", fused)
-        with Llama3Model.from_pretrained(tmp_path, devices=["cpu"], dtype=dtype,
-                                         return_logits=ReturnLogits.ALL, block_size=8, num_kv_blocks=16) as model:
+        with Llama3Model.from_pretrained(
+            tmp_path, devices=["cpu"], dtype=dtype, return_logits=ReturnLogits.ALL, block_size=8, num_kv_blocks=16
+        ) as model:
             inputs = model.prepare_initial_token_inputs([TextContext(tokens=list(p)) for p in prompts])
             logits = [model.execute(inputs).logits]
             for tokens in steps:
@@ -231,8 +247,9 @@ def test_model_matches_torch_path_and_transformers(tmp_path, monkeypatch, dtype)
 
     calls = []
     library = cpu.library()
-    monkeypatch.setattr(library, "paged_decode_attention",
-                        lambda *a, _f=library.paged_decode_attention: calls.append(1) or _f(*a))
+    monkeypatch.setattr(
+        library, "paged_decode_attention", lambda *a, _f=library.paged_decode_attention: calls.append(1) or _f(*a)
+    )
     expected = run("torch")
     assert not calls
     per_kernel = run("auto", fused="0")
@@ -243,7 +260,7 @@ def test_model_matches_torch_path_and_transformers(tmp_path, monkeypatch, dtype)
         close(g, e)
     with torch.no_grad():  # transformers on each whole sequence: prefill rows, then one row per step
         full = [hf(torch.tensor([p + [s[b] for s in steps]])).logits[0].float() for b, p in enumerate(prompts)]
-    close(got[0], torch.cat([full[b][:len(p)] for b, p in enumerate(prompts)]))
+    close(got[0], torch.cat([full[b][: len(p)] for b, p in enumerate(prompts)]))
     for i in range(len(steps)):
         close(got[1 + i], torch.stack([full[b][len(p) + i] for b, p in enumerate(prompts)]))
 
@@ -266,7 +283,8 @@ def test_torch_fallback_without_the_library():
         "    x = torch.randn(3, 64).to(dtype); w = torch.randn(32, 64).to(dtype)\n"
         "    assert kernels._impl(x) is reference and cpu.library() is None\n"
         "    expected = (x.float() @ w.float().T).to(dtype)\n"
-        "    torch.testing.assert_close(kernels.linear(x, w), expected, rtol=2 ** -7, atol=1e-2)\n")
+        "    torch.testing.assert_close(kernels.linear(x, w), expected, rtol=2 ** -7, atol=1e-2)\n"
+    )
     done = _run_python(code, LLAMA3_DIST_CPU_KERNELS="0", LLAMA3_DIST_KERNELS="auto")
     assert done.stderr.count("LLAMA3_DIST_CPU_KERNELS=0") == 1, done.stderr
     assert "slower" in done.stderr
@@ -278,8 +296,14 @@ def test_held_to_avx2(tmp_path):
     is chosen, half-precision GEMMs are not native, and bfloat16 and float16 models run (one row
     and many) where oneDNN's bfloat16 inner product does not exist."""
     transformers = pytest.importorskip("transformers")
-    config = transformers.LlamaConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
-                                      intermediate_size=128, num_hidden_layers=2, vocab_size=128)
+    config = transformers.LlamaConfig(
+        hidden_size=64,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        vocab_size=128,
+    )
     transformers.LlamaForCausalLM(config).to(BF16).eval().save_pretrained(tmp_path)
     code = (
         "import torch\n"
@@ -291,14 +315,17 @@ def test_held_to_avx2(tmp_path):
         f"    with LLM({str(tmp_path)!r}, devices=['cpu'], dtype=dtype, kv_cache_bytes=1 << 24) as llm:\n"
         "        outs = llm.generate(prompt_token_ids=[list(range(3, 40)), [5]],\n"
         "                            sampling_params=SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))\n"
-        "        assert [len(o.outputs[0].token_ids) for o in outs] == [4, 4]\n")
+        "        assert [len(o.outputs[0].token_ids) for o in outs] == [4, 4]\n"
+    )
     _run_python(code, ATEN_CPU_CAPABILITY="avx2", ONEDNN_MAX_CPU_ISA="AVX2", LLAMA3_DIST_KERNELS="auto")
 
 
 @built
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
-@pytest.mark.parametrize("arch,fused", [("llama", True), ("mistral", True), ("qwen2", True), ("phi3", True),
-                                        ("granite", False), ("olmo", False)])
+@pytest.mark.parametrize(
+    "arch,fused",
+    [("llama", True), ("mistral", True), ("qwen2", True), ("phi3", True), ("granite", False), ("olmo", False)],
+)
 def test_fused_decode_is_bit_identical(checkpoints, monkeypatch, arch, fused, dtype):
     """Decode steps with each layer half as one library call give exactly the per-kernel path's
     logits (same kernels, same order): GQA, sliding windows (mistral), q/k/v biases (qwen2),
@@ -308,10 +335,17 @@ def test_fused_decode_is_bit_identical(checkpoints, monkeypatch, arch, fused, dt
 
     def run(fused_env):
         monkeypatch.setenv("LLAMA3_DIST_CPU_FUSED", fused_env)
-        with Llama3Model.from_pretrained(checkpoints[arch], devices=["cpu"], dtype=dtype, block_size=8,
-                                         return_logits=ReturnLogits.ALL, num_kv_blocks=32) as model:
-            inputs = model.prepare_initial_token_inputs([TextContext(tokens=[3, 4, 5, 6, 7]),
-                                                         TextContext(tokens=list(range(10, 40)))])
+        with Llama3Model.from_pretrained(
+            checkpoints[arch],
+            devices=["cpu"],
+            dtype=dtype,
+            block_size=8,
+            return_logits=ReturnLogits.ALL,
+            num_kv_blocks=32,
+        ) as model:
+            inputs = model.prepare_initial_token_inputs(
+                [TextContext(tokens=[3, 4, 5, 6, 7]), TextContext(tokens=list(range(10, 40)))]
+            )
             logits = [model.execute(inputs).logits]
             for step in range(20):
                 inputs = model.prepare_next_token_inputs([7 + step, 11 + step], inputs)

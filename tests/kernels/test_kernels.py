@@ -6,6 +6,7 @@ so TRITON_INTERPRET=1 is set here, before that import. Sizes are kept small: the
 slow. Every buffer a kernel allocates is poisoned with NaN and every cache slot no sequence
 owns holds NaN, so an unwritten output or a read of a padding page fails the comparison.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -28,8 +29,11 @@ from llama3_dist.kernels import reference as ref  # noqa: E402
 
 tk = importlib.import_module("llama3_dist.kernels.triton_kernels")
 if DEVICE == "cpu" and not tk.INTERPRET:
-    pytest.skip("llama3_dist.kernels.triton_kernels was imported before TRITON_INTERPRET=1 was "
-                "set; run this module in its own process", allow_module_level=True)
+    pytest.skip(
+        "llama3_dist.kernels.triton_kernels was imported before TRITON_INTERPRET=1 was "
+        "set; run this module in its own process",
+        allow_module_level=True,
+    )
 
 F32, BF16 = torch.float32, torch.bfloat16
 TOL = {F32: dict(rtol=1e-5, atol=1e-5), BF16: dict(rtol=1e-2, atol=1e-2)}
@@ -40,8 +44,7 @@ NAN = float("nan")
 def triton_path(monkeypatch):
     """Forces the Triton path through the dispatchers and poisons every buffer it allocates."""
     monkeypatch.setenv("LLAMA3_DIST_KERNELS", "triton")
-    monkeypatch.setattr(tk, "_empty", lambda shape, dtype, device: torch.full(
-        shape, NAN, dtype=dtype, device=device))
+    monkeypatch.setattr(tk, "_empty", lambda shape, dtype, device: torch.full(shape, NAN, dtype=dtype, device=device))
     torch.manual_seed(0)
 
 
@@ -52,9 +55,15 @@ def randn(*shape, dtype=F32):
 # ------------------------------------------------------------------------------- elementwise
 
 
-@pytest.mark.parametrize("dtype,D,residual,weight", [
-    (F32, 96, True, True), (F32, 64, False, False), (BF16, 128, True, True), (BF16, 80, False, True),
-])
+@pytest.mark.parametrize(
+    "dtype,D,residual,weight",
+    [
+        (F32, 96, True, True),
+        (F32, 64, False, False),
+        (BF16, 128, True, True),
+        (BF16, 80, False, True),
+    ],
+)
 def test_rms_norm(dtype, D, residual, weight):
     N = 7
     x = randn(N, D, dtype=dtype)
@@ -67,12 +76,15 @@ def test_rms_norm(dtype, D, residual, weight):
     torch.testing.assert_close(h, ref_h, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("dtype,d,rot,interleaved,hq,hk", [
-    (F32, 64, 64, False, 4, 4),     # full rotary, Hugging Face layout
-    (BF16, 128, 96, True, 8, 2),    # partial rotary (0.75), GGUF layout
-    (F32, 128, 48, False, 20, 4),   # rotary_dim/2 = 24 (padded), 20 heads (two head blocks)
-    (BF16, 64, 64, True, 2, 1),
-])
+@pytest.mark.parametrize(
+    "dtype,d,rot,interleaved,hq,hk",
+    [
+        (F32, 64, 64, False, 4, 4),  # full rotary, Hugging Face layout
+        (BF16, 128, 96, True, 8, 2),  # partial rotary (0.75), GGUF layout
+        (F32, 128, 48, False, 20, 4),  # rotary_dim/2 = 24 (padded), 20 heads (two head blocks)
+        (BF16, 64, 64, True, 2, 1),
+    ],
+)
 def test_rotary_embedding(dtype, d, rot, interleaved, hq, hk):
     N, max_pos = 9, 64
     # q and k are non-contiguous views into a fused qkv projection output.
@@ -84,8 +96,8 @@ def test_rotary_embedding(dtype, d, rot, interleaved, hq, hk):
     positions = torch.randint(0, max_pos, (N,), device=DEVICE)
 
     def views(t):
-        q = t[:, :hq * d].view(N, hq, d)
-        k = t[:, hq * d:(hq + hk) * d].view(N, hk, d)
+        q = t[:, : hq * d].view(N, hq, d)
+        k = t[:, hq * d : (hq + hk) * d].view(N, hk, d)
         return q, k
 
     ref.rotary_embedding(positions, *views(expected), cos_sin, interleaved)
@@ -95,7 +107,7 @@ def test_rotary_embedding(dtype, d, rot, interleaved, hq, hk):
     q, k = views(qkv)
     q0, k0 = views(expected)
     assert torch.equal(q[..., rot:], q0[..., rot:]) and torch.equal(k[..., rot:], k0[..., rot:])
-    assert torch.equal(qkv[:, (hq + hk) * d:], expected[:, (hq + hk) * d:])
+    assert torch.equal(qkv[:, (hq + hk) * d :], expected[:, (hq + hk) * d :])
 
 
 @pytest.mark.parametrize("dtype,inter", [(F32, 96), (BF16, 1100)])
@@ -109,8 +121,8 @@ def test_silu_and_mul(dtype, inter):
 def test_store_kv_cache(dtype, d):
     N, hq, hk, num_blocks, block_size = 11, 4, 2, 6, 4
     qkv = randn(N, (hq + 2 * hk) * d, dtype=dtype)
-    k = qkv[:, hq * d:(hq + hk) * d].view(N, hk, d)
-    v = qkv[:, (hq + hk) * d:].view(N, hk, d)
+    k = qkv[:, hq * d : (hq + hk) * d].view(N, hk, d)
+    v = qkv[:, (hq + hk) * d :].view(N, hk, d)
     slots = torch.randperm(num_blocks * block_size, device=DEVICE)[:N]
     slots[[2, 7]] = -1
     k_cache = torch.full((num_blocks, block_size, hk, d), NAN, dtype=dtype, device=DEVICE)
@@ -126,40 +138,44 @@ def test_store_kv_cache(dtype, d):
 # ------------------------------------------------------------------------------- attention
 
 
-@pytest.mark.parametrize("dtype,d,hq,hk,block_size,lens,window,splits", [
-    (F32, 64, 2, 2, 16, [1, 37, 70], None, None),   # GQA 1, heuristic (no split)
-    (BF16, 128, 8, 2, 16, [300], None, 3),          # GQA 4, batch of one, flash-decoding
-    (F32, 128, 8, 1, 8, [45, 130, 9], 32, 4),       # GQA 8, window, splits outside the window
-    (BF16, 96, 8, 2, 16, [50, 21], 20, 1),          # head_dim 96 (padded), window
-])
+@pytest.mark.parametrize(
+    "dtype,d,hq,hk,block_size,lens,window,splits",
+    [
+        (F32, 64, 2, 2, 16, [1, 37, 70], None, None),  # GQA 1, heuristic (no split)
+        (BF16, 128, 8, 2, 16, [300], None, 3),  # GQA 4, batch of one, flash-decoding
+        (F32, 128, 8, 1, 8, [45, 130, 9], 32, 4),  # GQA 8, window, splits outside the window
+        (BF16, 96, 8, 2, 16, [50, 21], 20, 1),  # head_dim 96 (padded), window
+    ],
+)
 def test_paged_decode_attention(dtype, d, hq, hk, block_size, lens, window, splits):
-    k_cache, v_cache, tables, ctx = paged_cache(lens, block_size, hk, d, dtype, DEVICE,
-                                                pad_value=-1 if splits else 0)
+    k_cache, v_cache, tables, ctx = paged_cache(lens, block_size, hk, d, dtype, DEVICE, pad_value=-1 if splits else 0)
     q = randn(len(lens), hq, d, dtype=dtype)
-    scale = d ** -0.5
+    scale = d**-0.5
     expected = ref.paged_decode_attention(q, k_cache, v_cache, tables, ctx, scale, window)
     if splits is None:
         out = kernels.paged_decode_attention(q, k_cache, v_cache, tables, ctx, scale, window)
     else:
-        out = tk.paged_decode_attention(q, k_cache, v_cache, tables, ctx, scale, window,
-                                        num_splits=splits)
+        out = tk.paged_decode_attention(q, k_cache, v_cache, tables, ctx, scale, window, num_splits=splits)
     torch.testing.assert_close(out, expected, **TOL[dtype])
 
 
-@pytest.mark.parametrize("dtype,d,hq,hk,block_size,seqs,window", [
-    # seqs: (context length, query tokens); fewer queries than context = prefix-cached start.
-    (F32, 64, 2, 2, 16, [(37, 37), (20, 5), (1, 1)], None),   # GQA 1, many sequences
-    (BF16, 128, 8, 2, 16, [(70, 70)], None),                  # GQA 4, batch of one
-    (F32, 128, 8, 1, 8, [(50, 50), (33, 10)], 16),            # GQA 8, sliding window
-    (BF16, 64, 4, 1, 16, [(45, 45), (19, 3)], 7),             # GQA 4, window, tiny chunk
-])
+@pytest.mark.parametrize(
+    "dtype,d,hq,hk,block_size,seqs,window",
+    [
+        # seqs: (context length, query tokens); fewer queries than context = prefix-cached start.
+        (F32, 64, 2, 2, 16, [(37, 37), (20, 5), (1, 1)], None),  # GQA 1, many sequences
+        (BF16, 128, 8, 2, 16, [(70, 70)], None),  # GQA 4, batch of one
+        (F32, 128, 8, 1, 8, [(50, 50), (33, 10)], 16),  # GQA 8, sliding window
+        (BF16, 64, 4, 1, 16, [(45, 45), (19, 3)], 7),  # GQA 4, window, tiny chunk
+    ],
+)
 def test_prefill_attention(dtype, d, hq, hk, block_size, seqs, window):
     lens = [c for c, _ in seqs]
     k_cache, v_cache, tables, ctx = paged_cache(lens, block_size, hk, d, dtype, DEVICE, pad_value=0)
     q_lens = torch.tensor([0] + [n for _, n in seqs])
     qsl = q_lens.cumsum(0).to(torch.int32).to(DEVICE)
     q = randn(int(q_lens.sum()), hq, d, dtype=dtype)
-    scale = d ** -0.5
+    scale = d**-0.5
     expected = ref.prefill_attention(q, k_cache, v_cache, tables, qsl, ctx, scale, window)
     out = kernels.prefill_attention(q, k_cache, v_cache, tables, qsl, ctx, scale, window)
     torch.testing.assert_close(out, expected, **TOL[dtype])
@@ -170,7 +186,7 @@ def test_prefill_attention_noncontiguous_q():
     hq, hk, d, n = 4, 2, 64, 19
     k_cache, v_cache, tables, ctx = paged_cache([n], 16, hk, d, F32, DEVICE, pad_value=0)
     qkv = randn(n, (hq + 2 * hk) * d)
-    q = qkv[:, :hq * d].view(n, hq, d)
+    q = qkv[:, : hq * d].view(n, hq, d)
     qsl = torch.tensor([0, n], dtype=torch.int32, device=DEVICE)
     expected = ref.prefill_attention(q, k_cache, v_cache, tables, qsl, ctx, 0.125)
     out = kernels.prefill_attention(q, k_cache, v_cache, tables, qsl, ctx, 0.125)
@@ -202,18 +218,20 @@ def test_dispatch_modes(monkeypatch):
 
 def test_imports_without_triton():
     """The package (and the torch path) work where triton is not installed, e.g. macOS."""
-    code = ("import sys; sys.modules['triton'] = None\n"
-            "import torch\n"
-            "from llama3_dist import kernels\n"
-            "out, h = kernels.rms_norm(torch.randn(2, 8), None, 1e-6)\n"
-            "assert 'triton' not in [m for m in sys.modules if sys.modules[m] is not None]\n"
-            "import os; os.environ['LLAMA3_DIST_KERNELS'] = 'triton'\n"
-            "try:\n"
-            "    kernels.rms_norm(torch.randn(2, 8), None, 1e-6)\n"
-            "except RuntimeError as e:\n"
-            "    assert 'not installed' in str(e)\n"
-            "else:\n"
-            "    raise SystemExit('no error')\n")
+    code = (
+        "import sys; sys.modules['triton'] = None\n"
+        "import torch\n"
+        "from llama3_dist import kernels\n"
+        "out, h = kernels.rms_norm(torch.randn(2, 8), None, 1e-6)\n"
+        "assert 'triton' not in [m for m in sys.modules if sys.modules[m] is not None]\n"
+        "import os; os.environ['LLAMA3_DIST_KERNELS'] = 'triton'\n"
+        "try:\n"
+        "    kernels.rms_norm(torch.randn(2, 8), None, 1e-6)\n"
+        "except RuntimeError as e:\n"
+        "    assert 'not installed' in str(e)\n"
+        "else:\n"
+        "    raise SystemExit('no error')\n"
+    )
     env = {k: v for k, v in os.environ.items() if k != "LLAMA3_DIST_KERNELS"}
     subprocess.run([sys.executable, "-c", code], check=True, env=env)
 
@@ -227,16 +245,22 @@ def test_model_logits_match_torch_path(tmp_path, monkeypatch):
     transformers = pytest.importorskip("transformers")
     from llama3_dist import Llama3Model, ReturnLogits, TextContext
 
-    config = transformers.LlamaConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
-                                      intermediate_size=128, num_hidden_layers=2, vocab_size=128)
+    config = transformers.LlamaConfig(
+        hidden_size=64,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        vocab_size=128,
+    )
     transformers.LlamaForCausalLM(config).eval().save_pretrained(tmp_path)
     prompts = [[3, 17, 99, 5, 64], list(range(40, 60))]
 
     def run(mode):
         monkeypatch.setenv("LLAMA3_DIST_KERNELS", mode)
-        with Llama3Model.from_pretrained(tmp_path, devices=[DEVICE], dtype="float32",
-                                         return_logits=ReturnLogits.ALL, block_size=8,
-                                         num_kv_blocks=16) as model:
+        with Llama3Model.from_pretrained(
+            tmp_path, devices=[DEVICE], dtype="float32", return_logits=ReturnLogits.ALL, block_size=8, num_kv_blocks=16
+        ) as model:
             inputs = model.prepare_initial_token_inputs([TextContext(tokens=list(p)) for p in prompts])
             out = model.execute(inputs)
             logits = [out.logits]
@@ -247,9 +271,11 @@ def test_model_logits_match_torch_path(tmp_path, monkeypatch):
 
     calls = {}
     for name in kernels.TRITON_KERNELS:
+
         def counted(*args, _name=name, _fn=getattr(tk, name), **kwargs):
             calls[_name] = calls.get(_name, 0) + 1
             return _fn(*args, **kwargs)
+
         monkeypatch.setattr(tk, name, counted)
     expected = run("torch")
     assert not calls
@@ -261,14 +287,16 @@ def test_model_logits_match_torch_path(tmp_path, monkeypatch):
 
 @pytest.mark.skipif(DEVICE != "cpu", reason="checks the CPU error path")
 def test_cpu_tensors_without_interpreter_fail_clearly():
-    code = ("import os, torch\n"
-            "os.environ['LLAMA3_DIST_KERNELS'] = 'triton'\n"
-            "from llama3_dist import kernels\n"
-            "try:\n"
-            "    kernels.silu_and_mul(torch.randn(2, 8))\n"
-            "except RuntimeError as e:\n"
-            "    assert 'TRITON_INTERPRET=1' in str(e), e\n"
-            "else:\n"
-            "    raise SystemExit('no error')\n")
+    code = (
+        "import os, torch\n"
+        "os.environ['LLAMA3_DIST_KERNELS'] = 'triton'\n"
+        "from llama3_dist import kernels\n"
+        "try:\n"
+        "    kernels.silu_and_mul(torch.randn(2, 8))\n"
+        "except RuntimeError as e:\n"
+        "    assert 'TRITON_INTERPRET=1' in str(e), e\n"
+        "else:\n"
+        "    raise SystemExit('no error')\n"
+    )
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     subprocess.run([sys.executable, "-c", code], check=True, env=env)

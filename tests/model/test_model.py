@@ -1,4 +1,5 @@
 """The model core at one device against transformers (float32), and its errors."""
+
 from __future__ import annotations
 
 import json
@@ -10,8 +11,15 @@ import torch
 import transformers
 
 from conftest import ARCHITECTURES, build_checkpoint, load_reference
-from llama3_dist import (ConfigError, KVCacheExhaustedError, Llama3Config, Llama3Model, ReturnHiddenStates,
-                         ReturnLogits, TextContext)
+from llama3_dist import (
+    ConfigError,
+    KVCacheExhaustedError,
+    Llama3Config,
+    Llama3Model,
+    ReturnHiddenStates,
+    ReturnLogits,
+    TextContext,
+)
 from llama3_dist.model.checkpoint import CheckpointError
 
 TOL = dict(atol=1e-4, rtol=1e-4)
@@ -28,14 +36,15 @@ def test_prefill_and_decode_match_transformers(arch, checkpoints, references):
     """Every position of a ragged prefill, then 16 greedy decode steps, equal transformers' logits."""
     ref = references(arch)
     batch = prompts(130)
-    with Llama3Model.from_pretrained(checkpoints[arch], devices=["cpu"], dtype="float32",
-                                     return_logits=ReturnLogits.ALL, block_size=8) as model:
+    with Llama3Model.from_pretrained(
+        checkpoints[arch], devices=["cpu"], dtype="float32", return_logits=ReturnLogits.ALL, block_size=8
+    ) as model:
         ctxs = [TextContext(tokens=list(p)) for p in batch]
         inputs = model.prepare_initial_token_inputs(ctxs)
         out = model.execute(inputs)
         for b, p in enumerate(batch):
             expected = ref(torch.tensor([p])).logits[0]
-            got = out.logits[out.logit_offsets[b]:out.logit_offsets[b + 1]]
+            got = out.logits[out.logit_offsets[b] : out.logit_offsets[b + 1]]
             torch.testing.assert_close(got, expected, **TOL)
         steps = []
         for _ in range(16):
@@ -61,12 +70,13 @@ def test_linear_rope_scaling_matches_transformers(tmp_path):
 def test_ragged_batch_equals_each_sequence_alone(checkpoints):
     lengths = (1, 300, 17, 64, 129)
     batch = prompts(130, lengths)
-    with Llama3Model.from_pretrained(checkpoints["llama"], dtype="float32", return_logits=ReturnLogits.ALL,
-                                     block_size=16) as model:
+    with Llama3Model.from_pretrained(
+        checkpoints["llama"], dtype="float32", return_logits=ReturnLogits.ALL, block_size=16
+    ) as model:
         together = model.execute(model.prepare_initial_token_inputs([TextContext(tokens=p) for p in batch]))
         for b, p in enumerate(batch):
             alone = model.execute(model.prepare_initial_token_inputs([TextContext(tokens=p)]))
-            got = together.logits[together.logit_offsets[b]:together.logit_offsets[b + 1]]
+            got = together.logits[together.logit_offsets[b] : together.logit_offsets[b + 1]]
             torch.testing.assert_close(got, alone.logits, **TOL)
 
 
@@ -100,7 +110,9 @@ def test_both_config_formats_give_identical_logits(checkpoints, tmp_path):
     assert Llama3Config.from_pretrained(old) == Llama3Config.from_pretrained(src)
     # A dict and a transformers PretrainedConfig are read the same way as the file.
     assert Llama3Config.from_pretrained(v4) == Llama3Config.from_pretrained(src)
-    assert Llama3Config.from_pretrained(transformers.AutoConfig.from_pretrained(src)) == Llama3Config.from_pretrained(src)
+    assert Llama3Config.from_pretrained(transformers.AutoConfig.from_pretrained(src)) == Llama3Config.from_pretrained(
+        src
+    )
     tokens = prompts(130, (33,))[0]
     results = []
     for path in (src, old):
@@ -128,33 +140,37 @@ def test_logits_modes_hidden_states_and_log_probabilities(checkpoints, reference
     ref = references("llama")
     batch = prompts(130, (10, 6))
     expected = [ref(torch.tensor([p]), output_hidden_states=True) for p in batch]
-    with Llama3Model.from_pretrained(checkpoints["llama"], dtype="float32", return_logits=ReturnLogits.VARIABLE,
-                                     return_hidden_states=ReturnHiddenStates.ALL_NORMALIZED) as model:
+    with Llama3Model.from_pretrained(
+        checkpoints["llama"],
+        dtype="float32",
+        return_logits=ReturnLogits.VARIABLE,
+        return_hidden_states=ReturnHiddenStates.ALL_NORMALIZED,
+    ) as model:
         inputs = model.prepare_initial_token_inputs([TextContext(tokens=p) for p in batch], return_n_logits=3)
         out = model.execute(inputs)
         assert out.logit_offsets.tolist() == [0, 3, 6]
         for b in range(2):
-            torch.testing.assert_close(out.logits[3 * b:3 * b + 3], expected[b].logits[0, -3:], **TOL)
+            torch.testing.assert_close(out.logits[3 * b : 3 * b + 3], expected[b].logits[0, -3:], **TOL)
             torch.testing.assert_close(out.next_token_logits[b], expected[b].logits[0, -1], **TOL)
-            rows = out.hidden_states[inputs.input_row_offsets[b]:inputs.input_row_offsets[b + 1]]
+            rows = out.hidden_states[inputs.input_row_offsets[b] : inputs.input_row_offsets[b + 1]]
             torch.testing.assert_close(rows, expected[b].hidden_states[-1][0], **TOL)
         next_tokens = out.next_token_logits.argmax(-1)
         lp = model.compute_log_probabilities(inputs, out, next_tokens, batch_top_n=[5, 0], batch_echo=[True, False])
         assert lp[1] is None
         logp = torch.log_softmax(expected[0].logits[0, -3:], -1)
         targets = batch[0][-2:] + [int(next_tokens[0])]
-        torch.testing.assert_close(torch.tensor(lp[0].token_log_probabilities),
-                                   logp[torch.arange(3), targets], **TOL)
+        torch.testing.assert_close(torch.tensor(lp[0].token_log_probabilities), logp[torch.arange(3), targets], **TOL)
         top = logp[-1].topk(5)
         assert list(lp[0].top_log_probabilities[-1]) == top.indices.tolist()
-    with Llama3Model.from_pretrained(checkpoints["llama"], dtype="float32",
-                                     return_hidden_states=ReturnHiddenStates.LAST) as model:
+    with Llama3Model.from_pretrained(
+        checkpoints["llama"], dtype="float32", return_hidden_states=ReturnHiddenStates.LAST
+    ) as model:
         out = model.execute(model.prepare_initial_token_inputs([TextContext(tokens=p) for p in batch]))
         assert out.logits is None and out.next_token_logits.shape == (2, 130)
         # LAST is the final residual stream before the final norm.
         norm = ref.model.norm
         for b in range(2):
-            torch.testing.assert_close(norm(out.hidden_states[b:b + 1]), expected[b].hidden_states[-1][0, -1:], **TOL)
+            torch.testing.assert_close(norm(out.hidden_states[b : b + 1]), expected[b].hidden_states[-1][0, -1:], **TOL)
 
 
 def test_release_frees_pages_and_exhaustion_is_a_clear_error(checkpoints):
@@ -170,12 +186,14 @@ def test_release_frees_pages_and_exhaustion_is_a_clear_error(checkpoints):
 
 def test_every_real_config_loads():
     expected = {
-        "meta-llama__Llama-3.1-8B.json": dict(head_dim=128, num_key_value_heads=8, tie_word_embeddings=False,
-                                               rope_theta=500000.0, max_seq_len=131072),
+        "meta-llama__Llama-3.1-8B.json": dict(
+            head_dim=128, num_key_value_heads=8, tie_word_embeddings=False, rope_theta=500000.0, max_seq_len=131072
+        ),
         "meta-llama__Llama-3.2-1B.json": dict(head_dim=64, tie_word_embeddings=True, num_hidden_layers=16),
         "Qwen__Qwen2.5-7B-Instruct.json": dict(attention_bias=True, attention_out_bias=False, sliding_window=None),
-        "ibm-granite__granite-3.0-8b-instruct.json": dict(embedding_multiplier=12.0, attention_multiplier=0.0078125,
-                                                          residual_multiplier=0.22, logits_scaling=16.0),
+        "ibm-granite__granite-3.0-8b-instruct.json": dict(
+            embedding_multiplier=12.0, attention_multiplier=0.0078125, residual_multiplier=0.22, logits_scaling=16.0
+        ),
         "microsoft__Phi-3-mini-4k-instruct.json": dict(stacked_qkv=True, stacked_mlp=True, sliding_window=2047),
         "microsoft__Phi-4-mini-instruct.json": dict(partial_rotary_factor=0.75, head_dim=128, tie_word_embeddings=True),
         "mistralai__Mistral-7B-Instruct-v0.3.json": dict(sliding_window=None, vocab_size=32768, rope_theta=1e6),
@@ -212,6 +230,7 @@ def test_bad_checkpoints_are_clear_errors(tmp_path, checkpoints):
             c = json.loads((d / "config.json").read_text())
             c.update(changes)
             (d / "config.json").write_text(json.dumps(c))
+
         return edit
 
     with pytest.raises(ConfigError, match="no config.json"):
@@ -219,13 +238,17 @@ def test_bad_checkpoints_are_clear_errors(tmp_path, checkpoints):
     bad = _corrupt(tmp_path, src, "arch", edit_config(architectures=["GPT2LMHeadModel"]))
     with pytest.raises(ConfigError, match="unsupported architecture.*GPT2LMHeadModel.*LlamaForCausalLM"):
         Llama3Model.from_pretrained(bad)
-    bad = _corrupt(tmp_path, src, "rope", edit_config(rope_parameters={"rope_type": "yarn", "factor": 2.0,
-                                                                       "rope_theta": 1e4}))
+    bad = _corrupt(
+        tmp_path, src, "rope", edit_config(rope_parameters={"rope_type": "yarn", "factor": 2.0, "rope_theta": 1e4})
+    )
     with pytest.raises(ConfigError, match="unknown rope type 'yarn'"):
         Llama3Model.from_pretrained(bad)
     bad = _corrupt(tmp_path, src, "shape", edit_config(intermediate_size=100))
-    with pytest.raises(CheckpointError, match=r"gate_proj.weight' in model.safetensors has shape \[96, 64\], "
-                                              r"expected \[100, 64\]"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"gate_proj.weight' in model.safetensors has shape \[96, 64\], "
+        r"expected \[100, 64\]",
+    ):
         Llama3Model.from_pretrained(bad)
     bad = _corrupt(tmp_path, src, "layers", edit_config(num_hidden_layers=3))
     with pytest.raises(CheckpointError, match="'model.layers.2.input_layernorm.weight' is missing"):
@@ -237,6 +260,7 @@ def test_bad_checkpoints_are_clear_errors(tmp_path, checkpoints):
     def to_pickle(d):
         (d / "model.safetensors").unlink()
         (d / "pytorch_model.bin").write_bytes(b"not loaded")
+
     bad = _corrupt(tmp_path, src, "pickle", to_pickle)
     with pytest.raises(CheckpointError, match="pytorch_model.bin.*arbitrary code"):
         Llama3Model.from_pretrained(bad)

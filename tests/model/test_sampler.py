@@ -1,4 +1,5 @@
 """The sampler against hand-written references of vLLM's definitions."""
+
 from __future__ import annotations
 
 import os
@@ -25,23 +26,26 @@ def meta_for(params, outputs=None, prompts=None):
     return SamplingMetadata.build(params, prompts, outputs, eos_token_ids=[EOS])
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(temperature=-0.5), "temperature must be >= 0"),
-    (dict(top_p=0.0), "top_p must be in (0, 1], got 0.0"),
-    (dict(top_p=1.5), "top_p must be in (0, 1], got 1.5"),
-    (dict(top_k=-2), "got -2"),
-    (dict(min_p=1.2), "min_p must be in [0, 1], got 1.2"),
-    (dict(max_tokens=0), "max_tokens must be at least 1, got 0"),
-    (dict(min_tokens=5, max_tokens=4), "min_tokens (5) must be <= max_tokens (4)"),
-    (dict(n=0), "n must be at least 1, got 0"),
-    (dict(repetition_penalty=0.0), "repetition_penalty must be > 0"),
-    (dict(presence_penalty=2.5), "presence_penalty must be in [-2, 2], got 2.5"),
-    (dict(frequency_penalty=-3), "frequency_penalty must be in [-2, 2], got -3"),
-    (dict(logprobs=-1), "logprobs must be >= 0"),
-    (dict(prompt_logprobs=-1), "prompt_logprobs must be >= 0"),
-    (dict(stop=["ok", ""]), "stop strings must not be empty"),
-    (dict(temperatur=0.5), "temperatur"),  # a typo is an error, not ignored
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(temperature=-0.5), "temperature must be >= 0"),
+        (dict(top_p=0.0), "top_p must be in (0, 1], got 0.0"),
+        (dict(top_p=1.5), "top_p must be in (0, 1], got 1.5"),
+        (dict(top_k=-2), "got -2"),
+        (dict(min_p=1.2), "min_p must be in [0, 1], got 1.2"),
+        (dict(max_tokens=0), "max_tokens must be at least 1, got 0"),
+        (dict(min_tokens=5, max_tokens=4), "min_tokens (5) must be <= max_tokens (4)"),
+        (dict(n=0), "n must be at least 1, got 0"),
+        (dict(repetition_penalty=0.0), "repetition_penalty must be > 0"),
+        (dict(presence_penalty=2.5), "presence_penalty must be in [-2, 2], got 2.5"),
+        (dict(frequency_penalty=-3), "frequency_penalty must be in [-2, 2], got -3"),
+        (dict(logprobs=-1), "logprobs must be >= 0"),
+        (dict(prompt_logprobs=-1), "prompt_logprobs must be >= 0"),
+        (dict(stop=["ok", ""]), "stop strings must not be empty"),
+        (dict(temperatur=0.5), "temperatur"),  # a typo is an error, not ignored
+    ],
+)
 def test_params_validation(kwargs, message):
     with pytest.raises(pydantic.ValidationError) as e:
         SamplingParams(**kwargs)
@@ -53,16 +57,27 @@ def test_params_defaults_and_normalisation():
     assert p.stop == ["###"] and p.stop_token_ids == [] and p.is_greedy
     assert SamplingParams(stop=None).stop == []
     d = SamplingParams()
-    assert (d.n, d.temperature, d.top_p, d.top_k, d.min_p, d.max_tokens, d.repetition_penalty,
-            d.skip_special_tokens) == (1, 1.0, 1.0, 0, 0.0, 16, 1.0, True)
+    assert (
+        d.n,
+        d.temperature,
+        d.top_p,
+        d.top_k,
+        d.min_p,
+        d.max_tokens,
+        d.repetition_penalty,
+        d.skip_special_tokens,
+    ) == (1, 1.0, 1.0, 0, 0.0, 16, 1.0, True)
 
 
 def test_greedy_is_argmax_and_top_k_1_is_greedy():
     torch.manual_seed(0)
     logits = (torch.randn(12, 1000) * 3).to(DEVICE)
-    params = [SamplingParams(temperature=0.0) if i % 3 == 0 else
-              SamplingParams(temperature=1.3, top_k=1, seed=i if i % 2 else None)
-              for i in range(12)]
+    params = [
+        SamplingParams(temperature=0.0)
+        if i % 3 == 0
+        else SamplingParams(temperature=1.3, top_k=1, seed=i if i % 2 else None)
+        for i in range(12)
+    ]
     out = Sampler(seed=0)(logits, meta_for(params))
     assert out.token_ids.tolist() == logits.argmax(-1).tolist()
     all_greedy = Sampler()(logits, meta_for([SamplingParams(temperature=0)] * 12))
@@ -75,7 +90,9 @@ def test_seeded_rows_ignore_the_rest_of_the_batch():
     row = (torch.randn(v) * 2).to(DEVICE)
     p = SamplingParams(temperature=0.9, top_p=0.95, seed=1234)
     others = [SamplingParams(temperature=1.0, seed=s) for s in (None, 5, None)] + [
-        SamplingParams(temperature=0.0), SamplingParams(top_k=20, min_p=0.01)]
+        SamplingParams(temperature=0.0),
+        SamplingParams(top_k=20, min_p=0.01),
+    ]
 
     def draws(batch_with_others: bool, sampler_seed: int) -> list[int]:
         sampler, tokens = Sampler(seed=sampler_seed), []
@@ -83,8 +100,7 @@ def test_seeded_rows_ignore_the_rest_of_the_batch():
             params, logits = [p], row[None]
             if batch_with_others:
                 params = others[:2] + [p] + others[2:]
-                logits = torch.cat([torch.randn(2, v).to(DEVICE), row[None],
-                                    torch.randn(3, v).to(DEVICE)])
+                logits = torch.cat([torch.randn(2, v).to(DEVICE), row[None], torch.randn(3, v).to(DEVICE)])
             out = sampler(logits, meta_for(params, [[0] * step] * len(params)))
             tokens.append(int(out.token_ids[params.index(p)]))
         return tokens
@@ -145,8 +161,7 @@ def test_sampled_frequencies_follow_filtered_softmax(cfg, vocab, monkeypatch):
         logits = sparse_logits(v, 40, seed=4)
         widths = []
         sort_desc = sampling._sort_desc
-        monkeypatch.setattr(sampling, "_sort_desc", lambda x: widths.append(x.shape[1]) or
-                            sort_desc(x))
+        monkeypatch.setattr(sampling, "_sort_desc", lambda x: widths.append(x.shape[1]) or sort_desc(x))
     expected = reference_probs(logits, **cfg)
     sampler = Sampler(seed=11)
     # flat rows in the same batch take the whole-row path; they must not disturb the others
@@ -187,10 +202,12 @@ def test_penalties_match_vllm_formulas():
     torch.manual_seed(2)
     v = 50
     logits = (torch.randn(4, v) * 2).to(DEVICE)
-    params = [SamplingParams(repetition_penalty=1.7),
-              SamplingParams(presence_penalty=0.6, frequency_penalty=0.4),
-              SamplingParams(),
-              SamplingParams(repetition_penalty=0.6, presence_penalty=-0.5, frequency_penalty=1.5)]
+    params = [
+        SamplingParams(repetition_penalty=1.7),
+        SamplingParams(presence_penalty=0.6, frequency_penalty=0.4),
+        SamplingParams(),
+        SamplingParams(repetition_penalty=0.6, presence_penalty=-0.5, frequency_penalty=1.5),
+    ]
     prompts = [[1, 2, 3, 3, 40], [4, 5], [6], [1, 9, 9, 30]]
     outputs = [[3, 10, 10], [4, 11, 11, 11, 12], [13], [9, 9, 20, 21, 21]]
     meta = meta_for(params, outputs, prompts)
@@ -210,9 +227,11 @@ def test_min_tokens_masks_eos_and_stop_token_ids():
     logits = torch.zeros(3, 20)
     logits[:, EOS] = 10.0
     logits[:, 8] = 9.0
-    params = [SamplingParams(temperature=0, min_tokens=3, stop_token_ids=[8]),
-              SamplingParams(temperature=0, min_tokens=3, stop_token_ids=[8]),
-              SamplingParams(temperature=0, min_tokens=3, ignore_eos=True)]
+    params = [
+        SamplingParams(temperature=0, min_tokens=3, stop_token_ids=[8]),
+        SamplingParams(temperature=0, min_tokens=3, stop_token_ids=[8]),
+        SamplingParams(temperature=0, min_tokens=3, ignore_eos=True),
+    ]
     out = Sampler()(logits.to(DEVICE), meta_for(params, [[1, 1], [1, 1, 1], [1]]))
     assert out.token_ids.tolist() == [0, EOS, EOS]  # row 0 masked; row 1 done; row 2 keeps eos
 
@@ -223,11 +242,13 @@ def test_logprobs_are_raw_log_softmax_with_ranks():
     logits = torch.randn(5, v) * 2
     logits[0, -1] = 20.0  # the top token in the partial last block
     logits = logits.to(DEVICE)
-    params = [SamplingParams(temperature=0.5, top_p=0.5, logprobs=3, repetition_penalty=1.3),
-              SamplingParams(logprobs=0, seed=3),
-              SamplingParams(temperature=0, logprobs=5),
-              SamplingParams(),
-              SamplingParams(temperature=2.0, logprobs=2)]
+    params = [
+        SamplingParams(temperature=0.5, top_p=0.5, logprobs=3, repetition_penalty=1.3),
+        SamplingParams(logprobs=0, seed=3),
+        SamplingParams(temperature=0, logprobs=5),
+        SamplingParams(),
+        SamplingParams(temperature=2.0, logprobs=2),
+    ]
     original = logits.clone()
     out = Sampler(seed=0)(logits, meta_for(params, [[1, 2]] * 5, [[3]] * 5))
     assert torch.equal(logits, original), "the sampler must not modify its input"
