@@ -31,7 +31,6 @@ import time
 from pathlib import Path
 
 import torch
-
 from throughput import checkpoint as model_284m
 from throughput import hf_decode_ms, hf_model, ours_decode_ms
 

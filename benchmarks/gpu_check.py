@@ -144,7 +144,7 @@ def kernel_checks(device: torch.device, s: dict, timer: Timer) -> None:
     from llama3_dist.kernels import reference as ref
     from llama3_dist.kernels import triton_kernels as tk
 
-    N, H, I = s["tokens"], s["hidden"], s["inter"]
+    N, H, inter = s["tokens"], s["hidden"], s["inter"]
     hq, hk, d, page = s["hq"], s["hk"], s["d"], s["page"]
 
     def guarded(name, fn):
@@ -200,9 +200,11 @@ def kernel_checks(device: torch.device, s: dict, timer: Timer) -> None:
 
     def silu():
         for dtype in (F32, BF16):
-            x = torch.randn(N, 2 * I, device=device).to(dtype)
-            check(f"silu_and_mul {SHORT[dtype]} [{N},{2 * I}]", tk.silu_and_mul(x), ref.silu_and_mul(x), dtype)
-        time_pair("silu_and_mul", f"{N}x{2 * I} bf16", timer, lambda: ref.silu_and_mul(x), lambda: tk.silu_and_mul(x))
+            x = torch.randn(N, 2 * inter, device=device).to(dtype)
+            check(f"silu_and_mul {SHORT[dtype]} [{N},{2 * inter}]", tk.silu_and_mul(x), ref.silu_and_mul(x), dtype)
+        time_pair(
+            "silu_and_mul", f"{N}x{2 * inter} bf16", timer, lambda: ref.silu_and_mul(x), lambda: tk.silu_and_mul(x)
+        )
 
     guarded("silu_and_mul", silu)
 

@@ -116,7 +116,7 @@ def end_to_end(steps: int, batch: int, hidden: int, layers: int) -> dict[str, tu
                 state = {"inputs": model.prepare_initial_token_inputs(ctxs)}
                 state["out"] = model.execute(state["inputs"])
 
-                def step():
+                def step(state=state, model=model):  # bound now: run within this iteration
                     tokens = state["out"].next_token_logits.argmax(-1)
                     state["inputs"] = model.prepare_next_token_inputs(tokens, state["inputs"])
                     state["out"] = model.execute(state["inputs"])

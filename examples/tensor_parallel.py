@@ -47,7 +47,7 @@ def main() -> int:
     devices = [f"cuda:{i}" for i in range(tp)] if gpus >= tp else ["cpu"] * tp
     print(f"TP=1 on {devices[:1]}, TP={tp} on {devices}")
 
-    ref_tokens, ref_texts, ref_speed = run(args.model, devices[:1], args.dtype, args.max_tokens)
+    ref_tokens, _ref_texts, ref_speed = run(args.model, devices[:1], args.dtype, args.max_tokens)
     tp_tokens, tp_texts, tp_speed = run(args.model, devices, args.dtype, args.max_tokens)
 
     same = 0

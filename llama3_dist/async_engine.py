@@ -347,7 +347,7 @@ class AsyncLLMEngine:
         self._fail_all(f"the engine is dead: {why}")
 
     def _fail_all(self, why: str) -> None:
-        for rid, stream in list(self._streams.items()):
+        for _rid, stream in list(self._streams.items()):
             stream.loop.call_soon_threadsafe(stream.queue.put_nowait, EngineDeadError(why))
         self._streams.clear()
 

@@ -147,7 +147,7 @@ class Llama3Config(_Frozen):
     bos_token_id: int | None = None
 
     @model_validator(mode="after")
-    def _check(self) -> "Llama3Config":
+    def _check(self) -> Llama3Config:
         if self.dtype not in DTYPES:
             raise ConfigError(f"dtype {self.dtype!r} is not supported; use one of {DTYPES}")
         if self.num_attention_heads % self.num_key_value_heads:
@@ -180,7 +180,7 @@ class Llama3Config(_Frozen):
         return math.sqrt(1.0 / _head_dim(hf))
 
     @staticmethod
-    def get_head_dim_from_config(config: "Llama3Config | dict") -> int:
+    def get_head_dim_from_config(config: Llama3Config | dict) -> int:
         if isinstance(config, Llama3Config):
             return config.head_dim
         return _head_dim(_as_dict(config))
@@ -223,7 +223,7 @@ class Llama3Config(_Frozen):
         return_logits: ReturnLogits = ReturnLogits.LAST_TOKEN,
         return_hidden_states: ReturnHiddenStates = ReturnHiddenStates.NONE,
         block_size: int = DEFAULT_BLOCK_SIZE,
-    ) -> "Llama3Config":
+    ) -> Llama3Config:
         """Builds the config from a Hugging Face config (dict, PretrainedConfig or directory)."""
         hf = _as_dict(huggingface_config)
         arch = _architecture(hf)
@@ -327,12 +327,12 @@ class Llama3Config(_Frozen):
         max_seq_len: int | None = None,
         devices: list[str] | None = None,
         **kwargs: Any,
-    ) -> "Llama3Config":
+    ) -> Llama3Config:
         return cls.initialize(path_or_config, dtype=dtype, max_seq_len=max_seq_len, devices=devices, **kwargs)
 
     def finalize(
         self, *, return_logits: ReturnLogits | None = None, return_hidden_states: ReturnHiddenStates | None = None
-    ) -> "Llama3Config":
+    ) -> Llama3Config:
         """The settings only known when the model is built (MAX sets them in place; ours is frozen)."""
         update = {}
         if return_logits is not None:

@@ -16,15 +16,15 @@ from pathlib import Path
 
 import numpy as np
 
-from .core.step_input import SamplingInput, build_step_input
 from .config import Llama3Config
-from .core.text_context import TextContext, check_tokens
 from .core.detokenizer import IncrementalDetokenizer
-from .outputs import CompletionOutput, LogprobsDict, RequestOutput
-from .executor import make_executor
 from .core.sampling_metadata import SamplingMetadata
-from .sampling_params import SamplingParams
 from .core.scheduler import Request, Scheduler
+from .core.step_input import SamplingInput, build_step_input
+from .core.text_context import TextContext, check_tokens
+from .executor import make_executor
+from .outputs import CompletionOutput, LogprobsDict, RequestOutput
+from .sampling_params import SamplingParams
 
 logger = logging.getLogger("llama3_dist")
 
@@ -33,7 +33,7 @@ logger = logging.getLogger("llama3_dist")
 class _Sequence:
     """One of a request's n completions (the scheduler's Request.data)."""
 
-    group: "_Group"
+    group: _Group
     index: int
     params: SamplingParams
     detokenizer: IncrementalDetokenizer | None

@@ -130,7 +130,7 @@ class LLM:
     def shutdown(self) -> None:
         self.engine.shutdown()
 
-    def __enter__(self) -> "LLM":
+    def __enter__(self) -> LLM:
         return self
 
     def __exit__(self, *exc) -> None:

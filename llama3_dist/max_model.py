@@ -12,12 +12,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .core.step_input import StepInput, build_step_input
-from .model.checkpoint import Checkpoint
 from .config import Llama3Config, ReturnHiddenStates, ReturnLogits
-from .core.text_context import TextContext, check_tokens
 from .core.block_manager import BlockPool
+from .core.step_input import StepInput, build_step_input
+from .core.text_context import TextContext, check_tokens
 from .executor import make_executor
+from .model.checkpoint import Checkpoint
 from .model.sampler import compute_logprobs
 
 
@@ -67,7 +67,7 @@ class Llama3Model:
         kv_cache_bytes: int | None = None,
         executor: str = "auto",
         **executor_kwargs,
-    ) -> "Llama3Model":
+    ) -> Llama3Model:
         """Loads a Hugging Face checkpoint directory onto `devices` (one tensor-parallel rank each).
 
         executor: "local" (in-process, one device), "ray" (one actor per device) or "auto"
@@ -205,7 +205,7 @@ class Llama3Model:
                 rows = model_outputs.logits[lo:hi]
                 # Row i scores the token after it: the next input token, and for the last row the sampled one.
                 seq = tokens[in_offsets[b] : in_offsets[b + 1]]
-                targets = seq[len(seq) - (hi - lo) + 1 :] + [next_tokens[b]]
+                targets = [*seq[len(seq) - (hi - lo) + 1 :], next_tokens[b]]
             else:
                 rows = model_outputs.next_token_logits[b : b + 1]
                 targets = [next_tokens[b]]
@@ -224,7 +224,7 @@ class Llama3Model:
             self.executor.close()
             self.executor = None
 
-    def __enter__(self) -> "Llama3Model":
+    def __enter__(self) -> Llama3Model:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -22,14 +22,13 @@ from __future__ import annotations
 
 import enum
 from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from itertools import count
-from collections.abc import Mapping
 from typing import Generic, TypeVar
 
-from .text_context import TextContext
 from .block_manager import BlockManager
-
+from .text_context import TextContext
 
 # What the engine keeps with each request (its sampling state); the scheduler never reads it.
 DataT = TypeVar("DataT")

@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .text_context import TextContext
 from .sampling_metadata import SamplingMetadata
+from .text_context import TextContext
 
 
 @dataclass(slots=True)

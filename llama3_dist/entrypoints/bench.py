@@ -10,11 +10,33 @@ import threading
 import time
 from dataclasses import dataclass
 
-
-_WORDS = (
-    "the quick brown fox jumps over a lazy dog while seven wizards quietly hum old songs about "
-    "rivers mountains clocks lanterns bridges and distant harbors"
-).split()
+_WORDS = [
+    "the",
+    "quick",
+    "brown",
+    "fox",
+    "jumps",
+    "over",
+    "a",
+    "lazy",
+    "dog",
+    "while",
+    "seven",
+    "wizards",
+    "quietly",
+    "hum",
+    "old",
+    "songs",
+    "about",
+    "rivers",
+    "mountains",
+    "clocks",
+    "lanterns",
+    "bridges",
+    "and",
+    "distant",
+    "harbors",
+]
 
 
 @dataclass

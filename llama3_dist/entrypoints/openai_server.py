@@ -16,6 +16,7 @@ metrics.py, the load test in bench.py.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import hmac
 import json
@@ -710,10 +711,8 @@ def serve(
         url = _url(host, sock.getsockname()[1])
         print(f"llama3-dist: serving {name!r} at {url}/v1", flush=True)
         config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5)
-        try:
+        with contextlib.suppress(KeyboardInterrupt):  # uvicorn re-raises Ctrl-C once it has shut down
             uvicorn.Server(config).run(sockets=[sock])
-        except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C once it has shut down
-            pass
     finally:
         engine.shutdown()
         sock.close()
@@ -744,7 +743,7 @@ class ServerThread:
             target=self.server.run, kwargs={"sockets": [self.sock]}, name="llama3-dist-http", daemon=True
         )
 
-    def start(self, timeout: float = 30.0) -> "ServerThread":
+    def start(self, timeout: float = 30.0) -> ServerThread:
         self.thread.start()
         deadline = time.monotonic() + timeout
         while not self.server.started:
@@ -758,7 +757,7 @@ class ServerThread:
         self.thread.join(timeout)
         self.sock.close()
 
-    def __enter__(self) -> "ServerThread":
+    def __enter__(self) -> ServerThread:
         return self.start()
 
     def __exit__(self, *exc) -> None:

@@ -112,12 +112,12 @@ def _release(res: _Resources) -> None:
             if res.graph is not None and not res.failed:
                 try:
                     res.graph.teardown()
-                except Exception as e:  # noqa: BLE001 - the actors are killed below anyway
+                except Exception as e:
                     log.debug("compiled graph teardown: %s", e)
             for actor in res.actors:
                 try:
                     ray.kill(actor, no_restart=True)
-                except Exception as e:  # noqa: BLE001 - already dead
+                except Exception as e:
                     log.debug("kill: %s", e)
             if res.graph is not None and res.failed:
                 # Killed first: a rank stuck in a collective would hold teardown for its timeout.
@@ -127,7 +127,7 @@ def _release(res: _Resources) -> None:
                 dag_log.setLevel(logging.CRITICAL)
                 try:
                     res.graph.teardown()
-                except Exception as e:  # noqa: BLE001
+                except Exception as e:
                     log.debug("compiled graph teardown: %s", e)
                 finally:
                     dag_log.setLevel(level)
@@ -136,7 +136,7 @@ def _release(res: _Resources) -> None:
 
                 try:
                     remove_placement_group(res.placement_group)
-                except Exception as e:  # noqa: BLE001
+                except Exception as e:
                     log.debug("remove placement group: %s", e)
     finally:
         res.actors, res.graph, res.placement_group = [], None, None
@@ -162,7 +162,8 @@ class RayExecutor:
         own is lower. The compiled graph's driver waits for each step by spinning; where CPU ranks
         share this node's cores, that spin takes their time. By default (None) the driver takes
         DRIVER_NICE_FOR_CPU_RANKS then (benchmarks/results/cpu-throughput.log has the TP=2 runs
-        with and without) and keeps its priority otherwise; 0 never changes it. An unprivileged process cannot take a lowered priority back.
+        with and without) and keeps its priority otherwise; 0 never changes it. An unprivileged
+        process cannot take a lowered priority back.
     ray_init_kwargs: extra ray.init arguments when this executor connects or starts Ray.
     """
 
@@ -419,7 +420,7 @@ class RayExecutor:
     def close(self) -> None:
         self._finalizer()
 
-    def __enter__(self) -> "RayExecutor":
+    def __enter__(self) -> RayExecutor:
         return self
 
     def __exit__(self, *exc) -> None:

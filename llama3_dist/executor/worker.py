@@ -13,13 +13,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..config import Llama3Config
 from ..core.step_input import SamplingInput, StepInput
 from ..model.checkpoint import TORCH_DTYPES, Checkpoint, WeightSource
-from ..config import Llama3Config
-from ..model.transformer import AttentionMetadata, Llama3Transformer
 from ..model.parallel import ParallelContext
 from ..model.rope import cos_sin_cache
 from ..model.sampler import Sampler, SamplerOutput, compute_logprobs
+from ..model.transformer import AttentionMetadata, Llama3Transformer
 
 DEFAULT_CPU_KV_CACHE_BYTES = 256 << 20
 

@@ -60,7 +60,7 @@ def _dot(a, b, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
 def _cast(x, dtype: tl.constexpr):
     """x.to(dtype), rounding to nearest even also under the interpreter."""
     y = x.to(dtype)
-    if _FIX_BF16_CAST:  # compile-time: False on the GPU
+    if _FIX_BF16_CAST:  # noqa: SIM102 (compile-time: False on the GPU; each constexpr `if` folds on its own)
         if dtype == tl.bfloat16:
             # Veltkamp split: c - (c - x) with c = x * (2**16 + 1) is x rounded to nearest even at
             # 8 significant bits (bfloat16's precision), so the truncating cast below is exact.
@@ -250,12 +250,12 @@ def rotary_embedding(
 
 
 @triton.jit
-def _silu_and_mul_kernel(x_ptr, out_ptr, I, stride_x, stride_out, BLOCK: tl.constexpr):
+def _silu_and_mul_kernel(x_ptr, out_ptr, intermediate, stride_x, stride_out, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    mask = cols < I
+    mask = cols < intermediate
     gate = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
-    up = tl.load(x_ptr + row * stride_x + I + cols, mask=mask, other=0.0)
+    up = tl.load(x_ptr + row * stride_x + intermediate + cols, mask=mask, other=0.0)
     g = gate.to(tl.float32)
     # silu rounded to the element dtype before the multiply, as torch computes silu(gate) * up.
     act = _cast(g / (1.0 + tl.exp(-g)), gate.dtype).to(tl.float32)
@@ -483,11 +483,11 @@ def _decode_reduce_kernel(
     s_mask = s < NUM_SPLITS
     d_mask = d < D
     m = tl.load(pm_ptr + row0 + s, mask=s_mask, other=float("-inf"))
-    l = tl.load(pl_ptr + row0 + s, mask=s_mask, other=0.0)
+    partial_sum = tl.load(pl_ptr + row0 + s, mask=s_mask, other=0.0)
     m_max = tl.max(m, 0)
     m_max = tl.where(m_max == float("-inf"), 0.0, m_max)
     w = tl.exp2(m - m_max)  # empty splits have m = -inf: weight 0
-    total = tl.sum(w * l, 0)
+    total = tl.sum(w * partial_sum, 0)
     acc = tl.load(po_ptr + (row0 + s)[:, None] * D + d[None, :], mask=s_mask[:, None] & d_mask[None, :], other=0.0)
     out = tl.sum(acc * w[:, None], 0) / tl.where(total == 0.0, 1.0, total)
     tl.store(out_ptr + b * stride_ob + h * stride_oh + d, _cast(out, out_ptr.dtype.element_ty), mask=d_mask)
@@ -497,10 +497,7 @@ def _num_decode_splits(batch: int, kv_heads: int, ctx_cap: int, device: torch.de
     """Flash-decoding: split long contexts so that there are enough programs to fill the chip."""
     if ctx_cap <= 1024:
         return 1
-    if device.type == "cuda":
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
-    else:
-        sms = 16
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 16
     want = triton.cdiv(8 * sms, batch * kv_heads)
     return max(1, min(want, triton.cdiv(ctx_cap, 256), 64))
 

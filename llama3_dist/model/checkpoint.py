@@ -103,7 +103,7 @@ class Checkpoint:
             self.files = {}
             for file in files:
                 with safe_open(file, framework="pt") as f:
-                    self.files.update({name: file for name in f.keys()})
+                    self.files.update(dict.fromkeys(f.keys(), file))
         self._handles: dict[Path, object] = {}
         self.consumed: set[str] = set()
 

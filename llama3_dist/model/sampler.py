@@ -128,7 +128,7 @@ def apply_penalties(logits: torch.Tensor, pen: PenaltyInputs) -> None:
     """vLLM's penalties, in place on logits [B, V]: repetition over prompt and output tokens
     (positive logits divided by it, others multiplied), then frequency (times each output
     token's count) and presence (once per distinct output token) subtracted."""
-    b, v = logits.shape
+    _b, v = logits.shape
     dev = logits.device
     for ids in (pen.output_ids, pen.prompt_ids):
         if len(ids) and (ids.min() < 0 or ids.max() >= v):
@@ -287,7 +287,7 @@ def _inverse_cdf(w: torch.Tensor, u: np.ndarray) -> torch.Tensor:
     """Index of the first entry of each row of non-negative weights w [R, M] whose cumulative sum
     exceeds u * total. Long rows go in two levels (block sums, then within the chosen block),
     which costs one pass over w instead of a full cumsum. Never picks a zero weight."""
-    r, m = w.shape
+    _r, m = w.shape
     dev = w.device
     u_t = torch.from_numpy(u).to(device=dev, dtype=w.dtype)
     if m <= 4096:
@@ -375,7 +375,7 @@ def _sort_desc(x: torch.Tensor) -> torch.Tensor:
 def _topk(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """torch.topk(x, k) for small k, sorted. The k largest lie in the k blocks with the largest
     maxima, so only those are searched (torch's CPU topk over a long row is slow)."""
-    r, v = x.shape
+    _r, v = x.shape
     bs = _block_size(v)
     if k * bs * 4 > v:
         return torch.topk(x, k, dim=-1)

@@ -13,9 +13,9 @@ import torch
 from torch import nn
 
 from .. import kernels as kernel_dispatch
-from .checkpoint import TORCH_DTYPES, CheckpointNames, WeightSource
 from ..config import Llama3Config
 from ..kernels import Kernels, cpu
+from .checkpoint import TORCH_DTYPES, CheckpointNames, WeightSource
 from .layers import (
     MergedColumnParallelLinear,
     Norm,

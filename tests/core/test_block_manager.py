@@ -3,8 +3,8 @@
 import pytest
 
 from llama3_dist.core import block_manager
-from llama3_dist.core.text_context import TextContext
 from llama3_dist.core.block_manager import BlockManager, BlockPool, KVCacheExhaustedError, PrefixMatch
+from llama3_dist.core.text_context import TextContext
 
 BS = 4
 
@@ -39,7 +39,7 @@ def test_prefix_reuse_shares_full_blocks_and_sets_computed_tokens():
     a = ctx_of(range(14))  # 3 full blocks + 2 tokens
     assert run(bm, a).num_tokens == 0
     assert bm.num_cached_blocks == 3
-    b = ctx_of(list(range(12)) + [100, 101, 102])
+    b = ctx_of([*list(range(12)), 100, 101, 102])
     prefix = run(bm, b, n=0)
     assert prefix.num_tokens == 12 and b.num_computed_tokens == 12
     assert b.block_ids[:3] == a.block_ids[:3]
@@ -76,7 +76,7 @@ def test_free_keeps_cached_blocks_evictable_and_ref_counts():
     bm = BlockManager(8, BS)
     a = ctx_of(range(10), "a")
     run(bm, a)
-    b = ctx_of(list(range(8)) + [50, 51], "b")
+    b = ctx_of([*list(range(8)), 50, 51], "b")
     run(bm, b)
     shared = a.block_ids[:2]
     assert bm.num_used_blocks == 4 and bm.usage == 0.5
@@ -147,7 +147,7 @@ def test_same_content_computed_twice_is_cached_once():
         c.num_computed_tokens = 10
         bm.cache_full_blocks(c)
     assert bm.num_cached_blocks == 2
-    c = ctx_of(list(range(8)) + [7, 7, 7], "c")
+    c = ctx_of([*list(range(8)), 7, 7, 7], "c")
     assert run(bm, c, n=0).num_tokens == 8 and c.block_ids[:2] == a.block_ids[:2]
     bm.free(b)  # b's private copies go straight back to the never-cached pool
     assert bm.num_cached_blocks == 2 and bm.num_free_blocks == 16 - 3  # a holds 3, c reuses 2 of them

@@ -95,11 +95,11 @@ def test_partial_stop_is_held_then_released(tok):
         # held back exactly while the tail could still start "The end."
         assert so_far.startswith(emitted)
         held = so_far[len(emitted) :]
-        assert held == "" or "The end.".startswith(held) and not delta.stop
+        assert held == "" or ("The end.".startswith(held) and not delta.stop)
 
 
 def test_stop_terminated_and_special_tokens(tok):
-    ids = tok.encode("Sure.", add_special_tokens=False) + [EOT]
+    ids = [*tok.encode("Sure.", add_special_tokens=False), EOT]
     for include in (False, True):
         for skip in (True, False):
             d = IncrementalDetokenizer(tok, PROMPT, skip_special_tokens=skip, include_stop_str_in_output=include)

@@ -4,8 +4,8 @@ outputs must not depend on cache size, budget or prefix caching. Pure Python."""
 import pytest
 
 from llama3_dist.core import block_manager
-from llama3_dist.core.text_context import TextContext
 from llama3_dist.core.scheduler import RequestStatus, Scheduler
+from llama3_dist.core.text_context import TextContext
 
 BS = 4
 
@@ -50,7 +50,7 @@ def test_chunked_prefill_samples_only_at_the_end_of_the_prompt():
         chunks += plan(out)
         assert got == ([] if len(chunks) < 3 else [sched.requests["a"]])
     assert chunks == [("a", 0, 4, False), ("a", 4, 4, False), ("a", 8, 2, True)]
-    assert ctx.tokens == list(range(10)) + [77] and ctx.num_computed_tokens == 10
+    assert ctx.tokens == [*list(range(10)), 77] and ctx.num_computed_tokens == 10
     assert len(ctx.block_ids) == 3
 
 
@@ -67,7 +67,7 @@ def test_prefix_hit_skips_cached_tokens_in_the_schedule():
     sched = Scheduler(num_blocks=64, block_size=BS, max_num_batched_tokens=64)
     sched.add_request(ctx_of(range(10), "a"))
     step(sched)
-    sched.add_request(ctx_of(list(range(8)) + [42, 43], "b"))
+    sched.add_request(ctx_of([*list(range(8)), 42, 43], "b"))
     out, _ = step(sched)
     assert plan(out) == [("a", 10, 1, True), ("b", 8, 2, True)]
     st = sched.stats()
@@ -83,19 +83,19 @@ def test_newest_request_is_preempted_and_resumes_with_its_tokens():
     sched.add_request(b)
     for t in (1, 2, 3):  # computes up to position 8: both fill their 2 blocks
         step(sched, token=t)
-    assert b.tokens == list(range(10, 16)) + [1, 2, 3] and b.num_computed_tokens == 8
+    assert b.tokens == [*list(range(10, 16)), 1, 2, 3] and b.num_computed_tokens == 8
     out, _ = step(sched, token=4)  # a takes the last free block; b (newest) must go
     assert plan(out) == [("a", 8, 1, True)]
     assert out.preempted == [sched.requests["b"]]
     rb = sched.requests["b"]
     assert rb.status is RequestStatus.PREEMPTED and rb.num_preemptions == 1
     assert b.block_ids == [] and b.num_computed_tokens == 0
-    assert b.tokens == list(range(10, 16)) + [1, 2, 3]  # nothing lost
+    assert b.tokens == [*range(10, 16), 1, 2, 3]  # nothing lost
     assert list(sched.waiting) == [rb] and sched.stats().num_preemptions == 1
     sched.finish("a")
     out, _ = step(sched, token=5)  # b recomputes everything it had, then samples on
     assert plan(out) == [("b", 0, 9, True)]
-    assert b.tokens == list(range(10, 16)) + [1, 2, 3, 5] and rb.status is RequestStatus.RUNNING
+    assert b.tokens == [*list(range(10, 16)), 1, 2, 3, 5] and rb.status is RequestStatus.RUNNING
 
 
 def test_preemption_puts_requests_back_in_arrival_order():

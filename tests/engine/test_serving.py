@@ -3,6 +3,8 @@ prefix caching, preemption, stops, and the LLM API."""
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
@@ -79,7 +81,7 @@ def test_seeded_sampling_is_reproducible_in_any_batch(llm):
     alone = llm.generate(prompt_token_ids=[target], sampling_params=params, use_tqdm=False)[0]
     others = mixed_prompts(7, seed=3)
     batch = llm.generate(
-        prompt_token_ids=others[:3] + [target] + others[3:],
+        prompt_token_ids=[*others[:3], target, *others[3:]],
         sampling_params=[SamplingParams(temperature=1.0, max_tokens=14)] * 3
         + [params]
         + [SamplingParams(temperature=0.5, max_tokens=5)] * 4,
@@ -130,7 +132,7 @@ def test_n_completions_and_limits(llm):
 
 def test_prefix_caching_reuses_blocks_with_identical_output(checkpoints):
     shared = torch.randint(0, 130, (200,), generator=torch.Generator().manual_seed(5)).tolist()
-    a, b = shared[:200] + [1, 2, 3], shared[:200] + [4, 5]
+    a, b = [*shared[:200], 1, 2, 3], [*shared[:200], 4, 5]
     with LLM(checkpoints["llama"], dtype="float32", show_progress=False, block_size=16) as llm:
         first = llm.generate(prompt_token_ids=[a], sampling_params=GREEDY, use_tqdm=False)[0]
         hits = llm.engine.stats().prefix_cache_hits
@@ -239,7 +241,7 @@ def test_text_stop_strings_chat_and_streaming(tokenized_checkpoint):
         chunks = list(llm.generate_stream("The capital of France is", SamplingParams(temperature=0, max_tokens=16)))
         assert len(chunks) == 16 and chunks[-1].finished and not chunks[0].finished
         assert chunks[-1].outputs[0].text == text
-        assert all(b.outputs[0].text.startswith(a.outputs[0].text) for a, b in zip(chunks, chunks[1:]))
+        assert all(b.outputs[0].text.startswith(a.outputs[0].text) for a, b in itertools.pairwise(chunks))
 
 
 def test_cli_generate_runs_on_the_embedded_default():

@@ -9,6 +9,7 @@ instance on the machine.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -23,8 +24,8 @@ from pathlib import Path
 
 import psutil
 import pytest
-
 from conftest import build_tokenized_checkpoint
+
 from llama3_dist import LLM, SamplingParams
 
 REPO = Path(__file__).resolve().parents[2]
@@ -127,16 +128,12 @@ class LocalCluster:
     def stop(self) -> None:
         procs = self._processes()
         for p in procs:
-            try:
+            with contextlib.suppress(psutil.NoSuchProcess):
                 p.send_signal(signal.SIGTERM)
-            except psutil.NoSuchProcess:
-                pass
         _, alive = psutil.wait_procs(procs, timeout=2)
         for p in alive:
-            try:
+            with contextlib.suppress(psutil.NoSuchProcess):
                 p.kill()
-            except psutil.NoSuchProcess:
-                pass
         psutil.wait_procs(alive, timeout=10)
         shutil.rmtree(self.temp_dir, ignore_errors=True)
 

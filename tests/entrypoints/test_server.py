@@ -12,8 +12,8 @@ import time
 import httpx
 import openai
 import pytest
-
 from conftest import build_tokenized_checkpoint
+
 from llama3_dist.async_engine import AsyncLLMEngine
 from llama3_dist.engine import EngineStats, LLMEngine
 from llama3_dist.entrypoints.openai_server import ServerThread
@@ -195,7 +195,7 @@ def test_logprobs(client):
     lp = r.choices[0].logprobs
     assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 4
     assert "".join(lp.tokens) == r.choices[0].text
-    for tok, val, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs):
+    for _tok, val, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs):
         assert val <= 0 and len(top) >= 3 and abs(max(top.values()) - val) < 1e-4  # greedy: the top one
     c = client.chat.completions.create(
         model=MODEL,
@@ -355,9 +355,11 @@ def test_api_key(served):
             for method, path in [("GET", "/v1/models"), ("POST", "/v1/completions"), ("GET", "/health")]:
                 r = httpx.request(method, locked.url + path, headers=headers, json={"model": MODEL, "prompt": "x"})
                 assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
-        with openai.OpenAI(base_url=locked.base_url, api_key="wrong", max_retries=0) as bad:
-            with pytest.raises(openai.AuthenticationError):
-                bad.completions.create(model=MODEL, prompt="hi", max_tokens=2)
+        with (
+            openai.OpenAI(base_url=locked.base_url, api_key="wrong", max_retries=0) as bad,
+            pytest.raises(openai.AuthenticationError),
+        ):
+            bad.completions.create(model=MODEL, prompt="hi", max_tokens=2)
         with openai.OpenAI(base_url=locked.base_url, api_key=API_KEY, max_retries=0) as good:
             assert good.completions.create(model=MODEL, prompt="hi", max_tokens=2).usage.completion_tokens >= 1
 

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import ARCHITECTURES, load_reference
+
 from llama3_dist import Llama3Model, ReturnLogits, TextContext
 from llama3_dist.executor.ray_executor import DRIVER_NICE_FOR_CPU_RANKS
 

@@ -16,8 +16,8 @@ import sys
 
 import pytest
 import torch
-
 from conftest import paged_cache
+
 from llama3_dist import kernels
 from llama3_dist.kernels import cpu
 from llama3_dist.kernels import reference as ref

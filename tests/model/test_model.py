@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-
 from conftest import ARCHITECTURES, build_checkpoint, load_reference
+
 from llama3_dist import (
     ConfigError,
     KVCacheExhaustedError,
@@ -90,7 +90,7 @@ def test_prefill_and_decode_share_a_batch(checkpoints, references):
         ctx_a.tokens.append(7)
         ctx_b = TextContext(tokens=list(b))
         out = model.execute(model.prepare_initial_token_inputs([ctx_a, ctx_b]))
-        torch.testing.assert_close(out.next_token_logits[0], ref(torch.tensor([a + [7]])).logits[0, -1], **TOL)
+        torch.testing.assert_close(out.next_token_logits[0], ref(torch.tensor([[*a, 7]])).logits[0, -1], **TOL)
         torch.testing.assert_close(out.next_token_logits[1], ref(torch.tensor([b])).logits[0, -1], **TOL)
 
 
@@ -158,7 +158,7 @@ def test_logits_modes_hidden_states_and_log_probabilities(checkpoints, reference
         lp = model.compute_log_probabilities(inputs, out, next_tokens, batch_top_n=[5, 0], batch_echo=[True, False])
         assert lp[1] is None
         logp = torch.log_softmax(expected[0].logits[0, -3:], -1)
-        targets = batch[0][-2:] + [int(next_tokens[0])]
+        targets = [*batch[0][-2:], int(next_tokens[0])]
         torch.testing.assert_close(torch.tensor(lp[0].token_log_probabilities), logp[torch.arange(3), targets], **TOL)
         top = logp[-1].topk(5)
         assert list(lp[0].top_log_probabilities[-1]) == top.indices.tolist()
@@ -233,15 +233,15 @@ def test_bad_checkpoints_are_clear_errors(tmp_path, checkpoints):
 
         return edit
 
-    with pytest.raises(ConfigError, match="no config.json"):
+    with pytest.raises(ConfigError, match=r"no config\.json"):
         Llama3Model.from_pretrained(tmp_path / "nowhere")
     bad = _corrupt(tmp_path, src, "arch", edit_config(architectures=["GPT2LMHeadModel"]))
-    with pytest.raises(ConfigError, match="unsupported architecture.*GPT2LMHeadModel.*LlamaForCausalLM"):
+    with pytest.raises(ConfigError, match=r"unsupported architecture.*GPT2LMHeadModel.*LlamaForCausalLM"):
         Llama3Model.from_pretrained(bad)
     bad = _corrupt(
         tmp_path, src, "rope", edit_config(rope_parameters={"rope_type": "yarn", "factor": 2.0, "rope_theta": 1e4})
     )
-    with pytest.raises(ConfigError, match="unknown rope type 'yarn'"):
+    with pytest.raises(ConfigError, match=r"unknown rope type 'yarn'"):
         Llama3Model.from_pretrained(bad)
     bad = _corrupt(tmp_path, src, "shape", edit_config(intermediate_size=100))
     with pytest.raises(
@@ -251,10 +251,10 @@ def test_bad_checkpoints_are_clear_errors(tmp_path, checkpoints):
     ):
         Llama3Model.from_pretrained(bad)
     bad = _corrupt(tmp_path, src, "layers", edit_config(num_hidden_layers=3))
-    with pytest.raises(CheckpointError, match="'model.layers.2.input_layernorm.weight' is missing"):
+    with pytest.raises(CheckpointError, match=r"'model\.layers\.2\.input_layernorm\.weight' is missing"):
         Llama3Model.from_pretrained(bad)
     bad = _corrupt(tmp_path, src, "extra", edit_config(num_hidden_layers=1))
-    with pytest.raises(CheckpointError, match="unexpected tensors.*model.layers.1"):
+    with pytest.raises(CheckpointError, match=r"unexpected tensors.*model\.layers\.1"):
         Llama3Model.from_pretrained(bad)
 
     def to_pickle(d):
@@ -262,7 +262,7 @@ def test_bad_checkpoints_are_clear_errors(tmp_path, checkpoints):
         (d / "pytorch_model.bin").write_bytes(b"not loaded")
 
     bad = _corrupt(tmp_path, src, "pickle", to_pickle)
-    with pytest.raises(CheckpointError, match="pytorch_model.bin.*arbitrary code"):
+    with pytest.raises(CheckpointError, match=r"pytorch_model\.bin.*arbitrary code"):
         Llama3Model.from_pretrained(bad)
     with pytest.raises(ConfigError, match="max_seq_len 1024 exceeds the checkpoint's max_position_embeddings 512"):
         Llama3Model.from_pretrained(src, max_seq_len=1024)

@@ -99,7 +99,7 @@ def test_seeded_rows_ignore_the_rest_of_the_batch():
         for step in range(20):
             params, logits = [p], row[None]
             if batch_with_others:
-                params = others[:2] + [p] + others[2:]
+                params = [*others[:2], p, *others[2:]]
                 logits = torch.cat([torch.randn(2, v).to(DEVICE), row[None], torch.randn(3, v).to(DEVICE)])
             out = sampler(logits, meta_for(params, [[0] * step] * len(params)))
             tokens.append(int(out.token_ids[params.index(p)]))
@@ -135,7 +135,7 @@ def sparse_logits(v, n_live, seed):
     last tokens (in a partial last block) are live, the very last one likely."""
     g = torch.Generator().manual_seed(seed)
     logits = torch.full((v,), -25.0)
-    live = torch.randperm(v - 1, generator=g)[: n_live - 3].tolist() + [v - 3, v - 2, v - 1]
+    live = [*torch.randperm(v - 1, generator=g)[: n_live - 3].tolist(), v - 3, v - 2, v - 1]
     logits[live] = torch.linspace(-4.0, 2.0, n_live)[torch.randperm(n_live, generator=g)]
     logits[v - 1] = 1.0
     return logits
