@@ -122,7 +122,7 @@ class Llama3Config(_Frozen):
     return_logits: ReturnLogits = ReturnLogits.LAST_TOKEN
     norm_method: Literal["rms_norm", "layer_norm"] = "rms_norm"
     attention_bias: bool = False
-    rms_norm_eps: float | None = None
+    rms_norm_eps: float = 1e-6
     tie_word_embeddings: bool = False
     stacked_mlp: bool = False
     stacked_qkv: bool = False
@@ -243,7 +243,7 @@ class Llama3Config(_Frozen):
         scaling, longrope = None, None
         if rope_type in ("linear", "llama3"):
             scaling = Llama3RopeScalingParams(
-                rope_type=rope_type,
+                rope_type="linear" if rope_type == "linear" else "llama3",
                 factor=rope["factor"],
                 low_freq_factor=rope.get("low_freq_factor", 1.0),
                 high_freq_factor=rope.get("high_freq_factor", 4.0),
@@ -334,7 +334,7 @@ class Llama3Config(_Frozen):
         self, *, return_logits: ReturnLogits | None = None, return_hidden_states: ReturnHiddenStates | None = None
     ) -> Llama3Config:
         """The settings only known when the model is built (MAX sets them in place; ours is frozen)."""
-        update = {}
+        update: dict[str, ReturnLogits | ReturnHiddenStates] = {}
         if return_logits is not None:
             update["return_logits"] = ReturnLogits(return_logits)
         if return_hidden_states is not None:

@@ -19,10 +19,10 @@ import numpy as np
 from .config import Llama3Config
 from .core.detokenizer import IncrementalDetokenizer
 from .core.sampling_metadata import SamplingMetadata
-from .core.scheduler import Request, Scheduler
+from .core.scheduler import Request, ScheduledSequence, Scheduler
 from .core.step_input import SamplingInput, build_step_input
 from .core.text_context import TextContext, check_tokens
-from .executor import make_executor
+from .executor import Executor, make_executor
 from .outputs import CompletionOutput, LogprobsDict, RequestOutput
 from .sampling_params import SamplingParams
 
@@ -37,7 +37,7 @@ class _Sequence:
     index: int
     params: SamplingParams
     detokenizer: IncrementalDetokenizer | None
-    request: Request | None = None  # the scheduler's record; its context holds the tokens
+    request: Request[_Sequence] | None = None  # the scheduler's record; its context holds the tokens
     text: str = ""
     logprobs: list[LogprobsDict] | None = None
     cumulative_logprob: float | None = None
@@ -127,8 +127,11 @@ class LLMEngine:
             sampler_seed=seed,
             show_progress=show_progress,
         )
-        self.executor = make_executor(self.config, self.model_path, executor, worker_kwargs, **executor_kwargs)
-        self.scheduler = Scheduler(
+        self.executor: Executor = make_executor(
+            self.config, self.model_path, executor, worker_kwargs, **executor_kwargs
+        )
+        self._shut_down = False
+        self.scheduler: Scheduler[_Sequence] = Scheduler(
             self.executor.num_kv_blocks,
             block_size,
             max_num_batched_tokens=max_num_batched_tokens,
@@ -231,8 +234,9 @@ class LLMEngine:
         out = self.scheduler.schedule()
         touched: dict[str, _Group] = {}
         for req in out.capped:  # the whole cache cannot hold their next token
-            self._finish(req.data, "length", None, final_text=True)
-            touched[req.data.group.request_id] = req.data.group
+            capped = _sequence(req)
+            self._finish(capped, "length", None, final_text=True)
+            touched[capped.group.request_id] = capped.group
         if not out.scheduled:
             return self._outputs(touched)
         entries = out.scheduled
@@ -248,21 +252,24 @@ class LLMEngine:
         t.forward += result.forward_seconds
         t.sample += result.sample_seconds
         sampled = result.sampled
+        assert sampled is not None  # every engine step samples (SamplingInput is always set)
         sampling_entries = [e for e in entries if e.samples]
         tokens = {e.request_id: int(t) for e, t in zip(sampling_entries, sampled.token_ids)}
-        for seq, lo, hi in prompt_spans:
-            seq.group.prompt_logprobs.extend(lp.to_dict(self._decode_one) for lp in result.prompt_logprobs[lo:hi])
+        for scored, lo, hi in prompt_spans:
+            assert scored.group.prompt_logprobs is not None and result.prompt_logprobs is not None
+            scored.group.prompt_logprobs.extend(lp.to_dict(self._decode_one) for lp in result.prompt_logprobs[lo:hi])
         self.scheduler.update(out, tokens)
         now = time.monotonic()
         for e, lp in zip(sampling_entries, sampled.logprobs):
-            seq: _Sequence = e.request.data
+            seq = _sequence(e.request)
             if seq.finish_reason is not None:
                 continue
             group = seq.group
             if group.first_token_time is None:
                 group.first_token_time = now
             self.num_generated_tokens += 1
-            if lp is not None:
+            if lp is not None:  # asked for: logprobs and cumulative_logprob were set at add_request
+                assert seq.logprobs is not None and seq.cumulative_logprob is not None
                 seq.logprobs.append(lp.to_dict(self._decode_one))
                 seq.cumulative_logprob += lp.chosen_logprob
             self._check_stop(e.request, tokens[e.request_id])
@@ -272,15 +279,24 @@ class LLMEngine:
         self.times.step += time.perf_counter() - started
         return outputs
 
-    def _sampling_input(self, entries, offsets):
+    def _sampling_input(
+        self, entries: list[ScheduledSequence[_Sequence]], offsets: np.ndarray
+    ) -> tuple[np.ndarray, SamplingInput, list[tuple[_Sequence, int, int]]]:
         """Logit rows to compute, what to sample from them, and which rows score prompt tokens."""
-        rows, sample_rows, prompt_rows, targets, ks, spans = [], [], [], [], [], []
-        params, prompts, outputs = [], [], []
+        rows: list[int] = []
+        sample_rows: list[int] = []
+        prompt_rows: list[int] = []
+        targets: list[int] = []
+        ks: list[int] = []
+        spans: list[tuple[_Sequence, int, int]] = []
+        params: list[SamplingParams] = []
+        prompts: list[list[int]] = []
+        outputs: list[list[int]] = []
         for i, e in enumerate(entries):
-            seq: _Sequence = e.request.data
+            seq = _sequence(e.request)
             group = seq.group
             start, end = int(offsets[i]), int(offsets[i + 1])
-            if group.prompt_logprobs is not None and seq.index == 0:
+            if group.prompt_logprobs is not None and group.params.prompt_logprobs is not None and seq.index == 0:
                 # Row at position p scores prompt token p+1; skip rows already scored before a preemption.
                 plen = len(group.prompt_token_ids)
                 first = max(e.start, len(group.prompt_logprobs) - 1)
@@ -304,7 +320,7 @@ class LLMEngine:
         return as_int(rows), SamplingInput(meta, as_int(sample_rows), as_int(prompt_rows), as_int(targets), ks), spans
 
     def _check_stop(self, req: Request, token: int) -> None:
-        seq: _Sequence = req.data
+        seq = _sequence(req)
         p = seq.params
         n_out = req.num_output_tokens
         stop_token = token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_token_ids)
@@ -346,7 +362,7 @@ class LLMEngine:
                 CompletionOutput(
                     index=seq.index,
                     text=seq.text,
-                    token_ids=list(seq.request.output_token_ids),
+                    token_ids=[] if seq.request is None else list(seq.request.output_token_ids),
                     cumulative_logprob=seq.cumulative_logprob,
                     logprobs=None if seq.logprobs is None else list(seq.logprobs),
                     finish_reason=seq.finish_reason,
@@ -381,9 +397,15 @@ class LLMEngine:
         )
 
     def shutdown(self) -> None:
-        if self.executor is not None:
+        """Closes the executor (its workers and their memory); safe to call twice."""
+        if not self._shut_down:
+            self._shut_down = True
             self.executor.close()
-            self.executor = None
+
+
+def _sequence(request: Request[_Sequence]) -> _Sequence:
+    assert request.data is not None  # the engine adds every request with its _Sequence
+    return request.data
 
 
 def _seq_id(request_id: str, index: int, n: int) -> str:

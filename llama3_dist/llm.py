@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import cast
 
 from .engine import LLMEngine
 from .outputs import RequestOutput
@@ -44,10 +45,14 @@ class LLM:
             raise ValueError("give prompts or prompt_token_ids, not both")
         if prompts is None and prompt_token_ids is None:
             raise ValueError("give prompts or prompt_token_ids")
-        items = [prompts] if isinstance(prompts, str) else list(prompts if prompts is not None else prompt_token_ids)
-        params = _per_prompt(sampling_params, len(items))
-        ids = self._add([(p, None) if prompts is not None else (None, list(p)) for p in items], params)
-        return self._run(ids, use_tqdm)
+        requests: list[tuple[str | None, list[int] | None]]
+        if prompts is not None:
+            requests = [(text, None) for text in ([prompts] if isinstance(prompts, str) else prompts)]
+        else:
+            assert prompt_token_ids is not None
+            requests = [(None, list(ids)) for ids in prompt_token_ids]
+        params = _per_prompt(sampling_params, len(requests))
+        return self._run(self._add(requests, params), use_tqdm)
 
     def chat(
         self,
@@ -59,7 +64,7 @@ class LLM:
         chat_template: str | None = None,
     ) -> list[RequestOutput]:
         """Renders each conversation with the tokenizer's chat template and generates."""
-        conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+        conversations = cast(list[list[dict]], [messages] if messages and isinstance(messages[0], dict) else messages)
         token_ids = [self.apply_chat_template(c, add_generation_prompt, chat_template) for c in conversations]
         params = _per_prompt(sampling_params, len(token_ids))
         return self._run(self._add([(None, t) for t in token_ids], params), use_tqdm)

@@ -16,7 +16,7 @@ from .config import Llama3Config, ReturnHiddenStates, ReturnLogits
 from .core.block_manager import BlockPool
 from .core.step_input import StepInput, build_step_input
 from .core.text_context import TextContext, check_tokens
-from .executor import make_executor
+from .executor import Executor, make_executor
 from .model.checkpoint import Checkpoint
 from .model.sampler import compute_logprobs
 
@@ -48,9 +48,10 @@ class LogProbabilities:
 
 
 class Llama3Model:
-    def __init__(self, config: Llama3Config, executor):
+    def __init__(self, config: Llama3Config, executor: Executor):
         self.config = config
         self.executor = executor
+        self._closed = False
         self.pool = BlockPool(executor.num_kv_blocks, config.kv_params.block_size)
 
     @classmethod
@@ -94,7 +95,7 @@ class Llama3Model:
         if len(ctx.tokens) > c.max_seq_len:
             raise ValueError(f"context {ctx.request_id}: {len(ctx.tokens)} tokens exceed max_seq_len {c.max_seq_len}")
 
-    def _reserve_pages(self, ctx: TextContext) -> None:
+    def _reserve_blocks(self, ctx: TextContext) -> None:
         needed = self.pool.blocks_needed(len(ctx.tokens)) - len(ctx.block_ids)
         if needed > 0:
             ctx.block_ids.extend(self.pool.allocate(needed))
@@ -139,7 +140,7 @@ class Llama3Model:
             if ctx.num_computed_tokens >= len(ctx.tokens):
                 raise ValueError(f"context {ctx.request_id} has no new tokens to compute")
         for ctx in ctxs:
-            self._reserve_pages(ctx)
+            self._reserve_blocks(ctx)
         return self._make_inputs(ctxs, return_n_logits)
 
     def prepare_next_token_inputs(self, next_tokens, prev_model_inputs: Llama3Inputs) -> Llama3Inputs:
@@ -159,7 +160,7 @@ class Llama3Model:
                 ctx.tokens.pop()
                 raise
         for ctx in ctxs:
-            self._reserve_pages(ctx)
+            self._reserve_blocks(ctx)
         return self._make_inputs(ctxs, int(prev_model_inputs.return_n_logits))
 
     # --- execution ------------------------------------------------------------------------
@@ -169,12 +170,15 @@ class Llama3Model:
         offsets = step.query_start_loc
         for ctx, n in zip(model_inputs.contexts, np.diff(offsets)):
             ctx.num_computed_tokens += int(n)
+        logits = out.logits
+        assert logits is not None, "the model API's steps do not sample, so rank 0 returns logits"
         if self.config.return_logits == ReturnLogits.LAST_TOKEN:
-            return ModelOutputs(next_token_logits=out.logits, hidden_states=out.hidden_states)
+            return ModelOutputs(next_token_logits=logits, hidden_states=out.hidden_states)
+        assert model_inputs.logit_offsets is not None  # set for ALL and VARIABLE
         last = model_inputs.logit_offsets[1:] - 1
         return ModelOutputs(
-            next_token_logits=out.logits[last],
-            logits=out.logits,
+            next_token_logits=logits[last],
+            logits=logits,
             logit_offsets=model_inputs.logit_offsets,
             hidden_states=out.hidden_states,
         )
@@ -199,9 +203,9 @@ class Llama3Model:
                 results.append(None)
                 continue
             if echo:
-                if model_outputs.logits is None:
+                if model_outputs.logits is None or model_outputs.logit_offsets is None:
                     raise ValueError("echo needs the model built with return_logits ALL or VARIABLE")
-                lo, hi = model_outputs.logit_offsets[b].item(), model_outputs.logit_offsets[b + 1].item()
+                lo, hi = int(model_outputs.logit_offsets[b]), int(model_outputs.logit_offsets[b + 1])
                 rows = model_outputs.logits[lo:hi]
                 # Row i scores the token after it: the next input token, and for the last row the sampled one.
                 seq = tokens[in_offsets[b] : in_offsets[b + 1]]
@@ -214,15 +218,16 @@ class Llama3Model:
 
     # --- lifetime -------------------------------------------------------------------------
     def release(self, context: TextContext) -> None:
-        """Frees the context's KV pages; it can be prepared again from scratch."""
+        """Frees the context's KV blocks; it can be prepared again from scratch."""
         self.pool.free(context.block_ids)
         context.block_ids = []
         context.num_computed_tokens = 0
 
     def close(self) -> None:
-        if self.executor is not None:
+        """Closes the executor (its workers and their memory); safe to call twice."""
+        if not self._closed:
+            self._closed = True
             self.executor.close()
-            self.executor = None
 
     def __enter__(self) -> Llama3Model:
         return self

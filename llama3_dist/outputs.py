@@ -32,7 +32,7 @@ class TokenLogprobs:
     def chosen_logprob(self) -> float:
         return self.logprobs[0]
 
-    def to_dict(self, decode: Callable[[int], str] | None = None) -> LogprobsDict:
+    def to_dict(self, decode: Callable[[int], str | None] | None = None) -> LogprobsDict:
         """The vLLM form: the top k and the chosen token (once, if it is also in the top k)."""
         out: LogprobsDict = {}
         for tid, lp, rank in zip(self.token_ids, self.logprobs, self.ranks):

@@ -70,6 +70,11 @@ class _Block:
     parent_cache_id: int | None = None
     token_ids: tuple[int, ...] = ()
 
+    def registration(self) -> tuple[int, int]:
+        """(hash, cache_id) of a block registered in the prefix cache."""
+        assert self.hash is not None and self.cache_id is not None, f"block {self.block_id} is not in the prefix cache"
+        return self.hash, self.cache_id
+
 
 @dataclass(slots=True, frozen=True)
 class PrefixMatch:
@@ -188,7 +193,7 @@ class BlockManager:
                 b.ref_count += 1
             ctx.block_ids = list(prefix.block_ids)
             ctx.num_computed_tokens = prefix.num_tokens
-            self._chains[ctx.request_id] = [(b.hash, b.cache_id) for b in reused]
+            self._chains[ctx.request_id] = [b.registration() for b in reused]
             self.prefix_cache_queries += ctx.num_tokens
             self.prefix_cache_hits += prefix.num_tokens
         ctx.block_ids.extend(self._take(num_new_blocks))
@@ -210,7 +215,7 @@ class BlockManager:
             if held is not None and held.parent_cache_id == parent_id and held.token_ids == toks:
                 # Computed twice (both sequences missed): keep the registered copy as canonical;
                 # ours stays private and is freed like any uncached block.
-                chain.append((h, held.cache_id))
+                chain.append(held.registration())
                 continue
             if held is not None:
                 if held.ref_count > 0:
@@ -251,7 +256,7 @@ class BlockManager:
         return ids
 
     def _unregister(self, b: _Block) -> None:
-        if self._cached.get(b.hash) is b:
+        if b.hash is not None and self._cached.get(b.hash) is b:
             del self._cached[b.hash]
         b.hash = b.cache_id = b.parent_cache_id = None
         b.token_ids = ()

@@ -65,12 +65,12 @@ class Request(Generic[DataT]):
 
 
 @dataclass(slots=True)
-class ScheduledSequence:
+class ScheduledSequence(Generic[DataT]):
     """One sequence's share of a step: `num_new_tokens` tokens starting at position `start`
     (= context.num_computed_tokens when scheduled). `samples` is False for a prefill chunk
     that stops short of the last token: the model returns no token for it."""
 
-    request: Request
+    request: Request[DataT]
     start: int
     num_new_tokens: int
     samples: bool
@@ -89,13 +89,13 @@ class ScheduledSequence:
 
 
 @dataclass(slots=True)
-class SchedulerOutput:
-    scheduled: list[ScheduledSequence] = field(default_factory=list)  # running first, then new
+class SchedulerOutput(Generic[DataT]):
+    scheduled: list[ScheduledSequence[DataT]] = field(default_factory=list)  # running first, then new
     num_batched_tokens: int = 0
-    preempted: list[Request] = field(default_factory=list)  # sent back to waiting this step
+    preempted: list[Request[DataT]] = field(default_factory=list)  # sent back to waiting this step
     # Finished by the scheduler: the whole KV cache cannot hold their next token. The engine
     # reports them as finished for length; they are already released.
-    capped: list[Request] = field(default_factory=list)
+    capped: list[Request[DataT]] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.scheduled)
@@ -115,7 +115,7 @@ class SchedulerStats:
     prefix_cache_hit_rate: float
 
 
-class Scheduler:
+class Scheduler(Generic[DataT]):
     def __init__(
         self,
         num_blocks: int,
@@ -131,12 +131,12 @@ class Scheduler:
         self.block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching)
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_num_seqs = max_num_seqs
-        self.requests: dict[str, Request] = {}
-        self.waiting: deque[Request] = deque()  # FCFS; preempted requests go back to the front
-        self.running: list[Request] = []  # ordered by arrival: the newest is last
+        self.requests: dict[str, Request[DataT]] = {}
+        self.waiting: deque[Request[DataT]] = deque()  # FCFS; preempted requests go back to the front
+        self.running: list[Request[DataT]] = []  # ordered by arrival: the newest is last
         self.num_preemptions = 0
         self._arrivals = count()
-        self._pending: SchedulerOutput | None = None  # scheduled, not yet updated
+        self._pending: SchedulerOutput[DataT] | None = None  # scheduled, not yet updated
 
     @property
     def max_tokens_in_cache(self) -> int:
@@ -163,13 +163,13 @@ class Scheduler:
         self.waiting.append(req)
         return req
 
-    def schedule(self) -> SchedulerOutput:
+    def schedule(self) -> SchedulerOutput[DataT]:
         if self._pending is not None:
             raise RuntimeError(
                 "schedule() called twice without update(): pass the previous step's output to update() first"
             )
         bm = self.block_manager
-        out = SchedulerOutput()
+        out: SchedulerOutput[DataT] = SchedulerOutput()
         budget = self.max_num_batched_tokens
 
         # Running requests first (decodes and unfinished chunked prefills), oldest first.
@@ -212,7 +212,7 @@ class Scheduler:
         self._pending = out if out.scheduled else None
         return out
 
-    def update(self, output: SchedulerOutput, sampled_token_ids: Mapping[str, int]) -> list[Request]:
+    def update(self, output: SchedulerOutput[DataT], sampled_token_ids: Mapping[str, int]) -> list[Request[DataT]]:
         """Record a step's results: advance the computed tokens, append each sampled token and
         cache the blocks that became full. Returns the requests that got a new token, for the
         engine's stop checks. Entries finished or aborted since `schedule()` are skipped."""
@@ -221,7 +221,7 @@ class Scheduler:
         if output is not self._pending:
             raise RuntimeError("update() must get the output of the latest schedule() call, once")
         self._pending = None
-        new_token: list[Request] = []
+        new_token: list[Request[DataT]] = []
         for e in output.scheduled:
             req = e.request
             if req.status is not RequestStatus.RUNNING:
@@ -239,13 +239,13 @@ class Scheduler:
             self.block_manager.cache_full_blocks(ctx)
         return new_token
 
-    def finish(self, request_id: str) -> Request:
+    def finish(self, request_id: str) -> Request[DataT]:
         """The engine finished the request (stop or length): release its blocks."""
         if request_id not in self.requests:
             raise KeyError(f"unknown or already finished request {request_id!r}")
         return self._remove(request_id)
 
-    def abort(self, request_id: str) -> Request | None:
+    def abort(self, request_id: str) -> Request[DataT] | None:
         """Drop a request wherever it is; a no-op for one already gone."""
         return self._remove(request_id) if request_id in self.requests else None
 
@@ -270,18 +270,18 @@ class Scheduler:
     # ---- internals -------------------------------------------------------------------------
 
     @staticmethod
-    def _entry(req: Request, n: int) -> ScheduledSequence:
+    def _entry(req: Request[DataT], n: int) -> ScheduledSequence[DataT]:
         ctx = req.context
         start = ctx.num_computed_tokens
         return ScheduledSequence(req, start, n, samples=start + n == ctx.num_tokens)
 
-    def _insert_running(self, req: Request) -> None:
+    def _insert_running(self, req: Request[DataT]) -> None:
         i = len(self.running)
         while i > 0 and self.running[i - 1].arrival > req.arrival:
             i -= 1
         self.running.insert(i, req)
 
-    def _preempt(self, req: Request, out: SchedulerOutput) -> None:
+    def _preempt(self, req: Request[DataT], out: SchedulerOutput[DataT]) -> None:
         # Its tokens, generated ones included, stay in the context; only K/V is dropped.
         self.running.remove(req)
         self.block_manager.free(req.context)
@@ -291,11 +291,11 @@ class Scheduler:
         self.waiting.appendleft(req)
         out.preempted.append(req)
 
-    def _cap(self, req: Request, out: SchedulerOutput) -> None:
+    def _cap(self, req: Request[DataT], out: SchedulerOutput[DataT]) -> None:
         self._remove(req.request_id)
         out.capped.append(req)
 
-    def _remove(self, request_id: str) -> Request:
+    def _remove(self, request_id: str) -> Request[DataT]:
         req = self.requests.pop(request_id)
         if req.status is RequestStatus.RUNNING:
             self.running.remove(req)

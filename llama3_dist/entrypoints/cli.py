@@ -87,6 +87,7 @@ def _run_generate(args) -> int:
             print(text[printed:], end="", flush=True)
             printed = len(text)
         elapsed = time.perf_counter() - start
+        assert out is not None  # a request yields at least its final output
         n = len(out.outputs[0].token_ids)
         print(
             f"\n[{n} tokens in {elapsed:.2f} s, {n / elapsed:.1f} tokens/s, finish: {out.outputs[0].finish_reason}]",

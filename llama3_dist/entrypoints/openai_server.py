@@ -133,7 +133,7 @@ class OpenAIServer:
         )
         fields.update({k: v for k, v in optional.items() if v is not None})
         try:
-            return SamplingParams(**fields)
+            return SamplingParams.model_validate(fields)
         except ValidationError as e:
             raise from_validation_error(e) from None
 
@@ -201,7 +201,7 @@ class OpenAIServer:
                     items.append(out.get_nowait())
                 failed = next((i for i in items if isinstance(i, BaseException)), None)
                 newest = {i.request_id: i for i in items if not isinstance(i, BaseException)}
-                frames = []
+                frames: list[str] = []
                 for item in newest.values():
                     chunks = on_output(item)
                     if item.finished:
@@ -523,7 +523,7 @@ class OpenAIServer:
         content = []
         for tid, lp in zip(token_ids, lps or []):
             s = self._token_str(lp, tid)
-            top = sorted((v for v in lp.values() if v.rank is not None and v.rank <= k), key=lambda v: v.rank)[:k]
+            top = sorted((v for v in lp.values() if v.rank is not None and v.rank <= k), key=lambda v: v.rank or 0)[:k]
             top_ids = {id(v): t for t, v in lp.items()}
             content.append(
                 {
@@ -614,13 +614,10 @@ class _SSEResponse(StreamingResponse):
             for task in (stream, watch):
                 task.cancel()
             await asyncio.gather(stream, watch, return_exceptions=True)
-            await self.body_iterator.aclose()
-        if (
-            not stream.cancelled()
-            and isinstance(stream.exception(), Exception)
-            and not isinstance(stream.exception(), OSError)
-        ):  # a bug, not a client that left: let it be logged
-            raise stream.exception()
+            await self.body_iterator.aclose()  # type: ignore[attr-defined]  # an async generator
+        error = None if stream.cancelled() else stream.exception()
+        if isinstance(error, Exception) and not isinstance(error, OSError):  # a bug, not a client that left
+            raise error
 
 
 class _APIKeyMiddleware:

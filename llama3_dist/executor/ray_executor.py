@@ -31,6 +31,7 @@ import threading
 import time
 import weakref
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -98,9 +99,9 @@ class _Resources:
     """What an executor holds in Ray; the finalizer frees it without a reference to the executor."""
 
     owns_ray: bool = False
-    placement_group: object = None
-    actors: list = field(default_factory=list)
-    graph: object = None
+    placement_group: Any = None  # ray.util.placement_group.PlacementGroup
+    actors: list = field(default_factory=list)  # RayWorker actor handles, rank order
+    graph: Any = None  # the compiled graph (ray.dag.CompiledDAG), if one runs the steps
     failed: bool = False
 
 

@@ -10,6 +10,7 @@ import dataclasses
 import datetime
 import os
 import warnings
+from typing import Any
 
 import torch
 
@@ -23,7 +24,7 @@ class RayWorker:
 
     def __init__(self, rank: int, world_size: int, num_threads: int):
         self.rank, self.world_size = rank, world_size
-        self.store = None
+        self.store: Any = None  # rank 0's torch.distributed.TCPStore, once opened
         self.worker: Worker | None = None
         torch.set_num_threads(num_threads)
         # Compiled-graph inputs arrive as read-only numpy views of the channel buffer; the worker
@@ -93,6 +94,8 @@ class RayWorker:
         }
 
     def execute(self, step: StepInput) -> StepOutput | None:
+        if self.worker is None:
+            raise RuntimeError("execute before init_worker")
         out = self.worker.execute(step)
         if out is None or self.worker.device.type == "cpu":
             return out

@@ -125,7 +125,7 @@ class Worker:
         )
         hidden, normed = self.model(self._tensor(step.tokens), meta, self.kv_caches, self.cos_sin)
         logits = self.model.compute_logits(normed[self._tensor(step.logit_rows)])
-        if self.parallel.rank != 0:
+        if logits is None:  # only rank 0 holds the gathered logits
             return None
         forward_done = time.perf_counter()
         if step.sampling is not None:

@@ -170,11 +170,13 @@ def select(device: torch.device | str, dtype: torch.dtype) -> Kernels:
     probe = torch.empty(0, dtype=dtype, device=device)
     mode = _mode()
     impl = _impl(probe, mode)
-    fused = isinstance(impl, cpu.KernelLibrary) and os.environ.get("LLAMA3_DIST_CPU_FUSED", "1") != "0"
+    fused = (
+        impl if isinstance(impl, cpu.KernelLibrary) and os.environ.get("LLAMA3_DIST_CPU_FUSED", "1") != "0" else None
+    )
     return Kernels(
         **{name: getattr(impl, name) for name in TRITON_KERNELS},
         linear=_linear_for(probe, mode),
-        fused_decode=impl if fused else None,
+        fused_decode=fused,
     )
 
 

@@ -39,6 +39,7 @@ import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -79,7 +80,7 @@ _X86 = platform.machine().lower() in ("x86_64", "amd64", "i686", "x86")
 
 _P, _I64, _F32, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
 # name -> (argument types, return type); each exists as NAME_bf16 and NAME_f32.
-_SIGNATURES = {
+_SIGNATURES: dict[str, tuple[list[Any], Any]] = {
     "gemv": ([_P, _P, _P, _P, _I64, _I64, _I64], _INT),
     "rms_norm": ([_P, _P, _P, _F32, _P, _P, _I64, _I64], None),
     "rotary": ([_P, _P, _I64, _I64, _P, _I64, _I64, _I64, _P, _I64, _INT, _I64], None),
@@ -88,7 +89,9 @@ _SIGNATURES = {
     "silu_and_mul": ([_P, _P, _I64, _I64], None),
 }
 _SUFFIX = {torch.bfloat16: "bf16", torch.float32: "f32"}
-_FUSED_SIGNATURES = {  # name -> argument types; each returns 0, or -1 for a batch over GEMV_MAX_ROWS
+_FUSED_SIGNATURES: dict[
+    str, list[Any]
+] = {  # name -> argument types; each returns 0, or -1 for a batch over GEMV_MAX_ROWS
     "attention_block": [_P, _P, _P, _P, _P, _P, _P],
     "mlp_block": [_P, _I64, _P, _P, _P],
 }
@@ -213,7 +216,7 @@ def build(isa: str) -> Path:
     compiler = _compiler()
     flags = [*BASE_FLAGS, *(spec.x86_flags if _X86 else ()), f"-DVECTOR_BYTES={spec.vector_bytes}"]
     source = SOURCE.read_bytes()
-    errors = []
+    errors: list[str] = []
     for extra in ([OPENMP_FLAG], []):
         key = source + "\0".join([compiler, *flags, *extra]).encode()
         target = cache_root() / "kernels" / f"cpu_kernels-{isa}-{hashlib.sha256(key).hexdigest()[:16]}.so"
@@ -245,7 +248,7 @@ class KernelLibrary:
         built_for = self._lib.vector_bytes()
         if built_for != INSTRUCTION_SETS[isa].vector_bytes:
             raise RuntimeError(f"the {isa} kernel library was built for {built_for}-byte vectors")
-        self._functions: dict[tuple[str, torch.dtype], ctypes._CFuncPtr] = {}
+        self._functions: dict[tuple[str, torch.dtype], Any] = {}  # ctypes function pointers
         for name, (argtypes, restype) in _SIGNATURES.items():
             for dtype, suffix in _SUFFIX.items():
                 function = getattr(self._lib, f"{name}_{suffix}")

@@ -31,6 +31,9 @@ class ParallelContext:
         if self.world_size == 1:
             return x
         x = x.contiguous()
-        parts = [torch.empty_like(x) for _ in range(self.world_size)] if self.rank == 0 else None
+        if self.rank != 0:
+            dist.gather(x, None, dst=0)
+            return None
+        parts = [torch.empty_like(x) for _ in range(self.world_size)]
         dist.gather(x, parts, dst=0)
-        return torch.cat(parts, dim=-1) if self.rank == 0 else None
+        return torch.cat(parts, dim=-1)

@@ -55,7 +55,7 @@ class Sampler:
         x = logits.float()
         if meta.penalties is not None or meta.banned_rows is not None:
             x = self._buffer("penalised", b, v, dev).copy_(x)  # logprobs are of the raw logits
-            if meta.banned_rows is not None:
+            if meta.banned_rows is not None and meta.banned_ids is not None:
                 x[_t(meta.banned_rows, dev), _t(meta.banned_ids, dev)] = float("-inf")
             if meta.penalties is not None:
                 apply_penalties(x, meta.penalties)
@@ -83,10 +83,11 @@ class Sampler:
             )
 
         logprobs: list[TokenLogprobs | None] = [None] * b
-        lp_rows = [i for i, k in enumerate(meta.num_logprobs) if k is not None]
+        asked = {i: k for i, k in enumerate(meta.num_logprobs) if k is not None}
+        lp_rows = list(asked)
         if lp_rows:
             rows = logits if len(lp_rows) == b else logits[_t(np.array(lp_rows), dev)]
-            computed = compute_logprobs(rows, token_ids[lp_rows], [meta.num_logprobs[i] for i in lp_rows])
+            computed = compute_logprobs(rows, token_ids[lp_rows], list(asked.values()))
             for i, lp in zip(lp_rows, computed):
                 logprobs[i] = lp
         return SamplerOutput(token_ids, logprobs)
@@ -334,19 +335,20 @@ def compute_logprobs(
         tok = tokens[lo:hi, None]
         tok_x = x.gather(1, tok)
         rank = ((x > tok_x).sum(dim=-1) + 1).tolist()
-        tok_lp = tok_x - lse
         kmax = max(ks[lo:hi])
+        top_ids: list[list[int]] = []
+        top_lps: list[list[float]] = []
         if kmax > 0:
-            top_x, top_ids = _topk(x, kmax)
-            top_lp, top_ids = (top_x - lse).tolist(), top_ids.tolist()
-        tok_lp = tok_lp[:, 0].tolist()
-        tok = tok[:, 0].tolist()
+            top_x, top_indices = _topk(x, kmax)
+            top_lps, top_ids = (top_x - lse).tolist(), top_indices.tolist()
+        token_lps: list[float] = (tok_x - lse)[:, 0].tolist()
+        token_ids_here: list[int] = tok[:, 0].tolist()
         for j in range(hi - lo):
             k = ks[lo + j]
-            ids, lps = [tok[j]], [tok_lp[j]]
+            ids, lps = [token_ids_here[j]], [token_lps[j]]
             if k > 0:
                 ids += top_ids[j][:k]
-                lps += top_lp[j][:k]
+                lps += top_lps[j][:k]
             out.append(TokenLogprobs(ids, lps, [rank[j], *range(1, k + 1)]))
     return out
 

@@ -7,6 +7,7 @@ weights (split at load), partial rotary (Phi-4-mini), sliding windows (Mistral, 
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -135,17 +136,20 @@ class DecoderLayer(nn.Module):
         super().__init__()
         self.config = config
         self.parallel = parallel
-        norm = dict(
-            hidden_size=config.hidden_size,
-            eps=config.rms_norm_eps,
-            method=config.norm_method,
-            affine=config.norm_elementwise_affine,
-            dtype=dtype,
-            kernels=kernels,
-        )
-        self.input_layernorm = Norm(**norm)
+
+        def norm() -> Norm:
+            return Norm(
+                config.hidden_size,
+                config.rms_norm_eps,
+                config.norm_method,
+                config.norm_elementwise_affine,
+                dtype,
+                kernels,
+            )
+
+        self.input_layernorm = norm()
         self.self_attn = Attention(config, parallel, dtype, kernels)
-        self.post_attention_layernorm = Norm(**norm)
+        self.post_attention_layernorm = norm()
         self.mlp = MLP(config, parallel, dtype, kernels)
         self.residual_multiplier = config.residual_multiplier
 
@@ -236,9 +240,11 @@ class Llama3Transformer(nn.Module):
         self._fused: list[cpu.FusedDecodeLayer] | None = None  # built at the first fused decode step
         with torch.device(device):
             self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, dtype, parallel)
-            self.layers = nn.ModuleList(
+            # decoder_layers: the same modules, typed (iterating the ModuleList gives nn.Module)
+            self.decoder_layers = [
                 DecoderLayer(config, parallel, dtype, kernels) for _ in range(config.num_hidden_layers)
-            )
+            ]
+            self.layers = nn.ModuleList(self.decoder_layers)
             self.norm = Norm(
                 config.hidden_size,
                 config.rms_norm_eps,
@@ -252,7 +258,7 @@ class Llama3Transformer(nn.Module):
     def load(self, source: WeightSource, show_progress: bool = False) -> None:
         names = source.names
         self.embed_tokens.load(source, names.embedding)
-        layers = enumerate(self.layers)
+        layers: Iterable[tuple[int, DecoderLayer]] = enumerate(self.decoder_layers)
         if show_progress:
             from tqdm import tqdm
 
@@ -279,11 +285,11 @@ class Llama3Transformer(nn.Module):
             step, keep_alive = cpu.FusedDecodeLayer.step(
                 meta.positions, meta.slot_mapping, meta.block_tables, meta.context_lens, cos_sin
             )
-            for layer, fused_layer, kv_cache in zip(self.layers, fused, kv_caches, strict=True):
+            for layer, fused_layer, kv_cache in zip(self.decoder_layers, fused, kv_caches, strict=True):
                 x, residual = layer.forward_fused(fused_layer, x, residual, step, kv_cache)
             del keep_alive
         else:
-            for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
+            for layer, kv_cache in zip(self.decoder_layers, kv_caches, strict=True):
                 x, residual = layer(x, residual, meta, kv_cache, cos_sin)
         normed, hidden = self.norm(x, residual)
         return hidden, normed
@@ -297,8 +303,9 @@ class Llama3Transformer(nn.Module):
             return None
         if self._fused is None:
             block_size = kv_caches[0][0].shape[1]
-            layers = [layer.fused_decode(library, block_size) for layer in self.layers]
-            self._fused = layers if all(layer is not None for layer in layers) else []
+            layers = [layer.fused_decode(library, block_size) for layer in self.decoder_layers]
+            fused = [layer for layer in layers if layer is not None]
+            self._fused = fused if len(fused) == len(layers) else []  # all or none
         return self._fused or None
 
     def compute_logits(self, normed: torch.Tensor) -> torch.Tensor | None:
