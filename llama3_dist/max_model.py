@@ -1,6 +1,6 @@
 """MAX-style model API: Llama3Model, Llama3Inputs, ModelOutputs.
 
-The driver owns the TextContexts and the page pool; the executor owns the workers. A call
+The driver owns the TextContexts and the KV block pool; the executor owns the workers. A call
 sequence is prepare_initial_token_inputs -> execute -> prepare_next_token_inputs -> execute ...
 """
 
@@ -129,7 +129,7 @@ class Llama3Model:
     def prepare_initial_token_inputs(
         self, replica_batches: list[TextContext], kv_cache_inputs=None, return_n_logits: int = 1
     ) -> Llama3Inputs:
-        """Claims KV pages for each context's uncomputed tokens and batches them ragged."""
+        """Claims KV blocks for each context's uncomputed tokens and batches them ragged."""
         ctxs = replica_batches
         if not ctxs:
             raise ValueError("prepare_initial_token_inputs needs at least one TextContext")

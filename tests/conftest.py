@@ -77,6 +77,17 @@ ARCHITECTURES = {
 }
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests that use the session's Ray are `ray` tests; `gpu` tests skip without a GPU. The fast
+    lane is `pytest -m "not slow and not ray and not subprocess and not gpu"`."""
+    no_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "ray_local" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.ray)
+        if "gpu" in item.keywords and not torch.cuda.is_available():
+            item.add_marker(no_gpu)
+
+
 def build_checkpoint(arch: str, path, **overrides) -> str:
     """Saves a random float32 checkpoint of `arch` to `path` and returns the path."""
     config_cls, model_cls, extra = ARCHITECTURES[arch]
@@ -151,11 +162,11 @@ def ray_local():
 
 
 def paged_cache(lens, block_size, hk, d, dtype, device, pad_value):
-    """K/V caches holding random K/V for sequences of `lens` tokens on shuffled pages.
+    """K/V caches holding random K/V for sequences of `lens` tokens on shuffled blocks.
 
-    Page 0 and a few spare pages belong to no sequence, and the tail of every last page is
+    Block 0 and a few spare blocks belong to no sequence, and the tail of every last block is
     unwritten: all hold NaN, so a kernel that reads them fails. Block tables are padded with
-    pad_value (0 points at the NaN page 0) past each sequence's pages.
+    pad_value (0 points at the NaN block 0) past each sequence's blocks.
     """
     n_blocks = [-(-L // block_size) for L in lens]
     num_blocks = sum(n_blocks) + 3
@@ -164,13 +175,13 @@ def paged_cache(lens, block_size, hk, d, dtype, device, pad_value):
     v_cache = torch.full_like(k_cache, float("nan"))
     tables = torch.full((len(lens), max(n_blocks) + 2), pad_value, dtype=torch.int32)
     for b, (L, n) in enumerate(zip(lens, n_blocks)):
-        pages, order = order[:n], order[n:]
-        tables[b, :n] = torch.tensor(pages, dtype=torch.int32)
-        flat_k = k_cache[pages].flatten(0, 1)
-        flat_v = v_cache[pages].flatten(0, 1)
+        blocks, order = order[:n], order[n:]
+        tables[b, :n] = torch.tensor(blocks, dtype=torch.int32)
+        flat_k = k_cache[blocks].flatten(0, 1)
+        flat_v = v_cache[blocks].flatten(0, 1)
         flat_k[:L] = torch.randn(L, hk, d).to(dtype)
         flat_v[:L] = torch.randn(L, hk, d).to(dtype)
-        k_cache[pages] = flat_k.view(n, block_size, hk, d)
-        v_cache[pages] = flat_v.view(n, block_size, hk, d)
+        k_cache[blocks] = flat_k.view(n, block_size, hk, d)
+        v_cache[blocks] = flat_v.view(n, block_size, hk, d)
     lens_t = torch.tensor(lens, dtype=torch.int32, device=device)
     return k_cache, v_cache, tables.to(device), lens_t

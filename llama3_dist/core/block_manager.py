@@ -1,10 +1,10 @@
-"""Paged KV cache bookkeeping on the driver: which pages are free, who shares them, and which
-full pages hold a known token prefix (prefix caching). No torch here.
+"""Paged KV cache bookkeeping on the driver: which blocks are free, who shares them, and which
+full blocks hold a known token prefix (prefix caching). No torch here.
 
-`BlockPool` is the plain page allocator used by the MAX-style model API. `BlockManager` adds
-reference counts and prefix caching for the scheduler: every full page of computed tokens is
+`BlockPool` is the plain block allocator used by the MAX-style model API. `BlockManager` adds
+reference counts and prefix caching for the scheduler: every full block of computed tokens is
 keyed by a hash chained over its parent's hash and its own token ids, so a new sequence that
-starts with the same tokens reuses those pages instead of recomputing them.
+starts with the same tokens reuses those blocks instead of recomputing them.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ class KVCacheExhaustedError(RuntimeError):
 
 
 class BlockPool:
-    """A fixed set of KV pages handed out and returned by id."""
+    """A fixed set of KV blocks handed out and returned by id."""
 
     def __init__(self, num_blocks: int, block_size: int):
         if num_blocks < 1 or block_size < 1:
@@ -40,9 +40,9 @@ class BlockPool:
     def allocate(self, n: int) -> list[int]:
         if n > len(self._free):
             raise KVCacheExhaustedError(
-                f"KV cache exhausted: {n} more pages of {self.block_size} tokens needed, "
+                f"KV cache exhausted: {n} more blocks of {self.block_size} tokens needed, "
                 f"{len(self._free)} of {self.num_blocks} free. Release finished contexts or "
-                f"start the model with a larger kv_cache_pages."
+                f"start the model with more num_kv_blocks (or kv_cache_bytes)."
             )
         return [self._free.pop() for _ in range(n)]
 
@@ -86,7 +86,7 @@ class PrefixMatch:
 
 
 class BlockManager:
-    """Reference-counted KV pages with prefix caching, owned by the scheduler.
+    """Reference-counted KV blocks with prefix caching, owned by the scheduler.
 
     Invariants: a block with ref_count > 0 belongs to the sequences that list it in their
     `block_ids`; only full blocks of computed tokens are ever shared, and new tokens are always

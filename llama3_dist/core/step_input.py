@@ -31,7 +31,7 @@ class StepInput:
     query_start_loc: np.ndarray  # [B+1] int32: sequence b owns tokens [query_start_loc[b], query_start_loc[b+1])
     context_lens: np.ndarray  # [B] int32: cached tokens including this step's
     block_tables: np.ndarray  # [B, max_blocks] int32 (padded with 0)
-    slot_mapping: np.ndarray  # [N] int64: page * block_size + offset
+    slot_mapping: np.ndarray  # [N] int64: block * block_size + offset
     logit_rows: np.ndarray  # [M] int64: rows whose logits rank 0 returns
     hidden_rows: np.ndarray | None = None  # rows whose hidden states rank 0 returns
     normalized_hidden: bool = False
@@ -43,7 +43,7 @@ def build_step_input(
 ) -> StepInput:
     """The step that computes tokens[num_computed : num_computed + n] of each context.
 
-    Every context must already hold the KV pages for those tokens. logit_rows defaults to the
+    Every context must already hold the KV blocks for those tokens. logit_rows defaults to the
     last row of each sequence.
     """
     b = len(contexts)

@@ -11,7 +11,7 @@ class TextContext:
     tokens: list[int]
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     max_length: int | None = None
-    # Pages of the KV cache holding this sequence, in order, and how many of `tokens` are in them.
+    # Blocks of the KV cache holding this sequence, in order, and how many of `tokens` are in them.
     block_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
 

@@ -65,13 +65,13 @@ class Worker:
             num_kv_blocks = self._kv_budget(kv_cache_bytes, gpu_memory_utilization) // kv.bytes_per_block_per_device
         if num_kv_blocks < 1:
             raise RuntimeError(
-                f"no room for a KV cache page on {self.device} "
-                f"({kv.bytes_per_block_per_device} bytes per page); lower the model's memory "
+                f"no room for a KV cache block on {self.device} "
+                f"({kv.bytes_per_block_per_device} bytes per block); lower the model's memory "
                 f"use or pass kv_cache_bytes / num_kv_blocks"
             )
         self.num_kv_blocks = num_kv_blocks
         shape = (num_kv_blocks, kv.block_size, kv.n_kv_heads_per_device, kv.head_dim)
-        # Zeroed, not empty: padded decode attention reads (masked) slots of other pages, and
+        # Zeroed, not empty: padded decode attention reads (masked) slots of other blocks, and
         # garbage NaNs there would leak through 0 * NaN.
         self.kv_caches = [
             (

@@ -490,14 +490,14 @@ void decode_attention_team(const T* q, int64_t q_stride, const T* k_cache, const
         for (int64_t group = 0; group < g; ++group)
             for (int64_t j = 0; j < d; ++j)
                 query[group * d + j] = E::to_float(q[s * q_stride + (h * g + group) * d + j]) * scale;
-        // Visits the keys (or values) first .. context-1 of this sequence and KV head page by
-        // page: cache row t is (page, offset) without a division per key.
+        // Visits the keys (or values) first .. context-1 of this sequence and KV head block by
+        // block: cache row t is (block, offset) without a division per key.
         auto over_keys = [&](const T* cache, auto&& visit) {
             int64_t t = 0;
-            for (int64_t page_index = first / block_size; t < length; ++page_index) {
-                const T* page = cache + int64_t(block_tables[s * max_blocks + page_index]) * block_size * hk * d;
+            for (int64_t block_index = first / block_size; t < length; ++block_index) {
+                const T* block = cache + int64_t(block_tables[s * max_blocks + block_index]) * block_size * hk * d;
                 for (int64_t offset = t == 0 ? first % block_size : 0; offset < block_size && t < length; ++offset, ++t)
-                    visit(t, page + (offset * hk + h) * d);
+                    visit(t, block + (offset * hk + h) * d);
             }
         };
         over_keys(k_cache, [&](int64_t t, const T* key) {
@@ -526,7 +526,7 @@ void decode_attention_team(const T* q, int64_t q_stride, const T* k_cache, const
 }
 
 // One query token per sequence (q [b, hq, d], rows q_stride apart) against its paged K/V
-// ([pages, block_size, hk, d]); out [b, hq, d] contiguous. Query heads h*g .. h*g+g-1 share KV
+// ([blocks, block_size, hk, d]); out [b, hq, d] contiguous. Query heads h*g .. h*g+g-1 share KV
 // head h. Float32 scores, softmax and sums; window > 0 keeps the last `window` keys.
 template <typename T>
 void decode_attention(const T* q, int64_t q_stride, const T* k_cache, const T* v_cache, const int32_t* block_tables,

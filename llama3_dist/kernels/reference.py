@@ -139,7 +139,7 @@ def paged_decode_attention(
     scale: float,
     sliding_window: int | None = None,
 ) -> torch.Tensor:
-    """One query token per sequence (q [B, Hq, d], the last of its context) against its pages:
+    """One query token per sequence (q [B, Hq, d], the last of its context) against its blocks:
     prefill attention with one query row each."""
     one_each = torch.arange(q.shape[0] + 1, dtype=torch.int32, device=q.device)
     return prefill_attention(q, k_cache, v_cache, block_tables, one_each, context_lens, scale, sliding_window)

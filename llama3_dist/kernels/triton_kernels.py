@@ -312,7 +312,7 @@ def _store_kv_kernel(
 ):
     t = tl.program_id(0).to(tl.int64)
     slot = tl.load(slot_ptr + t).to(tl.int64)
-    page = slot // BLOCK_SIZE
+    block = slot // BLOCK_SIZE
     off = slot % BLOCK_SIZE
     h = tl.arange(0, BLOCK_H).to(tl.int64)[:, None]
     d = tl.arange(0, BLOCK_D).to(tl.int64)[None, :]
@@ -322,12 +322,12 @@ def _store_kv_kernel(
     k = tl.load(k_ptr + t * stride_kt + h * stride_kh + d * stride_kd, mask=mask)
     v = tl.load(v_ptr + t * stride_vt + h * stride_vh + d * stride_vd, mask=mask)
     tl.store(
-        kc_ptr + page * stride_kcp + off * stride_kcs + h * stride_kch + d * stride_kcd,
+        kc_ptr + block * stride_kcp + off * stride_kcs + h * stride_kch + d * stride_kcd,
         _cast(k, kc_ptr.dtype.element_ty),
         mask=mask,
     )
     tl.store(
-        vc_ptr + page * stride_vcp + off * stride_vcs + h * stride_vch + d * stride_vcd,
+        vc_ptr + block * stride_vcp + off * stride_vcs + h * stride_vch + d * stride_vcd,
         _cast(v, vc_ptr.dtype.element_ty),
         mask=mask,
     )
@@ -361,16 +361,16 @@ def store_kv_cache(
 # --------------------------------------------------------------------------------------------
 # Attention over the paged cache. Scores are kept in the log2 domain (scale * log2(e) folded in)
 # so the softmax uses exp2. Keys are gathered token by token through the block table, so tile
-# sizes are independent of the page size and pages past a sequence's length are never read.
+# sizes are independent of the block size and blocks past a sequence's length are never read.
 
 _LOG2E = 1.4426950408889634
 
 
 @triton.jit
 def _load_kv_tile(cache_ptr, bt_row_ptr, n, n_mask, kvh, d, d_mask, BLOCK_SIZE, stride_p, stride_s, stride_h):
-    page = tl.load(bt_row_ptr + n // BLOCK_SIZE, mask=n_mask, other=0).to(tl.int64)
+    block = tl.load(bt_row_ptr + n // BLOCK_SIZE, mask=n_mask, other=0).to(tl.int64)
     slot = (n % BLOCK_SIZE).to(tl.int64)
-    ptrs = cache_ptr + (page * stride_p + slot * stride_s + kvh * stride_h)[:, None] + d[None, :]
+    ptrs = cache_ptr + (block * stride_p + slot * stride_s + kvh * stride_h)[:, None] + d[None, :]
     return tl.load(ptrs, mask=n_mask[:, None] & d_mask[None, :], other=0.0)
 
 

@@ -28,7 +28,7 @@ def test_block_pool_contract_kept():
     assert pool.blocks_needed(33) == 3 and pool.num_free_blocks == 3
     ids = pool.allocate(2)
     assert ids == [0, 1] and pool.num_free_blocks == 1
-    with pytest.raises(KVCacheExhaustedError, match="2 more pages"):
+    with pytest.raises(KVCacheExhaustedError, match="2 more blocks"):
         pool.allocate(2)
     pool.free(ids)
     assert pool.num_free_blocks == 3

@@ -171,7 +171,7 @@ def expected_outputs(prompt, max_tokens):
 def simulate(requests, num_blocks, budget, max_num_seqs=8, prefix_caching=True):
     """Run a fake model over a fake paged cache. Each slot remembers (position, token) written
     there; sampling reads the whole prefix back through the block table, so any wrong sharing,
-    stale page or lost token changes the output."""
+    stale block or lost token changes the output."""
     sched = Scheduler(
         num_blocks, BS, max_num_batched_tokens=budget, max_num_seqs=max_num_seqs, enable_prefix_caching=prefix_caching
     )

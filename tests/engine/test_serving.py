@@ -154,7 +154,7 @@ def test_preemption_completes_everything_identically(checkpoints, llm):
         SamplingParams(temperature=0.9, seed=11, max_tokens=24, ignore_eos=True),
     ] * 5
     expected = llm.generate(prompt_token_ids=prompts, sampling_params=params, use_tqdm=False)
-    # 12 pages of 16 tokens cannot hold ten sequences of up to ~110 tokens at once.
+    # 12 blocks of 16 tokens cannot hold ten sequences of up to ~110 tokens at once.
     with LLM(checkpoints["llama"], dtype="float32", show_progress=False, num_kv_blocks=12) as small:
         got = small.generate(prompt_token_ids=prompts, sampling_params=params, use_tqdm=False)
         assert small.engine.stats().num_preemptions > 0
@@ -244,6 +244,7 @@ def test_text_stop_strings_chat_and_streaming(tokenized_checkpoint):
         assert all(b.outputs[0].text.startswith(a.outputs[0].text) for a, b in itertools.pairwise(chunks))
 
 
+@pytest.mark.subprocess
 def test_cli_generate_runs_on_the_embedded_default():
     import subprocess
     import sys

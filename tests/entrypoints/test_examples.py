@@ -16,6 +16,8 @@ import pytest
 from llama3_dist.entrypoints import cli
 from llama3_dist.entrypoints.bench import read_server_url, stop_server_process
 
+pytestmark = [pytest.mark.subprocess]
+
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = REPO / "examples"
 CLI = [sys.executable, "-m", "llama3_dist"]

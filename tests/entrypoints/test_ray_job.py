@@ -28,6 +28,8 @@ from conftest import build_tokenized_checkpoint
 
 from llama3_dist import LLM, SamplingParams
 
+pytestmark = [pytest.mark.ray, pytest.mark.subprocess, pytest.mark.slow]
+
 REPO = Path(__file__).resolve().parents[2]
 RAY = [sys.executable, "-m", "ray.scripts.scripts"]  # the `ray` command of this interpreter
 JOB_ARGS = ["--devices", "cpu,cpu", "--dtype", "float32", "--max-tokens", "8", "--num-prompts", "4"]

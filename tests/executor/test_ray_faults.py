@@ -23,6 +23,8 @@ from llama3_dist.executor.local import LocalExecutor
 from llama3_dist.executor.ray_executor import PlacementError, RayExecutor, WorkerError
 from llama3_dist.executor.ray_worker import RayWorker
 
+pytestmark = [pytest.mark.ray]
+
 TOL = dict(atol=1e-4, rtol=1e-4)
 PROMPT = [3, 1, 4, 1, 5, 9, 2, 6]
 

@@ -18,6 +18,8 @@ from conftest import ARCHITECTURES, load_reference
 from llama3_dist import Llama3Model, ReturnLogits, TextContext
 from llama3_dist.executor.ray_executor import DRIVER_NICE_FOR_CPU_RANKS
 
+pytestmark = [pytest.mark.ray]
+
 TOL = dict(atol=1e-4, rtol=1e-4)
 PROMPTS = ([3, 5, 7, 9, 11, 13, 15], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12], [50, 60, 70])
 DECODE_STEPS = 16
@@ -72,7 +74,7 @@ def test_tp2_equals_tp1_and_transformers(arch, checkpoints, references, ray_loca
         torch.testing.assert_close(got, one, **TOL)
         torch.testing.assert_close(got, want, **TOL)
     # Each rank holds half of every sharded tensor (vocab 130 and every split divide by 2) and
-    # the whole of the replicated norms, and KV pages for its own KV head only.
+    # the whole of the replicated norms, and KV blocks for its own KV head only.
     c = tp2.config
     for r in ranks:
         assert r["parameter_bytes"]["sharded"] * 2 == full["sharded"], (r, full)
@@ -84,6 +86,7 @@ def test_tp2_equals_tp1_and_transformers(arch, checkpoints, references, ray_loca
         )
 
 
+@pytest.mark.slow
 def test_tp4_replicates_kv_heads_beside_a_second_engine(checkpoints, references, ray_local):
     """4 query heads, 2 KV heads: each rank holds one KV head, shared by two ranks. A TP=2 engine
     runs on the same machine at the same time: each rendezvous is on its own kernel-picked port."""
@@ -99,6 +102,8 @@ def test_tp4_replicates_kv_heads_beside_a_second_engine(checkpoints, references,
         torch.testing.assert_close(g2, want, **TOL)
 
 
+@pytest.mark.subprocess
+@pytest.mark.slow
 def test_two_nodes_strict_spread(checkpoints):
     """TP=2, one rank on each of two raylets (ray.cluster_utils.Cluster), rendezvous at rank 0's
     node IP. Runs in a subprocess: it needs its own Ray, not the session's."""

@@ -271,6 +271,7 @@ def _run_python(code: str, **env: str) -> subprocess.CompletedProcess:
     return done
 
 
+@pytest.mark.subprocess
 def test_torch_fallback_without_the_library():
     """LLAMA3_DIST_CPU_KERNELS=0 (as without a compiler): one warning naming the reason and its
     cost, then the torch reference for every kernel, with the same results."""
@@ -290,6 +291,7 @@ def test_torch_fallback_without_the_library():
     assert "slower" in done.stderr
 
 
+@pytest.mark.subprocess
 @pytest.mark.skipif(cpu.host_isa() not in ("avx512", "avx2"), reason="needs an x86-64 CPU with AVX2")
 def test_held_to_avx2(tmp_path):
     """torch and oneDNN held to AVX2, as on most laptops and pre-Zen-4 AMD servers: the AVX2 library
@@ -329,7 +331,7 @@ def test_held_to_avx2(tmp_path):
 def test_fused_decode_is_bit_identical(checkpoints, monkeypatch, arch, fused, dtype):
     """Decode steps with each layer half as one library call give exactly the per-kernel path's
     logits (same kernels, same order): GQA, sliding windows (mistral), q/k/v biases (qwen2),
-    partial rotary (phi3), across page boundaries; architectures the fused halves do not cover
+    partial rotary (phi3), across block boundaries; architectures the fused halves do not cover
     (Granite's multipliers, OLMo's LayerNorm and clip_qkv) keep the per-kernel path."""
     from llama3_dist import Llama3Model, ReturnLogits, TextContext
 

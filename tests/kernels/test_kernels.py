@@ -4,7 +4,7 @@ Without a GPU the kernels run in triton's interpreter. Triton 3.9 picks the inte
 @triton.jit decorates a kernel, i.e. when llama3_dist.kernels.triton_kernels is first imported,
 so TRITON_INTERPRET=1 is set here, before that import. Sizes are kept small: the interpreter is
 slow. Every buffer a kernel allocates is poisoned with NaN and every cache slot no sequence
-owns holds NaN, so an unwritten output or a read of a padding page fails the comparison.
+owns holds NaN, so an unwritten output or a read of a padding block fails the comparison.
 """
 
 from __future__ import annotations
@@ -217,6 +217,7 @@ def test_dispatch_modes(monkeypatch):
         kernels.silu_and_mul(x)
 
 
+@pytest.mark.subprocess
 def test_imports_without_triton():
     """The package (and the torch path) work where triton is not installed, e.g. macOS."""
     code = (
@@ -240,9 +241,10 @@ def test_imports_without_triton():
 # ------------------------------------------------------------------------------- end to end
 
 
+@pytest.mark.slow
 def test_model_logits_match_torch_path(tmp_path, monkeypatch):
     """A tiny random Llama through Llama3Model: the Triton path gives the torch path's logits
-    for a ragged prefill (one sequence prefix-free, one longer than a page) and decode steps."""
+    for a ragged prefill (one sequence prefix-free, one longer than a block) and decode steps."""
     transformers = pytest.importorskip("transformers")
     from llama3_dist import Llama3Model, ReturnLogits, TextContext
 
@@ -286,6 +288,7 @@ def test_model_logits_match_torch_path(tmp_path, monkeypatch):
         torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.subprocess
 @pytest.mark.skipif(DEVICE != "cpu", reason="checks the CPU error path")
 def test_cpu_tensors_without_interpreter_fail_clearly():
     code = (

@@ -175,9 +175,9 @@ def test_logits_modes_hidden_states_and_log_probabilities(checkpoints, reference
 
 def test_release_frees_pages_and_exhaustion_is_a_clear_error(checkpoints):
     with Llama3Model.from_pretrained(checkpoints["llama"], dtype="float32", block_size=4, num_kv_blocks=6) as model:
-        ctx = TextContext(tokens=list(range(1, 20)))  # 5 pages
+        ctx = TextContext(tokens=list(range(1, 20)))  # 5 blocks
         model.execute(model.prepare_initial_token_inputs([ctx]))
-        with pytest.raises(KVCacheExhaustedError, match="2 more pages of 4 tokens needed, 1 of 6 free"):
+        with pytest.raises(KVCacheExhaustedError, match="2 more blocks of 4 tokens needed, 1 of 6 free"):
             model.prepare_initial_token_inputs([TextContext(tokens=list(range(1, 8)))])
         model.release(ctx)
         assert model.pool.num_free_blocks == 6
