@@ -25,7 +25,7 @@ import torch
 
 
 def decode_step(batch: int, vocab: int):
-    from llama3_dist.batch import StepInput
+    from llama3_dist.core.step_input import StepInput
 
     pages = 4
     return StepInput(
