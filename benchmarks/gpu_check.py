@@ -50,6 +50,8 @@ SIZES = {
         runs=30,
         e2e_steps=16,
         e2e_prompts=(5, 77, 300, 1),
+        graph_batches=(1, 7, 64),
+        graph_steps=64,
     ),
     "smoke": dict(
         tokens=16,
@@ -65,6 +67,8 @@ SIZES = {
         runs=2,
         e2e_steps=2,
         e2e_prompts=(5, 19, 1),
+        graph_batches=(1, 3),
+        graph_steps=3,
     ),
 }
 
@@ -364,6 +368,82 @@ def end_to_end(device: torch.device, s: dict) -> None:
         report(name, False, f"raised {type(e).__name__}: {e}")
 
 
+def graphs_vs_eager(device: torch.device, s: dict) -> None:
+    """A small random bfloat16 Llama through Llama3Model twice, CUDA graphs against eager: greedy
+    decoding for 64 steps at batch 1, 7 and 64 (padded buckets), logits within bfloat16 error and
+    the same tokens (a divergence counts only where the eager top-2 logits are closer than that
+    error: a near-tie either path may break either way)."""
+    import transformers
+
+    from llama3_dist import Llama3Model, TextContext
+
+    cfg = transformers.LlamaConfig(
+        hidden_size=512,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        intermediate_size=1024,
+        num_hidden_layers=4,
+        vocab_size=1024,
+        max_position_embeddings=4096,
+    )
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as path:
+        transformers.LlamaForCausalLM(cfg).to(BF16).save_pretrained(path)
+        for batch in s["graph_batches"]:
+            name = f"graphs vs eager, greedy batch {batch}"
+            try:
+                g = torch.Generator().manual_seed(batch)
+                prompts = [
+                    torch.randint(0, 1024, (int(n),), generator=g).tolist()
+                    for n in torch.randint(1, 200, (batch,), generator=g)
+                ]
+                runs = {}
+                for eager in (True, False):
+                    with Llama3Model.from_pretrained(
+                        path,
+                        devices=[str(device)],
+                        dtype="bfloat16",
+                        num_kv_blocks=2048,
+                        enforce_eager=eager,
+                        max_batch_size=64,
+                    ) as model:
+                        graphed = model.executor.worker.decode_graphs is not None
+                        contexts = [TextContext(tokens=list(p)) for p in prompts]
+                        inputs = model.prepare_initial_token_inputs(contexts)
+                        logits, tokens = [], []
+                        out = model.execute(inputs).next_token_logits
+                        t = time.perf_counter()
+                        for _ in range(s["graph_steps"]):
+                            chosen = out.argmax(-1)
+                            tokens.append(chosen.cpu())
+                            logits.append(out.float().cpu())
+                            inputs = model.prepare_next_token_inputs(chosen, inputs)
+                            out = model.execute(inputs).next_token_logits
+                        if device.type == "cuda":
+                            torch.cuda.synchronize()
+                        runs[eager] = (torch.stack(tokens), logits, (time.perf_counter() - t) * 1e3, graphed)
+                (tok_e, log_e, ms_e, _), (tok_g, log_g, ms_g, graphed) = runs[True], runs[False]
+                same = torch.equal(tok_e, tok_g)
+                first = len(log_e) - 1 if same else int((tok_e != tok_g).any(-1).nonzero()[0])
+                err = max((a - b).abs().max().item() for a, b in zip(log_e[: first + 1], log_g[: first + 1]))
+                detail = f"max abs logit err {err:.2e} over steps 0..{first}"
+                if not same:
+                    top2 = log_e[first].topk(2, dim=-1).values
+                    margin = (top2[:, 0] - top2[:, 1])[(tok_e[first] != tok_g[first])].min().item()
+                    detail += f"; tokens diverge at step {first}, eager top-2 margin {margin:.2e}"
+                ok = graphed and err <= 3e-2 and (same or margin <= 2 * err)
+                report(
+                    name,
+                    ok,
+                    f"{detail}; {'identical' if same else 'near-tie'} tokens over {s['graph_steps']} "
+                    f"steps; eager {ms_e / s['graph_steps']:.2f} ms/step, graphs {ms_g / s['graph_steps']:.2f} "
+                    f"ms/step (includes the host's argmax copy)" + ("" if graphed else "; NO GRAPHS CAPTURED"),
+                )
+            except Exception as e:
+                traceback.print_exc()
+                report(name, False, f"raised {type(e).__name__}: {e}")
+
+
 def compile_only(arch: int) -> int:
     """Compiles every kernel specialization the GPU run uses down to a cubin for sm_<arch>, with
     triton's bundled ptxas: catches code-generation errors the interpreter cannot see."""
@@ -489,6 +569,8 @@ def main() -> int:
     with torch.inference_mode():
         kernel_checks(device, s, Timer(device, s["runs"]))
     end_to_end(device, s)
+    if not args.cpu_smoke:  # graphs exist only on CUDA
+        graphs_vs_eager(device, s)
 
     print(f"\n{'kernel':<30} {'shape':<34} {'torch ms':>10} {'triton ms':>10} {'speedup':>8}")
     for kname, shape, t_torch, t_triton, extra in timings:

@@ -105,8 +105,13 @@ class LLMEngine:
         seed: int | None = None,
         executor: str = "auto",
         show_progress: bool = True,
+        enforce_eager: bool = False,
+        load_format: str = "auto",
         **executor_kwargs,
     ):
+        """enforce_eager: no CUDA graphs for decode steps (CPU ranks never use them).
+        load_format: "auto" (the checkpoint's safetensors) or "dummy" (random weights of the
+        config's shapes, for benchmarks: the directory needs only config.json)."""
         if model is None:
             from .default_model import default_model_path
 
@@ -115,9 +120,10 @@ class LLMEngine:
         self.config = Llama3Config.from_pretrained(
             self.model_path, dtype=dtype, max_seq_len=max_seq_len, devices=devices, block_size=block_size
         )
-        from .model.checkpoint import Checkpoint
+        if load_format != "dummy":
+            from .model.checkpoint import Checkpoint
 
-        Checkpoint(self.model_path).close()  # a missing or pickle-only checkpoint fails before any worker
+            Checkpoint(self.model_path).close()  # a missing or pickle-only checkpoint fails before any worker
         self.tokenizer = _load_tokenizer(tokenizer or self.model_path)
         self.eos_token_ids = set(self.config.eos_token_ids) | _generation_eos(self.model_path)
         worker_kwargs = dict(
@@ -126,6 +132,10 @@ class LLMEngine:
             gpu_memory_utilization=gpu_memory_utilization,
             sampler_seed=seed,
             show_progress=show_progress,
+            max_num_seqs=max_num_seqs,
+            max_num_batched_tokens=max_num_batched_tokens,
+            enforce_eager=enforce_eager,
+            load_format=_load_format(load_format),
         )
         self.executor: Executor = make_executor(
             self.config, self.model_path, executor, worker_kwargs, **executor_kwargs
@@ -401,6 +411,12 @@ class LLMEngine:
         if not self._shut_down:
             self._shut_down = True
             self.executor.close()
+
+
+def _load_format(value: str) -> str:
+    if value not in ("auto", "dummy"):
+        raise ValueError(f"load_format must be 'auto' (the checkpoint) or 'dummy' (random weights), got {value!r}")
+    return value
 
 
 def _sequence(request: Request[_Sequence]) -> _Sequence:

@@ -67,12 +67,15 @@ class Llama3Model:
         num_kv_blocks: int | None = None,
         kv_cache_bytes: int | None = None,
         executor: str = "auto",
+        enforce_eager: bool = False,
+        max_batch_size: int = 64,
         **executor_kwargs,
     ) -> Llama3Model:
         """Loads a Hugging Face checkpoint directory onto `devices` (one tensor-parallel rank each).
 
         executor: "local" (in-process, one device), "ray" (one actor per device) or "auto"
-        (local for one device, Ray for more).
+        (local for one device, Ray for more). On CUDA, decode steps of up to max_batch_size
+        sequences replay captured CUDA graphs unless enforce_eager.
         """
         config = Llama3Config.from_pretrained(
             path,
@@ -84,7 +87,12 @@ class Llama3Model:
             block_size=block_size,
         )
         Checkpoint(path).close()  # fail on a missing or pickle-only checkpoint before any worker starts
-        worker_kwargs = dict(num_kv_blocks=num_kv_blocks, kv_cache_bytes=kv_cache_bytes)
+        worker_kwargs = dict(
+            num_kv_blocks=num_kv_blocks,
+            kv_cache_bytes=kv_cache_bytes,
+            enforce_eager=enforce_eager,
+            max_num_seqs=max_batch_size,
+        )
         return cls(config, make_executor(config, str(path), executor, worker_kwargs, **executor_kwargs))
 
     # --- inputs ---------------------------------------------------------------------------

@@ -159,7 +159,10 @@ def _serve_args(model_dir, engine_kwargs: dict) -> list[str]:
         "seed": "--seed",
     }
     for key, value in engine_kwargs.items():
-        if value is None:
+        if value is None or value is False:
+            continue
+        if key == "enforce_eager":  # a switch
+            args.append("--enforce-eager")
             continue
         if key not in flags:
             raise ValueError(f"bench cannot pass {key}={value!r} to the server; start it yourself and use --base-url")

@@ -37,6 +37,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-model-len", type=int, default=None, help="context length (default: the checkpoint's)")
     p.add_argument("--kv-cache-bytes", type=int, default=None, help="KV cache size per device, in bytes")
     p.add_argument("--seed", type=int, default=None, help="seed of the shared sampler (unseeded requests)")
+    p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode steps")
 
 
 def _engine_kwargs(args) -> dict:
@@ -48,6 +49,7 @@ def _engine_kwargs(args) -> dict:
         max_seq_len=args.max_model_len,
         kv_cache_bytes=args.kv_cache_bytes,
         seed=args.seed,
+        enforce_eager=args.enforce_eager,
     )
 
 

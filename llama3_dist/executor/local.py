@@ -31,4 +31,6 @@ class LocalExecutor:
         return [self._live_worker().parameter_bytes()]
 
     def close(self) -> None:
-        self.worker = None
+        if self.worker is not None:
+            self.worker.close()
+            self.worker = None

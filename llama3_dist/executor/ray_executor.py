@@ -46,6 +46,21 @@ STRATEGIES = ("PACK", "STRICT_PACK", "SPREAD", "STRICT_SPREAD")
 DEFAULT_CPUS_PER_CPU_RANK = 0.5  # several CPU ranks fit on a small machine
 DEFAULT_CPUS_PER_GPU_RANK = 1.0
 DRIVER_NICE_FOR_CPU_RANKS = 10
+DEFAULT_CPU_PLACEMENT_TIMEOUT_S = 60.0
+DEFAULT_GPU_PLACEMENT_TIMEOUT_S = 600.0
+
+
+def check_ray_gpu_devices(devices: list[str]) -> None:
+    """On the Ray path Ray picks the physical GPU of each rank (one per bundle), so GPU numbers
+    can only name ranks: "cuda" entries, or cuda:0 .. cuda:N-1 in order. Anything else is refused
+    rather than silently ignored."""
+    numbers = [d.split(":", 1)[1] for d in devices if ":" in d]
+    if numbers and numbers != [str(i) for i in range(len(devices))]:
+        raise ConfigError(
+            f"devices {devices}: with Ray, each rank gets the GPU Ray assigns it, so GPU numbers cannot "
+            f"choose GPUs; give ['cuda'] * {len(devices)} (or cuda:0 .. cuda:{len(devices) - 1}), and to use "
+            f"particular GPUs of a machine set CUDA_VISIBLE_DEVICES before Ray starts (or `ray start --num-gpus`)"
+        )
 
 
 class PlacementError(RuntimeError):
@@ -175,9 +190,9 @@ class RayExecutor:
         worker_kwargs: dict | None = None,
         *,
         address: str | None = None,
-        placement_strategy: str = "PACK",
+        placement_strategy: str | None = None,
         cpus_per_rank: float | None = None,
-        placement_timeout_s: float = 60.0,
+        placement_timeout_s: float | None = None,
         collective_timeout_s: float = 120.0,
         step_timeout_s: float | None = None,
         compiled_graph: bool | None = None,
@@ -193,9 +208,6 @@ class RayExecutor:
         self.step_timeout_s = step_timeout_s
         if driver_nice is not None and not 0 <= driver_nice <= 19:
             raise ConfigError(f"driver_nice must be a niceness from 0 to 19, got {driver_nice}")
-        strategy = str(placement_strategy).upper()
-        if strategy not in STRATEGIES:
-            raise ConfigError(f"unknown placement_strategy {placement_strategy!r}; use one of {', '.join(STRATEGIES)}")
         kinds = {d.split(":")[0] for d in config.devices}
         if len(kinds) > 1:
             raise ConfigError(
@@ -203,6 +215,15 @@ class RayExecutor:
             )
         self.device_kind = kinds.pop()
         on_gpu = self.device_kind == "cuda"
+        if on_gpu:
+            check_ray_gpu_devices(config.devices)
+        # GPU ranks of one group on one node by default: a group spread over nodes all-reduces
+        # every layer over the network. CPU ranks pack loosely (they may share a node's cores).
+        strategy = str(placement_strategy or ("STRICT_PACK" if on_gpu else "PACK")).upper()
+        if strategy not in STRATEGIES:
+            raise ConfigError(f"unknown placement_strategy {placement_strategy!r}; use one of {', '.join(STRATEGIES)}")
+        if placement_timeout_s is None:  # an autoscaler may need minutes to launch a GPU node
+            placement_timeout_s = DEFAULT_GPU_PLACEMENT_TIMEOUT_S if on_gpu else DEFAULT_CPU_PLACEMENT_TIMEOUT_S
         cpus = (
             cpus_per_rank
             if cpus_per_rank is not None
@@ -226,10 +247,18 @@ class RayExecutor:
         try:
             if on_gpu:
                 gpus = ray.cluster_resources().get("GPU", 0)
-                if gpus < tp:
+                if gpus < tp and self._res.owns_ray:  # a local Ray started here: no node will join
                     raise ConfigError(
                         f"devices {config.devices} ask for {tp} GPUs, but the Ray cluster has "
                         f"{gpus:g}; use devices=['cpu'] * {tp} or add GPU nodes"
+                    )
+                if gpus < tp:  # a cluster's autoscaler may add GPU nodes: wait for the placement group
+                    log.warning(
+                        "the Ray cluster has %g GPUs now and %d ranks need one each; waiting up to %g s "
+                        "for the placement group (an autoscaler may add GPU nodes)",
+                        gpus,
+                        tp,
+                        placement_timeout_s,
                     )
             bundles = [dict(self.bundle) for _ in range(tp)]
             pg = placement_group(bundles, strategy=strategy, name=f"llama3-dist-{os.getpid()}-{id(self):x}")
@@ -288,6 +317,19 @@ class RayExecutor:
             "loading",
         )
         self.num_kv_blocks = min(r["num_kv_blocks"] for r in self.ranks)
+        if self.world_size > 1:
+            # The first collective after loading: a rendezvous that hangs (a firewall between
+            # nodes, the wrong NCCL_SOCKET_IFNAME) fails here, within the timeout, naming it.
+            try:
+                self._gather(
+                    [a.check_collective.remote() for a in self._res.actors], "first all-reduce", collective_timeout_s
+                )
+            except WorkerError as e:
+                raise WorkerError(
+                    f"{e}. The ranks loaded but could not all-reduce: check that the nodes reach each "
+                    f"other on {backend}'s ports and that NCCL_SOCKET_IFNAME / GLOO_SOCKET_IFNAME name "
+                    f"the interface of {self.nodes[0]['ip']}"
+                ) from None
 
     def _graph_setup(self, compiled_graph: bool | None) -> None:
         self.compiled_graph = False

@@ -79,6 +79,10 @@ class RayWorker:
         if backend == "nccl":
             device = f"cuda:{_assigned_cuda_index()}"
             torch.cuda.set_device(device)
+            if "NCCL_SOCKET_IFNAME" not in os.environ:  # bootstrap on the rendezvous interface
+                ifname = _interface_of(local_ip)
+                if ifname is not None:
+                    os.environ["NCCL_SOCKET_IFNAME"] = ifname
         timeout = datetime.timedelta(seconds=timeout_s)
         store = self.store or dist.TCPStore(host, port, world_size=self.world_size, is_master=False, timeout=timeout)
         dist.init_process_group(backend, store=store, rank=self.rank, world_size=self.world_size, timeout=timeout)
@@ -92,6 +96,16 @@ class RayWorker:
                 k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in self.worker.kv_caches
             ),
         }
+
+    def check_collective(self) -> float:
+        """One all-reduce of a single element across the group (the driver times it out)."""
+        import torch.distributed as dist
+
+        assert self.worker is not None
+        with self.worker.device_scope():
+            probe = torch.ones(1, device=self.worker.device)
+            dist.all_reduce(probe)
+            return float(probe.item())
 
     def execute(self, step: StepInput) -> StepOutput | None:
         if self.worker is None:
@@ -121,7 +135,12 @@ def _assigned_cuda_index() -> int:
     visible = [d.strip() for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
     if not visible:
         return int(gpu_ids[0])
-    return visible.index(gpu_ids[0]) if gpu_ids[0] in visible else 0
+    if gpu_ids[0] not in visible:
+        raise RuntimeError(
+            f"Ray assigned GPU {gpu_ids[0]} to this rank, but CUDA_VISIBLE_DEVICES={','.join(visible)} does not "
+            f"list it; give the rank its GPU (let Ray set CUDA_VISIBLE_DEVICES, or list every GPU Ray manages)"
+        )
+    return visible.index(gpu_ids[0])
 
 
 def _interface_of(ip: str) -> str | None:

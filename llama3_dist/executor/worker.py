@@ -7,6 +7,8 @@ the rows of logits and hidden states that were asked for.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import time
 from dataclasses import dataclass
 
@@ -15,13 +17,19 @@ import torch
 
 from ..config import Llama3Config
 from ..core.step_input import SamplingInput, StepInput
-from ..model.checkpoint import TORCH_DTYPES, Checkpoint, WeightSource
+from ..model.checkpoint import TORCH_DTYPES, Checkpoint, DummyWeights, WeightSource
 from ..model.parallel import ParallelContext
 from ..model.rope import cos_sin_cache
 from ..model.sampler import Sampler, SamplerOutput, compute_logprobs
 from ..model.transformer import AttentionMetadata, Llama3Transformer
+from .decode_graphs import DecodeGraphs, capture_sizes
+
+log = logging.getLogger("llama3_dist")
 
 DEFAULT_CPU_KV_CACHE_BYTES = 256 << 20
+# Kept free on a GPU besides the profiled peak: allocator fragmentation, NCCL's own buffers
+# (outside torch's allocator) and the decode graphs' memory pool.
+GPU_MEMORY_MARGIN_BYTES = 512 << 20
 
 
 @dataclass(slots=True)
@@ -47,22 +55,58 @@ class Worker:
         device: str | None = None,
         sampler_seed: int | None = None,
         show_progress: bool = False,
+        max_num_seqs: int = 64,
+        max_num_batched_tokens: int = 2048,
+        enforce_eager: bool = False,
+        load_format: str = "auto",
     ):
+        """max_num_seqs / max_num_batched_tokens: the largest steps the caller will send (the
+        GPU memory profile and the decode graphs are sized for them); enforce_eager: no CUDA
+        graphs; load_format "dummy": random weights instead of the checkpoint's (benchmarks)."""
         self.config = config
         self.sampler = Sampler(sampler_seed)
         self.parallel = ParallelContext(rank, config.tp_degree)
         self.device = torch.device(device or config.devices[rank])
         torch.set_grad_enabled(False)
-        self.model = Llama3Transformer(config, self.parallel, self.device)
-        checkpoint = Checkpoint(checkpoint_path)
-        try:
-            self.model.load(WeightSource(checkpoint, config, self.device), show_progress and rank == 0)
-        finally:
-            checkpoint.close()
-        self.cos_sin = cos_sin_cache(config).to(self.device)
-        kv = config.kv_params
+        with self.device_scope():
+            self._load(checkpoint_path, show_progress and rank == 0, load_format)
+            self._allocate_kv_cache(
+                num_kv_blocks, kv_cache_bytes, gpu_memory_utilization, max_num_seqs, max_num_batched_tokens
+            )
+            self.decode_graphs: DecodeGraphs | None = None
+            if self.device.type == "cuda" and not enforce_eager:
+                self._capture_decode_graphs(max_num_seqs)
+
+    def device_scope(self) -> contextlib.AbstractContextManager:
+        """Makes this rank's GPU the current CUDA device: Triton launches on the calling thread's
+        current device, and steps arrive on other threads (Ray's compiled graph, the server's
+        engine thread) than the one that built the worker."""
+        return torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
+
+    def _load(self, checkpoint_path: str, show_progress: bool, load_format: str) -> None:
+        self.model = Llama3Transformer(self.config, self.parallel, self.device)
+        if load_format == "dummy":
+            self.model.load(DummyWeights(self.config, self.device), show_progress)
+        else:
+            checkpoint = Checkpoint(checkpoint_path)
+            try:
+                self.model.load(WeightSource(checkpoint, self.config, self.device), show_progress)
+            finally:
+                checkpoint.close()
+        self.cos_sin = cos_sin_cache(self.config).to(self.device)
+
+    def _allocate_kv_cache(
+        self,
+        num_kv_blocks: int | None,
+        kv_cache_bytes: int | None,
+        gpu_memory_utilization: float,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+    ) -> None:
+        kv = self.config.kv_params
         if num_kv_blocks is None:
-            num_kv_blocks = self._kv_budget(kv_cache_bytes, gpu_memory_utilization) // kv.bytes_per_block_per_device
+            budget = self._kv_budget(kv_cache_bytes, gpu_memory_utilization, max_num_seqs, max_num_batched_tokens)
+            num_kv_blocks = budget // kv.bytes_per_block_per_device
         if num_kv_blocks < 1:
             raise RuntimeError(
                 f"no room for a KV cache block on {self.device} "
@@ -81,15 +125,89 @@ class Worker:
             for _ in range(kv.num_layers)
         ]
 
-    def _kv_budget(self, kv_cache_bytes: int | None, gpu_memory_utilization: float) -> int:
-        """Bytes for the KV cache: as asked, else a share of the GPU's free memory after the weights,
-        else a fixed default on CPU (host memory is shared with everything else)."""
+    def _kv_budget(
+        self, kv_cache_bytes: int | None, gpu_memory_utilization: float, max_num_seqs: int, max_num_batched_tokens: int
+    ) -> int:
+        """Bytes for the KV cache: as asked; on a GPU, gpu_memory_utilization of its memory less
+        what is in use once a collective has run (NCCL binds its buffers then) and the largest
+        steps have been run (activations, cuBLAS workspaces, rank 0's gathered logits), less a
+        margin; on a CPU a fixed default (host memory is shared with everything else)."""
         if kv_cache_bytes is not None:
             return kv_cache_bytes
+        if self.device.type != "cuda":
+            return DEFAULT_CPU_KV_CACHE_BYTES
+        peak = self._profile_peak_activations(max_num_seqs, max_num_batched_tokens)
+        free, total = torch.cuda.mem_get_info(self.device)
+        # Memory in use now, plus what the profiled steps held at their peak beyond it.
+        return max(0, int(total * gpu_memory_utilization) - (total - free) - peak - GPU_MEMORY_MARGIN_BYTES)
+
+    def _profile_peak_activations(self, max_num_seqs: int, max_num_batched_tokens: int) -> int:
+        """Runs a collective, then the largest prefill-sized and decode-sized forwards (with the
+        LM head) on a one-block KV cache whose slots are never written; returns the peak bytes
+        they allocated beyond what was allocated before."""
+        self.parallel.all_reduce(torch.zeros(1, device=self.device))
+        kv = self.config.kv_params
+        shape = (1, kv.block_size, kv.n_kv_heads_per_device, kv.head_dim)
+        dtype = TORCH_DTYPES[kv.dtype]
+        caches = [
+            (torch.zeros(shape, dtype=dtype, device=self.device), torch.zeros(shape, dtype=dtype, device=self.device))
+            for _ in range(kv.num_layers)
+        ]
+        torch.cuda.synchronize(self.device)
+        base = torch.cuda.memory_allocated(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        with torch.inference_mode():
+            # Each token a one-token sequence attending to one (zeroed) key: the activations of a
+            # full token budget without a KV cache to hold its context.
+            for tokens, logit_rows in ((max_num_batched_tokens, max_num_seqs), (max_num_seqs, max_num_seqs)):
+                meta = AttentionMetadata(
+                    positions=torch.zeros(tokens, dtype=torch.int64, device=self.device),
+                    slot_mapping=torch.full((tokens,), -1, dtype=torch.int64, device=self.device),
+                    query_start_loc=torch.arange(tokens + 1, dtype=torch.int32, device=self.device),
+                    context_lens=torch.ones(tokens, dtype=torch.int32, device=self.device),
+                    block_tables=torch.zeros(tokens, 1, dtype=torch.int32, device=self.device),
+                    is_decode=True,
+                    max_query_len=1,
+                )
+                _, normed = self.model(
+                    torch.zeros(tokens, dtype=torch.int64, device=self.device), meta, caches, self.cos_sin
+                )
+                self.model.compute_logits(normed[: min(logit_rows, tokens)])
+        torch.cuda.synchronize(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device) - base
+        del caches
+        torch.cuda.empty_cache()
+        return peak
+
+    def _capture_decode_graphs(self, max_num_seqs: int) -> None:
+        block_size = self.config.kv_params.block_size
+        self.decode_graphs = DecodeGraphs(
+            self.model,
+            self.kv_caches,
+            self.cos_sin,
+            capture_sizes(max_num_seqs),
+            -(-self.config.max_seq_len // block_size),
+            self.device,
+        )
+        with torch.inference_mode():
+            self.decode_graphs.capture()
+        if self.parallel.rank == 0:
+            graphs = self.decode_graphs
+            log.info(
+                "CUDA graphs: decode batches of %s captured in %.1f s, %.0f MiB",
+                ",".join(map(str, graphs.sizes)),
+                graphs.capture_seconds,
+                graphs.capture_bytes / 2**20,
+            )
+
+    def close(self) -> None:
+        """Drops the weights, the KV cache and the graphs, and returns the GPU memory to the
+        device (another model in this process, or a rank of another engine, may need it)."""
+        self.decode_graphs = None
+        self.kv_caches = []
+        del self.model
         if self.device.type == "cuda":
-            free, total = torch.cuda.mem_get_info(self.device)
-            return max(0, int(total * gpu_memory_utilization) - (total - free))
-        return DEFAULT_CPU_KV_CACHE_BYTES
+            torch.cuda.empty_cache()
 
     def parameter_bytes(self) -> dict[str, int]:
         """Bytes of this rank's parameters: sharded ones and those every rank holds whole (each
@@ -113,29 +231,40 @@ class Worker:
 
     @torch.inference_mode()
     def execute(self, step: StepInput) -> StepOutput | None:
-        start = time.perf_counter()
-        offsets = self._tensor(step.query_start_loc)
-        meta = AttentionMetadata(
-            positions=self._tensor(step.positions),
-            slot_mapping=self._tensor(step.slot_mapping),
-            query_start_loc=offsets,
-            context_lens=self._tensor(step.context_lens),
-            block_tables=self._tensor(step.block_tables),
-            is_decode=len(step.tokens) == len(step.context_lens),
-        )
-        hidden, normed = self.model(self._tensor(step.tokens), meta, self.kv_caches, self.cos_sin)
-        logits = self.model.compute_logits(normed[self._tensor(step.logit_rows)])
+        with self.device_scope():
+            return self._execute(step)
+
+    def _execute(self, step: StepInput) -> StepOutput | None:
+        timer = _StepTimer(self.device)
+        hidden = normed = None
+        if self.decode_graphs is not None and self.decode_graphs.serves(step):
+            logits = self.decode_graphs.run(step)
+            if logits is not None and step.sampling is None:
+                logits = logits.clone()  # the graphs' output buffer is overwritten by the next step
+        else:
+            counts = np.diff(step.query_start_loc)
+            meta = AttentionMetadata(
+                positions=self._tensor(step.positions),
+                slot_mapping=self._tensor(step.slot_mapping),
+                query_start_loc=self._tensor(step.query_start_loc),
+                context_lens=self._tensor(step.context_lens),
+                block_tables=self._tensor(step.block_tables),
+                is_decode=len(step.tokens) == len(step.context_lens),
+                max_query_len=int(counts.max()) if len(counts) else 0,
+            )
+            hidden, normed = self.model(self._tensor(step.tokens), meta, self.kv_caches, self.cos_sin)
+            logits = self.model.compute_logits(normed[self._tensor(step.logit_rows)])
         if logits is None:  # only rank 0 holds the gathered logits
             return None
-        forward_done = time.perf_counter()
+        timer.forward_done()
         if step.sampling is not None:
             out = self._sample(logits, step.sampling)
         else:
             out = StepOutput(logits=logits)
             if step.hidden_rows is not None:
+                assert hidden is not None and normed is not None  # graphs never serve hidden states
                 out.hidden_states = (normed if step.normalized_hidden else hidden)[self._tensor(step.hidden_rows)]
-        out.forward_seconds = forward_done - start
-        out.sample_seconds = time.perf_counter() - forward_done
+        out.forward_seconds, out.sample_seconds = timer.finish()
         return out
 
     def _sample(self, logits: torch.Tensor, s: SamplingInput) -> StepOutput:
@@ -148,3 +277,30 @@ class Worker:
                 logits[self._tensor(s.prompt_rows)], s.prompt_targets, s.prompt_num_logprobs
             )
         return out
+
+
+class _StepTimer:
+    """Where a step's time went on this rank: the forward and the sampling. On a GPU the launches
+    return at once, so the device's own time is taken from CUDA events (read after the step's
+    results have come back to the host, which has waited for them anyway)."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.start = time.perf_counter()
+        self.forward_end = self.start
+        if self.cuda:
+            self.events = [torch.cuda.Event(enable_timing=True) for _ in range(3)]
+            self.events[0].record()
+
+    def forward_done(self) -> None:
+        self.forward_end = time.perf_counter()
+        if self.cuda:
+            self.events[1].record()
+
+    def finish(self) -> tuple[float, float]:
+        """(forward seconds, sampling seconds)."""
+        if not self.cuda:
+            return self.forward_end - self.start, time.perf_counter() - self.forward_end
+        self.events[2].record()
+        self.events[2].synchronize()
+        return self.events[0].elapsed_time(self.events[1]) / 1e3, self.events[1].elapsed_time(self.events[2]) / 1e3

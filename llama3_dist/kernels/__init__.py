@@ -102,9 +102,12 @@ def prefill_attention(
     context_lens: torch.Tensor,
     scale: float,
     sliding_window: int | None = None,
+    max_query_len: int | None = None,
 ) -> torch.Tensor:
+    """max_query_len: the most new tokens of one sequence if the caller knows it on the host
+    (spares the Triton kernel a device sync); the result does not depend on it."""
     return _impl(q).prefill_attention(
-        q, k_cache, v_cache, block_tables, query_start_loc, context_lens, scale, sliding_window
+        q, k_cache, v_cache, block_tables, query_start_loc, context_lens, scale, sliding_window, max_query_len
     )
 
 

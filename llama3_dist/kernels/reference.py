@@ -112,11 +112,13 @@ def prefill_attention(
     context_lens: torch.Tensor,
     scale: float,
     sliding_window: int | None = None,
+    max_query_len: int | None = None,
 ) -> torch.Tensor:
     """Causal attention for a ragged batch whose K/V are already in the cache.
 
     Sequence b owns queries q[query_start_loc[b]:query_start_loc[b+1]], the last tokens of its
     context_lens[b] cached tokens (earlier tokens come from the prefix cache or earlier chunks).
+    max_query_len is accepted for the kernels' common signature and not needed here.
     """
     out = torch.empty_like(q)
     starts, lens = query_start_loc.tolist(), context_lens.tolist()

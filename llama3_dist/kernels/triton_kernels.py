@@ -698,6 +698,7 @@ def prefill_attention(
     context_lens: torch.Tensor,
     scale: float,
     sliding_window: int | None = None,
+    max_query_len: int | None = None,
 ) -> torch.Tensor:
     n, hq, d = q.shape
     block_size, hk = k_cache.shape[1], k_cache.shape[2]
@@ -712,8 +713,8 @@ def prefill_attention(
         q = q.contiguous()
     if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
         raise ValueError("the KV caches must be contiguous along head_dim")
-    # One host sync for the grid size, as the reference (and vLLM's max_query_len) needs.
-    max_q = int((query_start_loc[1:] - query_start_loc[:-1]).max())
+    # The grid's size: from the caller's host-side max_query_len, else one device sync.
+    max_q = max_query_len if max_query_len is not None else int((query_start_loc[1:] - query_start_loc[:-1]).max())
     if max_q <= 0:
         return out
     if q.dtype == torch.float32 or d > 128:

@@ -10,6 +10,7 @@ gate/up parts, so sharding by heads never needs the fused tensor whole.
 from __future__ import annotations
 
 import json
+import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -220,3 +221,44 @@ class WeightSource:
                 f"unexpected tensors in the checkpoint in {str(self.checkpoint.path)!r}: "
                 f"{shown}; it does not look like a {self.config.architecture}"
             )
+
+
+class DummyWeights(WeightSource):
+    """Random weights made on the device, for benchmarks of shapes nobody has downloaded
+    (vLLM's load_format="dummy"): every logical tensor is normal(0, 0.02), norms are ones,
+    biases zeros, seeded by name so that every rank slices the same full tensor."""
+
+    def __init__(self, config: Llama3Config, device: torch.device | str = "cpu"):
+        self.device = torch.device(device)
+        self.config = config
+        self.dtype = TORCH_DTYPES[config.dtype]
+        self.names = CHECKPOINT_NAMES[config.architecture]
+
+    def has(self, name: str) -> bool:
+        return True
+
+    def read(
+        self,
+        name: str,
+        shape: tuple[int, ...],
+        rows: tuple[int, int] | None = None,
+        cols: tuple[int, int] | None = None,
+    ) -> torch.Tensor:
+        if name.endswith(".bias"):
+            full = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        elif len(shape) == 1:  # norm weights
+            full = torch.ones(shape, dtype=self.dtype, device=self.device)
+        else:
+            generator = torch.Generator(device=self.device).manual_seed(zlib.crc32(name.encode()))
+            full = torch.empty(shape, dtype=self.dtype, device=self.device).normal_(0.0, 0.02, generator=generator)
+        if rows is not None:
+            full = full[rows[0] : rows[1]]
+        if cols is not None:
+            full = full[:, cols[0] : cols[1]]
+        return full.contiguous()
+
+    def skip(self, name: str) -> None:
+        pass
+
+    def check_all_consumed(self) -> None:
+        pass

@@ -172,6 +172,17 @@ def sample_filtered(
 
     top_k = np.where(top_k >= v, 0, top_k)
     filtered = (top_k > 0) | (top_p < 1.0) | (min_p > 0.0)
+    if dev.type == "cuda" and filtered.any():
+        # A GPU sorts whole rows quickly, and sizing candidate blocks (below) would cost host
+        # syncs: one draw over the whole rows, filters off where a row has none.
+        f = _Filters(
+            _t(top_k, dev),
+            torch.from_numpy(top_p).to(dev),
+            torch.from_numpy(min_p).to(dev),
+            w.amax(dim=-1),
+            w.sum(dim=-1),
+        )
+        return _draw_top(w, f, u).cpu().numpy()
     if filtered.all():
         return _sample_top(w, top_k, top_p, min_p, u)
     if not filtered.any():

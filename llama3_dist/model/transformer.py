@@ -38,6 +38,9 @@ class AttentionMetadata:
     context_lens: torch.Tensor  # [B] int32, cached tokens including this step's
     block_tables: torch.Tensor  # [B, max_blocks] int32
     is_decode: bool  # every sequence has exactly one new token
+    # The most new tokens of one sequence, known on the host (sizes the prefill kernel's grid
+    # without a device sync); 0 = not given.
+    max_query_len: int = 0
 
 
 class Attention(nn.Module):
@@ -108,6 +111,7 @@ class Attention(nn.Module):
                 meta.context_lens,
                 config.attention_multiplier,
                 config.sliding_window,
+                meta.max_query_len or None,
             )
         return self.o_proj(out.reshape(-1, self.num_heads * head_dim))
 
