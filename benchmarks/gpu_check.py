@@ -337,7 +337,7 @@ def end_to_end(device: torch.device, s: dict) -> None:
             feed = torch.randint(0, 1024, (s["e2e_steps"], len(prompts)), generator=g)
             runs = {}
             for mode in ("torch", "triton"):
-                os.environ["LLAMA3_DIST_KERNELS"] = mode
+                os.environ["LLAMA3_DIST_KERNELS"] = mode  # set back in `finally` below
                 with Llama3Model.from_pretrained(
                     path, devices=[str(device)], dtype="bfloat16", return_logits=ReturnLogits.ALL, num_kv_blocks=256
                 ) as model:
@@ -350,7 +350,6 @@ def end_to_end(device: torch.device, s: dict) -> None:
                     if device.type == "cuda":
                         torch.cuda.synchronize()
                     runs[mode] = (logits, (time.perf_counter() - t) * 1e3)
-            os.environ.pop("LLAMA3_DIST_KERNELS")
         expected, got = (torch.cat(runs[m][0]).float() for m in ("torch", "triton"))
         err = (got - expected).abs().max().item()
         scale = expected.abs().max().item()
@@ -366,6 +365,8 @@ def end_to_end(device: torch.device, s: dict) -> None:
     except Exception as e:
         traceback.print_exc()
         report(name, False, f"raised {type(e).__name__}: {e}")
+    finally:
+        os.environ.pop("LLAMA3_DIST_KERNELS", None)
 
 
 def graphs_vs_eager(device: torch.device, s: dict) -> None:

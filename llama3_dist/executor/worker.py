@@ -75,7 +75,10 @@ class Worker:
             )
             self.decode_graphs: DecodeGraphs | None = None
             if self.device.type == "cuda" and not enforce_eager:
-                self._capture_decode_graphs(max_num_seqs)
+                if self.model.kernels.capture_safe:
+                    self._capture_decode_graphs(max_num_seqs)
+                elif rank == 0:
+                    log.info("no CUDA graphs: the kernels chosen (LLAMA3_DIST_KERNELS) wait for the device")
 
     def device_scope(self) -> contextlib.AbstractContextManager:
         """Makes this rank's GPU the current CUDA device: Triton launches on the calling thread's

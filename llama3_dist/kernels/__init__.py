@@ -164,6 +164,9 @@ class Kernels:
     # The compiled CPU library when it runs whole decoder-layer halves per call for decode steps
     # (cpu.FusedDecodeLayer); LLAMA3_DIST_CPU_FUSED=0 keeps one call per kernel.
     fused_decode: cpu.KernelLibrary | None = None
+    # The kernels never wait for the device, so a CUDA graph can capture them (the Triton ones;
+    # the torch reference masks and gathers by data, which syncs).
+    capture_safe: bool = False
 
 
 def select(device: torch.device | str, dtype: torch.dtype) -> Kernels:
@@ -180,6 +183,7 @@ def select(device: torch.device | str, dtype: torch.dtype) -> Kernels:
         **{name: getattr(impl, name) for name in TRITON_KERNELS},
         linear=_linear_for(probe, mode),
         fused_decode=fused,
+        capture_safe=probe.is_cuda and getattr(impl, "__name__", "").endswith("triton_kernels"),
     )
 
 
