@@ -19,10 +19,10 @@ import numpy as np
 from .config import Llama3Config
 from .core.detokenizer import IncrementalDetokenizer
 from .core.sampling_metadata import SamplingMetadata
-from .core.scheduler import Request, ScheduledSequence, Scheduler
-from .core.step_input import SamplingInput, build_step_input
+from .core.scheduler import PLACEHOLDER, Request, RequestStatus, ScheduledSequence, Scheduler, SchedulerOutput
+from .core.step_input import SamplingInput, StepInput, build_step_input
 from .core.text_context import TextContext, check_tokens
-from .executor import Executor, make_executor
+from .executor import Executor, PendingStep, make_executor
 from .outputs import CompletionOutput, LogprobsDict, RequestOutput
 from .sampling_params import SamplingParams
 
@@ -59,6 +59,17 @@ class _Group:
     @property
     def finished(self) -> bool:
         return all(s.finish_reason is not None for s in self.sequences)
+
+
+@dataclass(slots=True)
+class _InFlight:
+    """A launched step: its schedule, the pending results, and where each token will be."""
+
+    output: SchedulerOutput[_Sequence]
+    pending: PendingStep
+    sampling_entries: list[ScheduledSequence[_Sequence]]
+    prompt_spans: list[tuple[_Sequence, int, int]]
+    rows: dict[str, int]  # request id -> row of its token among the sampled ones
 
 
 @dataclass(slots=True)
@@ -107,9 +118,13 @@ class LLMEngine:
         show_progress: bool = True,
         enforce_eager: bool = False,
         load_format: str = "auto",
+        async_scheduling: bool | None = None,
         **executor_kwargs,
     ):
         """enforce_eager: no CUDA graphs for decode steps (CPU ranks never use them).
+        async_scheduling: schedule each step while the device runs the previous one (the
+        default on a single CUDA device; a CPU step runs as it is launched, so it would only
+        delay each token by a step there; Ray executors do not support it).
         load_format: "auto" (the checkpoint's safetensors) or "dummy" (random weights of the
         config's shapes, for benchmarks: the directory needs only config.json)."""
         if model is None:
@@ -159,6 +174,10 @@ class LLMEngine:
         self._groups: dict[str, _Group] = {}
         self.num_generated_tokens = 0
         self.times = StepTimes()
+        wanted = self.config.devices[0].startswith("cuda") if async_scheduling is None else async_scheduling
+        self.async_scheduling = bool(wanted and self.executor.runs_ahead)
+        self._in_flight: _InFlight | None = None
+        self._with_penalties: set[int] = set()  # ids of live sequences with penalties
 
     # --- requests ---------------------------------------------------------------------------
     def add_request(
@@ -215,6 +234,8 @@ class LLMEngine:
                 cumulative_logprob=0.0 if params.logprobs is not None else None,
             )
             group.sequences.append(seq)
+            if seq_params.has_penalties:
+                self._with_penalties.add(id(seq))
         self._groups[request_id] = group
         for seq in group.sequences:
             ctx = TextContext(
@@ -229,6 +250,7 @@ class LLMEngine:
         if group is None:
             return
         for seq in group.sequences:
+            self._with_penalties.discard(id(seq))
             self.scheduler.abort(_seq_id(request_id, seq.index, len(group.sequences)))
 
     def has_unfinished_requests(self) -> bool:
@@ -239,41 +261,110 @@ class LLMEngine:
 
     # --- the step ---------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """Runs one scheduler step; returns the (cumulative) output of every request it advanced."""
+        """Runs one scheduler step; returns the (cumulative) output of every request it advanced.
+
+        With overlapped scheduling (async_scheduling) the step is only launched here, and the
+        outputs returned are those of the previous step, finished while this one runs: the GPU
+        never waits for this Python between decode steps. A stop is then seen one step late: the
+        extra token computed for a sequence that has stopped is dropped, never reported."""
         started = time.perf_counter()
-        out = self.scheduler.schedule()
         touched: dict[str, _Group] = {}
+        in_flight = self._in_flight
+        if in_flight is not None and not self._may_run_ahead():
+            self._complete(in_flight, touched)  # the next step needs this one's tokens on the host
+            in_flight = self._in_flight = None
+        out = self.scheduler.schedule()
         for req in out.capped:  # the whole cache cannot hold their next token
             capped = _sequence(req)
             self._finish(capped, "length", None, final_text=True)
             touched[capped.group.request_id] = capped.group
-        if not out.scheduled:
-            return self._outputs(touched)
+        launched = self._launch(out, in_flight) if out.scheduled else None
+        if in_flight is not None:
+            self._complete(in_flight, touched)
+        self._in_flight = None
+        if launched is not None:
+            self.scheduler.commit(out)
+            self._hold_finished_sequences(launched)
+            if self._may_run_ahead():
+                self._in_flight = launched
+            else:
+                self._complete(launched, touched)
+        outputs = self._outputs(touched)
+        if launched is not None or in_flight is not None:
+            self.times.steps += 1
+            self.times.step += time.perf_counter() - started
+        return outputs
+
+    def _may_run_ahead(self) -> bool:
+        """Whether the next step may be scheduled before this one's tokens are on the host:
+        overlapped scheduling is on and no running request has penalties, which need every
+        earlier token's value in the next step's sampling inputs."""
+        return self.async_scheduling and not self._with_penalties
+
+    def _launch(self, out: SchedulerOutput[_Sequence], in_flight: _InFlight | None) -> _InFlight:
         entries = out.scheduled
         step = build_step_input(
             [e.context for e in entries], [e.num_new_tokens for e in entries], self.config.kv_params.block_size
         )
         # Which rows get logits depends on who samples and who wants prompt logprobs.
         step.logit_rows, step.sampling, prompt_spans = self._sampling_input(entries, step.query_start_loc)
-        executed = time.perf_counter()
-        result = self.executor.execute(step)
+        if in_flight is not None:
+            step.previous_rows = self._previous_rows(step, entries, in_flight)
+        launched_at = time.perf_counter()
+        pending = self.executor.launch(step)
+        self.times.execute += time.perf_counter() - launched_at
+        sampling_entries = [e for e in entries if e.samples]
+        rows = {e.request_id: row for row, e in enumerate(sampling_entries)}
+        return _InFlight(out, pending, sampling_entries, prompt_spans, rows)
+
+    @staticmethod
+    def _previous_rows(
+        step: StepInput, entries: list[ScheduledSequence[_Sequence]], in_flight: _InFlight
+    ) -> np.ndarray | None:
+        """For each token still a placeholder (sampled by the step in flight), its row among that
+        step's sampled tokens; -1 elsewhere. None when no token waits."""
+        waiting = np.flatnonzero(step.tokens == PLACEHOLDER)
+        if len(waiting) == 0:
+            return None
+        previous = np.full(len(step.tokens), -1, dtype=np.int64)
+        owner = np.searchsorted(step.query_start_loc, waiting, side="right") - 1  # entry of each token
+        for position, entry in zip(waiting.tolist(), owner.tolist()):
+            request_id = entries[entry].request_id
+            if request_id not in in_flight.rows:
+                raise RuntimeError(f"request {request_id!r} has a token that no step in flight samples")
+            previous[position] = in_flight.rows[request_id]
+        return previous
+
+    def _hold_finished_sequences(self, launched: _InFlight) -> None:
+        """Sequences whose last token (max_tokens, context length) is in this step are not
+        scheduled again: no token past the limit is ever computed."""
+        for e in launched.sampling_entries:
+            req = e.request
+            params = _sequence(req).params
+            if req.num_output_tokens >= params.max_tokens or req.context.num_tokens >= self.config.max_seq_len:
+                req.schedulable = False
+
+    def _complete(self, in_flight: _InFlight, touched: dict[str, _Group]) -> None:
+        """Waits for a launched step's results and applies them: tokens into the contexts,
+        log-probabilities, stop checks."""
+        waited = time.perf_counter()
+        result = in_flight.pending.result()
         t = self.times
-        t.execute += time.perf_counter() - executed
+        t.execute += time.perf_counter() - waited
         t.forward += result.forward_seconds
         t.sample += result.sample_seconds
         sampled = result.sampled
         assert sampled is not None  # every engine step samples (SamplingInput is always set)
-        sampling_entries = [e for e in entries if e.samples]
-        tokens = {e.request_id: int(t) for e, t in zip(sampling_entries, sampled.token_ids)}
-        for scored, lo, hi in prompt_spans:
+        tokens = {e.request_id: int(t) for e, t in zip(in_flight.sampling_entries, sampled.token_ids)}
+        for scored, lo, hi in in_flight.prompt_spans:
             assert scored.group.prompt_logprobs is not None and result.prompt_logprobs is not None
             scored.group.prompt_logprobs.extend(lp.to_dict(self._decode_one) for lp in result.prompt_logprobs[lo:hi])
-        self.scheduler.update(out, tokens)
+        self.scheduler.fill(in_flight.output, tokens)
         now = time.monotonic()
-        for e, lp in zip(sampling_entries, sampled.logprobs):
+        for e, lp in zip(in_flight.sampling_entries, sampled.logprobs):
             seq = _sequence(e.request)
-            if seq.finish_reason is not None:
-                continue
+            if seq.finish_reason is not None or e.request.status is RequestStatus.FINISHED:
+                continue  # stopped a step ago, or aborted since: this token is not reported
             group = seq.group
             if group.first_token_time is None:
                 group.first_token_time = now
@@ -284,10 +375,6 @@ class LLMEngine:
                 seq.cumulative_logprob += lp.chosen_logprob
             self._check_stop(e.request, tokens[e.request_id])
             touched[group.request_id] = group
-        outputs = self._outputs(touched)
-        self.times.steps += 1
-        self.times.step += time.perf_counter() - started
-        return outputs
 
     def _sampling_input(
         self, entries: list[ScheduledSequence[_Sequence]], offsets: np.ndarray
@@ -354,6 +441,7 @@ class LLMEngine:
         if seq.detokenizer is not None and (stop_terminated or final_text) and not seq.detokenizer.finished:
             seq.text += seq.detokenizer.add_tokens(new_tokens, final=True, stop_terminated=stop_terminated).text
         seq.finish_reason, seq.stop_reason = reason, stop_reason
+        self._with_penalties.discard(id(seq))
         # abort, not finish: a capped request has already left the scheduler.
         self.scheduler.abort(_seq_id(seq.group.request_id, seq.index, len(seq.group.sequences)))
 

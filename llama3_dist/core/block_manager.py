@@ -50,6 +50,8 @@ class BlockPool:
         self._free.extend(reversed(block_ids))
 
 
+# A token whose value is not known yet (the scheduler's overlapped steps); never a real id.
+PLACEHOLDER = -1
 _ROOT_HASH = 0x6C6C616D61  # parent hash of a sequence's first block (hash(None) is not stable)
 
 
@@ -209,6 +211,8 @@ class BlockManager:
         for i in range(len(chain), ctx.num_computed_tokens // bs):
             parent_hash, parent_id = chain[-1] if chain else (_ROOT_HASH, None)
             toks = tuple(ctx.tokens[i * bs : (i + 1) * bs])
+            if PLACEHOLDER in toks:  # a token still on its way from the device: cache it later
+                break
             h = hash_block_tokens(parent_hash, toks)
             block = self._blocks[ctx.block_ids[i]]
             held = self._cached.get(h)

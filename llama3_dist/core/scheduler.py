@@ -13,9 +13,15 @@ The engine's loop, once per step:
     # for each request in `new`, check stop/length and call scheduler.finish(request_id);
     # report the requests in out.capped as finished for length (already released).
 
-Every schedule() is followed by exactly one update() with its output before the next
-schedule(); finish() and abort() may come at any time, and update() skips entries for requests
-finished in between.
+update() is commit() then fill(). An engine that runs the next step while the device still
+computes this one (overlapped scheduling) calls them apart: commit(out) right after launching
+the step (the computed tokens advance, and each token the step will sample is a PLACEHOLDER in
+its context), schedule() the next step, then fill(out, tokens) once the values are back.
+
+Every schedule() is followed by a commit() (or update()) of its output before the next
+schedule(); at most one committed output awaits its fill(). finish() and abort() may come at any
+time; commit() and fill() skip entries for requests finished in between (fill() still records the
+token of a request preempted in between: it was sampled from valid logits).
 """
 
 from __future__ import annotations
@@ -27,11 +33,14 @@ from dataclasses import dataclass, field
 from itertools import count
 from typing import Generic, TypeVar
 
+from . import block_manager
 from .block_manager import BlockManager
 from .text_context import TextContext
 
 # What the engine keeps with each request (its sampling state); the scheduler never reads it.
 DataT = TypeVar("DataT")
+# A sampled token whose value is not back on the host yet (see commit()). Never a real id.
+PLACEHOLDER = block_manager.PLACEHOLDER
 
 
 class RequestStatus(enum.Enum):
@@ -50,6 +59,9 @@ class Request(Generic[DataT]):
     num_preemptions: int = 0
     use_prefix_cache: bool = True  # off for requests that need every prompt row (prompt_logprobs)
     data: DataT | None = None  # the engine's (sampling params, detokenizer state); never read here
+    # False once the engine knows the request's last token is in flight (max_tokens, context
+    # length): it stays in the running batch, holding its blocks, but is not scheduled again.
+    schedulable: bool = True
 
     @property
     def request_id(self) -> str:
@@ -74,6 +86,7 @@ class ScheduledSequence(Generic[DataT]):
     start: int
     num_new_tokens: int
     samples: bool
+    placeholder: int = -1  # where commit() put the token this entry samples
 
     @property
     def context(self) -> TextContext:
@@ -136,7 +149,8 @@ class Scheduler(Generic[DataT]):
         self.running: list[Request[DataT]] = []  # ordered by arrival: the newest is last
         self.num_preemptions = 0
         self._arrivals = count()
-        self._pending: SchedulerOutput[DataT] | None = None  # scheduled, not yet updated
+        self._pending: SchedulerOutput[DataT] | None = None  # scheduled, not yet committed
+        self._unfilled: SchedulerOutput[DataT] | None = None  # committed, its tokens not yet filled
 
     @property
     def max_tokens_in_cache(self) -> int:
@@ -166,7 +180,8 @@ class Scheduler(Generic[DataT]):
     def schedule(self) -> SchedulerOutput[DataT]:
         if self._pending is not None:
             raise RuntimeError(
-                "schedule() called twice without update(): pass the previous step's output to update() first"
+                "schedule() called twice without update(): pass the previous step's output to update() "
+                "(or commit()) first"
             )
         bm = self.block_manager
         out: SchedulerOutput[DataT] = SchedulerOutput()
@@ -176,6 +191,9 @@ class Scheduler(Generic[DataT]):
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
+            if not req.schedulable:  # its last token is in flight
+                i += 1
+                continue
             ctx = req.context
             if bm.blocks_needed(ctx.num_tokens) > bm.num_blocks:
                 self._cap(req, out)
@@ -218,10 +236,21 @@ class Scheduler(Generic[DataT]):
         engine's stop checks. Entries finished or aborted since `schedule()` are skipped."""
         if not output.scheduled:
             return []
+        self.commit(output)
+        return self.fill(output, sampled_token_ids)
+
+    def commit(self, output: SchedulerOutput[DataT]) -> None:
+        """The step is running: advance each entry's computed tokens and append a PLACEHOLDER for
+        each token it will sample, so that the next step can be scheduled before the values are
+        known. Blocks holding a placeholder are cached only once fill() gives its value."""
+        if not output.scheduled:
+            return
         if output is not self._pending:
-            raise RuntimeError("update() must get the output of the latest schedule() call, once")
+            raise RuntimeError("commit() must get the output of the latest schedule() call, once")
+        if self._unfilled is not None:
+            raise RuntimeError("commit() with an earlier step's tokens still to fill(): one step runs ahead at most")
         self._pending = None
-        new_token: list[Request[DataT]] = []
+        self._unfilled = output
         for e in output.scheduled:
             req = e.request
             if req.status is not RequestStatus.RUNNING:
@@ -229,14 +258,32 @@ class Scheduler(Generic[DataT]):
             ctx = req.context
             ctx.num_computed_tokens = e.start + e.num_new_tokens
             if e.samples:
-                try:
-                    ctx.tokens.append(sampled_token_ids[req.request_id])
-                except KeyError:
-                    raise KeyError(
-                        f"no sampled token for request {req.request_id!r}, whose entry has samples=True"
-                    ) from None
-                new_token.append(req)
+                e.placeholder = ctx.num_tokens
+                ctx.tokens.append(PLACEHOLDER)
             self.block_manager.cache_full_blocks(ctx)
+
+    def fill(self, output: SchedulerOutput[DataT], sampled_token_ids: Mapping[str, int]) -> list[Request[DataT]]:
+        """The committed step's sampled tokens: each takes its placeholder's place. Returns the
+        requests that got a token (preempted ones included), for the engine's stop checks."""
+        if not output.scheduled:
+            return []
+        if output is not self._unfilled:
+            raise RuntimeError("fill() must get the output of the latest commit() call, once")
+        self._unfilled = None
+        new_token: list[Request[DataT]] = []
+        for e in output.scheduled:
+            req = e.request
+            if not e.samples or e.placeholder < 0 or req.status is RequestStatus.FINISHED:
+                continue
+            try:
+                req.context.tokens[e.placeholder] = sampled_token_ids[req.request_id]
+            except KeyError:
+                raise KeyError(
+                    f"no sampled token for request {req.request_id!r}, whose entry has samples=True"
+                ) from None
+            new_token.append(req)
+            if req.status is RequestStatus.RUNNING:
+                self.block_manager.cache_full_blocks(req.context)
         return new_token
 
     def finish(self, request_id: str) -> Request[DataT]:

@@ -36,6 +36,10 @@ class StepInput:
     hidden_rows: np.ndarray | None = None  # rows whose hidden states rank 0 returns
     normalized_hidden: bool = False
     sampling: SamplingInput | None = None  # set: sample on rank 0 and return no logits
+    # [N] int64 or None: for token i, the row of the previous step's sampled tokens that holds
+    # its value (-1: tokens[i] is given). Set when the step was scheduled before the previous
+    # one's tokens reached the host (overlapped scheduling); the worker takes them on the device.
+    previous_rows: np.ndarray | None = None
 
 
 def build_step_input(

@@ -7,6 +7,7 @@ in each actor). The engine and the MAX-style model API only see `Executor`.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 from ..config import ConfigError, Llama3Config
@@ -16,12 +17,35 @@ if TYPE_CHECKING:
     from .worker import StepOutput
 
 
+class PendingStep(Protocol):
+    """A step under way on the ranks; result() waits for rank 0's output."""
+
+    def result(self) -> StepOutput: ...
+
+
+@dataclass(slots=True)
+class FinishedStep:
+    """A PendingStep whose output is already here."""
+
+    output: StepOutput
+
+    def result(self) -> StepOutput:
+        return self.output
+
+
 class Executor(Protocol):
     """Runs steps on every tensor-parallel rank; only rank 0's output comes back."""
 
     num_kv_blocks: int  # KV cache blocks per rank (every rank holds the same number)
+    # Whether a step may take its input tokens from the previous step's sampled tokens on the
+    # device (StepInput.previous_rows), so that the engine can schedule it before those are back.
+    runs_ahead: bool
 
     def execute(self, step: StepInput) -> StepOutput: ...
+
+    def launch(self, step: StepInput) -> PendingStep:
+        """Starts the step; returns before it has finished where the ranks can (a GPU)."""
+        ...
 
     def parameter_bytes(self) -> list[dict[str, int]]:
         """Per rank: bytes of its sharded and of its replicated parameters."""

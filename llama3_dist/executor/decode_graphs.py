@@ -106,14 +106,17 @@ class DecodeGraphs:
         self.capture_seconds = time.perf_counter() - started
         self.capture_bytes = max(0, free_before - free_after)
 
-    def run(self, step: StepInput) -> torch.Tensor | None:
+    def run(self, step: StepInput, tokens: torch.Tensor | None = None) -> torch.Tensor | None:
         """The step's logits [batch, V] (rank 0; None on the others): a view of the static
-        output buffer, valid until the next run."""
+        output buffer, valid until the next run. tokens: the step's token ids already on the
+        device (else step.tokens)."""
         batch = len(step.tokens)
         size = self.bucket(batch)
         if size is None or not self.serves(step):
             raise ValueError(f"a decode step of {batch} sequences is not served by the buckets {self.sizes}")
         self._fill(step)
+        if tokens is not None:
+            self.tokens[:batch].copy_(tokens)
         self._pad(batch, size)
         if size in self.graphs:
             self.graphs[size].replay()

@@ -6,7 +6,7 @@ import torch
 
 from ..config import ConfigError, Llama3Config
 from ..core.step_input import StepInput
-from .worker import StepOutput, Worker
+from .worker import StepOutput, Worker, WorkerStep
 
 
 class LocalExecutor:
@@ -22,10 +22,13 @@ class LocalExecutor:
             raise RuntimeError("the executor is closed")
         return self.worker
 
+    runs_ahead = True  # the one worker keeps its sampled tokens for the next step
+
     def execute(self, step: StepInput) -> StepOutput:
-        out = self._live_worker().execute(step)
-        assert out is not None  # rank 0 always answers
-        return out
+        return self.launch(step).result()
+
+    def launch(self, step: StepInput) -> _RankZeroStep:
+        return _RankZeroStep(self._live_worker().launch(step))
 
     def parameter_bytes(self) -> list[dict[str, int]]:
         return [self._live_worker().parameter_bytes()]
@@ -34,3 +37,15 @@ class LocalExecutor:
         if self.worker is not None:
             self.worker.close()
             self.worker = None
+
+
+class _RankZeroStep:
+    """The one worker is rank 0: its launched step always has an output."""
+
+    def __init__(self, step: WorkerStep):
+        self._step = step
+
+    def result(self) -> StepOutput:
+        out = self._step.result()
+        assert out is not None
+        return out

@@ -37,6 +37,7 @@ import torch
 
 from ..config import ConfigError, Llama3Config
 from ..core.step_input import StepInput
+from . import FinishedStep
 from .ray_worker import RayWorker
 from .worker import StepOutput
 
@@ -364,6 +365,13 @@ class RayExecutor:
             )
 
     # --- steps ----------------------------------------------------------------------------
+    # Rank 0's sampled tokens live in its actor: the other ranks' next inputs need them on the
+    # driver first, so steps are not scheduled ahead.
+    runs_ahead = False
+
+    def launch(self, step: StepInput) -> FinishedStep:
+        return FinishedStep(self.execute(step))
+
     def execute(self, step: StepInput) -> StepOutput:
         import ray
 

@@ -74,6 +74,7 @@ class Worker:
                 num_kv_blocks, kv_cache_bytes, gpu_memory_utilization, max_num_seqs, max_num_batched_tokens
             )
             self.decode_graphs: DecodeGraphs | None = None
+            self._last_sampled: torch.Tensor | None = None  # the latest step's sampled token ids
             if self.device.type == "cuda" and not enforce_eager:
                 if self.model.kernels.capture_safe:
                     self._capture_decode_graphs(max_num_seqs)
@@ -232,49 +233,74 @@ class Worker:
     def _tensor(self, array: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(array).to(self.device, non_blocking=True)
 
-    @torch.inference_mode()
     def execute(self, step: StepInput) -> StepOutput | None:
-        with self.device_scope():
-            return self._execute(step)
+        """Runs the step; rank 0's output (None on the other ranks)."""
+        return self.launch(step).result()
 
-    def _execute(self, step: StepInput) -> StepOutput | None:
-        timer = _StepTimer(self.device)
-        hidden = normed = None
-        if self.decode_graphs is not None and self.decode_graphs.serves(step):
-            logits = self.decode_graphs.run(step)
-            if logits is not None and step.sampling is None:
-                logits = logits.clone()  # the graphs' output buffer is overwritten by the next step
-        else:
-            counts = np.diff(step.query_start_loc)
-            meta = AttentionMetadata(
-                positions=self._tensor(step.positions),
-                slot_mapping=self._tensor(step.slot_mapping),
-                query_start_loc=self._tensor(step.query_start_loc),
-                context_lens=self._tensor(step.context_lens),
-                block_tables=self._tensor(step.block_tables),
-                is_decode=len(step.tokens) == len(step.context_lens),
-                max_query_len=int(counts.max()) if len(counts) else 0,
-            )
-            hidden, normed = self.model(self._tensor(step.tokens), meta, self.kv_caches, self.cos_sin)
-            logits = self.model.compute_logits(normed[self._tensor(step.logit_rows)])
-        if logits is None:  # only rank 0 holds the gathered logits
-            return None
-        timer.forward_done()
-        if step.sampling is not None:
-            out = self._sample(logits, step.sampling)
-        else:
-            out = StepOutput(logits=logits)
-            if step.hidden_rows is not None:
-                assert hidden is not None and normed is not None  # graphs never serve hidden states
-                out.hidden_states = (normed if step.normalized_hidden else hidden)[self._tensor(step.hidden_rows)]
-        out.forward_seconds, out.sample_seconds = timer.finish()
-        return out
+    @torch.inference_mode()
+    def launch(self, step: StepInput) -> WorkerStep:
+        """Queues the step's work on the device and returns before it has run: the sampled token
+        ids stay on the device (the next step's inputs may take them from there, see
+        StepInput.previous_rows) while a copy to the host is under way. result() waits for it.
+        On a CPU everything has run when this returns."""
+        with self.device_scope():
+            timer = _StepTimer(self.device)
+            hidden = normed = None
+            tokens = self._input_tokens(step)
+            if self.decode_graphs is not None and self.decode_graphs.serves(step):
+                logits = self.decode_graphs.run(step, tokens)
+                if logits is not None and step.sampling is None:
+                    logits = logits.clone()  # the graphs' output buffer is overwritten by the next step
+            else:
+                counts = np.diff(step.query_start_loc)
+                meta = AttentionMetadata(
+                    positions=self._tensor(step.positions),
+                    slot_mapping=self._tensor(step.slot_mapping),
+                    query_start_loc=self._tensor(step.query_start_loc),
+                    context_lens=self._tensor(step.context_lens),
+                    block_tables=self._tensor(step.block_tables),
+                    is_decode=len(step.tokens) == len(step.context_lens),
+                    max_query_len=int(counts.max()) if len(counts) else 0,
+                )
+                hidden, normed = self.model(tokens, meta, self.kv_caches, self.cos_sin)
+                logits = self.model.compute_logits(normed[self._tensor(step.logit_rows)])
+            if logits is None:  # only rank 0 holds the gathered logits
+                return WorkerStep(None, timer)
+            timer.forward_done()
+            if step.sampling is not None:
+                out = self._sample(logits, step.sampling)
+                assert out.sampled is not None
+                device_ids = out.sampled.device_token_ids
+                self._last_sampled = device_ids if device_ids is not None else self._tensor(out.sampled.token_ids)
+                if device_ids is not None:
+                    return WorkerStep(out, timer, _to_host(device_ids))
+            else:
+                out = StepOutput(logits=logits)
+                if step.hidden_rows is not None:
+                    assert hidden is not None and normed is not None  # graphs never serve hidden states
+                    out.hidden_states = (normed if step.normalized_hidden else hidden)[self._tensor(step.hidden_rows)]
+            return WorkerStep(out, timer)
+
+    def _input_tokens(self, step: StepInput) -> torch.Tensor:
+        """The step's token ids on the device, those marked in previous_rows taken from the
+        previous step's sampled tokens, which may still be on their way to the host."""
+        tokens = self._tensor(step.tokens)
+        if step.previous_rows is not None:
+            positions = np.flatnonzero(step.previous_rows >= 0)
+            if len(positions):
+                if self._last_sampled is None:
+                    raise RuntimeError("a step takes tokens from the previous step, but none was sampled here")
+                tokens[self._tensor(positions)] = self._last_sampled[self._tensor(step.previous_rows[positions])]
+        return tokens
 
     def _sample(self, logits: torch.Tensor, s: SamplingInput) -> StepOutput:
         rows = s.sample_rows
         # Usually every row samples, in order: then gathering them would only copy [B, V] floats.
         every_row = len(rows) == logits.shape[0] and np.array_equal(rows, np.arange(len(rows)))
-        out = StepOutput(sampled=self.sampler(logits if every_row else logits[self._tensor(rows)], s.metadata))
+        sampled = self.sampler(
+            logits if every_row else logits[self._tensor(rows)], s.metadata, keep_on_device=self.device.type == "cuda"
+        )
+        out = StepOutput(sampled=sampled)
         if len(s.prompt_rows):
             out.prompt_logprobs = compute_logprobs(
                 logits[self._tensor(s.prompt_rows)], s.prompt_targets, s.prompt_num_logprobs
@@ -282,15 +308,50 @@ class Worker:
         return out
 
 
+def _to_host(device_ids: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event]:
+    """A copy of device_ids into pinned host memory, under way, and the event that marks its end."""
+    host = torch.empty(device_ids.shape, dtype=device_ids.dtype, pin_memory=True)
+    host.copy_(device_ids, non_blocking=True)
+    done = torch.cuda.Event()
+    done.record()
+    return host, done
+
+
+class WorkerStep:
+    """A launched step (Worker.launch): result() waits for its sampled tokens to reach the host
+    and returns rank 0's StepOutput (None on the other ranks)."""
+
+    def __init__(
+        self, output: StepOutput | None, timer: _StepTimer, copy: tuple[torch.Tensor, torch.cuda.Event] | None = None
+    ):
+        timer.launched()
+        self._output, self._timer, self._copy = output, timer, copy
+        self._done = False
+
+    def result(self) -> StepOutput | None:
+        out = self._output
+        if out is None or self._done:
+            return out
+        self._done = True
+        if self._copy is not None:
+            host, event = self._copy
+            event.synchronize()
+            assert out.sampled is not None
+            out.sampled.token_ids = host.numpy().copy()
+            out.sampled.device_token_ids = None
+        out.forward_seconds, out.sample_seconds = self._timer.seconds()
+        return out
+
+
 class _StepTimer:
     """Where a step's time went on this rank: the forward and the sampling. On a GPU the launches
-    return at once, so the device's own time is taken from CUDA events (read after the step's
-    results have come back to the host, which has waited for them anyway)."""
+    return at once, so the device's own time is taken from CUDA events (read once the step's
+    results are back on the host)."""
 
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
         self.start = time.perf_counter()
-        self.forward_end = self.start
+        self.forward_end = self.end = self.start
         if self.cuda:
             self.events = [torch.cuda.Event(enable_timing=True) for _ in range(3)]
             self.events[0].record()
@@ -300,10 +361,15 @@ class _StepTimer:
         if self.cuda:
             self.events[1].record()
 
-    def finish(self) -> tuple[float, float]:
-        """(forward seconds, sampling seconds)."""
+    def launched(self) -> None:
+        """Everything of the step is queued (on a CPU: done)."""
+        self.end = time.perf_counter()
+        if self.cuda:
+            self.events[2].record()
+
+    def seconds(self) -> tuple[float, float]:
+        """(forward, sampling) seconds; on a GPU, waits for the step's end."""
         if not self.cuda:
-            return self.forward_end - self.start, time.perf_counter() - self.forward_end
-        self.events[2].record()
+            return self.forward_end - self.start, self.end - self.forward_end
         self.events[2].synchronize()
         return self.events[0].elapsed_time(self.events[1]) / 1e3, self.events[1].elapsed_time(self.events[2]) / 1e3

@@ -26,8 +26,9 @@ from ..sampling_params import SAMPLING_EPS
 
 @dataclass(slots=True)
 class SamplerOutput:
-    token_ids: np.ndarray  # int64 [B]
+    token_ids: np.ndarray  # int64 [B]; empty until the host has them for a draw kept on the device
     logprobs: list[TokenLogprobs | None]  # per row; entry 0 is the sampled token
+    device_token_ids: torch.Tensor | None = None  # [B] on the logits' device, for a draw kept there
 
 
 class Sampler:
@@ -47,11 +48,16 @@ class Sampler:
         self._buffers: dict[str, torch.Tensor] = {}
 
     @torch.inference_mode()
-    def __call__(self, logits: torch.Tensor, meta: SamplingMetadata) -> SamplerOutput:
+    def __call__(self, logits: torch.Tensor, meta: SamplingMetadata, keep_on_device: bool = False) -> SamplerOutput:
+        """keep_on_device (CUDA logits, no logprobs asked): the token ids stay on the GPU
+        (device_token_ids) and nothing here waits for it; the caller copies them back when it
+        needs them. Otherwise token_ids are on the host when this returns."""
         b, v = logits.shape
         dev = logits.device
         if b != meta.batch_size:
             raise ValueError(f"logits have {b} rows but the sampling metadata {meta.batch_size}")
+        if keep_on_device and dev.type == "cuda" and all(k is None for k in meta.num_logprobs):
+            return SamplerOutput(np.empty(0, np.int64), [None] * b, self._draw_on_device(logits, meta))
         x = logits.float()
         if meta.penalties is not None or meta.banned_rows is not None:
             x = self._buffer("penalised", b, v, dev).copy_(x)  # logprobs are of the raw logits
@@ -91,6 +97,31 @@ class Sampler:
             for i, lp in zip(lp_rows, computed):
                 logprobs[i] = lp
         return SamplerOutput(token_ids, logprobs)
+
+    def _draw_on_device(self, logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
+        """The same draws as __call__ makes on a GPU (same uniforms, same filters), as a device
+        tensor, with no host sync: greedy rows by argmax, the others over whole sorted rows."""
+        b, v = logits.shape
+        dev = logits.device
+        x = logits.float()
+        if meta.penalties is not None or meta.banned_rows is not None:
+            x = self._buffer("penalised", b, v, dev).copy_(x)
+            if meta.banned_rows is not None and meta.banned_ids is not None:
+                x[_t(meta.banned_rows, dev), _t(meta.banned_ids, dev)] = float("-inf")
+            if meta.penalties is not None:
+                apply_penalties(x, meta.penalties)
+        token_ids = x.argmax(dim=-1)
+        greedy = meta.temperature < SAMPLING_EPS
+        if greedy.all():
+            return token_ids
+        r_rows = np.flatnonzero(~greedy)
+        work = self._buffer("probs", len(r_rows), v, dev)
+        torch.index_select(x, 0, _t(r_rows, dev), out=work)
+        w = _weights(work, meta.temperature[r_rows], out=work)
+        token_ids[_t(r_rows, dev)] = _draw_whole_rows(
+            w, meta.top_k[r_rows], meta.top_p[r_rows], meta.min_p[r_rows], self._uniforms(meta, r_rows)
+        )
+        return token_ids
 
     def _buffer(self, name: str, rows: int, v: int, device: torch.device) -> torch.Tensor:
         buf = self._buffers.get(name)
@@ -162,27 +193,13 @@ def sample_filtered(
     """Temperature, then min_p / top_k / top_p filtering, then one draw per row. Returns [R]."""
     r, v = logits.shape
     dev = logits.device
-    # Unnormalised probabilities exp((x - max) / T), the largest exactly 1 (normalising would
-    # cost two more passes over [R, V]; thresholds are scaled by the row sums instead).
-    w = out if out is not None else torch.empty_like(logits, dtype=torch.float32)
-    torch.sub(logits, logits.amax(dim=-1, keepdim=True), out=w)
-    if (temperature != 1.0).any():
-        w.mul_(torch.from_numpy(1.0 / temperature).to(dev)[:, None])
-    w.exp_()
-
+    w = _weights(logits, temperature, out)
     top_k = np.where(top_k >= v, 0, top_k)
     filtered = (top_k > 0) | (top_p < 1.0) | (min_p > 0.0)
     if dev.type == "cuda" and filtered.any():
         # A GPU sorts whole rows quickly, and sizing candidate blocks (below) would cost host
         # syncs: one draw over the whole rows, filters off where a row has none.
-        f = _Filters(
-            _t(top_k, dev),
-            torch.from_numpy(top_p).to(dev),
-            torch.from_numpy(min_p).to(dev),
-            w.amax(dim=-1),
-            w.sum(dim=-1),
-        )
-        return _draw_top(w, f, u).cpu().numpy()
+        return _draw_whole_rows(w, top_k, top_p, min_p, u).cpu().numpy()
     if filtered.all():
         return _sample_top(w, top_k, top_p, min_p, u)
     if not filtered.any():
@@ -192,6 +209,28 @@ def sample_filtered(
     tokens[n_rows] = _inverse_cdf(w[_t(n_rows, dev)], u[n_rows]).cpu().numpy()
     tokens[f_rows] = _sample_top(w[_t(f_rows, dev)], top_k[f_rows], top_p[f_rows], min_p[f_rows], u[f_rows])
     return tokens
+
+
+def _weights(logits: torch.Tensor, temperature: np.ndarray, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Unnormalised probabilities exp((x - max) / T), the largest exactly 1 (normalising would
+    cost two more passes over [R, V]; thresholds are scaled by the row sums instead). `out` may
+    be `logits` itself."""
+    w = out if out is not None else torch.empty_like(logits, dtype=torch.float32)
+    torch.sub(logits, logits.amax(dim=-1, keepdim=True), out=w)
+    if (temperature != 1.0).any():
+        w.mul_(_f(1.0 / temperature, logits.device)[:, None])
+    return w.exp_()
+
+
+def _draw_whole_rows(
+    w: torch.Tensor, top_k: np.ndarray, top_p: np.ndarray, min_p: np.ndarray, u: np.ndarray
+) -> torch.Tensor:
+    """One draw per row of weights w [R, V] over the whole sorted rows (top_k >= V means off);
+    overwrites w; a device tensor, no host sync."""
+    dev = w.device
+    top_k = np.where(top_k >= w.shape[1], 0, top_k)
+    f = _Filters(_t(top_k, dev), _f(top_p, dev), _f(min_p, dev), w.amax(dim=-1), w.sum(dim=-1))
+    return _draw_top(w, f, u)
 
 
 def _sample_top(
@@ -213,9 +252,9 @@ def _sample_top(
     nb = block_max.shape[1]
     bm_sorted = _sort_desc(block_max)  # [R, nb]
     f = _Filters(
-        torch.from_numpy(top_k).to(dev),
-        torch.from_numpy(top_p).to(dev),
-        torch.from_numpy(min_p).to(dev),
+        _t(top_k, dev),
+        _f(top_p, dev),
+        _f(min_p, dev),
         bm_sorted[:, 0],
         probs.sum(dim=-1),
     )
@@ -301,7 +340,7 @@ def _inverse_cdf(w: torch.Tensor, u: np.ndarray) -> torch.Tensor:
     which costs one pass over w instead of a full cumsum. Never picks a zero weight."""
     _r, m = w.shape
     dev = w.device
-    u_t = torch.from_numpy(u).to(device=dev, dtype=w.dtype)
+    u_t = torch.from_numpy(np.asarray(u, np.float64)).to(device=dev, non_blocking=True).to(w.dtype)
     if m <= 4096:
         cdf = torch.cumsum(w, dim=-1)
         return _search(cdf, u_t * cdf[:, -1])
@@ -368,7 +407,13 @@ def compute_logprobs(
 
 
 def _t(a: np.ndarray, device: torch.device) -> torch.Tensor:
-    return torch.from_numpy(np.asarray(a, np.int64)).to(device)
+    # non_blocking: from pageable memory the copy is staged at once, without waiting for the
+    # device's queued work (a blocking copy would wait for it: a host sync).
+    return torch.from_numpy(np.asarray(a, np.int64)).to(device, non_blocking=True)
+
+
+def _f(a: np.ndarray, device: torch.device) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(a, np.float32)).to(device, non_blocking=True)
 
 
 def _argmax(x: torch.Tensor) -> np.ndarray:
