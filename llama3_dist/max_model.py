@@ -69,13 +69,15 @@ class Llama3Model:
         executor: str = "auto",
         enforce_eager: bool = False,
         max_batch_size: int = 64,
+        load_format: str = "auto",
         **executor_kwargs,
     ) -> Llama3Model:
         """Loads a Hugging Face checkpoint directory onto `devices` (one tensor-parallel rank each).
 
         executor: "local" (in-process, one device), "ray" (one actor per device) or "auto"
         (local for one device, Ray for more). On CUDA, decode steps of up to max_batch_size
-        sequences replay captured CUDA graphs unless enforce_eager.
+        sequences replay captured CUDA graphs unless enforce_eager. load_format "dummy": random
+        weights of the config's shapes (benchmarks; the directory needs only config.json).
         """
         config = Llama3Config.from_pretrained(
             path,
@@ -86,12 +88,14 @@ class Llama3Model:
             return_hidden_states=ReturnHiddenStates(return_hidden_states),
             block_size=block_size,
         )
-        Checkpoint(path).close()  # fail on a missing or pickle-only checkpoint before any worker starts
+        if load_format != "dummy":
+            Checkpoint(path).close()  # fail on a missing or pickle-only checkpoint before any worker starts
         worker_kwargs = dict(
             num_kv_blocks=num_kv_blocks,
             kv_cache_bytes=kv_cache_bytes,
             enforce_eager=enforce_eager,
             max_num_seqs=max_batch_size,
+            load_format=load_format,
         )
         return cls(config, make_executor(config, str(path), executor, worker_kwargs, **executor_kwargs))
 
