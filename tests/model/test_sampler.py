@@ -179,9 +179,8 @@ def test_sampled_frequencies_follow_filtered_softmax(cfg, vocab, monkeypatch):
     # every bin within 5 sigma of its binomial expectation (fixed seeds: deterministic)
     sigma = np.sqrt(n * p * (1 - p))
     assert np.all(np.abs(counts - n * p) <= 5 * sigma + 1), (counts, n * p)
-    if DEVICE.type == "cuda":  # a GPU sorts whole rows, with no host sync to size candidate blocks
-        assert widths and set(widths) == {v}, widths
-    elif vocab == "sparse" and widths:  # sorted: block maxima, few-block candidates, whole rows
+    # (a GPU sorts whole rows, with no host sync to size candidate blocks: only the CPU path has them)
+    if vocab == "sparse" and DEVICE.type != "cuda" and widths:  # sorted: block maxima, candidates, rows
         nb = -(-v // sampling._block_size(v))
         assert any(w < v / 4 and w != nb for w in widths), "expected the candidate-block path"
         if "top_k" not in cfg:
