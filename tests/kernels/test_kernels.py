@@ -304,3 +304,16 @@ def test_cpu_tensors_without_interpreter_fail_clearly():
     )
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     subprocess.run([sys.executable, "-c", code], check=True, env=env)
+
+
+def test_prefill_grid_from_the_host(monkeypatch):
+    """The prefill sizes its grid from max_query_len when the caller gives it (the worker does,
+    from the host-side step: no device sync per layer), with the output it gets by reading it
+    off the device."""
+    k_cache, v_cache, tables, ctx = paged_cache([9, 20], 8, 2, 32, F32, DEVICE, pad_value=0)
+    qsl = torch.tensor([0, 4, 10], dtype=torch.int32, device=DEVICE)
+    q = randn(10, 4, 32)
+    read = tk.prefill_attention(q, k_cache, v_cache, tables, qsl, ctx, 0.2)
+    monkeypatch.setattr(torch.Tensor, "max", lambda *a, **k: pytest.fail("max_query_len given: no device read"))
+    given = tk.prefill_attention(q, k_cache, v_cache, tables, qsl, ctx, 0.2, max_query_len=6)
+    torch.testing.assert_close(given, read, rtol=0, atol=0)
