@@ -248,7 +248,7 @@ class RayExecutor:
         try:
             if on_gpu:
                 gpus = ray.cluster_resources().get("GPU", 0)
-                if gpus < tp and self._res.owns_ray:  # a local Ray started here: no node will join
+                if gpus < tp and (self._res.owns_ray or _started_here()):  # a local Ray: no node will join
                     raise ConfigError(
                         f"devices {config.devices} ask for {tp} GPUs, but the Ray cluster has "
                         f"{gpus:g}; use devices=['cpu'] * {tp} or add GPU nodes"
@@ -476,6 +476,15 @@ class RayExecutor:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _started_here() -> bool:
+    """Whether this process started the Ray it is connected to (ray.init without an address): then
+    no autoscaler can add nodes. Ray keeps that on its private node object; False if it moves."""
+    import ray
+
+    node = getattr(getattr(ray, "_private", None) and ray._private.worker, "_global_node", None)
+    return bool(getattr(node, "head", False))
 
 
 def _search(pattern: str, text: str) -> str | None:
