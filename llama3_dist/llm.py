@@ -72,13 +72,9 @@ class LLM:
     def apply_chat_template(
         self, conversation: list[dict], add_generation_prompt: bool = True, chat_template: str | None = None
     ) -> list[int]:
-        tok = self.engine.tokenizer
-        if tok is None or (chat_template is None and not getattr(tok, "chat_template", None)):
-            raise ValueError(f"the tokenizer of {self.engine.model_path!r} has no chat template")
-        ids = tok.apply_chat_template(
-            conversation, add_generation_prompt=add_generation_prompt, tokenize=True, chat_template=chat_template
+        return apply_chat_template(
+            self.engine.tokenizer, self.engine.model_path, conversation, add_generation_prompt, chat_template
         )
-        return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
 
     def generate_stream(
         self,
@@ -140,6 +136,23 @@ class LLM:
 
     def __exit__(self, *exc) -> None:
         self.shutdown()
+
+
+def apply_chat_template(
+    tokenizer,
+    model_path: str,
+    conversation: list[dict],
+    add_generation_prompt: bool = True,
+    chat_template: str | None = None,
+) -> list[int]:
+    """The conversation rendered with the tokenizer's chat template (or chat_template), as token
+    ids; shared by LLM.chat and the Ray Data processor so that both render alike."""
+    if tokenizer is None or (chat_template is None and not getattr(tokenizer, "chat_template", None)):
+        raise ValueError(f"the tokenizer of {model_path!r} has no chat template")
+    ids = tokenizer.apply_chat_template(
+        conversation, add_generation_prompt=add_generation_prompt, tokenize=True, chat_template=chat_template
+    )
+    return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
 
 
 def _per_prompt(params, n: int) -> list[SamplingParams]:
