@@ -161,7 +161,14 @@ class Stop:
     """Fail every open request and end the engine thread."""
 
 
-Command = AddRequest | AbortRequest | Stop
+@dataclass(slots=True)
+class Fail:
+    """The engine is dead (a health check found a rank gone): fail every open request, refuse new ones."""
+
+    why: str
+
+
+Command = AddRequest | AbortRequest | Stop | Fail
 
 
 class AsyncLLMEngine:
@@ -219,6 +226,19 @@ class AsyncLLMEngine:
         self._commands.put(AddRequest(request_id, prompt, params, prompt_token_ids, stream, accepted))
         await accepted
 
+    async def check_health(self, timeout_s: float = 10.0) -> None:
+        """Raises EngineDeadError if the engine thread has died, or if a rank is dead or does not
+        answer within timeout_s (checked on a thread, off the event loop). A failed check kills the
+        engine: a tensor-parallel group missing a rank cannot run another step."""
+        if not self.is_alive:
+            raise EngineDeadError(f"the engine is not running: {self.error or 'its thread has stopped'}")
+        try:
+            await asyncio.to_thread(self.engine.check_health, timeout_s)
+        except Exception as e:
+            why = f"health check failed: {type(e).__name__}: {e}"
+            self._commands.put(Fail(why))
+            raise EngineDeadError(why) from e
+
     def abort(self, request_id: str) -> None:
         """Drops the request and frees its KV blocks; thread-safe, unknown ids are ignored."""
         self._commands.put(AbortRequest(request_id))
@@ -265,6 +285,10 @@ class AsyncLLMEngine:
                     if isinstance(command, Stop):
                         self._fail_all("the server is shutting down")
                         return
+                    if isinstance(command, Fail):
+                        if self.error is None:
+                            self._die(command.why)
+                        continue
                     self._command(command)
                 if self.error is None and engine.has_unfinished_requests():
                     try:

@@ -494,6 +494,13 @@ class LLMEngine:
             num_steps=self.times.steps,
         )
 
+    def check_health(self, timeout_s: float = 10.0) -> None:
+        """Raises if the engine is shut down or a rank is dead or unresponsive (Executor.check_health);
+        safe to call from another thread while steps run."""
+        if self._shut_down:
+            raise RuntimeError("the engine is shut down")
+        self.executor.check_health(timeout_s)
+
     def shutdown(self) -> None:
         """Closes the executor (its workers and their memory); safe to call twice."""
         if not self._shut_down:

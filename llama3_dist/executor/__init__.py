@@ -51,6 +51,11 @@ class Executor(Protocol):
         """Per rank: bytes of its sharded and of its replicated parameters."""
         ...
 
+    def check_health(self, timeout_s: float = 10.0) -> None:
+        """Raises (WorkerError for Ray ranks) if a rank is dead, failed earlier or does not answer
+        within timeout_s; callable from any thread while steps run (a serving replica's probe)."""
+        ...
+
     def close(self) -> None: ...
 
 

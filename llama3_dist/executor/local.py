@@ -33,6 +33,10 @@ class LocalExecutor:
     def parameter_bytes(self) -> list[dict[str, int]]:
         return [self._live_worker().parameter_bytes()]
 
+    def check_health(self, timeout_s: float = 10.0) -> None:
+        """The worker lives in this process: alive while it is open (a failed step raised already)."""
+        self._live_worker()
+
     def close(self) -> None:
         if self.worker is not None:
             self.worker.close()

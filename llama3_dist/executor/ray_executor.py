@@ -3,8 +3,10 @@
 Start-up, in order, each step failing with a clear error before the next:
   1. check the devices (all "cpu" or all CUDA) and connect to Ray: the running instance, else
      `address=` / RAY_ADDRESS, else a local instance started here (and stopped at close);
-  2. check the cluster has the GPUs asked for, reserve a placement group (one bundle per rank)
-     and wait for it at most `placement_timeout_s`;
+  2. check the cluster has the GPUs asked for, then place the ranks: rank i on bundle i of the
+     placement group this process runs in (a Ray Serve replica, a Ray Data actor, a user's actor),
+     or of one given as `placement_group=`, or of a group reserved here (one bundle per rank),
+     waiting for it at most `placement_timeout_s`;
   3. start the actors; rank 0 opens a TCPStore on a port the kernel picks (never a fixed one) at
      127.0.0.1 when every rank shares a node, else at its node's IP; every rank joins the
      process group (gloo on CPU, NCCL on CUDA) and loads its shard;
@@ -19,7 +21,8 @@ share a few CPU cores with the driver, that spinning takes their time: see drive
 Any failure of a rank (an exception in a step, a dead or OOM-killed actor, a collective that
 timed out) fails the executor for good: the tensor-parallel group is out of step, so every
 later call raises at once. close() (or leaving a `with` block, or the finalizer at garbage
-collection and interpreter exit) kills the actors and removes the placement group.
+collection and interpreter exit) kills the actors and removes the placement group if this
+executor reserved it (a group it was given or runs in belongs to its owner).
 """
 
 from __future__ import annotations
@@ -116,6 +119,7 @@ class _Resources:
 
     owns_ray: bool = False
     placement_group: Any = None  # ray.util.placement_group.PlacementGroup
+    owns_placement_group: bool = False  # reserved here: removed at close
     actors: list = field(default_factory=list)  # RayWorker actor handles, rank order
     graph: Any = None  # the compiled graph (ray.dag.CompiledDAG), if one runs the steps
     failed: bool = False
@@ -148,7 +152,7 @@ def _release(res: _Resources) -> None:
                     log.debug("compiled graph teardown: %s", e)
                 finally:
                     dag_log.setLevel(level)
-            if res.placement_group is not None:
+            if res.placement_group is not None and res.owns_placement_group:
                 from ray.util.placement_group import remove_placement_group
 
                 try:
@@ -182,6 +186,12 @@ class RayExecutor:
         with and without) and keeps its priority otherwise; 0 never changes it. An unprivileged
         process cannot take a lowered priority back.
     ray_init_kwargs: extra ray.init arguments when this executor connects or starts Ray.
+    placement_group: where the ranks go. "auto" (default): the placement group this process runs
+        in, if any (a Ray Serve replica with placement_group_bundles, a Ray Data actor, an actor
+        scheduled into a group), else one reserved here; a PlacementGroup: that one; "new": always
+        one reserved here. Rank i takes bundle i of a given or current group, which needs at least
+        one bundle per rank with the rank's resources (1 GPU for CUDA ranks, cpus_per_rank CPUs);
+        bundles past the last rank are left alone. Such a group is never removed here.
     """
 
     def __init__(
@@ -199,9 +209,10 @@ class RayExecutor:
         compiled_graph: bool | None = None,
         driver_nice: int | None = None,
         ray_init_kwargs: dict | None = None,
+        placement_group: Any = "auto",
     ):
         import ray
-        from ray.util.placement_group import placement_group
+        from ray.util.placement_group import PlacementGroup, get_current_placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         self.config = config
@@ -233,6 +244,11 @@ class RayExecutor:
         if cpus <= 0 and not on_gpu:
             raise ConfigError(f"cpus_per_rank must be > 0 for CPU ranks, got {cpus_per_rank}")
         self.bundle = {**({"CPU": float(cpus)} if cpus > 0 else {}), **({"GPU": 1.0} if on_gpu else {})}
+        if not (isinstance(placement_group, PlacementGroup) or placement_group in ("auto", "new")):
+            raise ConfigError(
+                f"placement_group must be 'auto', 'new' or a ray.util.placement_group.PlacementGroup, "
+                f"got {placement_group!r}"
+            )
         if on_gpu and not ray.is_initialized() and not (address or os.environ.get("RAY_ADDRESS")):
             # About to start a local Ray: this machine's GPUs are all there will be.
             found = torch.cuda.device_count()
@@ -261,18 +277,20 @@ class RayExecutor:
                         tp,
                         placement_timeout_s,
                     )
-            bundles = [dict(self.bundle) for _ in range(tp)]
-            pg = placement_group(bundles, strategy=strategy, name=f"llama3-dist-{os.getpid()}-{id(self):x}")
-            self._res.placement_group = pg
-            ready, _ = ray.wait([pg.ready()], timeout=placement_timeout_s)
-            if not ready:
-                raise PlacementError(
-                    f"could not reserve {tp} bundles of {self.bundle} ({strategy}) within {placement_timeout_s:g} s. "
-                    f"{_cluster_summary()}. Free those resources (another job or actor may hold them), lower "
-                    f"cpus_per_rank, choose a looser placement_strategy, or raise placement_timeout_s."
-                )
+            if placement_group == "auto":
+                placement_group = get_current_placement_group() or "new"
+            if placement_group == "new":
+                pg = self._reserve(strategy, placement_timeout_s)
+            else:
+                pg = self._adopt(placement_group, placement_timeout_s)
             self._start(
-                config, checkpoint_path, worker_kwargs or {}, pg, collective_timeout_s, PlacementGroupSchedulingStrategy
+                config,
+                checkpoint_path,
+                worker_kwargs or {},
+                pg,
+                collective_timeout_s,
+                PlacementGroupSchedulingStrategy,
+                placement_timeout_s,
             )
             self._graph_setup(compiled_graph)
             self._lower_driver_priority(driver_nice)
@@ -281,10 +299,63 @@ class RayExecutor:
             raise
 
     # --- start-up -------------------------------------------------------------------------
-    def _start(self, config, checkpoint_path, worker_kwargs, pg, collective_timeout_s, pg_strategy) -> None:
+    def _reserve(self, strategy: str, timeout_s: float):
+        """A placement group of one bundle per rank, reserved here and removed at close."""
+        import ray
+        from ray.util.placement_group import placement_group
+
+        tp = self.world_size
+        bundles = [dict(self.bundle) for _ in range(tp)]
+        pg = placement_group(bundles, strategy=strategy, name=f"llama3-dist-{os.getpid()}-{id(self):x}")
+        self._res.placement_group, self._res.owns_placement_group = pg, True
+        ready, _ = ray.wait([pg.ready()], timeout=timeout_s)
+        if not ready:
+            raise PlacementError(
+                f"could not reserve {tp} bundles of {self.bundle} ({strategy}) within {timeout_s:g} s. "
+                f"{_cluster_summary()}. Free those resources (another job or actor may hold them), lower "
+                f"cpus_per_rank, choose a looser placement_strategy, or raise placement_timeout_s."
+            )
+        return pg
+
+    def _adopt(self, pg, timeout_s: float):
+        """A group made elsewhere (this process's own, or given): rank i takes bundle i, so the
+        first world_size bundles must each hold a rank's resources. Checked before any actor
+        starts; never removed here."""
         import ray
 
-        actor_cls = ray.remote(RayWorker)
+        tp = self.world_size
+        ready, _ = ray.wait([pg.ready()], timeout=timeout_s)
+        if not ready:
+            raise PlacementError(
+                f"the placement group {pg.id.hex()} given to the ranks was not ready within {timeout_s:g} s. "
+                f"{_cluster_summary()}"
+            )
+        specs = pg.bundle_specs
+        need = ", ".join(f"{k}={v:g}" for k, v in self.bundle.items()) or "no resources"
+        if len(specs) < tp:
+            raise ConfigError(
+                f"the placement group {pg.id.hex()} has {len(specs)} bundle(s) {specs}, but devices "
+                f"{self.config.devices} need {tp}, one per rank, each with {need} (rank i takes bundle i); "
+                f"reserve {tp} bundles, or pass placement_group='new' to reserve a group for the ranks"
+            )
+        for rank, spec in enumerate(specs[:tp]):
+            short = {k: v for k, v in self.bundle.items() if spec.get(k, 0.0) < v}
+            if short:
+                raise ConfigError(
+                    f"bundle {rank} of the placement group {pg.id.hex()} is {spec}, too small for rank {rank}, "
+                    f"which needs {need}; give each of the first {tp} bundles at least that (bundle 0 also "
+                    f"holds whatever actor created the engine), or lower cpus_per_rank"
+                )
+        self._res.placement_group, self._res.owns_placement_group = pg, False
+        return pg
+
+    def _start(
+        self, config, checkpoint_path, worker_kwargs, pg, collective_timeout_s, pg_strategy, placement_timeout_s
+    ) -> None:
+        import ray
+
+        # ping() runs in a concurrency group of its own: a health probe answers while a step runs.
+        actor_cls = ray.remote(concurrency_groups={"health": 1})(RayWorker)  # type: ignore[call-overload]
         num_threads = max(1, int(self.bundle.get("CPU", 0)))
         self._res.actors = [
             actor_cls.options(
@@ -295,7 +366,17 @@ class RayExecutor:
             ).remote(r, self.world_size, num_threads)
             for r in range(self.world_size)
         ]
-        self.nodes = self._gather([a.node_info.remote() for a in self._res.actors], "starting")
+        # A timeout here: a group made elsewhere may have room on paper that its other tenants
+        # (the actor that created this engine, in bundle 0) already use.
+        try:
+            self.nodes = self._gather([a.node_info.remote() for a in self._res.actors], "starting", placement_timeout_s)
+        except WorkerError as e:
+            if "took longer" not in str(e):
+                raise
+            raise PlacementError(
+                f"the rank actors did not start within {placement_timeout_s:g} s in the bundles of placement group "
+                f"{pg.id.hex()}: other tenants of the group may hold its resources. {_cluster_summary()}"
+            ) from None
         one_node = len({n["node_id"] for n in self.nodes}) == 1
         host = "127.0.0.1" if one_node else self.nodes[0]["ip"]
         port = self._gather([self._res.actors[0].open_store.remote(host, collective_timeout_s)], "rendezvous")[0]
@@ -454,6 +535,22 @@ class RayExecutor:
     def _fail(self, why: str) -> None:
         self._failure = why
         self._res.failed = True
+
+    def check_health(self, timeout_s: float = 10.0) -> None:
+        """Raises WorkerError if the group failed earlier, is closed, or a rank is dead or does not
+        answer a ping within timeout_s. A dead rank fails the executor for good, as in a step."""
+        res = self._res
+        if res.failed:
+            raise WorkerError(f"the tensor-parallel group failed earlier ({self._failure})")
+        if not res.actors:
+            raise WorkerError("the executor is closed")
+        try:
+            self._gather(
+                [a.ping.options(concurrency_group="health").remote() for a in res.actors], "health check", timeout_s
+            )
+        except WorkerError as e:
+            self._fail(str(e))
+            raise
 
     # --- introspection and lifetime -------------------------------------------------------
     def parameter_bytes(self) -> list[dict[str, int]]:

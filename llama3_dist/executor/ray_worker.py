@@ -31,6 +31,11 @@ class RayWorker:
         # only reads them, so torch's warning about non-writable arrays is noise here.
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
 
+    def ping(self) -> int:
+        """Liveness, answered on a thread of its own (the "health" concurrency group the executor
+        gives the actor) so that a long step does not hold it up."""
+        return os.getpid()
+
     def node_info(self) -> dict:
         import ray
 
@@ -40,6 +45,7 @@ class RayWorker:
             "ip": ray.util.get_node_ip_address(),
             "pid": os.getpid(),
             "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
+            "placement_group_id": ctx.get_placement_group_id(),
         }
 
     def open_store(self, host: str, timeout_s: float) -> int:

@@ -268,14 +268,14 @@ def test_disconnect_aborts_and_frees_blocks(served):
     # given up, so the request cannot finish first however fast the engine is
     executor = engine.engine.executor
     client_gave_up = threading.Event()
-    real_execute = executor.execute
-    executor.execute = lambda step: client_gave_up.wait(30) and real_execute(step)
+    real_launch = executor.launch  # every engine step starts here
+    executor.launch = lambda step: client_gave_up.wait(30) and real_launch(step)
     try:
         with pytest.raises(httpx.ReadTimeout):
             httpx.post(served.base_url + "/completions", json={**body, "stream": False}, timeout=0.5)
     finally:
         client_gave_up.set()
-        del executor.execute
+        del executor.launch
     wait_for(
         lambda: engine.stats().num_running == 0 and engine.stats().kv_blocks_used == 0,
         what="the abandoned request's blocks to be freed",
