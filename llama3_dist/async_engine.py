@@ -19,110 +19,17 @@ import queue
 import threading
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from .engine import EngineStats, LLMEngine
 from .outputs import RequestOutput
+from .request_metrics import RequestMetrics, RequestTiming
 from .sampling_params import SamplingParams
 
 logger = logging.getLogger("llama3_dist.async_engine")
 
-# Bucket bounds (seconds) as vLLM's, so dashboards built for it read these too.
-TTFT_BUCKETS = (
-    0.001,
-    0.005,
-    0.01,
-    0.02,
-    0.04,
-    0.06,
-    0.08,
-    0.1,
-    0.25,
-    0.5,
-    0.75,
-    1.0,
-    2.5,
-    5.0,
-    7.5,
-    10.0,
-    20.0,
-    40.0,
-    80.0,
-)
-TPOT_BUCKETS = (
-    0.01,
-    0.025,
-    0.05,
-    0.075,
-    0.1,
-    0.15,
-    0.2,
-    0.3,
-    0.4,
-    0.5,
-    0.75,
-    1.0,
-    2.5,
-    5.0,
-    7.5,
-    10.0,
-    20.0,
-    40.0,
-    80.0,
-)
-E2E_BUCKETS = (
-    0.3,
-    0.5,
-    0.8,
-    1.0,
-    1.5,
-    2.0,
-    2.5,
-    5.0,
-    10.0,
-    15.0,
-    20.0,
-    30.0,
-    40.0,
-    50.0,
-    60.0,
-    120.0,
-    240.0,
-    480.0,
-    960.0,
-)
-
-
 class EngineDeadError(RuntimeError):
     """The engine thread failed (or was shut down); the server must be restarted."""
-
-
-class Histogram:
-    """A Prometheus histogram: cumulative bucket counts, sum and count."""
-
-    def __init__(self, buckets: tuple[float, ...]):
-        self.bounds = buckets
-        self.counts = [0] * (len(buckets) + 1)  # the last is +Inf
-        self.sum = 0.0
-        self.count = 0
-
-    def observe(self, value: float) -> None:
-        i = next((i for i, b in enumerate(self.bounds) if value <= b), len(self.bounds))
-        self.counts[i] += 1
-        self.sum += value
-        self.count += 1
-
-    def render(self, name: str, help_text: str, labels: str = "") -> list[str]:
-        """Prometheus text lines; labels like 'model_name="x"' go on every sample."""
-        sep = "," if labels else ""
-        lines = [f"# HELP {name} {help_text}", f"# TYPE {name} histogram"]
-        total = 0
-        for bound, c in zip((*self.bounds, float("inf")), self.counts):
-            total += c
-            le = "+Inf" if bound == float("inf") else repr(float(bound))
-            lines.append(f'{name}_bucket{{{labels}{sep}le="{le}"}} {total}')
-        lines += [f"{name}_sum{{{labels}}} {self.sum!r}", f"{name}_count{{{labels}}} {self.count}"]
-        return lines
 
 
 @dataclass(slots=True)
@@ -131,12 +38,9 @@ class _Stream:
 
     queue: asyncio.Queue
     loop: asyncio.AbstractEventLoop
-    arrival: float
+    timing: RequestTiming
     num_prompt_tokens: int = 0
     final_only: bool = False  # deliver only the finished output (a non-streaming caller)
-    tokens_seen: list[int] = field(default_factory=list)  # per completion index
-    last_token_time: list[float] = field(default_factory=list)
-    first_token: bool = False
 
 
 @dataclass(slots=True)
@@ -180,12 +84,7 @@ class AsyncLLMEngine:
         self._commands: queue.SimpleQueue[Command] = queue.SimpleQueue()
         self._streams: dict[str, _Stream] = {}  # engine thread only
         self._stats: EngineStats = engine.stats()
-        self._lock = threading.Lock()  # the metrics below, written by the engine thread
-        self.ttft = Histogram(TTFT_BUCKETS)
-        self.tpot = Histogram(TPOT_BUCKETS)
-        self.e2e = Histogram(E2E_BUCKETS)
-        self.prompt_tokens_total = 0
-        self.requests_finished: dict[str, int] = {}
+        self.metrics = RequestMetrics()  # written by the engine thread
         self._thread = threading.Thread(target=self._run, name="llama3-dist-engine", daemon=True)
         self._thread.start()
 
@@ -193,6 +92,24 @@ class AsyncLLMEngine:
     @property
     def is_alive(self) -> bool:
         return self.error is None and self._thread.is_alive()
+
+    @property
+    def model_path(self) -> str:
+        return self.engine.model_path
+
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.config.max_seq_len
+
+    @property
+    def tokenizer(self):
+        """The engine's tokenizer (None if the checkpoint has none). Not thread-safe: a caller on
+        another thread than the engine's takes a copy."""
+        return self.engine.tokenizer
+
+    def replica_stats(self) -> dict[str, EngineStats]:
+        """One engine, no replicas (the Ray Serve client has several)."""
+        return {}
 
     def stats(self) -> EngineStats:
         """The engine's counters as of its last step (a snapshot; never blocks on a step)."""
@@ -219,7 +136,7 @@ class AsyncLLMEngine:
         stream = _Stream(
             out,
             loop,
-            arrival_time or time.monotonic(),
+            RequestTiming(arrival_time or time.monotonic()),
             num_prompt_tokens=len(prompt_token_ids) if prompt_token_ids else 0,
             final_only=final_only,
         )
@@ -322,49 +239,24 @@ class AsyncLLMEngine:
             return
         self._streams[command.request_id] = stream
         self._stats = self.engine.stats()
-        with self._lock:
-            self.prompt_tokens_total += stream.num_prompt_tokens
+        self.metrics.accepted(stream.num_prompt_tokens)
         stream.loop.call_soon_threadsafe(_settle, accepted, None)
 
     def _deliver(self, outputs: list[RequestOutput]) -> None:
         now = time.monotonic()
         batches: dict[asyncio.AbstractEventLoop, list] = {}  # one wake-up per loop per step, not per request
-        with self._lock:
-            for out in outputs:
-                stream = self._streams.get(out.request_id)
-                if stream is None:  # aborted while this step ran
-                    continue
-                self._observe(stream, out, now)
-                if out.finished:
-                    del self._streams[out.request_id]
-                    self.e2e.observe(now - stream.arrival)
-                    for c in out.outputs:
-                        reason = c.finish_reason or "abort"
-                        self.requests_finished[reason] = self.requests_finished.get(reason, 0) + 1
-                elif stream.final_only:
-                    continue
-                batches.setdefault(stream.loop, []).append((stream.queue, out))
+        for out in outputs:
+            stream = self._streams.get(out.request_id)
+            if stream is None:  # aborted while this step ran
+                continue
+            self.metrics.observe(stream.timing, out, now)
+            if out.finished:
+                del self._streams[out.request_id]
+            elif stream.final_only:
+                continue
+            batches.setdefault(stream.loop, []).append((stream.queue, out))
         for loop, items in batches.items():
             loop.call_soon_threadsafe(_put_all, items)
-
-    def _observe(self, s: _Stream, out: RequestOutput, now: float) -> None:
-        if not s.tokens_seen:
-            s.tokens_seen = [0] * len(out.outputs)
-            s.last_token_time = [now] * len(out.outputs)
-        for i, c in enumerate(out.outputs):
-            new = len(c.token_ids) - s.tokens_seen[i]
-            if new <= 0:
-                continue
-            if s.tokens_seen[i] == 0:
-                if not s.first_token:
-                    s.first_token = True
-                    self.ttft.observe(now - s.arrival)
-            else:
-                per_token = (now - s.last_token_time[i]) / new
-                for _ in range(new):
-                    self.tpot.observe(per_token)
-            s.tokens_seen[i] += new
-            s.last_token_time[i] = now
 
     def _die(self, why: str) -> None:
         self.error = why

@@ -2,10 +2,22 @@
 
 from __future__ import annotations
 
-from ..async_engine import AsyncLLMEngine
+from .engine_client import EngineClient
+
+# Per-replica series (Ray Serve): enough to see where requests and prefix-cache hits land.
+REPLICA_FIELDS = (  # (metric name, EngineStats field, type, help)
+    ("num_requests_running", "num_running", "gauge", "Sequences in the replica's running batch."),
+    ("num_requests_waiting", "num_waiting", "gauge", "Sequences waiting in the replica."),
+    ("kv_cache_blocks_used", "kv_blocks_used", "gauge", "KV cache blocks held by the replica's requests."),
+    ("prefix_cache_queries_total", "prefix_cache_queries", "counter", "Blocks looked up in its prefix cache."),
+    ("prefix_cache_hits_total", "prefix_cache_hits", "counter", "Blocks found in the replica's prefix cache."),
+    ("generation_tokens_total", "num_generated_tokens", "counter", "Tokens the replica generated."),
+)
 
 
-def render_metrics(engine: AsyncLLMEngine, model_name: str) -> str:
+def render_metrics(engine: EngineClient, model_name: str) -> str:
+    """The engine counters are summed over replicas where there are several (Ray Serve), and then
+    come again per replica with a `replica` label; the request latencies are those seen here."""
     s = engine.stats()
     label = f'model_name="{model_name}"'
     lines: list[str] = []
@@ -30,16 +42,25 @@ def render_metrics(engine: AsyncLLMEngine, model_name: str) -> str:
     metric(p + "prefix_cache_hits_total", "counter", "Blocks found in the prefix cache.", s.prefix_cache_hits)
     metric(p + "generation_tokens_total", "counter", "Tokens generated since start.", s.num_generated_tokens)
     metric(p + "engine_steps_total", "counter", "Engine steps since start.", s.num_steps)
-    with engine._lock:
-        metric(p + "prompt_tokens_total", "counter", "Prompt tokens of accepted requests.", engine.prompt_tokens_total)
+    replicas = engine.replica_stats()
+    if replicas:
+        metric(p + "num_replicas", "gauge", "Engine replicas that report to this server.", len(replicas))
+    for metric_name, field, kind, help_text in REPLICA_FIELDS if replicas else ():
+        name = p + "replica_" + metric_name
+        lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]
+        for replica_id, rs in sorted(replicas.items()):
+            lines.append(f'{name}{{{label},replica="{replica_id}"}} {getattr(rs, field)}')
+    m = engine.metrics
+    with m.lock:
+        metric(p + "prompt_tokens_total", "counter", "Prompt tokens of accepted requests.", m.prompt_tokens_total)
         name = p + "request_success_total"
         lines += [f"# HELP {name} Finished sequences, by finish reason.", f"# TYPE {name} counter"]
-        for reason, count in sorted(engine.requests_finished.items()):
+        for reason, count in sorted(m.requests_finished.items()):
             lines.append(f'{name}{{{label},finished_reason="{reason}"}} {count}')
         for hist, name, help_text in [
-            (engine.ttft, "time_to_first_token_seconds", "Time from arrival to the first generated token."),
-            (engine.tpot, "time_per_output_token_seconds", "Time between generated tokens of a sequence."),
-            (engine.e2e, "e2e_request_latency_seconds", "Time from arrival to the last token."),
+            (m.ttft, "time_to_first_token_seconds", "Time from arrival to the first generated token."),
+            (m.tpot, "time_per_output_token_seconds", "Time between generated tokens of a sequence."),
+            (m.e2e, "e2e_request_latency_seconds", "Time from arrival to the last token."),
         ]:
             lines += hist.render(p + name, help_text, label)
     return "\n".join(lines) + "\n"

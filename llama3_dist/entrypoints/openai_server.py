@@ -34,6 +34,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ..async_engine import AsyncLLMEngine, EngineDeadError
 from ..outputs import LogprobsDict, RequestOutput
 from ..sampling_params import SamplingParams
+from .engine_client import EngineClient
 from .metrics import render_metrics
 from .openai_protocol import (
     MAX_LOGPROBS,
@@ -50,18 +51,18 @@ DEFAULT_MODEL_NAME = "llama3-dist-default"
 
 # ============================================================================ the server
 class OpenAIServer:
-    """The handlers; the engine thread lives in `engine` (an AsyncLLMEngine)."""
+    """The handlers; `engine` is an AsyncLLMEngine here, or the Ray Serve ingress's client of the
+    engine replicas (ray_serve.py)."""
 
-    def __init__(self, engine: AsyncLLMEngine, served_model_name: str | None = None, api_key: str | None = None):
+    def __init__(self, engine: EngineClient, served_model_name: str | None = None, api_key: str | None = None):
         self.engine = engine
-        llm = engine.engine
-        self.model_path = llm.model_path
+        self.model_path = engine.model_path
         self.model_name = served_model_name or DEFAULT_MODEL_NAME
         self.api_key = api_key
-        self.max_model_len = llm.config.max_seq_len
+        self.max_model_len = engine.max_model_len
         # A tokenizer of our own: the engine thread uses its own for detokenizing, and a Rust
         # tokenizer shared between threads can fail with "Already borrowed".
-        self.tokenizer = copy.deepcopy(llm.tokenizer) if llm.tokenizer is not None else None
+        self.tokenizer = copy.deepcopy(engine.tokenizer) if engine.tokenizer is not None else None
         self.created = int(time.time())
 
     # --- shared steps -----------------------------------------------------------------------
@@ -642,7 +643,7 @@ class _APIKeyMiddleware:
         await self.app(scope, receive, send)
 
 
-def build_app(engine: AsyncLLMEngine, served_model_name: str | None = None, api_key: str | None = None) -> FastAPI:
+def build_app(engine: EngineClient, served_model_name: str | None = None, api_key: str | None = None) -> FastAPI:
     server = OpenAIServer(engine, served_model_name, api_key)
     app = FastAPI(title="llama3-dist", description="OpenAI-compatible API for Llama 3 family checkpoints")
     app.state.server = server
