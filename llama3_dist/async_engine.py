@@ -28,6 +28,7 @@ from .sampling_params import SamplingParams
 
 logger = logging.getLogger("llama3_dist.async_engine")
 
+
 class EngineDeadError(RuntimeError):
     """The engine thread failed (or was shut down); the server must be restarted."""
 
