@@ -139,7 +139,7 @@ class LLMEngine:
             from .model.checkpoint import Checkpoint
 
             Checkpoint(self.model_path).close()  # a missing or pickle-only checkpoint fails before any worker
-        self.tokenizer = _load_tokenizer(tokenizer or self.model_path)
+        self.tokenizer = load_tokenizer(tokenizer or self.model_path)
         self.eos_token_ids = set(self.config.eos_token_ids) | _generation_eos(self.model_path)
         worker_kwargs = dict(
             num_kv_blocks=num_kv_blocks,
@@ -533,7 +533,8 @@ def _as_params(params) -> SamplingParams:
     return params
 
 
-def _load_tokenizer(path: str | Path):
+def load_tokenizer(path: str | Path):
+    """The Hugging Face tokenizer in a checkpoint directory, or None if it has none."""
     path = Path(path)
     if not (path / "tokenizer.json").is_file() and not (path / "tokenizer_config.json").is_file():
         return None

@@ -152,7 +152,10 @@ def build_processor(
         int(num_cpus) torch threads.
     output_chunk_rows: finished rows are handed back in tables of this many as they complete.
     engine_kwargs: LLMEngine's (max_num_seqs, kv_cache_bytes, max_seq_len, ...; at TP>1 also the
-        Ray executor's: cpus_per_rank, placement_strategy, ...).
+        Ray executor's: cpus_per_rank, placement_strategy, ...). At TP>1 steps reach the ranks by
+        plain actor calls (compiled_graph=False) unless compiled_graph=True is given: with a
+        compiled graph Ray Data's graceful release of the pool never reaches the actor's __del__,
+        and the engine's placement group stays until the job ends.
     """
     try:
         import ray.data  # noqa: F401  (it brings pyarrow)
@@ -185,6 +188,12 @@ def build_processor(
             f"num_cpus must be >= 0, and >= 1 for a CPU actor that runs the model itself (TP=1), got {num_cpus}"
         )
     on_gpu_here = devices == "cuda" and tensor_parallel_size == 1
+    defaults_for_engine: dict[str, Any] = {"show_progress": False}
+    if tensor_parallel_size > 1:
+        # Plain actor calls, not a compiled graph: the graph's loop tasks on the ranks never end
+        # on their own, and Ray waits for an exiting actor's tasks before it deletes the UDF, so
+        # __del__ (which closes the engine and removes its placement group) would never run.
+        defaults_for_engine["compiled_graph"] = False
     spec = _EngineSpec(
         model=None if model is None else str(model),
         devices=[devices] * tensor_parallel_size,
@@ -193,7 +202,7 @@ def build_processor(
         chat=chat,
         num_threads=int(num_cpus) if devices == "cpu" and tensor_parallel_size == 1 else None,
         output_chunk_rows=output_chunk_rows,
-        engine_kwargs={"show_progress": False, **engine_kwargs},
+        engine_kwargs={**defaults_for_engine, **engine_kwargs},
     )
     return Processor(
         spec,
