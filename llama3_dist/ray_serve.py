@@ -147,8 +147,15 @@ class LLMServer:
 
     def record_routing_stats(self) -> dict[str, Any]:
         """Serve polls this (request_routing_stats_period_s) and hands it to the routers, and the
-        ingress shows it (/metrics, /replicas): the engine's counters, liveness and placement."""
-        return {**dataclasses.asdict(self.engine.stats()), "alive": self.engine.is_alive, **self.placement}
+        ingress shows it (/metrics, /replicas): the engine's counters, liveness, placement, and the
+        wall-clock time of this report (a reader that needs counters newer than some event waits
+        for a later reported_at)."""
+        return {
+            **dataclasses.asdict(self.engine.stats()),
+            "alive": self.engine.is_alive,
+            **self.placement,
+            "reported_at": time.time(),
+        }
 
     def _placement(self) -> dict[str, Any]:
         import ray
@@ -264,10 +271,17 @@ class ReplicaClient:
                 raise ValueError("give prompt_token_ids (this checkpoint has no tokenizer)")
             prompt_token_ids = list(self._tokenizer.encode(prompt))
         timing = RequestTiming(arrival_time or time.monotonic())
-        failed_on: list[str] = []
-        last_error = "no attempt"
-        for _ in range(ATTEMPTS_BEFORE_FIRST_TOKEN):
-            request = EngineRequest(request_id, prompt, list(prompt_token_ids), params, tuple(failed_on))
+        request = EngineRequest(request_id, prompt, list(prompt_token_ids), params)
+        stream = await self._open(request)
+        self.metrics.accepted(len(prompt_token_ids))
+        pump = asyncio.ensure_future(self._pump(request, stream, out, timing, final_only))
+        self._streams[request_id] = (stream, pump)
+
+    async def _open(self, request: EngineRequest, last_error: str = "no attempt"):
+        """A stream from a replica whose engine took the request. A replica that fails before it
+        accepts is left out of the next try (ATTEMPTS_BEFORE_FIRST_TOKEN in all); bad input
+        (ValueError) goes back to the caller at once."""
+        while len(request.exclude_replicas) < ATTEMPTS_BEFORE_FIRST_TOKEN:
             stream = self._stream_handle.generate.remote(request)
             try:
                 accepted = await stream.__anext__()
@@ -278,31 +292,54 @@ class ReplicaClient:
                 cause = _cause(e)
                 if isinstance(cause, ValueError):  # bad input, refused by the engine
                     raise ValueError(str(cause)) from None
-                if isinstance(cause, ReplicaEngineDead):
-                    failed_on.append(cause.replica_id)
-                last_error = f"{type(cause).__name__}: {cause}"
-                log.warning("request %s: %s; trying another replica", request_id, last_error)
+                last_error = self._failed(request, cause)
                 continue
             assert isinstance(accepted, Accepted)
-            self.metrics.accepted(len(prompt_token_ids))
-            pump = asyncio.ensure_future(self._pump(request_id, stream, out, timing, final_only))
-            self._streams[request_id] = (stream, pump)
-            return
-        raise EngineDeadError(f"no engine replica took the request ({last_error})")
+            request.exclude_replicas += (accepted.replica_id,)  # if this one fails too, try others
+            return stream
+        raise EngineDeadError(f"no engine replica could serve the request ({last_error})")
 
-    async def _pump(self, request_id: str, stream, out: asyncio.Queue, timing: RequestTiming, final_only: bool):
+    def _failed(self, request: EngineRequest, cause: BaseException) -> str:
+        why = f"{type(cause).__name__}: {cause}"
+        log.warning("request %s: %s; trying another replica", request.request_id, why)
+        if not isinstance(cause, ReplicaEngineDead):  # the replica itself failed: count the try anyway
+            request.exclude_replicas += (f"unknown-{len(request.exclude_replicas)}",)
+        return why
+
+    async def _pump(
+        self, request: EngineRequest, stream, out: asyncio.Queue, timing: RequestTiming, final_only: bool
+    ) -> None:
+        """Moves the replica's outputs to `out`. An engine that dies before the request's first
+        output sends it to another replica, so a killed rank costs the caller nothing; after the
+        first output the caller gets the error (resuming a started stream is issue 14's work)."""
+        delivered = False
         try:
-            async for item in stream:
-                self.metrics.observe(timing, item, time.monotonic())
-                if item.finished or not final_only:
-                    out.put_nowait(item)
+            while True:
+                try:
+                    async for item in stream:
+                        delivered = True
+                        self.metrics.observe(timing, item, time.monotonic())
+                        if item.finished or not final_only:
+                            out.put_nowait(item)
+                    return
+                except asyncio.CancelledError:
+                    raise
+                except Exception as e:
+                    cause = _cause(e)
+                    if delivered:
+                        out.put_nowait(EngineDeadError(f"{type(cause).__name__}: {cause}"))
+                        return
+                    last_error = self._failed(request, cause)
+                    stream = await self._open(request, last_error)
+                    pump = asyncio.current_task()
+                    assert pump is not None
+                    self._streams[request.request_id] = (stream, pump)  # abort() cancels the new stream
         except asyncio.CancelledError:
             raise
-        except Exception as e:  # the replica or its engine died mid-request: tokens already went out
-            cause = _cause(e)
-            out.put_nowait(EngineDeadError(f"{type(cause).__name__}: {cause}"))
+        except Exception as e:  # no replica left to try
+            out.put_nowait(e if isinstance(e, EngineDeadError) else EngineDeadError(f"{type(e).__name__}: {e}"))
         finally:
-            self._streams.pop(request_id, None)
+            self._streams.pop(request.request_id, None)
 
     def abort(self, request_id: str) -> None:
         entry = self._streams.pop(request_id, None)

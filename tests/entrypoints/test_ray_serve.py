@@ -75,6 +75,15 @@ def replicas(port: int) -> dict:
     return httpx.get(f"http://127.0.0.1:{port}/replicas", timeout=30).json()["replicas"]
 
 
+def fresh_replicas(port: int) -> dict:
+    """The replicas' counters as reported after now: Serve polls them every routing-stats period."""
+    since = time.time()
+    return wait_for(
+        lambda: (r := replicas(port)) and all(s["reported_at"] > since for s in r.values()) and r,
+        "every replica to report its counters",
+    )
+
+
 def check_outputs(client: openai.OpenAI, reference: dict) -> None:
     greedy = dict(model="tiny", max_tokens=MAX_TOKENS, temperature=0)
     for prompt in PROMPTS:
@@ -144,7 +153,7 @@ class TestTwoReplicas:
         for topic in ("astronomy and the planets", "cooking with garlic and lemons"):
             shared = f"You are a helpful assistant who answers questions about {topic}. " * 3
             blocks = len(tokenizer.encode(shared)) // 16
-            before = replicas(serve_port)
+            before = fresh_replicas(serve_port)
             for i in range(4):
                 client.completions.create(
                     model="tiny",
@@ -153,16 +162,13 @@ class TestTwoReplicas:
                     temperature=0,
                     extra_body={"ignore_eos": True},
                 )
+            after = fresh_replicas(serve_port)
 
-            def settled(before=before):
-                now = replicas(serve_port)
-                made = sum(
-                    now[r]["num_generated_tokens"] - before.get(r, {}).get("num_generated_tokens", 0) for r in now
-                )
-                return now if made == 16 else None
+            def grew(field: str) -> dict[str, int]:
+                return {r: after[r][field] - before.get(r, {}).get(field, 0) for r in after}  # noqa: B023
 
-            after = wait_for(settled, "the replicas' counters to report the 4 requests")
-            hits = {r: after[r]["prefix_cache_hits"] - before.get(r, {}).get("prefix_cache_hits", 0) for r in after}
+            assert sum(grew("num_generated_tokens").values()) == 16, (before, after)
+            hits = grew("prefix_cache_hits")
             served = [r for r, h in hits.items() if h > 0]
             assert len(served) == 1, f"{topic}: prefix-cache hits on {hits}"
             assert hits[served[0]] >= 3 * blocks, f"{topic}: {hits}, {blocks} shared blocks per request"
@@ -191,7 +197,11 @@ def test_tp2_replicas_hold_their_ranks_and_survive_a_killed_rank(serve_port, tok
             assert out.choices[0].text == reference["completions"][prompt]
             now = replicas(serve_port)
             fresh = [r for r in now if r not in before]
-            return now if victim not in now and survivor in now and len(fresh) == 1 and now[fresh[0]]["alive"] else None
+            return (
+                now
+                if victim not in now and survivor in now and len(fresh) == 1 and now[fresh[0]].get("alive")
+                else None
+            )
 
         after = wait_for(replaced, "Serve to replace the replica whose rank was killed", timeout=180)
         (new,) = set(after) - {survivor}
