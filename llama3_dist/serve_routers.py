@@ -11,12 +11,15 @@ router classes: the wire types and the registry the ingress reads live in ray_se
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import Any
 
 from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
 
 from llama3_dist import ray_serve
 from llama3_dist.core.prefix_index import PrefixIndex, block_hashes, rank_replicas
+
+PENDING_HASHES_KEPT = 4096  # requests between their first routing choice and being routed
 
 
 class _EngineRouter(RequestRouter):
@@ -64,7 +67,9 @@ class PrefixAwareRouter(_EngineRouter):
         self.block_size = block_size
         self.imbalance_threshold = imbalance_threshold
         self.index = PrefixIndex(max_blocks_per_replica)
-        self._hashes: dict[str, list[int]] = {}  # request_id -> its block hashes, until routed
+        # request_id -> its block hashes, from the first choice until routed (a request cancelled
+        # before it was routed never pops its entry: the oldest go past PENDING_HASHES_KEPT)
+        self._hashes: OrderedDict[str, list[int]] = OrderedDict()
 
     async def choose_replicas(
         self, candidate_replicas: list[RunningReplica], pending_request: PendingRequest | None = None
@@ -76,6 +81,8 @@ class PrefixAwareRouter(_EngineRouter):
         hashes = self._hashes.get(request.request_id)
         if hashes is None:
             hashes = self._hashes[request.request_id] = block_hashes(request.prompt_token_ids, self.block_size)
+            while len(self._hashes) > PENDING_HASHES_KEPT:
+                self._hashes.popitem(last=False)
         by_id = {r.replica_id.unique_id: r for r in candidates}
         tiers = rank_replicas(
             list(by_id),
