@@ -24,6 +24,7 @@ ray.serve.llm itself needs vLLM or SGLang to import (Ray 2.60), so no server cla
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import os
@@ -498,3 +499,45 @@ def build_openai_app(
     )
     name = served_model_name or (str(model) if model is not None else "llama3-dist-default")
     return ingress.bind(engine_deployment.bind(model_path, engine_kwargs, health_check_timeout_s), name, api_key)
+
+
+def run_openai_app(
+    model: str | os.PathLike | None = None,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    address: str | None = None,
+    **app_kwargs,
+) -> None:
+    """`llama3-dist serve --num-replicas N`: build_openai_app on Ray Serve, its HTTP proxy on
+    host:port, until Ctrl-C or SIGTERM; then the application and Serve are shut down.
+
+    address: the Ray cluster to join ("auto", "ray://...", or an address); default $RAY_ADDRESS,
+    else a private Ray on this machine.
+    """
+    import signal
+    import threading
+
+    import ray
+
+    from .entrypoints.openai_server import bind_socket, server_url
+
+    app = build_openai_app(model, **app_kwargs)  # bad arguments fail before Ray starts
+    with bind_socket(host, port) as probe:  # a taken port fails now, not after Ray starts; 0 picks one
+        port = probe.getsockname()[1]
+    started_ray = not ray.is_initialized()
+    if started_ray:
+        ray.init(address=address or os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False)
+    stop = threading.Event()
+    previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        serve.start(http_options={"host": host, "port": port})
+        serve.run(app, name="llama3-dist", route_prefix="/")
+        print(f"llama3-dist: serving at {server_url(host, port)}/v1 on Ray Serve", flush=True)
+        with contextlib.suppress(KeyboardInterrupt):
+            stop.wait()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        serve.shutdown()
+        if started_ray:
+            ray.shutdown()

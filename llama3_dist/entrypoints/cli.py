@@ -120,12 +120,37 @@ def _add_serve(sub) -> None:
         help="the model name clients send (default: MODEL_DIR as given, or 'llama3-dist-default')",
     )
     p.add_argument("--log-level", default="info", help="uvicorn log level")
+    ray_serve = p.add_argument_group(
+        "Ray Serve",
+        "With --num-replicas the model is served by Ray Serve: N engine replicas, each "
+        "tensor-parallel over --devices (kinds only: cpu,cpu or cuda,cuda; Ray picks the devices), "
+        "behind one OpenAI endpoint (llama3_dist.ray_serve).",
+    )
+    ray_serve.add_argument(
+        "--num-replicas", type=int, default=None, help="engine replicas (default: one engine, no Ray Serve)"
+    )
+    ray_serve.add_argument(
+        "--routing",
+        default=None,
+        choices=("prefix", "round_robin", "power_of_two"),
+        help="how requests pick a replica (default prefix: the replica holding the prompt's prefix, load as tie-break)",
+    )
+    ray_serve.add_argument(
+        "--address",
+        default=None,
+        help="Ray cluster to join: auto | HOST:PORT (default $RAY_ADDRESS, else a private Ray)",
+    )
     p.set_defaults(run=_run_serve)
 
 
 def _run_serve(args) -> int:
     import os
 
+    api_key = args.api_key or os.environ.get("LLAMA3_DIST_API_KEY")
+    if args.num_replicas is not None:
+        return _run_serve_replicas(args, api_key)
+    if args.routing is not None or args.address is not None:
+        raise SystemExit("llama3-dist serve: --routing and --address go with --num-replicas (Ray Serve)")
     from .openai_server import serve
 
     serve(
@@ -133,9 +158,38 @@ def _run_serve(args) -> int:
         engine_kwargs=_engine_kwargs(args),
         host=args.host,
         port=args.port,
-        api_key=args.api_key or os.environ.get("LLAMA3_DIST_API_KEY"),
+        api_key=api_key,
         served_model_name=args.served_model_name,
         log_level=args.log_level,
+    )
+    return 0
+
+
+def _run_serve_replicas(args, api_key: str | None) -> int:
+    """--num-replicas: the same routes on Ray Serve, one tensor-parallel engine per replica."""
+    devices = args.devices or [None]
+    kinds = {d.split(":")[0] if d else None for d in devices}
+    if len(kinds) != 1 or any(d and ":" in d for d in devices):
+        raise SystemExit(
+            f"llama3-dist serve: with --num-replicas, --devices names one kind per rank (cpu,cpu or cuda,cuda) "
+            f"and Ray picks the devices of each replica; got {','.join(d for d in devices if d)}"
+        )
+    from ..ray_serve import run_openai_app
+
+    engine_kwargs = _engine_kwargs(args)
+    del engine_kwargs["devices"]
+    run_openai_app(
+        args.model,
+        host=args.host,
+        port=args.port,
+        address=args.address,
+        tensor_parallel_size=len(devices),
+        devices=kinds.pop(),
+        num_replicas=args.num_replicas,
+        routing=args.routing or "prefix",
+        api_key=api_key,
+        served_model_name=args.served_model_name,
+        **engine_kwargs,
     )
     return 0
 

@@ -682,7 +682,7 @@ def bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _url(host: str, port: int) -> str:
+def server_url(host: str, port: int) -> str:
     return f"http://{'[' + host + ']' if ':' in host else host}:{port}"
 
 
@@ -706,7 +706,7 @@ def serve(
     try:
         name = served_model_name or (str(model) if model is not None else DEFAULT_MODEL_NAME)
         app = build_app(engine, name, api_key)
-        url = _url(host, sock.getsockname()[1])
+        url = server_url(host, sock.getsockname()[1])
         print(f"llama3-dist: serving {name!r} at {url}/v1", flush=True)
         config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5)
         with contextlib.suppress(KeyboardInterrupt):  # uvicorn re-raises Ctrl-C once it has shut down
@@ -734,7 +734,7 @@ class ServerThread:
         self.engine = engine
         self.app = build_app(engine, served_model_name, api_key)
         self.sock = bind_socket(host, port)
-        self.url = _url(host, self.sock.getsockname()[1])
+        self.url = server_url(host, self.sock.getsockname()[1])
         self.base_url = self.url + "/v1"
         self.server = uvicorn.Server(uvicorn.Config(self.app, log_level=log_level, timeout_graceful_shutdown=2))
         self.thread = threading.Thread(

@@ -175,8 +175,9 @@ def test_engine_that_dies_fails_the_dataset(tokenized_checkpoint, ray_local):
         sampling_params=GREEDY,
         **ENGINE,
     )
-    rows_seen = iter(processor(ds).iter_rows())
-    assert next(rows_seen)["error"] is None  # the engine is up and has run a batch
+    # Block by block, no prefetch: a prefetching iterator waits for a second block, held at the gate.
+    rows_seen = iter(processor(ds).iter_batches(batch_size=None, prefetch_batches=0, batch_format="pandas"))
+    assert next(rows_seen)["error"].isna().all()  # the engine is up and has run a batch
     new_ranks = rank_pids(ray) - before_ranks
     assert len(new_ranks) == 2, new_ranks
     os.kill(max(new_ranks), signal.SIGKILL)
