@@ -98,9 +98,19 @@ class ReplicaEngineDead(RuntimeError):
 class LLMServer:
     """One engine replica: an AsyncLLMEngine (at TP>1 its ranks take the replica's bundles)."""
 
-    def __init__(self, model: str, engine_kwargs: dict, health_check_timeout_s: float = DEFAULT_HEALTH_CHECK_TIMEOUT_S):
+    def __init__(
+        self,
+        model: str,
+        engine_kwargs: dict,
+        health_check_timeout_s: float = DEFAULT_HEALTH_CHECK_TIMEOUT_S,
+        num_threads: int | None = None,
+    ):
         from .engine import LLMEngine
 
+        if num_threads is not None:  # a CPU replica that runs the model itself: its CPUs, not the host's
+            import torch
+
+            torch.set_num_threads(num_threads)
         self.replica_id = _own_replica_id()
         self.engine = AsyncLLMEngine(LLMEngine(model, **engine_kwargs))
         self.tokenizer_path = str(engine_kwargs.get("tokenizer") or self.engine.model_path)
@@ -498,7 +508,9 @@ def build_openai_app(
         },
     )
     name = served_model_name or (str(model) if model is not None else "llama3-dist-default")
-    return ingress.bind(engine_deployment.bind(model_path, engine_kwargs, health_check_timeout_s), name, api_key)
+    num_threads = max(1, int(rank_bundle["CPU"])) if not on_gpu and tensor_parallel_size == 1 else None
+    engine = engine_deployment.bind(model_path, engine_kwargs, health_check_timeout_s, num_threads)
+    return ingress.bind(engine, name, api_key)
 
 
 def run_openai_app(
@@ -533,7 +545,8 @@ def run_openai_app(
     try:
         serve.start(http_options={"host": host, "port": port})
         serve.run(app, name="llama3-dist", route_prefix="/")
-        print(f"llama3-dist: serving at {server_url(host, port)}/v1 on Ray Serve", flush=True)
+        replicas = app_kwargs.get("num_replicas", 1)
+        print(f"llama3-dist: serving on Ray Serve ({replicas} replicas) at {server_url(host, port)}/v1", flush=True)
         with contextlib.suppress(KeyboardInterrupt):
             stop.wait()
     finally:

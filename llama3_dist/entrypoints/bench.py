@@ -49,11 +49,14 @@ class BenchConfig:
     model: str | None = None
     temperature: float = 0.0
     seed: int = 0
+    prompts: list[str] | None = None  # instead of num_prompts random ones (benchmarks with a workload of their own)
 
 
 def _bench_prompts(cfg: BenchConfig) -> list[str]:
     import random
 
+    if cfg.prompts is not None:
+        return list(cfg.prompts)
     rng = random.Random(cfg.seed)
     return [" ".join(rng.choice(_WORDS) for _ in range(cfg.input_len)) for _ in range(cfg.num_prompts)]
 
@@ -117,12 +120,12 @@ async def _bench_async(base_url: str, cfg: BenchConfig) -> dict:
     return {
         "base_url": base_url,
         "model": model,
-        "num_prompts": cfg.num_prompts,
+        "num_prompts": len(prompts),
         "concurrency": cfg.concurrency,
         "prompt_tokens": in_tokens,
         "output_tokens": out_tokens,
         "duration_s": duration,
-        "requests_per_s": cfg.num_prompts / duration,
+        "requests_per_s": len(prompts) / duration,
         "output_tokens_per_s": out_tokens / duration,
         "ttft_ms_p50": pct(ttft, 50),
         "ttft_ms_p99": pct(ttft, 99),

@@ -126,3 +126,50 @@ def test_bench_command_and_clean_shutdown(serve_cli, capsys):
     proc.send_signal(signal.SIGINT)
     assert proc.wait(30) == 0
     assert "Traceback" not in proc.stderr.read()
+
+
+def test_ray_serve_example(ray_local, capsys):
+    """Two replicas on the session's Ray: each topic's requests hit one replica's prefix cache."""
+    import re
+
+    out = run_here(EXAMPLES / "ray_serve.py", ["--port", str(free_port()), "--max-tokens", "4"], capsys)
+    assert out.count(" -> ") == 8 and "stream: " in out
+    hits = [int(h) for h in re.findall(r"tokens generated, (\d+) of \d+ prompt tokens", out)]
+    assert len(hits) == 2 and sum(hits) > 0, out
+
+
+def test_serve_command_with_replicas(tmp_path):
+    """`llama3-dist serve --num-replicas 2`: Ray Serve behind the same OpenAI routes (the openai
+    client example passes against it, API key included), /replicas lists both engines, and
+    SIGTERM shuts Serve and its private Ray down cleanly."""
+    import httpx
+
+    proc = subprocess.Popen(
+        [*CLI, "serve", "--num-replicas", "2", "--devices", "cpu", "--port", "0", "--api-key", "k3y"],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=(tmp_path / "stderr").open("w"),  # Ray and Serve log there; a pipe could fill and block
+        text=True,
+        env={**os.environ, "CUDA_VISIBLE_DEVICES": "", "RAY_ADDRESS": ""},
+    )
+    try:
+        url = read_server_url(proc, timeout=180)
+        example = [str(EXAMPLES / "openai_client.py"), "--base-url", url + "/v1", "--api-key", "k3y"]
+        out = run([*example, "--max-tokens", "5"])
+        assert "model: llama3-dist-default" in out and "[5 tokens streamed]" in out
+        assert "bad request refused: 400 temperature must be >= 0 (0 means greedy), got -1.0" in out
+        replicas = httpx.get(url + "/replicas", headers={"Authorization": "Bearer k3y"}, timeout=30).json()
+        assert len(replicas["replicas"]) == 2, replicas
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
+        assert "Traceback" not in (tmp_path / "stderr").read_text()
+    finally:
+        stop_server_process(proc, 20)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
