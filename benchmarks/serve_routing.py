@@ -82,6 +82,9 @@ def run_configuration(name: str, args, port: int, prompts: list[str], **app_kwar
     serve.run(app, name=name, route_prefix="/")
     base_url = f"http://127.0.0.1:{port}"
     try:
+        # The routers (and with them the replicas' counters) appear with the first request.
+        warm = {"model": httpx.get(base_url + "/v1/models").json()["data"][0]["id"], "prompt": "hi", "max_tokens": 2}
+        httpx.post(base_url + "/v1/completions", json=warm, timeout=120).raise_for_status()
         before = fresh_counters(base_url)
         cfg = BenchConfig(concurrency=args.concurrency, output_len=args.output_len, prompts=prompts)
         result = asyncio.run(_bench_async(base_url + "/v1", cfg))

@@ -513,6 +513,41 @@ def build_openai_app(
     return ingress.bind(engine, name, api_key)
 
 
+def build_app_from_args(args: dict[str, Any]) -> serve.Application:
+    """Serve's application-builder form of build_openai_app, for config files and `serve run`:
+
+        serve run llama3_dist.ray_serve:build_app_from_args model=/models/Llama-3.1-8B-Instruct \
+            tensor_parallel_size=2 num_replicas=2
+
+    or `import_path: llama3_dist.ray_serve:build_app_from_args` with `args:` in a Serve config
+    (cluster/kuberay-rayservice.yaml). Values given on the command line arrive as strings: the
+    numeric and boolean keyword arguments are converted; engine keywords go through as given
+    (give them typed in a config file)."""
+    kwargs = dict(args)
+    model = kwargs.pop("model", None)
+    converters: dict[str, Any] = {
+        "tensor_parallel_size": int,
+        "num_replicas": int,
+        "max_ongoing_requests": int,
+        "max_num_seqs": int,
+        "max_num_batched_tokens": int,
+        "max_seq_len": int,
+        "kv_cache_bytes": int,
+        "cpus_per_rank": float,
+        "replica_cpus": float,
+        "health_check_period_s": float,
+        "health_check_timeout_s": float,
+        "routing_stats_period_s": float,
+    }
+    for key, convert in converters.items():
+        if isinstance(kwargs.get(key), str):
+            try:
+                kwargs[key] = convert(kwargs[key])
+            except ValueError:
+                raise ConfigError(f"{key} must be a number, got {kwargs[key]!r}") from None
+    return build_openai_app(model, **kwargs)
+
+
 def run_openai_app(
     model: str | os.PathLike | None = None,
     *,
