@@ -4,10 +4,14 @@
     B  2 replicas, half the CPUs each, round-robin routing
     C  2 replicas, half the CPUs each, prefix-aware routing (llama3_dist.serve_routers)
 
-Workload: concurrent streaming completions where half of the requests open with one of a few long
-shared "system prompts" and half are unique. Reported per configuration: requests/s, output
-tokens/s, time to first token p50/p99, and the prefix-cache hit rate summed over the replicas
-(prompt tokens read from the cache / prompt tokens looked up, from each replica's counters).
+Workload: concurrent streaming completions where half of the requests open with one of 32 long
+shared "system prompts" and half are unique; the replicas' KV caches together hold every shared
+prefix once, besides the running sequences, but not once per replica (the same total memory in
+every configuration). That is where routing matters: round-robin makes every replica hold every
+prefix, so they evict each other's prefixes; prefix-aware routing gives each prefix one home.
+Reported per configuration: requests/s, output tokens/s, time to first token p50/p99, and the
+prefix-cache hit rate summed over the replicas (prompt tokens read from the cache / prompt tokens
+looked up, from each replica's counters).
 
     python benchmarks/serve_routing.py                          # the embedded default model, 2 CPUs
     python benchmarks/serve_routing.py MODEL_DIR --cpus 8 --requests 256 --concurrency 64
@@ -76,7 +80,7 @@ def run_configuration(name: str, args, port: int, prompts: list[str], **app_kwar
         devices="cpu",
         dtype=args.dtype,
         max_num_seqs=args.concurrency,
-        kv_cache_bytes=args.kv_cache_bytes,
+        kv_cache_bytes=args.kv_cache_bytes // app_kwargs["num_replicas"],
         **app_kwargs,
     )
     serve.run(app, name=name, route_prefix="/")
@@ -110,13 +114,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", nargs="?", default=None, help="checkpoint directory (default: the embedded one)")
     parser.add_argument("--cpus", type=int, default=2, help="CPUs for the engines, split between the replicas")
-    parser.add_argument("--requests", type=int, default=128)
+    parser.add_argument("--requests", type=int, default=256)
     parser.add_argument("--concurrency", type=int, default=32)
-    parser.add_argument("--shared-prefixes", type=int, default=4)
+    parser.add_argument("--shared-prefixes", type=int, default=32)
     parser.add_argument("--prefix-words", type=int, default=200)
     parser.add_argument("--output-len", type=int, default=16)
     parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--kv-cache-bytes", type=int, default=256 << 20)
+    parser.add_argument(
+        "--kv-cache-bytes",
+        type=int,
+        default=32 << 20,
+        help="KV cache of all replicas together, split evenly: the default holds every shared prefix once "
+        "besides the running sequences, not once per replica",
+    )
     parser.add_argument("--json", action="store_true", help="one JSON object per configuration")
     args = parser.parse_args()
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import runpy
 import signal
 import subprocess
@@ -130,8 +131,6 @@ def test_bench_command_and_clean_shutdown(serve_cli, capsys):
 
 def test_ray_serve_example(ray_local, capsys):
     """Two replicas on the session's Ray: each topic's requests hit one replica's prefix cache."""
-    import re
-
     out = run_here(EXAMPLES / "ray_serve.py", ["--port", str(free_port()), "--max-tokens", "4"], capsys)
     assert out.count(" -> ") == 8 and "stream: " in out
     hits = [int(h) for h in re.findall(r"tokens generated, (\d+) of \d+ prompt tokens", out)]
@@ -173,3 +172,12 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def test_ray_data_batch_example(ray_local, capsys, tmp_path):
+    """JSONL in, JSONL out through the session's Ray: every row back, the bad one with its error."""
+    out = run_here(
+        EXAMPLES / "ray_data_batch.py", ["--rows", "8", "--max-tokens", "4", "--output", str(tmp_path / "out")], capsys
+    )
+    assert re.search(r"11 rows from \S+prompts\.jsonl to \S+out: 40 tokens generated, 1 with an error", out), out
+    assert "error: prompt must not be empty" in out
