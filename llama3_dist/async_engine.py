@@ -6,9 +6,14 @@
 The engine is not thread-safe, so exactly one thread (started here) touches it. The thread blocks
 on the command queue while the engine is idle and steps while it has work. Each request's
 outputs go to the asyncio.Queue given with it (several requests may share one queue: a
-completions call with several prompts). If a step raises, the engine is dead: every open request
-receives an EngineDeadError, new requests are refused, and `error` says why (the server's /health
-reports it).
+completions call with several prompts).
+
+A rank that fails is replaced by LLMEngine's self-healing (LLMEngine.recover): during a step, or,
+while the engine is idle, found by a health ping of every rank each health_check_interval_s;
+open requests carry on where they stopped. While the ranks are rebuilt `recovering` says why (the
+server's /health answers 503 with it). If the engine cannot heal (its restart budget spent) or
+fails otherwise, it is dead: every open request receives an EngineDeadError, new requests are
+refused, and `error` says why.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from .engine import EngineStats, LLMEngine
+from .executor import WorkerError
 from .outputs import RequestOutput
 from .request_metrics import RequestMetrics, RequestTiming
 from .sampling_params import SamplingParams
@@ -73,14 +79,39 @@ class Fail:
     why: str
 
 
-Command = AddRequest | AbortRequest | Stop | Fail
+@dataclass(slots=True)
+class Heal:
+    """A health check found a rank of `executor` gone: rebuild the ranks (unless a failed step has
+    already replaced that executor)."""
+
+    executor: object
+    fault: BaseException
+
+
+Command = AddRequest | AbortRequest | Stop | Fail | Heal
+
+DEFAULT_HEALTH_CHECK_INTERVAL_S = 5.0
 
 
 class AsyncLLMEngine:
     """Owns an LLMEngine on a background thread. Create and use it from one event loop."""
 
-    def __init__(self, engine: LLMEngine):
+    def __init__(
+        self,
+        engine: LLMEngine,
+        health_check_interval_s: float = DEFAULT_HEALTH_CHECK_INTERVAL_S,
+        health_check_timeout_s: float = 10.0,
+    ):
+        """health_check_interval_s: how often the idle engine pings its ranks, so that a dead
+        rank is found (and replaced) before the next request needs it."""
+        if health_check_interval_s <= 0 or health_check_timeout_s <= 0:
+            raise ValueError(
+                f"health_check_interval_s and health_check_timeout_s must be > 0, got "
+                f"{health_check_interval_s} and {health_check_timeout_s}"
+            )
         self.engine = engine
+        self.health_check_interval_s = health_check_interval_s
+        self.health_check_timeout_s = health_check_timeout_s
         self.error: str | None = None  # why the engine died, once it has
         self._commands: queue.SimpleQueue[Command] = queue.SimpleQueue()
         self._streams: dict[str, _Stream] = {}  # engine thread only
@@ -93,6 +124,11 @@ class AsyncLLMEngine:
     @property
     def is_alive(self) -> bool:
         return self.error is None and self._thread.is_alive()
+
+    @property
+    def recovering(self) -> str | None:
+        """Why the ranks are being rebuilt right now, else None."""
+        return self.engine.recovering
 
     @property
     def model_path(self) -> str:
@@ -145,13 +181,19 @@ class AsyncLLMEngine:
         await accepted
 
     async def check_health(self, timeout_s: float = 10.0) -> None:
-        """Raises EngineDeadError if the engine thread has died, or if a rank is dead or does not
-        answer within timeout_s (checked on a thread, off the event loop). A failed check kills the
-        engine: a tensor-parallel group missing a rank cannot run another step."""
+        """Raises EngineDeadError if the engine is dead. Pings every rank (on a thread, off the
+        event loop); a rank that is dead or silent past timeout_s makes the engine rebuild its
+        ranks (self-healing), and the check passes while it does: the engine fails it only once
+        it cannot heal."""
         if not self.is_alive:
             raise EngineDeadError(f"the engine is not running: {self.error or 'its thread has stopped'}")
+        if self.engine.recovering is not None:
+            return
+        executor = self.engine.executor
         try:
-            await asyncio.to_thread(self.engine.check_health, timeout_s)
+            await asyncio.to_thread(executor.check_health, timeout_s)
+        except WorkerError as e:
+            self._commands.put(Heal(executor, e))
         except Exception as e:
             why = f"health check failed: {type(e).__name__}: {e}"
             self._commands.put(Fail(why))
@@ -193,7 +235,13 @@ class AsyncLLMEngine:
         try:
             while True:
                 busy = self.error is None and engine.has_unfinished_requests()
-                commands = [] if busy else [self._commands.get()]  # idle: sleep until there is something to do
+                commands: list[Command] = []
+                if not busy:  # idle: sleep until there is something to do, pinging the ranks now and then
+                    try:
+                        commands.append(self._commands.get(timeout=self.health_check_interval_s))
+                    except queue.Empty:
+                        self._ping_ranks()
+                        continue
                 while True:
                     try:
                         commands.append(self._commands.get_nowait())
@@ -207,11 +255,15 @@ class AsyncLLMEngine:
                         if self.error is None:
                             self._die(command.why)
                         continue
+                    if isinstance(command, Heal):
+                        if self.error is None and command.executor is engine.executor:
+                            self._heal(command.fault)
+                        continue
                     self._command(command)
                 if self.error is None and engine.has_unfinished_requests():
                     try:
                         outputs = engine.step()
-                    except Exception as e:  # a dead Ray actor, a CUDA error, a bug: nothing more can run
+                    except Exception as e:  # healing failed or gave up, or a bug: nothing more can run
                         logger.exception("engine step failed; the engine is dead")
                         self._die(f"{type(e).__name__}: {e}")
                         continue
@@ -220,6 +272,25 @@ class AsyncLLMEngine:
         except BaseException as e:  # never leave a handler waiting on a thread that is gone
             self._die(f"the engine thread stopped: {type(e).__name__}: {e}")
             raise
+
+    def _ping_ranks(self) -> None:
+        """The idle engine's health check: a rank found dead is replaced now, not at the next request."""
+        if self.error is not None or self.engine.has_unfinished_requests():
+            return
+        try:
+            self.engine.check_health(self.health_check_timeout_s)
+        except WorkerError as e:
+            self._heal(e)
+        except Exception as e:
+            self._die(f"health check failed: {type(e).__name__}: {e}")
+
+    def _heal(self, fault: BaseException) -> None:
+        try:
+            self.engine.recover(fault)
+        except Exception as e:
+            logger.error("the engine cannot heal: %s", e)
+            self._die(f"{type(e).__name__}: {e}")
+        self._stats = self.engine.stats()
 
     def _command(self, command: AddRequest | AbortRequest) -> None:
         if isinstance(command, AbortRequest):

@@ -22,7 +22,7 @@ from .core.sampling_metadata import SamplingMetadata
 from .core.scheduler import PLACEHOLDER, Request, RequestStatus, ScheduledSequence, Scheduler, SchedulerOutput
 from .core.step_input import SamplingInput, StepInput, build_step_input
 from .core.text_context import TextContext, check_tokens
-from .executor import Executor, PendingStep, make_executor
+from .executor import Executor, PendingStep, WorkerError, make_executor
 from .outputs import CompletionOutput, LogprobsDict, RequestOutput
 from .sampling_params import SamplingParams
 
@@ -95,6 +95,28 @@ class EngineStats:
     prefix_cache_hits: int
     num_generated_tokens: int
     num_steps: int
+    num_restarts: int = 0  # tensor-parallel groups rebuilt after a rank failed
+    num_requests_retried: int = 0  # unfinished requests put back to recompute by those rebuilds
+    last_recovery_ms: int = 0  # fault seen to new group ready, the last time
+
+
+class EngineFailedError(RuntimeError):
+    """The engine cannot run another step: its ranks failed more often than max_restarts allows,
+    or a rebuilt group failed before it completed a step."""
+
+
+@dataclass(slots=True)
+class _Recovery:
+    """What self-healing has done, and what bounds it."""
+
+    max_restarts: int
+    window_s: float
+    backoff_s: float
+    restart_times: list[float] = field(default_factory=list)  # monotonic times of the rebuilds
+    steps_since_restart: int = 0
+    num_restarts: int = 0
+    num_requests_retried: int = 0
+    last_seconds: float = 0.0
 
 
 class LLMEngine:
@@ -119,6 +141,9 @@ class LLMEngine:
         enforce_eager: bool = False,
         load_format: str = "auto",
         async_scheduling: bool | None = None,
+        max_restarts: int = 3,
+        restart_window_s: float = 600.0,
+        restart_backoff_s: float = 1.0,
         **executor_kwargs,
     ):
         """enforce_eager: no CUDA graphs for decode steps (CPU ranks never use them).
@@ -126,7 +151,20 @@ class LLMEngine:
         default on a single CUDA device; a CPU step runs as it is launched, so it would only
         delay each token by a step there; Ray executors do not support it).
         load_format: "auto" (the checkpoint's safetensors) or "dummy" (random weights of the
-        config's shapes, for benchmarks: the directory needs only config.json)."""
+        config's shapes, for benchmarks: the directory needs only config.json).
+        max_restarts, restart_window_s, restart_backoff_s: self-healing. When a rank fails (its
+        process dies, it raises in a step, a collective times out, it misses a health check) the
+        engine closes the executor, builds a new one (new ranks, a fresh KV cache) and recomputes
+        every unfinished request from its prompt and the tokens it has already produced, so
+        greedy and seeded outputs come out as without the fault. At most max_restarts rebuilds
+        in any restart_window_s seconds, each after a backoff doubling from restart_backoff_s (the
+        first is immediate); past that, or when a rebuilt group fails before completing a step,
+        the engine fails with EngineFailedError naming the fault. max_restarts=0: no healing."""
+        if max_restarts < 0 or restart_window_s <= 0 or restart_backoff_s < 0:
+            raise ValueError(
+                f"max_restarts must be >= 0, restart_window_s > 0 and restart_backoff_s >= 0; got {max_restarts}, "
+                f"{restart_window_s}, {restart_backoff_s}"
+            )
         if model is None:
             from .default_model import default_model_path
 
@@ -152,9 +190,14 @@ class LLMEngine:
             enforce_eager=enforce_eager,
             load_format=_load_format(load_format),
         )
-        self.executor: Executor = make_executor(
+        self._make_executor = lambda: make_executor(
             self.config, self.model_path, executor, worker_kwargs, **executor_kwargs
         )
+        self.executor: Executor = self._make_executor()
+        self._recovery = _Recovery(max_restarts, restart_window_s, restart_backoff_s)
+        # Why the engine is rebuilding its ranks right now, else None (read by health checks on
+        # other threads while the engine thread rebuilds).
+        self.recovering: str | None = None
         self._shut_down = False
         self.scheduler: Scheduler[_Sequence] = Scheduler(
             self.executor.num_kv_blocks,
@@ -267,8 +310,15 @@ class LLMEngine:
         outputs returned are those of the previous step, finished while this one runs: the GPU
         never waits for this Python between decode steps. A stop is then seen one step late: the
         extra token computed for a sequence that has stopped is dropped, never reported."""
-        started = time.perf_counter()
         touched: dict[str, _Group] = {}
+        try:
+            self._step(touched)
+        except WorkerError as fault:
+            self.recover(fault)
+        return self._outputs(touched)
+
+    def _step(self, touched: dict[str, _Group]) -> None:
+        started = time.perf_counter()
         in_flight = self._in_flight
         if in_flight is not None and not self._may_run_ahead():
             self._complete(in_flight, touched)  # the next step needs this one's tokens on the host
@@ -289,11 +339,60 @@ class LLMEngine:
                 self._in_flight = launched
             else:
                 self._complete(launched, touched)
-        outputs = self._outputs(touched)
         if launched is not None or in_flight is not None:
             self.times.steps += 1
             self.times.step += time.perf_counter() - started
-        return outputs
+            self._recovery.steps_since_restart += 1
+
+    # --- self-healing -----------------------------------------------------------------------
+    def recover(self, fault: BaseException) -> None:
+        """Replaces a failed executor: closes it (every remaining rank, its placement group and
+        collective group), builds a new one and puts every unfinished request back to be
+        recomputed (Scheduler.reset). Raises EngineFailedError when the budget is spent or the
+        group failed again before it completed a step; the engine is then unusable."""
+        recovery = self._recovery
+        now = time.monotonic()
+        recent = [t for t in recovery.restart_times if now - t < recovery.window_s]
+        why = f"{type(fault).__name__}: {fault}"
+        if len(recent) >= recovery.max_restarts:
+            raise EngineFailedError(
+                f"{why} (the ranks were rebuilt {len(recent)} times in the last {recovery.window_s:g} s; "
+                f"max_restarts={recovery.max_restarts})"
+            ) from fault
+        if recovery.restart_times and recovery.steps_since_restart == 0:
+            raise EngineFailedError(
+                f"{why} (again, before the rebuilt ranks completed a step: the fault follows the work)"
+            ) from fault
+        started = time.perf_counter()
+        self.recovering = f"rebuilding the ranks after a fault: {why}"
+        logger.warning(
+            "%s; rebuilding the ranks (restart %d of at most %d)", why, len(recent) + 1, recovery.max_restarts
+        )
+        try:
+            self._in_flight = None
+            try:
+                self.executor.close()
+            except Exception as e:  # half-dead group: what is left goes with the process
+                logger.warning("closing the failed executor: %s: %s", type(e).__name__, e)
+            if recent:
+                time.sleep(recovery.backoff_s * 2 ** (len(recent) - 1))
+            recovery.restart_times = [*recent, now]
+            try:
+                self.executor = self._make_executor()
+            except Exception as e:
+                raise EngineFailedError(f"{why}; rebuilding the ranks failed: {type(e).__name__}: {e}") from e
+            requests = self.scheduler.reset(self.executor.num_kv_blocks)
+        finally:
+            self.recovering = None
+        recovery.steps_since_restart = 0
+        recovery.num_restarts += 1
+        recovery.num_requests_retried += len(requests)
+        recovery.last_seconds = time.perf_counter() - started
+        logger.warning(
+            "ranks rebuilt in %.1f s; %d unfinished requests recompute from their tokens",
+            recovery.last_seconds,
+            len(requests),
+        )
 
     def _may_run_ahead(self) -> bool:
         """Whether the next step may be scheduled before this one's tokens are on the host:
@@ -492,6 +591,9 @@ class LLMEngine:
             prefix_cache_hits=s.prefix_cache_hits,
             num_generated_tokens=self.num_generated_tokens,
             num_steps=self.times.steps,
+            num_restarts=self._recovery.num_restarts,
+            num_requests_retried=self._recovery.num_requests_retried,
+            last_recovery_ms=round(self._recovery.last_seconds * 1000),
         )
 
     def check_health(self, timeout_s: float = 10.0) -> None:

@@ -257,6 +257,11 @@ class ReplicaClient:
         )
 
     @property
+    def recovering(self) -> str | None:
+        """Replicas heal on their own; the ingress serves through the others meanwhile."""
+        return None
+
+    @property
     def is_alive(self) -> bool:
         """At least one replica is running with a live engine (by this router's view)."""
         router = self._router()

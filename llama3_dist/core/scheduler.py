@@ -299,6 +299,32 @@ class Scheduler(Generic[DataT]):
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
 
+    def reset(self, num_blocks: int) -> list[Request[DataT]]:
+        """The KV cache is gone (the ranks that held it were replaced by new ones with a cache of
+        `num_blocks`): every unfinished request drops its blocks and waits, oldest first, to be
+        recomputed from its tokens, outputs included, as after a preemption. A token still a
+        placeholder belonged to a step whose result was lost: it is dropped and sampled again.
+        A step scheduled or committed before the loss is forgotten. Returns the requests, oldest
+        first; the prefix-cache counters carry over."""
+        old = self.block_manager
+        self.block_manager = BlockManager(num_blocks, old.block_size, old.enable_prefix_caching)
+        self.block_manager.prefix_cache_queries = old.prefix_cache_queries
+        self.block_manager.prefix_cache_hits = old.prefix_cache_hits
+        self._pending = self._unfilled = None
+        requests = sorted(self.requests.values(), key=lambda req: req.arrival)
+        for req in requests:
+            ctx = req.context
+            if PLACEHOLDER in ctx.tokens:
+                del ctx.tokens[ctx.tokens.index(PLACEHOLDER) :]
+            ctx.block_ids = []
+            ctx.num_computed_tokens = 0
+            req.schedulable = True
+            if req.status is RequestStatus.RUNNING:
+                req.status = RequestStatus.PREEMPTED
+        self.running = []
+        self.waiting = deque(requests)
+        return requests
+
     def stats(self) -> SchedulerStats:
         bm = self.block_manager
         return SchedulerStats(

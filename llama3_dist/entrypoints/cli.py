@@ -112,7 +112,33 @@ def _add_serve(sub) -> None:
     p.add_argument(
         "--api-key",
         default=None,
-        help="require 'Authorization: Bearer KEY' on every request (default: $LLAMA3_DIST_API_KEY)",
+        help="require 'Authorization: Bearer KEY' on /v1/* (default: $LLAMA3_DIST_API_KEY, which keeps the "
+        "key out of process listings); /health, /ping and /metrics stay open for probes and scrapers",
+    )
+    p.add_argument("--protect-metrics", action="store_true", help="/metrics needs the API key too")
+    limits = p.add_argument_group("limits", "What one request may ask; past a limit it gets an OpenAI-format error.")
+    limits.add_argument("--max-prompt-tokens", type=int, default=None, help="400 beyond (default: the context)")
+    limits.add_argument("--max-tokens-cap", type=int, default=None, help="largest max_tokens (default: the context)")
+    limits.add_argument("--max-n", type=int, default=16, help="most choices per request (default 16)")
+    limits.add_argument("--max-logprobs", type=int, default=20, help="most logprobs per token (default 20)")
+    limits.add_argument("--max-body-bytes", type=int, default=4 << 20, help="413 beyond (default 4 MiB)")
+    limits.add_argument(
+        "--max-active-requests",
+        type=int,
+        default=1024,
+        help="requests running or queued; 429 with Retry-After beyond (default 1024)",
+    )
+    limits.add_argument(
+        "--request-timeout",
+        type=float,
+        default=600.0,
+        help="seconds before a request is aborted and its KV blocks freed (408; default 600; 0: none)",
+    )
+    limits.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=30.0,
+        help="on SIGTERM or Ctrl-C, seconds the requests under way get to finish (default 30)",
     )
     p.add_argument(
         "--served-model-name",
@@ -151,8 +177,20 @@ def _run_serve(args) -> int:
         return _run_serve_replicas(args, api_key)
     if args.routing is not None or args.address is not None:
         raise SystemExit("llama3-dist serve: --routing and --address go with --num-replicas (Ray Serve)")
-    from .openai_server import serve
+    from .openai_server import ServerLimits, serve
 
+    try:
+        limits = ServerLimits(
+            max_prompt_tokens=args.max_prompt_tokens,
+            max_tokens=args.max_tokens_cap,
+            max_n=args.max_n,
+            max_logprobs=args.max_logprobs,
+            max_body_bytes=args.max_body_bytes,
+            max_active_requests=args.max_active_requests,
+            request_timeout_s=args.request_timeout or None,
+        )
+    except ValueError as e:
+        raise SystemExit(f"llama3-dist serve: {e}") from None
     serve(
         args.model,
         engine_kwargs=_engine_kwargs(args),
@@ -161,6 +199,9 @@ def _run_serve(args) -> int:
         api_key=api_key,
         served_model_name=args.served_model_name,
         log_level=args.log_level,
+        protect_metrics=args.protect_metrics,
+        limits=limits,
+        drain_timeout_s=args.drain_timeout,
     )
     return 0
 

@@ -23,6 +23,11 @@ class EngineClient(Protocol):
     def is_alive(self) -> bool: ...
 
     @property
+    def recovering(self) -> str | None:
+        """Why the engine is rebuilding its ranks right now (it serves again after), else None."""
+        ...
+
+    @property
     def model_path(self) -> str: ...
 
     @property

@@ -12,6 +12,7 @@ REPLICA_FIELDS = (  # (metric name, EngineStats field, type, help)
     ("prefix_cache_queries_total", "prefix_cache_queries", "counter", "Blocks looked up in its prefix cache."),
     ("prefix_cache_hits_total", "prefix_cache_hits", "counter", "Blocks found in the replica's prefix cache."),
     ("generation_tokens_total", "num_generated_tokens", "counter", "Tokens the replica generated."),
+    ("engine_restarts_total", "num_restarts", "counter", "Times the replica rebuilt its ranks after a fault."),
 )
 
 
@@ -41,6 +42,19 @@ def render_metrics(engine: EngineClient, model_name: str) -> str:
     metric(p + "prefix_cache_queries_total", "counter", "Blocks looked up in the prefix cache.", s.prefix_cache_queries)
     metric(p + "prefix_cache_hits_total", "counter", "Blocks found in the prefix cache.", s.prefix_cache_hits)
     metric(p + "generation_tokens_total", "counter", "Tokens generated since start.", s.num_generated_tokens)
+    metric(p + "engine_restarts_total", "counter", "Rank groups rebuilt after a rank failed.", s.num_restarts)
+    metric(
+        p + "requests_retried_total",
+        "counter",
+        "Unfinished requests recomputed on rebuilt ranks.",
+        s.num_requests_retried,
+    )
+    metric(
+        p + "last_recovery_seconds",
+        "gauge",
+        "Fault to rebuilt ranks, the last time.",
+        s.last_recovery_ms / 1000,
+    )
     metric(p + "engine_steps_total", "counter", "Engine steps since start.", s.num_steps)
     replicas = engine.replica_stats()
     if replicas:

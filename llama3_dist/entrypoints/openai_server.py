@@ -24,6 +24,7 @@ import socket
 import threading
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 from fastapi import FastAPI, Request
@@ -47,6 +48,34 @@ from .openai_protocol import (
 )
 
 DEFAULT_MODEL_NAME = "llama3-dist-default"
+CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
+
+
+@dataclass(frozen=True, slots=True)
+class ServerLimits:
+    """What one request may ask of the server; each breach is an OpenAI-format error naming the
+    limit and its flag, and the server keeps serving everyone else."""
+
+    max_prompt_tokens: int | None = None  # None: the model's context (400 beyond)
+    max_tokens: int | None = None  # completion tokens one choice may ask for; None: the context
+    max_n: int = 16  # choices per request (400 beyond)
+    max_logprobs: int = MAX_LOGPROBS
+    max_body_bytes: int = 4 << 20  # 413 beyond
+    max_active_requests: int = 1024  # engine requests running or queued through this server (429 beyond)
+    request_timeout_s: float | None = 600.0  # then the request is aborted, its blocks freed (408)
+
+    def __post_init__(self):
+        for name in ("max_prompt_tokens", "max_tokens"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1 (or None for the model's context), got {value}")
+        for name in ("max_n", "max_body_bytes", "max_active_requests"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0 <= self.max_logprobs <= MAX_LOGPROBS:
+            raise ValueError(f"max_logprobs must be in [0, {MAX_LOGPROBS}], got {self.max_logprobs}")
+        if self.request_timeout_s is not None and self.request_timeout_s <= 0:
+            raise ValueError(f"request_timeout_s must be > 0 (or None: no timeout), got {self.request_timeout_s}")
 
 
 # ============================================================================ the server
@@ -54,8 +83,16 @@ class OpenAIServer:
     """The handlers; `engine` is an AsyncLLMEngine here, or the Ray Serve ingress's client of the
     engine replicas (ray_serve.py)."""
 
-    def __init__(self, engine: EngineClient, served_model_name: str | None = None, api_key: str | None = None):
+    def __init__(
+        self,
+        engine: EngineClient,
+        served_model_name: str | None = None,
+        api_key: str | None = None,
+        limits: ServerLimits | None = None,
+    ):
         self.engine = engine
+        self.limits = limits or ServerLimits()
+        self.active_requests = 0  # engine requests submitted here and not yet finished or aborted
         self.model_path = engine.model_path
         self.model_name = served_model_name or DEFAULT_MODEL_NAME
         self.api_key = api_key
@@ -86,6 +123,18 @@ class OpenAIServer:
 
     def _max_tokens(self, requested: int | None, prompt_len: int, param: str) -> int:
         """OpenAI's context check: prompt plus completion must fit the context."""
+        cap = self.limits.max_prompt_tokens
+        if cap is not None and prompt_len > cap:
+            raise bad_request(
+                f"the prompt has {prompt_len} tokens; this server accepts at most {cap} (--max-prompt-tokens)",
+                param=param,
+                code="prompt_too_long",
+            )
+        if requested is not None and self.limits.max_tokens is not None and requested > self.limits.max_tokens:
+            raise bad_request(
+                f"max_tokens is {requested}; this server allows at most {self.limits.max_tokens} (--max-tokens-cap)",
+                param="max_tokens",
+            )
         limit = self.max_model_len
         if prompt_len >= limit:
             raise bad_request(
@@ -95,7 +144,7 @@ class OpenAIServer:
                 code="context_length_exceeded",
             )
         if requested is None:
-            return limit - prompt_len
+            return min(limit - prompt_len, self.limits.max_tokens or limit)
         if requested + prompt_len > limit:
             raise bad_request(
                 f"This model's maximum context length is {limit} tokens. However, you requested "
@@ -109,8 +158,11 @@ class OpenAIServer:
     def _params(self, req: SamplingFields, max_tokens: int, logprobs: int | None) -> SamplingParams:
         if req.logit_bias:
             raise bad_request("logit_bias is not supported", param="logit_bias")
-        if logprobs is not None and not 0 <= logprobs <= MAX_LOGPROBS:
-            raise bad_request(f"logprobs must be in [0, {MAX_LOGPROBS}], got {logprobs}", param="logprobs")
+        top = self.limits.max_logprobs
+        if logprobs is not None and not 0 <= logprobs <= top:
+            raise bad_request(f"logprobs must be in [0, {top}], got {logprobs}", param="logprobs")
+        if req.n > self.limits.max_n:
+            raise bad_request(f"n is {req.n}; this server allows at most {self.limits.max_n} (--max-n)", param="n")
         fields = dict(
             n=req.n,
             max_tokens=max_tokens,
@@ -146,7 +198,19 @@ class OpenAIServer:
         arrival: float,
         stream: bool,
     ) -> tuple[asyncio.Queue, list[str]]:
-        """Adds one engine request per prompt, all delivering to one queue; all or none."""
+        """Adds one engine request per prompt, all delivering to one queue; all or none. Past
+        max_active_requests the request is refused (429 with Retry-After), not queued without end."""
+        limit = self.limits.max_active_requests
+        if self.active_requests + len(prompts) > limit:
+            raise APIError(
+                429,
+                f"the server has {self.active_requests} requests running or queued, its limit is {limit} "
+                f"(--max-active-requests); retry shortly",
+                "rate_limit_error",
+                None,
+                "too_many_requests",
+                headers={"Retry-After": "1"},
+            )
         out: asyncio.Queue = asyncio.Queue()
         rids: list[str] = []
         try:
@@ -154,7 +218,9 @@ class OpenAIServer:
                 rid = f"{base_id}-{i}"
                 rids.append(rid)
                 await self.engine.add_request(rid, text, params, ids, out, arrival_time=arrival, final_only=not stream)
+                self.active_requests += 1
         except BaseException as e:
+            self.active_requests -= len(rids) - 1  # the one that failed was never counted
             for rid in rids:
                 self.engine.abort(rid)
             if isinstance(e, EngineDeadError):
@@ -168,13 +234,17 @@ class OpenAIServer:
         """Waits for every request to finish; aborts them all if the client goes away."""
         final: dict[str, RequestOutput] = {}
         gone = asyncio.ensure_future(_wait_disconnect(request))
+        deadline = self._deadline()
         try:
             while len(final) < len(rids):
                 get = asyncio.ensure_future(out.get())
-                done, _ = await asyncio.wait({get, gone}, return_when=asyncio.FIRST_COMPLETED)
+                timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+                done, _ = await asyncio.wait({get, gone}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
                 if get not in done:
                     get.cancel()
-                    raise asyncio.CancelledError("client disconnected")
+                    if gone in done:
+                        raise asyncio.CancelledError("client disconnected")
+                    raise self._timed_out()
                 item = get.result()
                 if isinstance(item, BaseException):
                     raise APIError(503, str(item), "server_error", None, "engine_dead")
@@ -185,19 +255,39 @@ class OpenAIServer:
             for rid in rids:
                 if rid not in final:
                     self.engine.abort(rid)
+            self.active_requests -= len(rids)
         return final
+
+    def _deadline(self) -> float | None:
+        timeout = self.limits.request_timeout_s
+        return None if timeout is None else time.monotonic() + timeout
+
+    def _timed_out(self) -> APIError:
+        return APIError(
+            408,
+            f"the request took longer than {self.limits.request_timeout_s:g} s (--request-timeout) and was aborted",
+            "timeout_error",
+            None,
+            "request_timeout",
+        )
 
     async def _stream_events(self, out: asyncio.Queue, rids: list[str], on_output, usage_chunk, include_usage: bool):
         """SSE frames: on_output(item) -> chunks for each engine output, then [DONE]. The usage
         comes in a last chunk of its own if the client asked for it (stream_options), else on the
         last content chunk. Leaving early (the client disconnected) aborts the unfinished requests."""
         pending = set(rids)
+        deadline = self._deadline()
         try:
-            failed = None
+            failed: BaseException | APIError | None = None
             while pending and failed is None:
                 # Outputs are cumulative: after a wait, only each request's newest one matters (a
                 # client that reads slowly gets fewer, larger chunks instead of a growing backlog).
-                items = [await out.get()]
+                try:
+                    timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+                    items = [await asyncio.wait_for(out.get(), timeout)]
+                except asyncio.TimeoutError:
+                    failed = self._timed_out()
+                    break
                 while not out.empty():
                     items.append(out.get_nowait())
                 failed = next((i for i in items if isinstance(i, BaseException)), None)
@@ -212,7 +302,9 @@ class OpenAIServer:
                     frames += map(_sse, chunks)
                 if frames:
                     yield "".join(frames)
-            if failed is not None:
+            if isinstance(failed, APIError):
+                yield _sse(failed.body())
+            elif failed is not None:
                 yield _sse(APIError(503, str(failed), "server_error", None, "engine_dead").body())
             elif include_usage:
                 yield _sse(usage_chunk())
@@ -220,6 +312,7 @@ class OpenAIServer:
         finally:
             for rid in pending:
                 self.engine.abort(rid)
+            self.active_requests -= len(rids)
 
     def _usage(self, prompt_tokens: int, completion_tokens: int) -> dict:
         return {
@@ -237,7 +330,7 @@ class OpenAIServer:
     # --- /v1/completions --------------------------------------------------------------------
     async def completions(self, request: Request):
         arrival = time.monotonic()
-        req = await _parse(request, CompletionRequest)
+        req = await _parse(request, CompletionRequest, self.limits.max_body_bytes)
         self._check_model(req.model)
         if req.suffix:
             raise bad_request("suffix is not supported", param="suffix")
@@ -385,7 +478,7 @@ class OpenAIServer:
     # --- /v1/chat/completions ---------------------------------------------------------------
     async def chat_completions(self, request: Request):
         arrival = time.monotonic()
-        req = await _parse(request, ChatCompletionRequest)
+        req = await _parse(request, ChatCompletionRequest, self.limits.max_body_bytes)
         self._check_model(req.model)
         if req.tools:
             raise bad_request("tools are not supported", param="tools")
@@ -497,6 +590,11 @@ class OpenAIServer:
             )
         messages = []
         for i, m in enumerate(req.messages):
+            if m.role not in CHAT_ROLES:
+                raise bad_request(
+                    f"messages.{i}.role: {m.role!r} is not a role; use one of {', '.join(CHAT_ROLES)}",
+                    param=f"messages.{i}.role",
+                )
             content = m.content
             if isinstance(content, list):  # content parts: text only
                 texts = []
@@ -560,11 +658,18 @@ class OpenAIServer:
         }
 
     async def health(self, request: Request):
+        recovering = self.engine.recovering
+        if recovering is not None and self.engine.is_alive:
+            return JSONResponse({"status": "recovering", "error": recovering}, status_code=503)
         if self.engine.is_alive:
             return JSONResponse({"status": "ok"})
         return JSONResponse(
             {"status": "dead", "error": self.engine.error or "the engine thread has stopped"}, status_code=503
         )
+
+    async def ping(self, request: Request):
+        """Liveness: the process answers (readiness, the engine's state, is /health)."""
+        return JSONResponse({"status": "ok"})
 
     async def metrics(self, request: Request):
         return PlainTextResponse(
@@ -572,8 +677,17 @@ class OpenAIServer:
         )
 
 
-async def _parse(request: Request, model: type[BaseModel]):
-    body = await request.body()
+async def _parse(request: Request, model: type[BaseModel], max_body_bytes: int):
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > max_body_bytes:
+        raise _too_large(int(declared), max_body_bytes)
+    chunks, size = [], 0
+    async for chunk in request.stream():  # counted as it comes: a body without a length is bounded too
+        size += len(chunk)
+        if size > max_body_bytes:
+            raise _too_large(size, max_body_bytes)
+        chunks.append(chunk)
+    body = b"".join(chunks)
     try:
         data = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -584,6 +698,17 @@ async def _parse(request: Request, model: type[BaseModel]):
         return model.model_validate(data)
     except ValidationError as e:
         raise from_validation_error(e) from None
+
+
+def _too_large(size: int, limit: int) -> APIError:
+    return APIError(
+        413,
+        f"the request body has {'more than ' if size > limit else ''}{size} bytes; this server accepts at most "
+        f"{limit} (--max-body-bytes)",
+        "invalid_request_error",
+        None,
+        "request_too_large",
+    )
 
 
 async def _wait_disconnect(request: Request) -> None:
@@ -622,14 +747,17 @@ class _SSEResponse(StreamingResponse):
 
 
 class _APIKeyMiddleware:
-    """Every HTTP request must carry 'Authorization: Bearer <key>' (pure ASGI: leaves streams alone)."""
+    """Requests to the API (/v1/..., and /metrics when asked) must carry 'Authorization: Bearer
+    <key>', compared in constant time; /health and /metrics stay open for probes and scrapers,
+    which send no token (as in vLLM). Pure ASGI: leaves streams alone."""
 
-    def __init__(self, app, api_key: str):
+    def __init__(self, app, api_key: str, protect_metrics: bool = False):
         self.app = app
         self.expected = f"Bearer {api_key}".encode()
+        self.open_paths = {"/health", "/ping"} | (set() if protect_metrics else {"/metrics"})
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] == "http":
+        if scope["type"] == "http" and scope.get("path") not in self.open_paths:
             got = dict(scope.get("headers") or []).get(b"authorization", b"")
             if not hmac.compare_digest(got, self.expected):
                 err = APIError(
@@ -643,14 +771,23 @@ class _APIKeyMiddleware:
         await self.app(scope, receive, send)
 
 
-def build_app(engine: EngineClient, served_model_name: str | None = None, api_key: str | None = None) -> FastAPI:
-    server = OpenAIServer(engine, served_model_name, api_key)
+def build_app(
+    engine: EngineClient,
+    served_model_name: str | None = None,
+    api_key: str | None = None,
+    protect_metrics: bool = False,
+    limits: ServerLimits | None = None,
+) -> FastAPI:
+    """The routes over an engine client. api_key guards /v1/* (and /metrics with protect_metrics);
+    /health and /ping (liveness: 200 while the process serves) never need it."""
+    server = OpenAIServer(engine, served_model_name, api_key, limits)
     app = FastAPI(title="llama3-dist", description="OpenAI-compatible API for Llama 3 family checkpoints")
     app.state.server = server
     app.add_api_route("/v1/completions", server.completions, methods=["POST"])
     app.add_api_route("/v1/chat/completions", server.chat_completions, methods=["POST"])
     app.add_api_route("/v1/models", server.models, methods=["GET"])
     app.add_api_route("/health", server.health, methods=["GET"])
+    app.add_api_route("/ping", server.ping, methods=["GET"])
     app.add_api_route("/metrics", server.metrics, methods=["GET"])
 
     @app.exception_handler(APIError)
@@ -666,7 +803,7 @@ def build_app(engine: EngineClient, served_model_name: str | None = None, api_ke
         return APIError(500, f"internal error: {type(exc).__name__}: {exc}", "server_error").response()
 
     if api_key:
-        app.add_middleware(_APIKeyMiddleware, api_key=api_key)
+        app.add_middleware(_APIKeyMiddleware, api_key=api_key, protect_metrics=protect_metrics)
     return app
 
 
@@ -695,8 +832,13 @@ def serve(
     api_key: str | None = None,
     served_model_name: str | None = None,
     log_level: str = "info",
+    protect_metrics: bool = False,
+    limits: ServerLimits | None = None,
+    drain_timeout_s: float = 30.0,
 ) -> None:
-    """Loads the model, then serves until interrupted (the `llama3-dist serve` command)."""
+    """Loads the model, then serves until interrupted (the `llama3-dist serve` command). SIGTERM
+    or Ctrl-C drains: the socket stops accepting, requests under way finish (for at most
+    drain_timeout_s, then they are cut), and the process exits 0."""
     import uvicorn
 
     from ..engine import LLMEngine
@@ -705,10 +847,10 @@ def serve(
     engine = AsyncLLMEngine(LLMEngine(model, **(engine_kwargs or {})))
     try:
         name = served_model_name or (str(model) if model is not None else DEFAULT_MODEL_NAME)
-        app = build_app(engine, name, api_key)
+        app = build_app(engine, name, api_key, protect_metrics, limits)
         url = server_url(host, sock.getsockname()[1])
         print(f"llama3-dist: serving {name!r} at {url}/v1", flush=True)
-        config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5)
+        config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=max(1, round(drain_timeout_s)))
         with contextlib.suppress(KeyboardInterrupt):  # uvicorn re-raises Ctrl-C once it has shut down
             uvicorn.Server(config).run(sockets=[sock])
     finally:
@@ -728,11 +870,13 @@ class ServerThread:
         host: str = "127.0.0.1",
         port: int = 0,
         log_level: str = "warning",
+        protect_metrics: bool = False,
+        limits: ServerLimits | None = None,
     ):
         import uvicorn
 
         self.engine = engine
-        self.app = build_app(engine, served_model_name, api_key)
+        self.app = build_app(engine, served_model_name, api_key, protect_metrics, limits)
         self.sock = bind_socket(host, port)
         self.url = server_url(host, self.sock.getsockname()[1])
         self.base_url = self.url + "/v1"

@@ -17,6 +17,11 @@ if TYPE_CHECKING:
     from .worker import StepOutput
 
 
+class WorkerError(RuntimeError):
+    """A rank failed (died, raised in a step, missed a health check or a collective's timeout):
+    the executor is out of step for good. The engine closes it and builds a new one."""
+
+
 class PendingStep(Protocol):
     """A step under way on the ranks; result() waits for rank 0's output."""
 

@@ -6,6 +6,7 @@ import torch
 
 from ..config import ConfigError, Llama3Config
 from ..core.step_input import StepInput
+from . import WorkerError
 from .worker import StepOutput, Worker, WorkerStep
 
 
@@ -28,7 +29,11 @@ class LocalExecutor:
         return self.launch(step).result()
 
     def launch(self, step: StepInput) -> _RankZeroStep:
-        return _RankZeroStep(self._live_worker().launch(step))
+        worker = self._live_worker()
+        try:
+            return _RankZeroStep(worker.launch(step))
+        except Exception as e:
+            raise _failed(e) from e
 
     def parameter_bytes(self) -> list[dict[str, int]]:
         return [self._live_worker().parameter_bytes()]
@@ -50,6 +55,15 @@ class _RankZeroStep:
         self._step = step
 
     def result(self) -> StepOutput:
-        out = self._step.result()
+        try:
+            out = self._step.result()
+        except Exception as e:
+            raise _failed(e) from e
         assert out is not None
         return out
+
+
+def _failed(e: Exception) -> WorkerError:
+    """A worker-side exception in a step: the worker's state (its KV cache, a CUDA context after a
+    device fault) can no longer be trusted, so the engine rebuilds it (WorkerError)."""
+    return WorkerError(f"rank 0 raised during step: {type(e).__name__}: {e}")

@@ -40,7 +40,7 @@ import torch
 
 from ..config import ConfigError, Llama3Config
 from ..core.step_input import StepInput
-from . import FinishedStep
+from . import FinishedStep, WorkerError
 from .ray_worker import RayWorker
 from .worker import StepOutput
 
@@ -69,10 +69,6 @@ def check_ray_gpu_devices(devices: list[str]) -> None:
 
 class PlacementError(RuntimeError):
     """The cluster could not hold the placement group asked for in time."""
-
-
-class WorkerError(RuntimeError):
-    """A tensor-parallel rank failed; the executor must be closed and the model loaded again."""
 
 
 class _OwnedRay:

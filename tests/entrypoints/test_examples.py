@@ -181,3 +181,41 @@ def test_ray_data_batch_example(ray_local, capsys, tmp_path):
     )
     assert re.search(r"11 rows from \S+prompts\.jsonl to \S+out: 40 tokens generated, 1 with an error", out), out
     assert "error: prompt must not be empty" in out
+
+
+def test_sigterm_drains_the_streams_under_way(tmp_path):
+    """SIGTERM mid-stream: the stream still gets every token, new connections are refused, exit 0."""
+    import httpx
+    import openai
+
+    proc = subprocess.Popen(
+        [*CLI, "serve", "--port", "0", "--drain-timeout", "60"],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=(tmp_path / "stderr").open("w"),
+        text=True,
+        env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
+    )
+    try:
+        url = read_server_url(proc, timeout=120)
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        stream = client.completions.create(
+            model="llama3-dist-default",
+            prompt="Once upon a time",
+            max_tokens=300,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_body={"ignore_eos": True},
+        )
+        chunks = iter(stream)
+        next(chunks)
+        proc.send_signal(signal.SIGTERM)
+        usage = [c.usage for c in chunks if c.usage is not None]
+        assert usage and usage[-1].completion_tokens == 300  # the stream under way finished
+        assert proc.wait(60) == 0
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(url + "/health", timeout=5)
+        assert "Traceback" not in (tmp_path / "stderr").read_text()
+    finally:
+        stop_server_process(proc, 20)

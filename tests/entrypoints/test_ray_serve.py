@@ -1,8 +1,9 @@
 """Ray Serve (issue 13): the OpenAI app over engine replicas, through the real openai client on
 Serve's HTTP port. Two replicas at TP=1 (outputs equal LLM.generate, streaming, prefix-aware
 routing read from per-replica prefix-cache counters), then two replicas at TP=2 (ranks inside
-each replica's placement group; a killed rank makes its replica unhealthy, Serve replaces it and
-every request still completes). One Serve instance on the session's Ray."""
+each replica's placement group; a killed rank is rebuilt inside its replica, and a replica past
+its restart budget fails its health check and Serve replaces it; every request still completes).
+One Serve instance on the session's Ray."""
 
 from __future__ import annotations
 
@@ -174,10 +175,16 @@ class TestTwoReplicas:
             assert hits[served[0]] >= 3 * blocks, f"{topic}: {hits}, {blocks} shared blocks per request"
 
 
-def test_tp2_replicas_hold_their_ranks_and_survive_a_killed_rank(serve_port, tokenized_checkpoint, reference):
+def test_tp2_replicas_hold_their_ranks_heal_a_killed_rank_and_get_replaced_past_their_budget(
+    serve_port, tokenized_checkpoint, reference
+):
+    """Two replicas at TP=2 with max_restarts=1. A killed rank is rebuilt inside its replica (new
+    rank processes in the replica's own placement group); a second kill spends the budget, the
+    engine dies, its health check fails and Serve replaces the replica. Every request completes
+    throughout, on the survivor or after a retry."""
     from ray import serve
 
-    client = deploy("tp2", serve_port, tokenized_checkpoint, num_replicas=2, tensor_parallel_size=2)
+    client = deploy("tp2", serve_port, tokenized_checkpoint, num_replicas=2, tensor_parallel_size=2, max_restarts=1)
     try:
         check_outputs(client, reference)
         before = replicas(serve_port)
@@ -187,23 +194,34 @@ def test_tp2_replicas_hold_their_ranks_and_survive_a_killed_rank(serve_port, tok
             assert [r["placement_group_id"] for r in info["ranks"]] == [info["placement_group_id"]] * 2, info
 
         victim, survivor = sorted(before)
-        os.kill(before[victim]["ranks"][1]["pid"], signal.SIGKILL)
-        # Until Serve has replaced the replica, every request still completes, on the survivor
-        # or after a retry that skips the dead engine.
         prompt = PROMPTS[0]
 
-        def replaced():
+        def request_ok() -> None:
             out = client.completions.create(model="tiny", prompt=prompt, max_tokens=MAX_TOKENS, temperature=0)
             assert out.choices[0].text == reference["completions"][prompt]
+
+        os.kill(before[victim]["ranks"][1]["pid"], signal.SIGKILL)
+
+        def healed():
+            request_ok()
+            info = replicas(serve_port).get(victim, {})
+            return info if info.get("num_restarts") == 1 and info.get("alive") else None
+
+        info = wait_for(healed, "the replica to rebuild its killed rank", timeout=120)
+        old_pids = {r["pid"] for r in before[victim]["ranks"]}
+        assert not {r["pid"] for r in info["ranks"]} & old_pids, info
+        assert [r["placement_group_id"] for r in info["ranks"]] == [before[victim]["placement_group_id"]] * 2
+
+        os.kill(info["ranks"][1]["pid"], signal.SIGKILL)  # the budget of one restart is spent
+
+        def replaced():
+            request_ok()
             now = replicas(serve_port)
             fresh = [r for r in now if r not in before]
-            return (
-                now
-                if victim not in now and survivor in now and len(fresh) == 1 and now[fresh[0]].get("alive")
-                else None
-            )
+            done = victim not in now and survivor in now and len(fresh) == 1 and now[fresh[0]].get("alive")
+            return now if done else None
 
-        after = wait_for(replaced, "Serve to replace the replica whose rank was killed", timeout=180)
+        after = wait_for(replaced, "Serve to replace the replica whose engine died", timeout=180)
         (new,) = set(after) - {survivor}
         assert [r["placement_group_id"] for r in after[new]["ranks"]] == [after[new]["placement_group_id"]] * 2
         check_outputs(client, reference)

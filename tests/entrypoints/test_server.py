@@ -352,9 +352,12 @@ def test_api_key(served):
     with ServerThread(served.engine, served_model_name=MODEL, api_key=API_KEY) as locked:
         for key in ["wrong", None]:
             headers = {"Authorization": f"Bearer {key}"} if key else {}
-            for method, path in [("GET", "/v1/models"), ("POST", "/v1/completions"), ("GET", "/health")]:
+            for method, path in [("GET", "/v1/models"), ("POST", "/v1/completions"), ("POST", "/v1/chat/completions")]:
                 r = httpx.request(method, locked.url + path, headers=headers, json={"model": MODEL, "prompt": "x"})
                 assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+            # probes and scrapers send no token: /health, /ping and /metrics stay open
+            for path in ("/health", "/ping", "/metrics"):
+                assert httpx.get(locked.url + path, headers=headers).status_code == 200, path
         with (
             openai.OpenAI(base_url=locked.base_url, api_key="wrong", max_retries=0) as bad,
             pytest.raises(openai.AuthenticationError),
@@ -362,13 +365,19 @@ def test_api_key(served):
             bad.completions.create(model=MODEL, prompt="hi", max_tokens=2)
         with openai.OpenAI(base_url=locked.base_url, api_key=API_KEY, max_retries=0) as good:
             assert good.completions.create(model=MODEL, prompt="hi", max_tokens=2).usage.completion_tokens >= 1
+    with ServerThread(served.engine, served_model_name=MODEL, api_key=API_KEY, protect_metrics=True) as locked:
+        assert httpx.get(locked.url + "/metrics").status_code == 401
+        assert httpx.get(locked.url + "/metrics", headers={"Authorization": f"Bearer {API_KEY}"}).status_code == 200
+        assert httpx.get(locked.url + "/health").status_code == 200
 
 
 class _FailingEngine:
-    """Just enough of LLMEngine to accept a request and then fail its step, as a dead rank would."""
+    """Just enough of LLMEngine to accept a request and then fail its step, as an engine that
+    cannot heal would."""
 
     model_path = "failing"
     tokenizer = None
+    recovering = None
 
     class config:
         max_seq_len = 64
@@ -391,6 +400,9 @@ class _FailingEngine:
 
     def stats(self):
         return EngineStats(len(self.requests), 0, 0, 0, 10, 0, 0, 0, 0)
+
+    def check_health(self, timeout_s):
+        pass
 
     def shutdown(self):
         pass
@@ -415,3 +427,63 @@ def test_health_reflects_a_dead_engine(stream):
         assert r.status_code == 503 and r.json()["error"]["code"] == "engine_dead"
         assert re.search(r"llama3_dist_engine_healthy\{[^}]*\} 0", httpx.get(s.url + "/metrics").text)
     engine.shutdown()
+
+
+def test_limits_each_get_a_clear_error_and_the_server_keeps_serving(served, tokenizer):
+    from llama3_dist.entrypoints.openai_server import ServerLimits
+
+    limits = ServerLimits(max_prompt_tokens=20, max_tokens=64, max_n=2, max_logprobs=3, max_body_bytes=4000)
+    with (
+        ServerThread(served.engine, served_model_name=MODEL, limits=limits) as limited,
+        openai.OpenAI(base_url=limited.base_url, api_key="unused", max_retries=0, timeout=60) as c,
+    ):
+        cases = [
+            (dict(prompt="word " * 40, max_tokens=2), r"the prompt has \d+ tokens; this server accepts at most 20"),
+            (dict(prompt="hi", max_tokens=65), r"max_tokens is 65; this server allows at most 64 \(--max-tokens-cap\)"),
+            (dict(prompt="hi", max_tokens=2, n=3), r"n is 3; this server allows at most 2 \(--max-n\)"),
+            (dict(prompt="hi", max_tokens=2, logprobs=4), r"logprobs must be in \[0, 3\], got 4"),
+        ]
+        for kwargs, message in cases:
+            with pytest.raises(openai.BadRequestError, match=message):
+                c.completions.create(model=MODEL, **kwargs)
+        big = httpx.post(limited.base_url + "/completions", json={"model": MODEL, "prompt": "x" * 5000}, timeout=10)
+        assert big.status_code == 413 and "at most 4000 (--max-body-bytes)" in big.json()["error"]["message"]
+        with pytest.raises(openai.BadRequestError, match=r"messages.0.role: 'wizard' is not a role; use one of system"):
+            c.chat.completions.create(model=MODEL, messages=[{"role": "wizard", "content": "hi"}], max_tokens=2)
+        # a chat without max_tokens is held to the cap, and a good request still completes
+        out = c.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "hi"}], **GREEDY, extra_body={"ignore_eos": True}
+        )
+        assert out.usage.completion_tokens == 64
+    assert served.engine.stats().kv_blocks_used == 0
+
+
+def test_full_server_answers_429_and_slow_requests_time_out_with_blocks_freed(served):
+    from llama3_dist.entrypoints.openai_server import ServerLimits
+
+    long = dict(model=MODEL, prompt="Once", max_tokens=200, **GREEDY, extra_body={"ignore_eos": True})
+    with (
+        ServerThread(served.engine, served_model_name=MODEL, limits=ServerLimits(max_active_requests=2)) as full,
+        openai.OpenAI(base_url=full.base_url, api_key="unused", max_retries=0, timeout=60) as c,
+    ):
+        streams = [c.completions.create(stream=True, **long) for _ in range(2)]
+        for s in streams:
+            next(iter(s))  # both are running
+        r = httpx.post(full.base_url + "/completions", json={**long, "max_tokens": 2}, timeout=10)
+        assert r.status_code == 429 and r.headers["retry-after"] == "1"
+        assert "its limit is 2 (--max-active-requests)" in r.json()["error"]["message"]
+        for s in streams:
+            s.close()  # the client leaves: both are aborted, room again
+        wait_for(lambda: full.app.state.server.active_requests == 0, what="the aborted streams to be counted out")
+        assert c.completions.create(**{**long, "max_tokens": 2}).usage.completion_tokens == 2
+    with (
+        ServerThread(served.engine, served_model_name=MODEL, limits=ServerLimits(request_timeout_s=0.2)) as slow,
+        openai.OpenAI(base_url=slow.base_url, api_key="unused", max_retries=0, timeout=60) as c,
+    ):
+        with pytest.raises(openai.APIStatusError, match=r"longer than 0.2 s \(--request-timeout\)") as err:
+            c.completions.create(**long)
+        assert err.value.status_code == 408
+        with pytest.raises(openai.APIError, match=r"longer than 0.2 s \(--request-timeout\)"):
+            for _ in c.completions.create(stream=True, **long):  # the error event ends the stream
+                pass
+    wait_for(lambda: served.engine.stats().kv_blocks_used == 0, what="the timed-out requests' blocks to be freed")
