@@ -20,6 +20,7 @@ import contextlib
 import copy
 import hmac
 import json
+import signal
 import socket
 import threading
 import time
@@ -851,11 +852,22 @@ def serve(
         url = server_url(host, sock.getsockname()[1])
         print(f"llama3-dist: serving {name!r} at {url}/v1", flush=True)
         config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=max(1, round(drain_timeout_s)))
-        with contextlib.suppress(KeyboardInterrupt):  # uvicorn re-raises Ctrl-C once it has shut down
+        # uvicorn drains on SIGINT/SIGTERM, then re-raises the signal to the handler it found: ours
+        # turns SIGTERM into a clean exit (status 0) instead of death by the signal.
+        signal.signal(signal.SIGTERM, _terminated)
+        with contextlib.suppress(KeyboardInterrupt, _Terminated):
             uvicorn.Server(config).run(sockets=[sock])
     finally:
         engine.shutdown()
         sock.close()
+
+
+class _Terminated(Exception):
+    """SIGTERM, once uvicorn has drained."""
+
+
+def _terminated(signum, frame) -> None:
+    raise _Terminated
 
 
 class ServerThread:
