@@ -115,7 +115,6 @@ class LLMServer:
         self.engine = AsyncLLMEngine(LLMEngine(model, **engine_kwargs))
         self.tokenizer_path = str(engine_kwargs.get("tokenizer") or self.engine.model_path)
         self.health_check_timeout_s = health_check_timeout_s
-        self.placement = self._placement()
 
     def info(self) -> ServedModel:
         config = self.engine.engine.config
@@ -164,7 +163,7 @@ class LLMServer:
         return {
             **dataclasses.asdict(self.engine.stats()),
             "alive": self.engine.is_alive,
-            **self.placement,
+            **self._placement(),  # anew each time: healing replaces the ranks
             "reported_at": time.time(),
         }
 
