@@ -107,24 +107,35 @@ def test_restart_budget_spent_is_a_clear_error(checkpoints, ray_local):
 
 
 def test_idle_engine_finds_a_dead_rank_by_its_ping_and_heals(checkpoints, reference, ray_local):
-    async def main():
-        engine = AsyncLLMEngine(
-            LLMEngine(checkpoints["llama"], devices=["cpu", "cpu"], **ENGINE), health_check_interval_s=0.5
-        )
-        try:
-            kill_rank(engine.engine, 1)
-            killed_at = time.monotonic()
-            while engine.stats().num_restarts == 0:  # the ping finds it and the engine rebuilds
-                assert time.monotonic() - killed_at < 60, "the dead rank was not found by the idle ping"
-                assert engine.is_alive, engine.error
-                await asyncio.sleep(0.1)
-            prompt, params = requests()["r3"]
-            outs = [o async for o in engine.generate("after-heal", None, params, prompt)]
-            assert list(outs[-1].outputs[0].token_ids) == reference["r3"]
-        finally:
-            engine.shutdown()
+    """/health answers 503 "recovering" with the fault while the ranks are rebuilt, then 200."""
+    import httpx
 
-    asyncio.run(main())
+    from llama3_dist.entrypoints.openai_server import ServerThread
+
+    engine = AsyncLLMEngine(
+        LLMEngine(checkpoints["llama"], devices=["cpu", "cpu"], **ENGINE), health_check_interval_s=0.5
+    )
+    with ServerThread(engine) as server:
+        assert httpx.get(server.url + "/health").status_code == 200
+        kill_rank(engine.engine, 1)
+        killed_at, seen = time.monotonic(), []
+        while engine.stats().num_restarts == 0:  # the ping finds it and the engine rebuilds
+            assert time.monotonic() - killed_at < 60, "the dead rank was not found by the idle ping"
+            assert engine.is_alive, engine.error
+            health = httpx.get(server.url + "/health")
+            if health.status_code == 503:
+                seen.append(health.json())
+            time.sleep(0.05)
+        assert seen and seen[0]["status"] == "recovering" and "rank 1" in seen[0]["error"], seen
+        assert httpx.get(server.url + "/health").json() == {"status": "ok"}
+
+        async def after_heal():
+            prompt, params = requests()["r3"]
+            return [o async for o in engine.generate("after-heal", None, params, prompt)]
+
+        outs = asyncio.run(after_heal())
+        assert list(outs[-1].outputs[0].token_ids) == reference["r3"]
+    engine.shutdown()
 
 
 def test_local_worker_exception_is_retried_once_on_a_rebuilt_worker(checkpoints, reference, monkeypatch):
