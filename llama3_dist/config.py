@@ -357,6 +357,11 @@ def _as_dict(config: Any) -> dict:
     if isinstance(config, dict):
         return config
     if isinstance(config, (str, Path)):
+        from .model.gguf import find_gguf, gguf_config
+
+        gguf_file = find_gguf(config)
+        if gguf_file is not None:
+            return gguf_config(gguf_file)
         path = Path(config)
         file = path / "config.json" if path.is_dir() else path
         if not file.is_file():

@@ -174,9 +174,9 @@ class LLMEngine:
             self.model_path, dtype=dtype, max_seq_len=max_seq_len, devices=devices, block_size=block_size
         )
         if load_format != "dummy":
-            from .model.checkpoint import Checkpoint
+            from .model.checkpoint import open_checkpoint
 
-            Checkpoint(self.model_path).close()  # a missing or pickle-only checkpoint fails before any worker
+            open_checkpoint(self.model_path).close()  # a missing or pickle-only checkpoint fails before any worker
         self.tokenizer = load_tokenizer(tokenizer or self.model_path)
         self.eos_token_ids = set(self.config.eos_token_ids) | _generation_eos(self.model_path)
         worker_kwargs = dict(
@@ -354,6 +354,8 @@ class LLMEngine:
         now = time.monotonic()
         recent = [t for t in recovery.restart_times if now - t < recovery.window_s]
         why = f"{type(fault).__name__}: {fault}"
+        if recovery.max_restarts == 0:
+            raise EngineFailedError(f"{why} (self-healing is off: max_restarts=0)") from fault
         if len(recent) >= recovery.max_restarts:
             raise EngineFailedError(
                 f"{why} (the ranks were rebuilt {len(recent)} times in the last {recovery.window_s:g} s; "
@@ -636,7 +638,13 @@ def _as_params(params) -> SamplingParams:
 
 
 def load_tokenizer(path: str | Path):
-    """The Hugging Face tokenizer in a checkpoint directory, or None if it has none."""
+    """The Hugging Face tokenizer in a checkpoint directory (or converted from a GGUF file's
+    metadata), or None if it has none."""
+    from .model.gguf import find_gguf, load_gguf_tokenizer
+
+    gguf_file = find_gguf(path)
+    if gguf_file is not None:
+        return load_gguf_tokenizer(gguf_file)
     path = Path(path)
     if not (path / "tokenizer.json").is_file() and not (path / "tokenizer_config.json").is_file():
         return None
@@ -649,7 +657,7 @@ def _generation_eos(path: str) -> set[int]:
     import json
 
     file = Path(path) / "generation_config.json"
-    if not file.is_file():
+    if Path(path).suffix == ".gguf" or not file.is_file():
         return set()
     eos = json.loads(file.read_text()).get("eos_token_id")
     return set() if eos is None else ({eos} if isinstance(eos, int) else set(eos))

@@ -17,7 +17,7 @@ from .core.block_manager import BlockPool
 from .core.step_input import StepInput, build_step_input
 from .core.text_context import TextContext, check_tokens
 from .executor import Executor, make_executor
-from .model.checkpoint import Checkpoint
+from .model.checkpoint import open_checkpoint
 from .model.sampler import compute_logprobs
 
 
@@ -89,7 +89,7 @@ class Llama3Model:
             block_size=block_size,
         )
         if load_format != "dummy":
-            Checkpoint(path).close()  # fail on a missing or pickle-only checkpoint before any worker starts
+            open_checkpoint(path).close()  # fail on a missing or pickle-only checkpoint before any worker starts
         worker_kwargs = dict(
             num_kv_blocks=num_kv_blocks,
             kv_cache_bytes=kv_cache_bytes,

@@ -17,7 +17,7 @@ import torch
 
 from ..config import Llama3Config
 from ..core.step_input import SamplingInput, StepInput
-from ..model.checkpoint import TORCH_DTYPES, Checkpoint, DummyWeights, WeightSource
+from ..model.checkpoint import TORCH_DTYPES, DummyWeights, WeightSource, open_checkpoint
 from ..model.parallel import ParallelContext
 from ..model.rope import cos_sin_cache
 from ..model.sampler import Sampler, SamplerOutput, compute_logprobs
@@ -92,7 +92,7 @@ class Worker:
         if load_format == "dummy":
             self.model.load(DummyWeights(self.config, self.device), show_progress)
         else:
-            checkpoint = Checkpoint(checkpoint_path)
+            checkpoint = open_checkpoint(checkpoint_path)
             try:
                 self.model.load(WeightSource(checkpoint, self.config, self.device), show_progress)
             finally:

@@ -135,6 +135,15 @@ class Checkpoint:
         self._handles.clear()
 
 
+def open_checkpoint(path: str | Path) -> Checkpoint:
+    """The checkpoint at `path`: a Hugging Face safetensors directory, or a GGUF file (or a
+    directory holding one and no config.json), read through the same interface."""
+    from .gguf import GGUFCheckpoint, find_gguf
+
+    gguf_file = find_gguf(path)
+    return GGUFCheckpoint(gguf_file) if gguf_file is not None else Checkpoint(path)  # type: ignore[return-value]
+
+
 class WeightSource:
     """Logical (Llama-named) tensors of a checkpoint, converted to the model's dtype."""
 

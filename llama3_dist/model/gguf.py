@@ -1,0 +1,229 @@
+"""GGUF checkpoints (llama.cpp's single-file format): config, tokenizer and weights from a .gguf.
+
+`LLM(model="file.gguf")` (or a directory holding one .gguf and no config.json) reads:
+- the config from the file's metadata (llama architecture keys) as a Hugging Face config dict;
+- the tokenizer and chat template through transformers' GGUF conversion;
+- the weights through the `gguf` package's reader, dequantized to float32 as each rank reads its
+  slice: whole rows for column-parallel weights, and for row-parallel ones a column range that
+  must not cut a quantization block (an error names the tensor and the block size). llama.cpp's
+  converter permutes the rows of q and k within each head (its rotary layout); that is undone.
+
+The weights run dequantized (in the model's dtype: float32 by default, or as asked); keeping them
+quantized is issue 15's next part.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ..config import ConfigError
+
+if TYPE_CHECKING:
+    import torch
+
+GGUF_SUFFIX = ".gguf"
+ARCHITECTURES = ("llama",)  # general.architecture values read here
+# The tensor types read (others are refused, naming the type).
+SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K")
+# llama.cpp tensor names -> Hugging Face names ({i}: the layer).
+LAYER_NAMES = {
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+GLOBAL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+
+
+def find_gguf(path: str | Path) -> Path | None:
+    """The .gguf file `path` names: the file itself, or the one .gguf in a directory that has no
+    config.json (a Hugging Face directory wins). None when it is not a GGUF checkpoint."""
+    path = Path(path)
+    if path.suffix == GGUF_SUFFIX:
+        if not path.is_file():
+            raise ConfigError(f"no GGUF file at {str(path)!r}")
+        return path
+    if not path.is_dir() or (path / "config.json").is_file():
+        return None
+    files = sorted(path.glob(f"*{GGUF_SUFFIX}"))
+    if len(files) > 1:
+        raise ConfigError(
+            f"{str(path)!r} holds several GGUF files ({', '.join(f.name for f in files)}); name one of them"
+        )
+    return files[0] if files else None
+
+
+def _reader(file: Path):
+    from gguf import GGUFReader
+
+    return GGUFReader(str(file))
+
+
+def _field(reader, key: str, default: Any = None) -> Any:
+    field = reader.fields.get(key)
+    if field is None:
+        return default
+    from gguf import GGUFValueType
+
+    kind = field.types[0]
+    if kind == GGUFValueType.STRING:
+        return bytes(field.parts[field.data[0]]).decode("utf-8")
+    if kind == GGUFValueType.ARRAY:
+        return [field.parts[i].tolist() for i in field.data]
+    value = field.parts[field.data[0]].tolist()
+    return value[0] if isinstance(value, list) and len(value) == 1 else value
+
+
+def gguf_config(file: str | Path) -> dict[str, Any]:
+    """The file's metadata as a Hugging Face LlamaForCausalLM config dict."""
+    reader = _reader(Path(file))
+    arch = _field(reader, "general.architecture")
+    if arch not in ARCHITECTURES:
+        raise ConfigError(
+            f"{str(file)!r}: GGUF architecture {arch!r} is not read here; accepted: {', '.join(ARCHITECTURES)}"
+        )
+
+    def key(name: str, default: Any = None) -> Any:
+        return _field(reader, f"{arch}.{name}", default)
+
+    names = {t.name for t in reader.tensors}
+    if "rope_freqs.weight" in names:
+        raise ConfigError(
+            f"{str(file)!r} carries per-dimension rope factors (rope_freqs: Llama 3.1 style rope scaling), "
+            f"which this reader does not apply; use the Hugging Face checkpoint"
+        )
+    hidden, heads = key("embedding_length"), key("attention.head_count")
+    tokens = _field(reader, "tokenizer.ggml.tokens") or []
+    config: dict[str, Any] = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": hidden,
+        "intermediate_size": key("feed_forward_length"),
+        "num_hidden_layers": key("block_count"),
+        "num_attention_heads": heads,
+        "num_key_value_heads": key("attention.head_count_kv", heads),
+        "head_dim": key("attention.key_length", key("rope.dimension_count", hidden // heads)),
+        "rms_norm_eps": key("attention.layer_norm_rms_epsilon", 1e-5),
+        "rope_theta": key("rope.freq_base", 10000.0),
+        "max_position_embeddings": key("context_length", 2048),
+        "vocab_size": key("vocab_size", len(tokens)),
+        "tie_word_embeddings": "output.weight" not in names,
+        "bos_token_id": _field(reader, "tokenizer.ggml.bos_token_id"),
+        "eos_token_id": _field(reader, "tokenizer.ggml.eos_token_id"),
+        "torch_dtype": "float32",  # the weights are dequantized to float32
+    }
+    scaling = key("rope.scaling.type")
+    if scaling not in (None, "none"):
+        if scaling != "linear":
+            raise ConfigError(f"{str(file)!r}: rope scaling {scaling!r} is not read here; accepted: linear")
+        config["rope_scaling"] = {"rope_type": "linear", "factor": key("rope.scaling.factor", 1.0)}
+    return config
+
+
+def load_gguf_tokenizer(file: Path):
+    """The Hugging Face tokenizer converted from the file's metadata (vocabulary, merges, special
+    tokens, chat template), or None when the file carries no tokenizer."""
+    from transformers import AutoTokenizer
+
+    reader = _reader(file)
+    if _field(reader, "tokenizer.ggml.model") is None:
+        return None
+    return AutoTokenizer.from_pretrained(str(file.parent), gguf_file=file.name)
+
+
+def _unpermute(rows: np.ndarray, head_dim: int) -> np.ndarray:
+    """Undo llama.cpp's q/k row order: within each head it stores the rotary pairs' first halves
+    interleaved with their second halves; Hugging Face keeps each half contiguous."""
+    heads = rows.shape[0] // head_dim
+    return rows.reshape(heads, head_dim // 2, 2, *rows.shape[1:]).swapaxes(1, 2).reshape(rows.shape)
+
+
+class GGUFCheckpoint:
+    """The tensors of a GGUF file under their Hugging Face names, read slice by slice (the
+    interface of checkpoint.Checkpoint)."""
+
+    def __init__(self, file: str | Path):
+        from gguf import GGML_QUANT_SIZES
+
+        self.path = Path(file)
+        self._reader = _reader(self.path)
+        config = gguf_config(self.path)
+        self.head_dim = config["head_dim"]
+        self._tensors = {}
+        for tensor in self._reader.tensors:
+            name = _hf_name(tensor.name)
+            if name is None:
+                continue
+            kind = tensor.tensor_type.name
+            if kind not in SUPPORTED_TYPES:
+                raise ConfigError(
+                    f"{self.path.name}: tensor {tensor.name!r} is {kind}, not read here; "
+                    f"accepted: {', '.join(SUPPORTED_TYPES)}"
+                )
+            self._tensors[name] = tensor
+        self._quant_sizes = GGML_QUANT_SIZES
+        self.files = dict.fromkeys(self._tensors, self.path)
+        self.consumed: set[str] = set()
+
+    def shape(self, name: str) -> list[int]:
+        return [int(n) for n in reversed(self._tensors[name].shape.tolist())]  # GGUF lists ne0 (columns) first
+
+    def read(
+        self, name: str, row0: int = 0, rows: int | None = None, cols: tuple[int, int] | None = None
+    ) -> torch.Tensor:
+        import torch
+        from gguf import GGMLQuantizationType
+        from gguf.quants import dequantize
+
+        tensor = self._tensors[name]
+        self.consumed.add(name)
+        if len(tensor.shape) == 1:  # norms: float32 vectors
+            vector = np.asarray(tensor.data, dtype=np.float32).reshape(-1)
+            return torch.from_numpy(vector[row0 : None if rows is None else row0 + rows].copy())
+        out_rows, in_cols = self.shape(name)
+        stop = out_rows if rows is None else row0 + rows
+        kind = tensor.tensor_type
+        block, type_size = self._quant_sizes[kind]
+        data = np.asarray(tensor.data).reshape(out_rows, -1)[row0:stop]  # quantized rows stay whole
+        c0, c1 = (0, in_cols) if cols is None else cols
+        if (c0 % block or c1 % block) and (c0, c1) != (0, in_cols):
+            raise ConfigError(
+                f"{self.path.name}: tensor {tensor.name!r} ({kind.name}) would be split at columns "
+                f"[{c0}, {c1}), which cuts its quantization blocks of {block} values; choose a "
+                f"tensor-parallel degree that divides {in_cols // block} blocks"
+            )
+        if kind in (GGMLQuantizationType.F32, GGMLQuantizationType.F16):
+            values = np.asarray(data, dtype=np.float32)[:, c0:c1]
+        else:
+            bytes_per_value = type_size / block
+            raw = data.view(np.uint8)[:, int(c0 * bytes_per_value) : int(c1 * bytes_per_value)]
+            values = dequantize(np.ascontiguousarray(raw), kind).astype(np.float32)
+        if tensor.name.endswith(("attn_q.weight", "attn_k.weight")):
+            values = _unpermute(values, self.head_dim)
+        return torch.from_numpy(np.ascontiguousarray(values))
+
+    def unexpected(self) -> list[str]:
+        return sorted(n for n in self._tensors if n not in self.consumed)
+
+    def close(self) -> None:
+        pass
+
+
+def _hf_name(gguf_name: str) -> str | None:
+    """token_embd.weight -> model.embed_tokens.weight, blk.3.attn_q.weight -> model.layers.3.self_attn.q_proj.weight;
+    None for tensors without a Hugging Face counterpart that this reader skips."""
+    base, _, suffix = gguf_name.rpartition(".")
+    if base in GLOBAL_NAMES:
+        return f"{GLOBAL_NAMES[base]}.{suffix}"
+    parts = base.split(".")
+    if len(parts) == 3 and parts[0] == "blk" and parts[2] in LAYER_NAMES:
+        return f"model.layers.{parts[1]}.{LAYER_NAMES[parts[2]]}.{suffix}"
+    return gguf_name  # unknown: kept, so check_all_consumed names it
