@@ -14,6 +14,10 @@ quantized is issue 15's next part.
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import os
+import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -62,9 +66,18 @@ def find_gguf(path: str | Path) -> Path | None:
 
 
 def _reader(file: Path):
+    """One parse per file and process: the metadata of a real model (its vocabulary) takes seconds
+    to parse, and the config, the checks and the weights all need it."""
+    resolved = Path(file).resolve()
+    stat = resolved.stat()
+    return _cached_reader(str(resolved), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_reader(file: str, size: int, mtime_ns: int):
     from gguf import GGUFReader
 
-    return GGUFReader(str(file))
+    return GGUFReader(file)
 
 
 def _field(reader, key: str, default: Any = None) -> Any:
@@ -133,10 +146,25 @@ def load_gguf_tokenizer(file: Path):
     tokens, chat template), or None when the file carries no tokenizer."""
     from transformers import AutoTokenizer
 
+    from ..paths import cache_root
+
     reader = _reader(file)
     if _field(reader, "tokenizer.ggml.model") is None:
         return None
-    return AutoTokenizer.from_pretrained(str(file.parent), gguf_file=file.name)
+    # transformers' conversion takes seconds for a real vocabulary: keep the result per file.
+    stat = file.resolve().stat()
+    cached = cache_root() / "gguf-tokenizers" / f"{file.stem}-{stat.st_size}-{stat.st_mtime_ns}"
+    if (cached / "tokenizer_config.json").is_file():
+        return AutoTokenizer.from_pretrained(str(cached))
+    tokenizer = AutoTokenizer.from_pretrained(str(file.parent), gguf_file=file.name)
+    with contextlib.suppress(OSError):  # a read-only cache only costs the conversion next time
+        staging = cached.with_name(f"{cached.name}.{os.getpid()}")
+        tokenizer.save_pretrained(str(staging))
+        if cached.exists():  # another process converted it meanwhile
+            shutil.rmtree(staging, ignore_errors=True)
+        else:
+            staging.replace(cached)
+    return tokenizer
 
 
 def _unpermute(rows: np.ndarray, head_dim: int) -> np.ndarray:
