@@ -24,6 +24,7 @@ SUPPORTED_ARCHITECTURES = (
     "OlmoForCausalLM",
     "Phi3ForCausalLM",
 )
+QUANTIZATIONS = (None, "int8")
 DTYPES = ("float32", "bfloat16", "float16")
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 ROPE_TYPES = ("default", "linear", "llama3", "longrope")
@@ -145,11 +146,15 @@ class Llama3Config(_Frozen):
     mlp_bias: bool = False
     eos_token_ids: list[int] = []
     bos_token_id: int | None = None
+    # Weight-only quantization applied at load: "int8" (per-output-channel symmetric) for the
+    # attention and MLP projections; embeddings, norms and the LM head keep the model's dtype.
+    quantization: str | None = None
 
     @model_validator(mode="after")
     def _check(self) -> Llama3Config:
         if self.dtype not in DTYPES:
             raise ConfigError(f"dtype {self.dtype!r} is not supported; use one of {DTYPES}")
+
         if self.num_attention_heads % self.num_key_value_heads:
             raise ConfigError(
                 f"num_attention_heads ({self.num_attention_heads}) must be a multiple "
@@ -223,8 +228,14 @@ class Llama3Config(_Frozen):
         return_logits: ReturnLogits = ReturnLogits.LAST_TOKEN,
         return_hidden_states: ReturnHiddenStates = ReturnHiddenStates.NONE,
         block_size: int = DEFAULT_BLOCK_SIZE,
+        quantization: str | None = None,
     ) -> Llama3Config:
         """Builds the config from a Hugging Face config (dict, PretrainedConfig or directory)."""
+        if quantization not in QUANTIZATIONS:
+            raise ConfigError(
+                f"quantization {quantization!r} is not supported; use one of {QUANTIZATIONS} "
+                f"(None: the checkpoint's weights as they are)"
+            )
         hf = _as_dict(huggingface_config)
         arch = _architecture(hf)
         devices = [normalize_device(d) for d in (devices or ["cpu"])]
@@ -317,6 +328,7 @@ class Llama3Config(_Frozen):
             devices=devices,
             eos_token_ids=[] if eos is None else ([eos] if isinstance(eos, int) else list(eos)),
             bos_token_id=hf.get("bos_token_id"),
+            quantization=quantization,
         )
 
     @classmethod

@@ -144,6 +144,7 @@ class LLMEngine:
         max_restarts: int = 3,
         restart_window_s: float = 600.0,
         restart_backoff_s: float = 1.0,
+        quantization: str | None = None,
         **executor_kwargs,
     ):
         """enforce_eager: no CUDA graphs for decode steps (CPU ranks never use them).
@@ -152,6 +153,8 @@ class LLMEngine:
         delay each token by a step there; Ray executors do not support it).
         load_format: "auto" (the checkpoint's safetensors) or "dummy" (random weights of the
         config's shapes, for benchmarks: the directory needs only config.json).
+        quantization: "int8" quantizes the attention and MLP weights at load (per output channel,
+        symmetric): half the bytes of bfloat16 to stream per token; None keeps them as they are.
         max_restarts, restart_window_s, restart_backoff_s: self-healing. When a rank fails (its
         process dies, it raises in a step, a collective times out, it misses a health check) the
         engine closes the executor, builds a new one (new ranks, a fresh KV cache) and recomputes
@@ -171,7 +174,12 @@ class LLMEngine:
             model = default_model_path()
         self.model_path = str(model)
         self.config = Llama3Config.from_pretrained(
-            self.model_path, dtype=dtype, max_seq_len=max_seq_len, devices=devices, block_size=block_size
+            self.model_path,
+            dtype=dtype,
+            max_seq_len=max_seq_len,
+            devices=devices,
+            block_size=block_size,
+            quantization=quantization,
         )
         if load_format != "dummy":
             from .model.checkpoint import open_checkpoint

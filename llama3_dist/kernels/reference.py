@@ -149,3 +149,24 @@ def paged_decode_attention(
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     return torch.nn.functional.linear(x, weight, bias)
+
+
+def int8_weight_linear(
+    x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """x @ (weight * scale[:, None]).T for int8 weights with one scale per output channel. On CPU
+    torch's weight-only int8 kernel streams the int8 bytes (half of bfloat16's); elsewhere the
+    weight is widened to x's dtype per call (correct, not fast)."""
+    if x.device.type == "cpu":
+        flat = x.reshape(-1, x.shape[-1]).contiguous()
+        out = torch.ops.aten._weight_int8pack_mm(flat, weight, scale.to(x.dtype)).reshape(*x.shape[:-1], -1)
+    else:
+        out = torch.nn.functional.linear(x, weight.to(x.dtype)) * scale.to(x.dtype)
+    return out if bias is None else out + bias
+
+
+def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-output-channel symmetric int8: (int8 weight, float32 scale per row), scale = max|w| / 127."""
+    w = weight.float()
+    scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0
+    return torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8), scale

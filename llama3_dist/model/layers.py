@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..kernels import Kernels
+from ..kernels import Kernels, reference
 from .checkpoint import WeightSource
 from .parallel import ParallelContext
 
@@ -33,7 +33,27 @@ def _parameter(*shape: int, dtype: torch.dtype) -> nn.Parameter:
     return nn.Parameter(torch.empty(*shape, dtype=dtype), requires_grad=False)
 
 
-class ColumnParallelLinear(nn.Module):
+class _Int8Weights:
+    """Weight-only int8 for a linear layer: quantize_int8() after loading replaces `weight` with
+    int8 values and a scale per output row (computed over this rank's shard)."""
+
+    weight: nn.Parameter
+    weight_scale: torch.Tensor | None = None
+    kernels: Kernels
+
+    def quantize_int8(self) -> None:
+        quantized, scale = reference.quantize_int8(self.weight.data)
+        dtype = self.weight.dtype
+        self.weight = nn.Parameter(quantized, requires_grad=False)
+        self.weight_scale = scale.to(dtype)
+
+    def _project(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if self.weight_scale is not None:
+            return reference.int8_weight_linear(x, self.weight, self.weight_scale, bias)
+        return self.kernels.linear(x, self.weight, bias)
+
+
+class ColumnParallelLinear(_Int8Weights, nn.Module):
     """Output features split across ranks; several logical weights may be fused into one GEMM."""
 
     REPLICATED: ClassVar[tuple[str, ...]] = ()
@@ -64,7 +84,7 @@ class ColumnParallelLinear(nn.Module):
             )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.kernels.linear(x, self.weight, self.bias)
+        return self._project(x, self.bias)
 
 
 class QKVParallelLinear(ColumnParallelLinear):
@@ -115,7 +135,7 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         super().__init__(hidden_size, [part, part], bias, dtype, kernels)
 
 
-class RowParallelLinear(nn.Module):
+class RowParallelLinear(_Int8Weights, nn.Module):
     """Input features split across ranks; partial sums all-reduced; the bias added once after."""
 
     REPLICATED: ClassVar[tuple[str, ...]] = ("bias",)
@@ -143,7 +163,7 @@ class RowParallelLinear(nn.Module):
             self.bias.data = source.read(f"{name}.bias", self.full_shape[:1])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.parallel.all_reduce(self.kernels.linear(x, self.weight))
+        out = self.parallel.all_reduce(self._project(x, None))
         return out if self.bias is None else out + self.bias
 
 

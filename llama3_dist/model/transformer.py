@@ -18,6 +18,7 @@ from ..config import Llama3Config
 from ..kernels import Kernels, cpu
 from .checkpoint import TORCH_DTYPES, CheckpointNames, WeightSource
 from .layers import (
+    ColumnParallelLinear,
     MergedColumnParallelLinear,
     Norm,
     ParallelLMHead,
@@ -191,6 +192,7 @@ class DecoderLayer(nn.Module):
             or self.residual_multiplier != 1.0
             or attention.o_proj.bias is not None
             or mlp.down_proj.bias is not None
+            or config.quantization is not None  # the fused halves read dense weights
         ):
             return None
         try:
@@ -272,6 +274,10 @@ class Llama3Transformer(nn.Module):
         self.norm.load(source, names.final_norm)
         self.lm_head.load(source, names.lm_head)
         source.check_all_consumed()
+        if self.config.quantization == "int8":
+            for module in self.modules():
+                if isinstance(module, (ColumnParallelLinear, RowParallelLinear)):
+                    module.quantize_int8()
 
     def forward(
         self,
