@@ -4,8 +4,9 @@ floor (the bytes read per token / the streaming-read speed measured in the same 
 
     python benchmarks/quantization.py [--tokens 64] [--rounds 5]
 
-Dense bfloat16 runs our compiled GEMV with fused decode-layer halves; int8 runs torch's
-weight-only int8 kernel through the per-kernel path (the fused halves read dense weights).
+Dense bfloat16 runs our compiled GEMV with fused decode-layer halves; int8 runs the same GEMV
+over int8 rows (a float32 scale per row) through the per-kernel path (the fused halves read
+dense weights).
 """
 
 from __future__ import annotations

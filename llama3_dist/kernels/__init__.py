@@ -161,6 +161,8 @@ class Kernels:
     prefill_attention: Callable[..., torch.Tensor]
     paged_decode_attention: Callable[..., torch.Tensor]
     linear: Callable[..., torch.Tensor]
+    # x @ (int8 weight * scale per row).T (+ bias): weight-only int8 projections.
+    int8_linear: Callable[..., torch.Tensor] = reference.int8_weight_linear
     # The compiled CPU library when it runs whole decoder-layer halves per call for decode steps
     # (cpu.FusedDecodeLayer); LLAMA3_DIST_CPU_FUSED=0 keeps one call per kernel.
     fused_decode: cpu.KernelLibrary | None = None
@@ -182,6 +184,11 @@ def select(device: torch.device | str, dtype: torch.dtype) -> Kernels:
     return Kernels(
         **{name: getattr(impl, name) for name in TRITON_KERNELS},
         linear=_linear_for(probe, mode),
+        int8_linear=(
+            functools.partial(cpu.int8_linear, kernels=impl)
+            if isinstance(impl, cpu.KernelLibrary)
+            else reference.int8_weight_linear
+        ),
         fused_decode=fused,
         capture_safe=probe.is_cuda and getattr(impl, "__name__", "").endswith("triton_kernels"),
     )

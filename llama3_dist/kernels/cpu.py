@@ -260,6 +260,10 @@ class KernelLibrary:
                 function.argtypes, function.restype = argtypes, _INT
                 self._functions[name, dtype] = function
         self._lib.sum_floats.argtypes, self._lib.sum_floats.restype = [_P, _I64], _F32
+        for dtype, suffix in _SUFFIX.items():
+            function = getattr(self._lib, f"gemv_int8_{suffix}")
+            function.argtypes, function.restype = [_P, _P, _P, _P, _P, _I64, _I64, _I64], _INT
+            self._functions["gemv_int8", dtype] = function
 
     def __repr__(self) -> str:
         return f"KernelLibrary({self.isa!r})"
@@ -406,6 +410,42 @@ class KernelLibrary:
             m = min(GEMV_MAX_ROWS, rows - start)
             if function(x_ptr + start * k * size, w_ptr, bias_ptr, out_ptr + start * n * size, m, n, k):
                 raise ValueError(f"gemv takes 1 to {GEMV_MAX_ROWS} rows at a time, got {m}")
+        return out if x.dim() == 2 else out.view(*x.shape[:-1], n)
+
+    def gemv_int8(
+        self, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None
+    ) -> torch.Tensor | None:
+        """x @ (weight * scale[:, None]).T + bias for int8 weights and float32 scales, GEMV_MAX_ROWS
+        rows of x per pass; None where the library does not serve these tensors."""
+        dtype = x.dtype
+        if (
+            dtype not in _SUFFIX
+            or weight.dtype != torch.int8
+            or not weight.is_contiguous()
+            or scale.dtype != torch.float32
+            or not scale.is_contiguous()
+            or (bias is not None and (bias.dtype != dtype or not bias.is_contiguous()))
+        ):
+            return None
+        k, n = x.shape[-1], weight.shape[0]
+        x2 = x if x.dim() == 2 and x.is_contiguous() else x.reshape(-1, k).contiguous()
+        rows = x2.shape[0]
+        out = torch.empty(rows, n, dtype=dtype)
+        size = _ELEMENT_BYTES[dtype]
+        function = self._functions["gemv_int8", dtype]
+        bias_ptr = None if bias is None else bias.data_ptr()
+        for start in range(0, rows, GEMV_MAX_ROWS):
+            m = min(GEMV_MAX_ROWS, rows - start)
+            function(
+                x2.data_ptr() + start * k * size,
+                weight.data_ptr(),
+                scale.data_ptr(),
+                bias_ptr,
+                out.data_ptr() + start * n * size,
+                m,
+                n,
+                k,
+            )
         return out if x.dim() == 2 else out.view(*x.shape[:-1], n)
 
     def sum_floats(self, x: torch.Tensor) -> float:
@@ -662,3 +702,19 @@ def linear(
     elif weight.dtype in _NATIVE_FEATURES and x.dtype == weight.dtype and not native_gemm(weight.dtype):
         return F.linear(x.float(), _widened(weight), None if bias is None else bias.float()).to(x.dtype)
     return F.linear(x, weight, bias)
+
+
+def int8_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    kernels: KernelLibrary | None = None,
+) -> torch.Tensor:
+    """x @ (weight * scale[:, None]).T + bias for int8 weights: the library's GEMV for few rows
+    (it streams the int8 bytes), the widened weight otherwise (prefill: many rows per pass)."""
+    if kernels is not None and x.numel() // x.shape[-1] < WIDEN_MIN_ROWS:
+        out = kernels.gemv_int8(x, weight, scale, bias)
+        if out is not None:
+            return out
+    return reference.int8_weight_linear(x, weight, scale, bias)

@@ -269,6 +269,22 @@ struct Block<bfloat16> {
     }
 };
 
+// int8 weights (weight-only quantization, a float32 scale per row applied to the row's sum): a
+// block is 2 * LANES bytes, converted to two float32 vectors of consecutive elements.
+template <>
+struct Block<int8_t> {
+    typedef int8_t Bytes __attribute__((vector_size(2 * LANES)));
+    typedef float Wide __attribute__((vector_size(8 * LANES)));
+    static void load(const int8_t* p, Floats& first, Floats& second) {
+        Bytes bytes;
+        memcpy(&bytes, p, sizeof bytes);
+        const Wide wide = __builtin_convertvector(bytes, Wide);
+        memcpy(&first, &wide, sizeof first);
+        memcpy(&second, reinterpret_cast<const char*>(&wide) + sizeof first, sizeof second);
+    }
+    static int64_t x_index(int64_t j) { return j; }
+};
+
 // R output rows of w against M rows of x (both compile-time, so the R*M accumulators live in
 // registers). xf holds x widened to float32 in Block<T> order, M rows of k_pad floats (a
 // multiple of 2 * LANES), zero beyond k.
@@ -332,8 +348,9 @@ inline int64_t padded_width(int64_t k) { return (k + 2 * LANES - 1) / (2 * LANES
 
 // The GEMV's work, shared by the threads of an enclosing parallel region (an orphaned `omp for`:
 // called outside one, the calling thread does it all). xf: x widened by widen_rows.
-template <typename T, int M>
-void gemv_tiles(const float* xf, const T* w, const T* bias, T* y, int64_t n, int64_t k) {
+// W: the weights' type (T, or int8_t with `scale`, one float per row; nullptr otherwise).
+template <typename T, typename W, int M>
+void gemv_tiles(const float* xf, const W* w, const float* scale, const T* bias, T* y, int64_t n, int64_t k) {
     using E = Element<T>;
     constexpr int R = std::max(1, std::min(4, ACCUMULATORS / M));
     const int64_t k_pad = padded_width(k);
@@ -345,24 +362,26 @@ void gemv_tiles(const float* xf, const T* w, const T* bias, T* y, int64_t n, int
         const int width = n0 + R <= n ? R : 1;  // a last, partial tile goes one row at a time
         for (int64_t r0 = n0; r0 < n0 + R && r0 < n; r0 += width) {
             if (width == R)
-                tile<T, R, M>(xf, k_pad, w + r0 * k, k, out);
+                tile<W, R, M>(xf, k_pad, w + r0 * k, k, out);
             else
-                tile<T, 1, M>(xf, k_pad, w + r0 * k, k, out);
+                tile<W, 1, M>(xf, k_pad, w + r0 * k, k, out);
             for (int r = 0; r < width; ++r) {
                 const float b = bias ? E::to_float(bias[r0 + r]) : 0.0f;
-                for (int m = 0; m < M; ++m) y[m * n + r0 + r] = E::from_float(out[m * width + r] + b);
+                const float s = scale ? scale[r0 + r] : 1.0f;
+                for (int m = 0; m < M; ++m) y[m * n + r0 + r] = E::from_float(out[m * width + r] * s + b);
             }
         }
     }
 }
 
-// x [m, k] as float32 in Block<T> order, rows padded_width(k) apart and zero beyond k.
-template <typename T>
+// x [m, k] as float32 in Block<W> order (the weights' order), rows padded_width(k) apart and
+// zero beyond k.
+template <typename T, typename W>
 void widen_rows(const T* x, int64_t m, int64_t k, float* xf) {
     const int64_t k_pad = padded_width(k);
     std::fill(xf, xf + m * k_pad, 0.0f);
     for (int64_t row = 0; row < m; ++row)
-        for (int64_t j = 0; j < k; ++j) xf[row * k_pad + Block<T>::x_index(j)] = Element<T>::to_float(x[row * k + j]);
+        for (int64_t j = 0; j < k; ++j) xf[row * k_pad + Block<W>::x_index(j)] = Element<T>::to_float(x[row * k + j]);
 }
 
 // y [m, n] = x [m, k] @ w [n, k].T + bias, m from 1 to GEMV_MAX_ROWS, by the threads of the
@@ -370,30 +389,32 @@ void widen_rows(const T* x, int64_t m, int64_t k, float* xf) {
 // shared by the team. Returns -1 if m is out of range.
 constexpr int GEMV_MAX_ROWS = 8;
 
-template <typename T>
-int gemv_team(const T* x, int64_t m, const T* w, const T* bias, T* y, int64_t n, int64_t k, float* xf) {
+template <typename T, typename W = T>
+int gemv_team(const T* x, int64_t m, const W* w, const T* bias, T* y, int64_t n, int64_t k, float* xf,
+              const float* scale = nullptr) {
     if (m < 1 || m > GEMV_MAX_ROWS) return -1;
 #pragma omp single
-    widen_rows(x, m, k, xf);
+    widen_rows<T, W>(x, m, k, xf);
     switch (m) {
-        case 1: gemv_tiles<T, 1>(xf, w, bias, y, n, k); break;
-        case 2: gemv_tiles<T, 2>(xf, w, bias, y, n, k); break;
-        case 3: gemv_tiles<T, 3>(xf, w, bias, y, n, k); break;
-        case 4: gemv_tiles<T, 4>(xf, w, bias, y, n, k); break;
-        case 5: gemv_tiles<T, 5>(xf, w, bias, y, n, k); break;
-        case 6: gemv_tiles<T, 6>(xf, w, bias, y, n, k); break;
-        case 7: gemv_tiles<T, 7>(xf, w, bias, y, n, k); break;
-        default: gemv_tiles<T, 8>(xf, w, bias, y, n, k); break;
+        case 1: gemv_tiles<T, W, 1>(xf, w, scale, bias, y, n, k); break;
+        case 2: gemv_tiles<T, W, 2>(xf, w, scale, bias, y, n, k); break;
+        case 3: gemv_tiles<T, W, 3>(xf, w, scale, bias, y, n, k); break;
+        case 4: gemv_tiles<T, W, 4>(xf, w, scale, bias, y, n, k); break;
+        case 5: gemv_tiles<T, W, 5>(xf, w, scale, bias, y, n, k); break;
+        case 6: gemv_tiles<T, W, 6>(xf, w, scale, bias, y, n, k); break;
+        case 7: gemv_tiles<T, W, 7>(xf, w, scale, bias, y, n, k); break;
+        default: gemv_tiles<T, W, 8>(xf, w, scale, bias, y, n, k); break;
     }
     return 0;
 }
 
-template <typename T>
-int gemv_rows(const T* x, const T* w, const T* bias, T* y, int64_t m, int64_t n, int64_t k) {
+template <typename T, typename W = T>
+int gemv_rows(const T* x, const W* w, const T* bias, T* y, int64_t m, int64_t n, int64_t k,
+              const float* scale = nullptr) {
     if (m < 1 || m > GEMV_MAX_ROWS) return -1;
     std::vector<float> xf(m * padded_width(k));
 #pragma omp parallel
-    gemv_team(x, m, w, bias, y, n, k, xf.data());
+    gemv_team<T, W>(x, m, w, bias, y, n, k, xf.data(), scale);
     return 0;
 }
 
@@ -661,6 +682,10 @@ int mlp_block(const MlpBlock& layer, int64_t m, const T* x, T* residual, T* out)
 #define LLAMA3_DIST_EXPORT(T, SUFFIX)                                                                              \
     int gemv_##SUFFIX(const T* x, const T* w, const T* bias, T* y, int64_t m, int64_t n, int64_t k) {                \
         return gemv_rows<T>(x, w, bias, y, m, n, k);                                                                 \
+    }                                                                                                                \
+    int gemv_int8_##SUFFIX(const T* x, const int8_t* w, const float* scale, const T* bias, T* y, int64_t m,         \
+                           int64_t n, int64_t k) {                                                                   \
+        return gemv_rows<T, int8_t>(x, w, bias, y, m, n, k, scale);                                                  \
     }                                                                                                                \
     void rms_norm_##SUFFIX(const T* x, const T* residual, const T* weight, float eps, T* out, T* h_out, int64_t n,  \
                            int64_t d) {                                                                              \

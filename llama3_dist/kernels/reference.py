@@ -154,14 +154,11 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 def int8_weight_linear(
     x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """x @ (weight * scale[:, None]).T for int8 weights with one scale per output channel. On CPU
-    torch's weight-only int8 kernel streams the int8 bytes (half of bfloat16's); elsewhere the
-    weight is widened to x's dtype per call (correct, not fast)."""
-    if x.device.type == "cpu":
-        flat = x.reshape(-1, x.shape[-1]).contiguous()
-        out = torch.ops.aten._weight_int8pack_mm(flat, weight, scale.to(x.dtype)).reshape(*x.shape[:-1], -1)
-    else:
-        out = torch.nn.functional.linear(x, weight.to(x.dtype)) * scale.to(x.dtype)
+    """x @ (weight * scale[:, None]).T for int8 weights with one scale per output channel: the
+    weight widened to x's dtype per call (correct everywhere; the CPU library's GEMV serves the
+    few-row decode case without widening). Not torch's _weight_int8pack_mm: in torch 2.13 its
+    bfloat16 CPU kernel returns garbage when k is not a multiple of 16 and crashes for some k."""
+    out = torch.nn.functional.linear(x, weight.to(x.dtype)) * scale.to(x.dtype)
     return out if bias is None else out + bias
 
 

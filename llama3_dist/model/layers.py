@@ -45,11 +45,12 @@ class _Int8Weights:
         quantized, scale = reference.quantize_int8(self.weight.data)
         dtype = self.weight.dtype
         self.weight = nn.Parameter(quantized, requires_grad=False)
-        self.weight_scale = scale.to(dtype)
+        # float32 for the CPU library's GEMV; torch's int8 kernel takes the activations' dtype
+        self.weight_scale = scale if self.weight.device.type == "cpu" else scale.to(dtype)
 
     def _project(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if self.weight_scale is not None:
-            return reference.int8_weight_linear(x, self.weight, self.weight_scale, bias)
+            return self.kernels.int8_linear(x, self.weight, self.weight_scale, bias)
         return self.kernels.linear(x, self.weight, bias)
 
 

@@ -167,6 +167,27 @@ def test_gemv_rounds_a_float32_product(variant, rows, k):
     assert library.gemv(x, w.T.contiguous().T, None) is None  # a strided weight is not served
 
 
+@pytest.mark.parametrize("rows,k", [(1, 1000), (13, 67)])
+def test_int8_gemv_is_the_scaled_product(variant, rows, k):
+    """int8 weights with a float32 scale per row: the scaled float32 product, rounded once (13 rows
+    take two passes, k of no block multiple ends with a partial block); torch's int8 kernel, the
+    fallback for many rows, agrees."""
+    library, dtype = variant
+    x, b = randn(rows, k, dtype=dtype), randn(160, dtype=dtype)
+    w, scale = ref.quantize_int8(randn(160, k))
+    dequantized = w.double() * scale.double()[:, None]
+    exact = x.double() @ dequantized.T + b.double()
+    got = library.gemv_int8(x, w, scale, b)
+    if dtype == F32:  # as close to the exact sum as torch's own float32 GEMM on the same weights
+        torch_error = ((x @ dequantized.float().T + b).double() - exact).abs().max()
+        assert (got.double() - exact).abs().max() <= 4 * torch_error + 1e-6
+    else:
+        assert_matches(got, exact.to(dtype), exact_fraction=0.98)
+    fallback = ref.int8_weight_linear(x, w, scale, b).double()
+    torch.testing.assert_close(fallback, exact, rtol=2e-2 if dtype == BF16 else 1e-4, atol=0.1)
+    assert library.gemv_int8(x, w, scale.double(), b) is None  # scales must be float32
+
+
 @built
 @pytest.mark.parametrize("dtype", [BF16, F32, torch.float16])
 @pytest.mark.parametrize("rows", [1, 40])
