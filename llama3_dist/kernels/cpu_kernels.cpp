@@ -273,16 +273,32 @@ struct Block<bfloat16> {
 // block is 2 * LANES bytes, converted to two float32 vectors of consecutive elements.
 template <>
 struct Block<int8_t> {
-    typedef int8_t Bytes __attribute__((vector_size(2 * LANES)));
-    typedef float Wide __attribute__((vector_size(8 * LANES)));
-    static void load(const int8_t* p, Floats& first, Floats& second) {
-        Bytes bytes;
-        memcpy(&bytes, p, sizeof bytes);
-        const Wide wide = __builtin_convertvector(bytes, Wide);
-        memcpy(&first, &wide, sizeof first);
-        memcpy(&second, reinterpret_cast<const char*>(&wide) + sizeof first, sizeof second);
+    // 2 * LANES bytes are LANES / 2 32-bit words; byte b of every word, sign-extended in place by
+    // two shifts, makes half a vector: bytes 0 and 1 of the words form `first`, bytes 2 and 3
+    // `second` (x is stored in that order). Compilers turn a plain int8 -> int32 conversion into
+    // scalar code; these are a few vector instructions.
+    typedef int32_t HalfInts __attribute__((vector_size(VECTOR_BYTES / 2)));
+    static Floats join(HalfInts low, HalfInts high) {
+#if VECTOR_BYTES == 64
+        const Ints v = __builtin_shufflevector(low, high, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+#elif VECTOR_BYTES == 32
+        const Ints v = __builtin_shufflevector(low, high, 0, 1, 2, 3, 4, 5, 6, 7);
+#else
+        const Ints v = __builtin_shufflevector(low, high, 0, 1, 2, 3);
+#endif
+        return __builtin_convertvector(v, Floats);
     }
-    static int64_t x_index(int64_t j) { return j; }
+    static void load(const int8_t* p, Floats& first, Floats& second) {
+        HalfInts words;
+        memcpy(&words, p, sizeof words);
+        first = join((words << 24) >> 24, (words << 16) >> 24);
+        second = join((words << 8) >> 24, words >> 24);
+    }
+    // Where element j of x goes: within a block, byte b of word w sits at b * LANES / 2 + w.
+    static int64_t x_index(int64_t j) {
+        const int64_t block = j / (2 * LANES), within = j % (2 * LANES);
+        return block * 2 * LANES + (within % 4) * (LANES / 2) + within / 4;
+    }
 };
 
 // R output rows of w against M rows of x (both compile-time, so the R*M accumulators live in
