@@ -236,31 +236,32 @@ inline void rotate(T* x, const float* c, const float* s, int64_t half, bool inte
     });
 }
 
-// The GEMV reads weights in blocks of 2 * LANES elements, as two float32 vectors. For bfloat16
-// the block is one full-width load of 32-bit words: the even elements are the words shifted left
-// by 16 and the odd ones the words with the low half cleared (two cheap ops, where widening
-// LANES elements with a conversion costs a shuffle each); x is stored in the same even/odd
-// order, so each product pairs the right elements. For float32 the two vectors are simply
-// consecutive.
+// The GEMV reads weights in blocks of VECTORS * LANES elements, as VECTORS float32 vectors, and
+// x is stored in the same order so that each product pairs the right elements. For bfloat16 a
+// block is one full-width load of 32-bit words: the even elements are the words shifted left by
+// 16 and the odd ones the words with the low half cleared (two cheap ops, where widening LANES
+// elements with a conversion costs a shuffle each). For float32 the vectors are consecutive.
 template <typename T>
 struct Block;
 
 template <>
 struct Block<float> {
-    static void load(const float* p, Floats& first, Floats& second) {
-        first = Element<float>::load(p);
-        second = Element<float>::load(p + LANES);
+    static constexpr int VECTORS = 2;
+    static void load(const float* p, Floats* v) {
+        v[0] = Element<float>::load(p);
+        v[1] = Element<float>::load(p + LANES);
     }
     static int64_t x_index(int64_t j) { return j; }  // x in its own order
 };
 
 template <>
 struct Block<bfloat16> {
-    static void load(const bfloat16* p, Floats& even, Floats& odd) {
+    static constexpr int VECTORS = 2;
+    static void load(const bfloat16* p, Floats* v) {
         Words words;
         memcpy(&words, p, sizeof words);
-        even = bits_to_floats(words << 16);
-        odd = bits_to_floats(words & 0xffff0000u);
+        v[0] = bits_to_floats(words << 16);
+        v[1] = bits_to_floats(words & 0xffff0000u);
     }
     // Where element j of x goes: the evens of each block first, then its odds.
     static int64_t x_index(int64_t j) {
@@ -269,44 +270,38 @@ struct Block<bfloat16> {
     }
 };
 
-// int8 weights (weight-only quantization, a float32 scale per row applied to the row's sum): a
-// block is 2 * LANES bytes, converted to two float32 vectors of consecutive elements.
+// int8 weights (weight-only quantization; a float32 scale per row multiplies the row's sum): a
+// block is one full-width load of LANES 32-bit words, 4 * LANES bytes; byte b of every word,
+// sign-extended in place by two shifts and converted, is vector b. (Compilers turn a plain
+// int8 -> int32 vector conversion into scalar code; these are a few vector instructions.)
 template <>
 struct Block<int8_t> {
-    // 2 * LANES bytes are LANES / 2 32-bit words; byte b of every word, sign-extended in place by
-    // two shifts, makes half a vector: bytes 0 and 1 of the words form `first`, bytes 2 and 3
-    // `second` (x is stored in that order). Compilers turn a plain int8 -> int32 conversion into
-    // scalar code; these are a few vector instructions.
-    typedef int32_t HalfInts __attribute__((vector_size(VECTOR_BYTES / 2)));
-    static Floats join(HalfInts low, HalfInts high) {
-#if VECTOR_BYTES == 64
-        const Ints v = __builtin_shufflevector(low, high, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-#elif VECTOR_BYTES == 32
-        const Ints v = __builtin_shufflevector(low, high, 0, 1, 2, 3, 4, 5, 6, 7);
-#else
-        const Ints v = __builtin_shufflevector(low, high, 0, 1, 2, 3);
-#endif
-        return __builtin_convertvector(v, Floats);
-    }
-    static void load(const int8_t* p, Floats& first, Floats& second) {
-        HalfInts words;
+    static constexpr int VECTORS = 4;
+    static void load(const int8_t* p, Floats* v) {
+        Ints words;
         memcpy(&words, p, sizeof words);
-        first = join((words << 24) >> 24, (words << 16) >> 24);
-        second = join((words << 8) >> 24, words >> 24);
+        v[0] = __builtin_convertvector((words << 24) >> 24, Floats);
+        v[1] = __builtin_convertvector((words << 16) >> 24, Floats);
+        v[2] = __builtin_convertvector((words << 8) >> 24, Floats);
+        v[3] = __builtin_convertvector(words >> 24, Floats);
     }
-    // Where element j of x goes: within a block, byte b of word w sits at b * LANES / 2 + w.
+    // Within a block, byte b of word w sits at b * LANES + w.
     static int64_t x_index(int64_t j) {
-        const int64_t block = j / (2 * LANES), within = j % (2 * LANES);
-        return block * 2 * LANES + (within % 4) * (LANES / 2) + within / 4;
+        const int64_t block = j / (4 * LANES), within = j % (4 * LANES);
+        return block * 4 * LANES + (within % 4) * LANES + within / 4;
     }
 };
 
+// The widest block: rows of x are padded to a multiple of it, so every weight type's blocks fit.
+constexpr int MAX_BLOCK = 4 * LANES;
+
 // R output rows of w against M rows of x (both compile-time, so the R*M accumulators live in
 // registers). xf holds x widened to float32 in Block<T> order, M rows of k_pad floats (a
-// multiple of 2 * LANES), zero beyond k.
+// multiple of MAX_BLOCK), zero beyond k.
 template <typename T, int R, int M>
 inline void tile(const float* xf, int64_t k_pad, const T* w, int64_t k, float* out /* M x R */) {
-    constexpr int BLOCK = 2 * LANES;
+    constexpr int V = Block<T>::VECTORS;
+    constexpr int BLOCK = V * LANES;
     // Blocks per row and iteration: at least one cache line of weights.
     constexpr int BLOCKS = std::max<int>(1, CACHE_LINE / (BLOCK * int(sizeof(T))));
     constexpr int LINES = std::max<int>(1, BLOCKS * BLOCK * int(sizeof(T)) / CACHE_LINE);
@@ -316,14 +311,12 @@ inline void tile(const float* xf, int64_t k_pad, const T* w, int64_t k, float* o
     // R weight blocks and one x vector at a time beside the R*M accumulators: loading all M x
     // vectors first would spill registers.
     auto accumulate = [&](const T* const* rows, const float* x) {
-        Floats first[R], second[R];
-        for (int r = 0; r < R; ++r) Block<T>::load(rows[r], first[r], second[r]);
+        Floats parts[R][V];
+        for (int r = 0; r < R; ++r) Block<T>::load(rows[r], parts[r]);
         for (int m = 0; m < M; ++m) {
-            const Floats x_first = Element<float>::load(x + m * k_pad);
-            const Floats x_second = Element<float>::load(x + m * k_pad + LANES);
-            for (int r = 0; r < R; ++r) {  // two fused multiply-adds, not a multiply, an FMA and an add
-                acc[r][m] += first[r] * x_first;
-                acc[r][m] += second[r] * x_second;
+            for (int v = 0; v < V; ++v) {
+                const Floats x_part = Element<float>::load(x + m * k_pad + v * LANES);
+                for (int r = 0; r < R; ++r) acc[r][m] += parts[r][v] * x_part;  // fused multiply-adds
             }
         }
     };
@@ -360,7 +353,7 @@ inline void tile(const float* xf, int64_t k_pad, const T* w, int64_t k, float* o
 // registers on AVX-512 and NEON, 16 on AVX2 and SSE.
 constexpr int ACCUMULATORS = VECTOR_BYTES == 64 ? 16 : 8;
 
-inline int64_t padded_width(int64_t k) { return (k + 2 * LANES - 1) / (2 * LANES) * (2 * LANES); }
+inline int64_t padded_width(int64_t k) { return (k + MAX_BLOCK - 1) / MAX_BLOCK * MAX_BLOCK; }
 
 // The GEMV's work, shared by the threads of an enclosing parallel region (an orphaned `omp for`:
 // called outside one, the calling thread does it all). xf: x widened by widen_rows.
@@ -368,7 +361,8 @@ inline int64_t padded_width(int64_t k) { return (k + 2 * LANES - 1) / (2 * LANES
 template <typename T, typename W, int M>
 void gemv_tiles(const float* xf, const W* w, const float* scale, const T* bias, T* y, int64_t n, int64_t k) {
     using E = Element<T>;
-    constexpr int R = std::max(1, std::min(4, ACCUMULATORS / M));
+    // Weight vectors held per block: R * VECTORS, at most 8 beside the accumulators.
+    constexpr int R = std::max(1, std::min(8 / Block<W>::VECTORS, ACCUMULATORS / M));
     const int64_t k_pad = padded_width(k);
     const int64_t tiles = (n + R - 1) / R;
 #pragma omp for schedule(guided)  // ~4% faster than static over the benchmark model
