@@ -75,8 +75,10 @@ def _reader(file: Path):
 
 @functools.lru_cache(maxsize=4)
 def _cached_reader(file: str, size: int, mtime_ns: int):
-    from gguf import GGUFReader
-
+    try:
+        from gguf import GGUFReader
+    except ImportError:
+        raise ImportError(f"reading {file!r} needs the gguf package: pip install 'llama3-dist[gguf]'") from None
     return GGUFReader(file)
 
 
