@@ -390,40 +390,33 @@ class KernelLibrary:
     def gemv(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
         """x @ weight.T + bias, GEMV_MAX_ROWS rows of x per pass over the weight; None where the
         library does not serve these tensors (other dtypes, mixed dtypes, strided weights)."""
-        dtype = weight.dtype
-        if (
-            dtype not in _SUFFIX
-            or x.dtype != dtype
-            or not weight.is_contiguous()
-            or (bias is not None and (bias.dtype != dtype or not bias.is_contiguous()))
-        ):
+        if weight.dtype != x.dtype:
             return None
-        k, n = x.shape[-1], weight.shape[0]
-        x2 = x if x.dim() == 2 and x.is_contiguous() else x.reshape(-1, k).contiguous()
-        rows = x2.shape[0]
-        out = torch.empty(rows, n, dtype=dtype)
-        size = _ELEMENT_BYTES[dtype]
-        function = self._functions["gemv", dtype]
-        bias_ptr = None if bias is None else bias.data_ptr()
-        x_ptr, w_ptr, out_ptr = x2.data_ptr(), weight.data_ptr(), out.data_ptr()
-        for start in range(0, rows, GEMV_MAX_ROWS):
-            m = min(GEMV_MAX_ROWS, rows - start)
-            if function(x_ptr + start * k * size, w_ptr, bias_ptr, out_ptr + start * n * size, m, n, k):
-                raise ValueError(f"gemv takes 1 to {GEMV_MAX_ROWS} rows at a time, got {m}")
-        return out if x.dim() == 2 else out.view(*x.shape[:-1], n)
+        return self._gemv("gemv", x, weight, bias)
 
     def gemv_int8(
         self, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None
     ) -> torch.Tensor | None:
         """x @ (weight * scale[:, None]).T + bias for int8 weights and float32 scales, GEMV_MAX_ROWS
         rows of x per pass; None where the library does not serve these tensors."""
+        if weight.dtype != torch.int8 or scale.dtype != torch.float32 or not scale.is_contiguous():
+            return None
+        return self._gemv("gemv_int8", x, weight, bias, scale)
+
+    def _gemv(
+        self,
+        name: str,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        scale: torch.Tensor | None = None,
+    ) -> torch.Tensor | None:
+        """Both GEMVs: the C function takes (x, w, [scale,] bias, y, m, n, k) and returns nonzero
+        for a row count out of range."""
         dtype = x.dtype
         if (
             dtype not in _SUFFIX
-            or weight.dtype != torch.int8
             or not weight.is_contiguous()
-            or scale.dtype != torch.float32
-            or not scale.is_contiguous()
             or (bias is not None and (bias.dtype != dtype or not bias.is_contiguous()))
         ):
             return None
@@ -432,20 +425,14 @@ class KernelLibrary:
         rows = x2.shape[0]
         out = torch.empty(rows, n, dtype=dtype)
         size = _ELEMENT_BYTES[dtype]
-        function = self._functions["gemv_int8", dtype]
+        function = self._functions[name, dtype]
+        weights = (weight.data_ptr(),) if scale is None else (weight.data_ptr(), scale.data_ptr())
         bias_ptr = None if bias is None else bias.data_ptr()
+        x_ptr, out_ptr = x2.data_ptr(), out.data_ptr()
         for start in range(0, rows, GEMV_MAX_ROWS):
             m = min(GEMV_MAX_ROWS, rows - start)
-            function(
-                x2.data_ptr() + start * k * size,
-                weight.data_ptr(),
-                scale.data_ptr(),
-                bias_ptr,
-                out.data_ptr() + start * n * size,
-                m,
-                n,
-                k,
-            )
+            if function(x_ptr + start * k * size, *weights, bias_ptr, out_ptr + start * n * size, m, n, k):
+                raise ValueError(f"{name} takes 1 to {GEMV_MAX_ROWS} rows at a time, got {m}")
         return out if x.dim() == 2 else out.view(*x.shape[:-1], n)
 
     def sum_floats(self, x: torch.Tensor) -> float:
