@@ -24,7 +24,9 @@ SUPPORTED_ARCHITECTURES = (
     "OlmoForCausalLM",
     "Phi3ForCausalLM",
 )
-QUANTIZATIONS = (None, "int8")
+QUANTIZATIONS = (None, "int8", "int4", "int4-g128")
+# Group sizes of the group-wise quantizations (4 bits, a float16 scale and offset per group).
+GROUP_SIZES = {"int4": 32, "int4-g128": 128}
 DTYPES = ("float32", "bfloat16", "float16")
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 ROPE_TYPES = ("default", "linear", "llama3", "longrope")
@@ -146,8 +148,10 @@ class Llama3Config(_Frozen):
     mlp_bias: bool = False
     eos_token_ids: list[int] = []
     bos_token_id: int | None = None
-    # Weight-only quantization applied at load: "int8" (per-output-channel symmetric) for the
-    # attention and MLP projections; embeddings, norms and the LM head keep the model's dtype.
+    # Weight-only quantization applied at load to the attention and MLP projections: "int8"
+    # (per-output-channel symmetric), "int4" / "int4-g128" (groups of 32 / 128 input features,
+    # a float16 scale and offset each); embeddings, norms and the LM head keep the model's dtype.
+    # None: the checkpoint's weights as they are (GGUF Q8_0/Q4_0/Q4_1 stay quantized on CPUs).
     quantization: str | None = None
 
     @model_validator(mode="after")

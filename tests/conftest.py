@@ -3,6 +3,7 @@ transformers and saved with save_pretrained, and one Ray instance per test sessi
 
 from __future__ import annotations
 
+import os
 import shutil
 import zlib
 from pathlib import Path
@@ -12,6 +13,10 @@ import torch
 import transformers
 
 from llama3_dist.default_model import TOKENIZER_DIR, TOKENIZER_FILES
+
+# Tests that name no model get the embedded random one whatever is installed (the real default,
+# SmolLM2, is tested by name); set here so that child processes and Ray workers inherit it.
+os.environ["LLAMA3_DIST_DEFAULT_MODEL"] = "random"
 
 COMMON = dict(
     hidden_size=64,

@@ -21,8 +21,14 @@ def _devices(value: str) -> list[str]:
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     """The engine arguments every subcommand that loads a model shares."""
+    from ..config import QUANTIZATIONS
+
     p.add_argument(
-        "model", nargs="?", default=None, help="checkpoint directory (default: the embedded small random Llama 3)"
+        "model",
+        nargs="?",
+        default=None,
+        help="checkpoint directory or .gguf file (default: SmolLM2-135M-Instruct when installed, else a small "
+        "random Llama 3)",
     )
     p.add_argument(
         "--devices",
@@ -38,6 +44,13 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-cache-bytes", type=int, default=None, help="KV cache size per device, in bytes")
     p.add_argument("--seed", type=int, default=None, help="seed of the shared sampler (unseeded requests)")
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode steps")
+    p.add_argument(
+        "--quantization",
+        default=None,
+        choices=[q for q in QUANTIZATIONS if q is not None],
+        help="weight-only quantization at load: int8 (per output channel), int4 (groups of 32), int4-g128 "
+        "(default: the weights as stored)",
+    )
 
 
 def _engine_kwargs(args) -> dict:
@@ -50,6 +63,7 @@ def _engine_kwargs(args) -> dict:
         kv_cache_bytes=args.kv_cache_bytes,
         seed=args.seed,
         enforce_eager=args.enforce_eager,
+        quantization=args.quantization,
     )
 
 
@@ -58,7 +72,7 @@ def _add_generate(sub) -> None:
     p = sub.add_parser(
         "generate",
         help="generate text from a prompt, streamed to stdout",
-        description="Generate from a checkpoint directory (or the embedded default) and print the text as it streams.",
+        description="Generate from a checkpoint (or the default model) and print the text as it streams.",
     )
     _add_model_args(p)
     p.add_argument("--prompt", default="The capital of France is", help="the prompt text")

@@ -22,6 +22,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import ModuleType
+from typing import Any
 
 import torch
 
@@ -163,6 +164,14 @@ class Kernels:
     linear: Callable[..., torch.Tensor]
     # x @ (int8 weight * scale per row).T (+ bias): weight-only int8 projections.
     int8_linear: Callable[..., torch.Tensor] = reference.int8_weight_linear
+    # Group-quantized weights (reference.GroupQuantized: int4, GGUF Q8_0/Q4_0/Q4_1): pack_grouped
+    # puts one in these kernels' layout at load, grouped_linear(x, packed, bias) multiplies.
+    # runs_grouped: whether they multiply without dequantizing (the CPU library); elsewhere the
+    # weight is dequantized per call (correct, not fast), so stored GGUF types are dequantized at
+    # load instead.
+    pack_grouped: Callable[[reference.GroupQuantized], Any] = lambda weight: weight
+    grouped_linear: Callable[..., torch.Tensor] = reference.grouped_linear
+    runs_grouped: bool = False
     # The compiled CPU library when it runs whole decoder-layer halves per call for decode steps
     # (cpu.FusedDecodeLayer); LLAMA3_DIST_CPU_FUSED=0 keeps one call per kernel.
     fused_decode: cpu.KernelLibrary | None = None
@@ -188,6 +197,15 @@ def select(device: torch.device | str, dtype: torch.dtype) -> Kernels:
             functools.partial(cpu.int8_linear, kernels=impl)
             if isinstance(impl, cpu.KernelLibrary)
             else reference.int8_weight_linear
+        ),
+        **(
+            dict(
+                pack_grouped=functools.partial(cpu.pack_grouped, lanes=impl.lanes),
+                grouped_linear=functools.partial(cpu.grouped_linear, kernels=impl),
+                runs_grouped=True,
+            )
+            if isinstance(impl, cpu.KernelLibrary)
+            else {}
         ),
         fused_decode=fused,
         capture_safe=probe.is_cuda and getattr(impl, "__name__", "").endswith("triton_kernels"),

@@ -264,6 +264,18 @@ class KernelLibrary:
             function = getattr(self._lib, f"gemv_int8_{suffix}")
             function.argtypes, function.restype = [_P, _P, _P, _P, _P, _I64, _I64, _I64], _INT
             self._functions["gemv_int8", dtype] = function
+            for bits in (4, 8):
+                function = getattr(self._lib, f"gemv_q{bits}_{suffix}")
+                function.argtypes, function.restype = [_P, _P, _P, _P, _P, _P, _I64, _I64, _I64, _I64], _INT
+                self._functions[f"gemv_q{bits}", dtype] = function
+                function = getattr(self._lib, f"dequantize_q{bits}_{suffix}")
+                function.argtypes, function.restype = [_P, _P, _P, _P, _I64, _I64, _I64], _INT
+                self._functions[f"dequantize_q{bits}", dtype] = function
+
+    @property
+    def lanes(self) -> int:
+        """float32 lanes per vector: the unit of the grouped weights' layout (pack_grouped)."""
+        return INSTRUCTION_SETS[self.isa].vector_bytes // 4
 
     def __repr__(self) -> str:
         return f"KernelLibrary({self.isa!r})"
@@ -434,6 +446,49 @@ class KernelLibrary:
             if function(x_ptr + start * k * size, *weights, bias_ptr, out_ptr + start * n * size, m, n, k):
                 raise ValueError(f"{name} takes 1 to {GEMV_MAX_ROWS} rows at a time, got {m}")
         return out if x.dim() == 2 else out.view(*x.shape[:-1], n)
+
+    def gemv_grouped(self, x: torch.Tensor, weight: PackedGroupWeights, bias: torch.Tensor | None) -> torch.Tensor:
+        """x @ dequantized(weight).T + bias for few rows (GEMV_MAX_ROWS per pass over the weight):
+        the integers are read as they are stored and dequantized in registers."""
+        if weight.lanes != self.lanes:
+            raise ValueError(f"weights packed for {weight.lanes} lanes, this library ({self.isa}) takes {self.lanes}")
+        dtype, (n, k) = x.dtype, weight.shape
+        x2 = x.reshape(-1, k).contiguous()
+        rows = x2.shape[0]
+        out = torch.empty(rows, n, dtype=dtype)
+        size = _ELEMENT_BYTES[dtype]
+        function = self._functions[f"gemv_q{weight.bits}", dtype]
+        offsets = _pointer(weight.offsets)
+        bias_ptr = None if bias is None else bias.to(dtype).contiguous().data_ptr()
+        for start in range(0, rows, GEMV_MAX_ROWS):
+            m = min(GEMV_MAX_ROWS, rows - start)
+            status = function(
+                x2.data_ptr() + start * k * size,
+                weight.words.data_ptr(),
+                weight.scales.data_ptr(),
+                offsets,
+                bias_ptr,
+                out.data_ptr() + start * n * size,
+                m,
+                n,
+                k,
+                weight.group_size,
+            )
+            if status:
+                raise ValueError(f"gemv_q{weight.bits}: {m} rows or group size {weight.group_size} out of range")
+        return out.view(*x.shape[:-1], n)
+
+    def dequantize_grouped(self, weight: PackedGroupWeights, dtype: torch.dtype) -> torch.Tensor:
+        """The weight as `dtype` [n, k] (bfloat16 or float32), for products of many rows."""
+        n, k = weight.shape
+        out = torch.empty(n, k, dtype=dtype)
+        function = self._functions[f"dequantize_q{weight.bits}", dtype]
+        if function(
+            weight.words.data_ptr(), weight.scales.data_ptr(), _pointer(weight.offsets), out.data_ptr(), n, k,
+            weight.group_size,
+        ):  # fmt: skip
+            raise ValueError(f"dequantize_q{weight.bits}: group size {weight.group_size} out of range")
+        return out
 
     def sum_floats(self, x: torch.Tensor) -> float:
         """Sum of a contiguous float32 tensor read once by all threads (a streaming-read probe)."""
@@ -705,3 +760,57 @@ def int8_linear(
         if out is not None:
             return out
     return reference.int8_weight_linear(x, weight, scale, bias)
+
+
+# --- group-quantized weights ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PackedGroupWeights:
+    """A GroupQuantized weight in the library's layout (cpu_kernels.cpp, "group-quantized
+    weights"): rows of blocks of `lanes` 32-bit words, element v of word l holding the block's
+    weight v * lanes + l; float16 scales (and offsets) as stored."""
+
+    words: torch.Tensor  # int32 [n, padded k * bits / 32]
+    scales: torch.Tensor  # float16 [n, groups]
+    offsets: torch.Tensor | None
+    bits: int
+    group_size: int
+    shape: tuple[int, int]  # the logical (n, k)
+    lanes: int
+
+
+def pack_grouped(weight: reference.GroupQuantized, lanes: int) -> PackedGroupWeights:
+    """weight in the layout of a library with `lanes` float32 lanes per vector. The group size
+    must be a power of two and a multiple of `lanes` (so each vector lies in one group)."""
+    group_size, bits = weight.group_size, weight.bits
+    if group_size % lanes or group_size & (group_size - 1):
+        raise ValueError(f"group size {group_size} must be a power of two and a multiple of {lanes}")
+    n, k = weight.shape
+    elements = 32 // bits
+    block = elements * lanes
+    blocks = -(-k // block)
+    values = F.pad(weight.values.to(torch.int64) & ((1 << bits) - 1), (0, blocks * block - k))
+    values = values.view(n, blocks, elements, lanes)  # [.., v, l]: weight v * lanes + l of the block
+    shifts = torch.arange(elements, dtype=torch.int64).view(1, 1, elements, 1) * bits
+    words = (values << shifts).sum(dim=2)  # disjoint bit fields: the sum is their bitwise or
+    words = torch.where(words >= 1 << 31, words - (1 << 32), words).to(torch.int32)
+    return PackedGroupWeights(
+        words.reshape(n, blocks * lanes).contiguous(),
+        weight.scales.contiguous(),
+        None if weight.offsets is None else weight.offsets.contiguous(),
+        bits,
+        group_size,
+        (n, k),
+        lanes,
+    )
+
+
+def grouped_linear(
+    x: torch.Tensor, weight: PackedGroupWeights, bias: torch.Tensor | None, kernels: KernelLibrary
+) -> torch.Tensor:
+    """x @ dequantized(weight).T + bias: the library's GEMV for few rows (it streams the packed
+    integers); for many (prefill) the weight dequantized once per call and a GEMM."""
+    if x.numel() // x.shape[-1] < WIDEN_MIN_ROWS:
+        return kernels.gemv_grouped(x, weight, bias)
+    return linear(x, kernels.dequantize_grouped(weight, x.dtype), bias)

@@ -28,6 +28,10 @@
 #include <algorithm>
 #include <vector>
 
+#if defined(__F16C__)
+#include <immintrin.h>
+#endif
+
 #ifndef VECTOR_BYTES
 #error "cpu.py builds this file with -DVECTOR_BYTES=64|32|16 for the target instruction set"
 #endif
@@ -292,8 +296,9 @@ struct Block<int8_t> {
     }
 };
 
-// The widest block: rows of x are padded to a multiple of it, so every weight type's blocks fit.
-constexpr int MAX_BLOCK = 4 * LANES;
+// The widest block (4-bit group-quantized weights: 8 elements in each of LANES words): rows of x
+// are padded to a multiple of it, so every weight type's blocks fit.
+constexpr int MAX_BLOCK = 8 * LANES;
 
 // R output rows of w against M rows of x (both compile-time, so the R*M accumulators live in
 // registers). xf holds x widened to float32 in Block<T> order, M rows of k_pad floats (a
@@ -425,6 +430,249 @@ int gemv_rows(const T* x, const W* w, const T* bias, T* y, int64_t m, int64_t n,
     std::vector<float> xf(m * padded_width(k));
 #pragma omp parallel
     gemv_team<T, W>(x, m, w, bias, y, n, k, xf.data(), scale);
+    return 0;
+}
+
+// --- group-quantized weights ---------------------------------------------------------------------
+// Weight-only quantization with a scale (and for 4 bits an offset) per group of `group_size`
+// consecutive input features of a row: w = q * scale + offset, scale and offset float16. The
+// forms of llama.cpp's Q8_0 (8 bits, symmetric, groups of 32), Q4_0 (4 bits, offset -8 * scale),
+// Q4_1 and our int4 (4 bits, offset: the group's minimum) all run here.
+//
+// Layout (cpu.py's pack_grouped writes it for this library's LANES): a row is blocks of LANES
+// 32-bit words; element v (BITS bits at bit v * BITS) of word l holds the block's weight
+// v * LANES + l. So vector v of a block, one shift and mask (or two shifts, signed) of the
+// words, is LANES consecutive weights: x needs no reordering, and since group_size is a multiple
+// of LANES each vector lies in one group and is dequantized with one scale in registers. Rows
+// are padded with zero words to whole blocks.
+
+// float16 bits -> float32: one instruction where the compiler has F16C or Arm's __fp16;
+// elsewhere exact by shifting the exponent and mantissa into place and scaling by 2^112 (which
+// also makes half-precision subnormals normal). Infinities and NaNs do not occur in scales.
+inline float half_to_float(uint16_t h) {
+#if defined(__F16C__)
+    return _cvtsh_ss(h);
+#elif defined(__ARM_FP16_FORMAT_IEEE) || defined(__aarch64__)
+    __fp16 value;
+    memcpy(&value, &h, sizeof value);
+    return float(value);
+#else
+    const uint32_t bits = uint32_t(h & 0x7fffu) << 13;
+    float magnitude;
+    memcpy(&magnitude, &bits, sizeof magnitude);
+    magnitude *= 5.192296858534828e33f;  // 2^112
+    return (h & 0x8000u) ? -magnitude : magnitude;
+#endif
+}
+
+// float16 bits -> float32, a vector at a time (LANES halves): the same exactness as
+// half_to_float, in four vector operations on every instruction set.
+inline Floats halves_to_floats(const uint16_t* p, int64_t count) {
+    Halves halves = {};
+    memcpy(&halves, p, std::min<int64_t>(count, LANES) * sizeof(uint16_t));
+    const Words h = __builtin_convertvector(halves, Words);
+    const Floats magnitude = bits_to_floats((h & 0x7fffu) << 13) * 5.192296858534828e33f;  // 2^112
+    return bits_to_floats(floats_to_bits(magnitude) | ((h & 0x8000u) << 16));
+}
+
+template <int BITS>
+struct Grouped {
+    static constexpr int ELEMENTS = 32 / BITS;  // weights per word, vectors per block
+    static constexpr int BLOCK = ELEMENTS * LANES;
+    static constexpr bool OFFSETS = BITS == 4;  // 4 bits: unsigned with an offset; 8: signed
+    static Floats element(Words words, int v) {
+        if constexpr (BITS == 4) {
+            // Signed: a conversion from unsigned lanes is several instructions below AVX-512.
+            return __builtin_convertvector((Ints)((words >> (4 * v)) & 0xfu), Floats);
+        } else {
+            return __builtin_convertvector(((Ints)words << (24 - 8 * v)) >> 24, Floats);
+        }
+    }
+};
+
+// The per-call data of a grouped GEMV: x widened to float32 (natural order, rows k_pad apart,
+// zero beyond k) and, for weights with offsets, each group's sum of x (rows `groups` apart):
+// sum over a group of (q * scale + offset) * x = scale * sum(q * x) + offset * sum(x), so the
+// offsets cost one product per group, not one per weight.
+struct GroupedInput {
+    const float* xf;
+    const float* group_sums;
+    int64_t k_pad, groups;
+};
+
+// R rows of grouped weights against M rows of x. The integers times x accumulate per group in
+// `partial`; at each group's end it is scaled into `acc` (one multiply-add per group instead of
+// dequantizing every weight). The rows' scales are widened first, a vector at a time.
+template <int BITS, int GROUP, int R, int M>
+inline void grouped_tile(const GroupedInput& in, const uint32_t* w, int64_t row_words, const uint16_t* scales,
+                         const uint16_t* offsets, float* out /* M x R */, float* row_scales /* R x groups */) {
+    using G = Grouped<BITS>;
+    constexpr int VECTORS_PER_GROUP = GROUP / LANES;
+    const int64_t groups = in.groups, k_pad = in.k_pad;
+    for (int r = 0; r < R; ++r)
+        over_vectors(groups, [&](int64_t g, int64_t count) {
+            store(row_scales + r * groups + g, halves_to_floats(scales + r * groups + g, count), count);
+        });
+    Floats acc[R][M], partial[R][M];
+    for (int r = 0; r < R; ++r)
+        for (int m = 0; m < M; ++m) acc[r][m] = partial[r][m] = Floats{};
+    auto flush = [&](int64_t group) {
+        for (int r = 0; r < R; ++r) {
+            const Floats scale = splat(row_scales[r * groups + group]);
+            for (int m = 0; m < M; ++m) {
+                acc[r][m] += partial[r][m] * scale;
+                partial[r][m] = Floats{};
+            }
+        }
+    };
+    // Where groups end, known at compile time: after every VECTORS_PER_GROUP vectors of a block,
+    // or after every BLOCKS_PER_GROUP blocks when a group spans several. Padding past the last
+    // group (x is zero there) is flushed into the last group.
+    constexpr int BLOCKS_PER_GROUP = std::max(1, VECTORS_PER_GROUP / G::ELEMENTS);
+    for (int64_t j = 0, block = 0; j < k_pad; j += G::BLOCK, ++block) {
+        Words words[R];
+#pragma GCC unroll 8
+        for (int r = 0; r < R; ++r) {
+            const uint32_t* row = w + r * row_words + j / G::ELEMENTS;
+            __builtin_prefetch((const char*)row + PREFETCH_BYTES, 0, 2);
+            memcpy(&words[r], row, sizeof words[r]);
+        }
+#pragma GCC unroll 8
+        for (int v = 0; v < G::ELEMENTS; ++v) {
+#pragma GCC unroll 8
+            for (int r = 0; r < R; ++r) {
+                const Floats q = G::element(words[r], v);
+#pragma GCC unroll 8
+                for (int m = 0; m < M; ++m) partial[r][m] += q * Element<float>::load(in.xf + m * k_pad + j + v * LANES);
+            }
+            if constexpr (VECTORS_PER_GROUP <= G::ELEMENTS) {
+                if ((v + 1) % VECTORS_PER_GROUP == 0)
+                    flush(std::min<int64_t>((j + v * LANES) / GROUP, groups - 1));
+            }
+        }
+        if constexpr (VECTORS_PER_GROUP > G::ELEMENTS) {
+            if ((block + 1) % BLOCKS_PER_GROUP == 0 || j + G::BLOCK >= k_pad)
+                flush(std::min<int64_t>(j / GROUP, groups - 1));
+        }
+    }
+    for (int r = 0; r < R; ++r)
+        for (int m = 0; m < M; ++m) {
+            float total = horizontal_sum(acc[r][m]);
+            if constexpr (G::OFFSETS) {
+                Floats sum = {};
+                over_vectors(groups, [&](int64_t g, int64_t count) {
+                    sum += halves_to_floats(offsets + r * groups + g, count) *
+                           load(in.group_sums + m * groups + g, count);
+                });
+                total += horizontal_sum(sum);
+            }
+            out[m * R + r] = total;
+        }
+}
+
+template <typename T, int BITS, int GROUP, int M>
+void grouped_tiles(const GroupedInput& in, const uint32_t* w, const uint16_t* scales, const uint16_t* offsets,
+                   const T* bias, T* y, int64_t n, int64_t k) {
+    using E = Element<T>;
+    constexpr int R = std::max(1, std::min(4, ACCUMULATORS / (2 * M)));  // acc and partial per row and x row
+    const int64_t row_words = (k + Grouped<BITS>::BLOCK - 1) / Grouped<BITS>::BLOCK * Grouped<BITS>::BLOCK /
+                              Grouped<BITS>::ELEMENTS;
+    const int64_t groups = in.groups;
+    const int64_t tiles = (n + R - 1) / R;
+    std::vector<float> row_scales(R * groups + LANES);
+#pragma omp for schedule(guided)
+    for (int64_t t = 0; t < tiles; ++t) {
+        const int64_t n0 = t * R;
+        float out[M * R];
+        const int width = n0 + R <= n ? R : 1;  // a last, partial tile goes one row at a time
+        for (int64_t r0 = n0; r0 < n0 + R && r0 < n; r0 += width) {
+            const uint16_t* row_offsets = offsets ? offsets + r0 * groups : nullptr;
+            if (width == R)
+                grouped_tile<BITS, GROUP, R, M>(in, w + r0 * row_words, row_words, scales + r0 * groups, row_offsets,
+                                                out, row_scales.data());
+            else
+                grouped_tile<BITS, GROUP, 1, M>(in, w + r0 * row_words, row_words, scales + r0 * groups, row_offsets,
+                                                out, row_scales.data());
+            for (int r = 0; r < width; ++r) {
+                const float b = bias ? E::to_float(bias[r0 + r]) : 0.0f;
+                for (int m = 0; m < M; ++m) y[m * n + r0 + r] = E::from_float(out[m * width + r] + b);
+            }
+        }
+    }
+}
+
+template <typename T, int BITS, int GROUP>
+void grouped_gemv_team(const GroupedInput& in, int64_t m, const uint32_t* w, const uint16_t* scales,
+                       const uint16_t* offsets, const T* bias, T* y, int64_t n, int64_t k) {
+    switch (m) {
+#define LLAMA3_DIST_GROUPED_CASE(M) \
+    case M: grouped_tiles<T, BITS, GROUP, M>(in, w, scales, offsets, bias, y, n, k); break;
+        LLAMA3_DIST_GROUPED_CASE(1)
+        LLAMA3_DIST_GROUPED_CASE(2)
+        LLAMA3_DIST_GROUPED_CASE(3)
+        LLAMA3_DIST_GROUPED_CASE(4)
+        LLAMA3_DIST_GROUPED_CASE(5)
+        LLAMA3_DIST_GROUPED_CASE(6)
+        LLAMA3_DIST_GROUPED_CASE(7)
+        default: grouped_tiles<T, BITS, GROUP, 8>(in, w, scales, offsets, bias, y, n, k);
+#undef LLAMA3_DIST_GROUPED_CASE
+    }
+}
+
+// y [m, n] = x [m, k] @ dequantized(w).T + bias, m from 1 to GEMV_MAX_ROWS, group_size 32 or 128.
+// Returns -1 for arguments out of range.
+template <typename T, int BITS>
+int grouped_gemv(const T* x, const uint32_t* w, const uint16_t* scales, const uint16_t* offsets, const T* bias, T* y,
+                 int64_t m, int64_t n, int64_t k, int64_t group_size) {
+    if (m < 1 || m > GEMV_MAX_ROWS || (group_size != 32 && group_size != 128) || group_size % LANES) return -1;
+    if (Grouped<BITS>::OFFSETS && !offsets) return -1;
+    const int64_t k_pad = padded_width(k), groups = (k + group_size - 1) / group_size;
+    std::vector<float> xf(m * k_pad), group_sums(m * groups);
+    const GroupedInput in{xf.data(), group_sums.data(), k_pad, groups};
+#pragma omp parallel
+    {
+#pragma omp single
+        {
+            widen_rows<T, float>(x, m, k, xf.data());
+            if (Grouped<BITS>::OFFSETS)
+                for (int64_t row = 0; row < m; ++row)
+                    for (int64_t g = 0; g < groups; ++g) {
+                        Floats sum = {};
+                        for (int64_t j = g * group_size; j < std::min((g + 1) * group_size, k_pad); j += LANES)
+                            sum += Element<float>::load(xf.data() + row * k_pad + j);
+                        group_sums[row * groups + g] = horizontal_sum(sum);
+                    }
+        }
+        if (group_size == 32)
+            grouped_gemv_team<T, BITS, 32>(in, m, w, scales, offsets, bias, y, n, k);
+        else
+            grouped_gemv_team<T, BITS, 128>(in, m, w, scales, offsets, bias, y, n, k);
+    }
+    return 0;
+}
+
+// The dequantized weight [n, k] in T (each value computed in float32 and rounded once, as the
+// reference's dequantize), for products of many rows (prefill), which run as a GEMM.
+template <typename T, int BITS>
+int grouped_dequantize(const uint32_t* w, const uint16_t* scales, const uint16_t* offsets, T* out, int64_t n, int64_t k,
+                       int64_t group_size) {
+    using G = Grouped<BITS>;
+    if (group_size < LANES || group_size % LANES || (G::OFFSETS && !offsets)) return -1;
+    const int64_t row_words = (k + G::BLOCK - 1) / G::BLOCK * G::BLOCK / G::ELEMENTS;
+    const int64_t groups = (k + group_size - 1) / group_size;
+#pragma omp parallel for schedule(static)
+    for (int64_t row = 0; row < n; ++row) {
+        for (int64_t j = 0; j < k; j += G::BLOCK) {
+            Words words;
+            memcpy(&words, w + row * row_words + j / G::ELEMENTS, sizeof words);
+            for (int v = 0; v < G::ELEMENTS && j + v * LANES < k; ++v) {
+                const int64_t group = (j + v * LANES) / group_size;
+                Floats weight = G::element(words, v) * half_to_float(scales[row * groups + group]);
+                if constexpr (G::OFFSETS) weight += half_to_float(offsets[row * groups + group]);
+                store(out + row * k + j + v * LANES, weight, std::min<int64_t>(LANES, k - j - v * LANES));
+            }
+        }
+    }
     return 0;
 }
 
@@ -696,6 +944,22 @@ int mlp_block(const MlpBlock& layer, int64_t m, const T* x, T* residual, T* out)
     int gemv_int8_##SUFFIX(const T* x, const int8_t* w, const float* scale, const T* bias, T* y, int64_t m,         \
                            int64_t n, int64_t k) {                                                                   \
         return gemv_rows<T, int8_t>(x, w, bias, y, m, n, k, scale);                                                  \
+    }                                                                                                                \
+    int gemv_q4_##SUFFIX(const T* x, const uint32_t* w, const uint16_t* scales, const uint16_t* offsets,           \
+                         const T* bias, T* y, int64_t m, int64_t n, int64_t k, int64_t group_size) {                \
+        return grouped_gemv<T, 4>(x, w, scales, offsets, bias, y, m, n, k, group_size);                             \
+    }                                                                                                                \
+    int gemv_q8_##SUFFIX(const T* x, const uint32_t* w, const uint16_t* scales, const uint16_t* offsets,           \
+                         const T* bias, T* y, int64_t m, int64_t n, int64_t k, int64_t group_size) {                \
+        return grouped_gemv<T, 8>(x, w, scales, offsets, bias, y, m, n, k, group_size);                             \
+    }                                                                                                                \
+    int dequantize_q4_##SUFFIX(const uint32_t* w, const uint16_t* scales, const uint16_t* offsets, T* out,         \
+                               int64_t n, int64_t k, int64_t group_size) {                                          \
+        return grouped_dequantize<T, 4>(w, scales, offsets, out, n, k, group_size);                                 \
+    }                                                                                                                \
+    int dequantize_q8_##SUFFIX(const uint32_t* w, const uint16_t* scales, const uint16_t* offsets, T* out,         \
+                               int64_t n, int64_t k, int64_t group_size) {                                          \
+        return grouped_dequantize<T, 8>(w, scales, offsets, out, n, k, group_size);                                 \
     }                                                                                                                \
     void rms_norm_##SUFFIX(const T* x, const T* residual, const T* weight, float eps, T* out, T* h_out, int64_t n,  \
                            int64_t d) {                                                                              \

@@ -6,6 +6,8 @@ d = head_dim. A paged cache is [num_blocks, block_size, Hk, d]; slot = page * bl
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 
@@ -167,3 +169,82 @@ def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     w = weight.float()
     scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0
     return torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8), scale
+
+
+@dataclass(frozen=True)
+class GroupQuantized:
+    """Weights as small integers with a float16 scale, and for 4 bits an offset, per group of
+    `group_size` consecutive input features of each row:
+    w[o, i] = values[o, i] * scales[o, i // group_size] + offsets[o, i // group_size].
+
+    The one logical form of every group-wise type: llama.cpp's Q8_0 (8 bits, symmetric, groups
+    of 32), Q4_0 (4 bits, offset -8 * scale) and Q4_1, and our int4 (quantize_int4). Kernels
+    repack it into their own layout (cpu.pack_grouped)."""
+
+    values: torch.Tensor  # int8 [n, k]: 0..15 for 4 bits, -128..127 for 8 bits
+    scales: torch.Tensor  # float16 [n, ceil(k / group_size)]
+    offsets: torch.Tensor | None  # float16 like scales for 4 bits; None for 8 bits (symmetric)
+    bits: int
+    group_size: int
+
+    def __post_init__(self) -> None:
+        if self.bits not in (4, 8) or (self.bits == 4) != (self.offsets is not None):
+            raise ValueError(f"{self.bits}-bit groups take offsets exactly when 4-bit")
+        groups = -(-self.values.shape[1] // self.group_size)
+        if self.scales.shape != (self.values.shape[0], groups) or self.scales.dtype != torch.float16:
+            raise ValueError(f"scales must be float16 {[self.values.shape[0], groups]}, got {list(self.scales.shape)}")
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.values.shape[0], self.values.shape[1])
+
+    def rows(self, start: int, stop: int) -> GroupQuantized:
+        offsets = None if self.offsets is None else self.offsets[start:stop]
+        return GroupQuantized(self.values[start:stop], self.scales[start:stop], offsets, self.bits, self.group_size)
+
+    @staticmethod
+    def cat(parts: list[GroupQuantized]) -> GroupQuantized:
+        """Row-wise concatenation (fused q|k|v, gate|up) of parts of one type."""
+        first = parts[0]
+        if any((p.bits, p.group_size, p.shape[1]) != (first.bits, first.group_size, first.shape[1]) for p in parts):
+            raise ValueError("fused weights must share one quantized type, group size and width")
+        offsets = None if first.offsets is None else torch.cat([p.offsets for p in parts if p.offsets is not None])
+        return GroupQuantized(
+            torch.cat([p.values for p in parts]), torch.cat([p.scales for p in parts]), offsets, first.bits,
+            first.group_size,
+        )  # fmt: skip
+
+
+def dequantize(weight: GroupQuantized, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The weight as `dtype`: each value computed in float32 and rounded once."""
+    k = weight.shape[1]
+    expand = lambda t: t.float().repeat_interleave(weight.group_size, dim=1)[:, :k]  # noqa: E731
+    values = weight.values.float() * expand(weight.scales)
+    if weight.offsets is not None:
+        values = values + expand(weight.offsets)
+    return values.to(dtype)
+
+
+def grouped_linear(x: torch.Tensor, weight: GroupQuantized, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ dequantize(weight).T + bias, the weight dequantized to x's dtype per call (correct
+    everywhere; the CPU library's GEMV serves decode without dequantizing)."""
+    return torch.nn.functional.linear(x, dequantize(weight, x.dtype), bias)
+
+
+def quantize_int4(weight: torch.Tensor, group_size: int) -> GroupQuantized:
+    """Group-wise asymmetric 4 bits: per group, offset = its minimum and scale = (max - min) / 15
+    (both rounded to float16), values = round((w - offset) / scale) in 0..15. A last group may
+    be partial (k need not divide)."""
+    n, k = weight.shape
+    groups = -(-k // group_size)
+    w = weight.float()
+    padded = torch.nn.functional.pad(w, (0, groups * group_size - k), value=float("nan")).view(n, groups, group_size)
+    low = torch.nan_to_num(padded, nan=float("inf")).amin(dim=2)
+    high = torch.nan_to_num(padded, nan=float("-inf")).amax(dim=2)
+    offsets = low.to(torch.float16)
+    scales = ((high - offsets.float()) / 15.0).to(torch.float16)
+    # A constant group (scale 0) dequantizes to its offset whatever the values.
+    divisor = torch.where(scales.float() > 0, scales.float(), torch.ones(()))
+    values = torch.round((padded - offsets.float()[:, :, None]) / divisor[:, :, None]).clamp(0, 15)
+    values = torch.nan_to_num(values, nan=0.0).view(n, groups * group_size)[:, :k].to(torch.int8)
+    return GroupQuantized(values.contiguous(), scales, offsets, 4, group_size)

@@ -19,6 +19,7 @@ import torch
 from safetensors import safe_open
 
 from ..config import ConfigError, Llama3Config
+from ..kernels.reference import GroupQuantized
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 # Buffers some exporters write that carry no weights.
@@ -194,6 +195,30 @@ class WeightSource:
         cols: tuple[int, int] | None = None,
     ) -> torch.Tensor:
         """The logical tensor `name` of full shape `shape`, or its [rows) / [cols) slice."""
+        stored_name, row0, rows_read = self._slice(name, shape, rows)
+        tensor = self.checkpoint.read(stored_name, row0, rows_read, cols)
+        # A column slice comes back as a strided view of whole rows: copying it out frees the rows
+        # this rank does not hold, and kernels (oneDNN, the CPU GEMV) need contiguous weights.
+        return tensor.to(device=self.device, dtype=self.dtype).contiguous()
+
+    def read_grouped(
+        self,
+        name: str,
+        shape: tuple[int, ...],
+        rows: tuple[int, int] | None = None,
+        cols: tuple[int, int] | None = None,
+    ) -> GroupQuantized | None:
+        """Like read(), but the weight as stored when the checkpoint stores it group-quantized in a
+        type the kernels run (GGUF Q8_0, Q4_0, Q4_1); None otherwise (nothing is read)."""
+        read_grouped = getattr(self.checkpoint, "read_grouped", None)
+        if read_grouped is None:
+            return None
+        stored_name, row0, rows_read = self._slice(name, shape, rows)
+        return read_grouped(stored_name, row0, rows_read, cols)
+
+    def _slice(self, name: str, shape: tuple[int, ...], rows: tuple[int, int] | None) -> tuple[str, int, int | None]:
+        """(stored tensor, first row, rows or None for all) of the logical tensor `name` of full
+        shape `shape` (or its [rows) slice), checked against the checkpoint."""
         loc = self._locate(name)
         files = self.checkpoint.files
         if loc.name not in files:
@@ -210,10 +235,7 @@ class WeightSource:
                 f"expected {list(shape)} for {name!r} from config.json"
             )
         r0, nrows = (0, None) if rows is None else (rows[0], rows[1] - rows[0])
-        tensor = self.checkpoint.read(loc.name, loc.row0 + r0, nrows if nrows is not None else loc.rows, cols)
-        # A column slice comes back as a strided view of whole rows: copying it out frees the rows
-        # this rank does not hold, and kernels (oneDNN, the CPU GEMV) need contiguous weights.
-        return tensor.to(device=self.device, dtype=self.dtype).contiguous()
+        return loc.name, loc.row0 + r0, nrows if nrows is not None else loc.rows
 
     def skip(self, name: str) -> None:
         """Marks `name` as accounted for without reading it (a tied LM head some exporters write
@@ -265,6 +287,9 @@ class DummyWeights(WeightSource):
         if cols is not None:
             full = full[:, cols[0] : cols[1]]
         return full.contiguous()
+
+    def read_grouped(self, name: str, shape: tuple[int, ...], **slices) -> GroupQuantized | None:
+        return None
 
     def skip(self, name: str) -> None:
         pass

@@ -8,8 +8,9 @@
   must not cut a quantization block (an error names the tensor and the block size). llama.cpp's
   converter permutes the rows of q and k within each head (its rotary layout); that is undone.
 
-The weights run dequantized (in the model's dtype: float32 by default, or as asked); keeping them
-quantized is issue 15's next part.
+Q8_0, Q4_0 and Q4_1 tensors can also be read as they are stored (read_grouped: the integers and
+float16 scales, as a GroupQuantized) for kernels that multiply them without dequantizing; the
+others (and norms, embeddings) are dequantized to the model's dtype (float32 by default).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..config import ConfigError
+from ..kernels.reference import GroupQuantized
 
 if TYPE_CHECKING:
     import torch
@@ -32,6 +34,8 @@ GGUF_SUFFIX = ".gguf"
 ARCHITECTURES = ("llama",)  # general.architecture values read here
 # The tensor types read (others are refused, naming the type).
 SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K")
+# The types read_grouped returns as stored: bytes per block of 32 values.
+GROUPED_TYPES = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20}
 # llama.cpp tensor names -> Hugging Face names ({i}: the layer).
 LAYER_NAMES = {
     "attn_norm": "input_layernorm",
@@ -224,12 +228,7 @@ class GGUFCheckpoint:
         block, type_size = self._quant_sizes[kind]
         data = np.asarray(tensor.data).reshape(out_rows, -1)[row0:stop]  # quantized rows stay whole
         c0, c1 = (0, in_cols) if cols is None else cols
-        if (c0 % block or c1 % block) and (c0, c1) != (0, in_cols):
-            raise ConfigError(
-                f"{self.path.name}: tensor {tensor.name!r} ({kind.name}) would be split at columns "
-                f"[{c0}, {c1}), which cuts its quantization blocks of {block} values; choose a "
-                f"tensor-parallel degree that divides {in_cols // block} blocks"
-            )
+        self._check_block_aligned(tensor, in_cols, c0, c1)
         if kind in (GGMLQuantizationType.F32, GGMLQuantizationType.F16):
             values = np.asarray(data, dtype=np.float32)[:, c0:c1]
         else:
@@ -239,6 +238,53 @@ class GGUFCheckpoint:
         if tensor.name.endswith(("attn_q.weight", "attn_k.weight")):
             values = _unpermute(values, self.head_dim)
         return torch.from_numpy(np.ascontiguousarray(values))
+
+    def read_grouped(
+        self, name: str, row0: int = 0, rows: int | None = None, cols: tuple[int, int] | None = None
+    ) -> GroupQuantized | None:
+        """The [row0, row0 + rows) x [cols) slice of a Q8_0, Q4_0 or Q4_1 matrix as stored (its
+        blocks of 32 values: a float16 scale d, for Q4_1 a float16 minimum m, and 32 integers:
+        Q8_0 w = d * q, Q4_0 w = d * (q - 8), Q4_1 w = d * q + m); None for other types."""
+        import torch
+
+        tensor = self._tensors[name]
+        kind = tensor.tensor_type.name
+        if kind not in GROUPED_TYPES or len(tensor.shape) != 2:
+            return None
+        self.consumed.add(name)
+        out_rows, in_cols = self.shape(name)
+        stop = out_rows if rows is None else row0 + rows
+        c0, c1 = (0, in_cols) if cols is None else cols
+        self._check_block_aligned(tensor, in_cols, c0, c1)
+        block_bytes = GROUPED_TYPES[kind]
+        data = np.asarray(tensor.data).view(np.uint8).reshape(out_rows, -1)[row0:stop]
+        blocks = data[:, c0 // 32 * block_bytes : c1 // 32 * block_bytes].reshape(stop - row0, -1, block_bytes)
+        scales = np.ascontiguousarray(blocks[:, :, 0:2]).view(np.float16)[:, :, 0]
+        if kind == "Q8_0":
+            values = blocks[:, :, 2:].view(np.int8).reshape(stop - row0, -1)
+            offsets = None
+        else:  # 16 bytes: the low nibbles are values 0..15 of the block, the high ones 16..31
+            packed = blocks[:, :, block_bytes - 16 :]
+            values = np.concatenate([packed & 0xF, packed >> 4], axis=2).reshape(stop - row0, -1).astype(np.int8)
+            if kind == "Q4_0":
+                offsets = (scales.astype(np.float32) * -8.0).astype(np.float16)  # exact: a power of two
+            else:
+                offsets = np.ascontiguousarray(blocks[:, :, 2:4]).view(np.float16)[:, :, 0]
+        parts = [values, scales, offsets]
+        if tensor.name.endswith(("attn_q.weight", "attn_k.weight")):
+            parts = [None if p is None else _unpermute(p, self.head_dim) for p in parts]
+        values, scales, offsets = (None if p is None else torch.from_numpy(np.ascontiguousarray(p)) for p in parts)
+        assert values is not None and scales is not None
+        return GroupQuantized(values, scales, offsets, 8 if kind == "Q8_0" else 4, 32)
+
+    def _check_block_aligned(self, tensor, in_cols: int, c0: int, c1: int) -> None:
+        block = self._quant_sizes[tensor.tensor_type][0]
+        if (c0 % block or c1 % block) and (c0, c1) != (0, in_cols):
+            raise ConfigError(
+                f"{self.path.name}: tensor {tensor.name!r} ({tensor.tensor_type.name}) would be split at columns "
+                f"[{c0}, {c1}), which cuts its quantization blocks of {block} values; choose a "
+                f"tensor-parallel degree that divides {in_cols // block} blocks"
+            )
 
     def unexpected(self) -> list[str]:
         return sorted(n for n in self._tensors if n not in self.consumed)

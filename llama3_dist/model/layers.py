@@ -9,7 +9,7 @@ holds whole (REPLICATED); the others are sharded.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -33,13 +33,22 @@ def _parameter(*shape: int, dtype: torch.dtype) -> nn.Parameter:
     return nn.Parameter(torch.empty(*shape, dtype=dtype), requires_grad=False)
 
 
-class _Int8Weights:
-    """Weight-only int8 for a linear layer: quantize_int8() after loading replaces `weight` with
-    int8 values and a scale per output row (computed over this rank's shard)."""
+class _QuantizedWeights:
+    """Weight-only quantization of a linear layer, after (or while) loading:
+    - quantize_int8(): `weight` becomes int8 values with a scale per output row (weight_scale);
+    - quantize_int4(group_size) or use_grouped(weight) (a GGUF Q8_0/Q4_0/Q4_1 tensor read as
+      it is stored): `grouped` holds the weight in the kernels' layout, and `weight` becomes its
+      packed integers, so that counting parameters counts the bytes a step reads. Scales are
+      computed over this rank's shard."""
 
     weight: nn.Parameter
     weight_scale: torch.Tensor | None = None
+    grouped: Any = None  # the kernels' packed form of a reference.GroupQuantized
     kernels: Kernels
+
+    @property
+    def quantized(self) -> bool:
+        return self.weight_scale is not None or self.grouped is not None
 
     def quantize_int8(self) -> None:
         quantized, scale = reference.quantize_int8(self.weight.data)
@@ -48,13 +57,49 @@ class _Int8Weights:
         # float32 for the CPU library's GEMV; torch's int8 kernel takes the activations' dtype
         self.weight_scale = scale if self.weight.device.type == "cpu" else scale.to(dtype)
 
+    def quantize_int4(self, group_size: int) -> None:
+        self.use_grouped(reference.quantize_int4(self.weight.data, group_size))
+
+    def use_grouped(self, weight: reference.GroupQuantized) -> None:
+        device = self.weight.device
+        weight = reference.GroupQuantized(
+            weight.values.to(device),
+            weight.scales.to(device),
+            None if weight.offsets is None else weight.offsets.to(device),
+            weight.bits,
+            weight.group_size,
+        )
+        self.grouped = self.kernels.pack_grouped(weight)
+        packed = getattr(self.grouped, "words", weight.values)
+        self.weight = nn.Parameter(packed, requires_grad=False)
+        self.weight_scale = None
+
     def _project(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if self.grouped is not None:
+            return self.kernels.grouped_linear(x, self.grouped, bias)
         if self.weight_scale is not None:
             return self.kernels.int8_linear(x, self.weight, self.weight_scale, bias)
         return self.kernels.linear(x, self.weight, bias)
 
+    def _read_grouped(self, source: WeightSource, name: str, shape: tuple[int, ...], **slices) -> bool:
+        """Reads `name` as stored when it is a group-quantized GGUF type and these kernels multiply
+        it without dequantizing; False (nothing read) otherwise."""
+        if not self.kernels.runs_grouped or source.config.quantization is not None:
+            return False
+        weight = source.read_grouped(name, shape, **slices)
+        if weight is None:
+            return False
+        self.use_grouped(weight)
+        return True
 
-class ColumnParallelLinear(_Int8Weights, nn.Module):
+
+def _one_type(parts: list[reference.GroupQuantized | None]) -> bool:
+    """Fused parts (q|k|v, gate|up) stored in one quantized type can stay quantized together."""
+    kinds = {(p.bits, p.group_size) for p in parts if p is not None}
+    return len(kinds) == 1
+
+
+class ColumnParallelLinear(_QuantizedWeights, nn.Module):
     """Output features split across ranks; several logical weights may be fused into one GEMM."""
 
     REPLICATED: ClassVar[tuple[str, ...]] = ()
@@ -70,12 +115,16 @@ class ColumnParallelLinear(_Int8Weights, nn.Module):
 
     def load(self, source: WeightSource, names: list[str]) -> None:
         """names: the checkpoint name (without .weight) of each logical part, in order."""
-        self.weight.data = torch.cat(
-            [
-                source.read(f"{name}.weight", (part.full_rows, self.input_size), rows=(part.start, part.stop))
-                for name, part in zip(names, self.parts, strict=True)
-            ]
-        )
+        grouped = [
+            source.read_grouped(f"{name}.weight", (part.full_rows, self.input_size), rows=(part.start, part.stop))
+            if self.kernels.runs_grouped and source.config.quantization is None
+            else None
+            for name, part in zip(names, self.parts, strict=True)
+        ]
+        if all(weight is not None for weight in grouped) and _one_type(grouped):
+            self.use_grouped(reference.GroupQuantized.cat(grouped))  # type: ignore[arg-type]
+        else:
+            self._load_dense(source, names)
         if self.bias is not None:
             self.bias.data = torch.cat(
                 [
@@ -83,6 +132,14 @@ class ColumnParallelLinear(_Int8Weights, nn.Module):
                     for name, part in zip(names, self.parts, strict=True)
                 ]
             )
+
+    def _load_dense(self, source: WeightSource, names: list[str]) -> None:
+        self.weight.data = torch.cat(
+            [
+                source.read(f"{name}.weight", (part.full_rows, self.input_size), rows=(part.start, part.stop))
+                for name, part in zip(names, self.parts, strict=True)
+            ]
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._project(x, self.bias)
@@ -136,7 +193,7 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         super().__init__(hidden_size, [part, part], bias, dtype, kernels)
 
 
-class RowParallelLinear(_Int8Weights, nn.Module):
+class RowParallelLinear(_QuantizedWeights, nn.Module):
     """Input features split across ranks; partial sums all-reduced; the bias added once after."""
 
     REPLICATED: ClassVar[tuple[str, ...]] = ("bias",)
@@ -159,7 +216,8 @@ class RowParallelLinear(_Int8Weights, nn.Module):
         self.bias = _parameter(output_size, dtype=dtype) if bias else None
 
     def load(self, source: WeightSource, name: str) -> None:
-        self.weight.data = source.read(f"{name}.weight", self.full_shape, cols=self.columns)
+        if not self._read_grouped(source, f"{name}.weight", self.full_shape, cols=self.columns):
+            self.weight.data = source.read(f"{name}.weight", self.full_shape, cols=self.columns)
         if self.bias is not None:
             self.bias.data = source.read(f"{name}.bias", self.full_shape[:1])
 

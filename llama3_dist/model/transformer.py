@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from .. import kernels as kernel_dispatch
-from ..config import Llama3Config
+from ..config import GROUP_SIZES, Llama3Config
 from ..kernels import Kernels, cpu
 from .checkpoint import TORCH_DTYPES, CheckpointNames, WeightSource
 from .layers import (
@@ -192,7 +192,10 @@ class DecoderLayer(nn.Module):
             or self.residual_multiplier != 1.0
             or attention.o_proj.bias is not None
             or mlp.down_proj.bias is not None
-            or config.quantization is not None  # the fused halves read dense weights
+            or any(  # the fused halves read dense weights
+                projection.quantized
+                for projection in (attention.qkv_proj, attention.o_proj, mlp.gate_up_proj, mlp.down_proj)
+            )
         ):
             return None
         try:
@@ -274,10 +277,14 @@ class Llama3Transformer(nn.Module):
         self.norm.load(source, names.final_norm)
         self.lm_head.load(source, names.lm_head)
         source.check_all_consumed()
-        if self.config.quantization == "int8":
+        quantization = self.config.quantization
+        if quantization is not None:
             for module in self.modules():
                 if isinstance(module, (ColumnParallelLinear, RowParallelLinear)):
-                    module.quantize_int8()
+                    if quantization == "int8":
+                        module.quantize_int8()
+                    else:
+                        module.quantize_int4(GROUP_SIZES[quantization])
 
     def forward(
         self,

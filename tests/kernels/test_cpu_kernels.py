@@ -188,6 +188,38 @@ def test_int8_gemv_is_the_scaled_product(variant, rows, k):
     assert library.gemv_int8(x, w, scale.double(), b) is None  # scales must be float32
 
 
+def quantize_q8_0(w: torch.Tensor, group_size: int) -> ref.GroupQuantized:
+    """Symmetric 8 bits per group (GGUF's Q8_0 when group_size is 32)."""
+    n, k = w.shape
+    groups = -(-k // group_size)
+    padded = torch.nn.functional.pad(w.float(), (0, groups * group_size - k)).view(n, groups, group_size)
+    scales = (padded.abs().amax(2) / 127).to(torch.float16)
+    values = torch.round(padded / scales.float().clamp(min=1e-8)[:, :, None]).clamp(-127, 127)
+    return ref.GroupQuantized(values.view(n, -1)[:, :k].to(torch.int8).contiguous(), scales, None, 8, group_size)
+
+
+@pytest.mark.parametrize("bits,group_size", [(4, 32), (4, 128), (8, 32)])
+@pytest.mark.parametrize("rows,n,k", [(1, 160, 1024), (13, 37, 200), (20, 9, 70)])
+def test_grouped_gemv_is_the_dequantized_product(variant, bits, group_size, rows, n, k):
+    """Group-quantized weights (int4 with offsets, Q8_0-like symmetric 8 bits) multiplied without
+    dequantizing: the dequantized product to float32 rounding (k of no block or group multiple
+    ends with partial ones; 13 rows take two GEMV passes, 20 the dequantize-then-GEMM route); the
+    library's dequantization is bit-identical to the reference's."""
+    library, dtype = variant
+    w = randn(n, k, dtype=F32) * 0.05
+    weight = ref.quantize_int4(w, group_size) if bits == 4 else quantize_q8_0(w, group_size)
+    packed = cpu.pack_grouped(weight, library.lanes)
+    x, b = randn(rows, k, dtype=dtype), randn(n, dtype=dtype)
+    exact = x.double() @ ref.dequantize(weight).double().T + b.double()
+    got = cpu.grouped_linear(x, packed, b, library)
+    if dtype == F32:
+        torch.testing.assert_close(got.double(), exact, rtol=1e-5, atol=1e-5)
+    else:  # the weights are dequantized in float32 here, rounded to bfloat16 by the reference
+        torch.testing.assert_close(got.double(), exact, rtol=2**-7, atol=2e-2)
+    assert torch.equal(library.dequantize_grouped(packed, F32), ref.dequantize(weight))
+    torch.testing.assert_close(ref.grouped_linear(x.double(), weight, b.double()), exact)
+
+
 @built
 @pytest.mark.parametrize("dtype", [BF16, F32, torch.float16])
 @pytest.mark.parametrize("rows", [1, 40])
