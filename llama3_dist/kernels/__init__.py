@@ -149,6 +149,11 @@ TRITON_KERNELS = (
 )
 
 
+def _as_stored(weight: reference.GroupQuantized) -> reference.GroupQuantized:
+    """The torch reference's layout of group-quantized weights: the logical form itself."""
+    return weight
+
+
 @dataclass(frozen=True)
 class Kernels:
     """The kernels one model uses, chosen once for its device and dtype (select()): the module
@@ -169,7 +174,7 @@ class Kernels:
     # runs_grouped: whether they multiply without dequantizing (the CPU library); elsewhere the
     # weight is dequantized per call (correct, not fast), so stored GGUF types are dequantized at
     # load instead.
-    pack_grouped: Callable[[reference.GroupQuantized], Any] = lambda weight: weight
+    pack_grouped: Callable[[reference.GroupQuantized], Any] = _as_stored
     grouped_linear: Callable[..., torch.Tensor] = reference.grouped_linear
     runs_grouped: bool = False
     # The compiled CPU library when it runs whole decoder-layer halves per call for decode steps
@@ -198,15 +203,15 @@ def select(device: torch.device | str, dtype: torch.dtype) -> Kernels:
             if isinstance(impl, cpu.KernelLibrary)
             else reference.int8_weight_linear
         ),
-        **(
-            dict(
-                pack_grouped=functools.partial(cpu.pack_grouped, lanes=impl.lanes),
-                grouped_linear=functools.partial(cpu.grouped_linear, kernels=impl),
-                runs_grouped=True,
-            )
-            if isinstance(impl, cpu.KernelLibrary)
-            else {}
+        pack_grouped=(
+            functools.partial(cpu.pack_grouped, lanes=impl.lanes) if isinstance(impl, cpu.KernelLibrary) else _as_stored
         ),
+        grouped_linear=(
+            functools.partial(cpu.grouped_linear, kernels=impl)
+            if isinstance(impl, cpu.KernelLibrary)
+            else reference.grouped_linear
+        ),
+        runs_grouped=isinstance(impl, cpu.KernelLibrary),
         fused_decode=fused,
         capture_safe=probe.is_cuda and getattr(impl, "__name__", "").endswith("triton_kernels"),
     )

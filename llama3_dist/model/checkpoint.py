@@ -288,8 +288,14 @@ class DummyWeights(WeightSource):
             full = full[:, cols[0] : cols[1]]
         return full.contiguous()
 
-    def read_grouped(self, name: str, shape: tuple[int, ...], **slices) -> GroupQuantized | None:
-        return None
+    def read_grouped(
+        self,
+        name: str,
+        shape: tuple[int, ...],
+        rows: tuple[int, int] | None = None,
+        cols: tuple[int, int] | None = None,
+    ) -> GroupQuantized | None:
+        return None  # random weights are made dense
 
     def skip(self, name: str) -> None:
         pass

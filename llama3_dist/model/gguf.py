@@ -83,7 +83,12 @@ def _cached_reader(file: str, size: int, mtime_ns: int):
         from gguf import GGUFReader
     except ImportError:
         raise ImportError(f"reading {file!r} needs the gguf package: pip install 'llama3-dist[gguf]'") from None
-    return GGUFReader(file)
+    try:
+        return GGUFReader(file)
+    except (ValueError, IndexError, KeyError, OSError) as e:  # what the reader raises on a bad file
+        raise ConfigError(
+            f"{file!r} is not a readable GGUF file ({size} bytes; truncated or corrupted?): {e}"
+        ) from None
 
 
 def _field(reader, key: str, default: Any = None) -> Any:
@@ -270,12 +275,19 @@ class GGUFCheckpoint:
                 offsets = (scales.astype(np.float32) * -8.0).astype(np.float16)  # exact: a power of two
             else:
                 offsets = np.ascontiguousarray(blocks[:, :, 2:4]).view(np.float16)[:, :, 0]
-        parts = [values, scales, offsets]
-        if tensor.name.endswith(("attn_q.weight", "attn_k.weight")):
-            parts = [None if p is None else _unpermute(p, self.head_dim) for p in parts]
-        values, scales, offsets = (None if p is None else torch.from_numpy(np.ascontiguousarray(p)) for p in parts)
-        assert values is not None and scales is not None
-        return GroupQuantized(values, scales, offsets, 8 if kind == "Q8_0" else 4, 32)
+        permuted = tensor.name.endswith(("attn_q.weight", "attn_k.weight"))
+
+        def as_tensor(array: np.ndarray) -> torch.Tensor:
+            array = _unpermute(array, self.head_dim) if permuted else array
+            return torch.from_numpy(np.ascontiguousarray(array))
+
+        return GroupQuantized(
+            as_tensor(values),
+            as_tensor(scales),
+            None if offsets is None else as_tensor(offsets),
+            8 if kind == "Q8_0" else 4,
+            32,
+        )
 
     def _check_block_aligned(self, tensor, in_cols: int, c0: int, c1: int) -> None:
         block = self._quant_sizes[tensor.tensor_type][0]

@@ -81,12 +81,14 @@ class _QuantizedWeights:
             return self.kernels.int8_linear(x, self.weight, self.weight_scale, bias)
         return self.kernels.linear(x, self.weight, bias)
 
-    def _read_grouped(self, source: WeightSource, name: str, shape: tuple[int, ...], **slices) -> bool:
+    def _read_grouped(
+        self, source: WeightSource, name: str, shape: tuple[int, ...], cols: tuple[int, int] | None = None
+    ) -> bool:
         """Reads `name` as stored when it is a group-quantized GGUF type and these kernels multiply
         it without dequantizing; False (nothing read) otherwise."""
         if not self.kernels.runs_grouped or source.config.quantization is not None:
             return False
-        weight = source.read_grouped(name, shape, **slices)
+        weight = source.read_grouped(name, shape, cols=cols)
         if weight is None:
             return False
         self.use_grouped(weight)

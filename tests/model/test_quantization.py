@@ -1,64 +1,117 @@
-"""Weight-only int8 (quantization="int8"): the projections hold int8 values and a scale per output
-row; the engine's greedy tokens are those transformers computes with the same int8 weights
+"""Weight-only quantization at load: "int8" (an int8 value per weight, a scale per output row) and
+"int4" / "int4-g128" (4 bits, a float16 scale and offset per group of 32 / 128 input features).
+The engine's greedy tokens are those transformers computes with the same quantized weights
 dequantized (each token the reference's argmax, ties within float rounding allowed), in float32
-and bfloat16 activations; the weights take about half the bytes of bfloat16; a bad value is named."""
+and bfloat16 activations, at one device and (int4) sharded over two; the quantized projections
+take about half (int8) or a third (int4) of bfloat16's bytes; a bad value is named."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 import transformers
+from conftest import build_checkpoint
 
 from llama3_dist import LLM, ConfigError, SamplingParams
-from llama3_dist.kernels.reference import quantize_int8
+from llama3_dist.config import GROUP_SIZES
+from llama3_dist.kernels import reference
 
 PROMPTS = [[3, 1, 4, 1, 5, 9, 2, 6], [2, 7, 1, 8, 2, 8, 1, 8, 2, 8, 4, 5]]
 GREEDY = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-def int8_reference(path: str) -> transformers.PreTrainedModel:
-    """transformers on the checkpoint with every projection replaced by its dequantized int8 copy."""
+ROW_PARALLEL = ("o_proj", "down_proj")  # input features split across ranks
+
+
+def dequantized(weight: torch.Tensor, quantization: str) -> torch.Tensor:
+    """What the engine computes with in place of `weight`."""
+    if quantization == "int8":
+        values, scale = reference.quantize_int8(weight)
+        return values.float() * scale[:, None]
+    return reference.dequantize(reference.quantize_int4(weight, GROUP_SIZES[quantization]))
+
+
+def quantized_reference(path: str, quantization: str, ranks: int = 1) -> transformers.PreTrainedModel:
+    """transformers on the checkpoint with every projection replaced by its dequantized copy, each
+    rank's shard quantized on its own as the engine does (row-parallel ones: column shards)."""
     model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager")
     with torch.no_grad():
         for name, module in model.named_modules():
-            if name.rsplit(".", 1)[-1] in PROJECTIONS:
-                quantized, scale = quantize_int8(module.weight)
-                module.weight.copy_(quantized.float() * scale[:, None])
+            part = name.rsplit(".", 1)[-1]
+            if part in PROJECTIONS:
+                shards = module.weight.chunk(ranks, dim=1 if part in ROW_PARALLEL else 0)
+                dim = 1 if part in ROW_PARALLEL else 0
+                module.weight.copy_(torch.cat([dequantized(shard, quantization) for shard in shards], dim=dim))
     return model.eval()
 
 
-def generate(path: str, **kwargs) -> list[list[int]]:
-    with LLM(path, show_progress=False, kv_cache_bytes=8 << 20, quantization="int8", **kwargs) as llm:
-        worker = llm.engine.executor.worker
-        layer = worker.model.decoder_layers[0]
-        assert layer.self_attn.qkv_proj.weight.dtype == torch.int8 and layer.mlp.down_proj.weight.dtype == torch.int8
-        assert worker.model.lm_head.weight.dtype != torch.int8  # the head keeps the model's dtype
+def generate(path: str, quantization: str, **kwargs) -> list[list[int]]:
+    with LLM(path, show_progress=False, kv_cache_bytes=8 << 20, quantization=quantization, **kwargs) as llm:
+        if llm.engine.executor.__class__.__name__ == "LocalExecutor":
+            model = llm.engine.executor.worker.model
+            layer = model.decoder_layers[0]
+            for projection in (layer.self_attn.qkv_proj, layer.mlp.down_proj):
+                assert projection.quantized
+                assert projection.weight.dtype in (torch.int8, torch.int32)  # int8 values or packed int4 words
+            assert model.lm_head.weight.dtype.is_floating_point  # the head keeps the model's dtype
         outs = llm.generate(prompt_token_ids=PROMPTS, sampling_params=GREEDY, use_tqdm=False)
         return [list(o.outputs[0].token_ids) for o in outs]
 
 
-@pytest.mark.parametrize("dtype,tolerance", [("float32", 1e-4), ("bfloat16", 0.15)])
-def test_int8_greedy_tokens_are_the_dequantized_references_argmax(checkpoints, dtype, tolerance):
-    path = checkpoints["llama"]
-    reference = int8_reference(path)
-    for prompt, tokens in zip(PROMPTS, generate(path, dtype=dtype), strict=True):
+def assert_reference_argmax(reference_model, generated: list[list[int]], tolerance: float) -> None:
+    for prompt, tokens in zip(PROMPTS, generated, strict=True):
         with torch.no_grad():
-            logits = reference(torch.tensor([prompt + tokens])).logits[0, len(prompt) - 1 : -1]
+            logits = reference_model(torch.tensor([prompt + tokens])).logits[0, len(prompt) - 1 : -1]
         chosen = logits[torch.arange(len(tokens)), tokens]
         assert (chosen >= logits.max(-1).values - tolerance).all(), (prompt, tokens)
 
 
-def layer_bytes(llm: LLM) -> int:
-    return sum(p.numel() * p.element_size() for p in llm.engine.executor.worker.model.layers.parameters())
-
-
-def test_int8_halves_the_projection_bytes_and_bad_values_are_named(checkpoints):
+@pytest.mark.parametrize("quantization", ["int8", "int4", "int4-g128"])
+@pytest.mark.parametrize("dtype,tolerance", [("float32", 1e-4), ("bfloat16", 0.15)])
+def test_greedy_tokens_are_the_dequantized_references_argmax(checkpoints, quantization, dtype, tolerance):
     path = checkpoints["llama"]
-    with LLM(path, dtype="bfloat16", show_progress=False, kv_cache_bytes=8 << 20) as dense:
-        dense_bytes = layer_bytes(dense)
-    with LLM(path, dtype="bfloat16", quantization="int8", show_progress=False, kv_cache_bytes=8 << 20) as quant:
-        quant_bytes = layer_bytes(quant)
-    assert quant_bytes < 0.55 * dense_bytes, (quant_bytes, dense_bytes)
-    with pytest.raises(ConfigError, match=r"quantization 'int4' is not supported; use one of \(None, 'int8'\)"):
-        LLM(path, quantization="int4", show_progress=False)
+    assert_reference_argmax(
+        quantized_reference(path, quantization), generate(path, quantization, dtype=dtype), tolerance
+    )
+
+
+@pytest.mark.slow
+def test_int4_sharded_over_two_ranks(checkpoints, ray_local):
+    """Each rank quantizes its own shard (the tiny model's down_proj has 96 input features, 48 a
+    rank: its groups of 32 start anew on each rank), and the sharded products sum to the
+    reference's."""
+    path = checkpoints["llama"]
+    assert_reference_argmax(
+        quantized_reference(path, "int4", ranks=2),
+        generate(path, "int4", devices=["cpu", "cpu"], dtype="float32"),
+        1e-4,
+    )
+
+
+def layer_bytes(llm: LLM) -> int:
+    model = llm.engine.executor.worker.model
+    return sum(
+        sum(t.numel() * t.element_size() for t in (p.weight, getattr(p, "weight_scale", None)) if t is not None)
+        + sum(
+            t.numel() * t.element_size()
+            for t in (getattr(p.grouped, "scales", None), getattr(p.grouped, "offsets", None))
+            if t is not None
+        )
+        for p in model.modules()
+        if hasattr(p, "quantized")
+    )
+
+
+def test_quantized_projection_bytes_and_bad_values_are_named(tmp_path):
+    # Widths of whole 4-bit blocks (128 weights on AVX-512): narrower rows are padded to one.
+    path = build_checkpoint("llama", tmp_path, hidden_size=128, intermediate_size=256)
+    sizes = {}
+    for quantization in (None, "int8", "int4"):
+        with LLM(path, dtype="bfloat16", quantization=quantization, show_progress=False, kv_cache_bytes=8 << 20) as llm:
+            sizes[quantization] = layer_bytes(llm)
+    assert sizes["int8"] < 0.55 * sizes[None], sizes
+    # 4 bits and 4 bytes of scale and offset per 32 weights: 5/16 of bfloat16, plus block padding
+    assert sizes["int4"] < 0.40 * sizes[None], sizes
+    with pytest.raises(ConfigError, match=r"quantization 'int3' is not supported; use one of \(None, 'int8', 'int4'"):
+        LLM(path, quantization="int3", show_progress=False)
