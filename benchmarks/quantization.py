@@ -1,17 +1,20 @@
-"""Weight-only int8 on the CPU: batch-1 decode of the 284M benchmark model (throughput.py's) in
-bfloat16 with dense weights and with quantization="int8", alternating runs, against each one's
-floor (the bytes read per token / the streaming-read speed measured in the same run).
+"""Weight-only quantization on the CPU: batch-1 decode in bfloat16 with dense weights and each
+quantization mode (int8: per output row; int4 / int4-g128: groups of 32 / 128 with a float16
+scale and offset), alternating runs, against each one's floor (the bytes read per token / the
+streaming-read speed measured in the same run); then the GEMV alone for every instruction set
+this host runs (each library build), dense bfloat16 against each quantized form.
 
-    python benchmarks/quantization.py [--tokens 64] [--rounds 5]
+    python benchmarks/quantization.py [--model PATH] [--modes none,int8,int4,int4-g128] [--tokens 64] [--rounds 5]
 
-Dense bfloat16 runs our compiled GEMV with fused decode-layer halves; int8 runs the same GEMV
-over int8 rows (a float32 scale per row) through the per-kernel path (the fused halves read
-dense weights).
+--model: default the 284M benchmark model of throughput.py; a .gguf file also runs as stored
+(mode "none": its Q8_0/Q4_0/Q4_1 projections stay quantized). Dense bfloat16 runs our compiled
+GEMV with fused decode-layer halves; the quantized modes run the GEMVs one kernel at a time.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import sys
 import time
@@ -40,9 +43,14 @@ def weight_bytes_per_token(llm: LLM) -> int:
     model = llm.engine.executor.worker.model
     layers = sum(p.numel() * p.element_size() for p in model.layers.parameters())
     scales = sum(
-        m.weight_scale.numel() * m.weight_scale.element_size()
+        t.numel() * t.element_size()
         for m in model.modules()
-        if getattr(m, "weight_scale", None) is not None
+        for t in (
+            getattr(m, "weight_scale", None),
+            getattr(getattr(m, "grouped", None), "scales", None),
+            getattr(getattr(m, "grouped", None), "offsets", None),
+        )
+        if t is not None
     )
     head = model.lm_head.weight
     return layers + scales + head.numel() * head.element_size() + model.norm.weight.numel() * 2
@@ -55,17 +63,62 @@ def ms_per_token(llm: LLM, tokens: int) -> float:
     return (time.perf_counter() - start) / len(out.outputs[0].token_ids) * 1e3
 
 
+def gemv_table(rounds: int) -> None:
+    """The GEMV alone, one row, for each library this host runs: dense bfloat16 and each
+    quantized form of the same weights, best of `rounds` x 100 calls."""
+    from llama3_dist.kernels import cpu, reference
+
+    for n, k in [(3584, 1024), (1536, 576)]:
+        print(f"\nGEMV alone, {n} x {k}, one row, best of {rounds} x 100 calls, microseconds:")
+        torch.manual_seed(0)
+        w = torch.randn(n, k) * 0.05
+        x = torch.randn(1, k).bfloat16()
+        int8_values, int8_scale = reference.quantize_int8(w)
+        for isa in cpu.executable_isas():
+            library = cpu.library(isa)
+            if library is None:
+                continue
+            calls = {
+                "bf16": functools.partial(library.gemv, x, w.bfloat16(), None),
+                "int8/row": functools.partial(library.gemv_int8, x, int8_values, int8_scale, None),
+            }
+            for name, group in (("int4/32", 32), ("int4/128", 128)):
+                packed = cpu.pack_grouped(reference.quantize_int4(w, group), library.lanes)
+                calls[name] = functools.partial(library.gemv_grouped, x, packed, None)
+            figures = {}
+            for name, call in calls.items():
+                call()
+                best = float("inf")
+                for _ in range(rounds):
+                    start = time.perf_counter()
+                    for _ in range(100):
+                        call()
+                    best = min(best, (time.perf_counter() - start) / 100)
+                figures[name] = best * 1e6
+            dense = figures["bf16"]
+            print(f"  {isa:8s} " + ", ".join(f"{name} {us:.0f} (x{dense / us:.2f})" for name, us in figures.items()))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=None, help="checkpoint directory or .gguf (default: the 284M model)")
+    parser.add_argument("--modes", default="none,int8,int4,int4-g128", help="comma-separated quantizations")
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--no-gemv", action="store_true", help="leave out the GEMV table")
     args = parser.parse_args()
-    path = checkpoint()
+    path = args.model or checkpoint()
     capability, threads = torch.backends.cpu.get_cpu_capability(), torch.get_num_threads()
-    print(f"torch {torch.__version__}, capability {capability}, {threads} threads")
+    print(f"torch {torch.__version__}, capability {capability}, {threads} threads; model {path}")
     engines = {
-        "bfloat16": LLM(path, dtype="bfloat16", show_progress=False, max_num_seqs=4),
-        "bfloat16 + int8": LLM(path, dtype="bfloat16", quantization="int8", show_progress=False, max_num_seqs=4),
+        mode: LLM(
+            path,
+            dtype="bfloat16",
+            quantization=None if mode == "none" else mode,
+            show_progress=False,
+            max_num_seqs=4,
+        )
+        for mode in args.modes.split(",")
     }
     times: dict[str, list[float]] = {name: [] for name in engines}
     speeds = []
@@ -85,13 +138,19 @@ def main() -> None:
             floor = bytes_ / (gbps * 1e9) * 1e3
             result[name] = median
             print(
-                f"{name:16s} {median:7.2f} ms/token (runs {', '.join(f'{t:.1f}' for t in times[name])}); "
-                f"{bytes_ / 1e6:6.1f} MB/token, floor {floor:5.2f} ms, x{median / floor:.2f} the floor"
+                f"{name:10s} {median:7.2f} ms/token {1e3 / median:6.1f} tok/s (runs "
+                f"{', '.join(f'{t:.1f}' for t in times[name])}); {bytes_ / 1e6:6.1f} MB/token, floor "
+                f"{floor:5.2f} ms, x{median / floor:.2f} the floor"
             )
-        print(f"int8 / dense bfloat16: x{result['bfloat16 + int8'] / result['bfloat16']:.2f} ms/token")
+        first = next(iter(result))
+        for name, median in result.items():
+            if name != first:
+                print(f"{name} / {first}: x{result[first] / median:.2f} tokens/s")
     finally:
         for llm in engines.values():
             llm.shutdown()
+    if not args.no_gemv:
+        gemv_table(args.rounds)
 
 
 if __name__ == "__main__":

@@ -259,8 +259,11 @@ class VocabParallelEmbedding(nn.Module):
         return self.parallel.all_reduce(out.masked_fill(outside[:, None], 0))
 
 
-class ParallelLMHead(nn.Module):
-    """Vocabulary-parallel output projection gathered to rank 0; tied heads share the embedding shard."""
+class ParallelLMHead(_QuantizedWeights, nn.Module):
+    """Vocabulary-parallel output projection gathered to rank 0; tied heads share the embedding
+    shard. A head (or tied embedding) stored group-quantized in a GGUF file runs as stored where
+    the kernels multiply it so (the embedding keeps a dense copy for its lookups): on a small
+    model the head is the largest weight a decode step reads."""
 
     REPLICATED: ClassVar[tuple[str, ...]] = ()
 
@@ -271,16 +274,37 @@ class ParallelLMHead(nn.Module):
         self.tied = tied
         self.weight = embedding.weight if tied else _parameter(*embedding.weight.shape, dtype=embedding.weight.dtype)
 
-    def load(self, source: WeightSource, name: str) -> None:
+    def load(self, source: WeightSource, name: str, embedding_name: str) -> None:
+        stored = embedding_name if self.tied else name
         if self.tied:
             source.skip(name)  # some exporters write the tied copy too; it is the same tensor
-        else:
+        if self.kernels.runs_grouped and source.config.quantization is None:
+            embedding = self.embedding
+            grouped = source.read_grouped(
+                stored, (embedding.vocab_size, embedding.hidden_size), rows=(embedding.start, embedding.stop)
+            )
+            if grouped is not None:
+                self.use_grouped(_padded_rows(grouped, embedding.per_rank))
+                return
+        if not self.tied:
             self.weight.data = self.embedding.read_rows(source, name)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor | None:
         """Float32 logits [n, V] on rank 0, None elsewhere."""
-        logits = self.embedding.parallel.gather_last_dim(self.kernels.linear(hidden, self.weight))
+        logits = self.embedding.parallel.gather_last_dim(self._project(hidden, None))
         return None if logits is None else logits[:, : self.embedding.vocab_size].float()
+
+
+def _padded_rows(weight: reference.GroupQuantized, rows: int) -> reference.GroupQuantized:
+    """weight with zero rows appended up to `rows` (the last vocabulary shard's padding)."""
+    extra = rows - weight.shape[0]
+    if extra == 0:
+        return weight
+    offsets = None if weight.offsets is None else F.pad(weight.offsets, (0, 0, 0, extra))
+    return reference.GroupQuantized(
+        F.pad(weight.values, (0, 0, 0, extra)), F.pad(weight.scales, (0, 0, 0, extra)), offsets, weight.bits,
+        weight.group_size,
+    )  # fmt: skip
 
 
 class Norm(nn.Module):

@@ -275,7 +275,7 @@ class Llama3Transformer(nn.Module):
         for index, layer in layers:
             layer.load(source, names, index)
         self.norm.load(source, names.final_norm)
-        self.lm_head.load(source, names.lm_head)
+        self.lm_head.load(source, names.lm_head, names.embedding)
         source.check_all_consumed()
         quantization = self.config.quantization
         if quantization is not None:
