@@ -204,7 +204,12 @@ def select(device: torch.device | str, dtype: torch.dtype) -> Kernels:
             else reference.int8_weight_linear
         ),
         pack_grouped=(
-            functools.partial(cpu.pack_grouped, lanes=impl.lanes) if isinstance(impl, cpu.KernelLibrary) else _as_stored
+            # bfloat16 models multiply 4-bit weights in integers (x quantized to int8, as
+            # llama.cpp does) where the CPU has byte dot products; float32 ones dequantize in
+            # registers, exact to float rounding.
+            functools.partial(cpu.pack_grouped, lanes=impl.lanes, panels=dtype == torch.bfloat16 and impl.integer_dot)
+            if isinstance(impl, cpu.KernelLibrary)
+            else _as_stored
         ),
         grouped_linear=(
             functools.partial(cpu.grouped_linear, kernels=impl)

@@ -215,6 +215,8 @@ def build(isa: str) -> Path:
     spec = INSTRUCTION_SETS[isa]
     compiler = _compiler()
     flags = [*BASE_FLAGS, *(spec.x86_flags if _X86 else ()), f"-DVECTOR_BYTES={spec.vector_bytes}"]
+    if isa == "avx512" and _X86 and "avx512_vnni" in _cpu_features():
+        flags.append("-mavx512vnni")  # 4-bit GEMV's byte dot products; AVX-512BW's are two instructions
     source = SOURCE.read_bytes()
     errors: list[str] = []
     for extra in ([OPENMP_FLAG], []):
@@ -264,13 +266,18 @@ class KernelLibrary:
             function = getattr(self._lib, f"gemv_int8_{suffix}")
             function.argtypes, function.restype = [_P, _P, _P, _P, _P, _I64, _I64, _I64], _INT
             self._functions["gemv_int8", dtype] = function
-            for bits in (4, 8):
-                function = getattr(self._lib, f"gemv_q{bits}_{suffix}")
+            for layout in ("q4", "q8", "panels"):
+                function = getattr(self._lib, f"gemv_{layout}_{suffix}")
                 function.argtypes, function.restype = [_P, _P, _P, _P, _P, _P, _I64, _I64, _I64, _I64], _INT
-                self._functions[f"gemv_q{bits}", dtype] = function
-                function = getattr(self._lib, f"dequantize_q{bits}_{suffix}")
+                self._functions[f"gemv_{layout}", dtype] = function
+                function = getattr(self._lib, f"dequantize_{layout}_{suffix}")
                 function.argtypes, function.restype = [_P, _P, _P, _P, _I64, _I64, _I64], _INT
-                self._functions[f"dequantize_q{bits}", dtype] = function
+                self._functions[f"dequantize_{layout}", dtype] = function
+
+    @property
+    def integer_dot(self) -> bool:
+        """Whether this build has byte dot-product instructions (the 4-bit integer GEMV's)."""
+        return bool(self._lib.native_dot4())
 
     @property
     def lanes(self) -> int:
@@ -457,7 +464,7 @@ class KernelLibrary:
         rows = x2.shape[0]
         out = torch.empty(rows, n, dtype=dtype)
         size = _ELEMENT_BYTES[dtype]
-        function = self._functions[f"gemv_q{weight.bits}", dtype]
+        function = self._functions[f"gemv_{weight.layout}", dtype]
         offsets = _pointer(weight.offsets)
         bias_ptr = None if bias is None else bias.to(dtype).contiguous().data_ptr()
         for start in range(0, rows, GEMV_MAX_ROWS):
@@ -475,19 +482,19 @@ class KernelLibrary:
                 weight.group_size,
             )
             if status:
-                raise ValueError(f"gemv_q{weight.bits}: {m} rows or group size {weight.group_size} out of range")
+                raise ValueError(f"gemv_{weight.layout}: {m} rows or group size {weight.group_size} out of range")
         return out.view(*x.shape[:-1], n)
 
     def dequantize_grouped(self, weight: PackedGroupWeights, dtype: torch.dtype) -> torch.Tensor:
         """The weight as `dtype` [n, k] (bfloat16 or float32), for products of many rows."""
         n, k = weight.shape
         out = torch.empty(n, k, dtype=dtype)
-        function = self._functions[f"dequantize_q{weight.bits}", dtype]
+        function = self._functions[f"dequantize_{weight.layout}", dtype]
         if function(
             weight.words.data_ptr(), weight.scales.data_ptr(), _pointer(weight.offsets), out.data_ptr(), n, k,
             weight.group_size,
         ):  # fmt: skip
-            raise ValueError(f"dequantize_q{weight.bits}: group size {weight.group_size} out of range")
+            raise ValueError(f"dequantize_{weight.layout}: group size {weight.group_size} out of range")
         return out
 
     def sum_floats(self, x: torch.Tensor) -> float:
@@ -767,22 +774,30 @@ def int8_linear(
 
 @dataclass(frozen=True)
 class PackedGroupWeights:
-    """A GroupQuantized weight in the library's layout (cpu_kernels.cpp, "group-quantized
-    weights"): rows of blocks of `lanes` 32-bit words, element v of word l holding the block's
-    weight v * lanes + l; float16 scales (and offsets) as stored."""
+    """A GroupQuantized weight in one of the library's layouts (cpu_kernels.cpp):
+    - "q4" / "q8" (float GEMV, "group-quantized weights"): rows of blocks of `lanes` 32-bit
+      words, element v of word l holding the block's weight v * lanes + l; scales (and
+      offsets) float16 [n, groups] as stored;
+    - "panels" (4 bits, the integer GEMV of bfloat16 models, "4-bit weights times 8-bit
+      activations"): panels of `lanes` rows, blocks of 32; scales and offsets float16
+      [panels, groups, lanes]."""
 
-    words: torch.Tensor  # int32 [n, padded k * bits / 32]
-    scales: torch.Tensor  # float16 [n, groups]
+    words: torch.Tensor  # int32
+    scales: torch.Tensor  # float16
     offsets: torch.Tensor | None
     bits: int
     group_size: int
     shape: tuple[int, int]  # the logical (n, k)
     lanes: int
+    layout: str
 
 
-def pack_grouped(weight: reference.GroupQuantized, lanes: int) -> PackedGroupWeights:
-    """weight in the layout of a library with `lanes` float32 lanes per vector. The group size
-    must be a power of two and a multiple of `lanes` (so each vector lies in one group)."""
+def pack_grouped(weight: reference.GroupQuantized, lanes: int, panels: bool = False) -> PackedGroupWeights:
+    """weight in the layout of a library with `lanes` float32 lanes per vector: panels (4-bit
+    weights only) for the integer GEMV, else words for the float one. The group size must be a
+    power of two and a multiple of `lanes` and of 32."""
+    if panels and weight.bits == 4:
+        return _pack_panels(weight, lanes)
     group_size, bits = weight.group_size, weight.bits
     if group_size % lanes or group_size & (group_size - 1):
         raise ValueError(f"group size {group_size} must be a power of two and a multiple of {lanes}")
@@ -803,6 +818,35 @@ def pack_grouped(weight: reference.GroupQuantized, lanes: int) -> PackedGroupWei
         group_size,
         (n, k),
         lanes,
+        f"q{bits}",
+    )
+
+
+def _pack_panels(weight: reference.GroupQuantized, lanes: int) -> PackedGroupWeights:
+    n, k = weight.shape
+    group_size = weight.group_size
+    if group_size % 32:
+        raise ValueError(f"group size {group_size} must be a multiple of 32")
+    panels, blocks, groups = -(-n // lanes), -(-k // 32), -(-k // group_size)
+    values = F.pad(weight.values.to(torch.int64), (0, blocks * 32 - k, 0, panels * lanes - n))
+    # [panel, lane, block, half (elements 0-15 | 16-31), c, byte] -> words [panel, block, c, lane]
+    values = values.view(panels, lanes, blocks, 2, 4, 4)
+    nibbles = values[:, :, :, 0] | (values[:, :, :, 1] << 4)  # [panel, lane, block, c, byte]
+    words = (nibbles << (torch.arange(4, dtype=torch.int64) * 8)).sum(dim=-1)
+    words = torch.where(words >= 1 << 31, words - (1 << 32), words).to(torch.int32)
+
+    def by_panel(t: torch.Tensor) -> torch.Tensor:  # [n, groups] -> [panels, groups, lanes]
+        return F.pad(t, (0, 0, 0, panels * lanes - n)).view(panels, lanes, groups).transpose(1, 2).contiguous()
+
+    return PackedGroupWeights(
+        words.permute(0, 2, 3, 1).contiguous(),
+        by_panel(weight.scales),
+        None if weight.offsets is None else by_panel(weight.offsets),
+        4,
+        group_size,
+        (n, k),
+        lanes,
+        "panels",
     )
 
 

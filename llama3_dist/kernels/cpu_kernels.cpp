@@ -28,8 +28,11 @@
 #include <algorithm>
 #include <vector>
 
-#if defined(__F16C__)
+#if defined(__F16C__) || defined(__AVX2__)
 #include <immintrin.h>
+#endif
+#if defined(__ARM_FEATURE_DOTPROD)
+#include <arm_neon.h>
 #endif
 
 #ifndef VECTOR_BYTES
@@ -651,6 +654,166 @@ int grouped_gemv(const T* x, const uint32_t* w, const uint16_t* scales, const ui
     return 0;
 }
 
+// --- 4-bit weights times 8-bit activations (bfloat16 models) -----------------------------------
+// Dequantizing each weight to float costs several vector instructions per LANES weights, which
+// bounds the float GEMV above by compute, not by memory. As llama.cpp does, x is quantized too,
+// to int8 in blocks of 32 (a float scale each), and the integers multiply-add four bytes at a
+// time per 32-bit lane (AVX-512 VNNI's vpdpbusd; pmaddubsw + pmaddwd on AVX2 and AVX-512BW;
+// NEON's sdot; plain vector code elsewhere), so the float work is per block of 32, not per
+// weight. The result differs from the dequantized product by x's rounding (about 2^-8
+// relative per block), so float32 models keep the float GEMV above and this one serves
+// bfloat16 models, whose own rounding is of that order.
+//
+// Panel layout (cpu.py's pack_grouped with panels=True): rows in panels of LANES (the last one
+// padded with zero rows), k in blocks of 32. For panel p and block b, 4 vectors c = 0..3 of
+// LANES words: lane l of vector c is row l's elements 4c..4c+3 (low nibbles of its 4 bytes)
+// and 16+4c..16+4c+3 (high nibbles). Scales and offsets as float16 [panels, groups, LANES].
+
+// acc + the sum of 4 products per 32-bit lane: unsigned bytes of u (at most 15 here) times the
+// signed bytes of x4 (the same 4 in every lane).
+inline Ints dot4(Ints acc, Words u, int32_t x4) {
+#if VECTOR_BYTES == 64 && defined(__AVX512VNNI__)
+    return (Ints)_mm512_dpbusd_epi32((__m512i)acc, (__m512i)u, _mm512_set1_epi32(x4));
+#elif VECTOR_BYTES == 64 && defined(__AVX512BW__)
+    const __m512i pairs = _mm512_maddubs_epi16((__m512i)u, _mm512_set1_epi32(x4));  // no overflow: 2*15*128
+    return acc + (Ints)_mm512_madd_epi16(pairs, _mm512_set1_epi16(1));
+#elif VECTOR_BYTES == 32 && defined(__AVX2__)
+    const __m256i pairs = _mm256_maddubs_epi16((__m256i)u, _mm256_set1_epi32(x4));
+    return acc + (Ints)_mm256_madd_epi16(pairs, _mm256_set1_epi16(1));
+#elif VECTOR_BYTES == 16 && defined(__ARM_FEATURE_DOTPROD)
+    return (Ints)vdotq_s32((int32x4_t)acc, (int8x16_t)u, vreinterpretq_s8_s32(vdupq_n_s32(x4)));
+#else
+    for (int j = 0; j < 4; ++j) acc += (Ints)((u >> (8 * j)) & 0xffu) * int32_t(int8_t(uint32_t(x4) >> (8 * j)));
+    return acc;
+#endif
+}
+
+// x [m, k] quantized per block of 32: xq (int8, blocks * 32 per row, zero-padded), dx (the
+// blocks' scales, max|x| / 127), and each weight group's exact sum of x (for the offsets).
+template <typename T>
+void quantize_blocks(const T* x, int64_t m, int64_t k, int64_t blocks, int64_t group_size, int8_t* xq, float* dx,
+                     float* group_sums) {
+    const int64_t groups = (k + group_size - 1) / group_size;
+    for (int64_t row = 0; row < m; ++row) {
+        for (int64_t g = 0; g < groups; ++g) group_sums[row * groups + g] = 0.0f;
+        for (int64_t b = 0; b < blocks; ++b) {
+            float values[32] = {}, largest = 0.0f;
+            for (int j = 0; j < 32 && b * 32 + j < k; ++j) {
+                values[j] = Element<T>::to_float(x[row * k + b * 32 + j]);
+                largest = std::max(largest, fabsf(values[j]));
+                group_sums[row * groups + (b * 32 + j) / group_size] += values[j];
+            }
+            const float scale = largest / 127.0f, inverse = largest > 0.0f ? 127.0f / largest : 0.0f;
+            dx[row * blocks + b] = scale;
+            for (int j = 0; j < 32; ++j) xq[(row * blocks + b) * 32 + j] = int8_t(nearbyintf(values[j] * inverse));
+        }
+    }
+}
+
+template <typename T, int M>
+void panel_tiles(const int8_t* xq, const float* dx, const float* group_sums, const uint32_t* w,
+                 const uint16_t* scales, const uint16_t* offsets, const T* bias, T* y, int64_t n, int64_t k,
+                 int64_t group_size) {
+    using E = Element<T>;
+    const int64_t blocks = (k + 31) / 32, groups = (k + group_size - 1) / group_size;
+    const int64_t panels = (n + LANES - 1) / LANES, blocks_per_group = group_size / 32;
+#pragma omp for schedule(guided)
+    for (int64_t panel = 0; panel < panels; ++panel) {
+        Floats acc[M];
+        for (int m = 0; m < M; ++m) acc[m] = Floats{};
+        const uint32_t* panel_words = w + panel * blocks * 4 * LANES;
+        for (int64_t g = 0; g < groups; ++g) {
+            const Floats weight_scales = halves_to_floats(scales + (panel * groups + g) * LANES, LANES);
+            for (int64_t b = g * blocks_per_group; b < std::min(blocks, (g + 1) * blocks_per_group); ++b) {
+                const uint32_t* block = panel_words + b * 4 * LANES;
+                __builtin_prefetch((const char*)block + PREFETCH_BYTES, 0, 2);
+                __builtin_prefetch((const char*)block + PREFETCH_BYTES + 4 * LANES * 2, 0, 2);
+                Ints sums[M];
+                for (int m = 0; m < M; ++m) sums[m] = Ints{};
+#pragma GCC unroll 4
+                for (int c = 0; c < 4; ++c) {
+                    Words q;
+                    memcpy(&q, block + c * LANES, sizeof q);
+                    const Words low = q & 0x0f0f0f0fu, high = (q >> 4) & 0x0f0f0f0fu;
+#pragma GCC unroll 8
+                    for (int m = 0; m < M; ++m) {
+                        const int32_t* x4 = reinterpret_cast<const int32_t*>(xq + (m * blocks + b) * 32);
+                        sums[m] = dot4(dot4(sums[m], low, x4[c]), high, x4[4 + c]);
+                    }
+                }
+#pragma GCC unroll 8
+                for (int m = 0; m < M; ++m)
+                    acc[m] += __builtin_convertvector(sums[m], Floats) * (weight_scales * dx[m * blocks + b]);
+            }
+            if (offsets) {
+                const Floats weight_offsets = halves_to_floats(offsets + (panel * groups + g) * LANES, LANES);
+                for (int m = 0; m < M; ++m) acc[m] += weight_offsets * group_sums[m * groups + g];
+            }
+        }
+        const int64_t rows = std::min<int64_t>(LANES, n - panel * LANES);
+        for (int m = 0; m < M; ++m) {
+            float lanes[LANES];
+            memcpy(lanes, &acc[m], sizeof lanes);
+            for (int64_t l = 0; l < rows; ++l) {
+                const int64_t row = panel * LANES + l;
+                y[m * n + row] = E::from_float(lanes[l] + (bias ? E::to_float(bias[row]) : 0.0f));
+            }
+        }
+    }
+}
+
+// y [m, n] = x [m, k] @ w.T + bias for 4-bit panel weights, x quantized to int8 per block of 32;
+// m from 1 to GEMV_MAX_ROWS, group_size a multiple of 32. Returns -1 for arguments out of range.
+template <typename T>
+int panel_gemv(const T* x, const uint32_t* w, const uint16_t* scales, const uint16_t* offsets, const T* bias, T* y,
+               int64_t m, int64_t n, int64_t k, int64_t group_size) {
+    if (m < 1 || m > GEMV_MAX_ROWS || group_size < 32 || group_size % 32) return -1;
+    const int64_t blocks = (k + 31) / 32, groups = (k + group_size - 1) / group_size;
+    std::vector<int8_t> xq(m * blocks * 32);
+    std::vector<float> dx(m * blocks), group_sums(m * groups);
+    quantize_blocks<T>(x, m, k, blocks, group_size, xq.data(), dx.data(), group_sums.data());
+#pragma omp parallel
+    {
+        switch (m) {
+#define LLAMA3_DIST_PANEL_CASE(M) \
+    case M: panel_tiles<T, M>(xq.data(), dx.data(), group_sums.data(), w, scales, offsets, bias, y, n, k, group_size); break;
+            LLAMA3_DIST_PANEL_CASE(1)
+            LLAMA3_DIST_PANEL_CASE(2)
+            LLAMA3_DIST_PANEL_CASE(3)
+            LLAMA3_DIST_PANEL_CASE(4)
+            LLAMA3_DIST_PANEL_CASE(5)
+            LLAMA3_DIST_PANEL_CASE(6)
+            LLAMA3_DIST_PANEL_CASE(7)
+            default: panel_tiles<T, 8>(xq.data(), dx.data(), group_sums.data(), w, scales, offsets, bias, y, n, k,
+                                       group_size);
+#undef LLAMA3_DIST_PANEL_CASE
+        }
+    }
+    return 0;
+}
+
+// The dequantized weight [n, k] in T of 4-bit panel weights (prefill runs it as a GEMM).
+template <typename T>
+int panel_dequantize(const uint32_t* w, const uint16_t* scales, const uint16_t* offsets, T* out, int64_t n, int64_t k,
+                     int64_t group_size) {
+    if (group_size < 32 || group_size % 32) return -1;
+    const int64_t blocks = (k + 31) / 32, groups = (k + group_size - 1) / group_size;
+#pragma omp parallel for schedule(static)
+    for (int64_t row = 0; row < n; ++row) {
+        const int64_t panel = row / LANES, lane = row % LANES;
+        for (int64_t e = 0; e < k; ++e) {
+            const int64_t b = e / 32, within = e % 32, g = e / group_size;
+            const int c = int(within % 16) / 4, byte = int(within % 4);
+            const uint32_t word = w[((panel * blocks + b) * 4 + c) * LANES + lane];
+            const uint32_t q = (word >> (8 * byte + (within >= 16 ? 4 : 0))) & 0xfu;
+            float value = float(q) * half_to_float(scales[(panel * groups + g) * LANES + lane]);
+            if (offsets) value += half_to_float(offsets[(panel * groups + g) * LANES + lane]);
+            out[row * k + e] = Element<T>::from_float(value);
+        }
+    }
+    return 0;
+}
+
 // The dequantized weight [n, k] in T (each value computed in float32 and rounded once, as the
 // reference's dequantize), for products of many rows (prefill), which run as a GEMM.
 template <typename T, int BITS>
@@ -961,6 +1124,14 @@ int mlp_block(const MlpBlock& layer, int64_t m, const T* x, T* residual, T* out)
                                int64_t n, int64_t k, int64_t group_size) {                                          \
         return grouped_dequantize<T, 8>(w, scales, offsets, out, n, k, group_size);                                 \
     }                                                                                                                \
+    int gemv_panels_##SUFFIX(const T* x, const uint32_t* w, const uint16_t* scales, const uint16_t* offsets,       \
+                             const T* bias, T* y, int64_t m, int64_t n, int64_t k, int64_t group_size) {            \
+        return panel_gemv<T>(x, w, scales, offsets, bias, y, m, n, k, group_size);                                  \
+    }                                                                                                                \
+    int dequantize_panels_##SUFFIX(const uint32_t* w, const uint16_t* scales, const uint16_t* offsets, T* out,     \
+                                   int64_t n, int64_t k, int64_t group_size) {                                      \
+        return panel_dequantize<T>(w, scales, offsets, out, n, k, group_size);                                      \
+    }                                                                                                                \
     void rms_norm_##SUFFIX(const T* x, const T* residual, const T* weight, float eps, T* out, T* h_out, int64_t n,  \
                            int64_t d) {                                                                              \
         rms_norm<T>(x, residual, weight, eps, out, h_out, n, d);                                                     \
@@ -996,6 +1167,17 @@ LLAMA3_DIST_EXPORT(float, f32)
 
 // The vector width this library was built for, in bytes (cpu.py checks it against the ISA).
 int vector_bytes() { return VECTOR_BYTES; }
+
+// Whether dot4 has byte dot-product instructions here; where it does not (the plain vector
+// code), the integer GEMV is slower than the float one and cpu.py packs for the float one.
+int native_dot4() {
+#if (VECTOR_BYTES == 64 && defined(__AVX512BW__)) || (VECTOR_BYTES == 32 && defined(__AVX2__)) || \
+    (VECTOR_BYTES == 16 && defined(__ARM_FEATURE_DOTPROD))
+    return 1;
+#else
+    return 0;
+#endif
+}
 
 // Sum of n floats, read once by all threads: the benchmarks' measure of the memory's streaming
 // read speed (the floor for a decode step is the weight bytes over it).

@@ -220,6 +220,28 @@ def test_grouped_gemv_is_the_dequantized_product(variant, bits, group_size, rows
     torch.testing.assert_close(ref.grouped_linear(x.double(), weight, b.double()), exact)
 
 
+@pytest.mark.parametrize("group_size", [32, 128])
+@pytest.mark.parametrize("rows,n,k", [(1, 160, 1024), (9, 37, 200)])
+def test_panel_gemv_is_the_product_with_x_in_int8_blocks(variant, group_size, rows, n, k):
+    """4-bit weights in panels (bfloat16 models): x quantized to int8 per block of 32 and integer
+    dot products, so within x's rounding of the dequantized product (about 1% of its norm on
+    random x); the panels dequantize bit-identically to the reference."""
+    library, dtype = variant
+    weight = ref.quantize_int4(randn(n, k, dtype=F32) * 0.05, group_size)
+    packed = cpu.pack_grouped(weight, library.lanes, panels=True)
+    assert torch.equal(library.dequantize_grouped(packed, F32), ref.dequantize(weight))
+    x, b = randn(rows, k, dtype=dtype), randn(n, dtype=dtype)
+    exact = x.double() @ ref.dequantize(weight).double().T + b.double()
+    got = library.gemv_grouped(x, packed, b).double()
+    assert (got - exact).norm() <= 0.03 * exact.norm()
+    # each x rounded to int8 in its block moves a product by at most half a step of the block's scale
+    blocks = torch.nn.functional.pad(x.double(), (0, -k % 32)).view(rows, -1, 32)
+    step = blocks.abs().amax(-1) / 127
+    bound = 0.5 * step.repeat_interleave(32, 1)[:, :k] @ ref.dequantize(weight).double().abs().T
+    rounding = exact.abs() * (2**-8 if dtype == BF16 else 1e-6) + 1e-5
+    assert ((got - exact).abs() <= bound + rounding).all()
+
+
 @built
 @pytest.mark.parametrize("dtype", [BF16, F32, torch.float16])
 @pytest.mark.parametrize("rows", [1, 40])
