@@ -80,11 +80,18 @@ def gemv_table(rounds: int) -> None:
                 continue
             calls = {
                 "bf16": functools.partial(library.gemv, x, w.bfloat16(), None),
-                "int8/row": functools.partial(library.gemv_int8, x, int8_values, int8_scale, None),
+                "int8/row float": functools.partial(library.gemv_int8, x, int8_values, int8_scale, None),
             }
-            for name, group in (("int4/32", 32), ("int4/128", 128)):
-                packed = cpu.pack_grouped(reference.quantize_int4(w, group), library.lanes)
-                calls[name] = functools.partial(library.gemv_grouped, x, packed, None)
+            row_group = -(-k // 32) * 32
+            int8_rows = reference.GroupQuantized(int8_values, int8_scale.half()[:, None], None, 8, row_group)
+            forms = {"int4/32": reference.quantize_int4(w, 32), "int4/128": reference.quantize_int4(w, 128)}
+            for name, form in forms.items():  # the float GEMV (float32 models)
+                packed = cpu.pack_grouped(form, library.lanes)
+                calls[f"{name} float"] = functools.partial(library.gemv_grouped, x, packed, None)
+            if library.integer_dot:  # the integer GEMV (bfloat16 models)
+                for name, form in {"int8/row": int8_rows, **forms}.items():
+                    packed = cpu.pack_grouped(form, library.lanes, panels=True)
+                    calls[f"{name} int"] = functools.partial(library.gemv_grouped, x, packed, None)
             figures = {}
             for name, call in calls.items():
                 call()

@@ -177,6 +177,9 @@ class Kernels:
     pack_grouped: Callable[[reference.GroupQuantized], Any] = _as_stored
     grouped_linear: Callable[..., torch.Tensor] = reference.grouped_linear
     runs_grouped: bool = False
+    # Whether pack_grouped packs for the CPU library's integer GEMV (bfloat16 models on CPUs with
+    # byte dot products): int8 weights then take it too, with one group per row.
+    integer_gemv: bool = False
     # The compiled CPU library when it runs whole decoder-layer halves per call for decode steps
     # (cpu.FusedDecodeLayer); LLAMA3_DIST_CPU_FUSED=0 keeps one call per kernel.
     fused_decode: cpu.KernelLibrary | None = None
@@ -195,6 +198,7 @@ def select(device: torch.device | str, dtype: torch.dtype) -> Kernels:
     fused = (
         impl if isinstance(impl, cpu.KernelLibrary) and os.environ.get("LLAMA3_DIST_CPU_FUSED", "1") != "0" else None
     )
+    integer_gemv = isinstance(impl, cpu.KernelLibrary) and dtype == torch.bfloat16 and impl.integer_dot
     return Kernels(
         **{name: getattr(impl, name) for name in TRITON_KERNELS},
         linear=_linear_for(probe, mode),
@@ -207,7 +211,7 @@ def select(device: torch.device | str, dtype: torch.dtype) -> Kernels:
             # bfloat16 models multiply 4-bit weights in integers (x quantized to int8, as
             # llama.cpp does) where the CPU has byte dot products; float32 ones dequantize in
             # registers, exact to float rounding.
-            functools.partial(cpu.pack_grouped, lanes=impl.lanes, panels=dtype == torch.bfloat16 and impl.integer_dot)
+            functools.partial(cpu.pack_grouped, lanes=impl.lanes, panels=integer_gemv)
             if isinstance(impl, cpu.KernelLibrary)
             else _as_stored
         ),
@@ -217,6 +221,7 @@ def select(device: torch.device | str, dtype: torch.dtype) -> Kernels:
             else reference.grouped_linear
         ),
         runs_grouped=isinstance(impl, cpu.KernelLibrary),
+        integer_gemv=integer_gemv,
         fused_decode=fused,
         capture_safe=probe.is_cuda and getattr(impl, "__name__", "").endswith("triton_kernels"),
     )

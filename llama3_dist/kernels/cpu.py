@@ -215,8 +215,10 @@ def build(isa: str) -> Path:
     spec = INSTRUCTION_SETS[isa]
     compiler = _compiler()
     flags = [*BASE_FLAGS, *(spec.x86_flags if _X86 else ()), f"-DVECTOR_BYTES={spec.vector_bytes}"]
-    if isa == "avx512" and _X86 and "avx512_vnni" in _cpu_features():
-        flags.append("-mavx512vnni")  # 4-bit GEMV's byte dot products; AVX-512BW's are two instructions
+    # The integer GEMV's byte dot products: one instruction with VNNI, three with AVX-512BW alone
+    # (LLAMA3_DIST_CPU_VNNI=0 builds those, to test them on a VNNI machine).
+    if isa == "avx512" and _X86 and "avx512_vnni" in _cpu_features() and os.environ.get("LLAMA3_DIST_CPU_VNNI") != "0":
+        flags.append("-mavx512vnni")
     source = SOURCE.read_bytes()
     errors: list[str] = []
     for extra in ([OPENMP_FLAG], []):
@@ -266,7 +268,7 @@ class KernelLibrary:
             function = getattr(self._lib, f"gemv_int8_{suffix}")
             function.argtypes, function.restype = [_P, _P, _P, _P, _P, _I64, _I64, _I64], _INT
             self._functions["gemv_int8", dtype] = function
-            for layout in ("q4", "q8", "panels"):
+            for layout in ("q4", "q8", "panels4", "panels8"):
                 function = getattr(self._lib, f"gemv_{layout}_{suffix}")
                 function.argtypes, function.restype = [_P, _P, _P, _P, _P, _P, _I64, _I64, _I64, _I64], _INT
                 self._functions[f"gemv_{layout}", dtype] = function
@@ -778,7 +780,7 @@ class PackedGroupWeights:
     - "q4" / "q8" (float GEMV, "group-quantized weights"): rows of blocks of `lanes` 32-bit
       words, element v of word l holding the block's weight v * lanes + l; scales (and
       offsets) float16 [n, groups] as stored;
-    - "panels" (4 bits, the integer GEMV of bfloat16 models, "4-bit weights times 8-bit
+    - "panels4" / "panels8" (the integer GEMV of bfloat16 models, "4-bit weights times 8-bit
       activations"): panels of `lanes` rows, blocks of 32; scales and offsets float16
       [panels, groups, lanes]."""
 
@@ -793,10 +795,10 @@ class PackedGroupWeights:
 
 
 def pack_grouped(weight: reference.GroupQuantized, lanes: int, panels: bool = False) -> PackedGroupWeights:
-    """weight in the layout of a library with `lanes` float32 lanes per vector: panels (4-bit
-    weights only) for the integer GEMV, else words for the float one. The group size must be a
-    power of two and a multiple of `lanes` and of 32."""
-    if panels and weight.bits == 4:
+    """weight in the layout of a library with `lanes` float32 lanes per vector: panels for the
+    integer GEMV, else words for the float one. The group size must be a multiple of 32 (and
+    for words a power of two and a multiple of `lanes`)."""
+    if panels:
         return _pack_panels(weight, lanes)
     group_size, bits = weight.group_size, weight.bits
     if group_size % lanes or group_size & (group_size - 1):
@@ -829,10 +831,13 @@ def _pack_panels(weight: reference.GroupQuantized, lanes: int) -> PackedGroupWei
         raise ValueError(f"group size {group_size} must be a multiple of 32")
     panels, blocks, groups = -(-n // lanes), -(-k // 32), -(-k // group_size)
     values = F.pad(weight.values.to(torch.int64), (0, blocks * 32 - k, 0, panels * lanes - n))
-    # [panel, lane, block, half (elements 0-15 | 16-31), c, byte] -> words [panel, block, c, lane]
-    values = values.view(panels, lanes, blocks, 2, 4, 4)
-    nibbles = values[:, :, :, 0] | (values[:, :, :, 1] << 4)  # [panel, lane, block, c, byte]
-    words = (nibbles << (torch.arange(4, dtype=torch.int64) * 8)).sum(dim=-1)
+    if weight.bits == 4:
+        # [panel, lane, block, half (elements 0-15 | 16-31), c, byte] -> bytes [.., c, byte]
+        values = values.view(panels, lanes, blocks, 2, 4, 4)
+        packed_bytes = values[:, :, :, 0] | (values[:, :, :, 1] << 4)
+    else:  # [panel, lane, block, c, byte]: 4 consecutive signed bytes a word
+        packed_bytes = (values & 0xFF).view(panels, lanes, blocks, 8, 4)
+    words = (packed_bytes << (torch.arange(4, dtype=torch.int64) * 8)).sum(dim=-1)  # [panel, lane, block, c]
     words = torch.where(words >= 1 << 31, words - (1 << 32), words).to(torch.int32)
 
     def by_panel(t: torch.Tensor) -> torch.Tensor:  # [n, groups] -> [panels, groups, lanes]
@@ -842,11 +847,11 @@ def _pack_panels(weight: reference.GroupQuantized, lanes: int) -> PackedGroupWei
         words.permute(0, 2, 3, 1).contiguous(),
         by_panel(weight.scales),
         None if weight.offsets is None else by_panel(weight.offsets),
-        4,
+        weight.bits,
         group_size,
         (n, k),
         lanes,
-        "panels",
+        f"panels{weight.bits}",
     )
 
 

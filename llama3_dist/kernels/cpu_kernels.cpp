@@ -688,6 +688,36 @@ inline Ints dot4(Ints acc, Words u, int32_t x4) {
 #endif
 }
 
+// acc + the sum of 4 products per 32-bit lane of signed bytes of w and x4 (8-bit weights).
+// VNNI multiplies unsigned by signed bytes: w + 128 (a flipped sign bit) times x, which counts
+// 128 * (x's 4 bytes) too much; SIGNED_DOT4_EXCESS says so, and the caller subtracts 128 times
+// the block's sum of x. pmaddubsw takes |w| times x with w's sign (its pair sums stay below
+// 2^15 that way).
+#if VECTOR_BYTES == 64 && defined(__AVX512VNNI__)
+constexpr bool SIGNED_DOT4_EXCESS = true;
+#else
+constexpr bool SIGNED_DOT4_EXCESS = false;
+#endif
+inline Ints dot4_signed(Ints acc, Words w, int32_t x4) {
+#if VECTOR_BYTES == 64 && defined(__AVX512VNNI__)
+    return (Ints)_mm512_dpbusd_epi32((__m512i)acc, (__m512i)(w ^ 0x80808080u), _mm512_set1_epi32(x4));
+#elif VECTOR_BYTES == 64 && defined(__AVX512BW__)
+    const __m512i x = _mm512_set1_epi32(x4);
+    const __m512i signed_x = _mm512_mask_sub_epi8(x, _mm512_movepi8_mask((__m512i)w), _mm512_setzero_si512(), x);
+    const __m512i pairs = _mm512_maddubs_epi16(_mm512_abs_epi8((__m512i)w), signed_x);
+    return acc + (Ints)_mm512_madd_epi16(pairs, _mm512_set1_epi16(1));
+#elif VECTOR_BYTES == 32 && defined(__AVX2__)
+    const __m256i pairs = _mm256_maddubs_epi16(_mm256_abs_epi8((__m256i)w), _mm256_sign_epi8(_mm256_set1_epi32(x4), (__m256i)w));
+    return acc + (Ints)_mm256_madd_epi16(pairs, _mm256_set1_epi16(1));
+#elif VECTOR_BYTES == 16 && defined(__ARM_FEATURE_DOTPROD)
+    return (Ints)vdotq_s32((int32x4_t)acc, (int8x16_t)w, vreinterpretq_s8_s32(vdupq_n_s32(x4)));
+#else
+    for (int j = 0; j < 4; ++j)
+        acc += (((Ints)w << (24 - 8 * j)) >> 24) * int32_t(int8_t(uint32_t(x4) >> (8 * j)));
+    return acc;
+#endif
+}
+
 // x [m, k] quantized per block of 32: xq (int8, blocks * 32 per row, zero-padded), dx (the
 // blocks' scales, max|x| / 127), and each weight group's exact sum of x (for the offsets).
 template <typename T>
@@ -710,35 +740,51 @@ void quantize_blocks(const T* x, int64_t m, int64_t k, int64_t blocks, int64_t g
     }
 }
 
-template <typename T, int M>
+template <typename T, int BITS, int M>
 void panel_tiles(const int8_t* xq, const float* dx, const float* group_sums, const uint32_t* w,
                  const uint16_t* scales, const uint16_t* offsets, const T* bias, T* y, int64_t n, int64_t k,
                  int64_t group_size) {
     using E = Element<T>;
+    constexpr int VECTORS = BITS == 4 ? 4 : 8;  // per block of 32: 8 nibbles or 4 bytes a lane
     const int64_t blocks = (k + 31) / 32, groups = (k + group_size - 1) / group_size;
     const int64_t panels = (n + LANES - 1) / LANES, blocks_per_group = group_size / 32;
 #pragma omp for schedule(guided)
     for (int64_t panel = 0; panel < panels; ++panel) {
         Floats acc[M];
         for (int m = 0; m < M; ++m) acc[m] = Floats{};
-        const uint32_t* panel_words = w + panel * blocks * 4 * LANES;
+        const uint32_t* panel_words = w + panel * blocks * VECTORS * LANES;
         for (int64_t g = 0; g < groups; ++g) {
             const Floats weight_scales = halves_to_floats(scales + (panel * groups + g) * LANES, LANES);
             for (int64_t b = g * blocks_per_group; b < std::min(blocks, (g + 1) * blocks_per_group); ++b) {
-                const uint32_t* block = panel_words + b * 4 * LANES;
-                __builtin_prefetch((const char*)block + PREFETCH_BYTES, 0, 2);
-                __builtin_prefetch((const char*)block + PREFETCH_BYTES + 4 * LANES * 2, 0, 2);
+                const uint32_t* block = panel_words + b * VECTORS * LANES;
+                for (int line = 0; line < VECTORS * VECTOR_BYTES; line += CACHE_LINE)
+                    __builtin_prefetch((const char*)block + PREFETCH_BYTES + line, 0, 2);
                 Ints sums[M];
                 for (int m = 0; m < M; ++m) sums[m] = Ints{};
-#pragma GCC unroll 4
-                for (int c = 0; c < 4; ++c) {
+#pragma GCC unroll 8
+                for (int c = 0; c < VECTORS; ++c) {
                     Words q;
                     memcpy(&q, block + c * LANES, sizeof q);
-                    const Words low = q & 0x0f0f0f0fu, high = (q >> 4) & 0x0f0f0f0fu;
+                    if constexpr (BITS == 4) {
+                        const Words low = q & 0x0f0f0f0fu, high = (q >> 4) & 0x0f0f0f0fu;
 #pragma GCC unroll 8
+                        for (int m = 0; m < M; ++m) {
+                            const int32_t* x4 = reinterpret_cast<const int32_t*>(xq + (m * blocks + b) * 32);
+                            sums[m] = dot4(dot4(sums[m], low, x4[c]), high, x4[4 + c]);
+                        }
+                    } else {
+#pragma GCC unroll 8
+                        for (int m = 0; m < M; ++m) {
+                            const int32_t* x4 = reinterpret_cast<const int32_t*>(xq + (m * blocks + b) * 32);
+                            sums[m] = dot4_signed(sums[m], q, x4[c]);
+                        }
+                    }
+                }
+                if constexpr (BITS == 8 && SIGNED_DOT4_EXCESS) {
                     for (int m = 0; m < M; ++m) {
-                        const int32_t* x4 = reinterpret_cast<const int32_t*>(xq + (m * blocks + b) * 32);
-                        sums[m] = dot4(dot4(sums[m], low, x4[c]), high, x4[4 + c]);
+                        int32_t total = 0;
+                        for (int j = 0; j < 32; ++j) total += xq[(m * blocks + b) * 32 + j];
+                        sums[m] -= 128 * total;
                     }
                 }
 #pragma GCC unroll 8
@@ -764,10 +810,11 @@ void panel_tiles(const int8_t* xq, const float* dx, const float* group_sums, con
 
 // y [m, n] = x [m, k] @ w.T + bias for 4-bit panel weights, x quantized to int8 per block of 32;
 // m from 1 to GEMV_MAX_ROWS, group_size a multiple of 32. Returns -1 for arguments out of range.
-template <typename T>
+template <typename T, int BITS>
 int panel_gemv(const T* x, const uint32_t* w, const uint16_t* scales, const uint16_t* offsets, const T* bias, T* y,
                int64_t m, int64_t n, int64_t k, int64_t group_size) {
-    if (m < 1 || m > GEMV_MAX_ROWS || group_size < 32 || group_size % 32) return -1;
+    if (m < 1 || m > GEMV_MAX_ROWS || group_size < 32 || group_size % 32 || (BITS == 4) != (offsets != nullptr))
+        return -1;
     const int64_t blocks = (k + 31) / 32, groups = (k + group_size - 1) / group_size;
     std::vector<int8_t> xq(m * blocks * 32);
     std::vector<float> dx(m * blocks), group_sums(m * groups);
@@ -776,7 +823,7 @@ int panel_gemv(const T* x, const uint32_t* w, const uint16_t* scales, const uint
     {
         switch (m) {
 #define LLAMA3_DIST_PANEL_CASE(M) \
-    case M: panel_tiles<T, M>(xq.data(), dx.data(), group_sums.data(), w, scales, offsets, bias, y, n, k, group_size); break;
+    case M: panel_tiles<T, BITS, M>(xq.data(), dx.data(), group_sums.data(), w, scales, offsets, bias, y, n, k, group_size); break;
             LLAMA3_DIST_PANEL_CASE(1)
             LLAMA3_DIST_PANEL_CASE(2)
             LLAMA3_DIST_PANEL_CASE(3)
@@ -784,8 +831,8 @@ int panel_gemv(const T* x, const uint32_t* w, const uint16_t* scales, const uint
             LLAMA3_DIST_PANEL_CASE(5)
             LLAMA3_DIST_PANEL_CASE(6)
             LLAMA3_DIST_PANEL_CASE(7)
-            default: panel_tiles<T, 8>(xq.data(), dx.data(), group_sums.data(), w, scales, offsets, bias, y, n, k,
-                                       group_size);
+            default: panel_tiles<T, BITS, 8>(xq.data(), dx.data(), group_sums.data(), w, scales, offsets, bias, y, n,
+                                             k, group_size);
 #undef LLAMA3_DIST_PANEL_CASE
         }
     }
@@ -793,9 +840,10 @@ int panel_gemv(const T* x, const uint32_t* w, const uint16_t* scales, const uint
 }
 
 // The dequantized weight [n, k] in T of 4-bit panel weights (prefill runs it as a GEMM).
-template <typename T>
+template <typename T, int BITS>
 int panel_dequantize(const uint32_t* w, const uint16_t* scales, const uint16_t* offsets, T* out, int64_t n, int64_t k,
                      int64_t group_size) {
+    constexpr int VECTORS = BITS == 4 ? 4 : 8;
     if (group_size < 32 || group_size % 32) return -1;
     const int64_t blocks = (k + 31) / 32, groups = (k + group_size - 1) / group_size;
 #pragma omp parallel for schedule(static)
@@ -803,9 +851,10 @@ int panel_dequantize(const uint32_t* w, const uint16_t* scales, const uint16_t* 
         const int64_t panel = row / LANES, lane = row % LANES;
         for (int64_t e = 0; e < k; ++e) {
             const int64_t b = e / 32, within = e % 32, g = e / group_size;
-            const int c = int(within % 16) / 4, byte = int(within % 4);
-            const uint32_t word = w[((panel * blocks + b) * 4 + c) * LANES + lane];
-            const uint32_t q = (word >> (8 * byte + (within >= 16 ? 4 : 0))) & 0xfu;
+            const int c = int(BITS == 4 ? within % 16 : within) / 4, byte = int(within % 4);
+            const uint32_t word = w[((panel * blocks + b) * VECTORS + c) * LANES + lane];
+            const int32_t q = BITS == 4 ? int32_t((word >> (8 * byte + (within >= 16 ? 4 : 0))) & 0xfu)
+                                        : int32_t(int8_t(word >> (8 * byte)));
             float value = float(q) * half_to_float(scales[(panel * groups + g) * LANES + lane]);
             if (offsets) value += half_to_float(offsets[(panel * groups + g) * LANES + lane]);
             out[row * k + e] = Element<T>::from_float(value);
@@ -1124,13 +1173,21 @@ int mlp_block(const MlpBlock& layer, int64_t m, const T* x, T* residual, T* out)
                                int64_t n, int64_t k, int64_t group_size) {                                          \
         return grouped_dequantize<T, 8>(w, scales, offsets, out, n, k, group_size);                                 \
     }                                                                                                                \
-    int gemv_panels_##SUFFIX(const T* x, const uint32_t* w, const uint16_t* scales, const uint16_t* offsets,       \
-                             const T* bias, T* y, int64_t m, int64_t n, int64_t k, int64_t group_size) {            \
-        return panel_gemv<T>(x, w, scales, offsets, bias, y, m, n, k, group_size);                                  \
+    int gemv_panels4_##SUFFIX(const T* x, const uint32_t* w, const uint16_t* scales, const uint16_t* offsets,      \
+                              const T* bias, T* y, int64_t m, int64_t n, int64_t k, int64_t group_size) {           \
+        return panel_gemv<T, 4>(x, w, scales, offsets, bias, y, m, n, k, group_size);                               \
     }                                                                                                                \
-    int dequantize_panels_##SUFFIX(const uint32_t* w, const uint16_t* scales, const uint16_t* offsets, T* out,     \
-                                   int64_t n, int64_t k, int64_t group_size) {                                      \
-        return panel_dequantize<T>(w, scales, offsets, out, n, k, group_size);                                      \
+    int gemv_panels8_##SUFFIX(const T* x, const uint32_t* w, const uint16_t* scales, const uint16_t* offsets,      \
+                              const T* bias, T* y, int64_t m, int64_t n, int64_t k, int64_t group_size) {           \
+        return panel_gemv<T, 8>(x, w, scales, offsets, bias, y, m, n, k, group_size);                               \
+    }                                                                                                                \
+    int dequantize_panels4_##SUFFIX(const uint32_t* w, const uint16_t* scales, const uint16_t* offsets, T* out,    \
+                                    int64_t n, int64_t k, int64_t group_size) {                                     \
+        return panel_dequantize<T, 4>(w, scales, offsets, out, n, k, group_size);                                   \
+    }                                                                                                                \
+    int dequantize_panels8_##SUFFIX(const uint32_t* w, const uint16_t* scales, const uint16_t* offsets, T* out,    \
+                                    int64_t n, int64_t k, int64_t group_size) {                                     \
+        return panel_dequantize<T, 8>(w, scales, offsets, out, n, k, group_size);                                   \
     }                                                                                                                \
     void rms_norm_##SUFFIX(const T* x, const T* residual, const T* weight, float eps, T* out, T* h_out, int64_t n,  \
                            int64_t d) {                                                                              \

@@ -53,6 +53,11 @@ class _QuantizedWeights:
     def quantize_int8(self) -> None:
         quantized, scale = reference.quantize_int8(self.weight.data)
         dtype = self.weight.dtype
+        if self.kernels.integer_gemv:
+            # One group per row: the integer GEMV (x in int8 blocks) with a float16 scale per row.
+            group_size = -(-quantized.shape[1] // 32) * 32
+            self.use_grouped(reference.GroupQuantized(quantized, scale.to(torch.float16)[:, None], None, 8, group_size))
+            return
         self.weight = nn.Parameter(quantized, requires_grad=False)
         # float32 for the CPU library's GEMV; torch's int8 kernel takes the activations' dtype
         self.weight_scale = scale if self.weight.device.type == "cpu" else scale.to(dtype)

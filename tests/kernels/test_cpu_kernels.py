@@ -220,14 +220,16 @@ def test_grouped_gemv_is_the_dequantized_product(variant, bits, group_size, rows
     torch.testing.assert_close(ref.grouped_linear(x.double(), weight, b.double()), exact)
 
 
-@pytest.mark.parametrize("group_size", [32, 128])
+@pytest.mark.parametrize("bits,group_size", [(4, 32), (4, 128), (8, 32), (8, 224)])
 @pytest.mark.parametrize("rows,n,k", [(1, 160, 1024), (9, 37, 200)])
-def test_panel_gemv_is_the_product_with_x_in_int8_blocks(variant, group_size, rows, n, k):
-    """4-bit weights in panels (bfloat16 models): x quantized to int8 per block of 32 and integer
-    dot products, so within x's rounding of the dequantized product (about 1% of its norm on
-    random x); the panels dequantize bit-identically to the reference."""
+def test_panel_gemv_is_the_product_with_x_in_int8_blocks(variant, bits, group_size, rows, n, k):
+    """4- and 8-bit weights in panels (bfloat16 models): x quantized to int8 per block of 32 and
+    integer dot products, so within x's rounding of the dequantized product (about 1% of its norm
+    on random x); the panels dequantize bit-identically to the reference. Groups of 224 are
+    whole rows of 200 (int8 with a scale per row)."""
     library, dtype = variant
-    weight = ref.quantize_int4(randn(n, k, dtype=F32) * 0.05, group_size)
+    w = randn(n, k, dtype=F32) * 0.05
+    weight = ref.quantize_int4(w, group_size) if bits == 4 else quantize_q8_0(w, group_size)
     packed = cpu.pack_grouped(weight, library.lanes, panels=True)
     assert torch.equal(library.dequantize_grouped(packed, F32), ref.dequantize(weight))
     x, b = randn(rows, k, dtype=dtype), randn(n, dtype=dtype)
