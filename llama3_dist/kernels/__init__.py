@@ -149,7 +149,7 @@ TRITON_KERNELS = (
 )
 
 
-def _as_stored(weight: reference.GroupQuantized) -> reference.GroupQuantized:
+def _as_stored(weight: reference.GroupQuantized, panels: bool = False) -> reference.GroupQuantized:
     """The torch reference's layout of group-quantized weights: the logical form itself."""
     return weight
 
@@ -174,7 +174,7 @@ class Kernels:
     # runs_grouped: whether they multiply without dequantizing (the CPU library); elsewhere the
     # weight is dequantized per call (correct, not fast), so stored GGUF types are dequantized at
     # load instead.
-    pack_grouped: Callable[[reference.GroupQuantized], Any] = _as_stored
+    pack_grouped: Callable[..., Any] = _as_stored
     grouped_linear: Callable[..., torch.Tensor] = reference.grouped_linear
     runs_grouped: bool = False
     # Whether pack_grouped packs for the CPU library's integer GEMV (bfloat16 models on CPUs with

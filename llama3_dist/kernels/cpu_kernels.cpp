@@ -719,7 +719,10 @@ inline Ints dot4_signed(Ints acc, Words w, int32_t x4) {
 }
 
 // x [m, k] quantized per block of 32: xq (int8, blocks * 32 per row, zero-padded), dx (the
-// blocks' scales, max|x| / 127), and each weight group's exact sum of x (for the offsets).
+// blocks' scales, max|x| / 127), and each weight group's sum of the quantized x (for the
+// offsets: a weight is q * scale + offset, and its error from x's rounding is w times that
+// rounding only if both terms see the same x; with the exact sum of x in the offset term, the
+// q * scale term's error, up to twice w's, would be left uncancelled).
 template <typename T>
 void quantize_blocks(const T* x, int64_t m, int64_t k, int64_t blocks, int64_t group_size, int8_t* xq, float* dx,
                      float* group_sums) {
@@ -731,11 +734,16 @@ void quantize_blocks(const T* x, int64_t m, int64_t k, int64_t blocks, int64_t g
             for (int j = 0; j < 32 && b * 32 + j < k; ++j) {
                 values[j] = Element<T>::to_float(x[row * k + b * 32 + j]);
                 largest = std::max(largest, fabsf(values[j]));
-                group_sums[row * groups + (b * 32 + j) / group_size] += values[j];
             }
             const float scale = largest / 127.0f, inverse = largest > 0.0f ? 127.0f / largest : 0.0f;
             dx[row * blocks + b] = scale;
-            for (int j = 0; j < 32; ++j) xq[(row * blocks + b) * 32 + j] = int8_t(nearbyintf(values[j] * inverse));
+            int32_t total = 0;  // a block lies in one group: groups are whole blocks
+            for (int j = 0; j < 32; ++j) {
+                const int8_t q = int8_t(nearbyintf(values[j] * inverse));
+                xq[(row * blocks + b) * 32 + j] = q;
+                total += q;
+            }
+            group_sums[row * groups + b * 32 / group_size] += float(total) * scale;
         }
     }
 }

@@ -65,7 +65,8 @@ class _QuantizedWeights:
     def quantize_int4(self, group_size: int) -> None:
         self.use_grouped(reference.quantize_int4(self.weight.data, group_size))
 
-    def use_grouped(self, weight: reference.GroupQuantized) -> None:
+    def use_grouped(self, weight: reference.GroupQuantized, x_exact: bool = False) -> None:
+        """x_exact: never the integer GEMV (which rounds x to int8 blocks), for the LM head."""
         device = self.weight.device
         weight = reference.GroupQuantized(
             weight.values.to(device),
@@ -74,7 +75,7 @@ class _QuantizedWeights:
             weight.bits,
             weight.group_size,
         )
-        self.grouped = self.kernels.pack_grouped(weight)
+        self.grouped = self.kernels.pack_grouped(weight, panels=False) if x_exact else self.kernels.pack_grouped(weight)
         packed = getattr(self.grouped, "words", weight.values)
         self.weight = nn.Parameter(packed, requires_grad=False)
         self.weight_scale = None
@@ -289,7 +290,9 @@ class ParallelLMHead(_QuantizedWeights, nn.Module):
                 stored, (embedding.vocab_size, embedding.hidden_size), rows=(embedding.start, embedding.stop)
             )
             if grouped is not None:
-                self.use_grouped(_padded_rows(grouped, embedding.per_rank))
+                # Logits are where x's rounding to int8 shows: a near-tie between the top two tokens
+                # flips (SmolLM2 in bfloat16 answered "L'Étoile" instead of "The capital ... Paris").
+                self.use_grouped(_padded_rows(grouped, embedding.per_rank), x_exact=True)
                 return
         if not self.tied:
             self.weight.data = self.embedding.read_rows(source, name)

@@ -203,6 +203,9 @@ def test_real_smollm2_q4_1_answers_as_transformers_does(smollm2, smollm2_referen
         answer = llm.chat(CHAT, SamplingParams(temperature=0, max_tokens=24), use_tqdm=False)[0].outputs[0]
         assert answer.text == "The capital of France is Paris."
         assert llm.apply_chat_template(CHAT) == smollm2_reference[-1][0]
+    with LLM(smollm2, dtype="bfloat16", show_progress=False) as llm:  # the integer GEMV (x in int8 blocks)
+        answer = llm.chat(CHAT, SamplingParams(temperature=0, max_tokens=24), use_tqdm=False)[0].outputs[0]
+        assert answer.text == "The capital of France is Paris."
 
 
 @pytest.mark.slow
