@@ -91,7 +91,7 @@ def smollm2_checkpoint(given: str | None) -> str:
     return str(SMOLLM2_RANDOM)
 
 
-def llama_bench_ms(binary: str, gguf: str, threads: int, new_tokens: int = 32) -> float:
+def llama_bench_ms(binary: str, gguf: str, threads: int, new_tokens: int = 32, timeout_s: float | None = None) -> float:
     """llama.cpp's decode speed: llama-bench's text generation test (tg<new_tokens>, no prompt),
     the mean of 3 repetitions, as ms per token."""
     done = subprocess.run(
@@ -99,6 +99,7 @@ def llama_bench_ms(binary: str, gguf: str, threads: int, new_tokens: int = 32) -
         capture_output=True,
         text=True,
         check=True,
+        timeout=timeout_s,
     )
     return 1000.0 / json.loads(done.stdout)[0]["avg_ts"]
 

@@ -22,7 +22,10 @@ run dequantized to bfloat16 in our engine until it runs GGUF weights quantized (
 mode the engine refuses (int4 until it exists) is reported, and llama.cpp is still measured on
 its file. Decode speed follows the memory bandwidth, which drifts on a shared host: every round
 measures every mode, each figure is the median over rounds, and a streaming-read speed is taken
-before each round (cpu_decode.py's streaming_read_gbs).
+before each round (cpu_decode.py's streaming_read_gbs), with the load average: llama.cpp's
+threads spin at their barriers, so on a host where another process keeps a core busy its
+2-thread figures collapse (20x measured) far more than ours. Both sides use torch's thread
+count (OMP_NUM_THREADS=1 runs both on one thread).
 
     python benchmarks/llamacpp_peer.py --model smollm2 --peer-dir /tmp/peer --llama-cpp LLAMA_CPP \\
         [--modes bf16,int8,int4,q8_0,q4_0,q4_1] [--tokens 64] [--rounds 3] [--prepare]
@@ -73,6 +76,9 @@ from throughput import ours_decode_ms
 TEXT = Path(__file__).parent / "data" / "rivers.txt"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 PROMPT = list(range(1000, 1016))
+# llama-bench's threads spin at their barriers: with another busy process on a 2-core host a run
+# can be 20x slower than on an idle one. Past this, the mode's llama.cpp figure is given up.
+LLAMA_BENCH_TIMEOUT_S = 300
 
 
 @dataclass(frozen=True)
@@ -208,6 +214,16 @@ def ours_engine(mode: str, source: str, quantization: str | None):
         return None
 
 
+def llama_cpp_ms(binary: str, file: Path, threads: int, tokens: int) -> float | str:
+    """llama-bench's ms per token, or why there is none."""
+    try:
+        return llama_bench_ms(binary, str(file), threads, tokens, timeout_s=LLAMA_BENCH_TIMEOUT_S)
+    except subprocess.CalledProcessError as e:
+        return f"failed: {e.stderr.strip()[-500:]}"
+    except subprocess.TimeoutExpired:
+        return f"took over {LLAMA_BENCH_TIMEOUT_S} s"
+
+
 def median_tokens_per_s(ms_runs: list[float]) -> float:
     return 1000.0 / statistics.median(ms_runs)
 
@@ -296,8 +312,12 @@ def main() -> None:
     peer: dict[tuple[str, str], list[float]] = {}
     failed: set[tuple[str, str]] = set()
     reads: list[float] = []
+    loads: list[float] = []
     try:
         for _ in range(args.rounds):
+            # The 1-minute load average before each round: llama.cpp's threads spin at their
+            # barriers, so another busy process on a core slows it far more than ours.
+            loads.append(os.getloadavg()[0])
             reads.append(streaming_read_gbs())
             for mode in modes:
                 if mode in engines:
@@ -306,17 +326,20 @@ def main() -> None:
                 for build, binary in builds.items():
                     if peer_file is None or (build, mode) in failed:
                         continue
-                    try:
-                        ms = llama_bench_ms(binary, str(peer_file), threads, args.tokens)
-                        peer.setdefault((build, mode), []).append(ms)
-                    except subprocess.CalledProcessError as e:
+                    ms = llama_cpp_ms(binary, peer_file, threads, args.tokens)
+                    if isinstance(ms, str):
                         failed.add((build, mode))
-                        print(f"[{mode}] {build} failed on {peer_file.name}: {e.stderr.strip()[-500:]}", flush=True)
+                        print(f"[{mode}] {build} on {peer_file.name}: {ms}; not measured further", flush=True)
+                    else:
+                        peer.setdefault((build, mode), []).append(ms)
     finally:
         for engine in engines.values():
             engine.shutdown()
 
-    print(f"streaming read per round: {', '.join(f'{r:.1f}' for r in reads)} GB/s")
+    print(
+        f"per round: streaming read {', '.join(f'{r:.1f}' for r in reads)} GB/s; "
+        f"load average {', '.join(f'{x:.1f}' for x in loads)} ({os.cpu_count()} cores)"
+    )
     for mode in modes:
         peer_file = files[mode]
         label = f"[{mode} <-> {peer_file.name if peer_file else PAIRS[mode][0] + ' (missing)'}]"
