@@ -21,11 +21,11 @@ projections, not on the LM head: the script prints each file's tensor types. The
 run dequantized to bfloat16 in our engine until it runs GGUF weights quantized (issue 15); a
 mode the engine refuses (int4 until it exists) is reported, and llama.cpp is still measured on
 its file. Decode speed follows the memory bandwidth, which drifts on a shared host: every round
-measures every mode, each figure is the median over rounds, and a streaming-read speed is taken
-before each round (cpu_decode.py's streaming_read_gbs), with the load average: llama.cpp's
-threads spin at their barriers, so on a host where another process keeps a core busy its
-2-thread figures collapse (20x measured) far more than ours. Both sides use torch's thread
-count (OMP_NUM_THREADS=1 runs both on one thread).
+measures every mode, each figure is the median over rounds (the best is given too; ratios are of
+medians), and a streaming-read speed is taken before each round (cpu_decode.py's
+streaming_read_gbs), with the load average: llama.cpp's threads spin at their barriers, so on a
+host where another process keeps a core busy its 2-thread figures collapse (20x measured) far
+more than ours. Both sides use torch's thread count (OMP_NUM_THREADS=1 runs both on one thread).
 
     python benchmarks/llamacpp_peer.py --model smollm2 --peer-dir /tmp/peer --llama-cpp LLAMA_CPP \\
         [--modes bf16,int8,int4,q8_0,q4_0,q4_1] [--tokens 64] [--rounds 3] [--prepare]
@@ -76,9 +76,6 @@ from throughput import ours_decode_ms
 TEXT = Path(__file__).parent / "data" / "rivers.txt"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 PROMPT = list(range(1000, 1016))
-# llama-bench's threads spin at their barriers: with another busy process on a 2-core host a run
-# can be 20x slower than on an idle one. Past this, the mode's llama.cpp figure is given up.
-LLAMA_BENCH_TIMEOUT_S = 300
 
 
 @dataclass(frozen=True)
@@ -214,14 +211,14 @@ def ours_engine(mode: str, source: str, quantization: str | None):
         return None
 
 
-def llama_cpp_ms(binary: str, file: Path, threads: int, tokens: int) -> float | str:
+def llama_cpp_ms(binary: str, file: Path, threads: int, tokens: int, timeout_s: float) -> float | str:
     """llama-bench's ms per token, or why there is none."""
     try:
-        return llama_bench_ms(binary, str(file), threads, tokens, timeout_s=LLAMA_BENCH_TIMEOUT_S)
+        return llama_bench_ms(binary, str(file), threads, tokens, timeout_s=timeout_s)
     except subprocess.CalledProcessError as e:
         return f"failed: {e.stderr.strip()[-500:]}"
     except subprocess.TimeoutExpired:
-        return f"took over {LLAMA_BENCH_TIMEOUT_S} s"
+        return f"took over {timeout_s:.0f} s"
 
 
 def median_tokens_per_s(ms_runs: list[float]) -> float:
@@ -245,6 +242,12 @@ def main() -> None:
     parser.add_argument("--no-ours", action="store_true", help="llama.cpp only")
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--llama-bench-timeout",
+        type=float,
+        default=300.0,
+        help="seconds; past this a mode's llama.cpp figure is given up (its threads spin: a busy host slows it 20x)",
+    )
     args = parser.parse_args()
     model = MODELS[args.model]
     if args.prepare:
@@ -314,24 +317,29 @@ def main() -> None:
     reads: list[float] = []
     loads: list[float] = []
     try:
-        for _ in range(args.rounds):
+        for round_index in range(args.rounds):
             # The 1-minute load average before each round: llama.cpp's threads spin at their
             # barriers, so another busy process on a core slows it far more than ours.
             loads.append(os.getloadavg()[0])
             reads.append(streaming_read_gbs())
+            so_far = [f"round {round_index + 1}: load {loads[-1]:.1f}, read {reads[-1]:.1f} GB/s"]
             for mode in modes:
                 if mode in engines:
                     ours[mode].append(ours_decode_ms(engines[mode], PROMPT, args.tokens))
+                    so_far.append(f"{mode} ours {1000 / ours[mode][-1]:.1f}")
                 peer_file = files[mode]
                 for build, binary in builds.items():
                     if peer_file is None or (build, mode) in failed:
                         continue
-                    ms = llama_cpp_ms(binary, peer_file, threads, args.tokens)
+                    ms = llama_cpp_ms(binary, peer_file, threads, args.tokens, args.llama_bench_timeout)
                     if isinstance(ms, str):
                         failed.add((build, mode))
                         print(f"[{mode}] {build} on {peer_file.name}: {ms}; not measured further", flush=True)
                     else:
                         peer.setdefault((build, mode), []).append(ms)
+                        so_far.append(f"{mode} {build} {1000 / ms:.1f}")
+            # Each round's figures (tok/s) as they come, so that an interrupted run still tells.
+            print("; ".join(so_far), flush=True)
     finally:
         for engine in engines.values():
             engine.shutdown()
@@ -344,14 +352,16 @@ def main() -> None:
         peer_file = files[mode]
         label = f"[{mode} <-> {peer_file.name if peer_file else PAIRS[mode][0] + ' (missing)'}]"
         ours_tps = median_tokens_per_s(ours[mode]) if ours.get(mode) else None
-        parts = [f"ours {ours_tps:.1f} tok/s" if ours_tps else f"ours {refused.get(mode, 'not measured')}"]
+        best = f" (best {1000 / min(ours[mode]):.1f})" if ours.get(mode) else ""
+        parts = [f"ours {ours_tps:.1f} tok/s{best}" if ours_tps else f"ours {refused.get(mode, 'not measured')}"]
         for build in builds:
             runs = peer.get((build, mode))
             if not runs or (build, mode) in failed:
                 parts.append(f"{build} not measured")
                 continue
             tps = median_tokens_per_s(runs)
-            parts.append(f"{build} {tps:.1f} tok/s" + (f", ours/{build} {ours_tps / tps:.2f}x" if ours_tps else ""))
+            ratio = f", ours/{build} {ours_tps / tps:.2f}x" if ours_tps else ""
+            parts.append(f"{build} {tps:.1f} tok/s (best {1000 / min(runs):.1f}){ratio}")
         print(label, "; ".join(parts), flush=True)
         runs_line = [f"ours {', '.join(f'{1000 / r:.1f}' for r in ours.get(mode, []))}"]
         runs_line += [

@@ -98,7 +98,10 @@ def transformers_scorer(model) -> WindowScorer:
 def perplexity(llm_or_scorer, token_ids: Sequence[int], window: int, stride: int) -> tuple[float, int]:
     """(perplexity, tokens scored) of token_ids in strided windows; llm_or_scorer: an LLM or a
     WindowScorer (transformers_scorer(model) for transformers)."""
-    score = engine_scorer(llm_or_scorer) if hasattr(llm_or_scorer, "generate") else llm_or_scorer
+    from llama3_dist import LLM
+
+    # isinstance, not "has a generate method": a transformers model has one too, and is callable.
+    score = engine_scorer(llm_or_scorer) if isinstance(llm_or_scorer, LLM) else llm_or_scorer
     ids = list(token_ids)
     spans = windows(len(ids), window, stride)
     scores = score([ids[begin:end] for begin, end, _ in spans])
