@@ -91,12 +91,15 @@ def smollm2_checkpoint(given: str | None) -> str:
     return str(SMOLLM2_RANDOM)
 
 
-def llama_bench_ms(binary: str, gguf: str, threads: int) -> float:
+def llama_bench_ms(binary: str, gguf: str, threads: int, new_tokens: int = 32, timeout_s: float | None = None) -> float:
+    """llama.cpp's decode speed: llama-bench's text generation test (tg<new_tokens>, no prompt),
+    the mean of 3 repetitions, as ms per token."""
     done = subprocess.run(
-        [binary, "-m", gguf, "-t", str(threads), "-p", "0", "-n", "32", "-r", "3", "-o", "json"],
+        [binary, "-m", gguf, "-t", str(threads), "-p", "0", "-n", str(new_tokens), "-r", "3", "-o", "json"],
         capture_output=True,
         text=True,
         check=True,
+        timeout=timeout_s,
     )
     return 1000.0 / json.loads(done.stdout)[0]["avg_ts"]
 
