@@ -8,24 +8,23 @@ between streamed tokens after the prefill) and llama.cpp's `llama-bench -p 0 -n 
     mode   ours                                           llama.cpp file
     bf16   LLM(hf_dir, dtype="bfloat16")                  <prefix>-bf16.gguf
     int8   LLM(hf_dir, dtype="bfloat16", quantization="int8")   <prefix>-q8_0.gguf
-    int4   LLM(hf_dir, dtype="bfloat16", quantization="int4")   <prefix>-q4_0.gguf
+    int4   LLM(hf_dir, dtype="bfloat16", quantization="int4")   <prefix>-q4_1.gguf
     q8_0   LLM(<prefix>-q8_0.gguf, dtype="bfloat16")      the same file
     q4_0   LLM(<prefix>-q4_0.gguf, dtype="bfloat16")      the same file
     q4_1   LLM(<prefix>-q4_1.gguf, dtype="bfloat16")      the same file
 
-int4 is paired with q4_0 (symmetric 4-bit, blocks of 32, one scale each), not q4_1 (which adds
-a minimum per block). Our int8/int4 quantize the attention and MLP projections and keep the LM
-head in bfloat16; llama-quantize keeps the LM head of q4_0/q4_1 files at more bits (q8_0 for
-SmolLM2's, tied to the embedding; q6_K for the 284M's), so the bit widths match on the
-projections, not on the LM head: the script prints each file's tensor types. The GGUF modes
-run dequantized to bfloat16 in our engine until it runs GGUF weights quantized (issue 15); a
-mode the engine refuses (int4 until it exists) is reported, and llama.cpp is still measured on
+int4 is paired with q4_1: both are 4 bits in blocks of 32 with a float16 scale and minimum (5 bits a
+weight). Our int8/int4 quantize the attention and MLP projections and keep the LM head in bfloat16;
+llama-quantize keeps the LM head of q4_0/q4_1 files at more bits (q8_0 for SmolLM2's, tied to the
+embedding; q6_K for the 284M's), so the bit widths match on the projections, not on the LM head: the
+script prints each file's tensor types. The GGUF modes run as stored in our engine (Q8_0/Q4_0/Q4_1
+projections and LM head); a mode the engine refuses is reported, and llama.cpp is still measured on
 its file. Decode speed follows the memory bandwidth, which drifts on a shared host: every round
 measures every mode, each figure is the median over rounds (the best is given too; ratios are of
 medians), and a streaming-read speed is taken before each round (cpu_decode.py's
-streaming_read_gbs), with the load average: llama.cpp's threads spin at their barriers, so on a
-host where another process keeps a core busy its 2-thread figures collapse (20x measured) far
-more than ours. Both sides use torch's thread count (OMP_NUM_THREADS=1 runs both on one thread).
+streaming_read_gbs), with the load average: llama.cpp's threads spin at their barriers, so on a host
+where another process keeps a core busy its 2-thread figures collapse (20x measured) far more than
+ours. Both sides use torch's thread count (OMP_NUM_THREADS=1 runs both on one thread).
 
     python benchmarks/llamacpp_peer.py --model smollm2 --peer-dir /tmp/peer --llama-cpp LLAMA_CPP \\
         [--modes bf16,int8,int4,q8_0,q4_0,q4_1] [--tokens 64] [--rounds 3] [--prepare]
@@ -43,12 +42,12 @@ ones, printing each command):
                                 SentencePiece tokenizer trained on benchmarks/data/rivers.txt (the
                                 converter needs a tokenizer; the random model never had one; the
                                 converter pads it to the 32000-token vocabulary)
-    bench-284m-{bf16,q8_0,q4_0}.gguf
+    bench-284m-{bf16,q8_0,q4_0,q4_1}.gguf
 
 What --prepare runs, per model (the bf16 file from the Hugging Face copy, then the others from it):
     python LLAMA_CPP/convert_hf_to_gguf.py PEER/smollm2-hf --outtype bf16 --outfile PEER/smollm2-135m-bf16.gguf
     LLAMA_CPP/build/bin/llama-quantize PEER/smollm2-135m-bf16.gguf PEER/smollm2-135m-q8_0.gguf q8_0 2
-    (and q4_0, q4_1; the same for bench-284m with q8_0, q4_0)
+    (and q4_0, q4_1; the same for bench-284m)
 The converter needs `pip install sentencepiece` (it imports it before looking for a
 tokenizer.model); it uses the vendored gguf-py of LLAMA_CPP. llama.cpp is built with cmake
 (-DGGML_NATIVE=ON for this host's instruction sets; an AVX2-only copy with -DGGML_NATIVE=OFF
@@ -87,13 +86,13 @@ class PeerModel:
 
 MODELS = {
     "smollm2": PeerModel("smollm2-135m", "smollm2-hf", ("bf16", "q8_0", "q4_0", "q4_1")),
-    "284m": PeerModel("bench-284m", "bench-284m-hf", ("bf16", "q8_0", "q4_0")),
+    "284m": PeerModel("bench-284m", "bench-284m-hf", ("bf16", "q8_0", "q4_0", "q4_1")),
 }
 # mode -> (the llama.cpp file type it is measured against, our quantization= or None for a GGUF mode)
 PAIRS: dict[str, tuple[str, str | None]] = {
     "bf16": ("bf16", None),
     "int8": ("q8_0", "int8"),
-    "int4": ("q4_0", "int4"),
+    "int4": ("q4_1", "int4"),
     "q8_0": ("q8_0", None),
     "q4_0": ("q4_0", None),
     "q4_1": ("q4_1", None),
