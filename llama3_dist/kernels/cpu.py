@@ -441,19 +441,33 @@ class KernelLibrary:
             or (bias is not None and (bias.dtype != dtype or not bias.is_contiguous()))
         ):
             return None
-        k, n = x.shape[-1], weight.shape[0]
+        weights = (weight.data_ptr(),) if scale is None else (weight.data_ptr(), scale.data_ptr())
+        return self._in_passes(name, x, weight.shape[0], weights, bias)
+
+    def _in_passes(
+        self,
+        name: str,
+        x: torch.Tensor,
+        n: int,
+        weights: tuple[int | None, ...],
+        bias: torch.Tensor | None,
+        trailing: tuple[int, ...] = (),
+    ) -> torch.Tensor:
+        """Every GEMV: the C function `name` takes (x, *weights, bias, y, m, n, k, *trailing) for m
+        up to GEMV_MAX_ROWS rows of x and returns nonzero for arguments out of range; x's rows
+        go through in passes of that many."""
+        dtype, k = x.dtype, x.shape[-1]
         x2 = x if x.dim() == 2 and x.is_contiguous() else x.reshape(-1, k).contiguous()
         rows = x2.shape[0]
         out = torch.empty(rows, n, dtype=dtype)
         size = _ELEMENT_BYTES[dtype]
         function = self._functions[name, dtype]
-        weights = (weight.data_ptr(),) if scale is None else (weight.data_ptr(), scale.data_ptr())
         bias_ptr = None if bias is None else bias.data_ptr()
         x_ptr, out_ptr = x2.data_ptr(), out.data_ptr()
         for start in range(0, rows, GEMV_MAX_ROWS):
             m = min(GEMV_MAX_ROWS, rows - start)
-            if function(x_ptr + start * k * size, *weights, bias_ptr, out_ptr + start * n * size, m, n, k):
-                raise ValueError(f"{name} takes 1 to {GEMV_MAX_ROWS} rows at a time, got {m}")
+            if function(x_ptr + start * k * size, *weights, bias_ptr, out_ptr + start * n * size, m, n, k, *trailing):
+                raise ValueError(f"{name}: {m} rows (1 to {GEMV_MAX_ROWS} a pass) or {trailing} out of range")
         return out if x.dim() == 2 else out.view(*x.shape[:-1], n)
 
     def gemv_grouped(self, x: torch.Tensor, weight: PackedGroupWeights, bias: torch.Tensor | None) -> torch.Tensor:
@@ -461,31 +475,9 @@ class KernelLibrary:
         the integers are read as they are stored and dequantized in registers."""
         if weight.lanes != self.lanes:
             raise ValueError(f"weights packed for {weight.lanes} lanes, this library ({self.isa}) takes {self.lanes}")
-        dtype, (n, k) = x.dtype, weight.shape
-        x2 = x.reshape(-1, k).contiguous()
-        rows = x2.shape[0]
-        out = torch.empty(rows, n, dtype=dtype)
-        size = _ELEMENT_BYTES[dtype]
-        function = self._functions[f"gemv_{weight.layout}", dtype]
-        offsets = _pointer(weight.offsets)
-        bias_ptr = None if bias is None else bias.to(dtype).contiguous().data_ptr()
-        for start in range(0, rows, GEMV_MAX_ROWS):
-            m = min(GEMV_MAX_ROWS, rows - start)
-            status = function(
-                x2.data_ptr() + start * k * size,
-                weight.words.data_ptr(),
-                weight.scales.data_ptr(),
-                offsets,
-                bias_ptr,
-                out.data_ptr() + start * n * size,
-                m,
-                n,
-                k,
-                weight.group_size,
-            )
-            if status:
-                raise ValueError(f"gemv_{weight.layout}: {m} rows or group size {weight.group_size} out of range")
-        return out.view(*x.shape[:-1], n)
+        weights = (weight.words.data_ptr(), weight.scales.data_ptr(), _pointer(weight.offsets))
+        bias = None if bias is None else bias.to(x.dtype).contiguous()
+        return self._in_passes(f"gemv_{weight.layout}", x, weight.shape[0], weights, bias, (weight.group_size,))
 
     def dequantize_grouped(self, weight: PackedGroupWeights, dtype: torch.dtype) -> torch.Tensor:
         """The weight as `dtype` [n, k] (bfloat16 or float32), for products of many rows."""
