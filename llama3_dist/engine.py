@@ -18,6 +18,7 @@ import numpy as np
 
 from .config import Llama3Config
 from .core.detokenizer import IncrementalDetokenizer
+from .core.grammar import GrammarCompiler, GrammarMatcher, grammar_key, shared_compiler
 from .core.sampling_metadata import SamplingMetadata
 from .core.scheduler import PLACEHOLDER, Request, RequestStatus, ScheduledSequence, Scheduler, SchedulerOutput
 from .core.step_input import SamplingInput, StepInput, build_step_input
@@ -38,6 +39,8 @@ class _Sequence:
     params: SamplingParams
     detokenizer: IncrementalDetokenizer | None
     request: Request[_Sequence] | None = None  # the scheduler's record; its context holds the tokens
+    # structured outputs: where this sequence is in its grammar (it has accepted every output token)
+    matcher: GrammarMatcher | None = None
     text: str = ""
     logprobs: list[LogprobsDict] | None = None
     cumulative_logprob: float | None = None
@@ -229,6 +232,8 @@ class LLMEngine:
         self.async_scheduling = bool(wanted and self.executor.runs_ahead)
         self._in_flight: _InFlight | None = None
         self._with_penalties: set[int] = set()  # ids of live sequences with penalties
+        self._with_grammar: set[int] = set()  # ids of live sequences under a grammar
+        self._grammars: GrammarCompiler | None = None
 
     # --- requests ---------------------------------------------------------------------------
     def add_request(
@@ -265,6 +270,15 @@ class LLMEngine:
                 f"request {request_id!r}: the prompt has {len(ids)} tokens but the KV cache holds "
                 f"{self.scheduler.max_tokens_in_cache}; give the cache more memory"
             )
+        if params.logit_bias and max(params.logit_bias) >= c.vocab_size:
+            raise ValueError(
+                f"logit_bias: token id {max(params.logit_bias)} is not in the vocabulary (ids 0 to {c.vocab_size - 1})"
+            )
+        spec = params.structured_outputs
+        if spec is not None:
+            # Compiled here unless cached: the HTTP server compiles on a thread of its own before
+            # it submits, so the engine's loop finds it ready. GrammarError is a ValueError.
+            self.grammar_compiler().compile(grammar_key(spec))
         group = _Group(request_id, prompt, ids, params, arrival_time=arrival_time or time.monotonic())
         if params.prompt_logprobs is not None:
             group.prompt_logprobs = [None]
@@ -287,6 +301,9 @@ class LLMEngine:
             group.sequences.append(seq)
             if seq_params.has_penalties:
                 self._with_penalties.add(id(seq))
+            if spec is not None:
+                seq.matcher = self.grammar_compiler().matcher(grammar_key(spec))  # one per sequence
+                self._with_grammar.add(id(seq))
         self._groups[request_id] = group
         for seq in group.sequences:
             ctx = TextContext(
@@ -302,7 +319,20 @@ class LLMEngine:
             return
         for seq in group.sequences:
             self._with_penalties.discard(id(seq))
+            self._with_grammar.discard(id(seq))
             self.scheduler.abort(_seq_id(request_id, seq.index, len(group.sequences)))
+
+    def grammar_compiler(self) -> GrammarCompiler:
+        """The compiler of structured-output grammars for this engine's tokenizer (shared with
+        the HTTP server in this process)."""
+        if self._grammars is None:
+            if self.tokenizer is None:
+                raise ValueError(f"structured outputs need a tokenizer; {self.model_path!r} has none")
+            eos = self.tokenizer.eos_token_id
+            if eos not in self.eos_token_ids:
+                eos = min(self.eos_token_ids) if self.eos_token_ids else eos
+            self._grammars = shared_compiler(self.tokenizer, eos)
+        return self._grammars
 
     def has_unfinished_requests(self) -> bool:
         return bool(self._groups)
@@ -406,9 +436,10 @@ class LLMEngine:
 
     def _may_run_ahead(self) -> bool:
         """Whether the next step may be scheduled before this one's tokens are on the host:
-        overlapped scheduling is on and no running request has penalties, which need every
-        earlier token's value in the next step's sampling inputs."""
-        return self.async_scheduling and not self._with_penalties
+        overlapped scheduling is on and no running request has penalties or a grammar, which need
+        every earlier token's value in the next step's sampling inputs (a grammar's mask is
+        computed from its matcher, which must have accepted the previous token)."""
+        return self.async_scheduling and not self._with_penalties and not self._with_grammar
 
     def _launch(self, out: SchedulerOutput[_Sequence], in_flight: _InFlight | None) -> _InFlight:
         entries = out.scheduled
@@ -498,6 +529,8 @@ class LLMEngine:
         params: list[SamplingParams] = []
         prompts: list[list[int]] = []
         outputs: list[list[int]] = []
+        constrained: list[int] = []  # rows (among the sampled ones) under a grammar
+        matchers: list[GrammarMatcher] = []
         for i, e in enumerate(entries):
             seq = _sequence(e.request)
             group = seq.group
@@ -516,12 +549,18 @@ class LLMEngine:
                         ks.append(group.params.prompt_logprobs)
                     spans.append((seq, lo, len(prompt_rows)))
             if e.samples:
+                if seq.matcher is not None:
+                    constrained.append(len(sample_rows))
+                    matchers.append(seq.matcher)
                 sample_rows.append(len(rows))
                 rows.append(end - 1)
                 params.append(seq.params)
                 prompts.append(group.prompt_token_ids)
                 outputs.append(e.request.output_token_ids)
-        meta = SamplingMetadata.build(params, prompts, outputs, self.eos_token_ids)
+        bitmask = None
+        if matchers:  # every matcher has accepted its sequence's tokens: no step runs ahead of them
+            bitmask = self.grammar_compiler().fill_bitmask(matchers, (self.config.vocab_size + 31) // 32)
+        meta = SamplingMetadata.build(params, prompts, outputs, self.eos_token_ids, constrained, bitmask)
         as_int = lambda xs: np.asarray(xs, dtype=np.int64)  # noqa: E731
         return as_int(rows), SamplingInput(meta, as_int(sample_rows), as_int(prompt_rows), as_int(targets), ks), spans
 
@@ -530,9 +569,17 @@ class LLMEngine:
         p = seq.params
         n_out = req.num_output_tokens
         stop_token = token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_token_ids)
-        if stop_token and n_out > p.min_tokens - 1:
+        grammar_done = False
+        if seq.matcher is not None:
+            if not seq.matcher.accept(token):  # the mask allowed it, so this is a bug: say so, end cleanly
+                logger.error("request %r: the grammar refused token %d: %s", req.request_id, token, seq.matcher.error())
+            grammar_done = seq.matcher.stopped()  # its end of sequence accepted: the text is complete
+        if (stop_token and n_out > p.min_tokens - 1) or (grammar_done and stop_token):
             reason = token if token in p.stop_token_ids else None
             self._finish(seq, "stop", reason, new_tokens=[token], stop_terminated=True)
+            return
+        if grammar_done:  # ended on a token that is not a stop token of this request (ignore_eos, ...)
+            self._finish(seq, "stop", None, new_tokens=[token], final_text=True)
             return
         at_limit = n_out >= p.max_tokens or req.context.num_tokens >= self.config.max_seq_len
         if seq.detokenizer is not None:
@@ -551,6 +598,7 @@ class LLMEngine:
             seq.text += seq.detokenizer.add_tokens(new_tokens, final=True, stop_terminated=stop_terminated).text
         seq.finish_reason, seq.stop_reason = reason, stop_reason
         self._with_penalties.discard(id(seq))
+        self._with_grammar.discard(id(seq))
         # abort, not finish: a capped request has already left the scheduler.
         self.scheduler.abort(_seq_id(seq.group.request_id, seq.index, len(seq.group.sequences)))
 

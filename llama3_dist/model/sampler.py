@@ -4,7 +4,8 @@ The driver turns each running sequence's SamplingParams into one row of a `Sampl
 (plain numpy and lists: it is pickled to the worker every step). The worker holding the logits
 runs `Sampler` on them and sends back token ids and, for rows that asked, log-probabilities.
 
-Processing order follows vLLM: min_tokens masking and penalties on the logits; greedy rows take
+Processing order follows vLLM: min_tokens masking, penalties, logit_bias and the grammar masks
+of structured outputs (packed bitmasks the driver computed) on the logits; greedy rows take
 the argmax; the others are divided by their temperature, filtered by min_p, top_k and top_p
 (each keeps a top slice of the distribution, so together they are one probability threshold per
 row), and sampled by inverse CDF with one uniform number per row. A seeded row draws that number
@@ -58,13 +59,7 @@ class Sampler:
             raise ValueError(f"logits have {b} rows but the sampling metadata {meta.batch_size}")
         if keep_on_device and dev.type == "cuda" and all(k is None for k in meta.num_logprobs):
             return SamplerOutput(np.empty(0, np.int64), [None] * b, self._draw_on_device(logits, meta))
-        x = logits.float()
-        if meta.penalties is not None or meta.banned_rows is not None:
-            x = self._buffer("penalised", b, v, dev).copy_(x)  # logprobs are of the raw logits
-            if meta.banned_rows is not None and meta.banned_ids is not None:
-                x[_t(meta.banned_rows, dev), _t(meta.banned_ids, dev)] = float("-inf")
-            if meta.penalties is not None:
-                apply_penalties(x, meta.penalties)
+        x = self._processed(logits, meta)
 
         greedy = meta.temperature < SAMPLING_EPS
         if greedy.all():
@@ -101,15 +96,9 @@ class Sampler:
     def _draw_on_device(self, logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
         """The same draws as __call__ makes on a GPU (same uniforms, same filters), as a device
         tensor, with no host sync: greedy rows by argmax, the others over whole sorted rows."""
-        b, v = logits.shape
+        _b, v = logits.shape
         dev = logits.device
-        x = logits.float()
-        if meta.penalties is not None or meta.banned_rows is not None:
-            x = self._buffer("penalised", b, v, dev).copy_(x)
-            if meta.banned_rows is not None and meta.banned_ids is not None:
-                x[_t(meta.banned_rows, dev), _t(meta.banned_ids, dev)] = float("-inf")
-            if meta.penalties is not None:
-                apply_penalties(x, meta.penalties)
+        x = self._processed(logits, meta)
         token_ids = x.argmax(dim=-1)
         greedy = meta.temperature < SAMPLING_EPS
         if greedy.all():
@@ -122,6 +111,29 @@ class Sampler:
             w, meta.top_k[r_rows], meta.top_p[r_rows], meta.min_p[r_rows], self._uniforms(meta, r_rows)
         )
         return token_ids
+
+    def _processed(self, logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
+        """The logits that sampling draws from: min_tokens bans, penalties, logit_bias, then the
+        grammar masks, in a copy (logprobs are of the raw logits); the logits themselves when no
+        row has any of these."""
+        b, v = logits.shape
+        dev = logits.device
+        x = logits.float()
+        if meta.penalties is None and meta.banned_rows is None and meta.bias is None and meta.allowed_rows is None:
+            return x
+        x = self._buffer("penalised", b, v, dev).copy_(x)
+        if meta.banned_rows is not None and meta.banned_ids is not None:
+            x[_t(meta.banned_rows, dev), _t(meta.banned_ids, dev)] = float("-inf")
+        if meta.penalties is not None:
+            apply_penalties(x, meta.penalties)
+        if meta.bias is not None:
+            bias = meta.bias
+            if bias.token_ids.max() >= v:
+                raise ValueError(f"logit_bias token ids must be < {v}, got {bias.token_ids.max()}")
+            x.index_put_((_t(bias.rows, dev), _t(bias.token_ids, dev)), _f(bias.values, dev), accumulate=True)
+        if meta.allowed_rows is not None and meta.allowed_bitmask is not None:
+            apply_token_bitmask(x, meta.allowed_rows, meta.allowed_bitmask)
+        return x
 
     def _buffer(self, name: str, rows: int, v: int, device: torch.device) -> torch.Tensor:
         buf = self._buffers.get(name)
@@ -179,6 +191,35 @@ def apply_penalties(logits: torch.Tensor, pen: PenaltyInputs) -> None:
     freq = torch.from_numpy(pen.frequency).to(dev)
     pres = torch.from_numpy(pen.presence).to(dev)
     logits[r, t] -= freq[r] * counts.to(logits.dtype) + pres[r]
+
+
+_BIT_POSITIONS: dict[torch.device, torch.Tensor] = {}
+
+
+def apply_token_bitmask(logits: torch.Tensor, rows: np.ndarray, bitmask: np.ndarray) -> None:
+    """In place on logits [B, V]: in each of `rows`, tokens whose bit is clear in that row of
+    bitmask (int32 words [R, W], bit t % 32 of word t // 32) become -inf, as do tokens past
+    W * 32 (logits padded beyond the tokenizer's vocabulary). In place, row by row on views:
+    gathering the rows and scattering them back would copy [R, V] twice."""
+    _b, v = logits.shape
+    dev = logits.device
+    words = np.ascontiguousarray(bitmask, np.int32)
+    if dev.type == "cpu":  # numpy unpacks the inverted bits in one C pass: True = not allowed
+        refused = torch.from_numpy(np.unpackbits(~words.view(np.uint8), axis=1, bitorder="little")).view(torch.bool)
+    else:
+        shifts = _BIT_POSITIONS.get(dev)
+        if shifts is None:
+            shifts = _BIT_POSITIONS[dev] = torch.arange(32, dtype=torch.int32, device=dev)
+        w = torch.from_numpy(words).to(dev, non_blocking=True)
+        refused = ((w[:, :, None] >> shifts) & 1).flatten(1) == 0  # [R, W * 32]
+    width = min(v, refused.shape[1])
+    if len(rows) == logits.shape[0] and np.array_equal(rows, np.arange(len(rows))):
+        logits[:, :width].masked_fill_(refused[:, :width], float("-inf"))
+    else:
+        for j, row in enumerate(rows.tolist()):
+            logits[row, :width].masked_fill_(refused[j, :width], float("-inf"))
+    if width < v:
+        logits[_t(rows, dev), width:] = float("-inf")
 
 
 def sample_filtered(
