@@ -25,7 +25,7 @@ from .core.step_input import SamplingInput, StepInput, build_step_input
 from .core.text_context import TextContext, check_tokens
 from .executor import Executor, PendingStep, WorkerError, make_executor
 from .outputs import CompletionOutput, LogprobsDict, RequestOutput
-from .sampling_params import SamplingParams
+from .sampling_params import PoolingParams, SamplingParams
 
 logger = logging.getLogger("llama3_dist")
 
@@ -58,6 +58,29 @@ class _Group:
     prompt_logprobs: list[LogprobsDict | None] | None = None
     arrival_time: float = 0.0
     first_token_time: float | None = None
+    # embedding requests: how to pool, the running sum / last row of the prompt's final hidden
+    # states, how many prompt positions are in it (a recomputed chunk is not counted twice)
+    pooling: PoolingParams | None = None
+    pooled_sum: np.ndarray | None = None
+    pooled_last: np.ndarray | None = None
+    pooled_tokens: int = 0
+    embedding: list[float] | None = None
+
+    def pool(self, first_position: int, rows: np.ndarray) -> None:
+        skip = max(0, self.pooled_tokens - first_position)
+        rows = rows[skip:]
+        if len(rows) == 0:
+            return
+        total = rows.sum(axis=0, dtype=np.float64)
+        self.pooled_sum = total if self.pooled_sum is None else self.pooled_sum + total
+        self.pooled_last = rows[-1].astype(np.float64)
+        self.pooled_tokens = first_position + skip + len(rows)
+
+    def finish_embedding(self) -> None:
+        assert self.pooling is not None and self.pooled_sum is not None and self.pooled_last is not None
+        vector = self.pooled_sum / self.pooled_tokens if self.pooling.pooling == "mean" else self.pooled_last
+        norm = float(np.linalg.norm(vector))
+        self.embedding = (vector / norm if norm > 0 else vector).astype(np.float32).tolist()
 
     @property
     def finished(self) -> bool:
@@ -73,6 +96,8 @@ class _InFlight:
     sampling_entries: list[ScheduledSequence[_Sequence]]
     prompt_spans: list[tuple[_Sequence, int, int]]
     rows: dict[str, int]  # request id -> row of its token among the sampled ones
+    # embedding requests: (sequence, first row in StepOutput.pooled_hidden, end row, first position)
+    hidden_spans: list[tuple[_Sequence, int, int, int]] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -240,13 +265,16 @@ class LLMEngine:
         self,
         request_id: str,
         prompt: str | list[int] | None = None,
-        params: SamplingParams | dict | None = None,
+        params: SamplingParams | PoolingParams | dict | None = None,
         *,
         prompt_token_ids: list[int] | None = None,
         arrival_time: float | None = None,
     ) -> None:
-        """Queues a request. Bad input raises ValueError here, before the engine holds anything."""
-        params = _as_params(params)
+        """Queues a request. Bad input raises ValueError here, before the engine holds anything.
+        PoolingParams: an embedding request, its RequestOutput.embedding set when it finishes."""
+        pooling = params if isinstance(params, PoolingParams) else None
+        # An embedding runs as a prefill that samples one (discarded) token: the same steps.
+        params = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True) if pooling else _as_params(params)
         if request_id in self._groups:
             raise ValueError(f"request id {request_id!r} is already in use")
         if isinstance(prompt, list):
@@ -279,7 +307,7 @@ class LLMEngine:
             # Compiled here unless cached: the HTTP server compiles on a thread of its own before
             # it submits, so the engine's loop finds it ready. GrammarError is a ValueError.
             self.grammar_compiler().compile(grammar_key(spec))
-        group = _Group(request_id, prompt, ids, params, arrival_time=arrival_time or time.monotonic())
+        group = _Group(request_id, prompt, ids, params, arrival_time=arrival_time or time.monotonic(), pooling=pooling)
         if params.prompt_logprobs is not None:
             group.prompt_logprobs = [None]
         for i in range(params.n):
@@ -309,8 +337,9 @@ class LLMEngine:
             ctx = TextContext(
                 tokens=list(ids), request_id=_seq_id(request_id, seq.index, params.n), max_length=c.max_seq_len
             )
-            # prompt_logprobs needs every prompt row computed, so it skips the prefix cache.
-            seq.request = self.scheduler.add_request(ctx, data=seq, use_prefix_cache=params.prompt_logprobs is None)
+            # prompt_logprobs and embeddings need every prompt row computed: no prefix cache.
+            use_cache = params.prompt_logprobs is None and pooling is None
+            seq.request = self.scheduler.add_request(ctx, data=seq, use_prefix_cache=use_cache)
 
     def abort_request(self, request_id: str) -> None:
         """Drops a request wherever it is and frees its KV blocks; unknown ids are ignored."""
@@ -448,6 +477,9 @@ class LLMEngine:
         )
         # Which rows get logits depends on who samples and who wants prompt logprobs.
         step.logit_rows, step.sampling, prompt_spans = self._sampling_input(entries, step.query_start_loc)
+        hidden_rows, hidden_spans = self._hidden_rows(entries, step.query_start_loc)
+        if hidden_spans:
+            step.hidden_rows, step.normalized_hidden = hidden_rows, True
         if in_flight is not None:
             step.previous_rows = self._previous_rows(step, entries, in_flight)
         launched_at = time.perf_counter()
@@ -455,7 +487,28 @@ class LLMEngine:
         self.times.execute += time.perf_counter() - launched_at
         sampling_entries = [e for e in entries if e.samples]
         rows = {e.request_id: row for row, e in enumerate(sampling_entries)}
-        return _InFlight(out, pending, sampling_entries, prompt_spans, rows)
+        return _InFlight(out, pending, sampling_entries, prompt_spans, rows, hidden_spans)
+
+    @staticmethod
+    def _hidden_rows(
+        entries: list[ScheduledSequence[_Sequence]], offsets: np.ndarray
+    ) -> tuple[np.ndarray, list[tuple[_Sequence, int, int, int]]]:
+        """The token rows whose final hidden states embedding requests pool, and their spans."""
+        rows: list[np.ndarray] = []
+        spans: list[tuple[_Sequence, int, int, int]] = []
+        count = 0
+        for i, e in enumerate(entries):
+            seq = _sequence(e.request)
+            if seq.group.pooling is None:
+                continue
+            prompt_len = len(seq.group.prompt_token_ids)
+            n = min(e.num_new_tokens, prompt_len - e.start)  # prompt positions only
+            if n <= 0:
+                continue
+            rows.append(np.arange(int(offsets[i]), int(offsets[i]) + n, dtype=np.int64))
+            spans.append((seq, count, count + n, e.start))
+            count += n
+        return (np.concatenate(rows) if rows else np.zeros(0, np.int64)), spans
 
     @staticmethod
     def _previous_rows(
@@ -499,6 +552,9 @@ class LLMEngine:
         for scored, lo, hi in in_flight.prompt_spans:
             assert scored.group.prompt_logprobs is not None and result.prompt_logprobs is not None
             scored.group.prompt_logprobs.extend(lp.to_dict(self._decode_one) for lp in result.prompt_logprobs[lo:hi])
+        for pooled, lo, hi, first_position in in_flight.hidden_spans:
+            assert result.pooled_hidden is not None  # asked for through StepInput.hidden_rows
+            pooled.group.pool(first_position, result.pooled_hidden[lo:hi])
         self.scheduler.fill(in_flight.output, tokens)
         now = time.monotonic()
         for e, lp in zip(in_flight.sampling_entries, sampled.logprobs):
@@ -506,6 +562,11 @@ class LLMEngine:
             if seq.finish_reason is not None or e.request.status is RequestStatus.FINISHED:
                 continue  # stopped a step ago, or aborted since: this token is not reported
             group = seq.group
+            if group.pooling is not None:  # the prompt is through: its embedding is complete
+                group.finish_embedding()
+                self._finish(seq, "stop", None)
+                touched[group.request_id] = group
+                continue
             if group.first_token_time is None:
                 group.first_token_time = now
             self.num_generated_tokens += 1
@@ -631,6 +692,7 @@ class LLMEngine:
             prompt_logprobs=None if group.prompt_logprobs is None else list(group.prompt_logprobs),
             outputs=completions,
             finished=group.finished,
+            embedding=group.embedding,
         )
 
     def _decode_one(self, token_id: int) -> str | None:

@@ -41,7 +41,7 @@ from .config import ConfigError
 from .engine import EngineStats
 from .outputs import RequestOutput
 from .request_metrics import RequestMetrics, RequestTiming
-from .sampling_params import SamplingParams
+from .sampling_params import PoolingParams, SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ class EngineRequest:
     request_id: str
     prompt: str | None
     prompt_token_ids: list[int]
-    params: SamplingParams
+    params: SamplingParams | PoolingParams
     exclude_replicas: tuple[str, ...] = ()  # replicas whose engine died under this request
 
 
@@ -275,7 +275,7 @@ class ReplicaClient:
         self,
         request_id: str,
         prompt: str | None,
-        params: SamplingParams,
+        params: SamplingParams | PoolingParams,
         prompt_token_ids: list[int] | None,
         out: asyncio.Queue,
         arrival_time: float | None = None,

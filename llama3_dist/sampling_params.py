@@ -84,6 +84,23 @@ class StructuredOutputsParams:
         return str(self.regex if self.regex is not None else self.grammar)
 
 
+class PoolingParams(BaseModel):
+    """An embedding request instead of a generation: the final hidden states (after the final
+    norm) of the prompt's tokens, pooled ("mean" over the tokens, or the "last" token's) and
+    L2-normalised. A causal LM's states, not a trained embedding model's."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    pooling: str = "mean"
+
+    @field_validator("pooling")
+    @classmethod
+    def _pooling(cls, v):
+        if v not in ("mean", "last"):
+            raise ValueError(f"pooling must be 'mean' or 'last', got {v!r}")
+        return v
+
+
 class SamplingParams(BaseModel):
     """How to sample one request. Names, defaults and meanings are vLLM's.
 

@@ -176,6 +176,15 @@ class TokenizeRequest(_Lenient):
     add_generation_prompt: bool = True
 
 
+class EmbeddingRequest(_Lenient):
+    model: str | None = None
+    input: str | list[int] | list[str] | list[list[int]]
+    encoding_format: str = "float"  # or "base64": little-endian float32
+    dimensions: int | None = None  # refused: the size is the model's hidden size
+    user: str | None = None  # accepted and ignored
+    pooling: str = "mean"  # vLLM-style extension: "mean" or "last" (token)
+
+
 class DetokenizeRequest(_Lenient):
     model: str | None = None
     tokens: list[int]

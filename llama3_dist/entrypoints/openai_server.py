@@ -21,6 +21,7 @@ metrics.py, the load test in bench.py.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import copy
 import hmac
@@ -33,6 +34,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, ValidationError
@@ -41,7 +43,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ..async_engine import AsyncLLMEngine, EngineDeadError
 from ..core.grammar import GrammarCompiler, GrammarError, grammar_key, shared_compiler
 from ..outputs import LogprobsDict, RequestOutput
-from ..sampling_params import SamplingParams, StructuredOutputsParams
+from ..sampling_params import PoolingParams, SamplingParams, StructuredOutputsParams
 from .engine_client import EngineClient
 from .metrics import render_metrics
 from .openai_protocol import (
@@ -51,6 +53,7 @@ from .openai_protocol import (
     ChatMessage,
     CompletionRequest,
     DetokenizeRequest,
+    EmbeddingRequest,
     SamplingFields,
     TokenizeRequest,
     bad_request,
@@ -272,7 +275,7 @@ class OpenAIServer:
     async def _submit(
         self,
         prompts: list[tuple[str | None, list[int]]],
-        params: SamplingParams,
+        params: SamplingParams | PoolingParams,
         base_id: str,
         arrival: float,
         stream: bool,
@@ -546,22 +549,22 @@ class OpenAIServer:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         return _SSEResponse(self._stream_events(out, rids, on_output, usage_chunk, include_usage))
 
-    def _completion_prompts(self, prompt) -> list[tuple[str | None, list[int]]]:
+    def _completion_prompts(self, prompt, param: str = "prompt") -> list[tuple[str | None, list[int]]]:
         if isinstance(prompt, str):
             return [(prompt, self._encode(prompt))]
         if not prompt:
-            raise bad_request("prompt must not be empty", param="prompt")
+            raise bad_request(f"{param} must not be empty", param=param)
         if all(isinstance(p, int) for p in prompt):
             return [(None, list(prompt))]
         if all(isinstance(p, str) for p in prompt):
             return [(p, self._encode(p)) for p in prompt]
         if all(isinstance(p, list) for p in prompt):
             if any(not p for p in prompt):
-                raise bad_request("prompt token lists must not be empty", param="prompt")
+                raise bad_request(f"{param} token lists must not be empty", param=param)
             return [(None, list(p)) for p in prompt]
         raise bad_request(
-            "prompt must be a string, a list of strings, a list of token ids or a list of lists of token ids",
-            param="prompt",
+            f"{param} must be a string, a list of strings, a list of token ids or a list of lists of token ids",
+            param=param,
         )
 
     def _decode(self, ids: list[int]) -> str:
@@ -828,6 +831,52 @@ class OpenAIServer:
             )
         return {"content": content}
 
+    # --- /v1/embeddings -----------------------------------------------------------------------
+    async def embeddings(self, request: Request):
+        """The prompt's final hidden states (after the final norm), mean- or last-token-pooled and
+        L2-normalised: a causal LM's states, not a trained embedding model's."""
+        arrival = time.monotonic()
+        req = await _parse(request, EmbeddingRequest, self.limits.max_body_bytes)
+        self._check_model(req.model)
+        if req.encoding_format not in ("float", "base64"):
+            raise bad_request(
+                f"encoding_format {req.encoding_format!r} is not supported; use 'float' or 'base64'",
+                param="encoding_format",
+            )
+        if req.dimensions is not None:
+            raise bad_request(
+                "dimensions is not supported: the embeddings have the model's hidden size (a causal LM's states "
+                "cannot be shortened meaningfully)",
+                param="dimensions",
+            )
+        try:
+            pooling = PoolingParams(pooling=req.pooling)
+        except ValidationError as e:
+            raise from_validation_error(e) from None
+        prompts = self._completion_prompts(req.input, param="input")
+        for _, ids in prompts:
+            self._max_tokens(None, len(ids), "input")
+        base_id = f"embd-{uuid.uuid4().hex}"
+        out, rids = await self._submit(prompts, pooling, base_id, arrival, False)
+        final = await self._collect(out, rids, request)
+        data = []
+        for i, rid in enumerate(rids):
+            vector = final[rid].embedding
+            assert vector is not None  # a finished embedding request has one
+            encoded = (
+                base64.b64encode(np.asarray(vector, "<f4").tobytes()).decode()
+                if req.encoding_format == "base64"
+                else vector
+            )
+            data.append({"object": "embedding", "index": i, "embedding": encoded})
+        prompt_tokens = sum(len(ids) for _, ids in prompts)
+        return {
+            "object": "list",
+            "data": data,
+            "model": self.model_name,
+            "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens},
+        }
+
     # --- /tokenize, /detokenize (vLLM's shapes) -----------------------------------------------
     async def tokenize(self, request: Request):
         req = await _parse(request, TokenizeRequest, self.limits.max_body_bytes)
@@ -999,6 +1048,7 @@ def build_app(
     app.state.server = server
     app.add_api_route("/v1/completions", server.completions, methods=["POST"])
     app.add_api_route("/v1/chat/completions", server.chat_completions, methods=["POST"])
+    app.add_api_route("/v1/embeddings", server.embeddings, methods=["POST"])
     app.add_api_route("/v1/models", server.models, methods=["GET"])
     app.add_api_route("/tokenize", server.tokenize, methods=["POST"])
     app.add_api_route("/detokenize", server.detokenize, methods=["POST"])

@@ -440,3 +440,35 @@ def test_auto_tool_choice_and_a_follow_up_turn(client, served, tokenizer):
     rendered = tokenizer.decode(ids)
     assert f'{{"name": "{name}", "parameters": {json.dumps(args)}}}' in rendered
     assert "<|start_header_id|>ipython<|end_header_id|>\n\n22 degrees and sunny<|eot_id|>" in rendered
+
+
+@pytest.mark.slow
+def test_embeddings_are_the_pooled_final_hidden_states(client, served, tokenizer):
+    """/v1/embeddings against transformers: the final norm's output, mean- or last-token-pooled,
+    L2-normalised; base64 (the openai client's default) and float agree."""
+    import numpy as np
+    import torch
+    from conftest import load_reference
+
+    texts = ["Hello world", "A longer sentence about the weather in Paris"]
+    got = client.embeddings.create(model=MODEL, input=texts, user="u-1")
+    assert [d.index for d in got.data] == [0, 1]
+    assert got.usage.prompt_tokens == sum(len(tokenizer.encode(t)) for t in texts)
+    reference = load_reference(served.engine.model_path)
+    for pooling in ("mean", "last"):
+        body = {"model": MODEL, "input": texts, "encoding_format": "float", "pooling": pooling}
+        floats = httpx.post(served.base_url + "/embeddings", json=body, timeout=60).json()["data"]
+        for text, item in zip(texts, floats):
+            with torch.no_grad():
+                states = reference.model(torch.tensor([tokenizer.encode(text)])).last_hidden_state[0]
+            want = states.mean(0) if pooling == "mean" else states[-1]
+            want = (want / want.norm()).numpy()
+            vector = np.asarray(item["embedding"], np.float32)
+            assert vector.shape == (64,) and abs(np.linalg.norm(vector) - 1) < 1e-5
+            np.testing.assert_allclose(vector, want, atol=2e-4)
+        if pooling == "mean":
+            np.testing.assert_allclose(np.asarray(got.data[0].embedding), floats[0]["embedding"], atol=1e-6)
+    with pytest.raises(openai.BadRequestError, match="dimensions"):
+        client.embeddings.create(model=MODEL, input="hi", dimensions=8)
+    with pytest.raises(openai.BadRequestError, match="pooling"):
+        client.embeddings.create(model=MODEL, input="hi", extra_body={"pooling": "max"})
