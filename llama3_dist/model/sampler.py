@@ -59,13 +59,17 @@ class Sampler:
             raise ValueError(f"logits have {b} rows but the sampling metadata {meta.batch_size}")
         if keep_on_device and dev.type == "cuda" and all(k is None for k in meta.num_logprobs):
             return SamplerOutput(np.empty(0, np.int64), [None] * b, self._draw_on_device(logits, meta))
-        x = self._processed(logits, meta)
+        # Rows whose grammar allows few tokens draw among those alone (below): no pass over V.
+        sparse = _sparse_rows(meta, v) if dev.type == "cpu" else {}
+        x = processed = self._processed(logits, meta, skip_mask_rows=sparse)
 
         greedy = meta.temperature < SAMPLING_EPS
-        if greedy.all():
-            token_ids = _argmax(x)
+        in_sparse = np.zeros(b, bool)
+        in_sparse[list(sparse)] = True
+        r_rows = np.flatnonzero(~greedy & ~in_sparse)
+        if len(r_rows) == 0:
+            token_ids = _argmax(x) if greedy.any() else np.empty(b, np.int64)
         else:
-            r_rows = np.flatnonzero(~greedy)
             work = self._buffer("probs", len(r_rows), v, dev)
             if len(r_rows) < b:
                 token_ids = _argmax(x)  # cheaper than gathering the greedy rows first
@@ -83,6 +87,8 @@ class Sampler:
                 out=work,
                 has_minus_inf=_has_minus_inf(meta),
             )
+        if sparse:
+            self._sample_sparse(processed, meta, sparse, token_ids)
 
         logprobs: list[TokenLogprobs | None] = [None] * b
         asked = {i: k for i, k in enumerate(meta.num_logprobs) if k is not None}
@@ -113,10 +119,46 @@ class Sampler:
         )
         return token_ids
 
-    def _processed(self, logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
+    def _sample_sparse(
+        self, x: torch.Tensor, meta: SamplingMetadata, sparse: dict[int, np.ndarray], token_ids: np.ndarray
+    ) -> None:
+        """Rows under a grammar that allows at most SPARSE_MAX_ALLOWED tokens: their processed
+        logits gathered at those tokens (in id order, padded with -inf), then the same greedy
+        pick or filtered draw (same uniform) as over the whole masked row; into token_ids."""
+        rows = np.fromiter(sparse, np.int64, len(sparse))
+        width = max(len(ids) for ids in sparse.values())
+        ids = np.zeros((len(rows), width), np.int64)
+        valid = np.zeros((len(rows), width), bool)
+        for j, allowed in enumerate(sparse.values()):
+            ids[j, : len(allowed)] = allowed
+            valid[j, : len(allowed)] = True
+        dev = x.device
+        cand = x[_t(rows, dev)[:, None], _t(ids, dev)].masked_fill_(~torch.from_numpy(valid).to(dev), float("-inf"))
+        greedy = meta.temperature[rows] < SAMPLING_EPS
+        picked = np.empty(len(rows), np.int64)
+        if greedy.any():
+            picked[greedy] = _argmax(cand[_t(np.flatnonzero(greedy), dev)])
+        drawn = np.flatnonzero(~greedy)
+        if len(drawn):
+            r = rows[drawn]
+            picked[drawn] = sample_filtered(
+                cand[_t(drawn, dev)].contiguous(),
+                meta.temperature[r],
+                meta.top_k[r],
+                meta.top_p[r],
+                meta.min_p[r],
+                self._uniforms(meta, r),
+                has_minus_inf=True,
+            )
+        token_ids[rows] = ids[np.arange(len(rows)), picked]
+
+    def _processed(
+        self, logits: torch.Tensor, meta: SamplingMetadata, skip_mask_rows: dict[int, np.ndarray] | None = None
+    ) -> torch.Tensor:
         """The logits that sampling draws from: min_tokens bans, penalties, logit_bias, then the
         grammar masks, in a copy (logprobs are of the raw logits); the logits themselves when no
-        row has any of these."""
+        row has any of these. Rows in skip_mask_rows are left unmasked (_sample_sparse reads
+        only their allowed tokens)."""
         b, v = logits.shape
         dev = logits.device
         x = logits.float()
@@ -133,7 +175,9 @@ class Sampler:
                 raise ValueError(f"logit_bias token ids must be < {v}, got {bias.token_ids.max()}")
             x.index_put_((_t(bias.rows, dev), _t(bias.token_ids, dev)), _f(bias.values, dev), accumulate=True)
         if meta.allowed_rows is not None and meta.allowed_bitmask is not None:
-            apply_token_bitmask(x, meta.allowed_rows, meta.allowed_bitmask)
+            masked = np.array([r not in (skip_mask_rows or {}) for r in meta.allowed_rows.tolist()], bool)
+            if masked.any():
+                apply_token_bitmask(x, meta.allowed_rows[masked], meta.allowed_bitmask[masked])
         return x
 
     def _buffer(self, name: str, rows: int, v: int, device: torch.device) -> torch.Tensor:
@@ -275,6 +319,26 @@ def _weights(
         return w.exp_()
     torch.nn.functional.threshold(w.clamp_(min=_EXP_FLOOR).exp_(), _WEIGHT_FLOOR, 0.0, inplace=True)
     return w
+
+
+# A grammar row allowing at most this many tokens is sampled from those tokens alone (on CPUs,
+# where passes over the whole vocabulary cost the most); structural positions of JSON allow a few.
+SPARSE_MAX_ALLOWED = 1024
+
+
+def _sparse_rows(meta: SamplingMetadata, v: int) -> dict[int, np.ndarray]:
+    """Row -> its allowed token ids (ascending, < v), for the grammar rows that allow few."""
+    if meta.allowed_rows is None or meta.allowed_bitmask is None:
+        return {}
+    words = np.ascontiguousarray(meta.allowed_bitmask, np.int32)
+    counts = np.bitwise_count(words.view(np.uint32)).sum(axis=1)
+    out = {}
+    for j in np.flatnonzero((counts > 0) & (counts <= SPARSE_MAX_ALLOWED)).tolist():
+        bits = np.unpackbits(words[j].view(np.uint8), bitorder="little")
+        allowed = np.flatnonzero(bits[:v])
+        if len(allowed):
+            out[int(meta.allowed_rows[j])] = allowed
+    return out
 
 
 def _has_minus_inf(meta: SamplingMetadata) -> bool:

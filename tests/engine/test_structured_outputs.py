@@ -54,6 +54,7 @@ def test_constrained_outputs_survive_preemption_and_match(tokenized_checkpoint):
             jsonschema.validate(json.loads(c.text), SCHEMA)
 
 
+@pytest.mark.slow  # an engine on a 128k vocabulary and llguidance's view of it: seconds
 def test_bad_constraints_and_bias_are_refused_before_the_engine_holds_anything(tokenized_checkpoint):
     engine = LLMEngine(tokenized_checkpoint, dtype="float32", kv_cache_bytes=4 << 20, show_progress=False)
     try:

@@ -22,6 +22,10 @@ from llama3_dist.engine import LLMEngine
 from llama3_dist.entrypoints.openai_server import ServerLimits, ServerThread
 from llama3_dist.sampling_params import MAX_GRAMMAR_BYTES
 
+# Every test here shares one server whose start (a 128k-vocabulary model, llguidance's view of
+# the vocabulary) takes seconds: the whole module stays out of the fast lane.
+pytestmark = pytest.mark.slow
+
 MODEL = "tiny-llama3"
 CONTEXT = 1024
 
@@ -168,7 +172,6 @@ def _constraints(tokenizer) -> dict[str, tuple[dict, object]]:
     }
 
 
-@pytest.mark.slow
 def test_every_constraint_kind_parses_over_20_samples(client, tokenizer):
     """20 sampled completions (temperature 1) per kind, all valid; each request also asks n=20,
     so every sequence has a matcher of its own."""
@@ -191,7 +194,6 @@ def test_every_constraint_kind_parses_over_20_samples(client, tokenizer):
             check(c.text)
 
 
-@pytest.mark.slow
 def test_constrained_rows_leave_unconstrained_ones_unchanged(client, tokenizer):
     """Seeded unconstrained requests give the same tokens alone and batched with constrained
     chat requests (n=3, every kind) whose outputs all parse."""
@@ -230,7 +232,6 @@ def test_constrained_rows_leave_unconstrained_ones_unchanged(client, tokenizer):
         assert [f.result() for f in mixed] == alone
 
 
-@pytest.mark.slow
 def test_a_grammar_the_model_cannot_finish_ends_with_length(client):
     r = client.completions.create(
         model=MODEL, prompt="x", max_tokens=5, temperature=1.0, seed=1, extra_body={"guided_regex": "[a-z]{400}"}
@@ -351,7 +352,6 @@ PARALLEL = dict(
 )  # fmt: skip
 
 
-@pytest.mark.slow
 def test_tool_choice_required_named_and_parallel(client):
     r = client.chat.completions.create(
         model=MODEL, messages=USER, tools=TOOLS, tool_choice="required", parallel_tool_calls=False,
@@ -382,7 +382,6 @@ def test_tool_choice_required_named_and_parallel(client):
         assert named_in_error in e.value.message
 
 
-@pytest.mark.slow
 def test_streamed_tool_calls_reassemble_to_the_answer(client):
     answer = client.chat.completions.create(**PARALLEL).choices
     calls: dict[int, dict[int, dict]] = {c.index: {} for c in answer}  # choice -> call index -> call
@@ -404,7 +403,6 @@ def test_streamed_tool_calls_reassemble_to_the_answer(client):
         assert streamed == _calls(c.message)
 
 
-@pytest.mark.slow
 def test_auto_tool_choice_and_a_follow_up_turn(client, served, tokenizer):
     # auto: a call-shaped output (forced here by a schema, since the weights are random) is parsed
     shaped = {
@@ -442,7 +440,6 @@ def test_auto_tool_choice_and_a_follow_up_turn(client, served, tokenizer):
     assert "<|start_header_id|>ipython<|end_header_id|>\n\n22 degrees and sunny<|eot_id|>" in rendered
 
 
-@pytest.mark.slow
 def test_embeddings_are_the_pooled_final_hidden_states(client, served, tokenizer):
     """/v1/embeddings against transformers: the final norm's output, mean- or last-token-pooled,
     L2-normalised; base64 (the openai client's default) and float agree."""

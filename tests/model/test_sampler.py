@@ -333,3 +333,26 @@ def test_grammar_masks_and_logit_bias_leave_only_allowed_tokens():
         assert tokens[3] == int(logits[3].argmax())
         assert tokens[2] == 5  # 65 and 69 are padding, refused whatever the mask says
     assert torch.equal(logits, raw)  # the logits themselves are never modified
+
+
+def test_sparse_grammar_rows_draw_as_the_masked_whole_rows(monkeypatch):
+    """A grammar row that allows few tokens is sampled from those alone: the same tokens as the
+    masked whole row (greedy, temperature, top-k, top-p, min-p), whatever the path."""
+    v, b = 5000, 6
+    rng = np.random.default_rng(1)
+    bitmask = np.zeros((b, (v + 31) // 32), np.int32)
+    for row in range(b):
+        for t in rng.choice(v, 40, replace=False):
+            bitmask[row, t // 32] |= np.uint32(1 << (t % 32)).view(np.int32)
+    settings = [dict(temperature=0.0), dict(), dict(temperature=0.7), dict(top_k=5), dict(top_p=0.8), dict(min_p=0.1)]
+    for seed in range(30):
+        logits = torch.from_numpy(rng.normal(size=(b, v)).astype(np.float32) * 4)
+        params = [SamplingParams(seed=seed, **kw) for kw in settings]
+        meta = SamplingMetadata.build(params, [[1]] * b, [[]] * b, allowed_rows=range(b), allowed_bitmask=bitmask)
+        sparse = Sampler()(logits, meta).token_ids
+        monkeypatch.setattr(sampling, "SPARSE_MAX_ALLOWED", 0)
+        whole = Sampler()(logits, meta).token_ids
+        monkeypatch.undo()
+        assert sparse.tolist() == whole.tolist()
+        bits = np.unpackbits(bitmask.view(np.uint8), axis=1, bitorder="little")
+        assert all(bits[row, t] for row, t in enumerate(sparse))
