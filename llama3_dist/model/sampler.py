@@ -122,7 +122,7 @@ class Sampler:
     def _sample_sparse(
         self, x: torch.Tensor, meta: SamplingMetadata, sparse: dict[int, np.ndarray], token_ids: np.ndarray
     ) -> None:
-        """Rows under a grammar that allows at most SPARSE_MAX_ALLOWED tokens: their processed
+        """Rows under a grammar that allows at most SPARSE_MAX_FRACTION of the tokens: their processed
         logits gathered at those tokens (in id order, padded with -inf), then the same greedy
         pick or filtered draw (same uniform) as over the whole masked row; into token_ids."""
         rows = np.fromiter(sparse, np.int64, len(sparse))
@@ -322,9 +322,10 @@ def _weights(
     return w
 
 
-# A grammar row allowing at most this many tokens is sampled from those tokens alone (on CPUs,
-# where passes over the whole vocabulary cost the most): JSON's structural positions, enums, numbers.
-SPARSE_MAX_ALLOWED = 4096
+# A grammar row allowing at most this share of the vocabulary is sampled from its allowed tokens
+# alone (on CPUs, where each pass over the whole vocabulary costs the most): JSON's structural
+# positions, enums, numbers, strings near their maxLength. The rest are masked whole.
+SPARSE_MAX_FRACTION = 0.25
 
 
 def _sparse_rows(meta: SamplingMetadata, v: int) -> dict[int, np.ndarray]:
@@ -335,7 +336,7 @@ def _sparse_rows(meta: SamplingMetadata, v: int) -> dict[int, np.ndarray]:
     counts = np.bitwise_count(words.view(np.uint32)).sum(axis=1)
     out = {}
     bit = np.arange(32, dtype=np.int64)
-    for j in np.flatnonzero((counts > 0) & (counts <= SPARSE_MAX_ALLOWED)).tolist():
+    for j in np.flatnonzero((counts > 0) & (counts <= SPARSE_MAX_FRACTION * v)).tolist():
         used = np.flatnonzero(words[j])  # only the words with a bit set: a few of ~4000
         bits = np.unpackbits(words[j, used].view(np.uint8).reshape(-1, 4), axis=1, bitorder="little")
         allowed = (used[:, None] * 32 + bit)[bits.astype(bool)]  # ascending

@@ -350,7 +350,7 @@ def test_sparse_grammar_rows_draw_as_the_masked_whole_rows(monkeypatch):
         params = [SamplingParams(seed=seed, **kw) for kw in settings]
         meta = SamplingMetadata.build(params, [[1]] * b, [[]] * b, allowed_rows=range(b), allowed_bitmask=bitmask)
         sparse = Sampler()(logits, meta).token_ids
-        monkeypatch.setattr(sampling, "SPARSE_MAX_ALLOWED", 0)
+        monkeypatch.setattr(sampling, "SPARSE_MAX_FRACTION", 0.0)
         whole = Sampler()(logits, meta).token_ids
         monkeypatch.undo()
         assert sparse.tolist() == whole.tolist()
