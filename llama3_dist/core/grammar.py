@@ -7,11 +7,11 @@ per constrained sequence, and each step's allowed tokens as a packed bitmask.
         token t is allowed -> SamplingMetadata.allowed_* -> model/sampler.py masks the logits
     after the step: GrammarMatcher.accept(token); stopped() -> the sequence finishes with "stop"
 
-Why llguidance (measured on this host, benchmarks/results/structured-outputs.log): building a
-grammar takes milliseconds (its lexer and parser work lazily) where xgrammar's first JSON schema
-took 0.7-0.9 s; the per-token mask costs about the same (0.1-0.25 ms a row); it fills a batch's
-masks in parallel in Rust; and it refuses JSON-schema keywords it does not implement ("not",
-"if"/"then", ...) with a message, where xgrammar ignores them and its output would not validate.
+Why llguidance rather than xgrammar (figures in README.md and benchmarks/results/): its grammars
+build in milliseconds (the lexer and parser work lazily), so a cold request waits little; it fills
+a batch's masks in parallel; and it refuses JSON-schema keywords it does not implement ("not",
+"if"/"then", ...) with a message, where xgrammar ignores them and its output might not validate.
+xgrammar's masks are faster per row.
 
 The matchers live on the driver, which knows every sequence's tokens: a matcher has accepted
 exactly the sequence's output tokens so far. Preemption and executor rebuilds recompute the K/V of
@@ -31,8 +31,6 @@ from typing import Any
 import numpy as np
 
 from ..sampling_params import StructuredOutputsParams
-
-GRAMMAR_KINDS = ("json", "json_object", "regex", "choice", "grammar")
 
 
 class GrammarError(ValueError):
@@ -56,7 +54,7 @@ def _require_llguidance():
 class GrammarKey:
     """What identifies a compiled grammar: the kind and its canonical text."""
 
-    kind: str  # one of GRAMMAR_KINDS
+    kind: str  # StructuredOutputsParams.kind: json, json_object, regex, choice or grammar
     text: str
 
 
@@ -114,7 +112,6 @@ class GrammarCompiler:
         self._cache_size = cache_size
         self._pool = ThreadPoolExecutor(num_threads, thread_name_prefix="llama3-dist-grammar")
         self._num_threads = num_threads
-        self.num_compiled = 0  # grammars built (cache misses), for tests and metrics
 
     def _tokenizer(self) -> Any:
         """llguidance's view of the vocabulary: ~2 s to build, so once, on first use."""
@@ -145,11 +142,6 @@ class GrammarCompiler:
         """Compiles (or finds) the grammar; raises GrammarError naming the problem."""
         self.compile_async(key).result()
 
-    def is_ready(self, key: GrammarKey) -> bool:
-        with self._lock:
-            fut = self._cache.get(key)
-        return fut is not None and fut.done()
-
     def _build(self, key: GrammarKey) -> Any:
         import llguidance
 
@@ -166,7 +158,6 @@ class GrammarCompiler:
             raise
         except Exception as e:  # llguidance's own refusals (a GBNF rule not defined, ...): the input's fault
             raise GrammarError(f"invalid {_kind_name(key.kind)}: {e}") from None
-        self.num_compiled += 1
         return matcher
 
     def matcher(self, key: GrammarKey) -> GrammarMatcher:
@@ -192,9 +183,6 @@ class GrammarCompiler:
         padded = np.zeros((len(matchers), num_words), np.int32)
         padded[:, :own_words] = mask
         return padded
-
-    def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
 
 
 def _kind_name(kind: str) -> str:
