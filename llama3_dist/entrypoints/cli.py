@@ -238,6 +238,7 @@ def _run_serve_replicas(args, api_key: str | None) -> int:
         routing=args.routing or "prefix",
         api_key=api_key,
         served_model_name=args.served_model_name,
+        tool_call_parser=args.tool_call_parser,
         **engine_kwargs,
     )
     return 0
