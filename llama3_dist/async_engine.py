@@ -30,7 +30,7 @@ from .engine import EngineStats, LLMEngine
 from .executor import WorkerError
 from .outputs import RequestOutput
 from .request_metrics import RequestMetrics, RequestTiming
-from .sampling_params import SamplingParams
+from .sampling_params import PoolingParams, SamplingParams
 
 logger = logging.getLogger("llama3_dist.async_engine")
 
@@ -56,7 +56,7 @@ class AddRequest:
 
     request_id: str
     prompt: str | None
-    params: SamplingParams
+    params: SamplingParams | PoolingParams
     prompt_token_ids: list[int] | None
     stream: _Stream
     accepted: asyncio.Future
@@ -156,7 +156,7 @@ class AsyncLLMEngine:
         self,
         request_id: str,
         prompt: str | None,
-        params: SamplingParams,
+        params: SamplingParams | PoolingParams,
         prompt_token_ids: list[int] | None,
         out: asyncio.Queue,
         arrival_time: float | None = None,
@@ -204,7 +204,11 @@ class AsyncLLMEngine:
         self._commands.put(AbortRequest(request_id))
 
     async def generate(
-        self, request_id: str, prompt: str | None, params: SamplingParams, prompt_token_ids: list[int] | None = None
+        self,
+        request_id: str,
+        prompt: str | None,
+        params: SamplingParams | PoolingParams,
+        prompt_token_ids: list[int] | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """Yields the request's cumulative outputs; leaving early (or being cancelled) aborts it."""
         out: asyncio.Queue = asyncio.Queue()

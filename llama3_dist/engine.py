@@ -18,13 +18,14 @@ import numpy as np
 
 from .config import Llama3Config
 from .core.detokenizer import IncrementalDetokenizer
+from .core.grammar import GrammarCompiler, GrammarMatcher, grammar_key, shared_compiler
 from .core.sampling_metadata import SamplingMetadata
 from .core.scheduler import PLACEHOLDER, Request, RequestStatus, ScheduledSequence, Scheduler, SchedulerOutput
 from .core.step_input import SamplingInput, StepInput, build_step_input
 from .core.text_context import TextContext, check_tokens
 from .executor import Executor, PendingStep, WorkerError, make_executor
 from .outputs import CompletionOutput, LogprobsDict, RequestOutput
-from .sampling_params import SamplingParams
+from .sampling_params import PoolingParams, SamplingParams
 
 logger = logging.getLogger("llama3_dist")
 
@@ -38,6 +39,8 @@ class _Sequence:
     params: SamplingParams
     detokenizer: IncrementalDetokenizer | None
     request: Request[_Sequence] | None = None  # the scheduler's record; its context holds the tokens
+    # structured outputs: where this sequence is in its grammar (it has accepted every output token)
+    matcher: GrammarMatcher | None = None
     text: str = ""
     logprobs: list[LogprobsDict] | None = None
     cumulative_logprob: float | None = None
@@ -55,6 +58,29 @@ class _Group:
     prompt_logprobs: list[LogprobsDict | None] | None = None
     arrival_time: float = 0.0
     first_token_time: float | None = None
+    # embedding requests: how to pool, the running sum / last row of the prompt's final hidden
+    # states, how many prompt positions are in it (a recomputed chunk is not counted twice)
+    pooling: PoolingParams | None = None
+    pooled_sum: np.ndarray | None = None
+    pooled_last: np.ndarray | None = None
+    pooled_tokens: int = 0
+    embedding: list[float] | None = None
+
+    def pool(self, first_position: int, rows: np.ndarray) -> None:
+        skip = max(0, self.pooled_tokens - first_position)
+        rows = rows[skip:]
+        if len(rows) == 0:
+            return
+        total = rows.sum(axis=0, dtype=np.float64)
+        self.pooled_sum = total if self.pooled_sum is None else self.pooled_sum + total
+        self.pooled_last = rows[-1].astype(np.float64)
+        self.pooled_tokens = first_position + skip + len(rows)
+
+    def finish_embedding(self) -> None:
+        assert self.pooling is not None and self.pooled_sum is not None and self.pooled_last is not None
+        vector = self.pooled_sum / self.pooled_tokens if self.pooling.pooling == "mean" else self.pooled_last
+        norm = float(np.linalg.norm(vector))
+        self.embedding = (vector / norm if norm > 0 else vector).astype(np.float32).tolist()
 
     @property
     def finished(self) -> bool:
@@ -70,6 +96,8 @@ class _InFlight:
     sampling_entries: list[ScheduledSequence[_Sequence]]
     prompt_spans: list[tuple[_Sequence, int, int]]
     rows: dict[str, int]  # request id -> row of its token among the sampled ones
+    # embedding requests: (sequence, first row in StepOutput.pooled_hidden, end row, first position)
+    hidden_spans: list[tuple[_Sequence, int, int, int]] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -232,19 +260,24 @@ class LLMEngine:
         self.async_scheduling = bool(wanted and self.executor.runs_ahead)
         self._in_flight: _InFlight | None = None
         self._with_penalties: set[int] = set()  # ids of live sequences with penalties
+        self._with_grammar: set[int] = set()  # ids of live sequences under a grammar
+        self._grammars: GrammarCompiler | None = None
 
     # --- requests ---------------------------------------------------------------------------
     def add_request(
         self,
         request_id: str,
         prompt: str | list[int] | None = None,
-        params: SamplingParams | dict | None = None,
+        params: SamplingParams | PoolingParams | dict | None = None,
         *,
         prompt_token_ids: list[int] | None = None,
         arrival_time: float | None = None,
     ) -> None:
-        """Queues a request. Bad input raises ValueError here, before the engine holds anything."""
-        params = _as_params(params)
+        """Queues a request. Bad input raises ValueError here, before the engine holds anything.
+        PoolingParams: an embedding request, its RequestOutput.embedding set when it finishes."""
+        pooling = params if isinstance(params, PoolingParams) else None
+        # An embedding runs as a prefill that samples one (discarded) token: the same steps.
+        params = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True) if pooling else _as_params(params)
         if request_id in self._groups:
             raise ValueError(f"request id {request_id!r} is already in use")
         if isinstance(prompt, list):
@@ -268,7 +301,16 @@ class LLMEngine:
                 f"request {request_id!r}: the prompt has {len(ids)} tokens but the KV cache holds "
                 f"{self.scheduler.max_tokens_in_cache}; give the cache more memory"
             )
-        group = _Group(request_id, prompt, ids, params, arrival_time=arrival_time or time.monotonic())
+        if params.logit_bias and max(params.logit_bias) >= c.vocab_size:
+            raise ValueError(
+                f"logit_bias: token id {max(params.logit_bias)} is not in the vocabulary (ids 0 to {c.vocab_size - 1})"
+            )
+        spec = params.structured_outputs
+        if spec is not None:
+            # Compiled here unless cached: the HTTP server compiles on a thread of its own before
+            # it submits, so the engine's loop finds it ready. GrammarError is a ValueError.
+            self.grammar_compiler().compile(grammar_key(spec))
+        group = _Group(request_id, prompt, ids, params, arrival_time=arrival_time or time.monotonic(), pooling=pooling)
         if params.prompt_logprobs is not None:
             group.prompt_logprobs = [None]
         for i in range(params.n):
@@ -290,13 +332,17 @@ class LLMEngine:
             group.sequences.append(seq)
             if seq_params.has_penalties:
                 self._with_penalties.add(id(seq))
+            if spec is not None:
+                seq.matcher = self.grammar_compiler().matcher(grammar_key(spec))  # one per sequence
+                self._with_grammar.add(id(seq))
         self._groups[request_id] = group
         for seq in group.sequences:
             ctx = TextContext(
                 tokens=list(ids), request_id=_seq_id(request_id, seq.index, params.n), max_length=c.max_seq_len
             )
-            # prompt_logprobs needs every prompt row computed, so it skips the prefix cache.
-            seq.request = self.scheduler.add_request(ctx, data=seq, use_prefix_cache=params.prompt_logprobs is None)
+            # prompt_logprobs and embeddings need every prompt row computed: no prefix cache.
+            use_cache = params.prompt_logprobs is None and pooling is None
+            seq.request = self.scheduler.add_request(ctx, data=seq, use_prefix_cache=use_cache)
 
     def abort_request(self, request_id: str) -> None:
         """Drops a request wherever it is and frees its KV blocks; unknown ids are ignored."""
@@ -305,7 +351,20 @@ class LLMEngine:
             return
         for seq in group.sequences:
             self._with_penalties.discard(id(seq))
+            self._with_grammar.discard(id(seq))
             self.scheduler.abort(_seq_id(request_id, seq.index, len(group.sequences)))
+
+    def grammar_compiler(self) -> GrammarCompiler:
+        """The compiler of structured-output grammars for this engine's tokenizer (shared with
+        the HTTP server in this process)."""
+        if self._grammars is None:
+            if self.tokenizer is None:
+                raise ValueError(f"structured outputs need a tokenizer; {self.model_path!r} has none")
+            eos = self.tokenizer.eos_token_id
+            if eos not in self.eos_token_ids:
+                eos = min(self.eos_token_ids) if self.eos_token_ids else eos
+            self._grammars = shared_compiler(self.tokenizer, eos)
+        return self._grammars
 
     def has_unfinished_requests(self) -> bool:
         return bool(self._groups)
@@ -409,9 +468,10 @@ class LLMEngine:
 
     def _may_run_ahead(self) -> bool:
         """Whether the next step may be scheduled before this one's tokens are on the host:
-        overlapped scheduling is on and no running request has penalties, which need every
-        earlier token's value in the next step's sampling inputs."""
-        return self.async_scheduling and not self._with_penalties
+        overlapped scheduling is on and no running request has penalties or a grammar, which need
+        every earlier token's value in the next step's sampling inputs (a grammar's mask is
+        computed from its matcher, which must have accepted the previous token)."""
+        return self.async_scheduling and not self._with_penalties and not self._with_grammar
 
     def _launch(self, out: SchedulerOutput[_Sequence], in_flight: _InFlight | None) -> _InFlight:
         entries = out.scheduled
@@ -420,6 +480,9 @@ class LLMEngine:
         )
         # Which rows get logits depends on who samples and who wants prompt logprobs.
         step.logit_rows, step.sampling, prompt_spans = self._sampling_input(entries, step.query_start_loc)
+        hidden_rows, hidden_spans = self._hidden_rows(entries, step.query_start_loc)
+        if hidden_spans:
+            step.hidden_rows, step.normalized_hidden = hidden_rows, True
         if in_flight is not None:
             step.previous_rows = self._previous_rows(step, entries, in_flight)
         launched_at = time.perf_counter()
@@ -427,7 +490,28 @@ class LLMEngine:
         self.times.execute += time.perf_counter() - launched_at
         sampling_entries = [e for e in entries if e.samples]
         rows = {e.request_id: row for row, e in enumerate(sampling_entries)}
-        return _InFlight(out, pending, sampling_entries, prompt_spans, rows)
+        return _InFlight(out, pending, sampling_entries, prompt_spans, rows, hidden_spans)
+
+    @staticmethod
+    def _hidden_rows(
+        entries: list[ScheduledSequence[_Sequence]], offsets: np.ndarray
+    ) -> tuple[np.ndarray, list[tuple[_Sequence, int, int, int]]]:
+        """The token rows whose final hidden states embedding requests pool, and their spans."""
+        rows: list[np.ndarray] = []
+        spans: list[tuple[_Sequence, int, int, int]] = []
+        count = 0
+        for i, e in enumerate(entries):
+            seq = _sequence(e.request)
+            if seq.group.pooling is None:
+                continue
+            prompt_len = len(seq.group.prompt_token_ids)
+            n = min(e.num_new_tokens, prompt_len - e.start)  # prompt positions only
+            if n <= 0:
+                continue
+            rows.append(np.arange(int(offsets[i]), int(offsets[i]) + n, dtype=np.int64))
+            spans.append((seq, count, count + n, e.start))
+            count += n
+        return (np.concatenate(rows) if rows else np.zeros(0, np.int64)), spans
 
     @staticmethod
     def _previous_rows(
@@ -471,6 +555,9 @@ class LLMEngine:
         for scored, lo, hi in in_flight.prompt_spans:
             assert scored.group.prompt_logprobs is not None and result.prompt_logprobs is not None
             scored.group.prompt_logprobs.extend(lp.to_dict(self._decode_one) for lp in result.prompt_logprobs[lo:hi])
+        for pooled, lo, hi, first_position in in_flight.hidden_spans:
+            assert result.pooled_hidden is not None  # asked for through StepInput.hidden_rows
+            pooled.group.pool(first_position, result.pooled_hidden[lo:hi])
         self.scheduler.fill(in_flight.output, tokens)
         now = time.monotonic()
         for e, lp in zip(in_flight.sampling_entries, sampled.logprobs):
@@ -478,6 +565,11 @@ class LLMEngine:
             if seq.finish_reason is not None or e.request.status is RequestStatus.FINISHED:
                 continue  # stopped a step ago, or aborted since: this token is not reported
             group = seq.group
+            if group.pooling is not None:  # the prompt is through: its embedding is complete
+                group.finish_embedding()
+                self._finish(seq, "stop", None)
+                touched[group.request_id] = group
+                continue
             if group.first_token_time is None:
                 group.first_token_time = now
             self.num_generated_tokens += 1
@@ -501,6 +593,8 @@ class LLMEngine:
         params: list[SamplingParams] = []
         prompts: list[list[int]] = []
         outputs: list[list[int]] = []
+        constrained: list[int] = []  # rows (among the sampled ones) under a grammar
+        matchers: list[GrammarMatcher] = []
         for i, e in enumerate(entries):
             seq = _sequence(e.request)
             group = seq.group
@@ -519,12 +613,18 @@ class LLMEngine:
                         ks.append(group.params.prompt_logprobs)
                     spans.append((seq, lo, len(prompt_rows)))
             if e.samples:
+                if seq.matcher is not None:
+                    constrained.append(len(sample_rows))
+                    matchers.append(seq.matcher)
                 sample_rows.append(len(rows))
                 rows.append(end - 1)
                 params.append(seq.params)
                 prompts.append(group.prompt_token_ids)
                 outputs.append(e.request.output_token_ids)
-        meta = SamplingMetadata.build(params, prompts, outputs, self.eos_token_ids)
+        bitmask = None
+        if matchers:  # every matcher has accepted its sequence's tokens: no step runs ahead of them
+            bitmask = self.grammar_compiler().fill_bitmask(matchers, (self.config.vocab_size + 31) // 32)
+        meta = SamplingMetadata.build(params, prompts, outputs, self.eos_token_ids, constrained, bitmask)
         as_int = lambda xs: np.asarray(xs, dtype=np.int64)  # noqa: E731
         return as_int(rows), SamplingInput(meta, as_int(sample_rows), as_int(prompt_rows), as_int(targets), ks), spans
 
@@ -533,9 +633,17 @@ class LLMEngine:
         p = seq.params
         n_out = req.num_output_tokens
         stop_token = token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_token_ids)
-        if stop_token and n_out > p.min_tokens - 1:
+        grammar_done = False
+        if seq.matcher is not None:
+            if not seq.matcher.accept(token):  # the mask allowed it, so this is a bug: say so, end cleanly
+                logger.error("request %r: the grammar refused token %d: %s", req.request_id, token, seq.matcher.error())
+            grammar_done = seq.matcher.stopped()  # its end of sequence accepted: the text is complete
+        if (stop_token and n_out > p.min_tokens - 1) or (grammar_done and stop_token):
             reason = token if token in p.stop_token_ids else None
             self._finish(seq, "stop", reason, new_tokens=[token], stop_terminated=True)
+            return
+        if grammar_done:  # ended on a token that is not a stop token of this request (ignore_eos, ...)
+            self._finish(seq, "stop", None, new_tokens=[token], final_text=True)
             return
         at_limit = n_out >= p.max_tokens or req.context.num_tokens >= self.config.max_seq_len
         if seq.detokenizer is not None:
@@ -554,6 +662,7 @@ class LLMEngine:
             seq.text += seq.detokenizer.add_tokens(new_tokens, final=True, stop_terminated=stop_terminated).text
         seq.finish_reason, seq.stop_reason = reason, stop_reason
         self._with_penalties.discard(id(seq))
+        self._with_grammar.discard(id(seq))
         # abort, not finish: a capped request has already left the scheduler.
         self.scheduler.abort(_seq_id(seq.group.request_id, seq.index, len(seq.group.sequences)))
 
@@ -586,6 +695,7 @@ class LLMEngine:
             prompt_logprobs=None if group.prompt_logprobs is None else list(group.prompt_logprobs),
             outputs=completions,
             finished=group.finished,
+            embedding=group.embedding,
         )
 
     def _decode_one(self, token_id: int) -> str | None:

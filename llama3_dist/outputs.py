@@ -63,3 +63,5 @@ class RequestOutput:
     prompt_logprobs: list[LogprobsDict | None] | None  # None for the first prompt token
     outputs: list[CompletionOutput] = field(default_factory=list)
     finished: bool = False
+    # embedding requests (PoolingParams): the pooled, L2-normalised final hidden state
+    embedding: list[float] | None = None

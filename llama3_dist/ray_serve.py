@@ -41,7 +41,7 @@ from .config import ConfigError
 from .engine import EngineStats
 from .outputs import RequestOutput
 from .request_metrics import RequestMetrics, RequestTiming
-from .sampling_params import SamplingParams
+from .sampling_params import PoolingParams, SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ class EngineRequest:
     request_id: str
     prompt: str | None
     prompt_token_ids: list[int]
-    params: SamplingParams
+    params: SamplingParams | PoolingParams
     exclude_replicas: tuple[str, ...] = ()  # replicas whose engine died under this request
 
 
@@ -275,7 +275,7 @@ class ReplicaClient:
         self,
         request_id: str,
         prompt: str | None,
-        params: SamplingParams,
+        params: SamplingParams | PoolingParams,
         prompt_token_ids: list[int] | None,
         out: asyncio.Queue,
         arrival_time: float | None = None,
@@ -374,20 +374,23 @@ def _cause(e: BaseException) -> BaseException:
 class OpenAIIngress:
     """The OpenAI routes of `llama3-dist serve` (entrypoints/openai_server.py) over the replicas."""
 
-    async def __init__(self, engine, served_model_name: str, api_key: str | None = None):  # type: ignore[misc]
+    async def __init__(  # type: ignore[misc]
+        self, engine, served_model_name: str, api_key: str | None = None, tool_call_parser: str = "auto"
+    ):
         from .engine import load_tokenizer
 
         served: ServedModel = await engine.info.remote()
         self.client = ReplicaClient(engine, served, load_tokenizer(served.tokenizer_path))
         self.served_model_name = served_model_name
         self.api_key = api_key
+        self.tool_call_parser = tool_call_parser
 
     def __serve_build_asgi_app__(self):
         from fastapi.responses import JSONResponse
 
         from .entrypoints.openai_server import build_app
 
-        app = build_app(self.client, self.served_model_name, self.api_key)
+        app = build_app(self.client, self.served_model_name, self.api_key, tool_call_parser=self.tool_call_parser)
 
         async def replicas():
             """The engine replicas: each one's counters, liveness and where its ranks run."""
@@ -408,6 +411,7 @@ def build_openai_app(
     autoscaling_config: dict | None = None,
     api_key: str | None = None,
     served_model_name: str | None = None,
+    tool_call_parser: str = "auto",
     routing: str = "prefix",
     router_kwargs: dict | None = None,
     cpus_per_rank: float | None = None,
@@ -428,11 +432,15 @@ def build_openai_app(
     routing: "prefix" (PrefixAwareRouter; router_kwargs: imbalance_threshold, ...),
     "round_robin" or "power_of_two" (Serve's default). engine_kwargs go to LLMEngine
     (max_num_seqs, kv_cache_bytes, max_seq_len, ...). The model directory must be readable at
-    the same path on every node that runs a replica.
+    the same path on every node that runs a replica. tool_call_parser: as `llama3-dist serve
+    --tool-call-parser` (auto, llama3_json, hermes, none).
     """
     from pathlib import Path
 
     from .default_model import default_model_path
+    from .entrypoints.tool_calls import resolve_parser
+
+    resolve_parser(tool_call_parser, None)  # an unknown name fails here, before Ray starts
 
     if devices is None:
         import torch
@@ -514,7 +522,7 @@ def build_openai_app(
     name = served_model_name or (str(model) if model is not None else "llama3-dist-default")
     num_threads = max(1, int(rank_bundle["CPU"])) if not on_gpu and tensor_parallel_size == 1 else None
     engine = engine_deployment.bind(model_path, engine_kwargs, health_check_timeout_s, num_threads)
-    return ingress.bind(engine, name, api_key)
+    return ingress.bind(engine, name, api_key, tool_call_parser)
 
 
 def build_app_from_args(args: dict[str, Any]) -> serve.Application:

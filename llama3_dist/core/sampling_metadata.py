@@ -28,6 +28,15 @@ class PenaltyInputs:
 
 
 @dataclass(slots=True)
+class LogitBias:
+    """(row, token, bias) triples, added to the logits before any filtering."""
+
+    rows: np.ndarray  # int64 [K]
+    token_ids: np.ndarray  # int64 [K]
+    values: np.ndarray  # float32 [K]
+
+
+@dataclass(slots=True)
 class SamplingMetadata:
     """One step's sampling inputs, one row per sequence; built on the driver, no torch inside."""
 
@@ -41,6 +50,11 @@ class SamplingMetadata:
     penalties: PenaltyInputs | None = None  # None when no row has one
     banned_rows: np.ndarray | None = None  # min_tokens: (row, token) pairs that may not be
     banned_ids: np.ndarray | None = None  # sampled yet (eos and stop_token_ids)
+    bias: LogitBias | None = None  # logit_bias of the rows that have one
+    # Structured outputs: the rows under a grammar and, per such row, the tokens it allows as
+    # packed bits (int32 words, bit t % 32 of word t // 32; tokens past the words: not allowed).
+    allowed_rows: np.ndarray | None = None  # int64 [R]
+    allowed_bitmask: np.ndarray | None = None  # int32 [R, ceil(V / 32)]
 
     @property
     def batch_size(self) -> int:
@@ -53,9 +67,12 @@ class SamplingMetadata:
         prompt_token_ids: Sequence[Sequence[int]],
         output_token_ids: Sequence[Sequence[int]],
         eos_token_ids: Iterable[int] = (),
+        allowed_rows: Sequence[int] = (),
+        allowed_bitmask: np.ndarray | None = None,
     ) -> SamplingMetadata:
         """Row i samples the next token of a sequence with prompt_token_ids[i] and
-        output_token_ids[i] so far. Prompt ids matter only for a repetition penalty."""
+        output_token_ids[i] so far. Prompt ids matter only for a repetition penalty.
+        allowed_bitmask: one row of packed allowed tokens per row in allowed_rows (a grammar's)."""
         eos = list(eos_token_ids)
         b = len(params)
         temperature = np.fromiter((p.temperature for p in params), np.float32, b)
@@ -86,14 +103,21 @@ class SamplingMetadata:
             )
 
         banned_rows = banned_ids = None
+        # A grammar decides where its text may end: min_tokens does not ban its end of sequence.
         banned = [
             (i, t)
             for i, p in enumerate(params)
-            if steps[i] < p.min_tokens
+            if steps[i] < p.min_tokens and p.structured_outputs is None
             for t in (p.stop_token_ids if p.ignore_eos else [*eos, *p.stop_token_ids])
         ]
         if banned:
             banned_rows, banned_ids = (np.array(c, np.int64) for c in zip(*banned))
+
+        bias = None
+        biased = [(i, t, v) for i, p in enumerate(params) if p.logit_bias for t, v in p.logit_bias.items()]
+        if biased:
+            rows_, ids_, values_ = zip(*biased)
+            bias = LogitBias(np.array(rows_, np.int64), np.array(ids_, np.int64), np.array(values_, np.float32))
 
         return cls(
             temperature=temperature,
@@ -106,4 +130,7 @@ class SamplingMetadata:
             penalties=penalties,
             banned_rows=banned_rows,
             banned_ids=banned_ids,
+            bias=bias,
+            allowed_rows=np.asarray(allowed_rows, np.int64) if len(allowed_rows) else None,
+            allowed_bitmask=allowed_bitmask if len(allowed_rows) else None,
         )

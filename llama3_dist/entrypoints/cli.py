@@ -118,7 +118,7 @@ def _add_serve(sub) -> None:
         "serve",
         help="an OpenAI-compatible HTTP server",
         description="Serve a checkpoint over the OpenAI API (/v1/completions, /v1/chat/completions, "
-        "/v1/models, /health, /metrics).",
+        "/v1/embeddings, /v1/models, /tokenize, /detokenize, /health, /metrics).",
     )
     _add_model_args(p)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
@@ -130,6 +130,13 @@ def _add_serve(sub) -> None:
         "key out of process listings); /health, /ping and /metrics stay open for probes and scrapers",
     )
     p.add_argument("--protect-metrics", action="store_true", help="/metrics needs the API key too")
+    p.add_argument(
+        "--tool-call-parser",
+        choices=["auto", "llama3_json", "hermes", "none"],
+        default="auto",
+        help="how tool calls are found in the output: llama3_json (Llama 3.1+), hermes (<tool_call>: Hermes, "
+        "Qwen 2.5), none (never parsed); auto (default) reads the chat template",
+    )
     limits = p.add_argument_group("limits", "What one request may ask; past a limit it gets an OpenAI-format error.")
     limits.add_argument("--max-prompt-tokens", type=int, default=None, help="400 beyond (default: the context)")
     limits.add_argument("--max-tokens-cap", type=int, default=None, help="largest max_tokens (default: the context)")
@@ -216,6 +223,7 @@ def _run_serve(args) -> int:
         protect_metrics=args.protect_metrics,
         limits=limits,
         drain_timeout_s=args.drain_timeout,
+        tool_call_parser=args.tool_call_parser,
     )
     return 0
 
@@ -244,6 +252,7 @@ def _run_serve_replicas(args, api_key: str | None) -> int:
         routing=args.routing or "prefix",
         api_key=api_key,
         served_model_name=args.served_model_name,
+        tool_call_parser=args.tool_call_parser,
         **engine_kwargs,
     )
     return 0

@@ -12,7 +12,7 @@ from typing import Any, Protocol
 
 from ..engine import EngineStats
 from ..request_metrics import RequestMetrics
-from ..sampling_params import SamplingParams
+from ..sampling_params import PoolingParams, SamplingParams
 
 
 class EngineClient(Protocol):
@@ -50,7 +50,7 @@ class EngineClient(Protocol):
         self,
         request_id: str,
         prompt: str | None,
-        params: SamplingParams,
+        params: SamplingParams | PoolingParams,
         prompt_token_ids: list[int] | None,
         out: asyncio.Queue,
         arrival_time: float | None = None,

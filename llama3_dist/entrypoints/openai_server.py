@@ -1,7 +1,12 @@
 """An OpenAI-compatible HTTP server on the engine's step API (FastAPI + uvicorn).
 
     POST /v1/completions, POST /v1/chat/completions   ("stream": true: server-sent events, then [DONE])
+    POST /tokenize, POST /detokenize                   (vLLM's shapes)
     GET  /v1/models, GET /health, GET /metrics         (Prometheus text format)
+
+Structured outputs (response_format, guided_*, structured_outputs) compile on the grammar
+compiler's threads before the engine sees the request (core/grammar.py); tools, tool_choice and
+the tool-call parsers are in tool_calls.py.
 
 One thread owns the engine (AsyncLLMEngine); handlers on the event loop tokenize, validate, queue
 requests and read their outputs from per-request asyncio queues. Parameters follow the OpenAI
@@ -16,6 +21,7 @@ metrics.py, the load test in bench.py.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import copy
 import hmac
@@ -28,24 +34,39 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..async_engine import AsyncLLMEngine, EngineDeadError
+from ..core.grammar import GrammarCompiler, GrammarError, grammar_key, shared_compiler
 from ..outputs import LogprobsDict, RequestOutput
-from ..sampling_params import SamplingParams
+from ..sampling_params import PoolingParams, SamplingParams, StructuredOutputsParams
 from .engine_client import EngineClient
 from .metrics import render_metrics
 from .openai_protocol import (
     MAX_LOGPROBS,
     APIError,
     ChatCompletionRequest,
+    ChatMessage,
     CompletionRequest,
+    DetokenizeRequest,
+    EmbeddingRequest,
     SamplingFields,
+    TokenizeRequest,
     bad_request,
     from_validation_error,
+)
+from .tool_calls import (
+    forced_call_grammar,
+    may_start_call,
+    new_call_id,
+    parse_tool_calls,
+    render_message_tool_calls,
+    resolve_parser,
+    validate_tools,
 )
 
 DEFAULT_MODEL_NAME = "llama3-dist-default"
@@ -79,6 +100,16 @@ class ServerLimits:
             raise ValueError(f"request_timeout_s must be > 0 (or None: no timeout), got {self.request_timeout_s}")
 
 
+@dataclass(frozen=True, slots=True)
+class _ToolSetup:
+    """A chat request's tools: what the template renders, how the output is parsed (None: not
+    parsed), and the grammar that forces a call (tool_choice "required" or a named function)."""
+
+    tools: list[dict]
+    parser: str | None
+    forced: StructuredOutputsParams | None
+
+
 # ============================================================================ the server
 class OpenAIServer:
     """The handlers; `engine` is an AsyncLLMEngine here, or the Ray Serve ingress's client of the
@@ -90,6 +121,7 @@ class OpenAIServer:
         served_model_name: str | None = None,
         api_key: str | None = None,
         limits: ServerLimits | None = None,
+        tool_call_parser: str = "auto",
     ):
         self.engine = engine
         self.limits = limits or ServerLimits()
@@ -102,6 +134,8 @@ class OpenAIServer:
         # tokenizer shared between threads can fail with "Already borrowed".
         self.tokenizer = copy.deepcopy(engine.tokenizer) if engine.tokenizer is not None else None
         self.created = int(time.time())
+        template = getattr(self.tokenizer, "chat_template", None) if self.tokenizer is not None else None
+        self.tool_parser = resolve_parser(tool_call_parser, template if isinstance(template, str) else None)
 
     # --- shared steps -----------------------------------------------------------------------
     def _check_model(self, model: str | None) -> None:
@@ -156,9 +190,16 @@ class OpenAIServer:
             )
         return requested
 
-    def _params(self, req: SamplingFields, max_tokens: int, logprobs: int | None) -> SamplingParams:
-        if req.logit_bias:
-            raise bad_request("logit_bias is not supported", param="logit_bias")
+    def _params(
+        self,
+        req: SamplingFields,
+        max_tokens: int,
+        logprobs: int | None,
+        structured: StructuredOutputsParams | None = None,
+        prompt_logprobs: int | None = None,
+    ) -> SamplingParams:
+        """The request's SamplingParams; `structured` (a tool_choice's grammar) stands in for the
+        request's own constraint fields."""
         top = self.limits.max_logprobs
         if logprobs is not None and not 0 <= logprobs <= top:
             raise bad_request(f"logprobs must be in [0, {top}], got {logprobs}", param="logprobs")
@@ -177,6 +218,9 @@ class OpenAIServer:
             frequency_penalty=req.frequency_penalty,
             skip_special_tokens=req.skip_special_tokens,
             include_stop_str_in_output=req.include_stop_str_in_output,
+            logit_bias=self._logit_bias(req.logit_bias),
+            structured_outputs=structured if structured is not None else req.structured_outputs_params(),
+            prompt_logprobs=prompt_logprobs,
         )
         optional = dict(
             temperature=req.temperature,
@@ -191,10 +235,47 @@ class OpenAIServer:
         except ValidationError as e:
             raise from_validation_error(e) from None
 
+    def _logit_bias(self, bias: dict[str, float] | None) -> dict[int, float] | None:
+        """OpenAI's logit_bias (token ids as JSON keys) as ints, each a token of the vocabulary."""
+        if not bias:
+            return None
+        vocab = len(self.tokenizer) if self.tokenizer is not None else None
+        out: dict[int, float] = {}
+        for key, value in bias.items():
+            try:
+                token = int(key)
+            except ValueError:
+                raise bad_request(f"logit_bias: {key!r} is not a token id (an integer)", param="logit_bias") from None
+            if token < 0 or (vocab is not None and token >= vocab):
+                raise bad_request(
+                    f"logit_bias: token id {token} is not in the vocabulary (ids 0 to "
+                    f"{'' if vocab is None else vocab - 1})",
+                    param="logit_bias",
+                )
+            out[token] = value
+        return out
+
+    def grammar_compiler(self) -> GrammarCompiler:
+        if self.tokenizer is None:
+            raise bad_request(f"structured outputs need a tokenizer; {self.model_path!r} has none")
+        return shared_compiler(self.tokenizer, self.tokenizer.eos_token_id)
+
+    async def _compile_grammar(self, params: SamplingParams, param: str) -> None:
+        """Compiles the request's grammar on the compiler's threads (never on the event loop or
+        the engine's thread), so that a bad schema is a 400 here and the engine finds it cached."""
+        if params.structured_outputs is None:
+            return
+        try:
+            await asyncio.wrap_future(self.grammar_compiler().compile_async(grammar_key(params.structured_outputs)))
+        except GrammarError as e:
+            raise bad_request(str(e), param=param, code="invalid_grammar") from None
+        except ImportError as e:
+            raise bad_request(str(e), param=param) from None
+
     async def _submit(
         self,
         prompts: list[tuple[str | None, list[int]]],
-        params: SamplingParams,
+        params: SamplingParams | PoolingParams,
         base_id: str,
         arrival: float,
         stream: bool,
@@ -322,7 +403,9 @@ class OpenAIServer:
             "total_tokens": prompt_tokens + completion_tokens,
         }
 
-    def _token_str(self, lp: LogprobsDict, tid: int) -> str:
+    def _token_str(self, lp: LogprobsDict | None, tid: int) -> str:
+        if lp is None:  # the first prompt token, which nothing scores
+            return self._decode([tid]) if self.tokenizer is not None else f"token_id:{tid}"
         entry = lp.get(tid)
         if entry is not None and entry.decoded_token is not None:
             return entry.decoded_token
@@ -334,15 +417,20 @@ class OpenAIServer:
         req = await _parse(request, CompletionRequest, self.limits.max_body_bytes)
         self._check_model(req.model)
         if req.suffix:
-            raise bad_request("suffix is not supported", param="suffix")
+            raise bad_request(
+                "suffix (fill-in-the-middle) is not supported: Llama 3 models have no fill-in-the-middle tokens; "
+                "put all the text before the gap in the prompt",
+                param="suffix",
+            )
         if req.best_of is not None and req.best_of != req.n:
             raise bad_request(f"best_of ({req.best_of}) other than n ({req.n}) is not supported", param="best_of")
-        if req.echo and req.logprobs is not None:
-            raise bad_request("echo together with logprobs is not supported", param="echo")
         prompts = self._completion_prompts(req.prompt)
         longest = max(len(ids) for _, ids in prompts)
         max_tokens = self._max_tokens(req.max_tokens, longest, "prompt")
-        params = self._params(req, max_tokens, req.logprobs)
+        # echo with logprobs: the prompt's tokens are scored too, and lead the logprobs (OpenAI's shape)
+        echo_logprobs = req.echo and req.logprobs is not None
+        params = self._params(req, max_tokens, req.logprobs, prompt_logprobs=req.logprobs if echo_logprobs else None)
+        await self._compile_grammar(params, "response_format")
         base_id = f"cmpl-{uuid.uuid4().hex}"
         out, rids = await self._submit(prompts, params, base_id, arrival, req.stream)
         created = int(time.time())
@@ -353,6 +441,13 @@ class OpenAIServer:
             for rid, (text, ids) in zip(rids, prompts)
         }
         prompt_tokens = sum(len(ids) for _, ids in prompts)
+        prompt_ids = {rid: ids for rid, (_, ids) in zip(rids, prompts)}
+
+        def lead(item: RequestOutput) -> tuple[list[int], list[LogprobsDict | None]]:
+            """echo with logprobs: the prompt's tokens and log-probabilities (the first has none)."""
+            if not echo_logprobs:
+                return [], []
+            return prompt_ids[item.request_id], list(item.prompt_logprobs or [])
 
         def choice(rid, c, text, token_ids, lps, start_offset, finish):
             logprobs = None
@@ -369,7 +464,15 @@ class OpenAIServer:
         if not req.stream:
             final = await self._collect(out, rids, request)
             choices = [
-                choice(rid, c, echo[rid] + c.text, c.token_ids, c.logprobs or [], 0, c.finish_reason)
+                choice(
+                    rid,
+                    c,
+                    echo[rid] + c.text,
+                    lead(final[rid])[0] + c.token_ids,
+                    lead(final[rid])[1] + (c.logprobs or []),
+                    0,
+                    c.finish_reason,
+                )
                 for rid in rids
                 for c in final[rid].outputs
             ]
@@ -394,15 +497,18 @@ class OpenAIServer:
             for c in item.outputs:
                 key = (item.request_id, c.index)
                 first = key not in sent
-                chars, toks, offset = sent.setdefault(key, [0, 0, len(echo[item.request_id])])
+                chars, toks, offset = sent.setdefault(key, [0, 0, 0 if echo_logprobs else len(echo[item.request_id])])
                 text, new_ids = c.text[chars:], c.token_ids[toks:]
                 newly_done = c.finish_reason is not None and key not in done
                 if not text and not new_ids and not newly_done and not first:
                     continue
                 if newly_done:
                     done.add(key)
-                lps = (c.logprobs or [])[toks : toks + len(new_ids)]
+                lps: list[LogprobsDict | None] = list((c.logprobs or [])[toks : toks + len(new_ids)])
                 prefix = echo[item.request_id] if first else ""
+                if first:
+                    lead_ids, lead_lps = lead(item)
+                    new_ids, lps = lead_ids + new_ids, lead_lps + lps
                 chunks.append(
                     {
                         "id": base_id,
@@ -422,7 +528,7 @@ class OpenAIServer:
                         ],
                     }
                 )
-                totals["completion"] += len(new_ids)
+                totals["completion"] += len(c.token_ids) - toks
                 sent[key] = [
                     len(c.text),
                     len(c.token_ids),
@@ -443,35 +549,35 @@ class OpenAIServer:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         return _SSEResponse(self._stream_events(out, rids, on_output, usage_chunk, include_usage))
 
-    def _completion_prompts(self, prompt) -> list[tuple[str | None, list[int]]]:
+    def _completion_prompts(self, prompt, param: str = "prompt") -> list[tuple[str | None, list[int]]]:
         if isinstance(prompt, str):
             return [(prompt, self._encode(prompt))]
         if not prompt:
-            raise bad_request("prompt must not be empty", param="prompt")
+            raise bad_request(f"{param} must not be empty", param=param)
         if all(isinstance(p, int) for p in prompt):
             return [(None, list(prompt))]
         if all(isinstance(p, str) for p in prompt):
             return [(p, self._encode(p)) for p in prompt]
         if all(isinstance(p, list) for p in prompt):
             if any(not p for p in prompt):
-                raise bad_request("prompt token lists must not be empty", param="prompt")
+                raise bad_request(f"{param} token lists must not be empty", param=param)
             return [(None, list(p)) for p in prompt]
         raise bad_request(
-            "prompt must be a string, a list of strings, a list of token ids or a list of lists of token ids",
-            param="prompt",
+            f"{param} must be a string, a list of strings, a list of token ids or a list of lists of token ids",
+            param=param,
         )
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids) if self.tokenizer is not None else ""
 
-    def _completion_logprobs(self, token_ids, lps: list[LogprobsDict], start_offset: int) -> dict:
+    def _completion_logprobs(self, token_ids, lps: list[LogprobsDict | None], start_offset: int) -> dict:
         tokens, token_logprobs, top, offsets = [], [], [], []
         offset = start_offset
         for tid, lp in zip(token_ids, lps):
             s = self._token_str(lp, tid)
             tokens.append(s)
-            token_logprobs.append(lp[tid].logprob if tid in lp else None)
-            top.append({self._token_str(lp, t): v.logprob for t, v in lp.items()})
+            token_logprobs.append(lp[tid].logprob if lp is not None and tid in lp else None)
+            top.append(None if lp is None else {self._token_str(lp, t): v.logprob for t, v in lp.items()})
             offsets.append(offset)
             offset += len(s)
         return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top, "text_offset": offsets}
@@ -481,34 +587,40 @@ class OpenAIServer:
         arrival = time.monotonic()
         req = await _parse(request, ChatCompletionRequest, self.limits.max_body_bytes)
         self._check_model(req.model)
-        if req.tools:
-            raise bad_request("tools are not supported", param="tools")
-        if req.response_format and req.response_format.get("type", "text") != "text":
-            raise bad_request("only response_format {'type': 'text'} is supported", param="response_format")
         if req.top_logprobs is not None and not req.logprobs:
             raise bad_request("top_logprobs needs logprobs: true", param="top_logprobs")
-        ids = self._chat_prompt(req)
+        tools = self._tool_setup(req)
+        ids = self._chat_prompt(req, tools)
         requested = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         max_tokens = self._max_tokens(requested, len(ids), "messages")
         k = (req.top_logprobs or 0) if req.logprobs else None
-        params = self._params(req, max_tokens, k)
+        params = self._params(req, max_tokens, k, structured=tools.forced if tools else None)
+        await self._compile_grammar(params, "tool_choice" if tools and tools.forced else "response_format")
         base_id = f"chatcmpl-{uuid.uuid4().hex}"
         out, rids = await self._submit([(None, ids)], params, base_id, arrival, req.stream)
         created = int(time.time())
         prompt_tokens = len(ids)
+        parser = tools.parser if tools else None  # None: the text is all content
 
         if not req.stream:
             final = (await self._collect(out, rids, request))[rids[0]]
-            choices = [
-                {
-                    "index": c.index,
-                    "message": {"role": "assistant", "content": c.text},
-                    "logprobs": self._chat_logprobs(c.token_ids, c.logprobs, k) if k is not None else None,
-                    "finish_reason": c.finish_reason,
-                    "stop_reason": c.stop_reason,
-                }
-                for c in final.outputs
-            ]
+            choices = []
+            for c in final.outputs:
+                content, calls = parse_tool_calls(parser, c.text) if parser else (c.text, [])
+                message: dict = {"role": "assistant", "content": content}
+                finish = c.finish_reason
+                if calls:
+                    message["tool_calls"] = [call.to_openai(new_call_id()) for call in calls]
+                    finish = "tool_calls"
+                choices.append(
+                    {
+                        "index": c.index,
+                        "message": message,
+                        "logprobs": self._chat_logprobs(c.token_ids, c.logprobs, k) if k is not None else None,
+                        "finish_reason": finish,
+                        "stop_reason": c.stop_reason,
+                    }
+                )
             completion_tokens = sum(len(c.token_ids) for c in final.outputs)
             return JSONResponse(
                 {
@@ -521,7 +633,7 @@ class OpenAIServer:
                 }
             )
 
-        sent: dict[int, list[int]] = {}  # index -> [chars, tokens]
+        sent: dict[int, list[int]] = {}  # index -> [chars of content sent, tokens]
         done: set[int] = set()  # choices whose finish_reason has gone out
         totals = {"completion": 0}
 
@@ -534,48 +646,55 @@ class OpenAIServer:
                 "choices": choices,
             }
 
+        def delta(index: int, body: dict, logprobs=None, finish=None, stop_reason=None) -> dict:
+            entry = {"index": index, "delta": body, "logprobs": logprobs, "finish_reason": finish}
+            if finish is not None:
+                entry["stop_reason"] = stop_reason
+            return chunk([entry])
+
         def on_output(item: RequestOutput):
             chunks = []
             for c in item.outputs:
                 if c.index not in sent:
                     sent[c.index] = [0, 0]
-                    chunks.append(
-                        chunk(
-                            [
-                                {
-                                    "index": c.index,
-                                    "delta": {"role": "assistant", "content": ""},
-                                    "logprobs": None,
-                                    "finish_reason": None,
-                                }
-                            ]
-                        )
-                    )
+                    chunks.append(delta(c.index, {"role": "assistant", "content": ""}))
                 chars, toks = sent[c.index]
-                text, new_ids = c.text[chars:], c.token_ids[toks:]
                 newly_done = c.finish_reason is not None and c.index not in done
+                # With tools, text from where a call may begin is held back until the end, when
+                # the whole text is parsed: a call is never sent as content, nor content lost.
+                limit = len(c.text)
+                if parser and not newly_done:
+                    hold = may_start_call(parser, c.text)
+                    limit = limit if hold is None else max(chars, hold)
+                text, new_ids = c.text[chars:limit], c.token_ids[toks:]
                 if not text and not new_ids and not newly_done:
                     continue
-                if newly_done:
-                    done.add(c.index)
                 logprobs = None
                 if k is not None:
                     logprobs = self._chat_logprobs(new_ids, (c.logprobs or [])[toks : toks + len(new_ids)], k)
-                chunks.append(
-                    chunk(
-                        [
-                            {
-                                "index": c.index,
-                                "delta": {"content": text} if text or not newly_done else {},
-                                "logprobs": logprobs,
-                                "finish_reason": c.finish_reason if newly_done else None,
-                                **({"stop_reason": c.stop_reason} if newly_done else {}),
-                            }
-                        ]
-                    )
-                )
                 totals["completion"] += len(new_ids)
-                sent[c.index] = [len(c.text), len(c.token_ids)]
+                sent[c.index] = [chars + len(text), len(c.token_ids)]
+                if not newly_done:
+                    chunks.append(delta(c.index, {"content": text}, logprobs))
+                    continue
+                done.add(c.index)
+                content, calls = parse_tool_calls(parser, c.text) if parser else (c.text, [])
+                if calls:  # what was sent is a prefix of the content: send the rest, then the calls
+                    rest = (content or "")[chars:]
+                    if rest or logprobs is not None:
+                        chunks.append(delta(c.index, {"content": rest}, logprobs))
+                    for i, call in enumerate(calls):
+                        # OpenAI's shape: id, type and name first, then the arguments
+                        head = {"index": i, "id": new_call_id(), "type": "function"}
+                        head["function"] = {"name": call.name, "arguments": ""}
+                        arguments = {"index": i, "function": {"arguments": call.arguments}}
+                        chunks.append(delta(c.index, {"tool_calls": [head]}))
+                        chunks.append(delta(c.index, {"tool_calls": [arguments]}))
+                    chunks.append(delta(c.index, {}, None, "tool_calls", c.stop_reason))
+                else:
+                    text = c.text[chars:]
+                    body = {"content": text} if text else {}
+                    chunks.append(delta(c.index, body, logprobs, c.finish_reason, c.stop_reason))
             return chunks
 
         def usage_chunk():
@@ -584,13 +703,76 @@ class OpenAIServer:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         return _SSEResponse(self._stream_events(out, rids, on_output, usage_chunk, include_usage))
 
-    def _chat_prompt(self, req: ChatCompletionRequest) -> list[int]:
+    def _tool_setup(self, req: ChatCompletionRequest) -> _ToolSetup | None:
+        """How this request uses tools: None when it does not (no tools, tool_choice "none", or
+        the server's parser is "none" with tool_choice "auto")."""
+        choice = req.tool_choice
+        if choice is None:
+            choice = "auto" if req.tools else "none"
+        named: str | None = None
+        if isinstance(choice, dict):
+            fn = choice.get("function")
+            if choice.get("type") != "function" or not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+                raise bad_request(
+                    "tool_choice must be 'none', 'auto', 'required' or {'type': 'function', 'function': {'name': ...}}",
+                    param="tool_choice",
+                )
+            named = fn["name"]
+        elif choice not in ("none", "auto", "required"):
+            raise bad_request(
+                f"tool_choice {choice!r} is not one of 'none', 'auto', 'required' or a named function",
+                param="tool_choice",
+            )
+        if choice == "none" or (not req.tools and choice == "auto"):
+            return None
+        if not req.tools:
+            raise bad_request(f"tool_choice {choice!r} needs tools", param="tool_choice")
+        try:
+            functions = validate_tools(req.tools)
+        except ValueError as e:
+            raise bad_request(str(e), param="tools") from None
+        template = getattr(self.tokenizer, "chat_template", None) if self.tokenizer is not None else None
+        if not isinstance(template, str) or "tools" not in template:
+            raise bad_request(
+                f"the chat template of {self.model_path!r} does not render tools, so the model cannot see them; "
+                "serve a checkpoint whose template does (Llama 3.1+, Hermes, Qwen 2.5)",
+                param="tools",
+            )
+        if named is not None and named not in functions:
+            raise bad_request(
+                f"tool_choice names {named!r}, which is not among the tools ({', '.join(functions)})",
+                param="tool_choice",
+            )
+        forced = None
+        if choice == "required" or named is not None:
+            if self.tool_parser == "none":
+                raise bad_request(
+                    "tool_choice 'required' or a named function needs a tool call parser (--tool-call-parser)",
+                    param="tool_choice",
+                )
+            if req.structured_outputs_params() is not None:
+                raise bad_request(
+                    "tool_choice 'required' or a named function already constrains the output; drop "
+                    "response_format / guided_* / structured_outputs",
+                    param="tool_choice",
+                )
+            forced = forced_call_grammar(self.tool_parser, functions, named, req.parallel_tool_calls)
+        if self.tool_parser == "none":
+            return _ToolSetup(req.tools, None, None)
+        return _ToolSetup(req.tools, self.tool_parser, forced)
+
+    def _chat_prompt(self, req: ChatCompletionRequest, tools: _ToolSetup | None = None) -> list[int]:
+        return self._render_chat(req.messages, req.add_generation_prompt, tools.tools if tools else None)
+
+    def _render_chat(self, chat: list[ChatMessage], add_generation_prompt: bool, tools: list[dict] | None) -> list[int]:
+        """The token ids of chat messages through the model's chat template; tools (OpenAI's
+        function list) go to the template as transformers passes them."""
         if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
             raise bad_request(
                 f"the checkpoint {self.model_path!r} has no chat template; use /v1/completions", param="messages"
             )
         messages = []
-        for i, m in enumerate(req.messages):
+        for i, m in enumerate(chat):
             if m.role not in CHAT_ROLES:
                 raise bad_request(
                     f"messages.{i}.role: {m.role!r} is not a role; use one of {', '.join(CHAT_ROLES)}",
@@ -607,13 +789,20 @@ class OpenAIServer:
                         )
                     texts.append(part["text"])
                 content = "\n".join(texts)
-            msg = {"role": m.role, "content": content or ""}
+            msg: dict = {"role": m.role, "content": content or ""}
             if m.name:
                 msg["name"] = m.name
+            if m.tool_calls:
+                try:
+                    msg["tool_calls"] = render_message_tool_calls(m.tool_calls)
+                except ValueError as e:
+                    raise bad_request(f"messages.{i}.{e}", param=f"messages.{i}.tool_calls") from None
+            if m.tool_call_id is not None:
+                msg["tool_call_id"] = m.tool_call_id
             messages.append(msg)
         try:
             ids = self.tokenizer.apply_chat_template(
-                messages, add_generation_prompt=req.add_generation_prompt, tokenize=True
+                messages, tools=tools, add_generation_prompt=add_generation_prompt, tokenize=True
             )
         except Exception as e:  # the template itself refuses (a role it does not know, ...)
             raise bad_request(f"the chat template could not render these messages: {e}", param="messages") from None
@@ -641,6 +830,77 @@ class OpenAIServer:
                 }
             )
         return {"content": content}
+
+    # --- /v1/embeddings -----------------------------------------------------------------------
+    async def embeddings(self, request: Request):
+        """The prompt's final hidden states (after the final norm), mean- or last-token-pooled and
+        L2-normalised: a causal LM's states, not a trained embedding model's."""
+        arrival = time.monotonic()
+        req = await _parse(request, EmbeddingRequest, self.limits.max_body_bytes)
+        self._check_model(req.model)
+        if req.encoding_format not in ("float", "base64"):
+            raise bad_request(
+                f"encoding_format {req.encoding_format!r} is not supported; use 'float' or 'base64'",
+                param="encoding_format",
+            )
+        if req.dimensions is not None:
+            raise bad_request(
+                "dimensions is not supported: the embeddings have the model's hidden size (a causal LM's states "
+                "cannot be shortened meaningfully)",
+                param="dimensions",
+            )
+        try:
+            pooling = PoolingParams(pooling=req.pooling)
+        except ValidationError as e:
+            raise from_validation_error(e) from None
+        prompts = self._completion_prompts(req.input, param="input")
+        for _, ids in prompts:
+            self._max_tokens(None, len(ids), "input")
+        base_id = f"embd-{uuid.uuid4().hex}"
+        out, rids = await self._submit(prompts, pooling, base_id, arrival, False)
+        final = await self._collect(out, rids, request)
+        data = []
+        for i, rid in enumerate(rids):
+            vector = final[rid].embedding
+            assert vector is not None  # a finished embedding request has one
+            encoded = (
+                base64.b64encode(np.asarray(vector, "<f4").tobytes()).decode()
+                if req.encoding_format == "base64"
+                else vector
+            )
+            data.append({"object": "embedding", "index": i, "embedding": encoded})
+        prompt_tokens = sum(len(ids) for _, ids in prompts)
+        return {
+            "object": "list",
+            "data": data,
+            "model": self.model_name,
+            "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens},
+        }
+
+    # --- /tokenize, /detokenize (vLLM's shapes) -----------------------------------------------
+    async def tokenize(self, request: Request):
+        req = await _parse(request, TokenizeRequest, self.limits.max_body_bytes)
+        self._check_model(req.model)
+        if (req.prompt is None) == (req.messages is None):
+            raise bad_request("give either prompt (text) or messages (chat), not both and not neither", param="prompt")
+        if req.messages is not None:
+            if not req.messages:
+                raise bad_request("messages must not be empty", param="messages")
+            ids = self._render_chat(req.messages, req.add_generation_prompt, None)
+        else:
+            ids = self._encode(req.prompt or "", add_special_tokens=req.add_special_tokens)
+        return {"tokens": ids, "count": len(ids), "max_model_len": self.max_model_len}
+
+    async def detokenize(self, request: Request):
+        req = await _parse(request, DetokenizeRequest, self.limits.max_body_bytes)
+        self._check_model(req.model)
+        if self.tokenizer is None:
+            raise bad_request(f"the checkpoint {self.model_path!r} has no tokenizer", param="tokens")
+        vocab = len(self.tokenizer)
+        bad = next((t for t in req.tokens if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise bad_request(f"tokens: {bad} is not a token id (ids are 0 to {vocab - 1})", param="tokens")
+        return {"prompt": self.tokenizer.decode(req.tokens)}
 
     # --- the rest -----------------------------------------------------------------------------
     async def models(self, request: Request):
@@ -778,15 +1038,20 @@ def build_app(
     api_key: str | None = None,
     protect_metrics: bool = False,
     limits: ServerLimits | None = None,
+    tool_call_parser: str = "auto",
 ) -> FastAPI:
     """The routes over an engine client. api_key guards /v1/* (and /metrics with protect_metrics);
-    /health and /ping (liveness: 200 while the process serves) never need it."""
-    server = OpenAIServer(engine, served_model_name, api_key, limits)
+    /health and /ping (liveness: 200 while the process serves) never need it.
+    tool_call_parser: how tool calls are found in the output (tool_calls.TOOL_CALL_PARSERS)."""
+    server = OpenAIServer(engine, served_model_name, api_key, limits, tool_call_parser)
     app = FastAPI(title="llama3-dist", description="OpenAI-compatible API for Llama 3 family checkpoints")
     app.state.server = server
     app.add_api_route("/v1/completions", server.completions, methods=["POST"])
     app.add_api_route("/v1/chat/completions", server.chat_completions, methods=["POST"])
+    app.add_api_route("/v1/embeddings", server.embeddings, methods=["POST"])
     app.add_api_route("/v1/models", server.models, methods=["GET"])
+    app.add_api_route("/tokenize", server.tokenize, methods=["POST"])
+    app.add_api_route("/detokenize", server.detokenize, methods=["POST"])
     app.add_api_route("/health", server.health, methods=["GET"])
     app.add_api_route("/ping", server.ping, methods=["GET"])
     app.add_api_route("/metrics", server.metrics, methods=["GET"])
@@ -836,6 +1101,7 @@ def serve(
     protect_metrics: bool = False,
     limits: ServerLimits | None = None,
     drain_timeout_s: float = 30.0,
+    tool_call_parser: str = "auto",
 ) -> None:
     """Loads the model, then serves until interrupted (the `llama3-dist serve` command). SIGTERM
     or Ctrl-C drains: the socket stops accepting, requests under way finish (for at most
@@ -848,7 +1114,7 @@ def serve(
     engine = AsyncLLMEngine(LLMEngine(model, **(engine_kwargs or {})))
     try:
         name = served_model_name or (str(model) if model is not None else DEFAULT_MODEL_NAME)
-        app = build_app(engine, name, api_key, protect_metrics, limits)
+        app = build_app(engine, name, api_key, protect_metrics, limits, tool_call_parser)
         url = server_url(host, sock.getsockname()[1])
         print(f"llama3-dist: serving {name!r} at {url}/v1", flush=True)
         config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=max(1, round(drain_timeout_s)))
@@ -884,11 +1150,12 @@ class ServerThread:
         log_level: str = "warning",
         protect_metrics: bool = False,
         limits: ServerLimits | None = None,
+        tool_call_parser: str = "auto",
     ):
         import uvicorn
 
         self.engine = engine
-        self.app = build_app(engine, served_model_name, api_key, protect_metrics, limits)
+        self.app = build_app(engine, served_model_name, api_key, protect_metrics, limits, tool_call_parser)
         self.sock = bind_socket(host, port)
         self.url = server_url(host, self.sock.getsockname()[1])
         self.base_url = self.url + "/v1"

@@ -38,6 +38,9 @@ class StepOutput:
     hidden_states: torch.Tensor | None = None
     sampled: SamplerOutput | None = None
     prompt_logprobs: list | None = None  # TokenLogprobs per SamplingInput.prompt_rows
+    # An engine step's StepInput.hidden_rows (embedding requests): final-norm hidden states,
+    # float32 on the host, full width (the all-reduce has run), one row per asked-for token.
+    pooled_hidden: np.ndarray | None = None
     # Where the step's time went on rank 0 (for the engine's overhead figures).
     forward_seconds: float = 0.0
     sample_seconds: float = 0.0
@@ -270,6 +273,9 @@ class Worker:
             if step.sampling is not None:
                 out = self._sample(logits, step.sampling)
                 assert out.sampled is not None
+                if step.hidden_rows is not None:  # decode graphs never serve a step with hidden_rows
+                    assert normed is not None
+                    out.pooled_hidden = normed[self._tensor(step.hidden_rows)].float().cpu().numpy()
                 device_ids = out.sampled.device_token_ids
                 self._last_sampled = device_ids if device_ids is not None else self._tensor(out.sampled.token_ids)
                 if device_ids is not None:

@@ -4,7 +4,8 @@ The driver turns each running sequence's SamplingParams into one row of a `Sampl
 (plain numpy and lists: it is pickled to the worker every step). The worker holding the logits
 runs `Sampler` on them and sends back token ids and, for rows that asked, log-probabilities.
 
-Processing order follows vLLM: min_tokens masking and penalties on the logits; greedy rows take
+Processing order follows vLLM: min_tokens masking, penalties, logit_bias and the grammar masks
+of structured outputs (packed bitmasks the driver computed) on the logits; greedy rows take
 the argmax; the others are divided by their temperature, filtered by min_p, top_k and top_p
 (each keeps a top slice of the distribution, so together they are one probability threshold per
 row), and sampled by inverse CDF with one uniform number per row. A seeded row draws that number
@@ -58,23 +59,21 @@ class Sampler:
             raise ValueError(f"logits have {b} rows but the sampling metadata {meta.batch_size}")
         if keep_on_device and dev.type == "cuda" and all(k is None for k in meta.num_logprobs):
             return SamplerOutput(np.empty(0, np.int64), [None] * b, self._draw_on_device(logits, meta))
-        x = logits.float()
-        if meta.penalties is not None or meta.banned_rows is not None:
-            x = self._buffer("penalised", b, v, dev).copy_(x)  # logprobs are of the raw logits
-            if meta.banned_rows is not None and meta.banned_ids is not None:
-                x[_t(meta.banned_rows, dev), _t(meta.banned_ids, dev)] = float("-inf")
-            if meta.penalties is not None:
-                apply_penalties(x, meta.penalties)
+        # Rows whose grammar allows few tokens draw among those alone (below): no pass over V.
+        sparse = _sparse_rows(meta, v) if dev.type == "cpu" else {}
+        x = processed = self._processed(logits, meta, skip_mask_rows=sparse)
 
         greedy = meta.temperature < SAMPLING_EPS
-        if greedy.all():
-            token_ids = _argmax(x)
+        in_sparse = np.zeros(b, bool)
+        in_sparse[list(sparse)] = True
+        r_rows = np.flatnonzero(~greedy & ~in_sparse)
+        if len(r_rows) == 0:
+            token_ids = _argmax(x) if greedy.any() else np.empty(b, np.int64)
         else:
-            r_rows = np.flatnonzero(~greedy)
             work = self._buffer("probs", len(r_rows), v, dev)
             if len(r_rows) < b:
                 token_ids = _argmax(x)  # cheaper than gathering the greedy rows first
-                torch.index_select(x, 0, _t(r_rows, dev), out=work)
+                _gather_rows(x, r_rows, work)
                 x = work
             else:
                 token_ids = np.empty(b, np.int64)
@@ -86,7 +85,10 @@ class Sampler:
                 meta.min_p[r_rows],
                 self._uniforms(meta, r_rows),
                 out=work,
+                has_minus_inf=_has_minus_inf(meta),
             )
+        if sparse:
+            self._sample_sparse(processed, meta, sparse, token_ids)
 
         logprobs: list[TokenLogprobs | None] = [None] * b
         asked = {i: k for i, k in enumerate(meta.num_logprobs) if k is not None}
@@ -101,15 +103,9 @@ class Sampler:
     def _draw_on_device(self, logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
         """The same draws as __call__ makes on a GPU (same uniforms, same filters), as a device
         tensor, with no host sync: greedy rows by argmax, the others over whole sorted rows."""
-        b, v = logits.shape
+        _b, v = logits.shape
         dev = logits.device
-        x = logits.float()
-        if meta.penalties is not None or meta.banned_rows is not None:
-            x = self._buffer("penalised", b, v, dev).copy_(x)
-            if meta.banned_rows is not None and meta.banned_ids is not None:
-                x[_t(meta.banned_rows, dev), _t(meta.banned_ids, dev)] = float("-inf")
-            if meta.penalties is not None:
-                apply_penalties(x, meta.penalties)
+        x = self._processed(logits, meta)
         token_ids = x.argmax(dim=-1)
         greedy = meta.temperature < SAMPLING_EPS
         if greedy.all():
@@ -117,11 +113,72 @@ class Sampler:
         r_rows = np.flatnonzero(~greedy)
         work = self._buffer("probs", len(r_rows), v, dev)
         torch.index_select(x, 0, _t(r_rows, dev), out=work)
-        w = _weights(work, meta.temperature[r_rows], out=work)
+        w = _weights(work, meta.temperature[r_rows], out=work, has_minus_inf=_has_minus_inf(meta))
         token_ids[_t(r_rows, dev)] = _draw_whole_rows(
             w, meta.top_k[r_rows], meta.top_p[r_rows], meta.min_p[r_rows], self._uniforms(meta, r_rows)
         )
         return token_ids
+
+    def _sample_sparse(
+        self, x: torch.Tensor, meta: SamplingMetadata, sparse: dict[int, np.ndarray], token_ids: np.ndarray
+    ) -> None:
+        """Rows under a grammar that allows at most SPARSE_MAX_FRACTION of the tokens: their processed
+        logits gathered at those tokens (in id order, padded with -inf), then the same greedy
+        pick or filtered draw (same uniform) as over the whole masked row; into token_ids."""
+        rows = np.fromiter(sparse, np.int64, len(sparse))
+        width = max(len(ids) for ids in sparse.values())
+        ids = np.zeros((len(rows), width), np.int64)
+        valid = np.zeros((len(rows), width), bool)
+        for j, allowed in enumerate(sparse.values()):
+            ids[j, : len(allowed)] = allowed
+            valid[j, : len(allowed)] = True
+        dev = x.device
+        cand = x[_t(rows, dev)[:, None], _t(ids, dev)].masked_fill_(~torch.from_numpy(valid).to(dev), float("-inf"))
+        greedy = meta.temperature[rows] < SAMPLING_EPS
+        picked = np.empty(len(rows), np.int64)
+        if greedy.any():
+            picked[greedy] = _argmax(cand[_t(np.flatnonzero(greedy), dev)])
+        drawn = np.flatnonzero(~greedy)
+        if len(drawn):
+            r = rows[drawn]
+            picked[drawn] = sample_filtered(
+                cand[_t(drawn, dev)].contiguous(),
+                meta.temperature[r],
+                meta.top_k[r],
+                meta.top_p[r],
+                meta.min_p[r],
+                self._uniforms(meta, r),
+                has_minus_inf=True,
+            )
+        token_ids[rows] = ids[np.arange(len(rows)), picked]
+
+    def _processed(
+        self, logits: torch.Tensor, meta: SamplingMetadata, skip_mask_rows: dict[int, np.ndarray] | None = None
+    ) -> torch.Tensor:
+        """The logits that sampling draws from: min_tokens bans, penalties, logit_bias, then the
+        grammar masks, in a copy (logprobs are of the raw logits); the logits themselves when no
+        row has any of these. Rows in skip_mask_rows are left unmasked (_sample_sparse reads
+        only their allowed tokens)."""
+        b, v = logits.shape
+        dev = logits.device
+        x = logits.float()
+        if meta.penalties is None and meta.banned_rows is None and meta.bias is None and meta.allowed_rows is None:
+            return x
+        x = self._buffer("penalised", b, v, dev).copy_(x)
+        if meta.banned_rows is not None and meta.banned_ids is not None:
+            x[_t(meta.banned_rows, dev), _t(meta.banned_ids, dev)] = float("-inf")
+        if meta.penalties is not None:
+            apply_penalties(x, meta.penalties)
+        if meta.bias is not None:
+            bias = meta.bias
+            if bias.token_ids.max() >= v:
+                raise ValueError(f"logit_bias token ids must be < {v}, got {bias.token_ids.max()}")
+            x.index_put_((_t(bias.rows, dev), _t(bias.token_ids, dev)), _f(bias.values, dev), accumulate=True)
+        if meta.allowed_rows is not None and meta.allowed_bitmask is not None:
+            masked = np.array([r not in (skip_mask_rows or {}) for r in meta.allowed_rows.tolist()], bool)
+            if masked.any():
+                apply_token_bitmask(x, meta.allowed_rows[masked], meta.allowed_bitmask[masked])
+        return x
 
     def _buffer(self, name: str, rows: int, v: int, device: torch.device) -> torch.Tensor:
         buf = self._buffers.get(name)
@@ -181,6 +238,36 @@ def apply_penalties(logits: torch.Tensor, pen: PenaltyInputs) -> None:
     logits[r, t] -= freq[r] * counts.to(logits.dtype) + pres[r]
 
 
+_BIT_POSITIONS: dict[torch.device, torch.Tensor] = {}
+
+
+def apply_token_bitmask(logits: torch.Tensor, rows: np.ndarray, bitmask: np.ndarray) -> None:
+    """In place on logits [B, V]: in each of `rows`, tokens whose bit is clear in that row of
+    bitmask (int32 words [R, W], bit t % 32 of word t // 32) become -inf, as do tokens past
+    W * 32 (logits padded beyond the tokenizer's vocabulary)."""
+    _b, v = logits.shape
+    dev = logits.device
+    words = np.ascontiguousarray(bitmask, np.int32)
+    width = min(v, words.shape[1] * 32)
+    if dev.type == "cpu" and logits.is_contiguous():
+        # numpy unpacks the inverted bits in one pass and scatters -inf at the refused tokens:
+        # several times cheaper than torch's masked_fill over [R, V] on a CPU.
+        refused = np.unpackbits(~words.view(np.uint8), axis=1, count=width, bitorder="little")
+        r, c = np.nonzero(refused)
+        values = logits.numpy()
+        values[rows[r], c] = -np.inf
+    else:
+        shifts = _BIT_POSITIONS.get(dev)
+        if shifts is None:
+            shifts = _BIT_POSITIONS[dev] = torch.arange(32, dtype=torch.int32, device=dev)
+        w = torch.from_numpy(words).to(dev, non_blocking=True)
+        refused_t = ((w[:, :, None] >> shifts) & 1).flatten(1)[:, :width] == 0  # [R, width]
+        rows_t = _t(rows, dev)
+        logits[rows_t, :width] = logits[rows_t, :width].masked_fill_(refused_t, float("-inf"))
+    if width < v:
+        logits[_t(rows, dev), width:] = float("-inf")
+
+
 def sample_filtered(
     logits: torch.Tensor,  # [R, V], float32
     temperature: np.ndarray,  # [R], all >= SAMPLING_EPS
@@ -189,11 +276,12 @@ def sample_filtered(
     min_p: np.ndarray,  # [R]
     u: np.ndarray,  # [R] uniforms in [0, 1)
     out: torch.Tensor | None = None,  # [R, V] float32 work buffer; may be `logits` itself
+    has_minus_inf: bool = False,  # some logits are -inf (masked) or far below the rest
 ) -> np.ndarray:
     """Temperature, then min_p / top_k / top_p filtering, then one draw per row. Returns [R]."""
     r, v = logits.shape
     dev = logits.device
-    w = _weights(logits, temperature, out)
+    w = _weights(logits, temperature, out, has_minus_inf)
     top_k = np.where(top_k >= v, 0, top_k)
     filtered = (top_k > 0) | (top_p < 1.0) | (min_p > 0.0)
     if dev.type == "cuda" and filtered.any():
@@ -211,15 +299,55 @@ def sample_filtered(
     return tokens
 
 
-def _weights(logits: torch.Tensor, temperature: np.ndarray, out: torch.Tensor | None = None) -> torch.Tensor:
+# exp() of float32 below this underflows; torch's CPU exp takes a path ~20x slower for such inputs
+# (-inf included), so masked rows are clamped here first and their weights zeroed after.
+_EXP_FLOOR = -87.0
+_WEIGHT_FLOOR = 2e-38  # just above exp(_EXP_FLOOR): weights at or below it become exactly 0
+
+
+def _weights(
+    logits: torch.Tensor, temperature: np.ndarray, out: torch.Tensor | None = None, has_minus_inf: bool = False
+) -> torch.Tensor:
     """Unnormalised probabilities exp((x - max) / T), the largest exactly 1 (normalising would
     cost two more passes over [R, V]; thresholds are scaled by the row sums instead). `out` may
-    be `logits` itself."""
+    be `logits` itself. has_minus_inf (grammar masks, bans, large negative biases): weights that
+    underflow are exactly 0 by a clamp and a threshold, not by exp(-inf), which is slow on CPUs."""
     w = out if out is not None else torch.empty_like(logits, dtype=torch.float32)
     torch.sub(logits, logits.amax(dim=-1, keepdim=True), out=w)
     if (temperature != 1.0).any():
         w.mul_(_f(1.0 / temperature, logits.device)[:, None])
-    return w.exp_()
+    if not has_minus_inf:
+        return w.exp_()
+    torch.nn.functional.threshold(w.clamp_(min=_EXP_FLOOR).exp_(), _WEIGHT_FLOOR, 0.0, inplace=True)
+    return w
+
+
+# A grammar row allowing at most this share of the vocabulary is sampled from its allowed tokens
+# alone (on CPUs, where each pass over the whole vocabulary costs the most): JSON's structural
+# positions, enums, numbers, strings near their maxLength. The rest are masked whole.
+SPARSE_MAX_FRACTION = 0.25
+
+
+def _sparse_rows(meta: SamplingMetadata, v: int) -> dict[int, np.ndarray]:
+    """Row -> its allowed token ids (ascending, < v), for the grammar rows that allow few."""
+    if meta.allowed_rows is None or meta.allowed_bitmask is None:
+        return {}
+    words = np.ascontiguousarray(meta.allowed_bitmask, np.int32)
+    counts = np.bitwise_count(words.view(np.uint32)).sum(axis=1)
+    out = {}
+    bit = np.arange(32, dtype=np.int64)
+    for j in np.flatnonzero((counts > 0) & (counts <= SPARSE_MAX_FRACTION * v)).tolist():
+        used = np.flatnonzero(words[j])  # only the words with a bit set: a few of ~4000
+        bits = np.unpackbits(words[j, used].view(np.uint8).reshape(-1, 4), axis=1, bitorder="little")
+        allowed = (used[:, None] * 32 + bit)[bits.astype(bool)]  # ascending
+        allowed = allowed[allowed < v]
+        if len(allowed):
+            out[int(meta.allowed_rows[j])] = allowed
+    return out
+
+
+def _has_minus_inf(meta: SamplingMetadata) -> bool:
+    return meta.allowed_rows is not None or meta.banned_rows is not None or meta.bias is not None
 
 
 def _draw_whole_rows(
@@ -414,6 +542,15 @@ def _t(a: np.ndarray, device: torch.device) -> torch.Tensor:
 
 def _f(a: np.ndarray, device: torch.device) -> torch.Tensor:
     return torch.from_numpy(np.asarray(a, np.float32)).to(device, non_blocking=True)
+
+
+def _gather_rows(x: torch.Tensor, rows: np.ndarray, out: torch.Tensor) -> None:
+    """out[:] = x[rows] (numpy's take on CPU: torch's index_select there was seen taking ~0.4 s
+    for 32 rows of 128k floats, 100x its usual time)."""
+    if x.device.type == "cpu" and x.is_contiguous() and out.is_contiguous():
+        np.take(x.numpy(), rows, axis=0, out=out.numpy())
+    else:
+        torch.index_select(x, 0, _t(rows, x.device), out=out)
 
 
 def _argmax(x: torch.Tensor) -> np.ndarray:

@@ -305,3 +305,54 @@ def test_device_draw_gives_the_host_draws():
         expected = Sampler(seed=1)(logits, meta).token_ids
         got = Sampler(seed=1)._draw_on_device(logits, meta).cpu().numpy()
         np.testing.assert_array_equal(got, expected)
+
+
+def test_grammar_masks_and_logit_bias_leave_only_allowed_tokens():
+    """Packed bitmasks on some rows (tokens past the mask's width refused too) and logit_bias:
+    greedy, plain and filtered draws pick only allowed tokens; the other rows are untouched."""
+    v, b = 70, 4
+    logits = torch.randn(b, v) * 5
+    allowed = {0: [3, 40], 2: [5, 65, 69]}  # 65 and 69 lie past the 64 tokens two words hold
+    bitmask = np.zeros((2, 3), np.int32)
+    for j, (_row, ids) in enumerate(allowed.items()):
+        for t in ids:
+            if t < 64:
+                bitmask[j, t // 32] |= np.int32(np.uint32(1 << (t % 32)).view(np.int32))
+    bitmask = bitmask[:, :2]  # two words: 64 tokens; 65 and 69 are refused as padding
+    settings = [(0.0, 1.0), (1.0, 1.0), (1.0, 0.9), (0.0, 1.0)]
+    params = [SamplingParams(temperature=t, top_p=p, seed=i) for i, (t, p) in enumerate(settings)]
+    meta = SamplingMetadata.build(params, [[1]] * b, [[]] * b, allowed_rows=[0, 2], allowed_bitmask=bitmask)
+    meta.bias = SamplingMetadata.build(
+        [SamplingParams(), SamplingParams(logit_bias={7: 100.0})] + [SamplingParams()] * 2, [[1]] * b, [[]] * b
+    ).bias
+    raw = logits.clone()
+    for step in range(20):
+        meta.steps = [step] * b
+        tokens = Sampler(seed=step)(logits, meta).token_ids
+        assert tokens[0] in (3, 40) and tokens[1] == 7
+        assert tokens[3] == int(logits[3].argmax())
+        assert tokens[2] == 5  # 65 and 69 are padding, refused whatever the mask says
+    assert torch.equal(logits, raw)  # the logits themselves are never modified
+
+
+def test_sparse_grammar_rows_draw_as_the_masked_whole_rows(monkeypatch):
+    """A grammar row that allows few tokens is sampled from those alone: the same tokens as the
+    masked whole row (greedy, temperature, top-k, top-p, min-p), whatever the path."""
+    v, b = 5000, 6
+    rng = np.random.default_rng(1)
+    bitmask = np.zeros((b, (v + 31) // 32), np.int32)
+    for row in range(b):
+        for t in rng.choice(v, 40, replace=False):
+            bitmask[row, t // 32] |= np.uint32(1 << (t % 32)).view(np.int32)
+    settings = [dict(temperature=0.0), dict(), dict(temperature=0.7), dict(top_k=5), dict(top_p=0.8), dict(min_p=0.1)]
+    for seed in range(30):
+        logits = torch.from_numpy(rng.normal(size=(b, v)).astype(np.float32) * 4)
+        params = [SamplingParams(seed=seed, **kw) for kw in settings]
+        meta = SamplingMetadata.build(params, [[1]] * b, [[]] * b, allowed_rows=range(b), allowed_bitmask=bitmask)
+        sparse = Sampler()(logits, meta).token_ids
+        monkeypatch.setattr(sampling, "SPARSE_MAX_FRACTION", 0.0)
+        whole = Sampler()(logits, meta).token_ids
+        monkeypatch.undo()
+        assert sparse.tolist() == whole.tolist()
+        bits = np.unpackbits(bitmask.view(np.uint8), axis=1, bitorder="little")
+        assert all(bits[row, t] for row, t in enumerate(sparse))
