@@ -70,6 +70,7 @@ class Llama3Model:
         enforce_eager: bool = False,
         max_batch_size: int = 64,
         load_format: str = "auto",
+        quantization: str | None = None,
         **executor_kwargs,
     ) -> Llama3Model:
         """Loads a Hugging Face checkpoint directory onto `devices` (one tensor-parallel rank each).
@@ -78,6 +79,7 @@ class Llama3Model:
         (local for one device, Ray for more). On CUDA, decode steps of up to max_batch_size
         sequences replay captured CUDA graphs unless enforce_eager. load_format "dummy": random
         weights of the config's shapes (benchmarks; the directory needs only config.json).
+        quantization: as LLMEngine's ("int8", "int4", "int4-g128" or None).
         """
         config = Llama3Config.from_pretrained(
             path,
@@ -87,6 +89,7 @@ class Llama3Model:
             return_logits=ReturnLogits(return_logits),
             return_hidden_states=ReturnHiddenStates(return_hidden_states),
             block_size=block_size,
+            quantization=quantization,
         )
         if load_format != "dummy":
             open_checkpoint(path).close()  # fail on a missing or pickle-only checkpoint before any worker starts

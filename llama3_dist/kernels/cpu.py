@@ -39,7 +39,7 @@ import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeAlias
 
 import torch
 import torch.nn.functional as F
@@ -111,14 +111,27 @@ class DecodeStep(ctypes.Structure):
     ]
 
 
+class Weight(ctypes.Structure):
+    """cpu_kernels.cpp's Weight: a projection's dense rows (bits 0) or 4/8-bit panels."""
+
+    _fields_ = [
+        ("dense", _P),
+        ("words", _P),
+        ("scales", _P),
+        ("offsets", _P),
+        ("bits", _I64),
+        ("group_size", _I64),
+    ]
+
+
 class AttentionBlock(ctypes.Structure):
     """cpu_kernels.cpp's AttentionBlock: one layer's attention half on this rank."""
 
     _fields_ = [
         ("norm_weight", _P),
-        ("qkv_weight", _P),
+        ("qkv_weight", Weight),
         ("qkv_bias", _P),
-        ("o_weight", _P),
+        ("o_weight", Weight),
         ("hidden", _I64),
         ("heads", _I64),
         ("kv_heads", _I64),
@@ -137,9 +150,9 @@ class MlpBlock(ctypes.Structure):
 
     _fields_ = [
         ("norm_weight", _P),
-        ("gate_up_weight", _P),
+        ("gate_up_weight", Weight),
         ("gate_up_bias", _P),
-        ("down_weight", _P),
+        ("down_weight", Weight),
         ("hidden", _I64),
         ("intermediate", _I64),
         ("eps", _F32),
@@ -497,23 +510,27 @@ class KernelLibrary:
         return self._lib.sum_floats(x.data_ptr(), x.numel())
 
 
+ProjectionWeight: TypeAlias = "torch.Tensor | PackedGroupWeights"
+
+
 class FusedDecodeLayer:
     """One decoder layer's two halves for decode steps of up to GEMV_MAX_ROWS sequences, each one
     call of the library: the per-kernel path's kernels in its order, so bit-identical to it.
-    Built from the layer's loaded weights (contiguous, of the model's dtype)."""
+    Built from the layer's loaded weights: contiguous, of the model's dtype, or quantized in the
+    integer GEMV's panels (bfloat16 models)."""
 
     def __init__(
         self,
         kernels: KernelLibrary,
         *,
         input_norm: torch.Tensor | None,
-        qkv: torch.Tensor,
+        qkv: ProjectionWeight,
         qkv_bias: torch.Tensor | None,
-        o_proj: torch.Tensor,
+        o_proj: ProjectionWeight,
         post_norm: torch.Tensor | None,
-        gate_up: torch.Tensor,
+        gate_up: ProjectionWeight,
         gate_up_bias: torch.Tensor | None,
-        down: torch.Tensor,
+        down: ProjectionWeight,
         heads: int,
         kv_heads: int,
         head_dim: int,
@@ -524,21 +541,27 @@ class FusedDecodeLayer:
         eps: float,
         scale: float,
     ):
-        tensors = [
+        given = [
             t for t in (input_norm, qkv, qkv_bias, o_proj, post_norm, gate_up, gate_up_bias, down) if t is not None
         ]
-        self.dtype = qkv.dtype
+        packed = [t for t in given if isinstance(t, PackedGroupWeights)]
+        tensors = [t for t in given if isinstance(t, torch.Tensor)]
+        if not tensors:
+            raise ValueError("fused decode needs a dense tensor of the model's dtype (a norm weight or a bias)")
+        self.dtype = tensors[0].dtype
         if any(t.dtype != self.dtype or not t.is_contiguous() or t.device.type != "cpu" for t in tensors):
             raise ValueError("fused decode needs contiguous CPU weights of one dtype")
-        self._tensors = tensors  # the structs below point into them
+        if any(p.layout not in ("panels4", "panels8") or p.lanes != kernels.lanes for p in packed):
+            raise ValueError("fused decode takes quantized weights in this library's integer-GEMV panels only")
+        self._tensors = [*tensors, *packed]  # the structs below point into them
         self.hidden = qkv.shape[1]
         self._attention_function = kernels._functions["attention_block", self.dtype]
         self._mlp_function = kernels._functions["mlp_block", self.dtype]
         self.attention_block = AttentionBlock(
             _pointer(input_norm),
-            qkv.data_ptr(),
+            _weight(qkv),
             _pointer(qkv_bias),
-            o_proj.data_ptr(),
+            _weight(o_proj),
             self.hidden,
             heads,
             kv_heads,
@@ -552,9 +575,9 @@ class FusedDecodeLayer:
         )
         self.mlp_block = MlpBlock(
             _pointer(post_norm),
-            gate_up.data_ptr(),
+            _weight(gate_up),
             _pointer(gate_up_bias),
-            down.data_ptr(),
+            _weight(down),
             self.hidden,
             gate_up.shape[0] // 2,
             eps,
@@ -624,6 +647,15 @@ class FusedDecodeLayer:
 
 def _pointer(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
+
+
+def _weight(weight: ProjectionWeight) -> Weight:
+    if isinstance(weight, torch.Tensor):
+        return Weight(weight.data_ptr(), None, None, None, 0, 0)
+    return Weight(
+        None, weight.words.data_ptr(), weight.scales.data_ptr(), _pointer(weight.offsets), weight.bits,
+        weight.group_size,
+    )  # fmt: skip
 
 
 def _rows(x: torch.Tensor) -> bool:

@@ -816,34 +816,48 @@ void panel_tiles(const int8_t* xq, const float* dx, const float* group_sums, con
     }
 }
 
-// y [m, n] = x [m, k] @ w.T + bias for 4-bit panel weights, x quantized to int8 per block of 32;
-// m from 1 to GEMV_MAX_ROWS, group_size a multiple of 32. Returns -1 for arguments out of range.
+// Scratch of the integer GEMV for m rows of x of up to k features: x in int8 blocks, their
+// scales, each group's sum.
+struct PanelScratch {
+    std::vector<int8_t> xq;
+    std::vector<float> dx, group_sums;
+    PanelScratch(int64_t m, int64_t k) : xq(m * ((k + 31) / 32) * 32), dx(m * ((k + 31) / 32)), group_sums(m * ((k + 31) / 32)) {}
+};
+
+// The integer GEMV by the threads of an enclosing parallel region (or the calling thread).
+template <typename T, int BITS>
+void panel_team(const T* x, int64_t m, const uint32_t* w, const uint16_t* scales, const uint16_t* offsets,
+                const T* bias, T* y, int64_t n, int64_t k, int64_t group_size, PanelScratch& scratch) {
+    int8_t* xq = scratch.xq.data();
+    float *dx = scratch.dx.data(), *group_sums = scratch.group_sums.data();
+#pragma omp single
+    quantize_blocks<T>(x, m, k, (k + 31) / 32, group_size, xq, dx, group_sums);
+    switch (m) {
+#define LLAMA3_DIST_PANEL_CASE(M) \
+    case M: panel_tiles<T, BITS, M>(xq, dx, group_sums, w, scales, offsets, bias, y, n, k, group_size); break;
+        LLAMA3_DIST_PANEL_CASE(1)
+        LLAMA3_DIST_PANEL_CASE(2)
+        LLAMA3_DIST_PANEL_CASE(3)
+        LLAMA3_DIST_PANEL_CASE(4)
+        LLAMA3_DIST_PANEL_CASE(5)
+        LLAMA3_DIST_PANEL_CASE(6)
+        LLAMA3_DIST_PANEL_CASE(7)
+        default: panel_tiles<T, BITS, 8>(xq, dx, group_sums, w, scales, offsets, bias, y, n, k, group_size);
+#undef LLAMA3_DIST_PANEL_CASE
+    }
+}
+
+// y [m, n] = x [m, k] @ w.T + bias for 4- or 8-bit panel weights, x quantized to int8 per block
+// of 32; m from 1 to GEMV_MAX_ROWS, group_size a multiple of 32. Returns -1 for arguments out of
+// range.
 template <typename T, int BITS>
 int panel_gemv(const T* x, const uint32_t* w, const uint16_t* scales, const uint16_t* offsets, const T* bias, T* y,
                int64_t m, int64_t n, int64_t k, int64_t group_size) {
     if (m < 1 || m > GEMV_MAX_ROWS || group_size < 32 || group_size % 32 || (BITS == 4) != (offsets != nullptr))
         return -1;
-    const int64_t blocks = (k + 31) / 32, groups = (k + group_size - 1) / group_size;
-    std::vector<int8_t> xq(m * blocks * 32);
-    std::vector<float> dx(m * blocks), group_sums(m * groups);
-    quantize_blocks<T>(x, m, k, blocks, group_size, xq.data(), dx.data(), group_sums.data());
+    PanelScratch scratch(m, k);
 #pragma omp parallel
-    {
-        switch (m) {
-#define LLAMA3_DIST_PANEL_CASE(M) \
-    case M: panel_tiles<T, BITS, M>(xq.data(), dx.data(), group_sums.data(), w, scales, offsets, bias, y, n, k, group_size); break;
-            LLAMA3_DIST_PANEL_CASE(1)
-            LLAMA3_DIST_PANEL_CASE(2)
-            LLAMA3_DIST_PANEL_CASE(3)
-            LLAMA3_DIST_PANEL_CASE(4)
-            LLAMA3_DIST_PANEL_CASE(5)
-            LLAMA3_DIST_PANEL_CASE(6)
-            LLAMA3_DIST_PANEL_CASE(7)
-            default: panel_tiles<T, BITS, 8>(xq.data(), dx.data(), group_sums.data(), w, scales, offsets, bias, y, n,
-                                             k, group_size);
-#undef LLAMA3_DIST_PANEL_CASE
-        }
-    }
+    panel_team<T, BITS>(x, m, w, scales, offsets, bias, y, n, k, group_size, scratch);
     return 0;
 }
 
@@ -1075,12 +1089,34 @@ struct DecodeStep {
     const float* cos_sin;  // [max_positions, rotary_dim]
 };
 
+// A projection's weight in the fused halves: dense rows of T (bits 0), or 4- or 8-bit panels
+// (the integer GEMV's layout, bfloat16 models).
+struct Weight {
+    const void* dense;  // [n, k] of T
+    const uint32_t* words;
+    const uint16_t* scales;
+    const uint16_t* offsets;
+    int64_t bits, group_size;
+};
+
+// y = x @ w.T + bias by the team: the dense GEMV or the integer one.
+template <typename T>
+void project_team(const T* x, int64_t m, const Weight& w, const T* bias, T* y, int64_t n, int64_t k, float* xf,
+                  PanelScratch& scratch) {
+    if (w.bits == 4)
+        panel_team<T, 4>(x, m, w.words, w.scales, w.offsets, bias, y, n, k, w.group_size, scratch);
+    else if (w.bits == 8)
+        panel_team<T, 8>(x, m, w.words, w.scales, w.offsets, bias, y, n, k, w.group_size, scratch);
+    else
+        gemv_team(x, m, static_cast<const T*>(w.dense), bias, y, n, k, xf);
+}
+
 // One layer's attention half on this rank: norm, q/k/v, rotary, KV store, attention, o_proj.
 struct AttentionBlock {
     const void* norm_weight;  // [hidden] or null (no learned weight)
-    const void* qkv_weight;   // [(heads + 2 * kv_heads) * head_dim, hidden]
+    Weight qkv_weight;        // [(heads + 2 * kv_heads) * head_dim, hidden]
     const void* qkv_bias;     // or null
-    const void* o_weight;     // [hidden, heads * head_dim]
+    Weight o_weight;          // [hidden, heads * head_dim]
     int64_t hidden, heads, kv_heads, head_dim, rotary_dim, block_size, window;
     float eps, scale;
     int32_t interleaved;
@@ -1088,10 +1124,10 @@ struct AttentionBlock {
 
 // One layer's MLP half on this rank: norm, gate|up, SiLU * up, down.
 struct MlpBlock {
-    const void* norm_weight;     // [hidden] or null
-    const void* gate_up_weight;  // [2 * intermediate, hidden]
-    const void* gate_up_bias;    // or null
-    const void* down_weight;     // [hidden, intermediate]
+    const void* norm_weight;  // [hidden] or null
+    Weight gate_up_weight;    // [2 * intermediate, hidden]
+    const void* gate_up_bias;  // or null
+    Weight down_weight;        // [hidden, intermediate]
     int64_t hidden, intermediate;
     float eps;
 };
@@ -1112,11 +1148,12 @@ int attention_block(const AttentionBlock& layer, const DecodeStep& step, const T
     const int64_t q_width = layer.heads * d, kv_width = layer.kv_heads * d, qkv_width = q_width + 2 * kv_width;
     std::vector<T> normed(m * layer.hidden), qkv(m * qkv_width), attended(m * q_width);
     std::vector<float> xf(m * padded_width(std::max(layer.hidden, q_width)));
+    PanelScratch scratch(m, std::max(layer.hidden, q_width));
 #pragma omp parallel
     {
         norm_into(x, residual, layer.norm_weight, layer.eps, normed.data(), m, layer.hidden);
-        gemv_team(normed.data(), m, static_cast<const T*>(layer.qkv_weight), static_cast<const T*>(layer.qkv_bias),
-                  qkv.data(), qkv_width, layer.hidden, xf.data());
+        project_team(normed.data(), m, layer.qkv_weight, static_cast<const T*>(layer.qkv_bias), qkv.data(), qkv_width,
+                     layer.hidden, xf.data(), scratch);
 #pragma omp single
         {
             T* q = qkv.data();
@@ -1128,8 +1165,8 @@ int attention_block(const AttentionBlock& layer, const DecodeStep& step, const T
         decode_attention_team<T>(qkv.data(), qkv_width, k_cache, v_cache, step.block_tables, step.max_blocks,
                                  step.context_lens, attended.data(), m, layer.heads, layer.kv_heads, d,
                                  layer.block_size, layer.scale, layer.window);
-        gemv_team(attended.data(), m, static_cast<const T*>(layer.o_weight), static_cast<const T*>(nullptr), out,
-                  layer.hidden, q_width, xf.data());
+        project_team(attended.data(), m, layer.o_weight, static_cast<const T*>(nullptr), out, layer.hidden, q_width,
+                     xf.data(), scratch);
     }
     return 0;
 }
@@ -1141,15 +1178,16 @@ int mlp_block(const MlpBlock& layer, int64_t m, const T* x, T* residual, T* out)
     const int64_t inter = layer.intermediate;
     std::vector<T> normed(m * layer.hidden), gate_up(m * 2 * inter), activated(m * inter);
     std::vector<float> xf(m * padded_width(std::max(layer.hidden, inter)));
+    PanelScratch scratch(m, std::max(layer.hidden, inter));
 #pragma omp parallel
     {
         norm_into(x, residual, layer.norm_weight, layer.eps, normed.data(), m, layer.hidden);
-        gemv_team(normed.data(), m, static_cast<const T*>(layer.gate_up_weight),
-                  static_cast<const T*>(layer.gate_up_bias), gate_up.data(), 2 * inter, layer.hidden, xf.data());
+        project_team(normed.data(), m, layer.gate_up_weight, static_cast<const T*>(layer.gate_up_bias), gate_up.data(),
+                     2 * inter, layer.hidden, xf.data(), scratch);
 #pragma omp single
         silu_and_mul<T>(gate_up.data(), activated.data(), m, inter);
-        gemv_team(activated.data(), m, static_cast<const T*>(layer.down_weight), static_cast<const T*>(nullptr), out,
-                  layer.hidden, inter, xf.data());
+        project_team(activated.data(), m, layer.down_weight, static_cast<const T*>(nullptr), out, layer.hidden, inter,
+                     xf.data(), scratch);
     }
     return 0;
 }

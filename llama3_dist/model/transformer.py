@@ -192,23 +192,26 @@ class DecoderLayer(nn.Module):
             or self.residual_multiplier != 1.0
             or attention.o_proj.bias is not None
             or mlp.down_proj.bias is not None
-            or any(  # the fused halves read dense weights
-                projection.quantized
-                for projection in (attention.qkv_proj, attention.o_proj, mlp.gate_up_proj, mlp.down_proj)
-            )
+            # the fused halves read dense weights or the integer GEMV's panels (bfloat16)
+            or any(p.weight_scale is not None for p in (attention.qkv_proj, attention.o_proj, mlp.gate_up_proj))
+            or mlp.down_proj.weight_scale is not None
         ):
             return None
+
+        def weight(projection):
+            return projection.weight if projection.grouped is None else projection.grouped
+
         try:
             return cpu.FusedDecodeLayer(
                 library,
                 input_norm=self.input_layernorm.weight,
-                qkv=attention.qkv_proj.weight,
+                qkv=weight(attention.qkv_proj),
                 qkv_bias=attention.qkv_proj.bias,
-                o_proj=attention.o_proj.weight,
+                o_proj=weight(attention.o_proj),
                 post_norm=self.post_attention_layernorm.weight,
-                gate_up=mlp.gate_up_proj.weight,
+                gate_up=weight(mlp.gate_up_proj),
                 gate_up_bias=mlp.gate_up_proj.bias,
-                down=mlp.down_proj.weight,
+                down=weight(mlp.down_proj),
                 heads=attention.num_heads,
                 kv_heads=attention.num_kv_heads,
                 head_dim=config.head_dim,

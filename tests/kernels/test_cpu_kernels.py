@@ -435,3 +435,32 @@ def test_fused_decode_is_bit_identical(checkpoints, monkeypatch, arch, fused, dt
     expected, unused = run("0")
     assert (used, unused) == (fused, False)
     assert torch.equal(got, expected)
+
+
+@built
+@pytest.mark.parametrize("quantization", ["int4", "int8"])
+def test_fused_decode_of_quantized_layers_is_bit_identical(checkpoints, monkeypatch, quantization):
+    """bfloat16 layers quantized into the integer GEMV's panels run fused too, exactly as the
+    per-kernel path (where the library has byte dot products; the others keep the per-kernel
+    path)."""
+    from llama3_dist import Llama3Model, ReturnLogits, TextContext
+
+    def run(fused_env):
+        monkeypatch.setenv("LLAMA3_DIST_CPU_FUSED", fused_env)
+        with Llama3Model.from_pretrained(
+            checkpoints["llama"], devices=["cpu"], dtype="bfloat16", block_size=8, return_logits=ReturnLogits.ALL,
+            num_kv_blocks=32, quantization=quantization,
+        ) as model:  # fmt: skip
+            inputs = model.prepare_initial_token_inputs(
+                [TextContext(tokens=[3, 4, 5, 6, 7]), TextContext(tokens=list(range(10, 40)))]
+            )
+            logits = [model.execute(inputs).logits]
+            for step in range(12):
+                inputs = model.prepare_next_token_inputs([7 + step, 11 + step], inputs)
+                logits.append(model.execute(inputs).logits)
+            return torch.cat(logits), bool(model.executor.worker.model._fused)
+
+    got, used = run("1")
+    expected, _ = run("0")
+    assert used == cpu.library().integer_dot
+    assert torch.equal(got, expected)
