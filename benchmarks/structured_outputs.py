@@ -185,7 +185,7 @@ def time_to_first_token(engine, schema: dict, rid: str) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=None, help="checkpoint directory (default: the embedded model)")
+    parser.add_argument("--model", default=None, help="checkpoint directory or .gguf (default: the default model)")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--out", default=None, help="also write the report here")
     args = parser.parse_args()
@@ -194,10 +194,10 @@ def main() -> None:
 
     out = host_header()
     llm = LLM(args.model, dtype="float32", seed=0, show_progress=False, max_num_seqs=NUM_REQUESTS)
-    config = json.loads((Path(llm.engine.model_path) / "config.json").read_text())
+    config = llm.engine.config  # not config.json: the model may be a GGUF file (the default SmolLM2)
     out.append(
-        f"model: {llm.engine.model_path} ({config['num_hidden_layers']} layers, hidden {config['hidden_size']}, "
-        f"vocabulary {config['vocab_size']})"
+        f"model: {llm.engine.model_path} ({config.num_hidden_layers} layers, hidden {config.hidden_size}, "
+        f"vocabulary {config.vocab_size})"
     )
     print("\n".join(out), flush=True)
     lines: list[str] = []
