@@ -87,12 +87,17 @@ class _QuantizedWeights:
             return self.kernels.int8_linear(x, self.weight, self.weight_scale, bias)
         return self.kernels.linear(x, self.weight, bias)
 
+    def _keeps_stored(self, source: WeightSource) -> bool:
+        """Whether group-quantized tensors are kept as stored: the kernels multiply them without
+        dequantizing and no quantization was asked for (which requantizes dense weights)."""
+        return self.kernels.runs_grouped and source.config.quantization is None
+
     def _read_grouped(
         self, source: WeightSource, name: str, shape: tuple[int, ...], cols: tuple[int, int] | None = None
     ) -> bool:
         """Reads `name` as stored when it is a group-quantized GGUF type and these kernels multiply
         it without dequantizing; False (nothing read) otherwise."""
-        if not self.kernels.runs_grouped or source.config.quantization is not None:
+        if not self._keeps_stored(source):
             return False
         weight = source.read_grouped(name, shape, cols=cols)
         if weight is None:
@@ -125,7 +130,7 @@ class ColumnParallelLinear(_QuantizedWeights, nn.Module):
         """names: the checkpoint name (without .weight) of each logical part, in order."""
         grouped = [
             source.read_grouped(f"{name}.weight", (part.full_rows, self.input_size), rows=(part.start, part.stop))
-            if self.kernels.runs_grouped and source.config.quantization is None
+            if self._keeps_stored(source)
             else None
             for name, part in zip(names, self.parts, strict=True)
         ]
@@ -284,7 +289,7 @@ class ParallelLMHead(_QuantizedWeights, nn.Module):
         stored = embedding_name if self.tied else name
         if self.tied:
             source.skip(name)  # some exporters write the tied copy too; it is the same tensor
-        if self.kernels.runs_grouped and source.config.quantization is None:
+        if self._keeps_stored(source):
             embedding = self.embedding
             grouped = source.read_grouped(
                 stored, (embedding.vocab_size, embedding.hidden_size), rows=(embedding.start, embedding.stop)

@@ -399,6 +399,31 @@ def test_held_to_avx2(tmp_path):
     _run_python(code, ATEN_CPU_CAPABILITY="avx2", ONEDNN_MAX_CPU_ISA="AVX2", LLAMA3_DIST_KERNELS="auto")
 
 
+def fused_and_per_kernel_logits(monkeypatch, path, steps: int, **load) -> tuple[torch.Tensor, bool, torch.Tensor]:
+    """The logits of a prefill and `steps` decode steps of two sequences (across block
+    boundaries) with the fused halves on, whether they were used, and the logits with them off."""
+    from llama3_dist import Llama3Model, ReturnLogits, TextContext
+
+    def run(fused_env):
+        monkeypatch.setenv("LLAMA3_DIST_CPU_FUSED", fused_env)
+        with Llama3Model.from_pretrained(
+            path, devices=["cpu"], block_size=8, return_logits=ReturnLogits.ALL, num_kv_blocks=32, **load
+        ) as model:
+            inputs = model.prepare_initial_token_inputs(
+                [TextContext(tokens=[3, 4, 5, 6, 7]), TextContext(tokens=list(range(10, 40)))]
+            )
+            logits = [model.execute(inputs).logits]
+            for step in range(steps):
+                inputs = model.prepare_next_token_inputs([7 + step, 11 + step], inputs)
+                logits.append(model.execute(inputs).logits)
+            return torch.cat(logits), bool(model.executor.worker.model._fused)
+
+    got, used = run("1")
+    expected, unused = run("0")
+    assert not unused
+    return got, used, expected
+
+
 @built
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
 @pytest.mark.parametrize(
@@ -410,30 +435,8 @@ def test_fused_decode_is_bit_identical(checkpoints, monkeypatch, arch, fused, dt
     logits (same kernels, same order): GQA, sliding windows (mistral), q/k/v biases (qwen2),
     partial rotary (phi3), across block boundaries; architectures the fused halves do not cover
     (Granite's multipliers, OLMo's LayerNorm and clip_qkv) keep the per-kernel path."""
-    from llama3_dist import Llama3Model, ReturnLogits, TextContext
-
-    def run(fused_env):
-        monkeypatch.setenv("LLAMA3_DIST_CPU_FUSED", fused_env)
-        with Llama3Model.from_pretrained(
-            checkpoints[arch],
-            devices=["cpu"],
-            dtype=dtype,
-            block_size=8,
-            return_logits=ReturnLogits.ALL,
-            num_kv_blocks=32,
-        ) as model:
-            inputs = model.prepare_initial_token_inputs(
-                [TextContext(tokens=[3, 4, 5, 6, 7]), TextContext(tokens=list(range(10, 40)))]
-            )
-            logits = [model.execute(inputs).logits]
-            for step in range(20):
-                inputs = model.prepare_next_token_inputs([7 + step, 11 + step], inputs)
-                logits.append(model.execute(inputs).logits)
-            return torch.cat(logits), bool(model.executor.worker.model._fused)
-
-    got, used = run("1")
-    expected, unused = run("0")
-    assert (used, unused) == (fused, False)
+    got, used, expected = fused_and_per_kernel_logits(monkeypatch, checkpoints[arch], 20, dtype=dtype)
+    assert used == fused
     assert torch.equal(got, expected)
 
 
@@ -443,24 +446,8 @@ def test_fused_decode_of_quantized_layers_is_bit_identical(checkpoints, monkeypa
     """bfloat16 layers quantized into the integer GEMV's panels run fused too, exactly as the
     per-kernel path (where the library has byte dot products; the others keep the per-kernel
     path)."""
-    from llama3_dist import Llama3Model, ReturnLogits, TextContext
-
-    def run(fused_env):
-        monkeypatch.setenv("LLAMA3_DIST_CPU_FUSED", fused_env)
-        with Llama3Model.from_pretrained(
-            checkpoints["llama"], devices=["cpu"], dtype="bfloat16", block_size=8, return_logits=ReturnLogits.ALL,
-            num_kv_blocks=32, quantization=quantization,
-        ) as model:  # fmt: skip
-            inputs = model.prepare_initial_token_inputs(
-                [TextContext(tokens=[3, 4, 5, 6, 7]), TextContext(tokens=list(range(10, 40)))]
-            )
-            logits = [model.execute(inputs).logits]
-            for step in range(12):
-                inputs = model.prepare_next_token_inputs([7 + step, 11 + step], inputs)
-                logits.append(model.execute(inputs).logits)
-            return torch.cat(logits), bool(model.executor.worker.model._fused)
-
-    got, used = run("1")
-    expected, _ = run("0")
+    got, used, expected = fused_and_per_kernel_logits(
+        monkeypatch, checkpoints["llama"], 12, dtype="bfloat16", quantization=quantization
+    )
     assert used == cpu.library().integer_dot
     assert torch.equal(got, expected)
