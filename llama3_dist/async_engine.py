@@ -26,6 +26,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+from .core.grammar import grammar_key
 from .engine import EngineStats, LLMEngine
 from .executor import WorkerError
 from .outputs import RequestOutput
@@ -168,6 +169,12 @@ class AsyncLLMEngine:
         abort(request_id) (abort is always safe)."""
         if not self.is_alive:
             raise EngineDeadError(f"the engine is not running: {self.error or 'its thread has stopped'}")
+        spec = params.structured_outputs if isinstance(params, SamplingParams) else None
+        if spec is not None:
+            # Compiled on the grammar compiler's threads before the engine's thread sees it (there
+            # add_request finds it cached), so no step waits for a compile; a bad schema raises
+            # GrammarError (a ValueError) here.
+            await asyncio.wrap_future(self.engine.grammar_compiler().compile_async(grammar_key(spec)))
         loop = asyncio.get_running_loop()
         accepted = loop.create_future()
         stream = _Stream(

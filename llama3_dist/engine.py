@@ -18,7 +18,7 @@ import numpy as np
 
 from .config import Llama3Config
 from .core.detokenizer import IncrementalDetokenizer
-from .core.grammar import GrammarCompiler, GrammarMatcher, grammar_key, shared_compiler
+from .core.grammar import GrammarCompiler, GrammarMatcher, PendingBitmask, grammar_key, shared_compiler
 from .core.sampling_metadata import SamplingMetadata
 from .core.scheduler import PLACEHOLDER, Request, RequestStatus, ScheduledSequence, Scheduler, SchedulerOutput
 from .core.step_input import SamplingInput, StepInput, build_step_input
@@ -486,7 +486,15 @@ class LLMEngine:
         if in_flight is not None:
             step.previous_rows = self._previous_rows(step, entries, in_flight)
         launched_at = time.perf_counter()
-        pending = self.executor.launch(step)
+        try:
+            pending = self.executor.launch(step)
+        except BaseException as e:
+            # A grammar fill still running must end before its matchers are touched again.
+            bitmask = step.sampling.metadata.allowed_bitmask if step.sampling is not None else None
+            failure = bitmask.failure() if isinstance(bitmask, PendingBitmask) else None
+            if isinstance(e, WorkerError) and failure is not None:
+                raise failure from None  # the grammar's fill failed, not the ranks: no rebuild
+            raise
         self.times.execute += time.perf_counter() - launched_at
         sampling_entries = [e for e in entries if e.samples]
         rows = {e.request_id: row for row, e in enumerate(sampling_entries)}
@@ -623,7 +631,9 @@ class LLMEngine:
                 outputs.append(e.request.output_token_ids)
         bitmask = None
         if matchers:  # every matcher has accepted its sequence's tokens: no step runs ahead of them
-            bitmask = self.grammar_compiler().fill_bitmask(matchers, (self.config.vocab_size + 31) // 32)
+            # Filled on the grammar's thread while the ranks run the forward pass; the sampler waits
+            # for it. No matcher is touched again before that: _complete accepts after the step.
+            bitmask = self.grammar_compiler().fill_bitmask_async(matchers, (self.config.vocab_size + 31) // 32)
         meta = SamplingMetadata.build(params, prompts, outputs, self.eos_token_ids, constrained, bitmask)
         as_int = lambda xs: np.asarray(xs, dtype=np.int64)  # noqa: E731
         return as_int(rows), SamplingInput(meta, as_int(sample_rows), as_int(prompt_rows), as_int(targets), ks), spans

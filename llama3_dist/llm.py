@@ -7,6 +7,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import cast
 
+from .core.grammar import grammar_key
 from .engine import LLMEngine
 from .outputs import RequestOutput
 from .sampling_params import SamplingParams
@@ -102,6 +103,9 @@ class LLM:
 
     def _add(self, prompts: list[tuple[str | None, list[int] | None]], params: list[SamplingParams]) -> list[str]:
         """Adds every request or, if one is refused, none of them."""
+        specs = {grammar_key(p.structured_outputs) for p in params if p.structured_outputs is not None}
+        for key in specs:  # distinct grammars compile side by side on the compiler's threads
+            self.engine.grammar_compiler().compile_async(key)
         ids = []
         try:
             for (text, tokens), p in zip(prompts, params):

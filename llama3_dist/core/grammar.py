@@ -111,6 +111,8 @@ class GrammarCompiler:
         self._cache: OrderedDict[GrammarKey, Future] = OrderedDict()
         self._cache_size = cache_size
         self._pool = ThreadPoolExecutor(num_threads, thread_name_prefix="llama3-dist-grammar")
+        # Its own thread, so that a long compile on the pool never delays a step's masks.
+        self._fill_thread = ThreadPoolExecutor(1, thread_name_prefix="llama3-dist-grammar-fill")
         self._num_threads = num_threads
 
     def _tokenizer(self) -> Any:
@@ -165,6 +167,12 @@ class GrammarCompiler:
         prototype = self.compile_async(key).result()
         return GrammarMatcher(prototype.deep_copy())
 
+    def fill_bitmask_async(self, matchers: Sequence[GrammarMatcher], num_words: int) -> PendingBitmask:
+        """fill_bitmask on the fill thread: the engine launches the forward pass meanwhile and
+        the sampler waits for the masks only when it needs them. The matchers must not be
+        touched (accept) until the result is taken."""
+        return PendingBitmask(self._fill_thread.submit(self.fill_bitmask, list(matchers), num_words))
+
     def fill_bitmask(self, matchers: Sequence[GrammarMatcher], num_words: int) -> np.ndarray:
         """int32 [len(matchers), num_words]: row i has bit t set when matchers[i] allows token t.
         Words past the tokenizer's vocabulary (padding rows of the logits) stay 0: never allowed."""
@@ -183,6 +191,27 @@ class GrammarCompiler:
         padded = np.zeros((len(matchers), num_words), np.int32)
         padded[:, :own_words] = mask
         return padded
+
+
+class PendingBitmask:
+    """A step's grammar bitmask being filled on the driver while the step's forward pass runs
+    (SamplingMetadata.allowed_bitmask). The sampler takes it with result(). Pickled (a Ray rank
+    samples), it waits and travels as the array itself, so a remote rank never sees this type."""
+
+    __slots__ = ("_future",)
+
+    def __init__(self, future: Future):
+        self._future = future
+
+    def result(self) -> np.ndarray:
+        return self._future.result()
+
+    def failure(self) -> BaseException | None:
+        """Waits for the fill; its exception, or None when it filled the masks."""
+        return self._future.exception()
+
+    def __reduce__(self):
+        return (np.asarray, (self.result(),))
 
 
 def _kind_name(kind: str) -> str:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..sampling_params import SamplingParams
+from .grammar import PendingBitmask
 
 
 @dataclass(slots=True)
@@ -54,7 +55,15 @@ class SamplingMetadata:
     # Structured outputs: the rows under a grammar and, per such row, the tokens it allows as
     # packed bits (int32 words, bit t % 32 of word t // 32; tokens past the words: not allowed).
     allowed_rows: np.ndarray | None = None  # int64 [R]
-    allowed_bitmask: np.ndarray | None = None  # int32 [R, ceil(V / 32)]
+    # int32 [R, ceil(V / 32)]; in this process it may still be filling (the grammar's matchers run
+    # on the driver while the ranks compute the logits): bitmask() waits for it.
+    allowed_bitmask: np.ndarray | PendingBitmask | None = None
+
+    def bitmask(self) -> np.ndarray | None:
+        """allowed_bitmask, once filled (waits for a pending fill, and keeps its result)."""
+        if isinstance(self.allowed_bitmask, PendingBitmask):
+            self.allowed_bitmask = self.allowed_bitmask.result()
+        return self.allowed_bitmask
 
     @property
     def batch_size(self) -> int:
@@ -68,7 +77,7 @@ class SamplingMetadata:
         output_token_ids: Sequence[Sequence[int]],
         eos_token_ids: Iterable[int] = (),
         allowed_rows: Sequence[int] = (),
-        allowed_bitmask: np.ndarray | None = None,
+        allowed_bitmask: np.ndarray | PendingBitmask | None = None,
     ) -> SamplingMetadata:
         """Row i samples the next token of a sequence with prompt_token_ids[i] and
         output_token_ids[i] so far. Prompt ids matter only for a repetition penalty.

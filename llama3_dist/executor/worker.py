@@ -303,8 +303,13 @@ class Worker:
         rows = s.sample_rows
         # Usually every row samples, in order: then gathering them would only copy [B, V] floats.
         every_row = len(rows) == logits.shape[0] and np.array_equal(rows, np.arange(len(rows)))
+        # The sampler may mask in place: the logits (or the gathered rows) are not read after it
+        # except for prompt logprobs, which come from other rows (every_row means there are none).
         sampled = self.sampler(
-            logits if every_row else logits[self._tensor(rows)], s.metadata, keep_on_device=self.device.type == "cuda"
+            logits if every_row else logits[self._tensor(rows)],
+            s.metadata,
+            keep_on_device=self.device.type == "cuda",
+            scratch=True,
         )
         out = StepOutput(sampled=sampled)
         if len(s.prompt_rows):

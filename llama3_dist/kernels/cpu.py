@@ -41,6 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeAlias
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -277,6 +278,9 @@ class KernelLibrary:
                 function.argtypes, function.restype = argtypes, _INT
                 self._functions[name, dtype] = function
         self._lib.sum_floats.argtypes, self._lib.sum_floats.restype = [_P, _I64], _F32
+        self._lib.apply_token_bitmask.argtypes = [_P, _I64, _I64, _P, _P, _I64, _I64]
+        self._lib.apply_token_bitmask.restype = None
+        self._lib.token_bitmask_ids.argtypes, self._lib.token_bitmask_ids.restype = [_P, _I64, _I64, _P, _I64], _I64
         for dtype, suffix in _SUFFIX.items():
             function = getattr(self._lib, f"gemv_int8_{suffix}")
             function.argtypes, function.restype = [_P, _P, _P, _P, _P, _I64, _I64, _I64], _INT
@@ -503,6 +507,30 @@ class KernelLibrary:
         ):  # fmt: skip
             raise ValueError(f"dequantize_{weight.layout}: group size {weight.group_size} out of range")
         return out
+
+    def apply_token_bitmask(self, logits: torch.Tensor, rows: np.ndarray, words: np.ndarray) -> None:
+        """In place on float32 logits [B, V] (rows contiguous): in each of `rows`, tokens whose
+        bit is clear in that row of `words` (int32 [len(rows), W]) become -inf, as do tokens at or
+        past W * 32. The rows must be in range (checked here: the library does not)."""
+        assert logits.dtype == torch.float32 and logits.dim() == 2 and logits.stride(1) == 1
+        rows = np.ascontiguousarray(rows, np.int64)
+        words = np.ascontiguousarray(words, np.int32)
+        if len(rows) != len(words) or (len(rows) and not 0 <= rows.min() <= rows.max() < logits.shape[0]):
+            raise ValueError(f"bitmask rows {rows.tolist()} do not fit logits of {logits.shape[0]} rows")
+        self._lib.apply_token_bitmask(
+            logits.data_ptr(), logits.stride(0), logits.shape[1], rows.ctypes.data, words.ctypes.data,
+            len(rows), words.shape[1],
+        )  # fmt: skip
+
+    def token_bitmask_ids(self, words: np.ndarray, vocab: int, num_set: int) -> np.ndarray:
+        """The token ids below vocab (ascending) whose bits are set in one bitmask row `words`
+        (int32 [W]) with num_set bits set in all."""
+        words = np.ascontiguousarray(words, np.int32)
+        ids = np.empty(num_set, np.int64)
+        found = self._lib.token_bitmask_ids(words.ctypes.data, len(words), vocab, ids.ctypes.data, num_set)
+        if found > num_set:
+            raise ValueError(f"the bitmask row has {found} bits set, not {num_set}")
+        return ids[:found]
 
     def sum_floats(self, x: torch.Tensor) -> float:
         """Sum of a contiguous float32 tensor read once by all threads (a streaming-read probe)."""

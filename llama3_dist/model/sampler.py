@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from ..core.sampling_metadata import PenaltyInputs, SamplingMetadata
+from ..kernels import cpu as cpu_kernels
 from ..outputs import TokenLogprobs
 from ..sampling_params import SAMPLING_EPS
 
@@ -49,19 +50,25 @@ class Sampler:
         self._buffers: dict[str, torch.Tensor] = {}
 
     @torch.inference_mode()
-    def __call__(self, logits: torch.Tensor, meta: SamplingMetadata, keep_on_device: bool = False) -> SamplerOutput:
+    def __call__(
+        self, logits: torch.Tensor, meta: SamplingMetadata, keep_on_device: bool = False, scratch: bool = False
+    ) -> SamplerOutput:
         """keep_on_device (CUDA logits, no logprobs asked): the token ids stay on the GPU
         (device_token_ids) and nothing here waits for it; the caller copies them back when it
-        needs them. Otherwise token_ids are on the host when this returns."""
+        needs them. Otherwise token_ids are on the host when this returns. scratch: the caller
+        has no further use for the logits, so bans, penalties, biases and grammar masks go into
+        them in place (unless a row asks for logprobs, which are of the raw logits) instead of
+        into a copy: one pass over [B, V] less."""
         b, v = logits.shape
         dev = logits.device
         if b != meta.batch_size:
             raise ValueError(f"logits have {b} rows but the sampling metadata {meta.batch_size}")
+        in_place = scratch and all(k is None for k in meta.num_logprobs)
         if keep_on_device and dev.type == "cuda" and all(k is None for k in meta.num_logprobs):
-            return SamplerOutput(np.empty(0, np.int64), [None] * b, self._draw_on_device(logits, meta))
+            return SamplerOutput(np.empty(0, np.int64), [None] * b, self._draw_on_device(logits, meta, in_place))
         # Rows whose grammar allows few tokens draw among those alone (below): no pass over V.
         sparse = _sparse_rows(meta, v) if dev.type == "cpu" else {}
-        x = processed = self._processed(logits, meta, skip_mask_rows=sparse)
+        x = processed = self._processed(logits, meta, skip_mask_rows=sparse, in_place=in_place)
 
         greedy = meta.temperature < SAMPLING_EPS
         in_sparse = np.zeros(b, bool)
@@ -100,12 +107,12 @@ class Sampler:
                 logprobs[i] = lp
         return SamplerOutput(token_ids, logprobs)
 
-    def _draw_on_device(self, logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
+    def _draw_on_device(self, logits: torch.Tensor, meta: SamplingMetadata, in_place: bool = False) -> torch.Tensor:
         """The same draws as __call__ makes on a GPU (same uniforms, same filters), as a device
         tensor, with no host sync: greedy rows by argmax, the others over whole sorted rows."""
         _b, v = logits.shape
         dev = logits.device
-        x = self._processed(logits, meta)
+        x = self._processed(logits, meta, in_place=in_place)
         token_ids = x.argmax(dim=-1)
         greedy = meta.temperature < SAMPLING_EPS
         if greedy.all():
@@ -126,14 +133,17 @@ class Sampler:
         logits gathered at those tokens (in id order, padded with -inf), then the same greedy
         pick or filtered draw (same uniform) as over the whole masked row; into token_ids."""
         rows = np.fromiter(sparse, np.int64, len(sparse))
-        width = max(len(ids) for ids in sparse.values())
+        lengths = np.fromiter((len(ids) for ids in sparse.values()), np.int64, len(sparse))
+        width = int(lengths.max())
+        valid = np.arange(width)[None, :] < lengths[:, None]
         ids = np.zeros((len(rows), width), np.int64)
-        valid = np.zeros((len(rows), width), bool)
-        for j, allowed in enumerate(sparse.values()):
-            ids[j, : len(allowed)] = allowed
-            valid[j, : len(allowed)] = True
+        ids[valid] = np.concatenate(list(sparse.values()))  # row-major: each row's ids in order
         dev = x.device
-        cand = x[_t(rows, dev)[:, None], _t(ids, dev)].masked_fill_(~torch.from_numpy(valid).to(dev), float("-inf"))
+        if dev.type == "cpu" and x.is_contiguous():  # numpy's take: no advanced-indexing dispatch
+            flat = np.take(x.numpy().reshape(-1), rows[:, None] * x.shape[1] + ids)
+            cand = torch.from_numpy(np.where(valid, flat, np.float32(-np.inf)))
+        else:
+            cand = x[_t(rows, dev)[:, None], _t(ids, dev)].masked_fill_(~torch.from_numpy(valid).to(dev), float("-inf"))
         greedy = meta.temperature[rows] < SAMPLING_EPS
         picked = np.empty(len(rows), np.int64)
         if greedy.any():
@@ -153,18 +163,23 @@ class Sampler:
         token_ids[rows] = ids[np.arange(len(rows)), picked]
 
     def _processed(
-        self, logits: torch.Tensor, meta: SamplingMetadata, skip_mask_rows: dict[int, np.ndarray] | None = None
+        self,
+        logits: torch.Tensor,
+        meta: SamplingMetadata,
+        skip_mask_rows: dict[int, np.ndarray] | None = None,
+        in_place: bool = False,
     ) -> torch.Tensor:
         """The logits that sampling draws from: min_tokens bans, penalties, logit_bias, then the
-        grammar masks, in a copy (logprobs are of the raw logits); the logits themselves when no
-        row has any of these. Rows in skip_mask_rows are left unmasked (_sample_sparse reads
-        only their allowed tokens)."""
+        grammar masks, in a copy (logprobs are of the raw logits) or, in_place, in the float32
+        logits themselves; the logits themselves when no row has any of these. Rows in
+        skip_mask_rows are left unmasked (_sample_sparse reads only their allowed tokens)."""
         b, v = logits.shape
         dev = logits.device
         x = logits.float()
         if meta.penalties is None and meta.banned_rows is None and meta.bias is None and meta.allowed_rows is None:
             return x
-        x = self._buffer("penalised", b, v, dev).copy_(x)
+        if not (in_place and x is logits and x.is_contiguous()):
+            x = self._buffer("penalised", b, v, dev).copy_(x)
         if meta.banned_rows is not None and meta.banned_ids is not None:
             x[_t(meta.banned_rows, dev), _t(meta.banned_ids, dev)] = float("-inf")
         if meta.penalties is not None:
@@ -174,10 +189,11 @@ class Sampler:
             if bias.token_ids.max() >= v:
                 raise ValueError(f"logit_bias token ids must be < {v}, got {bias.token_ids.max()}")
             x.index_put_((_t(bias.rows, dev), _t(bias.token_ids, dev)), _f(bias.values, dev), accumulate=True)
-        if meta.allowed_rows is not None and meta.allowed_bitmask is not None:
+        bitmask = meta.bitmask()
+        if meta.allowed_rows is not None and bitmask is not None:
             masked = np.array([r not in (skip_mask_rows or {}) for r in meta.allowed_rows.tolist()], bool)
             if masked.any():
-                apply_token_bitmask(x, meta.allowed_rows[masked], meta.allowed_bitmask[masked])
+                apply_token_bitmask(x, meta.allowed_rows[masked], bitmask[masked])
         return x
 
     def _buffer(self, name: str, rows: int, v: int, device: torch.device) -> torch.Tensor:
@@ -249,6 +265,10 @@ def apply_token_bitmask(logits: torch.Tensor, rows: np.ndarray, bitmask: np.ndar
     dev = logits.device
     words = np.ascontiguousarray(bitmask, np.int32)
     width = min(v, words.shape[1] * 32)
+    library = cpu_kernels.kernels_for(logits) if logits.dtype == torch.float32 else None
+    if library is not None and logits.stride(1) == 1:
+        library.apply_token_bitmask(logits, rows, words)  # reads the words: no unpacked copy
+        return
     if dev.type == "cpu" and logits.is_contiguous():
         # numpy unpacks the inverted bits in one pass and scatters -inf at the refused tokens:
         # several times cheaper than torch's masked_fill over [R, V] on a CPU.
@@ -330,17 +350,22 @@ SPARSE_MAX_FRACTION = 0.25
 
 def _sparse_rows(meta: SamplingMetadata, v: int) -> dict[int, np.ndarray]:
     """Row -> its allowed token ids (ascending, < v), for the grammar rows that allow few."""
-    if meta.allowed_rows is None or meta.allowed_bitmask is None:
+    bitmask = meta.bitmask()
+    if meta.allowed_rows is None or bitmask is None:
         return {}
-    words = np.ascontiguousarray(meta.allowed_bitmask, np.int32)
+    words = np.ascontiguousarray(bitmask, np.int32)
     counts = np.bitwise_count(words.view(np.uint32)).sum(axis=1)
+    library = cpu_kernels.library()
     out = {}
     bit = np.arange(32, dtype=np.int64)
     for j in np.flatnonzero((counts > 0) & (counts <= SPARSE_MAX_FRACTION * v)).tolist():
-        used = np.flatnonzero(words[j])  # only the words with a bit set: a few of ~4000
-        bits = np.unpackbits(words[j, used].view(np.uint8).reshape(-1, 4), axis=1, bitorder="little")
-        allowed = (used[:, None] * 32 + bit)[bits.astype(bool)]  # ascending
-        allowed = allowed[allowed < v]
+        if library is not None:
+            allowed = library.token_bitmask_ids(words[j], v, int(counts[j]))
+        else:
+            used = np.flatnonzero(words[j])  # only the words with a bit set: a few of ~4000
+            bits = np.unpackbits(words[j, used].view(np.uint8).reshape(-1, 4), axis=1, bitorder="little")
+            allowed = (used[:, None] * 32 + bit)[bits.astype(bool)]  # ascending
+            allowed = allowed[allowed < v]
         if len(allowed):
             out[int(meta.allowed_rows[j])] = allowed
     return out

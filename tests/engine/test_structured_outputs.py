@@ -55,9 +55,24 @@ def test_constrained_outputs_survive_preemption_and_match(tokenized_checkpoint):
 
 
 @pytest.mark.slow  # an engine on a 128k vocabulary and llguidance's view of it: seconds
-def test_bad_constraints_and_bias_are_refused_before_the_engine_holds_anything(tokenized_checkpoint):
+def test_bad_constraints_and_bias_are_refused_before_the_engine_holds_anything(tokenized_checkpoint, monkeypatch):
     engine = LLMEngine(tokenized_checkpoint, dtype="float32", kv_cache_bytes=4 << 20, show_progress=False)
     try:
+        # The masks fill on the grammar's thread while the forward runs: a fill that fails is
+        # the step's error as it is, not a rank fault that rebuilds the ranks.
+        constrained = SamplingParams(max_tokens=4, structured_outputs=StructuredOutputsParams(choice=["yes", "no"]))
+        engine.add_request("fill", "hello", constrained)
+        compiler = engine.grammar_compiler()
+
+        def broken(matchers, num_words):
+            raise RuntimeError("mask fill broke")
+
+        monkeypatch.setattr(compiler, "fill_bitmask", broken)
+        with pytest.raises(RuntimeError, match="mask fill broke"):
+            engine.step()
+        assert engine.stats().num_restarts == 0
+        monkeypatch.undo()
+        engine.abort_request("fill")
         for params, named in (
             (SamplingParams(structured_outputs=StructuredOutputsParams(regex="(ab")), "regex"),
             (SamplingParams(structured_outputs=StructuredOutputsParams(json={"type": "object", "if": {}})), "if"),

@@ -245,6 +245,34 @@ def test_panel_gemv_is_the_product_with_x_in_int8_blocks(variant, bits, group_si
 
 
 @built
+@pytest.mark.parametrize("vocab,words", [(70, 2), (70, 3), (4096, 128), (1000, 40)])
+def test_token_bitmask_kernels(variant, vocab, words):
+    """Structured outputs' masks read from packed words: the refused tokens (bit clear, or past
+    the words) become -inf in the chosen rows only, and the allowed ids come out ascending."""
+    library, _dtype = variant
+    import numpy as np
+
+    rng = np.random.default_rng(vocab + words)
+    densities = [0.0, 0.002, 0.5, 0.999, 1.0]  # none, a few, half, nearly all, every token allowed
+    bits = np.stack([rng.random(words * 32) < d for d in densities])
+    packed = np.packbits(bits, axis=1, bitorder="little").view(np.int32)
+    logits = torch.randn(7, vocab)
+    rows = np.array([6, 0, 3, 2, 4])
+    got = logits.clone()
+    library.apply_token_bitmask(got, rows, packed)
+    expected = logits.clone()
+    refused = ~np.pad(bits, ((0, 0), (0, max(0, vocab - words * 32))))[:, :vocab]
+    for j, row in enumerate(rows):
+        expected[row, torch.from_numpy(refused[j])] = float("-inf")
+    assert torch.equal(got, expected)
+    for j in range(len(densities)):
+        allowed = np.flatnonzero(bits[j][:vocab])
+        ids = library.token_bitmask_ids(packed[j], vocab, int(bits[j].sum()))
+        assert ids.tolist() == allowed.tolist()
+    with pytest.raises(ValueError, match="do not fit logits of 7 rows"):
+        library.apply_token_bitmask(got, np.array([0, 1, 2, 3, 7]), packed)
+
+
 @pytest.mark.parametrize("dtype", [BF16, F32, torch.float16])
 @pytest.mark.parametrize("rows", [1, 40])
 def test_linear_routes(dtype, rows):
