@@ -26,6 +26,7 @@ import contextlib
 import copy
 import hmac
 import json
+import logging
 import signal
 import socket
 import threading
@@ -66,8 +67,11 @@ from .tool_calls import (
     parse_tool_calls,
     render_message_tool_calls,
     resolve_parser,
+    streamed_calls,
     validate_tools,
 )
+
+logger = logging.getLogger("llama3_dist")
 
 DEFAULT_MODEL_NAME = "llama3-dist-default"
 CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
@@ -635,6 +639,7 @@ class OpenAIServer:
 
         sent: dict[int, list[int]] = {}  # index -> [chars of content sent, tokens]
         done: set[int] = set()  # choices whose finish_reason has gone out
+        calls_sent: dict[int, list[tuple[str, str]]] = {}  # index -> (call id, arguments sent) per call
         totals = {"completion": 0}
 
         def chunk(choices):
@@ -660,9 +665,12 @@ class OpenAIServer:
                     chunks.append(delta(c.index, {"role": "assistant", "content": ""}))
                 chars, toks = sent[c.index]
                 newly_done = c.finish_reason is not None and c.index not in done
-                # With tools, text from where a call may begin is held back until the end, when
-                # the whole text is parsed: a call is never sent as content, nor content lost.
+                # With tools, text from where a call may begin is held back from the content; a
+                # call goes out as tool_calls deltas once its name and the start of its arguments
+                # are written, its arguments as they grow; at the end the whole text is parsed: a
+                # call is never sent as content, nor content lost.
                 limit = len(c.text)
+                hold = None
                 if parser and not newly_done:
                     hold = may_start_call(parser, c.text)
                     limit = limit if hold is None else max(chars, hold)
@@ -674,8 +682,14 @@ class OpenAIServer:
                     logprobs = self._chat_logprobs(new_ids, (c.logprobs or [])[toks : toks + len(new_ids)], k)
                 totals["completion"] += len(new_ids)
                 sent[c.index] = [chars + len(text), len(c.token_ids)]
+                streamed = calls_sent.setdefault(c.index, [])
                 if not newly_done:
-                    chunks.append(delta(c.index, {"content": text}, logprobs))
+                    if text or logprobs is not None:
+                        chunks.append(delta(c.index, {"content": text}, logprobs))
+                    if parser and hold is not None:
+                        for i, (name, arguments) in enumerate(streamed_calls(parser, c.text[hold:])):
+                            for d in _call_deltas(streamed, i, name, arguments):
+                                chunks.append(delta(c.index, {"tool_calls": [d]}))
                     continue
                 done.add(c.index)
                 content, calls = parse_tool_calls(parser, c.text) if parser else (c.text, [])
@@ -684,12 +698,8 @@ class OpenAIServer:
                     if rest or logprobs is not None:
                         chunks.append(delta(c.index, {"content": rest}, logprobs))
                     for i, call in enumerate(calls):
-                        # OpenAI's shape: id, type and name first, then the arguments
-                        head = {"index": i, "id": new_call_id(), "type": "function"}
-                        head["function"] = {"name": call.name, "arguments": ""}
-                        arguments = {"index": i, "function": {"arguments": call.arguments}}
-                        chunks.append(delta(c.index, {"tool_calls": [head]}))
-                        chunks.append(delta(c.index, {"tool_calls": [arguments]}))
+                        for d in _call_deltas(streamed, i, call.name, call.arguments):
+                            chunks.append(delta(c.index, {"tool_calls": [d]}))
                     chunks.append(delta(c.index, {}, None, "tool_calls", c.stop_reason))
                 else:
                     text = c.text[chars:]
@@ -977,6 +987,25 @@ async def _wait_disconnect(request: Request) -> None:
         message = await request.receive()
         if message["type"] == "http.disconnect":
             return
+
+
+def _call_deltas(streamed: list[tuple[str, str]], index: int, name: str, arguments: str) -> list[dict]:
+    """The tool_calls deltas that bring call `index` of a streamed choice to (name, arguments),
+    OpenAI's way: id, type and name first (with empty arguments), then the arguments in pieces.
+    `streamed` holds (call id, arguments sent) per call and is updated."""
+    deltas = []
+    if index == len(streamed):
+        streamed.append((new_call_id(), ""))
+        head = {"index": index, "id": streamed[index][0], "type": "function"}
+        deltas.append({**head, "function": {"name": name, "arguments": ""}})
+    call_id, sent = streamed[index]
+    if not arguments.startswith(sent):  # cannot happen: parsed calls keep their written text
+        logger.error("tool call %s: arguments %r do not continue the %r already streamed", call_id, arguments, sent)
+        return deltas
+    if len(arguments) > len(sent):
+        deltas.append({"index": index, "function": {"arguments": arguments[len(sent) :]}})
+        streamed[index] = (call_id, arguments)
+    return deltas
 
 
 def _sse(obj: dict) -> str:

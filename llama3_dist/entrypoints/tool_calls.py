@@ -60,13 +60,97 @@ def parse_tool_calls(parser: str, text: str) -> tuple[str | None, list[ToolCall]
     return text, []
 
 
-def _call_from(obj: Any, arguments_key: str) -> ToolCall | None:
+def _call_from(obj: Any, arguments_key: str, text: str = "", start: int = 0) -> ToolCall | None:
+    """The call in a parsed object, or None. text[start:] is where the object was written: when
+    it begins with the name and then the arguments (how the forcing grammar writes it), the
+    arguments are their written text, the very characters streaming sends; otherwise they are
+    re-serialized."""
     if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
         return None
     args = obj.get(arguments_key, obj.get("arguments", obj.get("parameters")))
     if not isinstance(args, dict):
         return None
+    written = _scan_call(text, start)
+    if written is not None and written.complete and written.name == obj["name"]:
+        return ToolCall(obj["name"], written.arguments)
     return ToolCall(obj["name"], json.dumps(args, ensure_ascii=False))
+
+
+# A call as models and the forcing grammar write it: the name first, then the arguments object.
+_CALL_HEAD = re.compile(r'\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"\s*,\s*"(?:parameters|arguments)"\s*:\s*')
+
+
+@dataclass(frozen=True, slots=True)
+class _WrittenCall:
+    name: str
+    arguments: str  # the arguments object's text so far (all of it when complete)
+    complete: bool  # the arguments object is closed
+    end: int  # complete: the index just past the arguments object
+
+
+def _scan_call(text: str, start: int) -> _WrittenCall | None:
+    """The call whose text begins at text[start] (name first, then an arguments object), as far
+    as it is written; None when the text there is not (yet) such a call's head."""
+    head = _CALL_HEAD.match(text, start)
+    if head is None:
+        return None
+    try:
+        name = json.loads(f'"{head.group(1)}"')
+    except json.JSONDecodeError:
+        return None
+    begin = head.end()
+    if begin == len(text) or text[begin] != "{":
+        return None
+    depth, in_string, escaped = 0, False, False
+    for i in range(begin, len(text)):
+        ch = text[i]
+        if in_string:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                in_string = False
+        elif ch == '"':
+            in_string = True
+        elif ch in "{[":
+            depth += 1
+        elif ch in "}]":
+            depth -= 1
+            if depth == 0:
+                return _WrittenCall(name, text[begin : i + 1], True, i + 1)
+    return _WrittenCall(name, text[begin:], False, len(text))
+
+
+def streamed_calls(parser: str, text: str) -> list[tuple[str, str]]:
+    """(name, arguments so far) of each call begun in a streamed text (the part from
+    may_start_call on), in order: a call counts once its name and the start of its arguments are
+    written. The arguments grow as text arrives; parse_tool_calls on the final text gives the
+    same calls with arguments that continue them."""
+    calls: list[tuple[str, str]] = []
+    if parser == "llama3_json":
+        at = text.find(PYTHON_TAG)
+        i = at + len(PYTHON_TAG) if at >= 0 else text.find("{")
+        while 0 <= i < len(text):
+            while i < len(text) and text[i] in " \t\r\n;":
+                i += 1
+            call = _scan_call(text, i)
+            if call is None:
+                break
+            calls.append((call.name, call.arguments))
+            close = re.compile(r"\s*\}").match(text, call.end) if call.complete else None
+            if close is None:
+                break
+            i = close.end()
+    elif parser == "hermes":
+        for tag in re.finditer(r"<tool_call>\s*", text):
+            call = _scan_call(text, tag.end())
+            if call is None:
+                break
+            calls.append((call.name, call.arguments))
+            if not call.complete:
+                break
+    return calls
 
 
 def _parse_llama3_json(text: str) -> tuple[str | None, list[ToolCall]]:
@@ -85,10 +169,11 @@ def _parse_llama3_json(text: str) -> tuple[str | None, list[ToolCall]]:
         if i == len(body):
             break
         try:
+            start = i
             obj, i = decoder.raw_decode(body, i)
         except json.JSONDecodeError:
             return text, []
-        call = _call_from(obj, "parameters")
+        call = _call_from(obj, "parameters", body, start)
         if call is None:
             return text, []
         calls.append(call)
@@ -104,7 +189,7 @@ def _parse_hermes(text: str) -> tuple[str | None, list[ToolCall]]:
     calls = []
     for m in _HERMES_CALL.finditer(text, first):
         try:
-            call = _call_from(json.loads(m.group(1)), "arguments")
+            call = _call_from(json.loads(m.group(1)), "arguments", text, m.start(1))
         except json.JSONDecodeError:
             return text, []
         if call is None:

@@ -383,24 +383,34 @@ def test_tool_choice_required_named_and_parallel(client):
 
 
 def test_streamed_tool_calls_reassemble_to_the_answer(client):
+    """Calls stream as OpenAI streams them: id, type and name first, then the arguments in pieces
+    as the model writes them (not in one piece at the end); they add up to the very strings of
+    the non-streaming answer."""
     answer = client.chat.completions.create(**PARALLEL).choices
     calls: dict[int, dict[int, dict]] = {c.index: {} for c in answer}  # choice -> call index -> call
     finish: dict[int, str] = {}
+    pieces = []  # argument deltas per call
     for chunk in client.chat.completions.create(**PARALLEL, stream=True):
         for ch in chunk.choices:
             assert not ch.delta.content
             for d in ch.delta.tool_calls or []:
                 if d.index not in calls[ch.index]:  # the first delta of a call names it
                     assert d.id.startswith("call_") and d.type == "function" and d.function.name
-                    calls[ch.index][d.index] = {"name": d.function.name, "arguments": ""}
-                calls[ch.index][d.index]["arguments"] += d.function.arguments or ""
+                    assert d.function.arguments == ""
+                    calls[ch.index][d.index] = {"name": d.function.name, "arguments": "", "pieces": 0}
+                    continue
+                assert d.id is None and d.function.name is None and d.function.arguments
+                calls[ch.index][d.index]["arguments"] += d.function.arguments
+                calls[ch.index][d.index]["pieces"] += 1
             if ch.finish_reason:
                 finish[ch.index] = ch.finish_reason
     assert max(len(c) for c in calls.values()) >= 2
     for c in answer:
         assert finish[c.index] == "tool_calls" == c.finish_reason
-        streamed = [(call["name"], json.loads(call["arguments"])) for _, call in sorted(calls[c.index].items())]
-        assert streamed == _calls(c.message)
+        streamed = [(call["name"], call["arguments"]) for _, call in sorted(calls[c.index].items())]
+        assert streamed == [(t.function.name, t.function.arguments) for t in c.message.tool_calls]
+        pieces += [call["pieces"] for call in calls[c.index].values() if len(call["arguments"]) > 8]
+    assert pieces and min(pieces) >= 2, pieces  # arguments of more than a few characters arrive in pieces
 
 
 def test_auto_tool_choice_and_a_follow_up_turn(client, served, tokenizer):

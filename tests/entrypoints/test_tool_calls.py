@@ -12,6 +12,7 @@ from llama3_dist.entrypoints.tool_calls import (
     may_start_call,
     parse_tool_calls,
     resolve_parser,
+    streamed_calls,
 )
 
 
@@ -38,6 +39,30 @@ def test_hermes_calls():
     trailing = '<tool_call>{"name": "a", "arguments": {}}</tool_call> tail'
     for bad in ("no calls", "<tool_call>{not json}</tool_call>", trailing):
         assert parse_tool_calls("hermes", bad) == (bad, [])
+
+
+def test_streamed_calls_grow_into_the_parsed_calls():
+    """Every prefix of a text names the calls begun so far with arguments that the final parse
+    continues (strings with braces and escapes inside, nested objects, both formats)."""
+    texts = {
+        "llama3_json": '<|python_tag|>{"name": "a", "parameters": {"q": "}{\\"", "n": [1, {"b": 2}]}}; '
+        '{"name": "b", "parameters": {}}',
+        "hermes": 'Sure.<tool_call>\n{"name": "a", "arguments": {"q": "x"}}\n</tool_call>\n'
+        '<tool_call>{"name": "b", "arguments": {"k": [true]}}</tool_call>',
+    }
+    for parser, text in texts.items():
+        _content, final = parse_tool_calls(parser, text)
+        hold = may_start_call(parser, text)
+        assert hold is not None and len(final) == 2
+        seen = []
+        for end in range(hold, len(text) + 1):
+            calls = streamed_calls(parser, text[hold:end])
+            assert len(calls) >= len(seen)
+            for (name, arguments), call in zip(calls, final):
+                assert name == call.name and call.arguments.startswith(arguments)
+            seen = calls
+        assert seen == [(c.name, c.arguments) for c in final]
+    assert streamed_calls("llama3_json", '{"name": "a", "parameters": ') == []  # no argument written yet
 
 
 def test_where_a_streamed_call_may_start():
