@@ -153,6 +153,10 @@ class Llama3Config(_Frozen):
     # a float16 scale and offset each); embeddings, norms and the LM head keep the model's dtype.
     # None: the checkpoint's weights as they are (GGUF Q8_0/Q4_0/Q4_1 stay quantized on CPUs).
     quantization: str | None = None
+    # How the checkpoint itself stores its projections: None (floats), or "fp8" (float8_e4m3fn
+    # weights with a scale per output channel or per tensor: compressed-tensors' float-quantized
+    # format, which vLLM serves, or fbgemm_fp8), dequantized to `dtype` at load.
+    checkpoint_quantization: str | None = None
 
     @model_validator(mode="after")
     def _check(self) -> Llama3Config:
@@ -236,8 +240,14 @@ class Llama3Config(_Frozen):
     ) -> Llama3Config:
         """Builds the config from a Hugging Face config (dict, PretrainedConfig or directory)."""
         if quantization not in QUANTIZATIONS:
+            fp8 = (
+                " (quantization='fp8', FP8 weights multiplied by torch._scaled_mm on GPUs of compute "
+                "capability 8.9+, is not built yet; FP8 checkpoints load, dequantized to the model's dtype)"
+                if quantization == "fp8"
+                else ""
+            )
             raise ConfigError(
-                f"quantization {quantization!r} is not supported; use one of {QUANTIZATIONS} "
+                f"quantization {quantization!r} is not supported{fp8}; use one of {QUANTIZATIONS} "
                 f"(None: the checkpoint's weights as they are)"
             )
         hf = _as_dict(huggingface_config)
@@ -333,6 +343,7 @@ class Llama3Config(_Frozen):
             eos_token_ids=[] if eos is None else ([eos] if isinstance(eos, int) else list(eos)),
             bos_token_id=hf.get("bos_token_id"),
             quantization=quantization,
+            checkpoint_quantization=_checkpoint_quantization(hf),
         )
 
     @classmethod
@@ -367,6 +378,33 @@ def check_tp_degree(n_heads: int, n_kv_heads: int, tp: int) -> None:
             f"tensor-parallel degree {tp} does not divide the heads "
             f"({n_heads} query heads, {n_kv_heads} KV heads); valid degrees: {valid}"
         )
+
+
+def _checkpoint_quantization(hf: dict[str, Any]) -> str | None:
+    """ "fp8" for a checkpoint stored in FP8 that the loader can dequantize, None for a float one;
+    ConfigError naming any other quantization_config (AWQ, GPTQ, bitsandbytes, FP8 with block
+    scales, ...) instead of a later error about unexpected tensors."""
+    qc = hf.get("quantization_config")
+    if not qc:
+        return None
+    method = qc.get("quant_method")
+    accepted = (
+        "accepted: compressed-tensors FP8 (float 8-bit weights, channel or tensor scales) and fbgemm_fp8; "
+        "other checkpoints load unquantized (then quantization='int8' or 'int4' quantizes them at load)"
+    )
+    if method == "fbgemm_fp8":
+        return "fp8"
+    if method != "compressed-tensors":
+        raise ConfigError(f"the checkpoint's quantization_config quant_method {method!r} is not supported; {accepted}")
+    for name, group in (qc.get("config_groups") or {}).items():
+        weights = group.get("weights") or {}
+        kind = (weights.get("type"), weights.get("num_bits"), weights.get("strategy"))
+        if kind not in (("float", 8, "channel"), ("float", 8, "tensor")):
+            raise ConfigError(
+                f"compressed-tensors config group {name!r} stores weights as type {kind[0]!r}, "
+                f"{kind[1]} bits, strategy {kind[2]!r}: not supported; {accepted}"
+            )
+    return "fp8"
 
 
 def _as_dict(config: Any) -> dict:

@@ -10,6 +10,7 @@ gate/up parts, so sharding by heads never needs the fused tensor whole.
 from __future__ import annotations
 
 import json
+import math
 import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ from ..kernels.reference import GroupQuantized
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 # Buffers some exporters write that carry no weights.
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -129,6 +131,11 @@ class Checkpoint:
             return sl[row0:stop]
         return sl[row0:stop, cols[0] : cols[1]]
 
+    def read_whole(self, name: str) -> torch.Tensor:
+        """The whole tensor (also a 0-d one, which slices cannot read)."""
+        self.consumed.add(name)
+        return self._open(self.files[name]).get_tensor(name)
+
     def unexpected(self) -> list[str]:
         return sorted(n for n in self.files if n not in self.consumed and not n.endswith(IGNORED_SUFFIXES))
 
@@ -197,9 +204,36 @@ class WeightSource:
         """The logical tensor `name` of full shape `shape`, or its [rows) / [cols) slice."""
         stored_name, row0, rows_read = self._slice(name, shape, rows)
         tensor = self.checkpoint.read(stored_name, row0, rows_read, cols)
+        if tensor.dtype in FP8_DTYPES:
+            tensor = self._dequantize_fp8(stored_name, tensor, row0)
         # A column slice comes back as a strided view of whole rows: copying it out frees the rows
         # this rank does not hold, and kernels (oneDNN, the CPU GEMV) need contiguous weights.
         return tensor.to(device=self.device, dtype=self.dtype).contiguous()
+
+    def _dequantize_fp8(self, stored_name: str, values: torch.Tensor, row0: int) -> torch.Tensor:
+        """An FP8 weight's rows [row0, row0 + len(values)) (any column slice) times its scale
+        (`<name>_scale`: one per tensor, or one per output row), in float32. The activation
+        scales of static FP8 schemes (`input_scale`) are not used: activations stay in the
+        model's dtype, so this computes what the dequantized checkpoint computes."""
+        base = stored_name.removesuffix(".weight")
+        scale_name = f"{base}.weight_scale"
+        files = self.checkpoint.files
+        if scale_name not in files:
+            raise CheckpointError(f"{stored_name!r} is stored in {values.dtype} but {scale_name!r} is missing")
+        if f"{base}.input_scale" in files:
+            self.checkpoint.consumed.add(f"{base}.input_scale")
+        scale_shape = self.checkpoint.shape(scale_name)
+        rows = self.checkpoint.shape(stored_name)[0]
+        if math.prod(scale_shape) == 1:
+            scale = self.checkpoint.read_whole(scale_name).reshape(1, 1)
+        elif scale_shape in ([rows], [rows, 1]):
+            scale = self.checkpoint.read(scale_name, row0, len(values)).reshape(-1, 1)
+        else:
+            raise CheckpointError(
+                f"{scale_name!r} has shape {scale_shape}; FP8 weights of {rows} rows need one scale per tensor or "
+                f"per row (block-wise scales are not supported)"
+            )
+        return values.float() * scale.float()
 
     def read_grouped(
         self,

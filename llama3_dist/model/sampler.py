@@ -267,23 +267,16 @@ def apply_token_bitmask(logits: torch.Tensor, rows: np.ndarray, bitmask: np.ndar
     width = min(v, words.shape[1] * 32)
     library = cpu_kernels.kernels_for(logits) if logits.dtype == torch.float32 else None
     if library is not None and logits.stride(1) == 1:
-        library.apply_token_bitmask(logits, rows, words)  # reads the words: no unpacked copy
+        # The CPU library reads the words as they are (~10x cheaper than unpacking them first).
+        library.apply_token_bitmask(logits, rows, words)
         return
-    if dev.type == "cpu" and logits.is_contiguous():
-        # numpy unpacks the inverted bits in one pass and scatters -inf at the refused tokens:
-        # several times cheaper than torch's masked_fill over [R, V] on a CPU.
-        refused = np.unpackbits(~words.view(np.uint8), axis=1, count=width, bitorder="little")
-        r, c = np.nonzero(refused)
-        values = logits.numpy()
-        values[rows[r], c] = -np.inf
-    else:
-        shifts = _BIT_POSITIONS.get(dev)
-        if shifts is None:
-            shifts = _BIT_POSITIONS[dev] = torch.arange(32, dtype=torch.int32, device=dev)
-        w = torch.from_numpy(words).to(dev, non_blocking=True)
-        refused_t = ((w[:, :, None] >> shifts) & 1).flatten(1)[:, :width] == 0  # [R, width]
-        rows_t = _t(rows, dev)
-        logits[rows_t, :width] = logits[rows_t, :width].masked_fill_(refused_t, float("-inf"))
+    shifts = _BIT_POSITIONS.get(dev)
+    if shifts is None:
+        shifts = _BIT_POSITIONS[dev] = torch.arange(32, dtype=torch.int32, device=dev)
+    w = torch.from_numpy(words).to(dev, non_blocking=True)
+    refused = ((w[:, :, None] >> shifts) & 1).flatten(1)[:, :width] == 0  # [R, width]
+    rows_t = _t(rows, dev)
+    logits[rows_t, :width] = logits[rows_t, :width].masked_fill_(refused, float("-inf"))
     if width < v:
         logits[_t(rows, dev), width:] = float("-inf")
 

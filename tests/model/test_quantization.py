@@ -115,3 +115,86 @@ def test_quantized_projection_bytes_and_bad_values_are_named(tmp_path):
     assert sizes["int4"] < 0.40 * sizes[None], sizes
     with pytest.raises(ConfigError, match=r"quantization 'int3' is not supported; use one of \(None, 'int8', 'int4'"):
         LLM(path, quantization="int3", show_progress=False)
+
+
+def fp8_checkpoint(source: str, path, strategy: str) -> dict[str, torch.Tensor]:
+    """The float32 checkpoint at `source` re-saved as compressed-tensors FP8 (vLLM's
+    float-quantized format: float8_e4m3fn projections, a weight_scale per output row or per
+    tensor, a static input_scale); returns what each projection's weight dequantizes to."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(source, path)
+    tensors = load_file(f"{path}/model.safetensors")
+    dequantized_weights = {}
+    for name in [n for n in tensors if n.rsplit(".", 2)[-2] in PROJECTIONS]:
+        weight = tensors.pop(name)
+        amax = weight.abs().amax(dim=1, keepdim=True) if strategy == "channel" else weight.abs().amax()
+        scale = (amax / torch.finfo(torch.float8_e4m3fn).max).float()
+        values = (weight / scale).to(torch.float8_e4m3fn)
+        base = name.removesuffix(".weight")
+        tensors[name], tensors[f"{base}.weight_scale"] = values, scale
+        tensors[f"{base}.input_scale"] = torch.tensor(1.0)
+        dequantized_weights[name] = values.float() * scale
+    save_file(tensors, f"{path}/model.safetensors", metadata={"format": "pt"})
+    config = json.loads((path / "config.json").read_text())
+    weights = {"num_bits": 8, "type": "float", "strategy": strategy, "symmetric": True, "dynamic": False}
+    config["quantization_config"] = {
+        "quant_method": "compressed-tensors",
+        "format": "float-quantized",
+        "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights}},
+        "ignore": ["lm_head"],
+    }
+    (path / "config.json").write_text(json.dumps(config))
+    return dequantized_weights
+
+
+@pytest.mark.parametrize("strategy,devices", [("channel", ["cpu"]), ("tensor", ["cpu"]), ("channel", ["cpu", "cpu"])])
+def test_fp8_checkpoints_load_dequantized(checkpoints, tmp_path, request, strategy, devices):
+    """An FP8 checkpoint (compressed-tensors, channel or tensor scales) gives transformers'
+    greedy tokens on its dequantized weights, on one rank and sharded over two (each rank's rows
+    and columns of the FP8 values with their scales)."""
+    if len(devices) > 1:
+        request.getfixturevalue("ray_local")
+    path = tmp_path / "fp8"
+    weights = fp8_checkpoint(checkpoints["llama"], path, strategy)
+    reference_model = transformers.AutoModelForCausalLM.from_pretrained(
+        checkpoints["llama"], dtype=torch.float32, attn_implementation="eager"
+    ).eval()
+    state = reference_model.state_dict()
+    with torch.no_grad():
+        for name, weight in weights.items():
+            state[name].copy_(weight)
+    with LLM(str(path), dtype="float32", devices=devices, show_progress=False, kv_cache_bytes=8 << 20) as llm:
+        assert llm.engine.config.checkpoint_quantization == "fp8"
+        outs = llm.generate(prompt_token_ids=PROMPTS, sampling_params=GREEDY, use_tqdm=False)
+    assert_reference_argmax(reference_model, [list(o.outputs[0].token_ids) for o in outs], 1e-4)
+
+
+def test_unsupported_checkpoint_quantizations_are_named(checkpoints, tmp_path):
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    path = tmp_path / "fp8"
+    fp8_checkpoint(checkpoints["llama"], path, "channel")
+    config = json.loads((path / "config.json").read_text())
+    for qc, named in (
+        ({"quant_method": "awq", "bits": 4}, "'awq' is not supported"),
+        ({"quant_method": "compressed-tensors", "config_groups": {"g": {"weights": {"type": "int", "num_bits": 4}}}},
+         "type 'int', 4 bits"),
+    ):  # fmt: skip
+        (path / "config.json").write_text(json.dumps({**config, "quantization_config": qc}))
+        with pytest.raises(ConfigError, match=named):
+            LLM(str(path), show_progress=False)
+    (path / "config.json").write_text(json.dumps(config))
+    tensors = load_file(f"{path}/model.safetensors")
+    name = "model.layers.0.mlp.up_proj.weight_scale"
+    tensors[name] = torch.ones(tensors[name].shape[0] // 2, 2)  # block-wise scales
+    save_file(tensors, f"{path}/model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"up_proj.weight_scale' has shape \[\d+, 2\].*block-wise"):
+        LLM(str(path), show_progress=False)
+    with pytest.raises(ConfigError, match=r"quantization='fp8'.*not built yet"):
+        LLM(checkpoints["llama"], quantization="fp8", show_progress=False)

@@ -307,7 +307,8 @@ def test_device_draw_gives_the_host_draws():
         np.testing.assert_array_equal(got, expected)
 
 
-def test_grammar_masks_and_logit_bias_leave_only_allowed_tokens():
+@pytest.mark.parametrize("path", ["sparse", "library", "torch"])
+def test_grammar_masks_and_logit_bias_leave_only_allowed_tokens(path, monkeypatch):
     """Packed bitmasks on some rows (tokens past the mask's width refused too) and logit_bias:
     greedy, plain and filtered draws pick only allowed tokens; the other rows are untouched."""
     v, b = 70, 4
@@ -325,6 +326,10 @@ def test_grammar_masks_and_logit_bias_leave_only_allowed_tokens():
     meta.bias = SamplingMetadata.build(
         [SamplingParams(), SamplingParams(logit_bias={7: 100.0})] + [SamplingParams()] * 2, [[1]] * b, [[]] * b
     ).bias
+    if path != "sparse":  # whole rows masked: by the CPU library, or in torch (GPUs; CPUs without it)
+        monkeypatch.setattr(sampling, "SPARSE_MAX_FRACTION", 0.0)
+    if path == "torch":
+        monkeypatch.setattr(sampling.cpu_kernels, "kernels_for", lambda x: None)
     raw = logits.clone()
     for step in range(20):
         meta.steps = [step] * b
