@@ -171,9 +171,9 @@ class Kernels:
     int8_linear: Callable[..., torch.Tensor] = reference.int8_weight_linear
     # Group-quantized weights (reference.GroupQuantized: int4, GGUF Q8_0/Q4_0/Q4_1): pack_grouped
     # puts one in these kernels' layout at load, grouped_linear(x, packed, bias) multiplies.
-    # runs_grouped: whether they multiply without dequantizing (the CPU library); elsewhere the
-    # weight is dequantized per call (correct, not fast), so stored GGUF types are dequantized at
-    # load instead.
+    # runs_grouped: whether they multiply without dequantizing (the CPU library, the Triton GEMM);
+    # the torch reference dequantizes per call (correct, not fast), so there stored GGUF types are
+    # dequantized at load instead.
     pack_grouped: Callable[..., Any] = _as_stored
     grouped_linear: Callable[..., torch.Tensor] = reference.grouped_linear
     runs_grouped: bool = False
@@ -199,6 +199,18 @@ def select(device: torch.device | str, dtype: torch.dtype) -> Kernels:
         impl if isinstance(impl, cpu.KernelLibrary) and os.environ.get("LLAMA3_DIST_CPU_FUSED", "1") != "0" else None
     )
     integer_gemv = isinstance(impl, cpu.KernelLibrary) and dtype == torch.bfloat16 and impl.integer_dot
+    if isinstance(impl, ModuleType) and impl.__name__.endswith("triton_kernels"):
+        # CUDA (or Triton's interpreter): quantized weights stay in their integers, dequantized
+        # in registers by the Triton GEMM (GGUF Q8_0 / Q4_0 / Q4_1 kept as stored too).
+        return Kernels(
+            **{name: getattr(impl, name) for name in TRITON_KERNELS},
+            linear=_linear_for(probe, mode),
+            int8_linear=impl.int8_linear,
+            pack_grouped=impl.pack_grouped,
+            grouped_linear=impl.grouped_linear,
+            runs_grouped=True,
+            capture_safe=probe.is_cuda,
+        )
     return Kernels(
         **{name: getattr(impl, name) for name in TRITON_KERNELS},
         linear=_linear_for(probe, mode),
@@ -223,7 +235,7 @@ def select(device: torch.device | str, dtype: torch.dtype) -> Kernels:
         runs_grouped=isinstance(impl, cpu.KernelLibrary),
         integer_gemv=integer_gemv,
         fused_decode=fused,
-        capture_safe=probe.is_cuda and getattr(impl, "__name__", "").endswith("triton_kernels"),
+        capture_safe=False,
     )
 
 

@@ -12,10 +12,13 @@ powers of two with masks (head_dim 96, rotary_dim 48, ...) and accumulates in fl
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
+
+from . import reference
 
 try:
     INTERPRET = bool(triton.knobs.runtime.interpret)
@@ -756,3 +759,162 @@ def prefill_attention(
         num_stages=2,
     )
     return out
+
+
+# --------------------------------------------------------------------------------------------
+# Weight-only quantized linear layers: w8a16 (int8, a scale per row) and w4a16 (4 bits, a scale
+# and offset per group of input features; GGUF Q8_0 / Q4_0 / Q4_1 too). The weights stay in
+# their integers in memory and are dequantized in registers, tile by tile, before each dot.
+
+
+@dataclass(frozen=True)
+class TritonGroupWeights:
+    """A reference.GroupQuantized in this module's layout: 4-bit values two to a byte (the even
+    column in the low nibble), 8-bit ones as int8; scales (and offsets) per row and group."""
+
+    words: torch.Tensor  # uint8 [n, ceil(k / 2)] for 4 bits, int8 [n, k] for 8 bits
+    scales: torch.Tensor  # float16 (group-wise) or float32 (int8 per row) [n, groups]
+    offsets: torch.Tensor | None  # like scales, 4 bits only
+    bits: int
+    group_size: int
+    k: int  # input features
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.words.shape[0], self.k)
+
+
+def pack_grouped(weight: reference.GroupQuantized, panels: bool = False) -> TritonGroupWeights:
+    """The weight in this module's layout (panels: the CPU library's option, meaningless here)."""
+    k = weight.shape[1]
+    values = weight.values
+    if weight.bits == 4:
+        pairs = torch.nn.functional.pad(values.to(torch.uint8), (0, k % 2))  # an odd width gets a zero column
+        words = pairs[:, 0::2] | (pairs[:, 1::2] << 4)
+    else:
+        words = values.to(torch.int8)
+    offsets = None if weight.offsets is None else weight.offsets.contiguous()
+    scales = weight.scales.contiguous()
+    return TritonGroupWeights(words.contiguous(), scales, offsets, weight.bits, weight.group_size, k)
+
+
+@triton.jit
+def _grouped_linear_kernel(
+    x_ptr,
+    w_ptr,
+    scale_ptr,
+    offset_ptr,
+    bias_ptr,
+    out_ptr,
+    M,
+    N,
+    K,
+    group_size,
+    stride_xm,
+    stride_wn,
+    stride_sn,
+    stride_om,
+    BITS: tl.constexpr,
+    HAS_OFFSET: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """out[M, N] = x[M, K] @ dequantize(w)[N, K].T (+ bias): each weight tile dequantized in
+    float32 and rounded once to x's dtype (what reference.dequantize(w, x.dtype) holds), float32
+    accumulation, one rounding of the result."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_mask = rm < M
+    n_mask = rn < N
+    x_rows = x_ptr + rm[:, None].to(tl.int64) * stride_xm
+    w_rows = rn[:, None].to(tl.int64) * stride_wn
+    s_rows = rn[:, None].to(tl.int64) * stride_sn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        rk = k0 + tl.arange(0, BLOCK_K)
+        k_mask = rk < K
+        x = tl.load(x_rows + rk[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+        w_mask = n_mask[:, None] & k_mask[None, :]
+        if BITS == 4:
+            byte = tl.load(w_ptr + w_rows + rk[None, :] // 2, mask=w_mask, other=0).to(tl.int32)
+            q = ((byte >> ((rk[None, :] % 2) * 4)) & 15).to(tl.float32)
+        else:
+            q = tl.load(w_ptr + w_rows + rk[None, :], mask=w_mask, other=0).to(tl.float32)
+        group = rk[None, :] // group_size
+        w = q * tl.load(scale_ptr + s_rows + group, mask=w_mask, other=0.0).to(tl.float32)
+        if HAS_OFFSET:
+            w += tl.load(offset_ptr + s_rows + group, mask=w_mask, other=0.0).to(tl.float32)
+        acc += _dot(x, tl.trans(_cast(w, x_ptr.dtype.element_ty)), UPCAST, PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    out = out_ptr + rm[:, None].to(tl.int64) * stride_om + rn[None, :]
+    tl.store(out, _cast(acc, out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+
+
+def _quantized_linear(
+    x: torch.Tensor,
+    words: torch.Tensor,
+    scales: torch.Tensor,
+    offsets: torch.Tensor | None,
+    bits: int,
+    group_size: int,
+    bias: torch.Tensor | None,
+) -> torch.Tensor:
+    n, k = words.shape[0], x.shape[-1]
+    rows = x.reshape(-1, k)
+    if rows.stride(-1) != 1:
+        rows = rows.contiguous()
+    m = rows.shape[0]
+    out = _empty((m, n), x.dtype, x.device)
+    if m and n:
+        block_m = 16 if m <= 16 else 32  # tl.dot needs 16 rows at least; decode pads to them
+        grid = (triton.cdiv(m, block_m), triton.cdiv(n, 64))
+        _grouped_linear_kernel[grid](
+            rows,
+            words,
+            scales,
+            offsets if offsets is not None else scales,
+            bias if bias is not None else scales,
+            out,
+            m,
+            n,
+            k,
+            group_size,
+            rows.stride(0),
+            words.stride(0),
+            scales.stride(0),
+            out.stride(0),
+            BITS=bits,
+            HAS_OFFSET=offsets is not None,
+            HAS_BIAS=bias is not None,
+            BLOCK_M=block_m,
+            BLOCK_N=64,
+            BLOCK_K=64,
+            UPCAST=_DOT_UPCAST,
+            PRECISION=_precision(x.dtype),
+            num_warps=4,
+        )
+    return out.reshape(*x.shape[:-1], n)
+
+
+def grouped_linear(x: torch.Tensor, weight: TritonGroupWeights, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ dequantize(weight).T + bias with the weight dequantized in registers (reference.grouped_linear)."""
+    if x.shape[-1] != weight.k:
+        raise ValueError(f"x has {x.shape[-1]} features but the weight {weight.k}")
+    return _quantized_linear(x, weight.words, weight.scales, weight.offsets, weight.bits, weight.group_size, bias)
+
+
+def int8_linear(
+    x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """x @ (weight * scale[:, None]).T + bias for int8 weights with a scale per output row
+    (reference.int8_weight_linear): one group of all k features per row."""
+    if x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"x has {x.shape[-1]} features but the weight {weight.shape[1]}")
+    return _quantized_linear(x, weight, scale.reshape(-1, 1), None, 8, max(weight.shape[1], 1), bias)

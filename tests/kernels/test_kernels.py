@@ -238,6 +238,54 @@ def test_imports_without_triton():
     subprocess.run([sys.executable, "-c", code], check=True, env=env)
 
 
+# ------------------------------------------------------------------------ quantized weights
+
+# Sums of a few hundred products: float32 summation order shows at ~1e-5 of their size.
+GEMM_TOL = {F32: dict(rtol=1e-5, atol=1e-4), BF16: dict(rtol=1e-2, atol=1e-2)}
+
+
+@pytest.mark.parametrize("dtype", [F32, BF16])
+@pytest.mark.parametrize(
+    "bits,group_size,m,n,k",
+    [(4, 32, 1, 96, 200), (4, 128, 37, 70, 256), (4, 32, 5, 33, 67), (8, 32, 1, 96, 200), (8, 32, 20, 17, 96)],
+)
+def test_grouped_linear_is_the_dequantized_product(dtype, bits, group_size, m, n, k):
+    """w4a16 / w8a16 (int4 groups, GGUF Q8_0/Q4_0/Q4_1): the weights dequantized tile by tile in
+    registers give reference.grouped_linear's product (odd widths, partial groups, decode's one
+    row and prefill's many, with and without a bias)."""
+    weight = randn(n, k)
+    if bits == 4:
+        grouped = ref.quantize_int4(weight, group_size)
+    else:
+        values, scale = ref.quantize_int8(weight)
+        scales = scale.to(torch.float16)[:, None].repeat(1, -(-k // group_size))
+        grouped = ref.GroupQuantized(values, scales, None, 8, group_size)
+    grouped = ref.GroupQuantized(
+        grouped.values.to(DEVICE), grouped.scales.to(DEVICE),
+        None if grouped.offsets is None else grouped.offsets.to(DEVICE), bits, group_size,
+    )  # fmt: skip
+    x = randn(m, k, dtype=dtype)
+    packed = kernels.select(DEVICE, dtype).pack_grouped(grouped)
+    assert packed.words.numel() * packed.words.element_size() == n * -(-k * bits // 8)  # the integers, packed
+    for bias in (None, randn(n, dtype=dtype)):
+        got = tk.grouped_linear(x, packed, bias)
+        torch.testing.assert_close(got, ref.grouped_linear(x, grouped, bias), **GEMM_TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [F32, BF16])
+@pytest.mark.parametrize("m,n,k", [(1, 64, 200), (19, 33, 70)])
+def test_int8_linear_is_the_scaled_product(dtype, m, n, k):
+    """Against the exact product: in bfloat16 the reference itself rounds the unscaled sums
+    (hundreds of units) before scaling, so it is the less accurate of the two there."""
+    values, scale = ref.quantize_int8(randn(n, k))
+    x = randn(m, k, dtype=dtype)
+    got = kernels.select(DEVICE, dtype).int8_linear(x, values.to(DEVICE), scale.to(DEVICE))
+    exact = x.float() @ (values.float() * scale[:, None]).to(DEVICE).T
+    # bfloat16: each dequantized weight rounds by up to 2**-9 of itself: ~0.03 over 200 unit products
+    tolerance = GEMM_TOL[dtype] if dtype == F32 else dict(rtol=1e-2, atol=0.15)
+    torch.testing.assert_close(got.float(), exact, **tolerance)
+
+
 # ------------------------------------------------------------------------------- end to end
 
 
@@ -286,6 +334,42 @@ def test_model_logits_match_torch_path(tmp_path, monkeypatch):
     assert set(calls) == set(kernels.TRITON_KERNELS), calls  # every kernel ran (in this process)
     for g, e in zip(got, expected):
         torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("quantization", ["int8", "int4"])
+def test_quantized_model_logits_match_torch_path(tmp_path, monkeypatch, quantization):
+    """Quantized projections through the Triton GEMM (weights kept in their integers) give the
+    torch path's logits (weights dequantized per call)."""
+    transformers = pytest.importorskip("transformers")
+    from llama3_dist import Llama3Model, ReturnLogits, TextContext
+
+    config = transformers.LlamaConfig(
+        hidden_size=64, num_attention_heads=4, num_key_value_heads=2, intermediate_size=128,
+        num_hidden_layers=2, vocab_size=128,
+    )  # fmt: skip
+    transformers.LlamaForCausalLM(config).eval().save_pretrained(tmp_path)
+
+    def run(mode):
+        monkeypatch.setenv("LLAMA3_DIST_KERNELS", mode)
+        with Llama3Model.from_pretrained(
+            tmp_path, devices=[DEVICE], dtype="float32", return_logits=ReturnLogits.ALL, block_size=8,
+            num_kv_blocks=16, quantization=quantization,
+        ) as model:  # fmt: skip
+            inputs = model.prepare_initial_token_inputs([TextContext(tokens=[3, 17, 99, 5, 64, 2, 9])])
+            logits = [model.execute(inputs).logits]
+            inputs = model.prepare_next_token_inputs([7], inputs)
+            logits.append(model.execute(inputs).logits)
+        return logits
+
+    calls = []
+    monkeypatch.setattr(tk, "_quantized_linear", lambda *a, _f=tk._quantized_linear: calls.append(1) or _f(*a))
+    expected = run("torch")
+    assert not calls
+    got = run("triton")
+    assert calls  # the projections took the Triton GEMM
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.subprocess
