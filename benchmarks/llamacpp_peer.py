@@ -14,10 +14,10 @@ between streamed tokens after the prefill) and llama.cpp's `llama-bench -p 0 -n 
     q4_1   LLM(<prefix>-q4_1.gguf, dtype="bfloat16")      the same file
 
 int4 is paired with q4_1: both are 4 bits in blocks of 32 with a float16 scale and minimum (5 bits a
-weight). Our int8/int4 quantize the attention and MLP projections and keep the LM head in bfloat16;
-llama-quantize keeps the LM head of q4_0/q4_1 files at more bits (q8_0 for SmolLM2's, tied to the
-embedding; q6_K for the 284M's), so the bit widths match on the projections, not on the LM head: the
-script prints each file's tensor types. The GGUF modes run as stored in our engine (Q8_0/Q4_0/Q4_1
+weight). Our int8/int4 quantize the attention and MLP projections and put the LM head in 8 bits (groups
+of 32, Q8_0's form); llama-quantize keeps the LM head of q4_0/q4_1 files at q8_0 (SmolLM2's, tied to
+the embedding) or q6_K (the 284M's), so the bit widths match on the projections and nearly on the
+LM head: the script prints each file's tensor types. The GGUF modes run as stored in our engine (Q8_0/Q4_0/Q4_1
 projections and LM head); a mode the engine refuses is reported, and llama.cpp is still measured on
 its file. Decode speed follows the memory bandwidth, which drifts on a shared host: every round
 measures every mode, each figure is the median over rounds (the best is given too; ratios are of

@@ -150,7 +150,8 @@ class Llama3Config(_Frozen):
     bos_token_id: int | None = None
     # Weight-only quantization applied at load to the attention and MLP projections: "int8"
     # (per-output-channel symmetric), "int4" / "int4-g128" (groups of 32 / 128 input features,
-    # a float16 scale and offset each); embeddings, norms and the LM head keep the model's dtype.
+    # a float16 scale and offset each); the LM head becomes 8 bits in groups of 32 (Q8_0's form)
+    # in every mode; embeddings and norms keep the model's dtype.
     # None: the checkpoint's weights as they are (GGUF Q8_0/Q4_0/Q4_1 stay quantized on CPUs).
     quantization: str | None = None
     # How the checkpoint itself stores its projections: None (floats), or "fp8" (float8_e4m3fn

@@ -231,6 +231,19 @@ def grouped_linear(x: torch.Tensor, weight: GroupQuantized, bias: torch.Tensor |
     return torch.nn.functional.linear(x, dequantize(weight, x.dtype), bias)
 
 
+def quantize_int8_groups(weight: torch.Tensor, group_size: int = 32) -> GroupQuantized:
+    """Group-wise symmetric 8 bits (llama.cpp's Q8_0 for groups of 32): per group scale =
+    max|w| / 127 (rounded to float16), values = round(w / scale) in -127..127. A last group may
+    be partial."""
+    n, k = weight.shape
+    groups = -(-k // group_size)
+    padded = torch.nn.functional.pad(weight.float(), (0, groups * group_size - k)).view(n, groups, group_size)
+    scales = (padded.abs().amax(dim=2) / 127.0).to(torch.float16)
+    divisor = torch.where(scales.float() > 0, scales.float(), torch.ones(()))  # an all-zero group stays 0
+    values = torch.round(padded / divisor[:, :, None]).clamp(-127, 127).view(n, groups * group_size)[:, :k]
+    return GroupQuantized(values.to(torch.int8).contiguous(), scales, None, 8, group_size)
+
+
 def quantize_int4(weight: torch.Tensor, group_size: int) -> GroupQuantized:
     """Group-wise asymmetric 4 bits: per group, offset = its minimum and scale = (max - min) / 15
     (both rounded to float16), values = round((w - offset) / scale) in 0..15. A last group may

@@ -34,7 +34,9 @@ def dequantized(weight: torch.Tensor, quantization: str) -> torch.Tensor:
 
 def quantized_reference(path: str, quantization: str, ranks: int = 1) -> transformers.PreTrainedModel:
     """transformers on the checkpoint with every projection replaced by its dequantized copy, each
-    rank's shard quantized on its own as the engine does (row-parallel ones: column shards)."""
+    rank's shard quantized on its own as the engine does (row-parallel ones: column shards), and
+    the LM head by its 8-bit copy (groups of 32 along a row: vocabulary shards do not change it;
+    a tied head gets a copy of its own, the embedding stays dense)."""
     model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager")
     with torch.no_grad():
         for name, module in model.named_modules():
@@ -43,6 +45,9 @@ def quantized_reference(path: str, quantization: str, ranks: int = 1) -> transfo
                 shards = module.weight.chunk(ranks, dim=1 if part in ROW_PARALLEL else 0)
                 dim = 1 if part in ROW_PARALLEL else 0
                 module.weight.copy_(torch.cat([dequantized(shard, quantization) for shard in shards], dim=dim))
+        head = model.get_output_embeddings()
+        head_8bit = reference.dequantize(reference.quantize_int8_groups(head.weight.detach()))
+        head.weight = torch.nn.Parameter(head_8bit, requires_grad=False)
     return model.eval()
 
 
@@ -54,7 +59,8 @@ def generate(path: str, quantization: str, **kwargs) -> list[list[int]]:
             for projection in (layer.self_attn.qkv_proj, layer.mlp.down_proj):
                 assert projection.quantized
                 assert projection.weight.dtype in (torch.int8, torch.int32)  # int8 values or packed int4 words
-            assert model.lm_head.weight.dtype.is_floating_point  # the head keeps the model's dtype
+            assert model.lm_head.quantized  # the head: 8 bits in groups of 32
+            assert model.embed_tokens.weight.dtype.is_floating_point  # the lookups keep dense rows
         outs = llm.generate(prompt_token_ids=PROMPTS, sampling_params=GREEDY, use_tqdm=False)
         return [list(o.outputs[0].token_ids) for o in outs]
 
