@@ -24,7 +24,7 @@ SUPPORTED_ARCHITECTURES = (
     "OlmoForCausalLM",
     "Phi3ForCausalLM",
 )
-QUANTIZATIONS = (None, "int8", "int4", "int4-g128")
+QUANTIZATIONS = (None, "int8", "int4", "int4-g128", "fp8")
 # Group sizes of the group-wise quantizations (4 bits, a float16 scale and offset per group).
 GROUP_SIZES = {"int4": 32, "int4-g128": 128}
 DTYPES = ("float32", "bfloat16", "float16")
@@ -150,8 +150,10 @@ class Llama3Config(_Frozen):
     bos_token_id: int | None = None
     # Weight-only quantization applied at load to the attention and MLP projections: "int8"
     # (per-output-channel symmetric), "int4" / "int4-g128" (groups of 32 / 128 input features,
-    # a float16 scale and offset each); the LM head becomes 8 bits in groups of 32 (Q8_0's form)
-    # in every mode; embeddings and norms keep the model's dtype.
+    # a float16 scale and offset each), "fp8" (float8_e4m3fn weights with a scale per output
+    # channel, activations rounded to float8 per token: W8A8, products by torch._scaled_mm); the
+    # LM head becomes 8 bits in groups of 32 (Q8_0's form) in every mode; embeddings and norms
+    # keep the model's dtype.
     # None: the checkpoint's weights as they are (GGUF Q8_0/Q4_0/Q4_1 stay quantized on CPUs).
     quantization: str | None = None
     # How the checkpoint itself stores its projections: None (floats), or "fp8" (float8_e4m3fn
@@ -241,14 +243,8 @@ class Llama3Config(_Frozen):
     ) -> Llama3Config:
         """Builds the config from a Hugging Face config (dict, PretrainedConfig or directory)."""
         if quantization not in QUANTIZATIONS:
-            fp8 = (
-                " (quantization='fp8', FP8 weights multiplied by torch._scaled_mm on GPUs of compute "
-                "capability 8.9+, is not built yet; FP8 checkpoints load, dequantized to the model's dtype)"
-                if quantization == "fp8"
-                else ""
-            )
             raise ConfigError(
-                f"quantization {quantization!r} is not supported{fp8}; use one of {QUANTIZATIONS} "
+                f"quantization {quantization!r} is not supported; use one of {QUANTIZATIONS} "
                 f"(None: the checkpoint's weights as they are)"
             )
         hf = _as_dict(huggingface_config)

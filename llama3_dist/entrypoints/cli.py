@@ -48,7 +48,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
         "--quantization",
         default=None,
         choices=[q for q in QUANTIZATIONS if q is not None],
-        help="weight-only quantization at load: int8 (per output channel), int4 (groups of 32), int4-g128 "
+        help="quantization at load: int8 (per output channel), int4 (groups of 32), int4-g128, fp8 (weights "
+        "per channel and activations per token in float8; GPUs of compute capability 8.9+ or CPUs) "
         "(default: the weights as stored)",
     )
 

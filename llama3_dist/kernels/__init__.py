@@ -169,6 +169,9 @@ class Kernels:
     linear: Callable[..., torch.Tensor]
     # x @ (int8 weight * scale per row).T (+ bias): weight-only int8 projections.
     int8_linear: Callable[..., torch.Tensor] = reference.int8_weight_linear
+    # x @ (float8 weight * scale per row).T (+ bias), x in float8 per token: FP8 projections.
+    # One implementation (torch._scaled_mm) for every device.
+    fp8_linear: Callable[..., torch.Tensor] = reference.fp8_linear
     # Group-quantized weights (reference.GroupQuantized: int4, GGUF Q8_0/Q4_0/Q4_1): pack_grouped
     # puts one in these kernels' layout at load, grouped_linear(x, packed, bias) multiplies.
     # runs_grouped: whether they multiply without dequantizing (the CPU library, the Triton GEMM);

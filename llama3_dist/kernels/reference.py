@@ -164,6 +164,48 @@ def int8_weight_linear(
     return out if bias is None else out + bias
 
 
+FP8_MAX = 448.0  # the largest finite float8_e4m3fn
+
+
+def quantize_fp8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-output-channel float8_e4m3fn: (fp8 weight, float32 scale per row), scale = max|w| / 448."""
+    w = weight.float()
+    scale = w.abs().amax(dim=1).clamp(min=1e-12) / FP8_MAX
+    return (w / scale[:, None]).to(torch.float8_e4m3fn), scale
+
+
+def fp8_linear(
+    x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """x @ (weight * scale[:, None]).T + bias for float8_e4m3fn weights with a scale per output row,
+    x rounded to float8 with a scale per row (token) of its own: FP8 W8A8 with dynamic per-token
+    activation scales, as vLLM serves FP8 checkpoints. The float8 product (fp8_product) runs on
+    the FP8 tensor cores of GPUs of compute capability 8.9+ (torch._scaled_mm) and upcast on CPUs;
+    both scales are applied after it, in float32, so a row's result does not depend on the rest
+    of the batch."""
+    k, n = x.shape[-1], weight.shape[0]
+    rows = x.reshape(-1, k).float()
+    x_scale = rows.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / FP8_MAX
+    x8 = (rows / x_scale).to(torch.float8_e4m3fn)
+    out = fp8_product(x8, weight, scaled_mm=x.is_cuda) * x_scale * scale.float()[None, :]
+    if bias is not None:
+        out = out + bias.float()
+    return out.to(x.dtype).reshape(*x.shape[:-1], n)
+
+
+def fp8_product(x8: torch.Tensor, weight: torch.Tensor, scaled_mm: bool) -> torch.Tensor:
+    """x8 [m, k] @ weight [n, k].T, both float8_e4m3fn, in float32 (each product is exact there).
+    scaled_mm: torch._scaled_mm, which wants rows in multiples of 16 (x8 is padded); without it,
+    both upcast and a float32 matmul: torch's CPU _scaled_mm is ~10x slower than that."""
+    m = x8.shape[0]
+    if not scaled_mm:
+        return x8.float() @ weight.float().t()
+    if m % 16:
+        x8 = torch.nn.functional.pad(x8.view(torch.uint8), (0, 0, 0, 16 - m % 16)).view(torch.float8_e4m3fn)
+    one = torch.ones((), device=x8.device)
+    return torch._scaled_mm(x8, weight.t(), scale_a=one, scale_b=one, out_dtype=torch.float32)[:m]
+
+
 def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-output-channel symmetric int8: (int8 weight, float32 scale per row), scale = max|w| / 127."""
     w = weight.float()

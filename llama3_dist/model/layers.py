@@ -35,7 +35,8 @@ def _parameter(*shape: int, dtype: torch.dtype) -> nn.Parameter:
 
 class _QuantizedWeights:
     """Weight-only quantization of a linear layer, after (or while) loading:
-    - quantize_int8(): `weight` becomes int8 values with a scale per output row (weight_scale);
+    - quantize_int8() / quantize_fp8(): `weight` becomes int8 / float8_e4m3fn values with a scale
+      per output row (weight_scale);
     - quantize_int4(group_size) or use_grouped(weight) (a GGUF Q8_0/Q4_0/Q4_1 tensor read as
       it is stored): `grouped` holds the weight in the kernels' layout, and `weight` becomes its
       packed integers, so that counting parameters counts the bytes a step reads. Scales are
@@ -62,6 +63,12 @@ class _QuantizedWeights:
         # float32 for the CPU library's GEMV; torch's int8 kernel takes the activations' dtype
         self.weight_scale = scale if self.weight.device.type == "cpu" else scale.to(dtype)
 
+    def quantize_fp8(self) -> None:
+        """`weight` becomes float8_e4m3fn with a float32 scale per output row (weight_scale)."""
+        quantized, scale = reference.quantize_fp8(self.weight.data)
+        self.weight = nn.Parameter(quantized, requires_grad=False)
+        self.weight_scale = scale
+
     def quantize_int4(self, group_size: int) -> None:
         self.use_grouped(reference.quantize_int4(self.weight.data, group_size))
 
@@ -84,6 +91,8 @@ class _QuantizedWeights:
         if self.grouped is not None:
             return self.kernels.grouped_linear(x, self.grouped, bias)
         if self.weight_scale is not None:
+            if self.weight.dtype == torch.float8_e4m3fn:
+                return self.kernels.fp8_linear(x, self.weight, self.weight_scale, bias)
             return self.kernels.int8_linear(x, self.weight, self.weight_scale, bias)
         return self.kernels.linear(x, self.weight, bias)
 

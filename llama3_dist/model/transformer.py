@@ -7,6 +7,7 @@ weights (split at load), partial rotary (Phi-4-mini), sliding windows (Mistral, 
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -14,7 +15,7 @@ import torch
 from torch import nn
 
 from .. import kernels as kernel_dispatch
-from ..config import GROUP_SIZES, Llama3Config
+from ..config import GROUP_SIZES, ConfigError, Llama3Config
 from ..kernels import Kernels, cpu, reference
 from .checkpoint import TORCH_DTYPES, CheckpointNames, WeightSource
 from .layers import (
@@ -27,6 +28,8 @@ from .layers import (
     VocabParallelEmbedding,
 )
 from .parallel import ParallelContext
+
+logger = logging.getLogger("llama3_dist")
 
 
 @dataclass(slots=True)
@@ -281,11 +284,15 @@ class Llama3Transformer(nn.Module):
         self.lm_head.load(source, names.lm_head, names.embedding)
         source.check_all_consumed()
         quantization = self.config.quantization
+        if quantization == "fp8":
+            _check_fp8_device(self.embed_tokens.weight.device)
         if quantization is not None:
             for module in self.modules():
                 if isinstance(module, (ColumnParallelLinear, RowParallelLinear)):
                     if quantization == "int8":
                         module.quantize_int8()
+                    elif quantization == "fp8":
+                        module.quantize_fp8()
                     else:
                         module.quantize_int4(GROUP_SIZES[quantization])
             # The head is the largest single weight a decode step reads (a third of the bytes of
@@ -338,3 +345,21 @@ class Llama3Transformer(nn.Module):
         if logits is not None and self.config.logits_scaling != 1.0:
             logits = logits / self.config.logits_scaling
         return logits
+
+
+def _check_fp8_device(device: torch.device) -> None:
+    """FP8 products need FP8 tensor cores on a GPU (compute capability 8.9: Ada, Hopper and later).
+    CPUs have none: there the float8 weights are upcast per product (correct, for testing)."""
+    if device.type == "cpu":
+        logger.warning(
+            "quantization='fp8' on a CPU upcasts the float8 weights for every product: several times slower "
+            "than bfloat16 (CPUs have no FP8 arithmetic); use 'int8' or 'int4' for speed on CPUs"
+        )
+    if device.type == "cuda":
+        capability = torch.cuda.get_device_capability(device)
+        if capability < (8, 9):
+            name = torch.cuda.get_device_name(device)
+            raise ConfigError(
+                f"quantization='fp8' needs a GPU of compute capability 8.9 or newer (Ada, Hopper); {device} is "
+                f"{name} ({capability[0]}.{capability[1]}); use 'int8' or 'int4' there"
+            )

@@ -202,5 +202,64 @@ def test_unsupported_checkpoint_quantizations_are_named(checkpoints, tmp_path):
     save_file(tensors, f"{path}/model.safetensors", metadata={"format": "pt"})
     with pytest.raises(ValueError, match=r"up_proj.weight_scale' has shape \[\d+, 2\].*block-wise"):
         LLM(str(path), show_progress=False)
-    with pytest.raises(ConfigError, match=r"quantization='fp8'.*not built yet"):
-        LLM(checkpoints["llama"], quantization="fp8", show_progress=False)
+
+
+def fp8_reference(path: str) -> transformers.PreTrainedModel:
+    """transformers with every projection computing FP8 W8A8 as the engine's "fp8" defines it,
+    written out here: the weight in float8 with a scale per row, x rounded to float8 with a
+    scale per token, the product in float32 then both scales; the LM head in 8-bit groups."""
+    model = quantized_reference(path, "int8")  # for its 8-bit head; the projections are replaced
+    dense = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).state_dict()
+    fp8_max = torch.finfo(torch.float8_e4m3fn).max
+
+    def forward(module, x):
+        x_scale = x.abs().amax(dim=-1, keepdim=True).clamp(min=1e-12) / fp8_max
+        x8 = (x / x_scale).to(torch.float8_e4m3fn).float()
+        return (x8 @ module.fp8_values.T) * x_scale * module.fp8_scale
+
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if name.rsplit(".", 1)[-1] in PROJECTIONS:
+                weight = dense[f"{name}.weight"]
+                scale = weight.abs().amax(dim=1).clamp(min=1e-12) / fp8_max
+                module.fp8_values = (weight / scale[:, None]).to(torch.float8_e4m3fn).float()
+                module.fp8_scale = scale
+                module.forward = forward.__get__(module)
+    return model
+
+
+def test_fp8_weights_and_activations(checkpoints):
+    """quantization="fp8": float8 weights (a scale per output channel) and float8 activations (a
+    scale per token), multiplied by torch._scaled_mm: the greedy tokens are the argmax of that
+    computation written out in transformers, the projections hold float8 (a byte a weight), and a
+    row's result does not depend on the rest of the batch."""
+    path = checkpoints["llama"]
+    with LLM(path, dtype="float32", quantization="fp8", show_progress=False, kv_cache_bytes=8 << 20) as llm:
+        layer = llm.engine.executor.worker.model.decoder_layers[0]
+        assert layer.self_attn.qkv_proj.weight.dtype == torch.float8_e4m3fn
+        outs = llm.generate(prompt_token_ids=PROMPTS, sampling_params=GREEDY, use_tqdm=False)
+        alone = llm.generate(prompt_token_ids=PROMPTS[:1], sampling_params=GREEDY, use_tqdm=False)
+    generated = [list(o.outputs[0].token_ids) for o in outs]
+    assert generated[0] == list(alone[0].outputs[0].token_ids)
+    assert_reference_argmax(fp8_reference(path), generated, 1e-4)
+
+
+def test_fp8_refused_on_gpus_without_fp8(monkeypatch):
+    from llama3_dist.model import transformer
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: (8, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: "NVIDIA A100-SXM4-80GB")
+    with pytest.raises(ConfigError, match=r"compute capability 8.9 or newer.*A100-SXM4-80GB \(8.0\)"):
+        transformer._check_fp8_device(torch.device("cuda:0"))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: (9, 0))
+    transformer._check_fp8_device(torch.device("cuda:0"))  # Hopper: accepted
+
+
+@pytest.mark.parametrize("m", [1, 16, 21])
+def test_fp8_product_on_fp8_tensor_cores_equals_the_upcast_one(m):
+    """The GPUs' float8 product (torch._scaled_mm, rows padded to 16) is the CPUs' (both operands
+    upcast, a float32 matmul): checked here on the CPU, where both run."""
+    x8 = (torch.randn(m, 96) * 20).to(torch.float8_e4m3fn)
+    weight = (torch.randn(48, 96) * 20).to(torch.float8_e4m3fn)
+    scaled = reference.fp8_product(x8, weight, scaled_mm=True)
+    torch.testing.assert_close(scaled, reference.fp8_product(x8, weight, scaled_mm=False), rtol=1e-6, atol=1e-3)
