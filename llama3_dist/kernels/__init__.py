@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -191,6 +192,48 @@ class Kernels:
     capture_safe: bool = False
 
 
+@functools.cache
+def quantized_gemm_works(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether the Triton GEMM over quantized weights gives the reference's product on `device`,
+    tried once per device and dtype on a small problem (4 and 8 bits, one row and many). It has
+    been tested under Triton's interpreter only: on hardware where it fails to compile or
+    disagrees, quantized weights take the torch reference instead (dequantized per call: correct,
+    slower), with a warning, rather than a failed or wrong model."""
+    from . import triton_kernels
+
+    try:
+        generator = torch.Generator().manual_seed(0)
+        weight = torch.randn(48, 96, generator=generator)
+        int4 = reference.quantize_int4(weight, 32)
+        values, scale = reference.quantize_int8(weight)
+        for x_rows in (1, 20):
+            x = torch.randn(x_rows, 96, generator=generator).to(device=device, dtype=dtype)
+            for grouped in (
+                int4,
+                reference.GroupQuantized(values, scale.to(torch.float16)[:, None].repeat(1, 3), None, 8, 32),
+            ):
+                grouped = reference.GroupQuantized(
+                    grouped.values.to(device), grouped.scales.to(device),
+                    None if grouped.offsets is None else grouped.offsets.to(device), grouped.bits, grouped.group_size,
+                )  # fmt: skip
+                got = triton_kernels.grouped_linear(x, triton_kernels.pack_grouped(grouped))
+                expected = reference.grouped_linear(x, grouped)
+                if not torch.allclose(got.float(), expected.float(), rtol=2e-2, atol=2e-2):
+                    raise RuntimeError(
+                        f"differs from the reference by {(got.float() - expected.float()).abs().max():.3g}"
+                    )
+        return True
+    except Exception as e:  # any failure of an untried kernel on this device: keep the model correct
+        logging.getLogger("llama3_dist").warning(
+            "quantized weights on %s run the torch reference (dequantized per call, slower): the Triton GEMM "
+            "over quantized weights failed its check there: %s: %s",
+            device,
+            type(e).__name__,
+            e,
+        )
+        return False
+
+
 def select(device: torch.device | str, dtype: torch.dtype) -> Kernels:
     """The kernels for tensors of `dtype` on `device`, as the module functions would pick them now
     (LLAMA3_DIST_KERNELS, LLAMA3_DIST_CPU_ISA, LLAMA3_DIST_CPU_KERNELS and LLAMA3_DIST_CPU_FUSED
@@ -203,17 +246,20 @@ def select(device: torch.device | str, dtype: torch.dtype) -> Kernels:
     )
     integer_gemv = isinstance(impl, cpu.KernelLibrary) and dtype == torch.bfloat16 and impl.integer_dot
     if isinstance(impl, ModuleType) and impl.__name__.endswith("triton_kernels"):
-        # CUDA (or Triton's interpreter): quantized weights stay in their integers, dequantized
-        # in registers by the Triton GEMM (GGUF Q8_0 / Q4_0 / Q4_1 kept as stored too).
-        return Kernels(
-            **{name: getattr(impl, name) for name in TRITON_KERNELS},
-            linear=_linear_for(probe, mode),
-            int8_linear=impl.int8_linear,
-            pack_grouped=impl.pack_grouped,
-            grouped_linear=impl.grouped_linear,
-            runs_grouped=True,
-            capture_safe=probe.is_cuda,
-        )
+        triton_kernels = {name: getattr(impl, name) for name in TRITON_KERNELS}
+        if quantized_gemm_works(probe.device, dtype):
+            # CUDA (or Triton's interpreter): quantized weights stay in their integers, dequantized
+            # in registers by the Triton GEMM (GGUF Q8_0 / Q4_0 / Q4_1 kept as stored too).
+            return Kernels(
+                **triton_kernels,
+                linear=_linear_for(probe, mode),
+                int8_linear=impl.int8_linear,
+                pack_grouped=impl.pack_grouped,
+                grouped_linear=impl.grouped_linear,
+                runs_grouped=True,
+                capture_safe=probe.is_cuda,
+            )
+        return Kernels(**triton_kernels, linear=_linear_for(probe, mode), capture_safe=probe.is_cuda)
     return Kernels(
         **{name: getattr(impl, name) for name in TRITON_KERNELS},
         linear=_linear_for(probe, mode),

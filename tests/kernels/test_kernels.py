@@ -10,6 +10,7 @@ owns holds NaN, so an unwritten output or a read of a padding block fails the co
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 import subprocess
 import sys
@@ -284,6 +285,24 @@ def test_int8_linear_is_the_scaled_product(dtype, m, n, k):
     # bfloat16: each dequantized weight rounds by up to 2**-9 of itself: ~0.03 over 200 unit products
     tolerance = GEMM_TOL[dtype] if dtype == F32 else dict(rtol=1e-2, atol=0.15)
     torch.testing.assert_close(got.float(), exact, **tolerance)
+
+
+def test_quantized_gemm_is_checked_before_it_is_trusted(monkeypatch, caplog):
+    """select() tries the Triton GEMM over quantized weights once per device and dtype; where it
+    fails or disagrees with the reference, quantized weights take the torch reference, with a
+    warning that names the problem."""
+    kernels.quantized_gemm_works.cache_clear()
+    monkeypatch.setattr(logging.getLogger("llama3_dist"), "handlers", [caplog.handler])  # it does not propagate
+    try:
+        assert kernels.quantized_gemm_works(torch.device(DEVICE), F32)
+        assert kernels.select(DEVICE, F32).runs_grouped
+        kernels.quantized_gemm_works.cache_clear()
+        monkeypatch.setattr(tk, "grouped_linear", lambda x, weight, bias=None: torch.zeros(x.shape[0], weight.shape[0]))
+        chosen = kernels.select(DEVICE, F32)
+        assert not chosen.runs_grouped and chosen.grouped_linear is ref.grouped_linear
+        assert "failed its check" in caplog.text and "differs from the reference" in caplog.text
+    finally:
+        kernels.quantized_gemm_works.cache_clear()
 
 
 # ------------------------------------------------------------------------------- end to end
