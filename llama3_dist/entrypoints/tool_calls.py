@@ -78,6 +78,8 @@ def _call_from(obj: Any, arguments_key: str, text: str = "", start: int = 0) -> 
 
 # A call as models and the forcing grammar write it: the name first, then the arguments object.
 _CALL_HEAD = re.compile(r'\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"\s*,\s*"(?:parameters|arguments)"\s*:\s*')
+_CALL_CLOSE = re.compile(r"\s*\}")  # the call object's end, after its arguments
+_HERMES_OPEN = re.compile(r"<tool_call>\s*")
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,12 +140,12 @@ def streamed_calls(parser: str, text: str) -> list[tuple[str, str]]:
             if call is None:
                 break
             calls.append((call.name, call.arguments))
-            close = re.compile(r"\s*\}").match(text, call.end) if call.complete else None
+            close = _CALL_CLOSE.match(text, call.end) if call.complete else None
             if close is None:
                 break
             i = close.end()
     elif parser == "hermes":
-        for tag in re.finditer(r"<tool_call>\s*", text):
+        for tag in _HERMES_OPEN.finditer(text):
             call = _scan_call(text, tag.end())
             if call is None:
                 break

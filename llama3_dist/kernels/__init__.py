@@ -204,18 +204,10 @@ def quantized_gemm_works(device: torch.device, dtype: torch.dtype) -> bool:
     try:
         generator = torch.Generator().manual_seed(0)
         weight = torch.randn(48, 96, generator=generator)
-        int4 = reference.quantize_int4(weight, 32)
-        values, scale = reference.quantize_int8(weight)
+        weights = [reference.quantize_int4(weight, 32).to(device), reference.quantize_int8_groups(weight).to(device)]
         for x_rows in (1, 20):
             x = torch.randn(x_rows, 96, generator=generator).to(device=device, dtype=dtype)
-            for grouped in (
-                int4,
-                reference.GroupQuantized(values, scale.to(torch.float16)[:, None].repeat(1, 3), None, 8, 32),
-            ):
-                grouped = reference.GroupQuantized(
-                    grouped.values.to(device), grouped.scales.to(device),
-                    None if grouped.offsets is None else grouped.offsets.to(device), grouped.bits, grouped.group_size,
-                )  # fmt: skip
+            for grouped in weights:
                 got = triton_kernels.grouped_linear(x, triton_kernels.pack_grouped(grouped))
                 expected = reference.grouped_linear(x, grouped)
                 if not torch.allclose(got.float(), expected.float(), rtol=2e-2, atol=2e-2):

@@ -244,6 +244,10 @@ class GroupQuantized:
         offsets = None if self.offsets is None else self.offsets[start:stop]
         return GroupQuantized(self.values[start:stop], self.scales[start:stop], offsets, self.bits, self.group_size)
 
+    def to(self, device: torch.device | str) -> GroupQuantized:
+        offsets = None if self.offsets is None else self.offsets.to(device)
+        return GroupQuantized(self.values.to(device), self.scales.to(device), offsets, self.bits, self.group_size)
+
     @staticmethod
     def cat(parts: list[GroupQuantized]) -> GroupQuantized:
         """Row-wise concatenation (fused q|k|v, gate|up) of parts of one type."""

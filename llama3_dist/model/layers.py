@@ -74,14 +74,7 @@ class _QuantizedWeights:
 
     def use_grouped(self, weight: reference.GroupQuantized, x_exact: bool = False) -> None:
         """x_exact: never the integer GEMV (which rounds x to int8 blocks), for the LM head."""
-        device = self.weight.device
-        weight = reference.GroupQuantized(
-            weight.values.to(device),
-            weight.scales.to(device),
-            None if weight.offsets is None else weight.offsets.to(device),
-            weight.bits,
-            weight.group_size,
-        )
+        weight = weight.to(self.weight.device)
         self.grouped = self.kernels.pack_grouped(weight, panels=False) if x_exact else self.kernels.pack_grouped(weight)
         packed = getattr(self.grouped, "words", weight.values)
         self.weight = nn.Parameter(packed, requires_grad=False)

@@ -63,8 +63,9 @@ class Sampler:
         dev = logits.device
         if b != meta.batch_size:
             raise ValueError(f"logits have {b} rows but the sampling metadata {meta.batch_size}")
-        in_place = scratch and all(k is None for k in meta.num_logprobs)
-        if keep_on_device and dev.type == "cuda" and all(k is None for k in meta.num_logprobs):
+        no_logprobs = all(k is None for k in meta.num_logprobs)
+        in_place = scratch and no_logprobs
+        if keep_on_device and dev.type == "cuda" and no_logprobs:
             return SamplerOutput(np.empty(0, np.int64), [None] * b, self._draw_on_device(logits, meta, in_place))
         # Rows whose grammar allows few tokens draw among those alone (below): no pass over V.
         sparse = _sparse_rows(meta, v) if dev.type == "cpu" else {}

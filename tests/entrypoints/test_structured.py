@@ -144,6 +144,12 @@ def _biases(tokenizer) -> dict[str, float]:
     return {str(i): 25.0 for i in ids}
 
 
+def _split_bias(extra: dict) -> tuple[dict | None, dict]:
+    """(logit_bias, the other fields): the openai client takes logit_bias as an argument of its own."""
+    fields = dict(extra)
+    return fields.pop("logit_bias", None), fields
+
+
 def _constraints(tokenizer) -> dict[str, tuple[dict, object]]:
     """kind -> (extra_body fields, check(text) raising on a bad output)."""
 
@@ -176,8 +182,7 @@ def test_every_constraint_kind_parses_over_20_samples(client, tokenizer):
     """20 sampled completions (temperature 1) per kind, all valid; each request also asks n=20,
     so every sequence has a matcher of its own."""
     for kind, (extra, check) in _constraints(tokenizer).items():
-        fields = dict(extra)
-        bias = fields.pop("logit_bias", None)
+        bias, fields = _split_bias(extra)
         r = client.completions.create(
             model=MODEL,
             prompt="Describe a person:",
@@ -208,8 +213,7 @@ def test_constrained_rows_leave_unconstrained_ones_unchanged(client, tokenizer):
 
     def run_constrained(kind):
         extra, check = constraints[kind]
-        fields = dict(extra)
-        bias = fields.pop("logit_bias", None)
+        bias, fields = _split_bias(extra)
         r = client.chat.completions.create(
             model=MODEL,
             messages=[{"role": "user", "content": f"Give me {kind}"}],

@@ -261,10 +261,7 @@ def test_grouped_linear_is_the_dequantized_product(dtype, bits, group_size, m, n
         values, scale = ref.quantize_int8(weight)
         scales = scale.to(torch.float16)[:, None].repeat(1, -(-k // group_size))
         grouped = ref.GroupQuantized(values, scales, None, 8, group_size)
-    grouped = ref.GroupQuantized(
-        grouped.values.to(DEVICE), grouped.scales.to(DEVICE),
-        None if grouped.offsets is None else grouped.offsets.to(DEVICE), bits, group_size,
-    )  # fmt: skip
+    grouped = grouped.to(DEVICE)
     x = randn(m, k, dtype=dtype)
     packed = kernels.select(DEVICE, dtype).pack_grouped(grouped)
     assert packed.words.numel() * packed.words.element_size() == n * -(-k * bits // 8)  # the integers, packed
