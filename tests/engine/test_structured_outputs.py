@@ -6,6 +6,7 @@ recomputed) and with overlapped scheduling asked for, and through a Ray tensor-p
 from __future__ import annotations
 
 import json
+import threading
 
 import jsonschema
 import pytest
@@ -64,13 +65,18 @@ def test_bad_constraints_and_bias_are_refused_before_the_engine_holds_anything(t
         engine.add_request("fill", "hello", constrained)
         compiler = engine.grammar_compiler()
 
+        filled_on = []
+
         def broken(matchers, num_words):
+            filled_on.append(threading.current_thread().name)
             raise RuntimeError("mask fill broke")
 
         monkeypatch.setattr(compiler, "fill_bitmask", broken)
         with pytest.raises(RuntimeError, match="mask fill broke"):
             engine.step()
         assert engine.stats().num_restarts == 0
+        # off the engine's thread: the fill overlaps the forward pass
+        assert len(filled_on) == 1 and filled_on[0].startswith("llama3-dist-grammar-fill")
         monkeypatch.undo()
         engine.abort_request("fill")
         for params, named in (
