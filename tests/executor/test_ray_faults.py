@@ -150,8 +150,9 @@ def test_placement_group_that_cannot_fit(checkpoints, ray_local):
     assert time.monotonic() - start < 10
     with pytest.raises(PlacementError, match=r"bundles of \{'CPU': 64.0\} \(PACK\)"):
         load(checkpoints["llama"], ["cpu", "cpu"], cpus_per_rank=64, placement_timeout_s=1)
-    assert alive_actors(ray_local) == before_actors
-    assert live_placement_groups(ray_local) == before_pgs
+    # Nothing of its own left; an earlier test's actor may finish exiting meanwhile (seen in CI).
+    assert alive_actors(ray_local) <= before_actors
+    assert live_placement_groups(ray_local) <= before_pgs
 
 
 @pytest.mark.parametrize(
@@ -168,8 +169,9 @@ def test_bad_arguments_fail_before_any_actor_starts(devices, kwargs, message, ch
     before_actors, before_pgs = alive_actors(ray_local), live_placement_groups(ray_local)
     with pytest.raises(ConfigError, match=message):
         load(checkpoints["llama"], devices, **kwargs)
-    assert alive_actors(ray_local) == before_actors
-    assert live_placement_groups(ray_local) == before_pgs
+    # Nothing of its own left; an earlier test's actor may finish exiting meanwhile (seen in CI).
+    assert alive_actors(ray_local) <= before_actors
+    assert live_placement_groups(ray_local) <= before_pgs
 
 
 def test_one_device_runs_in_process(checkpoints):
