@@ -150,7 +150,7 @@ TRITON_KERNELS = (
 )
 
 
-def _as_stored(weight: reference.GroupQuantized, panels: bool = False) -> reference.GroupQuantized:
+def _as_stored(weight: reference.GroupQuantized) -> reference.GroupQuantized:
     """The torch reference's layout of group-quantized weights: the logical form itself."""
     return weight
 
@@ -179,6 +179,8 @@ class Kernels:
     # the torch reference dequantizes per call (correct, not fast), so there stored GGUF types are
     # dequantized at load instead.
     pack_grouped: Callable[..., Any] = _as_stored
+    # pack_grouped for the LM head, whose logits pick the token: never x rounded to int8.
+    pack_head: Callable[..., Any] = _as_stored
     grouped_linear: Callable[..., torch.Tensor] = reference.grouped_linear
     runs_grouped: bool = False
     # Whether pack_grouped packs for the CPU library's integer GEMV (bfloat16 models on CPUs with
@@ -247,6 +249,7 @@ def select(device: torch.device | str, dtype: torch.dtype) -> Kernels:
                 linear=_linear_for(probe, mode),
                 int8_linear=impl.int8_linear,
                 pack_grouped=impl.pack_grouped,
+                pack_head=impl.pack_grouped,  # x stays in the model's dtype there
                 grouped_linear=impl.grouped_linear,
                 runs_grouped=True,
                 capture_safe=probe.is_cuda,
@@ -265,6 +268,11 @@ def select(device: torch.device | str, dtype: torch.dtype) -> Kernels:
             # llama.cpp does) where the CPU has byte dot products; float32 ones dequantize in
             # registers, exact to float rounding.
             functools.partial(cpu.pack_grouped, lanes=impl.lanes, panels=integer_gemv)
+            if isinstance(impl, cpu.KernelLibrary)
+            else _as_stored
+        ),
+        pack_head=(
+            functools.partial(cpu.pack_head, lanes=impl.lanes, integer_gemv=integer_gemv)
             if isinstance(impl, cpu.KernelLibrary)
             else _as_stored
         ),

@@ -28,6 +28,7 @@ and round the result once, as a bfloat16 GEMM does.
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import functools
 import hashlib
 import logging
@@ -285,11 +286,12 @@ class KernelLibrary:
             function = getattr(self._lib, f"gemv_int8_{suffix}")
             function.argtypes, function.restype = [_P, _P, _P, _P, _P, _I64, _I64, _I64], _INT
             self._functions["gemv_int8", dtype] = function
-            for layout in ("q4", "q8", "panels4", "panels8"):
+            for layout in ("q4", "q8", "panels4", "panels8", "panels8x15"):
                 function = getattr(self._lib, f"gemv_{layout}_{suffix}")
                 function.argtypes, function.restype = [_P, _P, _P, _P, _P, _P, _I64, _I64, _I64, _I64], _INT
                 self._functions[f"gemv_{layout}", dtype] = function
-                function = getattr(self._lib, f"dequantize_{layout}_{suffix}")
+                # panels8x15 holds panels8's weights: one dequantize serves both
+                function = getattr(self._lib, f"dequantize_{layout.removesuffix('x15')}_{suffix}")
                 function.argtypes, function.restype = [_P, _P, _P, _P, _I64, _I64, _I64], _INT
                 self._functions[f"dequantize_{layout}", dtype] = function
 
@@ -834,7 +836,9 @@ class PackedGroupWeights:
       offsets) float16 [n, groups] as stored;
     - "panels4" / "panels8" (the integer GEMV of bfloat16 models, "4-bit weights times 8-bit
       activations"): panels of `lanes` rows, blocks of 32; scales and offsets float16
-      [panels, groups, lanes]."""
+      [panels, groups, lanes];
+    - "panels8x15": panels8's words, multiplied with x rounded to 15 bits per block of 32 (two
+      int8 digits) instead of 8: the LM head of bfloat16 models (pack_head)."""
 
     words: torch.Tensor  # int32
     scales: torch.Tensor  # float16
@@ -846,12 +850,20 @@ class PackedGroupWeights:
     layout: str
 
 
-def pack_grouped(weight: reference.GroupQuantized, lanes: int, panels: bool = False) -> PackedGroupWeights:
+def pack_grouped(
+    weight: reference.GroupQuantized, lanes: int, panels: bool = False, x_digits: int = 1
+) -> PackedGroupWeights:
     """weight in the layout of a library with `lanes` float32 lanes per vector: panels for the
-    integer GEMV, else words for the float one. The group size must be a multiple of 32 (and
-    for words a power of two and a multiple of `lanes`)."""
+    integer GEMV (x_digits 2: x to 15 bits, 8-bit weights only), else words for the float one.
+    The group size must be a multiple of 32 (and for words a power of two and a multiple of
+    `lanes`)."""
     if panels:
-        return _pack_panels(weight, lanes)
+        packed = _pack_panels(weight, lanes)
+        if x_digits == 2:
+            if weight.bits != 8:
+                raise ValueError(f"x in 15 bits takes 8-bit weights, not {weight.bits}-bit")
+            packed = dataclasses.replace(packed, layout="panels8x15")
+        return packed
     group_size, bits = weight.group_size, weight.bits
     if group_size % lanes or group_size & (group_size - 1):
         raise ValueError(f"group size {group_size} must be a power of two and a multiple of {lanes}")
@@ -905,6 +917,15 @@ def _pack_panels(weight: reference.GroupQuantized, lanes: int) -> PackedGroupWei
         lanes,
         f"panels{weight.bits}",
     )
+
+
+def pack_head(weight: reference.GroupQuantized, lanes: int, integer_gemv: bool) -> PackedGroupWeights:
+    """The LM head's layout: its logits pick the token, so x is never rounded to int8 there (that
+    flips near-tied logits): 8-bit weights take the integer GEMV with x in 15 bits where it runs
+    (bfloat16 models), other weights the float GEMV (x exact)."""
+    if integer_gemv and weight.bits == 8:
+        return pack_grouped(weight, lanes, panels=True, x_digits=2)
+    return pack_grouped(weight, lanes)
 
 
 def grouped_linear(

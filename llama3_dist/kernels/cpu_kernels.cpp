@@ -26,6 +26,8 @@
 #include <string.h>
 
 #include <algorithm>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
 #if defined(__F16C__) || defined(__AVX2__)
@@ -75,10 +77,38 @@ inline float pairwise_sum(const float* lanes_in) {
     }
 }
 
-inline float horizontal_sum(Floats v) {
-    float lanes[LANES];
-    memcpy(lanes, &v, sizeof lanes);
-    return pairwise_sum<LANES>(lanes);
+// Lanes Offset .. Offset + sizeof...(I) - 1 of v, as a vector of that many.
+template <int Offset, typename V, size_t... I>
+inline auto lanes_of(V v, std::index_sequence<I...>) {
+    return __builtin_shufflevector(v, v, (Offset + int(I))...);
+}
+
+// pairwise_sum's order on a vector in registers (shuffles, no trip through memory, so the
+// vector's producers keep it in a register).
+template <typename V>
+inline float pairwise_vector_sum(V v) {
+    constexpr int N = sizeof(V) / sizeof(float);
+    if constexpr (N == 2) {
+        return v[0] + v[1];
+    } else {
+        constexpr auto half = std::make_index_sequence<N / 2>{};
+        return pairwise_vector_sum(lanes_of<0>(v, half) + lanes_of<N / 2>(v, half));
+    }
+}
+
+inline float horizontal_sum(Floats v) { return pairwise_vector_sum(v); }
+
+// The largest lane (comparisons only: exact in any order).
+template <typename V>
+inline float largest_lane(V v) {
+    constexpr int N = sizeof(V) / sizeof(float);
+    if constexpr (N == 1) {
+        return v[0];
+    } else {
+        constexpr auto half = std::make_index_sequence<N / 2>{};
+        const auto low = lanes_of<0>(v, half), high = lanes_of<N / 2>(v, half);
+        return largest_lane(low > high ? low : high);
+    }
 }
 
 inline Floats bits_to_floats(Words w) {
@@ -723,9 +753,16 @@ inline Ints dot4_signed(Ints acc, Words w, int32_t x4) {
 // offsets: a weight is q * scale + offset, and its error from x's rounding is w times that
 // rounding only if both terms see the same x; with the exact sum of x in the offset term, the
 // q * scale term's error, up to twice w's, would be left uncancelled).
-template <typename T>
-void quantize_blocks(const T* x, int64_t m, int64_t k, int64_t blocks, int64_t group_size, int8_t* xq, float* dx,
-                     float* group_sums) {
+//
+// DIGITS 2 (the LM head, whose logits decide the token): x to 15 bits per block, as two int8
+// digits, x = dx * (128 * xq + xq_low) with xq in [-127, 127] and xq_low in [-64, 64]: the
+// same byte dot products twice, and x's rounding about 2^-15 of the block's largest value
+// instead of 2^-8 (int8 rounding flips near-tied logits; this is below bfloat16's own).
+constexpr float DIGIT_RANGE[3] = {0.0f, 127.0f, 127.0f * 128.0f};
+
+template <typename T, int DIGITS>
+void quantize_blocks(const T* x, int64_t m, int64_t k, int64_t blocks, int64_t group_size, int8_t* xq,
+                     int8_t* xq_low, float* dx, float* group_sums) {
     const int64_t groups = (k + group_size - 1) / group_size;
     for (int64_t row = 0; row < m; ++row) {
         for (int64_t g = 0; g < groups; ++g) group_sums[row * groups + g] = 0.0f;
@@ -735,12 +772,20 @@ void quantize_blocks(const T* x, int64_t m, int64_t k, int64_t blocks, int64_t g
                 values[j] = Element<T>::to_float(x[row * k + b * 32 + j]);
                 largest = std::max(largest, fabsf(values[j]));
             }
-            const float scale = largest / 127.0f, inverse = largest > 0.0f ? 127.0f / largest : 0.0f;
+            const float range = DIGIT_RANGE[DIGITS];
+            const float scale = largest / range, inverse = largest > 0.0f ? range / largest : 0.0f;
             dx[row * blocks + b] = scale;
             int32_t total = 0;  // a block lies in one group: groups are whole blocks
             for (int j = 0; j < 32; ++j) {
-                const int8_t q = int8_t(nearbyintf(values[j] * inverse));
-                xq[(row * blocks + b) * 32 + j] = q;
+                const int32_t q = int32_t(nearbyintf(values[j] * inverse));
+                const int64_t at = (row * blocks + b) * 32 + j;
+                if constexpr (DIGITS == 2) {
+                    const int32_t high = int32_t(nearbyintf(float(q) / 128.0f));
+                    xq[at] = int8_t(high);
+                    xq_low[at] = int8_t(q - 128 * high);
+                } else {
+                    xq[at] = int8_t(q);
+                }
                 total += q;
             }
             group_sums[row * groups + b * 32 / group_size] += float(total) * scale;
@@ -748,8 +793,8 @@ void quantize_blocks(const T* x, int64_t m, int64_t k, int64_t blocks, int64_t g
     }
 }
 
-template <typename T, int BITS, int M>
-void panel_tiles(const int8_t* xq, const float* dx, const float* group_sums, const uint32_t* w,
+template <typename T, int BITS, int DIGITS, int M>
+void panel_tiles(const int8_t* xq, const int8_t* xq_low, const float* dx, const float* group_sums, const uint32_t* w,
                  const uint16_t* scales, const uint16_t* offsets, const T* bias, T* y, int64_t n, int64_t k,
                  int64_t group_size) {
     using E = Element<T>;
@@ -767,8 +812,8 @@ void panel_tiles(const int8_t* xq, const float* dx, const float* group_sums, con
                 const uint32_t* block = panel_words + b * VECTORS * LANES;
                 for (int line = 0; line < VECTORS * VECTOR_BYTES; line += CACHE_LINE)
                     __builtin_prefetch((const char*)block + PREFETCH_BYTES + line, 0, 2);
-                Ints sums[M];
-                for (int m = 0; m < M; ++m) sums[m] = Ints{};
+                Ints sums[M], low_sums[M];
+                for (int m = 0; m < M; ++m) sums[m] = low_sums[m] = Ints{};
 #pragma GCC unroll 8
                 for (int c = 0; c < VECTORS; ++c) {
                     Words q;
@@ -785,16 +830,27 @@ void panel_tiles(const int8_t* xq, const float* dx, const float* group_sums, con
                         for (int m = 0; m < M; ++m) {
                             const int32_t* x4 = reinterpret_cast<const int32_t*>(xq + (m * blocks + b) * 32);
                             sums[m] = dot4_signed(sums[m], q, x4[c]);
+                            if constexpr (DIGITS == 2) {
+                                const int32_t* low4 = reinterpret_cast<const int32_t*>(xq_low + (m * blocks + b) * 32);
+                                low_sums[m] = dot4_signed(low_sums[m], q, low4[c]);
+                            }
                         }
                     }
                 }
                 if constexpr (BITS == 8 && SIGNED_DOT4_EXCESS) {
                     for (int m = 0; m < M; ++m) {
-                        int32_t total = 0;
+                        int32_t total = 0, low_total = 0;
                         for (int j = 0; j < 32; ++j) total += xq[(m * blocks + b) * 32 + j];
                         sums[m] -= 128 * total;
+                        if constexpr (DIGITS == 2) {
+                            for (int j = 0; j < 32; ++j) low_total += xq_low[(m * blocks + b) * 32 + j];
+                            low_sums[m] -= 128 * low_total;
+                        }
                     }
                 }
+                // |high digits' sum| <= 32 * 127 * 127, so 128 times it stays far inside int32.
+                if constexpr (DIGITS == 2)
+                    for (int m = 0; m < M; ++m) sums[m] = sums[m] * 128 + low_sums[m];
 #pragma GCC unroll 8
                 for (int m = 0; m < M; ++m)
                     acc[m] += __builtin_convertvector(sums[m], Floats) * (weight_scales * dx[m * blocks + b]);
@@ -819,22 +875,28 @@ void panel_tiles(const int8_t* xq, const float* dx, const float* group_sums, con
 // Scratch of the integer GEMV for m rows of x of up to k features: x in int8 blocks, their
 // scales, each group's sum.
 struct PanelScratch {
-    std::vector<int8_t> xq;
+    std::vector<int8_t> xq, xq_low;  // xq_low: the second digits (DIGITS 2 only)
     std::vector<float> dx, group_sums;
-    PanelScratch(int64_t m, int64_t k) : xq(m * ((k + 31) / 32) * 32), dx(m * ((k + 31) / 32)), group_sums(m * ((k + 31) / 32)) {}
+    PanelScratch(int64_t m, int64_t k, int digits = 1)
+        : xq(m * ((k + 31) / 32) * 32),
+          xq_low(digits == 2 ? xq.size() : 0),
+          dx(m * ((k + 31) / 32)),
+          group_sums(m * ((k + 31) / 32)) {}
 };
 
 // The integer GEMV by the threads of an enclosing parallel region (or the calling thread).
-template <typename T, int BITS>
+template <typename T, int BITS, int DIGITS = 1>
 void panel_team(const T* x, int64_t m, const uint32_t* w, const uint16_t* scales, const uint16_t* offsets,
                 const T* bias, T* y, int64_t n, int64_t k, int64_t group_size, PanelScratch& scratch) {
-    int8_t* xq = scratch.xq.data();
+    int8_t *xq = scratch.xq.data(), *xq_low = scratch.xq_low.data();
     float *dx = scratch.dx.data(), *group_sums = scratch.group_sums.data();
 #pragma omp single
-    quantize_blocks<T>(x, m, k, (k + 31) / 32, group_size, xq, dx, group_sums);
+    quantize_blocks<T, DIGITS>(x, m, k, (k + 31) / 32, group_size, xq, xq_low, dx, group_sums);
     switch (m) {
-#define LLAMA3_DIST_PANEL_CASE(M) \
-    case M: panel_tiles<T, BITS, M>(xq, dx, group_sums, w, scales, offsets, bias, y, n, k, group_size); break;
+#define LLAMA3_DIST_PANEL_CASE(M)                                                                                   \
+    case M:                                                                                                         \
+        panel_tiles<T, BITS, DIGITS, M>(xq, xq_low, dx, group_sums, w, scales, offsets, bias, y, n, k, group_size); \
+        break;
         LLAMA3_DIST_PANEL_CASE(1)
         LLAMA3_DIST_PANEL_CASE(2)
         LLAMA3_DIST_PANEL_CASE(3)
@@ -842,7 +904,7 @@ void panel_team(const T* x, int64_t m, const uint32_t* w, const uint16_t* scales
         LLAMA3_DIST_PANEL_CASE(5)
         LLAMA3_DIST_PANEL_CASE(6)
         LLAMA3_DIST_PANEL_CASE(7)
-        default: panel_tiles<T, BITS, 8>(xq, dx, group_sums, w, scales, offsets, bias, y, n, k, group_size);
+        default: panel_tiles<T, BITS, DIGITS, 8>(xq, xq_low, dx, group_sums, w, scales, offsets, bias, y, n, k, group_size);
 #undef LLAMA3_DIST_PANEL_CASE
     }
 }
@@ -850,14 +912,14 @@ void panel_team(const T* x, int64_t m, const uint32_t* w, const uint16_t* scales
 // y [m, n] = x [m, k] @ w.T + bias for 4- or 8-bit panel weights, x quantized to int8 per block
 // of 32; m from 1 to GEMV_MAX_ROWS, group_size a multiple of 32. Returns -1 for arguments out of
 // range.
-template <typename T, int BITS>
+template <typename T, int BITS, int DIGITS = 1>
 int panel_gemv(const T* x, const uint32_t* w, const uint16_t* scales, const uint16_t* offsets, const T* bias, T* y,
                int64_t m, int64_t n, int64_t k, int64_t group_size) {
     if (m < 1 || m > GEMV_MAX_ROWS || group_size < 32 || group_size % 32 || (BITS == 4) != (offsets != nullptr))
         return -1;
-    PanelScratch scratch(m, k);
+    PanelScratch scratch(m, k, DIGITS);
 #pragma omp parallel
-    panel_team<T, BITS>(x, m, w, scales, offsets, bias, y, n, k, group_size, scratch);
+    panel_team<T, BITS, DIGITS>(x, m, w, scales, offsets, bias, y, n, k, group_size, scratch);
     return 0;
 }
 
@@ -971,18 +1033,66 @@ void store_kv(const T* k, int64_t k_stride, const T* v, int64_t v_stride, T* k_c
     }
 }
 
-// Sum over d of k[j] * q[j], q already float32 and scaled.
-template <typename T>
-inline float dot(const T* k, const float* q, int64_t d) {
-    Floats acc = {};
-    over_vectors(d, [&](int64_t j, int64_t count) { acc += load(k + j, count) * load(q + j, count); });
-    return horizontal_sum(acc);
+// Decode attention of one (sequence, KV head): the G query heads sharing that KV head, a chunk
+// of at most MAX_CHUNK of them at a time (G a compile-time constant, so each head's accumulators
+// live in registers). Each key is widened once per chunk and serves every head of it; each
+// value likewise. Per head and element the sums run in the same order as a plain loop: a score
+// is the lane-wise multiply-add over the head's vectors, then horizontal_sum; an output feature
+// sums weight * value key by key.
+constexpr int MAX_CHUNK = 4;
+
+// The keys (or values) first .. first+length-1 of one sequence and KV head, block by block: cache
+// row t is (block, offset) without a division per key. visit(t, row).
+template <typename T, typename Visit>
+inline void over_cached(const T* cache, const int32_t* table, int64_t first, int64_t length, int64_t block_size,
+                        int64_t kv_stride, int64_t head_offset, Visit&& visit) {
+    int64_t t = 0;
+    for (int64_t block_index = first / block_size; t < length; ++block_index) {
+        const T* block = cache + int64_t(table[block_index]) * block_size * kv_stride + head_offset;
+        for (int64_t offset = t == 0 ? first % block_size : 0; offset < block_size && t < length; ++offset, ++t)
+            visit(t, block + offset * kv_stride);
+    }
 }
 
-// acc[j] += p * v[j].
-template <typename T>
-inline void axpy(float p, const T* v, float* acc, int64_t d) {
-    over_vectors(d, [&](int64_t j, int64_t count) { store(acc + j, load(acc + j, count) + p * load(v + j, count), count); });
+// scores[c * length + t] = key t . query c (queries: G rows of d floats, already scaled).
+template <typename T, int G>
+void chunk_scores(const float* query, const T* k_cache, const int32_t* table, int64_t first, int64_t length,
+                  int64_t block_size, int64_t kv_stride, int64_t head_offset, int64_t d, float* scores) {
+    over_cached(k_cache, table, first, length, block_size, kv_stride, head_offset, [&](int64_t t, const T* key) {
+        Floats acc[G] = {};
+        over_vectors(d, [&](int64_t j, int64_t count) {
+            const Floats k = load(key + j, count);
+            for (int c = 0; c < G; ++c) acc[c] += k * load(query + c * d + j, count);
+        });
+        for (int c = 0; c < G; ++c) scores[c * length + t] = horizontal_sum(acc[c]);
+    });
+}
+
+// out[c * d + j] = sum over t of weights[c * length + t] * value t [j], a vector of features at a
+// time with the G sums in registers.
+template <typename T, int G>
+void chunk_values(const float* weights, const T* v_cache, const int32_t* table, int64_t first, int64_t length,
+                  int64_t block_size, int64_t kv_stride, int64_t head_offset, int64_t d, float* out) {
+    over_vectors(d, [&](int64_t j, int64_t count) {
+        Floats acc[G] = {};
+        over_cached(v_cache, table, first, length, block_size, kv_stride, head_offset + j,
+                    [&](int64_t t, const T* value) {
+                        const Floats v = load(value, count);
+                        for (int c = 0; c < G; ++c) acc[c] += weights[c * length + t] * v;
+                    });
+        for (int c = 0; c < G; ++c) store(out + c * d + j, acc[c], count);
+    });
+}
+
+// Runs body(std::integral_constant<int, G>) for the chunk size chunk (1 .. MAX_CHUNK).
+template <typename Body>
+inline void with_chunk(int64_t chunk, Body&& body) {
+    switch (chunk) {
+        case 1: return body(std::integral_constant<int, 1>{});
+        case 2: return body(std::integral_constant<int, 2>{});
+        case 3: return body(std::integral_constant<int, 3>{});
+        default: return body(std::integral_constant<int, MAX_CHUNK>{});
+    }
 }
 
 // The (sequence, KV head) tasks of decode_attention, shared by the threads of an enclosing
@@ -992,33 +1102,31 @@ void decode_attention_team(const T* q, int64_t q_stride, const T* k_cache, const
                            int64_t max_blocks, const int32_t* context_lens, T* out, int64_t b, int64_t hq, int64_t hk,
                            int64_t d, int64_t block_size, float scale, int64_t window) {
     using E = Element<T>;
-    const int64_t g = hq / hk;
+    const int64_t g = hq / hk, kv_stride = hk * d;
 #pragma omp for schedule(dynamic)
     for (int64_t task = 0; task < b * hk; ++task) {
         const int64_t s = task / hk, h = task % hk;
         const int64_t context = context_lens[s];
         const int64_t first = window > 0 ? std::max<int64_t>(0, context - window) : 0;
         const int64_t length = context - first;
-        std::vector<float> query(g * d), scores(g * length), acc(g * d, 0.0f);
+        const int32_t* table = block_tables + s * max_blocks;
+        std::vector<float> query(g * d), scores(g * length), acc(g * d);
         for (int64_t group = 0; group < g; ++group)
             for (int64_t j = 0; j < d; ++j)
                 query[group * d + j] = E::to_float(q[s * q_stride + (h * g + group) * d + j]) * scale;
-        // Visits the keys (or values) first .. context-1 of this sequence and KV head block by
-        // block: cache row t is (block, offset) without a division per key.
-        auto over_keys = [&](const T* cache, auto&& visit) {
-            int64_t t = 0;
-            for (int64_t block_index = first / block_size; t < length; ++block_index) {
-                const T* block = cache + int64_t(block_tables[s * max_blocks + block_index]) * block_size * hk * d;
-                for (int64_t offset = t == 0 ? first % block_size : 0; offset < block_size && t < length; ++offset, ++t)
-                    visit(t, block + (offset * hk + h) * d);
-            }
-        };
-        over_keys(k_cache, [&](int64_t t, const T* key) {
-            for (int64_t group = 0; group < g; ++group) scores[group * length + t] = dot(key, &query[group * d], d);
-        });
+        for (int64_t c0 = 0; c0 < g; c0 += MAX_CHUNK)
+            with_chunk(std::min<int64_t>(MAX_CHUNK, g - c0), [&](auto chunk) {
+                chunk_scores<T, decltype(chunk)::value>(&query[c0 * d], k_cache, table, first, length, block_size,
+                                                        kv_stride, h * d, d, &scores[c0 * length]);
+            });
         for (int64_t group = 0; group < g; ++group) {
             float* row = &scores[group * length];
-            const Floats top = splat(*std::max_element(row, row + length));
+            Floats tops = splat(-INFINITY);
+            over_vectors(length, [&](int64_t t, int64_t count) {
+                const Floats v = select(lane_indices() < Ints{} + int32_t(count), load(row + t, count), splat(-INFINITY));
+                tops = v > tops ? v : tops;
+            });
+            const Floats top = splat(largest_lane(tops));
             Floats total = {};
             over_vectors(length, [&](int64_t t, int64_t count) {
                 // Lanes past the row (zeros from a partial load) must not count in the total.
@@ -1030,9 +1138,11 @@ void decode_attention_team(const T* q, int64_t q_stride, const T* k_cache, const
             const float inverse_total = 1.0f / horizontal_sum(total);
             over_vectors(length, [&](int64_t t, int64_t count) { store(row + t, load(row + t, count) * inverse_total, count); });
         }
-        over_keys(v_cache, [&](int64_t t, const T* value) {
-            for (int64_t group = 0; group < g; ++group) axpy(scores[group * length + t], value, &acc[group * d], d);
-        });
+        for (int64_t c0 = 0; c0 < g; c0 += MAX_CHUNK)
+            with_chunk(std::min<int64_t>(MAX_CHUNK, g - c0), [&](auto chunk) {
+                chunk_values<T, decltype(chunk)::value>(&scores[c0 * length], v_cache, table, first, length,
+                                                        block_size, kv_stride, h * d, d, &acc[c0 * d]);
+            });
         for (int64_t group = 0; group < g; ++group)
             for (int64_t j = 0; j < d; ++j) out[(s * hq + h * g + group) * d + j] = E::from_float(acc[group * d + j]);
     }
@@ -1226,6 +1336,10 @@ int mlp_block(const MlpBlock& layer, int64_t m, const T* x, T* residual, T* out)
     int gemv_panels8_##SUFFIX(const T* x, const uint32_t* w, const uint16_t* scales, const uint16_t* offsets,      \
                               const T* bias, T* y, int64_t m, int64_t n, int64_t k, int64_t group_size) {           \
         return panel_gemv<T, 8>(x, w, scales, offsets, bias, y, m, n, k, group_size);                               \
+    }                                                                                                                \
+    int gemv_panels8x15_##SUFFIX(const T* x, const uint32_t* w, const uint16_t* scales, const uint16_t* offsets,   \
+                                 const T* bias, T* y, int64_t m, int64_t n, int64_t k, int64_t group_size) {        \
+        return panel_gemv<T, 8, 2>(x, w, scales, offsets, bias, y, m, n, k, group_size);                            \
     }                                                                                                                \
     int dequantize_panels4_##SUFFIX(const uint32_t* w, const uint16_t* scales, const uint16_t* offsets, T* out,    \
                                     int64_t n, int64_t k, int64_t group_size) {                                     \

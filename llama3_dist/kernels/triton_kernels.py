@@ -784,8 +784,8 @@ class TritonGroupWeights:
         return (self.words.shape[0], self.k)
 
 
-def pack_grouped(weight: reference.GroupQuantized, panels: bool = False) -> TritonGroupWeights:
-    """The weight in this module's layout (panels: the CPU library's option, meaningless here)."""
+def pack_grouped(weight: reference.GroupQuantized) -> TritonGroupWeights:
+    """The weight in this module's layout."""
     k = weight.shape[1]
     values = weight.values
     if weight.bits == 4:

@@ -72,10 +72,10 @@ class _QuantizedWeights:
     def quantize_int4(self, group_size: int) -> None:
         self.use_grouped(reference.quantize_int4(self.weight.data, group_size))
 
-    def use_grouped(self, weight: reference.GroupQuantized, x_exact: bool = False) -> None:
-        """x_exact: never the integer GEMV (which rounds x to int8 blocks), for the LM head."""
+    def use_grouped(self, weight: reference.GroupQuantized, head: bool = False) -> None:
+        """head: the LM head's packing (Kernels.pack_head: x never rounded to int8)."""
         weight = weight.to(self.weight.device)
-        self.grouped = self.kernels.pack_grouped(weight, panels=False) if x_exact else self.kernels.pack_grouped(weight)
+        self.grouped = self.kernels.pack_head(weight) if head else self.kernels.pack_grouped(weight)
         packed = getattr(self.grouped, "words", weight.values)
         self.weight = nn.Parameter(packed, requires_grad=False)
         self.weight_scale = None
@@ -299,7 +299,7 @@ class ParallelLMHead(_QuantizedWeights, nn.Module):
             if grouped is not None:
                 # Logits are where x's rounding to int8 shows: a near-tie between the top two tokens
                 # flips (SmolLM2 in bfloat16 answered "L'Étoile" instead of "The capital ... Paris").
-                self.use_grouped(_padded_rows(grouped, embedding.per_rank), x_exact=True)
+                self.use_grouped(_padded_rows(grouped, embedding.per_rank), head=True)
                 return
         if not self.tied:
             self.weight.data = self.embedding.read_rows(source, name)

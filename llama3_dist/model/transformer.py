@@ -297,9 +297,9 @@ class Llama3Transformer(nn.Module):
                         module.quantize_int4(GROUP_SIZES[quantization])
             # The head is the largest single weight a decode step reads (a third of the bytes of
             # the 284M benchmark model in int8): 8 bits in groups of 32 in every mode (llama.cpp's
-            # files keep it in 6-8 bits), multiplied with x exact (x's rounding to int8 flips
-            # near-ties in the logits). The embedding keeps its dense rows for lookups.
-            self.lm_head.use_grouped(reference.quantize_int8_groups(self.lm_head.weight.data), x_exact=True)
+            # files keep it in 6-8 bits), multiplied with x in 15 bits or exact (x's rounding to
+            # int8 flips near-ties in the logits). The embedding keeps its dense rows for lookups.
+            self.lm_head.use_grouped(reference.quantize_int8_groups(self.lm_head.weight.data), head=True)
 
     def forward(
         self,

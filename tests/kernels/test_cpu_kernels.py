@@ -137,6 +137,7 @@ def test_store_kv_cache(variant):
         (128, 8, 1, 8, [45, 130, 9], 32),  # GQA 8, sliding window
         (96, 6, 6, 16, [50, 21], 20),  # head_dim 96, no grouping, window
         (72, 6, 2, 16, [3000], None),  # head_dim of no vector multiple; threaded (many keys)
+        (64, 14, 2, 16, [70, 5], None),  # GQA 7: query heads in chunks of 4 and 3
     ],
 )
 def test_paged_decode_attention(variant, d, hq, hk, block_size, lens, window):
@@ -220,28 +221,38 @@ def test_grouped_gemv_is_the_dequantized_product(variant, bits, group_size, rows
     torch.testing.assert_close(ref.grouped_linear(x.double(), weight, b.double()), exact)
 
 
-@pytest.mark.parametrize("bits,group_size", [(4, 32), (4, 128), (8, 32), (8, 224)])
+@pytest.mark.parametrize("bits,group_size,x_digits", [(4, 32, 1), (4, 128, 1), (8, 32, 1), (8, 224, 1), (8, 32, 2)])
 @pytest.mark.parametrize("rows,n,k", [(1, 160, 1024), (9, 37, 200)])
-def test_panel_gemv_is_the_product_with_x_in_int8_blocks(variant, bits, group_size, rows, n, k):
+def test_panel_gemv_is_the_product_with_x_in_int8_blocks(variant, bits, group_size, x_digits, rows, n, k):
     """4- and 8-bit weights in panels (bfloat16 models): x quantized to int8 per block of 32 and
     integer dot products, so within x's rounding of the dequantized product (about 1% of its norm
     on random x); the panels dequantize bit-identically to the reference. Groups of 224 are
-    whole rows of 200 (int8 with a scale per row)."""
+    whole rows of 200 (int8 with a scale per row). x_digits 2 (the LM head's "panels8x15"): x in
+    two int8 digits, 15 bits a block, so within a 128 times finer rounding."""
     library, dtype = variant
     w = randn(n, k, dtype=F32) * 0.05
     weight = ref.quantize_int4(w, group_size) if bits == 4 else quantize_q8_0(w, group_size)
-    packed = cpu.pack_grouped(weight, library.lanes, panels=True)
+    packed = cpu.pack_grouped(weight, library.lanes, panels=True, x_digits=x_digits)
     assert torch.equal(library.dequantize_grouped(packed, F32), ref.dequantize(weight))
     x, b = randn(rows, k, dtype=dtype), randn(n, dtype=dtype)
     exact = x.double() @ ref.dequantize(weight).double().T + b.double()
     got = library.gemv_grouped(x, packed, b).double()
-    assert (got - exact).norm() <= 0.03 * exact.norm()
-    # each x rounded to int8 in its block moves a product by at most half a step of the block's scale
+    output_rounding = 2**-8 if dtype == BF16 else 0.0
+    assert (got - exact).norm() <= ((0.03 if x_digits == 1 else 3e-4) + output_rounding) * exact.norm()
+    # each x rounded in its block moves a product by at most half a step of the block's scale
     blocks = torch.nn.functional.pad(x.double(), (0, -k % 32)).view(rows, -1, 32)
-    step = blocks.abs().amax(-1) / 127
+    step = blocks.abs().amax(-1) / (127 if x_digits == 1 else 127 * 128)
     bound = 0.5 * step.repeat_interleave(32, 1)[:, :k] @ ref.dequantize(weight).double().abs().T
     rounding = exact.abs() * (2**-8 if dtype == BF16 else 1e-6) + 1e-5
     assert ((got - exact).abs() <= bound + rounding).all()
+
+
+def test_x_in_15_bits_takes_8_bit_weights():
+    weight = ref.quantize_int4(randn(32, 64, dtype=F32), 32)
+    with pytest.raises(ValueError, match="15 bits takes 8-bit weights, not 4-bit"):
+        cpu.pack_grouped(weight, 16, panels=True, x_digits=2)
+    assert cpu.pack_head(weight, 16, integer_gemv=True).layout == "q4"  # the float GEMV, x exact
+    assert cpu.pack_head(quantize_q8_0(randn(32, 64, dtype=F32), 32), 16, integer_gemv=True).layout == "panels8x15"
 
 
 @built
