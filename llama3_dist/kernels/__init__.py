@@ -189,6 +189,9 @@ class Kernels:
     # The compiled CPU library when it runs whole decoder-layer halves per call for decode steps
     # (cpu.FusedDecodeLayer); LLAMA3_DIST_CPU_FUSED=0 keeps one call per kernel.
     fused_decode: cpu.KernelLibrary | None = None
+    # Whether a model on one rank runs all its fused layers in one call (cpu.FusedDecodeStack);
+    # LLAMA3_DIST_CPU_FUSED=halves keeps one call per half, as tensor-parallel ranks run them.
+    fused_stack: bool = False
     # The kernels never wait for the device, so a CUDA graph can capture them (the Triton ones;
     # the torch reference masks and gathers by data, which syncs).
     capture_safe: bool = False
@@ -284,6 +287,7 @@ def select(device: torch.device | str, dtype: torch.dtype) -> Kernels:
         runs_grouped=isinstance(impl, cpu.KernelLibrary),
         integer_gemv=integer_gemv,
         fused_decode=fused,
+        fused_stack=fused is not None and os.environ.get("LLAMA3_DIST_CPU_FUSED", "1") != "halves",
         capture_safe=False,
     )
 

@@ -96,6 +96,7 @@ _FUSED_SIGNATURES: dict[
 ] = {  # name -> argument types; each returns 0, or -1 for a batch over GEMV_MAX_ROWS
     "attention_block": [_P, _P, _P, _P, _P, _P, _P],
     "mlp_block": [_P, _I64, _P, _P, _P],
+    "decode_layers": [_P, _P, _P, _P, _I64, _P, _P, _P, _P],
 }
 
 
@@ -585,6 +586,7 @@ class FusedDecodeLayer:
             raise ValueError("fused decode takes quantized weights in this library's integer-GEMV panels only")
         self._tensors = [*tensors, *packed]  # the structs below point into them
         self.hidden = qkv.shape[1]
+        self.kernels = kernels
         self._attention_function = kernels._functions["attention_block", self.dtype]
         self._mlp_function = kernels._functions["mlp_block", self.dtype]
         self.attention_block = AttentionBlock(
@@ -672,6 +674,56 @@ class FusedDecodeLayer:
             ctypes.byref(self.mlp_block), x.shape[0], x.data_ptr(), residual.data_ptr(), out.data_ptr()
         ):
             raise ValueError(f"fused decode takes 1 to {GEMV_MAX_ROWS} rows, got {x.shape[0]}")
+        return out, residual
+
+
+class FusedDecodeStack:
+    """Every decoder layer of a decode step in one call of the library (a model on one rank:
+    no all-reduce between the halves): the layers' halves in their order, so bit-identical to
+    calling them one by one, without returning to Python twice a layer."""
+
+    def __init__(self, layers: list[FusedDecodeLayer]):
+        first = layers[0]
+        if any(layer.kernels is not first.kernels or layer.dtype != first.dtype for layer in layers):
+            raise ValueError("fused decode layers of one library and dtype")
+        self._layers = layers  # the structs below point into their tensors
+        self._function = first.kernels._functions["decode_layers", first.dtype]
+        self._attention = (AttentionBlock * len(layers))(*(layer.attention_block for layer in layers))
+        self._mlp = (MlpBlock * len(layers))(*(layer.mlp_block for layer in layers))
+        self._cache_pointers: tuple[list, Any, Any] | None = None
+
+    def _caches(self, kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[Any, Any]:
+        """The caches' pointers as C arrays, kept while the worker passes the same cache list."""
+        if self._cache_pointers is None or self._cache_pointers[0] is not kv_caches:
+            pointers = ctypes.c_void_p * len(self._layers)
+            self._cache_pointers = (
+                kv_caches,
+                pointers(*(k.data_ptr() for k, _ in kv_caches)),
+                pointers(*(v.data_ptr() for _, v in kv_caches)),
+            )
+        return self._cache_pointers[1], self._cache_pointers[2]
+
+    def __call__(
+        self, x: torch.Tensor, step: DecodeStep, kv_caches: list[tuple[torch.Tensor, torch.Tensor]]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the last layer's output, the residual stream beside it) for the embedded input x."""
+        if len(kv_caches) != len(self._layers):
+            raise ValueError(f"{len(self._layers)} fused layers got {len(kv_caches)} KV caches")
+        x = x.contiguous()
+        out, residual = torch.empty_like(x), torch.empty_like(x)
+        k_caches, v_caches = self._caches(kv_caches)
+        if self._function(
+            self._attention,
+            self._mlp,
+            k_caches,
+            v_caches,
+            len(self._layers),
+            ctypes.byref(step),
+            x.data_ptr(),
+            residual.data_ptr(),
+            out.data_ptr(),
+        ):
+            raise ValueError(f"fused decode takes 1 to {GEMV_MAX_ROWS} sequences of one hidden size, got {step.batch}")
         return out, residual
 
 
@@ -836,7 +888,7 @@ class PackedGroupWeights:
       offsets) float16 [n, groups] as stored;
     - "panels4" / "panels8" (the integer GEMV of bfloat16 models, "4-bit weights times 8-bit
       activations"): panels of `lanes` rows, blocks of 32; scales and offsets float16
-      [panels, groups, lanes];
+      [panels, groups, lanes] (4 bits without offsets: symmetric, Q4_0's q - 8);
     - "panels8x15": panels8's words, multiplied with x rounded to 15 bits per block of 32 (two
       int8 digits) instead of 8: the LM head of bfloat16 models (pack_head)."""
 
@@ -907,10 +959,13 @@ def _pack_panels(weight: reference.GroupQuantized, lanes: int) -> PackedGroupWei
     def by_panel(t: torch.Tensor) -> torch.Tensor:  # [n, groups] -> [panels, groups, lanes]
         return F.pad(t, (0, 0, 0, panels * lanes - n)).view(panels, lanes, groups).transpose(1, 2).contiguous()
 
+    offsets = weight.offsets
+    if offsets is not None and torch.equal(offsets.float(), weight.scales.float() * -8.0):
+        offsets = None  # symmetric 4 bits (GGUF Q4_0): the kernels subtract the 8s, no offsets read
     return PackedGroupWeights(
         words.permute(0, 2, 3, 1).contiguous(),
         by_panel(weight.scales),
-        None if weight.offsets is None else by_panel(weight.offsets),
+        None if offsets is None else by_panel(offsets),
         weight.bits,
         group_size,
         (n, k),

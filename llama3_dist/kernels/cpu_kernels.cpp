@@ -697,7 +697,8 @@ int grouped_gemv(const T* x, const uint32_t* w, const uint16_t* scales, const ui
 // Panel layout (cpu.py's pack_grouped with panels=True): rows in panels of LANES (the last one
 // padded with zero rows), k in blocks of 32. For panel p and block b, 4 vectors c = 0..3 of
 // LANES words: lane l of vector c is row l's elements 4c..4c+3 (low nibbles of its 4 bytes)
-// and 16+4c..16+4c+3 (high nibbles). Scales and offsets as float16 [panels, groups, LANES].
+// and 16+4c..16+4c+3 (high nibbles). Scales and offsets as float16 [panels, groups, LANES]; 4-bit
+// panels without offsets are symmetric (Q4_0's w = (q - 8) * scale: 2 bytes a group less to read).
 
 // acc + the sum of 4 products per 32-bit lane: unsigned bytes of u (at most 15 here) times the
 // signed bytes of x4 (the same 4 in every lane).
@@ -762,7 +763,7 @@ constexpr float DIGIT_RANGE[3] = {0.0f, 127.0f, 127.0f * 128.0f};
 
 template <typename T, int DIGITS>
 void quantize_blocks(const T* x, int64_t m, int64_t k, int64_t blocks, int64_t group_size, int8_t* xq,
-                     int8_t* xq_low, float* dx, float* group_sums) {
+                     int8_t* xq_low, float* dx, float* group_sums, int32_t* block_sums, int32_t* low_block_sums) {
     const int64_t groups = (k + group_size - 1) / group_size;
     for (int64_t row = 0; row < m; ++row) {
         for (int64_t g = 0; g < groups; ++g) group_sums[row * groups + g] = 0.0f;
@@ -775,7 +776,7 @@ void quantize_blocks(const T* x, int64_t m, int64_t k, int64_t blocks, int64_t g
             const float range = DIGIT_RANGE[DIGITS];
             const float scale = largest / range, inverse = largest > 0.0f ? range / largest : 0.0f;
             dx[row * blocks + b] = scale;
-            int32_t total = 0;  // a block lies in one group: groups are whole blocks
+            int32_t total = 0, digit_total = 0, low_total = 0;  // a block lies in one group: groups are whole blocks
             for (int j = 0; j < 32; ++j) {
                 const int32_t q = int32_t(nearbyintf(values[j] * inverse));
                 const int64_t at = (row * blocks + b) * 32 + j;
@@ -783,18 +784,24 @@ void quantize_blocks(const T* x, int64_t m, int64_t k, int64_t blocks, int64_t g
                     const int32_t high = int32_t(nearbyintf(float(q) / 128.0f));
                     xq[at] = int8_t(high);
                     xq_low[at] = int8_t(q - 128 * high);
+                    digit_total += high;
+                    low_total += q - 128 * high;
                 } else {
                     xq[at] = int8_t(q);
+                    digit_total += q;
                 }
                 total += q;
             }
+            block_sums[row * blocks + b] = digit_total;
+            if constexpr (DIGITS == 2) low_block_sums[row * blocks + b] = low_total;
             group_sums[row * groups + b * 32 / group_size] += float(total) * scale;
         }
     }
 }
 
 template <typename T, int BITS, int DIGITS, int M>
-void panel_tiles(const int8_t* xq, const int8_t* xq_low, const float* dx, const float* group_sums, const uint32_t* w,
+void panel_tiles(const int8_t* xq, const int8_t* xq_low, const float* dx, const float* group_sums,
+                 const int32_t* block_sums, const int32_t* low_block_sums, const uint32_t* w,
                  const uint16_t* scales, const uint16_t* offsets, const T* bias, T* y, int64_t n, int64_t k,
                  int64_t group_size) {
     using E = Element<T>;
@@ -839,15 +846,14 @@ void panel_tiles(const int8_t* xq, const int8_t* xq_low, const float* dx, const 
                 }
                 if constexpr (BITS == 8 && SIGNED_DOT4_EXCESS) {
                     for (int m = 0; m < M; ++m) {
-                        int32_t total = 0, low_total = 0;
-                        for (int j = 0; j < 32; ++j) total += xq[(m * blocks + b) * 32 + j];
-                        sums[m] -= 128 * total;
-                        if constexpr (DIGITS == 2) {
-                            for (int j = 0; j < 32; ++j) low_total += xq_low[(m * blocks + b) * 32 + j];
-                            low_sums[m] -= 128 * low_total;
-                        }
+                        sums[m] -= 128 * block_sums[m * blocks + b];
+                        if constexpr (DIGITS == 2) low_sums[m] -= 128 * low_block_sums[m * blocks + b];
                     }
                 }
+                // Symmetric 4 bits (Q4_0: w = (q - 8) * scale, no offsets stored): the 8s' share.
+                if constexpr (BITS == 4)
+                    if (!offsets)
+                        for (int m = 0; m < M; ++m) sums[m] -= 8 * block_sums[m * blocks + b];
                 // |high digits' sum| <= 32 * 127 * 127, so 128 times it stays far inside int32.
                 if constexpr (DIGITS == 2)
                     for (int m = 0; m < M; ++m) sums[m] = sums[m] * 128 + low_sums[m];
@@ -877,11 +883,14 @@ void panel_tiles(const int8_t* xq, const int8_t* xq_low, const float* dx, const 
 struct PanelScratch {
     std::vector<int8_t> xq, xq_low;  // xq_low: the second digits (DIGITS 2 only)
     std::vector<float> dx, group_sums;
+    std::vector<int32_t> block_sums, low_block_sums;  // each block's sum of xq (of xq_low)
     PanelScratch(int64_t m, int64_t k, int digits = 1)
         : xq(m * ((k + 31) / 32) * 32),
           xq_low(digits == 2 ? xq.size() : 0),
           dx(m * ((k + 31) / 32)),
-          group_sums(m * ((k + 31) / 32)) {}
+          group_sums(m * ((k + 31) / 32)),
+          block_sums(m * ((k + 31) / 32)),
+          low_block_sums(digits == 2 ? block_sums.size() : 0) {}
 };
 
 // The integer GEMV by the threads of an enclosing parallel region (or the calling thread).
@@ -890,12 +899,15 @@ void panel_team(const T* x, int64_t m, const uint32_t* w, const uint16_t* scales
                 const T* bias, T* y, int64_t n, int64_t k, int64_t group_size, PanelScratch& scratch) {
     int8_t *xq = scratch.xq.data(), *xq_low = scratch.xq_low.data();
     float *dx = scratch.dx.data(), *group_sums = scratch.group_sums.data();
+    int32_t *block_sums = scratch.block_sums.data(), *low_block_sums = scratch.low_block_sums.data();
 #pragma omp single
-    quantize_blocks<T, DIGITS>(x, m, k, (k + 31) / 32, group_size, xq, xq_low, dx, group_sums);
+    quantize_blocks<T, DIGITS>(x, m, k, (k + 31) / 32, group_size, xq, xq_low, dx, group_sums, block_sums,
+                               low_block_sums);
     switch (m) {
 #define LLAMA3_DIST_PANEL_CASE(M)                                                                                   \
     case M:                                                                                                         \
-        panel_tiles<T, BITS, DIGITS, M>(xq, xq_low, dx, group_sums, w, scales, offsets, bias, y, n, k, group_size); \
+        panel_tiles<T, BITS, DIGITS, M>(xq, xq_low, dx, group_sums, block_sums, low_block_sums, w, scales, offsets, \
+                                        bias, y, n, k, group_size);                                                   \
         break;
         LLAMA3_DIST_PANEL_CASE(1)
         LLAMA3_DIST_PANEL_CASE(2)
@@ -904,7 +916,9 @@ void panel_team(const T* x, int64_t m, const uint32_t* w, const uint16_t* scales
         LLAMA3_DIST_PANEL_CASE(5)
         LLAMA3_DIST_PANEL_CASE(6)
         LLAMA3_DIST_PANEL_CASE(7)
-        default: panel_tiles<T, BITS, DIGITS, 8>(xq, xq_low, dx, group_sums, w, scales, offsets, bias, y, n, k, group_size);
+        default:
+            panel_tiles<T, BITS, DIGITS, 8>(xq, xq_low, dx, group_sums, block_sums, low_block_sums, w, scales, offsets,
+                                            bias, y, n, k, group_size);
 #undef LLAMA3_DIST_PANEL_CASE
     }
 }
@@ -915,7 +929,7 @@ void panel_team(const T* x, int64_t m, const uint32_t* w, const uint16_t* scales
 template <typename T, int BITS, int DIGITS = 1>
 int panel_gemv(const T* x, const uint32_t* w, const uint16_t* scales, const uint16_t* offsets, const T* bias, T* y,
                int64_t m, int64_t n, int64_t k, int64_t group_size) {
-    if (m < 1 || m > GEMV_MAX_ROWS || group_size < 32 || group_size % 32 || (BITS == 4) != (offsets != nullptr))
+    if (m < 1 || m > GEMV_MAX_ROWS || group_size < 32 || group_size % 32 || (BITS == 8 && offsets != nullptr))
         return -1;
     PanelScratch scratch(m, k, DIGITS);
 #pragma omp parallel
@@ -939,8 +953,12 @@ int panel_dequantize(const uint32_t* w, const uint16_t* scales, const uint16_t* 
             const uint32_t word = w[((panel * blocks + b) * VECTORS + c) * LANES + lane];
             const int32_t q = BITS == 4 ? int32_t((word >> (8 * byte + (within >= 16 ? 4 : 0))) & 0xfu)
                                         : int32_t(int8_t(word >> (8 * byte)));
-            float value = float(q) * half_to_float(scales[(panel * groups + g) * LANES + lane]);
-            if (offsets) value += half_to_float(offsets[(panel * groups + g) * LANES + lane]);
+            const float scale = half_to_float(scales[(panel * groups + g) * LANES + lane]);
+            float value = float(q) * scale;
+            if (offsets)
+                value += half_to_float(offsets[(panel * groups + g) * LANES + lane]);
+            else if (BITS == 4)
+                value += -8.0f * scale;  // symmetric 4 bits, as the reference's stored offset
             out[row * k + e] = Element<T>::from_float(value);
         }
     }
@@ -1249,55 +1267,114 @@ void norm_into(const T* x, T* residual, const void* weight, float eps, T* normed
     rms_norm<T>(x, residual, static_cast<const T*>(weight), eps, normed, residual, m, hidden);
 }
 
-// out [batch, hidden] = the attention half's output (before any all-reduce) for input x.
+// The buffers between the kernels of the fused halves, for m rows: the normed input, the wide
+// projection's output (q|k|v or gate|up), the narrow one's input (attention or SiLU * up
+// output), x widened for the dense GEMV and x quantized for the integer one. Sized by the
+// caller for the widest layer it runs.
+template <typename T>
+struct HalfScratch {
+    std::vector<T> normed, wide, narrow;
+    std::vector<float> xf;
+    PanelScratch panels;
+    HalfScratch(int64_t m, int64_t hidden, int64_t wide_width, int64_t narrow_width)
+        : normed(m * hidden),
+          wide(m * wide_width),
+          narrow(m * narrow_width),
+          xf(m * padded_width(std::max(hidden, narrow_width))),
+          panels(m, std::max(hidden, narrow_width)) {}
+};
+
+inline int64_t qkv_width(const AttentionBlock& layer) { return (layer.heads + 2 * layer.kv_heads) * layer.head_dim; }
+
+// out [batch, hidden] = the attention half's output (before any all-reduce) for input x, by the
+// threads of the enclosing parallel region.
+template <typename T>
+void attention_team(const AttentionBlock& layer, const DecodeStep& step, const T* x, T* residual, T* out, T* k_cache,
+                    T* v_cache, HalfScratch<T>& scratch) {
+    const int64_t m = step.batch, d = layer.head_dim;
+    const int64_t q_width = layer.heads * d, kv_width = layer.kv_heads * d, width = qkv_width(layer);
+    T *normed = scratch.normed.data(), *qkv = scratch.wide.data(), *attended = scratch.narrow.data();
+    norm_into(x, residual, layer.norm_weight, layer.eps, normed, m, layer.hidden);
+    project_team(normed, m, layer.qkv_weight, static_cast<const T*>(layer.qkv_bias), qkv, width, layer.hidden,
+                 scratch.xf.data(), scratch.panels);
+#pragma omp single
+    {
+        T* q = qkv;
+        T* k = q + q_width;
+        rotary<T>(step.positions, q, width, layer.heads, k, width, layer.kv_heads, d, step.cos_sin, layer.rotary_dim,
+                  layer.interleaved, m);
+        store_kv<T>(k, width, k + kv_width, width, k_cache, v_cache, step.slots, m, kv_width);
+    }
+    decode_attention_team<T>(qkv, width, k_cache, v_cache, step.block_tables, step.max_blocks, step.context_lens,
+                             attended, m, layer.heads, layer.kv_heads, d, layer.block_size, layer.scale, layer.window);
+    project_team(attended, m, layer.o_weight, static_cast<const T*>(nullptr), out, layer.hidden, q_width,
+                 scratch.xf.data(), scratch.panels);
+}
+
+// out [m, hidden] = the MLP half's output (before any all-reduce) for input x, by the team.
+template <typename T>
+void mlp_team(const MlpBlock& layer, int64_t m, const T* x, T* residual, T* out, HalfScratch<T>& scratch) {
+    const int64_t inter = layer.intermediate;
+    T *normed = scratch.normed.data(), *gate_up = scratch.wide.data(), *activated = scratch.narrow.data();
+    norm_into(x, residual, layer.norm_weight, layer.eps, normed, m, layer.hidden);
+    project_team(normed, m, layer.gate_up_weight, static_cast<const T*>(layer.gate_up_bias), gate_up, 2 * inter,
+                 layer.hidden, scratch.xf.data(), scratch.panels);
+#pragma omp single
+    silu_and_mul<T>(gate_up, activated, m, inter);
+    project_team(activated, m, layer.down_weight, static_cast<const T*>(nullptr), out, layer.hidden, inter,
+                 scratch.xf.data(), scratch.panels);
+}
+
+// One attention half in its own parallel region (tensor parallelism all-reduces between halves).
 template <typename T>
 int attention_block(const AttentionBlock& layer, const DecodeStep& step, const T* x, T* residual, T* out,
                     T* k_cache, T* v_cache) {
-    const int64_t m = step.batch, d = layer.head_dim;
+    const int64_t m = step.batch;
     if (m < 1 || m > GEMV_MAX_ROWS) return -1;
-    const int64_t q_width = layer.heads * d, kv_width = layer.kv_heads * d, qkv_width = q_width + 2 * kv_width;
-    std::vector<T> normed(m * layer.hidden), qkv(m * qkv_width), attended(m * q_width);
-    std::vector<float> xf(m * padded_width(std::max(layer.hidden, q_width)));
-    PanelScratch scratch(m, std::max(layer.hidden, q_width));
+    HalfScratch<T> scratch(m, layer.hidden, qkv_width(layer), layer.heads * layer.head_dim);
 #pragma omp parallel
-    {
-        norm_into(x, residual, layer.norm_weight, layer.eps, normed.data(), m, layer.hidden);
-        project_team(normed.data(), m, layer.qkv_weight, static_cast<const T*>(layer.qkv_bias), qkv.data(), qkv_width,
-                     layer.hidden, xf.data(), scratch);
-#pragma omp single
-        {
-            T* q = qkv.data();
-            T* k = q + q_width;
-            rotary<T>(step.positions, q, qkv_width, layer.heads, k, qkv_width, layer.kv_heads, d, step.cos_sin,
-                      layer.rotary_dim, layer.interleaved, m);
-            store_kv<T>(k, qkv_width, k + kv_width, qkv_width, k_cache, v_cache, step.slots, m, kv_width);
-        }
-        decode_attention_team<T>(qkv.data(), qkv_width, k_cache, v_cache, step.block_tables, step.max_blocks,
-                                 step.context_lens, attended.data(), m, layer.heads, layer.kv_heads, d,
-                                 layer.block_size, layer.scale, layer.window);
-        project_team(attended.data(), m, layer.o_weight, static_cast<const T*>(nullptr), out, layer.hidden, q_width,
-                     xf.data(), scratch);
-    }
+    attention_team(layer, step, x, residual, out, k_cache, v_cache, scratch);
     return 0;
 }
 
-// out [batch, hidden] = the MLP half's output (before any all-reduce) for input x.
 template <typename T>
 int mlp_block(const MlpBlock& layer, int64_t m, const T* x, T* residual, T* out) {
     if (m < 1 || m > GEMV_MAX_ROWS) return -1;
-    const int64_t inter = layer.intermediate;
-    std::vector<T> normed(m * layer.hidden), gate_up(m * 2 * inter), activated(m * inter);
-    std::vector<float> xf(m * padded_width(std::max(layer.hidden, inter)));
-    PanelScratch scratch(m, std::max(layer.hidden, inter));
+    HalfScratch<T> scratch(m, layer.hidden, 2 * layer.intermediate, layer.intermediate);
 #pragma omp parallel
-    {
-        norm_into(x, residual, layer.norm_weight, layer.eps, normed.data(), m, layer.hidden);
-        project_team(normed.data(), m, layer.gate_up_weight, static_cast<const T*>(layer.gate_up_bias), gate_up.data(),
-                     2 * inter, layer.hidden, xf.data(), scratch);
+    mlp_team(layer, m, x, residual, out, scratch);
+    return 0;
+}
+
+// Every decoder layer of a decode step in one call and one parallel region (a model on one rank:
+// nothing to all-reduce between the halves). The same halves in the same order as one call per
+// half, so bit-identical to them, without the per-half returns to Python and thread wake-ups.
+// x [m, hidden] is the embedded input; out the last layer's output and residual the residual
+// stream beside it (as the per-half calls leave them, for the final norm).
+template <typename T>
+int decode_layers(const AttentionBlock* attention, const MlpBlock* mlp, T* const* k_caches, T* const* v_caches,
+                  int64_t layers, const DecodeStep& step, const T* x, T* residual, T* out) {
+    const int64_t m = step.batch;
+    if (m < 1 || m > GEMV_MAX_ROWS || layers < 1) return -1;
+    int64_t hidden = 0, wide = 0, narrow = 0;
+    for (int64_t i = 0; i < layers; ++i) {
+        if (attention[i].hidden != mlp[i].hidden || attention[i].hidden != attention[0].hidden) return -1;
+        hidden = attention[i].hidden;
+        wide = std::max({wide, qkv_width(attention[i]), 2 * mlp[i].intermediate});
+        narrow = std::max({narrow, attention[i].heads * attention[i].head_dim, mlp[i].intermediate});
+    }
+    HalfScratch<T> scratch(m, hidden, wide, narrow);
+    std::vector<T> attended(m * hidden);
+#pragma omp parallel
+    for (int64_t i = 0; i < layers; ++i) {
+        // The first layer's residual stream is x itself (norm_into stores nothing without one).
+        attention_team(attention[i], step, i == 0 ? x : out, i == 0 ? nullptr : residual, attended.data(),
+                       k_caches[i], v_caches[i], scratch);
+        if (i == 0) {
 #pragma omp single
-        silu_and_mul<T>(gate_up.data(), activated.data(), m, inter);
-        project_team(activated.data(), m, layer.down_weight, static_cast<const T*>(nullptr), out, layer.hidden, inter,
-                     xf.data(), scratch);
+            memcpy(residual, x, m * hidden * sizeof(T));
+        }
+        mlp_team(mlp[i], m, attended.data(), residual, out, scratch);
     }
     return 0;
 }
@@ -1375,6 +1452,11 @@ int mlp_block(const MlpBlock& layer, int64_t m, const T* x, T* residual, T* out)
     }                                                                                                                \
     int mlp_block_##SUFFIX(const MlpBlock* layer, int64_t m, const T* x, T* residual, T* out) {                     \
         return mlp_block<T>(*layer, m, x, residual, out);                                                            \
+    }                                                                                                                \
+    int decode_layers_##SUFFIX(const AttentionBlock* attention, const MlpBlock* mlp, T* const* k_caches,           \
+                               T* const* v_caches, int64_t layers, const DecodeStep* step, const T* x, T* residual, \
+                               T* out) {                                                                             \
+        return decode_layers<T>(attention, mlp, k_caches, v_caches, layers, *step, x, residual, out);               \
     }
 
 extern "C" {

@@ -253,6 +253,9 @@ class Llama3Transformer(nn.Module):
         self.config = config
         self.kernels = kernels = kernel_dispatch.select(device, dtype)
         self._fused: list[cpu.FusedDecodeLayer] | None = None  # built at the first fused decode step
+        # The fused layers in one call where nothing is all-reduced between halves (one rank).
+        self._fused_stack: cpu.FusedDecodeStack | None = None
+        self._one_rank = parallel.world_size == 1
         with torch.device(device):
             self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, dtype, parallel)
             # decoder_layers: the same modules, typed (iterating the ModuleList gives nn.Module)
@@ -317,8 +320,11 @@ class Llama3Transformer(nn.Module):
             step, keep_alive = cpu.FusedDecodeLayer.step(
                 meta.positions, meta.slot_mapping, meta.block_tables, meta.context_lens, cos_sin
             )
-            for layer, fused_layer, kv_cache in zip(self.decoder_layers, fused, kv_caches, strict=True):
-                x, residual = layer.forward_fused(fused_layer, x, residual, step, kv_cache)
+            if self._fused_stack is not None:
+                x, residual = self._fused_stack(x, step, kv_caches)
+            else:
+                for layer, fused_layer, kv_cache in zip(self.decoder_layers, fused, kv_caches, strict=True):
+                    x, residual = layer.forward_fused(fused_layer, x, residual, step, kv_cache)
             del keep_alive
         else:
             for layer, kv_cache in zip(self.decoder_layers, kv_caches, strict=True):
@@ -338,6 +344,8 @@ class Llama3Transformer(nn.Module):
             layers = [layer.fused_decode(library, block_size) for layer in self.decoder_layers]
             fused = [layer for layer in layers if layer is not None]
             self._fused = fused if len(fused) == len(layers) else []  # all or none
+            if self._fused and self._one_rank and self.kernels.fused_stack:
+                self._fused_stack = cpu.FusedDecodeStack(self._fused)
         return self._fused or None
 
     def compute_logits(self, normed: torch.Tensor) -> torch.Tensor | None:

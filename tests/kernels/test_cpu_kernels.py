@@ -221,18 +221,29 @@ def test_grouped_gemv_is_the_dequantized_product(variant, bits, group_size, rows
     torch.testing.assert_close(ref.grouped_linear(x.double(), weight, b.double()), exact)
 
 
-@pytest.mark.parametrize("bits,group_size,x_digits", [(4, 32, 1), (4, 128, 1), (8, 32, 1), (8, 224, 1), (8, 32, 2)])
+@pytest.mark.parametrize(
+    "bits,group_size,x_digits,symmetric",
+    [(4, 32, 1, False), (4, 128, 1, False), (4, 32, 1, True), (8, 32, 1, True), (8, 224, 1, True), (8, 32, 2, True)],
+)
 @pytest.mark.parametrize("rows,n,k", [(1, 160, 1024), (9, 37, 200)])
-def test_panel_gemv_is_the_product_with_x_in_int8_blocks(variant, bits, group_size, x_digits, rows, n, k):
+def test_panel_gemv_is_the_product_with_x_in_int8_blocks(variant, bits, group_size, x_digits, symmetric, rows, n, k):
     """4- and 8-bit weights in panels (bfloat16 models): x quantized to int8 per block of 32 and
     integer dot products, so within x's rounding of the dequantized product (about 1% of its norm
     on random x); the panels dequantize bit-identically to the reference. Groups of 224 are
-    whole rows of 200 (int8 with a scale per row). x_digits 2 (the LM head's "panels8x15"): x in
-    two int8 digits, 15 bits a block, so within a 128 times finer rounding."""
+    whole rows of 200 (int8 with a scale per row). Symmetric 4 bits (GGUF Q4_0: offsets of -8
+    scales) are packed without offsets. x_digits 2 (the LM head's "panels8x15"): x in two int8
+    digits, 15 bits a block, so within a 128 times finer rounding."""
     library, dtype = variant
     w = randn(n, k, dtype=F32) * 0.05
-    weight = ref.quantize_int4(w, group_size) if bits == 4 else quantize_q8_0(w, group_size)
+    if bits == 8:
+        weight = quantize_q8_0(w, group_size)
+    elif symmetric:  # Q4_0's form: w = (q - 8) * scale
+        weight = ref.quantize_int4(w, group_size)
+        weight = ref.GroupQuantized(weight.values, weight.scales, weight.scales * -8, 4, group_size)
+    else:
+        weight = ref.quantize_int4(w, group_size)
     packed = cpu.pack_grouped(weight, library.lanes, panels=True, x_digits=x_digits)
+    assert (packed.offsets is None) == symmetric
     assert torch.equal(library.dequantize_grouped(packed, F32), ref.dequantize(weight))
     x, b = randn(rows, k, dtype=dtype), randn(n, dtype=dtype)
     exact = x.double() @ ref.dequantize(weight).double().T + b.double()
@@ -440,7 +451,9 @@ def test_held_to_avx2(tmp_path):
 
 def fused_and_per_kernel_logits(monkeypatch, path, steps: int, **load) -> tuple[torch.Tensor, bool, torch.Tensor]:
     """The logits of a prefill and `steps` decode steps of two sequences (across block
-    boundaries) with the fused halves on, whether they were used, and the logits with them off."""
+    boundaries) with the fused layers on (all in one call: one rank), whether they were used, and
+    the logits with them off; one call per half (what tensor-parallel ranks run) is checked to
+    give the one-call logits exactly."""
     from llama3_dist import Llama3Model, ReturnLogits, TextContext
 
     def run(fused_env):
@@ -455,11 +468,15 @@ def fused_and_per_kernel_logits(monkeypatch, path, steps: int, **load) -> tuple[
             for step in range(steps):
                 inputs = model.prepare_next_token_inputs([7 + step, 11 + step], inputs)
                 logits.append(model.execute(inputs).logits)
-            return torch.cat(logits), bool(model.executor.worker.model._fused)
+            transformer = model.executor.worker.model
+            assert (transformer._fused_stack is not None) == (bool(transformer._fused) and fused_env == "1")
+            return torch.cat(logits), bool(transformer._fused)
 
     got, used = run("1")
+    halves, _ = run("halves")
     expected, unused = run("0")
     assert not unused
+    assert torch.equal(halves, got)
     return got, used, expected
 
 
