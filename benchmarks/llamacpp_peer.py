@@ -21,7 +21,8 @@ LM head: the script prints each file's tensor types. The GGUF modes run as store
 projections and LM head); a mode the engine refuses is reported, and llama.cpp is still measured on
 its file. Decode speed follows the memory bandwidth, which drifts on a shared host: every round
 measures every mode, each figure is the median over rounds (the best is given too; ratios are of
-medians), and a streaming-read speed is taken before each round (cpu_decode.py's
+medians; the paired ratio is the median over rounds of each round's back-to-back ours/llama.cpp,
+steadier when the host drifts), and a streaming-read speed is taken before each round (cpu_decode.py's
 streaming_read_gbs), with the load average: llama.cpp's threads spin at their barriers, so on a host
 where another process keeps a core busy its 2-thread figures collapse (20x measured) far more than
 ours. Both sides use torch's thread count (OMP_NUM_THREADS=1 runs both on one thread).
@@ -360,6 +361,12 @@ def main() -> None:
                 continue
             tps = median_tokens_per_s(runs)
             ratio = f", ours/{build} {ours_tps / tps:.2f}x" if ours_tps else ""
+            if ours.get(mode) and len(ours[mode]) == len(runs):
+                # Each round measures ours and llama.cpp back to back: their ratio within a round
+                # is steadier than the ratio of medians when the host's speed drifts.
+                paired = [peer_ms / ours_ms for ours_ms, peer_ms in zip(ours[mode], runs, strict=True)]
+                each = ", ".join(f"{r:.2f}" for r in paired)
+                ratio += f" (paired per round {each}: median {statistics.median(paired):.2f}x)"
             parts.append(f"{build} {tps:.1f} tok/s (best {1000 / min(runs):.1f}){ratio}")
         print(label, "; ".join(parts), flush=True)
         runs_line = [f"ours {', '.join(f'{1000 / r:.1f}' for r in ours.get(mode, []))}"]
