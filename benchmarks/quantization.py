@@ -7,8 +7,9 @@ this host runs (each library build), dense bfloat16 against each quantized form.
     python benchmarks/quantization.py [--model PATH] [--modes none,int8,int4,int4-g128] [--tokens 64] [--rounds 5]
 
 --model: default the 284M benchmark model of throughput.py; a .gguf file also runs as stored
-(mode "none": its Q8_0/Q4_0/Q4_1 projections stay quantized). Dense bfloat16 runs our compiled
-GEMV with fused decode-layer halves; the quantized modes run the GEMVs one kernel at a time.
+(mode "none": its Q8_0/Q4_0/Q4_1 projections stay quantized). Every mode runs our compiled
+library's fused decode (all layers in one call on one rank): dense bfloat16 GEMVs, or the integer
+GEMV over the quantized panels.
 """
 
 from __future__ import annotations
