@@ -909,6 +909,8 @@ def pack_grouped(
     integer GEMV (x_digits 2: x to 15 bits, 8-bit weights only), else words for the float one.
     The group size must be a multiple of 32 (and for words a power of two and a multiple of
     `lanes`)."""
+    if x_digits not in (1, 2) or (x_digits == 2 and not panels):
+        raise ValueError(f"x_digits {x_digits}: 1, or 2 with panels (the float GEMV keeps x exact)")
     if panels:
         packed = _pack_panels(weight, lanes)
         if x_digits == 2:

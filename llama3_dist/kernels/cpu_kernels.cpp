@@ -59,32 +59,16 @@ constexpr int CACHE_LINE = 64;
 
 inline Floats splat(float f) { return Floats{} + f; }
 
-// Pairwise, halving the vector each time: log2(LANES) dependent additions instead of LANES - 1
-// (a decode step does one per key and head), in the same order on every instruction set.
-template <int N>
-inline float pairwise_sum(const float* lanes_in) {
-    if constexpr (N == 1) {
-        return lanes_in[0];
-    } else {
-        typedef float Half __attribute__((vector_size(N / 2 * 4)));
-        Half low, high;
-        memcpy(&low, lanes_in, sizeof low);
-        memcpy(&high, lanes_in + N / 2, sizeof high);
-        const Half sum = low + high;
-        float lanes[N / 2];
-        memcpy(lanes, &sum, sizeof lanes);
-        return pairwise_sum<N / 2>(lanes);
-    }
-}
-
 // Lanes Offset .. Offset + sizeof...(I) - 1 of v, as a vector of that many.
 template <int Offset, typename V, size_t... I>
 inline auto lanes_of(V v, std::index_sequence<I...>) {
     return __builtin_shufflevector(v, v, (Offset + int(I))...);
 }
 
-// pairwise_sum's order on a vector in registers (shuffles, no trip through memory, so the
-// vector's producers keep it in a register).
+// The sum of v's lanes pairwise, halving the vector each time: log2(LANES) dependent additions
+// instead of LANES - 1 (a decode step does one per key and head), in the same order on every
+// instruction set. Shuffles in registers: a trip through memory would keep the vector's
+// producers (the accumulators) on the stack.
 template <typename V>
 inline float pairwise_vector_sum(V v) {
     constexpr int N = sizeof(V) / sizeof(float);
@@ -776,7 +760,9 @@ void quantize_blocks(const T* x, int64_t m, int64_t k, int64_t blocks, int64_t g
             const float range = DIGIT_RANGE[DIGITS];
             const float scale = largest / range, inverse = largest > 0.0f ? range / largest : 0.0f;
             dx[row * blocks + b] = scale;
-            int32_t total = 0, digit_total = 0, low_total = 0;  // a block lies in one group: groups are whole blocks
+            // total: of the quantized x (a block lies in one group: groups are whole blocks);
+            // with two digits, high_total and low_total: of each digit.
+            int32_t total = 0, high_total = 0, low_total = 0;
             for (int j = 0; j < 32; ++j) {
                 const int32_t q = int32_t(nearbyintf(values[j] * inverse));
                 const int64_t at = (row * blocks + b) * 32 + j;
@@ -784,15 +770,14 @@ void quantize_blocks(const T* x, int64_t m, int64_t k, int64_t blocks, int64_t g
                     const int32_t high = int32_t(nearbyintf(float(q) / 128.0f));
                     xq[at] = int8_t(high);
                     xq_low[at] = int8_t(q - 128 * high);
-                    digit_total += high;
+                    high_total += high;
                     low_total += q - 128 * high;
                 } else {
                     xq[at] = int8_t(q);
-                    digit_total += q;
                 }
                 total += q;
             }
-            block_sums[row * blocks + b] = digit_total;
+            block_sums[row * blocks + b] = DIGITS == 2 ? high_total : total;
             if constexpr (DIGITS == 2) low_block_sums[row * blocks + b] = low_total;
             group_sums[row * groups + b * 32 / group_size] += float(total) * scale;
         }
