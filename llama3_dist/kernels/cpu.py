@@ -56,6 +56,13 @@ SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
 # over the weight) beats widening it or torch's GEMM.
 WIDEN_MIN_ROWS = 16
 GEMV_MAX_ROWS = 8  # the largest m the library's gemv takes
+# Panel weights (the integer GEMV, bfloat16 models) stay in GEMV passes far longer: a pass reads
+# the packed bytes and multiplies bytes, while widening dequantizes the whole weight before its
+# GEMM. Measured on the projections of the 284M and SmolLM2 models, widening wins from 64 rows
+# of 4-bit weights where torch's bfloat16 GEMM is native, else (a float32 GEMM; the slower
+# 8-bit dequantization) from 128 rows (benchmarks/results/cpu-quantized-batch.log).
+PANEL_WIDEN_MIN_ROWS = 64
+PANEL_WIDEN_MIN_ROWS_SLOW_GEMM = 128
 BASE_FLAGS = ("-O3", "-ffp-contract=fast", "-fno-math-errno", "-shared", "-fPIC")
 OPENMP_FLAG = "-fopenmp"
 
@@ -989,7 +996,17 @@ def grouped_linear(
     x: torch.Tensor, weight: PackedGroupWeights, bias: torch.Tensor | None, kernels: KernelLibrary
 ) -> torch.Tensor:
     """x @ dequantized(weight).T + bias: the library's GEMV for few rows (it streams the packed
-    integers); for many (prefill) the weight dequantized once per call and a GEMM."""
-    if x.numel() // x.shape[-1] < WIDEN_MIN_ROWS:
+    integers, GEMV_MAX_ROWS rows a pass); for many (prefill, large batches) the weight dequantized
+    once per call and a GEMM."""
+    rows = x.numel() // x.shape[-1]
+    native = x.dtype not in _NATIVE_FEATURES or native_gemm(x.dtype)
+    if not weight.layout.startswith("panels"):
+        widen_from = WIDEN_MIN_ROWS
+    elif weight.bits == 4 and native:
+        widen_from = PANEL_WIDEN_MIN_ROWS
+    else:
+        widen_from = PANEL_WIDEN_MIN_ROWS_SLOW_GEMM
+    if rows < widen_from:
         return kernels.gemv_grouped(x, weight, bias)
+    # The weight as the model's dtype, as the dense model has it (widened where the GEMM is not native).
     return linear(x, kernels.dequantize_grouped(weight, x.dtype), bias)

@@ -48,6 +48,9 @@ typedef float Floats __attribute__((vector_size(VECTOR_BYTES)));
 typedef int32_t Ints __attribute__((vector_size(VECTOR_BYTES)));
 typedef uint32_t Words __attribute__((vector_size(VECTOR_BYTES)));
 typedef uint16_t Halves __attribute__((vector_size(VECTOR_BYTES / 2)));
+typedef uint8_t LaneBytes __attribute__((vector_size(LANES)));  // a byte per float32 lane
+typedef int8_t LaneSignedBytes __attribute__((vector_size(LANES)));
+typedef uint32_t Quad __attribute__((vector_size(16)));  // 16 bytes on every instruction set
 
 // bfloat16 values are stored as their bit patterns.
 typedef uint16_t bfloat16;
@@ -922,29 +925,53 @@ int panel_gemv(const T* x, const uint32_t* w, const uint16_t* scales, const uint
     return 0;
 }
 
-// The dequantized weight [n, k] in T of 4-bit panel weights (prefill runs it as a GEMM).
+// The dequantized weight [n, k] in T of panel weights, for products of many rows (prefill and
+// batches past the GEMV's reach run it as a GEMM); each value q * scale + offset in float32,
+// rounded once, as the reference's dequantize. A row's 32 weights of a block lie in VECTORS words
+// LANES apart: their bytes, in the element order of the 8-bit form and, for 4 bits, elements
+// 0-15 in the low nibbles and 16-31 in the high ones. So each row takes its block's bytes, and
+// the arithmetic and the stores run over contiguous elements of the row (vectorised), the
+// reads staying within the block's cache lines.
 template <typename T, int BITS>
 int panel_dequantize(const uint32_t* w, const uint16_t* scales, const uint16_t* offsets, T* out, int64_t n, int64_t k,
                      int64_t group_size) {
     constexpr int VECTORS = BITS == 4 ? 4 : 8;
     if (group_size < 32 || group_size % 32) return -1;
     const int64_t blocks = (k + 31) / 32, groups = (k + group_size - 1) / group_size;
+    const int64_t panels = (n + LANES - 1) / LANES;
 #pragma omp parallel for schedule(static)
-    for (int64_t row = 0; row < n; ++row) {
-        const int64_t panel = row / LANES, lane = row % LANES;
-        for (int64_t e = 0; e < k; ++e) {
-            const int64_t b = e / 32, within = e % 32, g = e / group_size;
-            const int c = int(BITS == 4 ? within % 16 : within) / 4, byte = int(within % 4);
-            const uint32_t word = w[((panel * blocks + b) * VECTORS + c) * LANES + lane];
-            const int32_t q = BITS == 4 ? int32_t((word >> (8 * byte + (within >= 16 ? 4 : 0))) & 0xfu)
-                                        : int32_t(int8_t(word >> (8 * byte)));
-            const float scale = half_to_float(scales[(panel * groups + g) * LANES + lane]);
-            float value = float(q) * scale;
-            if (offsets)
-                value += half_to_float(offsets[(panel * groups + g) * LANES + lane]);
-            else if (BITS == 4)
-                value += -8.0f * scale;  // symmetric 4 bits, as the reference's stored offset
-            out[row * k + e] = Element<T>::from_float(value);
+    for (int64_t panel = 0; panel < panels; ++panel) {
+        for (int64_t b = 0; b < blocks; ++b) {
+            const uint32_t* block = w + (panel * blocks + b) * VECTORS * LANES;
+            const int64_t g = b * 32 / group_size, first = b * 32, count = std::min<int64_t>(32, k - first);
+            for (int lane = 0; lane < LANES && panel * LANES + lane < n; ++lane) {
+                const int64_t row = panel * LANES + lane;
+                const float scale = half_to_float(scales[(panel * groups + g) * LANES + lane]);
+                // Symmetric 4 bits (no offsets stored) are offset by -8 scales, as the reference's.
+                const float offset = offsets ? half_to_float(offsets[(panel * groups + g) * LANES + lane])
+                                             : (BITS == 4 ? -8.0f * scale : 0.0f);
+                // The row's bytes of the block, 16 at a time, built in registers (the words are
+                // LANES apart; a copy through memory would stall on store forwarding).
+                Quad quads[VECTORS / 4];
+                for (int h = 0; h < VECTORS / 4; ++h) {
+                    const uint32_t* at = block + 4 * h * LANES + lane;
+                    quads[h] = Quad{at[0], at[LANES], at[2 * LANES], at[3 * LANES]};
+                }
+                for (int64_t v = 0; v < count; v += LANES) {  // LANES elements: one widening
+                    Floats value;
+                    if constexpr (BITS == 4) {
+                        LaneBytes q;
+                        memcpy(&q, reinterpret_cast<const uint8_t*>(quads) + v % 16, sizeof q);
+                        q = v < 16 ? q & 0xf : q >> 4;
+                        value = __builtin_convertvector(__builtin_convertvector(q, Ints), Floats) * scale + offset;
+                    } else {
+                        LaneSignedBytes q;
+                        memcpy(&q, reinterpret_cast<const uint8_t*>(quads) + v, sizeof q);
+                        value = __builtin_convertvector(__builtin_convertvector(q, Ints), Floats) * scale;
+                    }
+                    store(out + row * k + first + v, value, std::min<int64_t>(LANES, count - v));
+                }
+            }
         }
     }
     return 0;

@@ -258,6 +258,27 @@ def test_panel_gemv_is_the_product_with_x_in_int8_blocks(variant, bits, group_si
     assert ((got - exact).abs() <= bound + rounding).all()
 
 
+@pytest.mark.parametrize("bits", [4, 8])
+def test_panels_stay_in_gemv_passes_up_to_their_crossover(variant, bits):
+    """grouped_linear keeps panel weights in integer-GEMV passes well past the float GEMV's
+    16 rows (dequantizing the whole weight per call made batches of 16-63 sequences 10x slower
+    than 8), and widens them for a GEMM from the measured crossover on."""
+    library, dtype = variant
+    weight = (
+        ref.quantize_int4(randn(40, 96, dtype=F32), 32) if bits == 4 else quantize_q8_0(randn(40, 96, dtype=F32), 32)
+    )
+    packed = cpu.pack_grouped(weight, library.lanes, panels=True)
+    native = dtype == F32 or cpu.native_gemm(dtype)
+    widen_from = cpu.PANEL_WIDEN_MIN_ROWS if bits == 4 and native else cpu.PANEL_WIDEN_MIN_ROWS_SLOW_GEMM
+    for rows in (cpu.WIDEN_MIN_ROWS + 4, widen_from - 1, widen_from):
+        x = randn(rows, 96, dtype=dtype)
+        got = cpu.grouped_linear(x, packed, None, library)
+        if rows < widen_from:
+            assert torch.equal(got, library.gemv_grouped(x, packed, None)), rows
+        else:
+            assert torch.equal(got, cpu.linear(x, library.dequantize_grouped(packed, dtype))), rows
+
+
 def test_x_in_15_bits_takes_8_bit_weights():
     weight = ref.quantize_int4(randn(32, 64, dtype=F32), 32)
     with pytest.raises(ValueError, match="15 bits takes 8-bit weights, not 4-bit"):
