@@ -317,10 +317,11 @@ def test_token_bitmask_kernels(variant, vocab, words):
 
 
 @pytest.mark.parametrize("dtype", [BF16, F32, torch.float16])
-@pytest.mark.parametrize("rows", [1, 40])
+@pytest.mark.parametrize("rows", [1, 12, 40])
 def test_linear_routes(dtype, rows):
-    """kernels.linear: the GEMV for few rows of bfloat16/float32, torch (half precision widened to
-    float32 where torch's half GEMM is not native) for the rest; one result either way."""
+    """kernels.linear: the GEMV for few rows of bfloat16/float32 (one pass where torch's half GEMM
+    is native: 12 rows go either way), torch (half precision widened to float32 where its half
+    GEMM is not native) for the rest; one result either way."""
     x, w, b = randn(rows, 1000, dtype=dtype), randn(160, 1000, dtype=dtype), randn(160, dtype=dtype)
     expected = (x.double() @ w.double().T + b.double()).to(dtype)
     with torch.inference_mode():  # the worker's mode; the scratch buffer then serves both
