@@ -2,9 +2,11 @@
 quantization mode (int8: per output row; int4 / int4-g128: groups of 32 / 128 with a float16
 scale and offset), alternating runs, against each one's floor (the bytes read per token / the
 streaming-read speed measured in the same run); then the GEMV alone for every instruction set
-this host runs (each library build), dense bfloat16 against each quantized form.
+this host runs (each library build), dense bfloat16 against each quantized form. --batches adds
+decode throughput at those batch sizes, each mode against the first.
 
     python benchmarks/quantization.py [--model PATH] [--modes none,int8,int4,int4-g128] [--tokens 64] [--rounds 5]
+        [--batches 8,16,32,64] [--no-gemv]
 
 --model: default the 284M benchmark model of throughput.py; a .gguf file also runs as stored
 (mode "none": its Q8_0/Q4_0/Q4_1 projections stay quantized). Every mode runs our compiled
@@ -64,6 +66,35 @@ def ms_per_token(llm: LLM, tokens: int) -> float:
     return (time.perf_counter() - start) / len(out.outputs[0].token_ids) * 1e3
 
 
+def batch_tokens_per_s(llm: LLM, batch: int, tokens: int) -> float:
+    """Output tokens/s of `batch` sequences decoding `tokens` tokens each side by side (their
+    16-token prompts' prefill included)."""
+    params = SamplingParams(temperature=0, max_tokens=tokens, ignore_eos=True)
+    prompts = [[1 + (i + j) % 1000 for j in range(16)] for i in range(batch)]
+    start = time.perf_counter()
+    llm.generate(prompt_token_ids=prompts, sampling_params=params, use_tqdm=False)
+    return batch * tokens / (time.perf_counter() - start)
+
+
+def batch_table(engines: dict[str, LLM], batches: list[int], tokens: int, rounds: int) -> None:
+    """Decode throughput at each batch size, every mode in each round (alternating), medians."""
+    print(f"\nBatched decode, output tokens/s ({tokens} tokens a sequence), median of {rounds} rounds:")
+    first = next(iter(engines))
+    for batch in batches:
+        runs: dict[str, list[float]] = {name: [] for name in engines}
+        for _ in range(rounds):
+            for name, llm in engines.items():
+                runs[name].append(batch_tokens_per_s(llm, batch, tokens))
+        medians = {name: statistics.median(r) for name, r in runs.items()}
+        print(
+            f"  batch {batch:3d}: "
+            + ", ".join(
+                f"{name} {tps:6.1f}" + ("" if name == first else f" (x{tps / medians[first]:.2f})")
+                for name, tps in medians.items()
+            )
+        )
+
+
 def gemv_table(rounds: int) -> None:
     """The GEMV alone, one row, for each library this host runs: dense bfloat16 and each
     quantized form of the same weights, best of `rounds` x 100 calls."""
@@ -114,7 +145,11 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--no-gemv", action="store_true", help="leave out the GEMV table")
+    parser.add_argument(
+        "--batches", default="", help="comma-separated batch sizes for a batched-decode table (default: none)"
+    )
     args = parser.parse_args()
+    batches = [int(b) for b in args.batches.split(",") if b]
     path = args.model or checkpoint()
     capability, threads = torch.backends.cpu.get_cpu_capability(), torch.get_num_threads()
     print(f"torch {torch.__version__}, capability {capability}, {threads} threads; model {path}")
@@ -124,7 +159,7 @@ def main() -> None:
             dtype="bfloat16",
             quantization=None if mode == "none" else mode,
             show_progress=False,
-            max_num_seqs=4,
+            max_num_seqs=max([4, *batches]),
         )
         for mode in args.modes.split(",")
     }
@@ -154,6 +189,8 @@ def main() -> None:
         for name, median in result.items():
             if name != first:
                 print(f"{name} / {first}: x{result[first] / median:.2f} tokens/s")
+        if batches:
+            batch_table(engines, batches, args.tokens, args.rounds)
     finally:
         for llm in engines.values():
             llm.shutdown()
