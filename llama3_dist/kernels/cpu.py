@@ -27,17 +27,20 @@ and round the result once, as a bfloat16 GEMM does.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import dataclasses
 import functools
 import hashlib
 import logging
+import math
 import os
 import platform
 import shutil
 import subprocess
 import tempfile
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeAlias
@@ -56,11 +59,11 @@ SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
 # over the weight) beats widening it or torch's GEMM.
 WIDEN_MIN_ROWS = 16
 GEMV_MAX_ROWS = 8  # the largest m the library's gemv takes
-# Panel weights (the integer GEMV, bfloat16 models) stay in GEMV passes far longer: a pass reads
-# the packed bytes and multiplies bytes, while widening dequantizes the whole weight before its
-# GEMM. Measured on the projections of the 284M and SmolLM2 models, widening wins from 64 rows
-# of 4-bit weights where torch's bfloat16 GEMM is native, else (a float32 GEMM; the slower
-# 8-bit dequantization) from 128 rows (benchmarks/results/cpu-quantized-batch.log).
+# Panel weights (the integer GEMV, bfloat16 models) in decode steps stay in GEMV passes far
+# longer: a pass reads the packed bytes and multiplies bytes, while widening dequantizes the whole
+# weight before its GEMM. Measured on the projections of the 284M and SmolLM2 models, widening
+# wins from 64 rows of 4-bit weights where torch's bfloat16 GEMM is native, else (a float32 GEMM;
+# the slower 8-bit dequantization) from 128 rows (benchmarks/results/cpu-quantized-batch.log).
 PANEL_WIDEN_MIN_ROWS = 64
 PANEL_WIDEN_MIN_ROWS_SLOW_GEMM = 128
 BASE_FLAGS = ("-O3", "-ffp-contract=fast", "-fno-math-errno", "-shared", "-fPIC")
@@ -506,10 +509,16 @@ class KernelLibrary:
         bias = None if bias is None else bias.to(x.dtype).contiguous()
         return self._in_passes(f"gemv_{weight.layout}", x, weight.shape[0], weights, bias, (weight.group_size,))
 
-    def dequantize_grouped(self, weight: PackedGroupWeights, dtype: torch.dtype) -> torch.Tensor:
-        """The weight as `dtype` [n, k] (bfloat16 or float32), for products of many rows."""
+    def dequantize_grouped(
+        self, weight: PackedGroupWeights, dtype: torch.dtype, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The weight as `dtype` [n, k] (bfloat16 or float32), for products of many rows; into
+        `out` (contiguous, of that shape and dtype) when given."""
         n, k = weight.shape
-        out = torch.empty(n, k, dtype=dtype)
+        if out is None:
+            out = torch.empty(n, k, dtype=dtype)
+        elif out.shape != (n, k) or out.dtype != dtype or not out.is_contiguous():
+            raise ValueError(f"dequantize_grouped: out must be a contiguous {dtype} [{n}, {k}] tensor")
         function = self._functions[f"dequantize_{weight.layout}", dtype]
         if function(
             weight.words.data_ptr(), weight.scales.data_ptr(), _pointer(weight.offsets), out.data_ptr(), n, k,
@@ -842,15 +851,23 @@ def native_gemm(dtype: torch.dtype) -> bool:
 _scratch = threading.local()
 
 
-def _widened(weight: torch.Tensor) -> torch.Tensor:
-    """weight as float32, in a buffer reused across calls on this thread."""
-    wide = getattr(_scratch, "buffer", None)
-    if wide is None or wide.numel() < weight.numel():
+def _scratch_weight(name: str, shape: torch.Size | tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialised [shape] tensor in a buffer reused across calls on this thread: the page
+    faults of a fresh weight-sized tensor per product cost as much as filling it."""
+    numel = math.prod(shape)
+    buffer = getattr(_scratch, name, None)
+    if buffer is None or buffer.numel() < numel or buffer.dtype != dtype:
         # A normal tensor, not an inference tensor, so that it can be written in and out of
         # inference mode alike.
         with torch.inference_mode(False):
-            wide = _scratch.buffer = torch.empty(weight.numel(), dtype=torch.float32)
-    return wide[: weight.numel()].view(weight.shape).copy_(weight)
+            buffer = torch.empty(numel, dtype=dtype)
+        setattr(_scratch, name, buffer)
+    return buffer[:numel].view(shape)
+
+
+def _widened(weight: torch.Tensor) -> torch.Tensor:
+    """weight as float32, in a buffer reused across calls on this thread."""
+    return _scratch_weight("widened", weight.shape, torch.float32).copy_(weight)
 
 
 def linear(
@@ -996,16 +1013,38 @@ def pack_head(weight: reference.GroupQuantized, lanes: int, integer_gemv: bool) 
     return pack_grouped(weight, lanes)
 
 
+_step = threading.local()
+
+
+@contextlib.contextmanager
+def decode_rows(is_decode: bool) -> Iterator[None]:
+    """Products inside are of a decode step's rows (one token a sequence) or not (prompt
+    tokens). Only decode rows are rounded to int8 blocks by the integer GEMV over panels: the
+    first positions of a prompt carry a few activations hundreds of times larger than the rest
+    (attention sinks), which take their whole block's precision, and keys and values cached from
+    them are read by every later token (SmolLM2-135M's bfloat16 chat answer, Q4_1 file: "Paris"
+    from an exact prefill, garbage from a rounded one). A decode token's rounding moves its own
+    logits only. Outside any decode_rows, rows count as prompt rows."""
+    previous = getattr(_step, "decode", False)
+    _step.decode = is_decode
+    try:
+        yield
+    finally:
+        _step.decode = previous
+
+
 def grouped_linear(
     x: torch.Tensor, weight: PackedGroupWeights, bias: torch.Tensor | None, kernels: KernelLibrary
 ) -> torch.Tensor:
     """x @ dequantized(weight).T + bias: the library's GEMV for few rows (it streams the packed
-    integers, GEMV_MAX_ROWS rows a pass); for many (prefill, large batches) the weight dequantized
-    once per call and a GEMM."""
+    integers, GEMV_MAX_ROWS rows a pass); for many (large batches), and for prompt rows where the
+    GEMV would round x to int8 (decode_rows), the weight dequantized once per call and a GEMM."""
     rows = x.numel() // x.shape[-1]
     native = x.dtype not in _NATIVE_FEATURES or native_gemm(x.dtype)
     if not weight.layout.startswith("panels"):
         widen_from = WIDEN_MIN_ROWS
+    elif weight.layout != "panels8x15" and not getattr(_step, "decode", False):
+        widen_from = 1  # prompt rows: x exact
     elif weight.bits == 4 and native:
         widen_from = PANEL_WIDEN_MIN_ROWS
     else:
@@ -1013,4 +1052,5 @@ def grouped_linear(
     if rows < widen_from:
         return kernels.gemv_grouped(x, weight, bias)
     # The weight as the model's dtype, as the dense model has it (widened where the GEMM is not native).
-    return linear(x, kernels.dequantize_grouped(weight, x.dtype), bias)
+    dense = kernels.dequantize_grouped(weight, x.dtype, out=_scratch_weight("dequantized", weight.shape, x.dtype))
+    return linear(x, dense, bias)

@@ -327,8 +327,9 @@ class Llama3Transformer(nn.Module):
                     x, residual = layer.forward_fused(fused_layer, x, residual, step, kv_cache)
             del keep_alive
         else:
-            for layer, kv_cache in zip(self.decoder_layers, kv_caches, strict=True):
-                x, residual = layer(x, residual, meta, kv_cache, cos_sin)
+            with cpu.decode_rows(meta.is_decode):  # prompt rows are never rounded to int8
+                for layer, kv_cache in zip(self.decoder_layers, kv_caches, strict=True):
+                    x, residual = layer(x, residual, meta, kv_cache, cos_sin)
         normed, hidden = self.norm(x, residual)
         return hidden, normed
 

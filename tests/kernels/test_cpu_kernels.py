@@ -260,9 +260,10 @@ def test_panel_gemv_is_the_product_with_x_in_int8_blocks(variant, bits, group_si
 
 @pytest.mark.parametrize("bits", [4, 8])
 def test_panels_stay_in_gemv_passes_up_to_their_crossover(variant, bits):
-    """grouped_linear keeps panel weights in integer-GEMV passes well past the float GEMV's
-    16 rows (dequantizing the whole weight per call made batches of 16-63 sequences 10x slower
-    than 8), and widens them for a GEMM from the measured crossover on."""
+    """In decode steps grouped_linear keeps panel weights in integer-GEMV passes well past the
+    float GEMV's 16 rows (dequantizing the whole weight per call made batches of 16-63 sequences
+    10x slower than 8), and widens them for a GEMM from the measured crossover on; prompt rows
+    are never rounded to int8 (always widened), whatever their count."""
     library, dtype = variant
     weight = (
         ref.quantize_int4(randn(40, 96, dtype=F32), 32) if bits == 4 else quantize_q8_0(randn(40, 96, dtype=F32), 32)
@@ -270,13 +271,19 @@ def test_panels_stay_in_gemv_passes_up_to_their_crossover(variant, bits):
     packed = cpu.pack_grouped(weight, library.lanes, panels=True)
     native = dtype == F32 or cpu.native_gemm(dtype)
     widen_from = cpu.PANEL_WIDEN_MIN_ROWS if bits == 4 and native else cpu.PANEL_WIDEN_MIN_ROWS_SLOW_GEMM
-    for rows in (cpu.WIDEN_MIN_ROWS + 4, widen_from - 1, widen_from):
+    for rows in (1, cpu.WIDEN_MIN_ROWS + 4, widen_from - 1, widen_from):
         x = randn(rows, 96, dtype=dtype)
-        got = cpu.grouped_linear(x, packed, None, library)
+        widened = cpu.linear(x, library.dequantize_grouped(packed, dtype))
+        with cpu.decode_rows(True):
+            got = cpu.grouped_linear(x, packed, None, library)
         if rows < widen_from:
             assert torch.equal(got, library.gemv_grouped(x, packed, None)), rows
         else:
-            assert torch.equal(got, cpu.linear(x, library.dequantize_grouped(packed, dtype))), rows
+            assert torch.equal(got, widened), rows
+        # prompt rows (outside decode_rows, or in a step that is not one) keep x exact
+        assert torch.equal(cpu.grouped_linear(x, packed, None, library), widened), rows
+        with cpu.decode_rows(False):
+            assert torch.equal(cpu.grouped_linear(x, packed, None, library), widened), rows
 
 
 def test_x_in_15_bits_takes_8_bit_weights():
