@@ -1,4 +1,5 @@
-"""Weight-only quantization on the CPU: batch-1 decode in bfloat16 with dense weights and each
+"""Weight-only quantization on the CPU: batch-1 decode (the time between streamed tokens after a
+16-token prompt) in bfloat16 with dense weights and each
 quantization mode (int8: per output row; int4 / int4-g128: groups of 32 / 128 with a float16
 scale and offset), alternating runs, against each one's floor (the bytes read per token / the
 streaming-read speed measured in the same run); then the GEMV alone for every instruction set
@@ -26,7 +27,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from throughput import checkpoint
+from throughput import checkpoint, ours_decode_ms
 
 from llama3_dist import LLM, SamplingParams
 
@@ -60,10 +61,9 @@ def weight_bytes_per_token(llm: LLM) -> int:
 
 
 def ms_per_token(llm: LLM, tokens: int) -> float:
-    params = SamplingParams(temperature=0, max_tokens=tokens, ignore_eos=True)
-    start = time.perf_counter()
-    out = llm.generate(prompt_token_ids=[[1, 2, 3, 4]], sampling_params=params, use_tqdm=False)[0]
-    return (time.perf_counter() - start) / len(out.outputs[0].token_ids) * 1e3
+    """Decode alone: the time between streamed tokens after a 16-token prompt's prefill
+    (throughput.py's ours_decode_ms, as llamacpp_peer.py measures)."""
+    return ours_decode_ms(llm, list(range(100, 116)), tokens)
 
 
 def batch_tokens_per_s(llm: LLM, batch: int, tokens: int) -> float:
@@ -166,8 +166,6 @@ def main() -> None:
     times: dict[str, list[float]] = {name: [] for name in engines}
     speeds = []
     try:
-        for llm in engines.values():
-            ms_per_token(llm, 8)  # warm up
         for _ in range(args.rounds):
             speeds.append(streaming_gbps())
             for name, llm in engines.items():

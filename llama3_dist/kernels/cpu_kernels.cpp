@@ -950,26 +950,31 @@ int panel_dequantize(const uint32_t* w, const uint16_t* scales, const uint16_t* 
                 // Symmetric 4 bits (no offsets stored) are offset by -8 scales, as the reference's.
                 const float offset = offsets ? half_to_float(offsets[(panel * groups + g) * LANES + lane])
                                              : (BITS == 4 ? -8.0f * scale : 0.0f);
-                // The row's bytes of the block, 16 at a time, built in registers (the words are
-                // LANES apart; a copy through memory would stall on store forwarding).
-                Quad quads[VECTORS / 4];
-                for (int h = 0; h < VECTORS / 4; ++h) {
+                // The row's bytes of the block, 16 at a time, gathered into a register (the
+                // words are LANES apart): 4 bits, elements 0-15 and 16-31 from the nibbles of one
+                // such quad; 8 bits, elements 0-15 and 16-31 from two.
+                const auto quad = [&](int h) {
                     const uint32_t* at = block + 4 * h * LANES + lane;
-                    quads[h] = Quad{at[0], at[LANES], at[2 * LANES], at[3 * LANES]};
-                }
-                for (int64_t v = 0; v < count; v += LANES) {  // LANES elements: one widening
-                    Floats value;
-                    if constexpr (BITS == 4) {
-                        LaneBytes q;
-                        memcpy(&q, reinterpret_cast<const uint8_t*>(quads) + v % 16, sizeof q);
-                        q = v < 16 ? q & 0xf : q >> 4;
-                        value = __builtin_convertvector(__builtin_convertvector(q, Ints), Floats) * scale + offset;
-                    } else {
-                        LaneSignedBytes q;
-                        memcpy(&q, reinterpret_cast<const uint8_t*>(quads) + v, sizeof q);
-                        value = __builtin_convertvector(__builtin_convertvector(q, Ints), Floats) * scale;
+                    return Quad{at[0], at[LANES], at[2 * LANES], at[3 * LANES]};
+                };
+                const Quad first_quad = quad(0);
+                for (int half = 0; half < 2; ++half) {
+                    const Quad bytes = BITS == 4 || half == 0 ? first_quad : quad(1);
+                    for (int u = 0; u < 16 && half * 16 + u < count; u += LANES) {  // LANES elements
+                        const int64_t v = half * 16 + u;
+                        Floats value;
+                        if constexpr (BITS == 4) {
+                            LaneBytes q;
+                            memcpy(&q, reinterpret_cast<const uint8_t*>(&bytes) + u, sizeof q);
+                            q = half == 0 ? q & 0xf : q >> 4;
+                            value = __builtin_convertvector(__builtin_convertvector(q, Ints), Floats) * scale + offset;
+                        } else {
+                            LaneSignedBytes q;
+                            memcpy(&q, reinterpret_cast<const uint8_t*>(&bytes) + u, sizeof q);
+                            value = __builtin_convertvector(__builtin_convertvector(q, Ints), Floats) * scale;
+                        }
+                        store(out + row * k + first + v, value, std::min<int64_t>(LANES, count - v));
                     }
-                    store(out + row * k + first + v, value, std::min<int64_t>(LANES, count - v));
                 }
             }
         }
