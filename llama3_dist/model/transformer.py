@@ -315,7 +315,11 @@ class Llama3Transformer(nn.Module):
         if self.config.embedding_multiplier != 1.0:
             x = x * self.config.embedding_multiplier
         residual = None
-        fused = self._fused_layers(meta, kv_caches)
+        # A decode step's rows may be rounded to int8 blocks by the CPU's integer GEMV, unless one
+        # is a sequence's first position (a 1-token prompt): position 0 carries the outsized
+        # activations that cpu.decode_rows keeps exact, and every later token reads its keys.
+        rounding = meta.is_decode and (meta.positions.device.type != "cpu" or bool(meta.positions.min() > 0))
+        fused = self._fused_layers(meta, kv_caches) if rounding else None
         if fused is not None:
             step, keep_alive = cpu.FusedDecodeLayer.step(
                 meta.positions, meta.slot_mapping, meta.block_tables, meta.context_lens, cos_sin
@@ -327,7 +331,7 @@ class Llama3Transformer(nn.Module):
                     x, residual = layer.forward_fused(fused_layer, x, residual, step, kv_cache)
             del keep_alive
         else:
-            with cpu.decode_rows(meta.is_decode):  # prompt rows are never rounded to int8
+            with cpu.decode_rows(rounding):  # prompt rows are never rounded to int8
                 for layer, kv_cache in zip(self.decoder_layers, kv_caches, strict=True):
                     x, residual = layer(x, residual, meta, kv_cache, cos_sin)
         normed, hidden = self.norm(x, residual)
