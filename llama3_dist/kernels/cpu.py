@@ -1019,12 +1019,13 @@ _step = threading.local()
 @contextlib.contextmanager
 def decode_rows(is_decode: bool) -> Iterator[None]:
     """Products inside are of a decode step's rows (one token a sequence) or not (prompt
-    tokens). Only decode rows are rounded to int8 blocks by the integer GEMV over panels: the
-    first positions of a prompt carry a few activations hundreds of times larger than the rest
-    (attention sinks), which take their whole block's precision, and keys and values cached from
-    them are read by every later token (SmolLM2-135M's bfloat16 chat answer, Q4_1 file: "Paris"
-    from an exact prefill, garbage from a rounded one). A decode token's rounding moves its own
-    logits only. Outside any decode_rows, rows count as prompt rows."""
+    tokens). Only decode rows are rounded to int8 blocks by the integer GEMV over panels. Rows
+    carry a few activations far larger than the rest (SmolLM2-135M, the input of layer 2's down
+    projection: a row's largest up to ~1900 times its median, at position 0 and later ones),
+    which take their whole block's precision; a prompt's rows are all rounded at once and every
+    later token reads the keys and values cached from them (SmolLM2's bfloat16 chat, Q4_1 file:
+    "Paris" from an exact prefill, garbage from a rounded one), while a decode row's rounding
+    is one row among exact ones. Outside any decode_rows, rows count as prompt rows."""
     previous = getattr(_step, "decode", False)
     _step.decode = is_decode
     try:

@@ -316,8 +316,8 @@ class Llama3Transformer(nn.Module):
             x = x * self.config.embedding_multiplier
         residual = None
         # A decode step's rows may be rounded to int8 blocks by the CPU's integer GEMV, unless one
-        # is a sequence's first position (a 1-token prompt): position 0 carries the outsized
-        # activations that cpu.decode_rows keeps exact, and every later token reads its keys.
+        # is a sequence's first position: a 1-token prompt, whose row is a prompt row (see
+        # cpu.decode_rows) that every later token reads the keys and values of.
         rounding = meta.is_decode and (meta.positions.device.type != "cpu" or bool(meta.positions.min() > 0))
         fused = self._fused_layers(meta, kv_caches) if rounding else None
         if fused is not None:
