@@ -315,10 +315,10 @@ class Llama3Transformer(nn.Module):
         if self.config.embedding_multiplier != 1.0:
             x = x * self.config.embedding_multiplier
         residual = None
-        # A decode step's rows may be rounded to int8 blocks by the CPU's integer GEMV, unless one
-        # is a sequence's first position: a 1-token prompt, whose row is a prompt row (see
-        # cpu.decode_rows) that every later token reads the keys and values of.
-        rounding = meta.is_decode and (meta.positions.device.type != "cpu" or bool(meta.positions.min() > 0))
+        # A decode step's rows may be rounded to int8 blocks by the CPU's integer GEMV (only its
+        # models round), unless one is a sequence's first position: a 1-token prompt, whose row
+        # is a prompt row (see cpu.decode_rows) that every later token reads the keys and values of.
+        rounding = meta.is_decode and not (self.kernels.integer_gemv and bool(meta.positions.min() == 0))
         fused = self._fused_layers(meta, kv_caches) if rounding else None
         if fused is not None:
             step, keep_alive = cpu.FusedDecodeLayer.step(
