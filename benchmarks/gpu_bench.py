@@ -10,7 +10,9 @@ benchmark shape of throughput.py. For each, with the engine (LLM, TP=1):
 - engine overhead per decode step at batch 64 (step time minus the device's forward time:
   scheduling, transport, sampling), graphs and eager;
 - offline throughput, graphs only: 256 requests of 512 prompt tokens and 256 output tokens
-  (--requests/--prompt/--output change it), output tok/s.
+  (--requests/--prompt/--output change it), output tok/s;
+- with --quantizations int8,int4,fp8: batch-1 decode of the model quantized at load, against the
+  roofline of its own bytes.
 
     python benchmarks/gpu_bench.py [--models 8b,284m] [--requests 256] [--quick]
     python benchmarks/gpu_bench.py --cpu-smoke   # tiny shapes on the CPU: checks this script only
@@ -70,14 +72,22 @@ def model_dir(name: str, root: Path, smoke: bool) -> Path:
     return path
 
 
-def weight_bytes_per_token(config: dict) -> int:
+# Bytes a decode step reads per projection weight, by quantization: the values plus their scales
+# (int8 / fp8: a float32 per row, a few bytes in thousands, left out; int4: a float16 scale and
+# offset per group). The LM head of every quantized model is 8 bits in groups of 32 (Q8_0).
+PROJECTION_BYTES = {None: 2.0, "int8": 1.0, "fp8": 1.0, "int4": 0.5 + 4 / 32, "int4-g128": 0.5 + 4 / 128}
+HEAD_BYTES = {None: 2.0, "int8": 1 + 2 / 32, "fp8": 1 + 2 / 32, "int4": 1 + 2 / 32, "int4-g128": 1 + 2 / 32}
+
+
+def weight_bytes_per_token(config: dict, quantization: str | None = None) -> int:
     """Every weight once per decode step, except the embedding (one row; the LM head reads it
     whole when tied)."""
     h, i, layers = config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"]
     heads, kv_heads = config["num_attention_heads"], config.get("num_key_value_heads") or config["num_attention_heads"]
     head_dim = config.get("head_dim") or h // heads
     attention = h * head_dim * (2 * heads + 2 * kv_heads)
-    return 2 * (layers * (attention + 3 * h * i + 2 * h) + h + config["vocab_size"] * h)
+    projections = layers * (attention + 3 * h * i) * PROJECTION_BYTES[quantization]
+    return int(projections + 2 * (layers * 2 * h + h) + config["vocab_size"] * h * HEAD_BYTES[quantization])
 
 
 def peak_bandwidth_tbs(device: torch.device) -> tuple[float, str]:
@@ -155,18 +165,27 @@ def throughput(llm, requests: int, prompt_len: int, output_len: int) -> float:
     return requests * output_len / elapsed
 
 
+MODES = {  # the engine's defaults on one GPU (CUDA graphs, overlapped scheduling), then each off
+    "graphs": dict(async_scheduling=True),
+    "graphs, no overlap": dict(async_scheduling=False),
+    "eager": dict(enforce_eager=True, async_scheduling=True),
+    # decode's products through cuBLAS and the Triton GEMM instead of the Triton GEMV
+    "graphs, no GEMV": dict(async_scheduling=True),
+}
+MODE_NAMES = {"graphs": "graphs", "no-overlap": "graphs, no overlap", "eager": "eager", "no-gemv": "graphs, no GEMV"}
+
+
 def bench(name: str, path: Path, device: str, args) -> None:
+    import os
+
     from llama3_dist import LLM
 
     config = json.loads((path / "config.json").read_text())
     results = {}
-    modes = {  # the engine's defaults on one GPU (CUDA graphs, overlapped scheduling), then each off
-        "graphs": dict(async_scheduling=True),
-        "graphs, no overlap": dict(async_scheduling=False),
-        "eager": dict(enforce_eager=True, async_scheduling=True),
-    }
+    modes = {MODE_NAMES[key]: MODES[MODE_NAMES[key]] for key in args.modes.split(",")}
     for mode, options in modes.items():
         started = time.perf_counter()
+        os.environ["LLAMA3_DIST_GEMV"] = "0" if "no GEMV" in mode else "1"
         with LLM(
             str(path),
             load_format="dummy",
@@ -197,7 +216,8 @@ def bench(name: str, path: Path, device: str, args) -> None:
             f"engine overhead {r['overhead_ms']:.3f} ms" + tail,
             flush=True,
         )
-    for other in ("graphs, no overlap", "eager"):
+    os.environ["LLAMA3_DIST_GEMV"] = "1"
+    for other in [mode for mode in results if mode != "graphs"]:
         same = results["graphs"]["probe"] == results[other]["probe"]
         print(
             f"RESULT {name}: greedy tokens of 7 requests (12-36 steps, batches 7..1), graphs vs {other}: "
@@ -207,13 +227,12 @@ def bench(name: str, path: Path, device: str, args) -> None:
     if device.startswith("cuda"):
         tbs, source = peak_bandwidth_tbs(torch.device(device))
         roofline_ms = weight_bytes_per_token(config) / (tbs * 1e12) * 1e3
-        graphs, eager, sync = results["graphs"], results["eager"], results["graphs, no overlap"]
+        graphs = results["graphs"]
+        others = ", ".join(f"{mode} {roofline_ms / r['decode_ms']:.0%}" for mode, r in results.items() if mode != "graphs")
         print(
             f"RESULT {name}: {weight_bytes_per_token(config) / 1e9:.2f} GB of weights per token; roofline "
             f"{roofline_ms:.2f} ms/token ({1e3 / roofline_ms:.0f} tok/s) on {source}; graphs reach "
-            f"{roofline_ms / graphs['decode_ms']:.0%} of it ({1e3 / graphs['decode_ms']:.0f} tok/s), without "
-            f"overlapped scheduling {roofline_ms / sync['decode_ms']:.0%}, "
-            f"eager {roofline_ms / eager['decode_ms']:.0%}",
+            f"{roofline_ms / graphs['decode_ms']:.0%} of it ({1e3 / graphs['decode_ms']:.0f} tok/s); {others}",
             flush=True,
         )
         if name == "8b":
@@ -221,6 +240,42 @@ def bench(name: str, path: Path, device: str, args) -> None:
                 f"RESULT 8b offline throughput {graphs['tok_s']:.0f} output tok/s (published for scale: {PUBLISHED})",
                 flush=True,
             )
+
+
+def bench_quantized(name: str, path: Path, device: str, quantization: str, args) -> None:
+    """Batch-1 decode and the batch-64 step of the model quantized at load, graphs on, against the
+    roofline of its own bytes."""
+    from llama3_dist import LLM
+
+    config = json.loads((path / "config.json").read_text())
+    started = time.perf_counter()
+    with LLM(
+        str(path),
+        load_format="dummy",
+        dtype="bfloat16",
+        quantization=quantization,
+        devices=[device],
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        max_seq_len=args.max_seq_len,
+        show_progress=False,
+    ) as llm:
+        load_s = time.perf_counter() - started
+        decode = decode_ms(llm, list(range(3, 35)), args.decode_tokens)
+        step, overhead = overhead_ms(llm, args.overhead_batch, 16, args.overhead_steps)
+    line = (
+        f"[{name} {quantization} graphs] start-up {load_s:.1f} s; batch-1 decode {decode:.2f} ms/token "
+        f"({1e3 / decode:.1f} tok/s); batch {args.overhead_batch}: step {step:.2f} ms, engine overhead {overhead:.3f} ms"
+    )
+    if device.startswith("cuda"):
+        tbs, source = peak_bandwidth_tbs(torch.device(device))
+        weight_bytes = weight_bytes_per_token(config, quantization)
+        roofline_ms = weight_bytes / (tbs * 1e12) * 1e3
+        line += (
+            f"; {weight_bytes / 1e9:.2f} GB of weights per token, roofline {roofline_ms:.2f} ms/token on {source}: "
+            f"{roofline_ms / decode:.0%} of it"
+        )
+    print(line, flush=True)
 
 
 def main() -> int:
@@ -235,6 +290,10 @@ def main() -> int:
     parser.add_argument("--decode-tokens", type=int, default=128)
     parser.add_argument("--overhead-batch", type=int, default=64)
     parser.add_argument("--overhead-steps", type=int, default=32)
+    parser.add_argument("--modes", default="graphs,no-overlap,eager,no-gemv", help=f"of {list(MODE_NAMES)}")
+    parser.add_argument(
+        "--quantizations", default="", help="also these (int8,int4,int4-g128,fp8), batch-1 decode with graphs"
+    )
     parser.add_argument("--cpu-smoke", action="store_true", help="tiny shapes on the CPU (this script's logic only)")
     args = parser.parse_args()
     if args.cpu_smoke:
@@ -253,7 +312,10 @@ def main() -> int:
     )
     with tempfile.TemporaryDirectory() as root:
         for name in args.models.split(","):
-            bench(name, model_dir(name, Path(root), args.cpu_smoke), device, args)
+            path = model_dir(name, Path(root), args.cpu_smoke)
+            bench(name, path, device, args)
+            for quantization in filter(None, args.quantizations.split(",")):
+                bench_quantized(name, path, device, quantization, args)
     return 0
 
 

@@ -200,8 +200,8 @@ class Kernels:
 @functools.cache
 def quantized_gemm_works(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether the Triton GEMM over quantized weights gives the reference's product on `device`,
-    tried once per device and dtype on a small problem (4 and 8 bits, one row and many). It has
-    been tested under Triton's interpreter only: on hardware where it fails to compile or
+    tried once per device and dtype on a small problem (4 and 8 bits, the GEMV's one row and the
+    GEMM's many). On hardware where it fails to compile or
     disagrees, quantized weights take the torch reference instead (dequantized per call: correct,
     slower), with a warning, rather than a failed or wrong model."""
     from . import triton_kernels
@@ -244,20 +244,29 @@ def select(device: torch.device | str, dtype: torch.dtype) -> Kernels:
     integer_gemv = isinstance(impl, cpu.KernelLibrary) and dtype == torch.bfloat16 and impl.integer_dot
     if isinstance(impl, ModuleType) and impl.__name__.endswith("triton_kernels"):
         triton_kernels = {name: getattr(impl, name) for name in TRITON_KERNELS}
+        # Decode's few rows take the Triton GEMV (dense weights too, on GPUs: cuBLAS splits a
+        # one-row product into split-K partials and a reduction); LLAMA3_DIST_GEMV=0 keeps cuBLAS
+        # and the Triton GEMM for every row count.
+        gemv_rows = impl.GEMV_MAX_ROWS if os.environ.get("LLAMA3_DIST_GEMV", "1") != "0" else 0
+        linear = (
+            functools.partial(impl.linear, gemv_rows=gemv_rows)
+            if probe.is_cuda and gemv_rows
+            else _linear_for(probe, mode)
+        )
         if quantized_gemm_works(probe.device, dtype):
             # CUDA (or Triton's interpreter): quantized weights stay in their integers, dequantized
-            # in registers by the Triton GEMM (GGUF Q8_0 / Q4_0 / Q4_1 kept as stored too).
+            # in registers by the Triton GEMV and GEMM (GGUF Q8_0 / Q4_0 / Q4_1 kept as stored too).
             return Kernels(
                 **triton_kernels,
-                linear=_linear_for(probe, mode),
-                int8_linear=impl.int8_linear,
+                linear=linear,
+                int8_linear=functools.partial(impl.int8_linear, gemv_rows=gemv_rows),
                 pack_grouped=impl.pack_grouped,
                 pack_head=impl.pack_grouped,  # x stays in the model's dtype there
-                grouped_linear=impl.grouped_linear,
+                grouped_linear=functools.partial(impl.grouped_linear, gemv_rows=gemv_rows),
                 runs_grouped=True,
                 capture_safe=probe.is_cuda,
             )
-        return Kernels(**triton_kernels, linear=_linear_for(probe, mode), capture_safe=probe.is_cuda)
+        return Kernels(**triton_kernels, linear=linear, capture_safe=probe.is_cuda)
     return Kernels(
         **{name: getattr(impl, name) for name in TRITON_KERNELS},
         linear=_linear_for(probe, mode),

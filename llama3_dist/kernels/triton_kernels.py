@@ -11,6 +11,7 @@ powers of two with masks (head_dim 96, rotary_dim 48, ...) and accumulates in fl
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 
@@ -857,6 +858,175 @@ def _grouped_linear_kernel(
     tl.store(out, _cast(acc, out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
 
 
+# Decode steps multiply a few rows by every weight once: a GEMM's tiles of 16+ rows then waste the
+# tensor cores and, worse, split N into too few programs to keep HBM busy. The GEMV below gives each
+# program BLOCK_N weight rows over the whole of K (no split-K partial sums to reduce) and walks the
+# few x rows over each weight tile while it sits in registers. One kernel serves dense weights and
+# both quantized layouts (BITS 16 = the weight in its own float dtype). Quantized weights are not
+# rounded to x's dtype as reference.dequantize does (nor as the GEMM below does): a group's sums
+# are scaled in float32, so the GEMV's product is the closer of the two to the exact one.
+GEMV_MAX_ROWS = 4
+# (BLOCK_N, BLOCK_K, num_warps, num_stages) by bit width; chosen by benchmarks/gpu_gemv.py on an
+# H200 (see benchmarks/results/): small BLOCK_N so even a 4096-row projection has hundreds of
+# programs. LLAMA3_DIST_GEMV_CONFIGS (JSON: {"16": [16, 512, 4, 3], ...}) overrides them, for tuning.
+GEMV_CONFIGS: dict[int, tuple[int, int, int, int]] = {16: (16, 512, 4, 3), 8: (16, 1024, 4, 3), 4: (16, 1024, 4, 3)}
+if os.environ.get("LLAMA3_DIST_GEMV_CONFIGS"):
+    GEMV_CONFIGS.update(
+        {int(bits): tuple(config) for bits, config in json.loads(os.environ["LLAMA3_DIST_GEMV_CONFIGS"]).items()}
+    )
+
+
+@triton.jit
+def _small_int_to_float(value, ZERO: tl.constexpr):
+    """float(value - ZERO) for integers value in 0..255 without an int-to-float conversion (a
+    quarter-rate instruction, which would bound a 4-bit GEMV below the memory's speed): value put
+    into the mantissa of 2**23, then 2**23 + ZERO subtracted (both exact)."""
+    return (value | 0x4B000000).to(tl.float32, bitcast=True) - (8388608.0 + ZERO)
+
+
+@triton.jit
+def _gemv_kernel(
+    x_ptr,
+    w_ptr,
+    scale_ptr,
+    offset_ptr,
+    bias_ptr,
+    out_ptr,
+    N,
+    K,
+    stride_xm,
+    stride_wn,
+    stride_sn,
+    stride_om,
+    ROWS: tl.constexpr,
+    ROWS_P2: tl.constexpr,
+    BITS: tl.constexpr,
+    GROUP: tl.constexpr,
+    ROW_SCALE: tl.constexpr,
+    HAS_OFFSET: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """out[m, n] = sum_k x[m, k] * w[n, k] (+ bias[n]) for m < ROWS, float32 sums.
+
+    BITS 16: w as stored (any float dtype). BITS 8: int8 values; GROUP > 0 gives a float16 scale
+    per group of GROUP columns, ROW_SCALE a float32 scale per row (int8 weights). BITS 4: two
+    values a byte (even column in the low nibble), a scale and offset per group. A group's
+    products are summed before its scale multiplies them, and its offset multiplies the group's
+    sum of x, so the per-weight work is one convert and one multiply-add."""
+    pid = tl.program_id(0)
+    rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = rn < N
+    w_rows = w_ptr + rn[:, None].to(tl.int64) * stride_wn
+    s_rows = rn[:, None].to(tl.int64) * stride_sn
+    row_ids = tl.arange(0, ROWS_P2)
+    acc = tl.zeros((ROWS_P2, BLOCK_N), dtype=tl.float32)
+    HALF: tl.constexpr = BLOCK_K // 2
+    GROUPS: tl.constexpr = BLOCK_K // GROUP if GROUP > 0 else 1
+    PER_GROUP: tl.constexpr = GROUP // 2 if BITS == 4 else GROUP  # products per group in a tile row
+    for k0 in range(0, K, BLOCK_K):
+        if BITS == 4:
+            pair = k0 // 2 + tl.arange(0, HALF)  # byte index: columns 2 * pair and 2 * pair + 1
+            byte = tl.load(w_rows + pair[None, :], mask=n_mask[:, None] & (2 * pair < K)[None, :], other=0)
+            byte = byte.to(tl.int32)
+            low = _small_int_to_float(byte & 15, 0)
+            high = _small_int_to_float(byte >> 4, 0)
+        else:
+            rk = k0 + tl.arange(0, BLOCK_K)
+            w = tl.load(w_rows + rk[None, :], mask=n_mask[:, None] & (rk < K)[None, :], other=0)
+            if BITS == 8:  # -128..127 shifted to 0..255 and back
+                w = _small_int_to_float(w.to(tl.int32) + 128, 128)
+            else:
+                w = w.to(tl.float32)
+        if GROUP > 0:
+            group = k0 // GROUP + tl.arange(0, GROUPS)
+            g_mask = n_mask[:, None] & (group * GROUP < K)[None, :]
+            scale = tl.load(scale_ptr + s_rows + group[None, :], mask=g_mask, other=0.0).to(tl.float32)
+            if HAS_OFFSET:
+                offset = tl.load(offset_ptr + s_rows + group[None, :], mask=g_mask, other=0.0).to(tl.float32)
+        for m in tl.static_range(ROWS):
+            x_row = x_ptr + m * stride_xm
+            if BITS == 4:
+                x_even = tl.load(x_row + 2 * pair, mask=2 * pair < K, other=0.0).to(tl.float32)
+                x_odd = tl.load(x_row + 2 * pair + 1, mask=2 * pair + 1 < K, other=0.0).to(tl.float32)
+                products = low * x_even[None, :] + high * x_odd[None, :]
+                x_sums = x_even + x_odd
+            else:
+                x = tl.load(x_row + rk, mask=rk < K, other=0.0).to(tl.float32)
+                products = w * x[None, :]
+                x_sums = x
+            if GROUP > 0:
+                group_sums = tl.sum(tl.reshape(products, (BLOCK_N, GROUPS, PER_GROUP)), axis=2)
+                part = tl.sum(group_sums * scale, axis=1)
+                if HAS_OFFSET:
+                    x_group_sums = tl.sum(tl.reshape(x_sums, (GROUPS, PER_GROUP)), axis=1)
+                    part += tl.sum(offset * x_group_sums[None, :], axis=1)
+            else:
+                part = tl.sum(products, axis=1)
+            acc = tl.where(row_ids[:, None] == m, acc + part[None, :], acc)
+    if ROW_SCALE:
+        acc *= tl.load(scale_ptr + rn.to(tl.int64) * stride_sn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    out = out_ptr + row_ids[:, None].to(tl.int64) * stride_om + rn[None, :]
+    tl.store(out, _cast(acc, out_ptr.dtype.element_ty), mask=(row_ids < ROWS)[:, None] & n_mask[None, :])
+
+
+def gemv(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    scales: torch.Tensor | None = None,
+    offsets: torch.Tensor | None = None,
+    bits: int = 16,
+    group_size: int = 0,
+    config: tuple[int, int, int, int] | None = None,
+) -> torch.Tensor:
+    """x @ w.T (+ bias) for at most GEMV_MAX_ROWS rows of x (decode steps), w dense (bits 16) or
+    in TritonGroupWeights' layout (bits 8/4 with `scales`, `offsets`, `group_size`; group_size 0
+    with bits 8: int8 weights with one float32 scale per row)."""
+    k = x.shape[-1]
+    rows = x.reshape(-1, k)
+    if rows.stride(-1) != 1:
+        rows = rows.contiguous()
+    m, n = rows.shape[0], weight.shape[0]
+    if m > GEMV_MAX_ROWS:
+        raise ValueError(f"gemv takes at most {GEMV_MAX_ROWS} rows, got {m}")
+    out = _empty((m, n), x.dtype, x.device)
+    if m and n:
+        block_n, block_k, warps, stages = config or GEMV_CONFIGS[bits]
+        if group_size:
+            block_k = max(block_k, group_size)  # whole groups per tile (group sizes are powers of two)
+        _gemv_kernel[(triton.cdiv(n, block_n),)](
+            rows,
+            weight,
+            scales if scales is not None else weight,
+            offsets if offsets is not None else weight,
+            bias if bias is not None else weight,
+            out,
+            n,
+            k,
+            rows.stride(0),
+            weight.stride(0),
+            scales.stride(0) if scales is not None else 0,
+            out.stride(0),
+            ROWS=m,
+            ROWS_P2=_pow2(m),
+            BITS=bits,
+            GROUP=group_size,
+            ROW_SCALE=bits == 8 and not group_size,
+            HAS_OFFSET=offsets is not None,
+            HAS_BIAS=bias is not None,
+            BLOCK_N=block_n,
+            BLOCK_K=block_k,
+            num_warps=warps,
+            num_stages=stages,
+        )
+    return out.reshape(*x.shape[:-1], n)
+
+
 def _quantized_linear(
     x: torch.Tensor,
     words: torch.Tensor,
@@ -903,18 +1073,46 @@ def _quantized_linear(
     return out.reshape(*x.shape[:-1], n)
 
 
-def grouped_linear(x: torch.Tensor, weight: TritonGroupWeights, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x @ dequantize(weight).T + bias with the weight dequantized in registers (reference.grouped_linear)."""
+def grouped_linear(
+    x: torch.Tensor, weight: TritonGroupWeights, bias: torch.Tensor | None = None, gemv_rows: int = GEMV_MAX_ROWS
+) -> torch.Tensor:
+    """x @ dequantize(weight).T + bias with the weight dequantized in registers (reference.grouped_linear):
+    the GEMV up to `gemv_rows` rows of x, the GEMM beyond."""
     if x.shape[-1] != weight.k:
         raise ValueError(f"x has {x.shape[-1]} features but the weight {weight.k}")
+    if x.numel() <= gemv_rows * weight.k:
+        return gemv(
+            x,
+            weight.words,
+            bias,
+            scales=weight.scales,
+            offsets=weight.offsets,
+            bits=weight.bits,
+            group_size=weight.group_size,
+        )
     return _quantized_linear(x, weight.words, weight.scales, weight.offsets, weight.bits, weight.group_size, bias)
 
 
 def int8_linear(
-    x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    gemv_rows: int = GEMV_MAX_ROWS,
 ) -> torch.Tensor:
     """x @ (weight * scale[:, None]).T + bias for int8 weights with a scale per output row
     (reference.int8_weight_linear): one group of all k features per row."""
     if x.shape[-1] != weight.shape[1]:
         raise ValueError(f"x has {x.shape[-1]} features but the weight {weight.shape[1]}")
+    if x.numel() <= gemv_rows * weight.shape[1]:
+        return gemv(x, weight, bias, scales=scale.reshape(-1, 1), bits=8)
     return _quantized_linear(x, weight, scale.reshape(-1, 1), None, 8, max(weight.shape[1], 1), bias)
+
+
+def linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, gemv_rows: int = GEMV_MAX_ROWS
+) -> torch.Tensor:
+    """x @ weight.T + bias for dense weights: the GEMV up to `gemv_rows` rows of x, cuBLAS beyond."""
+    if x.numel() <= gemv_rows * weight.shape[1] and x.dtype == weight.dtype:
+        return gemv(x, weight, bias)
+    return reference.linear(x, weight, bias)

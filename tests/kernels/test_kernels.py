@@ -267,7 +267,11 @@ def test_grouped_linear_is_the_dequantized_product(dtype, bits, group_size, m, n
     assert packed.words.numel() * packed.words.element_size() == n * -(-k * bits // 8)  # the integers, packed
     for bias in (None, randn(n, dtype=dtype)):
         got = tk.grouped_linear(x, packed, bias)
-        torch.testing.assert_close(got, ref.grouped_linear(x, grouped, bias), **GEMM_TOL[dtype])
+        if dtype == F32:
+            torch.testing.assert_close(got, ref.grouped_linear(x, grouped, bias), **GEMM_TOL[dtype])
+        else:  # the GEMV (m <= 4) keeps each dequantized weight in float32 where the reference rounds it
+            exact = x.float() @ ref.dequantize(grouped, F32).T + (0 if bias is None else bias.float())
+            torch.testing.assert_close(got.float(), exact, rtol=2e-2, atol=0.15)
 
 
 @pytest.mark.parametrize("dtype", [F32, BF16])
@@ -282,6 +286,53 @@ def test_int8_linear_is_the_scaled_product(dtype, m, n, k):
     # bfloat16: each dequantized weight rounds by up to 2**-9 of itself: ~0.03 over 200 unit products
     tolerance = GEMM_TOL[dtype] if dtype == F32 else dict(rtol=1e-2, atol=0.15)
     torch.testing.assert_close(got.float(), exact, **tolerance)
+
+
+@pytest.mark.parametrize("kind", ["dense", "int8", "q8_0", "int4", "int4-g128"])
+def test_decode_rows_take_the_gemv_and_equal_the_gemm(monkeypatch, kind):
+    """Up to GEMV_MAX_ROWS rows of x (decode steps) take the GEMV, more take cuBLAS / the GEMM; both
+    give the product of the dequantized weight (odd widths, partial groups and tiles, a bias)."""
+    n, k = 37, 300
+    weight = randn(n, k)
+    bias = randn(n, dtype=BF16)
+    chosen = kernels.select(DEVICE, BF16)
+    if kind == "dense":
+        w = weight.to(BF16)
+        exact = w.float()
+        product = lambda x: tk.linear(x, w, bias)  # noqa: E731
+    elif kind == "int8":
+        values, scale = ref.quantize_int8(weight)
+        exact = values.float() * scale[:, None]
+        product = lambda x: chosen.int8_linear(x, values, scale, bias)  # noqa: E731
+    else:
+        grouped = {
+            "q8_0": lambda: ref.quantize_int8_groups(weight, 32),
+            "int4": lambda: ref.quantize_int4(weight, 32),
+            "int4-g128": lambda: ref.quantize_int4(weight, 128),
+        }[kind]()
+        exact = ref.dequantize(grouped, F32)
+        packed = chosen.pack_grouped(grouped)
+        product = lambda x: chosen.grouped_linear(x, packed, bias)  # noqa: E731
+    calls = []
+    gemv = tk.gemv
+    monkeypatch.setattr(tk, "gemv", lambda *a, **kw: calls.append(a[0].shape[0]) or gemv(*a, **kw))
+    for rows in (1, 2, 3, 4, 5, 9):
+        x = randn(rows, k, dtype=BF16)
+        got = product(x).float()
+        expected = x.float() @ exact.T + bias.float()
+        # bfloat16 output: one rounding of sums of magnitude ~20 (2**-8 of them), plus the GEMM's
+        # rounding of each dequantized weight to bfloat16
+        torch.testing.assert_close(got, expected, rtol=2e-2, atol=0.15)
+    assert calls == [1, 2, 3, 4]  # the GEMV for decode's rows, nothing else
+    calls.clear()
+    monkeypatch.setenv("LLAMA3_DIST_GEMV", "0")
+    if kind != "dense":  # LLAMA3_DIST_GEMV=0 keeps the GEMM for every row count
+        chosen = kernels.select(DEVICE, BF16)
+        if kind == "int8":
+            chosen.int8_linear(randn(1, k, dtype=BF16), values, scale, bias)
+        else:
+            chosen.grouped_linear(randn(1, k, dtype=BF16), packed, bias)
+        assert calls == []
 
 
 def test_quantized_gemm_is_checked_before_it_is_trusted(monkeypatch, caplog):
