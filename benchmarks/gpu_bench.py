@@ -228,7 +228,9 @@ def bench(name: str, path: Path, device: str, args) -> None:
         tbs, source = peak_bandwidth_tbs(torch.device(device))
         roofline_ms = weight_bytes_per_token(config) / (tbs * 1e12) * 1e3
         graphs = results["graphs"]
-        others = ", ".join(f"{mode} {roofline_ms / r['decode_ms']:.0%}" for mode, r in results.items() if mode != "graphs")
+        others = ", ".join(
+            f"{mode} {roofline_ms / r['decode_ms']:.0%}" for mode, r in results.items() if mode != "graphs"
+        )
         print(
             f"RESULT {name}: {weight_bytes_per_token(config) / 1e9:.2f} GB of weights per token; roofline "
             f"{roofline_ms:.2f} ms/token ({1e3 / roofline_ms:.0f} tok/s) on {source}; graphs reach "
@@ -265,7 +267,8 @@ def bench_quantized(name: str, path: Path, device: str, quantization: str, args)
         step, overhead = overhead_ms(llm, args.overhead_batch, 16, args.overhead_steps)
     line = (
         f"[{name} {quantization} graphs] start-up {load_s:.1f} s; batch-1 decode {decode:.2f} ms/token "
-        f"({1e3 / decode:.1f} tok/s); batch {args.overhead_batch}: step {step:.2f} ms, engine overhead {overhead:.3f} ms"
+        f"({1e3 / decode:.1f} tok/s); batch {args.overhead_batch}: step {step:.2f} ms, "
+        f"engine overhead {overhead:.3f} ms"
     )
     if device.startswith("cuda"):
         tbs, source = peak_bandwidth_tbs(torch.device(device))

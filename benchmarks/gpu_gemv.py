@@ -35,8 +35,8 @@ sys.path.insert(0, str(REPO))
 from llama3_dist.kernels import reference as ref  # noqa: E402
 from llama3_dist.kernels import triton_kernels as tk  # noqa: E402
 
-H, I, VOCAB, LAYERS = 4096, 14336, 128256, 32
-SHAPES = {"qkv": (6144, H), "o": (H, H), "gate_up": (2 * I, H), "down": (H, I), "head": (VOCAB, H)}
+H, FFN, VOCAB, LAYERS = 4096, 14336, 128256, 32
+SHAPES = {"qkv": (6144, H), "o": (H, H), "gate_up": (2 * FFN, H), "down": (H, FFN), "head": (VOCAB, H)}
 PER_TOKEN = {"qkv": LAYERS, "o": LAYERS, "gate_up": LAYERS, "down": LAYERS, "head": 1}
 PEAK_TBS = {"H200": 4.8, "H100": 3.35}
 SWEEP = [(4, 1024), (4, 2048), (8, 512), (8, 1024), (8, 2048), (16, 256), (16, 512), (16, 1024), (32, 256), (32, 512)]
@@ -50,14 +50,27 @@ def make(kind: str, n: int, k: int, device: str) -> dict:
         return dict(kind=kind, w=w, bytes=w.numel() * 2, dense=w.float())
     if kind == "int8":
         values, scale = ref.quantize_int8(weight)
-        return dict(kind=kind, w=values, scale=scale, bytes=values.numel() + scale.numel() * 4,
-                    dense=values.float() * scale[:, None])
+        return dict(
+            kind=kind,
+            w=values,
+            scale=scale,
+            bytes=values.numel() + scale.numel() * 4,
+            dense=values.float() * scale[:, None],
+        )
     if kind == "fp8":
         values, scale = ref.quantize_fp8(weight)
-        return dict(kind=kind, w=values, scale=scale, bytes=values.numel() + scale.numel() * 4,
-                    dense=values.float() * scale[:, None])
-    grouped = {"q8_0": lambda: ref.quantize_int8_groups(weight, 32), "int4": lambda: ref.quantize_int4(weight, 32),
-               "int4-g128": lambda: ref.quantize_int4(weight, 128)}[kind]()
+        return dict(
+            kind=kind,
+            w=values,
+            scale=scale,
+            bytes=values.numel() + scale.numel() * 4,
+            dense=values.float() * scale[:, None],
+        )
+    grouped = {
+        "q8_0": lambda: ref.quantize_int8_groups(weight, 32),
+        "int4": lambda: ref.quantize_int4(weight, 32),
+        "int4-g128": lambda: ref.quantize_int4(weight, 128),
+    }[kind]()
     packed = tk.pack_grouped(grouped)
     extra = packed.scales.numel() * 2 * (2 if packed.offsets is not None else 1)
     return dict(kind=kind, w=packed, bytes=packed.words.numel() + extra, dense=ref.dequantize(grouped, torch.float32))
@@ -70,8 +83,9 @@ def gemv_call(entry: dict, x: torch.Tensor, config=None):
     if kind == "int8":
         scales = entry["scale"].reshape(-1, 1)
         return lambda: tk.gemv(x, w, scales=scales, bits=8, config=config)
-    return lambda: tk.gemv(x, w.words, scales=w.scales, offsets=w.offsets, bits=w.bits, group_size=w.group_size,
-                           config=config)
+    return lambda: tk.gemv(
+        x, w.words, scales=w.scales, offsets=w.offsets, bits=w.bits, group_size=w.group_size, config=config
+    )
 
 
 def baseline_call(entry: dict, x: torch.Tensor):
@@ -98,8 +112,11 @@ def check(device: str) -> int:
                 error = ((got - exact).norm() / exact.norm()).item()
                 ok = error < 1e-2 and torch.isfinite(got).all().item()
                 failures += not ok
-                print(f"{'PASS' if ok else 'FAIL'}  gemv {kind:9s} {name:5s} [{n}x{k}] rows {rows}: "
-                      f"error {error:.2e} of the product's norm (tol 1e-2)", flush=True)
+                print(
+                    f"{'PASS' if ok else 'FAIL'}  gemv {kind:9s} {name:5s} [{n}x{k}] rows {rows}: "
+                    f"error {error:.2e} of the product's norm (tol 1e-2)",
+                    flush=True,
+                )
     return failures
 
 
@@ -108,21 +125,25 @@ def sweep(device: str, quick: bool) -> dict[int, list[int]]:
 
     best: dict[int, list[int]] = {}
     peak = next((tbs for key, tbs in PEAK_TBS.items() if key in torch.cuda.get_device_name()), None)
-    x = torch.randn(1, I, device=device).to(torch.bfloat16)
+    x = torch.randn(1, FFN, device=device).to(torch.bfloat16)
     for kind, bits in (("bf16", 16), ("int8", 8), ("int4", 4), ("q8_0", 8), ("fp8", 0)):
         entries = {name: make(kind, n, k, device) for name, (n, k) in SHAPES.items()}
         total_bytes = sum(entries[name]["bytes"] * PER_TOKEN[name] for name in SHAPES)
 
-        def per_token(make_call) -> tuple[float, dict[str, float]]:
-            times = {name: do_bench(make_call(e, x[:, : e["dense"].shape[1]]), warmup=5, rep=25)
-                     for name, e in entries.items()}
+        def per_token(make_call, entries=entries) -> tuple[float, dict[str, float]]:
+            times = {
+                name: do_bench(make_call(e, x[:, : e["dense"].shape[1]]), warmup=5, rep=25)
+                for name, e in entries.items()
+            }
             return sum(times[name] * PER_TOKEN[name] for name in SHAPES), times
 
-        def line(label: str, ms: float, times: dict[str, float]) -> str:
-            shapes = " ".join(f"{name} {entries[name]['bytes'] / times[name] / 1e9:.0f}" for name in SHAPES)
-            of_peak = f", {total_bytes / ms / 1e9 / peak:.0%} of peak" if peak else ""
-            return (f"{kind:5s} {label:26s} {ms:6.3f} ms/token of products ({total_bytes / ms / 1e9:.2f} TB/s"
-                    f"{of_peak}); GB/s by shape: {shapes}")
+        def line(label: str, ms: float, times: dict[str, float], entries=entries, total=total_bytes, kind=kind) -> str:
+            shapes = " ".join(f"{name} {entries[name]['bytes'] / times[name] / 1e6:.0f}" for name in SHAPES)
+            of_peak = f", {total / ms / 1e9 / peak:.0%} of peak" if peak else ""
+            return (
+                f"{kind:5s} {label:26s} {ms:6.3f} ms/token of products ({total / ms / 1e9:.2f} TB/s"
+                f"{of_peak}); GB/s by shape: {shapes}"
+            )
 
         base_ms, base_times = per_token(baseline_call)
         label = {"bf16": "cuBLAS", "fp8": "torch._scaled_mm"}.get(kind, "Triton GEMM (before)")
@@ -143,7 +164,7 @@ def sweep(device: str, quick: bool) -> dict[int, list[int]]:
             results.append((ms, config, times))
             print(line(f"GEMV {config}", ms, times), flush=True)
         results.sort(key=lambda r: r[0])
-        for ms0, config0, _ in results[: 1 if quick else 2]:  # warps and pipelining around the best tiles
+        for _, config0, _ in results[: 1 if quick else 2]:  # warps and pipelining around the best tiles
             for warps, stages in ((8, 3), (4, 1), (4, 4), (2, 3)):
                 config = (config0[0], config0[1], warps, stages)
                 try:
@@ -158,11 +179,15 @@ def sweep(device: str, quick: bool) -> dict[int, list[int]]:
         print(f"BEST {kind}: GEMV {config} {ms:.3f} ms/token of products, {base_ms / ms:.2f}x {label}", flush=True)
         best.setdefault(bits, list(config))  # int8 per row and Q8_0 share bits 8: the first (int8) wins
         for rows in (2, 4):
-            xr = torch.randn(rows, I, device=device).to(torch.bfloat16)
-            g = sum(do_bench(gemv_call(e, xr[:, : e["dense"].shape[1]], config), warmup=5, rep=25) * PER_TOKEN[n]
-                    for n, e in entries.items())
-            b = sum(do_bench(baseline_call(e, xr[:, : e["dense"].shape[1]]), warmup=5, rep=25) * PER_TOKEN[n]
-                    for n, e in entries.items())
+            xr = torch.randn(rows, FFN, device=device).to(torch.bfloat16)
+            g = sum(
+                do_bench(gemv_call(e, xr[:, : e["dense"].shape[1]], config), warmup=5, rep=25) * PER_TOKEN[n]
+                for n, e in entries.items()
+            )
+            b = sum(
+                do_bench(baseline_call(e, xr[:, : e["dense"].shape[1]]), warmup=5, rep=25) * PER_TOKEN[n]
+                for n, e in entries.items()
+            )
             print(f"{kind:5s} rows {rows}: GEMV {g:.3f} ms/token of products, {label} {b:.3f}", flush=True)
         del entries
         torch.cuda.empty_cache()
@@ -173,11 +198,12 @@ def decode_chain(device: str, configs: dict[int, list[int]]) -> None:
     """The projections of a whole decode step, each layer's weights distinct, as one CUDA graph."""
     peak = next((tbs for key, tbs in PEAK_TBS.items() if key in torch.cuda.get_device_name()), None)
     for kind in ("bf16", "int8", "int4"):
-        layers = [{name: make(kind, *SHAPES[name], device) for name in ("qkv", "o", "gate_up", "down")}
-                  for _ in range(LAYERS)]
+        layers = [
+            {name: make(kind, *SHAPES[name], device) for name in ("qkv", "o", "gate_up", "down")} for _ in range(LAYERS)
+        ]
         head = make(kind, *SHAPES["head"], device)
         total = sum(e["bytes"] for layer in layers for e in layer.values()) + head["bytes"]
-        x = torch.randn(1, I, device=device).to(torch.bfloat16)
+        x = torch.randn(1, FFN, device=device).to(torch.bfloat16)
         for label, caller in (("GEMV", gemv_call), ("before", baseline_call)):
             calls = [caller(e, x[:, : e["dense"].shape[1]]) for layer in layers for e in layer.values()]
             calls.append(caller(head, x[:, :H]))
@@ -196,8 +222,11 @@ def decode_chain(device: str, configs: dict[int, list[int]]) -> None:
             torch.cuda.synchronize()
             ms = (time.perf_counter() - start) / 20 * 1e3
             of_peak = f" = {total / ms / 1e9 / peak:.0%} of the {peak} TB/s peak" if peak else ""
-            print(f"CHAIN {kind:5s} {label:6s}: {LAYERS} layers + head, {total / 1e9:.2f} GB, {ms:.3f} ms/token, "
-                  f"{total / ms / 1e9:.2f} TB/s{of_peak}", flush=True)
+            print(
+                f"CHAIN {kind:5s} {label:6s}: {LAYERS} layers + head, {total / 1e9:.2f} GB, {ms:.3f} ms/token, "
+                f"{total / ms / 1e9:.2f} TB/s{of_peak}",
+                flush=True,
+            )
             del graph
         del layers, head
         torch.cuda.empty_cache()

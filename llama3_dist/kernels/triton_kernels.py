@@ -935,7 +935,7 @@ def _gemv_kernel(
         else:
             rk = k0 + tl.arange(0, BLOCK_K)
             w = tl.load(w_rows + rk[None, :], mask=n_mask[:, None] & (rk < K)[None, :], other=0)
-            if BITS == 8:  # -128..127 shifted to 0..255 and back
+            if BITS == 8:  # noqa: SIM108 (-128..127 shifted to 0..255 and back; a compile-time branch)
                 w = _small_int_to_float(w.to(tl.int32) + 128, 128)
             else:
                 w = w.to(tl.float32)
