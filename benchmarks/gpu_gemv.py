@@ -105,7 +105,7 @@ def check(device: str) -> int:
     for kind in ("bf16", "int8", "q8_0", "int4", "int4-g128"):
         for name, (n, k) in [("odd", (70, 1000)), ("down", SHAPES["down"]), ("qkv", SHAPES["qkv"])]:
             entry = make(kind, n, k, device)
-            for rows in (1, 2, 3, 4):
+            for rows in (1, 2, 3, 4) if name == "odd" else (1, 4):
                 x = torch.randn(rows, k, device=device).to(torch.bfloat16)
                 got = gemv_call(entry, x)().float()
                 exact = x.float() @ entry["dense"].T
@@ -126,7 +126,7 @@ def sweep(device: str, quick: bool) -> dict[int, list[int]]:
     best: dict[int, list[int]] = {}
     peak = next((tbs for key, tbs in PEAK_TBS.items() if key in torch.cuda.get_device_name()), None)
     x = torch.randn(1, FFN, device=device).to(torch.bfloat16)
-    for kind, bits in (("bf16", 16), ("int8", 8), ("int4", 4), ("q8_0", 8), ("fp8", 0)):
+    for kind, bits in (("bf16", 16), ("int8", 8), ("int4", 4), ("fp8", 0)):
         entries = {name: make(kind, n, k, device) for name, (n, k) in SHAPES.items()}
         total_bytes = sum(entries[name]["bytes"] * PER_TOKEN[name] for name in SHAPES)
 
@@ -145,9 +145,13 @@ def sweep(device: str, quick: bool) -> dict[int, list[int]]:
                 f"{of_peak}); GB/s by shape: {shapes}"
             )
 
-        base_ms, base_times = per_token(baseline_call)
         label = {"bf16": "cuBLAS", "fp8": "torch._scaled_mm"}.get(kind, "Triton GEMM (before)")
-        print(line(label, base_ms, base_times), flush=True)
+        try:
+            base_ms, base_times = per_token(baseline_call)
+            print(line(label, base_ms, base_times), flush=True)
+        except Exception as e:
+            print(f"{kind:5s} {label} failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
+            base_ms = float("nan")
         if kind == "fp8":
             continue
         results = []
@@ -164,8 +168,8 @@ def sweep(device: str, quick: bool) -> dict[int, list[int]]:
             results.append((ms, config, times))
             print(line(f"GEMV {config}", ms, times), flush=True)
         results.sort(key=lambda r: r[0])
-        for _, config0, _ in results[: 1 if quick else 2]:  # warps and pipelining around the best tiles
-            for warps, stages in ((8, 3), (4, 1), (4, 4), (2, 3)):
+        for _, config0, _ in results[:1]:  # warps and pipelining around the best tiles
+            for warps, stages in ((8, 3), (4, 1), (4, 4)):
                 config = (config0[0], config0[1], warps, stages)
                 try:
                     ms, times = per_token(lambda e, xx, c=config: gemv_call(e, xx, c))
@@ -198,38 +202,45 @@ def decode_chain(device: str, configs: dict[int, list[int]]) -> None:
     """The projections of a whole decode step, each layer's weights distinct, as one CUDA graph."""
     peak = next((tbs for key, tbs in PEAK_TBS.items() if key in torch.cuda.get_device_name()), None)
     for kind in ("bf16", "int8", "int4"):
-        layers = [
-            {name: make(kind, *SHAPES[name], device) for name in ("qkv", "o", "gate_up", "down")} for _ in range(LAYERS)
-        ]
-        head = make(kind, *SHAPES["head"], device)
-        total = sum(e["bytes"] for layer in layers for e in layer.values()) + head["bytes"]
-        x = torch.randn(1, FFN, device=device).to(torch.bfloat16)
-        for label, caller in (("GEMV", gemv_call), ("before", baseline_call)):
-            calls = [caller(e, x[:, : e["dense"].shape[1]]) for layer in layers for e in layer.values()]
-            calls.append(caller(head, x[:, :H]))
-            for call in calls:  # compile and warm up outside the capture
-                call()
-            torch.cuda.synchronize()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                for call in calls:
-                    call()
-            graph.replay()
-            torch.cuda.synchronize()
-            start = time.perf_counter()
-            for _ in range(20):
-                graph.replay()
-            torch.cuda.synchronize()
-            ms = (time.perf_counter() - start) / 20 * 1e3
-            of_peak = f" = {total / ms / 1e9 / peak:.0%} of the {peak} TB/s peak" if peak else ""
-            print(
-                f"CHAIN {kind:5s} {label:6s}: {LAYERS} layers + head, {total / 1e9:.2f} GB, {ms:.3f} ms/token, "
-                f"{total / ms / 1e9:.2f} TB/s{of_peak}",
-                flush=True,
-            )
-            del graph
-        del layers, head
+        try:
+            chain(kind, device, peak)
+        except Exception as e:  # report and go on: the other kinds' figures still count
+            print(f"CHAIN {kind} failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
         torch.cuda.empty_cache()
+
+
+def chain(kind: str, device: str, peak: float | None) -> None:
+    """One kind's chain: the GEMV, then what decode ran before it."""
+    layers = [
+        {name: make(kind, *SHAPES[name], device) for name in ("qkv", "o", "gate_up", "down")} for _ in range(LAYERS)
+    ]
+    head = make(kind, *SHAPES["head"], device)
+    total = sum(e["bytes"] for layer in layers for e in layer.values()) + head["bytes"]
+    x = torch.randn(1, FFN, device=device).to(torch.bfloat16)
+    for label, caller in (("GEMV", gemv_call), ("before", baseline_call)):
+        calls = [caller(e, x[:, : e["dense"].shape[1]]) for layer in layers for e in layer.values()]
+        calls.append(caller(head, x[:, :H]))
+        for call in calls:  # compile and warm up outside the capture
+            call()
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for call in calls:
+                call()
+        graph.replay()
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(20):
+            graph.replay()
+        torch.cuda.synchronize()
+        ms = (time.perf_counter() - start) / 20 * 1e3
+        of_peak = f" = {total / ms / 1e9 / peak:.0%} of the {peak} TB/s peak" if peak else ""
+        print(
+            f"CHAIN {kind:5s} {label:6s}: {LAYERS} layers + head, {total / 1e9:.2f} GB, {ms:.3f} ms/token, "
+            f"{total / ms / 1e9:.2f} TB/s{of_peak}",
+            flush=True,
+        )
+        del graph
 
 
 def main() -> int:
