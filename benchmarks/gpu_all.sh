@@ -26,15 +26,15 @@ step() {
     git log -1 --format='commit %h %s' 2>/dev/null
     nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
     python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
-    step 200 python3 benchmarks/gpu_gemv.py --write-configs "$OUT/gemv-configs.json"
+    step 170 python3 benchmarks/gpu_gemv.py --write-configs "$OUT/gemv-configs.json"
     if [ -s "$OUT/gemv-configs.json" ]; then
         LLAMA3_DIST_GEMV_CONFIGS="$(cat "$OUT/gemv-configs.json")"
         export LLAMA3_DIST_GEMV_CONFIGS
         echo "# LLAMA3_DIST_GEMV_CONFIGS=$LLAMA3_DIST_GEMV_CONFIGS"
     fi
-    step 220 python3 benchmarks/gpu_bench.py --models 8b --modes graphs,no-gemv,eager --quantizations int8,int4,fp8
-    step 60 python3 benchmarks/gpu_check.py
-    step 60 python3 benchmarks/gpu_bench.py --models 284m --modes graphs,no-gemv
-    step 90 python3 -m pytest -q -x -p no:cacheprovider tests/kernels/test_kernels.py
-    step 40 python3 benchmarks/gpu_profile.py
+    step 190 python3 benchmarks/gpu_bench.py --models 8b --modes graphs,no-gemv,eager --quantizations int8,int4,fp8
+    step 50 python3 benchmarks/gpu_check.py
+    step 45 python3 benchmarks/gpu_bench.py --models 284m --modes graphs,no-gemv
+    step 70 python3 -m pytest -q -x -p no:cacheprovider tests/kernels/test_kernels.py
+    step 30 python3 benchmarks/gpu_profile.py
 } 2>&1 | tee "$OUT/gpu-all.log"
