@@ -175,9 +175,10 @@ class Kernels:
     fp8_linear: Callable[..., torch.Tensor] = reference.fp8_linear
     # Group-quantized weights (reference.GroupQuantized: int4, GGUF Q8_0/Q4_0/Q4_1): pack_grouped
     # puts one in these kernels' layout at load, grouped_linear(x, packed, bias) multiplies.
-    # runs_grouped: whether they multiply without dequantizing (the CPU library, the Triton GEMM);
-    # the torch reference dequantizes per call (correct, not fast), so there stored GGUF types are
-    # dequantized at load instead.
+    # runs_grouped: whether these kernels keep such weights as stored (the CPU library; the Triton
+    # GEMV, which larger batches on GPUs reach through one dequantizing pass per call); the torch
+    # reference dequantizes with several torch operations per call (correct, not fast), so there
+    # stored GGUF types are dequantized at load instead.
     pack_grouped: Callable[..., Any] = _as_stored
     # pack_grouped for the LM head, whose logits pick the token: never x rounded to int8.
     pack_head: Callable[..., Any] = _as_stored
@@ -198,8 +199,8 @@ class Kernels:
 
 
 @functools.cache
-def quantized_gemm_works(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether the Triton GEMM over quantized weights gives the reference's product on `device`,
+def quantized_kernels_work(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether the Triton kernels over quantized weights give the reference's product on `device`,
     tried once per device and dtype on a small problem (4 and 8 bits, the GEMV's one row and the
     GEMM's many). On hardware where it fails to compile or
     disagrees, quantized weights take the torch reference instead (dequantized per call: correct,
@@ -222,8 +223,8 @@ def quantized_gemm_works(device: torch.device, dtype: torch.dtype) -> bool:
         return True
     except Exception as e:  # any failure of an untried kernel on this device: keep the model correct
         logging.getLogger("llama3_dist").warning(
-            "quantized weights on %s run the torch reference (dequantized per call, slower): the Triton GEMM "
-            "over quantized weights failed its check there: %s: %s",
+            "quantized weights on %s run the torch reference (dequantized per call, slower): the Triton "
+            "kernels over quantized weights failed their check there: %s: %s",
             device,
             type(e).__name__,
             e,
@@ -244,18 +245,15 @@ def select(device: torch.device | str, dtype: torch.dtype) -> Kernels:
     integer_gemv = isinstance(impl, cpu.KernelLibrary) and dtype == torch.bfloat16 and impl.integer_dot
     if isinstance(impl, ModuleType) and impl.__name__.endswith("triton_kernels"):
         triton_kernels = {name: getattr(impl, name) for name in TRITON_KERNELS}
-        # Decode's few rows take the Triton GEMV (dense weights too, on GPUs: cuBLAS splits a
-        # one-row product into split-K partials and a reduction); LLAMA3_DIST_GEMV=0 keeps cuBLAS
-        # and the Triton GEMM for every row count.
+        # Decode's few rows take the Triton GEMV (dense weights one row only, on GPUs: cuBLAS
+        # splits a one-row product into split-K partials and a reduction); LLAMA3_DIST_GEMV=0
+        # keeps cuBLAS for every row count (quantized weights then dequantize per call).
         gemv_rows = impl.GEMV_MAX_ROWS if os.environ.get("LLAMA3_DIST_GEMV", "1") != "0" else 0
-        linear = (
-            functools.partial(impl.linear, gemv_rows=gemv_rows)
-            if probe.is_cuda and gemv_rows
-            else _linear_for(probe, mode)
-        )
-        if quantized_gemm_works(probe.device, dtype):
-            # CUDA (or Triton's interpreter): quantized weights stay in their integers, dequantized
-            # in registers by the Triton GEMV and GEMM (GGUF Q8_0 / Q4_0 / Q4_1 kept as stored too).
+        linear = impl.linear if probe.is_cuda and gemv_rows else _linear_for(probe, mode)
+        if quantized_kernels_work(probe.device, dtype):
+            # CUDA (or Triton's interpreter): quantized weights stay in their integers (GGUF Q8_0 /
+            # Q4_0 / Q4_1 as stored too), dequantized in registers by the GEMV for decode's rows,
+            # into a scratch for cuBLAS for more.
             return Kernels(
                 **triton_kernels,
                 linear=linear,

@@ -763,9 +763,14 @@ def prefill_attention(
 
 
 # --------------------------------------------------------------------------------------------
-# Weight-only quantized linear layers: w8a16 (int8, a scale per row) and w4a16 (4 bits, a scale
-# and offset per group of input features; GGUF Q8_0 / Q4_0 / Q4_1 too). The weights stay in
-# their integers in memory and are dequantized in registers, tile by tile, before each dot.
+# Linear layers: w8a16 (int8, a scale per row), w4a16 (4 bits, a scale and offset per group of
+# input features; GGUF Q8_0 / Q4_0 / Q4_1 too) and dense weights. The weights stay in their
+# integers in memory. Decode's few rows multiply them in the GEMV below, dequantized in
+# registers; more rows (large batches, prompts) dequantize each weight into a scratch of x's
+# dtype in one pass and hand it to cuBLAS. Measured on an H200 (benchmarks/results/
+# h200-gpu-run3.log), the Triton GEMM that dequantized tile by tile before each dot, which this
+# replaced, ran a batch-64 step of the 8B-shaped model in 36 ms (int8) and 302 ms (int4)
+# against bfloat16's 5.6 ms: at 16 to 64 rows it read the weights at 0.03-0.24 TB/s.
 
 
 @dataclass(frozen=True)
@@ -799,65 +804,6 @@ def pack_grouped(weight: reference.GroupQuantized) -> TritonGroupWeights:
     return TritonGroupWeights(words.contiguous(), scales, offsets, weight.bits, weight.group_size, k)
 
 
-@triton.jit
-def _grouped_linear_kernel(
-    x_ptr,
-    w_ptr,
-    scale_ptr,
-    offset_ptr,
-    bias_ptr,
-    out_ptr,
-    M,
-    N,
-    K,
-    group_size,
-    stride_xm,
-    stride_wn,
-    stride_sn,
-    stride_om,
-    BITS: tl.constexpr,
-    HAS_OFFSET: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    UPCAST: tl.constexpr,
-    PRECISION: tl.constexpr,
-):
-    """out[M, N] = x[M, K] @ dequantize(w)[N, K].T (+ bias): each weight tile dequantized in
-    float32 and rounded once to x's dtype (what reference.dequantize(w, x.dtype) holds), float32
-    accumulation, one rounding of the result."""
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_mask = rm < M
-    n_mask = rn < N
-    x_rows = x_ptr + rm[:, None].to(tl.int64) * stride_xm
-    w_rows = rn[:, None].to(tl.int64) * stride_wn
-    s_rows = rn[:, None].to(tl.int64) * stride_sn
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        rk = k0 + tl.arange(0, BLOCK_K)
-        k_mask = rk < K
-        x = tl.load(x_rows + rk[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-        w_mask = n_mask[:, None] & k_mask[None, :]
-        if BITS == 4:
-            byte = tl.load(w_ptr + w_rows + rk[None, :] // 2, mask=w_mask, other=0).to(tl.int32)
-            q = ((byte >> ((rk[None, :] % 2) * 4)) & 15).to(tl.float32)
-        else:
-            q = tl.load(w_ptr + w_rows + rk[None, :], mask=w_mask, other=0).to(tl.float32)
-        group = rk[None, :] // group_size
-        w = q * tl.load(scale_ptr + s_rows + group, mask=w_mask, other=0.0).to(tl.float32)
-        if HAS_OFFSET:
-            w += tl.load(offset_ptr + s_rows + group, mask=w_mask, other=0.0).to(tl.float32)
-        acc += _dot(x, tl.trans(_cast(w, x_ptr.dtype.element_ty)), UPCAST, PRECISION)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-    out = out_ptr + rm[:, None].to(tl.int64) * stride_om + rn[None, :]
-    tl.store(out, _cast(acc, out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
-
-
 # Decode steps multiply a few rows by every weight once: a GEMM's tiles of 16+ rows then waste the
 # tensor cores and, worse, split N into too few programs to keep HBM busy. The GEMV below gives each
 # program BLOCK_N weight rows over the whole of K (no split-K partial sums to reduce) and walks the
@@ -866,10 +812,14 @@ def _grouped_linear_kernel(
 # rounded to x's dtype as reference.dequantize does (nor as the GEMM below does): a group's sums
 # are scaled in float32, so the GEMV's product is the closer of the two to the exact one.
 GEMV_MAX_ROWS = 4
+# Dense weights: cuBLAS is as fast from 2 rows on (one row: equal on the 8B-shaped projections as
+# one graph, but the GEMV needs no split-K reduction kernels, which saves launches; 2 and 4 rows:
+# cuBLAS 5.1 ms a token's projections against the GEMV's 6.1 and 8.8).
+DENSE_GEMV_MAX_ROWS = 1
 # (BLOCK_N, BLOCK_K, num_warps, num_stages) by bit width; chosen by benchmarks/gpu_gemv.py on an
 # H200 (see benchmarks/results/): small BLOCK_N so even a 4096-row projection has hundreds of
 # programs. LLAMA3_DIST_GEMV_CONFIGS (JSON: {"16": [16, 512, 4, 3], ...}) overrides them, for tuning.
-GEMV_CONFIGS: dict[int, tuple[int, int, int, int]] = {16: (16, 512, 4, 3), 8: (16, 1024, 4, 3), 4: (16, 1024, 4, 3)}
+GEMV_CONFIGS: dict[int, tuple[int, int, int, int]] = {16: (4, 1024, 4, 3), 8: (8, 1024, 4, 3), 4: (8, 1024, 4, 1)}
 if os.environ.get("LLAMA3_DIST_GEMV_CONFIGS"):
     GEMV_CONFIGS.update(
         {int(bits): tuple(config) for bits, config in json.loads(os.environ["LLAMA3_DIST_GEMV_CONFIGS"]).items()}
@@ -1027,57 +977,85 @@ def gemv(
     return out.reshape(*x.shape[:-1], n)
 
 
-def _quantized_linear(
-    x: torch.Tensor,
+@triton.jit
+def _dequantize_kernel(
+    w_ptr,
+    scale_ptr,
+    offset_ptr,
+    out_ptr,
+    N,
+    K,
+    stride_wn,
+    stride_sn,
+    stride_on,
+    BITS: tl.constexpr,
+    GROUP: tl.constexpr,
+    HAS_OFFSET: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """out[n, k] = w[n, k] * scale (+ offset), rounded once to out's dtype: reference.dequantize
+    (GROUP 0: int8 weights with a float32 scale per row)."""
+    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask = (rn < N)[:, None] & (rk < K)[None, :]
+    w_rows = w_ptr + rn[:, None].to(tl.int64) * stride_wn
+    s_rows = scale_ptr + rn[:, None].to(tl.int64) * stride_sn
+    if BITS == 4:
+        byte = tl.load(w_rows + rk[None, :] // 2, mask=mask, other=0).to(tl.int32)
+        w = _small_int_to_float((byte >> ((rk[None, :] % 2) * 4)) & 15, 0)
+    else:
+        w = _small_int_to_float(tl.load(w_rows + rk[None, :], mask=mask, other=0).to(tl.int32) + 128, 128)
+    if GROUP > 0:
+        group = rk[None, :] // GROUP
+        w *= tl.load(s_rows + group, mask=mask, other=0.0).to(tl.float32)
+        if HAS_OFFSET:
+            w += tl.load(offset_ptr + rn[:, None].to(tl.int64) * stride_sn + group, mask=mask, other=0.0).to(tl.float32)
+    else:
+        w *= tl.load(s_rows, mask=rn[:, None] < N, other=0.0).to(tl.float32)
+    out = out_ptr + rn[:, None].to(tl.int64) * stride_on + rk[None, :]
+    tl.store(out, _cast(w, out_ptr.dtype.element_ty), mask=mask)
+
+
+def _dequantized(
     words: torch.Tensor,
     scales: torch.Tensor,
     offsets: torch.Tensor | None,
     bits: int,
     group_size: int,
-    bias: torch.Tensor | None,
+    k: int,
+    dtype: torch.dtype,
 ) -> torch.Tensor:
-    n, k = words.shape[0], x.shape[-1]
-    rows = x.reshape(-1, k)
-    if rows.stride(-1) != 1:
-        rows = rows.contiguous()
-    m = rows.shape[0]
-    out = _empty((m, n), x.dtype, x.device)
-    if m and n:
-        block_m = 16 if m <= 16 else 32  # tl.dot needs 16 rows at least; decode pads to them
-        grid = (triton.cdiv(m, block_m), triton.cdiv(n, 64))
-        _grouped_linear_kernel[grid](
-            rows,
+    """The weight in `dtype` [n, k], one pass over its integers (group_size 0: a scale per row)."""
+    n = words.shape[0]
+    out = _empty((n, k), dtype, words.device)
+    if n and k:
+        block_n, block_k = 16, 256
+        _dequantize_kernel[(triton.cdiv(n, block_n), triton.cdiv(k, block_k))](
             words,
             scales,
             offsets if offsets is not None else scales,
-            bias if bias is not None else scales,
             out,
-            m,
             n,
             k,
-            group_size,
-            rows.stride(0),
             words.stride(0),
             scales.stride(0),
             out.stride(0),
             BITS=bits,
+            GROUP=group_size,
             HAS_OFFSET=offsets is not None,
-            HAS_BIAS=bias is not None,
-            BLOCK_M=block_m,
-            BLOCK_N=64,
-            BLOCK_K=64,
-            UPCAST=_DOT_UPCAST,
-            PRECISION=_precision(x.dtype),
+            BLOCK_N=block_n,
+            BLOCK_K=block_k,
             num_warps=4,
         )
-    return out.reshape(*x.shape[:-1], n)
+    return out
 
 
 def grouped_linear(
     x: torch.Tensor, weight: TritonGroupWeights, bias: torch.Tensor | None = None, gemv_rows: int = GEMV_MAX_ROWS
 ) -> torch.Tensor:
-    """x @ dequantize(weight).T + bias with the weight dequantized in registers (reference.grouped_linear):
-    the GEMV up to `gemv_rows` rows of x, the GEMM beyond."""
+    """x @ dequantize(weight).T + bias (reference.grouped_linear): the GEMV up to `gemv_rows` rows
+    of x, the weight dequantized to x's dtype and cuBLAS beyond."""
     if x.shape[-1] != weight.k:
         raise ValueError(f"x has {x.shape[-1]} features but the weight {weight.k}")
     if x.numel() <= gemv_rows * weight.k:
@@ -1090,7 +1068,8 @@ def grouped_linear(
             bits=weight.bits,
             group_size=weight.group_size,
         )
-    return _quantized_linear(x, weight.words, weight.scales, weight.offsets, weight.bits, weight.group_size, bias)
+    dense = _dequantized(weight.words, weight.scales, weight.offsets, weight.bits, weight.group_size, weight.k, x.dtype)
+    return reference.linear(x, dense, bias)
 
 
 def int8_linear(
@@ -1106,11 +1085,11 @@ def int8_linear(
         raise ValueError(f"x has {x.shape[-1]} features but the weight {weight.shape[1]}")
     if x.numel() <= gemv_rows * weight.shape[1]:
         return gemv(x, weight, bias, scales=scale.reshape(-1, 1), bits=8)
-    return _quantized_linear(x, weight, scale.reshape(-1, 1), None, 8, max(weight.shape[1], 1), bias)
+    return reference.linear(x, _dequantized(weight, scale, None, 8, 0, weight.shape[1], x.dtype), bias)
 
 
 def linear(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, gemv_rows: int = GEMV_MAX_ROWS
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, gemv_rows: int = DENSE_GEMV_MAX_ROWS
 ) -> torch.Tensor:
     """x @ weight.T + bias for dense weights: the GEMV up to `gemv_rows` rows of x, cuBLAS beyond."""
     if x.numel() <= gemv_rows * weight.shape[1] and x.dtype == weight.dtype:

@@ -289,9 +289,10 @@ def test_int8_linear_is_the_scaled_product(dtype, m, n, k):
 
 
 @pytest.mark.parametrize("kind", ["dense", "int8", "q8_0", "int4", "int4-g128"])
-def test_decode_rows_take_the_gemv_and_equal_the_gemm(monkeypatch, kind):
-    """Up to GEMV_MAX_ROWS rows of x (decode steps) take the GEMV, more take cuBLAS / the GEMM; both
-    give the product of the dequantized weight (odd widths, partial groups and tiles, a bias)."""
+def test_decode_rows_take_the_gemv_and_equal_the_dequantized_product(monkeypatch, kind):
+    """Up to GEMV_MAX_ROWS rows of x (decode steps; one for dense weights) take the GEMV, more take
+    cuBLAS over the weight dequantized in one pass; both give the product of the dequantized
+    weight (odd widths, partial groups and tiles, a bias)."""
     n, k = 37, 300
     weight = randn(n, k)
     bias = randn(n, dtype=BF16)
@@ -323,7 +324,7 @@ def test_decode_rows_take_the_gemv_and_equal_the_gemm(monkeypatch, kind):
         # bfloat16 output: one rounding of sums of magnitude ~20 (2**-8 of them), plus the GEMM's
         # rounding of each dequantized weight to bfloat16
         torch.testing.assert_close(got, expected, rtol=2e-2, atol=0.15)
-    assert calls == [1, 2, 3, 4]  # the GEMV for decode's rows, nothing else
+    assert calls == ([1] if kind == "dense" else [1, 2, 3, 4])  # the GEMV for decode's rows, nothing else
     calls.clear()
     monkeypatch.setenv("LLAMA3_DIST_GEMV", "0")
     if kind != "dense":  # LLAMA3_DIST_GEMV=0 keeps the GEMM for every row count
@@ -335,22 +336,22 @@ def test_decode_rows_take_the_gemv_and_equal_the_gemm(monkeypatch, kind):
         assert calls == []
 
 
-def test_quantized_gemm_is_checked_before_it_is_trusted(monkeypatch, caplog):
-    """select() tries the Triton GEMM over quantized weights once per device and dtype; where it
-    fails or disagrees with the reference, quantized weights take the torch reference, with a
+def test_quantized_kernels_are_checked_before_they_are_trusted(monkeypatch, caplog):
+    """select() tries the Triton kernels over quantized weights once per device and dtype; where they
+    fail or disagree with the reference, quantized weights take the torch reference, with a
     warning that names the problem."""
-    kernels.quantized_gemm_works.cache_clear()
+    kernels.quantized_kernels_work.cache_clear()
     monkeypatch.setattr(logging.getLogger("llama3_dist"), "handlers", [caplog.handler])  # it does not propagate
     try:
-        assert kernels.quantized_gemm_works(torch.device(DEVICE), F32)
+        assert kernels.quantized_kernels_work(torch.device(DEVICE), F32)
         assert kernels.select(DEVICE, F32).runs_grouped
-        kernels.quantized_gemm_works.cache_clear()
+        kernels.quantized_kernels_work.cache_clear()
         monkeypatch.setattr(tk, "grouped_linear", lambda x, weight, bias=None: torch.zeros(x.shape[0], weight.shape[0]))
         chosen = kernels.select(DEVICE, F32)
         assert not chosen.runs_grouped and chosen.grouped_linear is ref.grouped_linear
-        assert "failed its check" in caplog.text and "differs from the reference" in caplog.text
+        assert "failed their check" in caplog.text and "differs from the reference" in caplog.text
     finally:
-        kernels.quantized_gemm_works.cache_clear()
+        kernels.quantized_kernels_work.cache_clear()
 
 
 # ------------------------------------------------------------------------------- end to end
@@ -406,8 +407,9 @@ def test_model_logits_match_torch_path(tmp_path, monkeypatch):
 @pytest.mark.slow
 @pytest.mark.parametrize("quantization", ["int8", "int4"])
 def test_quantized_model_logits_match_torch_path(tmp_path, monkeypatch, quantization):
-    """Quantized projections through the Triton GEMM (weights kept in their integers) give the
-    torch path's logits (weights dequantized per call)."""
+    """Quantized projections through the Triton kernels (weights kept in their integers: the
+    prompt's 7 rows dequantized in one pass for cuBLAS, the decode row through the GEMV) give the
+    torch path's logits (weights dequantized per call by torch operations)."""
     transformers = pytest.importorskip("transformers")
     from llama3_dist import Llama3Model, ReturnLogits, TextContext
 
@@ -430,11 +432,17 @@ def test_quantized_model_logits_match_torch_path(tmp_path, monkeypatch, quantiza
         return logits
 
     calls = []
-    monkeypatch.setattr(tk, "_quantized_linear", lambda *a, _f=tk._quantized_linear: calls.append(1) or _f(*a))
+
+    def spy(name):
+        kernel = getattr(tk, name)
+        return lambda *a, **kw: calls.append(name) or kernel(*a, **kw)
+
+    for name in ("_dequantized", "gemv"):
+        monkeypatch.setattr(tk, name, spy(name))
     expected = run("torch")
     assert not calls
     got = run("triton")
-    assert calls  # the projections took the Triton GEMM
+    assert set(calls) == {"_dequantized", "gemv"}  # the prompt's and the decode step's routes
     for g, e in zip(got, expected):
         torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-4)
 
