@@ -1,4 +1,4 @@
-"""Decode's matrix-vector products on one GPU: the Triton GEMV against cuBLAS and the Triton GEMM.
+"""Decode's matrix-vector products on one GPU: the Triton GEMV against the routes past it.
 
 For the projections of a Llama-3.1-8B-shaped model at TP=1 (fused q|k|v, o, fused gate|up, down,
 the LM head), with one to four rows of x:
@@ -7,8 +7,10 @@ the LM head), with one to four rows of x:
    groups of 32 and 128 with offsets = int4 / Q4_1) against the float32 product of the
    dequantized weight, as a fraction of the product's norm;
 2. a sweep of the GEMV's tile shapes per bit width at one row, each timed with
-   triton.testing.do_bench (L2 flushed before every call), against cuBLAS (dense), the Triton
-   GEMM it replaces for decode (quantized) and torch._scaled_mm (fp8 weights and activations);
+   triton.testing.do_bench (L2 flushed before every call), against what larger batches take:
+   cuBLAS (dense), one dequantizing pass then cuBLAS (quantized; run 3 of
+   benchmarks/results/h200-gpu-*.log measured the Triton GEMM this replaced), and
+   torch._scaled_mm (fp8 weights and activations);
 3. the decode step's projections as it runs them (32 layers of q|k|v, o, gate|up, down, then the
    head), each weight distinct so nothing stays in L2, replayed as one CUDA graph: ms per token
    and the bandwidth reached, against the bytes / the GPU's peak.
@@ -89,7 +91,7 @@ def gemv_call(entry: dict, x: torch.Tensor, config=None):
 
 
 def baseline_call(entry: dict, x: torch.Tensor):
-    """What decode ran before the GEMV: cuBLAS, the Triton GEMM, torch._scaled_mm."""
+    """The route past the GEMV: cuBLAS, one dequantizing pass then cuBLAS, torch._scaled_mm."""
     kind, w = entry["kind"], entry["w"]
     if kind == "bf16":
         return lambda: torch.nn.functional.linear(x, w)
@@ -145,7 +147,7 @@ def sweep(device: str, quick: bool) -> dict[int, list[int]]:
                 f"{of_peak}); GB/s by shape: {shapes}"
             )
 
-        label = {"bf16": "cuBLAS", "fp8": "torch._scaled_mm"}.get(kind, "Triton GEMM (before)")
+        label = {"bf16": "cuBLAS", "fp8": "torch._scaled_mm"}.get(kind, "dequantize + cuBLAS")
         try:
             base_ms, base_times = per_token(baseline_call)
             print(line(label, base_ms, base_times), flush=True)
@@ -210,14 +212,14 @@ def decode_chain(device: str, configs: dict[int, list[int]]) -> None:
 
 
 def chain(kind: str, device: str, peak: float | None) -> None:
-    """One kind's chain: the GEMV, then what decode ran before it."""
+    """One kind's chain: the GEMV, then the route past it."""
     layers = [
         {name: make(kind, *SHAPES[name], device) for name in ("qkv", "o", "gate_up", "down")} for _ in range(LAYERS)
     ]
     head = make(kind, *SHAPES["head"], device)
     total = sum(e["bytes"] for layer in layers for e in layer.values()) + head["bytes"]
     x = torch.randn(1, FFN, device=device).to(torch.bfloat16)
-    for label, caller in (("GEMV", gemv_call), ("before", baseline_call)):
+    for label, caller in (("GEMV", gemv_call), ("other", baseline_call)):
         calls = [caller(e, x[:, : e["dense"].shape[1]]) for layer in layers for e in layer.values()]
         calls.append(caller(head, x[:, :H]))
         for call in calls:  # compile and warm up outside the capture
