@@ -170,16 +170,19 @@ def sweep(device: str, quick: bool) -> dict[int, list[int]]:
             results.append((ms, config, times))
             print(line(f"GEMV {config}", ms, times), flush=True)
         results.sort(key=lambda r: r[0])
-        for _, config0, _ in results[:1]:  # warps and pipelining around the best tiles
-            for warps, stages in ((8, 3), (4, 1), (4, 4)):
-                config = (config0[0], config0[1], warps, stages)
-                try:
-                    ms, times = per_token(lambda e, xx, c=config: gemv_call(e, xx, c))
-                except Exception as e:
-                    print(f"{kind:5s} GEMV {config} failed: {type(e).__name__}: {str(e)[:120]}", flush=True)
-                    continue
-                results.append((ms, config, times))
-                print(line(f"GEMV {config}", ms, times), flush=True)
+        variants = [  # warps and pipelining around the best tiles
+            (c[0], c[1], warps, stages) for _, c, _ in results[:1] for warps, stages in ((8, 3), (4, 1), (4, 4))
+        ]
+        if bits == 4:  # nibbles joined in registers (x read contiguously) on the three best tiles
+            variants += [(c[0], c[1], 4, stages, 1) for _, c, _ in results[:3] for stages in (1, 3)]
+        for config in variants:
+            try:
+                ms, times = per_token(lambda e, xx, c=config: gemv_call(e, xx, c))
+            except Exception as e:
+                print(f"{kind:5s} GEMV {config} failed: {type(e).__name__}: {str(e)[:120]}", flush=True)
+                continue
+            results.append((ms, config, times))
+            print(line(f"GEMV {config}", ms, times), flush=True)
         results.sort(key=lambda r: r[0])
         ms, config, times = results[0]
         print(f"BEST {kind}: GEMV {config} {ms:.3f} ms/token of products, {base_ms / ms:.2f}x {label}", flush=True)

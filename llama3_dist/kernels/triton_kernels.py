@@ -816,10 +816,10 @@ GEMV_MAX_ROWS = 4
 # one graph, but the GEMV needs no split-K reduction kernels, which saves launches; 2 and 4 rows:
 # cuBLAS 5.1 ms a token's projections against the GEMV's 6.1 and 8.8).
 DENSE_GEMV_MAX_ROWS = 1
-# (BLOCK_N, BLOCK_K, num_warps, num_stages) by bit width; chosen by benchmarks/gpu_gemv.py on an
-# H200 (see benchmarks/results/): small BLOCK_N so even a 4096-row projection has hundreds of
+# (BLOCK_N, BLOCK_K, num_warps, num_stages[, JOIN]) by bit width; chosen by benchmarks/gpu_gemv.py
+# on an H200 (see benchmarks/results/): small BLOCK_N so even a 4096-row projection has hundreds of
 # programs. LLAMA3_DIST_GEMV_CONFIGS (JSON: {"16": [16, 512, 4, 3], ...}) overrides them, for tuning.
-GEMV_CONFIGS: dict[int, tuple[int, int, int, int]] = {16: (4, 1024, 4, 3), 8: (8, 1024, 4, 3), 4: (8, 1024, 4, 1)}
+GEMV_CONFIGS: dict[int, tuple[int, ...]] = {16: (4, 1024, 4, 3), 8: (8, 1024, 4, 3), 4: (8, 1024, 4, 1)}
 if os.environ.get("LLAMA3_DIST_GEMV_CONFIGS"):
     GEMV_CONFIGS.update(
         {int(bits): tuple(config) for bits, config in json.loads(os.environ["LLAMA3_DIST_GEMV_CONFIGS"]).items()}
@@ -857,6 +857,7 @@ def _gemv_kernel(
     HAS_BIAS: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    JOIN: tl.constexpr,
 ):
     """out[m, n] = sum_k x[m, k] * w[n, k] (+ bias[n]) for m < ROWS, float32 sums.
 
@@ -864,7 +865,11 @@ def _gemv_kernel(
     per group of GROUP columns, ROW_SCALE a float32 scale per row (int8 weights). BITS 4: two
     values a byte (even column in the low nibble), a scale and offset per group. A group's
     products are summed before its scale multiplies them, and its offset multiplies the group's
-    sum of x, so the per-weight work is one convert and one multiply-add."""
+    sum of x, so the per-weight work is one convert and one multiply-add. JOIN (4 bits): the two
+    nibbles of each byte are interleaved back into one row of columns in registers, so x is read
+    contiguously, instead of reading x's even and odd columns apart (stride-2 loads: on an H200
+    the 4-bit GEMV without JOIN reads the weights at 1 TB/s, bound by instructions, not memory;
+    JOIN awaits its measurement there)."""
     pid = tl.program_id(0)
     rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = rn < N
@@ -874,7 +879,8 @@ def _gemv_kernel(
     acc = tl.zeros((ROWS_P2, BLOCK_N), dtype=tl.float32)
     HALF: tl.constexpr = BLOCK_K // 2
     GROUPS: tl.constexpr = BLOCK_K // GROUP if GROUP > 0 else 1
-    PER_GROUP: tl.constexpr = GROUP // 2 if BITS == 4 else GROUP  # products per group in a tile row
+    SPLIT: tl.constexpr = BITS == 4 and not JOIN  # a 4-bit tile as even and odd columns apart
+    PER_GROUP: tl.constexpr = GROUP // 2 if SPLIT else GROUP  # products per group in a tile row
     for k0 in range(0, K, BLOCK_K):
         if BITS == 4:
             pair = k0 // 2 + tl.arange(0, HALF)  # byte index: columns 2 * pair and 2 * pair + 1
@@ -882,6 +888,9 @@ def _gemv_kernel(
             byte = byte.to(tl.int32)
             low = _small_int_to_float(byte & 15, 0)
             high = _small_int_to_float(byte >> 4, 0)
+            if JOIN:
+                rk = k0 + tl.arange(0, BLOCK_K)
+                w = tl.reshape(tl.join(low, high), (BLOCK_N, BLOCK_K))
         else:
             rk = k0 + tl.arange(0, BLOCK_K)
             w = tl.load(w_rows + rk[None, :], mask=n_mask[:, None] & (rk < K)[None, :], other=0)
@@ -897,7 +906,7 @@ def _gemv_kernel(
                 offset = tl.load(offset_ptr + s_rows + group[None, :], mask=g_mask, other=0.0).to(tl.float32)
         for m in tl.static_range(ROWS):
             x_row = x_ptr + m * stride_xm
-            if BITS == 4:
+            if SPLIT:
                 x_even = tl.load(x_row + 2 * pair, mask=2 * pair < K, other=0.0).to(tl.float32)
                 x_odd = tl.load(x_row + 2 * pair + 1, mask=2 * pair + 1 < K, other=0.0).to(tl.float32)
                 products = low * x_even[None, :] + high * x_odd[None, :]
@@ -932,7 +941,7 @@ def gemv(
     offsets: torch.Tensor | None = None,
     bits: int = 16,
     group_size: int = 0,
-    config: tuple[int, int, int, int] | None = None,
+    config: tuple[int, ...] | None = None,
 ) -> torch.Tensor:
     """x @ w.T (+ bias) for at most GEMV_MAX_ROWS rows of x (decode steps), w dense (bits 16) or
     in TritonGroupWeights' layout (bits 8/4 with `scales`, `offsets`, `group_size`; group_size 0
@@ -946,7 +955,7 @@ def gemv(
         raise ValueError(f"gemv takes at most {GEMV_MAX_ROWS} rows, got {m}")
     out = _empty((m, n), x.dtype, x.device)
     if m and n:
-        block_n, block_k, warps, stages = config or GEMV_CONFIGS[bits]
+        block_n, block_k, warps, stages, *variant = config or GEMV_CONFIGS[bits]
         if group_size:
             block_k = max(block_k, group_size)  # whole groups per tile (group sizes are powers of two)
         _gemv_kernel[(triton.cdiv(n, block_n),)](
@@ -971,6 +980,7 @@ def gemv(
             HAS_BIAS=bias is not None,
             BLOCK_N=block_n,
             BLOCK_K=block_k,
+            JOIN=bits == 4 and bool(variant and variant[0]),
             num_warps=warps,
             num_stages=stages,
         )

@@ -325,6 +325,13 @@ def test_decode_rows_take_the_gemv_and_equal_the_dequantized_product(monkeypatch
         # rounding of each dequantized weight to bfloat16
         torch.testing.assert_close(got, expected, rtol=2e-2, atol=0.15)
     assert calls == ([1] if kind == "dense" else [1, 2, 3, 4])  # the GEMV for decode's rows, nothing else
+    if kind.startswith("int4"):  # the GEMV's other 4-bit variant: nibbles joined in registers
+        x = randn(3, k, dtype=BF16)
+        for join in (0, 1):
+            config = (8, 256, 4, 3, join)
+            got = tk.gemv(x, packed.words, bias, scales=packed.scales, offsets=packed.offsets, bits=4,
+                          group_size=packed.group_size, config=config)  # fmt: skip
+            torch.testing.assert_close(got.float(), x.float() @ exact.T + bias.float(), rtol=2e-2, atol=0.15)
     calls.clear()
     monkeypatch.setenv("LLAMA3_DIST_GEMV", "0")
     if kind != "dense":  # LLAMA3_DIST_GEMV=0 keeps the GEMM for every row count
