@@ -169,7 +169,7 @@ MODES = {  # the engine's defaults on one GPU (CUDA graphs, overlapped schedulin
     "graphs": dict(async_scheduling=True),
     "graphs, no overlap": dict(async_scheduling=False),
     "eager": dict(enforce_eager=True, async_scheduling=True),
-    # decode's products through cuBLAS and the Triton GEMM instead of the Triton GEMV
+    # one-row products through cuBLAS (and quantized ones through the dequantizing pass) instead of the GEMV
     "graphs, no GEMV": dict(async_scheduling=True),
 }
 MODE_NAMES = {"graphs": "graphs", "no-overlap": "graphs, no overlap", "eager": "eager", "no-gemv": "graphs, no GEMV"}

@@ -199,32 +199,42 @@ class Kernels:
 
 
 @functools.cache
-def quantized_kernels_work(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether the Triton kernels over quantized weights give the reference's product on `device`,
-    tried once per device and dtype on a small problem (4 and 8 bits, the GEMV's one row and the
-    GEMM's many). On hardware where it fails to compile or
-    disagrees, quantized weights take the torch reference instead (dequantized per call: correct,
-    slower), with a warning, rather than a failed or wrong model."""
+def linear_kernels_work(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether the Triton linear kernels (the GEMV over dense, int8 and group-quantized weights,
+    the dequantizing pass for more rows) give the exact product on `device` within `dtype`'s
+    rounding, tried once per device and dtype on a small problem. On hardware where they fail to
+    compile or disagree, the model takes cuBLAS for dense weights and the torch reference for
+    quantized ones (dequantized per call: correct, slower), with a warning, rather than a failed
+    or wrong model."""
     from . import triton_kernels
 
     try:
         generator = torch.Generator().manual_seed(0)
         weight = torch.randn(48, 96, generator=generator)
-        weights = [reference.quantize_int4(weight, 32).to(device), reference.quantize_int8_groups(weight).to(device)]
+        grouped = [reference.quantize_int4(weight, 32), reference.quantize_int8_groups(weight)]
+        values, scale = reference.quantize_int8(weight)
         for x_rows in (1, 20):
             x = torch.randn(x_rows, 96, generator=generator).to(device=device, dtype=dtype)
-            for grouped in weights:
-                got = triton_kernels.grouped_linear(x, triton_kernels.pack_grouped(grouped))
-                expected = reference.grouped_linear(x, grouped)
-                if not torch.allclose(got.float(), expected.float(), rtol=2e-2, atol=2e-2):
-                    raise RuntimeError(
-                        f"differs from the reference by {(got.float() - expected.float()).abs().max():.3g}"
-                    )
+            products = [
+                (triton_kernels.linear(x, weight.to(device, dtype)), weight.to(dtype).float()),
+                (
+                    triton_kernels.int8_linear(x, values.to(device), scale.to(device)),
+                    values.float() * scale[:, None],
+                ),
+            ]
+            for g in grouped:
+                packed = triton_kernels.pack_grouped(g.to(device))
+                products.append((triton_kernels.grouped_linear(x, packed), reference.dequantize(g)))
+            for got, dense in products:
+                exact = x.float() @ dense.to(device).T
+                error = float((got.float() - exact).norm() / exact.norm())
+                if not error < 1e-2:  # bfloat16's rounding of the result: ~2e-3 of its norm
+                    raise RuntimeError(f"differs from the exact product by {error:.3g} of its norm")
         return True
     except Exception as e:  # any failure of an untried kernel on this device: keep the model correct
         logging.getLogger("llama3_dist").warning(
-            "quantized weights on %s run the torch reference (dequantized per call, slower): the Triton "
-            "kernels over quantized weights failed their check there: %s: %s",
+            "linear layers on %s run cuBLAS and, for quantized weights, the torch reference (dequantized per "
+            "call, slower): the Triton linear kernels failed their check there: %s: %s",
             device,
             type(e).__name__,
             e,
@@ -249,8 +259,8 @@ def select(device: torch.device | str, dtype: torch.dtype) -> Kernels:
         # splits a one-row product into split-K partials and a reduction); LLAMA3_DIST_GEMV=0
         # keeps cuBLAS for every row count (quantized weights then dequantize per call).
         gemv_rows = impl.GEMV_MAX_ROWS if os.environ.get("LLAMA3_DIST_GEMV", "1") != "0" else 0
-        linear = impl.linear if probe.is_cuda and gemv_rows else _linear_for(probe, mode)
-        if quantized_kernels_work(probe.device, dtype):
+        if linear_kernels_work(probe.device, dtype):
+            linear = impl.linear if probe.is_cuda and gemv_rows else _linear_for(probe, mode)
             # CUDA (or Triton's interpreter): quantized weights stay in their integers (GGUF Q8_0 /
             # Q4_0 / Q4_1 as stored too), dequantized in registers by the GEMV for decode's rows,
             # into a scratch for cuBLAS for more.
@@ -264,7 +274,7 @@ def select(device: torch.device | str, dtype: torch.dtype) -> Kernels:
                 runs_grouped=True,
                 capture_safe=probe.is_cuda,
             )
-        return Kernels(**triton_kernels, linear=linear, capture_safe=probe.is_cuda)
+        return Kernels(**triton_kernels, linear=_linear_for(probe, mode), capture_safe=probe.is_cuda)
     return Kernels(
         **{name: getattr(impl, name) for name in TRITON_KERNELS},
         linear=_linear_for(probe, mode),

@@ -809,8 +809,8 @@ def pack_grouped(weight: reference.GroupQuantized) -> TritonGroupWeights:
 # program BLOCK_N weight rows over the whole of K (no split-K partial sums to reduce) and walks the
 # few x rows over each weight tile while it sits in registers. One kernel serves dense weights and
 # both quantized layouts (BITS 16 = the weight in its own float dtype). Quantized weights are not
-# rounded to x's dtype as reference.dequantize does (nor as the GEMM below does): a group's sums
-# are scaled in float32, so the GEMV's product is the closer of the two to the exact one.
+# rounded to x's dtype as reference.dequantize does (and the dequantizing route below): a group's
+# sums are scaled in float32, so the GEMV's product is the closer of the two to the exact one.
 GEMV_MAX_ROWS = 4
 # Dense weights: cuBLAS is as fast from 2 rows on (one row: equal on the 8B-shaped projections as
 # one graph, but the GEMV needs no split-K reduction kernels, which saves launches; 2 and 4 rows:

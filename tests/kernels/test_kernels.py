@@ -343,22 +343,22 @@ def test_decode_rows_take_the_gemv_and_equal_the_dequantized_product(monkeypatch
         assert calls == []
 
 
-def test_quantized_kernels_are_checked_before_they_are_trusted(monkeypatch, caplog):
-    """select() tries the Triton kernels over quantized weights once per device and dtype; where they
-    fail or disagree with the reference, quantized weights take the torch reference, with a
-    warning that names the problem."""
-    kernels.quantized_kernels_work.cache_clear()
+def test_linear_kernels_are_checked_before_they_are_trusted(monkeypatch, caplog):
+    """select() tries the Triton linear kernels once per device and dtype; where they fail or
+    disagree with the exact product, quantized weights take the torch reference (and dense ones
+    cuBLAS), with a warning that names the problem."""
+    kernels.linear_kernels_work.cache_clear()
     monkeypatch.setattr(logging.getLogger("llama3_dist"), "handlers", [caplog.handler])  # it does not propagate
     try:
-        assert kernels.quantized_kernels_work(torch.device(DEVICE), F32)
+        assert kernels.linear_kernels_work(torch.device(DEVICE), F32)
         assert kernels.select(DEVICE, F32).runs_grouped
-        kernels.quantized_kernels_work.cache_clear()
+        kernels.linear_kernels_work.cache_clear()
         monkeypatch.setattr(tk, "grouped_linear", lambda x, weight, bias=None: torch.zeros(x.shape[0], weight.shape[0]))
         chosen = kernels.select(DEVICE, F32)
         assert not chosen.runs_grouped and chosen.grouped_linear is ref.grouped_linear
-        assert "failed their check" in caplog.text and "differs from the reference" in caplog.text
+        assert "failed their check" in caplog.text and "differs from the exact product" in caplog.text
     finally:
-        kernels.quantized_kernels_work.cache_clear()
+        kernels.linear_kernels_work.cache_clear()
 
 
 # ------------------------------------------------------------------------------- end to end
