@@ -14,6 +14,7 @@ exits non-zero if any check failed.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import statistics
 import sys
@@ -535,6 +536,39 @@ def compile_only(arch: int) -> int:
     return 1 if failed else 0
 
 
+def decode_splits(device: torch.device) -> None:
+    """Batch-1 decode attention of the 8B shape against its split count (flash-decoding), the block
+    table as wide as a 2048-token sequence (as the decode graphs hold it) and the context shorter:
+    32 calls replayed as one CUDA graph (per-launch latency as in the engine's graphs), us a call."""
+    from llama3_dist.kernels import triton_kernels as tk
+
+    hq, hk, d, page, cap = 32, 8, 128, 16, 2048
+    heuristic = tk._num_decode_splits(1, hk, cap, device)
+    print(f"\ndecode attention, batch 1, block table {cap} tokens wide (heuristic: {heuristic} splits), us a call:")
+    for ctx in (160, 1000, 2000):
+        kc, vc, bt, cl = paged([ctx], page, hk, d, BF16, device)
+        table = torch.zeros((1, cap // page), dtype=torch.int32, device=device)
+        table[0, : bt.shape[1]] = bt[0]
+        q = torch.randn(1, hq, d, device=device).to(BF16)
+        line = []
+        for splits in (1, 4, 8, 16, 32, 64):
+            call = functools.partial(tk.paged_decode_attention, q, kc, vc, table, cl, d**-0.5, num_splits=splits)
+            call()
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                for _ in range(32):
+                    call()
+            graph.replay()
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            for _ in range(10):
+                graph.replay()
+            torch.cuda.synchronize()
+            line.append(f"{splits} splits {(time.perf_counter() - start) / 320 * 1e6:.1f}")
+        print(f"  context {ctx}: " + ", ".join(line), flush=True)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
@@ -572,6 +606,10 @@ def main() -> int:
     end_to_end(device, s)
     if not args.cpu_smoke:  # graphs exist only on CUDA
         graphs_vs_eager(device, s)
+        try:
+            decode_splits(device)
+        except Exception as e:  # a measurement for the split heuristic, not a check
+            print(f"decode split timings failed: {type(e).__name__}: {e}")
 
     print(f"\n{'kernel':<30} {'shape':<34} {'torch ms':>10} {'triton ms':>10} {'speedup':>8}")
     for kname, shape, t_torch, t_triton, extra in timings:
