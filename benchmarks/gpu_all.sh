@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every GPU-side check and measurement in one run (about 6 minutes on an H200, most of it Triton
+# Every GPU-side check and measurement in one run (about 6 minutes on an H200: 5.3 in run 3, most of it Triton
 # compiling and the 8B-shaped model's start-ups), for a short loan of a GPU machine:
 #   1. gpu_gemv.py: the decode GEMV's correctness on the device, its tile shapes swept against
 #      cuBLAS / the Triton GEMM / torch._scaled_mm, the best saved and used by the steps after it;
@@ -35,6 +35,6 @@ step() {
     step 190 python3 benchmarks/gpu_bench.py --models 8b --modes graphs,no-gemv,eager --quantizations int8,int4,fp8
     step 50 python3 benchmarks/gpu_check.py
     step 45 python3 benchmarks/gpu_bench.py --models 284m --modes graphs,no-gemv
-    step 70 python3 -m pytest -q -x -p no:cacheprovider tests/kernels/test_kernels.py
+    step 110 python3 -m pytest -q -x -p no:cacheprovider tests/kernels/test_kernels.py
     step 30 python3 benchmarks/gpu_profile.py
 } 2>&1 | tee "$OUT/gpu-all.log"
