@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Every GPU-side check and measurement in one run (about 6 minutes on an H200: 5.3 in run 3, most of it Triton
-# compiling and the 8B-shaped model's start-ups), for a short loan of a GPU machine:
+# Every GPU-side check and measurement in one run (5.3 minutes on an H200 in run 3, most of it
+# Triton compiling and the 8B-shaped model's start-ups), for a short loan of a GPU machine:
 #   1. gpu_gemv.py: the decode GEMV's correctness on the device, its tile shapes swept against
 #      cuBLAS / the Triton GEMM / torch._scaled_mm, the best saved and used by the steps after it;
 #   2. gpu_bench.py, 8B-shaped: batch-1 decode against the HBM roofline (graphs, without the GEMV,
