@@ -165,6 +165,23 @@ def throughput(llm, requests: int, prompt_len: int, output_len: int) -> float:
     return requests * output_len / elapsed
 
 
+def open_llm(path: Path, device: str, args, **options):
+    """The engine on the model's random weights, bfloat16, with the script's limits."""
+    from llama3_dist import LLM
+
+    return LLM(
+        str(path),
+        load_format="dummy",
+        dtype="bfloat16",
+        devices=[device],
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        max_seq_len=args.max_seq_len,
+        show_progress=False,
+        **options,
+    )
+
+
 MODES = {  # the engine's defaults on one GPU (CUDA graphs, overlapped scheduling), then each off
     "graphs": dict(async_scheduling=True),
     "graphs, no overlap": dict(async_scheduling=False),
@@ -178,25 +195,13 @@ MODE_NAMES = {"graphs": "graphs", "no-overlap": "graphs, no overlap", "eager": "
 def bench(name: str, path: Path, device: str, args) -> None:
     import os
 
-    from llama3_dist import LLM
-
     config = json.loads((path / "config.json").read_text())
     results = {}
     modes = {MODE_NAMES[key]: MODES[MODE_NAMES[key]] for key in args.modes.split(",")}
     for mode, options in modes.items():
         started = time.perf_counter()
         os.environ["LLAMA3_DIST_GEMV"] = "0" if "no GEMV" in mode else "1"
-        with LLM(
-            str(path),
-            load_format="dummy",
-            dtype="bfloat16",
-            devices=[device],
-            max_num_seqs=args.max_num_seqs,
-            max_num_batched_tokens=args.max_num_batched_tokens,
-            max_seq_len=args.max_seq_len,
-            show_progress=False,
-            **options,
-        ) as llm:
+        with open_llm(path, device, args, **options) as llm:
             load_s = time.perf_counter() - started
             prompt = list(range(3, 35))
             r = {"load_s": load_s, "decode_ms": decode_ms(llm, prompt, args.decode_tokens)}
@@ -219,7 +224,7 @@ def bench(name: str, path: Path, device: str, args) -> None:
     os.environ["LLAMA3_DIST_GEMV"] = "1"
     for other in [mode for mode in results if mode != "graphs"]:
         same = results["graphs"]["probe"] == results[other]["probe"]
-        note = " (other kernels for one-row products: their rounding may differ)" if "no GEMV" in other else ""
+        note = " (other kernels for one-row products: other rounding)" if "no GEMV" in other and not same else ""
         print(
             f"RESULT {name}: greedy tokens of 7 requests (12-36 steps, batches 7..1), graphs vs {other}: "
             f"{'identical' if same else 'DIFFERENT'}{note}",
@@ -248,21 +253,10 @@ def bench(name: str, path: Path, device: str, args) -> None:
 def bench_quantized(name: str, path: Path, device: str, quantization: str, args) -> None:
     """Batch-1 decode and the batch-64 step of the model quantized at load, graphs on, against the
     roofline of its own bytes."""
-    from llama3_dist import LLM
 
     config = json.loads((path / "config.json").read_text())
     started = time.perf_counter()
-    with LLM(
-        str(path),
-        load_format="dummy",
-        dtype="bfloat16",
-        quantization=quantization,
-        devices=[device],
-        max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens,
-        max_seq_len=args.max_seq_len,
-        show_progress=False,
-    ) as llm:
+    with open_llm(path, device, args, quantization=quantization) as llm:
         load_s = time.perf_counter() - started
         decode = decode_ms(llm, list(range(3, 35)), args.decode_tokens)
         step, overhead = overhead_ms(llm, args.overhead_batch, 16, args.overhead_steps)
