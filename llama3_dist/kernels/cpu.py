@@ -62,8 +62,9 @@ GEMV_MAX_ROWS = 8  # the largest m the library's gemv takes
 # Panel weights (the integer GEMV, bfloat16 models) in decode steps stay in GEMV passes far
 # longer: a pass reads the packed bytes and multiplies bytes, while widening dequantizes the whole
 # weight before its GEMM. Measured on the projections of the 284M and SmolLM2 models, widening
-# wins from 64 rows of 4-bit weights where torch's bfloat16 GEMM is native, else (a float32 GEMM;
-# the slower 8-bit dequantization) from 128 rows (benchmarks/results/cpu-quantized-batch.log).
+# wins from 64 rows where torch's bfloat16 GEMM is native, else (a float32 GEMM) from 128 rows
+# (benchmarks/results/cpu-quantized-batch.log; 8-bit weights took 128 there too until their
+# dequantization stopped being 3.5x slower than 4-bit's).
 PANEL_WIDEN_MIN_ROWS = 64
 PANEL_WIDEN_MIN_ROWS_SLOW_GEMM = 128
 BASE_FLAGS = ("-O3", "-ffp-contract=fast", "-fno-math-errno", "-shared", "-fPIC")
@@ -1046,7 +1047,7 @@ def grouped_linear(
         widen_from = WIDEN_MIN_ROWS
     elif weight.layout != "panels8x15" and not getattr(_step, "decode", False):
         widen_from = 1  # prompt rows: x exact
-    elif weight.bits == 4 and native:
+    elif native:
         widen_from = PANEL_WIDEN_MIN_ROWS
     else:
         widen_from = PANEL_WIDEN_MIN_ROWS_SLOW_GEMM

@@ -270,7 +270,7 @@ def test_panels_stay_in_gemv_passes_up_to_their_crossover(variant, bits):
     )
     packed = cpu.pack_grouped(weight, library.lanes, panels=True)
     native = dtype == F32 or cpu.native_gemm(dtype)
-    widen_from = cpu.PANEL_WIDEN_MIN_ROWS if bits == 4 and native else cpu.PANEL_WIDEN_MIN_ROWS_SLOW_GEMM
+    widen_from = cpu.PANEL_WIDEN_MIN_ROWS if native else cpu.PANEL_WIDEN_MIN_ROWS_SLOW_GEMM
     for rows in (1, cpu.WIDEN_MIN_ROWS + 4, widen_from - 1, widen_from):
         x = randn(rows, 96, dtype=dtype)
         widened = cpu.linear(x, library.dequantize_grouped(packed, dtype))
