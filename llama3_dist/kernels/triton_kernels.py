@@ -499,13 +499,21 @@ def _decode_reduce_kernel(
     tl.store(out_ptr + b * stride_ob + h * stride_oh + d, _cast(out, out_ptr.dtype.element_ty), mask=d_mask)
 
 
+# The fewest keys a flash-decoding split takes. On an H200 the 8B-shaped model's batch-1 decode
+# attention took 8.5 us a layer at a 160-token context (run 3): one serial loop of 64-key tiles,
+# since the decode graphs' 2048-token block tables give 8 splits of 256 keys and the context fills
+# one. LLAMA3_DIST_DECODE_MIN_PARTITION (a multiple of 64) tries smaller ones; gpu_check.py times
+# split counts, gpu_all.sh the engine with 64.
+DECODE_MIN_PARTITION = int(os.environ.get("LLAMA3_DIST_DECODE_MIN_PARTITION", "256"))
+
+
 def _num_decode_splits(batch: int, kv_heads: int, ctx_cap: int, device: torch.device) -> int:
     """Flash-decoding: split long contexts so that there are enough programs to fill the chip."""
-    if ctx_cap <= 1024:
+    if ctx_cap <= 4 * DECODE_MIN_PARTITION:
         return 1
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 16
     want = triton.cdiv(8 * sms, batch * kv_heads)
-    return max(1, min(want, triton.cdiv(ctx_cap, 256), 64))
+    return max(1, min(want, triton.cdiv(ctx_cap, DECODE_MIN_PARTITION), 64))
 
 
 def paged_decode_attention(

@@ -161,6 +161,20 @@ def test_paged_decode_attention(dtype, d, hq, hk, block_size, lens, window, spli
     torch.testing.assert_close(out, expected, **TOL[dtype])
 
 
+def test_decode_split_heuristic_follows_the_minimum_partition(monkeypatch):
+    """Flash-decoding splits a context capacity into partitions of at least DECODE_MIN_PARTITION
+    keys (LLAMA3_DIST_DECODE_MIN_PARTITION), only past 4 of them, and the heuristic's split
+    still gives the reference's attention."""
+    cpu = torch.device("cpu")  # 16 multiprocessors assumed: 8 * 16 programs wanted
+    assert [tk._num_decode_splits(1, 8, cap, cpu) for cap in (1024, 2048, 65536)] == [1, 8, 16]
+    monkeypatch.setattr(tk, "DECODE_MIN_PARTITION", 64)
+    assert [tk._num_decode_splits(1, 8, cap, cpu) for cap in (256, 512, 2048)] == [1, 8, 16]
+    k_cache, v_cache, tables, ctx = paged_cache([300], 16, 2, 64, F32, DEVICE, pad_value=-1)
+    q = randn(1, 8, 64)
+    expected = ref.paged_decode_attention(q, k_cache, v_cache, tables, ctx, 0.125)
+    torch.testing.assert_close(tk.paged_decode_attention(q, k_cache, v_cache, tables, ctx, 0.125), expected, **TOL[F32])
+
+
 @pytest.mark.parametrize(
     "dtype,d,hq,hk,block_size,seqs,window",
     [
