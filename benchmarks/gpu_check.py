@@ -540,6 +540,8 @@ def decode_splits(device: torch.device) -> None:
     """Batch-1 decode attention of the 8B shape against its split count (flash-decoding), the block
     table as wide as a 2048-token sequence (as the decode graphs hold it) and the context shorter:
     32 calls replayed as one CUDA graph (per-launch latency as in the engine's graphs), us a call."""
+    from gpu_gemv import replay_ms
+
     from llama3_dist.kernels import triton_kernels as tk
 
     hq, hk, d, page, cap = 32, 8, 128, 16, 2048
@@ -553,19 +555,7 @@ def decode_splits(device: torch.device) -> None:
         line = []
         for splits in (1, 4, 8, 16, 32, 64):
             call = functools.partial(tk.paged_decode_attention, q, kc, vc, table, cl, d**-0.5, num_splits=splits)
-            call()
-            torch.cuda.synchronize()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                for _ in range(32):
-                    call()
-            graph.replay()
-            torch.cuda.synchronize()
-            start = time.perf_counter()
-            for _ in range(10):
-                graph.replay()
-            torch.cuda.synchronize()
-            line.append(f"{splits} splits {(time.perf_counter() - start) / 320 * 1e6:.1f}")
+            line.append(f"{splits} splits {replay_ms([call] * 32, 10) / 32 * 1e3:.1f}")
         print(f"  context {ctx}: " + ", ".join(line), flush=True)
 
 

@@ -216,27 +216,32 @@ def chain(kind: str, device: str, peak: float | None) -> None:
     for label, caller in (("GEMV", gemv_call), ("other", baseline_call)):
         calls = [caller(e, x[:, : e["dense"].shape[1]]) for layer in layers for e in layer.values()]
         calls.append(caller(head, x[:, :H]))
-        for call in calls:  # compile and warm up outside the capture
-            call()
-        torch.cuda.synchronize()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            for call in calls:
-                call()
-        graph.replay()
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        for _ in range(20):
-            graph.replay()
-        torch.cuda.synchronize()
-        ms = (time.perf_counter() - start) / 20 * 1e3
+        ms = replay_ms(calls, 20)
         of_peak = f" = {total / ms / 1e9 / peak:.0%} of the {peak} TB/s peak" if peak else ""
         print(
             f"CHAIN {kind:5s} {label:6s}: {LAYERS} layers + head, {total / 1e9:.2f} GB, {ms:.3f} ms/token, "
             f"{total / ms / 1e9:.2f} TB/s{of_peak}",
             flush=True,
         )
-        del graph
+
+
+def replay_ms(calls: list, replays: int) -> float:
+    """Milliseconds a replay of `calls` captured as one CUDA graph takes (each call run once
+    before the capture: Triton compiles then, and warms up)."""
+    for call in calls:
+        call()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for call in calls:
+            call()
+    graph.replay()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(replays):
+        graph.replay()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) / replays * 1e3
 
 
 def main() -> int:

@@ -1082,25 +1082,33 @@ def _dequantized(
     return out
 
 
+def _quantized_product(
+    x: torch.Tensor,
+    words: torch.Tensor,
+    scales: torch.Tensor,
+    offsets: torch.Tensor | None,
+    bits: int,
+    group_size: int,
+    bias: torch.Tensor | None,
+    gemv_rows: int,
+) -> torch.Tensor:
+    """x @ dequantize(words).T + bias: the GEMV up to `gemv_rows` rows of x, the weight dequantized
+    to x's dtype and cuBLAS beyond (group_size 0: 8 bits with a float32 scale per row)."""
+    k = x.shape[-1]
+    if x.numel() <= gemv_rows * k:
+        return gemv(x, words, bias, scales=scales, offsets=offsets, bits=bits, group_size=group_size)
+    return reference.linear(x, _dequantized(words, scales, offsets, bits, group_size, k, x.dtype), bias)
+
+
 def grouped_linear(
     x: torch.Tensor, weight: TritonGroupWeights, bias: torch.Tensor | None = None, gemv_rows: int = GEMV_MAX_ROWS
 ) -> torch.Tensor:
-    """x @ dequantize(weight).T + bias (reference.grouped_linear): the GEMV up to `gemv_rows` rows
-    of x, the weight dequantized to x's dtype and cuBLAS beyond."""
+    """x @ dequantize(weight).T + bias (reference.grouped_linear), by _quantized_product's routes."""
     if x.shape[-1] != weight.k:
         raise ValueError(f"x has {x.shape[-1]} features but the weight {weight.k}")
-    if x.numel() <= gemv_rows * weight.k:
-        return gemv(
-            x,
-            weight.words,
-            bias,
-            scales=weight.scales,
-            offsets=weight.offsets,
-            bits=weight.bits,
-            group_size=weight.group_size,
-        )
-    dense = _dequantized(weight.words, weight.scales, weight.offsets, weight.bits, weight.group_size, weight.k, x.dtype)
-    return reference.linear(x, dense, bias)
+    return _quantized_product(
+        x, weight.words, weight.scales, weight.offsets, weight.bits, weight.group_size, bias, gemv_rows
+    )
 
 
 def int8_linear(
@@ -1111,12 +1119,10 @@ def int8_linear(
     gemv_rows: int = GEMV_MAX_ROWS,
 ) -> torch.Tensor:
     """x @ (weight * scale[:, None]).T + bias for int8 weights with a scale per output row
-    (reference.int8_weight_linear): one group of all k features per row."""
+    (reference.int8_weight_linear), by _quantized_product's routes."""
     if x.shape[-1] != weight.shape[1]:
         raise ValueError(f"x has {x.shape[-1]} features but the weight {weight.shape[1]}")
-    if x.numel() <= gemv_rows * weight.shape[1]:
-        return gemv(x, weight, bias, scales=scale.reshape(-1, 1), bits=8)
-    return reference.linear(x, _dequantized(weight, scale, None, 8, 0, weight.shape[1], x.dtype), bias)
+    return _quantized_product(x, weight, scale.reshape(-1, 1), None, 8, 0, bias, gemv_rows)
 
 
 def linear(
