@@ -12,6 +12,9 @@ between streamed tokens after the prefill) and llama.cpp's `llama-bench -p 0 -n 
     q8_0   LLM(<prefix>-q8_0.gguf, dtype="bfloat16")      the same file
     q4_0   LLM(<prefix>-q4_0.gguf, dtype="bfloat16")      the same file
     q4_1   LLM(<prefix>-q4_1.gguf, dtype="bfloat16")      the same file
+    q4_k_m LLM(<prefix>-q4_k_m.gguf, dtype="bfloat16")    the same file (llama.cpp's most used type:
+           Q4_K with Q6_K for the LM head and some layers' v and down; SmolLM2's 576-wide rows are
+           no multiple of K-quants' 256, so its file is mostly Q5_0 instead)
 
 int4 is paired with q4_1: both are 4 bits in blocks of 32 with a float16 scale and minimum (5 bits a
 weight). Our int8/int4 quantize the attention and MLP projections and put the LM head in 8 bits (groups
@@ -48,7 +51,7 @@ ones, printing each command):
 What --prepare runs, per model (the bf16 file from the Hugging Face copy, then the others from it):
     python LLAMA_CPP/convert_hf_to_gguf.py PEER/smollm2-hf --outtype bf16 --outfile PEER/smollm2-135m-bf16.gguf
     LLAMA_CPP/build/bin/llama-quantize PEER/smollm2-135m-bf16.gguf PEER/smollm2-135m-q8_0.gguf q8_0 2
-    (and q4_0, q4_1; the same for bench-284m)
+    (and q4_0, q4_1, q4_k_m; the same for bench-284m)
 The converter needs `pip install sentencepiece` (it imports it before looking for a
 tokenizer.model); it uses the vendored gguf-py of LLAMA_CPP. llama.cpp is built with cmake
 (-DGGML_NATIVE=ON for this host's instruction sets; an AVX2-only copy with -DGGML_NATIVE=OFF
@@ -86,8 +89,8 @@ class PeerModel:
 
 
 MODELS = {
-    "smollm2": PeerModel("smollm2-135m", "smollm2-hf", ("bf16", "q8_0", "q4_0", "q4_1")),
-    "284m": PeerModel("bench-284m", "bench-284m-hf", ("bf16", "q8_0", "q4_0", "q4_1")),
+    "smollm2": PeerModel("smollm2-135m", "smollm2-hf", ("bf16", "q8_0", "q4_0", "q4_1", "q4_k_m")),
+    "284m": PeerModel("bench-284m", "bench-284m-hf", ("bf16", "q8_0", "q4_0", "q4_1", "q4_k_m")),
 }
 # mode -> (the llama.cpp file type it is measured against, our quantization= or None for a GGUF mode)
 PAIRS: dict[str, tuple[str, str | None]] = {
@@ -97,6 +100,7 @@ PAIRS: dict[str, tuple[str, str | None]] = {
     "q8_0": ("q8_0", None),
     "q4_0": ("q4_0", None),
     "q4_1": ("q4_1", None),
+    "q4_k_m": ("q4_k_m", None),
 }
 
 
@@ -291,7 +295,7 @@ def main() -> None:
     if not args.no_ours:
         for mode in modes:
             quantization = PAIRS[mode][1]
-            gguf_mode = mode in ("q8_0", "q4_0", "q4_1")
+            gguf_mode = quantization is None and mode != "bf16"  # the file itself
             source = files[mode] if gguf_mode else hf_dir if (hf_dir / "config.json").is_file() else None
             if source is None:
                 print(f"[{mode}] ours: no {'GGUF file' if gguf_mode else hf_dir}: not measured", flush=True)
@@ -301,7 +305,9 @@ def main() -> None:
                 refused[mode] = "refused by the engine"
             else:
                 engines[mode] = engine
-                how = f", quantization={quantization!r}" if quantization else ", dequantized" if gguf_mode else ""
+                how = f", quantization={quantization!r}" if quantization else ""
+                if gguf_mode:
+                    how = ", its quantized types as model/gguf.py reads them"
                 print(f"[{mode}] ours: {source} in bfloat16{how}", flush=True)
 
     if args.rounds == 0:

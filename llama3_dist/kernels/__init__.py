@@ -173,7 +173,7 @@ class Kernels:
     # x @ (float8 weight * scale per row).T (+ bias), x in float8 per token: FP8 projections.
     # One implementation (torch._scaled_mm) for every device.
     fp8_linear: Callable[..., torch.Tensor] = reference.fp8_linear
-    # Group-quantized weights (reference.GroupQuantized: int4, GGUF Q8_0/Q4_0/Q4_1): pack_grouped
+    # Group-quantized weights (reference.GroupQuantized: int4, GGUF types read grouped): pack_grouped
     # puts one in these kernels' layout at load, grouped_linear(x, packed, bias) multiplies.
     # runs_grouped: whether these kernels keep such weights as stored (the CPU library; the Triton
     # GEMV, which larger batches on GPUs reach through one dequantizing pass per call); the torch

@@ -243,7 +243,7 @@ class WeightSource:
         cols: tuple[int, int] | None = None,
     ) -> GroupQuantized | None:
         """Like read(), but the weight as stored when the checkpoint stores it group-quantized in a
-        type the kernels run (GGUF Q8_0, Q4_0, Q4_1); None otherwise (nothing is read)."""
+        form the kernels run (model/gguf.py's GROUPED_TYPES); None otherwise (nothing is read)."""
         read_grouped = getattr(self.checkpoint, "read_grouped", None)
         if read_grouped is None:
             return None

