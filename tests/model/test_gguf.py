@@ -182,12 +182,13 @@ def test_quantized_gguf_gives_transformers_greedy_tokens(hf_dir, tmp_path, qtype
 
 @pytest.fixture(scope="module")
 def hf_dir_256(tmp_path_factory):
-    """A model whose every matrix has rows of a multiple of 256 values (K-quants' blocks)."""
+    """A model whose every matrix has rows of a multiple of 256 values (K-quants' blocks), also
+    each rank's share of the row-parallel ones at TP=2."""
     config = transformers.LlamaConfig(
-        hidden_size=256,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=512,
+        hidden_size=512,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        intermediate_size=1024,
         num_hidden_layers=2,
         vocab_size=130,
         max_position_embeddings=512,
@@ -231,13 +232,16 @@ def test_k_quants_read_in_grouped_form_within_their_bounds(hf_dir_256, tmp_path)
                 assert grouped.bits == 8 and ((ours - exact).abs() <= largest / 254 * 1.01 + 1e-9).all()
 
 
-def test_q4_k_m_file_gives_transformers_greedy_tokens(hf_dir_256, tmp_path):
+def test_q4_k_m_file_gives_transformers_greedy_tokens(hf_dir_256, tmp_path, ray_local):
     """A file laid out as llama-quantize's Q4_K_M (Q4_K, with Q6_K for v, down and the LM head):
     every projection runs in a grouped form (q|k|v mixes 4 and 6 bits: all 8), and the tokens are
-    transformers' on the same file; TP=2 would cut o_proj's 256-value blocks and is refused."""
+    transformers' on the same file, at TP=1 and TP=2 (each rank reads whole 256-value blocks of
+    o_proj and down_proj); a slice that would cut those blocks is refused."""
     six = {"attn_v": Q.Q6_K, "ffn_down": Q.Q6_K, "output": Q.Q6_K}
     file = write_gguf(hf_dir_256, tmp_path / "tiny-q4_k_m.gguf", Q.Q4_K, types=six)
-    assert ours(file, kept=cpu.library() is not None) == transformers_greedy(file)
+    tokens = ours(file, kept=cpu.library() is not None)
+    assert tokens == transformers_greedy(file)
+    assert ours(file, devices=["cpu", "cpu"]) == tokens
     with LLM(file, show_progress=False, kv_cache_bytes=8 << 20) as llm:
         model = llm.engine.executor.worker.model
         layer = model.decoder_layers[0]
@@ -245,7 +249,7 @@ def test_q4_k_m_file_gives_transformers_greedy_tokens(hf_dir_256, tmp_path):
             assert layer.self_attn.o_proj.grouped is not None and model.lm_head.grouped is not None
     checkpoint = GGUFCheckpoint(file)
     with pytest.raises(ConfigError, match=r"'blk.0.attn_output.weight' \(Q4_K\) would be split.*blocks of 256"):
-        checkpoint.read_grouped("model.layers.0.self_attn.o_proj.weight", cols=(0, 128))
+        checkpoint.read_grouped("model.layers.0.self_attn.o_proj.weight", cols=(0, 384))
 
 
 def test_gguf_at_tp2_equals_tp1(hf_dir, tmp_path, ray_local):
