@@ -5,7 +5,8 @@ the LM head), with one to four rows of x:
 
 1. correctness: the GEMV (dense bfloat16, int8 per row, 8-bit groups of 32 = GGUF Q8_0, 4-bit
    groups of 32 and 128 with offsets = int4 / Q4_1) against the float32 product of the
-   dequantized weight, as a fraction of the product's norm;
+   dequantized weight, as a fraction of the product's norm; float8 weights (x rounded to float8
+   per row inside the GEMV) against reference.fp8_linear (torch._scaled_mm, the same rounding);
 2. a sweep of the GEMV's tile shapes per bit width at one row, each timed with
    triton.testing.do_bench (L2 flushed before every call), against what larger batches take:
    cuBLAS (dense), one dequantizing pass then cuBLAS (quantized; run 3 of
@@ -76,6 +77,9 @@ def gemv_call(entry: dict, x: torch.Tensor, config=None):
     if kind == "int8":
         scales = entry["scale"].reshape(-1, 1)
         return lambda: tk.gemv(x, w, scales=scales, bits=8, config=config)
+    if kind == "fp8":  # x rounded to float8 per row inside the GEMV (triton_kernels.fp8_linear's route)
+        scales = entry["scale"].reshape(-1, 1)
+        return lambda: tk.gemv(x, w, scales=scales, bits=16, config=config, fp8=True)
     return lambda: tk.gemv(
         x, w.words, scales=w.scales, offsets=w.offsets, bits=w.bits, group_size=w.group_size, config=config
     )
@@ -95,13 +99,16 @@ def baseline_call(entry: dict, x: torch.Tensor):
 
 def check(device: str) -> int:
     failures = 0
-    for kind in ("bf16", "int8", "q8_0", "int4", "int4-g128"):
+    for kind in ("bf16", "int8", "q8_0", "int4", "int4-g128", "fp8"):
         for name, (n, k) in [("odd", (70, 1000)), ("down", SHAPES["down"]), ("qkv", SHAPES["qkv"])]:
             entry = make(kind, n, k, device)
             for rows in (1, 2, 3, 4) if name == "odd" else (1, 4):
                 x = torch.randn(rows, k, device=device).to(torch.bfloat16)
                 got = gemv_call(entry, x)().float()
-                exact = x.float() @ entry["dense"].T
+                if kind == "fp8":  # W8A8: against the same rounding of x through torch._scaled_mm
+                    exact = ref.fp8_linear(x, entry["w"], entry["scale"]).float()
+                else:
+                    exact = x.float() @ entry["dense"].T
                 error = ((got - exact).norm() / exact.norm()).item()
                 ok = error < 1e-2 and torch.isfinite(got).all().item()
                 failures += not ok
@@ -145,8 +152,6 @@ def sweep(device: str, quick: bool) -> dict[int, list[int]]:
         except Exception as e:
             print(f"{kind:5s} {label} failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
             base_ms = float("nan")
-        if kind == "fp8":
-            continue
         results = []
         configs = SWEEP[:3] if quick else SWEEP
         for block_n, block_k in configs:
@@ -177,7 +182,8 @@ def sweep(device: str, quick: bool) -> dict[int, list[int]]:
         results.sort(key=lambda r: r[0])
         ms, config, times = results[0]
         print(f"BEST {kind}: GEMV {config} {ms:.3f} ms/token of products, {base_ms / ms:.2f}x {label}", flush=True)
-        best.setdefault(bits, list(config))  # int8 per row and Q8_0 share bits 8: the first (int8) wins
+        if kind != "fp8":  # (float8 weights take the 8-bit tiles: gemv(fp8=True))
+            best.setdefault(bits, list(config))  # int8 per row and Q8_0 share bits 8: the first (int8) wins
         for rows in (2, 4):
             xr = torch.randn(rows, FFN, device=device).to(torch.bfloat16)
             g = sum(
@@ -197,7 +203,7 @@ def sweep(device: str, quick: bool) -> dict[int, list[int]]:
 def decode_chain(device: str, configs: dict[int, list[int]]) -> None:
     """The projections of a whole decode step, each layer's weights distinct, as one CUDA graph."""
     peak = next((tbs for key, tbs in PEAK_TBS.items() if key in torch.cuda.get_device_name()), None)
-    for kind in ("bf16", "int8", "int4"):
+    for kind in ("bf16", "int8", "int4", "fp8"):
         try:
             chain(kind, device, peak)
         except Exception as e:  # report and go on: the other kinds' figures still count

@@ -242,6 +242,37 @@ def linear_kernels_work(device: torch.device, dtype: torch.dtype) -> bool:
         return False
 
 
+@functools.cache
+def fp8_gemv_works(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether the Triton GEMV's float8 route (triton_kernels.fp8_linear) gives reference.fp8_linear's
+    product on `device` (float8 hardware: compute capability 8.9+; or Triton's interpreter), tried
+    once per device and dtype. Where it fails, float8 weights keep the reference (torch._scaled_mm)
+    for every row count, with a warning."""
+    from . import triton_kernels
+
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
+        return False  # no float8 there: quantization="fp8" is refused on such GPUs anyway
+    try:
+        generator = torch.Generator().manual_seed(0)
+        values, scale = reference.quantize_fp8(torch.randn(48, 96, generator=generator))
+        values, scale = values.to(device), scale.to(device)
+        x = torch.randn(3, 96, generator=generator).to(device=device, dtype=dtype)
+        got, want = triton_kernels.fp8_linear(x, values, scale).float(), reference.fp8_linear(x, values, scale).float()
+        error = float((got - want).norm() / want.norm())
+        if not error < 1e-2:  # the two sum the same exact products in different orders, then round
+            raise RuntimeError(f"differs from reference.fp8_linear by {error:.3g} of its norm")
+        return True
+    except Exception as e:
+        logging.getLogger("llama3_dist").warning(
+            "float8 weights on %s take torch._scaled_mm for every row count: the Triton GEMV failed its check "
+            "there: %s: %s",
+            device,
+            type(e).__name__,
+            e,
+        )
+        return False
+
+
 def select(device: torch.device | str, dtype: torch.dtype) -> Kernels:
     """The kernels for tensors of `dtype` on `device`, as the module functions would pick them now
     (LLAMA3_DIST_KERNELS, LLAMA3_DIST_CPU_ISA, LLAMA3_DIST_CPU_KERNELS and LLAMA3_DIST_CPU_FUSED
@@ -264,10 +295,12 @@ def select(device: torch.device | str, dtype: torch.dtype) -> Kernels:
             # CUDA (or Triton's interpreter): quantized weights stay in their integers (GGUF Q8_0 /
             # Q4_0 / Q4_1 as stored too), dequantized in registers by the GEMV for decode's rows,
             # into a scratch for cuBLAS for more.
+            fp8_rows = gemv_rows if fp8_gemv_works(probe.device, dtype) else 0
             return Kernels(
                 **triton_kernels,
                 linear=linear,
                 int8_linear=functools.partial(impl.int8_linear, gemv_rows=gemv_rows),
+                fp8_linear=functools.partial(impl.fp8_linear, gemv_rows=fp8_rows),
                 pack_grouped=impl.pack_grouped,
                 pack_head=impl.pack_grouped,  # x stays in the model's dtype there
                 grouped_linear=functools.partial(impl.grouped_linear, gemv_rows=gemv_rows),

@@ -856,6 +856,22 @@ def _small_int_to_float(value, ZERO: tl.constexpr):
 
 
 @triton.jit
+def _e4m3_rounded(v):
+    """float32 v (|v| <= 448) rounded to the nearest float8_e4m3fn value, ties to even, as float32:
+    torch's .to(torch.float8_e4m3fn) bit for bit. Written out rather than a cast because Triton's
+    interpreter (the CPU tests) rounds wrongly where rounding up carries into the exponent (124
+    became 64). Normal values keep 3 of float32's 23 mantissa bits (the carry of a round-up moves
+    the exponent); below 2^-6 the steps are subnormal, 2^-9 apart: added to 1.5 * 2^14, whose
+    float32 spacing that is, v rounds to them in the adder."""
+    magnitude = v.to(tl.int32, bitcast=True) & 0x7FFFFFFF
+    rounded = (magnitude + 0x7FFFF + ((magnitude >> 20) & 1)) & -1048576  # -1048576: ~0xFFFFF
+    normal = rounded.to(tl.float32, bitcast=True)
+    normal = tl.where(v < 0, -normal, normal)
+    subnormal = (v + 24576.0) - 24576.0
+    return tl.where(magnitude < 0x3C800000, subnormal, normal)  # 0x3C800000: 2^-6
+
+
+@triton.jit
 def _gemv_kernel(
     x_ptr,
     w_ptr,
@@ -879,6 +895,7 @@ def _gemv_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     JOIN: tl.constexpr,
+    FP8_X: tl.constexpr,
 ):
     """out[m, n] = sum_k x[m, k] * w[n, k] (+ bias[n]) for m < ROWS, float32 sums.
 
@@ -890,7 +907,10 @@ def _gemv_kernel(
     nibbles of each byte are interleaved back into one row of columns in registers, so x is read
     contiguously, instead of reading x's even and odd columns apart (stride-2 loads: on an H200
     the 4-bit GEMV without JOIN reads the weights at 1 TB/s, bound by instructions, not memory;
-    JOIN awaits its measurement there)."""
+    JOIN awaits its measurement there). FP8_X (float8 weights, BITS 16 with ROW_SCALE): each row of
+    x rounded to float8_e4m3 with a scale of its own, its largest |x| / 448, as reference.fp8_linear
+    does (W8A8 with dynamic per-token scales); the products of float8 values are exact in float32,
+    and the sum is scaled by the row's scale, then the weight row's."""
     pid = tl.program_id(0)
     rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = rn < N
@@ -902,6 +922,16 @@ def _gemv_kernel(
     GROUPS: tl.constexpr = BLOCK_K // GROUP if GROUP > 0 else 1
     SPLIT: tl.constexpr = BITS == 4 and not JOIN  # a 4-bit tile as even and odd columns apart
     PER_GROUP: tl.constexpr = GROUP // 2 if SPLIT else GROUP  # products per group in a tile row
+    x_scales = tl.zeros((ROWS_P2,), dtype=tl.float32)
+    if FP8_X:  # a first pass over each row of x for its scale (x is small and stays in cache)
+        for m in tl.static_range(ROWS):
+            largest = tl.zeros((BLOCK_K,), dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                rk = k0 + tl.arange(0, BLOCK_K)
+                x = tl.load(x_ptr + m * stride_xm + rk, mask=rk < K, other=0.0).to(tl.float32)
+                largest = tl.maximum(largest, tl.abs(x))
+            row_scale = tl.maximum(tl.max(largest, axis=0), 1e-12) / 448.0
+            x_scales = tl.where(row_ids == m, row_scale, x_scales)
     for k0 in range(0, K, BLOCK_K):
         if BITS == 4:
             pair = k0 // 2 + tl.arange(0, HALF)  # byte index: columns 2 * pair and 2 * pair + 1
@@ -914,7 +944,11 @@ def _gemv_kernel(
                 w = tl.reshape(tl.join(low, high), (BLOCK_N, BLOCK_K))
         else:
             rk = k0 + tl.arange(0, BLOCK_K)
-            w = tl.load(w_rows + rk[None, :], mask=n_mask[:, None] & (rk < K)[None, :], other=0)
+            w_mask = n_mask[:, None] & (rk < K)[None, :]
+            if FP8_X:  # (Triton's interpreter casts no integer 0 to float8)
+                w = tl.load(w_rows + rk[None, :], mask=w_mask, other=0.0)
+            else:
+                w = tl.load(w_rows + rk[None, :], mask=w_mask, other=0)
             if BITS == 8:  # noqa: SIM108 (-128..127 shifted to 0..255 and back; a compile-time branch)
                 w = _small_int_to_float(w.to(tl.int32) + 128, 128)
             else:
@@ -934,6 +968,9 @@ def _gemv_kernel(
                 x_sums = x_even + x_odd
             else:
                 x = tl.load(x_row + rk, mask=rk < K, other=0.0).to(tl.float32)
+                if FP8_X:
+                    x_scale = tl.sum(tl.where(row_ids == m, x_scales, 0.0), axis=0)
+                    x = _e4m3_rounded(x / x_scale)
                 products = w * x[None, :]
                 x_sums = x
             if GROUP > 0:
@@ -945,6 +982,8 @@ def _gemv_kernel(
             else:
                 part = tl.sum(products, axis=1)
             acc = tl.where(row_ids[:, None] == m, acc + part[None, :], acc)
+    if FP8_X:
+        acc *= x_scales[:, None]
     if ROW_SCALE:
         acc *= tl.load(scale_ptr + rn.to(tl.int64) * stride_sn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     if HAS_BIAS:
@@ -963,10 +1002,12 @@ def gemv(
     bits: int = 16,
     group_size: int = 0,
     config: tuple[int, ...] | None = None,
+    fp8: bool = False,
 ) -> torch.Tensor:
     """x @ w.T (+ bias) for at most GEMV_MAX_ROWS rows of x (decode steps), w dense (bits 16) or
     in TritonGroupWeights' layout (bits 8/4 with `scales`, `offsets`, `group_size`; group_size 0
-    with bits 8: int8 weights with one float32 scale per row)."""
+    with bits 8: int8 weights with one float32 scale per row). fp8: float8_e4m3fn weights with a
+    float32 scale per row (`scales`), x rounded to float8 per row as reference.fp8_linear does."""
     k = x.shape[-1]
     rows = x.reshape(-1, k)
     if rows.stride(-1) != 1:
@@ -976,7 +1017,7 @@ def gemv(
         raise ValueError(f"gemv takes at most {GEMV_MAX_ROWS} rows, got {m}")
     out = _empty((m, n), x.dtype, x.device)
     if m and n:
-        block_n, block_k, warps, stages, *variant = config or GEMV_CONFIGS[bits]
+        block_n, block_k, warps, stages, *variant = config or GEMV_CONFIGS[8 if fp8 else bits]
         if group_size:
             block_k = max(block_k, group_size)  # whole groups per tile (group sizes are powers of two)
         _gemv_kernel[(triton.cdiv(n, block_n),)](
@@ -996,12 +1037,13 @@ def gemv(
             ROWS_P2=_pow2(m),
             BITS=bits,
             GROUP=group_size,
-            ROW_SCALE=bits == 8 and not group_size,
+            ROW_SCALE=(bits == 8 and not group_size) or fp8,
             HAS_OFFSET=offsets is not None,
             HAS_BIAS=bias is not None,
             BLOCK_N=block_n,
             BLOCK_K=block_k,
             JOIN=bits == 4 and bool(variant and variant[0]),
+            FP8_X=fp8,
             num_warps=warps,
             num_stages=stages,
         )
@@ -1123,6 +1165,23 @@ def int8_linear(
     if x.shape[-1] != weight.shape[1]:
         raise ValueError(f"x has {x.shape[-1]} features but the weight {weight.shape[1]}")
     return _quantized_product(x, weight, scale.reshape(-1, 1), None, 8, 0, bias, gemv_rows)
+
+
+def fp8_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    gemv_rows: int = GEMV_MAX_ROWS,
+) -> torch.Tensor:
+    """reference.fp8_linear (float8 weights with a scale per row, x rounded to float8 per token):
+    the GEMV for decode's rows (torch._scaled_mm pads a product to 16 rows and read an 8B-shaped
+    model's float8 weights at 0.4 TB/s at one row on an H200), _scaled_mm beyond."""
+    if x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"x has {x.shape[-1]} features but the weight {weight.shape[1]}")
+    if x.numel() <= gemv_rows * x.shape[-1]:
+        return gemv(x, weight, bias, scales=scale.float().reshape(-1, 1), bits=16, fp8=True)
+    return reference.fp8_linear(x, weight, scale, bias)
 
 
 def linear(

@@ -302,6 +302,34 @@ def test_int8_linear_is_the_scaled_product(dtype, m, n, k):
     torch.testing.assert_close(got.float(), exact, **tolerance)
 
 
+def test_fp8_decode_rows_take_the_gemv_and_equal_the_reference(monkeypatch):
+    """float8 weights (quantization="fp8"): up to GEMV_MAX_ROWS rows take the GEMV, which rounds
+    each row of x to float8 with its own scale inside it, as reference.fp8_linear does; more rows
+    take the reference (torch._scaled_mm on GPUs). In float32 the two differ only by the order of
+    summing the same exact products (x left unrounded would differ by ~1e-2)."""
+    if DEVICE == "cuda" and torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("float8 products need compute capability 8.9+")
+    n, k = 37, 300
+    values, scale = ref.quantize_fp8(randn(n, k))
+    values, scale = values.to(DEVICE), scale.to(DEVICE)
+    chosen_for = {dtype: kernels.select(DEVICE, dtype) for dtype in (F32, BF16)}  # (their checks run here)
+    calls = []
+    gemv = tk.gemv
+    monkeypatch.setattr(tk, "gemv", lambda *a, **kw: calls.append(a[0].shape[0]) or gemv(*a, **kw))
+    for dtype, tolerance in ((F32, dict(rtol=1e-5, atol=1e-5)), (BF16, dict(rtol=1e-2, atol=1e-2))):
+        chosen = chosen_for[dtype]
+        bias = randn(n, dtype=dtype)
+        for rows in (1, 2, 4, 5):
+            x = randn(rows, k, dtype=dtype) * 3
+            got = chosen.fp8_linear(x, values, scale, bias)
+            assert got.dtype == dtype
+            torch.testing.assert_close(got.float(), ref.fp8_linear(x, values, scale, bias).float(), **tolerance)
+        if dtype == F32:  # the rounding of x is the reference's: unrounded x is far from it
+            unrounded = x.float() @ (values.float() * scale[:, None]).T + bias.float()
+            assert (unrounded - got).abs().max() > 1e-3
+    assert calls == [1, 2, 4] * 2  # the GEMV for decode's rows, nothing else
+
+
 @pytest.mark.parametrize("kind", ["dense", "int8", "q8_0", "int4", "int4-g128"])
 def test_decode_rows_take_the_gemv_and_equal_the_dequantized_product(monkeypatch, kind):
     """Up to GEMV_MAX_ROWS rows of x (decode steps; one for dense weights) take the GEMV, more take
