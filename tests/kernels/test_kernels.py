@@ -302,6 +302,47 @@ def test_int8_linear_is_the_scaled_product(dtype, m, n, k):
     torch.testing.assert_close(got.float(), exact, **tolerance)
 
 
+def test_q4_k_m_gguf_runs_in_the_triton_kernels(tmp_path, monkeypatch):
+    """A Q4_K_M-shaped GGUF (Q4_K, with Q6_K v, down and LM head) through the GPU's kernels (here
+    under Triton's interpreter): every projection stays in its grouped form (TritonGroupWeights)
+    and the greedy tokens are those of the CPU kernels on the same forms (whose tokens are
+    transformers' in tests/model/test_gguf.py; against transformers itself this one-layer model
+    has a near-tie that the forms' rounding flips)."""
+    pytest.importorskip("gguf")
+    import transformers
+    from gguf_files import PROMPT, Q, write_gguf
+
+    from llama3_dist import LLM, SamplingParams
+
+    config = transformers.LlamaConfig(
+        hidden_size=256,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=512,
+        num_hidden_layers=1,
+        vocab_size=130,
+        max_position_embeddings=256,
+        initializer_range=0.05,
+    )
+    torch.manual_seed(6)
+    transformers.LlamaForCausalLM(config).save_pretrained(tmp_path)
+    six = {"attn_v": Q.Q6_K, "ffn_down": Q.Q6_K, "output": Q.Q6_K}
+    file = write_gguf(tmp_path, tmp_path / "q4_k_m.gguf", Q.Q4_K, types=six)
+    greedy = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    tokens = {}
+    for path in ("auto", "triton"):
+        monkeypatch.setenv("LLAMA3_DIST_KERNELS", path)
+        with LLM(file, devices=[DEVICE], show_progress=False, kv_cache_bytes=4 << 20) as llm:
+            layer = llm.engine.executor.worker.model.decoder_layers[0]
+            if path == "triton":
+                attention, mlp = layer.self_attn, layer.mlp
+                for linear in (attention.qkv_proj, attention.o_proj, mlp.gate_up_proj, mlp.down_proj):
+                    assert isinstance(linear.grouped, tk.TritonGroupWeights)
+            outputs = llm.generate(prompt_token_ids=[PROMPT], sampling_params=greedy, use_tqdm=False)
+            tokens[path] = list(outputs[0].outputs[0].token_ids)
+    assert tokens["triton"] == tokens["auto"]
+
+
 def test_fp8_decode_rows_take_the_gemv_and_equal_the_reference(monkeypatch):
     """float8 weights (quantization="fp8"): up to GEMV_MAX_ROWS rows take the GEMV, which rounds
     each row of x to float8 with its own scale inside it, as reference.fp8_linear does; more rows
