@@ -13,6 +13,8 @@ from gguf import GGMLQuantizationType as Q
 from gguf import GGUFWriter
 
 PROMPT = [3, 1, 4, 1, 5, 9, 2, 6, 5, 3]
+# llama-quantize's Q4_K_M: Q4_K, with Q6_K for v and down (of some layers: here all) and the LM head
+Q4_K_M_TYPES = {"attn_v": Q.Q6_K, "ffn_down": Q.Q6_K, "output": Q.Q6_K}
 
 LAYER_PARTS = {
     "input_layernorm": "attn_norm",
@@ -129,3 +131,20 @@ def transformers_greedy(file: Path) -> list[int]:
     model = transformers.AutoModelForCausalLM.from_pretrained(file.parent, gguf_file=file.name, dtype=torch.float32)
     out = model.generate(torch.tensor([PROMPT]), max_new_tokens=12, min_new_tokens=12, do_sample=False)
     return out[0, len(PROMPT) :].tolist()
+
+
+def save_small_llama(path: Path, hidden: int, heads: int, kv_heads: int, layers: int, seed: int) -> Path:
+    """A random Llama (intermediate 2 * hidden, vocabulary 130) saved as a Hugging Face checkpoint."""
+    config = transformers.LlamaConfig(
+        hidden_size=hidden,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        vocab_size=130,
+        max_position_embeddings=512,
+        initializer_range=0.05,
+    )
+    torch.manual_seed(seed)
+    transformers.LlamaForCausalLM(config).save_pretrained(path)
+    return path

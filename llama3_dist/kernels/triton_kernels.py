@@ -1142,12 +1142,16 @@ def _quantized_product(
     return reference.linear(x, _dequantized(words, scales, offsets, bits, group_size, k, x.dtype), bias)
 
 
+def _check_features(x: torch.Tensor, k: int) -> None:
+    if x.shape[-1] != k:
+        raise ValueError(f"x has {x.shape[-1]} features but the weight {k}")
+
+
 def grouped_linear(
     x: torch.Tensor, weight: TritonGroupWeights, bias: torch.Tensor | None = None, gemv_rows: int = GEMV_MAX_ROWS
 ) -> torch.Tensor:
     """x @ dequantize(weight).T + bias (reference.grouped_linear), by _quantized_product's routes."""
-    if x.shape[-1] != weight.k:
-        raise ValueError(f"x has {x.shape[-1]} features but the weight {weight.k}")
+    _check_features(x, weight.k)
     return _quantized_product(
         x, weight.words, weight.scales, weight.offsets, weight.bits, weight.group_size, bias, gemv_rows
     )
@@ -1162,8 +1166,7 @@ def int8_linear(
 ) -> torch.Tensor:
     """x @ (weight * scale[:, None]).T + bias for int8 weights with a scale per output row
     (reference.int8_weight_linear), by _quantized_product's routes."""
-    if x.shape[-1] != weight.shape[1]:
-        raise ValueError(f"x has {x.shape[-1]} features but the weight {weight.shape[1]}")
+    _check_features(x, weight.shape[1])
     return _quantized_product(x, weight, scale.reshape(-1, 1), None, 8, 0, bias, gemv_rows)
 
 
@@ -1177,8 +1180,7 @@ def fp8_linear(
     """reference.fp8_linear (float8 weights with a scale per row, x rounded to float8 per token):
     the GEMV for decode's rows (torch._scaled_mm pads a product to 16 rows and read an 8B-shaped
     model's float8 weights at 0.4 TB/s at one row on an H200), _scaled_mm beyond."""
-    if x.shape[-1] != weight.shape[1]:
-        raise ValueError(f"x has {x.shape[-1]} features but the weight {weight.shape[1]}")
+    _check_features(x, weight.shape[1])
     if x.numel() <= gemv_rows * x.shape[-1]:
         return gemv(x, weight, bias, scales=scale.float().reshape(-1, 1), bits=16, fp8=True)
     return reference.fp8_linear(x, weight, scale, bias)

@@ -309,25 +309,12 @@ def test_q4_k_m_gguf_runs_in_the_triton_kernels(tmp_path, monkeypatch):
     transformers' in tests/model/test_gguf.py; against transformers itself this one-layer model
     has a near-tie that the forms' rounding flips)."""
     pytest.importorskip("gguf")
-    import transformers
-    from gguf_files import PROMPT, Q, write_gguf
+    from gguf_files import PROMPT, Q4_K_M_TYPES, Q, save_small_llama, write_gguf
 
     from llama3_dist import LLM, SamplingParams
 
-    config = transformers.LlamaConfig(
-        hidden_size=256,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=512,
-        num_hidden_layers=1,
-        vocab_size=130,
-        max_position_embeddings=256,
-        initializer_range=0.05,
-    )
-    torch.manual_seed(6)
-    transformers.LlamaForCausalLM(config).save_pretrained(tmp_path)
-    six = {"attn_v": Q.Q6_K, "ffn_down": Q.Q6_K, "output": Q.Q6_K}
-    file = write_gguf(tmp_path, tmp_path / "q4_k_m.gguf", Q.Q4_K, types=six)
+    save_small_llama(tmp_path, 256, 4, 2, layers=1, seed=6)
+    file = write_gguf(tmp_path, tmp_path / "q4_k_m.gguf", Q.Q4_K, types=Q4_K_M_TYPES)
     greedy = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
     tokens = {}
     for path in ("auto", "triton"):

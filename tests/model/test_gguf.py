@@ -18,7 +18,7 @@ from llama3_dist.kernels import cpu
 from llama3_dist.model.gguf import GROUPED_TYPES, GGUFCheckpoint
 
 gguf = pytest.importorskip("gguf")
-from gguf_files import PROMPT, Q, transformers_greedy, write_gguf  # noqa: E402
+from gguf_files import PROMPT, Q4_K_M_TYPES, Q, save_small_llama, transformers_greedy, write_gguf  # noqa: E402
 
 GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
 
@@ -66,20 +66,7 @@ def test_quantized_gguf_gives_transformers_greedy_tokens(hf_dir, tmp_path, qtype
 def hf_dir_256(tmp_path_factory):
     """A model whose every matrix has rows of a multiple of 256 values (K-quants' blocks), also
     each rank's share of the row-parallel ones at TP=2."""
-    config = transformers.LlamaConfig(
-        hidden_size=512,
-        num_attention_heads=8,
-        num_key_value_heads=4,
-        intermediate_size=1024,
-        num_hidden_layers=2,
-        vocab_size=130,
-        max_position_embeddings=512,
-        initializer_range=0.05,
-    )
-    torch.manual_seed(6)
-    path = tmp_path_factory.mktemp("gguf-source-256")
-    transformers.LlamaForCausalLM(config).save_pretrained(path)
-    return path
+    return save_small_llama(tmp_path_factory.mktemp("gguf-source-256"), 512, 8, 4, layers=2, seed=6)
 
 
 def test_k_quants_read_in_grouped_form_within_their_bounds(hf_dir_256, tmp_path):
@@ -119,8 +106,7 @@ def test_q4_k_m_file_gives_transformers_greedy_tokens(hf_dir_256, tmp_path, ray_
     every projection runs in a grouped form (q|k|v mixes 4 and 6 bits: all 8), and the tokens are
     transformers' on the same file, at TP=1 and TP=2 (each rank reads whole 256-value blocks of
     o_proj and down_proj); a slice that would cut those blocks is refused."""
-    six = {"attn_v": Q.Q6_K, "ffn_down": Q.Q6_K, "output": Q.Q6_K}
-    file = write_gguf(hf_dir_256, tmp_path / "tiny-q4_k_m.gguf", Q.Q4_K, types=six)
+    file = write_gguf(hf_dir_256, tmp_path / "tiny-q4_k_m.gguf", Q.Q4_K, types=Q4_K_M_TYPES)
     tokens = ours(file, kept=cpu.library() is not None)
     assert tokens == transformers_greedy(file)
     assert ours(file, devices=["cpu", "cpu"]) == tokens
