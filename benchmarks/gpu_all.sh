@@ -6,7 +6,8 @@
 #   2. gpu_bench.py, 8B-shaped: batch-1 decode against the HBM roofline (graphs, without the GEMV,
 #      eager), offline throughput, and int8 / int4 / fp8 against the roofline of their own bytes;
 #   3. gpu_check.py: every Triton kernel against the torch reference, graphs against eager;
-#   4. gpu_bench.py, the 284M model; 5. the Triton kernel tests on the device; 6. gpu_profile.py;
+#   4. gpu_bench.py, the 284M model; 5. the Triton kernel tests on the device (the float8 GEMV's
+#      and a Q4_K_M GGUF's first); 6. gpu_profile.py;
 #   7. both models again with decode attention split into 64-key partitions.
 # Each step has its own time limit, so one that hangs does not take the others' output with it.
 #     OUT=/tmp/gpu-out bash benchmarks/gpu_all.sh      # the log and the chosen tile shapes in $OUT
@@ -36,6 +37,8 @@ step() {
     step 190 python3 benchmarks/gpu_bench.py --models 8b --modes graphs,no-gemv,eager --quantizations int8,int4,fp8
     step 50 python3 benchmarks/gpu_check.py
     step 45 python3 benchmarks/gpu_bench.py --models 284m --modes graphs,no-gemv
+    # first the tests of what no GPU has run yet (the float8 GEMV, a Q4_K_M file), then all of them
+    step 60 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_kernels.py -k "fp8 or q4_k_m"
     step 110 python3 -m pytest -q -x -p no:cacheprovider tests/kernels/test_kernels.py
     step 30 python3 benchmarks/gpu_profile.py
     # decode attention in splits of 64 keys (the default takes 256): batch-1 decode with graphs
