@@ -154,8 +154,8 @@ class Llama3Config(_Frozen):
     # channel, activations rounded to float8 per token: W8A8, products by torch._scaled_mm); the
     # LM head becomes 8 bits in groups of 32 (Q8_0's form) in every mode; embeddings and norms
     # keep the model's dtype.
-    # None: the checkpoint's weights as they are (GGUF Q8_0/Q4_0/Q4_1/Q5_0/Q4_K/Q6_K stay quantized
-    # where the kernels run them: model/gguf.py).
+    # None: the checkpoint's weights as they are (GGUF files' quantized types stay
+    # quantized where the kernels run them: model/gguf.py's GROUPED_TYPES).
     quantization: str | None = None
     # How the checkpoint itself stores its projections: None (floats), or "fp8" (float8_e4m3fn
     # weights with a scale per output channel or per tensor: compressed-tensors' float-quantized

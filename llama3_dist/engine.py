@@ -184,8 +184,8 @@ class LLMEngine:
         quantization: "int8" quantizes the attention and MLP weights at load (per output channel,
         symmetric: half the bytes of bfloat16 to stream per token), "int4" / "int4-g128" in groups
         of 32 / 128 input features (4 bits, a float16 scale and offset per group: ~0.3 of
-        bfloat16's bytes); None keeps them as stored (GGUF Q8_0/Q4_0/Q4_1, and Q5_0/Q4_K/Q6_K in
-        groups of 32, stay quantized where the kernels run them: model/gguf.py).
+        bfloat16's bytes); None keeps them as stored (a GGUF file's quantized types stay quantized,
+        in groups of 32, where the kernels run them: model/gguf.py's GROUPED_TYPES).
         max_restarts, restart_window_s, restart_backoff_s: self-healing. When a rank fails (its
         process dies, it raises in a step, a collective times out, it misses a health check) the
         engine closes the executor, builds a new one (new ranks, a fresh KV cache) and recomputes

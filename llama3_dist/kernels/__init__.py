@@ -292,9 +292,10 @@ def select(device: torch.device | str, dtype: torch.dtype) -> Kernels:
         gemv_rows = impl.GEMV_MAX_ROWS if os.environ.get("LLAMA3_DIST_GEMV", "1") != "0" else 0
         if linear_kernels_work(probe.device, dtype):
             linear = impl.linear if probe.is_cuda and gemv_rows else _linear_for(probe, mode)
-            # CUDA (or Triton's interpreter): quantized weights stay in their integers (GGUF Q8_0 /
-            # Q4_0 / Q4_1 as stored too), dequantized in registers by the GEMV for decode's rows,
-            # into a scratch for cuBLAS for more.
+            # CUDA (or Triton's interpreter): quantized weights stay in their integers (GGUF types
+            # in their grouped forms too), dequantized in registers by the GEMV for decode's rows,
+            # into a scratch for cuBLAS for more; float8 weights take the GEMV for decode's rows
+            # where it passes its check (one small compile at start-up on float8 GPUs).
             fp8_rows = gemv_rows if fp8_gemv_works(probe.device, dtype) else 0
             return Kernels(
                 **triton_kernels,
