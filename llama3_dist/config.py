@@ -157,9 +157,11 @@ class Llama3Config(_Frozen):
     # None: the checkpoint's weights as they are (GGUF files' quantized types stay
     # quantized where the kernels run them: model/gguf.py's GROUPED_TYPES).
     quantization: str | None = None
-    # How the checkpoint itself stores its projections: None (floats), or "fp8" (float8_e4m3fn
+    # How the checkpoint itself stores its projections: None (floats); "fp8" (float8_e4m3fn
     # weights with a scale per output channel or per tensor: compressed-tensors' float-quantized
-    # format, which vLLM serves, or fbgemm_fp8), dequantized to `dtype` at load.
+    # format, which vLLM serves, or fbgemm_fp8), dequantized to `dtype` at load; "int4", "int8" or
+    # "int4+int8" (compressed-tensors' pack-quantized integers, model/packed_int.py), kept packed
+    # where the kernels run their form and no quantization is asked for, else dequantized.
     checkpoint_quantization: str | None = None
 
     @model_validator(mode="after")
@@ -379,30 +381,45 @@ def check_tp_degree(n_heads: int, n_kv_heads: int, tp: int) -> None:
 
 
 def _checkpoint_quantization(hf: dict[str, Any]) -> str | None:
-    """ "fp8" for a checkpoint stored in FP8 that the loader can dequantize, None for a float one;
-    ConfigError naming any other quantization_config (AWQ, GPTQ, bitsandbytes, FP8 with block
-    scales, ...) instead of a later error about unexpected tensors."""
+    """How the checkpoint stores its projections, from its quantization_config: None (floats),
+    "fp8" (float 8-bit weights that the loader dequantizes), "int4" / "int8" / "int4+int8"
+    (compressed-tensors' pack-quantized integer weights, model/packed_int.py); ConfigError naming
+    any other quantization_config (AWQ, GPTQ, bitsandbytes, FP8 with block scales, ...) instead of
+    a later error about unexpected tensors."""
     qc = hf.get("quantization_config")
     if not qc:
         return None
     method = qc.get("quant_method")
     accepted = (
-        "accepted: compressed-tensors FP8 (float 8-bit weights, channel or tensor scales) and fbgemm_fp8; "
-        "other checkpoints load unquantized (then quantization='int8' or 'int4' quantizes them at load)"
+        "accepted: compressed-tensors FP8 (float 8-bit weights, channel or tensor scales), compressed-tensors "
+        "pack-quantized integer weights (4 or 8 bits, group or channel scales: W4A16 / W8A16, GPTQ's included) "
+        "and fbgemm_fp8; other checkpoints load unquantized (then quantization='int8' or 'int4' quantizes them "
+        "at load)"
     )
     if method == "fbgemm_fp8":
         return "fp8"
     if method != "compressed-tensors":
         raise ConfigError(f"the checkpoint's quantization_config quant_method {method!r} is not supported; {accepted}")
+    kinds = set()
     for name, group in (qc.get("config_groups") or {}).items():
         weights = group.get("weights") or {}
         kind = (weights.get("type"), weights.get("num_bits"), weights.get("strategy"))
-        if kind not in (("float", 8, "channel"), ("float", 8, "tensor")):
+        packing = group.get("format") or qc.get("format")
+        if kind in (("float", 8, "channel"), ("float", 8, "tensor")):
+            kinds.add("fp8")
+        elif kind[0] == "int" and kind[1] in (4, 8) and kind[2] in ("group", "channel") and packing == "pack-quantized":
+            if weights.get("actorder") == "group":
+                raise ConfigError(
+                    f"compressed-tensors config group {name!r} orders its groups by activation (actorder 'group'): "
+                    f"not supported; {accepted}"
+                )
+            kinds.add(f"int{kind[1]}")
+        else:
             raise ConfigError(
                 f"compressed-tensors config group {name!r} stores weights as type {kind[0]!r}, "
-                f"{kind[1]} bits, strategy {kind[2]!r}: not supported; {accepted}"
+                f"{kind[1]} bits, strategy {kind[2]!r}, format {packing!r}: not supported; {accepted}"
             )
-    return "fp8"
+    return "+".join(sorted(kinds)) or None
 
 
 def _as_dict(config: Any) -> dict:

@@ -21,6 +21,8 @@ from safetensors import safe_open
 
 from ..config import ConfigError, Llama3Config
 from ..kernels.reference import GroupQuantized
+from . import packed_int
+from .packed_int import PACKED_SUFFIX, find_packed_weights
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 # Buffers some exporters write that carry no weights.
@@ -110,6 +112,11 @@ class Checkpoint:
                     self.files.update(dict.fromkeys(f.keys(), file))
         self._handles: dict[Path, object] = {}
         self.consumed: set[str] = set()
+        # compressed-tensors' packed integer projections, under their logical names (X.weight)
+        self.packed: dict[str, packed_int.PackedWeight] = {}
+        self.packed = find_packed_weights(self)
+        for name in self.packed:
+            self.files[name] = self.files[name + PACKED_SUFFIX]
 
     def _open(self, file: Path):
         if file not in self._handles:
@@ -119,17 +126,34 @@ class Checkpoint:
         return self._handles[file]
 
     def shape(self, name: str) -> list[int]:
+        if name in self.packed:
+            return [self.packed[name].rows, self.packed[name].cols]
         return list(self._open(self.files[name]).get_slice(name).get_shape())
 
     def read(
         self, name: str, row0: int = 0, rows: int | None = None, cols: tuple[int, int] | None = None
     ) -> torch.Tensor:
-        sl = self._open(self.files[name]).get_slice(name)
         self.consumed.add(name)
+        if name in self.packed:
+            return packed_int.read_dense(self, self.packed[name], row0, rows, cols)
+        sl = self._open(self.files[name]).get_slice(name)
         stop = None if rows is None else row0 + rows
         if cols is None:
             return sl[row0:stop]
         return sl[row0:stop, cols[0] : cols[1]]
+
+    def read_grouped(
+        self, name: str, row0: int = 0, rows: int | None = None, cols: tuple[int, int] | None = None
+    ) -> GroupQuantized | None:
+        """A packed integer projection's slice in the kernels' grouped form (model/packed_int.py);
+        None for every other tensor and for packed forms the kernels do not run."""
+        weight = self.packed.get(name)
+        if weight is None:
+            return None
+        grouped = packed_int.read_grouped(self, weight, row0, rows, cols)
+        if grouped is not None:
+            self.consumed.add(name)
+        return grouped
 
     def read_whole(self, name: str) -> torch.Tensor:
         """The whole tensor (also a 0-d one, which slices cannot read)."""
@@ -243,7 +267,8 @@ class WeightSource:
         cols: tuple[int, int] | None = None,
     ) -> GroupQuantized | None:
         """Like read(), but the weight as stored when the checkpoint stores it group-quantized in a
-        form the kernels run (model/gguf.py's GROUPED_TYPES); None otherwise (nothing is read)."""
+        form the kernels run (model/gguf.py's GROUPED_TYPES, model/packed_int.py's packed integers);
+        None otherwise (then read() gives it dequantized)."""
         read_grouped = getattr(self.checkpoint, "read_grouped", None)
         if read_grouped is None:
             return None
