@@ -6,8 +6,12 @@ streaming-read speed measured in the same run); then the GEMV alone for every in
 this host runs (each library build), dense bfloat16 against each quantized form. --batches adds
 decode throughput at those batch sizes, each mode against the first.
 
-    python benchmarks/quantization.py [--model PATH] [--modes none,int8,int4,int4-g128] [--tokens 64] [--rounds 5]
-        [--batches 8,16,32,64] [--no-gemv]
+    python benchmarks/quantization.py [--model PATH] [--modes none,int8,int4,int4-g128,w4a16,...] [--tokens 64]
+        [--rounds 5] [--batches 8,16,32,64] [--no-gemv]
+
+Modes w4a16 (groups of 128), w4a16-g32 and w8a16: the model written as a compressed-tensors
+pack-quantized checkpoint (as llm-compressor's W4A16 / W8A16 models; once, beside the model) and
+loaded as stored.
 
 --model: default the 284M benchmark model of throughput.py; a .gguf file also runs as stored
 (mode "none": its Q8_0/Q4_0/Q4_1 projections stay quantized). Every mode runs our compiled
@@ -40,6 +44,23 @@ def streaming_gbps() -> float:
         x.sum()
         best = max(best, x.numel() * 4 / (time.perf_counter() - start) / 1e9)
     return best
+
+
+# Checkpoints written by compressed-tensors (model/packed_int.py's save_pack_quantized), loaded as
+# stored (quantization None): mode -> (bits, symmetric, group size).
+PACKED_MODES = {"w4a16": (4, True, 128), "w4a16-g32": (4, True, 32), "w8a16": (8, True, 32)}
+
+
+def packed_checkpoint(path, mode: str) -> str:
+    """The checkpoint at `path` re-saved as a compressed-tensors pack-quantized checkpoint (once,
+    beside it: `<path>-<mode>`)."""
+    from llama3_dist.model.packed_int import save_pack_quantized
+
+    target = Path(f"{path}-{mode}")
+    if not (target / "config.json").is_file():
+        bits, symmetric, group_size = PACKED_MODES[mode]
+        save_pack_quantized(path, target, bits, symmetric, group_size)
+    return str(target)
 
 
 def weight_bytes_per_token(llm: LLM) -> int:
@@ -155,9 +176,9 @@ def main() -> None:
     print(f"torch {torch.__version__}, capability {capability}, {threads} threads; model {path}")
     engines = {
         mode: LLM(
-            path,
+            packed_checkpoint(path, mode) if mode in PACKED_MODES else path,
             dtype="bfloat16",
-            quantization=None if mode == "none" else mode,
+            quantization=None if mode == "none" or mode in PACKED_MODES else mode,
             show_progress=False,
             max_num_seqs=max([4, *batches]),
         )

@@ -24,7 +24,9 @@ scales float16 cannot hold exactly) is None there and loads dequantized to the m
 from __future__ import annotations
 
 import logging
+import shutil
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -163,3 +165,49 @@ def read_grouped(
     if not torch.isfinite(offsets).all():
         return None
     return GroupQuantized(values.to(torch.int8), scales, offsets, 4, size)
+
+
+def save_pack_quantized(
+    source: str | Path,
+    path: str | Path,
+    bits: int = 4,
+    symmetric: bool = True,
+    group_size: int = 128,
+    scale_dtype: torch.dtype = torch.bfloat16,
+) -> None:
+    """Writes the Hugging Face checkpoint at `source` to `path` as a compressed-tensors
+    pack-quantized checkpoint, with compressed-tensors itself (an optional dependency:
+    `pip install compressed-tensors`), as llm-compressor writes its W4A16 / W8A16 models: its
+    quantization config on every Linear layer but the LM head, round-to-nearest min-max scales (and
+    zero points when not symmetric) from its calculate_qparams, held in `scale_dtype`, then its
+    pack-quantized compression. (llm-compressor's GPTQ would pick other values in the same format.)
+    The tests' and benchmarks' packed checkpoints; also a way to make one without llm-compressor."""
+    import transformers
+    from compressed_tensors.compressors import ModelCompressor
+    from compressed_tensors.quantization import (
+        QuantizationArgs,
+        QuantizationConfig,
+        QuantizationScheme,
+        apply_quantization_config,
+    )
+    from compressed_tensors.quantization.utils import calculate_qparams
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+    args = QuantizationArgs(num_bits=bits, type="int", symmetric=symmetric, strategy="group", group_size=group_size)
+    scheme = QuantizationScheme(targets=["Linear"], weights=args)
+    apply_quantization_config(model, QuantizationConfig(config_groups={"group_0": scheme}, ignore=["lm_head"]))
+    with torch.no_grad():
+        for module in model.modules():
+            if hasattr(module, "weight_scale"):
+                groups = module.weight.view(module.weight.shape[0], -1, group_size)
+                scale, zero_point = calculate_qparams(groups.amin(dim=2), groups.amax(dim=2), args)
+                module.weight_scale.data = scale.to(scale_dtype)
+                if hasattr(module, "weight_zero_point"):
+                    module.weight_zero_point.data.copy_(zero_point)
+    compressor = ModelCompressor.from_pretrained_model(model, quantization_format="pack-quantized")
+    compressor.compress_model(model)
+    model.save_pretrained(path)
+    compressor.update_config(str(path))
+    for extra in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"):
+        if (Path(source) / extra).is_file() and not (Path(path) / extra).is_file():
+            shutil.copy(Path(source) / extra, Path(path) / extra)

@@ -236,6 +236,106 @@ def test_unsupported_checkpoint_quantizations_are_named(checkpoints, tmp_path):
         LLM(str(path), show_progress=False)
 
 
+def packed_checkpoint(source: str, path, bits: int, symmetric: bool, group_size: int, scale_dtype=torch.bfloat16):
+    """The checkpoint at `source` quantized and saved by compressed-tensors itself
+    (packed_int.save_pack_quantized: its config, qparams and pack-quantized compression, as
+    llm-compressor saves W4A16 / W8A16 models). Returns the float32 weights compressed-tensors' own
+    unpacking gives back (w = (q - z) * scale) for the reference."""
+    from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+    from safetensors.torch import load_file
+
+    from llama3_dist.model.packed_int import save_pack_quantized
+
+    save_pack_quantized(source, path, bits, symmetric, group_size, scale_dtype)
+    tensors, weights = load_file(f"{path}/model.safetensors"), {}
+    for packed in [n for n in tensors if n.endswith(".weight_packed")]:
+        name = packed.removesuffix("_packed")
+        shape, scale = tensors[f"{name}_shape"], tensors[f"{name}_scale"].float()
+        q = unpack_from_int32(tensors[packed], bits, shape).float()
+        if not symmetric:
+            zero_shape = torch.Size([shape[0], scale.shape[1]])
+            zero_point = unpack_from_int32(tensors[f"{name}_zero_point"], bits, zero_shape, packed_dim=0)
+            q = q - zero_point.float().repeat_interleave(group_size, dim=1)
+        weights[name] = q * scale.repeat_interleave(group_size, dim=1)
+    for name, tensor in tensors.items():
+        if name.endswith(("weight", "bias")) and name not in weights:
+            weights[name] = tensor.float()
+    return weights
+
+
+@pytest.mark.parametrize(
+    "bits,symmetric,group_size,dtype,devices",
+    [
+        (4, True, 32, "float32", ["cpu"]),
+        (4, True, 32, "bfloat16", ["cpu"]),
+        (4, False, 128, "float32", ["cpu"]),
+        (8, True, 32, "float32", ["cpu"]),
+        (4, False, 32, "float32", ["cpu", "cpu"]),
+    ],
+)
+def test_pack_quantized_checkpoints_run_packed(tmp_path, request, bits, symmetric, group_size, dtype, devices):
+    """A compressed-tensors W4A16 / W8A16 checkpoint (written by compressed-tensors itself) gives
+    the greedy tokens of transformers on the weights compressed-tensors unpacks, with its
+    projections kept packed (4 or 8 bits a weight, not dequantized): symmetric and with zero
+    points, groups of 32 and 128, float32 and bfloat16, on one rank and sharded over two (each
+    rank reads its rows, or for o/down its whole groups of columns, and its zero points)."""
+    if len(devices) > 1:
+        request.getfixturevalue("ray_local")
+    source = build_checkpoint("llama", tmp_path / "source", hidden_size=128, intermediate_size=256)
+    path = tmp_path / "packed"
+    weights = packed_checkpoint(source, path, bits, symmetric, group_size)
+    reference_model = transformers.AutoModelForCausalLM.from_pretrained(
+        source, dtype=torch.float32, attn_implementation="eager"
+    ).eval()
+    with torch.no_grad():
+        for name, tensor in reference_model.state_dict().items():
+            tensor.copy_(weights[name])
+    with LLM(str(path), dtype=dtype, devices=devices, show_progress=False, kv_cache_bytes=8 << 20) as llm:
+        assert llm.engine.config.checkpoint_quantization == f"int{bits}"
+        if len(devices) == 1:
+            layer = llm.engine.executor.worker.model.decoder_layers[0]
+            for projection in (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.down_proj):
+                assert projection.grouped is not None and projection.grouped.bits == bits
+        outs = llm.generate(prompt_token_ids=PROMPTS, sampling_params=GREEDY, use_tqdm=False)
+    tolerance = 1e-4 if dtype == "float32" else 0.15
+    assert_reference_argmax(reference_model, [list(o.outputs[0].token_ids) for o in outs], tolerance)
+
+
+def test_pack_quantized_forms_the_kernels_do_not_run_load_dequantized(tmp_path):
+    """Scales float16 cannot hold (here float32) and a column slice that cuts a group read as
+    the exact dense weight instead of the grouped form; packed shapes that disagree with
+    weight_shape, and activation-ordered groups, are refused by name."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from llama3_dist.model.checkpoint import Checkpoint
+
+    source = build_checkpoint("llama", tmp_path / "source", hidden_size=128, intermediate_size=256)
+    path = tmp_path / "packed"
+    weights = packed_checkpoint(source, path, 4, True, 128, scale_dtype=torch.float32)
+    checkpoint = Checkpoint(path)
+    name = "model.layers.0.mlp.down_proj.weight"
+    assert checkpoint.read_grouped(name) is None  # float32 scales
+    torch.testing.assert_close(checkpoint.read(name), weights[name], rtol=0, atol=0)
+    weights = packed_checkpoint(source, tmp_path / "bf16", 4, True, 128)
+    checkpoint = Checkpoint(tmp_path / "bf16")
+    assert checkpoint.read_grouped(name, 8, 16, cols=(0, 128)) is not None
+    assert checkpoint.read_grouped(name, 8, 16, cols=(64, 192)) is None  # cuts groups of 128
+    torch.testing.assert_close(checkpoint.read(name, 8, 16, (64, 192)), weights[name][8:24, 64:192], rtol=0, atol=0)
+
+    config = json.loads((tmp_path / "bf16" / "config.json").read_text())
+    config["quantization_config"]["config_groups"]["group_0"]["weights"]["actorder"] = "group"
+    (tmp_path / "bf16" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match=r"'group_0' orders its groups by activation \(actorder 'group'\)"):
+        LLM(str(tmp_path / "bf16"), show_progress=False)
+    tensors = load_file(f"{path}/model.safetensors")
+    tensors[f"{name}_shape"] = torch.tensor([128, 200])
+    save_file(tensors, f"{path}/model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ConfigError, match=r"down_proj.weight_packed' has shape \[128, 32\]; a 128 x 200 weight"):
+        LLM(str(path), show_progress=False)
+
+
 def fp8_reference(path: str) -> transformers.PreTrainedModel:
     """transformers with every projection computing FP8 W8A8 as the engine's "fp8" defines it,
     written out here: the weight in float8 with a scale per row, x rounded to float8 with a
