@@ -160,7 +160,7 @@ class Llama3Config(_Frozen):
     # How the checkpoint itself stores its projections: None (floats); "fp8" (float8_e4m3fn
     # weights with a scale per output channel or per tensor: compressed-tensors' float-quantized
     # format, which vLLM serves, or fbgemm_fp8), dequantized to `dtype` at load; "int4", "int8" or
-    # "int4+int8" (compressed-tensors' pack-quantized integers, model/packed_int.py), kept packed
+    # "int4+int8" (packed integers: compressed-tensors, GPTQ, AWQ; model/packed_int.py), kept packed
     # where the kernels run their form and no quantization is asked for, else dequantized.
     checkpoint_quantization: str | None = None
 
@@ -382,22 +382,35 @@ def check_tp_degree(n_heads: int, n_kv_heads: int, tp: int) -> None:
 
 def _checkpoint_quantization(hf: dict[str, Any]) -> str | None:
     """How the checkpoint stores its projections, from its quantization_config: None (floats),
-    "fp8" (float 8-bit weights that the loader dequantizes), "int4" / "int8" / "int4+int8"
-    (compressed-tensors' pack-quantized integer weights, model/packed_int.py); ConfigError naming
-    any other quantization_config (AWQ, GPTQ, bitsandbytes, FP8 with block scales, ...) instead of
-    a later error about unexpected tensors."""
+    "fp8" (float 8-bit weights that the loader dequantizes), "int4" / "int8" / "int4+int8" (packed
+    integer weights: compressed-tensors' pack-quantized, GPTQ's, AWQ's; model/packed_int.py);
+    ConfigError naming any other quantization_config (bitsandbytes, AWQ's GEMV layout, FP8 with
+    block scales, ...) instead of a later error about unexpected tensors."""
     qc = hf.get("quantization_config")
     if not qc:
         return None
     method = qc.get("quant_method")
     accepted = (
-        "accepted: compressed-tensors FP8 (float 8-bit weights, channel or tensor scales), compressed-tensors "
-        "pack-quantized integer weights (4 or 8 bits, group or channel scales: W4A16 / W8A16, GPTQ's included) "
-        "and fbgemm_fp8; other checkpoints load unquantized (then quantization='int8' or 'int4' quantizes them "
-        "at load)"
+        "accepted: compressed-tensors FP8 (float 8-bit weights, channel or tensor scales) and pack-quantized "
+        "integers (4 or 8 bits, group or channel scales: W4A16 / W8A16), gptq (4 or 8 bits, checkpoint_format "
+        "gptq or gptq_v2), awq (4 bits, GEMM version, zero points) and fbgemm_fp8; other checkpoints load "
+        "unquantized (then quantization='int8' or 'int4' quantizes them at load)"
     )
     if method == "fbgemm_fp8":
         return "fp8"
+    if method in ("gptq", "awq"):
+        bits, layout = qc.get("bits"), qc.get("checkpoint_format") or qc.get("version") or ""
+        supported = (
+            bits in (4, 8) and layout.lower() in ("", "gptq", "gptq_v2")
+            if method == "gptq"
+            else bits == 4 and layout.lower() in ("", "gemm") and qc.get("zero_point", True)
+        )
+        if not supported:
+            raise ConfigError(
+                f"the checkpoint's {method} quantization_config (bits {bits!r}, format {layout!r}) is not supported; "
+                f"{accepted}"
+            )
+        return f"int{bits}"
     if method != "compressed-tensors":
         raise ConfigError(f"the checkpoint's quantization_config quant_method {method!r} is not supported; {accepted}")
     kinds = set()
@@ -408,11 +421,6 @@ def _checkpoint_quantization(hf: dict[str, Any]) -> str | None:
         if kind in (("float", 8, "channel"), ("float", 8, "tensor")):
             kinds.add("fp8")
         elif kind[0] == "int" and kind[1] in (4, 8) and kind[2] in ("group", "channel") and packing == "pack-quantized":
-            if weights.get("actorder") == "group":
-                raise ConfigError(
-                    f"compressed-tensors config group {name!r} orders its groups by activation (actorder 'group'): "
-                    f"not supported; {accepted}"
-                )
             kinds.add(f"int{kind[1]}")
         else:
             raise ConfigError(

@@ -22,7 +22,7 @@ from safetensors import safe_open
 from ..config import ConfigError, Llama3Config
 from ..kernels.reference import GroupQuantized
 from . import packed_int
-from .packed_int import PACKED_SUFFIX, find_packed_weights
+from .packed_int import find_packed_weights
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 # Buffers some exporters write that carry no weights.
@@ -113,10 +113,11 @@ class Checkpoint:
         self._handles: dict[Path, object] = {}
         self.consumed: set[str] = set()
         # compressed-tensors' packed integer projections, under their logical names (X.weight)
+        # Packed integer projections (compressed-tensors, GPTQ, AWQ), under their logical names
         self.packed: dict[str, packed_int.PackedWeight] = {}
         self.packed = find_packed_weights(self)
-        for name in self.packed:
-            self.files[name] = self.files[name + PACKED_SUFFIX]
+        for name, weight in self.packed.items():
+            self.files[name] = self.files[weight.parts[0]]
 
     def _open(self, file: Path):
         if file not in self._handles:
@@ -135,6 +136,7 @@ class Checkpoint:
     ) -> torch.Tensor:
         self.consumed.add(name)
         if name in self.packed:
+            self.consumed.update(n for n in self.packed[name].parts if n in self.files)
             return packed_int.read_dense(self, self.packed[name], row0, rows, cols)
         sl = self._open(self.files[name]).get_slice(name)
         stop = None if rows is None else row0 + rows
@@ -153,6 +155,7 @@ class Checkpoint:
         grouped = packed_int.read_grouped(self, weight, row0, rows, cols)
         if grouped is not None:
             self.consumed.add(name)
+            self.consumed.update(n for n in weight.parts if n in self.files)
         return grouped
 
     def read_whole(self, name: str) -> torch.Tensor:

@@ -1,28 +1,40 @@
-"""Integer weights of compressed-tensors checkpoints in the "pack-quantized" format: the W4A16 and
-W8A16 checkpoints that llm-compressor writes (GPTQ or round-to-nearest values) and vLLM serves.
+"""Packed integer weights of quantized checkpoints, in the three layouts people serve 4- and 8-bit
+models in: compressed-tensors' "pack-quantized" (the W4A16 / W8A16 checkpoints llm-compressor
+writes, GPTQ or round-to-nearest values; vLLM's format), AutoGPTQ's / GPTQModel's "gptq" and
+AutoAWQ's "awq" (GEMM version). One canonical form serves all three: for output row r and input
+column c, w = (u - zero[r, g]) * scale[r, g] with u the stored unsigned value (0 .. 2^bits - 1),
+g = the column's group (consecutive columns, `group_size` a group, unless a group index orders
+them by activation), zero in u's domain.
 
-A projection `X.weight` is stored as
-- `X.weight_packed`: int32 [rows, ceil(cols * bits / 32)], 32 / bits values a word, value j of
-  a word at bits [j * bits, (j + 1) * bits), each value q (signed) stored as q + 2^(bits - 1);
-- `X.weight_scale`: [rows, groups] in the checkpoint's float type, `group_size` consecutive
-  input features a group (strategy "group"), or [rows, 1] (strategy "channel");
-- `X.weight_zero_point` (asymmetric weights only): the zero points z, packed the same way but
-  along the rows: int32 [ceil(rows * bits / 32), groups];
-- `X.weight_shape`: [rows, cols];
-- `X.weight_g_idx` (GPTQ's activation order, actorder "group"): each column's group;
-and w = (q - z) * scale.
+The layouts (a projection's module prefix X; rows are output features, cols input features):
+- compressed-tensors: `X.weight_packed` int32 [rows, ceil(cols * bits / 32)], value j of a word at
+  bits [j * bits, (j + 1) * bits), each signed q stored as u = q + 2^(bits - 1);
+  `X.weight_scale` [rows, groups] (one group a row: per channel); `X.weight_zero_point` (with zero
+  points only) the signed z packed the same way along the rows [ceil(rows * bits / 32), groups],
+  stored as z + 2^(bits - 1), which is the zero in u's domain (2^(bits - 1) when symmetric);
+  `X.weight_shape` [rows, cols]; `X.weight_g_idx` (actorder "group") each column's group.
+- gptq: `X.qweight` int32 [cols * bits / 32, rows] (packed along the input features, in order);
+  `X.scales` [groups, rows]; `X.qzeros` int32 [groups, rows * bits / 32] (along the outputs), each
+  stored as zero - 1 (checkpoint_format "gptq", AutoGPTQ's) or zero ("gptq_v2"); `X.g_idx` [cols].
+- awq: `X.qweight` int32 [cols, rows * bits / 32] (packed along the outputs, value i of a word
+  being output 8 * word + AWQ_ORDER[i]); `X.scales` [groups, rows]; `X.qzeros` [groups, rows / 8]
+  packed as qweight, zero as stored.
+(Read from compressed-tensors 0.20's pack_to_int32 / dequantize, AutoGPTQ 0.7's QuantLinear.pack
+and AutoAWQ 0.2.9's WQLinear_GEMM.from_linear / dequantize_gemm.)
 
-read_dense() gives the weight in float32, exactly (each product of a small integer and a scale is
-a float32 value). read_grouped() gives the kernels' GroupQuantized form of it, so that the weight
-stays packed in memory and the GEMVs read 4 or 8 bits a weight: 4 bits as the values q + 8 in
-0..15 with scale s and offset -(8 + z) * s in float16 (exact for symmetric weights, z = 0, the
-common case; with zero points the offset is rounded to float16, 2^-11 of it, below bfloat16's
-rounding of the weight); 8 bits as the signed values q with scale s (symmetric only). Whatever the
-kernels do not run (channel strategy, 8-bit zero points, group sizes other than GROUPED_SIZES,
-scales float16 cannot hold exactly) is None there and loads dequantized to the model's dtype."""
+read_dense() gives a slice of the weight in float32, exactly (products of small integers and the
+scales). read_grouped() gives it in the kernels' GroupQuantized form, so the weight stays packed
+in memory and the GEMVs read 4 or 8 bits a weight: 4 bits as the values u with scale s and offset
+-zero * s in float16 (exact for symmetric weights, zero 8: a power of two times s; with zero points
+the offset is rounded to float16, 2^-11 of it, below bfloat16's rounding of the weight); 8 bits as
+the signed u - 128 with scale s, symmetric only. What the kernels do not run (a scale per channel,
+group sizes other than GROUPED_SIZES, 8-bit zero points, scales float16 cannot hold, columns
+grouped by activation order, a rank's column slice that cuts a group) is None there and loads
+dequantized to the model's dtype, exactly."""
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 from dataclasses import dataclass
@@ -37,61 +49,119 @@ from ..kernels.reference import GroupQuantized
 # The group sizes every kernel of group-quantized weights runs (kernels/cpu.py's float GEMV takes
 # 32 and 128; the integer GEMV and Triton take these too).
 GROUPED_SIZES = (32, 128)
-PACKED_SUFFIX = "_packed"
+AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # output 8 * word + AWQ_ORDER[i] is a word's value i
+LAYOUTS = ("compressed-tensors", "gptq", "awq")
 logger = logging.getLogger("llama3_dist")
 
 
 @dataclass(frozen=True)
 class PackedWeight:
-    """One packed projection: `name` is its logical tensor (`X.weight`), the parts of the file
-    are `name + suffix`."""
+    """One packed projection: `name` is its logical tensor (X.weight), `prefix` its module (X)."""
 
     name: str
+    prefix: str
+    layout: str  # one of LAYOUTS
     rows: int
     cols: int
     bits: int
     group_size: int  # cols for a scale per row
-    symmetric: bool
+    zero_stored_minus_one: bool  # gptq: qzeros hold zero - 1
+    ordered: bool  # column c is in group c // group_size (no activation order)
 
-    def part(self, suffix: str) -> str:
-        return f"{self.name}{suffix}"
+    @property
+    def parts(self) -> list[str]:
+        """Its tensors in the file (those it has), the values first."""
+        if self.layout == "compressed-tensors":
+            return [f"{self.name}{s}" for s in ("_packed", "_scale", "_zero_point", "_shape", "_g_idx")]
+        return [f"{self.prefix}.{s}" for s in ("qweight", "scales", "qzeros", "g_idx")]
 
 
 def find_packed_weights(checkpoint: Any) -> dict[str, PackedWeight]:
-    """The checkpoint's packed projections by logical name, each checked against its shape,
-    scales and group index (which are read here: a few numbers)."""
-    files = checkpoint.files
+    """The checkpoint's packed projections by logical name, each checked against its scales, zero
+    points and group index (the small ones are read here)."""
+    config = json.loads((Path(checkpoint.path) / "config.json").read_text()).get("quantization_config") or {}
     found = {}
-    for packed_name in [n for n in files if n.endswith(".weight" + PACKED_SUFFIX)]:
-        name = packed_name.removesuffix(PACKED_SUFFIX)
-        for suffix in ("_shape", "_scale"):
-            if f"{name}{suffix}" not in files:
-                raise ConfigError(f"packed weight {packed_name!r} has no {name}{suffix!r} in the checkpoint")
-        rows, cols = (int(v) for v in checkpoint.read_whole(f"{name}_shape").tolist())
-        stored = checkpoint.shape(packed_name)
-        bits = next((b for b in (4, 8) if stored == [rows, -(-cols * b // 32)]), None)
-        if bits is None:
-            raise ConfigError(
-                f"packed weight {packed_name!r} has shape {stored}; a {rows} x {cols} weight packed in 4 or 8 "
-                f"bits takes [{rows}, {-(-cols // 8)}] or [{rows}, {-(-cols // 4)}] int32 words"
-            )
-        scale_shape = checkpoint.shape(f"{name}_scale")
-        groups = scale_shape[1] if len(scale_shape) == 2 and scale_shape[0] == rows else 0
-        if not groups or cols % groups:
-            raise ConfigError(
-                f"{name}_scale has shape {scale_shape}; a {rows} x {cols} weight takes [{rows}, groups] with "
-                f"groups dividing {cols} (strategy 'group') or [{rows}, 1] ('channel')"
-            )
-        group_size = cols // groups
-        if f"{name}_g_idx" in files:
-            order = checkpoint.read_whole(f"{name}_g_idx")
-            if not torch.equal(order.long(), torch.arange(cols) // group_size):
-                raise ConfigError(
-                    f"{name}_g_idx assigns columns to groups out of order (GPTQ's actorder 'group'); not supported: "
-                    f"use a checkpoint quantized with actorder 'weight' or none (their groups are consecutive columns)"
-                )
-        found[name] = PackedWeight(name, rows, cols, bits, group_size, f"{name}_zero_point" not in files)
+    for stored in list(checkpoint.files):
+        if stored.endswith(".weight_packed"):
+            weight = _compressed_tensors_weight(checkpoint, stored.removesuffix("_packed"))
+        elif stored.endswith(".qweight"):
+            weight = _gptq_or_awq_weight(checkpoint, stored.removesuffix(".qweight"), config)
+        else:
+            continue
+        found[weight.name] = weight
     return found
+
+
+def _groups_in_order(checkpoint: Any, name: str, cols: int, group_size: int) -> bool:
+    """Whether the columns' groups are consecutive columns (no group index, or one in order)."""
+    if name not in checkpoint.files:
+        return True
+    order = checkpoint.read_whole(name).long()
+    if order.shape != (cols,) or order.min() < 0 or order.max() >= -(-cols // group_size):
+        raise ConfigError(
+            f"{name!r} (shape {list(order.shape)}) must give each of {cols} columns one of its "
+            f"{-(-cols // group_size)} groups"
+        )
+    return bool(torch.equal(order, torch.arange(cols) // group_size))
+
+
+def _compressed_tensors_weight(checkpoint: Any, name: str) -> PackedWeight:
+    files = checkpoint.files
+    for suffix in ("_shape", "_scale"):
+        if f"{name}{suffix}" not in files:
+            raise ConfigError(f"packed weight {name + '_packed'!r} has no {name + suffix!r} in the checkpoint")
+    rows, cols = (int(v) for v in checkpoint.read_whole(f"{name}_shape").tolist())
+    stored = checkpoint.shape(f"{name}_packed")
+    bits = next((b for b in (4, 8) if stored == [rows, -(-cols * b // 32)]), None)
+    if bits is None:
+        raise ConfigError(
+            f"packed weight {name + '_packed'!r} has shape {stored}; a {rows} x {cols} weight packed in 4 or 8 "
+            f"bits takes [{rows}, {-(-cols // 8)}] or [{rows}, {-(-cols // 4)}] int32 words"
+        )
+    scale_shape = checkpoint.shape(f"{name}_scale")
+    groups = scale_shape[1] if len(scale_shape) == 2 and scale_shape[0] == rows else 0
+    if not groups or cols % groups:
+        raise ConfigError(
+            f"{name}_scale has shape {scale_shape}; a {rows} x {cols} weight takes [{rows}, groups] with "
+            f"groups dividing {cols} (strategy 'group') or [{rows}, 1] ('channel')"
+        )
+    group_size = cols // groups
+    ordered = _groups_in_order(checkpoint, f"{name}_g_idx", cols, group_size)
+    prefix = name.removesuffix(".weight")
+    return PackedWeight(name, prefix, "compressed-tensors", rows, cols, bits, group_size, False, ordered)
+
+
+def _gptq_or_awq_weight(checkpoint: Any, prefix: str, config: dict) -> PackedWeight:
+    method, bits = config.get("quant_method"), int(config.get("bits") or 0)
+    if method not in ("gptq", "awq"):
+        raise ConfigError(f"{prefix}.qweight: a GPTQ / AWQ tensor in a checkpoint whose quant_method is {method!r}")
+    if bits not in ((4, 8) if method == "gptq" else (4,)):
+        raise ConfigError(f"{prefix}.qweight: {method} weights of {bits} bits: not supported (gptq: 4 or 8, awq: 4)")
+    for part in ("scales", "qzeros"):
+        if f"{prefix}.{part}" not in checkpoint.files:
+            raise ConfigError(f"packed weight {prefix + '.qweight'!r} has no {prefix + '.' + part!r} in the checkpoint")
+    stored, scale_shape = checkpoint.shape(f"{prefix}.qweight"), checkpoint.shape(f"{prefix}.scales")
+    per_word = 32 // bits
+    if method == "gptq":
+        cols, rows = stored[0] * per_word, stored[1]
+    else:
+        cols, rows = stored[0], stored[1] * per_word
+    groups = scale_shape[0] if len(scale_shape) == 2 and scale_shape[1] == rows else 0
+    zero_shape = checkpoint.shape(f"{prefix}.qzeros")
+    if not groups or zero_shape != [groups, rows // per_word]:
+        raise ConfigError(
+            f"{prefix}: qweight {stored}, scales {scale_shape} and qzeros {zero_shape} do not describe one "
+            f"{rows} x {cols} weight of {bits}-bit values in groups ({method})"
+        )
+    group_size = cols if config.get("group_size", -1) in (-1, None) else int(config["group_size"])
+    if -(-cols // group_size) != groups:
+        raise ConfigError(
+            f"{prefix}.scales has {groups} groups; {cols} columns in groups of {group_size} take "
+            f"{-(-cols // group_size)}"
+        )
+    minus_one = method == "gptq" and config.get("checkpoint_format", "gptq") == "gptq"
+    ordered = _groups_in_order(checkpoint, f"{prefix}.g_idx", cols, group_size)
+    return PackedWeight(f"{prefix}.weight", prefix, method, rows, cols, bits, group_size, minus_one, ordered)
 
 
 def _fields(words: torch.Tensor, bits: int) -> torch.Tensor:
@@ -100,21 +170,53 @@ def _fields(words: torch.Tensor, bits: int) -> torch.Tensor:
     return ((words.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)).reshape(words.shape[0], -1)
 
 
+def _awq_order(fields: torch.Tensor) -> torch.Tensor:
+    """AWQ's fields [.., 8 * words] (a word's value i is output 8 * word + AWQ_ORDER[i]) in output order."""
+    inverse = torch.tensor(AWQ_ORDER).argsort()
+    return fields.reshape(*fields.shape[:-1], -1, 8)[..., inverse].reshape(fields.shape)
+
+
 def _values(checkpoint: Any, weight: PackedWeight, row0: int, stop: int, c0: int, c1: int) -> torch.Tensor:
-    """Rows [row0, stop) x columns [c0, c1) of the stored values q + 2^(bits - 1), int32."""
+    """The stored unsigned values u of rows [row0, stop) x columns [c0, c1), int32 [rows, cols]."""
     per_word = 32 // weight.bits
-    w0, w1 = c0 // per_word, -(-c1 // per_word)
-    words = checkpoint.read(weight.part(PACKED_SUFFIX), row0, stop - row0, (w0, w1))
-    return _fields(words, weight.bits)[:, c0 - w0 * per_word : c1 - w0 * per_word]
+    if weight.layout == "compressed-tensors":  # [rows, cols / per_word]: packed along the columns
+        w0, w1 = c0 // per_word, -(-c1 // per_word)
+        words = checkpoint.read(f"{weight.name}_packed", row0, stop - row0, (w0, w1))
+        return _fields(words, weight.bits)[:, c0 - w0 * per_word : c1 - w0 * per_word]
+    qweight = f"{weight.prefix}.qweight"
+    if weight.layout == "gptq":  # [cols / per_word, rows]: packed along the columns, transposed
+        w0, w1 = c0 // per_word, -(-c1 // per_word)
+        words = checkpoint.read(qweight, w0, w1 - w0, (row0, stop))
+        return _fields(words.T.contiguous(), weight.bits)[:, c0 - w0 * per_word : c1 - w0 * per_word]
+    # awq: [cols, rows / per_word], packed along the rows in AWQ_ORDER
+    w0, w1 = row0 // per_word, -(-stop // per_word)
+    words = checkpoint.read(qweight, c0, c1 - c0, (w0, w1))
+    return _awq_order(_fields(words, weight.bits)).T[row0 - w0 * per_word : stop - w0 * per_word]
 
 
-def _zero_points(checkpoint: Any, weight: PackedWeight, row0: int, stop: int, g0: int, g1: int) -> torch.Tensor | None:
-    """The zero points z of rows [row0, stop), groups [g0, g1), int32; None when symmetric."""
-    if weight.symmetric:
-        return None
-    packed = checkpoint.read_whole(weight.part("_zero_point"))  # small: a value per group, packed
-    unpacked = _fields(packed.T.contiguous(), weight.bits).T  # [rows (padded to a word), groups]
-    return unpacked[row0:stop, g0:g1] - (1 << (weight.bits - 1))
+def _scales_and_zeros(checkpoint: Any, weight: PackedWeight, row0: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every group's scale (as stored) and zero (int32, in u's domain) of rows [row0, stop)."""
+    bits = weight.bits
+    if weight.layout == "compressed-tensors":
+        scales = checkpoint.read(f"{weight.name}_scale", row0, stop - row0)
+        if f"{weight.name}_zero_point" not in checkpoint.files:
+            return scales, torch.full(scales.shape, 1 << (bits - 1), dtype=torch.int32)
+        packed = checkpoint.read_whole(f"{weight.name}_zero_point")  # small: a value per group, along the rows
+        return scales, _fields(packed.T.contiguous(), bits).T[row0:stop]
+    scales = checkpoint.read(f"{weight.prefix}.scales", cols=(row0, stop)).T
+    zeros = _fields(checkpoint.read_whole(f"{weight.prefix}.qzeros"), bits)  # [groups, rows]
+    if weight.layout == "awq":
+        zeros = _awq_order(zeros)
+    zeros = zeros[:, row0:stop].T.contiguous()
+    return scales, zeros + 1 if weight.zero_stored_minus_one else zeros
+
+
+def _column_groups(checkpoint: Any, weight: PackedWeight, c0: int, c1: int) -> torch.Tensor:
+    """The group of each of columns [c0, c1)."""
+    if weight.ordered:
+        return torch.arange(c0, c1) // weight.group_size
+    g_idx = f"{weight.name}_g_idx" if weight.layout == "compressed-tensors" else f"{weight.prefix}.g_idx"
+    return checkpoint.read_whole(g_idx).long()[c0:c1]
 
 
 def read_dense(
@@ -123,15 +225,10 @@ def read_dense(
     """The [row0, row0 + rows) x [cols) slice of the weight, float32 (exact)."""
     stop = weight.rows if rows is None else row0 + rows
     c0, c1 = (0, weight.cols) if cols is None else cols
-    size = weight.group_size
-    g0, g1 = c0 // size, -(-c1 // size)
-    q = _values(checkpoint, weight, row0, stop, c0, c1) - (1 << (weight.bits - 1))
-    scale = checkpoint.read(weight.part("_scale"), row0, stop - row0, (g0, g1)).float()
-    group = torch.arange(c0, c1) // size - g0
-    zero = _zero_points(checkpoint, weight, row0, stop, g0, g1)
-    if zero is not None:
-        q = q - zero[:, group]
-    return q.float() * scale[:, group]
+    scales, zeros = _scales_and_zeros(checkpoint, weight, row0, stop)
+    group = _column_groups(checkpoint, weight, c0, c1)
+    values = _values(checkpoint, weight, row0, stop, c0, c1) - zeros[:, group]
+    return values.float() * scales.float()[:, group]
 
 
 def read_grouped(
@@ -140,7 +237,7 @@ def read_grouped(
     """The slice as read_dense() but in the kernels' grouped form (see the module's docstring);
     None where the kernels do not run it, or where a column slice cuts groups."""
     size = weight.group_size
-    if size not in GROUPED_SIZES or (weight.bits == 8 and not weight.symmetric):
+    if size not in GROUPED_SIZES or not weight.ordered:
         return None
     stop = weight.rows if rows is None else row0 + rows
     c0, c1 = (0, weight.cols) if cols is None else cols
@@ -151,17 +248,17 @@ def read_grouped(
             weight.name, c0, c1, size, weight.cols // size,
         )  # fmt: skip
         return None
-    g0, g1 = c0 // size, c1 // size
-    scale = checkpoint.read(weight.part("_scale"), row0, stop - row0, (g0, g1))
+    scale, zeros = _scales_and_zeros(checkpoint, weight, row0, stop)
+    scale, zeros = scale[:, c0 // size : c1 // size], zeros[:, c0 // size : c1 // size]
     scales = scale.to(torch.float16)
     if not (torch.isfinite(scales).all() and torch.equal(scales.to(scale.dtype), scale)):
-        return None  # scales float16 cannot hold: dequantized at load instead
+        return None  # scales float16 cannot hold
     values = _values(checkpoint, weight, row0, stop, c0, c1)
     if weight.bits == 8:
+        if not bool((zeros == 128).all()):
+            return None  # the 8-bit form is symmetric
         return GroupQuantized((values - 128).to(torch.int8), scales, None, 8, size)
-    zero = _zero_points(checkpoint, weight, row0, stop, g0, g1)
-    shift = 8 if zero is None else 8 + zero
-    offsets = (-shift * scale.float()).to(torch.float16)
+    offsets = (-zeros * scale.float()).to(torch.float16)
     if not torch.isfinite(offsets).all():
         return None
     return GroupQuantized(values.to(torch.int8), scales, offsets, 4, size)

@@ -15,6 +15,7 @@ from conftest import build_checkpoint
 from llama3_dist import LLM, ConfigError, SamplingParams
 from llama3_dist.config import GROUP_SIZES
 from llama3_dist.kernels import reference
+from llama3_dist.model.checkpoint import TORCH_DTYPES
 
 PROMPTS = [[3, 1, 4, 1, 5, 9, 2, 6], [2, 7, 1, 8, 2, 8, 1, 8, 2, 8, 4, 5]]
 GREEDY = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
@@ -22,6 +23,8 @@ PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "
 
 
 ROW_PARALLEL = ("o_proj", "down_proj")  # input features split across ranks
+# AutoAWQ's packing order (WQLinear_GEMM.from_linear): a word's value i is output 8 * word + AWQ_ORDER[i]
+AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
 
 
 def dequantized(weight: torch.Tensor, quantization: str) -> torch.Tensor:
@@ -220,7 +223,7 @@ def test_unsupported_checkpoint_quantizations_are_named(checkpoints, tmp_path):
     fp8_checkpoint(checkpoints["llama"], path, "channel")
     config = json.loads((path / "config.json").read_text())
     for qc, named in (
-        ({"quant_method": "awq", "bits": 4}, "'awq' is not supported"),
+        ({"quant_method": "bitsandbytes", "load_in_4bit": True}, "'bitsandbytes' is not supported"),
         ({"quant_method": "compressed-tensors", "config_groups": {"g": {"weights": {"type": "int", "num_bits": 4}}}},
          "type 'int', 4 bits"),
     ):  # fmt: skip
@@ -263,27 +266,127 @@ def packed_checkpoint(source: str, path, bits: int, symmetric: bool, group_size:
     return weights
 
 
+def _packed_words(values: torch.Tensor, bits: int, order: tuple[int, ...] | None = None) -> torch.Tensor:
+    """values [r, c] (unsigned, < 2^bits) -> int32 words [r, c * bits / 32] along the last dim, value
+    i of a word at bits [i * bits, (i + 1) * bits): column per_word * w + order[i] (in order if None),
+    as AutoGPTQ's QuantLinear.pack and AutoAWQ's WQLinear_GEMM.from_linear write them."""
+    per_word = 32 // bits
+    grouped = values.long().reshape(values.shape[0], -1, per_word)
+    if order is not None:
+        grouped = grouped[..., list(order)]
+    words = (grouped << (torch.arange(per_word) * bits)).sum(dim=-1)
+    return torch.where(words >= 1 << 31, words - (1 << 32), words).to(torch.int32)
+
+
+def gptq_or_awq_checkpoint(
+    source: str,
+    path,
+    method: str,
+    bits: int,
+    symmetric: bool,
+    group_size: int,
+    desc_act=False,
+    checkpoint_format="gptq",
+) -> dict[str, torch.Tensor]:
+    """The checkpoint at `source` with its projections quantized round-to-nearest and written in
+    AutoGPTQ's (method "gptq": qweight packed along the inputs, qzeros along the outputs holding
+    zero - 1 in checkpoint_format "gptq", g_idx) or AutoAWQ's GEMM layout (method "awq": both packed
+    along the outputs in AWQ's order); desc_act: the columns' groups in a random order (GPTQ's
+    activation order). Returns the float32 weights (q - zero) * scale for the reference, computed
+    from the integers, not from the packing."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(source, path)
+    tensors, weights = load_file(f"{path}/model.safetensors"), {}
+    generator = torch.Generator().manual_seed(bits * 1000 + group_size)
+    for name in [n for n in tensors if n.rsplit(".", 2)[-2] in PROJECTIONS]:
+        weight = tensors.pop(name)
+        rows, cols = weight.shape
+        groups = cols // group_size
+        g_idx = torch.arange(cols) // group_size
+        if desc_act:
+            g_idx = g_idx[torch.randperm(cols, generator=generator)]
+        members = torch.stack([torch.nonzero(g_idx == g).flatten() for g in range(groups)])  # [groups, group_size]
+        w = weight[:, members]  # [rows, groups, group_size]
+        top = (1 << bits) - 1
+        if symmetric:
+            scale = (w.abs().amax(dim=2) / (top // 2)).half().float()
+            zero = torch.full_like(scale, (top + 1) // 2, dtype=torch.long)
+        else:
+            low, high = w.amin(dim=2).clamp(max=0), w.amax(dim=2).clamp(min=0)
+            scale = ((high - low) / top).half().float()
+            zero = torch.round(-low / scale).long().clamp(0, top)
+        q = (torch.round(w / scale[:, :, None]) + zero[:, :, None]).clamp(0, top).long()
+        dense = torch.empty(rows, cols)
+        dense[:, members] = (q - zero[:, :, None]).float() * scale[:, :, None]
+        weights[name] = dense
+        values = torch.empty(rows, cols, dtype=torch.long)
+        values[:, members] = q
+        prefix = name.removesuffix(".weight")
+        tensors[f"{prefix}.scales"] = scale.T.half().contiguous()
+        if method == "gptq":
+            stored_zero = zero - 1 if checkpoint_format == "gptq" else zero
+            tensors[f"{prefix}.qweight"] = _packed_words(values, bits).T.contiguous()  # [cols * bits / 32, rows]
+            tensors[f"{prefix}.qzeros"] = _packed_words(stored_zero.T.contiguous(), bits)
+            tensors[f"{prefix}.g_idx"] = g_idx.to(torch.int32)
+        else:
+            tensors[f"{prefix}.qweight"] = _packed_words(values.T.contiguous(), bits, AWQ_ORDER)
+            tensors[f"{prefix}.qzeros"] = _packed_words(zero.T.contiguous(), bits, AWQ_ORDER)
+    for name, tensor in tensors.items():
+        if name.endswith(("weight", "bias")):
+            weights[name] = tensor.float()
+    save_file(tensors, f"{path}/model.safetensors", metadata={"format": "pt"})
+    config = json.loads((path / "config.json").read_text())
+    config["quantization_config"] = (
+        {"quant_method": "gptq", "bits": bits, "group_size": group_size, "desc_act": desc_act, "sym": symmetric,
+         "checkpoint_format": checkpoint_format}
+        if method == "gptq"
+        else {"quant_method": "awq", "bits": bits, "group_size": group_size, "zero_point": True, "version": "gemm"}
+    )  # fmt: skip
+    (path / "config.json").write_text(json.dumps(config))
+    return weights
+
+
 @pytest.mark.parametrize(
-    "bits,symmetric,group_size,dtype,devices",
+    "layout,bits,symmetric,group_size,dtype,devices",
     [
-        (4, True, 32, "float32", ["cpu"]),
-        (4, True, 32, "bfloat16", ["cpu"]),
-        (4, False, 128, "float32", ["cpu"]),
-        (8, True, 32, "float32", ["cpu"]),
-        (4, False, 32, "float32", ["cpu", "cpu"]),
+        ("compressed-tensors", 4, True, 32, "float32", ["cpu"]),
+        ("compressed-tensors", 4, True, 32, "bfloat16", ["cpu"]),
+        ("compressed-tensors", 4, False, 128, "float32", ["cpu"]),
+        ("compressed-tensors", 8, True, 32, "float32", ["cpu"]),
+        ("compressed-tensors", 4, False, 32, "float32", ["cpu", "cpu"]),
+        ("gptq", 4, True, 32, "float32", ["cpu"]),
+        ("gptq_v2", 4, False, 128, "bfloat16", ["cpu"]),
+        ("gptq-desc-act", 4, True, 32, "float32", ["cpu"]),
+        ("gptq", 8, True, 32, "float32", ["cpu", "cpu"]),
+        ("awq", 4, False, 32, "float32", ["cpu"]),
+        ("awq", 4, False, 128, "bfloat16", ["cpu", "cpu"]),
     ],
 )
-def test_pack_quantized_checkpoints_run_packed(tmp_path, request, bits, symmetric, group_size, dtype, devices):
-    """A compressed-tensors W4A16 / W8A16 checkpoint (written by compressed-tensors itself) gives
-    the greedy tokens of transformers on the weights compressed-tensors unpacks, with its
-    projections kept packed (4 or 8 bits a weight, not dequantized): symmetric and with zero
-    points, groups of 32 and 128, float32 and bfloat16, on one rank and sharded over two (each
-    rank reads its rows, or for o/down its whole groups of columns, and its zero points)."""
+def test_packed_integer_checkpoints(tmp_path, request, layout, bits, symmetric, group_size, dtype, devices):
+    """A 4- or 8-bit checkpoint in each layout people serve (compressed-tensors' pack-quantized,
+    written by compressed-tensors itself; AutoGPTQ's gptq and gptq_v2; AutoAWQ's GEMM) gives the
+    greedy tokens of transformers on the weights the checkpoint's integers and scales define, with
+    its projections kept packed (4 or 8 bits a weight) wherever their groups are consecutive
+    columns: symmetric and with zero points, groups of 32 and 128, float32 and bfloat16, on one
+    rank and sharded over two (each rank reads its rows, or for o/down its whole groups of
+    columns, and their scales and zero points). GPTQ's activation order (desc_act: a column's
+    group from g_idx) loads dequantized, exactly."""
     if len(devices) > 1:
         request.getfixturevalue("ray_local")
     source = build_checkpoint("llama", tmp_path / "source", hidden_size=128, intermediate_size=256)
     path = tmp_path / "packed"
-    weights = packed_checkpoint(source, path, bits, symmetric, group_size)
+    if layout == "compressed-tensors":
+        weights = packed_checkpoint(source, path, bits, symmetric, group_size)
+    else:
+        method = "awq" if layout == "awq" else "gptq"
+        weights = gptq_or_awq_checkpoint(
+            source, path, method, bits, symmetric, group_size, desc_act=layout == "gptq-desc-act",
+            checkpoint_format="gptq_v2" if layout == "gptq_v2" else "gptq",
+        )  # fmt: skip
     reference_model = transformers.AutoModelForCausalLM.from_pretrained(
         source, dtype=torch.float32, attn_implementation="eager"
     ).eval()
@@ -295,7 +398,10 @@ def test_pack_quantized_checkpoints_run_packed(tmp_path, request, bits, symmetri
         if len(devices) == 1:
             layer = llm.engine.executor.worker.model.decoder_layers[0]
             for projection in (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.down_proj):
-                assert projection.grouped is not None and projection.grouped.bits == bits
+                if layout == "gptq-desc-act":
+                    assert projection.grouped is None and projection.weight.dtype == TORCH_DTYPES[dtype]
+                else:
+                    assert projection.grouped is not None and projection.grouped.bits == bits
         outs = llm.generate(prompt_token_ids=PROMPTS, sampling_params=GREEDY, use_tqdm=False)
     tolerance = 1e-4 if dtype == "float32" else 0.15
     assert_reference_argmax(reference_model, [list(o.outputs[0].token_ids) for o in outs], tolerance)
@@ -304,7 +410,7 @@ def test_pack_quantized_checkpoints_run_packed(tmp_path, request, bits, symmetri
 def test_pack_quantized_forms_the_kernels_do_not_run_load_dequantized(tmp_path):
     """Scales float16 cannot hold (here float32) and a column slice that cuts a group read as
     the exact dense weight instead of the grouped form; packed shapes that disagree with
-    weight_shape, and activation-ordered groups, are refused by name."""
+    weight_shape, and GPTQ / AWQ configurations not read here, are refused by name."""
     import json
 
     from safetensors.torch import load_file, save_file
@@ -325,10 +431,13 @@ def test_pack_quantized_forms_the_kernels_do_not_run_load_dequantized(tmp_path):
     torch.testing.assert_close(checkpoint.read(name, 8, 16, (64, 192)), weights[name][8:24, 64:192], rtol=0, atol=0)
 
     config = json.loads((tmp_path / "bf16" / "config.json").read_text())
-    config["quantization_config"]["config_groups"]["group_0"]["weights"]["actorder"] = "group"
-    (tmp_path / "bf16" / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ConfigError, match=r"'group_0' orders its groups by activation \(actorder 'group'\)"):
-        LLM(str(tmp_path / "bf16"), show_progress=False)
+    for qc, named in (
+        ({"quant_method": "gptq", "bits": 3, "group_size": 128}, r"gptq quantization_config \(bits 3, format ''\)"),
+        ({"quant_method": "awq", "bits": 4, "version": "gemv"}, r"awq quantization_config \(bits 4, format 'gemv'\)"),
+    ):
+        (tmp_path / "bf16" / "config.json").write_text(json.dumps({**config, "quantization_config": qc}))
+        with pytest.raises(ConfigError, match=named):
+            LLM(str(tmp_path / "bf16"), show_progress=False)
     tensors = load_file(f"{path}/model.safetensors")
     tensors[f"{name}_shape"] = torch.tensor([128, 200])
     save_file(tensors, f"{path}/model.safetensors", metadata={"format": "pt"})
