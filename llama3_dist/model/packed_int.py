@@ -89,6 +89,14 @@ def find_packed_weights(checkpoint: Any) -> dict[str, PackedWeight]:
         else:
             continue
         found[weight.name] = weight
+    unordered = [w.name for w in found.values() if not w.ordered]
+    if unordered:
+        logger.warning(
+            "%d packed weights (%s, ...) group their columns by activation order (GPTQ's desc_act, actorder "
+            "'group'): the kernels run only consecutive groups, so these load dequantized (exact, at the memory of "
+            "the model's dtype)",
+            len(unordered), unordered[0],
+        )  # fmt: skip
     return found
 
 
