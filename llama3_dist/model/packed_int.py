@@ -260,7 +260,11 @@ def read_grouped(
     scale, zeros = scale[:, c0 // size : c1 // size], zeros[:, c0 // size : c1 // size]
     scales = scale.to(torch.float16)
     if not (torch.isfinite(scales).all() and torch.equal(scales.to(scale.dtype), scale)):
-        return None  # scales float16 cannot hold
+        logger.warning(
+            "%s: its %s scales are not all float16 values (the kernels' scales), so it loads dequantized",
+            weight.name, scale.dtype,
+        )  # fmt: skip
+        return None
     values = _values(checkpoint, weight, row0, stop, c0, c1)
     if weight.bits == 8:
         if not bool((zeros == 128).all()):
