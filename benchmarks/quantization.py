@@ -46,7 +46,7 @@ def streaming_gbps() -> float:
     return best
 
 
-# Checkpoints written by compressed-tensors (model/packed_int.py's save_pack_quantized), loaded as
+# Checkpoints written by compressed-tensors (model/packed_int.py's save_compressed), loaded as
 # stored (quantization None): mode -> (bits, symmetric, group size).
 PACKED_MODES = {"w4a16": (4, True, 128), "w4a16-g32": (4, True, 32), "w8a16": (8, True, 32)}
 
@@ -54,12 +54,12 @@ PACKED_MODES = {"w4a16": (4, True, 128), "w4a16-g32": (4, True, 32), "w8a16": (8
 def packed_checkpoint(path, mode: str) -> str:
     """The checkpoint at `path` re-saved as a compressed-tensors pack-quantized checkpoint (once,
     beside it: `<path>-<mode>`)."""
-    from llama3_dist.model.packed_int import save_pack_quantized
+    from llama3_dist.model.packed_int import save_compressed
 
     target = Path(f"{path}-{mode}")
     if not (target / "config.json").is_file():
         bits, symmetric, group_size = PACKED_MODES[mode]
-        save_pack_quantized(path, target, bits, symmetric, group_size)
+        save_compressed(path, target, bits, symmetric, group_size)
     return str(target)
 
 

@@ -380,6 +380,10 @@ def check_tp_degree(n_heads: int, n_kv_heads: int, tp: int) -> None:
         )
 
 
+# compressed-tensors' formats that store 8-bit integer weights as int8 tensors (its W8A8 models)
+INT8_FORMATS = ("int-quantized", "naive-quantized")
+
+
 def _checkpoint_quantization(hf: dict[str, Any]) -> str | None:
     """How the checkpoint stores its projections, from its quantization_config: None (floats),
     "fp8" (float 8-bit weights that the loader dequantizes), "int4" / "int8" / "int4+int8" (packed
@@ -391,8 +395,9 @@ def _checkpoint_quantization(hf: dict[str, Any]) -> str | None:
         return None
     method = qc.get("quant_method")
     accepted = (
-        "accepted: compressed-tensors FP8 (float 8-bit weights, channel or tensor scales) and pack-quantized "
-        "integers (4 or 8 bits, group or channel scales: W4A16 / W8A16), gptq (4 or 8 bits, checkpoint_format "
+        "accepted: compressed-tensors FP8 (float 8-bit weights, channel or tensor scales), pack-quantized "
+        "integers (4 or 8 bits, group or channel scales: W4A16 / W8A16) and int-quantized 8-bit integers (W8A8, "
+        "run weight-only), gptq (4 or 8 bits, checkpoint_format "
         "gptq or gptq_v2), awq (4 bits, GEMM version, zero points) and fbgemm_fp8; other checkpoints load "
         "unquantized (then quantization='int8' or 'int4' quantizes them at load)"
     )
@@ -422,6 +427,10 @@ def _checkpoint_quantization(hf: dict[str, Any]) -> str | None:
             kinds.add("fp8")
         elif kind[0] == "int" and kind[1] in (4, 8) and kind[2] in ("group", "channel") and packing == "pack-quantized":
             kinds.add(f"int{kind[1]}")
+        elif (
+            kind[0] == "int" and kind[1] == 8 and kind[2] in ("group", "channel", "tensor") and packing in INT8_FORMATS
+        ):
+            kinds.add("int8")
         else:
             raise ConfigError(
                 f"compressed-tensors config group {name!r} stores weights as type {kind[0]!r}, "

@@ -131,13 +131,26 @@ class Checkpoint:
             return [self.packed[name].rows, self.packed[name].cols]
         return list(self._open(self.files[name]).get_slice(name).get_shape())
 
+    def stored_dtype(self, name: str) -> str:
+        """The tensor's type as the file stores it (safetensors' names: "I8", "BF16", ...)."""
+        return self._open(self.files[name]).get_slice(name).get_dtype()
+
     def read(
         self, name: str, row0: int = 0, rows: int | None = None, cols: tuple[int, int] | None = None
     ) -> torch.Tensor:
-        self.consumed.add(name)
+        """Rows [row0, row0 + rows) (all: None) and columns [cols) of a tensor; a packed integer
+        projection (model/packed_int.py) dequantized to float32."""
         if name in self.packed:
+            self.consumed.add(name)
             self.consumed.update(n for n in self.packed[name].parts if n in self.files)
             return packed_int.read_dense(self, self.packed[name], row0, rows, cols)
+        return self.read_stored(name, row0, rows, cols)
+
+    def read_stored(
+        self, name: str, row0: int = 0, rows: int | None = None, cols: tuple[int, int] | None = None
+    ) -> torch.Tensor:
+        """As read(), but the tensor as the file stores it."""
+        self.consumed.add(name)
         sl = self._open(self.files[name]).get_slice(name)
         stop = None if rows is None else row0 + rows
         if cols is None:

@@ -1,10 +1,10 @@
-"""Packed integer weights of quantized checkpoints, in the three layouts people serve 4- and 8-bit
+"""Packed integer weights of quantized checkpoints, in the layouts people serve 4- and 8-bit
 models in: compressed-tensors' "pack-quantized" (the W4A16 / W8A16 checkpoints llm-compressor
-writes, GPTQ or round-to-nearest values; vLLM's format), AutoGPTQ's / GPTQModel's "gptq" and
-AutoAWQ's "awq" (GEMM version). One canonical form serves all three: for output row r and input
-column c, w = (u - zero[r, g]) * scale[r, g] with u the stored unsigned value (0 .. 2^bits - 1),
-g = the column's group (consecutive columns, `group_size` a group, unless a group index orders
-them by activation), zero in u's domain.
+writes, GPTQ or round-to-nearest values; vLLM's format) and "int-quantized" (its int8 tensors),
+AutoGPTQ's / GPTQModel's "gptq" and AutoAWQ's "awq" (GEMM version). One canonical form serves all:
+for output row r and input column c, w = (u - zero[r, g]) * scale[r, g] with u the stored unsigned
+value (0 .. 2^bits - 1), g = the column's group (consecutive columns, `group_size` a group, unless
+a group index orders them by activation), zero in u's domain.
 
 The layouts (a projection's module prefix X; rows are output features, cols input features):
 - compressed-tensors: `X.weight_packed` int32 [rows, ceil(cols * bits / 32)], value j of a word at
@@ -13,6 +13,9 @@ The layouts (a projection's module prefix X; rows are output features, cols inpu
   points only) the signed z packed the same way along the rows [ceil(rows * bits / 32), groups],
   stored as z + 2^(bits - 1), which is the zero in u's domain (2^(bits - 1) when symmetric);
   `X.weight_shape` [rows, cols]; `X.weight_g_idx` (actorder "group") each column's group.
+- int-quantized (compressed-tensors' W8A8 models, run weight-only here: their activation scales are
+  not used): `X.weight` int8 [rows, cols] holding q, u = q + 128; `X.weight_scale` [rows, groups]
+  or [1] (per tensor); `X.weight_zero_point` int8 like the scales, zero = z + 128.
 - gptq: `X.qweight` int32 [cols * bits / 32, rows] (packed along the input features, in order);
   `X.scales` [groups, rows]; `X.qzeros` int32 [groups, rows * bits / 32] (along the outputs), each
   stored as zero - 1 (checkpoint_format "gptq", AutoGPTQ's) or zero ("gptq_v2"); `X.g_idx` [cols].
@@ -36,6 +39,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,7 +54,7 @@ from ..kernels.reference import GroupQuantized
 # 32 and 128; the integer GEMV and Triton take these too).
 GROUPED_SIZES = (32, 128)
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # output 8 * word + AWQ_ORDER[i] is a word's value i
-LAYOUTS = ("compressed-tensors", "gptq", "awq")
+LAYOUTS = ("compressed-tensors", "int-quantized", "gptq", "awq")
 logger = logging.getLogger("llama3_dist")
 
 
@@ -73,6 +77,9 @@ class PackedWeight:
         """Its tensors in the file (those it has), the values first."""
         if self.layout == "compressed-tensors":
             return [f"{self.name}{s}" for s in ("_packed", "_scale", "_zero_point", "_shape", "_g_idx")]
+        if self.layout == "int-quantized":  # activation scales of W8A8 schemes are not used
+            names = ("weight", "weight_scale", "weight_zero_point", "weight_g_idx", "input_scale", "input_zero_point")
+            return [f"{self.prefix}.{s}" for s in names]
         return [f"{self.prefix}.{s}" for s in ("qweight", "scales", "qzeros", "g_idx")]
 
 
@@ -84,6 +91,10 @@ def find_packed_weights(checkpoint: Any) -> dict[str, PackedWeight]:
     for stored in list(checkpoint.files):
         if stored.endswith(".weight_packed"):
             weight = _compressed_tensors_weight(checkpoint, stored.removesuffix("_packed"))
+        elif stored.endswith(".weight") and f"{stored}_scale" in checkpoint.files:
+            if checkpoint.stored_dtype(stored) != "I8":
+                continue  # float8 weights with scales: WeightSource dequantizes those
+            weight = _int_quantized_weight(checkpoint, stored)
         elif stored.endswith(".qweight"):
             weight = _gptq_or_awq_weight(checkpoint, stored.removesuffix(".qweight"), config)
         else:
@@ -139,6 +150,23 @@ def _compressed_tensors_weight(checkpoint: Any, name: str) -> PackedWeight:
     return PackedWeight(name, prefix, "compressed-tensors", rows, cols, bits, group_size, False, ordered)
 
 
+def _int_quantized_weight(checkpoint: Any, name: str) -> PackedWeight:
+    rows, cols = checkpoint.shape(name)
+    scale_shape = checkpoint.shape(f"{name}_scale")
+    if scale_shape in ([], [1], [1, 1]):
+        groups = 1  # one scale for the tensor
+    else:
+        groups = scale_shape[1] if len(scale_shape) == 2 and scale_shape[0] == rows else 0
+    if not groups or cols % groups:
+        raise ConfigError(
+            f"{name}_scale has shape {scale_shape}; {rows} x {cols} int8 weights take [{rows}, groups] with groups "
+            f"dividing {cols}, [{rows}, 1] (per channel) or [1] (per tensor)"
+        )
+    ordered = _groups_in_order(checkpoint, f"{name}_g_idx", cols, cols // groups)
+    prefix = name.removesuffix(".weight")
+    return PackedWeight(name, prefix, "int-quantized", rows, cols, 8, cols // groups, False, ordered)
+
+
 def _gptq_or_awq_weight(checkpoint: Any, prefix: str, config: dict) -> PackedWeight:
     method, bits = config.get("quant_method"), int(config.get("bits") or 0)
     if method not in ("gptq", "awq"):
@@ -189,29 +217,41 @@ def _values(checkpoint: Any, weight: PackedWeight, row0: int, stop: int, c0: int
     per_word = 32 // weight.bits
     if weight.layout == "compressed-tensors":  # [rows, cols / per_word]: packed along the columns
         w0, w1 = c0 // per_word, -(-c1 // per_word)
-        words = checkpoint.read(f"{weight.name}_packed", row0, stop - row0, (w0, w1))
+        words = checkpoint.read_stored(f"{weight.name}_packed", row0, stop - row0, (w0, w1))
         return _fields(words, weight.bits)[:, c0 - w0 * per_word : c1 - w0 * per_word]
+    if weight.layout == "int-quantized":  # int8 [rows, cols], signed
+        return checkpoint.read_stored(weight.name, row0, stop - row0, (c0, c1)).int() + 128
     qweight = f"{weight.prefix}.qweight"
     if weight.layout == "gptq":  # [cols / per_word, rows]: packed along the columns, transposed
         w0, w1 = c0 // per_word, -(-c1 // per_word)
-        words = checkpoint.read(qweight, w0, w1 - w0, (row0, stop))
+        words = checkpoint.read_stored(qweight, w0, w1 - w0, (row0, stop))
         return _fields(words.T.contiguous(), weight.bits)[:, c0 - w0 * per_word : c1 - w0 * per_word]
     # awq: [cols, rows / per_word], packed along the rows in AWQ_ORDER
     w0, w1 = row0 // per_word, -(-stop // per_word)
-    words = checkpoint.read(qweight, c0, c1 - c0, (w0, w1))
+    words = checkpoint.read_stored(qweight, c0, c1 - c0, (w0, w1))
     return _awq_order(_fields(words, weight.bits)).T[row0 - w0 * per_word : stop - w0 * per_word]
 
 
 def _scales_and_zeros(checkpoint: Any, weight: PackedWeight, row0: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Every group's scale (as stored) and zero (int32, in u's domain) of rows [row0, stop)."""
     bits = weight.bits
+    if weight.layout == "int-quantized":
+        scale_name, zero_name = f"{weight.name}_scale", f"{weight.name}_zero_point"
+        if math.prod(checkpoint.shape(scale_name)) == 1 and weight.rows > 1:
+            scales = checkpoint.read_whole(scale_name).reshape(1, 1).expand(stop - row0, 1)
+        else:
+            scales = checkpoint.read_stored(scale_name, row0, stop - row0).reshape(stop - row0, -1)
+        if zero_name not in checkpoint.files:
+            return scales, torch.full(scales.shape, 128, dtype=torch.int32)
+        zeros = checkpoint.read_whole(zero_name).int().reshape(-1, scales.shape[1]).expand(weight.rows, -1)
+        return scales, zeros[row0:stop] + 128
     if weight.layout == "compressed-tensors":
-        scales = checkpoint.read(f"{weight.name}_scale", row0, stop - row0)
+        scales = checkpoint.read_stored(f"{weight.name}_scale", row0, stop - row0)
         if f"{weight.name}_zero_point" not in checkpoint.files:
             return scales, torch.full(scales.shape, 1 << (bits - 1), dtype=torch.int32)
         packed = checkpoint.read_whole(f"{weight.name}_zero_point")  # small: a value per group, along the rows
         return scales, _fields(packed.T.contiguous(), bits).T[row0:stop]
-    scales = checkpoint.read(f"{weight.prefix}.scales", cols=(row0, stop)).T
+    scales = checkpoint.read_stored(f"{weight.prefix}.scales", cols=(row0, stop)).T
     zeros = _fields(checkpoint.read_whole(f"{weight.prefix}.qzeros"), bits)  # [groups, rows]
     if weight.layout == "awq":
         zeros = _awq_order(zeros)
@@ -223,7 +263,7 @@ def _column_groups(checkpoint: Any, weight: PackedWeight, c0: int, c1: int) -> t
     """The group of each of columns [c0, c1)."""
     if weight.ordered:
         return torch.arange(c0, c1) // weight.group_size
-    g_idx = f"{weight.name}_g_idx" if weight.layout == "compressed-tensors" else f"{weight.prefix}.g_idx"
+    g_idx = f"{weight.prefix}.g_idx" if weight.layout in ("gptq", "awq") else f"{weight.name}_g_idx"
     return checkpoint.read_whole(g_idx).long()[c0:c1]
 
 
@@ -276,21 +316,26 @@ def read_grouped(
     return GroupQuantized(values.to(torch.int8), scales, offsets, 4, size)
 
 
-def save_pack_quantized(
+def save_compressed(
     source: str | Path,
     path: str | Path,
     bits: int = 4,
     symmetric: bool = True,
-    group_size: int = 128,
+    group_size: int | None = 128,
     scale_dtype: torch.dtype = torch.bfloat16,
+    packing: str = "pack-quantized",
+    int8_activations: bool = False,
 ) -> None:
-    """Writes the Hugging Face checkpoint at `source` to `path` as a compressed-tensors
-    pack-quantized checkpoint, with compressed-tensors itself (an optional dependency:
-    `pip install compressed-tensors`), as llm-compressor writes its W4A16 / W8A16 models: its
-    quantization config on every Linear layer but the LM head, round-to-nearest min-max scales (and
-    zero points when not symmetric) from its calculate_qparams, held in `scale_dtype`, then its
-    pack-quantized compression. (llm-compressor's GPTQ would pick other values in the same format.)
-    The tests' and benchmarks' packed checkpoints; also a way to make one without llm-compressor."""
+    """Writes the Hugging Face checkpoint at `source` to `path` as a compressed-tensors checkpoint
+    of integer weights, with compressed-tensors itself (an optional dependency: `pip install
+    compressed-tensors`), as llm-compressor writes its models: its quantization config on every
+    Linear layer but the LM head (groups of `group_size` input features, or a scale per channel
+    for None; int8_activations: W8A8's dynamic per-token int8 activations too), round-to-nearest
+    min-max scales (and zero points when not symmetric) from its calculate_qparams, held in
+    `scale_dtype`, then its `packing` compression ("pack-quantized": W4A16 / W8A16;
+    "int-quantized": int8 tensors). (llm-compressor's GPTQ would pick other values in the same
+    format.) The tests' and benchmarks' quantized checkpoints; also a way to make one without
+    llm-compressor."""
     import transformers
     from compressed_tensors.compressors import ModelCompressor
     from compressed_tensors.quantization import (
@@ -302,18 +347,25 @@ def save_pack_quantized(
     from compressed_tensors.quantization.utils import calculate_qparams
 
     model = transformers.AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
-    args = QuantizationArgs(num_bits=bits, type="int", symmetric=symmetric, strategy="group", group_size=group_size)
-    scheme = QuantizationScheme(targets=["Linear"], weights=args)
+    strategy = "channel" if group_size is None else "group"
+    args = QuantizationArgs(num_bits=bits, type="int", symmetric=symmetric, strategy=strategy, group_size=group_size)
+    activations = (
+        QuantizationArgs(num_bits=8, type="int", symmetric=True, strategy="token", dynamic=True)
+        if int8_activations
+        else None
+    )
+    scheme = QuantizationScheme(targets=["Linear"], weights=args, input_activations=activations)
     apply_quantization_config(model, QuantizationConfig(config_groups={"group_0": scheme}, ignore=["lm_head"]))
     with torch.no_grad():
         for module in model.modules():
             if hasattr(module, "weight_scale"):
-                groups = module.weight.view(module.weight.shape[0], -1, group_size)
+                rows, cols = module.weight.shape
+                groups = module.weight.view(rows, -1, group_size or cols)
                 scale, zero_point = calculate_qparams(groups.amin(dim=2), groups.amax(dim=2), args)
                 module.weight_scale.data = scale.to(scale_dtype)
                 if hasattr(module, "weight_zero_point"):
                     module.weight_zero_point.data.copy_(zero_point)
-    compressor = ModelCompressor.from_pretrained_model(model, quantization_format="pack-quantized")
+    compressor = ModelCompressor.from_pretrained_model(model, quantization_format=packing)
     compressor.compress_model(model)
     model.save_pretrained(path)
     compressor.update_config(str(path))

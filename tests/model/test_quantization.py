@@ -239,27 +239,33 @@ def test_unsupported_checkpoint_quantizations_are_named(checkpoints, tmp_path):
         LLM(str(path), show_progress=False)
 
 
-def packed_checkpoint(source: str, path, bits: int, symmetric: bool, group_size: int, scale_dtype=torch.bfloat16):
+def compressed_checkpoint(
+    source: str, path, bits: int, symmetric: bool, group_size: int | None, scale_dtype=torch.bfloat16, **kwargs
+) -> dict[str, torch.Tensor]:
     """The checkpoint at `source` quantized and saved by compressed-tensors itself
-    (packed_int.save_pack_quantized: its config, qparams and pack-quantized compression, as
-    llm-compressor saves W4A16 / W8A16 models). Returns the float32 weights compressed-tensors' own
-    unpacking gives back (w = (q - z) * scale) for the reference."""
+    (packed_int.save_compressed: its config, qparams and compression, as llm-compressor saves
+    its models). Returns the float32 weights compressed-tensors' own unpacking gives back
+    (w = (q - z) * scale) for the reference."""
     from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
     from safetensors.torch import load_file
 
-    from llama3_dist.model.packed_int import save_pack_quantized
+    from llama3_dist.model.packed_int import save_compressed
 
-    save_pack_quantized(source, path, bits, symmetric, group_size, scale_dtype)
+    save_compressed(source, path, bits, symmetric, group_size, scale_dtype, **kwargs)
     tensors, weights = load_file(f"{path}/model.safetensors"), {}
-    for packed in [n for n in tensors if n.endswith(".weight_packed")]:
-        name = packed.removesuffix("_packed")
-        shape, scale = tensors[f"{name}_shape"], tensors[f"{name}_scale"].float()
-        q = unpack_from_int32(tensors[packed], bits, shape).float()
+    for name in [n for n in tensors if f"{n}_scale" in tensors or n.endswith(".weight_packed")]:
+        name = name.removesuffix("_packed")
+        scale = tensors[f"{name}_scale"].float()
+        if f"{name}_packed" in tensors:
+            q = unpack_from_int32(tensors[f"{name}_packed"], bits, tensors[f"{name}_shape"]).float()
+        else:
+            q = tensors[name].float()  # int-quantized: int8 values as stored
+        size = q.shape[1] // scale.shape[1]
         if not symmetric:
-            zero_shape = torch.Size([shape[0], scale.shape[1]])
+            zero_shape = torch.Size([q.shape[0], scale.shape[1]])
             zero_point = unpack_from_int32(tensors[f"{name}_zero_point"], bits, zero_shape, packed_dim=0)
-            q = q - zero_point.float().repeat_interleave(group_size, dim=1)
-        weights[name] = q * scale.repeat_interleave(group_size, dim=1)
+            q = q - zero_point.float().repeat_interleave(size, dim=1)
+        weights[name] = q * scale.repeat_interleave(size, dim=1)
     for name, tensor in tensors.items():
         if name.endswith(("weight", "bias")) and name not in weights:
             weights[name] = tensor.float()
@@ -358,6 +364,8 @@ def gptq_or_awq_checkpoint(
         ("compressed-tensors", 4, False, 128, "float32", ["cpu"]),
         ("compressed-tensors", 8, True, 32, "float32", ["cpu"]),
         ("compressed-tensors", 4, False, 32, "float32", ["cpu", "cpu"]),
+        ("int-quantized", 8, True, None, "float32", ["cpu"]),
+        ("int-quantized", 8, True, 32, "bfloat16", ["cpu", "cpu"]),
         ("gptq", 4, True, 32, "float32", ["cpu"]),
         ("gptq_v2", 4, False, 128, "bfloat16", ["cpu"]),
         ("gptq-desc-act", 4, True, 32, "float32", ["cpu"]),
@@ -380,7 +388,11 @@ def test_packed_integer_checkpoints(tmp_path, request, layout, bits, symmetric, 
     source = build_checkpoint("llama", tmp_path / "source", hidden_size=128, intermediate_size=256)
     path = tmp_path / "packed"
     if layout == "compressed-tensors":
-        weights = packed_checkpoint(source, path, bits, symmetric, group_size)
+        weights = compressed_checkpoint(source, path, bits, symmetric, group_size)
+    elif layout == "int-quantized":  # W8A8: run weight-only
+        weights = compressed_checkpoint(
+            source, path, bits, symmetric, group_size, packing="int-quantized", int8_activations=True
+        )
     else:
         method = "awq" if layout == "awq" else "gptq"
         weights = gptq_or_awq_checkpoint(
@@ -397,10 +409,11 @@ def test_packed_integer_checkpoints(tmp_path, request, layout, bits, symmetric, 
         assert llm.engine.config.checkpoint_quantization == f"int{bits}"
         if len(devices) == 1:
             layer = llm.engine.executor.worker.model.decoder_layers[0]
-            for projection in (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.down_proj):
-                if layout == "gptq-desc-act":
-                    assert projection.grouped is None and projection.weight.dtype == TORCH_DTYPES[dtype]
-                else:
+            if layout == "gptq-desc-act" or group_size is None:  # dequantized at load (a channel of 256 columns)
+                assert layer.mlp.down_proj.grouped is None
+                assert layer.mlp.down_proj.weight.dtype == TORCH_DTYPES[dtype]
+            else:
+                for projection in (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.down_proj):
                     assert projection.grouped is not None and projection.grouped.bits == bits
         outs = llm.generate(prompt_token_ids=PROMPTS, sampling_params=GREEDY, use_tqdm=False)
     tolerance = 1e-4 if dtype == "float32" else 0.15
@@ -419,12 +432,12 @@ def test_pack_quantized_forms_the_kernels_do_not_run_load_dequantized(tmp_path):
 
     source = build_checkpoint("llama", tmp_path / "source", hidden_size=128, intermediate_size=256)
     path = tmp_path / "packed"
-    weights = packed_checkpoint(source, path, 4, True, 128, scale_dtype=torch.float32)
+    weights = compressed_checkpoint(source, path, 4, True, 128, scale_dtype=torch.float32)
     checkpoint = Checkpoint(path)
     name = "model.layers.0.mlp.down_proj.weight"
     assert checkpoint.read_grouped(name) is None  # float32 scales
     torch.testing.assert_close(checkpoint.read(name), weights[name], rtol=0, atol=0)
-    weights = packed_checkpoint(source, tmp_path / "bf16", 4, True, 128)
+    weights = compressed_checkpoint(source, tmp_path / "bf16", 4, True, 128)
     checkpoint = Checkpoint(tmp_path / "bf16")
     assert checkpoint.read_grouped(name, 8, 16, cols=(0, 128)) is not None
     assert checkpoint.read_grouped(name, 8, 16, cols=(64, 192)) is None  # cuts groups of 128
