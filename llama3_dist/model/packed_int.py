@@ -249,8 +249,11 @@ def _scales_and_zeros(checkpoint: Any, weight: PackedWeight, row0: int, stop: in
         scales = checkpoint.read_stored(f"{weight.name}_scale", row0, stop - row0)
         if f"{weight.name}_zero_point" not in checkpoint.files:
             return scales, torch.full(scales.shape, 1 << (bits - 1), dtype=torch.int32)
-        packed = checkpoint.read_whole(f"{weight.name}_zero_point")  # small: a value per group, along the rows
-        return scales, _fields(packed.T.contiguous(), bits).T[row0:stop]
+        zero_points = checkpoint.read_whole(f"{weight.name}_zero_point")  # small: a value per group
+        if zero_points.dtype == torch.int32:  # packed along the rows
+            return scales, _fields(zero_points.T.contiguous(), bits).T[row0:stop]
+        # unpacked signed values [rows, groups] (compressed-tensors before it packed them, all zero when symmetric)
+        return scales, zero_points.int().reshape(weight.rows, -1)[row0:stop] + (1 << (bits - 1))
     scales = checkpoint.read_stored(f"{weight.prefix}.scales", cols=(row0, stop)).T
     zeros = _fields(checkpoint.read_whole(f"{weight.prefix}.qzeros"), bits)  # [groups, rows]
     if weight.layout == "awq":

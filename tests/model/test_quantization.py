@@ -422,8 +422,9 @@ def test_packed_integer_checkpoints(tmp_path, request, layout, bits, symmetric, 
 
 def test_pack_quantized_forms_the_kernels_do_not_run_load_dequantized(tmp_path):
     """Scales float16 cannot hold (here float32) and a column slice that cuts a group read as
-    the exact dense weight instead of the grouped form; packed shapes that disagree with
-    weight_shape, and GPTQ / AWQ configurations not read here, are refused by name."""
+    the exact dense weight instead of the grouped form; unpacked int8 zero points (older
+    compressed-tensors) read as packed ones; packed shapes that disagree with weight_shape, and
+    GPTQ / AWQ configurations not read here, are refused by name."""
     import json
 
     from safetensors.torch import load_file, save_file
@@ -442,6 +443,13 @@ def test_pack_quantized_forms_the_kernels_do_not_run_load_dequantized(tmp_path):
     assert checkpoint.read_grouped(name, 8, 16, cols=(0, 128)) is not None
     assert checkpoint.read_grouped(name, 8, 16, cols=(64, 192)) is None  # cuts groups of 128
     torch.testing.assert_close(checkpoint.read(name, 8, 16, (64, 192)), weights[name][8:24, 64:192], rtol=0, atol=0)
+    grouped = checkpoint.read_grouped(name)
+    # Zero points as older compressed-tensors wrote them for symmetric weights: int8 zeros, unpacked.
+    tensors = load_file(f"{tmp_path}/bf16/model.safetensors")
+    tensors[f"{name}_zero_point"] = torch.zeros(tensors[f"{name}_scale"].shape, dtype=torch.int8)
+    save_file(tensors, f"{tmp_path}/bf16/model.safetensors", metadata={"format": "pt"})
+    with_zeros = Checkpoint(tmp_path / "bf16").read_grouped(name)
+    assert with_zeros is not None and grouped is not None and torch.equal(with_zeros.offsets, grouped.offsets)
 
     config = json.loads((tmp_path / "bf16" / "config.json").read_text())
     for qc, named in (
