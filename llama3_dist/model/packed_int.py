@@ -372,6 +372,6 @@ def save_compressed(
     compressor.compress_model(model)
     model.save_pretrained(path)
     compressor.update_config(str(path))
-    for extra in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"):
-        if (Path(source) / extra).is_file() and not (Path(path) / extra).is_file():
-            shutil.copy(Path(source) / extra, Path(path) / extra)
+    for extra in Path(source).iterdir():  # the tokenizer, its chat template, the generation config
+        if extra.is_file() and extra.suffix != ".safetensors" and not (Path(path) / extra.name).exists():
+            shutil.copy(extra, Path(path) / extra.name)
