@@ -160,7 +160,7 @@ class Llama3Config(_Frozen):
     # How the checkpoint itself stores its projections: None (floats); "fp8" (float8_e4m3fn
     # weights with a scale per output channel or per tensor: compressed-tensors' float-quantized
     # format, which vLLM serves, or fbgemm_fp8), dequantized to `dtype` at load; "int4", "int8" or
-    # "int4+int8" (packed integers: compressed-tensors, GPTQ, AWQ; model/packed_int.py), kept packed
+    # "int4+int8" (integers: compressed-tensors, GPTQ, AWQ; model/packed_int.py), kept packed
     # where the kernels run their form and no quantization is asked for, else dequantized.
     checkpoint_quantization: str | None = None
 
@@ -387,7 +387,7 @@ INT8_FORMATS = ("int-quantized", "naive-quantized")
 def _checkpoint_quantization(hf: dict[str, Any]) -> str | None:
     """How the checkpoint stores its projections, from its quantization_config: None (floats),
     "fp8" (float 8-bit weights that the loader dequantizes), "int4" / "int8" / "int4+int8" (packed
-    integer weights: compressed-tensors' pack-quantized, GPTQ's, AWQ's; model/packed_int.py);
+    integer weights: compressed-tensors' pack- and int-quantized, GPTQ's, AWQ's; model/packed_int.py);
     ConfigError naming any other quantization_config (bitsandbytes, AWQ's GEMV layout, FP8 with
     block scales, ...) instead of a later error about unexpected tensors."""
     qc = hf.get("quantization_config")
@@ -397,9 +397,9 @@ def _checkpoint_quantization(hf: dict[str, Any]) -> str | None:
     accepted = (
         "accepted: compressed-tensors FP8 (float 8-bit weights, channel or tensor scales), pack-quantized "
         "integers (4 or 8 bits, group or channel scales: W4A16 / W8A16) and int-quantized 8-bit integers (W8A8, "
-        "run weight-only), gptq (4 or 8 bits, checkpoint_format "
-        "gptq or gptq_v2), awq (4 bits, GEMM version, zero points) and fbgemm_fp8; other checkpoints load "
-        "unquantized (then quantization='int8' or 'int4' quantizes them at load)"
+        "run weight-only); gptq (4 or 8 bits, checkpoint_format gptq or gptq_v2); awq (4 bits, GEMM version, "
+        "zero points); fbgemm_fp8. Other checkpoints load unquantized (then quantization='int8' or 'int4' "
+        "quantizes them at load)"
     )
     if method == "fbgemm_fp8":
         return "fp8"

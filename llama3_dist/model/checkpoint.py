@@ -112,8 +112,8 @@ class Checkpoint:
                     self.files.update(dict.fromkeys(f.keys(), file))
         self._handles: dict[Path, object] = {}
         self.consumed: set[str] = set()
-        # compressed-tensors' packed integer projections, under their logical names (X.weight)
-        # Packed integer projections (compressed-tensors, GPTQ, AWQ), under their logical names
+        # Packed integer projections (compressed-tensors, GPTQ, AWQ) under their logical names
+        # (X.weight); empty while they are found, which reads shapes through shape()
         self.packed: dict[str, packed_int.PackedWeight] = {}
         self.packed = find_packed_weights(self)
         for name, weight in self.packed.items():
