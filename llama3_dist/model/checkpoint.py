@@ -115,6 +115,7 @@ class Checkpoint:
         # Packed integer projections (compressed-tensors, GPTQ, AWQ) under their logical names
         # (X.weight); empty while they are found, which reads shapes through shape()
         self.packed: dict[str, packed_int.PackedWeight] = {}
+        self.warned: set[str] = set()  # why packed weights loaded dequantized, warned once each
         self.packed = find_packed_weights(self)
         for name, weight in self.packed.items():
             self.files[name] = self.files[weight.parts[0]]

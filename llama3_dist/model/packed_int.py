@@ -270,6 +270,13 @@ def _column_groups(checkpoint: Any, weight: PackedWeight, c0: int, c1: int) -> t
     return checkpoint.read_whole(g_idx).long()[c0:c1]
 
 
+def _warn_once(checkpoint: Any, reason: str, message: str) -> None:
+    """A warning for the first weight of a checkpoint that loads dequantized for `reason`."""
+    if reason not in checkpoint.warned:
+        checkpoint.warned.add(reason)
+        logger.warning(message)
+
+
 def read_dense(
     checkpoint: Any, weight: PackedWeight, row0: int = 0, rows: int | None = None, cols: tuple[int, int] | None = None
 ) -> torch.Tensor:
@@ -293,19 +300,21 @@ def read_grouped(
     stop = weight.rows if rows is None else row0 + rows
     c0, c1 = (0, weight.cols) if cols is None else cols
     if c0 % size or c1 % size:
-        logger.warning(
-            "%s: this rank's columns [%d, %d) cut its groups of %d values, so its slice loads dequantized (a "
-            "tensor-parallel degree that divides its %d groups keeps it packed)",
-            weight.name, c0, c1, size, weight.cols // size,
+        _warn_once(
+            checkpoint, "cut",
+            f"{weight.name}: this rank's columns [{c0}, {c1}) cut its groups of {size} values, so its slice (and "
+            f"any other cut this way) loads dequantized; a tensor-parallel degree that divides its "
+            f"{weight.cols // size} groups keeps it packed",
         )  # fmt: skip
         return None
     scale, zeros = _scales_and_zeros(checkpoint, weight, row0, stop)
     scale, zeros = scale[:, c0 // size : c1 // size], zeros[:, c0 // size : c1 // size]
     scales = scale.to(torch.float16)
     if not (torch.isfinite(scales).all() and torch.equal(scales.to(scale.dtype), scale)):
-        logger.warning(
-            "%s: its %s scales are not all float16 values (the kernels' scales), so it loads dequantized",
-            weight.name, scale.dtype,
+        _warn_once(
+            checkpoint, "scales",
+            f"{weight.name}: its {scale.dtype} scales are not all float16 values (the kernels' scales), so it (and "
+            f"any other such weight) loads dequantized",
         )  # fmt: skip
         return None
     values = _values(checkpoint, weight, row0, stop, c0, c1)
