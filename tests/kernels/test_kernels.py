@@ -330,6 +330,41 @@ def test_q4_k_m_gguf_runs_in_the_triton_kernels(tmp_path, monkeypatch):
     assert tokens["triton"] == tokens["auto"]
 
 
+@pytest.mark.parametrize(
+    "layout,bits,symmetric,group_size",
+    [("compressed-tensors", 4, False, 128), ("awq", 4, False, 32), ("gptq", 8, True, 32)],
+)
+def test_packed_checkpoints_run_in_the_triton_kernels(tmp_path, monkeypatch, layout, bits, symmetric, group_size):
+    """Quantized checkpoints (compressed-tensors W4A16 with zero points in groups of 128, AWQ,
+    8-bit GPTQ; tests/model/test_quantization.py checks them against transformers) through the
+    GPU's kernels (here under Triton's interpreter): every projection stays packed in Triton's
+    grouped form, and the greedy tokens are those of the CPU kernels on the same forms."""
+    from conftest import build_checkpoint
+    from quantized_files import compressed_checkpoint, gptq_or_awq_checkpoint
+
+    from llama3_dist import LLM, SamplingParams
+
+    source = build_checkpoint("llama", tmp_path / "source", hidden_size=128, intermediate_size=256, num_hidden_layers=1)
+    path = tmp_path / "packed"
+    if layout == "compressed-tensors":
+        compressed_checkpoint(source, path, bits, symmetric, group_size)
+    else:
+        gptq_or_awq_checkpoint(source, path, layout, bits, symmetric, group_size)
+    greedy = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    tokens = {}
+    for kernels_path in ("auto", "triton"):
+        monkeypatch.setenv("LLAMA3_DIST_KERNELS", kernels_path)
+        with LLM(str(path), devices=[DEVICE], dtype="float32", show_progress=False, kv_cache_bytes=4 << 20) as llm:
+            layer = llm.engine.executor.worker.model.decoder_layers[0]
+            if kernels_path == "triton":
+                attention, mlp = layer.self_attn, layer.mlp
+                for linear in (attention.qkv_proj, attention.o_proj, mlp.gate_up_proj, mlp.down_proj):
+                    assert isinstance(linear.grouped, tk.TritonGroupWeights) and linear.grouped.bits == bits
+            outputs = llm.generate(prompt_token_ids=[[3, 1, 4, 1, 5, 9]], sampling_params=greedy, use_tqdm=False)
+            tokens[kernels_path] = list(outputs[0].outputs[0].token_ids)
+    assert tokens["triton"] == tokens["auto"]
+
+
 def test_fp8_decode_rows_take_the_gemv_and_equal_the_reference(monkeypatch):
     """float8 weights (quantization="fp8"): up to GEMV_MAX_ROWS rows take the GEMV, which rounds
     each row of x to float8 with its own scale inside it, as reference.fp8_linear does; more rows
