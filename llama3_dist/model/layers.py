@@ -53,13 +53,18 @@ class _QuantizedWeights:
 
     def quantize_int8(self) -> None:
         quantized, scale = reference.quantize_int8(self.weight.data)
-        dtype = self.weight.dtype
         if self.kernels.integer_gemv:
             # One group per row: the integer GEMV (x in int8 blocks) with a float16 scale per row.
             group_size = -(-quantized.shape[1] // 32) * 32
             self.use_grouped(reference.GroupQuantized(quantized, scale.to(torch.float16)[:, None], None, 8, group_size))
             return
-        self.weight = nn.Parameter(quantized, requires_grad=False)
+        self._use_int8_rows(quantized, scale)
+
+    def _use_int8_rows(self, values: torch.Tensor, scale: torch.Tensor) -> None:
+        """`weight` becomes int8 `values` with a float32 scale per row (weight_scale)."""
+        dtype = self.weight.dtype
+        self.weight = nn.Parameter(values.to(self.weight.device), requires_grad=False)
+        scale = scale.float().to(self.weight.device)
         # float32 for the CPU library's GEMV; torch's int8 kernel takes the activations' dtype
         self.weight_scale = scale if self.weight.device.type == "cpu" else scale.to(dtype)
 
@@ -73,7 +78,13 @@ class _QuantizedWeights:
         self.use_grouped(reference.quantize_int4(self.weight.data, group_size))
 
     def use_grouped(self, weight: reference.GroupQuantized, head: bool = False) -> None:
-        """head: the LM head's packing (Kernels.pack_head: x never rounded to int8)."""
+        """head: the LM head's packing (Kernels.pack_head: x never rounded to int8). 8-bit weights
+        with one group a row (quantize_int8's, int8 checkpoints' with a scale per channel) take
+        the integer GEMV where it runs (x in int8 blocks, a float16 scale per row), else become
+        int8 values with weight_scale (the int8 kernels of every device)."""
+        if weight.bits == 8 and weight.scales.shape[1] == 1 and not head and not self.kernels.integer_gemv:
+            self._use_int8_rows(weight.values, weight.scales[:, 0])
+            return
         weight = weight.to(self.weight.device)
         self.grouped = self.kernels.pack_head(weight) if head else self.kernels.pack_grouped(weight)
         packed = getattr(self.grouped, "words", weight.values)

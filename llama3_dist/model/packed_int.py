@@ -30,10 +30,11 @@ scales). read_grouped() gives it in the kernels' GroupQuantized form, so the wei
 in memory and the GEMVs read 4 or 8 bits a weight: 4 bits as the values u with scale s and offset
 -zero * s in float16 (exact for symmetric weights, zero 8: a power of two times s; with zero points
 the offset is rounded to float16, 2^-11 of it, below bfloat16's rounding of the weight); 8 bits as
-the signed u - 128 with scale s, symmetric only. What the kernels do not run (a scale per channel,
-group sizes other than GROUPED_SIZES, 8-bit zero points, scales float16 cannot hold, columns
-grouped by activation order, a rank's column slice that cuts a group) is None there and loads
-dequantized to the model's dtype, exactly."""
+the signed u - 128 with scale s, symmetric only, also with a scale per row (the form of
+quantization="int8"). What the kernels do not run (4 bits with a scale per row, group sizes other
+than GROUPED_SIZES, 8-bit zero points, scales float16 cannot hold, columns grouped by activation
+order, a rank's column slice that cuts a group) is None there and loads dequantized to the model's
+dtype, exactly."""
 
 from __future__ import annotations
 
@@ -293,13 +294,16 @@ def read_grouped(
     checkpoint: Any, weight: PackedWeight, row0: int = 0, rows: int | None = None, cols: tuple[int, int] | None = None
 ) -> GroupQuantized | None:
     """The slice as read_dense() but in the kernels' grouped form (see the module's docstring);
-    None where the kernels do not run it, or where a column slice cuts groups."""
-    size = weight.group_size
-    if size not in GROUPED_SIZES or not weight.ordered:
-        return None
+    None where the kernels do not run it, or where a column slice cuts groups. 8-bit symmetric
+    weights with a scale per row (channel) come as one group a row, of the slice's width rounded
+    up to 32 (the form of quantization="int8"; layers.use_grouped takes it as such)."""
     stop = weight.rows if rows is None else row0 + rows
     c0, c1 = (0, weight.cols) if cols is None else cols
-    if c0 % size or c1 % size:
+    per_row = weight.group_size == weight.cols and weight.bits == 8
+    size = -(-(c1 - c0) // 32) * 32 if per_row else weight.group_size
+    if not (per_row or size in GROUPED_SIZES) or not weight.ordered:
+        return None
+    if not per_row and (c0 % size or c1 % size):
         _warn_once(
             checkpoint, "cut",
             f"{weight.name}: this rank's columns [{c0}, {c1}) cut its groups of {size} values, so its slice (and "
@@ -308,7 +312,8 @@ def read_grouped(
         )  # fmt: skip
         return None
     scale, zeros = _scales_and_zeros(checkpoint, weight, row0, stop)
-    scale, zeros = scale[:, c0 // size : c1 // size], zeros[:, c0 // size : c1 // size]
+    if not per_row:
+        scale, zeros = scale[:, c0 // size : c1 // size], zeros[:, c0 // size : c1 // size]
     scales = scale.to(torch.float16)
     if not (torch.isfinite(scales).all() and torch.equal(scales.to(scale.dtype), scale)):
         _warn_once(

@@ -246,7 +246,9 @@ def test_unsupported_checkpoint_quantizations_are_named(checkpoints, tmp_path):
         ("compressed-tensors", 8, True, 32, "float32", ["cpu"]),
         ("compressed-tensors", 4, False, 32, "float32", ["cpu", "cpu"]),
         ("int-quantized", 8, True, None, "float32", ["cpu"]),
-        ("int-quantized", 8, True, 32, "bfloat16", ["cpu", "cpu"]),
+        ("int-quantized", 8, True, None, "bfloat16", ["cpu"]),
+        ("int-quantized", 8, True, None, "float32", ["cpu", "cpu"]),
+        ("int-quantized", 8, True, 32, "bfloat16", ["cpu"]),
         ("gptq", 4, True, 32, "float32", ["cpu"]),
         ("gptq_v2", 4, False, 128, "bfloat16", ["cpu"]),
         ("gptq-desc-act", 4, True, 32, "float32", ["cpu"]),
@@ -256,11 +258,12 @@ def test_unsupported_checkpoint_quantizations_are_named(checkpoints, tmp_path):
     ],
 )
 def test_packed_integer_checkpoints(tmp_path, request, layout, bits, symmetric, group_size, dtype, devices):
-    """A 4- or 8-bit checkpoint in each layout people serve (compressed-tensors' pack-quantized,
-    written by compressed-tensors itself; AutoGPTQ's gptq and gptq_v2; AutoAWQ's GEMM) gives the
-    greedy tokens of transformers on the weights the checkpoint's integers and scales define, with
-    its projections kept packed (4 or 8 bits a weight) wherever their groups are consecutive
-    columns: symmetric and with zero points, groups of 32 and 128, float32 and bfloat16, on one
+    """A 4- or 8-bit checkpoint in each layout people serve (compressed-tensors' pack-quantized and
+    int-quantized, written by compressed-tensors itself; AutoGPTQ's gptq and gptq_v2; AutoAWQ's
+    GEMM) gives the greedy tokens of transformers on the weights the checkpoint's integers and
+    scales define, with its projections kept packed (4 or 8 bits a weight; int8 with a scale per
+    row in quantization="int8"'s form) wherever their groups are consecutive columns: symmetric
+    and with zero points, groups of 32 and 128 or a scale per row, float32 and bfloat16, on one
     rank and sharded over two (each rank reads its rows, or for o/down its whole groups of
     columns, and their scales and zero points). GPTQ's activation order (desc_act: a column's
     group from g_idx) loads dequantized, exactly."""
@@ -290,9 +293,12 @@ def test_packed_integer_checkpoints(tmp_path, request, layout, bits, symmetric, 
         assert llm.engine.config.checkpoint_quantization == f"int{bits}"
         if len(devices) == 1:
             layer = llm.engine.executor.worker.model.decoder_layers[0]
-            if layout == "gptq-desc-act" or group_size is None:  # dequantized at load (a channel of 256 columns)
+            if layout == "gptq-desc-act":  # dequantized at load
                 assert layer.mlp.down_proj.grouped is None
                 assert layer.mlp.down_proj.weight.dtype == TORCH_DTYPES[dtype]
+            elif group_size is None:  # int8 with a scale per row: quantization="int8"'s form
+                for projection in (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.down_proj):
+                    assert projection.quantized and projection.weight.dtype in (torch.int8, torch.int32)
             else:
                 for projection in (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.down_proj):
                     assert projection.grouped is not None and projection.grouped.bits == bits
