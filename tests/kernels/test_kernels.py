@@ -332,13 +332,19 @@ def test_q4_k_m_gguf_runs_in_the_triton_kernels(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize(
     "layout,bits,symmetric,group_size",
-    [("compressed-tensors", 4, False, 128), ("awq", 4, False, 32), ("gptq", 8, True, 32)],
+    [
+        ("compressed-tensors", 4, False, 128),
+        ("int-quantized", 8, True, None),  # a scale per row
+        ("awq", 4, False, 32),
+        ("gptq", 8, True, 32),
+    ],
 )
 def test_packed_checkpoints_run_in_the_triton_kernels(tmp_path, monkeypatch, layout, bits, symmetric, group_size):
-    """Quantized checkpoints (compressed-tensors W4A16 with zero points in groups of 128, AWQ,
-    8-bit GPTQ; tests/model/test_quantization.py checks them against transformers) through the
-    GPU's kernels (here under Triton's interpreter): every projection stays packed in Triton's
-    grouped form, and the greedy tokens are those of the CPU kernels on the same forms."""
+    """Quantized checkpoints (compressed-tensors W4A16 with zero points in groups of 128, W8A8 with
+    a scale per row, AWQ, 8-bit GPTQ; tests/model/test_quantization.py checks them against
+    transformers) through the GPU's kernels (here under Triton's interpreter): every projection
+    stays packed (Triton's grouped form, or int8 rows), and the greedy tokens are those of the CPU
+    kernels on the same forms."""
     from conftest import build_checkpoint
     from quantized_files import compressed_checkpoint, gptq_or_awq_checkpoint
 
@@ -348,6 +354,8 @@ def test_packed_checkpoints_run_in_the_triton_kernels(tmp_path, monkeypatch, lay
     path = tmp_path / "packed"
     if layout == "compressed-tensors":
         compressed_checkpoint(source, path, bits, symmetric, group_size)
+    elif layout == "int-quantized":
+        compressed_checkpoint(source, path, bits, symmetric, group_size, packing="int-quantized")
     else:
         gptq_or_awq_checkpoint(source, path, layout, bits, symmetric, group_size)
     greedy = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
@@ -359,7 +367,10 @@ def test_packed_checkpoints_run_in_the_triton_kernels(tmp_path, monkeypatch, lay
             if kernels_path == "triton":
                 attention, mlp = layer.self_attn, layer.mlp
                 for linear in (attention.qkv_proj, attention.o_proj, mlp.gate_up_proj, mlp.down_proj):
-                    assert isinstance(linear.grouped, tk.TritonGroupWeights) and linear.grouped.bits == bits
+                    if group_size is None:  # int8 values with a scale per row: the Triton int8 GEMV
+                        assert linear.weight.dtype == torch.int8 and linear.weight_scale is not None
+                    else:
+                        assert isinstance(linear.grouped, tk.TritonGroupWeights) and linear.grouped.bits == bits
             outputs = llm.generate(prompt_token_ids=[[3, 1, 4, 1, 5, 9]], sampling_params=greedy, use_tqdm=False)
             tokens[kernels_path] = list(outputs[0].outputs[0].token_ids)
     assert tokens["triton"] == tokens["auto"]
