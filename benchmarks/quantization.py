@@ -9,9 +9,9 @@ decode throughput at those batch sizes, each mode against the first.
     python benchmarks/quantization.py [--model PATH] [--modes none,int8,int4,int4-g128,w4a16,...] [--tokens 64]
         [--rounds 5] [--batches 8,16,32,64] [--no-gemv]
 
-Modes w4a16 (groups of 128), w4a16-g32 and w8a16: the model written as a compressed-tensors
-pack-quantized checkpoint (as llm-compressor's W4A16 / W8A16 models; once, beside the model) and
-loaded as stored.
+Modes w4a16 (groups of 128), w4a16-g32, w8a16 (groups of 32) and w8a8 (int8 with a scale per
+row, run weight-only): the model written as a compressed-tensors checkpoint, as llm-compressor
+writes its models (once, beside the model), and loaded as stored.
 
 --model: default the 284M benchmark model of throughput.py; a .gguf file also runs as stored
 (mode "none": its Q8_0/Q4_0/Q4_1 projections stay quantized). Every mode runs our compiled
@@ -47,8 +47,14 @@ def streaming_gbps() -> float:
 
 
 # Checkpoints written by compressed-tensors (model/packed_int.py's save_compressed), loaded as
-# stored (quantization None): mode -> (bits, symmetric, group size).
-PACKED_MODES = {"w4a16": (4, True, 128), "w4a16-g32": (4, True, 32), "w8a16": (8, True, 32)}
+# stored (quantization None):
+# mode -> (bits, symmetric, group size (None: a scale per row), packing).
+PACKED_MODES = {
+    "w4a16": (4, True, 128, "pack-quantized"),
+    "w4a16-g32": (4, True, 32, "pack-quantized"),
+    "w8a16": (8, True, 32, "pack-quantized"),
+    "w8a8": (8, True, None, "int-quantized"),  # run weight-only
+}
 
 
 def packed_checkpoint(path, mode: str) -> str:
@@ -58,8 +64,8 @@ def packed_checkpoint(path, mode: str) -> str:
 
     target = Path(f"{path}-{mode}")
     if not (target / "config.json").is_file():
-        bits, symmetric, group_size = PACKED_MODES[mode]
-        save_compressed(path, target, bits, symmetric, group_size)
+        bits, symmetric, group_size, packing = PACKED_MODES[mode]
+        save_compressed(path, target, bits, symmetric, group_size, packing=packing, int8_activations=mode == "w8a8")
     return str(target)
 
 
