@@ -37,8 +37,8 @@ step() {
     step 190 python3 benchmarks/gpu_bench.py --models 8b --modes graphs,no-gemv,eager --quantizations int8,int4,fp8
     step 50 python3 benchmarks/gpu_check.py
     step 45 python3 benchmarks/gpu_bench.py --models 284m --modes graphs,no-gemv
-    # first the tests of what no GPU has run yet (the float8 GEMV, a Q4_K_M file), then all of them
-    step 60 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_kernels.py -k "fp8 or q4_k_m"
+    # first the tests of what no GPU has run yet (the float8 GEMV, a Q4_K_M file, packed checkpoints), then all
+    step 90 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_kernels.py -k "fp8 or q4_k_m or packed_checkpoints"
     step 110 python3 -m pytest -q -x -p no:cacheprovider tests/kernels/test_kernels.py
     step 30 python3 benchmarks/gpu_profile.py
     # decode attention in splits of 64 keys (the default takes 256): batch-1 decode with graphs

@@ -302,6 +302,7 @@ def test_int8_linear_is_the_scaled_product(dtype, m, n, k):
     torch.testing.assert_close(got.float(), exact, **tolerance)
 
 
+@pytest.mark.slow
 def test_q4_k_m_gguf_runs_in_the_triton_kernels(tmp_path, monkeypatch):
     """A Q4_K_M-shaped GGUF (Q4_K, with Q6_K v, down and LM head) through the GPU's kernels (here
     under Triton's interpreter): every projection stays in its grouped form (TritonGroupWeights)
@@ -330,6 +331,7 @@ def test_q4_k_m_gguf_runs_in_the_triton_kernels(tmp_path, monkeypatch):
     assert tokens["triton"] == tokens["auto"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "layout,bits,symmetric,group_size",
     [

@@ -190,7 +190,10 @@ def fp8_checkpoint(source: str, path, strategy: str) -> dict[str, torch.Tensor]:
     return dequantized_weights
 
 
-@pytest.mark.parametrize("strategy,devices", [("channel", ["cpu"]), ("tensor", ["cpu"]), ("channel", ["cpu", "cpu"])])
+@pytest.mark.parametrize(
+    "strategy,devices",
+    [("channel", ["cpu"]), ("tensor", ["cpu"]), pytest.param("channel", ["cpu", "cpu"], marks=pytest.mark.ray)],
+)
 def test_fp8_checkpoints_load_dequantized(checkpoints, tmp_path, request, strategy, devices):
     """An FP8 checkpoint (compressed-tensors, channel or tensor scales) gives transformers'
     greedy tokens on its dequantized weights, on one rank and sharded over two (each rank's rows
@@ -244,17 +247,17 @@ def test_unsupported_checkpoint_quantizations_are_named(checkpoints, tmp_path):
         ("compressed-tensors", 4, True, 32, "bfloat16", ["cpu"]),
         ("compressed-tensors", 4, False, 128, "float32", ["cpu"]),
         ("compressed-tensors", 8, True, 32, "float32", ["cpu"]),
-        ("compressed-tensors", 4, False, 32, "float32", ["cpu", "cpu"]),
+        pytest.param("compressed-tensors", 4, False, 32, "float32", ["cpu", "cpu"], marks=pytest.mark.ray),
         ("int-quantized", 8, True, None, "float32", ["cpu"]),
         ("int-quantized", 8, True, None, "bfloat16", ["cpu"]),
-        ("int-quantized", 8, True, None, "float32", ["cpu", "cpu"]),
+        pytest.param("int-quantized", 8, True, None, "float32", ["cpu", "cpu"], marks=pytest.mark.ray),
         ("int-quantized", 8, True, 32, "bfloat16", ["cpu"]),
         ("gptq", 4, True, 32, "float32", ["cpu"]),
         ("gptq_v2", 4, False, 128, "bfloat16", ["cpu"]),
         ("gptq-desc-act", 4, True, 32, "float32", ["cpu"]),
-        ("gptq", 8, True, 32, "float32", ["cpu", "cpu"]),
+        pytest.param("gptq", 8, True, 32, "float32", ["cpu", "cpu"], marks=pytest.mark.ray),
         ("awq", 4, False, 32, "float32", ["cpu"]),
-        ("awq", 4, False, 128, "bfloat16", ["cpu", "cpu"]),
+        pytest.param("awq", 4, False, 128, "bfloat16", ["cpu", "cpu"], marks=pytest.mark.ray),
     ],
 )
 def test_packed_integer_checkpoints(tmp_path, request, layout, bits, symmetric, group_size, dtype, devices):
