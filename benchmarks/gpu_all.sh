@@ -7,7 +7,7 @@
 #      eager), offline throughput, and int8 / int4 / fp8 against the roofline of their own bytes;
 #   3. gpu_check.py: every Triton kernel against the torch reference, graphs against eager;
 #   4. gpu_bench.py, the 284M model; 5. the Triton kernel tests on the device (the float8 GEMV's
-#      and a Q4_K_M GGUF's first); 6. gpu_profile.py;
+#      a Q4_K_M GGUF's and the packed checkpoints' first); 6. gpu_profile.py;
 #   7. both models again with decode attention split into 64-key partitions.
 # Each step has its own time limit, so one that hangs does not take the others' output with it.
 #     OUT=/tmp/gpu-out bash benchmarks/gpu_all.sh      # the log and the chosen tile shapes in $OUT
