@@ -44,7 +44,7 @@ import math
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -55,7 +55,8 @@ from ..kernels.reference import GroupQuantized
 # 32 and 128; the integer GEMV and Triton take these too).
 GROUPED_SIZES = (32, 128)
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # output 8 * word + AWQ_ORDER[i] is a word's value i
-LAYOUTS = ("compressed-tensors", "int-quantized", "gptq", "awq")
+# How a checkpoint stores a projection (the module docstring describes each).
+Layout = Literal["compressed-tensors", "int-quantized", "gptq", "awq"]
 logger = logging.getLogger("llama3_dist")
 
 
@@ -65,7 +66,7 @@ class PackedWeight:
 
     name: str
     prefix: str
-    layout: str  # one of LAYOUTS
+    layout: Layout
     rows: int
     cols: int
     bits: int
