@@ -133,6 +133,7 @@ class Weight(ctypes.Structure):
         ("words", _P),
         ("scales", _P),
         ("offsets", _P),
+        ("factors", _P),
         ("bits", _I64),
         ("group_size", _I64),
     ]
@@ -299,12 +300,14 @@ class KernelLibrary:
             function.argtypes, function.restype = [_P, _P, _P, _P, _P, _I64, _I64, _I64], _INT
             self._functions["gemv_int8", dtype] = function
             for layout in ("q4", "q8", "panels4", "panels8", "panels8x15"):
+                # panel layouts take one pointer more: coded scales' factors (or null)
+                pointers = [_P] * (2 if layout.startswith("q") else 3)
                 function = getattr(self._lib, f"gemv_{layout}_{suffix}")
-                function.argtypes, function.restype = [_P, _P, _P, _P, _P, _P, _I64, _I64, _I64, _I64], _INT
+                function.argtypes, function.restype = [_P, _P, *pointers, _P, _P, _I64, _I64, _I64, _I64], _INT
                 self._functions[f"gemv_{layout}", dtype] = function
                 # panels8x15 holds panels8's weights: one dequantize serves both
                 function = getattr(self._lib, f"dequantize_{layout.removesuffix('x15')}_{suffix}")
-                function.argtypes, function.restype = [_P, _P, _P, _P, _I64, _I64, _I64], _INT
+                function.argtypes, function.restype = [_P, *pointers, _P, _I64, _I64, _I64], _INT
                 self._functions[f"dequantize_{layout}", dtype] = function
 
     @property
@@ -506,7 +509,7 @@ class KernelLibrary:
         the integers are read as they are stored and dequantized in registers."""
         if weight.lanes != self.lanes:
             raise ValueError(f"weights packed for {weight.lanes} lanes, this library ({self.isa}) takes {self.lanes}")
-        weights = (weight.words.data_ptr(), weight.scales.data_ptr(), _pointer(weight.offsets))
+        weights = (weight.words.data_ptr(), *weight.scale_pointers())
         bias = None if bias is None else bias.to(x.dtype).contiguous()
         return self._in_passes(f"gemv_{weight.layout}", x, weight.shape[0], weights, bias, (weight.group_size,))
 
@@ -521,10 +524,7 @@ class KernelLibrary:
         elif out.shape != (n, k) or out.dtype != dtype or not out.is_contiguous():
             raise ValueError(f"dequantize_grouped: out must be a contiguous {dtype} [{n}, {k}] tensor")
         function = self._functions[f"dequantize_{weight.layout}", dtype]
-        if function(
-            weight.words.data_ptr(), weight.scales.data_ptr(), _pointer(weight.offsets), out.data_ptr(), n, k,
-            weight.group_size,
-        ):  # fmt: skip
+        if function(weight.words.data_ptr(), *weight.scale_pointers(), out.data_ptr(), n, k, weight.group_size):
             raise ValueError(f"dequantize_{weight.layout}: group size {weight.group_size} out of range")
         return out
 
@@ -750,11 +750,9 @@ def _pointer(t: torch.Tensor | None) -> int | None:
 
 def _weight(weight: ProjectionWeight) -> Weight:
     if isinstance(weight, torch.Tensor):
-        return Weight(weight.data_ptr(), None, None, None, 0, 0)
-    return Weight(
-        None, weight.words.data_ptr(), weight.scales.data_ptr(), _pointer(weight.offsets), weight.bits,
-        weight.group_size,
-    )  # fmt: skip
+        return Weight(weight.data_ptr(), None, None, None, None, 0, 0)
+    scales, offsets, factors = weight.scale_pointers()
+    return Weight(None, weight.words.data_ptr(), scales, offsets, factors, weight.bits, weight.group_size)
 
 
 def _rows(x: torch.Tensor) -> bool:
@@ -917,18 +915,26 @@ class PackedGroupWeights:
       offsets) float16 [n, groups] as stored;
     - "panels4" / "panels8" (the integer GEMV of bfloat16 models, "4-bit weights times 8-bit
       activations"): panels of `lanes` rows, blocks of 32; scales and offsets float16
-      [panels, groups, lanes] (4 bits without offsets: symmetric, Q4_0's q - 8);
+      [panels, groups, lanes] (4 bits without offsets: symmetric, Q4_0's q - 8), or for coded
+      4-bit weights (GroupQuantized.factors) scales uint8 [panels, groups, lanes, 2], each
+      group's scale code and offset code, and factors float16 [panels, runs, 2, lanes];
     - "panels8x15": panels8's words, multiplied with x rounded to 15 bits per block of 32 (two
       int8 digits) instead of 8: the LM head of bfloat16 models (pack_head)."""
 
     words: torch.Tensor  # int32
-    scales: torch.Tensor  # float16
+    scales: torch.Tensor  # float16 (coded panels: uint8 code pairs)
     offsets: torch.Tensor | None
     bits: int
     group_size: int
     shape: tuple[int, int]  # the logical (n, k)
     lanes: int
     layout: str
+    factors: torch.Tensor | None = None  # coded panels' scale and offset factors
+
+    def scale_pointers(self) -> tuple[int | None, ...]:
+        """The kernels' scale arguments: scales, offsets and, for panel layouts, factors."""
+        pointers = (self.scales.data_ptr(), _pointer(self.offsets))
+        return (*pointers, _pointer(self.factors)) if self.layout.startswith("panels") else pointers
 
 
 def pack_grouped(
@@ -947,6 +953,7 @@ def pack_grouped(
                 raise ValueError(f"x in 15 bits takes 8-bit weights, not {weight.bits}-bit")
             packed = dataclasses.replace(packed, layout="panels8x15")
         return packed
+    weight = weight.uncoded()  # the float GEMV reads float16 scales
     group_size, bits = weight.group_size, weight.bits
     if group_size % lanes or group_size & (group_size - 1):
         raise ValueError(f"group size {group_size} must be a power of two and a multiple of {lanes}")
@@ -990,19 +997,25 @@ def _pack_panels(weight: reference.GroupQuantized, lanes: int) -> PackedGroupWei
     def by_panel(t: torch.Tensor) -> torch.Tensor:  # [n, groups] -> [panels, groups, lanes]
         return F.pad(t, (0, 0, 0, panels * lanes - n)).view(panels, lanes, groups).transpose(1, 2).contiguous()
 
+    layout = f"panels{weight.bits}"
+    words = words.permute(0, 2, 3, 1).contiguous()
+    if weight.factors is not None:  # coded: a uint16 a group and lane, the scale code and offset code
+        assert weight.offsets is not None
+        codes = torch.stack([weight.scales, weight.offsets.view(torch.uint8)], dim=2)  # [n, groups, 2]
+        codes = F.pad(codes, (0, 0, 0, 0, 0, panels * lanes - n)).view(panels, lanes, groups, 2)
+        runs = weight.factors.shape[1]
+        factors = F.pad(weight.factors, (0, 0, 0, 0, 0, panels * lanes - n)).view(panels, lanes, runs, 2)
+        return PackedGroupWeights(
+            words, codes.transpose(1, 2).contiguous(), None, weight.bits, group_size, (n, k), lanes, layout,
+            factors.permute(0, 2, 3, 1).contiguous(),
+        )  # fmt: skip
     offsets = weight.offsets
     if offsets is not None and torch.equal(offsets.float(), weight.scales.float() * -8.0):
         offsets = None  # symmetric 4 bits (GGUF Q4_0): the kernels subtract the 8s, no offsets read
     return PackedGroupWeights(
-        words.permute(0, 2, 3, 1).contiguous(),
-        by_panel(weight.scales),
-        None if offsets is None else by_panel(offsets),
-        weight.bits,
-        group_size,
-        (n, k),
-        lanes,
-        f"panels{weight.bits}",
-    )
+        words, by_panel(weight.scales), None if offsets is None else by_panel(offsets), weight.bits, group_size,
+        (n, k), lanes, layout,
+    )  # fmt: skip
 
 
 def pack_head(weight: reference.GroupQuantized, lanes: int, integer_gemv: bool) -> PackedGroupWeights:

@@ -685,6 +685,23 @@ int grouped_gemv(const T* x, const uint32_t* w, const uint16_t* scales, const ui
 // LANES words: lane l of vector c is row l's elements 4c..4c+3 (low nibbles of its 4 bytes)
 // and 16+4c..16+4c+3 (high nibbles). Scales and offsets as float16 [panels, groups, LANES]; 4-bit
 // panels without offsets are symmetric (Q4_0's w = (q - 8) * scale: 2 bytes a group less to read).
+//
+// Coded 4-bit panels (factors given; our int4, reference.quantize_int4): scales holds a uint16 per
+// group and lane, the scale's code (uint8, the low byte) and the offset's (int8, the high byte),
+// and factors float16 [panels, factor blocks, 2, LANES] a scale factor and an offset factor per
+// FACTOR_GROUPS groups: scale = code * the first, offset = code * the second (each product a
+// float16 exactly, the reference's value). 2 bytes a group and 4 per 8 groups instead of 4 a
+// group: 4.625 bits a weight instead of 5, which is what a decode step reads.
+constexpr int64_t FACTOR_GROUPS = 8;
+
+// A coded group's scales and offsets for the LANES rows of a panel (see above).
+inline void coded_group(const uint16_t* codes, const uint16_t* factors, Floats& scales, Floats& offsets) {
+    Halves packed;
+    memcpy(&packed, codes, sizeof packed);
+    const Words code = __builtin_convertvector(packed, Words);
+    scales = __builtin_convertvector((Ints)(code & 0xffu), Floats) * halves_to_floats(factors, LANES);
+    offsets = __builtin_convertvector(((Ints)(code << 16)) >> 24, Floats) * halves_to_floats(factors + LANES, LANES);
+}
 
 // acc + the sum of 4 products per 32-bit lane: unsigned bytes of u (at most 15 here) times the
 // signed bytes of x4 (the same 4 in every lane).
@@ -789,19 +806,29 @@ void quantize_blocks(const T* x, int64_t m, int64_t k, int64_t blocks, int64_t g
 template <typename T, int BITS, int DIGITS, int M>
 void panel_tiles(const int8_t* xq, const int8_t* xq_low, const float* dx, const float* group_sums,
                  const int32_t* block_sums, const int32_t* low_block_sums, const uint32_t* w,
-                 const uint16_t* scales, const uint16_t* offsets, const T* bias, T* y, int64_t n, int64_t k,
-                 int64_t group_size) {
+                 const uint16_t* scales, const uint16_t* offsets, const uint16_t* factors, const T* bias, T* y,
+                 int64_t n, int64_t k, int64_t group_size) {
     using E = Element<T>;
     constexpr int VECTORS = BITS == 4 ? 4 : 8;  // per block of 32: 8 nibbles or 4 bytes a lane
     const int64_t blocks = (k + 31) / 32, groups = (k + group_size - 1) / group_size;
     const int64_t panels = (n + LANES - 1) / LANES, blocks_per_group = group_size / 32;
+    const int64_t factor_blocks = (groups + FACTOR_GROUPS - 1) / FACTOR_GROUPS;
+    const bool offset_term = offsets || factors;
 #pragma omp for schedule(guided)
     for (int64_t panel = 0; panel < panels; ++panel) {
         Floats acc[M];
         for (int m = 0; m < M; ++m) acc[m] = Floats{};
         const uint32_t* panel_words = w + panel * blocks * VECTORS * LANES;
         for (int64_t g = 0; g < groups; ++g) {
-            const Floats weight_scales = halves_to_floats(scales + (panel * groups + g) * LANES, LANES);
+            const int64_t at = (panel * groups + g) * LANES;
+            Floats weight_scales, weight_offsets = Floats{};
+            if (factors) {
+                coded_group(scales + at, factors + (panel * factor_blocks + g / FACTOR_GROUPS) * 2 * LANES,
+                            weight_scales, weight_offsets);
+            } else {
+                weight_scales = halves_to_floats(scales + at, LANES);
+                if (offsets) weight_offsets = halves_to_floats(offsets + at, LANES);
+            }
             for (int64_t b = g * blocks_per_group; b < std::min(blocks, (g + 1) * blocks_per_group); ++b) {
                 const uint32_t* block = panel_words + b * VECTORS * LANES;
                 for (int line = 0; line < VECTORS * VECTOR_BYTES; line += CACHE_LINE)
@@ -839,7 +866,7 @@ void panel_tiles(const int8_t* xq, const int8_t* xq_low, const float* dx, const 
                 }
                 // Symmetric 4 bits (Q4_0: w = (q - 8) * scale, no offsets stored): the 8s' share.
                 if constexpr (BITS == 4)
-                    if (!offsets)
+                    if (!offset_term)
                         for (int m = 0; m < M; ++m) sums[m] -= 8 * block_sums[m * blocks + b];
                 // |high digits' sum| <= 32 * 127 * 127, so 128 times it stays far inside int32.
                 if constexpr (DIGITS == 2)
@@ -848,10 +875,8 @@ void panel_tiles(const int8_t* xq, const int8_t* xq_low, const float* dx, const 
                 for (int m = 0; m < M; ++m)
                     acc[m] += __builtin_convertvector(sums[m], Floats) * (weight_scales * dx[m * blocks + b]);
             }
-            if (offsets) {
-                const Floats weight_offsets = halves_to_floats(offsets + (panel * groups + g) * LANES, LANES);
+            if (offset_term)
                 for (int m = 0; m < M; ++m) acc[m] += weight_offsets * group_sums[m * groups + g];
-            }
         }
         const int64_t rows = std::min<int64_t>(LANES, n - panel * LANES);
         for (int m = 0; m < M; ++m) {
@@ -883,7 +908,7 @@ struct PanelScratch {
 // The integer GEMV by the threads of an enclosing parallel region (or the calling thread).
 template <typename T, int BITS, int DIGITS = 1>
 void panel_team(const T* x, int64_t m, const uint32_t* w, const uint16_t* scales, const uint16_t* offsets,
-                const T* bias, T* y, int64_t n, int64_t k, int64_t group_size, PanelScratch& scratch) {
+                const uint16_t* factors, const T* bias, T* y, int64_t n, int64_t k, int64_t group_size, PanelScratch& scratch) {
     int8_t *xq = scratch.xq.data(), *xq_low = scratch.xq_low.data();
     float *dx = scratch.dx.data(), *group_sums = scratch.group_sums.data();
     int32_t *block_sums = scratch.block_sums.data(), *low_block_sums = scratch.low_block_sums.data();
@@ -894,7 +919,7 @@ void panel_team(const T* x, int64_t m, const uint32_t* w, const uint16_t* scales
 #define LLAMA3_DIST_PANEL_CASE(M)                                                                                   \
     case M:                                                                                                         \
         panel_tiles<T, BITS, DIGITS, M>(xq, xq_low, dx, group_sums, block_sums, low_block_sums, w, scales, offsets, \
-                                        bias, y, n, k, group_size);                                                   \
+                                        factors, bias, y, n, k, group_size);                                                   \
         break;
         LLAMA3_DIST_PANEL_CASE(1)
         LLAMA3_DIST_PANEL_CASE(2)
@@ -905,7 +930,7 @@ void panel_team(const T* x, int64_t m, const uint32_t* w, const uint16_t* scales
         LLAMA3_DIST_PANEL_CASE(7)
         default:
             panel_tiles<T, BITS, DIGITS, 8>(xq, xq_low, dx, group_sums, block_sums, low_block_sums, w, scales, offsets,
-                                            bias, y, n, k, group_size);
+                                            factors, bias, y, n, k, group_size);
 #undef LLAMA3_DIST_PANEL_CASE
     }
 }
@@ -914,13 +939,14 @@ void panel_team(const T* x, int64_t m, const uint32_t* w, const uint16_t* scales
 // of 32; m from 1 to GEMV_MAX_ROWS, group_size a multiple of 32. Returns -1 for arguments out of
 // range.
 template <typename T, int BITS, int DIGITS = 1>
-int panel_gemv(const T* x, const uint32_t* w, const uint16_t* scales, const uint16_t* offsets, const T* bias, T* y,
-               int64_t m, int64_t n, int64_t k, int64_t group_size) {
-    if (m < 1 || m > GEMV_MAX_ROWS || group_size < 32 || group_size % 32 || (BITS == 8 && offsets != nullptr))
+int panel_gemv(const T* x, const uint32_t* w, const uint16_t* scales, const uint16_t* offsets,
+               const uint16_t* factors, const T* bias, T* y, int64_t m, int64_t n, int64_t k, int64_t group_size) {
+    if (m < 1 || m > GEMV_MAX_ROWS || group_size < 32 || group_size % 32 ||
+        (BITS == 8 && (offsets != nullptr || factors != nullptr)) || (factors && offsets))
         return -1;
     PanelScratch scratch(m, k, DIGITS);
 #pragma omp parallel
-    panel_team<T, BITS, DIGITS>(x, m, w, scales, offsets, bias, y, n, k, group_size, scratch);
+    panel_team<T, BITS, DIGITS>(x, m, w, scales, offsets, factors, bias, y, n, k, group_size, scratch);
     return 0;
 }
 
@@ -932,11 +958,12 @@ int panel_gemv(const T* x, const uint32_t* w, const uint16_t* scales, const uint
 // the arithmetic and the stores run over contiguous elements of the row (vectorised), the
 // reads staying within the block's cache lines.
 template <typename T, int BITS>
-int panel_dequantize(const uint32_t* w, const uint16_t* scales, const uint16_t* offsets, T* out, int64_t n, int64_t k,
-                     int64_t group_size) {
+int panel_dequantize(const uint32_t* w, const uint16_t* scales, const uint16_t* offsets, const uint16_t* factors,
+                     T* out, int64_t n, int64_t k, int64_t group_size) {
     constexpr int VECTORS = BITS == 4 ? 4 : 8;
-    if (group_size < 32 || group_size % 32) return -1;
+    if (group_size < 32 || group_size % 32 || (factors && (offsets || BITS != 4))) return -1;
     const int64_t blocks = (k + 31) / 32, groups = (k + group_size - 1) / group_size;
+    const int64_t factor_blocks = (groups + FACTOR_GROUPS - 1) / FACTOR_GROUPS;
     const int64_t panels = (n + LANES - 1) / LANES;
 #pragma omp parallel for schedule(static)
     for (int64_t panel = 0; panel < panels; ++panel) {
@@ -945,10 +972,17 @@ int panel_dequantize(const uint32_t* w, const uint16_t* scales, const uint16_t* 
             const int64_t g = b * 32 / group_size, first = b * 32, count = std::min<int64_t>(32, k - first);
             for (int lane = 0; lane < LANES && panel * LANES + lane < n; ++lane) {
                 const int64_t row = panel * LANES + lane;
-                const float scale = half_to_float(scales[(panel * groups + g) * LANES + lane]);
-                // Symmetric 4 bits (no offsets stored) are offset by -8 scales, as the reference's.
-                const float offset = offsets ? half_to_float(offsets[(panel * groups + g) * LANES + lane])
-                                             : (BITS == 4 ? -8.0f * scale : 0.0f);
+                const int64_t at = (panel * groups + g) * LANES + lane;
+                float scale, offset;
+                if (factors) {  // coded (see the layout above)
+                    const uint16_t* factor = factors + (panel * factor_blocks + g / FACTOR_GROUPS) * 2 * LANES + lane;
+                    scale = float(scales[at] & 0xffu) * half_to_float(factor[0]);
+                    offset = float(int8_t(scales[at] >> 8)) * half_to_float(factor[LANES]);
+                } else {
+                    scale = half_to_float(scales[at]);
+                    // Symmetric 4 bits (no offsets stored) are offset by -8 scales, as the reference's.
+                    offset = offsets ? half_to_float(offsets[at]) : (BITS == 4 ? -8.0f * scale : 0.0f);
+                }
                 // The row's bytes of the block, 16 at a time, gathered into a register (the
                 // words are LANES apart): 4 bits, elements 0-15 and 16-31 from the nibbles of one
                 // such quad; 8 bits, elements 0-15 and 16-31 from two.
@@ -1248,6 +1282,7 @@ struct Weight {
     const uint32_t* words;
     const uint16_t* scales;
     const uint16_t* offsets;
+    const uint16_t* factors;  // coded 4-bit panels' factors, or null
     int64_t bits, group_size;
 };
 
@@ -1256,9 +1291,9 @@ template <typename T>
 void project_team(const T* x, int64_t m, const Weight& w, const T* bias, T* y, int64_t n, int64_t k, float* xf,
                   PanelScratch& scratch) {
     if (w.bits == 4)
-        panel_team<T, 4>(x, m, w.words, w.scales, w.offsets, bias, y, n, k, w.group_size, scratch);
+        panel_team<T, 4>(x, m, w.words, w.scales, w.offsets, w.factors, bias, y, n, k, w.group_size, scratch);
     else if (w.bits == 8)
-        panel_team<T, 8>(x, m, w.words, w.scales, w.offsets, bias, y, n, k, w.group_size, scratch);
+        panel_team<T, 8>(x, m, w.words, w.scales, w.offsets, nullptr, bias, y, n, k, w.group_size, scratch);
     else
         gemv_team(x, m, static_cast<const T*>(w.dense), bias, y, n, k, xf);
 }
@@ -1430,25 +1465,28 @@ int decode_layers(const AttentionBlock* attention, const MlpBlock* mlp, T* const
                                int64_t n, int64_t k, int64_t group_size) {                                          \
         return grouped_dequantize<T, 8>(w, scales, offsets, out, n, k, group_size);                                 \
     }                                                                                                                \
-    int gemv_panels4_##SUFFIX(const T* x, const uint32_t* w, const uint16_t* scales, const uint16_t* offsets,      \
-                              const T* bias, T* y, int64_t m, int64_t n, int64_t k, int64_t group_size) {           \
-        return panel_gemv<T, 4>(x, w, scales, offsets, bias, y, m, n, k, group_size);                               \
+    int gemv_panels4_##SUFFIX(const T* x, const uint32_t* w, const uint16_t* scales, const uint16_t* offsets,        \
+                         const uint16_t* factors, const T* bias, T* y, int64_t m, int64_t n, int64_t k,              \
+                         int64_t group_size) {                                                                       \
+        return panel_gemv<T, 4>(x, w, scales, offsets, factors, bias, y, m, n, k, group_size);                       \
     }                                                                                                                \
-    int gemv_panels8_##SUFFIX(const T* x, const uint32_t* w, const uint16_t* scales, const uint16_t* offsets,      \
-                              const T* bias, T* y, int64_t m, int64_t n, int64_t k, int64_t group_size) {           \
-        return panel_gemv<T, 8>(x, w, scales, offsets, bias, y, m, n, k, group_size);                               \
+    int gemv_panels8_##SUFFIX(const T* x, const uint32_t* w, const uint16_t* scales, const uint16_t* offsets,        \
+                         const uint16_t* factors, const T* bias, T* y, int64_t m, int64_t n, int64_t k,              \
+                         int64_t group_size) {                                                                       \
+        return panel_gemv<T, 8>(x, w, scales, offsets, factors, bias, y, m, n, k, group_size);                       \
     }                                                                                                                \
-    int gemv_panels8x15_##SUFFIX(const T* x, const uint32_t* w, const uint16_t* scales, const uint16_t* offsets,   \
-                                 const T* bias, T* y, int64_t m, int64_t n, int64_t k, int64_t group_size) {        \
-        return panel_gemv<T, 8, 2>(x, w, scales, offsets, bias, y, m, n, k, group_size);                            \
+    int gemv_panels8x15_##SUFFIX(const T* x, const uint32_t* w, const uint16_t* scales, const uint16_t* offsets,     \
+                         const uint16_t* factors, const T* bias, T* y, int64_t m, int64_t n, int64_t k,              \
+                         int64_t group_size) {                                                                       \
+        return panel_gemv<T, 8, 2>(x, w, scales, offsets, factors, bias, y, m, n, k, group_size);                    \
     }                                                                                                                \
-    int dequantize_panels4_##SUFFIX(const uint32_t* w, const uint16_t* scales, const uint16_t* offsets, T* out,    \
-                                    int64_t n, int64_t k, int64_t group_size) {                                     \
-        return panel_dequantize<T, 4>(w, scales, offsets, out, n, k, group_size);                                   \
+    int dequantize_panels4_##SUFFIX(const uint32_t* w, const uint16_t* scales, const uint16_t* offsets,              \
+                                const uint16_t* factors, T* out, int64_t n, int64_t k, int64_t group_size) {         \
+        return panel_dequantize<T, 4>(w, scales, offsets, factors, out, n, k, group_size);                           \
     }                                                                                                                \
-    int dequantize_panels8_##SUFFIX(const uint32_t* w, const uint16_t* scales, const uint16_t* offsets, T* out,    \
-                                    int64_t n, int64_t k, int64_t group_size) {                                     \
-        return panel_dequantize<T, 8>(w, scales, offsets, out, n, k, group_size);                                   \
+    int dequantize_panels8_##SUFFIX(const uint32_t* w, const uint16_t* scales, const uint16_t* offsets,              \
+                                const uint16_t* factors, T* out, int64_t n, int64_t k, int64_t group_size) {         \
+        return panel_dequantize<T, 8>(w, scales, offsets, factors, out, n, k, group_size);                           \
     }                                                                                                                \
     void rms_norm_##SUFFIX(const T* x, const T* residual, const T* weight, float eps, T* out, T* h_out, int64_t n,  \
                            int64_t d) {                                                                              \

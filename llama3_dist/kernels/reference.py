@@ -213,28 +213,70 @@ def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8), scale
 
 
+# Coded group scales (GroupQuantized.factors): groups of a row share a scale factor and an offset
+# factor in runs of this many (cpu_kernels.cpp's FACTOR_GROUPS).
+FACTOR_GROUPS = 8
+
+
 @dataclass(frozen=True)
 class GroupQuantized:
-    """Weights as small integers with a float16 scale, and for 4 bits an offset, per group of
+    """Weights as small integers with a scale, and for 4 bits an offset, per group of
     `group_size` consecutive input features of each row:
-    w[o, i] = values[o, i] * scales[o, i // group_size] + offsets[o, i // group_size].
+    w[o, i] = values[o, i] * scale[o, i // group_size] + offset[o, i // group_size].
 
     The one logical form of every group-wise type: llama.cpp's Q8_0 (8 bits, symmetric, groups
     of 32), Q4_0 (4 bits, offset -8 * scale) and Q4_1, and our int4 (quantize_int4). Kernels
-    repack it into their own layout (cpu.pack_grouped)."""
+    repack it into their own layout (cpu.pack_grouped).
+
+    Scales and offsets are float16 as stored, or (4 bits, `factors` given: our int4) coded:
+    `scales` uint8 and `offsets` int8 codes, and factors float16 [n, ceil(groups /
+    FACTOR_GROUPS), 2], the scale and offset factors of each run of FACTOR_GROUPS groups; a
+    group's scale is its code times its run's scale factor, its offset likewise, each product
+    a float16 exactly (quantize_int4 makes the factors so). A decode step reads 2.5 bytes of
+    them per group of 32 instead of 4; kernels that read no codes take uncoded(), the same
+    values."""
 
     values: torch.Tensor  # int8 [n, k]: 0..15 for 4 bits, -128..127 for 8 bits
-    scales: torch.Tensor  # float16 [n, ceil(k / group_size)]
-    offsets: torch.Tensor | None  # float16 like scales for 4 bits; None for 8 bits (symmetric)
+    scales: torch.Tensor  # float16 [n, ceil(k / group_size)] (coded: uint8)
+    offsets: torch.Tensor | None  # float16 like scales for 4 bits (coded: int8); None for 8 bits (symmetric)
     bits: int
     group_size: int
+    factors: torch.Tensor | None = None  # coded scales: float16 [n, ceil(groups / FACTOR_GROUPS), 2]
 
     def __post_init__(self) -> None:
         if self.bits not in (4, 8) or (self.bits == 4) != (self.offsets is not None):
             raise ValueError(f"{self.bits}-bit groups take offsets exactly when 4-bit")
-        groups = -(-self.values.shape[1] // self.group_size)
-        if self.scales.shape != (self.values.shape[0], groups) or self.scales.dtype != torch.float16:
-            raise ValueError(f"scales must be float16 {[self.values.shape[0], groups]}, got {list(self.scales.shape)}")
+        n, groups = self.values.shape[0], -(-self.values.shape[1] // self.group_size)
+        if self.factors is None:
+            dtypes: tuple[torch.dtype, torch.dtype | None] = (torch.float16, torch.float16)
+        else:
+            dtypes = (torch.uint8, torch.int8)
+            runs = -(-groups // FACTOR_GROUPS)
+            if self.factors.shape != (n, runs, 2) or self.factors.dtype != torch.float16:
+                raise ValueError(f"factors must be float16 {[n, runs, 2]}, got {self.factors.dtype} "
+                                 f"{list(self.factors.shape)}")  # fmt: skip
+        if self.scales.shape != (n, groups) or self.scales.dtype != dtypes[0]:
+            raise ValueError(f"scales must be {dtypes[0]} {[n, groups]}, got {self.scales.dtype} {list(self.scales.shape)}")
+        if self.offsets is not None and (self.offsets.shape != (n, groups) or self.offsets.dtype != dtypes[1]):
+            raise ValueError(f"offsets must be {dtypes[1]} {[n, groups]}, got {self.offsets.dtype} "
+                             f"{list(self.offsets.shape)}")  # fmt: skip
+
+    def float_scales(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Each group's scale and offset (None: symmetric 8 bits) as float32, exactly."""
+        if self.factors is None:
+            return self.scales.float(), None if self.offsets is None else self.offsets.float()
+        assert self.offsets is not None
+        factors = self.factors.float().repeat_interleave(FACTOR_GROUPS, dim=1)[:, : self.scales.shape[1]]
+        return self.scales.float() * factors[..., 0], self.offsets.float() * factors[..., 1]
+
+    def uncoded(self) -> GroupQuantized:
+        """This weight with float16 scales and offsets, the same values, for kernels that read no
+        coded ones."""
+        if self.factors is None:
+            return self
+        scales, offsets = self.float_scales()
+        assert offsets is not None
+        return GroupQuantized(self.values, scales.half(), offsets.half(), self.bits, self.group_size)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -242,32 +284,43 @@ class GroupQuantized:
 
     def rows(self, start: int, stop: int) -> GroupQuantized:
         offsets = None if self.offsets is None else self.offsets[start:stop]
-        return GroupQuantized(self.values[start:stop], self.scales[start:stop], offsets, self.bits, self.group_size)
+        factors = None if self.factors is None else self.factors[start:stop]
+        return GroupQuantized(
+            self.values[start:stop], self.scales[start:stop], offsets, self.bits, self.group_size, factors
+        )
 
     def to(self, device: torch.device | str) -> GroupQuantized:
         offsets = None if self.offsets is None else self.offsets.to(device)
-        return GroupQuantized(self.values.to(device), self.scales.to(device), offsets, self.bits, self.group_size)
+        factors = None if self.factors is None else self.factors.to(device)
+        return GroupQuantized(
+            self.values.to(device), self.scales.to(device), offsets, self.bits, self.group_size, factors
+        )
 
     @staticmethod
     def cat(parts: list[GroupQuantized]) -> GroupQuantized:
-        """Row-wise concatenation (fused q|k|v, gate|up) of parts of one type."""
+        """Row-wise concatenation (fused q|k|v, gate|up) of parts of one type (coded scales stay
+        coded where every part has them)."""
         first = parts[0]
         if any((p.bits, p.group_size, p.shape[1]) != (first.bits, first.group_size, first.shape[1]) for p in parts):
             raise ValueError("fused weights must share one quantized type, group size and width")
+        if any(p.factors is None for p in parts):
+            parts = [p.uncoded() for p in parts]
         offsets = None if first.offsets is None else torch.cat([p.offsets for p in parts if p.offsets is not None])
+        factors = None if parts[0].factors is None else torch.cat([p.factors for p in parts if p.factors is not None])
         return GroupQuantized(
             torch.cat([p.values for p in parts]), torch.cat([p.scales for p in parts]), offsets, first.bits,
-            first.group_size,
+            first.group_size, factors,
         )  # fmt: skip
 
 
 def dequantize(weight: GroupQuantized, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The weight as `dtype`: each value computed in float32 and rounded once."""
     k = weight.shape[1]
-    expand = lambda t: t.float().repeat_interleave(weight.group_size, dim=1)[:, :k]  # noqa: E731
-    values = weight.values.float() * expand(weight.scales)
-    if weight.offsets is not None:
-        values = values + expand(weight.offsets)
+    expand = lambda t: t.repeat_interleave(weight.group_size, dim=1)[:, :k]  # noqa: E731
+    scales, offsets = weight.float_scales()
+    values = weight.values.float() * expand(scales)
+    if offsets is not None:
+        values = values + expand(offsets)
     return values.to(dtype)
 
 
@@ -291,19 +344,44 @@ def quantize_int8_groups(weight: torch.Tensor, group_size: int = 32) -> GroupQua
 
 
 def quantize_int4(weight: torch.Tensor, group_size: int) -> GroupQuantized:
-    """Group-wise asymmetric 4 bits: per group, offset = its minimum and scale = (max - min) / 15
-    (both rounded to float16), values = round((w - offset) / scale) in 0..15. A last group may
-    be partial (k need not divide)."""
+    """Group-wise asymmetric 4 bits with coded scales: per group, offset = its minimum and scale =
+    (max - min) / 15, each coded in 8 bits against a factor shared by FACTOR_GROUPS groups (the
+    run's largest scale / 255, its largest |offset| / 127, rounded up to 3 and 4 significant bits
+    and to a multiple of 2^-24: every code times its factor is then a float16 exactly, so kernels
+    without codes read the same values as float16), codes to nearest; then values = round((w -
+    offset) / scale) in 0..15 against the coded scale and offset. A last group (and run) may be
+    partial (k need not divide)."""
     n, k = weight.shape
     groups = -(-k // group_size)
+    runs = -(-groups // FACTOR_GROUPS)
     w = weight.float()
     padded = torch.nn.functional.pad(w, (0, groups * group_size - k), value=float("nan")).view(n, groups, group_size)
     low = torch.nan_to_num(padded, nan=float("inf")).amin(dim=2)
     high = torch.nan_to_num(padded, nan=float("-inf")).amax(dim=2)
-    offsets = low.to(torch.float16)
-    scales = ((high - offsets.float()) / 15.0).to(torch.float16)
+
+    def coded(wanted: torch.Tensor, largest_code: int, digits: int) -> tuple[torch.Tensor, torch.Tensor]:
+        # [n, groups] -> codes and each run's factor (`digits` significant bits: largest_code
+        # times it stays below 2^11, float16's significand); a run of zeros keeps factor 0
+        by_run = torch.nn.functional.pad(wanted, (0, runs * FACTOR_GROUPS - groups)).view(n, runs, FACTOR_GROUPS)
+        needed = by_run.abs().amax(dim=2) / largest_code
+        exponent = torch.floor(torch.log2(needed.clamp(min=2.0**-24))) - (digits - 1)
+        quantum = torch.exp2(exponent.clamp(min=-24))
+        factor = torch.ceil(needed / quantum) * quantum
+        divisor = torch.where(factor > 0, factor, torch.ones(()))
+        codes = torch.round(by_run / divisor[:, :, None]).clamp(-largest_code, largest_code)
+        return codes.view(n, runs * FACTOR_GROUPS)[:, :groups], factor.to(torch.float16)
+
+    scale_codes, scale_factors = coded((high - low) / 15.0, 255, 3)
+    offset_codes, offset_factors = coded(low, 127, 4)
+    factors = torch.stack([scale_factors, offset_factors], dim=2)
+    repeat = lambda t: t.float().repeat_interleave(FACTOR_GROUPS, dim=1)[:, :groups]  # noqa: E731
+    scales = scale_codes * repeat(scale_factors)
+    offsets = offset_codes * repeat(offset_factors)
     # A constant group (scale 0) dequantizes to its offset whatever the values.
-    divisor = torch.where(scales.float() > 0, scales.float(), torch.ones(()))
-    values = torch.round((padded - offsets.float()[:, :, None]) / divisor[:, :, None]).clamp(0, 15)
+    divisor = torch.where(scales > 0, scales, torch.ones(()))
+    values = torch.round((padded - offsets[:, :, None]) / divisor[:, :, None]).clamp(0, 15)
     values = torch.nan_to_num(values, nan=0.0).view(n, groups * group_size)[:, :k].to(torch.int8)
-    return GroupQuantized(values.contiguous(), scales, offsets, 4, group_size)
+    return GroupQuantized(
+        values.contiguous(), scale_codes.to(torch.uint8), offset_codes.to(torch.int8), 4, group_size,
+        factors.contiguous(),
+    )  # fmt: skip

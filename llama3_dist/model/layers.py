@@ -335,9 +335,10 @@ def _padded_rows(weight: reference.GroupQuantized, rows: int) -> reference.Group
     if extra == 0:
         return weight
     offsets = None if weight.offsets is None else F.pad(weight.offsets, (0, 0, 0, extra))
+    factors = None if weight.factors is None else F.pad(weight.factors, (0, 0, 0, 0, 0, extra))
     return reference.GroupQuantized(
         F.pad(weight.values, (0, 0, 0, extra)), F.pad(weight.scales, (0, 0, 0, extra)), offsets, weight.bits,
-        weight.group_size,
+        weight.group_size, factors,
     )  # fmt: skip
 
 

@@ -208,8 +208,10 @@ def test_grouped_gemv_is_the_dequantized_product(variant, bits, group_size, rows
     library's dequantization is bit-identical to the reference's."""
     library, dtype = variant
     w = randn(n, k, dtype=F32) * 0.05
+    # this GEMV reads float16 scales: coded ones (int4's) are widened to them at packing
     weight = ref.quantize_int4(w, group_size) if bits == 4 else quantize_q8_0(w, group_size)
     packed = cpu.pack_grouped(weight, library.lanes)
+    weight = weight.uncoded()
     x, b = randn(rows, k, dtype=dtype), randn(n, dtype=dtype)
     exact = x.double() @ ref.dequantize(weight).double().T + b.double()
     got = cpu.grouped_linear(x, packed, b, library)
@@ -222,28 +224,40 @@ def test_grouped_gemv_is_the_dequantized_product(variant, bits, group_size, rows
 
 
 @pytest.mark.parametrize(
-    "bits,group_size,x_digits,symmetric",
-    [(4, 32, 1, False), (4, 128, 1, False), (4, 32, 1, True), (8, 32, 1, True), (8, 224, 1, True), (8, 32, 2, True)],
+    "bits,group_size,x_digits,form",
+    [
+        (4, 32, 1, "coded"),
+        (4, 128, 1, "coded"),
+        (4, 32, 1, "float16"),
+        (4, 32, 1, "symmetric"),
+        (8, 32, 1, "symmetric"),
+        (8, 224, 1, "symmetric"),
+        (8, 32, 2, "symmetric"),
+    ],
 )
 @pytest.mark.parametrize("rows,n,k", [(1, 160, 1024), (9, 37, 200)])
-def test_panel_gemv_is_the_product_with_x_in_int8_blocks(variant, bits, group_size, x_digits, symmetric, rows, n, k):
+def test_panel_gemv_is_the_product_with_x_in_int8_blocks(variant, bits, group_size, x_digits, form, rows, n, k):
     """4- and 8-bit weights in panels (bfloat16 models): x quantized to int8 per block of 32 and
     integer dot products, so within x's rounding of the dequantized product (about 1% of its norm
     on random x); the panels dequantize bit-identically to the reference. Groups of 224 are
-    whole rows of 200 (int8 with a scale per row). Symmetric 4 bits (GGUF Q4_0: offsets of -8
-    scales) are packed without offsets. x_digits 2 (the LM head's "panels8x15"): x in two int8
+    whole rows of 200 (int8 with a scale per row). 4 bits with coded scales (int4's: 8-bit codes,
+    a factor per 8 groups; k 1024 in groups of 128 has one run, 200 in groups of 32 a partial
+    one), with float16 ones (GGUF Q4_1) and symmetric (GGUF Q4_0: offsets of -8 scales, packed
+    without offsets). x_digits 2 (the LM head's "panels8x15"): x in two int8
     digits, 15 bits a block, so within a 128 times finer rounding."""
     library, dtype = variant
     w = randn(n, k, dtype=F32) * 0.05
     if bits == 8:
         weight = quantize_q8_0(w, group_size)
-    elif symmetric:  # Q4_0's form: w = (q - 8) * scale
-        weight = ref.quantize_int4(w, group_size)
+    elif form == "symmetric":  # Q4_0's form: w = (q - 8) * scale
+        weight = ref.quantize_int4(w, group_size).uncoded()
         weight = ref.GroupQuantized(weight.values, weight.scales, weight.scales * -8, 4, group_size)
     else:
         weight = ref.quantize_int4(w, group_size)
+        weight = weight if form == "coded" else weight.uncoded()
     packed = cpu.pack_grouped(weight, library.lanes, panels=True, x_digits=x_digits)
-    assert (packed.offsets is None) == symmetric
+    assert (packed.offsets is None) == (form != "float16")
+    assert (packed.factors is None) == (form != "coded")
     assert torch.equal(library.dequantize_grouped(packed, F32), ref.dequantize(weight))
     x, b = randn(rows, k, dtype=dtype), randn(n, dtype=dtype)
     exact = x.double() @ ref.dequantize(weight).double().T + b.double()
