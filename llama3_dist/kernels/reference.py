@@ -256,7 +256,8 @@ class GroupQuantized:
                 raise ValueError(f"factors must be float16 {[n, runs, 2]}, got {self.factors.dtype} "
                                  f"{list(self.factors.shape)}")  # fmt: skip
         if self.scales.shape != (n, groups) or self.scales.dtype != dtypes[0]:
-            raise ValueError(f"scales must be {dtypes[0]} {[n, groups]}, got {self.scales.dtype} {list(self.scales.shape)}")
+            raise ValueError(f"scales must be {dtypes[0]} {[n, groups]}, got {self.scales.dtype} "
+                             f"{list(self.scales.shape)}")  # fmt: skip
         if self.offsets is not None and (self.offsets.shape != (n, groups) or self.offsets.dtype != dtypes[1]):
             raise ValueError(f"offsets must be {dtypes[1]} {[n, groups]}, got {self.offsets.dtype} "
                              f"{list(self.offsets.shape)}")  # fmt: skip
