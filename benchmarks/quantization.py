@@ -1,7 +1,7 @@
 """Weight-only quantization on the CPU: batch-1 decode (the time between streamed tokens after a
-16-token prompt) in bfloat16 with dense weights and each
-quantization mode (int8: per output row; int4 / int4-g128: groups of 32 / 128 with a float16
-scale and offset), alternating runs, against each one's floor (the bytes read per token / the
+16-token prompt) in bfloat16 with dense weights and each quantization mode (int8: per output row;
+int4 / int4-g128: groups of 32 / 128 with a scale and offset, each an 8-bit code times a bfloat16
+factor per 8 groups), alternating runs, against each one's floor (the bytes read per token / the
 streaming-read speed measured in the same run); then the GEMV alone for every instruction set
 this host runs (each library build), dense bfloat16 against each quantized form. --batches adds
 decode throughput at those batch sizes, each mode against the first.
@@ -80,6 +80,7 @@ def weight_bytes_per_token(llm: LLM) -> int:
             getattr(m, "weight_scale", None),
             getattr(getattr(m, "grouped", None), "scales", None),
             getattr(getattr(m, "grouped", None), "offsets", None),
+            getattr(getattr(m, "grouped", None), "factors", None),
         )
         if t is not None
     )

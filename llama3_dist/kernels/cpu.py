@@ -917,7 +917,7 @@ class PackedGroupWeights:
       activations"): panels of `lanes` rows, blocks of 32; scales and offsets float16
       [panels, groups, lanes] (4 bits without offsets: symmetric, Q4_0's q - 8), or for coded
       4-bit weights (GroupQuantized.factors) scales uint8 [panels, groups, lanes, 2], each
-      group's scale code and offset code, and factors float16 [panels, runs, 2, lanes];
+      group's scale code and offset code, and factors bfloat16 [panels, runs, 2, lanes];
     - "panels8x15": panels8's words, multiplied with x rounded to 15 bits per block of 32 (two
       int8 digits) instead of 8: the LM head of bfloat16 models (pack_head)."""
 

@@ -688,9 +688,10 @@ int grouped_gemv(const T* x, const uint32_t* w, const uint16_t* scales, const ui
 //
 // Coded 4-bit panels (factors given; our int4, reference.quantize_int4): scales holds a uint16 per
 // group and lane, the scale's code (uint8, the low byte) and the offset's (int8, the high byte),
-// and factors float16 [panels, factor blocks, 2, LANES] a scale factor and an offset factor per
+// and factors bfloat16 [panels, factor blocks, 2, LANES] a scale factor and an offset factor per
 // FACTOR_GROUPS groups: scale = code * the first, offset = code * the second (each product a
-// float16 exactly, the reference's value). 2 bytes a group and 4 per 8 groups instead of 4 a
+// float16 exactly, the reference's value). bfloat16 factors widen with a shift; float16 ones
+// would mostly be subnormal, which x86 CPUs widen through a microcode assist (2x slower decode). 2 bytes a group and 4 per 8 groups instead of 4 a
 // group: 4.625 bits a weight instead of 5, which is what a decode step reads.
 constexpr int64_t FACTOR_GROUPS = 8;
 
@@ -699,8 +700,8 @@ inline void coded_group(const uint16_t* codes, const uint16_t* factors, Floats& 
     Halves packed;
     memcpy(&packed, codes, sizeof packed);
     const Words code = __builtin_convertvector(packed, Words);
-    scales = __builtin_convertvector((Ints)(code & 0xffu), Floats) * halves_to_floats(factors, LANES);
-    offsets = __builtin_convertvector(((Ints)(code << 16)) >> 24, Floats) * halves_to_floats(factors + LANES, LANES);
+    scales = __builtin_convertvector((Ints)(code & 0xffu), Floats) * Element<bfloat16>::load(factors);
+    offsets = __builtin_convertvector(((Ints)(code << 16)) >> 24, Floats) * Element<bfloat16>::load(factors + LANES);
 }
 
 // acc + the sum of 4 products per 32-bit lane: unsigned bytes of u (at most 15 here) times the
@@ -721,6 +722,28 @@ inline Ints dot4(Ints acc, Words u, int32_t x4) {
     return acc;
 #endif
 }
+
+// AVX2 has no byte dot product into 32 bits: dot4 is pmaddubsw (byte pairs into 16 bits), then
+// pmaddwd by ones (into 32) and an add. For 4-bit weights a block's 8 pmaddubsw results fit in 16
+// bits together (each pair at most 2 * 15 * 127 = 3810, 8 of them 30480 < 2^15), so they are
+// summed as 16-bit lanes and widened once a block: 8 pmaddwd and 7 adds fewer per block, and the
+// 4-bit GEMV was bound by these instructions on a Zen 3 core (not by memory: it scaled 2x from
+// one thread to two).
+#if VECTOR_BYTES == 32 && defined(__AVX2__)
+constexpr bool PAIR_SUMS = true;
+typedef int16_t Pairs __attribute__((vector_size(VECTOR_BYTES)));
+// The 16-bit pair sums of unsigned bytes of u (at most 15) times the signed bytes of x4.
+inline Pairs pair_sums(Words u, int32_t x4) {
+    return (Pairs)_mm256_maddubs_epi16((__m256i)u, _mm256_set1_epi32(x4));
+}
+// Each 32-bit lane's two 16-bit sums added.
+inline Ints widen_pairs(Pairs p) { return (Ints)_mm256_madd_epi16((__m256i)p, _mm256_set1_epi16(1)); }
+#else
+constexpr bool PAIR_SUMS = false;
+typedef int16_t Pairs __attribute__((vector_size(VECTOR_BYTES)));
+inline Pairs pair_sums(Words, int32_t) { return Pairs{}; }
+inline Ints widen_pairs(Pairs) { return Ints{}; }
+#endif
 
 // acc + the sum of 4 products per 32-bit lane of signed bytes of w and x4 (8-bit weights).
 // VNNI multiplies unsigned by signed bytes: w + 128 (a flipped sign bit) times x, which counts
@@ -835,6 +858,22 @@ void panel_tiles(const int8_t* xq, const int8_t* xq_low, const float* dx, const 
                     __builtin_prefetch((const char*)block + PREFETCH_BYTES + line, 0, 2);
                 Ints sums[M], low_sums[M];
                 for (int m = 0; m < M; ++m) sums[m] = low_sums[m] = Ints{};
+                if constexpr (BITS == 4 && PAIR_SUMS) {
+                    Pairs pairs[M];
+                    for (int m = 0; m < M; ++m) pairs[m] = Pairs{};
+#pragma GCC unroll 4
+                    for (int c = 0; c < VECTORS; ++c) {
+                        Words q;
+                        memcpy(&q, block + c * LANES, sizeof q);
+                        const Words low = q & 0x0f0f0f0fu, high = (q >> 4) & 0x0f0f0f0fu;
+#pragma GCC unroll 8
+                        for (int m = 0; m < M; ++m) {
+                            const int32_t* x4 = reinterpret_cast<const int32_t*>(xq + (m * blocks + b) * 32);
+                            pairs[m] += pair_sums(low, x4[c]) + pair_sums(high, x4[4 + c]);
+                        }
+                    }
+                    for (int m = 0; m < M; ++m) sums[m] = widen_pairs(pairs[m]);
+                } else {
 #pragma GCC unroll 8
                 for (int c = 0; c < VECTORS; ++c) {
                     Words q;
@@ -857,6 +896,7 @@ void panel_tiles(const int8_t* xq, const int8_t* xq_low, const float* dx, const 
                             }
                         }
                     }
+                }
                 }
                 if constexpr (BITS == 8 && SIGNED_DOT4_EXCESS) {
                     for (int m = 0; m < M; ++m) {
@@ -976,8 +1016,8 @@ int panel_dequantize(const uint32_t* w, const uint16_t* scales, const uint16_t* 
                 float scale, offset;
                 if (factors) {  // coded (see the layout above)
                     const uint16_t* factor = factors + (panel * factor_blocks + g / FACTOR_GROUPS) * 2 * LANES + lane;
-                    scale = float(scales[at] & 0xffu) * half_to_float(factor[0]);
-                    offset = float(int8_t(scales[at] >> 8)) * half_to_float(factor[LANES]);
+                    scale = float(scales[at] & 0xffu) * Element<bfloat16>::to_float(factor[0]);
+                    offset = float(int8_t(scales[at] >> 8)) * Element<bfloat16>::to_float(factor[LANES]);
                 } else {
                     scale = half_to_float(scales[at]);
                     // Symmetric 4 bits (no offsets stored) are offset by -8 scales, as the reference's.

@@ -229,19 +229,21 @@ class GroupQuantized:
     repack it into their own layout (cpu.pack_grouped).
 
     Scales and offsets are float16 as stored, or (4 bits, `factors` given: our int4) coded:
-    `scales` uint8 and `offsets` int8 codes, and factors float16 [n, ceil(groups /
+    `scales` uint8 and `offsets` int8 codes, and factors bfloat16 [n, ceil(groups /
     FACTOR_GROUPS), 2], the scale and offset factors of each run of FACTOR_GROUPS groups; a
     group's scale is its code times its run's scale factor, its offset likewise, each product
-    a float16 exactly (quantize_int4 makes the factors so). A decode step reads 2.5 bytes of
-    them per group of 32 instead of 4; kernels that read no codes take uncoded(), the same
-    values."""
+    a float16 exactly (quantize_int4 makes the factors so). bfloat16, not float16: a factor is
+    about 1/255 of a scale, below float16's normal range for most models' weights, and
+    widening float16 subnormals costs x86 CPUs a microcode assist each (2x slower decode). A
+    decode step reads 2.5 bytes of them per group of 32 instead of 4; kernels that read no
+    codes take uncoded(), the same values."""
 
     values: torch.Tensor  # int8 [n, k]: 0..15 for 4 bits, -128..127 for 8 bits
     scales: torch.Tensor  # float16 [n, ceil(k / group_size)] (coded: uint8)
     offsets: torch.Tensor | None  # float16 like scales for 4 bits (coded: int8); None for 8 bits (symmetric)
     bits: int
     group_size: int
-    factors: torch.Tensor | None = None  # coded scales: float16 [n, ceil(groups / FACTOR_GROUPS), 2]
+    factors: torch.Tensor | None = None  # coded scales: bfloat16 [n, ceil(groups / FACTOR_GROUPS), 2]
 
     def __post_init__(self) -> None:
         if self.bits not in (4, 8) or (self.bits == 4) != (self.offsets is not None):
@@ -252,8 +254,8 @@ class GroupQuantized:
         else:
             dtypes = (torch.uint8, torch.int8)
             runs = -(-groups // FACTOR_GROUPS)
-            if self.factors.shape != (n, runs, 2) or self.factors.dtype != torch.float16:
-                raise ValueError(f"factors must be float16 {[n, runs, 2]}, got {self.factors.dtype} "
+            if self.factors.shape != (n, runs, 2) or self.factors.dtype != torch.bfloat16:
+                raise ValueError(f"factors must be bfloat16 {[n, runs, 2]}, got {self.factors.dtype} "
                                  f"{list(self.factors.shape)}")  # fmt: skip
         if self.scales.shape != (n, groups) or self.scales.dtype != dtypes[0]:
             raise ValueError(f"scales must be {dtypes[0]} {[n, groups]}, got {self.scales.dtype} "
@@ -370,7 +372,7 @@ def quantize_int4(weight: torch.Tensor, group_size: int) -> GroupQuantized:
         factor = torch.ceil(needed / quantum) * quantum
         divisor = torch.where(factor > 0, factor, torch.ones(()))
         codes = torch.round(by_run / divisor[:, :, None]).clamp(-largest_code, largest_code)
-        return codes.view(n, runs * FACTOR_GROUPS)[:, :groups], factor.to(torch.float16)
+        return codes.view(n, runs * FACTOR_GROUPS)[:, :groups], factor.to(torch.bfloat16)  # exactly
 
     scale_codes, scale_factors = coded((high - low) / 15.0, 255, 3)
     offset_codes, offset_factors = coded(low, 127, 4)
