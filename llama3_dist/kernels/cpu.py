@@ -299,7 +299,7 @@ class KernelLibrary:
             function = getattr(self._lib, f"gemv_int8_{suffix}")
             function.argtypes, function.restype = [_P, _P, _P, _P, _P, _I64, _I64, _I64], _INT
             self._functions["gemv_int8", dtype] = function
-            for layout in ("q4", "q8", "panels4", "panels8", "panels8x15"):
+            for layout in ("q4", "q8", "panels4", "panels8", "panels8x15", "panels6x15"):
                 # panel layouts take one pointer more: coded scales' factors (or null)
                 pointers = [_P] * (2 if layout.startswith("q") else 3)
                 function = getattr(self._lib, f"gemv_{layout}_{suffix}")
@@ -919,7 +919,9 @@ class PackedGroupWeights:
       4-bit weights (GroupQuantized.factors) scales uint8 [panels, groups, lanes, 2], each
       group's scale code and offset code, and factors bfloat16 [panels, runs, 2, lanes];
     - "panels8x15": panels8's words, multiplied with x rounded to 15 bits per block of 32 (two
-      int8 digits) instead of 8: the LM head of bfloat16 models (pack_head)."""
+      int8 digits) instead of 8: the LM head of bfloat16 models (pack_head);
+    - "panels6x15": 6-bit weights (int4 models' LM head), 6 words a block and lane (the low 4
+      bits as panels4's, then the high 2), with x in 15 bits."""
 
     words: torch.Tensor  # int32
     scales: torch.Tensor  # float16 (coded panels: uint8 code pairs)
@@ -941,19 +943,20 @@ def pack_grouped(
     weight: reference.GroupQuantized, lanes: int, panels: bool = False, x_digits: int = 1
 ) -> PackedGroupWeights:
     """weight in the layout of a library with `lanes` float32 lanes per vector: panels for the
-    integer GEMV (x_digits 2: x to 15 bits, 8-bit weights only), else words for the float one.
+    integer GEMV (x_digits 2: x to 15 bits, 6- and 8-bit weights only; 6-bit ones take only
+    that), else words for the float one (6-bit weights as 8-bit ones).
     The group size must be a multiple of 32 (and for words a power of two and a multiple of
     `lanes`)."""
     if x_digits not in (1, 2) or (x_digits == 2 and not panels):
         raise ValueError(f"x_digits {x_digits}: 1, or 2 with panels (the float GEMV keeps x exact)")
     if panels:
+        if x_digits == 2 and weight.bits == 4:
+            raise ValueError("x in 15 bits takes 6- or 8-bit weights, not 4-bit")
+        if x_digits == 1 and weight.bits == 6:
+            raise ValueError("6-bit weights run with x in 15 bits (x_digits 2: the LM head's) only")
         packed = _pack_panels(weight, lanes)
-        if x_digits == 2:
-            if weight.bits != 8:
-                raise ValueError(f"x in 15 bits takes 8-bit weights, not {weight.bits}-bit")
-            packed = dataclasses.replace(packed, layout="panels8x15")
-        return packed
-    weight = weight.uncoded()  # the float GEMV reads float16 scales
+        return dataclasses.replace(packed, layout=f"panels{weight.bits}x15") if x_digits == 2 else packed
+    weight = weight.plain()  # the float GEMV reads float16 scales, 4- or 8-bit values
     group_size, bits = weight.group_size, weight.bits
     if group_size % lanes or group_size & (group_size - 1):
         raise ValueError(f"group size {group_size} must be a power of two and a multiple of {lanes}")
@@ -989,6 +992,12 @@ def _pack_panels(weight: reference.GroupQuantized, lanes: int) -> PackedGroupWei
         # [panel, lane, block, half (elements 0-15 | 16-31), c, byte] -> bytes [.., c, byte]
         values = values.view(panels, lanes, blocks, 2, 4, 4)
         packed_bytes = values[:, :, :, 0] | (values[:, :, :, 1] << 4)
+    elif weight.bits == 6:  # u = value + 32: its low 4 bits as 4-bit nibbles, then its high 2
+        unsigned = (values + 32).view(panels, lanes, blocks, 2, 4, 4)  # [.., half, c, byte]
+        low, high = unsigned & 15, unsigned >> 4
+        shifts = 2 * torch.arange(4, dtype=torch.int64).view(1, 1, 1, 1, 4, 1)
+        high_bytes = (high << shifts).sum(dim=4)  # [.., half, byte]: bits 2c..2c+1 from vector c
+        packed_bytes = torch.cat([low[:, :, :, 0] | (low[:, :, :, 1] << 4), high_bytes], dim=3)
     else:  # [panel, lane, block, c, byte]: 4 consecutive signed bytes a word
         packed_bytes = (values & 0xFF).view(panels, lanes, blocks, 8, 4)
     words = (packed_bytes << (torch.arange(4, dtype=torch.int64) * 8)).sum(dim=-1)  # [panel, lane, block, c]
@@ -1020,9 +1029,9 @@ def _pack_panels(weight: reference.GroupQuantized, lanes: int) -> PackedGroupWei
 
 def pack_head(weight: reference.GroupQuantized, lanes: int, integer_gemv: bool) -> PackedGroupWeights:
     """The LM head's layout: its logits pick the token, so x is never rounded to int8 there (that
-    flips near-tied logits): 8-bit weights take the integer GEMV with x in 15 bits where it runs
-    (bfloat16 models), other weights the float GEMV (x exact)."""
-    if integer_gemv and weight.bits == 8:
+    flips near-tied logits): 6- and 8-bit weights take the integer GEMV with x in 15 bits where
+    it runs (bfloat16 models), other weights the float GEMV (x exact)."""
+    if integer_gemv and weight.bits in (6, 8):
         return pack_grouped(weight, lanes, panels=True, x_digits=2)
     return pack_grouped(weight, lanes)
 
@@ -1058,7 +1067,7 @@ def grouped_linear(
     native = x.dtype not in _NATIVE_FEATURES or native_gemm(x.dtype)
     if not weight.layout.startswith("panels"):
         widen_from = WIDEN_MIN_ROWS
-    elif weight.layout != "panels8x15" and not getattr(_step, "decode", False):
+    elif not weight.layout.endswith("x15") and not getattr(_step, "decode", False):
         widen_from = 1  # prompt rows: x exact
     elif native:
         widen_from = PANEL_WIDEN_MIN_ROWS

@@ -691,26 +691,35 @@ int grouped_gemv(const T* x, const uint32_t* w, const uint16_t* scales, const ui
 // and factors bfloat16 [panels, factor blocks, 2, LANES] a scale factor and an offset factor per
 // FACTOR_GROUPS groups: scale = code * the first, offset = code * the second (each product a
 // float16 exactly, the reference's value). bfloat16 factors widen with a shift; float16 ones
-// would mostly be subnormal, which x86 CPUs widen through a microcode assist (2x slower decode). 2 bytes a group and 4 per 8 groups instead of 4 a
-// group: 4.625 bits a weight instead of 5, which is what a decode step reads.
+// would mostly be subnormal, which x86 CPUs widen through a microcode assist (2x slower decode).
+// 2 bytes a group and 4 per 8 groups instead of 4 a group: 4.625 bits a weight instead of 5,
+// which is what a decode step reads.
+//
+// 6-bit panels (the LM head of int4 models: symmetric, w = (u - 32) * scale, u in 0..63, float16
+// scales): per panel and block 6 vectors, c = 0..3 the low 4 bits of u as the 4-bit layout's
+// nibbles, then 2 of the high 2 bits: lane l of vector 4 + h holds, in bits 2c..2c+1 of byte j,
+// those of row l's element 16h + 4c + j (the element of byte j's nibble h in vector c). 6.5
+// bits a weight with the scales, against 8.5 for 8 bits.
 constexpr int64_t FACTOR_GROUPS = 8;
 
-// A coded group's scales and offsets for the LANES rows of a panel (see above).
-inline void coded_group(const uint16_t* codes, const uint16_t* factors, Floats& scales, Floats& offsets) {
+// A coded group's scales and offsets for the LANES rows of a panel (see above), given its run's
+// factors (loaded once a run).
+inline void coded_group(const uint16_t* codes, Floats scale_factors, Floats offset_factors, Floats& scales,
+                        Floats& offsets) {
     Halves packed;
     memcpy(&packed, codes, sizeof packed);
     const Words code = __builtin_convertvector(packed, Words);
-    scales = __builtin_convertvector((Ints)(code & 0xffu), Floats) * Element<bfloat16>::load(factors);
-    offsets = __builtin_convertvector(((Ints)(code << 16)) >> 24, Floats) * Element<bfloat16>::load(factors + LANES);
+    scales = __builtin_convertvector((Ints)(code & 0xffu), Floats) * scale_factors;
+    offsets = __builtin_convertvector(((Ints)(code << 16)) >> 24, Floats) * offset_factors;
 }
 
-// acc + the sum of 4 products per 32-bit lane: unsigned bytes of u (at most 15 here) times the
+// acc + the sum of 4 products per 32-bit lane: unsigned bytes of u (at most 63 here) times the
 // signed bytes of x4 (the same 4 in every lane).
 inline Ints dot4(Ints acc, Words u, int32_t x4) {
 #if VECTOR_BYTES == 64 && defined(__AVX512VNNI__)
     return (Ints)_mm512_dpbusd_epi32((__m512i)acc, (__m512i)u, _mm512_set1_epi32(x4));
 #elif VECTOR_BYTES == 64 && defined(__AVX512BW__)
-    const __m512i pairs = _mm512_maddubs_epi16((__m512i)u, _mm512_set1_epi32(x4));  // no overflow: 2*15*128
+    const __m512i pairs = _mm512_maddubs_epi16((__m512i)u, _mm512_set1_epi32(x4));  // no overflow: 2*63*128
     return acc + (Ints)_mm512_madd_epi16(pairs, _mm512_set1_epi16(1));
 #elif VECTOR_BYTES == 32 && defined(__AVX2__)
     const __m256i pairs = _mm256_maddubs_epi16((__m256i)u, _mm256_set1_epi32(x4));
@@ -832,7 +841,7 @@ void panel_tiles(const int8_t* xq, const int8_t* xq_low, const float* dx, const 
                  const uint16_t* scales, const uint16_t* offsets, const uint16_t* factors, const T* bias, T* y,
                  int64_t n, int64_t k, int64_t group_size) {
     using E = Element<T>;
-    constexpr int VECTORS = BITS == 4 ? 4 : 8;  // per block of 32: 8 nibbles or 4 bytes a lane
+    constexpr int VECTORS = BITS == 4 ? 4 : BITS == 6 ? 6 : 8;  // per block of 32 (see the layouts)
     const int64_t blocks = (k + 31) / 32, groups = (k + group_size - 1) / group_size;
     const int64_t panels = (n + LANES - 1) / LANES, blocks_per_group = group_size / 32;
     const int64_t factor_blocks = (groups + FACTOR_GROUPS - 1) / FACTOR_GROUPS;
@@ -842,12 +851,17 @@ void panel_tiles(const int8_t* xq, const int8_t* xq_low, const float* dx, const 
         Floats acc[M];
         for (int m = 0; m < M; ++m) acc[m] = Floats{};
         const uint32_t* panel_words = w + panel * blocks * VECTORS * LANES;
+        Floats scale_factors = Floats{}, offset_factors = Floats{};
         for (int64_t g = 0; g < groups; ++g) {
             const int64_t at = (panel * groups + g) * LANES;
             Floats weight_scales, weight_offsets = Floats{};
             if (factors) {
-                coded_group(scales + at, factors + (panel * factor_blocks + g / FACTOR_GROUPS) * 2 * LANES,
-                            weight_scales, weight_offsets);
+                if (g % FACTOR_GROUPS == 0) {
+                    const uint16_t* run = factors + (panel * factor_blocks + g / FACTOR_GROUPS) * 2 * LANES;
+                    scale_factors = Element<bfloat16>::load(run);
+                    offset_factors = Element<bfloat16>::load(run + LANES);
+                }
+                coded_group(scales + at, scale_factors, offset_factors, weight_scales, weight_offsets);
             } else {
                 weight_scales = halves_to_floats(scales + at, LANES);
                 if (offsets) weight_offsets = halves_to_floats(offsets + at, LANES);
@@ -873,6 +887,31 @@ void panel_tiles(const int8_t* xq, const int8_t* xq_low, const float* dx, const 
                         }
                     }
                     for (int m = 0; m < M; ++m) sums[m] = widen_pairs(pairs[m]);
+                } else if constexpr (BITS == 6) {
+                    Words high_bits[2];
+                    memcpy(&high_bits[0], block + 4 * LANES, sizeof(Words));
+                    memcpy(&high_bits[1], block + 5 * LANES, sizeof(Words));
+#pragma GCC unroll 4
+                    for (int c = 0; c < 4; ++c) {
+                        Words q;
+                        memcpy(&q, block + c * LANES, sizeof q);
+                        const Words low = (q & 0x0f0f0f0fu) | (((high_bits[0] >> (2 * c)) & 0x03030303u) << 4);
+                        const Words high = ((q >> 4) & 0x0f0f0f0fu) | (((high_bits[1] >> (2 * c)) & 0x03030303u) << 4);
+#pragma GCC unroll 8
+                        for (int m = 0; m < M; ++m) {
+                            const int32_t* x4 = reinterpret_cast<const int32_t*>(xq + (m * blocks + b) * 32);
+                            sums[m] = dot4(dot4(sums[m], low, x4[c]), high, x4[4 + c]);
+                            if constexpr (DIGITS == 2) {
+                                const int32_t* low4 = reinterpret_cast<const int32_t*>(xq_low + (m * blocks + b) * 32);
+                                low_sums[m] = dot4(dot4(low_sums[m], low, low4[c]), high, low4[4 + c]);
+                            }
+                        }
+                    }
+                    // u - 32: the 32s' share, per digit
+                    for (int m = 0; m < M; ++m) {
+                        sums[m] -= 32 * block_sums[m * blocks + b];
+                        if constexpr (DIGITS == 2) low_sums[m] -= 32 * low_block_sums[m * blocks + b];
+                    }
                 } else {
 #pragma GCC unroll 8
                 for (int c = 0; c < VECTORS; ++c) {
@@ -982,7 +1021,7 @@ template <typename T, int BITS, int DIGITS = 1>
 int panel_gemv(const T* x, const uint32_t* w, const uint16_t* scales, const uint16_t* offsets,
                const uint16_t* factors, const T* bias, T* y, int64_t m, int64_t n, int64_t k, int64_t group_size) {
     if (m < 1 || m > GEMV_MAX_ROWS || group_size < 32 || group_size % 32 ||
-        (BITS == 8 && (offsets != nullptr || factors != nullptr)) || (factors && offsets))
+        (BITS != 4 && (offsets != nullptr || factors != nullptr)) || (factors && offsets))
         return -1;
     PanelScratch scratch(m, k, DIGITS);
 #pragma omp parallel
@@ -1056,6 +1095,33 @@ int panel_dequantize(const uint32_t* w, const uint16_t* scales, const uint16_t* 
                         }
                         store(out + row * k + first + v, value, std::min<int64_t>(LANES, count - v));
                     }
+                }
+            }
+        }
+    }
+    return 0;
+}
+
+// The dequantized weight [n, k] in T of 6-bit panels (the LM head: products of many rows, rare),
+// each value (u - 32) * scale in float32 rounded once, as the reference's dequantize.
+template <typename T>
+int panel_dequantize6(const uint32_t* w, const uint16_t* scales, T* out, int64_t n, int64_t k, int64_t group_size) {
+    if (group_size < 32 || group_size % 32) return -1;
+    const int64_t blocks = (k + 31) / 32, groups = (k + group_size - 1) / group_size;
+    const int64_t panels = (n + LANES - 1) / LANES;
+#pragma omp parallel for schedule(static)
+    for (int64_t panel = 0; panel < panels; ++panel) {
+        for (int64_t b = 0; b < blocks; ++b) {
+            const uint32_t* block = w + (panel * blocks + b) * 6 * LANES;
+            const int64_t g = b * 32 / group_size;
+            for (int lane = 0; lane < LANES && panel * LANES + lane < n; ++lane) {
+                const int64_t row = panel * LANES + lane;
+                const float scale = half_to_float(scales[(panel * groups + g) * LANES + lane]);
+                for (int j = 0; j < 32 && b * 32 + j < k; ++j) {
+                    const int half = j / 16, c = j % 16 / 4, byte = j % 4;
+                    const uint32_t nibble = (block[c * LANES + lane] >> (8 * byte + 4 * half)) & 0xfu;
+                    const uint32_t high = (block[(4 + half) * LANES + lane] >> (8 * byte + 2 * c)) & 0x3u;
+                    out[row * k + b * 32 + j] = Element<T>::from_float(float(int32_t(nibble | high << 4) - 32) * scale);
                 }
             }
         }
@@ -1519,6 +1585,16 @@ int decode_layers(const AttentionBlock* attention, const MlpBlock* mlp, T* const
                          const uint16_t* factors, const T* bias, T* y, int64_t m, int64_t n, int64_t k,              \
                          int64_t group_size) {                                                                       \
         return panel_gemv<T, 8, 2>(x, w, scales, offsets, factors, bias, y, m, n, k, group_size);                    \
+    }                                                                                                                \
+    int gemv_panels6x15_##SUFFIX(const T* x, const uint32_t* w, const uint16_t* scales, const uint16_t* offsets,     \
+                                 const uint16_t* factors, const T* bias, T* y, int64_t m, int64_t n, int64_t k,      \
+                                 int64_t group_size) {                                                               \
+        return panel_gemv<T, 6, 2>(x, w, scales, offsets, factors, bias, y, m, n, k, group_size);                    \
+    }                                                                                                                \
+    int dequantize_panels6_##SUFFIX(const uint32_t* w, const uint16_t* scales, const uint16_t* offsets,              \
+                                    const uint16_t* factors, T* out, int64_t n, int64_t k, int64_t group_size) {     \
+        if (offsets || factors) return -1;                                                                           \
+        return panel_dequantize6<T>(w, scales, out, n, k, group_size);                                               \
     }                                                                                                                \
     int dequantize_panels4_##SUFFIX(const uint32_t* w, const uint16_t* scales, const uint16_t* offsets,              \
                                 const uint16_t* factors, T* out, int64_t n, int64_t k, int64_t group_size) {         \

@@ -225,8 +225,9 @@ class GroupQuantized:
     w[o, i] = values[o, i] * scale[o, i // group_size] + offset[o, i // group_size].
 
     The one logical form of every group-wise type: llama.cpp's Q8_0 (8 bits, symmetric, groups
-    of 32), Q4_0 (4 bits, offset -8 * scale) and Q4_1, and our int4 (quantize_int4). Kernels
-    repack it into their own layout (cpu.pack_grouped).
+    of 32), Q4_0 (4 bits, offset -8 * scale) and Q4_1, our int4 (quantize_int4) and our 6-bit LM
+    heads (quantize_int6_groups: symmetric, values -32..31). Kernels repack it into their own
+    layout (cpu.pack_grouped); those without a 6-bit or coded one read plain().
 
     Scales and offsets are float16 as stored, or (4 bits, `factors` given: our int4) coded:
     `scales` uint8 and `offsets` int8 codes, and factors bfloat16 [n, ceil(groups /
@@ -238,16 +239,16 @@ class GroupQuantized:
     decode step reads 2.5 bytes of them per group of 32 instead of 4; kernels that read no
     codes take uncoded(), the same values."""
 
-    values: torch.Tensor  # int8 [n, k]: 0..15 for 4 bits, -128..127 for 8 bits
+    values: torch.Tensor  # int8 [n, k]: 0..15 for 4 bits, -32..31 for 6, -128..127 for 8
     scales: torch.Tensor  # float16 [n, ceil(k / group_size)] (coded: uint8)
-    offsets: torch.Tensor | None  # float16 like scales for 4 bits (coded: int8); None for 8 bits (symmetric)
+    offsets: torch.Tensor | None  # float16 like scales for 4 bits (coded: int8); None for 6 and 8 (symmetric)
     bits: int
     group_size: int
     factors: torch.Tensor | None = None  # coded scales: bfloat16 [n, ceil(groups / FACTOR_GROUPS), 2]
 
     def __post_init__(self) -> None:
-        if self.bits not in (4, 8) or (self.bits == 4) != (self.offsets is not None):
-            raise ValueError(f"{self.bits}-bit groups take offsets exactly when 4-bit")
+        if self.bits not in (4, 6, 8) or (self.bits == 4) != (self.offsets is not None):
+            raise ValueError(f"{self.bits}-bit groups take offsets exactly when 4-bit (4, 6 or 8 bits)")
         n, groups = self.values.shape[0], -(-self.values.shape[1] // self.group_size)
         if self.factors is None:
             dtypes: tuple[torch.dtype, torch.dtype | None] = (torch.float16, torch.float16)
@@ -272,9 +273,11 @@ class GroupQuantized:
         factors = self.factors.float().repeat_interleave(FACTOR_GROUPS, dim=1)[:, : self.scales.shape[1]]
         return self.scales.float() * factors[..., 0], self.offsets.float() * factors[..., 1]
 
-    def uncoded(self) -> GroupQuantized:
-        """This weight with float16 scales and offsets, the same values, for kernels that read no
-        coded ones."""
+    def plain(self) -> GroupQuantized:
+        """This weight, the same values, in the forms every kernel reads: float16 scales and
+        offsets (not coded), 6-bit values as 8-bit ones."""
+        if self.bits == 6:
+            return GroupQuantized(self.values, self.scales, None, 8, self.group_size)
         if self.factors is None:
             return self
         scales, offsets = self.float_scales()
@@ -307,7 +310,7 @@ class GroupQuantized:
         if any((p.bits, p.group_size, p.shape[1]) != (first.bits, first.group_size, first.shape[1]) for p in parts):
             raise ValueError("fused weights must share one quantized type, group size and width")
         if any(p.factors is None for p in parts):
-            parts = [p.uncoded() for p in parts]
+            parts = [p.plain() for p in parts]
         offsets = None if first.offsets is None else torch.cat([p.offsets for p in parts if p.offsets is not None])
         factors = None if parts[0].factors is None else torch.cat([p.factors for p in parts if p.factors is not None])
         return GroupQuantized(
@@ -344,6 +347,19 @@ def quantize_int8_groups(weight: torch.Tensor, group_size: int = 32) -> GroupQua
     divisor = torch.where(scales.float() > 0, scales.float(), torch.ones(()))  # an all-zero group stays 0
     values = torch.round(padded / divisor[:, :, None]).clamp(-127, 127).view(n, groups * group_size)[:, :k]
     return GroupQuantized(values.to(torch.int8).contiguous(), scales, None, 8, group_size)
+
+
+def quantize_int6_groups(weight: torch.Tensor, group_size: int = 32) -> GroupQuantized:
+    """Group-wise symmetric 6 bits (the LM head of int4 models, as llama.cpp's Q4_K_M files keep
+    theirs in Q6_K): per group scale = max|w| / 31 (rounded to float16), values = round(w /
+    scale) in -31..31 (6.5 bits a weight with the scale). A last group may be partial."""
+    n, k = weight.shape
+    groups = -(-k // group_size)
+    padded = torch.nn.functional.pad(weight.float(), (0, groups * group_size - k)).view(n, groups, group_size)
+    scales = (padded.abs().amax(dim=2) / 31.0).to(torch.float16)
+    divisor = torch.where(scales.float() > 0, scales.float(), torch.ones(()))
+    values = torch.round(padded / divisor[:, :, None]).clamp(-31, 31).view(n, groups * group_size)[:, :k]
+    return GroupQuantized(values.to(torch.int8).contiguous(), scales, None, 6, group_size)
 
 
 def quantize_int4(weight: torch.Tensor, group_size: int) -> GroupQuantized:

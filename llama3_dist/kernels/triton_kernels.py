@@ -811,7 +811,7 @@ class TritonGroupWeights:
 
 def pack_grouped(weight: reference.GroupQuantized) -> TritonGroupWeights:
     """The weight in this module's layout (coded scales as float16: the GEMV reads those)."""
-    weight = weight.uncoded()
+    weight = weight.plain()
     if weight.bits == 4 and weight.values.is_cuda:
         _warn_slow_4_bit()
     k = weight.shape[1]

@@ -299,10 +299,14 @@ class Llama3Transformer(nn.Module):
                     else:
                         module.quantize_int4(GROUP_SIZES[quantization])
             # The head is the largest single weight a decode step reads (a third of the bytes of
-            # the 284M benchmark model in int8): 8 bits in groups of 32 in every mode (llama.cpp's
-            # files keep it in 6-8 bits), multiplied with x in 15 bits or exact (x's rounding to
-            # int8 flips near-ties in the logits). The embedding keeps its dense rows for lookups.
-            self.lm_head.use_grouped(reference.quantize_int8_groups(self.lm_head.weight.data), head=True)
+            # the 284M benchmark model in int8), and its errors move every logit: in groups of 32,
+            # 6 bits for int4 models (as llama.cpp's Q4_K_M files keep theirs in Q6_K; it costs
+            # SmolLM2-135M 1% of perplexity where 4 bits cost 6%), else 8; multiplied with x in 15
+            # bits or exact (x's rounding to int8 flips near-ties in the logits). The embedding
+            # keeps its dense rows for lookups.
+            int4 = quantization in GROUP_SIZES
+            in_groups = reference.quantize_int6_groups if int4 else reference.quantize_int8_groups
+            self.lm_head.use_grouped(in_groups(self.lm_head.weight.data), head=True)
 
     def forward(
         self,

@@ -211,7 +211,7 @@ def test_grouped_gemv_is_the_dequantized_product(variant, bits, group_size, rows
     # this GEMV reads float16 scales: coded ones (int4's) are widened to them at packing
     weight = ref.quantize_int4(w, group_size) if bits == 4 else quantize_q8_0(w, group_size)
     packed = cpu.pack_grouped(weight, library.lanes)
-    weight = weight.uncoded()
+    weight = weight.plain()
     x, b = randn(rows, k, dtype=dtype), randn(n, dtype=dtype)
     exact = x.double() @ ref.dequantize(weight).double().T + b.double()
     got = cpu.grouped_linear(x, packed, b, library)
@@ -233,6 +233,7 @@ def test_grouped_gemv_is_the_dequantized_product(variant, bits, group_size, rows
         (8, 32, 1, "symmetric"),
         (8, 224, 1, "symmetric"),
         (8, 32, 2, "symmetric"),
+        (6, 32, 2, "symmetric"),
     ],
 )
 @pytest.mark.parametrize("rows,n,k", [(1, 160, 1024), (9, 37, 200)])
@@ -244,17 +245,20 @@ def test_panel_gemv_is_the_product_with_x_in_int8_blocks(variant, bits, group_si
     a factor per 8 groups; k 1024 in groups of 128 has one run, 200 in groups of 32 a partial
     one), with float16 ones (GGUF Q4_1) and symmetric (GGUF Q4_0: offsets of -8 scales, packed
     without offsets). x_digits 2 (the LM head's "panels8x15"): x in two int8
-    digits, 15 bits a block, so within a 128 times finer rounding."""
+    digits, 15 bits a block, so within a 128 times finer rounding; 6-bit weights (int4 models'
+    LM head) run only so."""
     library, dtype = variant
     w = randn(n, k, dtype=F32) * 0.05
     if bits == 8:
         weight = quantize_q8_0(w, group_size)
+    elif bits == 6:  # int4 models' LM head: (u - 32) * scale, u's high 2 bits in words of their own
+        weight = ref.quantize_int6_groups(w, group_size)
     elif form == "symmetric":  # Q4_0's form: w = (q - 8) * scale
-        weight = ref.quantize_int4(w, group_size).uncoded()
+        weight = ref.quantize_int4(w, group_size).plain()
         weight = ref.GroupQuantized(weight.values, weight.scales, weight.scales * -8, 4, group_size)
     else:
         weight = ref.quantize_int4(w, group_size)
-        weight = weight if form == "coded" else weight.uncoded()
+        weight = weight if form == "coded" else weight.plain()
     packed = cpu.pack_grouped(weight, library.lanes, panels=True, x_digits=x_digits)
     assert (packed.offsets is None) == (form != "float16")
     assert (packed.factors is None) == (form != "coded")
@@ -302,10 +306,16 @@ def test_panels_stay_in_gemv_passes_up_to_their_crossover(variant, bits):
 
 def test_x_in_15_bits_takes_8_bit_weights():
     weight = ref.quantize_int4(randn(32, 64, dtype=F32), 32)
-    with pytest.raises(ValueError, match="15 bits takes 8-bit weights, not 4-bit"):
+    with pytest.raises(ValueError, match="15 bits takes 6- or 8-bit weights, not 4-bit"):
         cpu.pack_grouped(weight, 16, panels=True, x_digits=2)
     assert cpu.pack_head(weight, 16, integer_gemv=True).layout == "q4"  # the float GEMV, x exact
     assert cpu.pack_head(quantize_q8_0(randn(32, 64, dtype=F32), 32), 16, integer_gemv=True).layout == "panels8x15"
+    six = ref.quantize_int6_groups(randn(32, 64, dtype=F32))
+    assert cpu.pack_head(six, 16, integer_gemv=True).layout == "panels6x15"
+    with pytest.raises(ValueError, match="6-bit weights run with x in 15 bits"):
+        cpu.pack_grouped(six, 16, panels=True)
+    float_head = cpu.pack_head(six, 16, integer_gemv=False)  # as 8-bit words, the same values
+    assert float_head.layout == "q8" and torch.equal(float_head.words, cpu.pack_grouped(six.plain(), 16).words)
 
 
 @built

@@ -33,11 +33,15 @@ def dequantized(weight: torch.Tensor, quantization: str) -> torch.Tensor:
     return reference.dequantize(reference.quantize_int4(weight, GROUP_SIZES[quantization]))
 
 
-def quantized_reference(path: str, quantization: str, ranks: int = 1) -> transformers.PreTrainedModel:
+def quantized_reference(
+    path: str, quantization: str, ranks: int = 1, dtype: torch.dtype = torch.float32
+) -> transformers.PreTrainedModel:
     """transformers on the checkpoint with every projection replaced by its dequantized copy, each
     rank's shard quantized on its own as the engine does (row-parallel ones: column shards), and
-    the LM head by its 8-bit copy (groups of 32 along a row: vocabulary shards do not change it;
-    a tied head gets a copy of its own, the embedding stays dense)."""
+    the LM head by its 8-bit copy (int4 modes: 6-bit; groups of 32 along a row: vocabulary shards
+    do not change it; a tied head gets a copy of its own, the embedding stays dense). Each weight
+    is quantized as the engine holds it in `dtype` (a bfloat16 model quantizes its bfloat16
+    weights); the model computes in float32."""
     model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager")
     with torch.no_grad():
         for name, module in model.named_modules():
@@ -45,10 +49,13 @@ def quantized_reference(path: str, quantization: str, ranks: int = 1) -> transfo
             if part in PROJECTIONS:
                 shards = module.weight.chunk(ranks, dim=1 if part in ROW_PARALLEL else 0)
                 dim = 1 if part in ROW_PARALLEL else 0
-                module.weight.copy_(torch.cat([dequantized(shard, quantization) for shard in shards], dim=dim))
+                module.weight.copy_(
+                    torch.cat([dequantized(shard.to(dtype).float(), quantization) for shard in shards], dim=dim)
+                )
         head = model.get_output_embeddings()
-        head_8bit = reference.dequantize(reference.quantize_int8_groups(head.weight.detach()))
-        head.weight = torch.nn.Parameter(head_8bit, requires_grad=False)
+        in_groups = reference.quantize_int8_groups if quantization == "int8" else reference.quantize_int6_groups
+        quantized_head = in_groups(head.weight.detach().to(dtype).float())
+        head.weight = torch.nn.Parameter(reference.dequantize(quantized_head), requires_grad=False)
     return model.eval()
 
 
@@ -60,7 +67,7 @@ def generate(path: str, quantization: str, **kwargs) -> list[list[int]]:
             for projection in (layer.self_attn.qkv_proj, layer.mlp.down_proj):
                 assert projection.quantized
                 assert projection.weight.dtype in (torch.int8, torch.int32)  # int8 values or packed int4 words
-            assert model.lm_head.quantized  # the head: 8 bits in groups of 32
+            assert model.lm_head.quantized  # the head: 8 bits (int4 modes: 6) in groups of 32
             assert model.embed_tokens.weight.dtype.is_floating_point  # the lookups keep dense rows
         outs = llm.generate(prompt_token_ids=PROMPTS, sampling_params=GREEDY, use_tqdm=False)
         return [list(o.outputs[0].token_ids) for o in outs]
@@ -79,7 +86,9 @@ def assert_reference_argmax(reference_model, generated: list[list[int]], toleran
 def test_greedy_tokens_are_the_dequantized_references_argmax(checkpoints, quantization, dtype, tolerance):
     path = checkpoints["llama"]
     assert_reference_argmax(
-        quantized_reference(path, quantization), generate(path, quantization, dtype=dtype), tolerance
+        quantized_reference(path, quantization, dtype=getattr(torch, dtype)),
+        generate(path, quantization, dtype=dtype),
+        tolerance,
     )
 
 
