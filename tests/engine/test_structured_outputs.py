@@ -33,7 +33,11 @@ def _params() -> list[SamplingParams]:
     return [
         SamplingParams(n=3, temperature=0.0, max_tokens=40, structured_outputs=json_schema),
         SamplingParams(n=3, temperature=1.0, seed=5, max_tokens=40, structured_outputs=json_schema),
-        SamplingParams(n=2, temperature=1.0, seed=9, max_tokens=40, ignore_eos=True),  # unconstrained
+        # Unconstrained, seeded, among the top 8: over the whole 128k vocabulary of a random model the
+        # distribution is nearly uniform, so the last-bit differences between a recomputed prompt's
+        # K/V (GEMM) and decoded ones (GEMV) moved a seeded draw to a neighbouring token on an AVX2
+        # host; a draw among 8 tokens is not that fragile and still checks the seed's continuity.
+        SamplingParams(n=2, temperature=1.0, top_k=8, seed=9, max_tokens=40, ignore_eos=True),
     ]
 
 
