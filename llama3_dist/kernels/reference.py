@@ -237,7 +237,7 @@ class GroupQuantized:
     about 1/255 of a scale, below float16's normal range for most models' weights, and
     widening float16 subnormals costs x86 CPUs a microcode assist each (2x slower decode). A
     decode step reads 2.5 bytes of them per group of 32 instead of 4; kernels that read no
-    codes take uncoded(), the same values."""
+    codes take plain(), the same values."""
 
     values: torch.Tensor  # int8 [n, k]: 0..15 for 4 bits, -32..31 for 6, -128..127 for 8
     scales: torch.Tensor  # float16 [n, ceil(k / group_size)] (coded: uint8)
