@@ -914,28 +914,28 @@ void panel_tiles(const int8_t* xq, const int8_t* xq_low, const float* dx, const 
                     }
                 } else {
 #pragma GCC unroll 8
-                for (int c = 0; c < VECTORS; ++c) {
-                    Words q;
-                    memcpy(&q, block + c * LANES, sizeof q);
-                    if constexpr (BITS == 4) {
-                        const Words low = q & 0x0f0f0f0fu, high = (q >> 4) & 0x0f0f0f0fu;
+                    for (int c = 0; c < VECTORS; ++c) {
+                        Words q;
+                        memcpy(&q, block + c * LANES, sizeof q);
+                        if constexpr (BITS == 4) {
+                            const Words low = q & 0x0f0f0f0fu, high = (q >> 4) & 0x0f0f0f0fu;
 #pragma GCC unroll 8
-                        for (int m = 0; m < M; ++m) {
-                            const int32_t* x4 = reinterpret_cast<const int32_t*>(xq + (m * blocks + b) * 32);
-                            sums[m] = dot4(dot4(sums[m], low, x4[c]), high, x4[4 + c]);
-                        }
-                    } else {
+                            for (int m = 0; m < M; ++m) {
+                                const int32_t* x4 = reinterpret_cast<const int32_t*>(xq + (m * blocks + b) * 32);
+                                sums[m] = dot4(dot4(sums[m], low, x4[c]), high, x4[4 + c]);
+                            }
+                        } else {
 #pragma GCC unroll 8
-                        for (int m = 0; m < M; ++m) {
-                            const int32_t* x4 = reinterpret_cast<const int32_t*>(xq + (m * blocks + b) * 32);
-                            sums[m] = dot4_signed(sums[m], q, x4[c]);
-                            if constexpr (DIGITS == 2) {
-                                const int32_t* low4 = reinterpret_cast<const int32_t*>(xq_low + (m * blocks + b) * 32);
-                                low_sums[m] = dot4_signed(low_sums[m], q, low4[c]);
+                            for (int m = 0; m < M; ++m) {
+                                const int32_t* x4 = reinterpret_cast<const int32_t*>(xq + (m * blocks + b) * 32);
+                                sums[m] = dot4_signed(sums[m], q, x4[c]);
+                                if constexpr (DIGITS == 2) {
+                                    const int32_t* low4 = reinterpret_cast<const int32_t*>(xq_low + (m * blocks + b) * 32);
+                                    low_sums[m] = dot4_signed(low_sums[m], q, low4[c]);
+                                }
                             }
                         }
                     }
-                }
                 }
                 if constexpr (BITS == 8 && SIGNED_DOT4_EXCESS) {
                     for (int m = 0; m < M; ++m) {
