@@ -340,26 +340,26 @@ def quantize_int8_groups(weight: torch.Tensor, group_size: int = 32) -> GroupQua
     """Group-wise symmetric 8 bits (llama.cpp's Q8_0 for groups of 32): per group scale =
     max|w| / 127 (rounded to float16), values = round(w / scale) in -127..127. A last group may
     be partial."""
-    n, k = weight.shape
-    groups = -(-k // group_size)
-    padded = torch.nn.functional.pad(weight.float(), (0, groups * group_size - k)).view(n, groups, group_size)
-    scales = (padded.abs().amax(dim=2) / 127.0).to(torch.float16)
-    divisor = torch.where(scales.float() > 0, scales.float(), torch.ones(()))  # an all-zero group stays 0
-    values = torch.round(padded / divisor[:, :, None]).clamp(-127, 127).view(n, groups * group_size)[:, :k]
-    return GroupQuantized(values.to(torch.int8).contiguous(), scales, None, 8, group_size)
+    return _symmetric_groups(weight, group_size, 8)
 
 
 def quantize_int6_groups(weight: torch.Tensor, group_size: int = 32) -> GroupQuantized:
     """Group-wise symmetric 6 bits (the LM head of int4 models, as llama.cpp's Q4_K_M files keep
     theirs in Q6_K): per group scale = max|w| / 31 (rounded to float16), values = round(w /
     scale) in -31..31 (6.5 bits a weight with the scale). A last group may be partial."""
+    return _symmetric_groups(weight, group_size, 6)
+
+
+def _symmetric_groups(weight: torch.Tensor, group_size: int, bits: int) -> GroupQuantized:
+    """Both symmetric forms: scale = max|w| / largest, values in -largest..largest."""
+    largest = (1 << (bits - 1)) - 1
     n, k = weight.shape
     groups = -(-k // group_size)
     padded = torch.nn.functional.pad(weight.float(), (0, groups * group_size - k)).view(n, groups, group_size)
-    scales = (padded.abs().amax(dim=2) / 31.0).to(torch.float16)
-    divisor = torch.where(scales.float() > 0, scales.float(), torch.ones(()))
-    values = torch.round(padded / divisor[:, :, None]).clamp(-31, 31).view(n, groups * group_size)[:, :k]
-    return GroupQuantized(values.to(torch.int8).contiguous(), scales, None, 6, group_size)
+    scales = (padded.abs().amax(dim=2) / float(largest)).to(torch.float16)
+    divisor = torch.where(scales.float() > 0, scales.float(), torch.ones(()))  # an all-zero group stays 0
+    values = torch.round(padded / divisor[:, :, None]).clamp(-largest, largest).view(n, groups * group_size)[:, :k]
+    return GroupQuantized(values.to(torch.int8).contiguous(), scales, None, bits, group_size)
 
 
 def quantize_int4(weight: torch.Tensor, group_size: int) -> GroupQuantized:
