@@ -36,6 +36,9 @@
 #if defined(__ARM_FEATURE_DOTPROD)
 #include <arm_neon.h>
 #endif
+#if defined(_OPENMP)
+#include <omp.h>
+#endif
 
 #ifndef VECTOR_BYTES
 #error "cpu.py builds this file with -DVECTOR_BYTES=64|32|16 for the target instruction set"
@@ -60,6 +63,15 @@ constexpr int PREFETCH_BYTES = 16384;
 constexpr int CACHE_LINE = 64;
 
 inline Floats splat(float f) { return Floats{} + f; }
+
+// Threads of the enclosing parallel region (1 outside one, or built without OpenMP).
+inline int64_t omp_threads() {
+#if defined(_OPENMP)
+    return omp_get_num_threads();
+#else
+    return 1;
+#endif
+}
 
 // Lanes Offset .. Offset + sizeof...(I) - 1 of v, as a vector of that many.
 template <int Offset, typename V, size_t... I>
@@ -425,9 +437,30 @@ void gemv_tiles(const float* xf, const W* w, const float* scale, const T* bias, 
 template <typename T, typename W>
 void widen_rows(const T* x, int64_t m, int64_t k, float* xf) {
     const int64_t k_pad = padded_width(k);
-    std::fill(xf, xf + m * k_pad, 0.0f);
-    for (int64_t row = 0; row < m; ++row)
-        for (int64_t j = 0; j < k; ++j) xf[row * k_pad + Block<W>::x_index(j)] = Element<T>::to_float(x[row * k + j]);
+    if constexpr (std::is_same_v<T, W>) {
+        // x of the weights' type: Block<W>::load puts a block in that order (a decode step widens
+        // x before every GEMV, one thread while the others wait: this was element by element).
+        constexpr int V = Block<W>::VECTORS, BLOCK = V * LANES;
+        for (int64_t row = 0; row < m; ++row) {
+            float* out = xf + row * k_pad;
+            for (int64_t j = 0; j < k_pad; j += BLOCK) {
+                T padded[BLOCK] = {};
+                const T* from = x + row * k + j;
+                if (j + BLOCK > k) {  // the last blocks: zero beyond k
+                    if (j < k) memcpy(padded, from, (k - j) * sizeof(T));
+                    from = padded;
+                }
+                Floats parts[V];
+                Block<W>::load(from, parts);
+                for (int v = 0; v < V; ++v) memcpy(out + j + v * LANES, &parts[v], sizeof(Floats));
+            }
+        }
+    } else {
+        std::fill(xf, xf + m * k_pad, 0.0f);
+        for (int64_t row = 0; row < m; ++row)
+            for (int64_t j = 0; j < k; ++j)
+                xf[row * k_pad + Block<W>::x_index(j)] = Element<T>::to_float(x[row * k + j]);
+    }
 }
 
 // y [m, n] = x [m, k] @ w [n, k].T + bias, m from 1 to GEMV_MAX_ROWS, by the threads of the
@@ -1296,10 +1329,20 @@ void decode_attention_team(const T* q, int64_t q_stride, const T* k_cache, const
                            int64_t max_blocks, const int32_t* context_lens, T* out, int64_t b, int64_t hq, int64_t hk,
                            int64_t d, int64_t block_size, float scale, int64_t window) {
     using E = Element<T>;
-    const int64_t g = hq / hk, kv_stride = hk * d;
+    const int64_t group_size = hq / hk, kv_stride = hk * d;
+    // A task is a sequence, a KV head and its query heads, or with fewer of those than two per
+    // thread (a decode step of one sequence of a model with 3 KV heads on 2 threads: 2 tasks on
+    // one thread, 1 on the other) a part of the query heads: each query head's sums are the
+    // same either way, and the key and value rows are read once per part.
+    const int64_t threads = omp_threads();
+    const int64_t parts = std::min(group_size, std::max<int64_t>(1, (2 * threads + b * hk - 1) / (b * hk)));
+    const int64_t per_part = (group_size + parts - 1) / parts;
 #pragma omp for schedule(dynamic)
-    for (int64_t task = 0; task < b * hk; ++task) {
-        const int64_t s = task / hk, h = task % hk;
+    for (int64_t task = 0; task < b * hk * parts; ++task) {
+        const int64_t s = task / (hk * parts), h = task / parts % hk, part = task % parts;
+        const int64_t head0 = h * group_size + part * per_part;  // the part's first query head
+        const int64_t g = std::min(per_part, group_size - part * per_part);
+        if (g <= 0) continue;
         const int64_t context = context_lens[s];
         const int64_t first = window > 0 ? std::max<int64_t>(0, context - window) : 0;
         const int64_t length = context - first;
@@ -1307,7 +1350,7 @@ void decode_attention_team(const T* q, int64_t q_stride, const T* k_cache, const
         std::vector<float> query(g * d), scores(g * length), acc(g * d);
         for (int64_t group = 0; group < g; ++group)
             for (int64_t j = 0; j < d; ++j)
-                query[group * d + j] = E::to_float(q[s * q_stride + (h * g + group) * d + j]) * scale;
+                query[group * d + j] = E::to_float(q[s * q_stride + (head0 + group) * d + j]) * scale;
         for (int64_t c0 = 0; c0 < g; c0 += MAX_CHUNK)
             with_chunk(std::min<int64_t>(MAX_CHUNK, g - c0), [&](auto chunk) {
                 chunk_scores<T, decltype(chunk)::value>(&query[c0 * d], k_cache, table, first, length, block_size,
@@ -1338,7 +1381,7 @@ void decode_attention_team(const T* q, int64_t q_stride, const T* k_cache, const
                                                         block_size, kv_stride, h * d, d, &acc[c0 * d]);
             });
         for (int64_t group = 0; group < g; ++group)
-            for (int64_t j = 0; j < d; ++j) out[(s * hq + h * g + group) * d + j] = E::from_float(acc[group * d + j]);
+            for (int64_t j = 0; j < d; ++j) out[(s * hq + head0 + group) * d + j] = E::from_float(acc[group * d + j]);
     }
 }
 
@@ -1359,18 +1402,36 @@ void decode_attention(const T* q, int64_t q_stride, const T* k_cache, const T* v
 
 // x [n, 2 * inter] laid out [gate | up] -> SiLU(gate) * up [n, inter], each rounded as the
 // reference's silu and mul round.
+// Features [begin, end) of row i.
+template <typename T>
+inline void silu_and_mul_range(const T* x, T* out, int64_t i, int64_t begin, int64_t end, int64_t inter) {
+    using E = Element<T>;
+    const T* gate = x + i * 2 * inter + begin;
+    const T* up = gate + inter;
+    over_vectors(end - begin, [&](int64_t j, int64_t count) {
+        const Floats g = load(gate + j, count);
+        const Floats silu = E::round(g / (1.0f + exp_lanes(-g)));
+        store(out + i * inter + begin + j, silu * load(up + j, count), count);
+    });
+}
+
 template <typename T>
 void silu_and_mul(const T* x, T* out, int64_t n, int64_t inter) {
-    using E = Element<T>;
 #pragma omp parallel for schedule(static) if (n * inter >= 65536)
-    for (int64_t i = 0; i < n; ++i) {
-        const T* gate = x + i * 2 * inter;
-        const T* up = gate + inter;
-        over_vectors(inter, [&](int64_t j, int64_t count) {
-            const Floats g = load(gate + j, count);
-            const Floats silu = E::round(g / (1.0f + exp_lanes(-g)));
-            store(out + i * inter + j, silu * load(up + j, count), count);
-        });
+    for (int64_t i = 0; i < n; ++i) silu_and_mul_range(x, out, i, 0, inter, inter);
+}
+
+// The same, shared by the threads of an enclosing parallel region in pieces of SILU_PIECE
+// features: a decode step's few rows are too few to split by row.
+constexpr int64_t SILU_PIECE = 256;
+
+template <typename T>
+void silu_and_mul_team(const T* x, T* out, int64_t n, int64_t inter) {
+    const int64_t pieces = (inter + SILU_PIECE - 1) / SILU_PIECE;
+#pragma omp for schedule(static)
+    for (int64_t task = 0; task < n * pieces; ++task) {
+        const int64_t i = task / pieces, begin = task % pieces * SILU_PIECE;
+        silu_and_mul_range(x, out, i, begin, std::min(inter, begin + SILU_PIECE), inter);
     }
 }
 
@@ -1496,8 +1557,7 @@ void mlp_team(const MlpBlock& layer, int64_t m, const T* x, T* residual, T* out,
     norm_into(x, residual, layer.norm_weight, layer.eps, normed, m, layer.hidden);
     project_team(normed, m, layer.gate_up_weight, static_cast<const T*>(layer.gate_up_bias), gate_up, 2 * inter,
                  layer.hidden, scratch.xf.data(), scratch.panels);
-#pragma omp single
-    silu_and_mul<T>(gate_up, activated, m, inter);
+    silu_and_mul_team<T>(gate_up, activated, m, inter);
     project_team(activated, m, layer.down_weight, static_cast<const T*>(nullptr), out, layer.hidden, inter,
                  scratch.xf.data(), scratch.panels);
 }

@@ -136,7 +136,7 @@ def test_store_kv_cache(variant):
         (128, 8, 2, 16, [1, 37, 300], None),  # GQA 4, several sequences, one of one token
         (128, 8, 1, 8, [45, 130, 9], 32),  # GQA 8, sliding window
         (96, 6, 6, 16, [50, 21], 20),  # head_dim 96, no grouping, window
-        (72, 6, 2, 16, [3000], None),  # head_dim of no vector multiple; threaded (many keys)
+        (72, 6, 2, 16, [5000], None),  # head_dim of no vector multiple; threaded (many keys)
         (64, 14, 2, 16, [70, 5], None),  # GQA 7: query heads in chunks of 4 and 3
     ],
 )
@@ -150,6 +150,27 @@ def test_paged_decode_attention(variant, d, hq, hk, block_size, lens, window):
     got = library.paged_decode_attention(q, k_cache, v_cache, tables, ctx, scale, window)
     assert not got.isnan().any()
     assert_matches(got, expected, exact_fraction=0.97)
+
+
+def test_decode_attention_threads_split_query_heads_exactly(variant):
+    """With fewer (sequence, KV head) tasks than two per thread, the threads take parts of each
+    KV head's query heads (3 query heads a KV head: parts of 2 and 1 on two threads, 1 each on
+    three): every thread count gives the one-thread output bit for bit."""
+    library, dtype = variant
+    d, hq, hk, lens = 64, 6, 2, [5000]  # 10000 keys x KV heads: threaded
+    k_cache, v_cache, tables, ctx = paged_cache(lens, 16, hk, d, dtype, "cpu", pad_value=0)
+    q = randn(len(lens), hq, d, dtype=dtype)
+    threads = torch.get_num_threads()
+    outputs = []
+    try:
+        for count in (1, 2, 3):
+            torch.set_num_threads(count)
+            outputs.append(library.paged_decode_attention(q, k_cache, v_cache, tables, ctx, d**-0.5, None))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(outputs[0], outputs[1]) and torch.equal(outputs[0], outputs[2])
+    expected = ref.paged_decode_attention(q, k_cache, v_cache, tables, ctx, d**-0.5, None)
+    assert_matches(outputs[0], expected, exact_fraction=0.97)
 
 
 @pytest.mark.parametrize("rows,k", [(1, 1000), (5, 1024), (8, 72), (13, 1000)])
