@@ -15,8 +15,9 @@
 // gemv: decode is bound by reading the weight once per step. Each weight vector is widened to
 // float32 in registers (bfloat16: a 16-bit shift, exact) and multiplied-added into float32
 // accumulators; one cache line of each of several rows per iteration, with a software prefetch
-// ahead, so the loop runs near the memory's speed. Several output rows are done at once so that
-// their chains overlap and each loaded x vector serves all of them. A bfloat16 result is
+// ahead, so the loop runs near the memory's speed. With 64-byte vectors several output rows are
+// done at once so that each loaded x vector serves all of them (elsewhere one row at a time read
+// faster: GEMV_TILE_ROWS); several rows of x share each weight vector. A bfloat16 result is
 // rounded once (nearest, ties to even), as a bfloat16 GEMM with float32 accumulation does.
 //
 // Built by cpu.py with -fopenmp where the compiler has it: torch has already loaded its own
@@ -339,10 +340,10 @@ constexpr int ACCUMULATORS = VECTOR_BYTES == 64 ? 16 : 8;
 // each row per iteration. Measured on a 2-core AVX2 Zen 3 VM over SmolLM2's bfloat16 projections
 // and LM head, in alternation: one row and two lines ran the GEMVs in 0.78x the time of four rows
 // and one line (0.82-0.98x with 2-8 rows of x; int8 rows 0.96x), where one row alone gave 0.95x
-// and two lines alone 1.0x. Fewer streams per thread keep the hardware prefetcher ahead.
-// Independent accumulator chains changed nothing there, so one chain keeps the summation order. AVX-512 keeps four rows and one line (64-byte
-// vectors: a block is a line), the values measured on the Sapphire Rapids hosts; the one-row
-// walk is unmeasured there.
+// and two lines alone 1.0x: fewer read streams a thread, more of each in flight. Independent
+// accumulator chains changed nothing there, so one chain keeps the summation order. AVX-512
+// keeps four rows and one line (64-byte vectors: a block is a line), the walk measured on the
+// Sapphire Rapids hosts; the one-row walk is unmeasured there.
 constexpr int GEMV_TILE_ROWS = VECTOR_BYTES == 64 ? 4 : 1;
 constexpr int LINES_PER_ITERATION = VECTOR_BYTES == 64 ? 1 : 2;
 
@@ -399,7 +400,6 @@ inline void tile(const float* xf, int64_t k_pad, const T* w, int64_t k, float* o
     for (int r = 0; r < R; ++r)
         for (int m = 0; m < M; ++m) out[m * R + r] = horizontal_sum(acc[r][m]);
 }
-
 
 inline int64_t padded_width(int64_t k) { return (k + MAX_BLOCK - 1) / MAX_BLOCK * MAX_BLOCK; }
 
