@@ -14,8 +14,8 @@
 //
 // gemv: decode is bound by reading the weight once per step. Each weight vector is widened to
 // float32 in registers (bfloat16: a 16-bit shift, exact) and multiplied-added into float32
-// accumulators; one cache line of each of several rows per iteration, with a software prefetch
-// ahead, so the loop runs near the memory's speed. With 64-byte vectors several output rows are
+// accumulators; whole cache lines of each row per iteration, with a software prefetch ahead, so
+// the loop runs near the memory's speed. With 64-byte vectors several output rows are
 // done at once so that each loaded x vector serves all of them (elsewhere one row at a time read
 // faster: GEMV_TILE_ROWS); several rows of x share each weight vector. A bfloat16 result is
 // rounded once (nearest, ties to even), as a bfloat16 GEMM with float32 accumulation does.
