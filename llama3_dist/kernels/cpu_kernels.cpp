@@ -444,9 +444,10 @@ void widen_rows(const T* x, int64_t m, int64_t k, float* xf) {
         for (int64_t row = 0; row < m; ++row) {
             float* out = xf + row * k_pad;
             for (int64_t j = 0; j < k_pad; j += BLOCK) {
-                T padded[BLOCK] = {};
                 const T* from = x + row * k + j;
+                T padded[BLOCK];
                 if (j + BLOCK > k) {  // the last blocks: zero beyond k
+                    memset(padded, 0, sizeof padded);
                     if (j < k) memcpy(padded, from, (k - j) * sizeof(T));
                     from = padded;
                 }
@@ -1335,14 +1336,14 @@ void decode_attention_team(const T* q, int64_t q_stride, const T* k_cache, const
     // one thread, 1 on the other) a part of the query heads: each query head's sums are the
     // same either way, and the key and value rows are read once per part.
     const int64_t threads = omp_threads();
-    const int64_t parts = std::min(group_size, std::max<int64_t>(1, (2 * threads + b * hk - 1) / (b * hk)));
-    const int64_t per_part = (group_size + parts - 1) / parts;
+    const int64_t wanted = std::min(group_size, std::max<int64_t>(1, (2 * threads + b * hk - 1) / (b * hk)));
+    const int64_t per_part = (group_size + wanted - 1) / wanted;
+    const int64_t parts = (group_size + per_part - 1) / per_part;  // none empty (5 heads in 4 wanted: 2, 2, 1)
 #pragma omp for schedule(dynamic)
     for (int64_t task = 0; task < b * hk * parts; ++task) {
         const int64_t s = task / (hk * parts), h = task / parts % hk, part = task % parts;
         const int64_t head0 = h * group_size + part * per_part;  // the part's first query head
         const int64_t g = std::min(per_part, group_size - part * per_part);
-        if (g <= 0) continue;
         const int64_t context = context_lens[s];
         const int64_t first = window > 0 ? std::max<int64_t>(0, context - window) : 0;
         const int64_t length = context - first;
@@ -1401,8 +1402,7 @@ void decode_attention(const T* q, int64_t q_stride, const T* k_cache, const T* v
 }
 
 // x [n, 2 * inter] laid out [gate | up] -> SiLU(gate) * up [n, inter], each rounded as the
-// reference's silu and mul round.
-// Features [begin, end) of row i.
+// reference's silu and mul round; here features [begin, end) of row i.
 template <typename T>
 inline void silu_and_mul_range(const T* x, T* out, int64_t i, int64_t begin, int64_t end, int64_t inter) {
     using E = Element<T>;
