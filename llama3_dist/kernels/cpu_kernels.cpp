@@ -842,41 +842,74 @@ inline Ints dot4_signed(Ints acc, Words w, int32_t x4) {
 // instead of 2^-8 (int8 rounding flips near-tied logits; this is below bfloat16's own).
 constexpr float DIGIT_RANGE[3] = {0.0f, 127.0f, 127.0f * 128.0f};
 
+// Each lane rounded to the nearest integer, ties to even: nearbyintf's result in the default
+// rounding mode, a vector at a time (the conversions below use that mode).
+inline Ints round_to_ints(Floats v) {
+#if VECTOR_BYTES == 64 && defined(__AVX512F__)
+    return (Ints)_mm512_cvtps_epi32((__m512)v);
+#elif VECTOR_BYTES == 32 && defined(__AVX2__)
+    return (Ints)_mm256_cvtps_epi32((__m256)v);
+#elif VECTOR_BYTES == 16 && defined(__ARM_FEATURE_DOTPROD)
+    return (Ints)vcvtnq_s32_f32((float32x4_t)v);
+#else
+    Ints rounded;
+    for (int i = 0; i < LANES; ++i) rounded[i] = int32_t(nearbyintf(v[i]));
+    return rounded;
+#endif
+}
+
+typedef int8_t LaneInt8s __attribute__((vector_size(LANES)));  // an int8 per float32 lane
+
+inline int32_t lane_total(Ints v) {
+    int32_t total = 0;
+    for (int i = 0; i < LANES; ++i) total += v[i];
+    return total;
+}
+
+// Runs once per projection of a decode step, so a vector at a time (one thread runs it while
+// the others wait): each value's rounding is nearbyintf's, every sum an exact integer one.
 template <typename T, int DIGITS>
 void quantize_blocks(const T* x, int64_t m, int64_t k, int64_t blocks, int64_t group_size, int8_t* xq,
                      int8_t* xq_low, float* dx, float* group_sums, int32_t* block_sums, int32_t* low_block_sums) {
+    constexpr int VECTORS = 32 / LANES;
     const int64_t groups = (k + group_size - 1) / group_size;
     for (int64_t row = 0; row < m; ++row) {
         for (int64_t g = 0; g < groups; ++g) group_sums[row * groups + g] = 0.0f;
         for (int64_t b = 0; b < blocks; ++b) {
-            float values[32] = {}, largest = 0.0f;
-            for (int j = 0; j < 32 && b * 32 + j < k; ++j) {
-                values[j] = Element<T>::to_float(x[row * k + b * 32 + j]);
-                largest = std::max(largest, fabsf(values[j]));
+            Floats values[VECTORS], magnitude = {};  // zero past k
+            for (int v = 0; v < VECTORS; ++v) {
+                const int64_t first = b * 32 + v * LANES;
+                values[v] = first < k ? load(x + row * k + first, k - first) : Floats{};
+                const Floats absolute = bits_to_floats(floats_to_bits(values[v]) & 0x7fffffffu);
+                magnitude = absolute > magnitude ? absolute : magnitude;
             }
+            const float largest = largest_lane(magnitude);
             const float range = DIGIT_RANGE[DIGITS];
             const float scale = largest / range, inverse = largest > 0.0f ? range / largest : 0.0f;
             dx[row * blocks + b] = scale;
             // total: of the quantized x (a block lies in one group: groups are whole blocks);
             // with two digits, high_total and low_total: of each digit.
-            int32_t total = 0, high_total = 0, low_total = 0;
-            for (int j = 0; j < 32; ++j) {
-                const int32_t q = int32_t(nearbyintf(values[j] * inverse));
-                const int64_t at = (row * blocks + b) * 32 + j;
+            Ints total = {}, high_total = {}, low_total = {};
+            for (int v = 0; v < VECTORS; ++v) {
+                const Ints q = round_to_ints(values[v] * inverse);
+                int8_t* at = xq + (row * blocks + b) * 32 + v * LANES;
                 if constexpr (DIGITS == 2) {
-                    const int32_t high = int32_t(nearbyintf(float(q) / 128.0f));
-                    xq[at] = int8_t(high);
-                    xq_low[at] = int8_t(q - 128 * high);
+                    const Ints high = round_to_ints(__builtin_convertvector(q, Floats) / 128.0f);
+                    const LaneInt8s high_bytes = __builtin_convertvector(high, LaneInt8s);
+                    const LaneInt8s low_bytes = __builtin_convertvector(q - 128 * high, LaneInt8s);
+                    memcpy(at, &high_bytes, LANES);
+                    memcpy(xq_low + (at - xq), &low_bytes, LANES);
                     high_total += high;
                     low_total += q - 128 * high;
                 } else {
-                    xq[at] = int8_t(q);
+                    const LaneInt8s bytes = __builtin_convertvector(q, LaneInt8s);
+                    memcpy(at, &bytes, LANES);
                 }
                 total += q;
             }
-            block_sums[row * blocks + b] = DIGITS == 2 ? high_total : total;
-            if constexpr (DIGITS == 2) low_block_sums[row * blocks + b] = low_total;
-            group_sums[row * groups + b * 32 / group_size] += float(total) * scale;
+            block_sums[row * blocks + b] = lane_total(DIGITS == 2 ? high_total : total);
+            if constexpr (DIGITS == 2) low_block_sums[row * blocks + b] = lane_total(low_total);
+            group_sums[row * groups + b * 32 / group_size] += float(lane_total(total)) * scale;
         }
     }
 }
