@@ -64,7 +64,10 @@ GEMV_MAX_ROWS = 8  # the largest m the library's gemv takes
 # weight before its GEMM. Measured on the projections of the 284M and SmolLM2 models, widening
 # wins from 64 rows where torch's bfloat16 GEMM is native, else (a float32 GEMM) from 128 rows
 # (benchmarks/results/cpu-quantized-batch.log; 8-bit weights took 128 there too until their
-# dequantization stopped being 3.5x slower than 4-bit's).
+# dequantization stopped being 3.5x slower than 4-bit's). Prompt rows through the panels' GEMV
+# with x exact (gemv_grouped's exact_x) take the same limits: on SmolLM2-135M's int4 projections
+# it was 1.2-1.7x faster than widening at 64 rows and even at 128 (a float32 GEMM; unmeasured
+# where the bfloat16 GEMM is native).
 PANEL_WIDEN_MIN_ROWS = 64
 PANEL_WIDEN_MIN_ROWS_SLOW_GEMM = 128
 BASE_FLAGS = ("-O3", "-ffp-contract=fast", "-fno-math-errno", "-shared", "-fPIC")
@@ -302,9 +305,11 @@ class KernelLibrary:
             for layout in ("q4", "q8", "panels4", "panels8", "panels8x15", "panels6x15"):
                 # panel layouts take one pointer more: coded scales' factors (or null)
                 pointers = [_P] * (2 if layout.startswith("q") else 3)
-                function = getattr(self._lib, f"gemv_{layout}_{suffix}")
-                function.argtypes, function.restype = [_P, _P, *pointers, _P, _P, _I64, _I64, _I64, _I64], _INT
-                self._functions[f"gemv_{layout}", dtype] = function
+                # panels4 and panels8 have a GEMV with x exact too (prompt rows: gemv_grouped's exact_x)
+                for name in (f"gemv_{layout}", f"gemv_{layout}_exact")[: 2 if layout in ("panels4", "panels8") else 1]:
+                    function = getattr(self._lib, f"{name}_{suffix}")
+                    function.argtypes, function.restype = [_P, _P, *pointers, _P, _P, _I64, _I64, _I64, _I64], _INT
+                    self._functions[name, dtype] = function
                 # panels8x15 holds panels8's weights: one dequantize serves both
                 function = getattr(self._lib, f"dequantize_{layout.removesuffix('x15')}_{suffix}")
                 function.argtypes, function.restype = [_P, *pointers, _P, _I64, _I64, _I64], _INT
@@ -504,14 +509,21 @@ class KernelLibrary:
                 raise ValueError(f"{name}: {m} rows (1 to {GEMV_MAX_ROWS} a pass) or {trailing} out of range")
         return out if x.dim() == 2 else out.view(*x.shape[:-1], n)
 
-    def gemv_grouped(self, x: torch.Tensor, weight: PackedGroupWeights, bias: torch.Tensor | None) -> torch.Tensor:
+    def gemv_grouped(
+        self, x: torch.Tensor, weight: PackedGroupWeights, bias: torch.Tensor | None, exact_x: bool = False
+    ) -> torch.Tensor:
         """x @ dequantized(weight).T + bias for few rows (GEMV_MAX_ROWS per pass over the weight):
-        the integers are read as they are stored and dequantized in registers."""
+        the integers are read as they are stored and dequantized in registers. Panels multiply x
+        rounded to int8 blocks unless exact_x (panels4 and panels8 only: prompt rows, decode_rows),
+        which multiplies the dequantized weights with x in float32."""
         if weight.lanes != self.lanes:
             raise ValueError(f"weights packed for {weight.lanes} lanes, this library ({self.isa}) takes {self.lanes}")
+        if exact_x and weight.layout not in ("panels4", "panels8"):
+            raise ValueError(f"exact_x: panels4 or panels8 weights only, not {weight.layout}")
         weights = (weight.words.data_ptr(), *weight.scale_pointers())
         bias = None if bias is None else bias.to(x.dtype).contiguous()
-        return self._in_passes(f"gemv_{weight.layout}", x, weight.shape[0], weights, bias, (weight.group_size,))
+        name = f"gemv_{weight.layout}_exact" if exact_x else f"gemv_{weight.layout}"
+        return self._in_passes(name, x, weight.shape[0], weights, bias, (weight.group_size,))
 
     def dequantize_grouped(
         self, weight: PackedGroupWeights, dtype: torch.dtype, out: torch.Tensor | None = None
@@ -1061,20 +1073,21 @@ def grouped_linear(
     x: torch.Tensor, weight: PackedGroupWeights, bias: torch.Tensor | None, kernels: KernelLibrary
 ) -> torch.Tensor:
     """x @ dequantized(weight).T + bias: the library's GEMV for few rows (it streams the packed
-    integers, GEMV_MAX_ROWS rows a pass); for many (large batches), and for prompt rows where the
-    GEMV would round x to int8 (decode_rows), the weight dequantized once per call and a GEMM."""
+    integers, GEMV_MAX_ROWS rows a pass); for many (large batches, long prompts), the weight
+    dequantized once per call and a GEMM. Prompt rows (outside decode_rows) keep x exact: the
+    panels' GEMV with exact_x, which dequantizes in registers (SmolLM2-135M int4, 8 prompt rows
+    through a 960 x 576 projection: 150 us against 842 us dequantizing for a GEMM)."""
     rows = x.numel() // x.shape[-1]
     native = x.dtype not in _NATIVE_FEATURES or native_gemm(x.dtype)
+    exact_x = weight.layout in ("panels4", "panels8") and not getattr(_step, "decode", False)
     if not weight.layout.startswith("panels"):
         widen_from = WIDEN_MIN_ROWS
-    elif not weight.layout.endswith("x15") and not getattr(_step, "decode", False):
-        widen_from = 1  # prompt rows: x exact
     elif native:
         widen_from = PANEL_WIDEN_MIN_ROWS
     else:
         widen_from = PANEL_WIDEN_MIN_ROWS_SLOW_GEMM
     if rows < widen_from:
-        return kernels.gemv_grouped(x, weight, bias)
+        return kernels.gemv_grouped(x, weight, bias, exact_x=exact_x)
     # The weight as the model's dtype, as the dense model has it (widened where the GEMM is not native).
     dense = kernels.dequantize_grouped(weight, x.dtype, out=_scratch_weight("dequantized", weight.shape, x.dtype))
     return linear(x, dense, bias)

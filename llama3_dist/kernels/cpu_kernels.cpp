@@ -759,6 +759,26 @@ inline void coded_group(const uint16_t* codes, Floats scale_factors, Floats offs
     offsets = __builtin_convertvector(((Ints)(code << 16)) >> 24, Floats) * offset_factors;
 }
 
+// Group g's scales and offsets for the LANES rows of a panel, from float16 scales (and offsets,
+// or none: zero) or from coded ones, whose run's factors are loaded at the run's first group
+// (the groups of a panel go in order).
+inline void panel_group(const uint16_t* scales, const uint16_t* offsets, const uint16_t* factors, int64_t panel,
+                        int64_t g, int64_t groups, int64_t factor_blocks, Floats& scale_factors,
+                        Floats& offset_factors, Floats& weight_scales, Floats& weight_offsets) {
+    const int64_t at = (panel * groups + g) * LANES;
+    if (factors) {
+        if (g % FACTOR_GROUPS == 0) {
+            const uint16_t* run = factors + (panel * factor_blocks + g / FACTOR_GROUPS) * 2 * LANES;
+            scale_factors = Element<bfloat16>::load(run);
+            offset_factors = Element<bfloat16>::load(run + LANES);
+        }
+        coded_group(scales + at, scale_factors, offset_factors, weight_scales, weight_offsets);
+    } else {
+        weight_scales = halves_to_floats(scales + at, LANES);
+        weight_offsets = offsets ? halves_to_floats(offsets + at, LANES) : Floats{};
+    }
+}
+
 // acc + the sum of 4 products per 32-bit lane: unsigned bytes of u (at most 63 here) times the
 // signed bytes of x4 (the same 4 in every lane).
 inline Ints dot4(Ints acc, Words u, int32_t x4) {
@@ -932,19 +952,9 @@ void panel_tiles(const int8_t* xq, const int8_t* xq_low, const float* dx, const 
         const uint32_t* panel_words = w + panel * blocks * VECTORS * LANES;
         Floats scale_factors = Floats{}, offset_factors = Floats{};
         for (int64_t g = 0; g < groups; ++g) {
-            const int64_t at = (panel * groups + g) * LANES;
-            Floats weight_scales, weight_offsets = Floats{};
-            if (factors) {
-                if (g % FACTOR_GROUPS == 0) {
-                    const uint16_t* run = factors + (panel * factor_blocks + g / FACTOR_GROUPS) * 2 * LANES;
-                    scale_factors = Element<bfloat16>::load(run);
-                    offset_factors = Element<bfloat16>::load(run + LANES);
-                }
-                coded_group(scales + at, scale_factors, offset_factors, weight_scales, weight_offsets);
-            } else {
-                weight_scales = halves_to_floats(scales + at, LANES);
-                if (offsets) weight_offsets = halves_to_floats(offsets + at, LANES);
-            }
+            Floats weight_scales, weight_offsets;
+            panel_group(scales, offsets, factors, panel, g, groups, factor_blocks, scale_factors, offset_factors,
+                        weight_scales, weight_offsets);
             for (int64_t b = g * blocks_per_group; b < std::min(blocks, (g + 1) * blocks_per_group); ++b) {
                 const uint32_t* block = panel_words + b * VECTORS * LANES;
                 for (int line = 0; line < VECTORS * VECTOR_BYTES; line += CACHE_LINE)
@@ -1105,6 +1115,115 @@ int panel_gemv(const T* x, const uint32_t* w, const uint16_t* scales, const uint
     PanelScratch scratch(m, k, DIGITS);
 #pragma omp parallel
     panel_team<T, BITS, DIGITS>(x, m, w, scales, offsets, factors, bias, y, n, k, group_size, scratch);
+    return 0;
+}
+
+// Prompt rows against 4- or 8-bit panels (bfloat16 models): x exact in float32, never rounded
+// to int8 (cpu.py's decode_rows says why), and each weight vector dequantized in registers,
+// q * scale + offset for the LANES rows of its panel, then multiplied into every row of x. Reads
+// the packed weights once per pass of up to GEMV_MAX_ROWS rows, where dequantizing the whole
+// weight for a GEMM writes and reads 4 bytes a weight: a prompt of a few tokens (a chat turn
+// after a cached prefix) runs at about a decode step's cost.
+template <typename T, int BITS, int M>
+void panel_exact_tiles(const float* xf, int64_t k_pad, const uint32_t* w, const uint16_t* scales,
+                       const uint16_t* offsets, const uint16_t* factors, const T* bias, T* y, int64_t n, int64_t k,
+                       int64_t group_size) {
+    using E = Element<T>;
+    constexpr int VECTORS = BITS == 4 ? 4 : 8;  // per block of 32 (see the layouts)
+    const int64_t blocks = (k + 31) / 32, groups = (k + group_size - 1) / group_size;
+    const int64_t panels = (n + LANES - 1) / LANES, blocks_per_group = group_size / 32;
+    const int64_t factor_blocks = (groups + FACTOR_GROUPS - 1) / FACTOR_GROUPS;
+#pragma omp for schedule(guided)
+    for (int64_t panel = 0; panel < panels; ++panel) {
+        Floats acc[M];
+        for (int m = 0; m < M; ++m) acc[m] = Floats{};
+        const uint32_t* panel_words = w + panel * blocks * VECTORS * LANES;
+        Floats scale_factors = Floats{}, offset_factors = Floats{};
+        for (int64_t g = 0; g < groups; ++g) {
+            Floats weight_scales, weight_offsets;
+            panel_group(scales, offsets, factors, panel, g, groups, factor_blocks, scale_factors, offset_factors,
+                        weight_scales, weight_offsets);
+            // Symmetric 4 bits (Q4_0, no offsets stored): w = (q - 8) * scale.
+            if (BITS == 4 && !offsets && !factors) weight_offsets = weight_scales * -8.0f;
+            for (int64_t b = g * blocks_per_group; b < std::min(blocks, (g + 1) * blocks_per_group); ++b) {
+                const uint32_t* block = panel_words + b * VECTORS * LANES;
+                for (int line = 0; line < VECTORS * VECTOR_BYTES; line += CACHE_LINE)
+                    __builtin_prefetch((const char*)block + PREFETCH_BYTES + line, 0, 2);
+                const float* x = xf + b * 32;
+#pragma GCC unroll 2
+                for (int c = 0; c < VECTORS; ++c) {
+                    Words q;
+                    memcpy(&q, block + c * LANES, sizeof q);
+#pragma GCC unroll 4
+                    for (int j = 0; j < 4; ++j) {
+                        // byte j of lane l: row l's element 4c + j (4 bits: its low nibble; the
+                        // high nibble is element 16 + 4c + j)
+                        if constexpr (BITS == 4) {
+                            const Floats low = __builtin_convertvector((Ints)((q >> (8 * j)) & 0xfu), Floats);
+                            const Floats high = __builtin_convertvector((Ints)((q >> (8 * j + 4)) & 0xfu), Floats);
+                            const Floats low_w = low * weight_scales + weight_offsets;
+                            const Floats high_w = high * weight_scales + weight_offsets;
+#pragma GCC unroll 8
+                            for (int m = 0; m < M; ++m)
+                                acc[m] += low_w * x[m * k_pad + 4 * c + j] + high_w * x[m * k_pad + 16 + 4 * c + j];
+                        } else {
+                            const Floats value = __builtin_convertvector(((Ints)q << (24 - 8 * j)) >> 24, Floats);
+                            const Floats weight = value * weight_scales;
+#pragma GCC unroll 8
+                            for (int m = 0; m < M; ++m) acc[m] += weight * x[m * k_pad + 4 * c + j];
+                        }
+                    }
+                }
+            }
+        }
+        const int64_t rows = std::min<int64_t>(LANES, n - panel * LANES);
+        for (int m = 0; m < M; ++m) {
+            float lanes[LANES];
+            memcpy(lanes, &acc[m], sizeof lanes);
+            for (int64_t l = 0; l < rows; ++l) {
+                const int64_t row = panel * LANES + l;
+                y[m * n + row] = E::from_float(lanes[l] + (bias ? E::to_float(bias[row]) : 0.0f));
+            }
+        }
+    }
+}
+
+// y [m, n] = x [m, k] @ dequantized(w).T + bias, x exact (above); m from 1 to GEMV_MAX_ROWS.
+// Returns -1 for arguments out of range.
+template <typename T, int BITS>
+int panel_exact_gemv(const T* x, const uint32_t* w, const uint16_t* scales, const uint16_t* offsets,
+                     const uint16_t* factors, const T* bias, T* y, int64_t m, int64_t n, int64_t k,
+                     int64_t group_size) {
+    if (m < 1 || m > GEMV_MAX_ROWS || group_size < 32 || group_size % 32 ||
+        (BITS != 4 && (offsets != nullptr || factors != nullptr)) || (factors && offsets))
+        return -1;
+    const int64_t k_pad = (k + 31) / 32 * 32;  // whole blocks, zero past k
+    std::vector<float> xf(m * k_pad);
+#pragma omp parallel
+    {
+#pragma omp single
+        for (int64_t row = 0; row < m; ++row)
+            over_vectors(k_pad, [&](int64_t j, int64_t count) {
+                const Floats values = j < k ? load(x + row * k + j, std::min(count, k - j)) : Floats{};
+                store(xf.data() + row * k_pad + j, values, count);
+            });
+        switch (m) {
+#define LLAMA3_DIST_EXACT_CASE(M)                                                                                \
+    case M:                                                                                                      \
+        panel_exact_tiles<T, BITS, M>(xf.data(), k_pad, w, scales, offsets, factors, bias, y, n, k, group_size); \
+        break;
+            LLAMA3_DIST_EXACT_CASE(1)
+            LLAMA3_DIST_EXACT_CASE(2)
+            LLAMA3_DIST_EXACT_CASE(3)
+            LLAMA3_DIST_EXACT_CASE(4)
+            LLAMA3_DIST_EXACT_CASE(5)
+            LLAMA3_DIST_EXACT_CASE(6)
+            LLAMA3_DIST_EXACT_CASE(7)
+            default:
+                panel_exact_tiles<T, BITS, 8>(xf.data(), k_pad, w, scales, offsets, factors, bias, y, n, k, group_size);
+#undef LLAMA3_DIST_EXACT_CASE
+        }
+    }
     return 0;
 }
 
@@ -1685,6 +1804,16 @@ int decode_layers(const AttentionBlock* attention, const MlpBlock* mlp, T* const
                          const uint16_t* factors, const T* bias, T* y, int64_t m, int64_t n, int64_t k,              \
                          int64_t group_size) {                                                                       \
         return panel_gemv<T, 8>(x, w, scales, offsets, factors, bias, y, m, n, k, group_size);                       \
+    }                                                                                                                \
+    int gemv_panels4_exact_##SUFFIX(const T* x, const uint32_t* w, const uint16_t* scales, const uint16_t* offsets,  \
+                                    const uint16_t* factors, const T* bias, T* y, int64_t m, int64_t n, int64_t k,   \
+                                    int64_t group_size) {                                                            \
+        return panel_exact_gemv<T, 4>(x, w, scales, offsets, factors, bias, y, m, n, k, group_size);                 \
+    }                                                                                                                \
+    int gemv_panels8_exact_##SUFFIX(const T* x, const uint32_t* w, const uint16_t* scales, const uint16_t* offsets,  \
+                                    const uint16_t* factors, const T* bias, T* y, int64_t m, int64_t n, int64_t k,   \
+                                    int64_t group_size) {                                                            \
+        return panel_exact_gemv<T, 8>(x, w, scales, offsets, factors, bias, y, m, n, k, group_size);                 \
     }                                                                                                                \
     int gemv_panels8x15_##SUFFIX(const T* x, const uint32_t* w, const uint16_t* scales, const uint16_t* offsets,     \
                          const uint16_t* factors, const T* bias, T* y, int64_t m, int64_t n, int64_t k,              \

@@ -297,12 +297,50 @@ def test_panel_gemv_is_the_product_with_x_in_int8_blocks(variant, bits, group_si
     assert ((got - exact).abs() <= bound + rounding).all()
 
 
+@pytest.mark.parametrize(
+    "bits,group_size,form",
+    [
+        (4, 32, "coded"),
+        (4, 128, "coded"),
+        (4, 32, "float16"),
+        (4, 32, "symmetric"),
+        (8, 32, "symmetric"),
+        (8, 224, "symmetric"),
+    ],
+)
+@pytest.mark.parametrize("rows,n,k", [(1, 160, 1024), (13, 37, 200)])
+def test_panel_gemv_with_x_exact_is_the_dequantized_product(variant, bits, group_size, form, rows, n, k):
+    """Prompt rows through panel weights (exact_x): the weights dequantized in registers times x
+    in float32, so the dequantized product to float32 rounding, x unrounded (the int8 blocks'
+    rounding would be ~1% of the norm, the test above); 13 rows take two passes."""
+    library, dtype = variant
+    w = randn(n, k, dtype=F32) * 0.05
+    if bits == 8:
+        weight = quantize_q8_0(w, group_size)
+    elif form == "symmetric":  # Q4_0's form: w = (q - 8) * scale, packed without offsets
+        weight = ref.quantize_int4(w, group_size).plain()
+        weight = ref.GroupQuantized(weight.values, weight.scales, weight.scales * -8, 4, group_size)
+    else:
+        weight = ref.quantize_int4(w, group_size)
+        weight = weight if form == "coded" else weight.plain()
+    packed = cpu.pack_grouped(weight, library.lanes, panels=True)
+    x, b = randn(rows, k, dtype=dtype), randn(n, dtype=dtype)
+    dequantized = ref.dequantize(weight).double()
+    exact = x.double() @ dequantized.T + b.double()
+    got = library.gemv_grouped(x, packed, b, exact_x=True).double()
+    scale = x.double().abs() @ dequantized.abs().T + b.double().abs()  # float32 sums err relative to this
+    rounding = exact.abs() * (2**-8 if dtype == BF16 else 0.0)
+    assert ((got - exact).abs() <= rounding + 1e-5 * scale).all()
+    with pytest.raises(ValueError, match="exact_x: panels4 or panels8 weights only"):
+        library.gemv_grouped(x, cpu.pack_head(ref.quantize_int6_groups(w, 32), library.lanes, True), b, exact_x=True)
+
+
 @pytest.mark.parametrize("bits", [4, 8])
 def test_panels_stay_in_gemv_passes_up_to_their_crossover(variant, bits):
     """In decode steps grouped_linear keeps panel weights in integer-GEMV passes well past the
     float GEMV's 16 rows (dequantizing the whole weight per call made batches of 16-63 sequences
     10x slower than 8), and widens them for a GEMM from the measured crossover on; prompt rows
-    are never rounded to int8 (always widened), whatever their count."""
+    are never rounded to int8: the GEMV with x exact up to the same crossover, widened past it."""
     library, dtype = variant
     weight = (
         ref.quantize_int4(randn(40, 96, dtype=F32), 32) if bits == 4 else quantize_q8_0(randn(40, 96, dtype=F32), 32)
@@ -320,9 +358,10 @@ def test_panels_stay_in_gemv_passes_up_to_their_crossover(variant, bits):
         else:
             assert torch.equal(got, widened), rows
         # prompt rows (outside decode_rows, or in a step that is not one) keep x exact
-        assert torch.equal(cpu.grouped_linear(x, packed, None, library), widened), rows
+        prompt = library.gemv_grouped(x, packed, None, exact_x=True) if rows < widen_from else widened
+        assert torch.equal(cpu.grouped_linear(x, packed, None, library), prompt), rows
         with cpu.decode_rows(False):
-            assert torch.equal(cpu.grouped_linear(x, packed, None, library), widened), rows
+            assert torch.equal(cpu.grouped_linear(x, packed, None, library), prompt), rows
 
 
 def test_x_in_15_bits_takes_8_bit_weights():
