@@ -91,11 +91,20 @@ def smollm2_checkpoint(given: str | None) -> str:
     return str(SMOLLM2_RANDOM)
 
 
-def llama_bench_ms(binary: str, gguf: str, threads: int, new_tokens: int = 32, timeout_s: float | None = None) -> float:
+def llama_bench_ms(
+    binary: str,
+    gguf: str,
+    threads: int,
+    new_tokens: int = 32,
+    timeout_s: float | None = None,
+    prompt_tokens: int = 0,
+) -> float:
     """llama.cpp's decode speed: llama-bench's text generation test (tg<new_tokens>, no prompt),
-    the mean of 3 repetitions, as ms per token."""
+    the mean of 3 repetitions, as ms per token; with prompt_tokens, its prompt processing test
+    instead (pp<prompt_tokens>, no generation), as ms per prompt token."""
+    test = ["-p", str(prompt_tokens), "-n", "0"] if prompt_tokens else ["-p", "0", "-n", str(new_tokens)]
     done = subprocess.run(
-        [binary, "-m", gguf, "-t", str(threads), "-p", "0", "-n", str(new_tokens), "-r", "3", "-o", "json"],
+        [binary, "-m", gguf, "-t", str(threads), *test, "-r", "3", "-o", "json"],
         capture_output=True,
         text=True,
         check=True,

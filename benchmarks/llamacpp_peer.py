@@ -31,7 +31,11 @@ where another process keeps a core busy its 2-thread figures collapse (20x measu
 ours. Both sides use torch's thread count (OMP_NUM_THREADS=1 runs both on one thread).
 
     python benchmarks/llamacpp_peer.py --model smollm2 --peer-dir /tmp/peer --llama-cpp LLAMA_CPP \\
-        [--modes bf16,int8,int4,q8_0,q4_0,q4_1] [--tokens 64] [--rounds 3] [--prepare]
+        [--modes bf16,int8,int4,q8_0,q4_0,q4_1] [--tokens 64] [--rounds 3] [--prepare] [--prompt-tokens 1,8,64]
+
+--prompt-tokens also measures prompt processing at those lengths: ours, one request's prompt to its
+first token (the engine's whole path; best of 3 fresh prompts, the prefix cache never hits), against
+llama-bench -p N -n 0 (the prompt's forward alone), as prompt tokens per second.
 
 --llama-cpp LLAMA_CPP measures LLAMA_CPP/build/bin/llama-bench and, when built,
 LLAMA_CPP/build-avx2/bin/llama-bench (an AVX2-only build; or name them with --llama-bench and
@@ -74,7 +78,7 @@ from pathlib import Path
 import torch
 from cpu_decode import llama_bench_ms, streaming_read_gbs
 from throughput import checkpoint as model_284m
-from throughput import ours_decode_ms
+from throughput import ours_decode_ms, ours_prompt_ms
 
 TEXT = Path(__file__).parent / "data" / "rivers.txt"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -215,10 +219,12 @@ def ours_engine(mode: str, source: str, quantization: str | None):
         return None
 
 
-def llama_cpp_ms(binary: str, file: Path, threads: int, tokens: int, timeout_s: float) -> float | str:
-    """llama-bench's ms per token, or why there is none."""
+def llama_cpp_ms(
+    binary: str, file: Path, threads: int, tokens: int, timeout_s: float, prompt_tokens: int = 0
+) -> float | str:
+    """llama-bench's ms per token (per prompt token with prompt_tokens: its pp test), or why there is none."""
     try:
-        return llama_bench_ms(binary, str(file), threads, tokens, timeout_s=timeout_s)
+        return llama_bench_ms(binary, str(file), threads, tokens, timeout_s=timeout_s, prompt_tokens=prompt_tokens)
     except subprocess.CalledProcessError as e:
         return f"failed: {e.stderr.strip()[-500:]}"
     except subprocess.TimeoutExpired:
@@ -246,6 +252,12 @@ def main() -> None:
     parser.add_argument("--no-ours", action="store_true", help="llama.cpp only")
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--prompt-tokens",
+        default="",
+        help="comma-separated prompt lengths: also prompt processing, ours (a prompt to its first token) "
+        "against llama-bench -p N -n 0, per mode and round",
+    )
     parser.add_argument(
         "--llama-bench-timeout",
         type=float,
@@ -317,8 +329,11 @@ def main() -> None:
         f"llama-bench -t {threads} -p 0 -n {args.tokens} -r 3)",
         flush=True,
     )
+    prompt_lengths = [int(n) for n in args.prompt_tokens.split(",") if n]
     ours: dict[str, list[float]] = {m: [] for m in engines}
     peer: dict[tuple[str, str], list[float]] = {}
+    # prompt processing, ms per prompt token: (side, mode, length) -> per round; side "ours" or a build
+    prompt: dict[tuple[str, str, int], list[float]] = {}
     failed: set[tuple[str, str]] = set()
     reads: list[float] = []
     loads: list[float] = []
@@ -344,6 +359,14 @@ def main() -> None:
                     else:
                         peer.setdefault((build, mode), []).append(ms)
                         so_far.append(f"{mode} {build} {1000 / ms:.1f}")
+                for length in prompt_lengths:
+                    if mode in engines:
+                        prompt.setdefault(("ours", mode, length), []).append(ours_prompt_ms(engines[mode], length))
+                    for build, binary in builds.items():
+                        if peer_file is not None and (build, mode) not in failed:
+                            ms = llama_cpp_ms(binary, peer_file, threads, 0, args.llama_bench_timeout, length)
+                            if not isinstance(ms, str):
+                                prompt.setdefault((build, mode, length), []).append(ms)
             # Each round's figures (tok/s) as they come, so that an interrupted run still tells.
             print("; ".join(so_far), flush=True)
     finally:
@@ -380,6 +403,15 @@ def main() -> None:
             f"{build} {', '.join(f'{1000 / r:.1f}' for r in peer.get((build, mode), []))}" for build in builds
         ]
         print(f"    runs (tok/s): {'; '.join(runs_line)}")
+        for length in prompt_lengths:  # prompt tokens per second, medians over rounds
+            ours_runs = prompt.get(("ours", mode, length))
+            line = [f"ours {median_tokens_per_s(ours_runs):.1f}" if ours_runs else "ours not measured"]
+            for build in builds:
+                runs = prompt.get((build, mode, length))
+                if runs:
+                    ratio = f" (ours/{build} {statistics.median(runs) / statistics.median(ours_runs):.2f}x)"
+                    line.append(f"{build} {median_tokens_per_s(runs):.1f}{ratio if ours_runs else ''}")
+            print(f"    prompt of {length} tokens (prompt tok/s): {'; '.join(line)}")
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ intermediate 3584, vocabulary 32000: about 284M parameters), in one run:
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import statistics
 import time
@@ -82,6 +83,26 @@ def ours_decode_ms(llm, prompt: list[int], new_tokens: int) -> float:
     )  # warm-up
     stamps = [time.perf_counter() for _ in llm.generate_stream(prompt_token_ids=prompt, sampling_params=params)]
     return (stamps[-1] - stamps[0]) / (len(stamps) - 1) * 1000
+
+
+_FIRST_TOKENS = itertools.count(1000)  # a first token per prompt ours_prompt_ms makes
+
+
+def ours_prompt_ms(llm, prompt_tokens: int) -> float:
+    """A prompt of prompt_tokens through the engine to its first output token (the time to first
+    token of one request: llama-bench's pp test counts the prompt's forward alone), as ms per
+    prompt token, the best of 3. Every prompt starts with a token id of its own, so that the
+    prefix cache never serves one."""
+    from llama3_dist import SamplingParams
+
+    params = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
+    times = []
+    for _ in range(4):  # the first warms up
+        prompt = [next(_FIRST_TOKENS)] + [100 + i for i in range(prompt_tokens - 1)]
+        start = time.perf_counter()
+        llm.generate(prompt_token_ids=[prompt], sampling_params=params, use_tqdm=False)
+        times.append(time.perf_counter() - start)
+    return min(times[1:]) * 1000 / prompt_tokens
 
 
 @torch.inference_mode()
