@@ -16,7 +16,7 @@ class SamplingInput:
     log-probabilities travel back. Row indices point into StepInput.logit_rows."""
 
     metadata: SamplingMetadata
-    sample_rows: np.ndarray  # [S] one per sequence that samples this step
+    sample_rows: np.ndarray  # [S] one per sequence that samples this step, ascending
     prompt_rows: np.ndarray  # [P] rows scored for prompt_logprobs
     prompt_targets: np.ndarray  # [P] the prompt token that follows each of those rows
     prompt_num_logprobs: list[int]  # [P] top-k to return with each

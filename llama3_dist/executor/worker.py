@@ -255,15 +255,18 @@ class Worker:
                 if logits is not None and step.sampling is None:
                     logits = logits.clone()  # the graphs' output buffer is overwritten by the next step
             else:
-                counts = np.diff(step.query_start_loc)
+                # Host-side facts the forward would otherwise take from the tensors (a device sync
+                # on GPUs, a few tensor operations a step on CPUs).
+                is_decode = len(step.tokens) == len(step.context_lens)
                 meta = AttentionMetadata(
                     positions=self._tensor(step.positions),
                     slot_mapping=self._tensor(step.slot_mapping),
                     query_start_loc=self._tensor(step.query_start_loc),
                     context_lens=self._tensor(step.context_lens),
                     block_tables=self._tensor(step.block_tables),
-                    is_decode=len(step.tokens) == len(step.context_lens),
-                    max_query_len=int(counts.max()) if len(counts) else 0,
+                    is_decode=is_decode,
+                    max_query_len=1 if is_decode else int(np.diff(step.query_start_loc).max(initial=0)),
+                    first_position=bool(len(step.positions)) and int(step.positions.min()) == 0,
                 )
                 hidden, normed = self.model(tokens, meta, self.kv_caches, self.cos_sin)
                 logits = self.model.compute_logits(normed[self._tensor(step.logit_rows)])
@@ -302,7 +305,8 @@ class Worker:
     def _sample(self, logits: torch.Tensor, s: SamplingInput) -> StepOutput:
         rows = s.sample_rows
         # Usually every row samples, in order: then gathering them would only copy [B, V] floats.
-        every_row = len(rows) == logits.shape[0] and np.array_equal(rows, np.arange(len(rows)))
+        # The rows ascend (one per sampling sequence, in step order): all B of them end at B - 1.
+        every_row = len(rows) == logits.shape[0] and (len(rows) == 0 or int(rows[-1]) == len(rows) - 1)
         # The sampler may mask in place: the logits (or the gathered rows) are not read after it
         # except for prompt logprobs, which come from other rows (every_row means there are none).
         sampled = self.sampler(

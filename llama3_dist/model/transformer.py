@@ -45,6 +45,9 @@ class AttentionMetadata:
     # The most new tokens of one sequence, known on the host (sizes the prefill kernel's grid
     # without a device sync); 0 = not given.
     max_query_len: int = 0
+    # Whether a token is at a sequence's first position, known on the host (a decode step reads
+    # it; from positions when not given: one more tensor operation a step).
+    first_position: bool | None = None
 
 
 class Attention(nn.Module):
@@ -322,7 +325,10 @@ class Llama3Transformer(nn.Module):
         # A decode step's rows may be rounded to int8 blocks by the CPU's integer GEMV (only its
         # models round), unless one is a sequence's first position: a 1-token prompt, whose row
         # is a prompt row (see cpu.decode_rows) that every later token reads the keys and values of.
-        rounding = meta.is_decode and not (self.kernels.integer_gemv and bool(meta.positions.min() == 0))
+        first_position = meta.first_position
+        if meta.is_decode and self.kernels.integer_gemv and first_position is None:
+            first_position = bool(meta.positions.min() == 0)
+        rounding = meta.is_decode and not (self.kernels.integer_gemv and first_position)
         fused = self._fused_layers(meta, kv_caches) if rounding else None
         if fused is not None:
             step, keep_alive = cpu.FusedDecodeLayer.step(
