@@ -980,19 +980,39 @@ void panel_tiles(const int8_t* xq, const int8_t* xq_low, const float* dx, const 
                     Words high_bits[2];
                     memcpy(&high_bits[0], block + 4 * LANES, sizeof(Words));
                     memcpy(&high_bits[1], block + 5 * LANES, sizeof(Words));
+                    // With PAIR_SUMS, 16-bit pair sums are added up to where they could overflow: a
+                    // pair of u (at most 63) times x is at most 2 * 63 * 127 = 16002, so two of them
+                    // (one vector c) fit; times the second digit (at most 64 in size) 8064, so four
+                    // (two vectors). Exact integer sums either way: the same results.
+                    Pairs pairs[M], low_pairs[M];
+                    for (int m = 0; m < M; ++m) pairs[m] = low_pairs[m] = Pairs{};
 #pragma GCC unroll 4
                     for (int c = 0; c < 4; ++c) {
                         Words q;
                         memcpy(&q, block + c * LANES, sizeof q);
-                        const Words low = (q & 0x0f0f0f0fu) | (((high_bits[0] >> (2 * c)) & 0x03030303u) << 4);
-                        const Words high = ((q >> 4) & 0x0f0f0f0fu) | (((high_bits[1] >> (2 * c)) & 0x03030303u) << 4);
+                        // bits 2c..2c+1 of each byte of the high bits, moved to bits 4..5
+                        const auto bits_45 = [c](Words h) {
+                            return (c < 2 ? h << (4 - 2 * c) : h >> (2 * c - 4)) & 0x30303030u;
+                        };
+                        const Words low = (q & 0x0f0f0f0fu) | bits_45(high_bits[0]);
+                        const Words high = ((q >> 4) & 0x0f0f0f0fu) | bits_45(high_bits[1]);
 #pragma GCC unroll 8
                         for (int m = 0; m < M; ++m) {
                             const int32_t* x4 = reinterpret_cast<const int32_t*>(xq + (m * blocks + b) * 32);
-                            sums[m] = dot4(dot4(sums[m], low, x4[c]), high, x4[4 + c]);
-                            if constexpr (DIGITS == 2) {
-                                const int32_t* low4 = reinterpret_cast<const int32_t*>(xq_low + (m * blocks + b) * 32);
-                                low_sums[m] = dot4(dot4(low_sums[m], low, low4[c]), high, low4[4 + c]);
+                            const int32_t* low4 = reinterpret_cast<const int32_t*>(xq_low + (m * blocks + b) * 32);
+                            if constexpr (PAIR_SUMS) {
+                                sums[m] += widen_pairs(pair_sums(low, x4[c]) + pair_sums(high, x4[4 + c]));
+                                if constexpr (DIGITS == 2) {
+                                    low_pairs[m] += pair_sums(low, low4[c]) + pair_sums(high, low4[4 + c]);
+                                    if (c % 2 == 1) {
+                                        low_sums[m] += widen_pairs(low_pairs[m]);
+                                        low_pairs[m] = Pairs{};
+                                    }
+                                }
+                            } else {
+                                sums[m] = dot4(dot4(sums[m], low, x4[c]), high, x4[4 + c]);
+                                if constexpr (DIGITS == 2)
+                                    low_sums[m] = dot4(dot4(low_sums[m], low, low4[c]), high, low4[4 + c]);
                             }
                         }
                     }
