@@ -58,6 +58,11 @@ SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
 # Below this many rows a product is bound by reading the weight once: the GEMV (8 rows per pass
 # over the weight) beats widening it or torch's GEMM.
 WIDEN_MIN_ROWS = 16
+# Half-precision weights where torch's GEMM for them is not native: from this many rows the weight
+# is widened to float32 for one GEMM (a full copy of it each product), below it GEMV passes. The
+# GEMV passes were faster up to 32-48 rows and even at 64 (SmolLM2-135M, 284M benchmark model in
+# bfloat16, whole prompts on a 2-core AVX2 host: 16 rows 137 -> 263 and 66 -> 163 prompt tok/s).
+HALF_WIDEN_MIN_ROWS = 48
 GEMV_MAX_ROWS = 8  # the largest m the library's gemv takes
 # Panel weights (the integer GEMV, bfloat16 models) in decode steps stay in GEMV passes far
 # longer: a pass reads the packed bytes and multiplies bytes, while widening dequantizes the whole
@@ -852,7 +857,7 @@ def native_gemm(dtype: torch.dtype) -> bool:
                 "%s products of %d rows or more widen the weight to float32 (an exact copy, then a "
                 "float32 GEMM): this CPU has no native %s GEMM, where torch's runs 3-4x slower",
                 dtype,
-                WIDEN_MIN_ROWS,
+                HALF_WIDEN_MIN_ROWS,
                 dtype,
             )
         _native_gemm[dtype] = native
@@ -891,7 +896,11 @@ def linear(
     # where a second pass would read it again (SmolLM2-135M, a decode step of 12 sequences: 56 ->
     # 42 ms). Without one, torch's GEMM would first widen the weight: the passes stay cheaper.
     native = weight.dtype in _NATIVE_FEATURES and native_gemm(weight.dtype)
-    if rows < (GEMV_MAX_ROWS + 1 if native else WIDEN_MIN_ROWS):
+    if weight.dtype in _NATIVE_FEATURES:
+        gemv_below = GEMV_MAX_ROWS + 1 if native else HALF_WIDEN_MIN_ROWS
+    else:
+        gemv_below = WIDEN_MIN_ROWS
+    if rows < gemv_below:
         out = None if kernels is None else kernels.gemv(x, weight, bias)
         if out is not None:
             return out
