@@ -115,7 +115,7 @@ _FUSED_SIGNATURES: dict[
 ] = {  # name -> argument types; each returns 0, or -1 for a batch over GEMV_MAX_ROWS
     "attention_block": [_P, _P, _P, _P, _P, _P, _P],
     "mlp_block": [_P, _I64, _P, _P, _P],
-    "decode_layers": [_P, _P, _P, _P, _I64, _P, _P, _P, _P],
+    "decode_layers": [_P, _P, _P, _P, _I64, _P, _P, _P, _P, _P, _F32, _P],
 }
 
 
@@ -714,12 +714,16 @@ class FusedDecodeLayer:
 class FusedDecodeStack:
     """Every decoder layer of a decode step in one call of the library (a model on one rank:
     no all-reduce between the halves): the layers' halves in their order, so bit-identical to
-    calling them one by one, without returning to Python twice a layer."""
+    calling them one by one, without returning to Python twice a layer. With final_norm (the
+    model's final RMS norm: its weight, or None for none, and eps) it runs in the same call."""
 
-    def __init__(self, layers: list[FusedDecodeLayer]):
+    def __init__(self, layers: list[FusedDecodeLayer], final_norm: tuple[torch.Tensor | None, float] | None = None):
         first = layers[0]
         if any(layer.kernels is not first.kernels or layer.dtype != first.dtype for layer in layers):
             raise ValueError("fused decode layers of one library and dtype")
+        if final_norm is not None and final_norm[0] is not None and final_norm[0].dtype != first.dtype:
+            raise ValueError(f"the final norm's weight is {final_norm[0].dtype}, the layers' {first.dtype}")
+        self.final_norm = final_norm
         self._layers = layers  # the structs below point into their tensors
         self._function = first.kernels._functions["decode_layers", first.dtype]
         self._attention = (AttentionBlock * len(layers))(*(layer.attention_block for layer in layers))
@@ -740,11 +744,14 @@ class FusedDecodeStack:
     def __call__(
         self, x: torch.Tensor, step: DecodeStep, kv_caches: list[tuple[torch.Tensor, torch.Tensor]]
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(the last layer's output, the residual stream beside it) for the embedded input x."""
+        """For the embedded input x: (the last layer's output, the residual stream beside it), or
+        with final_norm (the normed hidden state, the hidden state), as the final norm returns them."""
         if len(kv_caches) != len(self._layers):
             raise ValueError(f"{len(self._layers)} fused layers got {len(kv_caches)} KV caches")
         x = x.contiguous()
         out, residual = torch.empty_like(x), torch.empty_like(x)
+        norm_weight, eps = self.final_norm if self.final_norm is not None else (None, 0.0)
+        normed = torch.empty_like(x) if self.final_norm is not None else None
         k_caches, v_caches = self._caches(kv_caches)
         if self._function(
             self._attention,
@@ -756,9 +763,12 @@ class FusedDecodeStack:
             x.data_ptr(),
             residual.data_ptr(),
             out.data_ptr(),
+            _pointer(norm_weight),
+            eps,
+            _pointer(normed),
         ):
             raise ValueError(f"fused decode takes 1 to {GEMV_MAX_ROWS} sequences of one hidden size, got {step.batch}")
-        return out, residual
+        return (out, residual) if normed is None else (normed, residual)
 
 
 def _pointer(t: torch.Tensor | None) -> int | None:

@@ -1759,10 +1759,13 @@ int mlp_block(const MlpBlock& layer, int64_t m, const T* x, T* residual, T* out)
 // nothing to all-reduce between the halves). The same halves in the same order as one call per
 // half, so bit-identical to them, without the per-half returns to Python and thread wake-ups.
 // x [m, hidden] is the embedded input; out the last layer's output and residual the residual
-// stream beside it (as the per-half calls leave them, for the final norm).
+// stream beside it (as the per-half calls leave them, for the final norm). With `normed`, the
+// model's final RMS norm runs in the same region: residual becomes the hidden state (out +
+// residual) and normed its norm, as rms_norm would leave them (one call from Python fewer).
 template <typename T>
 int decode_layers(const AttentionBlock* attention, const MlpBlock* mlp, T* const* k_caches, T* const* v_caches,
-                  int64_t layers, const DecodeStep& step, const T* x, T* residual, T* out) {
+                  int64_t layers, const DecodeStep& step, const T* x, T* residual, T* out,
+                  const void* final_norm_weight = nullptr, float final_eps = 0.0f, T* normed = nullptr) {
     const int64_t m = step.batch;
     if (m < 1 || m > GEMV_MAX_ROWS || layers < 1) return -1;
     int64_t hidden = 0, wide = 0, narrow = 0;
@@ -1775,6 +1778,7 @@ int decode_layers(const AttentionBlock* attention, const MlpBlock* mlp, T* const
     HalfScratch<T> scratch(m, hidden, wide, narrow);
     std::vector<T> attended(m * hidden);
 #pragma omp parallel
+    {
     for (int64_t i = 0; i < layers; ++i) {
         // The first layer's residual stream is x itself (norm_into stores nothing without one).
         attention_team(attention[i], step, i == 0 ? x : out, i == 0 ? nullptr : residual, attended.data(),
@@ -1784,6 +1788,8 @@ int decode_layers(const AttentionBlock* attention, const MlpBlock* mlp, T* const
             memcpy(residual, x, m * hidden * sizeof(T));
         }
         mlp_team(mlp[i], m, attended.data(), residual, out, scratch);
+    }
+    if (normed) norm_into(out, residual, final_norm_weight, final_eps, normed, m, hidden);
     }
     return 0;
 }
@@ -1887,8 +1893,9 @@ int decode_layers(const AttentionBlock* attention, const MlpBlock* mlp, T* const
     }                                                                                                                \
     int decode_layers_##SUFFIX(const AttentionBlock* attention, const MlpBlock* mlp, T* const* k_caches,           \
                                T* const* v_caches, int64_t layers, const DecodeStep* step, const T* x, T* residual, \
-                               T* out) {                                                                             \
-        return decode_layers<T>(attention, mlp, k_caches, v_caches, layers, *step, x, residual, out);               \
+                               T* out, const T* final_norm_weight, float final_eps, T* normed) {                   \
+        return decode_layers<T>(attention, mlp, k_caches, v_caches, layers, *step, x, residual, out,                \
+                                final_norm_weight, final_eps, normed);                                               \
     }
 
 extern "C" {

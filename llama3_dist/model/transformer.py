@@ -335,7 +335,10 @@ class Llama3Transformer(nn.Module):
                 meta.positions, meta.slot_mapping, meta.block_tables, meta.context_lens, cos_sin
             )
             if self._fused_stack is not None:
-                x, residual = self._fused_stack(x, step, kv_caches)
+                first, second = self._fused_stack(x, step, kv_caches)
+                if self._fused_stack.final_norm is not None:  # it ran the final norm too
+                    return second, first  # hidden, normed
+                x, residual = first, second
             else:
                 for layer, fused_layer, kv_cache in zip(self.decoder_layers, fused, kv_caches, strict=True):
                     x, residual = layer.forward_fused(fused_layer, x, residual, step, kv_cache)
@@ -360,7 +363,11 @@ class Llama3Transformer(nn.Module):
             fused = [layer for layer in layers if layer is not None]
             self._fused = fused if len(fused) == len(layers) else []  # all or none
             if self._fused and self._one_rank and self.kernels.fused_stack:
-                self._fused_stack = cpu.FusedDecodeStack(self._fused)
+                # The final RMS norm in the same call (one call from Python a step fewer).
+                norm = self.norm
+                same_dtype = norm.weight is None or norm.weight.dtype == self._fused[0].dtype
+                final_norm = (norm.weight, norm.eps) if norm.method == "rms_norm" and same_dtype else None
+                self._fused_stack = cpu.FusedDecodeStack(self._fused, final_norm)
         return self._fused or None
 
     def compute_logits(self, normed: torch.Tensor) -> torch.Tensor | None:
