@@ -32,7 +32,7 @@ class StepInput:
     context_lens: np.ndarray  # [B] int32: cached tokens including this step's
     block_tables: np.ndarray  # [B, max_blocks] int32 (padded with 0)
     slot_mapping: np.ndarray  # [N] int64: block * block_size + offset
-    logit_rows: np.ndarray  # [M] int64: rows whose logits rank 0 returns
+    logit_rows: np.ndarray  # [M] int64: rows whose logits rank 0 returns, ascending
     hidden_rows: np.ndarray | None = None  # rows whose hidden states rank 0 returns
     normalized_hidden: bool = False
     sampling: SamplingInput | None = None  # set: sample on rank 0 and return no logits
@@ -47,8 +47,8 @@ def build_step_input(
 ) -> StepInput:
     """The step that computes tokens[num_computed : num_computed + n] of each context.
 
-    Every context must already hold the KV blocks for those tokens. logit_rows defaults to the
-    last row of each sequence.
+    Every context must already hold the KV blocks for those tokens. logit_rows (ascending, no
+    row twice) defaults to the last row of each sequence.
     """
     b = len(contexts)
     counts = np.asarray(num_new_tokens, dtype=np.int64)
@@ -68,6 +68,8 @@ def build_step_input(
         count=int(offsets[-1]),
     )
     context_lens = (starts + counts).astype(np.int32)
+    if logit_rows is not None and len(logit_rows) > 1 and not (np.diff(logit_rows) > 0).all():
+        raise ValueError(f"logit_rows must ascend with no row twice, got {logit_rows.tolist()}")
     if logit_rows is None:
         logit_rows = offsets[1:].astype(np.int64) - 1
     return StepInput(

@@ -269,7 +269,10 @@ class Worker:
                     first_position=bool(len(step.positions)) and int(step.positions.min()) == 0,
                 )
                 hidden, normed = self.model(tokens, meta, self.kv_caches, self.cos_sin)
-                logits = self.model.compute_logits(normed[self._tensor(step.logit_rows)])
+                rows = step.logit_rows
+                # Decode steps take every row (logit_rows ascend: all N of them end at N - 1).
+                every_row = len(rows) == normed.shape[0] and (len(rows) == 0 or int(rows[-1]) == len(rows) - 1)
+                logits = self.model.compute_logits(normed if every_row else normed[self._tensor(rows)])
             if logits is None:  # only rank 0 holds the gathered logits
                 return WorkerStep(None, timer)
             timer.forward_done()
