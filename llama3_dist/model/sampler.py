@@ -67,6 +67,12 @@ class Sampler:
         in_place = scratch and no_logprobs
         if keep_on_device and dev.type == "cuda" and no_logprobs:
             return SamplerOutput(np.empty(0, np.int64), [None] * b, self._draw_on_device(logits, meta, in_place))
+        # Every row greedy with nothing to mask or score (most decode steps): the argmax alone, the
+        # token the full path below picks, without its bookkeeping (a step's Python runs from caches
+        # the weights have just streamed through).
+        untouched = meta.penalties is None and meta.banned_rows is None and meta.bias is None
+        if no_logprobs and untouched and meta.allowed_rows is None and (meta.temperature < SAMPLING_EPS).all():
+            return SamplerOutput(_argmax(logits.float()), [None] * b)
         # Rows whose grammar allows few tokens draw among those alone (below): no pass over V.
         sparse = _sparse_rows(meta, v) if dev.type == "cpu" else {}
         x = processed = self._processed(logits, meta, skip_mask_rows=sparse, in_place=in_place)
