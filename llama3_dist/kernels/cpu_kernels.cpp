@@ -934,17 +934,44 @@ void quantize_blocks(const T* x, int64_t m, int64_t k, int64_t blocks, int64_t g
     }
 }
 
-template <typename T, int BITS, int DIGITS, int M>
-void panel_tiles(const int8_t* xq, const int8_t* xq_low, const float* dx, const float* group_sums,
-                 const int32_t* block_sums, const int32_t* low_block_sums, const uint32_t* w,
-                 const uint16_t* scales, const uint16_t* offsets, const uint16_t* factors, const T* bias, T* y,
-                 int64_t n, int64_t k, int64_t group_size) {
+// Runs body(std::integral_constant<int, M>) for m rows of x, 1 .. GEMV_MAX_ROWS (M a
+// compile-time constant, so each row's accumulators live in registers).
+template <typename Body>
+inline void with_rows(int64_t m, Body&& body) {
+    switch (m) {
+        case 1: return body(std::integral_constant<int, 1>{});
+        case 2: return body(std::integral_constant<int, 2>{});
+        case 3: return body(std::integral_constant<int, 3>{});
+        case 4: return body(std::integral_constant<int, 4>{});
+        case 5: return body(std::integral_constant<int, 5>{});
+        case 6: return body(std::integral_constant<int, 6>{});
+        case 7: return body(std::integral_constant<int, 7>{});
+        default: return body(std::integral_constant<int, 8>{});
+    }
+}
+
+// Whether a panel GEMV takes these arguments: 1 .. GEMV_MAX_ROWS rows, groups of whole blocks,
+// offsets or coded factors (not both) for 4-bit panels only.
+template <int BITS>
+inline bool panel_arguments(int64_t m, int64_t group_size, const uint16_t* offsets, const uint16_t* factors) {
+    return m >= 1 && m <= GEMV_MAX_ROWS && group_size >= 32 && group_size % 32 == 0 &&
+           (BITS == 4 || (!offsets && !factors)) && !(factors && offsets);
+}
+
+// The walk both panel GEMVs share, by the threads of the enclosing parallel region: each panel
+// (LANES rows) in turn, its groups in order with their scales and offsets (panel_group), each
+// group's blocks of 32 (prefetched PREFETCH_BYTES ahead). on_block(acc, b, block, scales,
+// offsets) adds block b of the panel into the M rows' accumulators; on_group_end(acc, g, scales,
+// offsets) runs after a group's blocks; then the accumulators (plus bias) are the panel's rows
+// of y [M, n].
+template <typename T, int VECTORS, int M, typename OnBlock, typename OnGroupEnd>
+__attribute__((always_inline)) inline void over_panels(const uint32_t* w, const uint16_t* scales, const uint16_t* offsets, const uint16_t* factors,
+                        const T* bias, T* y, int64_t n, int64_t k, int64_t group_size, OnBlock&& on_block,
+                        OnGroupEnd&& on_group_end) {
     using E = Element<T>;
-    constexpr int VECTORS = BITS == 4 ? 4 : BITS == 6 ? 6 : 8;  // per block of 32 (see the layouts)
     const int64_t blocks = (k + 31) / 32, groups = (k + group_size - 1) / group_size;
     const int64_t panels = (n + LANES - 1) / LANES, blocks_per_group = group_size / 32;
     const int64_t factor_blocks = (groups + FACTOR_GROUPS - 1) / FACTOR_GROUPS;
-    const bool offset_term = offsets || factors;
 #pragma omp for schedule(guided)
     for (int64_t panel = 0; panel < panels; ++panel) {
         Floats acc[M];
@@ -959,112 +986,9 @@ void panel_tiles(const int8_t* xq, const int8_t* xq_low, const float* dx, const 
                 const uint32_t* block = panel_words + b * VECTORS * LANES;
                 for (int line = 0; line < VECTORS * VECTOR_BYTES; line += CACHE_LINE)
                     __builtin_prefetch((const char*)block + PREFETCH_BYTES + line, 0, 2);
-                Ints sums[M], low_sums[M];
-                for (int m = 0; m < M; ++m) sums[m] = low_sums[m] = Ints{};
-                if constexpr (BITS == 4 && PAIR_SUMS) {
-                    Pairs pairs[M];
-                    for (int m = 0; m < M; ++m) pairs[m] = Pairs{};
-#pragma GCC unroll 4
-                    for (int c = 0; c < VECTORS; ++c) {
-                        Words q;
-                        memcpy(&q, block + c * LANES, sizeof q);
-                        const Words low = q & 0x0f0f0f0fu, high = (q >> 4) & 0x0f0f0f0fu;
-#pragma GCC unroll 8
-                        for (int m = 0; m < M; ++m) {
-                            const int32_t* x4 = reinterpret_cast<const int32_t*>(xq + (m * blocks + b) * 32);
-                            pairs[m] += pair_sums(low, x4[c]) + pair_sums(high, x4[4 + c]);
-                        }
-                    }
-                    for (int m = 0; m < M; ++m) sums[m] = widen_pairs(pairs[m]);
-                } else if constexpr (BITS == 6) {
-                    Words high_bits[2];
-                    memcpy(&high_bits[0], block + 4 * LANES, sizeof(Words));
-                    memcpy(&high_bits[1], block + 5 * LANES, sizeof(Words));
-                    // With PAIR_SUMS, 16-bit pair sums are added up to where they could overflow: a
-                    // pair of u (at most 63) times x is at most 2 * 63 * 127 = 16002, so two of them
-                    // (one vector c) fit; times the second digit (at most 64 in size) 8064, so four
-                    // (two vectors). Exact integer sums either way: the same results.
-                    Pairs pairs[M], low_pairs[M];
-                    for (int m = 0; m < M; ++m) pairs[m] = low_pairs[m] = Pairs{};
-#pragma GCC unroll 4
-                    for (int c = 0; c < 4; ++c) {
-                        Words q;
-                        memcpy(&q, block + c * LANES, sizeof q);
-                        // bits 2c..2c+1 of each byte of the high bits, moved to bits 4..5
-                        const auto bits_45 = [c](Words h) {
-                            return (c < 2 ? h << (4 - 2 * c) : h >> (2 * c - 4)) & 0x30303030u;
-                        };
-                        const Words low = (q & 0x0f0f0f0fu) | bits_45(high_bits[0]);
-                        const Words high = ((q >> 4) & 0x0f0f0f0fu) | bits_45(high_bits[1]);
-#pragma GCC unroll 8
-                        for (int m = 0; m < M; ++m) {
-                            const int32_t* x4 = reinterpret_cast<const int32_t*>(xq + (m * blocks + b) * 32);
-                            const int32_t* low4 = reinterpret_cast<const int32_t*>(xq_low + (m * blocks + b) * 32);
-                            if constexpr (PAIR_SUMS) {
-                                sums[m] += widen_pairs(pair_sums(low, x4[c]) + pair_sums(high, x4[4 + c]));
-                                if constexpr (DIGITS == 2) {
-                                    low_pairs[m] += pair_sums(low, low4[c]) + pair_sums(high, low4[4 + c]);
-                                    if (c % 2 == 1) {
-                                        low_sums[m] += widen_pairs(low_pairs[m]);
-                                        low_pairs[m] = Pairs{};
-                                    }
-                                }
-                            } else {
-                                sums[m] = dot4(dot4(sums[m], low, x4[c]), high, x4[4 + c]);
-                                if constexpr (DIGITS == 2)
-                                    low_sums[m] = dot4(dot4(low_sums[m], low, low4[c]), high, low4[4 + c]);
-                            }
-                        }
-                    }
-                    // u - 32: the 32s' share, per digit
-                    for (int m = 0; m < M; ++m) {
-                        sums[m] -= 32 * block_sums[m * blocks + b];
-                        if constexpr (DIGITS == 2) low_sums[m] -= 32 * low_block_sums[m * blocks + b];
-                    }
-                } else {
-#pragma GCC unroll 8
-                    for (int c = 0; c < VECTORS; ++c) {
-                        Words q;
-                        memcpy(&q, block + c * LANES, sizeof q);
-                        if constexpr (BITS == 4) {
-                            const Words low = q & 0x0f0f0f0fu, high = (q >> 4) & 0x0f0f0f0fu;
-#pragma GCC unroll 8
-                            for (int m = 0; m < M; ++m) {
-                                const int32_t* x4 = reinterpret_cast<const int32_t*>(xq + (m * blocks + b) * 32);
-                                sums[m] = dot4(dot4(sums[m], low, x4[c]), high, x4[4 + c]);
-                            }
-                        } else {
-#pragma GCC unroll 8
-                            for (int m = 0; m < M; ++m) {
-                                const int32_t* x4 = reinterpret_cast<const int32_t*>(xq + (m * blocks + b) * 32);
-                                sums[m] = dot4_signed(sums[m], q, x4[c]);
-                                if constexpr (DIGITS == 2) {
-                                    const int32_t* low4 = reinterpret_cast<const int32_t*>(xq_low + (m * blocks + b) * 32);
-                                    low_sums[m] = dot4_signed(low_sums[m], q, low4[c]);
-                                }
-                            }
-                        }
-                    }
-                }
-                if constexpr (BITS == 8 && SIGNED_DOT4_EXCESS) {
-                    for (int m = 0; m < M; ++m) {
-                        sums[m] -= 128 * block_sums[m * blocks + b];
-                        if constexpr (DIGITS == 2) low_sums[m] -= 128 * low_block_sums[m * blocks + b];
-                    }
-                }
-                // Symmetric 4 bits (Q4_0: w = (q - 8) * scale, no offsets stored): the 8s' share.
-                if constexpr (BITS == 4)
-                    if (!offset_term)
-                        for (int m = 0; m < M; ++m) sums[m] -= 8 * block_sums[m * blocks + b];
-                // |high digits' sum| <= 32 * 127 * 127, so 128 times it stays far inside int32.
-                if constexpr (DIGITS == 2)
-                    for (int m = 0; m < M; ++m) sums[m] = sums[m] * 128 + low_sums[m];
-#pragma GCC unroll 8
-                for (int m = 0; m < M; ++m)
-                    acc[m] += __builtin_convertvector(sums[m], Floats) * (weight_scales * dx[m * blocks + b]);
+                on_block(acc, b, block, weight_scales, weight_offsets);
             }
-            if (offset_term)
-                for (int m = 0; m < M; ++m) acc[m] += weight_offsets * group_sums[m * groups + g];
+            on_group_end(acc, g, weight_scales, weight_offsets);
         }
         const int64_t rows = std::min<int64_t>(LANES, n - panel * LANES);
         for (int m = 0; m < M; ++m) {
@@ -1076,6 +1000,128 @@ void panel_tiles(const int8_t* xq, const int8_t* xq_low, const float* dx, const 
             }
         }
     }
+}
+
+// Out of line (its callers are big: inlined into them the LM head's GEMV ran 2-5% slower).
+template <typename T, int BITS, int DIGITS, int M>
+__attribute__((noinline)) void panel_tiles(const int8_t* xq, const int8_t* xq_low, const float* dx, const float* group_sums,
+                 const int32_t* block_sums, const int32_t* low_block_sums, const uint32_t* w,
+                 const uint16_t* scales, const uint16_t* offsets, const uint16_t* factors, const T* bias, T* y,
+                 int64_t n, int64_t k, int64_t group_size) {
+    constexpr int VECTORS = BITS == 4 ? 4 : BITS == 6 ? 6 : 8;  // per block of 32 (see the layouts)
+    const int64_t blocks = (k + 31) / 32, groups = (k + group_size - 1) / group_size;
+    const bool offset_term = offsets || factors;
+    const auto on_block = [&](Floats (&acc)[M], int64_t b, const uint32_t* block, Floats weight_scales,
+                              Floats) __attribute__((always_inline)) {
+        Ints sums[M], low_sums[M];
+        for (int m = 0; m < M; ++m) sums[m] = low_sums[m] = Ints{};
+        if constexpr (BITS == 4 && PAIR_SUMS) {
+            Pairs pairs[M];
+            for (int m = 0; m < M; ++m) pairs[m] = Pairs{};
+#pragma GCC unroll 4
+            for (int c = 0; c < VECTORS; ++c) {
+                Words q;
+                memcpy(&q, block + c * LANES, sizeof q);
+                const Words low = q & 0x0f0f0f0fu, high = (q >> 4) & 0x0f0f0f0fu;
+#pragma GCC unroll 8
+                for (int m = 0; m < M; ++m) {
+                    const int32_t* x4 = reinterpret_cast<const int32_t*>(xq + (m * blocks + b) * 32);
+                    pairs[m] += pair_sums(low, x4[c]) + pair_sums(high, x4[4 + c]);
+                }
+            }
+            for (int m = 0; m < M; ++m) sums[m] = widen_pairs(pairs[m]);
+        } else if constexpr (BITS == 6) {
+            Words high_bits[2];
+            memcpy(&high_bits[0], block + 4 * LANES, sizeof(Words));
+            memcpy(&high_bits[1], block + 5 * LANES, sizeof(Words));
+            // With PAIR_SUMS, 16-bit pair sums are added up to where they could overflow: a
+            // pair of u (at most 63) times x is at most 2 * 63 * 127 = 16002, so two of them
+            // (one vector c) fit; times the second digit (at most 64 in size) 8064, so four
+            // (two vectors). Exact integer sums either way: the same results.
+            Pairs pairs[M], low_pairs[M];
+            for (int m = 0; m < M; ++m) pairs[m] = low_pairs[m] = Pairs{};
+#pragma GCC unroll 4
+            for (int c = 0; c < 4; ++c) {
+                Words q;
+                memcpy(&q, block + c * LANES, sizeof q);
+                // bits 2c..2c+1 of each byte of the high bits, moved to bits 4..5
+                const auto bits_45 = [c](Words h) {
+                    return (c < 2 ? h << (4 - 2 * c) : h >> (2 * c - 4)) & 0x30303030u;
+                };
+                const Words low = (q & 0x0f0f0f0fu) | bits_45(high_bits[0]);
+                const Words high = ((q >> 4) & 0x0f0f0f0fu) | bits_45(high_bits[1]);
+#pragma GCC unroll 8
+                for (int m = 0; m < M; ++m) {
+                    const int32_t* x4 = reinterpret_cast<const int32_t*>(xq + (m * blocks + b) * 32);
+                    const int32_t* low4 = reinterpret_cast<const int32_t*>(xq_low + (m * blocks + b) * 32);
+                    if constexpr (PAIR_SUMS) {
+                        sums[m] += widen_pairs(pair_sums(low, x4[c]) + pair_sums(high, x4[4 + c]));
+                        if constexpr (DIGITS == 2) {
+                            low_pairs[m] += pair_sums(low, low4[c]) + pair_sums(high, low4[4 + c]);
+                            if (c % 2 == 1) {
+                                low_sums[m] += widen_pairs(low_pairs[m]);
+                                low_pairs[m] = Pairs{};
+                            }
+                        }
+                    } else {
+                        sums[m] = dot4(dot4(sums[m], low, x4[c]), high, x4[4 + c]);
+                        if constexpr (DIGITS == 2)
+                            low_sums[m] = dot4(dot4(low_sums[m], low, low4[c]), high, low4[4 + c]);
+                    }
+                }
+            }
+            // u - 32: the 32s' share, per digit
+            for (int m = 0; m < M; ++m) {
+                sums[m] -= 32 * block_sums[m * blocks + b];
+                if constexpr (DIGITS == 2) low_sums[m] -= 32 * low_block_sums[m * blocks + b];
+            }
+        } else {
+#pragma GCC unroll 8
+            for (int c = 0; c < VECTORS; ++c) {
+                Words q;
+                memcpy(&q, block + c * LANES, sizeof q);
+                if constexpr (BITS == 4) {
+                    const Words low = q & 0x0f0f0f0fu, high = (q >> 4) & 0x0f0f0f0fu;
+#pragma GCC unroll 8
+                    for (int m = 0; m < M; ++m) {
+                        const int32_t* x4 = reinterpret_cast<const int32_t*>(xq + (m * blocks + b) * 32);
+                        sums[m] = dot4(dot4(sums[m], low, x4[c]), high, x4[4 + c]);
+                    }
+                } else {
+#pragma GCC unroll 8
+                    for (int m = 0; m < M; ++m) {
+                        const int32_t* x4 = reinterpret_cast<const int32_t*>(xq + (m * blocks + b) * 32);
+                        sums[m] = dot4_signed(sums[m], q, x4[c]);
+                        if constexpr (DIGITS == 2) {
+                            const int32_t* low4 = reinterpret_cast<const int32_t*>(xq_low + (m * blocks + b) * 32);
+                            low_sums[m] = dot4_signed(low_sums[m], q, low4[c]);
+                        }
+                    }
+                }
+            }
+        }
+        if constexpr (BITS == 8 && SIGNED_DOT4_EXCESS) {
+            for (int m = 0; m < M; ++m) {
+                sums[m] -= 128 * block_sums[m * blocks + b];
+                if constexpr (DIGITS == 2) low_sums[m] -= 128 * low_block_sums[m * blocks + b];
+            }
+        }
+        // Symmetric 4 bits (Q4_0: w = (q - 8) * scale, no offsets stored): the 8s' share.
+        if constexpr (BITS == 4)
+            if (!offset_term)
+                for (int m = 0; m < M; ++m) sums[m] -= 8 * block_sums[m * blocks + b];
+        // |high digits' sum| <= 32 * 127 * 127, so 128 times it stays far inside int32.
+        if constexpr (DIGITS == 2)
+            for (int m = 0; m < M; ++m) sums[m] = sums[m] * 128 + low_sums[m];
+#pragma GCC unroll 8
+        for (int m = 0; m < M; ++m)
+            acc[m] += __builtin_convertvector(sums[m], Floats) * (weight_scales * dx[m * blocks + b]);
+    };
+    const auto on_group_end = [&](Floats (&acc)[M], int64_t g, Floats, Floats weight_offsets) __attribute__((always_inline)) {
+        if (offset_term)
+            for (int m = 0; m < M; ++m) acc[m] += weight_offsets * group_sums[m * groups + g];
+    };
+    over_panels<T, VECTORS, M>(w, scales, offsets, factors, bias, y, n, k, group_size, on_block, on_group_end);
 }
 
 // Scratch of the integer GEMV for m rows of x of up to k features: x in int8 blocks, their
@@ -1103,24 +1149,10 @@ void panel_team(const T* x, int64_t m, const uint32_t* w, const uint16_t* scales
 #pragma omp single
     quantize_blocks<T, DIGITS>(x, m, k, (k + 31) / 32, group_size, xq, xq_low, dx, group_sums, block_sums,
                                low_block_sums);
-    switch (m) {
-#define LLAMA3_DIST_PANEL_CASE(M)                                                                                   \
-    case M:                                                                                                         \
-        panel_tiles<T, BITS, DIGITS, M>(xq, xq_low, dx, group_sums, block_sums, low_block_sums, w, scales, offsets, \
-                                        factors, bias, y, n, k, group_size);                                                   \
-        break;
-        LLAMA3_DIST_PANEL_CASE(1)
-        LLAMA3_DIST_PANEL_CASE(2)
-        LLAMA3_DIST_PANEL_CASE(3)
-        LLAMA3_DIST_PANEL_CASE(4)
-        LLAMA3_DIST_PANEL_CASE(5)
-        LLAMA3_DIST_PANEL_CASE(6)
-        LLAMA3_DIST_PANEL_CASE(7)
-        default:
-            panel_tiles<T, BITS, DIGITS, 8>(xq, xq_low, dx, group_sums, block_sums, low_block_sums, w, scales, offsets,
-                                            factors, bias, y, n, k, group_size);
-#undef LLAMA3_DIST_PANEL_CASE
-    }
+    with_rows(m, [&](auto rows) {
+        panel_tiles<T, BITS, DIGITS, rows()>(xq, xq_low, dx, group_sums, block_sums, low_block_sums, w, scales,
+                                             offsets, factors, bias, y, n, k, group_size);
+    });
 }
 
 // y [m, n] = x [m, k] @ w.T + bias for 4- or 8-bit panel weights, x quantized to int8 per block
@@ -1129,9 +1161,7 @@ void panel_team(const T* x, int64_t m, const uint32_t* w, const uint16_t* scales
 template <typename T, int BITS, int DIGITS = 1>
 int panel_gemv(const T* x, const uint32_t* w, const uint16_t* scales, const uint16_t* offsets,
                const uint16_t* factors, const T* bias, T* y, int64_t m, int64_t n, int64_t k, int64_t group_size) {
-    if (m < 1 || m > GEMV_MAX_ROWS || group_size < 32 || group_size % 32 ||
-        (BITS != 4 && (offsets != nullptr || factors != nullptr)) || (factors && offsets))
-        return -1;
+    if (!panel_arguments<BITS>(m, group_size, offsets, factors)) return -1;
     PanelScratch scratch(m, k, DIGITS);
 #pragma omp parallel
     panel_team<T, BITS, DIGITS>(x, m, w, scales, offsets, factors, bias, y, n, k, group_size, scratch);
@@ -1148,64 +1178,40 @@ template <typename T, int BITS, int M>
 void panel_exact_tiles(const float* xf, int64_t k_pad, const uint32_t* w, const uint16_t* scales,
                        const uint16_t* offsets, const uint16_t* factors, const T* bias, T* y, int64_t n, int64_t k,
                        int64_t group_size) {
-    using E = Element<T>;
     constexpr int VECTORS = BITS == 4 ? 4 : 8;  // per block of 32 (see the layouts)
-    const int64_t blocks = (k + 31) / 32, groups = (k + group_size - 1) / group_size;
-    const int64_t panels = (n + LANES - 1) / LANES, blocks_per_group = group_size / 32;
-    const int64_t factor_blocks = (groups + FACTOR_GROUPS - 1) / FACTOR_GROUPS;
-#pragma omp for schedule(guided)
-    for (int64_t panel = 0; panel < panels; ++panel) {
-        Floats acc[M];
-        for (int m = 0; m < M; ++m) acc[m] = Floats{};
-        const uint32_t* panel_words = w + panel * blocks * VECTORS * LANES;
-        Floats scale_factors = Floats{}, offset_factors = Floats{};
-        for (int64_t g = 0; g < groups; ++g) {
-            Floats weight_scales, weight_offsets;
-            panel_group(scales, offsets, factors, panel, g, groups, factor_blocks, scale_factors, offset_factors,
-                        weight_scales, weight_offsets);
-            // Symmetric 4 bits (Q4_0, no offsets stored): w = (q - 8) * scale.
-            if (BITS == 4 && !offsets && !factors) weight_offsets = weight_scales * -8.0f;
-            for (int64_t b = g * blocks_per_group; b < std::min(blocks, (g + 1) * blocks_per_group); ++b) {
-                const uint32_t* block = panel_words + b * VECTORS * LANES;
-                for (int line = 0; line < VECTORS * VECTOR_BYTES; line += CACHE_LINE)
-                    __builtin_prefetch((const char*)block + PREFETCH_BYTES + line, 0, 2);
-                const float* x = xf + b * 32;
+    // Symmetric 4 bits (Q4_0, no offsets stored): w = (q - 8) * scale.
+    const bool symmetric = BITS == 4 && !offsets && !factors;
+    const auto on_block = [&](Floats (&acc)[M], int64_t b, const uint32_t* block, Floats weight_scales,
+                              Floats weight_offsets) __attribute__((always_inline)) {
+        if (symmetric) weight_offsets = weight_scales * -8.0f;
+        const float* x = xf + b * 32;
 #pragma GCC unroll 2
-                for (int c = 0; c < VECTORS; ++c) {
-                    Words q;
-                    memcpy(&q, block + c * LANES, sizeof q);
+        for (int c = 0; c < VECTORS; ++c) {
+            Words q;
+            memcpy(&q, block + c * LANES, sizeof q);
 #pragma GCC unroll 4
-                    for (int j = 0; j < 4; ++j) {
-                        // byte j of lane l: row l's element 4c + j (4 bits: its low nibble; the
-                        // high nibble is element 16 + 4c + j)
-                        if constexpr (BITS == 4) {
-                            const Floats low = __builtin_convertvector((Ints)((q >> (8 * j)) & 0xfu), Floats);
-                            const Floats high = __builtin_convertvector((Ints)((q >> (8 * j + 4)) & 0xfu), Floats);
-                            const Floats low_w = low * weight_scales + weight_offsets;
-                            const Floats high_w = high * weight_scales + weight_offsets;
+            for (int j = 0; j < 4; ++j) {
+                // byte j of lane l: row l's element 4c + j (4 bits: its low nibble; the high
+                // nibble is element 16 + 4c + j)
+                if constexpr (BITS == 4) {
+                    const Floats low = __builtin_convertvector((Ints)((q >> (8 * j)) & 0xfu), Floats);
+                    const Floats high = __builtin_convertvector((Ints)((q >> (8 * j + 4)) & 0xfu), Floats);
+                    const Floats low_w = low * weight_scales + weight_offsets;
+                    const Floats high_w = high * weight_scales + weight_offsets;
 #pragma GCC unroll 8
-                            for (int m = 0; m < M; ++m)
-                                acc[m] += low_w * x[m * k_pad + 4 * c + j] + high_w * x[m * k_pad + 16 + 4 * c + j];
-                        } else {
-                            const Floats value = __builtin_convertvector(((Ints)q << (24 - 8 * j)) >> 24, Floats);
-                            const Floats weight = value * weight_scales;
+                    for (int m = 0; m < M; ++m)
+                        acc[m] += low_w * x[m * k_pad + 4 * c + j] + high_w * x[m * k_pad + 16 + 4 * c + j];
+                } else {
+                    const Floats value = __builtin_convertvector(((Ints)q << (24 - 8 * j)) >> 24, Floats);
+                    const Floats weight = value * weight_scales;
 #pragma GCC unroll 8
-                            for (int m = 0; m < M; ++m) acc[m] += weight * x[m * k_pad + 4 * c + j];
-                        }
-                    }
+                    for (int m = 0; m < M; ++m) acc[m] += weight * x[m * k_pad + 4 * c + j];
                 }
             }
         }
-        const int64_t rows = std::min<int64_t>(LANES, n - panel * LANES);
-        for (int m = 0; m < M; ++m) {
-            float lanes[LANES];
-            memcpy(lanes, &acc[m], sizeof lanes);
-            for (int64_t l = 0; l < rows; ++l) {
-                const int64_t row = panel * LANES + l;
-                y[m * n + row] = E::from_float(lanes[l] + (bias ? E::to_float(bias[row]) : 0.0f));
-            }
-        }
-    }
+    };
+    over_panels<T, VECTORS, M>(w, scales, offsets, factors, bias, y, n, k, group_size, on_block,
+                               [](Floats (&)[M], int64_t, Floats, Floats) {});
 }
 
 // y [m, n] = x [m, k] @ dequantized(w).T + bias, x exact (above); m from 1 to GEMV_MAX_ROWS.
@@ -1214,9 +1220,7 @@ template <typename T, int BITS>
 int panel_exact_gemv(const T* x, const uint32_t* w, const uint16_t* scales, const uint16_t* offsets,
                      const uint16_t* factors, const T* bias, T* y, int64_t m, int64_t n, int64_t k,
                      int64_t group_size) {
-    if (m < 1 || m > GEMV_MAX_ROWS || group_size < 32 || group_size % 32 ||
-        (BITS != 4 && (offsets != nullptr || factors != nullptr)) || (factors && offsets))
-        return -1;
+    if (!panel_arguments<BITS>(m, group_size, offsets, factors)) return -1;
     const int64_t k_pad = (k + 31) / 32 * 32;  // whole blocks, zero past k
     std::vector<float> xf(m * k_pad);
 #pragma omp parallel
@@ -1227,22 +1231,10 @@ int panel_exact_gemv(const T* x, const uint32_t* w, const uint16_t* scales, cons
                 const Floats values = j < k ? load(x + row * k + j, std::min(count, k - j)) : Floats{};
                 store(xf.data() + row * k_pad + j, values, count);
             });
-        switch (m) {
-#define LLAMA3_DIST_EXACT_CASE(M)                                                                                \
-    case M:                                                                                                      \
-        panel_exact_tiles<T, BITS, M>(xf.data(), k_pad, w, scales, offsets, factors, bias, y, n, k, group_size); \
-        break;
-            LLAMA3_DIST_EXACT_CASE(1)
-            LLAMA3_DIST_EXACT_CASE(2)
-            LLAMA3_DIST_EXACT_CASE(3)
-            LLAMA3_DIST_EXACT_CASE(4)
-            LLAMA3_DIST_EXACT_CASE(5)
-            LLAMA3_DIST_EXACT_CASE(6)
-            LLAMA3_DIST_EXACT_CASE(7)
-            default:
-                panel_exact_tiles<T, BITS, 8>(xf.data(), k_pad, w, scales, offsets, factors, bias, y, n, k, group_size);
-#undef LLAMA3_DIST_EXACT_CASE
-        }
+        with_rows(m, [&](auto rows) {
+            panel_exact_tiles<T, BITS, rows()>(xf.data(), k_pad, w, scales, offsets, factors, bias, y, n, k,
+                                               group_size);
+        });
     }
     return 0;
 }
