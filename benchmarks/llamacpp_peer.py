@@ -409,8 +409,10 @@ def main() -> None:
             for build in builds:
                 runs = prompt.get((build, mode, length))
                 if runs:
-                    ratio = f" (ours/{build} {statistics.median(runs) / statistics.median(ours_runs):.2f}x)"
-                    line.append(f"{build} {median_tokens_per_s(runs):.1f}{ratio if ours_runs else ''}")
+                    ratio = ""
+                    if ours_runs:  # none with --no-ours
+                        ratio = f" (ours/{build} {statistics.median(runs) / statistics.median(ours_runs):.2f}x)"
+                    line.append(f"{build} {median_tokens_per_s(runs):.1f}{ratio}")
             print(f"    prompt of {length} tokens (prompt tok/s): {'; '.join(line)}")
 
 

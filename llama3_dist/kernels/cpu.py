@@ -74,6 +74,9 @@ GEMV_MAX_ROWS = 8  # the largest m the library's gemv takes
 # it was 1.2-1.7x faster than widening at 64 rows and even at 128 (a float32 GEMM; unmeasured
 # where the bfloat16 GEMM is native).
 PANEL_WIDEN_MIN_ROWS = 64
+# The panel layouts whose GEMV also takes x exact (gemv_grouped's exact_x: prompt rows); the heads'
+# (x in 15 bits) do not need it.
+EXACT_X_LAYOUTS = ("panels4", "panels8")
 PANEL_WIDEN_MIN_ROWS_SLOW_GEMM = 128
 BASE_FLAGS = ("-O3", "-ffp-contract=fast", "-fno-math-errno", "-shared", "-fPIC")
 OPENMP_FLAG = "-fopenmp"
@@ -310,8 +313,8 @@ class KernelLibrary:
             for layout in ("q4", "q8", "panels4", "panels8", "panels8x15", "panels6x15"):
                 # panel layouts take one pointer more: coded scales' factors (or null)
                 pointers = [_P] * (2 if layout.startswith("q") else 3)
-                # panels4 and panels8 have a GEMV with x exact too (prompt rows: gemv_grouped's exact_x)
-                for name in (f"gemv_{layout}", f"gemv_{layout}_exact")[: 2 if layout in ("panels4", "panels8") else 1]:
+                exact = [f"gemv_{layout}_exact"] if layout in EXACT_X_LAYOUTS else []
+                for name in (f"gemv_{layout}", *exact):
                     function = getattr(self._lib, f"{name}_{suffix}")
                     function.argtypes, function.restype = [_P, _P, *pointers, _P, _P, _I64, _I64, _I64, _I64], _INT
                     self._functions[name, dtype] = function
@@ -523,8 +526,8 @@ class KernelLibrary:
         which multiplies the dequantized weights with x in float32."""
         if weight.lanes != self.lanes:
             raise ValueError(f"weights packed for {weight.lanes} lanes, this library ({self.isa}) takes {self.lanes}")
-        if exact_x and weight.layout not in ("panels4", "panels8"):
-            raise ValueError(f"exact_x: panels4 or panels8 weights only, not {weight.layout}")
+        if exact_x and weight.layout not in EXACT_X_LAYOUTS:
+            raise ValueError(f"exact_x: {' or '.join(EXACT_X_LAYOUTS)} weights only, not {weight.layout}")
         weights = (weight.words.data_ptr(), *weight.scale_pointers())
         bias = None if bias is None else bias.to(x.dtype).contiguous()
         name = f"gemv_{weight.layout}_exact" if exact_x else f"gemv_{weight.layout}"
@@ -1098,7 +1101,7 @@ def grouped_linear(
     through a 960 x 576 projection: 150 us against 842 us dequantizing for a GEMM)."""
     rows = x.numel() // x.shape[-1]
     native = x.dtype not in _NATIVE_FEATURES or native_gemm(x.dtype)
-    exact_x = weight.layout in ("panels4", "panels8") and not getattr(_step, "decode", False)
+    exact_x = weight.layout in EXACT_X_LAYOUTS and not getattr(_step, "decode", False)
     if not weight.layout.startswith("panels"):
         widen_from = WIDEN_MIN_ROWS
     elif native:

@@ -456,6 +456,12 @@ void widen_rows(const T* x, int64_t m, int64_t k, float* xf) {
                 for (int v = 0; v < V; ++v) memcpy(out + j + v * LANES, &parts[v], sizeof(Floats));
             }
         }
+    } else if constexpr (std::is_same_v<W, float>) {  // x in its own order, a vector at a time
+        for (int64_t row = 0; row < m; ++row)
+            over_vectors(k_pad, [&](int64_t j, int64_t count) {
+                const Floats values = j < k ? load(x + row * k + j, std::min(count, k - j)) : Floats{};
+                store(xf + row * k_pad + j, values, count);
+            });
     } else {
         std::fill(xf, xf + m * k_pad, 0.0f);
         for (int64_t row = 0; row < m; ++row)
@@ -965,9 +971,10 @@ inline bool panel_arguments(int64_t m, int64_t group_size, const uint16_t* offse
 // offsets) runs after a group's blocks; then the accumulators (plus bias) are the panel's rows
 // of y [M, n].
 template <typename T, int VECTORS, int M, typename OnBlock, typename OnGroupEnd>
-__attribute__((always_inline)) inline void over_panels(const uint32_t* w, const uint16_t* scales, const uint16_t* offsets, const uint16_t* factors,
-                        const T* bias, T* y, int64_t n, int64_t k, int64_t group_size, OnBlock&& on_block,
-                        OnGroupEnd&& on_group_end) {
+__attribute__((always_inline)) inline void over_panels(const uint32_t* w, const uint16_t* scales,
+                                                       const uint16_t* offsets, const uint16_t* factors, const T* bias,
+                                                       T* y, int64_t n, int64_t k, int64_t group_size,
+                                                       OnBlock&& on_block, OnGroupEnd&& on_group_end) {
     using E = Element<T>;
     const int64_t blocks = (k + 31) / 32, groups = (k + group_size - 1) / group_size;
     const int64_t panels = (n + LANES - 1) / LANES, blocks_per_group = group_size / 32;
@@ -1008,6 +1015,7 @@ __attribute__((noinline)) void panel_tiles(const int8_t* xq, const int8_t* xq_lo
                  const int32_t* block_sums, const int32_t* low_block_sums, const uint32_t* w,
                  const uint16_t* scales, const uint16_t* offsets, const uint16_t* factors, const T* bias, T* y,
                  int64_t n, int64_t k, int64_t group_size) {
+    static_assert(BITS != 6 || DIGITS == 2, "6-bit panels take x in two digits (the LM head's)");
     constexpr int VECTORS = BITS == 4 ? 4 : BITS == 6 ? 6 : 8;  // per block of 32 (see the layouts)
     const int64_t blocks = (k + 31) / 32, groups = (k + group_size - 1) / group_size;
     const bool offset_term = offsets || factors;
@@ -1221,16 +1229,12 @@ int panel_exact_gemv(const T* x, const uint32_t* w, const uint16_t* scales, cons
                      const uint16_t* factors, const T* bias, T* y, int64_t m, int64_t n, int64_t k,
                      int64_t group_size) {
     if (!panel_arguments<BITS>(m, group_size, offsets, factors)) return -1;
-    const int64_t k_pad = (k + 31) / 32 * 32;  // whole blocks, zero past k
+    const int64_t k_pad = padded_width(k);  // whole blocks of 32, zero past k
     std::vector<float> xf(m * k_pad);
 #pragma omp parallel
     {
 #pragma omp single
-        for (int64_t row = 0; row < m; ++row)
-            over_vectors(k_pad, [&](int64_t j, int64_t count) {
-                const Floats values = j < k ? load(x + row * k + j, std::min(count, k - j)) : Floats{};
-                store(xf.data() + row * k_pad + j, values, count);
-            });
+        widen_rows<T, float>(x, m, k, xf.data());
         with_rows(m, [&](auto rows) {
             panel_exact_tiles<T, BITS, rows()>(xf.data(), k_pad, w, scales, offsets, factors, bias, y, n, k,
                                                group_size);
@@ -1757,7 +1761,7 @@ int mlp_block(const MlpBlock& layer, int64_t m, const T* x, T* residual, T* out)
 template <typename T>
 int decode_layers(const AttentionBlock* attention, const MlpBlock* mlp, T* const* k_caches, T* const* v_caches,
                   int64_t layers, const DecodeStep& step, const T* x, T* residual, T* out,
-                  const void* final_norm_weight = nullptr, float final_eps = 0.0f, T* normed = nullptr) {
+                  const void* final_norm_weight, float final_eps, T* normed) {
     const int64_t m = step.batch;
     if (m < 1 || m > GEMV_MAX_ROWS || layers < 1) return -1;
     int64_t hidden = 0, wide = 0, narrow = 0;
@@ -1771,22 +1775,30 @@ int decode_layers(const AttentionBlock* attention, const MlpBlock* mlp, T* const
     std::vector<T> attended(m * hidden);
 #pragma omp parallel
     {
-    for (int64_t i = 0; i < layers; ++i) {
-        // The first layer's residual stream is x itself (norm_into stores nothing without one).
-        attention_team(attention[i], step, i == 0 ? x : out, i == 0 ? nullptr : residual, attended.data(),
-                       k_caches[i], v_caches[i], scratch);
-        if (i == 0) {
+        for (int64_t i = 0; i < layers; ++i) {
+            // The first layer's residual stream is x itself (norm_into stores nothing without one).
+            attention_team(attention[i], step, i == 0 ? x : out, i == 0 ? nullptr : residual, attended.data(),
+                           k_caches[i], v_caches[i], scratch);
+            if (i == 0) {
 #pragma omp single
-            memcpy(residual, x, m * hidden * sizeof(T));
+                memcpy(residual, x, m * hidden * sizeof(T));
+            }
+            mlp_team(mlp[i], m, attended.data(), residual, out, scratch);
         }
-        mlp_team(mlp[i], m, attended.data(), residual, out, scratch);
-    }
-    if (normed) norm_into(out, residual, final_norm_weight, final_eps, normed, m, hidden);
+        if (normed) norm_into(out, residual, final_norm_weight, final_eps, normed, m, hidden);
     }
     return 0;
 }
 
 }  // namespace
+
+// A panel GEMV's entry point gemv_LAYOUT_SUFFIX (every layout takes the same arguments).
+#define LLAMA3_DIST_PANEL_GEMV(T, LAYOUT, SUFFIX, GEMV)                                                              \
+    int gemv_##LAYOUT##_##SUFFIX(const T* x, const uint32_t* w, const uint16_t* scales, const uint16_t* offsets,     \
+                                 const uint16_t* factors, const T* bias, T* y, int64_t m, int64_t n, int64_t k,      \
+                                 int64_t group_size) {                                                               \
+        return GEMV(x, w, scales, offsets, factors, bias, y, m, n, k, group_size);                                   \
+    }
 
 // The C entry points, one set per element type: NAME_bf16 and NAME_f32.
 #define LLAMA3_DIST_EXPORT(T, SUFFIX)                                                                              \
@@ -1813,36 +1825,12 @@ int decode_layers(const AttentionBlock* attention, const MlpBlock* mlp, T* const
                                int64_t n, int64_t k, int64_t group_size) {                                          \
         return grouped_dequantize<T, 8>(w, scales, offsets, out, n, k, group_size);                                 \
     }                                                                                                                \
-    int gemv_panels4_##SUFFIX(const T* x, const uint32_t* w, const uint16_t* scales, const uint16_t* offsets,        \
-                         const uint16_t* factors, const T* bias, T* y, int64_t m, int64_t n, int64_t k,              \
-                         int64_t group_size) {                                                                       \
-        return panel_gemv<T, 4>(x, w, scales, offsets, factors, bias, y, m, n, k, group_size);                       \
-    }                                                                                                                \
-    int gemv_panels8_##SUFFIX(const T* x, const uint32_t* w, const uint16_t* scales, const uint16_t* offsets,        \
-                         const uint16_t* factors, const T* bias, T* y, int64_t m, int64_t n, int64_t k,              \
-                         int64_t group_size) {                                                                       \
-        return panel_gemv<T, 8>(x, w, scales, offsets, factors, bias, y, m, n, k, group_size);                       \
-    }                                                                                                                \
-    int gemv_panels4_exact_##SUFFIX(const T* x, const uint32_t* w, const uint16_t* scales, const uint16_t* offsets,  \
-                                    const uint16_t* factors, const T* bias, T* y, int64_t m, int64_t n, int64_t k,   \
-                                    int64_t group_size) {                                                            \
-        return panel_exact_gemv<T, 4>(x, w, scales, offsets, factors, bias, y, m, n, k, group_size);                 \
-    }                                                                                                                \
-    int gemv_panels8_exact_##SUFFIX(const T* x, const uint32_t* w, const uint16_t* scales, const uint16_t* offsets,  \
-                                    const uint16_t* factors, const T* bias, T* y, int64_t m, int64_t n, int64_t k,   \
-                                    int64_t group_size) {                                                            \
-        return panel_exact_gemv<T, 8>(x, w, scales, offsets, factors, bias, y, m, n, k, group_size);                 \
-    }                                                                                                                \
-    int gemv_panels8x15_##SUFFIX(const T* x, const uint32_t* w, const uint16_t* scales, const uint16_t* offsets,     \
-                         const uint16_t* factors, const T* bias, T* y, int64_t m, int64_t n, int64_t k,              \
-                         int64_t group_size) {                                                                       \
-        return panel_gemv<T, 8, 2>(x, w, scales, offsets, factors, bias, y, m, n, k, group_size);                    \
-    }                                                                                                                \
-    int gemv_panels6x15_##SUFFIX(const T* x, const uint32_t* w, const uint16_t* scales, const uint16_t* offsets,     \
-                                 const uint16_t* factors, const T* bias, T* y, int64_t m, int64_t n, int64_t k,      \
-                                 int64_t group_size) {                                                               \
-        return panel_gemv<T, 6, 2>(x, w, scales, offsets, factors, bias, y, m, n, k, group_size);                    \
-    }                                                                                                                \
+    LLAMA3_DIST_PANEL_GEMV(T, panels4, SUFFIX, (panel_gemv<T, 4>))                                                  \
+    LLAMA3_DIST_PANEL_GEMV(T, panels8, SUFFIX, (panel_gemv<T, 8>))                                                  \
+    LLAMA3_DIST_PANEL_GEMV(T, panels4_exact, SUFFIX, (panel_exact_gemv<T, 4>))                                      \
+    LLAMA3_DIST_PANEL_GEMV(T, panels8_exact, SUFFIX, (panel_exact_gemv<T, 8>))                                      \
+    LLAMA3_DIST_PANEL_GEMV(T, panels8x15, SUFFIX, (panel_gemv<T, 8, 2>))                                            \
+    LLAMA3_DIST_PANEL_GEMV(T, panels6x15, SUFFIX, (panel_gemv<T, 6, 2>))                                            \
     int dequantize_panels6_##SUFFIX(const uint32_t* w, const uint16_t* scales, const uint16_t* offsets,              \
                                     const uint16_t* factors, T* out, int64_t n, int64_t k, int64_t group_size) {     \
         if (offsets || factors) return -1;                                                                           \
