@@ -754,36 +754,45 @@ int grouped_gemv(const T* x, const uint32_t* w, const uint16_t* scales, const ui
 // bits a weight with the scales, against 8.5 for 8 bits.
 constexpr int64_t FACTOR_GROUPS = 8;
 
-// A coded group's scales and offsets for the LANES rows of a panel (see above), given its run's
-// factors (loaded once a run).
-inline void coded_group(const uint16_t* codes, Floats scale_factors, Floats offset_factors, Floats& scales,
-                        Floats& offsets) {
+// A coded group's code pairs for the LANES rows of a panel (see above): lane l holds row l's
+// scale code in its low byte and its offset code in the next.
+inline Words group_code_words(const uint16_t* codes) {
     Halves packed;
     memcpy(&packed, codes, sizeof packed);
-    const Words code = __builtin_convertvector(packed, Words);
-    scales = __builtin_convertvector((Ints)(code & 0xffu), Floats) * scale_factors;
-    offsets = __builtin_convertvector(((Ints)(code << 16)) >> 24, Floats) * offset_factors;
+    return __builtin_convertvector(packed, Words);
 }
 
-// Group g's scales and offsets for the LANES rows of a panel, from float16 scales (and offsets,
-// or none: zero) or from coded ones, whose run's factors are loaded at the run's first group
-// (the groups of a panel go in order).
-inline void panel_group(const uint16_t* scales, const uint16_t* offsets, const uint16_t* factors, int64_t panel,
-                        int64_t g, int64_t groups, int64_t factor_blocks, Floats& scale_factors,
-                        Floats& offset_factors, Floats& weight_scales, Floats& weight_offsets) {
-    const int64_t at = (panel * groups + g) * LANES;
-    if (factors) {
-        if (g % FACTOR_GROUPS == 0) {
-            const uint16_t* run = factors + (panel * factor_blocks + g / FACTOR_GROUPS) * 2 * LANES;
-            scale_factors = Element<bfloat16>::load(run);
-            offset_factors = Element<bfloat16>::load(run + LANES);
+inline Floats offset_codes(Words code) { return __builtin_convertvector(((Ints)(code << 16)) >> 24, Floats); }
+
+// A group's scales and offsets for the LANES rows of a panel.
+struct GroupScales {
+    Floats scales, offsets;
+};
+
+// Each group's scales and offsets as floats, for the panel walk (over_panels): from float16
+// scales (and offsets, or none: zero) or from coded ones, whose run's factors are loaded at the
+// run's first group (the groups of a panel go in order).
+struct PanelScales {
+    const uint16_t *scales, *offsets, *factors;
+    int64_t groups;
+    Floats scale_factors = Floats{}, offset_factors = Floats{};
+
+    __attribute__((always_inline)) GroupScales operator()(int64_t panel, int64_t g) {
+        const int64_t at = (panel * groups + g) * LANES;
+        if (factors) {
+            if (g % FACTOR_GROUPS == 0) {
+                const int64_t factor_blocks = (groups + FACTOR_GROUPS - 1) / FACTOR_GROUPS;
+                const uint16_t* run = factors + (panel * factor_blocks + g / FACTOR_GROUPS) * 2 * LANES;
+                scale_factors = Element<bfloat16>::load(run);
+                offset_factors = Element<bfloat16>::load(run + LANES);
+            }
+            const Words code = group_code_words(scales + at);
+            return {__builtin_convertvector((Ints)(code & 0xffu), Floats) * scale_factors,
+                    offset_codes(code) * offset_factors};
         }
-        coded_group(scales + at, scale_factors, offset_factors, weight_scales, weight_offsets);
-    } else {
-        weight_scales = halves_to_floats(scales + at, LANES);
-        weight_offsets = offsets ? halves_to_floats(offsets + at, LANES) : Floats{};
+        return {halves_to_floats(scales + at, LANES), offsets ? halves_to_floats(offsets + at, LANES) : Floats{}};
     }
-}
+};
 
 // acc + the sum of 4 products per 32-bit lane: unsigned bytes of u (at most 63 here) times the
 // signed bytes of x4 (the same 4 in every lane).
@@ -819,11 +828,15 @@ inline Pairs pair_sums(Words u, int32_t x4) {
 }
 // Each 32-bit lane's two 16-bit sums added.
 inline Ints widen_pairs(Pairs p) { return (Ints)_mm256_madd_epi16((__m256i)p, _mm256_set1_epi16(1)); }
+// Each 32-bit lane's two 16-bit sums times the lane's two 16-bit factors, added: the same
+// instruction as widen_pairs, so a coded group's integer scale multiplies for free.
+inline Ints scaled_pairs(Pairs p, Ints factor_pairs) { return (Ints)_mm256_madd_epi16((__m256i)p, (__m256i)factor_pairs); }
 #else
 constexpr bool PAIR_SUMS = false;
 typedef int16_t Pairs __attribute__((vector_size(VECTOR_BYTES)));
 inline Pairs pair_sums(Words, int32_t) { return Pairs{}; }
 inline Ints widen_pairs(Pairs) { return Ints{}; }
+inline Ints scaled_pairs(Pairs, Ints) { return Ints{}; }
 #endif
 
 // acc + the sum of 4 products per 32-bit lane of signed bytes of w and x4 (8-bit weights).
@@ -970,32 +983,29 @@ inline bool panel_arguments(int64_t m, int64_t group_size, const uint16_t* offse
 // offsets) adds block b of the panel into the M rows' accumulators; on_group_end(acc, g, scales,
 // offsets) runs after a group's blocks; then the accumulators (plus bias) are the panel's rows
 // of y [M, n].
-template <typename T, int VECTORS, int M, typename OnBlock, typename OnGroupEnd>
-__attribute__((always_inline)) inline void over_panels(const uint32_t* w, const uint16_t* scales,
-                                                       const uint16_t* offsets, const uint16_t* factors, const T* bias,
-                                                       T* y, int64_t n, int64_t k, int64_t group_size,
-                                                       OnBlock&& on_block, OnGroupEnd&& on_group_end) {
+// The walk of the panel GEMVs over panels (one thread's share), groups and blocks: on_group(panel,
+// g) gives group g's scales in the form that on_block and on_group_end take.
+template <typename T, int VECTORS, int M, typename OnGroup, typename OnBlock, typename OnGroupEnd>
+__attribute__((always_inline)) inline void over_panels(const uint32_t* w, const T* bias, T* y, int64_t n, int64_t k,
+                                                       int64_t group_size, OnGroup&& on_group, OnBlock&& on_block,
+                                                       OnGroupEnd&& on_group_end) {
     using E = Element<T>;
     const int64_t blocks = (k + 31) / 32, groups = (k + group_size - 1) / group_size;
     const int64_t panels = (n + LANES - 1) / LANES, blocks_per_group = group_size / 32;
-    const int64_t factor_blocks = (groups + FACTOR_GROUPS - 1) / FACTOR_GROUPS;
 #pragma omp for schedule(guided)
     for (int64_t panel = 0; panel < panels; ++panel) {
         Floats acc[M];
         for (int m = 0; m < M; ++m) acc[m] = Floats{};
         const uint32_t* panel_words = w + panel * blocks * VECTORS * LANES;
-        Floats scale_factors = Floats{}, offset_factors = Floats{};
         for (int64_t g = 0; g < groups; ++g) {
-            Floats weight_scales, weight_offsets;
-            panel_group(scales, offsets, factors, panel, g, groups, factor_blocks, scale_factors, offset_factors,
-                        weight_scales, weight_offsets);
+            const auto group = on_group(panel, g);
             for (int64_t b = g * blocks_per_group; b < std::min(blocks, (g + 1) * blocks_per_group); ++b) {
                 const uint32_t* block = panel_words + b * VECTORS * LANES;
                 for (int line = 0; line < VECTORS * VECTOR_BYTES; line += CACHE_LINE)
                     __builtin_prefetch((const char*)block + PREFETCH_BYTES + line, 0, 2);
-                on_block(acc, b, block, weight_scales, weight_offsets);
+                on_block(acc, b, block, group);
             }
-            on_group_end(acc, g, weight_scales, weight_offsets);
+            on_group_end(acc, g, group);
         }
         const int64_t rows = std::min<int64_t>(LANES, n - panel * LANES);
         for (int m = 0; m < M; ++m) {
@@ -1019,24 +1029,73 @@ __attribute__((noinline)) void panel_tiles(const int8_t* xq, const int8_t* xq_lo
     constexpr int VECTORS = BITS == 4 ? 4 : BITS == 6 ? 6 : 8;  // per block of 32 (see the layouts)
     const int64_t blocks = (k + 31) / 32, groups = (k + group_size - 1) / group_size;
     const bool offset_term = offsets || factors;
-    const auto on_block = [&](Floats (&acc)[M], int64_t b, const uint32_t* block, Floats weight_scales,
-                              Floats) __attribute__((always_inline)) {
+    // 4 bits with PAIR_SUMS: each row's 16-bit pair sums of a block (see pair_sums)
+    const auto nibble_pair_sums = [&](Pairs (&pairs)[M], int64_t b, const uint32_t* block)
+                                      __attribute__((always_inline)) {
+        for (int m = 0; m < M; ++m) pairs[m] = Pairs{};
+#pragma GCC unroll 4
+        for (int c = 0; c < 4; ++c) {
+            Words q;
+            memcpy(&q, block + c * LANES, sizeof q);
+            const Words low = q & 0x0f0f0f0fu, high = (q >> 4) & 0x0f0f0f0fu;
+#pragma GCC unroll 8
+            for (int m = 0; m < M; ++m) {
+                const int32_t* x4 = reinterpret_cast<const int32_t*>(xq + (m * blocks + b) * 32);
+                pairs[m] += pair_sums(low, x4[c]) + pair_sums(high, x4[4 + c]);
+            }
+        }
+    };
+    if constexpr (BITS == 4 && PAIR_SUMS) {
+        if (factors) {
+            // Coded 4-bit panels: a run's products are summed in units of its factors, which
+            // multiply once a run (FACTOR_GROUPS groups): the integer sums times the scale codes
+            // in the instruction that widens the pair sums (scaled_pairs), the group sums of x
+            // times the offset codes. A block then costs one float multiply-add, not a decoded
+            // float scale per group and two products per block.
+            const int64_t factor_blocks = (groups + FACTOR_GROUPS - 1) / FACTOR_GROUPS;
+            Floats scale_factors = Floats{}, offset_factors = Floats{}, run_scaled[M], run_offsets[M];
+            struct GroupCodes {
+                Ints scale_pairs;  // the scale code in both 16-bit halves of each lane
+                Floats offsets;    // the offset codes
+            };
+            const auto on_group = [&](int64_t panel, int64_t g) __attribute__((always_inline)) {
+                if (g % FACTOR_GROUPS == 0) {
+                    const uint16_t* run = factors + (panel * factor_blocks + g / FACTOR_GROUPS) * 2 * LANES;
+                    scale_factors = Element<bfloat16>::load(run);
+                    offset_factors = Element<bfloat16>::load(run + LANES);
+                    for (int m = 0; m < M; ++m) run_scaled[m] = run_offsets[m] = Floats{};
+                }
+                const Words code = group_code_words(scales + (panel * groups + g) * LANES);
+                const Words scale_code = code & 0xffu;
+                return GroupCodes{(Ints)(scale_code | (scale_code << 16)), offset_codes(code)};
+            };
+            const auto on_block = [&](Floats (&)[M], int64_t b, const uint32_t* block, const GroupCodes& group)
+                                      __attribute__((always_inline)) {
+                Pairs pairs[M];
+                nibble_pair_sums(pairs, b, block);
+#pragma GCC unroll 8
+                for (int m = 0; m < M; ++m)
+                    run_scaled[m] += __builtin_convertvector(scaled_pairs(pairs[m], group.scale_pairs), Floats) *
+                                     dx[m * blocks + b];
+            };
+            const auto on_group_end = [&](Floats (&acc)[M], int64_t g, const GroupCodes& group)
+                                          __attribute__((always_inline)) {
+                for (int m = 0; m < M; ++m) run_offsets[m] += group.offsets * group_sums[m * groups + g];
+                if ((g + 1) % FACTOR_GROUPS == 0 || g + 1 == groups)
+                    for (int m = 0; m < M; ++m) acc[m] += run_scaled[m] * scale_factors + run_offsets[m] * offset_factors;
+            };
+            over_panels<T, VECTORS, M>(w, bias, y, n, k, group_size, on_group, on_block, on_group_end);
+            return;
+        }
+    }
+    const auto on_block = [&](Floats (&acc)[M], int64_t b, const uint32_t* block, const GroupScales& group)
+                              __attribute__((always_inline)) {
+        const Floats weight_scales = group.scales;
         Ints sums[M], low_sums[M];
         for (int m = 0; m < M; ++m) sums[m] = low_sums[m] = Ints{};
         if constexpr (BITS == 4 && PAIR_SUMS) {
             Pairs pairs[M];
-            for (int m = 0; m < M; ++m) pairs[m] = Pairs{};
-#pragma GCC unroll 4
-            for (int c = 0; c < VECTORS; ++c) {
-                Words q;
-                memcpy(&q, block + c * LANES, sizeof q);
-                const Words low = q & 0x0f0f0f0fu, high = (q >> 4) & 0x0f0f0f0fu;
-#pragma GCC unroll 8
-                for (int m = 0; m < M; ++m) {
-                    const int32_t* x4 = reinterpret_cast<const int32_t*>(xq + (m * blocks + b) * 32);
-                    pairs[m] += pair_sums(low, x4[c]) + pair_sums(high, x4[4 + c]);
-                }
-            }
+            nibble_pair_sums(pairs, b, block);
             for (int m = 0; m < M; ++m) sums[m] = widen_pairs(pairs[m]);
         } else if constexpr (BITS == 6) {
             Words high_bits[2];
@@ -1125,11 +1184,12 @@ __attribute__((noinline)) void panel_tiles(const int8_t* xq, const int8_t* xq_lo
         for (int m = 0; m < M; ++m)
             acc[m] += __builtin_convertvector(sums[m], Floats) * (weight_scales * dx[m * blocks + b]);
     };
-    const auto on_group_end = [&](Floats (&acc)[M], int64_t g, Floats, Floats weight_offsets) __attribute__((always_inline)) {
+    const auto on_group_end = [&](Floats (&acc)[M], int64_t g, const GroupScales& group) __attribute__((always_inline)) {
         if (offset_term)
-            for (int m = 0; m < M; ++m) acc[m] += weight_offsets * group_sums[m * groups + g];
+            for (int m = 0; m < M; ++m) acc[m] += group.offsets * group_sums[m * groups + g];
     };
-    over_panels<T, VECTORS, M>(w, scales, offsets, factors, bias, y, n, k, group_size, on_block, on_group_end);
+    over_panels<T, VECTORS, M>(w, bias, y, n, k, group_size, PanelScales{scales, offsets, factors, groups}, on_block,
+                               on_group_end);
 }
 
 // Scratch of the integer GEMV for m rows of x of up to k features: x in int8 blocks, their
@@ -1189,9 +1249,10 @@ void panel_exact_tiles(const float* xf, int64_t k_pad, const uint32_t* w, const 
     constexpr int VECTORS = BITS == 4 ? 4 : 8;  // per block of 32 (see the layouts)
     // Symmetric 4 bits (Q4_0, no offsets stored): w = (q - 8) * scale.
     const bool symmetric = BITS == 4 && !offsets && !factors;
-    const auto on_block = [&](Floats (&acc)[M], int64_t b, const uint32_t* block, Floats weight_scales,
-                              Floats weight_offsets) __attribute__((always_inline)) {
-        if (symmetric) weight_offsets = weight_scales * -8.0f;
+    const auto on_block = [&](Floats (&acc)[M], int64_t b, const uint32_t* block, const GroupScales& group)
+                              __attribute__((always_inline)) {
+        const Floats weight_scales = group.scales;
+        const Floats weight_offsets = symmetric ? weight_scales * -8.0f : group.offsets;
         const float* x = xf + b * 32;
 #pragma GCC unroll 2
         for (int c = 0; c < VECTORS; ++c) {
@@ -1218,8 +1279,9 @@ void panel_exact_tiles(const float* xf, int64_t k_pad, const uint32_t* w, const 
             }
         }
     };
-    over_panels<T, VECTORS, M>(w, scales, offsets, factors, bias, y, n, k, group_size, on_block,
-                               [](Floats (&)[M], int64_t, Floats, Floats) {});
+    const int64_t groups = (k + group_size - 1) / group_size;
+    over_panels<T, VECTORS, M>(w, bias, y, n, k, group_size, PanelScales{scales, offsets, factors, groups}, on_block,
+                               [](Floats (&)[M], int64_t, const GroupScales&) {});
 }
 
 // y [m, n] = x [m, k] @ dequantized(w).T + bias, x exact (above); m from 1 to GEMV_MAX_ROWS.
