@@ -118,7 +118,7 @@ _FUSED_SIGNATURES: dict[
 ] = {  # name -> argument types; each returns 0, or -1 for a batch over GEMV_MAX_ROWS
     "attention_block": [_P, _P, _P, _P, _P, _P, _P],
     "mlp_block": [_P, _I64, _P, _P, _P],
-    "decode_layers": [_P, _P, _P, _P, _I64, _P, _P, _P, _P, _P, _F32, _P],
+    "decode_layers": [_P, _P, _P, _P, _I64, _P, _P, _P, _P, _P, _F32, _P, _P, _I64, _P, _P, _I64],
 }
 
 
@@ -137,7 +137,8 @@ class DecodeStep(ctypes.Structure):
 
 
 class Weight(ctypes.Structure):
-    """cpu_kernels.cpp's Weight: a projection's dense rows (bits 0) or 4/8-bit panels."""
+    """cpu_kernels.cpp's Weight: a projection's dense rows (bits 0) or panels (4/8 bits with x in
+    one int8 digit; the LM head's 6/8 bits with x in two)."""
 
     _fields_ = [
         ("dense", _P),
@@ -147,6 +148,7 @@ class Weight(ctypes.Structure):
         ("factors", _P),
         ("bits", _I64),
         ("group_size", _I64),
+        ("digits", _I64),
     ]
 
 
@@ -714,19 +716,58 @@ class FusedDecodeLayer:
         return out, residual
 
 
+HEAD_LAYOUTS = ("panels4", "panels8", "panels8x15", "panels6x15")  # the LM head forms the fused stack runs
+
+
+@dataclass(frozen=True)
+class StackOutput:
+    """FusedDecodeStack's results: with a final norm, `first` is the normed hidden state and
+    `second` the hidden state (as the final norm returns them), else the last layer's output and
+    the residual stream beside it; with a head, the float32 logits [m, vocab] of every row."""
+
+    first: torch.Tensor
+    second: torch.Tensor
+    logits: torch.Tensor | None = None
+
+
 class FusedDecodeStack:
     """Every decoder layer of a decode step in one call of the library (a model on one rank:
     no all-reduce between the halves): the layers' halves in their order, so bit-identical to
     calling them one by one, without returning to Python twice a layer. With final_norm (the
-    model's final RMS norm: its weight, or None for none, and eps) it runs in the same call."""
+    model's final RMS norm: its weight, or None for none, and eps) it runs in the same call, and
+    with a head too (the LM head's weight: dense rows of the layers' dtype or HEAD_LAYOUTS panels,
+    [rows >= vocab, hidden]) the logits of the first `vocab` rows, as the head's own GEMV and a
+    float() give them."""
 
-    def __init__(self, layers: list[FusedDecodeLayer], final_norm: tuple[torch.Tensor | None, float] | None = None):
+    def __init__(
+        self,
+        layers: list[FusedDecodeLayer],
+        final_norm: tuple[torch.Tensor | None, float] | None = None,
+        head: ProjectionWeight | None = None,
+        vocab: int = 0,
+    ):
         first = layers[0]
         if any(layer.kernels is not first.kernels or layer.dtype != first.dtype for layer in layers):
             raise ValueError("fused decode layers of one library and dtype")
         if final_norm is not None and final_norm[0] is not None and final_norm[0].dtype != first.dtype:
             raise ValueError(f"the final norm's weight is {final_norm[0].dtype}, the layers' {first.dtype}")
+        if head is not None:
+            if final_norm is None:
+                raise ValueError("a fused head takes the final norm's output: give final_norm too")
+            if not fused_head_serves(head, first.kernels, first.dtype):
+                raise ValueError(
+                    f"a fused head is dense contiguous {first.dtype} rows or {', '.join(HEAD_LAYOUTS)} panels "
+                    f"of this library's {first.kernels.lanes} lanes"
+                )
+            if head.shape[1] != first.hidden or not 0 < vocab <= head.shape[0]:
+                raise ValueError(f"head {tuple(head.shape)} for hidden size {first.hidden} and vocab {vocab}")
         self.final_norm = final_norm
+        self.head = head
+        self.vocab = vocab
+        # The head's outputs in the layers' dtype, before widening: never leave the call, so one
+        # buffer serves every step (a fresh one would cost its page faults each step).
+        self._head_out = None if head is None else torch.empty(GEMV_MAX_ROWS, head.shape[0], dtype=first.dtype)
+        self._head_struct = None if head is None else _weight(head)
         self._layers = layers  # the structs below point into their tensors
         self._function = first.kernels._functions["decode_layers", first.dtype]
         self._attention = (AttentionBlock * len(layers))(*(layer.attention_block for layer in layers))
@@ -746,15 +787,16 @@ class FusedDecodeStack:
 
     def __call__(
         self, x: torch.Tensor, step: DecodeStep, kv_caches: list[tuple[torch.Tensor, torch.Tensor]]
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """For the embedded input x: (the last layer's output, the residual stream beside it), or
-        with final_norm (the normed hidden state, the hidden state), as the final norm returns them."""
+    ) -> StackOutput:
+        """The decode step for the embedded input x (StackOutput says what comes back)."""
         if len(kv_caches) != len(self._layers):
             raise ValueError(f"{len(self._layers)} fused layers got {len(kv_caches)} KV caches")
         x = x.contiguous()
         out, residual = torch.empty_like(x), torch.empty_like(x)
         norm_weight, eps = self.final_norm if self.final_norm is not None else (None, 0.0)
         normed = torch.empty_like(x) if self.final_norm is not None else None
+        logits = None if self.head is None else torch.empty(x.shape[0], self.vocab, dtype=torch.float32)
+        head_rows = 0 if self.head is None else self.head.shape[0]
         k_caches, v_caches = self._caches(kv_caches)
         if self._function(
             self._attention,
@@ -769,9 +811,21 @@ class FusedDecodeStack:
             _pointer(norm_weight),
             eps,
             _pointer(normed),
+            None if self._head_struct is None else ctypes.byref(self._head_struct),
+            head_rows,
+            _pointer(self._head_out),
+            _pointer(logits),
+            self.vocab,
         ):
             raise ValueError(f"fused decode takes 1 to {GEMV_MAX_ROWS} sequences of one hidden size, got {step.batch}")
-        return (out, residual) if normed is None else (normed, residual)
+        return StackOutput(out, residual) if normed is None else StackOutput(normed, residual, logits)
+
+
+def fused_head_serves(head: ProjectionWeight, kernels: KernelLibrary, dtype: torch.dtype) -> bool:
+    """Whether FusedDecodeStack can run this LM head weight with layers of `dtype`."""
+    if isinstance(head, torch.Tensor):
+        return head.dtype == dtype and head.is_contiguous() and head.device.type == "cpu"
+    return head.layout in HEAD_LAYOUTS and head.lanes == kernels.lanes
 
 
 def _pointer(t: torch.Tensor | None) -> int | None:
@@ -780,9 +834,10 @@ def _pointer(t: torch.Tensor | None) -> int | None:
 
 def _weight(weight: ProjectionWeight) -> Weight:
     if isinstance(weight, torch.Tensor):
-        return Weight(weight.data_ptr(), None, None, None, None, 0, 0)
+        return Weight(weight.data_ptr(), None, None, None, None, 0, 0, 1)
     scales, offsets, factors = weight.scale_pointers()
-    return Weight(None, weight.words.data_ptr(), scales, offsets, factors, weight.bits, weight.group_size)
+    digits = 2 if weight.layout.endswith("x15") else 1
+    return Weight(None, weight.words.data_ptr(), scales, offsets, factors, weight.bits, weight.group_size, digits)
 
 
 def _rows(x: torch.Tensor) -> bool:

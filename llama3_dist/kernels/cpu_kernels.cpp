@@ -1685,24 +1685,30 @@ struct DecodeStep {
 };
 
 // A projection's weight in the fused halves: dense rows of T (bits 0), or 4- or 8-bit panels
-// (the integer GEMV's layout, bfloat16 models).
+// (the integer GEMV's layout, bfloat16 models), with x in one int8 digit; or, for the LM head
+// (digits 2: x in 15 bits), 6- or 8-bit panels.
 struct Weight {
     const void* dense;  // [n, k] of T
     const uint32_t* words;
     const uint16_t* scales;
     const uint16_t* offsets;
     const uint16_t* factors;  // coded 4-bit panels' factors, or null
-    int64_t bits, group_size;
+    int64_t bits, group_size, digits;
 };
 
-// y = x @ w.T + bias by the team: the dense GEMV or the integer one.
+// y = x @ w.T + bias by the team: the dense GEMV or the integer one (the scratch's panels sized
+// for w's digits).
 template <typename T>
 void project_team(const T* x, int64_t m, const Weight& w, const T* bias, T* y, int64_t n, int64_t k, float* xf,
                   PanelScratch& scratch) {
     if (w.bits == 4)
         panel_team<T, 4>(x, m, w.words, w.scales, w.offsets, w.factors, bias, y, n, k, w.group_size, scratch);
+    else if (w.bits == 8 && w.digits == 2)
+        panel_team<T, 8, 2>(x, m, w.words, w.scales, w.offsets, nullptr, bias, y, n, k, w.group_size, scratch);
     else if (w.bits == 8)
         panel_team<T, 8>(x, m, w.words, w.scales, w.offsets, nullptr, bias, y, n, k, w.group_size, scratch);
+    else if (w.bits == 6)
+        panel_team<T, 6, 2>(x, m, w.words, w.scales, nullptr, nullptr, bias, y, n, k, w.group_size, scratch);
     else
         gemv_team(x, m, static_cast<const T*>(w.dense), bias, y, n, k, xf);
 }
@@ -1744,12 +1750,12 @@ struct HalfScratch {
     std::vector<T> normed, wide, narrow;
     std::vector<float> xf;
     PanelScratch panels;
-    HalfScratch(int64_t m, int64_t hidden, int64_t wide_width, int64_t narrow_width)
+    HalfScratch(int64_t m, int64_t hidden, int64_t wide_width, int64_t narrow_width, int digits = 1)
         : normed(m * hidden),
           wide(m * wide_width),
           narrow(m * narrow_width),
           xf(m * padded_width(std::max(hidden, narrow_width))),
-          panels(m, std::max(hidden, narrow_width)) {}
+          panels(m, std::max(hidden, narrow_width), digits) {}
 };
 
 inline int64_t qkv_width(const AttentionBlock& layer) { return (layer.heads + 2 * layer.kv_heads) * layer.head_dim; }
@@ -1820,12 +1826,19 @@ int mlp_block(const MlpBlock& layer, int64_t m, const T* x, T* residual, T* out)
 // stream beside it (as the per-half calls leave them, for the final norm). With `normed`, the
 // model's final RMS norm runs in the same region: residual becomes the hidden state (out +
 // residual) and normed its norm, as rms_norm would leave them (one call from Python fewer).
+// With a head too (and normed), the LM head's GEMV: its T outputs [m, head_rows] into head_out,
+// then the first `vocab` of each row widened into logits [m, vocab] (float32), as the separate
+// head's GEMV and a float() would leave them. After the layers have streamed their weights
+// through the caches, every tensor operation in Python costs several times its warm time (its
+// code and data come back from memory): a step saves far more than the calls themselves.
 template <typename T>
 int decode_layers(const AttentionBlock* attention, const MlpBlock* mlp, T* const* k_caches, T* const* v_caches,
                   int64_t layers, const DecodeStep& step, const T* x, T* residual, T* out,
-                  const void* final_norm_weight, float final_eps, T* normed) {
+                  const void* final_norm_weight, float final_eps, T* normed, const Weight* head, int64_t head_rows,
+                  T* head_out, float* logits, int64_t vocab) {
     const int64_t m = step.batch;
     if (m < 1 || m > GEMV_MAX_ROWS || layers < 1) return -1;
+    if (head && (!normed || vocab < 1 || vocab > head_rows)) return -1;
     int64_t hidden = 0, wide = 0, narrow = 0;
     for (int64_t i = 0; i < layers; ++i) {
         if (attention[i].hidden != mlp[i].hidden || attention[i].hidden != attention[0].hidden) return -1;
@@ -1833,7 +1846,7 @@ int decode_layers(const AttentionBlock* attention, const MlpBlock* mlp, T* const
         wide = std::max({wide, qkv_width(attention[i]), 2 * mlp[i].intermediate});
         narrow = std::max({narrow, attention[i].heads * attention[i].head_dim, mlp[i].intermediate});
     }
-    HalfScratch<T> scratch(m, hidden, wide, narrow);
+    HalfScratch<T> scratch(m, hidden, wide, narrow, head ? int(head->digits) : 1);
     std::vector<T> attended(m * hidden);
 #pragma omp parallel
     {
@@ -1848,6 +1861,21 @@ int decode_layers(const AttentionBlock* attention, const MlpBlock* mlp, T* const
             mlp_team(mlp[i], m, attended.data(), residual, out, scratch);
         }
         if (normed) norm_into(out, residual, final_norm_weight, final_eps, normed, m, hidden);
+        if (head) {
+            project_team(normed, m, *head, static_cast<const T*>(nullptr), head_out, head_rows, hidden,
+                         scratch.xf.data(), scratch.panels);
+            constexpr int64_t PIECE = 4096;
+            const int64_t pieces = (vocab + PIECE - 1) / PIECE;
+#pragma omp for schedule(static)
+            for (int64_t task = 0; task < m * pieces; ++task) {
+                const int64_t row = task / pieces, begin = task % pieces * PIECE;
+                const T* from = head_out + row * head_rows;
+                float* to = logits + row * vocab;
+                over_vectors(std::min(PIECE, vocab - begin), [&](int64_t j, int64_t count) {
+                    store(to + begin + j, load(from + begin + j, count), count);
+                });
+            }
+        }
     }
     return 0;
 }
@@ -1935,9 +1963,10 @@ int decode_layers(const AttentionBlock* attention, const MlpBlock* mlp, T* const
     }                                                                                                                \
     int decode_layers_##SUFFIX(const AttentionBlock* attention, const MlpBlock* mlp, T* const* k_caches,           \
                                T* const* v_caches, int64_t layers, const DecodeStep* step, const T* x, T* residual, \
-                               T* out, const T* final_norm_weight, float final_eps, T* normed) {                   \
+                               T* out, const T* final_norm_weight, float final_eps, T* normed, const Weight* head, \
+                               int64_t head_rows, T* head_out, float* logits, int64_t vocab) {                       \
         return decode_layers<T>(attention, mlp, k_caches, v_caches, layers, *step, x, residual, out,                \
-                                final_norm_weight, final_eps, normed);                                               \
+                                final_norm_weight, final_eps, normed, head, head_rows, head_out, logits, vocab);     \
     }
 
 extern "C" {

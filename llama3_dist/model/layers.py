@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..kernels import Kernels, reference
+from ..kernels import Kernels, cpu, reference
 from .checkpoint import WeightSource
 from .parallel import ParallelContext
 
@@ -322,6 +322,13 @@ class ParallelLMHead(_QuantizedWeights, nn.Module):
                 return
         if not self.tied:
             self.weight.data = self.embedding.read_rows(source, name)
+
+    def projection_weight(self) -> cpu.ProjectionWeight | None:
+        """The head's weight as the kernels multiply it (packed panels or dense rows), or None
+        where it runs otherwise (int8 rows with a scale, FP8)."""
+        if self.grouped is not None:
+            return self.grouped
+        return None if self.weight_scale is not None else self.weight.data
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor | None:
         """Float32 logits [n, V] on rank 0, None elsewhere."""

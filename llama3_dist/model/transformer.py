@@ -258,6 +258,9 @@ class Llama3Transformer(nn.Module):
         self._fused: list[cpu.FusedDecodeLayer] | None = None  # built at the first fused decode step
         # The fused layers in one call where nothing is all-reduced between halves (one rank).
         self._fused_stack: cpu.FusedDecodeStack | None = None
+        # The logits the fused stack computed with the step's normed hidden state: compute_logits
+        # returns them for that very tensor (every row of a decode step).
+        self._stack_logits: tuple[torch.Tensor, torch.Tensor] | None = None
         self._one_rank = parallel.world_size == 1
         with torch.device(device):
             self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, dtype, parallel)
@@ -318,6 +321,7 @@ class Llama3Transformer(nn.Module):
         kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
         cos_sin: torch.Tensor,
     ):
+        self._stack_logits = None
         x = self.embed_tokens(tokens)
         if self.config.embedding_multiplier != 1.0:
             x = x * self.config.embedding_multiplier
@@ -335,10 +339,12 @@ class Llama3Transformer(nn.Module):
                 meta.positions, meta.slot_mapping, meta.block_tables, meta.context_lens, cos_sin
             )
             if self._fused_stack is not None:
-                first, second = self._fused_stack(x, step, kv_caches)
+                out = self._fused_stack(x, step, kv_caches)
+                if out.logits is not None:
+                    self._stack_logits = (out.first, out.logits)
                 if self._fused_stack.final_norm is not None:  # it ran the final norm too
-                    return second, first  # hidden, normed
-                x, residual = first, second
+                    return out.second, out.first  # hidden, normed
+                x, residual = out.first, out.second
             else:
                 for layer, fused_layer, kv_cache in zip(self.decoder_layers, fused, kv_caches, strict=True):
                     x, residual = layer.forward_fused(fused_layer, x, residual, step, kv_cache)
@@ -367,11 +373,20 @@ class Llama3Transformer(nn.Module):
                 norm = self.norm
                 same_dtype = norm.weight is None or norm.weight.dtype == self._fused[0].dtype
                 final_norm = (norm.weight, norm.eps) if norm.method == "rms_norm" and same_dtype else None
-                self._fused_stack = cpu.FusedDecodeStack(self._fused, final_norm)
+                head = self.lm_head.projection_weight()
+                if final_norm is None or head is None or not cpu.fused_head_serves(head, library, self._fused[0].dtype):
+                    head = None
+                self._fused_stack = cpu.FusedDecodeStack(
+                    self._fused, final_norm, head, self.lm_head.embedding.vocab_size
+                )
         return self._fused or None
 
     def compute_logits(self, normed: torch.Tensor) -> torch.Tensor | None:
-        logits = self.lm_head(normed)
+        stacked, self._stack_logits = self._stack_logits, None
+        if stacked is not None and stacked[0] is normed:  # the fused stack ran the head already
+            logits: torch.Tensor | None = stacked[1]
+        else:
+            logits = self.lm_head(normed)
         if logits is not None and self.config.logits_scaling != 1.0:
             logits = logits / self.config.logits_scaling
         return logits
