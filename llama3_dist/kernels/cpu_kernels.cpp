@@ -1537,10 +1537,19 @@ constexpr int MAX_CHUNK = 4;
 // row t is (block, offset) without a division per key. visit(t, row).
 template <typename T, typename Visit>
 inline void over_cached(const T* cache, const int32_t* table, int64_t first, int64_t length, int64_t block_size,
-                        int64_t kv_stride, int64_t head_offset, Visit&& visit) {
+                        int64_t kv_stride, int64_t head_offset, int64_t row_bytes, Visit&& visit) {
     int64_t t = 0;
+    const int64_t last_block = (first + length - 1) / block_size;
     for (int64_t block_index = first / block_size; t < length; ++block_index) {
         const T* block = cache + int64_t(table[block_index]) * block_size * kv_stride + head_offset;
+        // The next block lies anywhere in the cache: the hardware prefetchers would find its rows
+        // only after several misses, so its rows' row_bytes are asked for while this block runs.
+        if (block_index < last_block) {
+            const char* next = reinterpret_cast<const char*>(cache + int64_t(table[block_index + 1]) * block_size * kv_stride + head_offset);
+            for (int64_t row = 0; row < block_size; ++row)
+                for (int64_t line = 0; line < row_bytes; line += CACHE_LINE)
+                    __builtin_prefetch(next + row * kv_stride * int64_t(sizeof(T)) + line, 0, 3);
+        }
         for (int64_t offset = t == 0 ? first % block_size : 0; offset < block_size && t < length; ++offset, ++t)
             visit(t, block + offset * kv_stride);
     }
@@ -1568,14 +1577,16 @@ void chunk_scores(const float* query, const T* k_cache, const int32_t* table, in
             store(scores + t0, transpose_sums(acc), gathered);
             gathered = 0;
         };
-        over_cached(k_cache, table, first, length, block_size, kv_stride, head_offset, [&](int64_t t, const T* key) {
+        over_cached(k_cache, table, first, length, block_size, kv_stride, head_offset, d * int64_t(sizeof(T)),
+                    [&](int64_t t, const T* key) {
             if (gathered == 0) t0 = t;
             keys[gathered++] = key;
             if (gathered == LANES) score(std::true_type{});
         });
         if (gathered) score(std::false_type{});
     } else {
-        over_cached(k_cache, table, first, length, block_size, kv_stride, head_offset, [&](int64_t t, const T* key) {
+        over_cached(k_cache, table, first, length, block_size, kv_stride, head_offset, d * int64_t(sizeof(T)),
+                    [&](int64_t t, const T* key) {
             Floats acc[G] = {};
             over_vectors(d, [&](int64_t j, int64_t count) {
                 const Floats k = load(key + j, count);
@@ -1596,7 +1607,7 @@ void chunk_values(const float* weights, const T* v_cache, const int32_t* table, 
     for (int64_t j0 = 0; j0 < d; j0 += VALUE_VECTORS * LANES) {
         const int64_t width = std::min<int64_t>(VALUE_VECTORS * LANES, d - j0);
         Floats acc[G][VALUE_VECTORS] = {};
-        over_cached(v_cache, table, first, length, block_size, kv_stride, head_offset + j0,
+        over_cached(v_cache, table, first, length, block_size, kv_stride, head_offset + j0, width * int64_t(sizeof(T)),
                     [&](int64_t t, const T* value) {
 #pragma GCC unroll 8
                         for (int v = 0; v < VALUE_VECTORS; ++v) {
