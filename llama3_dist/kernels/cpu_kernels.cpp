@@ -509,22 +509,25 @@ void widen_rows(const T* x, int64_t m, int64_t k, float* xf) {
 // shared by the team. Returns -1 if m is out of range.
 constexpr int GEMV_MAX_ROWS = 8;
 
+// Runs body(std::integral_constant<int, N>) for n from 1 to MAX (MAX for anything larger): a
+// count known at run time as a compile-time constant, so that arrays sized by it stay in registers.
+template <int MAX, int N = 1, typename Body>
+inline void with_constant(int64_t n, Body&& body) {
+    if constexpr (N == MAX)
+        body(std::integral_constant<int, MAX>{});
+    else if (n == N)
+        body(std::integral_constant<int, N>{});
+    else
+        with_constant<MAX, N + 1>(n, body);
+}
+
 template <typename T, typename W = T>
 int gemv_team(const T* x, int64_t m, const W* w, const T* bias, T* y, int64_t n, int64_t k, float* xf,
               const float* scale = nullptr) {
     if (m < 1 || m > GEMV_MAX_ROWS) return -1;
 #pragma omp single
     widen_rows<T, W>(x, m, k, xf);
-    switch (m) {
-        case 1: gemv_tiles<T, W, 1>(xf, w, scale, bias, y, n, k); break;
-        case 2: gemv_tiles<T, W, 2>(xf, w, scale, bias, y, n, k); break;
-        case 3: gemv_tiles<T, W, 3>(xf, w, scale, bias, y, n, k); break;
-        case 4: gemv_tiles<T, W, 4>(xf, w, scale, bias, y, n, k); break;
-        case 5: gemv_tiles<T, W, 5>(xf, w, scale, bias, y, n, k); break;
-        case 6: gemv_tiles<T, W, 6>(xf, w, scale, bias, y, n, k); break;
-        case 7: gemv_tiles<T, W, 7>(xf, w, scale, bias, y, n, k); break;
-        default: gemv_tiles<T, W, 8>(xf, w, scale, bias, y, n, k); break;
-    }
+    with_constant<GEMV_MAX_ROWS>(m, [&](auto rows) { gemv_tiles<T, W, rows()>(xf, w, scale, bias, y, n, k); });
     return 0;
 }
 
@@ -798,6 +801,15 @@ inline Words group_code_words(const uint16_t* codes) {
 
 inline Floats offset_codes(Words code) { return __builtin_convertvector(((Ints)(code << 16)) >> 24, Floats); }
 
+// The scale and offset factors of the run of FACTOR_GROUPS groups that group g of a panel starts.
+inline void load_run_factors(const uint16_t* factors, int64_t panel, int64_t g, int64_t groups,
+                             Floats& scale_factors, Floats& offset_factors) {
+    const int64_t factor_blocks = (groups + FACTOR_GROUPS - 1) / FACTOR_GROUPS;
+    const uint16_t* run = factors + (panel * factor_blocks + g / FACTOR_GROUPS) * 2 * LANES;
+    scale_factors = Element<bfloat16>::load(run);
+    offset_factors = Element<bfloat16>::load(run + LANES);
+}
+
 // A group's scales and offsets for the LANES rows of a panel.
 struct GroupScales {
     Floats scales, offsets;
@@ -814,12 +826,7 @@ struct PanelScales {
     __attribute__((always_inline)) GroupScales operator()(int64_t panel, int64_t g) {
         const int64_t at = (panel * groups + g) * LANES;
         if (factors) {
-            if (g % FACTOR_GROUPS == 0) {
-                const int64_t factor_blocks = (groups + FACTOR_GROUPS - 1) / FACTOR_GROUPS;
-                const uint16_t* run = factors + (panel * factor_blocks + g / FACTOR_GROUPS) * 2 * LANES;
-                scale_factors = Element<bfloat16>::load(run);
-                offset_factors = Element<bfloat16>::load(run + LANES);
-            }
+            if (g % FACTOR_GROUPS == 0) load_run_factors(factors, panel, g, groups, scale_factors, offset_factors);
             const Words code = group_code_words(scales + at);
             return {__builtin_convertvector((Ints)(code & 0xffu), Floats) * scale_factors,
                     offset_codes(code) * offset_factors};
@@ -991,16 +998,7 @@ void quantize_blocks(const T* x, int64_t m, int64_t k, int64_t blocks, int64_t g
 // compile-time constant, so each row's accumulators live in registers).
 template <typename Body>
 inline void with_rows(int64_t m, Body&& body) {
-    switch (m) {
-        case 1: return body(std::integral_constant<int, 1>{});
-        case 2: return body(std::integral_constant<int, 2>{});
-        case 3: return body(std::integral_constant<int, 3>{});
-        case 4: return body(std::integral_constant<int, 4>{});
-        case 5: return body(std::integral_constant<int, 5>{});
-        case 6: return body(std::integral_constant<int, 6>{});
-        case 7: return body(std::integral_constant<int, 7>{});
-        default: return body(std::integral_constant<int, 8>{});
-    }
+    with_constant<GEMV_MAX_ROWS>(m, body);
 }
 
 // Whether a panel GEMV takes these arguments: 1 .. GEMV_MAX_ROWS rows, groups of whole blocks,
@@ -1012,13 +1010,11 @@ inline bool panel_arguments(int64_t m, int64_t group_size, const uint16_t* offse
 }
 
 // The walk both panel GEMVs share, by the threads of the enclosing parallel region: each panel
-// (LANES rows) in turn, its groups in order with their scales and offsets (panel_group), each
-// group's blocks of 32 (prefetched PREFETCH_BYTES ahead). on_block(acc, b, block, scales,
-// offsets) adds block b of the panel into the M rows' accumulators; on_group_end(acc, g, scales,
-// offsets) runs after a group's blocks; then the accumulators (plus bias) are the panel's rows
-// of y [M, n].
-// The walk of the panel GEMVs over panels (one thread's share), groups and blocks: on_group(panel,
-// g) gives group g's scales in the form that on_block and on_group_end take.
+// (LANES rows) in turn, its groups in order, each group's blocks of 32 (prefetched
+// PREFETCH_BYTES ahead). on_group(panel, g) gives group g's scales in the form the other two
+// take (PanelScales: floats); on_block(acc, b, block, group) adds block b of the panel into the M
+// rows' accumulators; on_group_end(acc, g, group) runs after a group's blocks; then the
+// accumulators (plus bias) are the panel's rows of y [M, n].
 template <typename T, int VECTORS, int M, typename OnGroup, typename OnBlock, typename OnGroupEnd>
 __attribute__((always_inline)) inline void over_panels(const uint32_t* w, const T* bias, T* y, int64_t n, int64_t k,
                                                        int64_t group_size, OnGroup&& on_group, OnBlock&& on_block,
@@ -1086,7 +1082,6 @@ __attribute__((noinline)) void panel_tiles(const int8_t* xq, const int8_t* xq_lo
             // in the instruction that widens the pair sums (scaled_pairs), the group sums of x
             // times the offset codes. A block then costs one float multiply-add, not a decoded
             // float scale per group and two products per block.
-            const int64_t factor_blocks = (groups + FACTOR_GROUPS - 1) / FACTOR_GROUPS;
             Floats scale_factors = Floats{}, offset_factors = Floats{}, run_scaled[M], run_offsets[M];
             struct GroupCodes {
                 Ints scale_pairs;  // the scale code in both 16-bit halves of each lane
@@ -1094,9 +1089,7 @@ __attribute__((noinline)) void panel_tiles(const int8_t* xq, const int8_t* xq_lo
             };
             const auto on_group = [&](int64_t panel, int64_t g) __attribute__((always_inline)) {
                 if (g % FACTOR_GROUPS == 0) {
-                    const uint16_t* run = factors + (panel * factor_blocks + g / FACTOR_GROUPS) * 2 * LANES;
-                    scale_factors = Element<bfloat16>::load(run);
-                    offset_factors = Element<bfloat16>::load(run + LANES);
+                    load_run_factors(factors, panel, g, groups, scale_factors, offset_factors);
                     for (int m = 0; m < M; ++m) run_scaled[m] = run_offsets[m] = Floats{};
                 }
                 const Words code = group_code_words(scales + (panel * groups + g) * LANES);
@@ -1545,7 +1538,8 @@ inline void over_cached(const T* cache, const int32_t* table, int64_t first, int
         // The next block lies anywhere in the cache: the hardware prefetchers would find its rows
         // only after several misses, so its rows' row_bytes are asked for while this block runs.
         if (block_index < last_block) {
-            const char* next = reinterpret_cast<const char*>(cache + int64_t(table[block_index + 1]) * block_size * kv_stride + head_offset);
+            const char* next = reinterpret_cast<const char*>(
+                cache + int64_t(table[block_index + 1]) * block_size * kv_stride + head_offset);
             for (int64_t row = 0; row < block_size; ++row)
                 for (int64_t line = 0; line < row_bytes; line += CACHE_LINE)
                     __builtin_prefetch(next + row * kv_stride * int64_t(sizeof(T)) + line, 0, 3);
@@ -1625,12 +1619,7 @@ void chunk_values(const float* weights, const T* v_cache, const int32_t* table, 
 // Runs body(std::integral_constant<int, G>) for the chunk size chunk (1 .. MAX_CHUNK).
 template <typename Body>
 inline void with_chunk(int64_t chunk, Body&& body) {
-    switch (chunk) {
-        case 1: return body(std::integral_constant<int, 1>{});
-        case 2: return body(std::integral_constant<int, 2>{});
-        case 3: return body(std::integral_constant<int, 3>{});
-        default: return body(std::integral_constant<int, MAX_CHUNK>{});
-    }
+    with_constant<MAX_CHUNK>(chunk, body);
 }
 
 // The (sequence, KV head) tasks of decode_attention, shared by the threads of an enclosing
