@@ -234,7 +234,9 @@ class Worker:
         return {"sharded": sharded, "replicated": replicated}
 
     def _tensor(self, array: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(array).to(self.device, non_blocking=True)
+        tensor = torch.from_numpy(array)
+        # On a CPU rank that is the tensor; a .to() would cost a dispatch each (several a step).
+        return tensor if self.device.type == "cpu" else tensor.to(self.device, non_blocking=True)
 
     def execute(self, step: StepInput) -> StepOutput | None:
         """Runs the step; rank 0's output (None on the other ranks)."""

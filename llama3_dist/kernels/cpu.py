@@ -664,11 +664,11 @@ class FusedDecodeLayer:
     ) -> tuple[DecodeStep, list[torch.Tensor]]:
         """The step's DecodeStep, and the tensors it points into (keep them alive with it)."""
         tensors = [
-            positions.to(torch.int64).contiguous(),
-            slot_mapping.to(torch.int64).contiguous(),
-            block_tables.to(torch.int32).contiguous(),
-            context_lens.to(torch.int32).contiguous(),
-            cos_sin.to(torch.float32).contiguous(),
+            _contiguous(positions, torch.int64),
+            _contiguous(slot_mapping, torch.int64),
+            _contiguous(block_tables, torch.int32),
+            _contiguous(context_lens, torch.int32),
+            _contiguous(cos_sin, torch.float32),
         ]
         positions, slots, tables, lengths, cos_sin = tensors
         return DecodeStep(
@@ -819,6 +819,12 @@ class FusedDecodeStack:
         ):
             raise ValueError(f"fused decode takes 1 to {GEMV_MAX_ROWS} sequences of one hidden size, got {step.batch}")
         return StackOutput(out, residual) if normed is None else StackOutput(normed, residual, logits)
+
+
+def _contiguous(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """tensor as a contiguous `dtype` tensor: itself when it is one already (the worker's step
+    tensors are; a .to() and a .contiguous() would still cost two dispatches each a step)."""
+    return tensor if tensor.dtype == dtype and tensor.is_contiguous() else tensor.to(dtype).contiguous()
 
 
 def fused_head_serves(head: ProjectionWeight, kernels: KernelLibrary, dtype: torch.dtype) -> bool:

@@ -38,7 +38,8 @@ class Sampler:
 
     `seed` seeds the generator shared by unseeded rows (None: nondeterministic). The sampler keeps
     [B, V] work buffers between calls: on CPUs the page faults of fresh multi-megabyte tensors
-    cost more than the arithmetic done in them.
+    cost more than the arithmetic done in them. It runs under its caller's grad mode (the
+    worker's inference mode): logits never require grad, so it records no graph either way.
     """
 
     def __init__(self, seed: int | None = None):
@@ -49,7 +50,6 @@ class Sampler:
             self.generator.manual_seed(seed)
         self._buffers: dict[str, torch.Tensor] = {}
 
-    @torch.inference_mode()
     def __call__(
         self, logits: torch.Tensor, meta: SamplingMetadata, keep_on_device: bool = False, scratch: bool = False
     ) -> SamplerOutput:

@@ -50,6 +50,16 @@ class AttentionMetadata:
     first_position: bool | None = None
 
 
+@dataclass(slots=True)
+class _StackLogits:
+    """The logits the fused stack computed in a step, and the normed hidden state they are of.
+    Held in this plain object, not in the model's attributes: nn.Module.__setattr__ looks for
+    parameters, buffers and modules at every assignment (three a step)."""
+
+    normed: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+
+
 class Attention(nn.Module):
     def __init__(self, config: Llama3Config, parallel: ParallelContext, dtype: torch.dtype, kernels: Kernels):
         super().__init__()
@@ -260,7 +270,7 @@ class Llama3Transformer(nn.Module):
         self._fused_stack: cpu.FusedDecodeStack | None = None
         # The logits the fused stack computed with the step's normed hidden state: compute_logits
         # returns them for that very tensor (every row of a decode step).
-        self._stack_logits: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._stack_logits = _StackLogits()
         self._one_rank = parallel.world_size == 1
         with torch.device(device):
             self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, dtype, parallel)
@@ -321,7 +331,8 @@ class Llama3Transformer(nn.Module):
         kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
         cos_sin: torch.Tensor,
     ):
-        self._stack_logits = None
+        stacked = self._stack_logits
+        stacked.normed = stacked.logits = None
         x = self.embed_tokens(tokens)
         if self.config.embedding_multiplier != 1.0:
             x = x * self.config.embedding_multiplier
@@ -341,7 +352,7 @@ class Llama3Transformer(nn.Module):
             if self._fused_stack is not None:
                 out = self._fused_stack(x, step, kv_caches)
                 if out.logits is not None:
-                    self._stack_logits = (out.first, out.logits)
+                    stacked.normed, stacked.logits = out.first, out.logits
                 if self._fused_stack.final_norm is not None:  # it ran the final norm too
                     return out.second, out.first  # hidden, normed
                 x, residual = out.first, out.second
@@ -382,11 +393,12 @@ class Llama3Transformer(nn.Module):
         return self._fused or None
 
     def compute_logits(self, normed: torch.Tensor) -> torch.Tensor | None:
-        stacked, self._stack_logits = self._stack_logits, None
-        if stacked is not None and stacked[0] is normed:  # the fused stack ran the head already
-            logits: torch.Tensor | None = stacked[1]
+        stacked = self._stack_logits
+        if stacked.logits is not None and stacked.normed is normed:  # the fused stack ran the head already
+            logits: torch.Tensor | None = stacked.logits
         else:
             logits = self.lm_head(normed)
+        stacked.normed = stacked.logits = None
         if logits is not None and self.config.logits_scaling != 1.0:
             logits = logits / self.config.logits_scaling
         return logits
