@@ -75,6 +75,7 @@ def test_no_token_past_a_limit_is_computed(checkpoints):
         assert sorted(scheduled.values()) == sorted(p.max_tokens for p in params)
 
 
+@pytest.mark.slow
 def test_stop_strings_and_abort(tokenized_checkpoint):
     """Text stops (found a step late) end the output where the synchronous engine ends it; a
     request aborted while its step is in flight reports nothing more and frees its blocks."""

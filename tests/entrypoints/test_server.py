@@ -348,6 +348,7 @@ def test_bad_requests_get_openai_errors(served, client):
     assert served.engine.is_alive
 
 
+@pytest.mark.slow  # two or three more servers, each copying the real tokenizer (~1 s)
 def test_api_key(served):
     with ServerThread(served.engine, served_model_name=MODEL, api_key=API_KEY) as locked:
         for key in ["wrong", None]:
@@ -458,6 +459,7 @@ def test_limits_each_get_a_clear_error_and_the_server_keeps_serving(served, toke
     assert served.engine.stats().kv_blocks_used == 0
 
 
+@pytest.mark.slow  # two or three more servers, each copying the real tokenizer (~1 s)
 def test_full_server_answers_429_and_slow_requests_time_out_with_blocks_freed(served):
     from llama3_dist.entrypoints.openai_server import ServerLimits
 
