@@ -18,7 +18,15 @@ from llama3_dist.kernels import cpu
 from llama3_dist.model.gguf import GROUPED_TYPES, GGUFCheckpoint
 
 gguf = pytest.importorskip("gguf")
-from gguf_files import PROMPT, Q4_K_M_TYPES, Q, save_small_llama, transformers_greedy, write_gguf  # noqa: E402
+from gguf_files import (  # noqa: E402
+    PROMPT,
+    Q4_K_M_TYPES,
+    Q,
+    save_small_llama,
+    transformers_greedy,
+    transformers_reads_gguf_once,
+    write_gguf,
+)
 
 GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
 
@@ -164,10 +172,11 @@ def smollm2() -> Path:
 def smollm2_reference(smollm2):
     """transformers' greedy tokens on the same file (float32), up to 24 or the end of sequence:
     each prompt, then the chat."""
-    tokenizer = transformers.AutoTokenizer.from_pretrained(smollm2.parent, gguf_file=smollm2.name)
-    model = transformers.AutoModelForCausalLM.from_pretrained(
-        smollm2.parent, gguf_file=smollm2.name, dtype=torch.float32
-    )
+    with transformers_reads_gguf_once():
+        tokenizer = transformers.AutoTokenizer.from_pretrained(smollm2.parent, gguf_file=smollm2.name)
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            smollm2.parent, gguf_file=smollm2.name, dtype=torch.float32
+        )
     chat = tokenizer.apply_chat_template(CHAT, add_generation_prompt=True, return_tensors="pt")
     chat = chat["input_ids"] if hasattr(chat, "keys") else chat
     prompts = [tokenizer(p, return_tensors="pt").input_ids for p in REAL_PROMPTS] + [chat]
