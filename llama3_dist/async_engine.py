@@ -145,6 +145,10 @@ class AsyncLLMEngine:
         another thread than the engine's takes a copy."""
         return self.engine.tokenizer
 
+    @property
+    def tokenizer_shared(self) -> bool:
+        return True  # the engine thread detokenizes with it
+
     def replica_stats(self) -> dict[str, EngineStats]:
         """One engine, no replicas (the Ray Serve client has several)."""
         return {}

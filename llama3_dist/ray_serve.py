@@ -234,6 +234,10 @@ class ReplicaClient:
     def tokenizer(self):
         return self._tokenizer
 
+    @property
+    def tokenizer_shared(self) -> bool:
+        return False  # loaded for this client; the engines detokenize in their own replicas
+
     def _router(self) -> Any:  # a serve_routers._EngineRouter, once the first request made it
         return _ROUTERS.get((self._handle.app_name, self._handle.deployment_name))
 

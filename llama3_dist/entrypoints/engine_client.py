@@ -38,6 +38,13 @@ class EngineClient(Protocol):
         """A Hugging Face tokenizer, or None when the checkpoint has none."""
         ...
 
+    @property
+    def tokenizer_shared(self) -> bool:
+        """Whether another thread (the engine's) uses `tokenizer` too: the server then tokenizes
+        with a copy of its own (one Rust tokenizer used from two threads can fail with "Already
+        borrowed")."""
+        ...
+
     def stats(self) -> EngineStats:
         """The engine's counters (summed over replicas where there are several)."""
         ...

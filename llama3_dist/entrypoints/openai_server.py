@@ -134,9 +134,11 @@ class OpenAIServer:
         self.model_name = served_model_name or DEFAULT_MODEL_NAME
         self.api_key = api_key
         self.max_model_len = engine.max_model_len
-        # A tokenizer of our own: the engine thread uses its own for detokenizing, and a Rust
-        # tokenizer shared between threads can fail with "Already borrowed".
-        self.tokenizer = copy.deepcopy(engine.tokenizer) if engine.tokenizer is not None else None
+        # A tokenizer of our own where the engine's thread uses the engine's (a Rust tokenizer
+        # shared between threads can fail with "Already borrowed"); copying a 128k vocabulary
+        # takes ~1 s, so a client's own tokenizer is used as it is.
+        tokenizer = engine.tokenizer
+        self.tokenizer = copy.deepcopy(tokenizer) if tokenizer is not None and engine.tokenizer_shared else tokenizer
         self.created = int(time.time())
         template = getattr(self.tokenizer, "chat_template", None) if self.tokenizer is not None else None
         self.tool_parser = resolve_parser(tool_call_parser, template if isinstance(template, str) else None)
