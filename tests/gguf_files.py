@@ -139,18 +139,10 @@ def transformers_reads_gguf_once() -> Iterator[None]:
     it parses the metadata for the config, the tokenizer and the weights each (SmolLM2's
     49152-token vocabulary: ~7 s a time on 2 cores) and rebuilds the same name map for every one
     of the model's modules (~400 for SmolLM2: ~10 s)."""
-    readers: dict[str, gguf.GGUFReader] = {}
-    real_reader = gguf.GGUFReader
-
-    def reader(path, mode="r"):
-        key = f"{Path(path).resolve()}:{mode}"
-        if key not in readers:
-            readers[key] = real_reader(path, mode)
-        return readers[key]
-
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(gguf, "GGUFReader", reader)  # transformers imports both names at each call
-        patch.setattr(gguf, "get_tensor_name_map", functools.lru_cache(maxsize=None)(gguf.get_tensor_name_map))
+        # transformers imports both names from gguf at each call, and passes the same path each time
+        for name in ("GGUFReader", "get_tensor_name_map"):
+            patch.setattr(gguf, name, functools.lru_cache(maxsize=None)(getattr(gguf, name)))
         yield
 
 
