@@ -378,7 +378,14 @@ constexpr int ACCUMULATORS = VECTOR_BYTES == 64 ? 16 : 8;
 // accumulator chains changed nothing there, so one chain keeps the summation order. AVX-512
 // keeps four rows and one line (64-byte vectors: a block is a line), the walk measured on the
 // Sapphire Rapids hosts; the one-row walk is unmeasured there.
+//
+// Long rows are the exception: from LONG_ROW_BYTES a row, two rows at once ran 1.17-1.33x faster
+// on that Zen 3 VM (bfloat16 [1024, 3584], [4096, 4096], [2048, 5632]: the down projections of
+// 1B-class models and up), 1.0-1.03x at 1536-2048 features, and 0.83-0.89x on rows of 576-1024
+// features, which keep one: each row's sum is the same either way (the rows' chains are apart).
 constexpr int GEMV_TILE_ROWS = VECTOR_BYTES == 64 ? 4 : 1;
+constexpr int64_t LONG_ROW_BYTES = 6144;
+constexpr int LONG_ROW_TILE_ROWS = VECTOR_BYTES == 64 ? 4 : 2;
 constexpr int LINES_PER_ITERATION = VECTOR_BYTES == 64 ? 1 : 2;
 
 // R output rows of w against M rows of x (both compile-time, so the R*M accumulators live in
@@ -440,11 +447,12 @@ inline int64_t padded_width(int64_t k) { return (k + MAX_BLOCK - 1) / MAX_BLOCK 
 // The GEMV's work, shared by the threads of an enclosing parallel region (an orphaned `omp for`:
 // called outside one, the calling thread does it all). xf: x widened by widen_rows.
 // W: the weights' type (T, or int8_t with `scale`, one float per row; nullptr otherwise).
-template <typename T, typename W, int M>
+// TILE_ROWS: the rows a thread walks at once, as far as registers allow.
+template <typename T, typename W, int M, int TILE_ROWS>
 void gemv_tiles(const float* xf, const W* w, const float* scale, const T* bias, T* y, int64_t n, int64_t k) {
     using E = Element<T>;
     // Weight vectors held per block: R * VECTORS, at most 8 beside the accumulators.
-    constexpr int R = std::max(1, std::min({GEMV_TILE_ROWS, 8 / Block<W>::VECTORS, ACCUMULATORS / M}));
+    constexpr int R = std::max(1, std::min({TILE_ROWS, 8 / Block<W>::VECTORS, ACCUMULATORS / M}));
     const int64_t k_pad = padded_width(k);
     const int64_t tiles = (n + R - 1) / R;
 #pragma omp for schedule(guided)  // ~4% faster than static over the benchmark model
@@ -527,7 +535,12 @@ int gemv_team(const T* x, int64_t m, const W* w, const T* bias, T* y, int64_t n,
     if (m < 1 || m > GEMV_MAX_ROWS) return -1;
 #pragma omp single
     widen_rows<T, W>(x, m, k, xf);
-    with_constant<GEMV_MAX_ROWS>(m, [&](auto rows) { gemv_tiles<T, W, rows()>(xf, w, scale, bias, y, n, k); });
+    with_constant<GEMV_MAX_ROWS>(m, [&](auto rows) {
+        if (k * int64_t(sizeof(W)) >= LONG_ROW_BYTES)
+            gemv_tiles<T, W, rows(), LONG_ROW_TILE_ROWS>(xf, w, scale, bias, y, n, k);
+        else
+            gemv_tiles<T, W, rows(), GEMV_TILE_ROWS>(xf, w, scale, bias, y, n, k);
+    });
     return 0;
 }
 

@@ -173,12 +173,16 @@ def test_decode_attention_threads_split_query_heads_exactly(variant):
     assert_matches(outputs[0], expected, exact_fraction=0.97)
 
 
-@pytest.mark.parametrize("rows,k", [(1, 1000), (5, 1024), (8, 72), (13, 1000)])
-def test_gemv_rounds_a_float32_product(variant, rows, k):
+@pytest.mark.parametrize(
+    "rows,k,n", [(1, 1000, 160), (5, 1024, 160), (8, 72, 160), (13, 1000, 160), (1, 3100, 37), (3, 3100, 37)]
+)
+def test_gemv_rounds_a_float32_product(variant, rows, k, n):
     """The GEMV computes what a GEMM with float32 accumulation computes, rounded once; k of no
-    vector multiple ends with a partial vector; 13 rows take two passes (8 + 5)."""
+    vector multiple ends with a partial vector; 13 rows take two passes (8 + 5). Rows of 3100
+    features are long rows (walked two at a time where vectors are narrower than 64 bytes), and 37
+    of them leave a last row alone."""
     library, dtype = variant
-    x, w, b = randn(rows, k, dtype=dtype), randn(160, k, dtype=dtype), randn(160, dtype=dtype)
+    x, w, b = randn(rows, k, dtype=dtype), randn(n, k, dtype=dtype), randn(n, dtype=dtype)
     exact = x.double() @ w.double().T + b.double()
     got = library.gemv(x, w, b)
     if dtype == F32:  # float32 sums of 1000 terms: as close to the exact sum as torch's own GEMM
@@ -189,14 +193,15 @@ def test_gemv_rounds_a_float32_product(variant, rows, k):
     assert library.gemv(x, w.T.contiguous().T, None) is None  # a strided weight is not served
 
 
-@pytest.mark.parametrize("rows,k", [(1, 1000), (13, 67)])
-def test_int8_gemv_is_the_scaled_product(variant, rows, k):
+@pytest.mark.parametrize("rows,k,n", [(1, 1000, 160), (13, 67, 160), (2, 6200, 37)])
+def test_int8_gemv_is_the_scaled_product(variant, rows, k, n):
     """int8 weights with a float32 scale per row: the scaled float32 product, rounded once (13 rows
-    take two passes, k of no block multiple ends with a partial block); torch's int8 kernel, the
-    fallback for many rows, agrees."""
+    take two passes, k of no block multiple ends with a partial block; rows of 6200 bytes are long
+    rows, 37 of them leave a last one alone); torch's int8 kernel, the fallback for many rows,
+    agrees."""
     library, dtype = variant
-    x, b = randn(rows, k, dtype=dtype), randn(160, dtype=dtype)
-    w, scale = ref.quantize_int8(randn(160, k))
+    x, b = randn(rows, k, dtype=dtype), randn(n, dtype=dtype)
+    w, scale = ref.quantize_int8(randn(n, k))
     dequantized = w.double() * scale.double()[:, None]
     exact = x.double() @ dequantized.T + b.double()
     got = library.gemv_int8(x, w, scale, b)
