@@ -351,15 +351,30 @@ def quantize_int6_groups(weight: torch.Tensor, group_size: int = 32) -> GroupQua
 
 
 def _symmetric_groups(weight: torch.Tensor, group_size: int, bits: int) -> GroupQuantized:
-    """Both symmetric forms: scale = max|w| / largest, values in -largest..largest."""
+    """Both symmetric forms: scale = max|w| / largest, values in -largest..largest. Rows go a
+    chunk at a time (float32 copies of a whole LM head would cost ~20 bytes a weight at once)."""
     largest = (1 << (bits - 1)) - 1
     n, k = weight.shape
     groups = -(-k // group_size)
-    padded = torch.nn.functional.pad(weight.float(), (0, groups * group_size - k)).view(n, groups, group_size)
-    scales = (padded.abs().amax(dim=2) / float(largest)).to(torch.float16)
-    divisor = torch.where(scales.float() > 0, scales.float(), torch.ones(()))  # an all-zero group stays 0
-    values = torch.round(padded / divisor[:, :, None]).clamp(-largest, largest).view(n, groups * group_size)[:, :k]
-    return GroupQuantized(values.to(torch.int8).contiguous(), scales, None, bits, group_size)
+
+    def rows(part: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        m = part.shape[0]
+        padded = torch.nn.functional.pad(part.float(), (0, groups * group_size - k)).view(m, groups, group_size)
+        scales = (padded.abs().amax(dim=2) / float(largest)).to(torch.float16)
+        divisor = torch.where(scales.float() > 0, scales.float(), torch.ones(()))  # an all-zero group stays 0
+        values = torch.round(padded / divisor[:, :, None]).clamp(-largest, largest).view(m, groups * group_size)
+        return values[:, :k].to(torch.int8), scales
+
+    chunk = max(1, QUANTIZE_CHUNK_ELEMENTS // max(k, 1))
+    parts = [rows(weight[start : start + chunk]) for start in range(0, n, chunk)]
+    values = torch.cat([v for v, _ in parts]) if len(parts) > 1 else parts[0][0]
+    scales = torch.cat([s for _, s in parts]) if len(parts) > 1 else parts[0][1]
+    return GroupQuantized(values.contiguous(), scales, None, bits, group_size)
+
+
+# Rows a quantizer takes at once, in weights: its float32 temporaries stay ~100 MB, not several
+# times a whole LM head's size.
+QUANTIZE_CHUNK_ELEMENTS = 1 << 22
 
 
 def quantize_int4(weight: torch.Tensor, group_size: int) -> GroupQuantized:

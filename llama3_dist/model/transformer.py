@@ -297,23 +297,20 @@ class Llama3Transformer(nn.Module):
             from tqdm import tqdm
 
             layers = tqdm(layers, total=len(self.layers), desc="Loading weights", unit="layer")
-        for index, layer in layers:
-            layer.load(source, names, index)
-        self.norm.load(source, names.final_norm)
-        self.lm_head.load(source, names.lm_head, names.embedding)
-        source.check_all_consumed()
         quantization = self.config.quantization
         if quantization == "fp8":
             _check_fp8_device(self.embed_tokens.weight.device)
+        for index, layer in layers:
+            layer.load(source, names, index)
+            # Each layer quantized as soon as it is read: the load never holds more than one
+            # layer of the checkpoint's dtype beside the quantized ones (an 8B model in bfloat16
+            # is 16 GB; its int4 form ~4.5 GB).
+            if quantization is not None:
+                _quantize_projections(layer, quantization)
+        self.norm.load(source, names.final_norm)
+        self.lm_head.load(source, names.lm_head, names.embedding)
+        source.check_all_consumed()
         if quantization is not None:
-            for module in self.modules():
-                if isinstance(module, (ColumnParallelLinear, RowParallelLinear)):
-                    if quantization == "int8":
-                        module.quantize_int8()
-                    elif quantization == "fp8":
-                        module.quantize_fp8()
-                    else:
-                        module.quantize_int4(GROUP_SIZES[quantization])
             # The head is the largest single weight a decode step reads (a third of the bytes of
             # the 284M benchmark model in int8), and its errors move every logit: in groups of 32,
             # 6 bits for int4 models (as llama.cpp's Q4_K_M files keep theirs in Q6_K; it costs
@@ -402,6 +399,18 @@ class Llama3Transformer(nn.Module):
         if logits is not None and self.config.logits_scaling != 1.0:
             logits = logits / self.config.logits_scaling
         return logits
+
+
+def _quantize_projections(layer: nn.Module, quantization: str) -> None:
+    """The attention and MLP projections of `layer` in the weight-only form `quantization` names."""
+    for module in layer.modules():
+        if isinstance(module, (ColumnParallelLinear, RowParallelLinear)):
+            if quantization == "int8":
+                module.quantize_int8()
+            elif quantization == "fp8":
+                module.quantize_fp8()
+            else:
+                module.quantize_int4(GROUP_SIZES[quantization])
 
 
 def _check_fp8_device(device: torch.device) -> None:
