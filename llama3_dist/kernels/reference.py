@@ -6,6 +6,7 @@ d = head_dim. A paged cache is [num_blocks, block_size, Hk, d]; slot = page * bl
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -351,33 +352,52 @@ def quantize_int6_groups(weight: torch.Tensor, group_size: int = 32) -> GroupQua
 
 
 def _symmetric_groups(weight: torch.Tensor, group_size: int, bits: int) -> GroupQuantized:
-    """Both symmetric forms: scale = max|w| / largest, values in -largest..largest. Rows go a
-    chunk at a time (float32 copies of a whole LM head would cost ~20 bytes a weight at once)."""
+    """Both symmetric forms: scale = max|w| / largest, values in -largest..largest."""
     largest = (1 << (bits - 1)) - 1
-    n, k = weight.shape
-    groups = -(-k // group_size)
 
-    def rows(part: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        m = part.shape[0]
-        padded = torch.nn.functional.pad(part.float(), (0, groups * group_size - k)).view(m, groups, group_size)
+    def quantize(rows: torch.Tensor) -> GroupQuantized:
+        n, k = rows.shape
+        groups = -(-k // group_size)
+        padded = torch.nn.functional.pad(rows.float(), (0, groups * group_size - k)).view(n, groups, group_size)
         scales = (padded.abs().amax(dim=2) / float(largest)).to(torch.float16)
         divisor = torch.where(scales.float() > 0, scales.float(), torch.ones(()))  # an all-zero group stays 0
-        values = torch.round(padded / divisor[:, :, None]).clamp(-largest, largest).view(m, groups * group_size)
-        return values[:, :k].to(torch.int8), scales
+        values = torch.round(padded / divisor[:, :, None]).clamp(-largest, largest).view(n, groups * group_size)
+        return GroupQuantized(values[:, :k].to(torch.int8).contiguous(), scales, None, bits, group_size)
 
-    chunk = max(1, QUANTIZE_CHUNK_ELEMENTS // max(k, 1))
-    parts = [rows(weight[start : start + chunk]) for start in range(0, n, chunk)]
-    values = torch.cat([v for v, _ in parts]) if len(parts) > 1 else parts[0][0]
-    scales = torch.cat([s for _, s in parts]) if len(parts) > 1 else parts[0][1]
-    return GroupQuantized(values.contiguous(), scales, None, bits, group_size)
+    return _in_row_chunks(quantize, weight)
 
 
-# Rows a quantizer takes at once, in weights: its float32 temporaries stay ~100 MB, not several
-# times a whole LM head's size.
+# Weights a quantizer takes at once: its float32 temporaries (~20 bytes a weight) stay ~100 MB,
+# where a whole LM head (Llama-3-8B's: 525M weights) would take ~10 GB.
 QUANTIZE_CHUNK_ELEMENTS = 1 << 22
 
 
+def _in_row_chunks(quantize: Callable[[torch.Tensor], GroupQuantized], weight: torch.Tensor) -> GroupQuantized:
+    """quantize(weight) a chunk of rows at a time (every form here quantizes each row on its
+    own), the parts' tensors concatenated: the same GroupQuantized as one pass."""
+    n, k = weight.shape
+    rows = max(1, QUANTIZE_CHUNK_ELEMENTS // max(k, 1))
+    if rows >= n:
+        return quantize(weight)
+    parts = [quantize(weight[start : start + rows]) for start in range(0, n, rows)]
+
+    def joined(name: str) -> torch.Tensor | None:
+        tensors = [getattr(part, name) for part in parts]
+        return None if tensors[0] is None else torch.cat(tensors)
+
+    values, scales = joined("values"), joined("scales")
+    assert values is not None and scales is not None
+    first = parts[0]
+    return GroupQuantized(values, scales, joined("offsets"), first.bits, first.group_size, joined("factors"))
+
+
 def quantize_int4(weight: torch.Tensor, group_size: int) -> GroupQuantized:
+    """Group-wise asymmetric 4 bits with coded scales (_quantize_int4_rows), a chunk of rows at a
+    time."""
+    return _in_row_chunks(lambda rows: _quantize_int4_rows(rows, group_size), weight)
+
+
+def _quantize_int4_rows(weight: torch.Tensor, group_size: int) -> GroupQuantized:
     """Group-wise asymmetric 4 bits with coded scales: per group, offset = its minimum and scale =
     (max - min) / 15, each coded in 8 bits against a factor shared by FACTOR_GROUPS groups (the
     run's largest scale / 255, its largest |offset| / 127, rounded up to 3 and 4 significant bits

@@ -250,25 +250,28 @@ def test_grouped_gemv_is_the_dequantized_product(variant, bits, group_size, rows
 
 
 def test_large_weights_pack_and_quantize_a_chunk_of_rows_at_a_time(monkeypatch):
-    """Packing and symmetric quantizing go a chunk of rows at a time (a whole LM head's int64 and
-    float32 copies cost ~35 bytes a weight at once): chunks of 8 rows and a last one of 4 give
-    the same tensors as one pass, in every panel layout and in the float GEMV's words."""
+    """Packing and quantizing go a chunk of rows at a time (a whole LM head's int64 and float32
+    copies cost ~35 bytes a weight at once): chunks of 8 (7) rows and a last, shorter one give
+    the same tensors as one pass, in every panel layout, the float GEMV's words, int4's coded
+    form (values, scale and offset codes, factors) and the 6-bit head's groups."""
     w = randn(100, 200, dtype=F32) * 0.05
     int4, int6, int8 = ref.quantize_int4(w, 32), ref.quantize_int6_groups(w), quantize_q8_0(w, 32)
+    assert int4.factors is not None and int4.offsets is not None  # every field of the coded form
 
     def packed_forms() -> list[torch.Tensor]:
         panels = [cpu.pack_grouped(g, 8, panels=True, x_digits=d) for g, d in ((int4, 1), (int6, 2), (int8, 2))]
         words = [cpu.pack_grouped(g, 8) for g in (int4, int8)]
         return [p.words for p in panels + words]
 
-    whole = packed_forms()
-    whole_int6 = ref.quantize_int6_groups(w)
+    def quantized_forms() -> list[torch.Tensor]:
+        forms = (ref.quantize_int4(w, 32), ref.quantize_int4(w, 128), ref.quantize_int6_groups(w))
+        return [t for g in forms for t in (g.values, g.scales, g.offsets, g.factors) if t is not None]
+
+    whole, whole_quantized = packed_forms(), quantized_forms()
     monkeypatch.setattr(cpu, "PACK_CHUNK_ELEMENTS", 8 * 200)  # 8 rows a chunk: 13 chunks
     monkeypatch.setattr(ref, "QUANTIZE_CHUNK_ELEMENTS", 7 * 200)  # 7 rows a chunk: 15 chunks
-    for chunked, one_pass in zip(packed_forms(), whole, strict=True):
+    for chunked, one_pass in zip(packed_forms() + quantized_forms(), whole + whole_quantized, strict=True):
         assert torch.equal(chunked, one_pass)
-    chunked_int6 = ref.quantize_int6_groups(w)
-    assert torch.equal(chunked_int6.values, whole_int6.values) and torch.equal(chunked_int6.scales, whole_int6.scales)
 
 
 @pytest.mark.parametrize(
