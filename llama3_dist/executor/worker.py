@@ -8,6 +8,7 @@ the rows of logits and hidden states that were asked for.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
 import time
 from dataclasses import dataclass
@@ -101,6 +102,7 @@ class Worker:
             finally:
                 checkpoint.close()
         self.cos_sin = cos_sin_cache(self.config).to(self.device)
+        _return_freed_heap()
 
     def _allocate_kv_cache(
         self,
@@ -326,6 +328,18 @@ class Worker:
                 logits[self._tensor(s.prompt_rows)], s.prompt_targets, s.prompt_num_logprobs
             )
         return out
+
+
+def _return_freed_heap() -> None:
+    """Gives the C heap's free pages back to the system (glibc's malloc_trim). A load that
+    quantizes or converts the weights frees about as much as it keeps, and glibc keeps that
+    freed memory for later allocations: a Llama-3.2-3B-shaped int8 load held 6.7 GB of RSS, 4.5 GB
+    after the trim. Where the C library has no malloc_trim (musl, macOS), nothing is done."""
+    try:
+        trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return
+    trim(0)
 
 
 def _to_host(device_ids: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event]:
