@@ -1081,20 +1081,15 @@ def pack_grouped(
     )
 
 
-# Rows of weight values packed a chunk at a time: packing widens the values to int64 and makes
-# several copies (~35 bytes a weight at its peak), which for a whole LM head (Llama-3.2-3B's:
-# 394M weights) took a load's memory to 6.6x the bfloat16 model's.
-PACK_CHUNK_ELEMENTS = 1 << 22
-
-
 def _by_row_chunks(pack: Callable[[torch.Tensor], torch.Tensor], values: torch.Tensor, lanes: int) -> torch.Tensor:
-    """torch.cat of pack(values[rows]) over chunks of rows, each a multiple of `lanes` rows (a panel
-    never straddles two) of about PACK_CHUNK_ELEMENTS values: the same tensor as pack(values)."""
-    n, k = values.shape
-    rows = max(lanes, PACK_CHUNK_ELEMENTS // max(k, 1) // lanes * lanes)
-    if rows >= n:
+    """torch.cat of pack(values[chunk]) over reference.row_chunks, each a multiple of `lanes` rows
+    (a panel never straddles two): the same tensor as pack(values). Packing widens the values to
+    int64 in several copies (~35 bytes a weight); a whole LM head at once (Llama-3.2-3B's: 394M
+    weights) took a load's memory to 6.6x the bfloat16 model's."""
+    chunks = reference.row_chunks(values.shape[0], values.shape[1], multiple=lanes)
+    if len(chunks) == 1:
         return pack(values)
-    return torch.cat([pack(values[start : start + rows]) for start in range(0, n, rows)])
+    return torch.cat([pack(values[chunk]) for chunk in chunks])
 
 
 def _pack_panels(weight: reference.GroupQuantized, lanes: int) -> PackedGroupWeights:
@@ -1106,20 +1101,20 @@ def _pack_panels(weight: reference.GroupQuantized, lanes: int) -> PackedGroupWei
 
     def panel_words(values: torch.Tensor) -> torch.Tensor:  # [rows, k] -> int32 [panels, blocks, c, lanes]
         rows = values.shape[0]
-        panels = -(-rows // lanes)
-        values = F.pad(values.to(torch.int64), (0, blocks * 32 - k, 0, panels * lanes - rows))
+        chunk_panels = -(-rows // lanes)
+        values = F.pad(values.to(torch.int64), (0, blocks * 32 - k, 0, chunk_panels * lanes - rows))
         if weight.bits == 4:
             # [panel, lane, block, half (elements 0-15 | 16-31), c, byte] -> bytes [.., c, byte]
-            values = values.view(panels, lanes, blocks, 2, 4, 4)
+            values = values.view(chunk_panels, lanes, blocks, 2, 4, 4)
             packed_bytes = values[:, :, :, 0] | (values[:, :, :, 1] << 4)
         elif weight.bits == 6:  # u = value + 32: its low 4 bits as 4-bit nibbles, then its high 2
-            unsigned = (values + 32).view(panels, lanes, blocks, 2, 4, 4)  # [.., half, c, byte]
+            unsigned = (values + 32).view(chunk_panels, lanes, blocks, 2, 4, 4)  # [.., half, c, byte]
             low, high = unsigned & 15, unsigned >> 4
             shifts = 2 * torch.arange(4, dtype=torch.int64).view(1, 1, 1, 1, 4, 1)
             high_bytes = (high << shifts).sum(dim=4)  # [.., half, byte]: bits 2c..2c+1 from vector c
             packed_bytes = torch.cat([low[:, :, :, 0] | (low[:, :, :, 1] << 4), high_bytes], dim=3)
         else:  # [panel, lane, block, c, byte]: 4 consecutive signed bytes a word
-            packed_bytes = (values & 0xFF).view(panels, lanes, blocks, 8, 4)
+            packed_bytes = (values & 0xFF).view(chunk_panels, lanes, blocks, 8, 4)
         words = (packed_bytes << (torch.arange(4, dtype=torch.int64) * 8)).sum(dim=-1)  # [panel, lane, block, c]
         words = torch.where(words >= 1 << 31, words - (1 << 32), words).to(torch.int32)
         return words.permute(0, 2, 3, 1).contiguous()

@@ -367,19 +367,25 @@ def _symmetric_groups(weight: torch.Tensor, group_size: int, bits: int) -> Group
     return _in_row_chunks(quantize, weight)
 
 
-# Weights a quantizer takes at once: its float32 temporaries (~20 bytes a weight) stay ~100 MB,
-# where a whole LM head (Llama-3-8B's: 525M weights) would take ~10 GB.
-QUANTIZE_CHUNK_ELEMENTS = 1 << 22
+# Weights quantized or packed at once: their float32 or int64 temporaries (~20-35 bytes a weight)
+# stay ~100 MB, where a whole LM head (Llama-3-8B's: 525M weights) would take ~10-18 GB.
+CHUNK_ELEMENTS = 1 << 22
+
+
+def row_chunks(n: int, k: int, multiple: int = 1) -> list[slice]:
+    """n rows of k values as slices of about CHUNK_ELEMENTS values each, a multiple of `multiple`
+    rows (the last may be shorter): work done a slice at a time bounds its temporaries."""
+    rows = max(multiple, CHUNK_ELEMENTS // max(k, 1) // multiple * multiple)
+    return [slice(start, start + rows) for start in range(0, n, rows)]
 
 
 def _in_row_chunks(quantize: Callable[[torch.Tensor], GroupQuantized], weight: torch.Tensor) -> GroupQuantized:
     """quantize(weight) a chunk of rows at a time (every form here quantizes each row on its
     own), the parts' tensors concatenated: the same GroupQuantized as one pass."""
-    n, k = weight.shape
-    rows = max(1, QUANTIZE_CHUNK_ELEMENTS // max(k, 1))
-    if rows >= n:
+    chunks = row_chunks(weight.shape[0], weight.shape[1])
+    if len(chunks) == 1:
         return quantize(weight)
-    parts = [quantize(weight[start : start + rows]) for start in range(0, n, rows)]
+    parts = [quantize(weight[chunk]) for chunk in chunks]
 
     def joined(name: str) -> torch.Tensor | None:
         tensors = [getattr(part, name) for part in parts]

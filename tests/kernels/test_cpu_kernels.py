@@ -251,7 +251,7 @@ def test_grouped_gemv_is_the_dequantized_product(variant, bits, group_size, rows
 
 def test_large_weights_pack_and_quantize_a_chunk_of_rows_at_a_time(monkeypatch):
     """Packing and quantizing go a chunk of rows at a time (a whole LM head's int64 and float32
-    copies cost ~35 bytes a weight at once): chunks of 8 (7) rows and a last, shorter one give
+    copies cost ~35 bytes a weight at once): chunks of 7 rows (8: whole panels) and a last, shorter one give
     the same tensors as one pass, in every panel layout, the float GEMV's words, int4's coded
     form (values, scale and offset codes, factors) and the 6-bit head's groups."""
     w = randn(100, 200, dtype=F32) * 0.05
@@ -268,8 +268,7 @@ def test_large_weights_pack_and_quantize_a_chunk_of_rows_at_a_time(monkeypatch):
         return [t for g in forms for t in (g.values, g.scales, g.offsets, g.factors) if t is not None]
 
     whole, whole_quantized = packed_forms(), quantized_forms()
-    monkeypatch.setattr(cpu, "PACK_CHUNK_ELEMENTS", 8 * 200)  # 8 rows a chunk: 13 chunks
-    monkeypatch.setattr(ref, "QUANTIZE_CHUNK_ELEMENTS", 7 * 200)  # 7 rows a chunk: 15 chunks
+    monkeypatch.setattr(ref, "CHUNK_ELEMENTS", 7 * 200)  # 7 rows a chunk (8 where 8 lanes make a panel)
     for chunked, one_pass in zip(packed_forms() + quantized_forms(), whole + whole_quantized, strict=True):
         assert torch.equal(chunked, one_pass)
 
