@@ -102,6 +102,16 @@ def build_checkpoint(arch: str, path, **overrides) -> str:
     return str(path)
 
 
+def mapped_files(directory) -> set[str]:
+    """The files under `directory` that this process has memory-mapped (Linux: /proc/self/maps;
+    elsewhere nothing is reported)."""
+    maps = Path("/proc/self/maps")
+    if not maps.is_file():
+        return set()
+    root = str(Path(directory).resolve())
+    return {line.split(maxsplit=5)[5].strip() for line in maps.read_text().splitlines() if root in line}
+
+
 def load_reference(path):
     """The transformers model for a checkpoint directory, float32, eager attention."""
     return transformers.AutoModelForCausalLM.from_pretrained(

@@ -19,6 +19,7 @@ import torch
 from ..config import Llama3Config
 from ..core.step_input import SamplingInput, StepInput
 from ..model.checkpoint import TORCH_DTYPES, DummyWeights, WeightSource, open_checkpoint
+from ..model.gguf import release_readers
 from ..model.parallel import ParallelContext
 from ..model.rope import cos_sin_cache
 from ..model.sampler import Sampler, SamplerOutput, compute_logprobs
@@ -101,6 +102,7 @@ class Worker:
                 self.model.load(WeightSource(checkpoint, self.config, self.device), show_progress)
             finally:
                 checkpoint.close()
+                release_readers()
         self.cos_sin = cos_sin_cache(self.config).to(self.device)
         _return_freed_heap()
 

@@ -249,7 +249,12 @@ class WeightSource:
             tensor = self._dequantize_fp8(stored_name, tensor, row0)
         # A column slice comes back as a strided view of whole rows: copying it out frees the rows
         # this rank does not hold, and kernels (oneDNN, the CPU GEMV) need contiguous weights.
-        return tensor.to(device=self.device, dtype=self.dtype).contiguous()
+        out = tensor.to(device=self.device, dtype=self.dtype).contiguous()
+        if out.untyped_storage().data_ptr() == tensor.untyped_storage().data_ptr():
+            # Still a view of safetensors' private map of the whole file: one such tensor kept
+            # (a norm's weight) keeps every page of the file the load read mapped and resident.
+            out = out.clone()
+        return out
 
     def _dequantize_fp8(self, stored_name: str, values: torch.Tensor, row0: int) -> torch.Tensor:
         """An FP8 weight's rows [row0, row0 + len(values)) (any column slice) times its scale

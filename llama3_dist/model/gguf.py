@@ -98,6 +98,14 @@ def _cached_reader(file: str, size: int, mtime_ns: int):
         ) from None
 
 
+def release_readers() -> None:
+    """Lets go of the parsed files _reader keeps for the config, the tokenizer and the weights:
+    each maps its whole file and holds a NumPy map per metadata item (~150 MB for SmolLM2's
+    49152-token vocabulary). Called once a process has read what it needs: by the worker after
+    the weights, by the engine once its ranks are up."""
+    _cached_reader.cache_clear()
+
+
 def _field(reader, key: str, default: Any = None) -> Any:
     field = reader.fields.get(key)
     if field is None:
@@ -355,7 +363,7 @@ class GGUFCheckpoint:
         return sorted(n for n in self._tensors if n not in self.consumed)
 
     def close(self) -> None:
-        pass
+        self._reader = None  # (release_readers lets go of the parse itself)
 
 
 def _hf_name(gguf_name: str) -> str | None:

@@ -18,6 +18,7 @@ from llama3_dist.kernels import cpu
 from llama3_dist.model.gguf import GROUPED_TYPES, GGUFCheckpoint
 
 gguf = pytest.importorskip("gguf")
+from conftest import mapped_files  # noqa: E402
 from gguf_files import (  # noqa: E402
     PROMPT,
     Q4_K_M_TYPES,
@@ -51,7 +52,11 @@ def hf_dir(tmp_path_factory):
 
 def ours(path, kept: bool | None = None, **kwargs) -> list[int]:
     """Our greedy tokens; kept: whether the projections must (or must not) be stored quantized."""
+    directory = Path(path).parent if Path(path).is_file() else path
+    mapped_before = mapped_files(directory)  # (transformers' reading may have mapped it already)
     with LLM(path, show_progress=False, kv_cache_bytes=8 << 20, **kwargs) as llm:
+        # Our reader's map of the file (and its NumPy map per metadata item) is let go after the load.
+        assert not mapped_files(directory) - mapped_before
         if kept is not None:
             layer = llm.engine.executor.worker.model.decoder_layers[0]
             assert layer.self_attn.qkv_proj.quantized == kept and layer.mlp.down_proj.quantized == kept
