@@ -74,6 +74,11 @@ inline int64_t omp_threads() {
 #endif
 }
 
+// Asks for bytes [0, size) from p into this core's L2 cache (prefetcht1), a line at a time.
+inline void prefetch_lines(const void* p, int64_t size) {
+    for (int64_t line = 0; line < size; line += CACHE_LINE) __builtin_prefetch(static_cast<const char*>(p) + line, 0, 2);
+}
+
 // Lanes Offset .. Offset + sizeof...(I) - 1 of v, as a vector of that many.
 template <int Offset, typename V, size_t... I>
 inline auto lanes_of(V v, std::index_sequence<I...>) {
@@ -532,12 +537,33 @@ inline void with_constant(int64_t n, Body&& body) {
         with_constant<MAX, N + 1>(n, body);
 }
 
+template <typename T>
+void rms_norm(const T* x, const T* residual, const T* weight, float eps, T* out, T* h_out, int64_t n, int64_t d);
+
+// An RMS norm run where the projection after it prepares x, in the same single section (the
+// fused decode halves): h = x + residual (stored into residual; x alone when residual is null),
+// normed = norm(h). One barrier fewer, and the normed rows stay with the thread that reads them
+// next instead of crossing to the other core.
+template <typename T>
+struct NormFirst {
+    const T* x;
+    T* residual;
+    const void* weight;
+    float eps;
+    T* normed;
+    int64_t hidden;
+    void run(int64_t m) const { rms_norm<T>(x, residual, static_cast<const T*>(weight), eps, normed, residual, m, hidden); }
+};
+
 template <typename T, typename W = T>
 int gemv_team(const T* x, int64_t m, const W* w, const T* bias, T* y, int64_t n, int64_t k, float* xf,
-              const float* scale = nullptr) {
+              const float* scale = nullptr, const NormFirst<T>* norm = nullptr) {
     if (m < 1 || m > GEMV_MAX_ROWS) return -1;
 #pragma omp single
-    widen_rows<T, W>(x, m, k, xf);
+    {
+        if (norm) norm->run(m);
+        widen_rows<T, W>(x, m, k, xf);
+    }
     with_constant<GEMV_MAX_ROWS>(m, [&](auto rows) {
         if (k * int64_t(sizeof(W)) >= LONG_ROW_BYTES)
             gemv_tiles<T, W, rows(), LONG_ROW_TILE_ROWS>(xf, w, scale, bias, y, n, k);
@@ -1253,13 +1279,17 @@ struct PanelScratch {
 // The integer GEMV by the threads of an enclosing parallel region (or the calling thread).
 template <typename T, int BITS, int DIGITS = 1>
 void panel_team(const T* x, int64_t m, const uint32_t* w, const uint16_t* scales, const uint16_t* offsets,
-                const uint16_t* factors, const T* bias, T* y, int64_t n, int64_t k, int64_t group_size, PanelScratch& scratch) {
+                const uint16_t* factors, const T* bias, T* y, int64_t n, int64_t k, int64_t group_size, PanelScratch& scratch,
+                const NormFirst<T>* norm = nullptr) {
     int8_t *xq = scratch.xq.data(), *xq_low = scratch.xq_low.data();
     float *dx = scratch.dx.data(), *group_sums = scratch.group_sums.data();
     int32_t *block_sums = scratch.block_sums.data(), *low_block_sums = scratch.low_block_sums.data();
 #pragma omp single
-    quantize_blocks<T, DIGITS>(x, m, k, (k + 31) / 32, group_size, xq, xq_low, dx, group_sums, block_sums,
-                               low_block_sums);
+    {
+        if (norm) norm->run(m);
+        quantize_blocks<T, DIGITS>(x, m, k, (k + 31) / 32, group_size, xq, xq_low, dx, group_sums, block_sums,
+                                   low_block_sums);
+    }
     with_rows(m, [&](auto rows) {
         panel_tiles<T, BITS, DIGITS, rows()>(xq, xq_low, dx, group_sums, block_sums, low_block_sums, w, scales,
                                              offsets, factors, bias, y, n, k, group_size);
@@ -1782,20 +1812,20 @@ struct Weight {
 };
 
 // y = x @ w.T + bias by the team: the dense GEMV or the integer one (the scratch's panels sized
-// for w's digits).
+// for w's digits); with norm, x is that norm's output, computed first.
 template <typename T>
 void project_team(const T* x, int64_t m, const Weight& w, const T* bias, T* y, int64_t n, int64_t k, float* xf,
-                  PanelScratch& scratch) {
+                  PanelScratch& scratch, const NormFirst<T>* norm = nullptr) {
     if (w.bits == 4)
-        panel_team<T, 4>(x, m, w.words, w.scales, w.offsets, w.factors, bias, y, n, k, w.group_size, scratch);
+        panel_team<T, 4>(x, m, w.words, w.scales, w.offsets, w.factors, bias, y, n, k, w.group_size, scratch, norm);
     else if (w.bits == 8 && w.digits == 2)
-        panel_team<T, 8, 2>(x, m, w.words, w.scales, w.offsets, nullptr, bias, y, n, k, w.group_size, scratch);
+        panel_team<T, 8, 2>(x, m, w.words, w.scales, w.offsets, nullptr, bias, y, n, k, w.group_size, scratch, norm);
     else if (w.bits == 8)
-        panel_team<T, 8>(x, m, w.words, w.scales, w.offsets, nullptr, bias, y, n, k, w.group_size, scratch);
+        panel_team<T, 8>(x, m, w.words, w.scales, w.offsets, nullptr, bias, y, n, k, w.group_size, scratch, norm);
     else if (w.bits == 6)
-        panel_team<T, 6, 2>(x, m, w.words, w.scales, nullptr, nullptr, bias, y, n, k, w.group_size, scratch);
+        panel_team<T, 6, 2>(x, m, w.words, w.scales, nullptr, nullptr, bias, y, n, k, w.group_size, scratch, norm);
     else
-        gemv_team(x, m, static_cast<const T*>(w.dense), bias, y, n, k, xf);
+        gemv_team(x, m, static_cast<const T*>(w.dense), bias, y, n, k, xf, static_cast<const float*>(nullptr), norm);
 }
 
 // One layer's attention half on this rank: norm, q/k/v, rotary, KV store, attention, o_proj.
@@ -1853,9 +1883,17 @@ void attention_team(const AttentionBlock& layer, const DecodeStep& step, const T
     const int64_t m = step.batch, d = layer.head_dim;
     const int64_t q_width = layer.heads * d, kv_width = layer.kv_heads * d, width = qkv_width(layer);
     T *normed = scratch.normed.data(), *qkv = scratch.wide.data(), *attended = scratch.narrow.data();
-    norm_into(x, residual, layer.norm_weight, layer.eps, normed, m, layer.hidden);
+    // What rotary and the KV store read and write after the q|k|v GEMV (this step's cos|sin rows
+    // and cache slots, last touched a step or more ago), asked for now to arrive during it.
+    for (int64_t i = 0; i < m; ++i) {
+        prefetch_lines(step.cos_sin + step.positions[i] * layer.rotary_dim, layer.rotary_dim * int64_t(sizeof(float)));
+        if (step.slots[i] < 0) continue;
+        prefetch_lines(k_cache + step.slots[i] * kv_width, kv_width * int64_t(sizeof(T)));
+        prefetch_lines(v_cache + step.slots[i] * kv_width, kv_width * int64_t(sizeof(T)));
+    }
+    const NormFirst<T> norm{x, residual, layer.norm_weight, layer.eps, normed, layer.hidden};
     project_team(normed, m, layer.qkv_weight, static_cast<const T*>(layer.qkv_bias), qkv, width, layer.hidden,
-                 scratch.xf.data(), scratch.panels);
+                 scratch.xf.data(), scratch.panels, &norm);
 #pragma omp single
     {
         T* q = qkv;
@@ -1875,9 +1913,9 @@ template <typename T>
 void mlp_team(const MlpBlock& layer, int64_t m, const T* x, T* residual, T* out, HalfScratch<T>& scratch) {
     const int64_t inter = layer.intermediate;
     T *normed = scratch.normed.data(), *gate_up = scratch.wide.data(), *activated = scratch.narrow.data();
-    norm_into(x, residual, layer.norm_weight, layer.eps, normed, m, layer.hidden);
+    const NormFirst<T> norm{x, residual, layer.norm_weight, layer.eps, normed, layer.hidden};
     project_team(normed, m, layer.gate_up_weight, static_cast<const T*>(layer.gate_up_bias), gate_up, 2 * inter,
-                 layer.hidden, scratch.xf.data(), scratch.panels);
+                 layer.hidden, scratch.xf.data(), scratch.panels, &norm);
     silu_and_mul_team<T>(gate_up, activated, m, inter);
     project_team(activated, m, layer.down_weight, static_cast<const T*>(nullptr), out, layer.hidden, inter,
                  scratch.xf.data(), scratch.panels);
@@ -1936,7 +1974,13 @@ int decode_layers(const AttentionBlock* attention, const MlpBlock* mlp, T* const
 #pragma omp parallel
     {
         for (int64_t i = 0; i < layers; ++i) {
-            // The first layer's residual stream is x itself (norm_into stores nothing without one).
+            // The next two norms' weights (this layer's MLP norm, then the next layer's or the
+            // final norm), last read a step ago: asked for now, they arrive during this layer's
+            // GEMVs instead of being waited for by the single thread that norms.
+            prefetch_lines(mlp[i].norm_weight, mlp[i].norm_weight ? hidden * int64_t(sizeof(T)) : 0);
+            const void* next_norm = i + 1 < layers ? attention[i + 1].norm_weight : final_norm_weight;
+            prefetch_lines(next_norm, next_norm ? hidden * int64_t(sizeof(T)) : 0);
+            // The first layer's residual stream is x itself (NormFirst stores nothing without one).
             attention_team(attention[i], step, i == 0 ? x : out, i == 0 ? nullptr : residual, attended.data(),
                            k_caches[i], v_caches[i], scratch);
             if (i == 0) {
@@ -1945,10 +1989,10 @@ int decode_layers(const AttentionBlock* attention, const MlpBlock* mlp, T* const
             }
             mlp_team(mlp[i], m, attended.data(), residual, out, scratch);
         }
-        if (normed) norm_into(out, residual, final_norm_weight, final_eps, normed, m, hidden);
         if (head) {
+            const NormFirst<T> final_norm{out, residual, final_norm_weight, final_eps, normed, hidden};
             project_team(normed, m, *head, static_cast<const T*>(nullptr), head_out, head_rows, hidden,
-                         scratch.xf.data(), scratch.panels);
+                         scratch.xf.data(), scratch.panels, &final_norm);
             constexpr int64_t PIECE = 4096;
             const int64_t pieces = (vocab + PIECE - 1) / PIECE;
 #pragma omp for schedule(static)
@@ -1960,6 +2004,8 @@ int decode_layers(const AttentionBlock* attention, const MlpBlock* mlp, T* const
                     store(to + begin + j, load(from + begin + j, count), count);
                 });
             }
+        } else if (normed) {
+            norm_into(out, residual, final_norm_weight, final_eps, normed, m, hidden);
         }
     }
     return 0;
