@@ -98,11 +98,15 @@ def llama_bench_ms(
     new_tokens: int = 32,
     timeout_s: float | None = None,
     prompt_tokens: int = 0,
+    depth: int = 0,
 ) -> float:
     """llama.cpp's decode speed: llama-bench's text generation test (tg<new_tokens>, no prompt),
     the mean of 3 repetitions, as ms per token; with prompt_tokens, its prompt processing test
-    instead (pp<prompt_tokens>, no generation), as ms per prompt token."""
+    instead (pp<prompt_tokens>, no generation), as ms per prompt token; with depth, the test runs
+    after that many tokens in the KV cache (llama-bench -d)."""
     test = ["-p", str(prompt_tokens), "-n", "0"] if prompt_tokens else ["-p", "0", "-n", str(new_tokens)]
+    if depth:
+        test += ["-d", str(depth)]
     done = subprocess.run(
         [binary, "-m", gguf, "-t", str(threads), *test, "-r", "3", "-o", "json"],
         capture_output=True,

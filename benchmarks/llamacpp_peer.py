@@ -32,6 +32,10 @@ ours. Both sides use torch's thread count (OMP_NUM_THREADS=1 runs both on one th
 
     python benchmarks/llamacpp_peer.py --model smollm2 --peer-dir /tmp/peer --llama-cpp LLAMA_CPP \\
         [--modes bf16,int8,int4,q8_0,q4_0,q4_1] [--tokens 64] [--rounds 3] [--prepare] [--prompt-tokens 1,8,64]
+        [--depth 2000]
+
+--depth N decodes after a prompt of N tokens instead (the KV cache that deep: each step's attention
+reads N keys a layer), against llama-bench -d N.
 
 --prompt-tokens also measures prompt processing at those lengths: ours, one request's prompt to its
 first token (the engine's whole path; best of 3 fresh prompts, the prefix cache never hits), against
@@ -234,7 +238,7 @@ def tensor_types(file: Path) -> str:
     return f"{kinds}; embedding {types.get('token_embd.weight')}, LM head {head}; {size:.1f} MB of tensors"
 
 
-def ours_engine(mode: str, source: str, quantization: str | None):
+def ours_engine(mode: str, source: str, quantization: str | None, kv_cache_bytes: int = 64 << 20):
     from llama3_dist import LLM
 
     try:
@@ -244,7 +248,7 @@ def ours_engine(mode: str, source: str, quantization: str | None):
             devices=["cpu"],
             quantization=quantization,
             show_progress=False,
-            kv_cache_bytes=64 << 20,
+            kv_cache_bytes=kv_cache_bytes,
             max_num_seqs=4,
         )
     except Exception as e:  # a mode the engine refuses (int4 until it exists) is reported; the rest run
@@ -253,11 +257,13 @@ def ours_engine(mode: str, source: str, quantization: str | None):
 
 
 def llama_cpp_ms(
-    binary: str, file: Path, threads: int, tokens: int, timeout_s: float, prompt_tokens: int = 0
+    binary: str, file: Path, threads: int, tokens: int, timeout_s: float, prompt_tokens: int = 0, depth: int = 0
 ) -> float | str:
     """llama-bench's ms per token (per prompt token with prompt_tokens: its pp test), or why there is none."""
     try:
-        return llama_bench_ms(binary, str(file), threads, tokens, timeout_s=timeout_s, prompt_tokens=prompt_tokens)
+        return llama_bench_ms(
+            binary, str(file), threads, tokens, timeout_s=timeout_s, prompt_tokens=prompt_tokens, depth=depth
+        )
     except subprocess.CalledProcessError as e:
         return f"failed: {e.stderr.strip()[-500:]}"
     except subprocess.TimeoutExpired:
@@ -285,6 +291,9 @@ def main() -> None:
     parser.add_argument("--no-ours", action="store_true", help="llama.cpp only")
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--depth", type=int, default=0, help="decode after a prompt of this many tokens (llama-bench -d)"
+    )
     parser.add_argument(
         "--prompt-tokens",
         default="",
@@ -345,7 +354,9 @@ def main() -> None:
             if source is None:
                 print(f"[{mode}] ours: no {'GGUF file' if gguf_mode else hf_dir}: not measured", flush=True)
                 continue
-            engine = ours_engine(mode, str(source), quantization)
+            # 32 KiB a token: the benchmark models keep 16-22.5 KiB of keys and values a token.
+            kv_cache_bytes = max(64 << 20, (args.depth + args.tokens + 64) * (64 << 20) // 2048)
+            engine = ours_engine(mode, str(source), quantization, kv_cache_bytes)
             if engine is None:
                 refused[mode] = "refused by the engine"
             else:
@@ -359,10 +370,12 @@ def main() -> None:
         return
     print(
         f"{args.rounds} rounds of every mode, {args.tokens} tokens each, {threads} threads (ours: torch's; "
-        f"llama-bench -t {threads} -p 0 -n {args.tokens} -r 3)",
+        f"llama-bench -t {threads} -p 0 -n {args.tokens}{f' -d {args.depth}' if args.depth else ''} -r 3)",
         flush=True,
     )
     prompt_lengths = [int(n) for n in args.prompt_tokens.split(",") if n]
+    # With --depth, a prompt of that many tokens (ids a vocabulary of 32000 has) before the decode.
+    decode_prompt = [1000 + (7 * i) % 30000 for i in range(args.depth)] if args.depth else PROMPT
     ours: dict[str, list[float]] = {m: [] for m in engines}
     peer: dict[tuple[str, str], list[float]] = {}
     # prompt processing, ms per prompt token: (side, mode, length) -> per round; side "ours" or a build
@@ -379,13 +392,15 @@ def main() -> None:
             so_far = [f"round {round_index + 1}: load {loads[-1]:.1f}, read {reads[-1]:.1f} GB/s"]
             for mode in modes:
                 if mode in engines:
-                    ours[mode].append(ours_decode_ms(engines[mode], PROMPT, args.tokens))
+                    ours[mode].append(ours_decode_ms(engines[mode], decode_prompt, args.tokens))
                     so_far.append(f"{mode} ours {1000 / ours[mode][-1]:.1f}")
                 peer_file = files[mode]
                 for build, binary in builds.items():
                     if peer_file is None or (build, mode) in failed:
                         continue
-                    ms = llama_cpp_ms(binary, peer_file, threads, args.tokens, args.llama_bench_timeout)
+                    ms = llama_cpp_ms(
+                        binary, peer_file, threads, args.tokens, args.llama_bench_timeout, depth=args.depth
+                    )
                     if isinstance(ms, str):
                         failed.add((build, mode))
                         print(f"[{mode}] {build} on {peer_file.name}: {ms}; not measured further", flush=True)
