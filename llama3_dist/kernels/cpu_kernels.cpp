@@ -1595,6 +1595,26 @@ inline void over_cached(const T* cache, const int32_t* table, int64_t first, int
     }
 }
 
+// The keys first .. first+length-1 of one sequence and KV head (d features each) LANES at a time:
+// score(keys, count, t0, full) for the count keys from key t0 on (count LANES and full
+// std::true_type but in the last group, std::false_type there).
+template <typename T, typename Score>
+inline void over_key_groups(const T* k_cache, const int32_t* table, int64_t first, int64_t length, int64_t block_size,
+                            int64_t kv_stride, int64_t head_offset, int64_t d, Score&& score) {
+    const T* keys[LANES];
+    int64_t gathered = 0, t0 = 0;
+    over_cached(k_cache, table, first, length, block_size, kv_stride, head_offset, d * int64_t(sizeof(T)),
+                [&](int64_t t, const T* key) {
+        if (gathered == 0) t0 = t;
+        keys[gathered++] = key;
+        if (gathered == LANES) {
+            score(static_cast<const T* const*>(keys), gathered, t0, std::true_type{});
+            gathered = 0;
+        }
+    });
+    if (gathered) score(static_cast<const T* const*>(keys), gathered, t0, std::false_type{});
+}
+
 // scores[c * length + t] = key t . query c (queries: G rows of d floats, already scaled). One
 // query (G 1): keys LANES at a time, each dot product an independent vector sum and their lanes
 // summed together (transpose_sums) instead of a horizontal sum per key (SmolLM2-shaped heads,
@@ -1604,9 +1624,8 @@ template <typename T, int G>
 void chunk_scores(const float* query, const T* k_cache, const int32_t* table, int64_t first, int64_t length,
                   int64_t block_size, int64_t kv_stride, int64_t head_offset, int64_t d, float* scores) {
     if constexpr (G == 1) {
-        const T* keys[LANES];
-        int64_t gathered = 0, t0 = 0;
-        const auto score = [&](auto full) {
+        over_key_groups(k_cache, table, first, length, block_size, kv_stride, head_offset, d,
+                        [&](const T* const* keys, int64_t gathered, int64_t t0, auto full) {
             Floats acc[LANES] = {};
             over_vectors(d, [&](int64_t j, int64_t count) {
                 const Floats q = load(query + j, count);
@@ -1615,15 +1634,7 @@ void chunk_scores(const float* query, const T* k_cache, const int32_t* table, in
                     if (decltype(full)::value || i < gathered) acc[i] += load(keys[i] + j, count) * q;
             });
             store(scores + t0, transpose_sums(acc), gathered);
-            gathered = 0;
-        };
-        over_cached(k_cache, table, first, length, block_size, kv_stride, head_offset, d * int64_t(sizeof(T)),
-                    [&](int64_t t, const T* key) {
-            if (gathered == 0) t0 = t;
-            keys[gathered++] = key;
-            if (gathered == LANES) score(std::true_type{});
         });
-        if (gathered) score(std::false_type{});
     } else {
         over_cached(k_cache, table, first, length, block_size, kv_stride, head_offset, d * int64_t(sizeof(T)),
                     [&](int64_t t, const T* key) {
@@ -1690,9 +1701,8 @@ inline int64_t block_query(int64_t j) {
 template <typename T, int G>
 void block_scores(const float* query, const T* k_cache, const int32_t* table, int64_t first, int64_t length,
                   int64_t block_size, int64_t kv_stride, int64_t head_offset, int64_t d, float* scores) {
-    const T* keys[LANES];
-    int64_t gathered = 0, t0 = 0;
-    const auto score = [&](auto full) {
+    over_key_groups(k_cache, table, first, length, block_size, kv_stride, head_offset, d,
+                    [&](const T* const* keys, int64_t gathered, int64_t t0, auto full) {
         for (int c = 0; c < G; ++c) {
             Floats acc[LANES] = {};
             for (int64_t b = 0; b < d; b += FEATURE_BLOCK) {
@@ -1708,15 +1718,7 @@ void block_scores(const float* query, const T* k_cache, const int32_t* table, in
             }
             store(scores + c * length + t0, transpose_sums(acc), gathered);
         }
-        gathered = 0;
-    };
-    over_cached(k_cache, table, first, length, block_size, kv_stride, head_offset, d * int64_t(sizeof(T)),
-                [&](int64_t t, const T* key) {
-        if (gathered == 0) t0 = t;
-        keys[gathered++] = key;
-        if (gathered == LANES) score(std::true_type{});
     });
-    if (gathered) score(std::false_type{});
 }
 
 template <typename T, int G>
