@@ -233,9 +233,6 @@ class LLMEngine:
             self.config, self.model_path, executor, worker_kwargs, **executor_kwargs
         )
         self.executor: Executor = self._make_executor()
-        from .model.gguf import release_readers
-
-        release_readers()  # the ranks are loaded: a GGUF file's parse (config, tokenizer) can go
         self._recovery = _Recovery(max_restarts, restart_window_s, restart_backoff_s)
         # Why the engine is rebuilding its ranks right now, else None (read by health checks on
         # other threads while the engine thread rebuilds).

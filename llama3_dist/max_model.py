@@ -100,11 +100,7 @@ class Llama3Model:
             max_num_seqs=max_batch_size,
             load_format=load_format,
         )
-        model = cls(config, make_executor(config, str(path), executor, worker_kwargs, **executor_kwargs))
-        from .model.gguf import release_readers
-
-        release_readers()  # the ranks are loaded: a GGUF file's parse (the config) can go
-        return model
+        return cls(config, make_executor(config, str(path), executor, worker_kwargs, **executor_kwargs))
 
     # --- inputs ---------------------------------------------------------------------------
     def _validate(self, ctx: TextContext) -> None:

@@ -81,6 +81,11 @@ def make_executor(config: Llama3Config, path: str, kind: str, worker_kwargs: dic
         from .local import LocalExecutor
 
         return LocalExecutor(config, path, **worker_kwargs)
+    from ..model.gguf import release_readers
     from .ray_executor import RayExecutor
 
-    return RayExecutor(config, path, worker_kwargs, **executor_kwargs)
+    executor = RayExecutor(config, path, worker_kwargs, **executor_kwargs)
+    # The ranks read the checkpoint in their own processes (the local executor's worker releases
+    # it after loading): this process's parse of a GGUF file, for the config and tokenizer, can go.
+    release_readers()
+    return executor

@@ -1678,7 +1678,7 @@ void chunk_values(const float* weights, const T* v_cache, const int32_t* table, 
 // then its odd ones, each by one shift or mask), against a conversion per vector that GCC splits
 // into two half-width ones. SmolLM2's heads (d 64), 512 warm keys, one thread, ns per key and
 // head, AVX2: scores 9.3-11.2 -> 4.7-6.1 (one head), 6.7-7.5 -> 4.3-5.5 (two); values 7.9-8.1 ->
-// 3.8-4.2 (one), 4.8-5.3 -> 3.2-3.5 (two). The queries come in the same order (block_query), so a
+// 3.8-4.2 (one), 4.8-5.3 -> 3.2-3.5 (two). The queries come in the same order (Block<T>::x_index), so a
 // score sums the same products in another order; each value feature's sum over keys runs as in
 // chunk_values (same order, same roundings).
 constexpr int64_t FEATURE_BLOCK = 2 * LANES;
@@ -1686,12 +1686,6 @@ constexpr int64_t FEATURE_BLOCK = 2 * LANES;
 template <typename T>
 constexpr bool blocked_features(int64_t d) {
     return Block<T>::VECTORS == 2 && d % FEATURE_BLOCK == 0;
-}
-
-// Where feature j of a head goes in block order.
-template <typename T>
-inline int64_t block_query(int64_t j) {
-    return Block<T>::x_index(j);
 }
 
 // Keys LANES at a time, and for each query head their LANES sums transposed together (as
@@ -1747,7 +1741,7 @@ void block_values(const float* weights, const T* v_cache, const int32_t* table, 
                 memcpy(sums, &acc[c][b][0], sizeof(Floats));
                 memcpy(sums + LANES, &acc[c][b][1], sizeof(Floats));
                 for (int64_t j = 0; j < FEATURE_BLOCK; ++j)
-                    out[c * d + j0 + b * FEATURE_BLOCK + j] = sums[block_query<T>(j)];
+                    out[c * d + j0 + b * FEATURE_BLOCK + j] = sums[Block<T>::x_index(j)];
             }
     }
 }
@@ -1787,7 +1781,7 @@ void decode_attention_team(const T* q, int64_t q_stride, const T* k_cache, const
         const bool blocked = blocked_features<T>(d);
         for (int64_t group = 0; group < g; ++group)
             for (int64_t j = 0; j < d; ++j)
-                query[group * d + (blocked ? block_query<T>(j) : j)] =
+                query[group * d + (blocked ? Block<T>::x_index(j) : j)] =
                     E::to_float(q[s * q_stride + (head0 + group) * d + j]) * scale;
         for (int64_t c0 = 0; c0 < g; c0 += MAX_CHUNK)
             with_chunk(std::min<int64_t>(MAX_CHUNK, g - c0), [&](auto chunk) {
@@ -1951,13 +1945,6 @@ struct MlpBlock {
     float eps;
 };
 
-// h = x + residual (stored into residual; x alone when residual is null), normed = norm(h).
-template <typename T>
-void norm_into(const T* x, T* residual, const void* weight, float eps, T* normed, int64_t m, int64_t hidden) {
-#pragma omp single
-    rms_norm<T>(x, residual, static_cast<const T*>(weight), eps, normed, residual, m, hidden);
-}
-
 // The buffers between the kernels of the fused halves, for m rows: the normed input, the wide
 // projection's output (q|k|v or gate|up), the narrow one's input (attention or SiLU * up
 // output), x widened for the dense GEMV and x quantized for the integer one. Sized by the
@@ -2091,8 +2078,8 @@ int decode_layers(const AttentionBlock* attention, const MlpBlock* mlp, T* const
             }
             mlp_team(mlp[i], m, attended.data(), residual, out, scratch);
         }
+        const NormFirst<T> final_norm{out, residual, final_norm_weight, final_eps, normed, hidden};
         if (head) {
-            const NormFirst<T> final_norm{out, residual, final_norm_weight, final_eps, normed, hidden};
             project_team(normed, m, *head, static_cast<const T*>(nullptr), head_out, head_rows, hidden,
                          scratch.xf.data(), scratch.panels, &final_norm);
             constexpr int64_t PIECE = 4096;
@@ -2107,7 +2094,8 @@ int decode_layers(const AttentionBlock* attention, const MlpBlock* mlp, T* const
                 });
             }
         } else if (normed) {
-            norm_into(out, residual, final_norm_weight, final_eps, normed, m, hidden);
+#pragma omp single
+            final_norm.run(m);
         }
     }
     return 0;

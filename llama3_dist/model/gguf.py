@@ -102,7 +102,7 @@ def release_readers() -> None:
     """Lets go of the parsed files _reader keeps for the config, the tokenizer and the weights:
     each maps its whole file and holds a NumPy map per metadata item (~150 MB for SmolLM2's
     49152-token vocabulary). Called once a process has read what it needs: by the worker after
-    the weights, by the engine and Llama3Model once their ranks are up."""
+    the weights, by make_executor once Ray ranks are up (the driver's parse)."""
     _cached_reader.cache_clear()
 
 
