@@ -3,7 +3,8 @@
 `LLM(model="file.gguf")` (or a directory holding one .gguf and no config.json) reads:
 - the config from the file's metadata (llama architecture keys) as a Hugging Face config dict;
 - the tokenizer and chat template through transformers' GGUF conversion;
-- the weights through the `gguf` package's reader, dequantized to float32 as each rank reads its
+- the weights through our own parse of the file (GGUFFile; the `gguf` package gives the types'
+  block sizes and the dequantizers), dequantized to float32 as each rank reads its
   slice: whole rows for column-parallel weights, and for row-parallel ones a column range that
   must not cut a quantization block (an error names the tensor and the block size). llama.cpp's
   converter permutes the rows of q and k within each head (its rotary layout); that is undone.
@@ -22,9 +23,12 @@ embeddings) are dequantized to the model's dtype (float32 by default).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
+import math
 import os
 import shutil
+import struct
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -76,62 +80,171 @@ def find_gguf(path: str | Path) -> Path | None:
     return files[0] if files else None
 
 
-def _reader(file: Path):
-    """One parse per file and process: the metadata of a real model (its vocabulary) takes seconds
-    to parse, and the config, the checks and the weights all need it."""
+# GGUF metadata value types (the spec's numbering): struct formats of the scalars; 8 is a
+# string (a 64-bit length, then UTF-8 bytes), 9 an array (element type, 64-bit count, elements).
+_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+_STRING, _ARRAY = 8, 9
+_MAX_DIMS = 4  # llama.cpp's GGML_MAX_DIMS
+
+
+@dataclasses.dataclass(frozen=True)
+class GGUFTensor:
+    """One tensor's entry: its GGUF name, type (a GGMLQuantizationType, or the number of a type
+    the gguf package does not know), shape in GGUF's order (ne0, the columns, first) and where
+    its bytes lie in the file."""
+
+    name: str
+    kind: Any
+    shape: tuple[int, ...]
+    offset: int
+    nbytes: int
+
+    @property
+    def kind_name(self) -> str:
+        return getattr(self.kind, "name", f"type {self.kind}")
+
+
+class GGUFFile:
+    """A GGUF file's metadata and tensor index, read with struct from a map of the file; the
+    tensors' bytes are NumPy views of that map (nothing is copied until a rank slices them).
+
+    Why not the gguf package's GGUFReader: it builds NumPy views for every metadata item, and a
+    real vocabulary has ~100,000 strings (SmolLM2: 5-7 s on 2 cores, in the driver and again
+    in every rank); here the walk over them takes tens of milliseconds."""
+
+    def __init__(self, file: Path):
+        import mmap
+
+        from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+        with open(file, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size < 24:
+                raise ValueError(f"{size} bytes is shorter than a GGUF header")
+            self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        buffer, self._size = self._map, size
+        if buffer[:4] != b"GGUF":
+            raise ValueError(f"it starts with {bytes(buffer[:4])!r}, not GGUF's magic b'GGUF'")
+        (version,) = struct.unpack_from("<I", buffer, 4)
+        if version not in (2, 3):
+            raise ValueError(f"GGUF version {version} (byte-swapped: a big-endian file?); accepted: 2, 3")
+        num_tensors, num_items = struct.unpack_from("<QQ", buffer, 8)
+        self._offset = 24
+        self.metadata: dict[str, Any] = {}
+        for _ in range(self._count(num_items, 12)):
+            key = self._string()
+            (kind,) = self._unpack("<I")
+            self.metadata[key] = self._value(kind)
+        infos = []
+        for _ in range(self._count(num_tensors, 24)):
+            name = self._string()
+            (num_dims,) = self._unpack("<I")
+            if not 1 <= num_dims <= _MAX_DIMS:
+                raise ValueError(f"tensor {name!r} has {num_dims} dimensions")
+            shape = self._unpack(f"<{num_dims}Q")
+            kind, offset = self._unpack("<IQ")
+            infos.append((name, kind, shape, offset))
+        alignment = int(self.metadata.get("general.alignment", 32))
+        data_start = -(-self._offset // alignment) * alignment
+        self.tensors: list[GGUFTensor] = []
+        for name, kind, shape, offset in infos:
+            try:
+                kind = GGMLQuantizationType(kind)
+                block, block_bytes = GGML_QUANT_SIZES[kind]
+                nbytes = math.prod(shape) // block * block_bytes
+            except (ValueError, KeyError):  # a type this gguf package does not know: refused by name later
+                nbytes = 0
+            if data_start + offset + nbytes > size:
+                raise ValueError(f"tensor {name!r} ends past the end of the file")
+            self.tensors.append(GGUFTensor(name, kind, tuple(shape), data_start + offset, nbytes))
+
+    def data(self, tensor: GGUFTensor) -> np.ndarray:
+        """The tensor's bytes as a view of the file: float32 / float16 values [rows, columns] for
+        F32 / F16 matrices (a vector for 1-D tensors), raw bytes [rows, bytes per row] otherwise."""
+        name = getattr(tensor.kind, "name", "")
+        dtype = {"F32": np.float32, "F16": np.float16}.get(name, np.uint8)
+        count = tensor.nbytes // np.dtype(dtype).itemsize
+        flat = np.frombuffer(self._map, dtype=dtype, count=count, offset=tensor.offset)
+        return flat if len(tensor.shape) == 1 else flat.reshape(math.prod(tensor.shape[1:]), -1)
+
+    def _unpack(self, fmt: str) -> tuple:
+        values = struct.unpack_from(fmt, self._map, self._offset)
+        self._offset += struct.calcsize(fmt)
+        return values
+
+    def _count(self, count: int, least_bytes: int) -> int:
+        """A count read from the file, checked against the bytes left (a corrupted count would
+        otherwise loop for ages)."""
+        if count * least_bytes > self._size - self._offset:
+            raise ValueError(f"a count of {count} items at byte {self._offset} does not fit in the file")
+        return count
+
+    def _string(self) -> str:
+        (length,) = self._unpack("<Q")
+        end = self._offset + length
+        if end > self._size:
+            raise ValueError(f"a string of {length} bytes at byte {self._offset} runs past the end")
+        text = self._map[self._offset : end].decode("utf-8", errors="surrogateescape")
+        self._offset = end
+        return text
+
+    def _value(self, kind: int) -> Any:
+        if kind == _STRING:
+            return self._string()
+        if kind == _ARRAY:
+            element, count = self._unpack("<IQ")
+            if element in _SCALARS:  # numbers: one NumPy read
+                dtype = np.dtype(_SCALARS[element].replace("?", "b1"))
+                values = np.frombuffer(self._map, dtype, self._count(count, dtype.itemsize), self._offset)
+                self._offset += count * dtype.itemsize
+                return values.tolist()
+            return [self._value(element) for _ in range(self._count(count, 8))]
+        if kind not in _SCALARS:
+            raise ValueError(f"metadata value type {kind} is not one of GGUF's")
+        (value,) = self._unpack(_SCALARS[kind])
+        return value
+
+
+def _reader(file: Path) -> GGUFFile:
+    """One parse per file and process: the config, the checks and the weights all need it."""
     resolved = Path(file).resolve()
     stat = resolved.stat()
     return _cached_reader(str(resolved), stat.st_size, stat.st_mtime_ns)
 
 
 @functools.lru_cache(maxsize=4)
-def _cached_reader(file: str, size: int, mtime_ns: int):
+def _cached_reader(file: str, size: int, mtime_ns: int) -> GGUFFile:
     try:
-        from gguf import GGUFReader
+        import gguf  # noqa: F401  (the quantization types' table and dequantizers)
     except ImportError:
         raise ImportError(f"reading {file!r} needs the gguf package: pip install 'llama3-dist[gguf]'") from None
     try:
-        return GGUFReader(file)
-    except (ValueError, IndexError, KeyError, OSError) as e:  # what the reader raises on a bad file
+        return GGUFFile(Path(file))
+    except (ValueError, struct.error, UnicodeDecodeError, OSError) as e:
         raise ConfigError(
             f"{file!r} is not a readable GGUF file ({size} bytes; truncated or corrupted?): {e}"
         ) from None
 
 
 def release_readers() -> None:
-    """Lets go of the parsed files _reader keeps for the config, the tokenizer and the weights:
-    each maps its whole file and holds a NumPy map per metadata item (~150 MB for SmolLM2's
-    49152-token vocabulary). Called once a process has read what it needs: by the worker after
-    the weights, by make_executor once Ray ranks are up (the driver's parse)."""
+    """Lets go of the parsed files _reader keeps for the config, the tokenizer and the weights
+    (each holds a map of its whole file). Called once a process has read what it needs: by the
+    worker after the weights, by make_executor once Ray ranks are up (the driver's parse)."""
     _cached_reader.cache_clear()
-
-
-def _field(reader, key: str, default: Any = None) -> Any:
-    field = reader.fields.get(key)
-    if field is None:
-        return default
-    from gguf import GGUFValueType
-
-    kind = field.types[0]
-    if kind == GGUFValueType.STRING:
-        return bytes(field.parts[field.data[0]]).decode("utf-8")
-    if kind == GGUFValueType.ARRAY:
-        return [field.parts[i].tolist() for i in field.data]
-    value = field.parts[field.data[0]].tolist()
-    return value[0] if isinstance(value, list) and len(value) == 1 else value
 
 
 def gguf_config(file: str | Path) -> dict[str, Any]:
     """The file's metadata as a Hugging Face LlamaForCausalLM config dict."""
     reader = _reader(Path(file))
-    arch = _field(reader, "general.architecture")
+    metadata = reader.metadata
+    arch = metadata.get("general.architecture")
     if arch not in ARCHITECTURES:
         raise ConfigError(
             f"{str(file)!r}: GGUF architecture {arch!r} is not read here; accepted: {', '.join(ARCHITECTURES)}"
         )
 
     def key(name: str, default: Any = None) -> Any:
-        return _field(reader, f"{arch}.{name}", default)
+        return metadata.get(f"{arch}.{name}", default)
 
     names = {t.name for t in reader.tensors}
     if "rope_freqs.weight" in names:
@@ -140,7 +253,7 @@ def gguf_config(file: str | Path) -> dict[str, Any]:
             f"which this reader does not apply; use the Hugging Face checkpoint"
         )
     hidden, heads = key("embedding_length"), key("attention.head_count")
-    tokens = _field(reader, "tokenizer.ggml.tokens") or []
+    tokens = metadata.get("tokenizer.ggml.tokens") or []
     config: dict[str, Any] = {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
@@ -155,8 +268,8 @@ def gguf_config(file: str | Path) -> dict[str, Any]:
         "max_position_embeddings": key("context_length", 2048),
         "vocab_size": key("vocab_size", len(tokens)),
         "tie_word_embeddings": "output.weight" not in names,
-        "bos_token_id": _field(reader, "tokenizer.ggml.bos_token_id"),
-        "eos_token_id": _field(reader, "tokenizer.ggml.eos_token_id"),
+        "bos_token_id": metadata.get("tokenizer.ggml.bos_token_id"),
+        "eos_token_id": metadata.get("tokenizer.ggml.eos_token_id"),
         "torch_dtype": "float32",  # the weights are dequantized to float32
     }
     scaling = key("rope.scaling.type")
@@ -174,8 +287,7 @@ def load_gguf_tokenizer(file: Path):
 
     from ..paths import cache_root
 
-    reader = _reader(file)
-    if _field(reader, "tokenizer.ggml.model") is None:
+    if _reader(file).metadata.get("tokenizer.ggml.model") is None:
         return None
     # transformers' conversion takes seconds for a real vocabulary: keep the result per file.
     stat = file.resolve().stat()
@@ -249,15 +361,15 @@ class GGUFCheckpoint:
         from gguf import GGML_QUANT_SIZES
 
         self.path = Path(file)
-        self._reader = _reader(self.path)
+        self._reader: GGUFFile | None = _reader(self.path)
         config = gguf_config(self.path)
         self.head_dim = config["head_dim"]
         self._tensors = {}
-        for tensor in self._reader.tensors:
+        for tensor in self._file().tensors:
             name = _hf_name(tensor.name)
             if name is None:
                 continue
-            kind = tensor.tensor_type.name
+            kind = tensor.kind_name
             if kind not in SUPPORTED_TYPES:
                 raise ConfigError(
                     f"{self.path.name}: tensor {tensor.name!r} is {kind}, not read here; "
@@ -268,8 +380,13 @@ class GGUFCheckpoint:
         self.files = dict.fromkeys(self._tensors, self.path)
         self.consumed: set[str] = set()
 
+    def _file(self) -> GGUFFile:
+        if self._reader is None:
+            raise RuntimeError(f"{self.path.name} was closed")
+        return self._reader
+
     def shape(self, name: str) -> list[int]:
-        return [int(n) for n in reversed(self._tensors[name].shape.tolist())]  # GGUF lists ne0 (columns) first
+        return [int(n) for n in reversed(self._tensors[name].shape)]  # GGUF lists ne0 (columns) first
 
     def read(
         self, name: str, row0: int = 0, rows: int | None = None, cols: tuple[int, int] | None = None
@@ -281,13 +398,13 @@ class GGUFCheckpoint:
         tensor = self._tensors[name]
         self.consumed.add(name)
         if len(tensor.shape) == 1:  # norms: float32 vectors
-            vector = np.asarray(tensor.data, dtype=np.float32).reshape(-1)
+            vector = np.asarray(self._file().data(tensor), dtype=np.float32)
             return torch.from_numpy(vector[row0 : None if rows is None else row0 + rows].copy())
         out_rows, in_cols = self.shape(name)
         stop = out_rows if rows is None else row0 + rows
-        kind = tensor.tensor_type
+        kind = tensor.kind
         block, type_size = self._quant_sizes[kind]
-        data = np.asarray(tensor.data).reshape(out_rows, -1)[row0:stop]  # quantized rows stay whole
+        data = self._file().data(tensor)[row0:stop]  # quantized rows stay whole
         c0, c1 = (0, in_cols) if cols is None else cols
         self._check_block_aligned(tensor, in_cols, c0, c1)
         if kind in (GGMLQuantizationType.F32, GGMLQuantizationType.F16):
@@ -309,7 +426,7 @@ class GGUFCheckpoint:
         import torch
 
         tensor = self._tensors[name]
-        kind = tensor.tensor_type.name
+        kind = tensor.kind_name
         if kind not in GROUPED_TYPES or len(tensor.shape) != 2:
             return None
         self.consumed.add(name)
@@ -317,8 +434,8 @@ class GGUFCheckpoint:
         stop = out_rows if rows is None else row0 + rows
         c0, c1 = (0, in_cols) if cols is None else cols
         self._check_block_aligned(tensor, in_cols, c0, c1)
-        block, block_bytes = self._quant_sizes[tensor.tensor_type]
-        data = np.asarray(tensor.data).view(np.uint8).reshape(out_rows, -1)[row0:stop]
+        block, block_bytes = self._quant_sizes[tensor.kind]
+        data = self._file().data(tensor).view(np.uint8).reshape(out_rows, -1)[row0:stop]
         blocks = data[:, c0 // block * block_bytes : c1 // block * block_bytes].reshape(stop - row0, -1, block_bytes)
         if kind in REQUANTIZED_TYPES:
             from gguf.quants import dequantize
@@ -327,7 +444,7 @@ class GGUFCheckpoint:
             # take gigabytes of float32 for a moment.
             parts = []
             for chunk in np.array_split(blocks, max(1, -(-len(blocks) // 4096))):
-                dense = dequantize(np.ascontiguousarray(chunk.reshape(len(chunk), -1)), tensor.tensor_type)
+                dense = dequantize(np.ascontiguousarray(chunk.reshape(len(chunk), -1)), tensor.kind)
                 parts.append(quantize_int8_groups(torch.from_numpy(dense.astype(np.float32, copy=False))))
             requantized = GroupQuantized.cat(parts)
             values, scales, offsets = requantized.values.numpy(), requantized.scales.numpy(), None
@@ -351,10 +468,10 @@ class GGUFCheckpoint:
         )
 
     def _check_block_aligned(self, tensor, in_cols: int, c0: int, c1: int) -> None:
-        block = self._quant_sizes[tensor.tensor_type][0]
+        block = self._quant_sizes[tensor.kind][0]
         if (c0 % block or c1 % block) and (c0, c1) != (0, in_cols):
             raise ConfigError(
-                f"{self.path.name}: tensor {tensor.name!r} ({tensor.tensor_type.name}) would be split at columns "
+                f"{self.path.name}: tensor {tensor.name!r} ({tensor.kind_name}) would be split at columns "
                 f"[{c0}, {c1}), which cuts its quantization blocks of {block} values; choose a "
                 f"tensor-parallel degree that divides {in_cols // block} blocks"
             )

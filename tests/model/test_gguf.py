@@ -15,7 +15,7 @@ import transformers
 
 from llama3_dist import LLM, ConfigError, SamplingParams
 from llama3_dist.kernels import cpu
-from llama3_dist.model.gguf import GROUPED_TYPES, GGUFCheckpoint
+from llama3_dist.model.gguf import GROUPED_TYPES, GGUFCheckpoint, GGUFFile
 
 gguf = pytest.importorskip("gguf")
 from conftest import mapped_files  # noqa: E402
@@ -136,6 +136,56 @@ def test_q4_k_m_file_gives_transformers_greedy_tokens(hf_dir_256, tmp_path, ray_
 def test_gguf_at_tp2_equals_tp1(hf_dir, tmp_path, ray_local):
     file = write_gguf(hf_dir, tmp_path / "tiny.gguf", Q.Q8_0)
     assert ours(file, devices=["cpu", "cpu"]) == ours(file)
+
+
+def test_our_parse_equals_the_gguf_packages(tmp_path):
+    """GGUFFile (a struct walk over a map of the file) reads every metadata value type, nested
+    arrays, a custom alignment and each tensor's bytes as gguf's GGUFReader does; a corrupted
+    count is a clear error at once, not a long loop."""
+    import numpy as np
+
+    path = tmp_path / "all-types.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_custom_alignment(64)
+    scalars = dict(u8=(writer.add_uint8, 200), i8=(writer.add_int8, -7), u16=(writer.add_uint16, 60000))
+    scalars |= dict(i16=(writer.add_int16, -300), u32=(writer.add_uint32, 4000000000), i32=(writer.add_int32, -5))
+    scalars |= dict(f32=(writer.add_float32, 0.25), u64=(writer.add_uint64, 2**60), i64=(writer.add_int64, -(2**40)))
+    scalars |= dict(f64=(writer.add_float64, 1e-300), yes=(writer.add_bool, True), text=(writer.add_string, "héllo"))
+    for key, (add, value) in scalars.items():
+        add(f"test.{key}", value)
+    writer.add_array("test.ints", [3, -1, 4])
+    writer.add_array("test.floats", [0.5, 1.5])
+    writer.add_array("test.strings", ["a", "", "ünï"])
+    writer.add_array("test.nested", [[1, 2], [3]])
+    rng = np.random.default_rng(0)
+    matrix = rng.standard_normal((8, 64)).astype(np.float32)
+    writer.add_tensor("norm.weight", rng.standard_normal(64).astype(np.float32))
+    writer.add_tensor("half.weight", matrix.astype(np.float16))
+    for kind in (Q.Q8_0, Q.Q4_1):
+        writer.add_tensor(f"{kind.name}.weight", gguf.quants.quantize(matrix, kind), raw_dtype=kind)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+    ours, theirs = GGUFFile(path), gguf.GGUFReader(path)
+    for key, (_, value) in scalars.items():
+        assert ours.metadata[f"test.{key}"] == (pytest.approx(value) if key == "f32" else value), key
+    assert ours.metadata["test.ints"] == [3, -1, 4] and ours.metadata["test.floats"] == [0.5, 1.5]
+    assert ours.metadata["test.strings"] == ["a", "", "ünï"] and ours.metadata["test.nested"] == [[1, 2], [3]]
+    assert ours.metadata["general.alignment"] == 64
+    assert [t.name for t in ours.tensors] == [t.name for t in theirs.tensors]
+    for mine, reference in zip(ours.tensors, theirs.tensors):
+        assert (mine.kind, mine.shape) == (reference.tensor_type, tuple(reference.shape))
+        assert mine.offset == reference.data_offset
+        assert ours.data(mine).tobytes() == np.asarray(reference.data).tobytes(), mine.name
+    assert np.array_equal(ours.data(ours.tensors[1]), matrix.astype(np.float16))
+
+    corrupted = bytearray(path.read_bytes())
+    corrupted[16:24] = (2**62).to_bytes(8, "little")  # the metadata item count
+    (tmp_path / "corrupted.gguf").write_bytes(corrupted)
+    with pytest.raises(ConfigError, match=r"corrupted.gguf' is not a readable GGUF file .*count of 4611686018427387"):
+        GGUFCheckpoint(tmp_path / "corrupted.gguf")
 
 
 def test_bad_slices_and_architectures_are_refused_by_name(hf_dir, tmp_path):
