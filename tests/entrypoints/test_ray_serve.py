@@ -1,9 +1,9 @@
 """Ray Serve (issue 13): the OpenAI app over engine replicas, through the real openai client on
-Serve's HTTP port. Two replicas at TP=1 (outputs equal LLM.generate, streaming, prefix-aware
-routing read from per-replica prefix-cache counters), then two replicas at TP=2 (ranks inside
-each replica's placement group; a killed rank is rebuilt inside its replica, and a replica past
-its restart budget fails its health check and Serve replaces it; every request still completes).
-One Serve instance on the session's Ray."""
+Serve's HTTP port, against one deployment of two replicas at TP=2: outputs equal LLM.generate,
+streaming, bad input, prefix-aware routing read from per-replica prefix-cache counters; then,
+last, self-healing (ranks inside each replica's placement group; a killed rank is rebuilt inside
+its replica, and a replica past its restart budget fails its health check and Serve replaces it;
+every request still completes). One Serve instance on the session's Ray."""
 
 from __future__ import annotations
 
@@ -97,14 +97,17 @@ def check_outputs(client: openai.OpenAI, reference: dict) -> None:
     assert chat.choices[0].message.content == reference["chat"]
 
 
+@pytest.fixture(scope="module")
+def client(serve_port, tokenized_checkpoint):
+    """One deployment for the whole module (each takes ~25 s to start on 2 cores): two replicas at
+    TP=2, a restart budget of one. The self-healing test, which kills ranks, runs last."""
+    from ray import serve
+
+    yield deploy("tp2", serve_port, tokenized_checkpoint, num_replicas=2, tensor_parallel_size=2, max_restarts=1)
+    serve.delete("tp2")
+
+
 class TestTwoReplicas:
-    @pytest.fixture(scope="class")
-    def client(self, serve_port, tokenized_checkpoint):
-        from ray import serve
-
-        yield deploy("two", serve_port, tokenized_checkpoint, num_replicas=2)
-        serve.delete("two")
-
     def test_outputs_equal_llm_generate(self, client, reference, serve_port):
         check_outputs(client, reference)
         assert len(replicas(serve_port)) == 2
@@ -176,54 +179,48 @@ class TestTwoReplicas:
 
 
 def test_tp2_replicas_hold_their_ranks_heal_a_killed_rank_and_get_replaced_past_their_budget(
-    serve_port, tokenized_checkpoint, reference
+    client, serve_port, reference
 ):
     """Two replicas at TP=2 with max_restarts=1. A killed rank is rebuilt inside its replica (new
     rank processes in the replica's own placement group); a second kill spends the budget, the
     engine dies, its health check fails and Serve replaces the replica. Every request completes
     throughout, on the survivor or after a retry."""
-    from ray import serve
+    check_outputs(client, reference)
+    before = replicas(serve_port)
+    assert len(before) == 2
+    for rid, info in before.items():
+        assert info["placement_group_id"], f"replica {rid} runs outside a placement group"
+        assert [r["placement_group_id"] for r in info["ranks"]] == [info["placement_group_id"]] * 2, info
 
-    client = deploy("tp2", serve_port, tokenized_checkpoint, num_replicas=2, tensor_parallel_size=2, max_restarts=1)
-    try:
-        check_outputs(client, reference)
-        before = replicas(serve_port)
-        assert len(before) == 2
-        for rid, info in before.items():
-            assert info["placement_group_id"], f"replica {rid} runs outside a placement group"
-            assert [r["placement_group_id"] for r in info["ranks"]] == [info["placement_group_id"]] * 2, info
+    victim, survivor = sorted(before)
+    prompt = PROMPTS[0]
 
-        victim, survivor = sorted(before)
-        prompt = PROMPTS[0]
+    def request_ok() -> None:
+        out = client.completions.create(model="tiny", prompt=prompt, max_tokens=MAX_TOKENS, temperature=0)
+        assert out.choices[0].text == reference["completions"][prompt]
 
-        def request_ok() -> None:
-            out = client.completions.create(model="tiny", prompt=prompt, max_tokens=MAX_TOKENS, temperature=0)
-            assert out.choices[0].text == reference["completions"][prompt]
+    os.kill(before[victim]["ranks"][1]["pid"], signal.SIGKILL)
 
-        os.kill(before[victim]["ranks"][1]["pid"], signal.SIGKILL)
+    def healed():
+        request_ok()
+        info = replicas(serve_port).get(victim, {})
+        return info if info.get("num_restarts") == 1 and info.get("alive") else None
 
-        def healed():
-            request_ok()
-            info = replicas(serve_port).get(victim, {})
-            return info if info.get("num_restarts") == 1 and info.get("alive") else None
+    info = wait_for(healed, "the replica to rebuild its killed rank", timeout=120)
+    old_pids = {r["pid"] for r in before[victim]["ranks"]}
+    assert not {r["pid"] for r in info["ranks"]} & old_pids, info
+    assert [r["placement_group_id"] for r in info["ranks"]] == [before[victim]["placement_group_id"]] * 2
 
-        info = wait_for(healed, "the replica to rebuild its killed rank", timeout=120)
-        old_pids = {r["pid"] for r in before[victim]["ranks"]}
-        assert not {r["pid"] for r in info["ranks"]} & old_pids, info
-        assert [r["placement_group_id"] for r in info["ranks"]] == [before[victim]["placement_group_id"]] * 2
+    os.kill(info["ranks"][1]["pid"], signal.SIGKILL)  # the budget of one restart is spent
 
-        os.kill(info["ranks"][1]["pid"], signal.SIGKILL)  # the budget of one restart is spent
+    def replaced():
+        request_ok()
+        now = replicas(serve_port)
+        fresh = [r for r in now if r not in before]
+        done = victim not in now and survivor in now and len(fresh) == 1 and now[fresh[0]].get("alive")
+        return now if done else None
 
-        def replaced():
-            request_ok()
-            now = replicas(serve_port)
-            fresh = [r for r in now if r not in before]
-            done = victim not in now and survivor in now and len(fresh) == 1 and now[fresh[0]].get("alive")
-            return now if done else None
-
-        after = wait_for(replaced, "Serve to replace the replica whose engine died", timeout=180)
-        (new,) = set(after) - {survivor}
-        assert [r["placement_group_id"] for r in after[new]["ranks"]] == [after[new]["placement_group_id"]] * 2
-        check_outputs(client, reference)
-    finally:
-        serve.delete("tp2")
+    after = wait_for(replaced, "Serve to replace the replica whose engine died", timeout=180)
+    (new,) = set(after) - {survivor}
+    assert [r["placement_group_id"] for r in after[new]["ranks"]] == [after[new]["placement_group_id"]] * 2
+    check_outputs(client, reference)
