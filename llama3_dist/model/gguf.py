@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import hashlib
 import math
 import os
 import shutil
@@ -135,6 +136,9 @@ class GGUFFile:
             key = self._string()
             (kind,) = self._unpack("<I")
             self.metadata[key] = self._value(kind)
+        # What the tokenizer is made from, whatever the file's name, path or time stamp: a
+        # reinstalled or copied file finds its converted tokenizer in the cache.
+        self.metadata_digest = hashlib.sha256(buffer[: self._offset]).hexdigest()[:24]
         infos = []
         for _ in range(self._count(num_tensors, 24)):
             name = self._string()
@@ -289,9 +293,9 @@ def load_gguf_tokenizer(file: Path):
 
     if _reader(file).metadata.get("tokenizer.ggml.model") is None:
         return None
-    # transformers' conversion takes seconds for a real vocabulary: keep the result per file.
-    stat = file.resolve().stat()
-    cached = cache_root() / "gguf-tokenizers" / f"{file.stem}-{stat.st_size}-{stat.st_mtime_ns}"
+    # transformers' conversion takes seconds for a real vocabulary (8-14 s for SmolLM2's on 2
+    # cores): keep the result, keyed by the metadata it is made from.
+    cached = cache_root() / "gguf-tokenizers" / f"{file.stem}-{_reader(file).metadata_digest}"
     if (cached / "tokenizer_config.json").is_file():
         return AutoTokenizer.from_pretrained(str(cached))
     tokenizer = AutoTokenizer.from_pretrained(str(file.parent), gguf_file=file.name)

@@ -180,6 +180,14 @@ def test_our_parse_equals_the_gguf_packages(tmp_path):
         assert mine.offset == reference.data_offset
         assert ours.data(mine).tobytes() == np.asarray(reference.data).tobytes(), mine.name
     assert np.array_equal(ours.data(ours.tensors[1]), matrix.astype(np.float16))
+    # The converted tokenizer's cache key: the metadata's bytes, not the file's name or time stamp.
+    copy = tmp_path / "copy.gguf"
+    copy.write_bytes(path.read_bytes())
+    assert GGUFFile(copy).metadata_digest == ours.metadata_digest
+    changed = bytearray(path.read_bytes())
+    changed[changed.index("héllo".encode())] = ord("y")
+    copy.write_bytes(changed)
+    assert GGUFFile(copy).metadata_digest != ours.metadata_digest
 
     corrupted = bytearray(path.read_bytes())
     corrupted[16:24] = (2**62).to_bytes(8, "little")  # the metadata item count
