@@ -15,6 +15,7 @@ import transformers
 
 from llama3_dist import LLM, ConfigError, SamplingParams
 from llama3_dist.kernels import cpu
+from llama3_dist.model import gguf as gguf_module
 from llama3_dist.model.gguf import GROUPED_TYPES, GGUFCheckpoint, GGUFFile
 
 gguf = pytest.importorskip("gguf")
@@ -223,6 +224,8 @@ needs_smollm2 = pytest.mark.skipif(
 REAL_PROMPTS = ["The capital of France is", "def fibonacci(n):"]
 CHAT = [{"role": "user", "content": "What is the capital of France?"}]
 REAL_GREEDY = SamplingParams(temperature=0, max_tokens=24)
+TRICKY_TEXT = "  Ünïcode 東京 <|im_start|> tabs\tand\nnewlines 3.14159 don't"
+tricky: list[list[int]] = []
 
 
 @pytest.fixture(scope="module")
@@ -234,7 +237,7 @@ def smollm2() -> Path:
 @pytest.fixture(scope="module")
 def smollm2_reference(smollm2):
     """transformers' greedy tokens on the same file (float32), up to 24 or the end of sequence:
-    each prompt, then the chat."""
+    each prompt, then the chat. (Its tokenizer's ids of TRICKY_TEXT go to `tricky`.)"""
     with transformers_reads_gguf_once():
         tokenizer = transformers.AutoTokenizer.from_pretrained(smollm2.parent, gguf_file=smollm2.name)
         model = transformers.AutoModelForCausalLM.from_pretrained(
@@ -243,6 +246,7 @@ def smollm2_reference(smollm2):
     chat = tokenizer.apply_chat_template(CHAT, add_generation_prompt=True, return_tensors="pt")
     chat = chat["input_ids"] if hasattr(chat, "keys") else chat
     prompts = [tokenizer(p, return_tensors="pt").input_ids for p in REAL_PROMPTS] + [chat]
+    tricky.append(tokenizer(TRICKY_TEXT).input_ids)
     out = []
     for ids in prompts:
         tokens = model.generate(ids, max_new_tokens=24, do_sample=False)[0, ids.shape[1] :].tolist()
@@ -257,10 +261,15 @@ def smollm2_greedy(llm: LLM, reference) -> list[list[int]]:
 
 @pytest.mark.slow
 @needs_smollm2
-def test_real_smollm2_q4_1_answers_as_transformers_does(smollm2, smollm2_reference):
+def test_real_smollm2_q4_1_answers_as_transformers_does(smollm2, smollm2_reference, tmp_path, monkeypatch):
     """Our loader on the real Q4_1 file, its projections run as stored: transformers' greedy
-    tokens on several prompts and in chat ("Paris"), through our tokenizer and chat template."""
+    tokens on several prompts and in chat ("Paris"), through our tokenizer (converted here, an
+    empty cache) and chat template."""
+    monkeypatch.setattr(gguf_module, "tokenizer_cache", lambda: tmp_path)
     with LLM(smollm2, show_progress=False) as llm:
+        assert [llm.get_tokenizer().encode(p) for p in REAL_PROMPTS] == [ids for ids, _ in smollm2_reference[:2]]
+        assert llm.get_tokenizer().encode(TRICKY_TEXT) == tricky[0]
+        assert list(tmp_path.iterdir())  # converted here, not read from an earlier run's cache
         layer = llm.engine.executor.worker.model.decoder_layers[0]
         assert layer.self_attn.qkv_proj.quantized == (cpu.library() is not None)
         assert smollm2_greedy(llm, smollm2_reference) == [tokens for _, tokens in smollm2_reference]
