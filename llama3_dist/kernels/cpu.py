@@ -1062,12 +1062,17 @@ def pack_grouped(
 
     def row_words(values: torch.Tensor) -> torch.Tensor:  # [rows, k] -> int32 [rows, blocks * lanes]
         rows = values.shape[0]
-        values = F.pad(values.to(torch.int64) & ((1 << bits) - 1), (0, blocks * block - k))
+        # (Row-major first: a checkpoint's transposed values would leave `words` in their layout,
+        # and the kernels read the words' memory as rows.)
+        values = values.to(torch.int32, memory_format=torch.contiguous_format) & ((1 << bits) - 1)
+        values = F.pad(values, (0, blocks * block - k))
         values = values.view(rows, blocks, elements, lanes)  # [.., v, l]: weight v * lanes + l of the block
-        shifts = torch.arange(elements, dtype=torch.int64).view(1, 1, elements, 1) * bits
-        words = (values << shifts).sum(dim=2)  # disjoint bit fields: the sum is their bitwise or
-        words = torch.where(words >= 1 << 31, words - (1 << 32), words).to(torch.int32)
-        return words.reshape(rows, blocks * lanes)
+        # Disjoint bit fields or-ed in int32 (torch's shift wraps into the sign bit as the kernels
+        # read it): 5-8x faster than summing them in int64.
+        words = values[:, :, 0].clone()
+        for v in range(1, elements):
+            words |= values[:, :, v] << (v * bits)
+        return words.reshape(rows, blocks * lanes).contiguous()
 
     return PackedGroupWeights(
         _by_row_chunks(row_words, weight.values, lanes),
