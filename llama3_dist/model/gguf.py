@@ -148,7 +148,9 @@ class GGUFFile:
             shape = self._unpack(f"<{num_dims}Q")
             kind, offset = self._unpack("<IQ")
             infos.append((name, kind, shape, offset))
-        alignment = int(self.metadata.get("general.alignment", 32))
+        alignment = self.metadata.get("general.alignment", 32)
+        if not isinstance(alignment, int) or alignment <= 0:
+            raise ValueError(f"general.alignment is {alignment!r}, not a positive integer")
         data_start = -(-self._offset // alignment) * alignment
         self.tensors: list[GGUFTensor] = []
         for name, kind, shape, offset in infos:
