@@ -262,7 +262,13 @@ GEMM_TOL = {F32: dict(rtol=1e-5, atol=1e-4), BF16: dict(rtol=1e-2, atol=1e-2)}
 @pytest.mark.parametrize("dtype", [F32, BF16])
 @pytest.mark.parametrize(
     "bits,group_size,m,n,k",
-    [(4, 32, 1, 96, 200), (4, 128, 37, 70, 256), (4, 32, 5, 33, 67), (8, 32, 1, 96, 200), (8, 32, 20, 17, 96)],
+    [
+        pytest.param(4, 32, 1, 96, 200, marks=pytest.mark.slow),  # ~1.4 s a dtype under the interpreter
+        (4, 128, 37, 70, 256),
+        (4, 32, 5, 33, 67),
+        (8, 32, 1, 96, 200),
+        (8, 32, 20, 17, 96),
+    ],
 )
 def test_grouped_linear_is_the_dequantized_product(dtype, bits, group_size, m, n, k):
     """w4a16 / w8a16 (int4 groups, GGUF Q8_0/Q4_0/Q4_1): the weights dequantized tile by tile in
@@ -406,7 +412,18 @@ def test_fp8_decode_rows_take_the_gemv_and_equal_the_reference(monkeypatch):
     assert calls == [1, 2, 4] * 2  # the GEMV for decode's rows, nothing else
 
 
-@pytest.mark.parametrize("kind", ["dense", "int8", "q8_0", "int4", "int4-g128"])
+# The 4-bit cases also run the GEMV's nibble-joining variant: ~2 s each under the interpreter, so
+# they run in the whole suite, not the fast lane (which keeps 4-bit GEMVs in the tests above).
+@pytest.mark.parametrize(
+    "kind",
+    [
+        "dense",
+        "int8",
+        "q8_0",
+        pytest.param("int4", marks=pytest.mark.slow),
+        pytest.param("int4-g128", marks=pytest.mark.slow),
+    ],
+)
 def test_decode_rows_take_the_gemv_and_equal_the_dequantized_product(monkeypatch, kind):
     """Up to GEMV_MAX_ROWS rows of x (decode steps; one for dense weights) take the GEMV, more take
     cuBLAS over the weight dequantized in one pass; both give the product of the dequantized
