@@ -136,9 +136,7 @@ class GGUFFile:
             key = self._string()
             (kind,) = self._unpack("<I")
             self.metadata[key] = self._value(kind)
-        # What the tokenizer is made from, whatever the file's name, path or time stamp: a
-        # reinstalled or copied file finds its converted tokenizer in the cache.
-        self.metadata_digest = hashlib.sha256(buffer[: self._offset]).hexdigest()[:24]
+        self._metadata_end = self._offset
         infos = []
         for _ in range(self._count(num_tensors, 24)):
             name = self._string()
@@ -163,6 +161,13 @@ class GGUFFile:
             if data_start + offset + nbytes > size:
                 raise ValueError(f"tensor {name!r} ends past the end of the file")
             self.tensors.append(GGUFTensor(name, kind, tuple(shape), data_start + offset, nbytes))
+
+    @functools.cached_property
+    def metadata_digest(self) -> str:
+        """What the tokenizer is made from (the header and metadata bytes), whatever the file's
+        name, path or time stamp: a reinstalled or copied file finds its converted tokenizer in
+        the cache. Only the process that loads the tokenizer hashes them, not every rank."""
+        return hashlib.sha256(self._map[: self._metadata_end]).hexdigest()[:24]
 
     def data(self, tensor: GGUFTensor) -> np.ndarray:
         """The tensor's bytes as a view of the file: float32 / float16 values [rows, columns] for
@@ -298,11 +303,12 @@ def load_gguf_tokenizer(file: Path):
     tokens, chat template), or None when the file carries no tokenizer."""
     from transformers import AutoTokenizer
 
-    if _reader(file).metadata.get("tokenizer.ggml.model") is None:
+    reader = _reader(file)
+    if reader.metadata.get("tokenizer.ggml.model") is None:
         return None
     # transformers' conversion takes seconds for a real vocabulary (8-14 s for SmolLM2's on 2
     # cores): keep the result, keyed by the metadata it is made from.
-    cached = tokenizer_cache() / f"{file.stem}-{_reader(file).metadata_digest}"
+    cached = tokenizer_cache() / f"{file.stem}-{reader.metadata_digest}"
     if (cached / "tokenizer_config.json").is_file():
         return AutoTokenizer.from_pretrained(str(cached))
     tokenizer = _gguf_tokenizer_class(file).from_pretrained(str(file.parent), gguf_file=file.name)
@@ -464,7 +470,7 @@ class GGUFCheckpoint:
         c0, c1 = (0, in_cols) if cols is None else cols
         self._check_block_aligned(tensor, in_cols, c0, c1)
         block, block_bytes = self._quant_sizes[tensor.kind]
-        data = self._file().data(tensor).view(np.uint8).reshape(out_rows, -1)[row0:stop]
+        data = self._file().data(tensor)[row0:stop]  # a quantized type's bytes, whole rows
         blocks = data[:, c0 // block * block_bytes : c1 // block * block_bytes].reshape(stop - row0, -1, block_bytes)
         if kind in REQUANTIZED_TYPES:
             from gguf.quants import dequantize

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 import torch
@@ -224,8 +225,14 @@ needs_smollm2 = pytest.mark.skipif(
 REAL_PROMPTS = ["The capital of France is", "def fibonacci(n):"]
 CHAT = [{"role": "user", "content": "What is the capital of France?"}]
 REAL_GREEDY = SamplingParams(temperature=0, max_tokens=24)
+
+
+class Reference(NamedTuple):
+    greedy: list[tuple[list[int], list[int]]]  # (prompt ids, transformers' greedy tokens) per prompt, then the chat
+    tricky_ids: list[int]  # transformers' tokenizer's ids of TRICKY_TEXT
+
+
 TRICKY_TEXT = "  Ünïcode 東京 <|im_start|> tabs\tand\nnewlines 3.14159 don't"
-tricky: list[list[int]] = []
 
 
 @pytest.fixture(scope="module")
@@ -235,9 +242,9 @@ def smollm2() -> Path:
 
 
 @pytest.fixture(scope="module")
-def smollm2_reference(smollm2):
+def smollm2_reference(smollm2) -> Reference:
     """transformers' greedy tokens on the same file (float32), up to 24 or the end of sequence:
-    each prompt, then the chat. (Its tokenizer's ids of TRICKY_TEXT go to `tricky`.)"""
+    each prompt, then the chat; and its tokenizer's ids of TRICKY_TEXT."""
     with transformers_reads_gguf_once():
         tokenizer = transformers.AutoTokenizer.from_pretrained(smollm2.parent, gguf_file=smollm2.name)
         model = transformers.AutoModelForCausalLM.from_pretrained(
@@ -246,12 +253,11 @@ def smollm2_reference(smollm2):
     chat = tokenizer.apply_chat_template(CHAT, add_generation_prompt=True, return_tensors="pt")
     chat = chat["input_ids"] if hasattr(chat, "keys") else chat
     prompts = [tokenizer(p, return_tensors="pt").input_ids for p in REAL_PROMPTS] + [chat]
-    tricky.append(tokenizer(TRICKY_TEXT).input_ids)
     out = []
     for ids in prompts:
         tokens = model.generate(ids, max_new_tokens=24, do_sample=False)[0, ids.shape[1] :].tolist()
         out.append((ids[0].tolist(), tokens))
-    return out
+    return Reference(out, tokenizer(TRICKY_TEXT).input_ids)
 
 
 def smollm2_greedy(llm: LLM, reference) -> list[list[int]]:
@@ -267,15 +273,15 @@ def test_real_smollm2_q4_1_answers_as_transformers_does(smollm2, smollm2_referen
     empty cache) and chat template."""
     monkeypatch.setattr(gguf_module, "tokenizer_cache", lambda: tmp_path)
     with LLM(smollm2, show_progress=False) as llm:
-        assert [llm.get_tokenizer().encode(p) for p in REAL_PROMPTS] == [ids for ids, _ in smollm2_reference[:2]]
-        assert llm.get_tokenizer().encode(TRICKY_TEXT) == tricky[0]
+        assert [llm.get_tokenizer().encode(p) for p in REAL_PROMPTS] == [ids for ids, _ in smollm2_reference.greedy[:2]]
+        assert llm.get_tokenizer().encode(TRICKY_TEXT) == smollm2_reference.tricky_ids
         assert list(tmp_path.iterdir())  # converted here, not read from an earlier run's cache
         layer = llm.engine.executor.worker.model.decoder_layers[0]
         assert layer.self_attn.qkv_proj.quantized == (cpu.library() is not None)
-        assert smollm2_greedy(llm, smollm2_reference) == [tokens for _, tokens in smollm2_reference]
+        assert smollm2_greedy(llm, smollm2_reference.greedy) == [tokens for _, tokens in smollm2_reference.greedy]
         answer = llm.chat(CHAT, SamplingParams(temperature=0, max_tokens=24), use_tqdm=False)[0].outputs[0]
         assert answer.text == "The capital of France is Paris."
-        assert llm.apply_chat_template(CHAT) == smollm2_reference[-1][0]
+        assert llm.apply_chat_template(CHAT) == smollm2_reference.greedy[-1][0]
     with LLM(smollm2, dtype="bfloat16", show_progress=False) as llm:  # the integer GEMV (x in int8 blocks)
         answer = llm.chat(CHAT, SamplingParams(temperature=0, max_tokens=24), use_tqdm=False)[0].outputs[0]
         assert answer.text == "The capital of France is Paris."
@@ -285,7 +291,7 @@ def test_real_smollm2_q4_1_answers_as_transformers_does(smollm2, smollm2_referen
 @needs_smollm2
 def test_real_smollm2_at_tp3_equals_tp1_and_tp2_is_refused(smollm2, smollm2_reference, ray_local):
     with LLM(smollm2, devices=["cpu"] * 3, show_progress=False) as llm:
-        assert smollm2_greedy(llm, smollm2_reference) == [tokens for _, tokens in smollm2_reference]
+        assert smollm2_greedy(llm, smollm2_reference.greedy) == [tokens for _, tokens in smollm2_reference.greedy]
     with pytest.raises(ConfigError, match=r"degree 2 does not divide the heads \(9 query heads, 3 KV heads\)"):
         LLM(smollm2, devices=["cpu", "cpu"], show_progress=False)
 
