@@ -5,8 +5,9 @@ On a CPU a decode step of a small model is a few hundred tiny torch ops (each 3-
 dispatch) around GEMVs that torch runs below the memory's speed. cpu_kernels.cpp does each
 kernel of the decode path in one call with the reference's arithmetic (float32 math, bfloat16
 roundings where the reference's bfloat16 tensors round). It is one portable source written with
-vector extensions, built per instruction set with the machine's C++ compiler at first use and
-cached by source, flags and instruction set:
+vector extensions, built per instruction set with the machine's C++ compiler at first use (as
+several translation units compiled in parallel, then linked: see `_compile`) and cached by
+source, flags and instruction set:
 
 - avx512: x86-64 with AVX-512 F/BW/VL/DQ (64-byte vectors);
 - avx2: x86-64 with AVX2 and FMA (32-byte vectors);
@@ -27,6 +28,7 @@ and round the result once, as a bfloat16 GEMM does.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import ctypes
 import dataclasses
@@ -36,10 +38,12 @@ import logging
 import math
 import os
 import platform
+import re
 import shutil
 import subprocess
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,7 +82,7 @@ PANEL_WIDEN_MIN_ROWS = 64
 # (x in 15 bits) do not need it.
 EXACT_X_LAYOUTS = ("panels4", "panels8")
 PANEL_WIDEN_MIN_ROWS_SLOW_GEMM = 128
-BASE_FLAGS = ("-O3", "-ffp-contract=fast", "-fno-math-errno", "-shared", "-fPIC")
+BASE_FLAGS = ("-O3", "-ffp-contract=fast", "-fno-math-errno", "-fPIC")
 OPENMP_FLAG = "-fopenmp"
 
 
@@ -231,22 +235,64 @@ def _compiler() -> str:
     return compiler
 
 
-def _compile(compiler: str, flags: list[str], target: Path) -> str | None:
-    """Builds into `target` through a temporary file and an atomic rename, so that several
-    processes (Ray ranks) can build at once and a reader never sees half a library. Returns
-    the compiler's error output on failure."""
+def _source_parts(source: bytes) -> int:
+    """How many translation units cpu_kernels.cpp splits into (its LLAMA3_DIST_PARTS line)."""
+    match = re.search(rb"^#define LLAMA3_DIST_PARTS (\d+)", source, re.MULTILINE)
+    if match is None:
+        raise RuntimeError(f"{SOURCE.name} defines no LLAMA3_DIST_PARTS")
+    return int(match.group(1))
+
+
+def _compile(compiler: str, flags: list[str], target: Path, parts: int) -> str | None:
+    """Compiles the source's `parts` translation units in parallel (as many at once as this
+    process may use CPUs: in one unit the build takes about a minute on one core) and links them
+    into `target`, through a temporary file and an atomic rename, so that a reader never sees
+    half a library. Returns the compiler's error output on failure."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".building-", suffix=".so")
-    os.close(fd)
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".building-") as tmp:
+        objects = [Path(tmp) / f"part{part}.o" for part in range(parts)]
+
+        def compile_part(part: int) -> subprocess.CompletedProcess:
+            command = [compiler, *flags, f"-DLLAMA3_DIST_PART={part}", "-c", "-o", str(objects[part]), str(SOURCE)]
+            return subprocess.run(command, capture_output=True, text=True)
+
+        with concurrent.futures.ThreadPoolExecutor(min(parts, _usable_cpus())) as pool:
+            compiled = list(pool.map(compile_part, range(parts)))
+        failed = next((done for done in compiled if done.returncode != 0), None)
+        if failed is None:
+            library = Path(tmp) / "library.so"
+            failed = subprocess.run(
+                [compiler, *flags, "-shared", "-o", str(library), *map(str, objects)], capture_output=True, text=True
+            )
+            if failed.returncode == 0:
+                os.replace(library, target)
+                return None
+        return failed.stderr[-2000:] or f"exit status {failed.returncode}"
+
+
+def _usable_cpus() -> int:
     try:
-        done = subprocess.run([compiler, *flags, "-o", tmp, str(SOURCE)], capture_output=True, text=True)
-        if done.returncode != 0:
-            return done.stderr[-2000:] or f"exit status {done.returncode}"
-        os.replace(tmp, target)
-        return None
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # macOS
+        return os.cpu_count() or 1
+
+
+@contextlib.contextmanager
+def _build_lock(path: Path) -> Iterator[None]:
+    """Held while a library is built: the ranks of a tensor-parallel group start together, and
+    one build at a time beats several that share the CPUs (the others then find it built)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as lock_file:
+        try:
+            import fcntl
+        except ImportError:  # Windows: no lock; the atomic rename still keeps readers safe
+            yield
+            return
+        fcntl.flock(lock_file, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock_file, fcntl.LOCK_UN)
 
 
 def build(isa: str) -> Path:
@@ -261,14 +307,27 @@ def build(isa: str) -> Path:
     if isa == "avx512" and _X86 and "avx512_vnni" in _cpu_features() and os.environ.get("LLAMA3_DIST_CPU_VNNI") != "0":
         flags.append("-mavx512vnni")
     source = SOURCE.read_bytes()
+    parts = _source_parts(source)
     errors: list[str] = []
     for extra in ([OPENMP_FLAG], []):
         key = source + "\0".join([compiler, *flags, *extra]).encode()
         target = cache_root() / "kernels" / f"cpu_kernels-{isa}-{hashlib.sha256(key).hexdigest()[:16]}.so"
         if target.exists():
             return target
-        error = _compile(compiler, [*flags, *extra], target)
+        with _build_lock(target.parent / ".build.lock"):
+            if target.exists():  # built by another process while this one waited
+                return target
+            log.info(
+                "Building the CPU kernel library for %s with %s (once per machine and version: ~40 s on "
+                "2 cores, less on more): %s",
+                isa,
+                compiler,
+                target,
+            )
+            start = time.perf_counter()
+            error = _compile(compiler, [*flags, *extra], target, parts)
         if error is None:
+            log.info("Built the CPU kernel library for %s in %.1f s", isa, time.perf_counter() - start)
             if not extra:
                 log.warning(
                     "CPU kernels (%s) built without OpenMP, so they run on one thread: %s cannot "

@@ -2111,8 +2111,9 @@ int decode_layers(const AttentionBlock* attention, const MlpBlock* mlp, T* const
         return GEMV(x, w, scales, offsets, factors, bias, y, m, n, k, group_size);                                   \
     }
 
-// The C entry points, one set per element type: NAME_bf16 and NAME_f32.
-#define LLAMA3_DIST_EXPORT(T, SUFFIX)                                                                              \
+// The C entry points, one set per element type: NAME_bf16 and NAME_f32, in three groups (see
+// LLAMA3_DIST_PART below): the kernels one by one, the panel GEMVs, the fused decode.
+#define LLAMA3_DIST_EXPORT_KERNELS(T, SUFFIX)                                                                              \
     int gemv_##SUFFIX(const T* x, const T* w, const T* bias, T* y, int64_t m, int64_t n, int64_t k) {                \
         return gemv_rows<T>(x, w, bias, y, m, n, k);                                                                 \
     }                                                                                                                \
@@ -2136,25 +2137,6 @@ int decode_layers(const AttentionBlock* attention, const MlpBlock* mlp, T* const
                                int64_t n, int64_t k, int64_t group_size) {                                          \
         return grouped_dequantize<T, 8>(w, scales, offsets, out, n, k, group_size);                                 \
     }                                                                                                                \
-    LLAMA3_DIST_PANEL_GEMV(T, panels4, SUFFIX, (panel_gemv<T, 4>))                                                  \
-    LLAMA3_DIST_PANEL_GEMV(T, panels8, SUFFIX, (panel_gemv<T, 8>))                                                  \
-    LLAMA3_DIST_PANEL_GEMV(T, panels4_exact, SUFFIX, (panel_exact_gemv<T, 4>))                                      \
-    LLAMA3_DIST_PANEL_GEMV(T, panels8_exact, SUFFIX, (panel_exact_gemv<T, 8>))                                      \
-    LLAMA3_DIST_PANEL_GEMV(T, panels8x15, SUFFIX, (panel_gemv<T, 8, 2>))                                            \
-    LLAMA3_DIST_PANEL_GEMV(T, panels6x15, SUFFIX, (panel_gemv<T, 6, 2>))                                            \
-    int dequantize_panels6_##SUFFIX(const uint32_t* w, const uint16_t* scales, const uint16_t* offsets,              \
-                                    const uint16_t* factors, T* out, int64_t n, int64_t k, int64_t group_size) {     \
-        if (offsets || factors) return -1;                                                                           \
-        return panel_dequantize6<T>(w, scales, out, n, k, group_size);                                               \
-    }                                                                                                                \
-    int dequantize_panels4_##SUFFIX(const uint32_t* w, const uint16_t* scales, const uint16_t* offsets,              \
-                                const uint16_t* factors, T* out, int64_t n, int64_t k, int64_t group_size) {         \
-        return panel_dequantize<T, 4>(w, scales, offsets, factors, out, n, k, group_size);                           \
-    }                                                                                                                \
-    int dequantize_panels8_##SUFFIX(const uint32_t* w, const uint16_t* scales, const uint16_t* offsets,              \
-                                const uint16_t* factors, T* out, int64_t n, int64_t k, int64_t group_size) {         \
-        return panel_dequantize<T, 8>(w, scales, offsets, factors, out, n, k, group_size);                           \
-    }                                                                                                                \
     void rms_norm_##SUFFIX(const T* x, const T* residual, const T* weight, float eps, T* out, T* h_out, int64_t n,  \
                            int64_t d) {                                                                              \
         rms_norm<T>(x, residual, weight, eps, out, h_out, n, d);                                                     \
@@ -2174,7 +2156,30 @@ int decode_layers(const AttentionBlock* attention, const MlpBlock* mlp, T* const
         decode_attention<T>(q, q_stride, k_cache, v_cache, block_tables, max_blocks, context_lens, out, b, hq, hk,   \
                             d, block_size, scale, window);                                                            \
     }                                                                                                                \
-    void silu_and_mul_##SUFFIX(const T* x, T* out, int64_t n, int64_t inter) { silu_and_mul<T>(x, out, n, inter); } \
+    void silu_and_mul_##SUFFIX(const T* x, T* out, int64_t n, int64_t inter) { silu_and_mul<T>(x, out, n, inter); }
+
+#define LLAMA3_DIST_EXPORT_PANELS(T, SUFFIX)                                                                      \
+    LLAMA3_DIST_PANEL_GEMV(T, panels4, SUFFIX, (panel_gemv<T, 4>))                                                  \
+    LLAMA3_DIST_PANEL_GEMV(T, panels8, SUFFIX, (panel_gemv<T, 8>))                                                  \
+    LLAMA3_DIST_PANEL_GEMV(T, panels4_exact, SUFFIX, (panel_exact_gemv<T, 4>))                                      \
+    LLAMA3_DIST_PANEL_GEMV(T, panels8_exact, SUFFIX, (panel_exact_gemv<T, 8>))                                      \
+    LLAMA3_DIST_PANEL_GEMV(T, panels8x15, SUFFIX, (panel_gemv<T, 8, 2>))                                            \
+    LLAMA3_DIST_PANEL_GEMV(T, panels6x15, SUFFIX, (panel_gemv<T, 6, 2>))                                            \
+    int dequantize_panels6_##SUFFIX(const uint32_t* w, const uint16_t* scales, const uint16_t* offsets,              \
+                                    const uint16_t* factors, T* out, int64_t n, int64_t k, int64_t group_size) {     \
+        if (offsets || factors) return -1;                                                                           \
+        return panel_dequantize6<T>(w, scales, out, n, k, group_size);                                               \
+    }                                                                                                                \
+    int dequantize_panels4_##SUFFIX(const uint32_t* w, const uint16_t* scales, const uint16_t* offsets,              \
+                                const uint16_t* factors, T* out, int64_t n, int64_t k, int64_t group_size) {         \
+        return panel_dequantize<T, 4>(w, scales, offsets, factors, out, n, k, group_size);                           \
+    }                                                                                                                \
+    int dequantize_panels8_##SUFFIX(const uint32_t* w, const uint16_t* scales, const uint16_t* offsets,              \
+                                const uint16_t* factors, T* out, int64_t n, int64_t k, int64_t group_size) {         \
+        return panel_dequantize<T, 8>(w, scales, offsets, factors, out, n, k, group_size);                           \
+    }
+
+#define LLAMA3_DIST_EXPORT_FUSED(T, SUFFIX)                                                                       \
     int attention_block_##SUFFIX(const AttentionBlock* layer, const DecodeStep* step, const T* x, T* residual,     \
                                  T* out, T* k_cache, T* v_cache) {                                                   \
         return attention_block<T>(*layer, *step, x, residual, out, k_cache, v_cache);                                \
@@ -2190,10 +2195,38 @@ int decode_layers(const AttentionBlock* attention, const MlpBlock* mlp, T* const
                                 final_norm_weight, final_eps, normed, head, head_rows, head_out, logits, vocab);     \
     }
 
+// Compiling this file takes a minute on one core, nearly all of it optimizing the instantiated
+// templates (each entry point, element type and row count). cpu.py builds it as PARTS translation
+// units in parallel instead (-DLLAMA3_DIST_PART=0 .. PARTS - 1) and links them into one library:
+// each part defines one group of entry points, so it instantiates only what those use: per
+// element type, the kernels one by one, and the panel GEMVs with the fused decode (which runs the
+// same panel templates: apart, both units would optimize them). On a 2-core host the parts take
+// 11-22 s each, 63 s in all, as the one unit did. Without LLAMA3_DIST_PART the file is the whole
+// library in one unit.
+#define LLAMA3_DIST_PARTS 4  // cpu.py reads this line
+#if defined(LLAMA3_DIST_PART)
+#define LLAMA3_DIST_IN_PART(part) (LLAMA3_DIST_PART == (part))
+#else
+#define LLAMA3_DIST_IN_PART(part) 1
+#endif
+
 extern "C" {
 
-LLAMA3_DIST_EXPORT(bfloat16, bf16)
-LLAMA3_DIST_EXPORT(float, f32)
+#if LLAMA3_DIST_IN_PART(0)
+LLAMA3_DIST_EXPORT_KERNELS(bfloat16, bf16)
+#endif
+#if LLAMA3_DIST_IN_PART(1)
+LLAMA3_DIST_EXPORT_KERNELS(float, f32)
+#endif
+#if LLAMA3_DIST_IN_PART(2)
+LLAMA3_DIST_EXPORT_PANELS(bfloat16, bf16)
+LLAMA3_DIST_EXPORT_FUSED(bfloat16, bf16)
+#endif
+#if LLAMA3_DIST_IN_PART(3)
+LLAMA3_DIST_EXPORT_PANELS(float, f32)
+LLAMA3_DIST_EXPORT_FUSED(float, f32)
+#endif
+#if LLAMA3_DIST_IN_PART(0)
 
 // The vector width this library was built for, in bytes (cpu.py checks it against the ISA).
 int vector_bytes() { return VECTOR_BYTES; }
@@ -2268,4 +2301,5 @@ float sum_floats(const float* p, int64_t n) {
     for (int64_t i = blocks * CHAINS * LANES; i < n; ++i) total += p[i];
     return total;
 }
+#endif
 }

@@ -10,6 +10,8 @@ are poisoned with NaN where nothing may be read or left unwritten.
 
 from __future__ import annotations
 
+import concurrent.futures
+import ctypes
 import os
 import subprocess
 import sys
@@ -651,3 +653,40 @@ def test_fused_decode_of_quantized_layers_is_bit_identical(checkpoints, monkeypa
     )
     assert used == cpu.library().integer_dot
     assert torch.equal(got, expected)
+
+
+TINY_SOURCE = """
+#define LLAMA3_DIST_PARTS 3  // cpu.py reads this line
+extern "C" {
+#if LLAMA3_DIST_PART == 0
+int first() { return VECTOR_BYTES; }
+#elif LLAMA3_DIST_PART == 1
+int second() { return 2; }
+#else
+int third() { return 3; }
+#endif
+}
+"""
+
+
+def test_library_builds_once_in_parts(tmp_path, monkeypatch):
+    """The library is compiled as LLAMA3_DIST_PARTS translation units and linked into one: every
+    part's entry points are in it. Threads that ask for it at once into an empty cache (as the
+    ranks of a group do) build it once: the others wait for that build and load it."""
+    source = tmp_path / "tiny.cpp"
+    source.write_text(TINY_SOURCE)
+    monkeypatch.setattr(cpu, "SOURCE", source)
+    monkeypatch.setenv("LLAMA3_DIST_CACHE", str(tmp_path / "cache"))
+    compiled = []
+    real_compile = cpu._compile
+    monkeypatch.setattr(cpu, "_compile", lambda *args: compiled.append(args[-1]) or real_compile(*args))
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        paths = list(pool.map(lambda _: cpu.build("generic"), range(3)))
+    assert len(set(paths)) == 1 and compiled == [3]
+    library = ctypes.CDLL(str(paths[0]))
+    assert (library.first(), library.second(), library.third()) == (16, 2, 3)
+    assert [p.name for p in paths[0].parent.iterdir() if p.name.startswith(".building-")] == []
+
+    source.write_text(TINY_SOURCE.replace("return 2;", "return 2 +;"))  # a new source that does not compile
+    with pytest.raises(RuntimeError, match=r"failed to build tiny\.cpp for generic:[\s\S]*expected"):
+        cpu.build("generic")
