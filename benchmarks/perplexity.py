@@ -207,7 +207,7 @@ def main() -> None:
     if not args.reference:
         return
     if token_ids is None:
-        from llama3_dist.engine import load_tokenizer
+        from llama3_dist.tokenizer import load_tokenizer
 
         token_ids = list(load_tokenizer(args.model).encode(text))
     check_tokenizer(args.model, text, token_ids)

@@ -26,6 +26,7 @@ from .core.text_context import TextContext, check_tokens
 from .executor import Executor, PendingStep, WorkerError, make_executor
 from .outputs import CompletionOutput, LogprobsDict, RequestOutput
 from .sampling_params import PoolingParams, SamplingParams
+from .tokenizer import load_tokenizer
 
 logger = logging.getLogger("llama3_dist")
 
@@ -766,22 +767,6 @@ def _as_params(params) -> SamplingParams:
     if not isinstance(params, SamplingParams):
         raise TypeError(f"sampling params must be a SamplingParams or a dict, got {type(params).__name__}")
     return params
-
-
-def load_tokenizer(path: str | Path):
-    """The Hugging Face tokenizer in a checkpoint directory (or converted from a GGUF file's
-    metadata), or None if it has none."""
-    from .model.gguf import find_gguf, load_gguf_tokenizer
-
-    gguf_file = find_gguf(path)
-    if gguf_file is not None:
-        return load_gguf_tokenizer(gguf_file)
-    path = Path(path)
-    if not (path / "tokenizer.json").is_file() and not (path / "tokenizer_config.json").is_file():
-        return None
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(path))
 
 
 def _generation_eos(path: str) -> set[int]:

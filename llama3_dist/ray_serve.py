@@ -381,7 +381,7 @@ class OpenAIIngress:
     async def __init__(  # type: ignore[misc]
         self, engine, served_model_name: str, api_key: str | None = None, tool_call_parser: str = "auto"
     ):
-        from .engine import load_tokenizer
+        from .tokenizer import load_tokenizer
 
         served: ServedModel = await engine.info.remote()
         self.client = ReplicaClient(engine, served, load_tokenizer(served.tokenizer_path))

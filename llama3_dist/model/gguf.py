@@ -301,7 +301,7 @@ def tokenizer_cache() -> Path:
 def load_gguf_tokenizer(file: Path):
     """The Hugging Face tokenizer converted from the file's metadata (vocabulary, merges, special
     tokens, chat template), or None when the file carries no tokenizer."""
-    from transformers import AutoTokenizer
+    from ..tokenizer import load_saved_tokenizer
 
     reader = _reader(file)
     if reader.metadata.get("tokenizer.ggml.model") is None:
@@ -310,7 +310,7 @@ def load_gguf_tokenizer(file: Path):
     # cores): keep the result, keyed by the metadata it is made from.
     cached = tokenizer_cache() / f"{file.stem}-{reader.metadata_digest}"
     if (cached / "tokenizer_config.json").is_file():
-        return AutoTokenizer.from_pretrained(str(cached))
+        return load_saved_tokenizer(cached)
     tokenizer = _gguf_tokenizer_class(file).from_pretrained(str(file.parent), gguf_file=file.name)
     with contextlib.suppress(OSError):  # a read-only cache only costs the conversion next time
         staging = cached.with_name(f"{cached.name}.{os.getpid()}")
