@@ -27,6 +27,7 @@
 #include <string.h>
 
 #include <algorithm>
+#include <functional>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -2101,6 +2102,175 @@ int decode_layers(const AttentionBlock* attention, const MlpBlock* mlp, T* const
     return 0;
 }
 
+// --- sampling (model/sampler.py) --------------------------------------------------------------
+// top_k / top_p / min_p keep a prefix of a row's weights sorted descending. Sorting a whole row
+// (49152 or 128256 floats) for each draw cost sampler.py 2-4 ms a row; here each row's weights
+// go into a histogram by their top bits (one pass), which places any sorted position in one bin,
+// and only that bin's values are gathered and sorted.
+
+constexpr int WEIGHT_BINS = 2048;  // a weight in [0, 1] by its top 12 bits: sign, exponent, 3 mantissa
+
+inline int weight_bin(float w) {
+    uint32_t bits;
+    memcpy(&bits, &w, sizeof bits);
+    return int(std::min<uint32_t>(bits >> 19, WEIGHT_BINS - 1));  // ascending with w (w >= 0)
+}
+
+// One row's weights w [v] (>= 0, the largest 1), binned. at(n): the weight at position n of the
+// row sorted descending, and the mass of positions [0, n) (in double).
+struct SortedWeights {
+    const float* w = nullptr;
+    int64_t v = 0;
+    std::vector<int64_t> count = std::vector<int64_t>(WEIGHT_BINS);
+    std::vector<double> mass = std::vector<double>(WEIGHT_BINS);
+    std::vector<float> values;  // the gathered bin, descending
+    int gathered = -1;
+    double total = 0.0;
+
+    void bin(const float* row, int64_t n) {
+        w = row, v = n, gathered = -1, total = 0.0;
+        std::fill(count.begin(), count.end(), 0);
+        std::fill(mass.begin(), mass.end(), 0.0);
+        for (int64_t i = 0; i < v; ++i) {
+            const int b = weight_bin(w[i]);
+            ++count[b];
+            mass[b] += w[i];
+        }
+        for (int b = 0; b < WEIGHT_BINS; ++b) total += mass[b];
+    }
+
+    const std::vector<float>& gather(int b) {
+        if (gathered != b) {
+            values.clear();
+            for (int64_t i = 0; i < v; ++i)
+                if (weight_bin(w[i]) == b) values.push_back(w[i]);
+            std::sort(values.begin(), values.end(), std::greater<float>());
+            gathered = b;
+        }
+        return values;
+    }
+
+    // How many weights are >= `value`.
+    int64_t count_at_least(float value) {
+        const int b = weight_bin(value);
+        int64_t n = 0;
+        for (int above = WEIGHT_BINS - 1; above > b; --above) n += count[above];
+        for (const float in_bin : gather(b)) {
+            if (in_bin < value) break;
+            ++n;
+        }
+        return n;
+    }
+
+    // The sum of the weights >= `value`.
+    double mass_at_least(float value) {
+        const int b = weight_bin(value);
+        double total_above = 0.0;
+        for (int above = WEIGHT_BINS - 1; above > b; --above) total_above += mass[above];
+        for (const float in_bin : gather(b)) {
+            if (in_bin < value) break;
+            total_above += in_bin;
+        }
+        return total_above;
+    }
+
+    std::pair<float, double> at(int64_t n) {
+        int64_t above = 0;
+        double mass_above = 0.0;
+        for (int b = WEIGHT_BINS - 1; b >= 0; --b) {
+            if (above + count[b] > n) {
+                const std::vector<float>& in_bin = gather(b);
+                double before = mass_above;
+                for (int64_t j = 0; j < n - above; ++j) before += in_bin[j];
+                return {in_bin[n - above], before};
+            }
+            above += count[b];
+            mass_above += mass[b];
+        }
+        return {0.0f, mass_above};  // n >= v: not asked
+    }
+
+    // How many positions the predecessors of which weigh less than `limit` together (top_p).
+    int64_t positions_below(double limit) {
+        int64_t above = 0;
+        double mass_above = 0.0;
+        for (int b = WEIGHT_BINS - 1; b >= 0; --b) {
+            if (count[b] && mass_above + mass[b] >= limit) {
+                int64_t kept = 0;
+                double before = mass_above;
+                for (const float value : gather(b)) {
+                    if (!(before < limit)) break;
+                    before += value;
+                    ++kept;
+                }
+                return above + kept;
+            }
+            above += count[b];
+            mass_above += mass[b];
+        }
+        return v;  // the limit is past the whole row's mass (top_p rounding)
+    }
+};
+
+// The sum of the weights of w [n] that are > 0 and >= threshold, in double (four chains, so
+// that the additions overlap).
+inline double kept_sum(const float* w, int64_t n, float threshold) {
+    double chains[4] = {0.0, 0.0, 0.0, 0.0};
+    int64_t i = 0;
+    for (; i + 4 <= n; i += 4)
+        for (int c = 0; c < 4; ++c) chains[c] += (w[i + c] > 0.0f && w[i + c] >= threshold) ? w[i + c] : 0.0f;
+    for (; i < n; ++i) chains[0] += (w[i] > 0.0f && w[i] >= threshold) ? w[i] : 0.0f;
+    return (chains[0] + chains[1]) + (chains[2] + chains[3]);
+}
+
+// One draw from the row of weights w [v]: the kept set as sampler.py's _draw_top defines it,
+// then the first token in id order whose cumulative kept weight exceeds u * the kept weight
+// (block sums first, then the one block that holds the target, token by token).
+inline int64_t sample_row(const float* w, int64_t v, int64_t top_k, float top_p, float min_p, double u,
+                          SortedWeights& sorted) {
+    constexpr int64_t BLOCK = 512;
+    const bool by_k = top_k > 0 && top_k < v, by_p = top_p < 1.0f, by_min = min_p > 0.0f;
+    float threshold = 0.0f;
+    double kept_mass;
+    if (!by_k && !by_p && !by_min) {
+        kept_mass = kept_sum(w, v, 0.0f);
+    } else {
+        sorted.bin(w, v);
+        // min_p keeps the weights >= min_p times the largest (1); top_k the first k positions.
+        const int64_t first = std::min(by_k ? top_k : v, by_min ? sorted.count_at_least(min_p) : v);
+        // top_p is a fraction of what min_p and top_k keep (the whole row when both are off).
+        const double mass = first == v ? sorted.total : sorted.at(first).second;
+        const int64_t kept = std::max<int64_t>(1, std::min(first, by_p ? sorted.positions_below(double(top_p) * mass) : v));
+        // Every weight >= the last kept position's is kept (ties too), as _draw_top's mask keeps them.
+        threshold = sorted.at(kept - 1).first;
+        kept_mass = sorted.mass_at_least(threshold);
+    }
+    const double target = u * kept_mass;
+    double cumulative = 0.0;
+    int64_t last = -1;
+    for (int64_t start = 0; start < v; start += BLOCK) {
+        const int64_t n = std::min(BLOCK, v - start);
+        const double block = kept_sum(w + start, n, threshold);
+        if (block <= 0.0) continue;
+        if (cumulative + block <= target) {
+            cumulative += block;
+            last = start + n;  // a kept token lies in this block: found below if the target is past all
+            continue;
+        }
+        for (int64_t i = start; i < start + n; ++i) {
+            if (w[i] > 0.0f && w[i] >= threshold) {
+                cumulative += w[i];
+                if (cumulative > target) return i;
+                last = i + 1;
+            }
+        }
+    }
+    // Rounding put the target at or past the kept weight: the last kept token.
+    for (int64_t i = std::min(last, v) - 1; i >= 0; --i)
+        if (w[i] > 0.0f && w[i] >= threshold) return i;
+    return 0;  // no weight kept (not reached: the largest weight is 1)
+}
+
 }  // namespace
 
 // A panel GEMV's entry point gemv_LAYOUT_SUFFIX (every layout takes the same arguments).
@@ -2282,6 +2452,20 @@ int64_t token_bitmask_ids(const uint32_t* words, int64_t num_words, int64_t voca
             ++count;
         }
     return count;
+}
+
+// One draw per row of weights w [rows, v] (row r at w + r * ld; sampler.py's exp((x - max) / T):
+// >= 0, the largest exactly 1): the tokens min_p, top_k (0 or >= v: off) and top_p (>= 1: off)
+// keep, as sampler.py's _draw_top keeps them, then the first kept token in id order whose
+// cumulative weight exceeds u[r] times the kept weight; masses in double. Rows in parallel.
+void sample_rows(const float* w, int64_t rows, int64_t v, int64_t ld, const int64_t* top_k, const float* top_p,
+                 const float* min_p, const double* u, int64_t* out) {
+#pragma omp parallel if (rows > 1)
+    {
+        SortedWeights sorted;
+#pragma omp for schedule(dynamic)
+        for (int64_t r = 0; r < rows; ++r) out[r] = sample_row(w + r * ld, v, top_k[r], top_p[r], min_p[r], u[r], sorted);
+    }
 }
 
 // Sum of n floats, read once by all threads: the benchmarks' measure of the memory's streaming

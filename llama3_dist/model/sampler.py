@@ -308,6 +308,9 @@ def sample_filtered(
         # A GPU sorts whole rows quickly, and sizing candidate blocks (below) would cost host
         # syncs: one draw over the whole rows, filters off where a row has none.
         return _draw_whole_rows(w, top_k, top_p, min_p, u).cpu().numpy()
+    library = cpu_kernels.kernels_for(w) if w.stride(1) == 1 else None
+    if library is not None:  # every row in one call: no sort of whole rows or candidate blocks
+        return library.sample_rows(w, top_k, top_p, min_p, u)
     if filtered.all():
         return _sample_top(w, top_k, top_p, min_p, u)
     if not filtered.any():

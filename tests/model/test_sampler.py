@@ -150,9 +150,18 @@ CONFIGS = [
 ]
 
 
+# The CPU library draws every row in one call; the torch path (GPUs, CPUs without the library)
+# sorts candidate blocks or whole rows. Both must follow the filtered softmax (on a CPU the torch
+# path, a fallback there, runs in the whole suite only).
+PATHS = ["library", pytest.param("torch", marks=pytest.mark.slow)] if DEVICE.type == "cpu" else ["torch"]
+
+
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("vocab", ["dense", "sparse"])
 @pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()))
-def test_sampled_frequencies_follow_filtered_softmax(cfg, vocab, monkeypatch):
+def test_sampled_frequencies_follow_filtered_softmax(cfg, vocab, path, monkeypatch):
+    if path == "torch":
+        monkeypatch.setattr(sampling.cpu_kernels, "kernels_for", lambda x: None)
     if vocab == "dense":
         v, rows, calls = 40, 20000, 1
         logits = torch.randn(v, generator=torch.Generator().manual_seed(3)) * 1.5
@@ -179,12 +188,64 @@ def test_sampled_frequencies_follow_filtered_softmax(cfg, vocab, monkeypatch):
     # every bin within 5 sigma of its binomial expectation (fixed seeds: deterministic)
     sigma = np.sqrt(n * p * (1 - p))
     assert np.all(np.abs(counts - n * p) <= 5 * sigma + 1), (counts, n * p)
-    # (a GPU sorts whole rows, with no host sync to size candidate blocks: only the CPU path has them)
-    if vocab == "sparse" and DEVICE.type != "cuda" and widths:  # sorted: block maxima, candidates, rows
+    # (a GPU sorts whole rows, with no host sync to size candidate blocks: only the CPU's torch path
+    # has them; it sorts block maxima, candidates, rows)
+    if vocab == "sparse" and DEVICE.type != "cuda" and path == "torch" and widths:
         nb = -(-v // sampling._block_size(v))
         assert any(w < v / 4 and w != nb for w in widths), "expected the candidate-block path"
         if "top_k" not in cfg:
             assert v in widths, "expected the whole-row path for the flat rows"
+
+
+def reference_draw(w: np.ndarray, top_k: int, top_p: float, min_p: float, u: float) -> int:
+    """The sampler's draw from one row of weights (its kept set as _draw_top defines it), from the
+    definitions in float64: sort, keep, threshold, then the inverse CDF in token id order."""
+    s = -np.sort(-w)
+    keep = np.ones(len(w), bool)
+    by_k = 0 < top_k < len(w)
+    if by_k:
+        keep[top_k:] = False
+    keep &= s >= min_p * s[0]
+    s_kept = s * keep
+    mass = s_kept.sum() if by_k or min_p > 0 else w.sum()
+    if top_p < 1.0:
+        keep &= np.cumsum(s_kept) - s_kept < top_p * mass
+    threshold = s[max(1, keep.sum()) - 1]
+    kept = np.where((w >= threshold) & (w > 0), w, 0.0)
+    cdf = np.cumsum(kept)
+    return int(min(np.searchsorted(cdf, u * cdf[-1], side="right"), np.flatnonzero(kept)[-1]))
+
+
+def test_library_draws_by_the_definitions():
+    """The CPU library's draw (weights binned by their top bits, only the bin at each filter's cut
+    sorted) picks the token of the float64 definitions, and the torch path's sorted rows nearly
+    always agree (they sum in float32): real-looking and flat rows, ties, masked (-inf) tokens, a
+    row with one live token, every filter alone and together, top_k past the vocabulary."""
+    library = sampling.cpu_kernels.library()
+    if library is None:
+        pytest.skip("the CPU kernel library is not built here")
+    rng = np.random.default_rng(5)
+    v, rows = 3001, 240
+    logits = torch.from_numpy(rng.normal(size=(rows, v)).astype(np.float32)) * torch.from_numpy(
+        rng.choice([0.05, 1.0, 3.0, 8.0], size=(rows, 1)).astype(np.float32)
+    )
+    logits[::7, :500] = 2.0  # ties
+    logits[::5, rng.choice(v, 2000, replace=False)] = float("-inf")  # a grammar's or a ban's mask
+    logits[3, 1:] = float("-inf")  # one live token
+    temperature = rng.choice([0.3, 0.8, 1.0, 1.7], size=rows).astype(np.float32)
+    top_k = rng.choice([0, 0, 1, 5, 50, 2999, 5000], size=rows)
+    top_p = rng.choice([1.0, 1.0, 0.5, 0.9, 0.99], size=rows).astype(np.float32)
+    min_p = rng.choice([0.0, 0.0, 0.01, 0.2], size=rows).astype(np.float32)
+    disagree = 0
+    for _ in range(5):
+        u = rng.random(rows)
+        w = sampling._weights(logits, temperature, has_minus_inf=True)
+        got = library.sample_rows(w, top_k, top_p, min_p, u)
+        w64 = w.double().numpy()
+        expected = [reference_draw(w64[r], top_k[r], float(top_p[r]), float(min_p[r]), u[r]) for r in range(rows)]
+        assert got.tolist() == expected
+        disagree += int((sampling._draw_whole_rows(w.clone(), top_k, top_p, min_p, u).numpy() != got).sum())
+    assert disagree <= rows * 5 // 100, disagree
 
 
 def reference_penalties(logits, prompts, outputs, params):
