@@ -367,8 +367,8 @@ class KernelLibrary:
         self._lib.apply_token_bitmask.argtypes = [_P, _I64, _I64, _P, _P, _I64, _I64]
         self._lib.apply_token_bitmask.restype = None
         self._lib.token_bitmask_ids.argtypes, self._lib.token_bitmask_ids.restype = [_P, _I64, _I64, _P, _I64], _I64
-        self._lib.sample_rows.argtypes = [_P, _I64, _I64, _I64, _P, _P, _P, _P, _P]
-        self._lib.sample_rows.restype = None
+        self._lib.sample_logits.argtypes = [_P, _I64, _I64, _I64, _P, _P, _P, _P, _P, _P, _P]
+        self._lib.sample_logits.restype = None
         for dtype, suffix in _SUFFIX.items():
             function = getattr(self._lib, f"gemv_int8_{suffix}")
             function.argtypes, function.restype = [_P, _P, _P, _P, _P, _I64, _I64, _I64], _INT
@@ -635,27 +635,39 @@ class KernelLibrary:
             raise ValueError(f"the bitmask row has {found} bits set, not {num_set}")
         return ids[:found]
 
-    def sample_rows(
-        self, weights: torch.Tensor, top_k: np.ndarray, top_p: np.ndarray, min_p: np.ndarray, u: np.ndarray
+    def sample_logits(
+        self,
+        logits: torch.Tensor,
+        temperature: np.ndarray,
+        top_k: np.ndarray,
+        top_p: np.ndarray,
+        min_p: np.ndarray,
+        u: np.ndarray,
+        weights: torch.Tensor,
     ) -> np.ndarray:
-        """One token id per row of float32 weights [R, V] (exp((x - max) / T): >= 0, the largest 1,
-        rows contiguous): the tokens min_p, top_k (0 or >= V: off) and top_p (>= 1: off) keep, as
-        the sampler's torch path keeps them, drawn with u [R] in [0, 1) in id order. Each row's
-        weights are binned by their top bits and only the bin holding a filter's cut is sorted,
-        where the torch path sorts whole rows or candidate blocks."""
-        assert weights.dtype == torch.float32 and weights.dim() == 2 and weights.stride(1) == 1
-        rows = weights.shape[0]
-        top_k = np.ascontiguousarray(top_k, np.int64)
-        top_p = np.ascontiguousarray(top_p, np.float32)
-        min_p = np.ascontiguousarray(min_p, np.float32)
-        u = np.ascontiguousarray(u, np.float64)
-        if not len(top_k) == len(top_p) == len(min_p) == len(u) == rows:
-            lengths = f"{len(top_k)}, {len(top_p)}, {len(min_p)}, {len(u)}"
-            raise ValueError(f"sample_rows: {rows} rows of weights but {lengths} top_k, top_p, min_p, u")
+        """One token id per row of float32 logits [R, V] (rows contiguous; temperatures > 0): the
+        weights exp((x - max) / T) into `weights` (contiguous [R, V]; may be `logits`), then the
+        tokens min_p, top_k (0 or >= V: off) and top_p (>= 1: off) keep, as the sampler's torch
+        path keeps them, drawn with u [R] in [0, 1) in id order. Each row's weights are binned by
+        their top bits, and only the bin holding a filter's cut is sorted (the torch path sorts
+        whole rows or candidate blocks). A row with no finite logit draws token 0."""
+        assert logits.dtype == torch.float32 and logits.dim() == 2 and logits.stride(1) == 1
+        rows, v = logits.shape
+        assert weights.dtype == torch.float32 and weights.shape == (rows, v) and weights.is_contiguous()
+        settings = {
+            "temperature": np.ascontiguousarray(temperature, np.float32),
+            "top_k": np.ascontiguousarray(top_k, np.int64),
+            "top_p": np.ascontiguousarray(top_p, np.float32),
+            "min_p": np.ascontiguousarray(min_p, np.float32),
+            "u": np.ascontiguousarray(u, np.float64),
+        }
+        if any(len(a) != rows for a in settings.values()):
+            lengths = ", ".join(f"{len(a)} {name}" for name, a in settings.items())
+            raise ValueError(f"sample_logits: {rows} rows of logits but {lengths}")
         out = np.empty(rows, np.int64)
-        self._lib.sample_rows(
-            weights.data_ptr(), rows, weights.shape[1], weights.stride(0), top_k.ctypes.data, top_p.ctypes.data,
-            min_p.ctypes.data, u.ctypes.data, out.ctypes.data,
+        self._lib.sample_logits(
+            logits.data_ptr(), rows, v, logits.stride(0), *(a.ctypes.data for a in settings.values()),
+            weights.data_ptr(), out.ctypes.data,
         )  # fmt: skip
         return out
 

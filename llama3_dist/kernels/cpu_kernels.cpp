@@ -2212,6 +2212,27 @@ struct SortedWeights {
     }
 };
 
+// w [v] = exp((x - max) / T) for one row of logits x [v], as sampler.py's _weights makes them:
+// the largest exactly 1, weights of 2e-38 or less (masked -inf tokens, NaN ones) exactly 0; exp
+// within 2 float32 ulps of torch's. w may be x itself. Returns false for a row with no finite
+// logit (every token masked).
+inline bool row_weights(const float* x, int64_t v, float temperature, float* w) {
+    Floats top = splat(-INFINITY);
+    over_vectors(v, [&](int64_t j, int64_t count) {
+        const Floats values = select(lane_indices() < Ints{} + int32_t(count), load(x + j, count), splat(-INFINITY));
+        top = select(values > top, values, top);
+    });
+    float largest = top[0];
+    for (int lane = 1; lane < LANES; ++lane) largest = std::max(largest, float(top[lane]));
+    if (!(largest > -INFINITY && largest < INFINITY)) return false;
+    const float inverse = 1.0f / temperature;  // sampler.py multiplies by 1 / T in float32 too
+    over_vectors(v, [&](int64_t j, int64_t count) {
+        const Floats e = exp_lanes((load(x + j, count) - largest) * inverse);
+        store(w + j, select(e > splat(2e-38f), e, splat(0.0f)), count);
+    });
+    return true;
+}
+
 // The sum of the weights of w [n] that are > 0 and >= threshold, in double (four chains, so
 // that the additions overlap).
 inline double kept_sum(const float* w, int64_t n, float threshold) {
@@ -2454,17 +2475,23 @@ int64_t token_bitmask_ids(const uint32_t* words, int64_t num_words, int64_t voca
     return count;
 }
 
-// One draw per row of weights w [rows, v] (row r at w + r * ld; sampler.py's exp((x - max) / T):
-// >= 0, the largest exactly 1): the tokens min_p, top_k (0 or >= v: off) and top_p (>= 1: off)
-// keep, as sampler.py's _draw_top keeps them, then the first kept token in id order whose
-// cumulative weight exceeds u[r] times the kept weight; masses in double. Rows in parallel.
-void sample_rows(const float* w, int64_t rows, int64_t v, int64_t ld, const int64_t* top_k, const float* top_p,
-                 const float* min_p, const double* u, int64_t* out) {
+// One draw per row of float32 logits x [rows, v] (row r at x + r * ld): the weights
+// exp((x - max) / T) into weights [rows, v] (may be x itself), then the tokens min_p, top_k (0 or
+// >= v: off) and top_p (>= 1: off) keep, as sampler.py's _draw_top keeps them, and the first
+// kept token in id order whose cumulative weight exceeds u[r] times the kept weight; masses in
+// double. A row with no finite logit draws token 0 (as an argmax of it would). Rows in parallel.
+void sample_logits(const float* x, int64_t rows, int64_t v, int64_t ld, const float* temperature, const int64_t* top_k,
+                   const float* top_p, const float* min_p, const double* u, float* weights, int64_t* out) {
 #pragma omp parallel if (rows > 1)
     {
         SortedWeights sorted;
 #pragma omp for schedule(dynamic)
-        for (int64_t r = 0; r < rows; ++r) out[r] = sample_row(w + r * ld, v, top_k[r], top_p[r], min_p[r], u[r], sorted);
+        for (int64_t r = 0; r < rows; ++r) {
+            float* w = weights + r * v;
+            out[r] = row_weights(x + r * ld, v, temperature[r], w)
+                         ? sample_row(w, v, top_k[r], top_p[r], min_p[r], u[r], sorted)
+                         : 0;
+        }
     }
 }
 

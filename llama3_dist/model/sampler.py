@@ -301,16 +301,17 @@ def sample_filtered(
     """Temperature, then min_p / top_k / top_p filtering, then one draw per row. Returns [R]."""
     r, v = logits.shape
     dev = logits.device
-    w = _weights(logits, temperature, out, has_minus_inf)
     top_k = np.where(top_k >= v, 0, top_k)
+    library = cpu_kernels.kernels_for(logits) if logits.dtype == torch.float32 and logits.stride(1) == 1 else None
+    if library is not None:  # every row in one call: no sort of whole rows or candidate blocks
+        weights = out if out is not None and out.is_contiguous() else torch.empty(r, v)
+        return library.sample_logits(logits, temperature, top_k, top_p, min_p, u, weights)
+    w = _weights(logits, temperature, out, has_minus_inf)
     filtered = (top_k > 0) | (top_p < 1.0) | (min_p > 0.0)
     if dev.type == "cuda" and filtered.any():
         # A GPU sorts whole rows quickly, and sizing candidate blocks (below) would cost host
         # syncs: one draw over the whole rows, filters off where a row has none.
         return _draw_whole_rows(w, top_k, top_p, min_p, u).cpu().numpy()
-    library = cpu_kernels.kernels_for(w) if w.stride(1) == 1 else None
-    if library is not None:  # every row in one call: no sort of whole rows or candidate blocks
-        return library.sample_rows(w, top_k, top_p, min_p, u)
     if filtered.all():
         return _sample_top(w, top_k, top_p, min_p, u)
     if not filtered.any():

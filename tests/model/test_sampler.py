@@ -217,10 +217,11 @@ def reference_draw(w: np.ndarray, top_k: int, top_p: float, min_p: float, u: flo
 
 
 def test_library_draws_by_the_definitions():
-    """The CPU library's draw (weights binned by their top bits, only the bin at each filter's cut
-    sorted) picks the token of the float64 definitions, and the torch path's sorted rows nearly
-    always agree (they sum in float32): real-looking and flat rows, ties, masked (-inf) tokens, a
-    row with one live token, every filter alone and together, top_k past the vocabulary."""
+    """The CPU library's draw (its own weights; binned by their top bits, only the bin at each
+    filter's cut sorted) picks the token of the float64 definitions on those weights, and the
+    torch path's sorted rows nearly always agree (they sum in float32): real-looking and flat rows,
+    ties, masked (-inf) tokens, a row with one live token, every filter alone and together, top_k
+    past the vocabulary."""
     library = sampling.cpu_kernels.library()
     if library is None:
         pytest.skip("the CPU kernel library is not built here")
@@ -239,8 +240,10 @@ def test_library_draws_by_the_definitions():
     disagree = 0
     for _ in range(5):
         u = rng.random(rows)
-        w = sampling._weights(logits, temperature, has_minus_inf=True)
-        got = library.sample_rows(w, top_k, top_p, min_p, u)
+        w = torch.empty(rows, v)
+        got = library.sample_logits(logits, temperature, top_k, top_p, min_p, u, w)
+        # its weights: torch's to within 2 float32 ulps of exp, masked tokens exactly 0
+        torch.testing.assert_close(w, sampling._weights(logits, temperature, has_minus_inf=True), rtol=3e-7, atol=0)
         w64 = w.double().numpy()
         expected = [reference_draw(w64[r], top_k[r], float(top_p[r]), float(min_p[r]), u[r]) for r in range(rows)]
         assert got.tolist() == expected
