@@ -654,7 +654,7 @@ class KernelLibrary:
         assert logits.dtype == torch.float32 and logits.dim() == 2 and logits.stride(1) == 1
         rows, v = logits.shape
         assert weights.dtype == torch.float32 and weights.shape == (rows, v) and weights.is_contiguous()
-        settings = {
+        settings: dict[str, np.ndarray] = {
             "temperature": np.ascontiguousarray(temperature, np.float32),
             "top_k": np.ascontiguousarray(top_k, np.int64),
             "top_p": np.ascontiguousarray(top_p, np.float32),
