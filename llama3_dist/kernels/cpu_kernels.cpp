@@ -2253,8 +2253,11 @@ inline int64_t sample_row(const float* w, int64_t v, int64_t top_k, float top_p,
     const bool by_k = top_k > 0 && top_k < v, by_p = top_p < 1.0f, by_min = min_p > 0.0f;
     float threshold = 0.0f;
     double kept_mass;
-    if (!by_k && !by_p && !by_min) {
-        kept_mass = kept_sum(w, v, 0.0f);
+    if (!by_k && !by_p) {
+        // min_p alone (or nothing) keeps exactly the weights >= min_p (the largest, 1, among them):
+        // no position needs finding.
+        threshold = by_min ? min_p : 0.0f;
+        kept_mass = kept_sum(w, v, threshold);
     } else {
         sorted.bin(w, v);
         // min_p keeps the weights >= min_p times the largest (1); top_k the first k positions.

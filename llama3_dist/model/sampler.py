@@ -272,8 +272,8 @@ def apply_token_bitmask(logits: torch.Tensor, rows: np.ndarray, bitmask: np.ndar
     dev = logits.device
     words = np.ascontiguousarray(bitmask, np.int32)
     width = min(v, words.shape[1] * 32)
-    library = cpu_kernels.kernels_for(logits) if logits.dtype == torch.float32 else None
-    if library is not None and logits.stride(1) == 1:
+    library = _library(logits)
+    if library is not None:
         # The CPU library reads the words as they are (~10x cheaper than unpacking them first).
         library.apply_token_bitmask(logits, rows, words)
         return
@@ -286,6 +286,12 @@ def apply_token_bitmask(logits: torch.Tensor, rows: np.ndarray, bitmask: np.ndar
     logits[rows_t, :width] = logits[rows_t, :width].masked_fill_(refused, float("-inf"))
     if width < v:
         logits[_t(rows, dev), width:] = float("-inf")
+
+
+def _library(logits: torch.Tensor) -> cpu_kernels.KernelLibrary | None:
+    """The compiled CPU library where it serves these logits (float32 on the CPU, rows
+    contiguous), else None (the torch path: GPUs, CPUs without the library)."""
+    return cpu_kernels.kernels_for(logits) if logits.dtype == torch.float32 and logits.stride(1) == 1 else None
 
 
 def sample_filtered(
@@ -302,7 +308,7 @@ def sample_filtered(
     r, v = logits.shape
     dev = logits.device
     top_k = np.where(top_k >= v, 0, top_k)
-    library = cpu_kernels.kernels_for(logits) if logits.dtype == torch.float32 and logits.stride(1) == 1 else None
+    library = _library(logits)
     if library is not None:  # every row in one call: no sort of whole rows or candidate blocks
         weights = out if out is not None and out.is_contiguous() else torch.empty(r, v)
         return library.sample_logits(logits, temperature, top_k, top_p, min_p, u, weights)
