@@ -288,7 +288,12 @@ def _build_lock(path: Path) -> Iterator[None]:
         except ImportError:  # Windows: no lock; the atomic rename still keeps readers safe
             yield
             return
-        fcntl.flock(lock_file, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(lock_file, fcntl.LOCK_EX)
+        except OSError as e:  # a file system without locks (some network mounts): build unlocked
+            log.debug("no lock on %s (%s): building without one", path, e)
+            yield
+            return
         try:
             yield
         finally:
