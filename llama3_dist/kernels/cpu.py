@@ -374,6 +374,8 @@ class KernelLibrary:
         self._lib.token_bitmask_ids.argtypes, self._lib.token_bitmask_ids.restype = [_P, _I64, _I64, _P, _I64], _I64
         self._lib.sample_logits.argtypes = [_P, _I64, _I64, _I64, _P, _P, _P, _P, _P, _P, _P]
         self._lib.sample_logits.restype = None
+        self._lib.logprobs_rows.argtypes = [_P, _I64, _I64, _I64, _P, _I64, _P, _P, _P, _P]
+        self._lib.logprobs_rows.restype = None
         for dtype, suffix in _SUFFIX.items():
             function = getattr(self._lib, f"gemv_int8_{suffix}")
             function.argtypes, function.restype = [_P, _P, _P, _P, _P, _I64, _I64, _I64], _INT
@@ -675,6 +677,25 @@ class KernelLibrary:
             weights.data_ptr(), out.ctypes.data,
         )  # fmt: skip
         return out
+
+    def logprobs_rows(
+        self, logits: torch.Tensor, tokens: np.ndarray, k: int
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """For float32 logits [R, V] (rows contiguous) and one chosen token per row: its
+        log-probability [R] and rank [R] (1 + the number of logits above its own), and the k most
+        likely tokens' ids and log-probabilities [R, k] (descending; ties: lower id first)."""
+        assert logits.dtype == torch.float32 and logits.dim() == 2 and logits.stride(1) == 1
+        rows, v = logits.shape
+        tokens = np.ascontiguousarray(tokens, np.int64)
+        if len(tokens) != rows or (rows and not 0 <= tokens.min() <= tokens.max() < v):
+            raise ValueError(f"logprobs_rows: {rows} rows of {v} logits, chosen tokens {tokens.tolist()}")
+        chosen, ranks = np.empty(rows, np.float32), np.empty(rows, np.int64)
+        top_ids, top_logprobs = np.empty((rows, k), np.int64), np.empty((rows, k), np.float32)
+        self._lib.logprobs_rows(
+            logits.data_ptr(), rows, v, logits.stride(0), tokens.ctypes.data, k, chosen.ctypes.data,
+            ranks.ctypes.data, top_ids.ctypes.data, top_logprobs.ctypes.data,
+        )  # fmt: skip
+        return chosen, ranks, top_ids, top_logprobs
 
     def sum_floats(self, x: torch.Tensor) -> float:
         """Sum of a contiguous float32 tensor read once by all threads (a streaming-read probe)."""

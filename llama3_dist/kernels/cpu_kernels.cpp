@@ -2295,6 +2295,61 @@ inline int64_t sample_row(const float* w, int64_t v, int64_t top_k, float top_p,
     return 0;  // no weight kept (not reached: the largest weight is 1)
 }
 
+// Log-probabilities of one row of logits x [v] (raw: no temperature), as sampler.py's
+// compute_logprobs defines them: x - logsumexp(x) for the chosen token and the k largest logits
+// (descending; a tie keeps the lower id first), and the chosen token's rank, 1 + the number of
+// logits above its own. Sums of exp in float32 lanes, each lane's exp within 2 ulps of torch's.
+inline void row_logprobs(const float* x, int64_t v, int64_t token, int64_t k, float* chosen, int64_t* rank,
+                         int64_t* top_ids, float* top_logprobs) {
+    Floats top = splat(-INFINITY);
+    over_vectors(v, [&](int64_t j, int64_t count) {
+        const Floats values = select(lane_indices() < Ints{} + int32_t(count), load(x + j, count), splat(-INFINITY));
+        top = select(values > top, values, top);
+    });
+    float largest = top[0];
+    for (int lane = 1; lane < LANES; ++lane) largest = std::max(largest, float(top[lane]));
+    const float own = x[token];
+    Floats sums = Floats{};
+    Ints above = Ints{};
+    over_vectors(v, [&](int64_t j, int64_t count) {
+        const Ints live = lane_indices() < Ints{} + int32_t(count);
+        const Floats values = load(x + j, count);
+        sums += select(live, exp_lanes(values - largest), splat(0.0f));
+        above -= (live & (values > splat(own)));  // true lanes are -1
+    });
+    const float lse = largest + logf(horizontal_sum(sums));
+    int64_t count_above = 0;
+    for (int lane = 0; lane < LANES; ++lane) count_above += above[lane];
+    *chosen = own - lse;
+    *rank = count_above + 1;
+    // The k largest: a sorted list, entered only by values above its smallest (few, after the
+    // first k: the vector test skips the rest).
+    int64_t filled = 0;
+    for (int64_t j = 0; j < v && k > 0; j += LANES) {
+        const int64_t count = std::min<int64_t>(LANES, v - j);
+        const float floor = filled < k ? -INFINITY : top_logprobs[k - 1];
+        const Ints live = lane_indices() < Ints{} + int32_t(count);
+        const Ints enter = live & ((load(x + j, count) > splat(floor)) | (Ints{} + int32_t(filled < k ? -1 : 0)));
+        bool any = false;
+        for (int lane = 0; lane < LANES; ++lane) any |= enter[lane] != 0;
+        if (!any) continue;
+        for (int64_t i = j; i < j + count; ++i) {
+            const float value = x[i];
+            if (filled == k && !(value > top_logprobs[k - 1])) continue;
+            int64_t at = filled < k ? filled++ : k - 1;
+            while (at > 0 && top_logprobs[at - 1] < value) {  // after equal values: lower ids first
+                top_logprobs[at] = top_logprobs[at - 1];
+                top_ids[at] = top_ids[at - 1];
+                --at;
+            }
+            top_logprobs[at] = value;
+            top_ids[at] = i;
+        }
+    }
+    for (int64_t i = 0; i < filled; ++i) top_logprobs[i] -= lse;
+    for (int64_t i = filled; i < k; ++i) top_ids[i] = -1, top_logprobs[i] = -INFINITY;
+}
+
 }  // namespace
 
 // A panel GEMV's entry point gemv_LAYOUT_SUFFIX (every layout takes the same arguments).
@@ -2496,6 +2551,16 @@ void sample_logits(const float* x, int64_t rows, int64_t v, int64_t ld, const fl
                          : 0;
         }
     }
+}
+
+// compute_logprobs for rows of float32 logits x [rows, v] (row r at x + r * ld): per row the
+// chosen token tokens[r]'s log-probability and rank, and the k most likely tokens' ids and
+// log-probabilities ([rows, k], descending). Rows in parallel.
+void logprobs_rows(const float* x, int64_t rows, int64_t v, int64_t ld, const int64_t* tokens, int64_t k,
+                   float* chosen, int64_t* ranks, int64_t* top_ids, float* top_logprobs) {
+#pragma omp parallel for schedule(dynamic) if (rows > 1)
+    for (int64_t r = 0; r < rows; ++r)
+        row_logprobs(x + r * ld, v, tokens[r], k, chosen + r, ranks + r, top_ids + r * k, top_logprobs + r * k);
 }
 
 // Sum of n floats, read once by all threads: the benchmarks' measure of the memory's streaming

@@ -538,6 +538,17 @@ def compute_logprobs(
     plus each row's top k. For sampled tokens and for prompt_logprobs alike."""
     n = logits.shape[0]
     ks = [num_logprobs] * n if isinstance(num_logprobs, int) else list(num_logprobs)
+    library = _library(logits)
+    if library is not None and n and max(ks) <= logits.shape[1]:  # every row in one call, each walked once
+        chosen, ranks, best_ids, best_lps = library.logprobs_rows(logits, np.asarray(token_ids), max(ks))
+        return [
+            TokenLogprobs(
+                [int(token_ids[j]), *best_ids[j, : ks[j]].tolist()],
+                [float(chosen[j]), *best_lps[j, : ks[j]].tolist()],
+                [int(ranks[j]), *range(1, ks[j] + 1)],
+            )
+            for j in range(n)
+        ]
     tokens = torch.as_tensor(np.asarray(token_ids, np.int64), device=logits.device)
     out: list[TokenLogprobs] = []
     for lo in range(0, n, chunk):  # a prompt's worth of [N, V] at once would be too big

@@ -348,6 +348,31 @@ def test_compute_logprobs_for_prompt_tokens():
         np.testing.assert_allclose(lp.logprobs, ref[j, lp.token_ids].numpy(), atol=1e-5)
 
 
+def test_library_logprobs_equal_the_torch_paths(monkeypatch):
+    """The CPU library's log-probabilities (each row walked once) equal the torch path's: the
+    chosen token's value and rank, the top k in order (tied logits: lower ids first, a stable
+    sort's order), per-row k, on rows with -inf logits and a partial last vector."""
+    if sampling.cpu_kernels.library() is None:
+        pytest.skip("the CPU kernel library is not built here")
+    g = torch.Generator().manual_seed(8)
+    logits = torch.randn(9, 1001, generator=g) * 3
+    logits[2, 100:110] = 9.0  # ten tied top logits
+    logits[4, ::3] = float("-inf")
+    tokens = [0, 1000, 105, 7, 3, 999, 500, 1, 2]
+    ks = [0, 1, 5, 20, 3, 0, 7, 2, 4]
+    got = compute_logprobs(logits, tokens, ks)
+    monkeypatch.setattr(sampling, "_library", lambda x: None)
+    expected = compute_logprobs(logits, tokens, ks)
+    ref = torch.log_softmax(logits.double(), -1)
+    for j, (a, b) in enumerate(zip(got, expected)):
+        assert a.ranks == b.ranks and a.token_ids[0] == b.token_ids[0] == tokens[j]
+        stable = np.argsort(-logits[j].numpy(), kind="stable")[: ks[j]].tolist()
+        assert a.token_ids[1:] == stable
+        if j != 2:  # torch's top-k orders ties its own way
+            assert a.token_ids == b.token_ids
+        np.testing.assert_allclose(a.logprobs, ref[j, a.token_ids].numpy(), atol=1e-5)
+
+
 def test_device_draw_gives_the_host_draws():
     """The draw kept on the device (overlapped scheduling on a GPU: whole sorted rows, no host
     sync) picks the tokens the host path picks, for greedy, top-k, top-p, min-p and plain
