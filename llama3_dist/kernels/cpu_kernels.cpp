@@ -2150,28 +2150,17 @@ struct SortedWeights {
         return values;
     }
 
-    // How many weights are >= `value`.
-    int64_t count_at_least(float value) {
+    // How many weights are >= `value`, and their sum.
+    std::pair<int64_t, double> at_least(float value) {
         const int b = weight_bin(value);
         int64_t n = 0;
-        for (int above = WEIGHT_BINS - 1; above > b; --above) n += count[above];
-        for (const float in_bin : gather(b)) {
-            if (in_bin < value) break;
-            ++n;
-        }
-        return n;
-    }
-
-    // The sum of the weights >= `value`.
-    double mass_at_least(float value) {
-        const int b = weight_bin(value);
         double total_above = 0.0;
-        for (int above = WEIGHT_BINS - 1; above > b; --above) total_above += mass[above];
+        for (int above = WEIGHT_BINS - 1; above > b; --above) n += count[above], total_above += mass[above];
         for (const float in_bin : gather(b)) {
             if (in_bin < value) break;
-            total_above += in_bin;
+            ++n, total_above += in_bin;
         }
-        return total_above;
+        return {n, total_above};
     }
 
     std::pair<float, double> at(int64_t n) {
@@ -2212,11 +2201,8 @@ struct SortedWeights {
     }
 };
 
-// w [v] = exp((x - max) / T) for one row of logits x [v], as sampler.py's _weights makes them:
-// the largest exactly 1, weights of 2e-38 or less (masked -inf tokens, NaN ones) exactly 0; exp
-// within 2 float32 ulps of torch's. w may be x itself. Returns false for a row with no finite
-// logit (every token masked).
-inline bool row_weights(const float* x, int64_t v, float temperature, float* w) {
+// The largest of x [v] (NaN ignored; -inf for none).
+inline float row_max(const float* x, int64_t v) {
     Floats top = splat(-INFINITY);
     over_vectors(v, [&](int64_t j, int64_t count) {
         const Floats values = select(lane_indices() < Ints{} + int32_t(count), load(x + j, count), splat(-INFINITY));
@@ -2224,6 +2210,15 @@ inline bool row_weights(const float* x, int64_t v, float temperature, float* w) 
     });
     float largest = top[0];
     for (int lane = 1; lane < LANES; ++lane) largest = std::max(largest, float(top[lane]));
+    return largest;
+}
+
+// w [v] = exp((x - max) / T) for one row of logits x [v], as sampler.py's _weights makes them:
+// the largest exactly 1, weights of 2e-38 or less (masked -inf tokens, NaN ones) exactly 0; exp
+// within 2 float32 ulps of torch's. w may be x itself. Returns false for a row with no finite
+// logit (every token masked).
+inline bool row_weights(const float* x, int64_t v, float temperature, float* w) {
+    const float largest = row_max(x, v);
     if (!(largest > -INFINITY && largest < INFINITY)) return false;
     const float inverse = 1.0f / temperature;  // sampler.py multiplies by 1 / T in float32 too
     over_vectors(v, [&](int64_t j, int64_t count) {
@@ -2261,13 +2256,13 @@ inline int64_t sample_row(const float* w, int64_t v, int64_t top_k, float top_p,
     } else {
         sorted.bin(w, v);
         // min_p keeps the weights >= min_p times the largest (1); top_k the first k positions.
-        const int64_t first = std::min(by_k ? top_k : v, by_min ? sorted.count_at_least(min_p) : v);
+        const int64_t first = std::min(by_k ? top_k : v, by_min ? sorted.at_least(min_p).first : v);
         // top_p is a fraction of what min_p and top_k keep (the whole row when both are off).
         const double mass = first == v ? sorted.total : sorted.at(first).second;
         const int64_t kept = std::max<int64_t>(1, std::min(first, by_p ? sorted.positions_below(double(top_p) * mass) : v));
         // Every weight >= the last kept position's is kept (ties too), as _draw_top's mask keeps them.
         threshold = sorted.at(kept - 1).first;
-        kept_mass = sorted.mass_at_least(threshold);
+        kept_mass = sorted.at_least(threshold).second;
     }
     const double target = u * kept_mass;
     double cumulative = 0.0;
@@ -2301,13 +2296,7 @@ inline int64_t sample_row(const float* w, int64_t v, int64_t top_k, float top_p,
 // logits above its own. Sums of exp in float32 lanes, each lane's exp within 2 ulps of torch's.
 inline void row_logprobs(const float* x, int64_t v, int64_t token, int64_t k, float* chosen, int64_t* rank,
                          int64_t* top_ids, float* top_logprobs) {
-    Floats top = splat(-INFINITY);
-    over_vectors(v, [&](int64_t j, int64_t count) {
-        const Floats values = select(lane_indices() < Ints{} + int32_t(count), load(x + j, count), splat(-INFINITY));
-        top = select(values > top, values, top);
-    });
-    float largest = top[0];
-    for (int lane = 1; lane < LANES; ++lane) largest = std::max(largest, float(top[lane]));
+    const float largest = row_max(x, v);
     const float own = x[token];
     Floats sums = Floats{};
     Ints above = Ints{};
