@@ -1,8 +1,8 @@
 """Sampling on the CPU: the sampler's draw from real logits, the compiled library's path (weights,
-filters and the draw in one call) against the torch path (what a CPU without the library runs:
-torch's weights, then sorted candidate blocks or whole rows), side by side in one run; then batch-1
-decode and a batch of requests with temperature and top_p through the engine, both paths
-alternating.
+filters and the draw in one call; log-probabilities likewise) against the torch path (what a CPU
+without the library runs: torch's weights, then sorted candidate blocks or whole rows), side by
+side in one run; then batch-1 decode and a batch of requests with temperature and top_p through
+the engine, both paths alternating.
 
     python benchmarks/sampling.py [--model FILE.gguf] [--rounds 3] [--tokens 128]
 
@@ -36,6 +36,8 @@ SETTINGS = {
     "top_p 0.95, T 1": dict(temperature=1.0, top_p=0.95),
     "top_k 50, T 0.8": dict(temperature=0.8, top_k=50),
     "min_p 0.05, T 0.8": dict(temperature=0.8, min_p=0.05),
+    "greedy, logprobs 5": dict(temperature=0.0, logprobs=5),
+    "top_p 0.9, logprobs 5": dict(temperature=0.8, top_p=0.9, logprobs=5),
 }
 
 
