@@ -51,6 +51,8 @@ def build_step_input(
     row twice) defaults to the last row of each sequence.
     """
     b = len(contexts)
+    if logit_rows is None and sum(num_new_tokens) == b:
+        return _decode_step_input(contexts, block_size)
     counts = np.asarray(num_new_tokens, dtype=np.int64)
     offsets = np.zeros(b + 1, dtype=np.int32)
     offsets[1:] = np.cumsum(counts)
@@ -80,4 +82,27 @@ def build_step_input(
         block_tables=block_tables,
         slot_mapping=slots,
         logit_rows=logit_rows,
+    )
+
+
+def _decode_step_input(contexts: list[TextContext], block_size: int) -> StepInput:
+    """build_step_input's arrays for a step of one token per context (every decode step), from
+    Python lists: the general path's dozen numpy calls cost ~80 us a step on a CPU, whose decode
+    step runs its Python from caches the weights have just streamed through (SmolLM2 in int4:
+    ~3 ms a step); these cost ~20."""
+    b = len(contexts)
+    positions = [c.num_computed_tokens for c in contexts]
+    widest = max(len(c.block_ids) for c in contexts)
+    block_tables = np.array([c.block_ids + [0] * (widest - len(c.block_ids)) for c in contexts], dtype=np.int32)
+    return StepInput(
+        tokens=np.array([c.tokens[p] for c, p in zip(contexts, positions)], dtype=np.int64),
+        positions=np.array(positions, dtype=np.int64),
+        query_start_loc=np.arange(b + 1, dtype=np.int32),
+        context_lens=np.array(positions, dtype=np.int32) + 1,
+        block_tables=block_tables,
+        slot_mapping=np.array(
+            [c.block_ids[p // block_size] * block_size + p % block_size for c, p in zip(contexts, positions)],
+            dtype=np.int64,
+        ),
+        logit_rows=np.arange(b, dtype=np.int64),
     )

@@ -122,7 +122,7 @@ _FUSED_SIGNATURES: dict[
 ] = {  # name -> argument types; each returns 0, or -1 for a batch over GEMV_MAX_ROWS
     "attention_block": [_P, _P, _P, _P, _P, _P, _P],
     "mlp_block": [_P, _I64, _P, _P, _P],
-    "decode_layers": [_P, _P, _P, _P, _I64, _P, _P, _P, _P, _P, _F32, _P, _P, _I64, _P, _P, _I64],
+    "decode_layers": [_P, _P, _P, _P, _I64, _P, _P, _P, _P, _P, _F32, _P, _P, _I64, _P, _P, _I64, _P, _P, _I64],
 }
 
 
@@ -868,6 +868,7 @@ class FusedDecodeStack:
         final_norm: tuple[torch.Tensor | None, float] | None = None,
         head: ProjectionWeight | None = None,
         vocab: int = 0,
+        embedding: torch.Tensor | None = None,
     ):
         first = layers[0]
         if any(layer.kernels is not first.kernels or layer.dtype != first.dtype for layer in layers):
@@ -884,9 +885,21 @@ class FusedDecodeStack:
                 )
             if head.shape[1] != first.hidden or not 0 < vocab <= head.shape[0]:
                 raise ValueError(f"head {tuple(head.shape)} for hidden size {first.hidden} and vocab {vocab}")
+        if embedding is not None and not (
+            embedding.dtype == first.dtype
+            and embedding.is_contiguous()
+            and embedding.device.type == "cpu"
+            and embedding.dim() == 2
+            and embedding.shape[1] == first.hidden
+        ):
+            raise ValueError(
+                f"a fused embedding is contiguous {first.dtype} rows of {first.hidden} features on the CPU, got "
+                f"{embedding.dtype} {tuple(embedding.shape)} on {embedding.device}"
+            )
         self.final_norm = final_norm
         self.head = head
         self.vocab = vocab
+        self.embedding = embedding  # with it, a step may give token ids instead of embedded rows
         # The head's outputs in the layers' dtype, before widening: never leave the call, so one
         # buffer serves every step (a fresh one would cost its page faults each step).
         self._head_out = None if head is None else torch.empty(GEMV_MAX_ROWS, head.shape[0], dtype=first.dtype)
@@ -909,26 +922,39 @@ class FusedDecodeStack:
         return self._cache_pointers[1], self._cache_pointers[2]
 
     def __call__(
-        self, x: torch.Tensor, step: DecodeStep, kv_caches: list[tuple[torch.Tensor, torch.Tensor]]
+        self,
+        x: torch.Tensor | None,
+        step: DecodeStep,
+        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+        tokens: torch.Tensor | None = None,
     ) -> StackOutput:
-        """The decode step for the embedded input x (StackOutput says what comes back)."""
+        """The decode step for the embedded input x, or (x None) for the token ids `tokens`, whose
+        rows the call looks up in the stack's embedding (StackOutput says what comes back)."""
         if len(kv_caches) != len(self._layers):
             raise ValueError(f"{len(self._layers)} fused layers got {len(kv_caches)} KV caches")
-        x = x.contiguous()
-        out, residual = torch.empty_like(x), torch.empty_like(x)
+        embedding = self.embedding
+        if x is not None:
+            x = x.contiguous()
+            rows = x.shape[0]
+        elif tokens is not None and embedding is not None:
+            tokens = _contiguous(tokens, torch.int64)
+            rows = tokens.shape[0]
+        else:
+            raise ValueError("a fused decode step takes embedded rows x, or token ids where the stack has an embedding")
+        out, residual = (torch.empty(rows, self._layers[0].hidden, dtype=self._layers[0].dtype) for _ in range(2))
         norm_weight, eps = self.final_norm if self.final_norm is not None else (None, 0.0)
-        normed = torch.empty_like(x) if self.final_norm is not None else None
-        logits = None if self.head is None else torch.empty(x.shape[0], self.vocab, dtype=torch.float32)
+        normed = torch.empty_like(out) if self.final_norm is not None else None
+        logits = None if self.head is None else torch.empty(rows, self.vocab, dtype=torch.float32)
         head_rows = 0 if self.head is None else self.head.shape[0]
         k_caches, v_caches = self._caches(kv_caches)
-        if self._function(
+        status = self._function(
             self._attention,
             self._mlp,
             k_caches,
             v_caches,
             len(self._layers),
             ctypes.byref(step),
-            x.data_ptr(),
+            _pointer(x),
             residual.data_ptr(),
             out.data_ptr(),
             _pointer(norm_weight),
@@ -939,7 +965,15 @@ class FusedDecodeStack:
             _pointer(self._head_out),
             _pointer(logits),
             self.vocab,
-        ):
+            _pointer(tokens if x is None else None),
+            _pointer(embedding if x is None else None),
+            0 if embedding is None else embedding.shape[0],
+        )
+        if status == -2:
+            assert tokens is not None and embedding is not None
+            bad = [t for t in tokens.tolist() if not 0 <= t < embedding.shape[0]]
+            raise ValueError(f"token ids {bad} are outside the embedding's {embedding.shape[0]} rows")
+        if status:
             raise ValueError(f"fused decode takes 1 to {GEMV_MAX_ROWS} sequences of one hidden size, got {step.batch}")
         return StackOutput(out, residual) if normed is None else StackOutput(normed, residual, logits)
 

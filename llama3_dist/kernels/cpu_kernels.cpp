@@ -2035,8 +2035,11 @@ int mlp_block(const MlpBlock& layer, int64_t m, const T* x, T* residual, T* out)
 // Every decoder layer of a decode step in one call and one parallel region (a model on one rank:
 // nothing to all-reduce between the halves). The same halves in the same order as one call per
 // half, so bit-identical to them, without the per-half returns to Python and thread wake-ups.
-// x [m, hidden] is the embedded input; out the last layer's output and residual the residual
-// stream beside it (as the per-half calls leave them, for the final norm). With `normed`, the
+// x [m, hidden] is the embedded input, or, with tokens [m], null: the call looks the rows up in
+// embedding [embedding_rows, hidden] itself (one torch call a step fewer: ~50 us of Python from
+// cold caches; a token outside [0, embedding_rows) returns -2 before anything runs). out is
+// the last layer's output and residual the residual stream beside it (as the per-half calls
+// leave them, for the final norm). With `normed`, the
 // model's final RMS norm runs in the same region: residual becomes the hidden state (out +
 // residual) and normed its norm, as rms_norm would leave them (one call from Python fewer).
 // With a head too (and normed), the LM head's GEMV: its T outputs [m, head_rows] into head_out,
@@ -2048,10 +2051,14 @@ template <typename T>
 int decode_layers(const AttentionBlock* attention, const MlpBlock* mlp, T* const* k_caches, T* const* v_caches,
                   int64_t layers, const DecodeStep& step, const T* x, T* residual, T* out,
                   const void* final_norm_weight, float final_eps, T* normed, const Weight* head, int64_t head_rows,
-                  T* head_out, float* logits, int64_t vocab) {
+                  T* head_out, float* logits, int64_t vocab, const int64_t* tokens, const T* embedding,
+                  int64_t embedding_rows) {
     const int64_t m = step.batch;
     if (m < 1 || m > GEMV_MAX_ROWS || layers < 1) return -1;
     if (head && (!normed || vocab < 1 || vocab > head_rows)) return -1;
+    if (!x == !tokens || (tokens && !embedding)) return -1;
+    for (int64_t i = 0; tokens && i < m; ++i)
+        if (tokens[i] < 0 || tokens[i] >= embedding_rows) return -2;
     int64_t hidden = 0, wide = 0, narrow = 0;
     for (int64_t i = 0; i < layers; ++i) {
         if (attention[i].hidden != mlp[i].hidden || attention[i].hidden != attention[0].hidden) return -1;
@@ -2060,7 +2067,12 @@ int decode_layers(const AttentionBlock* attention, const MlpBlock* mlp, T* const
         narrow = std::max({narrow, attention[i].heads * attention[i].head_dim, mlp[i].intermediate});
     }
     HalfScratch<T> scratch(m, hidden, wide, narrow, head ? int(head->digits) : 1);
-    std::vector<T> attended(m * hidden);
+    std::vector<T> attended(m * hidden), embedded(tokens ? m * hidden : 0);
+    if (tokens) {
+        for (int64_t i = 0; i < m; ++i)
+            memcpy(embedded.data() + i * hidden, embedding + tokens[i] * hidden, hidden * sizeof(T));
+        x = embedded.data();
+    }
 #pragma omp parallel
     {
         for (int64_t i = 0; i < layers; ++i) {
@@ -2428,9 +2440,11 @@ inline void row_logprobs(const float* x, int64_t v, int64_t token, int64_t k, fl
     int decode_layers_##SUFFIX(const AttentionBlock* attention, const MlpBlock* mlp, T* const* k_caches,           \
                                T* const* v_caches, int64_t layers, const DecodeStep* step, const T* x, T* residual, \
                                T* out, const T* final_norm_weight, float final_eps, T* normed, const Weight* head, \
-                               int64_t head_rows, T* head_out, float* logits, int64_t vocab) {                       \
+                               int64_t head_rows, T* head_out, float* logits, int64_t vocab, const int64_t* tokens, \
+                               const T* embedding, int64_t embedding_rows) {                                         \
         return decode_layers<T>(attention, mlp, k_caches, v_caches, layers, *step, x, residual, out,                \
-                                final_norm_weight, final_eps, normed, head, head_rows, head_out, logits, vocab);     \
+                                final_norm_weight, final_eps, normed, head, head_rows, head_out, logits, vocab,      \
+                                tokens, embedding, embedding_rows);                                                  \
     }
 
 // Compiling this file takes a minute on one core, nearly all of it optimizing the instantiated

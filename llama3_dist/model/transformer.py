@@ -330,9 +330,6 @@ class Llama3Transformer(nn.Module):
     ):
         stacked = self._stack_logits
         stacked.normed = stacked.logits = None
-        x = self.embed_tokens(tokens)
-        if self.config.embedding_multiplier != 1.0:
-            x = x * self.config.embedding_multiplier
         residual = None
         # A decode step's rows may be rounded to int8 blocks by the CPU's integer GEMV (only its
         # models round), unless one is a sequence's first position: a 1-token prompt, whose row
@@ -347,22 +344,33 @@ class Llama3Transformer(nn.Module):
                 meta.positions, meta.slot_mapping, meta.block_tables, meta.context_lens, cos_sin
             )
             if self._fused_stack is not None:
-                out = self._fused_stack(x, step, kv_caches)
+                if self._fused_stack.embedding is not None:  # it looks the rows up itself
+                    out = self._fused_stack(None, step, kv_caches, tokens=tokens)
+                else:
+                    out = self._fused_stack(self._embed(tokens), step, kv_caches)
                 if out.logits is not None:
                     stacked.normed, stacked.logits = out.first, out.logits
                 if self._fused_stack.final_norm is not None:  # it ran the final norm too
                     return out.second, out.first  # hidden, normed
                 x, residual = out.first, out.second
             else:
+                x = self._embed(tokens)
                 for layer, fused_layer, kv_cache in zip(self.decoder_layers, fused, kv_caches, strict=True):
                     x, residual = layer.forward_fused(fused_layer, x, residual, step, kv_cache)
             del keep_alive
         else:
+            x = self._embed(tokens)
             with cpu.decode_rows(rounding):  # prompt rows are never rounded to int8
                 for layer, kv_cache in zip(self.decoder_layers, kv_caches, strict=True):
                     x, residual = layer(x, residual, meta, kv_cache, cos_sin)
         normed, hidden = self.norm(x, residual)
         return hidden, normed
+
+    def _embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        x = self.embed_tokens(tokens)
+        if self.config.embedding_multiplier != 1.0:
+            x = x * self.config.embedding_multiplier
+        return x
 
     def _fused_layers(self, meta: AttentionMetadata, kv_caches) -> list[cpu.FusedDecodeLayer] | None:
         """The layers as fused decode halves when this step can take them: a decode step of at
@@ -384,8 +392,16 @@ class Llama3Transformer(nn.Module):
                 head = self.lm_head.projection_weight()
                 if final_norm is None or head is None or not cpu.fused_head_serves(head, library, self._fused[0].dtype):
                     head = None
+                # The stack looks the step's token rows up itself where they are plain rows of the
+                # layers' dtype (no embedding multiplier to apply).
+                table = self.embed_tokens.weight
+                plain = self.config.embedding_multiplier == 1.0 and table.dtype == self._fused[0].dtype
                 self._fused_stack = cpu.FusedDecodeStack(
-                    self._fused, final_norm, head, self.lm_head.embedding.vocab_size
+                    self._fused,
+                    final_norm,
+                    head,
+                    self.lm_head.embedding.vocab_size,
+                    embedding=table.data if plain and table.is_contiguous() else None,
                 )
         return self._fused or None
 

@@ -616,6 +616,8 @@ def fused_and_per_kernel_logits(monkeypatch, path, steps: int, **load) -> tuple[
             assert (transformer._fused_stack is not None) == (bool(transformer._fused) and fused_env == "1")
             # the stack runs the LM head too (dense, or the 6/8-bit panels of quantized models)
             assert transformer._fused_stack is None or transformer._fused_stack.head is not None
+            # and looks the token rows up itself (no embedding multiplier in these architectures)
+            assert transformer._fused_stack is None or transformer._fused_stack.embedding is not None
             return torch.cat(logits), bool(transformer._fused)
 
     got, used = run("1")

@@ -108,9 +108,9 @@ def test_prompt_rows_and_first_positions_are_never_rounded_to_int8(checkpoints, 
         seen.append(is_decode)
         return real_decode_rows(is_decode)
 
-    def spy_stack(self, x, step, kv_caches):
-        fused_calls.append(x.shape[0])
-        return real_stack(self, x, step, kv_caches)
+    def spy_stack(self, x, step, kv_caches, tokens=None):
+        fused_calls.append((x if x is not None else tokens).shape[0])
+        return real_stack(self, x, step, kv_caches, tokens)
 
     monkeypatch.setattr(cpu, "decode_rows", spy_decode_rows)
     monkeypatch.setattr(cpu.FusedDecodeStack, "__call__", spy_stack)
