@@ -747,6 +747,9 @@ class FusedDecodeLayer:
         if any(p.layout not in ("panels4", "panels8") or p.lanes != kernels.lanes for p in packed):
             raise ValueError("fused decode takes quantized weights in this library's integer-GEMV panels only")
         self._tensors = [*tensors, *packed]  # the structs below point into them
+        # Whether a projection runs the integer GEMV, which rounds x to int8 blocks: dense
+        # weights take x exact (as float32), so a layer without panels never rounds.
+        self.rounds = bool(packed)
         self.hidden = qkv.shape[1]
         self.kernels = kernels
         self._attention_function = kernels._functions["attention_block", self.dtype]
@@ -900,6 +903,9 @@ class FusedDecodeStack:
         self.head = head
         self.vocab = vocab
         self.embedding = embedding  # with it, a step may give token ids instead of embedded rows
+        # Whether the call rounds x anywhere: a layer's integer GEMV, or a head in panels (x in 15
+        # bits). Without, it computes a prompt's rows exactly as the per-kernel path does.
+        self.rounds = any(layer.rounds for layer in layers) or isinstance(head, PackedGroupWeights)
         # The head's outputs in the layers' dtype, before widening: never leave the call, so one
         # buffer serves every step (a fresh one would cost its page faults each step).
         self._head_out = None if head is None else torch.empty(GEMV_MAX_ROWS, head.shape[0], dtype=first.dtype)

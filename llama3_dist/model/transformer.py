@@ -338,7 +338,9 @@ class Llama3Transformer(nn.Module):
         if meta.is_decode and self.kernels.integer_gemv and first_position is None:
             first_position = bool(meta.positions.min() == 0)
         rounding = meta.is_decode and not (self.kernels.integer_gemv and first_position)
-        fused = self._fused_layers(meta, kv_caches) if rounding else None
+        fused = self._fused_layers(meta, kv_caches) if meta.is_decode else None
+        if fused is not None and not rounding and self._fused_rounds():
+            fused = None  # a first position stays exact: these layers' integer GEMVs would round it
         if fused is not None:
             step, keep_alive = cpu.FusedDecodeLayer.step(
                 meta.positions, meta.slot_mapping, meta.block_tables, meta.context_lens, cos_sin
@@ -365,6 +367,12 @@ class Llama3Transformer(nn.Module):
                     x, residual = layer(x, residual, meta, kv_cache, cos_sin)
         normed, hidden = self.norm(x, residual)
         return hidden, normed
+
+    def _fused_rounds(self) -> bool:
+        """Whether the fused layers (and the stack's head) round x anywhere."""
+        if self._fused_stack is not None:
+            return self._fused_stack.rounds
+        return any(layer.rounds for layer in self._fused or ())
 
     def _embed(self, tokens: torch.Tensor) -> torch.Tensor:
         x = self.embed_tokens(tokens)

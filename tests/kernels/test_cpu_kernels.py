@@ -593,7 +593,9 @@ def test_held_to_avx2(tmp_path):
     _run_python(code, ATEN_CPU_CAPABILITY="avx2", ONEDNN_MAX_CPU_ISA="AVX2", LLAMA3_DIST_KERNELS="auto")
 
 
-def fused_and_per_kernel_logits(monkeypatch, path, steps: int, **load) -> tuple[torch.Tensor, bool, torch.Tensor]:
+def fused_and_per_kernel_logits(
+    monkeypatch, path, steps: int, prompts=((3, 4, 5, 6, 7), tuple(range(10, 40))), **load
+) -> tuple[torch.Tensor, bool, torch.Tensor]:
     """The logits of a prefill and `steps` decode steps of two sequences (across block
     boundaries) with the fused layers on (all in one call with the LM head: one rank), whether they were used, and
     the logits with them off; one call per half (what tensor-parallel ranks run) is checked to
@@ -605,9 +607,7 @@ def fused_and_per_kernel_logits(monkeypatch, path, steps: int, **load) -> tuple[
         with Llama3Model.from_pretrained(
             path, devices=["cpu"], block_size=8, return_logits=ReturnLogits.ALL, num_kv_blocks=32, **load
         ) as model:
-            inputs = model.prepare_initial_token_inputs(
-                [TextContext(tokens=[3, 4, 5, 6, 7]), TextContext(tokens=list(range(10, 40)))]
-            )
+            inputs = model.prepare_initial_token_inputs([TextContext(tokens=list(p)) for p in prompts])
             logits = [model.execute(inputs).logits]
             for step in range(steps):
                 inputs = model.prepare_next_token_inputs([7 + step, 11 + step], inputs)
@@ -654,6 +654,27 @@ def test_fused_decode_of_quantized_layers_is_bit_identical(checkpoints, monkeypa
         monkeypatch, checkpoints["llama"], 12, dtype="bfloat16", quantization=quantization
     )
     assert used == cpu.library().integer_dot
+    assert torch.equal(got, expected)
+
+
+@built
+def test_first_positions_of_dense_models_run_fused(checkpoints, monkeypatch):
+    """Prompts of one token each are a decode-shaped step of first positions. Integer GEMVs keep
+    those rows exact (test_quantization), but dense layers never round x: such a step runs in
+    the fused stack too (a model's first token at a decode step's cost), exactly as the
+    per-kernel path."""
+    calls: list[int] = []
+    real = cpu.FusedDecodeStack.__call__
+
+    def spy(self, x, step, kv_caches, tokens=None):
+        calls.append(step.batch)
+        return real(self, x, step, kv_caches, tokens)
+
+    monkeypatch.setattr(cpu.FusedDecodeStack, "__call__", spy)
+    got, used, expected = fused_and_per_kernel_logits(
+        monkeypatch, checkpoints["llama"], 3, prompts=((3,), (9,)), dtype="bfloat16"
+    )
+    assert used and calls == [2] * 4  # the prompts' step and the 3 decode steps, with fusion on
     assert torch.equal(got, expected)
 
 
