@@ -678,6 +678,34 @@ def test_first_positions_of_dense_models_run_fused(checkpoints, monkeypatch):
     assert torch.equal(got, expected)
 
 
+@built
+def test_fused_embedding_refuses_tokens_outside_the_table(checkpoints):
+    """The stack looks token rows up itself: an id outside the table is refused before anything
+    runs, naming it (the engine checks prompts first; this guards the library's reads)."""
+    from llama3_dist import Llama3Model, TextContext
+
+    with Llama3Model.from_pretrained(
+        checkpoints["llama"], devices=["cpu"], dtype="bfloat16", block_size=8, num_kv_blocks=8
+    ) as model:
+        inputs = model.prepare_initial_token_inputs([TextContext(tokens=[3, 4])])
+        model.execute(inputs)
+        model.execute(model.prepare_next_token_inputs([5], inputs))  # a decode step builds the stack
+        worker = model.executor.worker
+        stack = worker.model._fused_stack
+        assert stack is not None and stack.embedding is not None
+        rows = stack.embedding.shape[0]
+        step, _keep = cpu.FusedDecodeLayer.step(
+            torch.tensor([3]),
+            torch.tensor([3]),
+            torch.tensor([[0]], dtype=torch.int32),
+            torch.tensor([4], dtype=torch.int32),
+            worker.cos_sin,
+        )
+        for bad in (rows, -1):
+            with pytest.raises(ValueError, match=rf"token ids \[{bad}\] are outside the embedding's {rows} rows"):
+                stack(None, step, worker.kv_caches, tokens=torch.tensor([bad]))
+
+
 TINY_SOURCE = """
 #define LLAMA3_DIST_PARTS 3  // cpu.py reads this line
 extern "C" {
