@@ -51,7 +51,7 @@ def build_step_input(
     row twice) defaults to the last row of each sequence.
     """
     b = len(contexts)
-    if logit_rows is None and sum(num_new_tokens) == b:
+    if logit_rows is None and all(n == 1 for n in num_new_tokens):
         return _decode_step_input(contexts, block_size)
     counts = np.asarray(num_new_tokens, dtype=np.int64)
     offsets = np.zeros(b + 1, dtype=np.int32)

@@ -27,6 +27,12 @@ def test_decode_steps_equal_the_general_path():
             got, want = getattr(decode, name), getattr(general, name)
             assert got.dtype == want.dtype and got.shape == want.shape, name
             np.testing.assert_array_equal(got, want, err_msg=name)
+        # Counts that sum to the batch without being one each take the general path.
+        if batch == 2:
+            contexts[1].num_computed_tokens -= 1
+            mixed = build_step_input(contexts, [0, 2], block_size)
+            assert mixed.query_start_loc.tolist() == [0, 0, 2] and len(mixed.tokens) == 2
+            contexts[1].num_computed_tokens += 1
         c = contexts[-1]
         p = c.num_computed_tokens
         assert decode.tokens[-1] == c.tokens[p]
