@@ -122,7 +122,7 @@ _FUSED_SIGNATURES: dict[
 ] = {  # name -> argument types; each returns 0, or -1 for a batch over GEMV_MAX_ROWS
     "attention_block": [_P, _P, _P, _P, _P, _P, _P],
     "mlp_block": [_P, _I64, _P, _P, _P],
-    "decode_layers": [_P, _P, _P, _P, _I64, _P, _P, _P, _P, _P, _F32, _P, _P, _I64, _P, _P, _I64, _P, _P, _I64],
+    "decode_layers": [_P, _P, _P, _P, _I64, _P, _P, _P, _P, _P, _F32, _P, _P, _I64, _P, _P, _I64, _P, _P, _I64, _I64],
 }
 
 
@@ -933,9 +933,13 @@ class FusedDecodeStack:
         step: DecodeStep,
         kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
         tokens: torch.Tensor | None = None,
+        prompt: bool = False,
     ) -> StackOutput:
         """The decode step for the embedded input x, or (x None) for the token ids `tokens`, whose
-        rows the call looks up in the stack's embedding (StackOutput says what comes back)."""
+        rows the call looks up in the stack's embedding (StackOutput says what comes back).
+        prompt: the rows are prompt tokens (`prompt_step` gives each its own metadata): x is never
+        rounded (the integer GEMVs' panels multiply it exact) and the head is left out (no
+        logits: the caller computes those of the rows it needs, exactly)."""
         if len(kv_caches) != len(self._layers):
             raise ValueError(f"{len(self._layers)} fused layers got {len(kv_caches)} KV caches")
         embedding = self.embedding
@@ -950,8 +954,9 @@ class FusedDecodeStack:
         out, residual = (torch.empty(rows, self._layers[0].hidden, dtype=self._layers[0].dtype) for _ in range(2))
         norm_weight, eps = self.final_norm if self.final_norm is not None else (None, 0.0)
         normed = torch.empty_like(out) if self.final_norm is not None else None
-        logits = None if self.head is None else torch.empty(rows, self.vocab, dtype=torch.float32)
-        head_rows = 0 if self.head is None else self.head.shape[0]
+        head = None if prompt else self._head_struct
+        logits = None if head is None else torch.empty(rows, self.vocab, dtype=torch.float32)
+        head_rows = 0 if head is None or self.head is None else self.head.shape[0]
         k_caches, v_caches = self._caches(kv_caches)
         status = self._function(
             self._attention,
@@ -966,7 +971,7 @@ class FusedDecodeStack:
             _pointer(norm_weight),
             eps,
             _pointer(normed),
-            None if self._head_struct is None else ctypes.byref(self._head_struct),
+            None if head is None else ctypes.byref(head),
             head_rows,
             _pointer(self._head_out),
             _pointer(logits),
@@ -974,6 +979,7 @@ class FusedDecodeStack:
             _pointer(tokens if x is None else None),
             _pointer(embedding if x is None else None),
             0 if embedding is None else embedding.shape[0],
+            int(prompt),
         )
         if status == -2:
             assert tokens is not None and embedding is not None
@@ -982,6 +988,20 @@ class FusedDecodeStack:
         if status:
             raise ValueError(f"fused decode takes 1 to {GEMV_MAX_ROWS} sequences of one hidden size, got {step.batch}")
         return StackOutput(out, residual) if normed is None else StackOutput(normed, residual, logits)
+
+    @staticmethod
+    def prompt_step(
+        positions: torch.Tensor,
+        slot_mapping: torch.Tensor,
+        block_tables: torch.Tensor,
+        query_start_loc: torch.Tensor,
+        cos_sin: torch.Tensor,
+    ) -> tuple[DecodeStep, list[torch.Tensor]]:
+        """A prompt step's DecodeStep (and the tensors it points into): a row per token, each with
+        its sequence's block table and the keys up to its own position (position + 1: causal)."""
+        counts = query_start_loc[1:] - query_start_loc[:-1]
+        tables = block_tables.repeat_interleave(counts.long(), dim=0)
+        return FusedDecodeLayer.step(positions, slot_mapping, tables, (positions + 1).to(torch.int32), cos_sin)
 
 
 def _contiguous(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -1909,10 +1909,28 @@ struct Weight {
 };
 
 // y = x @ w.T + bias by the team: the dense GEMV or the integer one (the scratch's panels sized
-// for w's digits); with norm, x is that norm's output, computed first.
+// for w's digits); with norm, x is that norm's output, computed first. exact (prompt rows, which
+// are never rounded to int8: cpu.py's decode_rows says why): 4- and 8-bit panels multiply x exact
+// in float32, dequantized in registers, as the per-kernel path's prompt GEMV (panel_exact_gemv).
 template <typename T>
 void project_team(const T* x, int64_t m, const Weight& w, const T* bias, T* y, int64_t n, int64_t k, float* xf,
-                  PanelScratch& scratch, const NormFirst<T>* norm = nullptr) {
+                  PanelScratch& scratch, const NormFirst<T>* norm = nullptr, bool exact = false) {
+    if (exact && (w.bits == 4 || w.bits == 8) && w.digits == 1) {
+#pragma omp single
+        {
+            if (norm) norm->run(m);
+            widen_rows<T, float>(x, m, k, xf);  // x is the norm's output where there is one
+        }
+        with_rows(m, [&](auto rows) {
+            if (w.bits == 4)
+                panel_exact_tiles<T, 4, rows()>(xf, padded_width(k), w.words, w.scales, w.offsets, w.factors, bias, y,
+                                                n, k, w.group_size);
+            else
+                panel_exact_tiles<T, 8, rows()>(xf, padded_width(k), w.words, w.scales, w.offsets, w.factors, bias, y,
+                                                n, k, w.group_size);
+        });
+        return;
+    }
     if (w.bits == 4)
         panel_team<T, 4>(x, m, w.words, w.scales, w.offsets, w.factors, bias, y, n, k, w.group_size, scratch, norm);
     else if (w.bits == 8 && w.digits == 2)
@@ -1969,7 +1987,7 @@ inline int64_t qkv_width(const AttentionBlock& layer) { return (layer.heads + 2 
 // threads of the enclosing parallel region.
 template <typename T>
 void attention_team(const AttentionBlock& layer, const DecodeStep& step, const T* x, T* residual, T* out, T* k_cache,
-                    T* v_cache, HalfScratch<T>& scratch) {
+                    T* v_cache, HalfScratch<T>& scratch, bool exact = false) {
     const int64_t m = step.batch, d = layer.head_dim;
     const int64_t q_width = layer.heads * d, kv_width = layer.kv_heads * d, width = qkv_width(layer);
     T *normed = scratch.normed.data(), *qkv = scratch.wide.data(), *attended = scratch.narrow.data();
@@ -1983,7 +2001,7 @@ void attention_team(const AttentionBlock& layer, const DecodeStep& step, const T
     }
     const NormFirst<T> norm{x, residual, layer.norm_weight, layer.eps, normed, layer.hidden};
     project_team(normed, m, layer.qkv_weight, static_cast<const T*>(layer.qkv_bias), qkv, width, layer.hidden,
-                 scratch.xf.data(), scratch.panels, &norm);
+                 scratch.xf.data(), scratch.panels, &norm, exact);
 #pragma omp single
     {
         T* q = qkv;
@@ -1995,20 +2013,21 @@ void attention_team(const AttentionBlock& layer, const DecodeStep& step, const T
     decode_attention_team<T>(qkv, width, k_cache, v_cache, step.block_tables, step.max_blocks, step.context_lens,
                              attended, m, layer.heads, layer.kv_heads, d, layer.block_size, layer.scale, layer.window);
     project_team(attended, m, layer.o_weight, static_cast<const T*>(nullptr), out, layer.hidden, q_width,
-                 scratch.xf.data(), scratch.panels);
+                 scratch.xf.data(), scratch.panels, static_cast<const NormFirst<T>*>(nullptr), exact);
 }
 
 // out [m, hidden] = the MLP half's output (before any all-reduce) for input x, by the team.
 template <typename T>
-void mlp_team(const MlpBlock& layer, int64_t m, const T* x, T* residual, T* out, HalfScratch<T>& scratch) {
+void mlp_team(const MlpBlock& layer, int64_t m, const T* x, T* residual, T* out, HalfScratch<T>& scratch,
+              bool exact = false) {
     const int64_t inter = layer.intermediate;
     T *normed = scratch.normed.data(), *gate_up = scratch.wide.data(), *activated = scratch.narrow.data();
     const NormFirst<T> norm{x, residual, layer.norm_weight, layer.eps, normed, layer.hidden};
     project_team(normed, m, layer.gate_up_weight, static_cast<const T*>(layer.gate_up_bias), gate_up, 2 * inter,
-                 layer.hidden, scratch.xf.data(), scratch.panels, &norm);
+                 layer.hidden, scratch.xf.data(), scratch.panels, &norm, exact);
     silu_and_mul_team<T>(gate_up, activated, m, inter);
     project_team(activated, m, layer.down_weight, static_cast<const T*>(nullptr), out, layer.hidden, inter,
-                 scratch.xf.data(), scratch.panels);
+                 scratch.xf.data(), scratch.panels, static_cast<const NormFirst<T>*>(nullptr), exact);
 }
 
 // One attention half in its own parallel region (tensor parallelism all-reduces between halves).
@@ -2047,15 +2066,18 @@ int mlp_block(const MlpBlock& layer, int64_t m, const T* x, T* residual, T* out)
 // head's GEMV and a float() would leave them. After the layers have streamed their weights
 // through the caches, every tensor operation in Python costs several times its warm time (its
 // code and data come back from memory): a step saves far more than the calls themselves.
+// exact: the rows are prompt tokens (each with its own position, slot, block table row and
+// context length: a prompt's rows attend causally, its keys and values stored before any row
+// attends), whose x the projections take exact (project_team); the head is then left out.
 template <typename T>
 int decode_layers(const AttentionBlock* attention, const MlpBlock* mlp, T* const* k_caches, T* const* v_caches,
                   int64_t layers, const DecodeStep& step, const T* x, T* residual, T* out,
                   const void* final_norm_weight, float final_eps, T* normed, const Weight* head, int64_t head_rows,
                   T* head_out, float* logits, int64_t vocab, const int64_t* tokens, const T* embedding,
-                  int64_t embedding_rows) {
+                  int64_t embedding_rows, int64_t exact) {
     const int64_t m = step.batch;
     if (m < 1 || m > GEMV_MAX_ROWS || layers < 1) return -1;
-    if (head && (!normed || vocab < 1 || vocab > head_rows)) return -1;
+    if (head && (!normed || vocab < 1 || vocab > head_rows || exact)) return -1;
     if (!x == !tokens || (tokens && !embedding)) return -1;
     for (int64_t i = 0; tokens && i < m; ++i)
         if (tokens[i] < 0 || tokens[i] >= embedding_rows) return -2;
@@ -2084,12 +2106,12 @@ int decode_layers(const AttentionBlock* attention, const MlpBlock* mlp, T* const
             prefetch_lines(next_norm, next_norm ? hidden * int64_t(sizeof(T)) : 0);
             // The first layer's residual stream is x itself (NormFirst stores nothing without one).
             attention_team(attention[i], step, i == 0 ? x : out, i == 0 ? nullptr : residual, attended.data(),
-                           k_caches[i], v_caches[i], scratch);
+                           k_caches[i], v_caches[i], scratch, exact != 0);
             if (i == 0) {
 #pragma omp single
                 memcpy(residual, x, m * hidden * sizeof(T));
             }
-            mlp_team(mlp[i], m, attended.data(), residual, out, scratch);
+            mlp_team(mlp[i], m, attended.data(), residual, out, scratch, exact != 0);
         }
         const NormFirst<T> final_norm{out, residual, final_norm_weight, final_eps, normed, hidden};
         if (head) {
@@ -2441,10 +2463,10 @@ inline void row_logprobs(const float* x, int64_t v, int64_t token, int64_t k, fl
                                T* const* v_caches, int64_t layers, const DecodeStep* step, const T* x, T* residual, \
                                T* out, const T* final_norm_weight, float final_eps, T* normed, const Weight* head, \
                                int64_t head_rows, T* head_out, float* logits, int64_t vocab, const int64_t* tokens, \
-                               const T* embedding, int64_t embedding_rows) {                                         \
+                               const T* embedding, int64_t embedding_rows, int64_t exact) {                          \
         return decode_layers<T>(attention, mlp, k_caches, v_caches, layers, *step, x, residual, out,                \
                                 final_norm_weight, final_eps, normed, head, head_rows, head_out, logits, vocab,      \
-                                tokens, embedding, embedding_rows);                                                  \
+                                tokens, embedding, embedding_rows, exact);                                           \
     }
 
 // Compiling this file takes a minute on one core, nearly all of it optimizing the instantiated

@@ -338,21 +338,33 @@ class Llama3Transformer(nn.Module):
         if meta.is_decode and self.kernels.integer_gemv and first_position is None:
             first_position = bool(meta.positions.min() == 0)
         rounding = meta.is_decode and not (self.kernels.integer_gemv and first_position)
-        fused = self._fused_layers(meta, kv_caches) if meta.is_decode else None
-        if fused is not None and not rounding and self._fused_rounds():
-            fused = None  # a first position stays exact: these layers' integer GEMVs would round it
+        fused = self._fused_layers(meta, kv_caches)
+        stack = self._fused_stack if fused else None
+        # Rows never rounded (a prompt's, or decode-shaped first positions) run in the stack's
+        # prompt mode (x exact, no head); first positions also in layers that round nothing.
+        prompt = False
+        if fused is not None and not rounding:
+            if stack is not None and (not meta.is_decode or stack.rounds):
+                prompt = True
+            elif not meta.is_decode or self._fused_rounds():
+                fused = None  # the per-layer halves keep such rows on the per-kernel path
         if fused is not None:
-            step, keep_alive = cpu.FusedDecodeLayer.step(
-                meta.positions, meta.slot_mapping, meta.block_tables, meta.context_lens, cos_sin
-            )
-            if self._fused_stack is not None:
-                if self._fused_stack.embedding is not None:  # it looks the rows up itself
-                    out = self._fused_stack(None, step, kv_caches, tokens=tokens)
+            if meta.is_decode:
+                step, keep_alive = cpu.FusedDecodeLayer.step(
+                    meta.positions, meta.slot_mapping, meta.block_tables, meta.context_lens, cos_sin
+                )
+            else:
+                step, keep_alive = cpu.FusedDecodeStack.prompt_step(
+                    meta.positions, meta.slot_mapping, meta.block_tables, meta.query_start_loc, cos_sin
+                )
+            if stack is not None:
+                if stack.embedding is not None:  # it looks the rows up itself
+                    out = stack(None, step, kv_caches, tokens=tokens, prompt=prompt)
                 else:
-                    out = self._fused_stack(self._embed(tokens), step, kv_caches)
+                    out = stack(self._embed(tokens), step, kv_caches, prompt=prompt)
                 if out.logits is not None:
                     stacked.normed, stacked.logits = out.first, out.logits
-                if self._fused_stack.final_norm is not None:  # it ran the final norm too
+                if stack.final_norm is not None:  # it ran the final norm too
                     return out.second, out.first  # hidden, normed
                 x, residual = out.first, out.second
             else:
@@ -381,11 +393,12 @@ class Llama3Transformer(nn.Module):
         return x
 
     def _fused_layers(self, meta: AttentionMetadata, kv_caches) -> list[cpu.FusedDecodeLayer] | None:
-        """The layers as fused decode halves when this step can take them: a decode step of at
-        most GEMV_MAX_ROWS sequences, with the compiled CPU library, on an architecture it covers.
-        Built at the first such step (the weights are loaded by then)."""
+        """The layers as fused decode halves when this step can take them: a step of at most
+        GEMV_MAX_ROWS rows (decode rows, or prompt rows for the stack's prompt mode), with the
+        compiled CPU library, on an architecture it covers. Built at the first such step (the
+        weights are loaded by then)."""
         library = self.kernels.fused_decode
-        if library is None or not meta.is_decode or meta.positions.shape[0] > cpu.GEMV_MAX_ROWS:
+        if library is None or meta.positions.shape[0] > cpu.GEMV_MAX_ROWS:
             return None
         if self._fused is None:
             block_size = kv_caches[0][0].shape[1]

@@ -666,9 +666,10 @@ def test_first_positions_of_dense_models_run_fused(checkpoints, monkeypatch):
     calls: list[int] = []
     real = cpu.FusedDecodeStack.__call__
 
-    def spy(self, x, step, kv_caches, tokens=None):
+    def spy(self, x, step, kv_caches, tokens=None, prompt=False):
         calls.append(step.batch)
-        return real(self, x, step, kv_caches, tokens)
+        assert not prompt  # dense layers round nothing: decode mode, with the head
+        return real(self, x, step, kv_caches, tokens, prompt)
 
     monkeypatch.setattr(cpu.FusedDecodeStack, "__call__", spy)
     got, used, expected = fused_and_per_kernel_logits(
@@ -676,6 +677,70 @@ def test_first_positions_of_dense_models_run_fused(checkpoints, monkeypatch):
     )
     assert used and calls == [2] * 4  # the prompts' step and the 3 decode steps, with fusion on
     assert torch.equal(got, expected)
+
+
+@built
+def test_first_positions_of_quantized_models_run_exact_in_the_stack(checkpoints, monkeypatch):
+    """1-token prompts of an int4 model: the stack's prompt mode multiplies their rows exact, as
+    the per-kernel path does (same kernels: bit-identical), and leaves the head to it."""
+    got, used, expected = fused_and_per_kernel_logits(
+        monkeypatch, checkpoints["llama"], 3, prompts=((3,), (9,)), dtype="bfloat16", quantization="int4"
+    )
+    assert used == cpu.library().integer_dot
+    assert torch.equal(got, expected)
+
+
+@built
+@pytest.mark.parametrize("dtype,quantization", [("float32", None), ("bfloat16", "int4")])
+def test_short_prompts_run_in_the_stack(checkpoints, monkeypatch, dtype, quantization):
+    """Prompt steps of at most 8 rows run in the stack's prompt mode: a row per token with its own
+    position, slot, block table and context (causal), the keys and values of all stored first,
+    x exact. Against the per-kernel path (torch's prefill attention there, the library's decode
+    attention here): the prompt's logits within float rounding, then the same greedy tokens."""
+    from llama3_dist import Llama3Model, ReturnLogits, TextContext
+
+    if quantization and not cpu.library().integer_dot:
+        pytest.skip("no integer GEMV here: int4 rounds nothing")
+    calls: list[tuple[int, bool]] = []
+    real = cpu.FusedDecodeStack.__call__
+
+    def spy(self, x, step, kv_caches, tokens=None, prompt=False):
+        calls.append((step.batch, prompt))
+        return real(self, x, step, kv_caches, tokens, prompt)
+
+    monkeypatch.setattr(cpu.FusedDecodeStack, "__call__", spy)
+
+    def run(fused_env):
+        monkeypatch.setenv("LLAMA3_DIST_CPU_FUSED", fused_env)
+        load = {"quantization": quantization} if quantization else {}
+        with Llama3Model.from_pretrained(
+            checkpoints["llama"],
+            devices=["cpu"],
+            dtype=dtype,
+            block_size=4,
+            num_kv_blocks=32,
+            return_logits=ReturnLogits.ALL,
+            **load,
+        ) as model:
+            # 3 + 5 rows, across blocks of 4
+            contexts = [TextContext(tokens=[3, 4, 5]), TextContext(tokens=[9, 10, 11, 12, 13])]
+            inputs = model.prepare_initial_token_inputs(contexts)
+            prompt_logits = model.execute(inputs).logits
+            last, tokens = prompt_logits[[2, 7]], []
+            for _ in range(6):
+                tokens.append(last.argmax(-1).tolist())
+                inputs = model.prepare_next_token_inputs(tokens[-1], inputs)
+                last = model.execute(inputs).logits
+            return prompt_logits, tokens
+
+    got, got_tokens = run("1")
+    assert calls and calls[0] == (8, True) and all(c == (2, False) for c in calls[1:])
+    calls.clear()
+    expected, expected_tokens = run("0")
+    assert calls == []
+    tolerance = {"atol": 1e-4, "rtol": 1e-4} if dtype == "float32" else {"atol": 0.1, "rtol": 0.05}
+    torch.testing.assert_close(got, expected, **tolerance)
+    assert got_tokens == expected_tokens
 
 
 @built

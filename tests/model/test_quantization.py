@@ -95,33 +95,37 @@ def test_greedy_tokens_are_the_dequantized_references_argmax(checkpoints, quanti
 def test_prompt_rows_and_first_positions_are_never_rounded_to_int8(checkpoints, monkeypatch):
     """bfloat16 int4 on the CPU: the integer GEMV rounds x to int8 blocks in decode steps only.
     A prompt's rows, and a decode-shaped step whose row is a sequence's first position (a 1-token
-    prompt), run exact (cpu.decode_rows off, no fused decode); later steps may round."""
+    prompt), run exact: in the fused stack's prompt mode up to 8 rows, past that on the per-kernel
+    path (cpu.decode_rows off); later steps may round."""
     from llama3_dist.kernels import cpu
 
     if cpu.library() is None or not cpu.library().integer_dot:
         pytest.skip("no compiled CPU library with byte dot products here")
     seen: list[bool] = []
-    fused_calls: list[int] = []
+    fused_calls: list[tuple[int, bool]] = []
     real_decode_rows, real_stack = cpu.decode_rows, cpu.FusedDecodeStack.__call__
 
     def spy_decode_rows(is_decode):
         seen.append(is_decode)
         return real_decode_rows(is_decode)
 
-    def spy_stack(self, x, step, kv_caches, tokens=None):
-        fused_calls.append((x if x is not None else tokens).shape[0])
-        return real_stack(self, x, step, kv_caches, tokens)
+    def spy_stack(self, x, step, kv_caches, tokens=None, prompt=False):
+        fused_calls.append(((x if x is not None else tokens).shape[0], prompt))
+        return real_stack(self, x, step, kv_caches, tokens, prompt)
 
     monkeypatch.setattr(cpu, "decode_rows", spy_decode_rows)
     monkeypatch.setattr(cpu.FusedDecodeStack, "__call__", spy_stack)
     with LLM(checkpoints["llama"], dtype="bfloat16", quantization="int4", show_progress=False) as llm:
         params = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
+        decoded = [(1, False), (1, False)]  # the 2 decode steps, fused and rounding
         llm.generate(prompt_token_ids=[[5]], sampling_params=params, use_tqdm=False)  # 1-token prompt
-        assert seen == [False] and fused_calls == [1, 1]  # position 0 exact; the 2 decode steps fused
-        seen.clear()
+        assert seen == [] and fused_calls == [(1, True), *decoded]  # position 0 in the prompt mode
         fused_calls.clear()
         llm.generate(prompt_token_ids=[[5, 6, 7]], sampling_params=params, use_tqdm=False)
-        assert seen == [False] and fused_calls == [1, 1]
+        assert seen == [] and fused_calls == [(3, True), *decoded]
+        fused_calls.clear()
+        llm.generate(prompt_token_ids=[list(range(5, 17))], sampling_params=params, use_tqdm=False)
+        assert seen == [False] and fused_calls == decoded  # 12 rows: the per-kernel path, exact
 
 
 @pytest.mark.slow
