@@ -910,6 +910,7 @@ class FusedDecodeStack:
         # buffer serves every step (a fresh one would cost its page faults each step).
         self._head_out = None if head is None else torch.empty(GEMV_MAX_ROWS, head.shape[0], dtype=first.dtype)
         self._head_struct = None if head is None else _weight(head)
+        self._head_rows = 0 if head is None else head.shape[0]
         self._layers = layers  # the structs below point into their tensors
         self._function = first.kernels._functions["decode_layers", first.dtype]
         self._attention = (AttentionBlock * len(layers))(*(layer.attention_block for layer in layers))
@@ -956,7 +957,7 @@ class FusedDecodeStack:
         normed = torch.empty_like(out) if self.final_norm is not None else None
         head = None if prompt else self._head_struct
         logits = None if head is None else torch.empty(rows, self.vocab, dtype=torch.float32)
-        head_rows = 0 if head is None or self.head is None else self.head.shape[0]
+        head_rows = 0 if head is None else self._head_rows
         k_caches, v_caches = self._caches(kv_caches)
         status = self._function(
             self._attention,

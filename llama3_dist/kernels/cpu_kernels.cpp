@@ -1360,22 +1360,30 @@ void panel_exact_tiles(const float* xf, int64_t k_pad, const uint32_t* w, const 
 
 // y [m, n] = x [m, k] @ dequantized(w).T + bias, x exact (above); m from 1 to GEMV_MAX_ROWS.
 // Returns -1 for arguments out of range.
+// The exact-x panel GEMV by the threads of an enclosing parallel region: x widened to float32
+// (xf: m rows of padded_width(k)) once, after norm where there is one (x is then its output).
+template <typename T, int BITS>
+void panel_exact_team(const T* x, int64_t m, const uint32_t* w, const uint16_t* scales, const uint16_t* offsets,
+                      const uint16_t* factors, const T* bias, T* y, int64_t n, int64_t k, int64_t group_size,
+                      float* xf, const NormFirst<T>* norm = nullptr) {
+#pragma omp single
+    {
+        if (norm) norm->run(m);
+        widen_rows<T, float>(x, m, k, xf);
+    }
+    with_rows(m, [&](auto rows) {
+        panel_exact_tiles<T, BITS, rows()>(xf, padded_width(k), w, scales, offsets, factors, bias, y, n, k, group_size);
+    });
+}
+
 template <typename T, int BITS>
 int panel_exact_gemv(const T* x, const uint32_t* w, const uint16_t* scales, const uint16_t* offsets,
                      const uint16_t* factors, const T* bias, T* y, int64_t m, int64_t n, int64_t k,
                      int64_t group_size) {
     if (!panel_arguments<BITS>(m, group_size, offsets, factors)) return -1;
-    const int64_t k_pad = padded_width(k);  // whole blocks of 32, zero past k
-    std::vector<float> xf(m * k_pad);
+    std::vector<float> xf(m * padded_width(k));  // whole blocks of 32, zero past k
 #pragma omp parallel
-    {
-#pragma omp single
-        widen_rows<T, float>(x, m, k, xf.data());
-        with_rows(m, [&](auto rows) {
-            panel_exact_tiles<T, BITS, rows()>(xf.data(), k_pad, w, scales, offsets, factors, bias, y, n, k,
-                                               group_size);
-        });
-    }
+    panel_exact_team<T, BITS>(x, m, w, scales, offsets, factors, bias, y, n, k, group_size, xf.data());
     return 0;
 }
 
@@ -1915,23 +1923,11 @@ struct Weight {
 template <typename T>
 void project_team(const T* x, int64_t m, const Weight& w, const T* bias, T* y, int64_t n, int64_t k, float* xf,
                   PanelScratch& scratch, const NormFirst<T>* norm = nullptr, bool exact = false) {
-    if (exact && (w.bits == 4 || w.bits == 8) && w.digits == 1) {
-#pragma omp single
-        {
-            if (norm) norm->run(m);
-            widen_rows<T, float>(x, m, k, xf);  // x is the norm's output where there is one
-        }
-        with_rows(m, [&](auto rows) {
-            if (w.bits == 4)
-                panel_exact_tiles<T, 4, rows()>(xf, padded_width(k), w.words, w.scales, w.offsets, w.factors, bias, y,
-                                                n, k, w.group_size);
-            else
-                panel_exact_tiles<T, 8, rows()>(xf, padded_width(k), w.words, w.scales, w.offsets, w.factors, bias, y,
-                                                n, k, w.group_size);
-        });
-        return;
-    }
-    if (w.bits == 4)
+    if (exact && w.bits == 4 && w.digits == 1)
+        panel_exact_team<T, 4>(x, m, w.words, w.scales, w.offsets, w.factors, bias, y, n, k, w.group_size, xf, norm);
+    else if (exact && w.bits == 8 && w.digits == 1)
+        panel_exact_team<T, 8>(x, m, w.words, w.scales, w.offsets, w.factors, bias, y, n, k, w.group_size, xf, norm);
+    else if (w.bits == 4)
         panel_team<T, 4>(x, m, w.words, w.scales, w.offsets, w.factors, bias, y, n, k, w.group_size, scratch, norm);
     else if (w.bits == 8 && w.digits == 2)
         panel_team<T, 8, 2>(x, m, w.words, w.scales, w.offsets, nullptr, bias, y, n, k, w.group_size, scratch, norm);
