@@ -94,31 +94,45 @@ def ms_per_token(llm: LLM, tokens: int) -> float:
     return ours_decode_ms(llm, list(range(100, 116)), tokens)
 
 
-def batch_tokens_per_s(llm: LLM, batch: int, tokens: int) -> float:
-    """Output tokens/s of `batch` sequences decoding `tokens` tokens each side by side (their
-    16-token prompts' prefill included)."""
-    params = SamplingParams(temperature=0, max_tokens=tokens, ignore_eos=True)
+def batch_tokens_per_s(llm: LLM, batch: int, tokens: int) -> tuple[float, float]:
+    """`batch` sequences decoding `tokens` tokens each side by side: output tokens/s with their
+    16-token prompts' prefill included, and of the decode steps alone (the run's time less that
+    of a run to the first token: prefill and one step)."""
     prompts = [[1 + (i + j) % 1000 for j in range(16)] for i in range(batch)]
-    start = time.perf_counter()
-    llm.generate(prompt_token_ids=prompts, sampling_params=params, use_tqdm=False)
-    return batch * tokens / (time.perf_counter() - start)
+
+    def seconds(max_tokens: int) -> float:
+        params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+        start = time.perf_counter()
+        llm.generate(prompt_token_ids=prompts, sampling_params=params, use_tqdm=False)
+        return time.perf_counter() - start
+
+    whole, first = seconds(tokens), seconds(1)
+    return batch * tokens / whole, batch * (tokens - 1) / max(whole - first, 1e-9)
 
 
 def batch_table(engines: dict[str, LLM], batches: list[int], tokens: int, rounds: int) -> None:
     """Decode throughput at each batch size, every mode in each round (alternating), medians."""
-    print(f"\nBatched decode, output tokens/s ({tokens} tokens a sequence), median of {rounds} rounds:")
+    print(
+        f"\nBatched decode, output tokens/s ({tokens} tokens a sequence; with each 16-token prompt's prefill, "
+        f"then [decode steps alone]), median of {rounds} rounds:"
+    )
     first = next(iter(engines))
     for batch in batches:
-        runs: dict[str, list[float]] = {name: [] for name in engines}
+        runs: dict[str, list[tuple[float, float]]] = {name: [] for name in engines}
         for _ in range(rounds):
             for name, llm in engines.items():
                 runs[name].append(batch_tokens_per_s(llm, batch, tokens))
-        medians = {name: statistics.median(r) for name, r in runs.items()}
+        medians = {name: tuple(statistics.median(r[i] for r in rs) for i in (0, 1)) for name, rs in runs.items()}
+        base = medians[first]
         print(
             f"  batch {batch:3d}: "
             + ", ".join(
-                f"{name} {tps:6.1f}" + ("" if name == first else f" (x{tps / medians[first]:.2f})")
-                for name, tps in medians.items()
+                f"{name} {tps:6.1f}"
+                + ("" if name == first else f" (x{tps / base[0]:.2f})")
+                + f" [{decode:6.1f}"
+                + ("" if name == first else f" x{decode / base[1]:.2f}")
+                + "]"
+                for name, (tps, decode) in medians.items()
             )
         )
 

@@ -68,20 +68,27 @@ WIDEN_MIN_ROWS = 16
 # bfloat16, whole prompts on a 2-core AVX2 host: 16 rows 137 -> 263 and 66 -> 163 prompt tok/s).
 HALF_WIDEN_MIN_ROWS = 48
 GEMV_MAX_ROWS = 8  # the largest m the library's gemv takes
-# Panel weights (the integer GEMV, bfloat16 models) in decode steps stay in GEMV passes far
-# longer: a pass reads the packed bytes and multiplies bytes, while widening dequantizes the whole
-# weight before its GEMM. Measured on the projections of the 284M and SmolLM2 models, widening
-# wins from 64 rows where torch's bfloat16 GEMM is native, else (a float32 GEMM) from 128 rows
-# (benchmarks/results/cpu-quantized-batch.log; 8-bit weights took 128 there too until their
-# dequantization stopped being 3.5x slower than 4-bit's). Prompt rows through the panels' GEMV
-# with x exact (gemv_grouped's exact_x) take the same limits: on SmolLM2-135M's int4 projections
-# it was 1.2-1.7x faster than widening at 64 rows and even at 128 (a float32 GEMM; unmeasured
-# where the bfloat16 GEMM is native).
-PANEL_WIDEN_MIN_ROWS = 64
+# The panel GEMVs (cpu_kernels.cpp's PANEL_MAX_ROWS) take up to this many rows in one call: each
+# panel of weights is read from memory once and multiplied into every GEMV_MAX_ROWS rows in turn.
+PANEL_MAX_ROWS = 4096
+# Panel weights (the integer GEMV, bfloat16 models) in decode steps stay in the panel GEMV far
+# longer than the float GEMV: it reads each panel once for all rows and multiplies bytes (VNNI's
+# 64 byte products an instruction), while widening dequantizes the whole weight before its GEMM.
+# SmolLM2-135M's shapes (benchmarks/quantized_rows.py, results/cpu-quantized-batch.log), a whole
+# layer's projections: where torch's bfloat16 GEMM is native, the panel GEMV 1.5-2.4x faster than
+# dequantizing for it at 64-256 rows (the heads, x in 15 bits: 1.3-4.6x up to 128, 0.8-1.4x at
+# 256); where it is a float32 GEMM, 1.5-3.4x faster at 16-256 rows (only the int8 head at 256
+# rows lost, 0.84x), so there it is never widened.
+PANEL_WIDEN_MIN_ROWS = 256
+# Prompt rows take the panels with x exact (gemv_grouped's exact_x): a float product per weight and
+# row, 1.3-2.6x the integer GEMV's time, so widening for the GEMM wins sooner: from 64 rows where
+# torch's bfloat16 GEMM is native (a layer at 32 rows: exact 1.33 ms, widened 1.67; at 64 2.74 and
+# 2.57), from 192 where it is a float32 one (128 rows: 11.4 and 13.1 ms; 256: 18.9 and 17.5).
+EXACT_PANEL_WIDEN_MIN_ROWS = 64
+EXACT_PANEL_WIDEN_MIN_ROWS_SLOW_GEMM = 192
 # The panel layouts whose GEMV also takes x exact (gemv_grouped's exact_x: prompt rows); the heads'
 # (x in 15 bits) do not need it.
 EXACT_X_LAYOUTS = ("panels4", "panels8")
-PANEL_WIDEN_MIN_ROWS_SLOW_GEMM = 128
 BASE_FLAGS = ("-O3", "-ffp-contract=fast", "-fno-math-errno", "-fPIC")
 OPENMP_FLAG = "-fopenmp"
 
@@ -569,10 +576,11 @@ class KernelLibrary:
         weights: tuple[int | None, ...],
         bias: torch.Tensor | None,
         trailing: tuple[int, ...] = (),
+        pass_rows: int = GEMV_MAX_ROWS,
     ) -> torch.Tensor:
         """Every GEMV: the C function `name` takes (x, *weights, bias, y, m, n, k, *trailing) for m
-        up to GEMV_MAX_ROWS rows of x and returns nonzero for arguments out of range; x's rows
-        go through in passes of that many."""
+        up to pass_rows rows of x and returns nonzero for arguments out of range; x's rows go
+        through in passes of that many."""
         dtype, k = x.dtype, x.shape[-1]
         x2 = x if x.dim() == 2 and x.is_contiguous() else x.reshape(-1, k).contiguous()
         rows = x2.shape[0]
@@ -581,19 +589,20 @@ class KernelLibrary:
         function = self._functions[name, dtype]
         bias_ptr = None if bias is None else bias.data_ptr()
         x_ptr, out_ptr = x2.data_ptr(), out.data_ptr()
-        for start in range(0, rows, GEMV_MAX_ROWS):
-            m = min(GEMV_MAX_ROWS, rows - start)
+        for start in range(0, rows, pass_rows):
+            m = min(pass_rows, rows - start)
             if function(x_ptr + start * k * size, *weights, bias_ptr, out_ptr + start * n * size, m, n, k, *trailing):
-                raise ValueError(f"{name}: {m} rows (1 to {GEMV_MAX_ROWS} a pass) or {trailing} out of range")
+                raise ValueError(f"{name}: {m} rows (1 to {pass_rows} a pass) or {trailing} out of range")
         return out if x.dim() == 2 else out.view(*x.shape[:-1], n)
 
     def gemv_grouped(
         self, x: torch.Tensor, weight: PackedGroupWeights, bias: torch.Tensor | None, exact_x: bool = False
     ) -> torch.Tensor:
-        """x @ dequantized(weight).T + bias for few rows (GEMV_MAX_ROWS per pass over the weight):
-        the integers are read as they are stored and dequantized in registers. Panels multiply x
-        rounded to int8 blocks unless exact_x (panels4 and panels8 only: prompt rows, decode_rows),
-        which multiplies the dequantized weights with x in float32."""
+        """x @ dequantized(weight).T + bias for few rows: the integers are read as they are stored
+        and dequantized in registers, GEMV_MAX_ROWS rows a pass over the weight, or for panel
+        layouts up to PANEL_MAX_ROWS in one (each panel read once, multiplied into every row).
+        Panels multiply x rounded to int8 blocks unless exact_x (panels4 and panels8 only: prompt
+        rows, decode_rows), which multiplies the dequantized weights with x in float32."""
         if weight.lanes != self.lanes:
             raise ValueError(f"weights packed for {weight.lanes} lanes, this library ({self.isa}) takes {self.lanes}")
         if exact_x and weight.layout not in EXACT_X_LAYOUTS:
@@ -601,7 +610,8 @@ class KernelLibrary:
         weights = (weight.words.data_ptr(), *weight.scale_pointers())
         bias = None if bias is None else bias.to(x.dtype).contiguous()
         name = f"gemv_{weight.layout}_exact" if exact_x else f"gemv_{weight.layout}"
-        return self._in_passes(name, x, weight.shape[0], weights, bias, (weight.group_size,))
+        pass_rows = PANEL_MAX_ROWS if weight.layout.startswith("panels") else GEMV_MAX_ROWS
+        return self._in_passes(name, x, weight.shape[0], weights, bias, (weight.group_size,), pass_rows)
 
     def dequantize_grouped(
         self, weight: PackedGroupWeights, dtype: torch.dtype, out: torch.Tensor | None = None
@@ -1367,20 +1377,20 @@ def grouped_linear(
     x: torch.Tensor, weight: PackedGroupWeights, bias: torch.Tensor | None, kernels: KernelLibrary
 ) -> torch.Tensor:
     """x @ dequantized(weight).T + bias: the library's GEMV for few rows (it streams the packed
-    integers, GEMV_MAX_ROWS rows a pass); for many (large batches, long prompts), the weight
-    dequantized once per call and a GEMM. Prompt rows (outside decode_rows) keep x exact: the
-    panels' GEMV with exact_x, which dequantizes in registers (SmolLM2-135M int4, 8 prompt rows
-    through a 960 x 576 projection: 150 us against 842 us dequantizing for a GEMM)."""
+    integers; panels once for all rows, other layouts GEMV_MAX_ROWS rows a pass); for many (large
+    batches, long prompts), the weight dequantized once per call and a GEMM. Prompt rows (outside
+    decode_rows) keep x exact: the panels' GEMV with exact_x, which dequantizes in registers
+    (SmolLM2-135M int4, 8 prompt rows through a 960 x 576 projection: 150 us against 842 us
+    dequantizing for a GEMM)."""
     rows = x.numel() // x.shape[-1]
     native = x.dtype not in _NATIVE_FEATURES or native_gemm(x.dtype)
     exact_x = weight.layout in EXACT_X_LAYOUTS and not getattr(_step, "decode", False)
-    if not weight.layout.startswith("panels"):
-        widen_from = WIDEN_MIN_ROWS
-    elif native:
-        widen_from = PANEL_WIDEN_MIN_ROWS
-    else:
-        widen_from = PANEL_WIDEN_MIN_ROWS_SLOW_GEMM
-    if rows < widen_from:
+    widen_from: int | None = WIDEN_MIN_ROWS
+    if weight.layout.startswith("panels") and exact_x:
+        widen_from = EXACT_PANEL_WIDEN_MIN_ROWS if native else EXACT_PANEL_WIDEN_MIN_ROWS_SLOW_GEMM
+    elif weight.layout.startswith("panels"):
+        widen_from = PANEL_WIDEN_MIN_ROWS if native else None  # a float32 GEMM never catches up
+    if widen_from is None or rows < widen_from:
         return kernels.gemv_grouped(x, weight, bias, exact_x=exact_x)
     # The weight as the model's dtype, as the dense model has it (widened where the GEMM is not native).
     dense = kernels.dequantize_grouped(weight, x.dtype, out=_scratch_weight("dequantized", weight.shape, x.dtype))

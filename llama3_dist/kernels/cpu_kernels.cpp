@@ -1044,49 +1044,73 @@ inline void with_rows(int64_t m, Body&& body) {
     with_constant<GEMV_MAX_ROWS>(m, body);
 }
 
-// Whether a panel GEMV takes these arguments: 1 .. GEMV_MAX_ROWS rows, groups of whole blocks,
+// The panel GEMVs take any number of rows up to PANEL_MAX_ROWS, in groups of at most
+// GEMV_MAX_ROWS (each row's accumulators in registers): each panel's weights are read from
+// memory once and, while they are in the core's cache, multiplied into every group in turn. A
+// batch of 64 decode rows read the whole weight from memory 8 times in passes of 8 rows.
+constexpr int64_t PANEL_MAX_ROWS = 4096;
+
+// The rows of each group for m rows: as even as the groups allow (m = 9: 2 groups of 5, not 8
+// and 1), the last one padded with zero rows of x (their products are computed, never stored).
+inline int64_t panel_group_rows(int64_t m) {
+    const int64_t groups = (m + GEMV_MAX_ROWS - 1) / GEMV_MAX_ROWS;
+    return (m + groups - 1) / groups;
+}
+
+// m rows padded to whole groups: the rows of x a panel GEMV's scratch holds.
+inline int64_t panel_padded_rows(int64_t m) {
+    const int64_t group_rows = panel_group_rows(m);
+    return (m + group_rows - 1) / group_rows * group_rows;
+}
+
+// Whether a panel GEMV takes these arguments: 1 .. PANEL_MAX_ROWS rows, groups of whole blocks,
 // offsets or coded factors (not both) for 4-bit panels only.
 template <int BITS>
 inline bool panel_arguments(int64_t m, int64_t group_size, const uint16_t* offsets, const uint16_t* factors) {
-    return m >= 1 && m <= GEMV_MAX_ROWS && group_size >= 32 && group_size % 32 == 0 &&
+    return m >= 1 && m <= PANEL_MAX_ROWS && group_size >= 32 && group_size % 32 == 0 &&
            (BITS == 4 || (!offsets && !factors)) && !(factors && offsets);
 }
 
 // The walk both panel GEMVs share, by the threads of the enclosing parallel region: each panel
-// (LANES rows) in turn, its groups in order, each group's blocks of 32 (prefetched
-// PREFETCH_BYTES ahead). on_group(panel, g) gives group g's scales in the form the other two
-// take (PanelScales: floats); on_block(acc, b, block, group) adds block b of the panel into the M
-// rows' accumulators; on_group_end(acc, g, group) runs after a group's blocks; then the
-// accumulators (plus bias) are the panel's rows of y [M, n].
+// (LANES rows) in turn and, for each group of M rows of x (from row `first`, padded: see
+// panel_group_rows), its groups in order, each group's blocks of 32 (prefetched PREFETCH_BYTES
+// ahead while the first group of rows reads them from memory). on_group(panel, g) gives group
+// g's scales in the form the other two take (PanelScales: floats); on_block(acc, first, b,
+// block, group) adds block b of the panel into the M rows' accumulators; on_group_end(acc,
+// first, g, group) runs after a group's blocks; then the accumulators (plus bias) are the
+// panel's rows of y [m, n] (the padding rows' are dropped).
 template <typename T, int VECTORS, int M, typename OnGroup, typename OnBlock, typename OnGroupEnd>
-__attribute__((always_inline)) inline void over_panels(const uint32_t* w, const T* bias, T* y, int64_t n, int64_t k,
-                                                       int64_t group_size, OnGroup&& on_group, OnBlock&& on_block,
-                                                       OnGroupEnd&& on_group_end) {
+__attribute__((always_inline)) inline void over_panels(const uint32_t* w, const T* bias, T* y, int64_t m, int64_t n,
+                                                       int64_t k, int64_t group_size, OnGroup&& on_group,
+                                                       OnBlock&& on_block, OnGroupEnd&& on_group_end) {
     using E = Element<T>;
     const int64_t blocks = (k + 31) / 32, groups = (k + group_size - 1) / group_size;
     const int64_t panels = (n + LANES - 1) / LANES, blocks_per_group = group_size / 32;
 #pragma omp for schedule(guided)
     for (int64_t panel = 0; panel < panels; ++panel) {
-        Floats acc[M];
-        for (int m = 0; m < M; ++m) acc[m] = Floats{};
         const uint32_t* panel_words = w + panel * blocks * VECTORS * LANES;
-        for (int64_t g = 0; g < groups; ++g) {
-            const auto group = on_group(panel, g);
-            for (int64_t b = g * blocks_per_group; b < std::min(blocks, (g + 1) * blocks_per_group); ++b) {
-                const uint32_t* block = panel_words + b * VECTORS * LANES;
-                for (int line = 0; line < VECTORS * VECTOR_BYTES; line += CACHE_LINE)
-                    __builtin_prefetch((const char*)block + PREFETCH_BYTES + line, 0, 2);
-                on_block(acc, b, block, group);
-            }
-            on_group_end(acc, g, group);
-        }
         const int64_t rows = std::min<int64_t>(LANES, n - panel * LANES);
-        for (int m = 0; m < M; ++m) {
-            float lanes[LANES];
-            memcpy(lanes, &acc[m], sizeof lanes);
-            for (int64_t l = 0; l < rows; ++l) {
-                const int64_t row = panel * LANES + l;
-                y[m * n + row] = E::from_float(lanes[l] + (bias ? E::to_float(bias[row]) : 0.0f));
+        for (int64_t first = 0; first < m; first += M) {
+            Floats acc[M];
+            for (int r = 0; r < M; ++r) acc[r] = Floats{};
+            for (int64_t g = 0; g < groups; ++g) {
+                const auto group = on_group(panel, g);
+                for (int64_t b = g * blocks_per_group; b < std::min(blocks, (g + 1) * blocks_per_group); ++b) {
+                    const uint32_t* block = panel_words + b * VECTORS * LANES;
+                    if (first == 0)
+                        for (int line = 0; line < VECTORS * VECTOR_BYTES; line += CACHE_LINE)
+                            __builtin_prefetch((const char*)block + PREFETCH_BYTES + line, 0, 2);
+                    on_block(acc, first, b, block, group);
+                }
+                on_group_end(acc, first, g, group);
+            }
+            for (int r = 0; r < M && first + r < m; ++r) {
+                float lanes[LANES];
+                memcpy(lanes, &acc[r], sizeof lanes);
+                for (int64_t l = 0; l < rows; ++l) {
+                    const int64_t row = panel * LANES + l;
+                    y[(first + r) * n + row] = E::from_float(lanes[l] + (bias ? E::to_float(bias[row]) : 0.0f));
+                }
             }
         }
     }
@@ -1097,13 +1121,13 @@ template <typename T, int BITS, int DIGITS, int M>
 __attribute__((noinline)) void panel_tiles(const int8_t* xq, const int8_t* xq_low, const float* dx, const float* group_sums,
                  const int32_t* block_sums, const int32_t* low_block_sums, const uint32_t* w,
                  const uint16_t* scales, const uint16_t* offsets, const uint16_t* factors, const T* bias, T* y,
-                 int64_t n, int64_t k, int64_t group_size) {
+                 int64_t rows, int64_t n, int64_t k, int64_t group_size) {
     static_assert(BITS != 6 || DIGITS == 2, "6-bit panels take x in two digits (the LM head's)");
     constexpr int VECTORS = BITS == 4 ? 4 : BITS == 6 ? 6 : 8;  // per block of 32 (see the layouts)
     const int64_t blocks = (k + 31) / 32, groups = (k + group_size - 1) / group_size;
     const bool offset_term = offsets || factors;
     // 4 bits with PAIR_SUMS: each row's 16-bit pair sums of a block (see pair_sums)
-    const auto nibble_pair_sums = [&](Pairs (&pairs)[M], int64_t b, const uint32_t* block)
+    const auto nibble_pair_sums = [&](Pairs (&pairs)[M], int64_t first, int64_t b, const uint32_t* block)
                                       __attribute__((always_inline)) {
         for (int m = 0; m < M; ++m) pairs[m] = Pairs{};
 #pragma GCC unroll 4
@@ -1113,7 +1137,7 @@ __attribute__((noinline)) void panel_tiles(const int8_t* xq, const int8_t* xq_lo
             const Words low = q & 0x0f0f0f0fu, high = (q >> 4) & 0x0f0f0f0fu;
 #pragma GCC unroll 8
             for (int m = 0; m < M; ++m) {
-                const int32_t* x4 = reinterpret_cast<const int32_t*>(xq + (m * blocks + b) * 32);
+                const int32_t* x4 = reinterpret_cast<const int32_t*>(xq + ((first + m) * blocks + b) * 32);
                 pairs[m] += pair_sums(low, x4[c]) + pair_sums(high, x4[4 + c]);
             }
         }
@@ -1139,33 +1163,33 @@ __attribute__((noinline)) void panel_tiles(const int8_t* xq, const int8_t* xq_lo
                 const Words scale_code = code & 0xffu;
                 return GroupCodes{(Ints)(scale_code | (scale_code << 16)), offset_codes(code)};
             };
-            const auto on_block = [&](Floats (&)[M], int64_t b, const uint32_t* block, const GroupCodes& group)
-                                      __attribute__((always_inline)) {
+            const auto on_block = [&](Floats (&)[M], int64_t first, int64_t b, const uint32_t* block,
+                                      const GroupCodes& group) __attribute__((always_inline)) {
                 Pairs pairs[M];
-                nibble_pair_sums(pairs, b, block);
+                nibble_pair_sums(pairs, first, b, block);
 #pragma GCC unroll 8
                 for (int m = 0; m < M; ++m)
                     run_scaled[m] += __builtin_convertvector(scaled_pairs(pairs[m], group.scale_pairs), Floats) *
-                                     dx[m * blocks + b];
+                                     dx[(first + m) * blocks + b];
             };
-            const auto on_group_end = [&](Floats (&acc)[M], int64_t g, const GroupCodes& group)
+            const auto on_group_end = [&](Floats (&acc)[M], int64_t first, int64_t g, const GroupCodes& group)
                                           __attribute__((always_inline)) {
-                for (int m = 0; m < M; ++m) run_offsets[m] += group.offsets * group_sums[m * groups + g];
+                for (int m = 0; m < M; ++m) run_offsets[m] += group.offsets * group_sums[(first + m) * groups + g];
                 if ((g + 1) % FACTOR_GROUPS == 0 || g + 1 == groups)
                     for (int m = 0; m < M; ++m) acc[m] += run_scaled[m] * scale_factors + run_offsets[m] * offset_factors;
             };
-            over_panels<T, VECTORS, M>(w, bias, y, n, k, group_size, on_group, on_block, on_group_end);
+            over_panels<T, VECTORS, M>(w, bias, y, rows, n, k, group_size, on_group, on_block, on_group_end);
             return;
         }
     }
-    const auto on_block = [&](Floats (&acc)[M], int64_t b, const uint32_t* block, const GroupScales& group)
-                              __attribute__((always_inline)) {
+    const auto on_block = [&](Floats (&acc)[M], int64_t first, int64_t b, const uint32_t* block,
+                              const GroupScales& group) __attribute__((always_inline)) {
         const Floats weight_scales = group.scales;
         Ints sums[M], low_sums[M];
         for (int m = 0; m < M; ++m) sums[m] = low_sums[m] = Ints{};
         if constexpr (BITS == 4 && PAIR_SUMS) {
             Pairs pairs[M];
-            nibble_pair_sums(pairs, b, block);
+            nibble_pair_sums(pairs, first, b, block);
             for (int m = 0; m < M; ++m) sums[m] = widen_pairs(pairs[m]);
         } else if constexpr (BITS == 6) {
             Words high_bits[2];
@@ -1189,8 +1213,8 @@ __attribute__((noinline)) void panel_tiles(const int8_t* xq, const int8_t* xq_lo
                 const Words high = ((q >> 4) & 0x0f0f0f0fu) | bits_45(high_bits[1]);
 #pragma GCC unroll 8
                 for (int m = 0; m < M; ++m) {
-                    const int32_t* x4 = reinterpret_cast<const int32_t*>(xq + (m * blocks + b) * 32);
-                    const int32_t* low4 = reinterpret_cast<const int32_t*>(xq_low + (m * blocks + b) * 32);
+                    const int32_t* x4 = reinterpret_cast<const int32_t*>(xq + ((first + m) * blocks + b) * 32);
+                    const int32_t* low4 = reinterpret_cast<const int32_t*>(xq_low + ((first + m) * blocks + b) * 32);
                     if constexpr (PAIR_SUMS) {
                         sums[m] += widen_pairs(pair_sums(low, x4[c]) + pair_sums(high, x4[4 + c]));
                         if constexpr (DIGITS == 2) {
@@ -1209,8 +1233,8 @@ __attribute__((noinline)) void panel_tiles(const int8_t* xq, const int8_t* xq_lo
             }
             // u - 32: the 32s' share, per digit
             for (int m = 0; m < M; ++m) {
-                sums[m] -= 32 * block_sums[m * blocks + b];
-                if constexpr (DIGITS == 2) low_sums[m] -= 32 * low_block_sums[m * blocks + b];
+                sums[m] -= 32 * block_sums[(first + m) * blocks + b];
+                if constexpr (DIGITS == 2) low_sums[m] -= 32 * low_block_sums[(first + m) * blocks + b];
             }
         } else {
 #pragma GCC unroll 8
@@ -1221,16 +1245,17 @@ __attribute__((noinline)) void panel_tiles(const int8_t* xq, const int8_t* xq_lo
                     const Words low = q & 0x0f0f0f0fu, high = (q >> 4) & 0x0f0f0f0fu;
 #pragma GCC unroll 8
                     for (int m = 0; m < M; ++m) {
-                        const int32_t* x4 = reinterpret_cast<const int32_t*>(xq + (m * blocks + b) * 32);
+                        const int32_t* x4 = reinterpret_cast<const int32_t*>(xq + ((first + m) * blocks + b) * 32);
                         sums[m] = dot4(dot4(sums[m], low, x4[c]), high, x4[4 + c]);
                     }
                 } else {
 #pragma GCC unroll 8
                     for (int m = 0; m < M; ++m) {
-                        const int32_t* x4 = reinterpret_cast<const int32_t*>(xq + (m * blocks + b) * 32);
+                        const int32_t* x4 = reinterpret_cast<const int32_t*>(xq + ((first + m) * blocks + b) * 32);
                         sums[m] = dot4_signed(sums[m], q, x4[c]);
                         if constexpr (DIGITS == 2) {
-                            const int32_t* low4 = reinterpret_cast<const int32_t*>(xq_low + (m * blocks + b) * 32);
+                            const int32_t* low4 =
+                                reinterpret_cast<const int32_t*>(xq_low + ((first + m) * blocks + b) * 32);
                             low_sums[m] = dot4_signed(low_sums[m], q, low4[c]);
                         }
                     }
@@ -1239,41 +1264,43 @@ __attribute__((noinline)) void panel_tiles(const int8_t* xq, const int8_t* xq_lo
         }
         if constexpr (BITS == 8 && SIGNED_DOT4_EXCESS) {
             for (int m = 0; m < M; ++m) {
-                sums[m] -= 128 * block_sums[m * blocks + b];
-                if constexpr (DIGITS == 2) low_sums[m] -= 128 * low_block_sums[m * blocks + b];
+                sums[m] -= 128 * block_sums[(first + m) * blocks + b];
+                if constexpr (DIGITS == 2) low_sums[m] -= 128 * low_block_sums[(first + m) * blocks + b];
             }
         }
         // Symmetric 4 bits (Q4_0: w = (q - 8) * scale, no offsets stored): the 8s' share.
         if constexpr (BITS == 4)
             if (!offset_term)
-                for (int m = 0; m < M; ++m) sums[m] -= 8 * block_sums[m * blocks + b];
+                for (int m = 0; m < M; ++m) sums[m] -= 8 * block_sums[(first + m) * blocks + b];
         // |high digits' sum| <= 32 * 127 * 127, so 128 times it stays far inside int32.
         if constexpr (DIGITS == 2)
             for (int m = 0; m < M; ++m) sums[m] = sums[m] * 128 + low_sums[m];
 #pragma GCC unroll 8
         for (int m = 0; m < M; ++m)
-            acc[m] += __builtin_convertvector(sums[m], Floats) * (weight_scales * dx[m * blocks + b]);
+            acc[m] += __builtin_convertvector(sums[m], Floats) * (weight_scales * dx[(first + m) * blocks + b]);
     };
-    const auto on_group_end = [&](Floats (&acc)[M], int64_t g, const GroupScales& group) __attribute__((always_inline)) {
+    const auto on_group_end = [&](Floats (&acc)[M], int64_t first, int64_t g, const GroupScales& group)
+                                  __attribute__((always_inline)) {
         if (offset_term)
-            for (int m = 0; m < M; ++m) acc[m] += group.offsets * group_sums[m * groups + g];
+            for (int m = 0; m < M; ++m) acc[m] += group.offsets * group_sums[(first + m) * groups + g];
     };
-    over_panels<T, VECTORS, M>(w, bias, y, n, k, group_size, PanelScales{scales, offsets, factors, groups}, on_block,
+    over_panels<T, VECTORS, M>(w, bias, y, rows, n, k, group_size, PanelScales{scales, offsets, factors, groups}, on_block,
                                on_group_end);
 }
 
 // Scratch of the integer GEMV for m rows of x of up to k features: x in int8 blocks, their
-// scales, each group's sum.
+// scales, each group's sum; zero (so are the padding rows of a last group of rows, which
+// quantize_blocks never writes).
 struct PanelScratch {
     std::vector<int8_t> xq, xq_low;  // xq_low: the second digits (DIGITS 2 only)
     std::vector<float> dx, group_sums;
     std::vector<int32_t> block_sums, low_block_sums;  // each block's sum of xq (of xq_low)
     PanelScratch(int64_t m, int64_t k, int digits = 1)
-        : xq(m * ((k + 31) / 32) * 32),
+        : xq(panel_padded_rows(m) * ((k + 31) / 32) * 32),
           xq_low(digits == 2 ? xq.size() : 0),
-          dx(m * ((k + 31) / 32)),
-          group_sums(m * ((k + 31) / 32)),
-          block_sums(m * ((k + 31) / 32)),
+          dx(panel_padded_rows(m) * ((k + 31) / 32)),
+          group_sums(dx.size()),
+          block_sums(dx.size()),
           low_block_sums(digits == 2 ? block_sums.size() : 0) {}
 };
 
@@ -1291,14 +1318,14 @@ void panel_team(const T* x, int64_t m, const uint32_t* w, const uint16_t* scales
         quantize_blocks<T, DIGITS>(x, m, k, (k + 31) / 32, group_size, xq, xq_low, dx, group_sums, block_sums,
                                    low_block_sums);
     }
-    with_rows(m, [&](auto rows) {
+    with_rows(panel_group_rows(m), [&](auto rows) {
         panel_tiles<T, BITS, DIGITS, rows()>(xq, xq_low, dx, group_sums, block_sums, low_block_sums, w, scales,
-                                             offsets, factors, bias, y, n, k, group_size);
+                                             offsets, factors, bias, y, m, n, k, group_size);
     });
 }
 
 // y [m, n] = x [m, k] @ w.T + bias for 4- or 8-bit panel weights, x quantized to int8 per block
-// of 32; m from 1 to GEMV_MAX_ROWS, group_size a multiple of 32. Returns -1 for arguments out of
+// of 32; m from 1 to PANEL_MAX_ROWS, group_size a multiple of 32. Returns -1 for arguments out of
 // range.
 template <typename T, int BITS, int DIGITS = 1>
 int panel_gemv(const T* x, const uint32_t* w, const uint16_t* scales, const uint16_t* offsets,
@@ -1318,16 +1345,16 @@ int panel_gemv(const T* x, const uint32_t* w, const uint16_t* scales, const uint
 // after a cached prefix) runs at about a decode step's cost.
 template <typename T, int BITS, int M>
 void panel_exact_tiles(const float* xf, int64_t k_pad, const uint32_t* w, const uint16_t* scales,
-                       const uint16_t* offsets, const uint16_t* factors, const T* bias, T* y, int64_t n, int64_t k,
-                       int64_t group_size) {
+                       const uint16_t* offsets, const uint16_t* factors, const T* bias, T* y, int64_t rows, int64_t n,
+                       int64_t k, int64_t group_size) {
     constexpr int VECTORS = BITS == 4 ? 4 : 8;  // per block of 32 (see the layouts)
     // Symmetric 4 bits (Q4_0, no offsets stored): w = (q - 8) * scale.
     const bool symmetric = BITS == 4 && !offsets && !factors;
-    const auto on_block = [&](Floats (&acc)[M], int64_t b, const uint32_t* block, const GroupScales& group)
-                              __attribute__((always_inline)) {
+    const auto on_block = [&](Floats (&acc)[M], int64_t first, int64_t b, const uint32_t* block,
+                              const GroupScales& group) __attribute__((always_inline)) {
         const Floats weight_scales = group.scales;
         const Floats weight_offsets = symmetric ? weight_scales * -8.0f : group.offsets;
-        const float* x = xf + b * 32;
+        const float* x = xf + first * k_pad + b * 32;
 #pragma GCC unroll 2
         for (int c = 0; c < VECTORS; ++c) {
             Words q;
@@ -1354,14 +1381,13 @@ void panel_exact_tiles(const float* xf, int64_t k_pad, const uint32_t* w, const 
         }
     };
     const int64_t groups = (k + group_size - 1) / group_size;
-    over_panels<T, VECTORS, M>(w, bias, y, n, k, group_size, PanelScales{scales, offsets, factors, groups}, on_block,
-                               [](Floats (&)[M], int64_t, const GroupScales&) {});
+    over_panels<T, VECTORS, M>(w, bias, y, rows, n, k, group_size, PanelScales{scales, offsets, factors, groups},
+                               on_block, [](Floats (&)[M], int64_t, int64_t, const GroupScales&) {});
 }
 
-// y [m, n] = x [m, k] @ dequantized(w).T + bias, x exact (above); m from 1 to GEMV_MAX_ROWS.
-// Returns -1 for arguments out of range.
 // The exact-x panel GEMV by the threads of an enclosing parallel region: x widened to float32
-// (xf: m rows of padded_width(k)) once, after norm where there is one (x is then its output).
+// (xf: panel_padded_rows(m) rows of padded_width(k), zero past m's) once, after norm where there
+// is one (x is then its output).
 template <typename T, int BITS>
 void panel_exact_team(const T* x, int64_t m, const uint32_t* w, const uint16_t* scales, const uint16_t* offsets,
                       const uint16_t* factors, const T* bias, T* y, int64_t n, int64_t k, int64_t group_size,
@@ -1371,17 +1397,20 @@ void panel_exact_team(const T* x, int64_t m, const uint32_t* w, const uint16_t* 
         if (norm) norm->run(m);
         widen_rows<T, float>(x, m, k, xf);
     }
-    with_rows(m, [&](auto rows) {
-        panel_exact_tiles<T, BITS, rows()>(xf, padded_width(k), w, scales, offsets, factors, bias, y, n, k, group_size);
+    with_rows(panel_group_rows(m), [&](auto rows) {
+        panel_exact_tiles<T, BITS, rows()>(xf, padded_width(k), w, scales, offsets, factors, bias, y, m, n, k,
+                                           group_size);
     });
 }
 
+// y [m, n] = x [m, k] @ dequantized(w).T + bias, x exact (above); m from 1 to PANEL_MAX_ROWS.
+// Returns -1 for arguments out of range.
 template <typename T, int BITS>
 int panel_exact_gemv(const T* x, const uint32_t* w, const uint16_t* scales, const uint16_t* offsets,
                      const uint16_t* factors, const T* bias, T* y, int64_t m, int64_t n, int64_t k,
                      int64_t group_size) {
     if (!panel_arguments<BITS>(m, group_size, offsets, factors)) return -1;
-    std::vector<float> xf(m * padded_width(k));  // whole blocks of 32, zero past k
+    std::vector<float> xf(panel_padded_rows(m) * padded_width(k));  // whole blocks of 32, zero past k and m
 #pragma omp parallel
     panel_exact_team<T, BITS>(x, m, w, scales, offsets, factors, bias, y, n, k, group_size, xf.data());
     return 0;

@@ -368,31 +368,67 @@ def test_panel_gemv_with_x_exact_is_the_dequantized_product(variant, bits, group
 
 @pytest.mark.parametrize("bits", [4, 8])
 def test_panels_stay_in_gemv_passes_up_to_their_crossover(variant, bits):
-    """In decode steps grouped_linear keeps panel weights in integer-GEMV passes well past the
+    """In decode steps grouped_linear keeps panel weights in the integer GEMV well past the
     float GEMV's 16 rows (dequantizing the whole weight per call made batches of 16-63 sequences
-    10x slower than 8), and widens them for a GEMM from the measured crossover on; prompt rows
-    are never rounded to int8: the GEMV with x exact up to the same crossover, widened past it."""
+    10x slower than 8), and widens them for a GEMM from the measured crossover on (never where
+    the GEMM is a float32 one); prompt rows are never rounded to int8: the GEMV with x exact up
+    to their own crossover, widened past it."""
     library, dtype = variant
     weight = (
         ref.quantize_int4(randn(40, 96, dtype=F32), 32) if bits == 4 else quantize_q8_0(randn(40, 96, dtype=F32), 32)
     )
     packed = cpu.pack_grouped(weight, library.lanes, panels=True)
     native = dtype == F32 or cpu.native_gemm(dtype)
-    widen_from = cpu.PANEL_WIDEN_MIN_ROWS if native else cpu.PANEL_WIDEN_MIN_ROWS_SLOW_GEMM
-    for rows in (1, cpu.WIDEN_MIN_ROWS + 4, widen_from - 1, widen_from):
+    widen_from = cpu.PANEL_WIDEN_MIN_ROWS if native else None
+    exact_from = cpu.EXACT_PANEL_WIDEN_MIN_ROWS if native else cpu.EXACT_PANEL_WIDEN_MIN_ROWS_SLOW_GEMM
+    crossovers = (cpu.PANEL_WIDEN_MIN_ROWS, exact_from)
+    for rows in (1, cpu.WIDEN_MIN_ROWS + 4, *(c + d for c in crossovers for d in (-1, 0))):
         x = randn(rows, 96, dtype=dtype)
         widened = cpu.linear(x, library.dequantize_grouped(packed, dtype))
         with cpu.decode_rows(True):
             got = cpu.grouped_linear(x, packed, None, library)
-        if rows < widen_from:
+        if widen_from is None or rows < widen_from:
             assert torch.equal(got, library.gemv_grouped(x, packed, None)), rows
         else:
             assert torch.equal(got, widened), rows
         # prompt rows (outside decode_rows, or in a step that is not one) keep x exact
-        prompt = library.gemv_grouped(x, packed, None, exact_x=True) if rows < widen_from else widened
+        prompt = library.gemv_grouped(x, packed, None, exact_x=True) if rows < exact_from else widened
         assert torch.equal(cpu.grouped_linear(x, packed, None, library), prompt), rows
         with cpu.decode_rows(False):
             assert torch.equal(cpu.grouped_linear(x, packed, None, library), prompt), rows
+
+
+@pytest.mark.parametrize(
+    "layout,exact_x",
+    [(layout, exact) for layout in ("coded4", "q4_1", "q4_0", "q8_0") for exact in (False, True)]
+    + [("head8x15", False), ("head6x15", False)],  # the heads' x is always in 15 bits
+)
+def test_panel_gemv_takes_every_row_in_one_call(variant, layout, exact_x):
+    """The panel GEMVs take many rows in one call (each panel read once, multiplied into groups
+    of up to 8 rows, the last group padded with zero rows that are never stored): every row's
+    result is bit-identical to the same row in a call of at most 8 rows (a row's sums do not
+    depend on the rows beside it), for row counts that split evenly (16), unevenly (9: groups of
+    5 and a padding row; 37: 5 groups of 8, 3 padding rows) and a batch of 64 decode rows."""
+    library, dtype = variant
+    w = randn(72, 200, dtype=F32) * 0.05
+    quantized = {
+        "coded4": lambda: ref.quantize_int4(w, 32),
+        "q4_1": lambda: ref.quantize_int4(w, 32).plain(),
+        "q4_0": lambda: ref.GroupQuantized(
+            *(lambda p: (p.values, p.scales, p.scales * -8))(ref.quantize_int4(w, 32).plain()), 4, 32
+        ),
+        "q8_0": lambda: quantize_q8_0(w, 32),
+        "head8x15": lambda: quantize_q8_0(w, 32),
+        "head6x15": lambda: ref.quantize_int6_groups(w, 32),
+    }[layout]()
+    x_digits = 2 if layout.startswith("head") else 1
+    packed = cpu.pack_grouped(quantized, library.lanes, panels=True, x_digits=x_digits)
+    b = randn(72, dtype=dtype)
+    for rows in (9, 16, 37, 64):
+        x = randn(rows, 200, dtype=dtype)
+        whole = library.gemv_grouped(x, packed, b, exact_x=exact_x)
+        eights = [library.gemv_grouped(x[i : i + 8], packed, b, exact_x=exact_x) for i in range(0, rows, 8)]
+        assert torch.equal(whole, torch.cat(eights)), rows
 
 
 def test_x_in_15_bits_takes_8_bit_weights():
