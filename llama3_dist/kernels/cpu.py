@@ -315,9 +315,13 @@ def build(isa: str) -> Path:
     compiler = _compiler()
     flags = [*BASE_FLAGS, *(spec.x86_flags if _X86 else ()), f"-DVECTOR_BYTES={spec.vector_bytes}"]
     # The integer GEMV's byte dot products: one instruction with VNNI, three with AVX-512BW alone
-    # (LLAMA3_DIST_CPU_VNNI=0 builds those, to test them on a VNNI machine).
+    # (LLAMA3_DIST_CPU_VNNI=0 builds those, to test them on a VNNI machine); decode attention's
+    # bfloat16 scores: one instruction per 32 features with AVX-512 BF16 (LLAMA3_DIST_CPU_BF16=0
+    # builds the float path, likewise).
     if isa == "avx512" and _X86 and "avx512_vnni" in _cpu_features() and os.environ.get("LLAMA3_DIST_CPU_VNNI") != "0":
         flags.append("-mavx512vnni")
+    if isa == "avx512" and _X86 and "avx512_bf16" in _cpu_features() and os.environ.get("LLAMA3_DIST_CPU_BF16") != "0":
+        flags.append("-mavx512bf16")
     source = SOURCE.read_bytes()
     parts = _source_parts(source)
     errors: list[str] = []

@@ -175,6 +175,35 @@ def test_decode_attention_threads_split_query_heads_exactly(variant):
     assert_matches(outputs[0], expected, exact_fraction=0.97)
 
 
+@pytest.mark.skipif(
+    TURNED_OFF or "avx512" not in ISAS or not {"avx512_vnni", "avx512_bf16"} & cpu._cpu_features(),
+    reason="only a CPU with AVX-512 VNNI or BF16 has paths of those instructions to set against plain AVX-512's",
+)
+def test_avx512_extensions_match_the_plain_avx512_paths(monkeypatch):
+    """The avx512 library takes VNNI (the integer GEMV's byte dot products) and AVX-512 BF16
+    (decode attention's bfloat16 scores) where the CPU has them; built without either
+    (LLAMA3_DIST_CPU_VNNI=0 LLAMA3_DIST_CPU_BF16=0, as for Skylake-X to Ice Lake servers) it runs
+    AVX-512BW's byte products and float scores instead, which this host would otherwise never
+    test. Integer sums are exact either way (panel GEMV outputs bit-identical); the scores sum
+    the same products in another order (both libraries match the reference)."""
+    monkeypatch.setenv("LLAMA3_DIST_CPU_VNNI", "0")
+    monkeypatch.setenv("LLAMA3_DIST_CPU_BF16", "0")
+    plain, full = cpu.KernelLibrary("avx512"), cpu.library("avx512")
+    assert full is not None
+    d, hq, hk, lens = 64, 9, 3, [70, 300, 5]
+    k_cache, v_cache, tables, ctx = paged_cache(lens, 16, hk, d, BF16, "cpu", pad_value=0)
+    q = randn(len(lens), hq, d, dtype=BF16)
+    expected = ref.paged_decode_attention(q, k_cache, v_cache, tables, ctx, d**-0.5, None)
+    for library in (plain, full):
+        got = library.paged_decode_attention(q, k_cache, v_cache, tables, ctx, d**-0.5, None)
+        assert_matches(got, expected, exact_fraction=0.97)
+    w = randn(72, 200, dtype=F32) * 0.05
+    for quantized in (ref.quantize_int4(w, 32), quantize_q8_0(w, 32)):
+        packed = cpu.pack_grouped(quantized, full.lanes, panels=True)
+        x = randn(13, 200, dtype=BF16)
+        assert torch.equal(plain.gemv_grouped(x, packed, None), full.gemv_grouped(x, packed, None))
+
+
 @pytest.mark.parametrize(
     "rows,k,n", [(1, 1000, 160), (5, 1024, 160), (8, 72, 160), (13, 1000, 160), (1, 3100, 37), (3, 3100, 37)]
 )
