@@ -534,7 +534,34 @@ class KernelLibrary:
         )
         return out
 
-    prefill_attention = staticmethod(reference.prefill_attention)
+    @staticmethod
+    def prefill_attention(
+        q: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        block_tables: torch.Tensor,
+        query_start_loc: torch.Tensor,
+        context_lens: torch.Tensor,
+        scale: float,
+        sliding_window: int | None = None,
+        max_query_len: int | None = None,
+    ) -> torch.Tensor:
+        """reference.prefill_attention's causal attention of a ragged batch over its cached K/V,
+        through torch's float32 scaled_dot_product_attention (its CPU flash attention: blocks of
+        keys with an online softmax, the masked-out triangle skipped), where the reference forms
+        every query block's whole score matrix and masks it. SmolLM2's heads, one 2000-token
+        prompt: 160 -> 39 ms a layer; 512 tokens after 1488 cached ones: 37 -> 18 ms. Float32
+        like the reference (torch's bfloat16 path was no faster here, and further from it)."""
+        out = torch.empty_like(q)
+        starts, lens = query_start_loc.tolist(), context_lens.tolist()
+        for b, context in enumerate(lens):
+            start, end = starts[b], starts[b + 1]
+            if end > start:
+                keys = reference.gather_blocks(k_cache, block_tables[b], context)
+                values = reference.gather_blocks(v_cache, block_tables[b], context)
+                first = context - (end - start)  # the position of the first query
+                out[start:end] = _flash_attend(q[start:end], keys, values, first, scale, sliding_window)
+        return out
 
     def gemv(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
         """x @ weight.T + bias, GEMV_MAX_ROWS rows of x per pass over the weight; None where the
@@ -1017,6 +1044,49 @@ class FusedDecodeStack:
         counts = query_start_loc[1:] - query_start_loc[:-1]
         tables = block_tables.repeat_interleave(counts.long(), dim=0)
         return FusedDecodeLayer.step(positions, slot_mapping, tables, (positions + 1).to(torch.int32), cos_sin)
+
+
+# Query rows a scaled_dot_product_attention call takes where it needs an explicit mask (a prompt
+# after cached tokens, a sliding window): bounds the boolean mask to this many rows of keys.
+_FLASH_MASKED_ROWS = 1024
+
+
+def _flash_attend(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos0: int, scale: float, sliding_window: int | None
+) -> torch.Tensor:
+    """q [Tq, Hq, d] at positions q_pos0.. attending causally to k, v [Tk, Hk, d] at positions
+    0..Tk-1 (reference._attend's contract), in float32 through scaled_dot_product_attention.
+    Its is_causal lines the first query up with the first key, so it serves only queries that
+    start at position 0 without a window; other blocks of queries get a boolean mask over the
+    keys they may see (keys past the block's last query, or before its window, are left out)."""
+    tq, tk = q.shape[0], k.shape[0]
+    queries = q.float().transpose(0, 1).unsqueeze(0)  # [1, Hq, Tq, d]
+    keys = k.float().transpose(0, 1).unsqueeze(0)  # [1, Hk, Tk, d]
+    values = v.float().transpose(0, 1).unsqueeze(0)
+    if q_pos0 == 0 and (sliding_window is None or sliding_window >= tk):
+        attended = F.scaled_dot_product_attention(queries, keys, values, is_causal=True, scale=scale, enable_gqa=True)
+        return attended[0].transpose(0, 1).to(q.dtype)
+    out = torch.empty_like(q)
+    for r0 in range(0, tq, _FLASH_MASKED_ROWS):
+        rows = min(_FLASH_MASKED_ROWS, tq - r0)
+        first = q_pos0 + r0  # this block's first query position
+        key_end = first + rows
+        key_start = 0 if sliding_window is None else max(0, first - sliding_window + 1)
+        q_positions = torch.arange(first, first + rows)[:, None]
+        k_positions = torch.arange(key_start, key_end)[None, :]
+        allowed = k_positions <= q_positions
+        if sliding_window is not None:
+            allowed &= k_positions > q_positions - sliding_window
+        attended = F.scaled_dot_product_attention(
+            queries[:, :, r0 : r0 + rows],
+            keys[:, :, key_start:key_end],
+            values[:, :, key_start:key_end],
+            attn_mask=allowed,
+            scale=scale,
+            enable_gqa=True,
+        )
+        out[r0 : r0 + rows] = attended[0].transpose(0, 1).to(q.dtype)
+    return out
 
 
 def _contiguous(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

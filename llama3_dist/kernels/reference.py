@@ -62,7 +62,7 @@ def store_kv_cache(
     v_cache.view(-1, *v_cache.shape[2:])[slots] = v[keep]
 
 
-def _gather_blocks(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
+def gather_blocks(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
     """The first `length` cached tokens of one sequence: [length, Hk, d]."""
     block_size = cache.shape[1]
     n_blocks = (length + block_size - 1) // block_size
@@ -129,8 +129,8 @@ def prefill_attention(
         s, e = starts[b], starts[b + 1]
         if e == s:
             continue
-        k = _gather_blocks(k_cache, block_tables[b], ctx)
-        v = _gather_blocks(v_cache, block_tables[b], ctx)
+        k = gather_blocks(k_cache, block_tables[b], ctx)
+        v = gather_blocks(v_cache, block_tables[b], ctx)
         out[s:e] = _attend(q[s:e], k, v, ctx - (e - s), scale, sliding_window)
     return out
 

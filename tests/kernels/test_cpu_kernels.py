@@ -154,6 +154,31 @@ def test_paged_decode_attention(variant, d, hq, hk, block_size, lens, window):
     assert_matches(got, expected, exact_fraction=0.97)
 
 
+@pytest.mark.parametrize(
+    "d,hq,hk,seqs,window",
+    [
+        # seqs: (context length, query tokens); fewer queries than context: a prompt after cached tokens
+        (64, 9, 3, [(300, 300), (40, 7), (1, 1)], None),  # whole prompts (is_causal), a cached prefix
+        (64, 4, 2, [(1300, 1100)], None),  # masked blocks of 1024 query rows and a partial one
+        (128, 8, 2, [(90, 90), (70, 20)], 32),  # sliding windows from position 0 and after a prefix
+        (64, 6, 6, [(50, 50)], 64),  # a window no shorter than the prompt: is_causal
+    ],
+)
+def test_prefill_attention_through_torch_flash_attention(variant, d, hq, hk, seqs, window):
+    """The library's prefill attention (torch's float32 scaled_dot_product_attention, masks
+    built for query blocks that do not start at position 0) against the reference's."""
+    library, dtype = variant
+    lens = [context for context, _ in seqs]
+    k_cache, v_cache, tables, ctx = paged_cache(lens, 16, hk, d, dtype, "cpu", pad_value=0)
+    q_lens = torch.tensor([0] + [n for _, n in seqs])
+    starts = q_lens.cumsum(0).to(torch.int32)
+    q = randn(int(q_lens.sum()), hq, d, dtype=dtype)
+    expected = ref.prefill_attention(q, k_cache, v_cache, tables, starts, ctx, d**-0.5, window)
+    got = library.prefill_attention(q, k_cache, v_cache, tables, starts, ctx, d**-0.5, window)
+    assert not got.isnan().any()
+    assert_matches(got, expected, exact_fraction=0.97)
+
+
 def test_decode_attention_threads_split_query_heads_exactly(variant):
     """With fewer (sequence, KV head) tasks than two per thread, the threads take parts of each
     KV head's query heads (3 query heads a KV head: parts of 2 and 1 on two threads, 1 each on
