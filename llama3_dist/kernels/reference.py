@@ -62,7 +62,7 @@ def store_kv_cache(
     v_cache.view(-1, *v_cache.shape[2:])[slots] = v[keep]
 
 
-def gather_blocks(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
+def _gather_blocks(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
     """The first `length` cached tokens of one sequence: [length, Hk, d]."""
     block_size = cache.shape[1]
     n_blocks = (length + block_size - 1) // block_size
@@ -123,15 +123,37 @@ def prefill_attention(
     context_lens[b] cached tokens (earlier tokens come from the prefix cache or earlier chunks).
     max_query_len is accepted for the kernels' common signature and not needed here.
     """
+    return attend_ragged(
+        q,
+        k_cache,
+        v_cache,
+        block_tables,
+        query_start_loc,
+        context_lens,
+        lambda rows, k, v, first: _attend(rows, k, v, first, scale, sliding_window),
+    )
+
+
+def attend_ragged(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    context_lens: torch.Tensor,
+    attend: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor],
+) -> torch.Tensor:
+    """prefill_attention's walk over a ragged batch: for each sequence with queries, its cached
+    K/V gathered ([context, Hk, d]) and attend(its query rows, k, v, the first row's position)."""
     out = torch.empty_like(q)
     starts, lens = query_start_loc.tolist(), context_lens.tolist()
     for b, ctx in enumerate(lens):
         s, e = starts[b], starts[b + 1]
         if e == s:
             continue
-        k = gather_blocks(k_cache, block_tables[b], ctx)
-        v = gather_blocks(v_cache, block_tables[b], ctx)
-        out[s:e] = _attend(q[s:e], k, v, ctx - (e - s), scale, sliding_window)
+        k = _gather_blocks(k_cache, block_tables[b], ctx)
+        v = _gather_blocks(v_cache, block_tables[b], ctx)
+        out[s:e] = attend(q[s:e], k, v, ctx - (e - s))
     return out
 
 
