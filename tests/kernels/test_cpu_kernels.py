@@ -700,7 +700,7 @@ def fused_and_per_kernel_logits(
             inputs = model.prepare_initial_token_inputs([TextContext(tokens=list(p)) for p in prompts])
             logits = [model.execute(inputs).logits]
             for step in range(steps):
-                inputs = model.prepare_next_token_inputs([7 + step, 11 + step], inputs)
+                inputs = model.prepare_next_token_inputs([7 + step + 4 * i for i in range(len(prompts))], inputs)
                 logits.append(model.execute(inputs).logits)
             transformer = model.executor.worker.model
             assert (transformer._fused_stack is not None) == (bool(transformer._fused) and fused_env == "1")
@@ -744,6 +744,29 @@ def test_fused_decode_of_quantized_layers_is_bit_identical(checkpoints, monkeypa
         monkeypatch, checkpoints["llama"], 12, dtype="bfloat16", quantization=quantization
     )
     assert used == cpu.library().integer_dot
+    assert torch.equal(got, expected)
+
+
+@built
+@pytest.mark.parametrize("quantization", ["int4", "int8"])
+def test_decode_steps_of_9_to_16_sequences_run_in_stack_chunks(checkpoints, monkeypatch, quantization):
+    """A decode step of more sequences than the fused stack takes (here 11) runs through it 8
+    sequences a call where its weights are the integer GEMV's panels (on hosts with byte dot
+    products), with exactly the per-kernel path's logits: the stack's rows, norms, attention and
+    head are the per-kernel path's, and a row's sums do not depend on the rows beside it."""
+    calls: list[int] = []
+    real = cpu.FusedDecodeStack.__call__
+
+    def spy(self, x, step, kv_caches, tokens=None, prompt=False):
+        calls.append(step.batch)
+        return real(self, x, step, kv_caches, tokens=tokens, prompt=prompt)
+
+    monkeypatch.setattr(cpu.FusedDecodeStack, "__call__", spy)
+    prompts = [tuple(range(3 + i, 8 + 2 * i)) for i in range(11)]
+    got, _, expected = fused_and_per_kernel_logits(
+        monkeypatch, checkpoints["llama"], 4, prompts=prompts, dtype="bfloat16", quantization=quantization
+    )
+    assert calls == ([8, 3] * 4 if cpu.library().integer_dot else [])
     assert torch.equal(got, expected)
 
 
