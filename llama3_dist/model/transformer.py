@@ -369,10 +369,7 @@ class Llama3Transformer(nn.Module):
                     meta.positions, meta.slot_mapping, meta.block_tables, meta.query_start_loc, cos_sin
                 )
             if stack is not None:
-                if stack.embedding is not None:  # it looks the rows up itself
-                    out = stack(None, step, kv_caches, tokens=tokens, prompt=prompt)
-                else:
-                    out = stack(self._embed(tokens), step, kv_caches, prompt=prompt)
+                out = self._run_stack(stack, step, kv_caches, tokens, prompt)
                 if out.logits is not None:
                     stacked.normed, stacked.logits = out.first, out.logits
                 if stack.final_norm is not None:  # it ran the final norm too
@@ -407,7 +404,7 @@ class Llama3Transformer(nn.Module):
         sums do not depend on the rows beside it)."""
         fused = self._fused_layers(meta, kv_caches, any_rows=True)
         stack = self._fused_stack if fused else None
-        if stack is None or not stack.rounds or stack.head is None or stack.final_norm is None:
+        if stack is None or not stack.rounds or stack.head is None:  # a head comes with the final norm
             return None
         hidden, normed, logits = [], [], []
         for start in range(0, meta.positions.shape[0], cpu.GEMV_MAX_ROWS):
@@ -415,10 +412,7 @@ class Llama3Transformer(nn.Module):
             step, keep_alive = cpu.FusedDecodeLayer.step(
                 meta.positions[rows], meta.slot_mapping[rows], meta.block_tables[rows], meta.context_lens[rows], cos_sin
             )
-            if stack.embedding is not None:  # it looks the rows up itself
-                out = stack(None, step, kv_caches, tokens=tokens[rows])
-            else:
-                out = stack(self._embed(tokens[rows]), step, kv_caches)
+            out = self._run_stack(stack, step, kv_caches, tokens[rows])
             del keep_alive
             assert out.logits is not None and out.second is not None
             normed.append(out.first)
@@ -427,6 +421,20 @@ class Llama3Transformer(nn.Module):
         stacked = self._stack_logits
         stacked.normed, stacked.logits = torch.cat(normed), torch.cat(logits)
         return torch.cat(hidden), stacked.normed
+
+    def _run_stack(
+        self,
+        stack: cpu.FusedDecodeStack,
+        step: cpu.DecodeStep,
+        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+        tokens: torch.Tensor,
+        prompt: bool = False,
+    ) -> cpu.StackOutput:
+        """The stack's call for these tokens' rows: it looks them up in the embedding itself where
+        it holds the table, else they are embedded here."""
+        if stack.embedding is not None:
+            return stack(None, step, kv_caches, tokens=tokens, prompt=prompt)
+        return stack(self._embed(tokens), step, kv_caches, prompt=prompt)
 
     def _fused_rounds(self) -> bool:
         """Whether the fused layers (and the stack's head) round x anywhere."""
