@@ -790,6 +790,9 @@ class FusedDecodeLayer:
         # Whether a projection runs the integer GEMV, which rounds x to int8 blocks: dense
         # weights take x exact (as float32), so a layer without panels never rounds.
         self.rounds = bool(packed)
+        # Whether every projection is in panels, which take any number of rows (PANEL_MAX_ROWS);
+        # a dense one takes up to GEMV_MAX_ROWS.
+        self.all_panels = all(isinstance(t, PackedGroupWeights) for t in (qkv, o_proj, gate_up, down))
         self.hidden = qkv.shape[1]
         self.kernels = kernels
         self._attention_function = kernels._functions["attention_block", self.dtype]
@@ -946,8 +949,13 @@ class FusedDecodeStack:
         # Whether the call rounds x anywhere: a layer's integer GEMV, or a head in panels (x in 15
         # bits). Without, it computes a prompt's rows exactly as the per-kernel path does.
         self.rounds = any(layer.rounds for layer in layers) or isinstance(head, PackedGroupWeights)
+        # The most rows a call takes: any number (PANEL_MAX_ROWS) where every weight is in panels.
+        head_panels = head is None or isinstance(head, PackedGroupWeights)
+        all_panels = head_panels and all(layer.all_panels for layer in layers)
+        self.max_rows = PANEL_MAX_ROWS if all_panels else GEMV_MAX_ROWS
         # The head's outputs in the layers' dtype, before widening: never leave the call, so one
-        # buffer serves every step (a fresh one would cost its page faults each step).
+        # buffer serves every step (a fresh one would cost its page faults each step); it grows
+        # to the most rows a step has had.
         self._head_out = None if head is None else torch.empty(GEMV_MAX_ROWS, head.shape[0], dtype=first.dtype)
         self._head_struct = None if head is None else _weight(head)
         self._head_rows = 0 if head is None else head.shape[0]
@@ -998,6 +1006,8 @@ class FusedDecodeStack:
         head = None if prompt else self._head_struct
         logits = None if head is None else torch.empty(rows, self.vocab, dtype=torch.float32)
         head_rows = 0 if head is None else self._head_rows
+        if head is not None and self._head_out is not None and self._head_out.shape[0] < rows <= self.max_rows:
+            self._head_out = torch.empty(rows, self._head_rows, dtype=self._head_out.dtype)
         k_caches, v_caches = self._caches(kv_caches)
         status = self._function(
             self._attention,
@@ -1027,7 +1037,10 @@ class FusedDecodeStack:
             bad = [t for t in tokens.tolist() if not 0 <= t < embedding.shape[0]]
             raise ValueError(f"token ids {bad} are outside the embedding's {embedding.shape[0]} rows")
         if status:
-            raise ValueError(f"fused decode takes 1 to {GEMV_MAX_ROWS} sequences of one hidden size, got {step.batch}")
+            raise ValueError(
+                f"this fused stack takes 1 to {self.max_rows} rows of one hidden size (any number up to "
+                f"{PANEL_MAX_ROWS} where every weight is in panels), got {step.batch}"
+            )
         return StackOutput(out, residual) if normed is None else StackOutput(normed, residual, logits)
 
     @staticmethod
@@ -1446,6 +1459,13 @@ def decode_rows(is_decode: bool) -> Iterator[None]:
         _step.decode = previous
 
 
+def decode_panel_widen_rows(dtype: torch.dtype) -> int | None:
+    """From how many decode rows grouped_linear dequantizes panel weights for a GEMM (None:
+    never, where torch's GEMM in this dtype is a float32 one, which never catches up)."""
+    native = dtype not in _NATIVE_FEATURES or native_gemm(dtype)
+    return PANEL_WIDEN_MIN_ROWS if native else None
+
+
 def grouped_linear(
     x: torch.Tensor, weight: PackedGroupWeights, bias: torch.Tensor | None, kernels: KernelLibrary
 ) -> torch.Tensor:
@@ -1456,13 +1476,13 @@ def grouped_linear(
     (SmolLM2-135M int4, 8 prompt rows through a 960 x 576 projection: 150 us against 842 us
     dequantizing for a GEMM)."""
     rows = x.numel() // x.shape[-1]
-    native = x.dtype not in _NATIVE_FEATURES or native_gemm(x.dtype)
     exact_x = weight.layout in EXACT_X_LAYOUTS and not getattr(_step, "decode", False)
     widen_from: int | None = WIDEN_MIN_ROWS
     if weight.layout.startswith("panels") and exact_x:
+        native = x.dtype not in _NATIVE_FEATURES or native_gemm(x.dtype)
         widen_from = EXACT_PANEL_WIDEN_MIN_ROWS if native else EXACT_PANEL_WIDEN_MIN_ROWS_SLOW_GEMM
     elif weight.layout.startswith("panels"):
-        widen_from = PANEL_WIDEN_MIN_ROWS if native else None  # a float32 GEMM never catches up
+        widen_from = decode_panel_widen_rows(x.dtype)
     if widen_from is None or rows < widen_from:
         return kernels.gemv_grouped(x, weight, bias, exact_x=exact_x)
     # The weight as the model's dtype, as the dense model has it (widened where the GEMM is not native).

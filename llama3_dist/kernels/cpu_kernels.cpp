@@ -553,7 +553,13 @@ struct NormFirst {
     float eps;
     T* normed;
     int64_t hidden;
-    void run(int64_t m) const { rms_norm<T>(x, residual, static_cast<const T*>(weight), eps, normed, residual, m, hidden); }
+    void run(int64_t m) const { run_rows(0, m); }
+    // Rows [first, first + count) alone (each row's norm depends on that row only).
+    void run_rows(int64_t first, int64_t count) const {
+        const int64_t at = first * hidden;
+        rms_norm<T>(x + at, residual ? residual + at : nullptr, static_cast<const T*>(weight), eps, normed + at,
+                    residual ? residual + at : nullptr, count, hidden);
+    }
 };
 
 template <typename T, typename W = T>
@@ -1312,11 +1318,25 @@ void panel_team(const T* x, int64_t m, const uint32_t* w, const uint16_t* scales
     int8_t *xq = scratch.xq.data(), *xq_low = scratch.xq_low.data();
     float *dx = scratch.dx.data(), *group_sums = scratch.group_sums.data();
     int32_t *block_sums = scratch.block_sums.data(), *low_block_sums = scratch.low_block_sums.data();
+    const int64_t blocks = (k + 31) / 32, groups = (k + group_size - 1) / group_size;
+    if (m > GEMV_MAX_ROWS) {
+        // Many rows: each thread norms and quantizes rows of its own (in one thread's single
+        // section, this was ~8% of a 64-row step while the other thread waited).
+#pragma omp for schedule(static)
+        for (int64_t row = 0; row < m; ++row) {
+            if (norm) norm->run_rows(row, 1);
+            quantize_blocks<T, DIGITS>(x + row * k, 1, k, blocks, group_size, xq + row * blocks * 32,
+                                       DIGITS == 2 ? xq_low + row * blocks * 32 : nullptr, dx + row * blocks,
+                                       group_sums + row * groups, block_sums + row * blocks,
+                                       DIGITS == 2 ? low_block_sums + row * blocks : nullptr);
+        }
+    } else {
 #pragma omp single
-    {
-        if (norm) norm->run(m);
-        quantize_blocks<T, DIGITS>(x, m, k, (k + 31) / 32, group_size, xq, xq_low, dx, group_sums, block_sums,
-                                   low_block_sums);
+        {
+            if (norm) norm->run(m);
+            quantize_blocks<T, DIGITS>(x, m, k, blocks, group_size, xq, xq_low, dx, group_sums, block_sums,
+                                       low_block_sums);
+        }
     }
     with_rows(panel_group_rows(m), [&](auto rows) {
         panel_tiles<T, BITS, DIGITS, rows()>(xq, xq_low, dx, group_sums, block_sums, low_block_sums, w, scales,
@@ -2156,7 +2176,13 @@ int decode_layers(const AttentionBlock* attention, const MlpBlock* mlp, T* const
                   T* head_out, float* logits, int64_t vocab, const int64_t* tokens, const T* embedding,
                   int64_t embedding_rows, int64_t exact) {
     const int64_t m = step.batch;
-    if (m < 1 || m > GEMV_MAX_ROWS || layers < 1) return -1;
+    // Panels take any number of rows (over_panels: each panel read once for all of them); the
+    // dense GEMV takes up to GEMV_MAX_ROWS.
+    bool all_panels = layers >= 1 && (!head || head->bits != 0);
+    for (int64_t i = 0; i < layers; ++i)
+        all_panels = all_panels && attention[i].qkv_weight.bits && attention[i].o_weight.bits &&
+                     mlp[i].gate_up_weight.bits && mlp[i].down_weight.bits;
+    if (m < 1 || m > (all_panels ? PANEL_MAX_ROWS : GEMV_MAX_ROWS) || layers < 1) return -1;
     if (head && (!normed || vocab < 1 || vocab > head_rows || exact)) return -1;
     if (!x == !tokens || (tokens && !embedding)) return -1;
     for (int64_t i = 0; tokens && i < m; ++i)

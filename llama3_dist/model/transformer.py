@@ -31,13 +31,6 @@ from .parallel import ParallelContext
 
 logger = logging.getLogger("llama3_dist")
 
-# Decode steps of up to this many sequences run through the fused stack in chunks of
-# GEMV_MAX_ROWS when its weights are the integer GEMV's panels (_decode_in_stack_chunks): it saves
-# the per-kernel path's calls from Python, while each chunk reads the packed weights again. SmolLM2
-# on Zen 4, ms a step, per-kernel against chunked (alternated, medians of 3): int4 9 sequences 20.8
-# / 14.7, 16: 27.2 / 22.8, 32: 44.9 / 44.0; int8 16: 26.8 / 22.5, 32: 47.0 / 46.6.
-STACK_CHUNKS_MAX_ROWS = 16
-
 
 @dataclass(slots=True)
 class AttentionMetadata:
@@ -345,11 +338,7 @@ class Llama3Transformer(nn.Module):
         if meta.is_decode and self.kernels.integer_gemv and first_position is None:
             first_position = bool(meta.positions.min() == 0)
         rounding = meta.is_decode and not (self.kernels.integer_gemv and first_position)
-        if rounding and cpu.GEMV_MAX_ROWS < meta.positions.shape[0] <= STACK_CHUNKS_MAX_ROWS:
-            chunked = self._decode_in_stack_chunks(tokens, meta, kv_caches, cos_sin)
-            if chunked is not None:
-                return chunked
-        fused = self._fused_layers(meta, kv_caches)
+        fused = self._fused_layers(meta, kv_caches, rounding)
         stack = self._fused_stack if fused else None
         # Rows never rounded (a prompt's, or decode-shaped first positions) run in the stack's
         # prompt mode (x exact, no head); first positions also in layers that round nothing.
@@ -388,40 +377,6 @@ class Llama3Transformer(nn.Module):
         normed, hidden = self.norm(x, residual)
         return hidden, normed
 
-    def _decode_in_stack_chunks(
-        self,
-        tokens: torch.Tensor,
-        meta: AttentionMetadata,
-        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
-        cos_sin: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(hidden, normed) of a decode step of more sequences than the fused stack takes, run
-        through it GEMV_MAX_ROWS sequences a call (decode rows are independent of each other), where
-        its weights are the integer GEMV's panels with the final norm and head in the call; None
-        otherwise. The per-kernel path returns to Python a dozen times a layer, which past 8
-        sequences cost more than reading the packed weights once more per 8 (SmolLM2 int4 on Zen 4:
-        9 sequences 15.6 ms a step against 7.9 for 8). Bit-identical to the per-kernel path (a row's
-        sums do not depend on the rows beside it)."""
-        fused = self._fused_layers(meta, kv_caches, any_rows=True)
-        stack = self._fused_stack if fused else None
-        if stack is None or not stack.rounds or stack.head is None:  # a head comes with the final norm
-            return None
-        hidden, normed, logits = [], [], []
-        for start in range(0, meta.positions.shape[0], cpu.GEMV_MAX_ROWS):
-            rows = slice(start, start + cpu.GEMV_MAX_ROWS)
-            step, keep_alive = cpu.FusedDecodeLayer.step(
-                meta.positions[rows], meta.slot_mapping[rows], meta.block_tables[rows], meta.context_lens[rows], cos_sin
-            )
-            out = self._run_stack(stack, step, kv_caches, tokens[rows])
-            del keep_alive
-            assert out.logits is not None and out.second is not None
-            normed.append(out.first)
-            hidden.append(out.second)
-            logits.append(out.logits)
-        stacked = self._stack_logits
-        stacked.normed, stacked.logits = torch.cat(normed), torch.cat(logits)
-        return torch.cat(hidden), stacked.normed
-
     def _run_stack(
         self,
         stack: cpu.FusedDecodeStack,
@@ -449,14 +404,19 @@ class Llama3Transformer(nn.Module):
         return x
 
     def _fused_layers(
-        self, meta: AttentionMetadata, kv_caches, any_rows: bool = False
+        self, meta: AttentionMetadata, kv_caches, rounding: bool = False
     ) -> list[cpu.FusedDecodeLayer] | None:
-        """The layers as fused decode halves when this step can take them: a step of at most
-        GEMV_MAX_ROWS rows (decode rows, or prompt rows for the stack's prompt mode; any number
-        for a caller that splits them), with the compiled CPU library, on an architecture it
-        covers. Built at the first such step (the weights are loaded by then)."""
+        """The layers as fused decode halves when this step can take them, with the compiled CPU
+        library, on an architecture it covers: a step of at most GEMV_MAX_ROWS rows (decode rows,
+        or prompt rows for the stack's prompt mode), or of more decode rows (`rounding`) for a
+        stack whose weights are all in panels, as long as the per-kernel path would keep them
+        in panels too (below decode_panel_widen_rows). Built at the first step that asks (the
+        weights are loaded by then)."""
         library = self.kernels.fused_decode
-        if library is None or (meta.positions.shape[0] > cpu.GEMV_MAX_ROWS and not any_rows):
+        if library is None:
+            return None
+        rows = meta.positions.shape[0]
+        if rows > cpu.GEMV_MAX_ROWS and not rounding:
             return None
         if self._fused is None:
             block_size = kv_caches[0][0].shape[1]
@@ -482,6 +442,15 @@ class Llama3Transformer(nn.Module):
                     self.lm_head.embedding.vocab_size,
                     embedding=table.data if plain and table.is_contiguous() else None,
                 )
+        if rows > cpu.GEMV_MAX_ROWS:
+            # Many decode rows in one call (each panel read once for all of them; the per-kernel
+            # path returns to Python a dozen times a layer): SmolLM2 int4 on Zen 4, ms a step,
+            # per-kernel against one call, 16 sequences ~16.5 / ~14, 32 ~36.5 / ~27.5; at 64 the
+            # step is bound by the integer products either way (~52-70 on a noisy host, both).
+            stack = self._fused_stack
+            widen_from = cpu.decode_panel_widen_rows(self._fused[0].dtype) if self._fused else None
+            if stack is None or rows > stack.max_rows or (widen_from is not None and rows >= widen_from):
+                return None
         return self._fused or None
 
     def compute_logits(self, normed: torch.Tensor) -> torch.Tensor | None:

@@ -749,11 +749,12 @@ def test_fused_decode_of_quantized_layers_is_bit_identical(checkpoints, monkeypa
 
 @built
 @pytest.mark.parametrize("quantization", ["int4", "int8"])
-def test_decode_steps_of_9_to_16_sequences_run_in_stack_chunks(checkpoints, monkeypatch, quantization):
-    """A decode step of more sequences than the fused stack takes (here 11) runs through it 8
-    sequences a call where its weights are the integer GEMV's panels (on hosts with byte dot
-    products), with exactly the per-kernel path's logits: the stack's rows, norms, attention and
-    head are the per-kernel path's, and a row's sums do not depend on the rows beside it."""
+def test_decode_steps_of_many_sequences_run_in_one_stack_call(checkpoints, monkeypatch, quantization):
+    """A decode step of more sequences than the dense GEMV takes (here 19: three groups of 7 rows,
+    the last padded) runs through the fused stack in one call where every weight is in the
+    integer GEMV's panels (on hosts with byte dot products), with exactly the per-kernel path's
+    logits: the stack's rows, norms, attention and head are the per-kernel path's, and a row's
+    sums do not depend on the rows beside it."""
     calls: list[int] = []
     real = cpu.FusedDecodeStack.__call__
 
@@ -762,11 +763,11 @@ def test_decode_steps_of_9_to_16_sequences_run_in_stack_chunks(checkpoints, monk
         return real(self, x, step, kv_caches, tokens=tokens, prompt=prompt)
 
     monkeypatch.setattr(cpu.FusedDecodeStack, "__call__", spy)
-    prompts = [tuple(range(3 + i, 8 + 2 * i)) for i in range(11)]
+    prompts = [tuple(range(3 + i, 5 + i + i % 7)) for i in range(19)]  # 2 to 8 tokens: 29 of the 32 blocks
     got, _, expected = fused_and_per_kernel_logits(
         monkeypatch, checkpoints["llama"], 4, prompts=prompts, dtype="bfloat16", quantization=quantization
     )
-    assert calls == ([8, 3] * 4 if cpu.library().integer_dot else [])
+    assert calls == ([19] * 4 if cpu.library().integer_dot else [])
     assert torch.equal(got, expected)
 
 
