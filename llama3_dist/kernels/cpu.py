@@ -1466,6 +1466,12 @@ def decode_panel_widen_rows(dtype: torch.dtype) -> int | None:
     return PANEL_WIDEN_MIN_ROWS if native else None
 
 
+def prompt_panel_widen_rows(dtype: torch.dtype) -> int:
+    """From how many prompt rows (x exact) grouped_linear dequantizes panel weights for a GEMM."""
+    native = dtype not in _NATIVE_FEATURES or native_gemm(dtype)
+    return EXACT_PANEL_WIDEN_MIN_ROWS if native else EXACT_PANEL_WIDEN_MIN_ROWS_SLOW_GEMM
+
+
 def grouped_linear(
     x: torch.Tensor, weight: PackedGroupWeights, bias: torch.Tensor | None, kernels: KernelLibrary
 ) -> torch.Tensor:
@@ -1479,8 +1485,7 @@ def grouped_linear(
     exact_x = weight.layout in EXACT_X_LAYOUTS and not getattr(_step, "decode", False)
     widen_from: int | None = WIDEN_MIN_ROWS
     if weight.layout.startswith("panels") and exact_x:
-        native = x.dtype not in _NATIVE_FEATURES or native_gemm(x.dtype)
-        widen_from = EXACT_PANEL_WIDEN_MIN_ROWS if native else EXACT_PANEL_WIDEN_MIN_ROWS_SLOW_GEMM
+        widen_from = prompt_panel_widen_rows(x.dtype)
     elif weight.layout.startswith("panels"):
         widen_from = decode_panel_widen_rows(x.dtype)
     if widen_from is None or rows < widen_from:

@@ -2077,7 +2077,7 @@ struct HalfScratch {
         : normed(m * hidden),
           wide(m * wide_width),
           narrow(m * narrow_width),
-          xf(m * padded_width(std::max(hidden, narrow_width))),
+          xf(panel_padded_rows(m) * padded_width(std::max(hidden, narrow_width))),  // whole groups of rows
           panels(m, std::max(hidden, narrow_width), digits) {}
 };
 

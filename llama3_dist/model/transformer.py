@@ -408,16 +408,14 @@ class Llama3Transformer(nn.Module):
     ) -> list[cpu.FusedDecodeLayer] | None:
         """The layers as fused decode halves when this step can take them, with the compiled CPU
         library, on an architecture it covers: a step of at most GEMV_MAX_ROWS rows (decode rows,
-        or prompt rows for the stack's prompt mode), or of more decode rows (`rounding`) for a
-        stack whose weights are all in panels, as long as the per-kernel path would keep them
-        in panels too (below decode_panel_widen_rows). Built at the first step that asks (the
-        weights are loaded by then)."""
+        or prompt rows for the stack's prompt mode), or of more for a stack whose weights are all
+        in panels, as long as the per-kernel path would keep them in panels too (decode rows,
+        `rounding`: below decode_panel_widen_rows; prompt rows: below prompt_panel_widen_rows).
+        Built at the first step that asks (the weights are loaded by then)."""
         library = self.kernels.fused_decode
         if library is None:
             return None
         rows = meta.positions.shape[0]
-        if rows > cpu.GEMV_MAX_ROWS and not rounding:
-            return None
         if self._fused is None:
             block_size = kv_caches[0][0].shape[1]
             layers = [layer.fused_decode(library, block_size) for layer in self.decoder_layers]
@@ -443,12 +441,14 @@ class Llama3Transformer(nn.Module):
                     embedding=table.data if plain and table.is_contiguous() else None,
                 )
         if rows > cpu.GEMV_MAX_ROWS:
-            # Many decode rows in one call (each panel read once for all of them; the per-kernel
-            # path returns to Python a dozen times a layer): SmolLM2 int4 on Zen 4, ms a step,
-            # per-kernel against one call, 16 sequences ~16.5 / ~14, 32 ~36.5 / ~27.5; at 64 the
-            # step is bound by the integer products either way (~52-70 on a noisy host, both).
+            # Many rows in one call (each panel read once for all of them) instead of the
+            # per-kernel path, which returns to Python a dozen times a layer. SmolLM2 int4 on Zen
+            # 4, per-kernel against one call: decode, ms a step, 9 sequences 12.2-14.1 / 9.5-10.4,
+            # 32: 37-45 / 30-37; a prompt's first token, ms, 16 tokens 32-37 / 23-24, 48: 78-104 /
+            # 65-67.
             stack = self._fused_stack
-            widen_from = cpu.decode_panel_widen_rows(self._fused[0].dtype) if self._fused else None
+            dtype = self._fused[0].dtype if self._fused else torch.float32
+            widen_from = cpu.decode_panel_widen_rows(dtype) if rounding else cpu.prompt_panel_widen_rows(dtype)
             if stack is None or rows > stack.max_rows or (widen_from is not None and rows >= widen_from):
                 return None
         return self._fused or None

@@ -805,12 +805,15 @@ def test_first_positions_of_quantized_models_run_exact_in_the_stack(checkpoints,
 
 
 @built
-@pytest.mark.parametrize("dtype,quantization", [("float32", None), ("bfloat16", "int4")])
-def test_short_prompts_run_in_the_stack(checkpoints, monkeypatch, dtype, quantization):
-    """Prompt steps of at most 8 rows run in the stack's prompt mode: a row per token with its own
-    position, slot, block table and context (causal), the keys and values of all stored first,
-    x exact. Against the per-kernel path (torch's prefill attention there, the library's decode
-    attention here): the prompt's logits within float rounding, then the same greedy tokens."""
+@pytest.mark.parametrize(
+    "dtype,quantization,second", [("float32", None, 5), ("bfloat16", "int4", 5), ("bfloat16", "int4", 17)]
+)
+def test_short_prompts_run_in_the_stack(checkpoints, monkeypatch, dtype, quantization, second):
+    """Prompt steps of at most 8 rows run in the stack's prompt mode, and of more where every weight
+    is in panels (here 3 + 17 rows: three groups of 7): a row per token with its own position,
+    slot, block table and context (causal), the keys and values of all stored first, x exact.
+    Against the per-kernel path (torch's prefill attention there, the library's decode attention
+    here): the prompt's logits within float rounding, then the same greedy tokens."""
     from llama3_dist import Llama3Model, ReturnLogits, TextContext
 
     if quantization and not cpu.library().integer_dot:
@@ -836,11 +839,11 @@ def test_short_prompts_run_in_the_stack(checkpoints, monkeypatch, dtype, quantiz
             return_logits=ReturnLogits.ALL,
             **load,
         ) as model:
-            # 3 + 5 rows, across blocks of 4
-            contexts = [TextContext(tokens=[3, 4, 5]), TextContext(tokens=[9, 10, 11, 12, 13])]
+            # 3 + `second` rows, across blocks of 4
+            contexts = [TextContext(tokens=[3, 4, 5]), TextContext(tokens=list(range(9, 9 + second)))]
             inputs = model.prepare_initial_token_inputs(contexts)
             prompt_logits = model.execute(inputs).logits
-            last, tokens = prompt_logits[[2, 7]], []
+            last, tokens = prompt_logits[[2, 2 + second]], []
             for _ in range(6):
                 tokens.append(last.argmax(-1).tolist())
                 inputs = model.prepare_next_token_inputs(tokens[-1], inputs)
@@ -848,7 +851,7 @@ def test_short_prompts_run_in_the_stack(checkpoints, monkeypatch, dtype, quantiz
             return prompt_logits, tokens
 
     got, got_tokens = run("1")
-    assert calls and calls[0] == (8, True) and all(c == (2, False) for c in calls[1:])
+    assert calls and calls[0] == (3 + second, True) and all(c == (2, False) for c in calls[1:])
     calls.clear()
     expected, expected_tokens = run("0")
     assert calls == []

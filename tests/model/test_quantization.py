@@ -95,8 +95,9 @@ def test_greedy_tokens_are_the_dequantized_references_argmax(checkpoints, quanti
 def test_prompt_rows_and_first_positions_are_never_rounded_to_int8(checkpoints, monkeypatch):
     """bfloat16 int4 on the CPU: the integer GEMV rounds x to int8 blocks in decode steps only.
     A prompt's rows, and a decode-shaped step whose row is a sequence's first position (a 1-token
-    prompt), run exact: in the fused stack's prompt mode up to 8 rows, past that on the per-kernel
-    path (cpu.decode_rows off); later steps may round."""
+    prompt), run exact: in the fused stack's prompt mode (its weights all in panels) up to where
+    the per-kernel path would dequantize for a GEMM, past that on the per-kernel path
+    (cpu.decode_rows off); later steps may round."""
     from llama3_dist.kernels import cpu
 
     if cpu.library() is None or not cpu.library().integer_dot:
@@ -125,7 +126,11 @@ def test_prompt_rows_and_first_positions_are_never_rounded_to_int8(checkpoints, 
         assert seen == [] and fused_calls == [(3, True), *decoded]
         fused_calls.clear()
         llm.generate(prompt_token_ids=[list(range(5, 17))], sampling_params=params, use_tqdm=False)
-        assert seen == [False] and fused_calls == decoded  # 12 rows: the per-kernel path, exact
+        assert seen == [] and fused_calls == [(12, True), *decoded]  # 12 rows: still the prompt mode
+        fused_calls.clear()
+        rows = cpu.prompt_panel_widen_rows(torch.bfloat16)
+        llm.generate(prompt_token_ids=[list(range(5, 5 + rows))], sampling_params=params, use_tqdm=False)
+        assert seen == [False] and fused_calls == decoded  # the per-kernel path, exact
 
 
 @pytest.mark.slow
