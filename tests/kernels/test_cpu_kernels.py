@@ -206,11 +206,12 @@ def test_decode_attention_threads_split_query_heads_exactly(variant):
 )
 def test_avx512_extensions_match_the_plain_avx512_paths(monkeypatch):
     """The avx512 library takes VNNI (the integer GEMV's byte dot products) and AVX-512 BF16
-    (decode attention's bfloat16 scores) where the CPU has them; built without either
-    (LLAMA3_DIST_CPU_VNNI=0 LLAMA3_DIST_CPU_BF16=0, as for Skylake-X to Ice Lake servers) it runs
-    AVX-512BW's byte products and float scores instead, which this host would otherwise never
-    test. Integer sums are exact either way (panel GEMV outputs bit-identical); the scores sum
-    the same products in another order (both libraries match the reference)."""
+    (decode attention's bfloat16 scores, the bfloat16 GEMV's products) where the CPU has them;
+    built without either (LLAMA3_DIST_CPU_VNNI=0 LLAMA3_DIST_CPU_BF16=0, as for Skylake-X to Ice
+    Lake servers) it runs AVX-512BW's byte products and float multiply-adds instead, which this
+    host would otherwise never test. Integer sums are exact either way (panel GEMV outputs
+    bit-identical); the scores and the GEMV sum the same products in another order (both
+    libraries match the reference)."""
     monkeypatch.setenv("LLAMA3_DIST_CPU_VNNI", "0")
     monkeypatch.setenv("LLAMA3_DIST_CPU_BF16", "0")
     plain, full = cpu.KernelLibrary("avx512"), cpu.library("avx512")
@@ -227,6 +228,11 @@ def test_avx512_extensions_match_the_plain_avx512_paths(monkeypatch):
         packed = cpu.pack_grouped(quantized, full.lanes, panels=True)
         x = randn(13, 200, dtype=BF16)
         assert torch.equal(plain.gemv_grouped(x, packed, None), full.gemv_grouped(x, packed, None))
+    for rows in (1, 5, 8):  # 1000 features: 31 chunks of 32 and a partial one (dot products from 5 rows)
+        x, w = randn(rows, 1000, dtype=BF16), randn(40, 1000, dtype=BF16)
+        exact = (x.double() @ w.double().T).to(BF16)
+        for library in (plain, full):
+            assert_matches(library.gemv(x, w, None), exact, exact_fraction=0.98)
 
 
 @pytest.mark.parametrize(
