@@ -59,15 +59,18 @@ from . import reference
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
-# Below this many rows a product is bound by reading the weight once: the GEMV (8 rows per pass
-# over the weight) beats widening it or torch's GEMM.
+# Below this many rows a product is bound by reading the weight once: the GEMV (measured in
+# passes of 8 rows over the weight; one pass since) beats widening it or torch's GEMM.
 WIDEN_MIN_ROWS = 16
 # Half-precision weights where torch's GEMM for them is not native: from this many rows the weight
 # is widened to float32 for one GEMM (a full copy of it each product), below it GEMV passes. The
 # GEMV passes were faster up to 32-48 rows and even at 64 (SmolLM2-135M, 284M benchmark model in
 # bfloat16, whole prompts on a 2-core AVX2 host: 16 rows 137 -> 263 and 66 -> 163 prompt tok/s).
 HALF_WIDEN_MIN_ROWS = 48
-GEMV_MAX_ROWS = 8  # the largest m the library's gemv takes
+GEMV_MAX_ROWS = 8  # the most rows of x a GEMV tile multiplies at once (the fused halves' limit)
+# The dense GEMVs (cpu_kernels.cpp's GEMV_ANY_MAX_ROWS) take up to this many rows in one call, in
+# groups of GEMV_MAX_ROWS: each tile of weight rows is read from memory once for all of them.
+GEMV_ANY_MAX_ROWS = 4096
 # The panel GEMVs (cpu_kernels.cpp's PANEL_MAX_ROWS) take up to this many rows in one call: each
 # panel of weights is read from memory once and multiplied into every GEMV_MAX_ROWS rows in turn.
 PANEL_MAX_ROWS = 4096
@@ -563,8 +566,8 @@ class KernelLibrary:
         )
 
     def gemv(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
-        """x @ weight.T + bias, GEMV_MAX_ROWS rows of x per pass over the weight; None where the
-        library does not serve these tensors (other dtypes, mixed dtypes, strided weights)."""
+        """x @ weight.T + bias, every row of x in one pass over the weight; None where the library
+        does not serve these tensors (other dtypes, mixed dtypes, strided weights)."""
         if weight.dtype != x.dtype:
             return None
         return self._gemv("gemv", x, weight, bias)
@@ -572,8 +575,8 @@ class KernelLibrary:
     def gemv_int8(
         self, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None
     ) -> torch.Tensor | None:
-        """x @ (weight * scale[:, None]).T + bias for int8 weights and float32 scales, GEMV_MAX_ROWS
-        rows of x per pass; None where the library does not serve these tensors."""
+        """x @ (weight * scale[:, None]).T + bias for int8 weights and float32 scales, every row of x
+        in one pass; None where the library does not serve these tensors."""
         if weight.dtype != torch.int8 or scale.dtype != torch.float32 or not scale.is_contiguous():
             return None
         return self._gemv("gemv_int8", x, weight, bias, scale)
@@ -596,7 +599,7 @@ class KernelLibrary:
         ):
             return None
         weights = (weight.data_ptr(),) if scale is None else (weight.data_ptr(), scale.data_ptr())
-        return self._in_passes(name, x, weight.shape[0], weights, bias)
+        return self._in_passes(name, x, weight.shape[0], weights, bias, pass_rows=GEMV_ANY_MAX_ROWS)
 
     def _in_passes(
         self,
@@ -949,10 +952,9 @@ class FusedDecodeStack:
         # Whether the call rounds x anywhere: a layer's integer GEMV, or a head in panels (x in 15
         # bits). Without, it computes a prompt's rows exactly as the per-kernel path does.
         self.rounds = any(layer.rounds for layer in layers) or isinstance(head, PackedGroupWeights)
-        # The most rows a call takes: any number (PANEL_MAX_ROWS) where every weight is in panels.
-        head_panels = head is None or isinstance(head, PackedGroupWeights)
-        all_panels = head_panels and all(layer.all_panels for layer in layers)
-        self.max_rows = PANEL_MAX_ROWS if all_panels else GEMV_MAX_ROWS
+        # Whether any weight is dense (the library's GEMV) or in panels (the integer one).
+        self._dense = any(not layer.all_panels for layer in layers) or isinstance(head, torch.Tensor)
+        self._panels = self.rounds
         # The head's outputs in the layers' dtype, before widening: never leave the call, so one
         # buffer serves every step (a fresh one would cost its page faults each step); it grows
         # to the most rows a step has had.
@@ -964,6 +966,19 @@ class FusedDecodeStack:
         self._attention = (AttentionBlock * len(layers))(*(layer.attention_block for layer in layers))
         self._mlp = (MlpBlock * len(layers))(*(layer.mlp_block for layer in layers))
         self._cache_pointers: tuple[list, Any, Any] | None = None
+
+    def takes_rows(self, rows: int, decode: bool) -> bool:
+        """Whether a step of `rows` rows (decode rows rounded to int8 blocks, or prompt rows) is
+        best run here: where the per-kernel path would multiply them by the same GEMVs too (below
+        dense_gemv_rows for dense weights, below where grouped_linear dequantizes panels for a
+        GEMM), so that one call replaces a dozen returns to Python a layer."""
+        if rows <= GEMV_MAX_ROWS:
+            return True
+        dtype = self._layers[0].dtype
+        if self._dense and rows >= dense_gemv_rows(dtype):
+            return False
+        widen_from = decode_panel_widen_rows(dtype) if decode else prompt_panel_widen_rows(dtype)
+        return not (self._panels and widen_from is not None and rows >= widen_from)
 
     def _caches(self, kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[Any, Any]:
         """The caches' pointers as C arrays, kept while the worker passes the same cache list."""
@@ -1006,7 +1021,7 @@ class FusedDecodeStack:
         head = None if prompt else self._head_struct
         logits = None if head is None else torch.empty(rows, self.vocab, dtype=torch.float32)
         head_rows = 0 if head is None else self._head_rows
-        if head is not None and self._head_out is not None and self._head_out.shape[0] < rows <= self.max_rows:
+        if head is not None and self._head_out is not None and self._head_out.shape[0] < rows <= GEMV_ANY_MAX_ROWS:
             self._head_out = torch.empty(rows, self._head_rows, dtype=self._head_out.dtype)
         k_caches, v_caches = self._caches(kv_caches)
         status = self._function(
@@ -1037,10 +1052,7 @@ class FusedDecodeStack:
             bad = [t for t in tokens.tolist() if not 0 <= t < embedding.shape[0]]
             raise ValueError(f"token ids {bad} are outside the embedding's {embedding.shape[0]} rows")
         if status:
-            raise ValueError(
-                f"this fused stack takes 1 to {self.max_rows} rows of one hidden size (any number up to "
-                f"{PANEL_MAX_ROWS} where every weight is in panels), got {step.batch}"
-            )
+            raise ValueError(f"fused decode takes 1 to {GEMV_ANY_MAX_ROWS} rows of one hidden size, got {step.batch}")
         return StackOutput(out, residual) if normed is None else StackOutput(normed, residual, logits)
 
     @staticmethod
@@ -1240,21 +1252,32 @@ def _widened(weight: torch.Tensor) -> torch.Tensor:
     return _scratch_weight("widened", weight.shape, torch.float32).copy_(weight)
 
 
+# bfloat16 rows where torch's GEMM for them is native without AMX (AVX-512 BF16): below this many
+# the library's GEMV (every row in one pass, AVX-512 BF16 dot products from 5 rows a group) beat it.
+# SmolLM2's 30 layers on Zen 4, torch / library: 12 rows 20.8 / 12.2 ms, 16: 22.4 / 15.2, 24: 26.8 /
+# 20.9, 32: 29.9 / 30.4, 64: 48.2 / 58.7. AMX's GEMM (unmeasured against it) keeps the GEMV to 8.
+NATIVE_HALF_GEMV_MAX_ROWS = 32
+
+
+def dense_gemv_rows(dtype: torch.dtype) -> int:
+    """Below how many rows cpu.linear multiplies dense weights of `dtype` by the library's GEMV
+    (torch's GEMM from there): float32 WIDEN_MIN_ROWS; half precision HALF_WIDEN_MIN_ROWS where
+    torch's GEMM for it is not native (it would widen the weight first), NATIVE_HALF_GEMV_MAX_ROWS
+    where it is, past GEMV_MAX_ROWS only without AMX."""
+    if dtype not in _NATIVE_FEATURES:
+        return WIDEN_MIN_ROWS
+    if not native_gemm(dtype):
+        return HALF_WIDEN_MIN_ROWS
+    return GEMV_MAX_ROWS + 1 if "amx_bf16" in _cpu_features() else NATIVE_HALF_GEMV_MAX_ROWS
+
+
 def linear(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, kernels: KernelLibrary | None = None
 ) -> torch.Tensor:
     """x @ weight.T + bias for CPU tensors: the GEMV of `kernels` for few rows, torch for many
     (half-precision weights widened to float32 where torch's half-precision GEMM is not native)."""
     rows = x.numel() // x.shape[-1]
-    # Past one GEMV pass, a native half-precision GEMM (AMX, AVX-512 BF16) reads the weight once
-    # where a second pass would read it again (SmolLM2-135M, a decode step of 12 sequences: 56 ->
-    # 42 ms). Without one, torch's GEMM would first widen the weight: the passes stay cheaper.
-    native = weight.dtype in _NATIVE_FEATURES and native_gemm(weight.dtype)
-    if weight.dtype in _NATIVE_FEATURES:
-        gemv_below = GEMV_MAX_ROWS + 1 if native else HALF_WIDEN_MIN_ROWS
-    else:
-        gemv_below = WIDEN_MIN_ROWS
-    if rows < gemv_below:
+    if rows < dense_gemv_rows(weight.dtype):
         out = None if kernels is None else kernels.gemv(x, weight, bias)
         if out is not None:
             return out

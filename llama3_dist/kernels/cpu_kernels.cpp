@@ -404,7 +404,13 @@ template <int N>
 inline void tile_sums(Floats* sums, float* out) {
     int i = 0;
     for (; i + LANES <= N; i += LANES) store(out + i, transpose_sums(sums + i), LANES);
-    for (; i < N; ++i) out[i] = horizontal_sum(sums[i]);
+    if constexpr (N % LANES >= LANES / 2) {  // the rest padded with zero vectors: still fewer shuffles
+        Floats rest[LANES] = {};
+        for (int j = 0; i + j < N; ++j) rest[j] = sums[i + j];
+        store(out + i, transpose_sums(rest), N - i);
+    } else {
+        for (; i < N; ++i) out[i] = horizontal_sum(sums[i]);
+    }
 }
 
 // bfloat16 weights on CPUs with AVX-512 BF16 (Zen 4, Sapphire Rapids and later): vdpbf16ps
@@ -438,8 +444,10 @@ inline void bf16_dot_tile(const bfloat16* x, int64_t k_pad, const bfloat16* w, i
             const __mmask32 mask = (__mmask32)((1ull << (k - j)) - 1);
             for (int r = 0; r < R; ++r) weights[r] = (__m512bh)_mm512_maskz_loadu_epi16(mask, w + r * k + j);
         }
+#pragma GCC unroll 8
         for (int m = 0; m < M; ++m) {
             const __m512bh row = (__m512bh)_mm512_loadu_si512(x + m * k_pad + j);
+#pragma GCC unroll 4
             for (int r = 0; r < R; ++r) acc[r][m] = _mm512_dpbf16_ps(acc[r][m], weights[r], row);
         }
     }
@@ -454,12 +462,25 @@ template <int R, int M>
 inline void bf16_dot_tile(const bfloat16*, int64_t, const bfloat16*, int64_t, float*) {}
 #endif
 
+// Whether tiles of M rows of x against W weights take x as bfloat16 rows (bf16_dot_tile).
+template <typename W>
+constexpr bool bf16_dot_rows(int64_t rows) {
+    return std::is_same_v<W, bfloat16> && BF16_DOT_GEMV && rows >= BF16_DOT_MIN_ROWS;
+}
+
+// The scratch from its `offset`-th value on, in the form tiles of M rows read it.
+template <typename W, int M>
+inline const float* x_rows(const float* xf, int64_t offset) {
+    if constexpr (bf16_dot_rows<W>(M)) return reinterpret_cast<const float*>(reinterpret_cast<const bfloat16*>(xf) + offset);
+    return xf + offset;
+}
+
 // R output rows of w against M rows of x (both compile-time, so the R*M accumulators live in
 // registers). xf holds x widened to float32 in Block<T> order, M rows of k_pad floats (a
 // multiple of MAX_BLOCK), zero beyond k; for bf16_dot_tile, x as bfloat16 rows of k_pad values.
 template <typename T, int R, int M>
 inline void tile(const float* xf, int64_t k_pad, const T* w, int64_t k, float* out /* M x R */) {
-    if constexpr (std::is_same_v<T, bfloat16> && BF16_DOT_GEMV && M >= BF16_DOT_MIN_ROWS) {
+    if constexpr (bf16_dot_rows<T>(M)) {
         bf16_dot_tile<R, M>(reinterpret_cast<const bfloat16*>(xf), k_pad, w, k, out);
         return;
     }
@@ -520,8 +541,12 @@ inline int64_t padded_width(int64_t k) { return (k + MAX_BLOCK - 1) / MAX_BLOCK 
 // called outside one, the calling thread does it all). xf: x widened by widen_rows.
 // W: the weights' type (T, or int8_t with `scale`, one float per row; nullptr otherwise).
 // TILE_ROWS: the rows a thread walks at once, as far as registers allow.
+// m rows of x in groups of M (the last one padded: its padding rows' results are dropped): each
+// tile of weight rows is read from memory once and multiplied into every group while it is in
+// the core's cache, as the panel GEMVs do.
 template <typename T, typename W, int M, int TILE_ROWS>
-void gemv_tiles(const float* xf, const W* w, const float* scale, const T* bias, T* y, int64_t n, int64_t k) {
+void gemv_tiles(const float* xf, const W* w, const float* scale, const T* bias, T* y, int64_t m, int64_t n,
+                int64_t k) {
     using E = Element<T>;
     // Weight vectors held per block: R * VECTORS, at most 8 beside the accumulators.
     constexpr int R = std::max(1, std::min({TILE_ROWS, 8 / Block<W>::VECTORS, ACCUMULATORS / M}));
@@ -533,25 +558,29 @@ void gemv_tiles(const float* xf, const W* w, const float* scale, const T* bias, 
         float out[M * R];
         const int width = n0 + R <= n ? R : 1;  // a last, partial tile goes one row at a time
         for (int64_t r0 = n0; r0 < n0 + R && r0 < n; r0 += width) {
-            if (width == R)
-                tile<W, R, M>(xf, k_pad, w + r0 * k, k, out);
-            else
-                tile<W, 1, M>(xf, k_pad, w + r0 * k, k, out);
-            for (int r = 0; r < width; ++r) {
-                const float b = bias ? E::to_float(bias[r0 + r]) : 0.0f;
-                const float s = scale ? scale[r0 + r] : 1.0f;
-                for (int m = 0; m < M; ++m) y[m * n + r0 + r] = E::from_float(out[m * width + r] * s + b);
+            for (int64_t first = 0; first < m; first += M) {
+                const float* x = x_rows<W, M>(xf, first * k_pad);
+                if (width == R)
+                    tile<W, R, M>(x, k_pad, w + r0 * k, k, out);
+                else
+                    tile<W, 1, M>(x, k_pad, w + r0 * k, k, out);
+                for (int r = 0; r < width; ++r) {
+                    const float b = bias ? E::to_float(bias[r0 + r]) : 0.0f;
+                    const float s = scale ? scale[r0 + r] : 1.0f;
+                    for (int row = 0; row < M && first + row < m; ++row)
+                        y[(first + row) * n + r0 + r] = E::from_float(out[row * width + r] * s + b);
+                }
             }
         }
     }
 }
 
 // x [m, k] as float32 in Block<W> order (the weights' order), rows padded_width(k) apart and
-// zero beyond k.
+// zero beyond k; as bfloat16 rows where tiles of group_rows rows take them so (bf16_dot_rows).
 template <typename T, typename W>
-void widen_rows(const T* x, int64_t m, int64_t k, float* xf) {
+void widen_rows(const T* x, int64_t m, int64_t k, float* xf, int64_t group_rows = 1) {
     const int64_t k_pad = padded_width(k);
-    if (std::is_same_v<T, bfloat16> && std::is_same_v<W, bfloat16> && BF16_DOT_GEMV && m >= BF16_DOT_MIN_ROWS) {
+    if (std::is_same_v<T, W> && bf16_dot_rows<W>(group_rows)) {
         // bf16_dot_tile reads x as it is, rows of k_pad values (zero beyond k).
         bfloat16* out = reinterpret_cast<bfloat16*>(xf);
         for (int64_t row = 0; row < m; ++row) {
@@ -591,9 +620,7 @@ void widen_rows(const T* x, int64_t m, int64_t k, float* xf) {
     }
 }
 
-// y [m, n] = x [m, k] @ w [n, k].T + bias, m from 1 to GEMV_MAX_ROWS, by the threads of the
-// enclosing parallel region (or the calling thread). xf: scratch of m * padded_width(k) floats,
-// shared by the team. Returns -1 if m is out of range.
+// The most rows of x a tile multiplies at once (gemv_tiles walks more in groups of up to this).
 constexpr int GEMV_MAX_ROWS = 8;
 
 // Runs body(std::integral_constant<int, N>) for n from 1 to MAX (MAX for anything larger): a
@@ -632,20 +659,46 @@ struct NormFirst {
     }
 };
 
+// The GEMVs take any number of rows up to GEMV_ANY_MAX_ROWS, in groups of at most GEMV_MAX_ROWS
+// (each row's accumulators in registers; see gemv_tiles).
+constexpr int64_t GEMV_ANY_MAX_ROWS = 4096;
+
+// The rows of each group for m rows: as even as the groups allow (m = 9: 2 groups of 5, not 8
+// and 1), the last one padded with zero rows of x (their products are computed, never stored).
+inline int64_t group_rows_of(int64_t m) {
+    const int64_t groups = (m + GEMV_MAX_ROWS - 1) / GEMV_MAX_ROWS;
+    return (m + groups - 1) / groups;
+}
+
+// The dense GEMV's groups: of 5 or 7 rows rounded up to 6 or 8 (bfloat16 tiles of 5 rows ran
+// slower than of 6: SmolLM2's layers at 5 rows ~11 ms, 6 ~9, 9 as two groups of 5 ~19).
+inline int64_t gemv_group_rows(int64_t m) {
+    const int64_t rows = group_rows_of(m);
+    return rows > 4 && rows % 2 ? rows + 1 : rows;
+}
+
+// m rows padded to whole groups of group_rows: the rows of x a GEMV's scratch holds.
+inline int64_t padded_rows(int64_t m, int64_t group_rows) { return (m + group_rows - 1) / group_rows * group_rows; }
+inline int64_t gemv_padded_rows(int64_t m) { return padded_rows(m, gemv_group_rows(m)); }
+
+// y [m, n] = x [m, k] @ w [n, k].T + bias, m from 1 to GEMV_ANY_MAX_ROWS, by the threads of the
+// enclosing parallel region (or the calling thread). xf: scratch of gemv_padded_rows(m) *
+// padded_width(k) floats, shared by the team. Returns -1 if m is out of range.
 template <typename T, typename W = T>
 int gemv_team(const T* x, int64_t m, const W* w, const T* bias, T* y, int64_t n, int64_t k, float* xf,
               const float* scale = nullptr, const NormFirst<T>* norm = nullptr) {
-    if (m < 1 || m > GEMV_MAX_ROWS) return -1;
+    if (m < 1 || m > GEMV_ANY_MAX_ROWS) return -1;
+    const int64_t group_rows = gemv_group_rows(m);
 #pragma omp single
     {
         if (norm) norm->run(m);
-        widen_rows<T, W>(x, m, k, xf);
+        widen_rows<T, W>(x, m, k, xf, group_rows);
     }
-    with_constant<GEMV_MAX_ROWS>(m, [&](auto rows) {
+    with_constant<GEMV_MAX_ROWS>(group_rows, [&](auto rows) {
         if (k * int64_t(sizeof(W)) >= LONG_ROW_BYTES)
-            gemv_tiles<T, W, rows(), LONG_ROW_TILE_ROWS>(xf, w, scale, bias, y, n, k);
+            gemv_tiles<T, W, rows(), LONG_ROW_TILE_ROWS>(xf, w, scale, bias, y, m, n, k);
         else
-            gemv_tiles<T, W, rows(), GEMV_TILE_ROWS>(xf, w, scale, bias, y, n, k);
+            gemv_tiles<T, W, rows(), GEMV_TILE_ROWS>(xf, w, scale, bias, y, m, n, k);
     });
     return 0;
 }
@@ -653,8 +706,8 @@ int gemv_team(const T* x, int64_t m, const W* w, const T* bias, T* y, int64_t n,
 template <typename T, typename W = T>
 int gemv_rows(const T* x, const W* w, const T* bias, T* y, int64_t m, int64_t n, int64_t k,
               const float* scale = nullptr) {
-    if (m < 1 || m > GEMV_MAX_ROWS) return -1;
-    std::vector<float> xf(m * padded_width(k));
+    if (m < 1 || m > GEMV_ANY_MAX_ROWS) return -1;
+    std::vector<float> xf(gemv_padded_rows(m) * padded_width(k));
 #pragma omp parallel
     gemv_team<T, W>(x, m, w, bias, y, n, k, xf.data(), scale);
     return 0;
@@ -1128,16 +1181,10 @@ constexpr int64_t PANEL_MAX_ROWS = 4096;
 
 // The rows of each group for m rows: as even as the groups allow (m = 9: 2 groups of 5, not 8
 // and 1), the last one padded with zero rows of x (their products are computed, never stored).
-inline int64_t panel_group_rows(int64_t m) {
-    const int64_t groups = (m + GEMV_MAX_ROWS - 1) / GEMV_MAX_ROWS;
-    return (m + groups - 1) / groups;
-}
+inline int64_t panel_group_rows(int64_t m) { return group_rows_of(m); }
 
 // m rows padded to whole groups: the rows of x a panel GEMV's scratch holds.
-inline int64_t panel_padded_rows(int64_t m) {
-    const int64_t group_rows = panel_group_rows(m);
-    return (m + group_rows - 1) / group_rows * group_rows;
-}
+inline int64_t panel_padded_rows(int64_t m) { return padded_rows(m, panel_group_rows(m)); }
 
 // Whether a panel GEMV takes these arguments: 1 .. PANEL_MAX_ROWS rows, groups of whole blocks,
 // offsets or coded factors (not both) for 4-bit panels only.
@@ -2147,7 +2194,8 @@ struct HalfScratch {
         : normed(m * hidden),
           wide(m * wide_width),
           narrow(m * narrow_width),
-          xf(panel_padded_rows(m) * padded_width(std::max(hidden, narrow_width))),  // whole groups of rows
+          // whole groups of rows, for the dense GEMV's or the prompt rows' panel GEMV
+          xf(std::max(gemv_padded_rows(m), panel_padded_rows(m)) * padded_width(std::max(hidden, narrow_width))),
           panels(m, std::max(hidden, narrow_width), digits) {}
 };
 
@@ -2246,13 +2294,8 @@ int decode_layers(const AttentionBlock* attention, const MlpBlock* mlp, T* const
                   T* head_out, float* logits, int64_t vocab, const int64_t* tokens, const T* embedding,
                   int64_t embedding_rows, int64_t exact) {
     const int64_t m = step.batch;
-    // Panels take any number of rows (over_panels: each panel read once for all of them); the
-    // dense GEMV takes up to GEMV_MAX_ROWS.
-    bool all_panels = layers >= 1 && (!head || head->bits != 0);
-    for (int64_t i = 0; i < layers; ++i)
-        all_panels = all_panels && attention[i].qkv_weight.bits && attention[i].o_weight.bits &&
-                     mlp[i].gate_up_weight.bits && mlp[i].down_weight.bits;
-    if (m < 1 || m > (all_panels ? PANEL_MAX_ROWS : GEMV_MAX_ROWS) || layers < 1) return -1;
+    // The GEMVs take any number of rows (each weight read once for all of them).
+    if (m < 1 || m > GEMV_ANY_MAX_ROWS || layers < 1) return -1;
     if (head && (!normed || vocab < 1 || vocab > head_rows || exact)) return -1;
     if (!x == !tokens || (tokens && !embedding)) return -1;
     for (int64_t i = 0; tokens && i < m; ++i)

@@ -408,10 +408,10 @@ class Llama3Transformer(nn.Module):
     ) -> list[cpu.FusedDecodeLayer] | None:
         """The layers as fused decode halves when this step can take them, with the compiled CPU
         library, on an architecture it covers: a step of at most GEMV_MAX_ROWS rows (decode rows,
-        or prompt rows for the stack's prompt mode), or of more for a stack whose weights are all
-        in panels, as long as the per-kernel path would keep them in panels too (decode rows,
-        `rounding`: below decode_panel_widen_rows; prompt rows: below prompt_panel_widen_rows).
-        Built at the first step that asks (the weights are loaded by then)."""
+        or prompt rows for the stack's prompt mode), or of more where the stack takes them
+        (FusedDecodeStack.takes_rows: as long as the per-kernel path would run the same GEMVs;
+        `rounding`: decode rows). Built at the first step that asks (the weights are loaded by
+        then)."""
         library = self.kernels.fused_decode
         if library is None:
             return None
@@ -447,9 +447,7 @@ class Llama3Transformer(nn.Module):
             # 32: 37-45 / 30-37; a prompt's first token, ms, 16 tokens 32-37 / 23-24, 48: 78-104 /
             # 65-67.
             stack = self._fused_stack
-            dtype = self._fused[0].dtype if self._fused else torch.float32
-            widen_from = cpu.decode_panel_widen_rows(dtype) if rounding else cpu.prompt_panel_widen_rows(dtype)
-            if stack is None or rows > stack.max_rows or (widen_from is not None and rows >= widen_from):
+            if stack is None or not stack.takes_rows(rows, decode=rounding):
                 return None
         return self._fused or None
 

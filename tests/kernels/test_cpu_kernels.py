@@ -754,11 +754,12 @@ def test_fused_decode_of_quantized_layers_is_bit_identical(checkpoints, monkeypa
 
 
 @built
-@pytest.mark.parametrize("quantization", ["int4", "int8"])
+@pytest.mark.parametrize("quantization", [None, "int4", "int8"])
 def test_decode_steps_of_many_sequences_run_in_one_stack_call(checkpoints, monkeypatch, quantization):
-    """A decode step of more sequences than the dense GEMV takes (here 19: three groups of 7 rows,
-    the last padded) runs through the fused stack in one call where every weight is in the
-    integer GEMV's panels (on hosts with byte dot products), with exactly the per-kernel path's
+    """A decode step of more sequences than a GEMV tile takes (here 19: three groups of 7 rows for
+    the panels, of 8 for the dense GEMV, the last padded) runs through the fused stack in one call
+    where the per-kernel path would run the same GEMVs (dense bfloat16 weights: below
+    dense_gemv_rows; panels: on hosts with byte dot products), with exactly the per-kernel path's
     logits: the stack's rows, norms, attention and head are the per-kernel path's, and a row's
     sums do not depend on the rows beside it."""
     calls: list[int] = []
@@ -770,10 +771,12 @@ def test_decode_steps_of_many_sequences_run_in_one_stack_call(checkpoints, monke
 
     monkeypatch.setattr(cpu.FusedDecodeStack, "__call__", spy)
     prompts = [tuple(range(3 + i, 5 + i + i % 7)) for i in range(19)]  # 2 to 8 tokens: 29 of the 32 blocks
+    load = {"quantization": quantization} if quantization else {}
     got, _, expected = fused_and_per_kernel_logits(
-        monkeypatch, checkpoints["llama"], 4, prompts=prompts, dtype="bfloat16", quantization=quantization
+        monkeypatch, checkpoints["llama"], 4, prompts=prompts, dtype="bfloat16", **load
     )
-    assert calls == ([19] * 4 if cpu.library().integer_dot else [])
+    stacked = cpu.library().integer_dot if quantization else cpu.dense_gemv_rows(torch.bfloat16) > 19
+    assert calls == ([19] * 4 if stacked else [])
     assert torch.equal(got, expected)
 
 
