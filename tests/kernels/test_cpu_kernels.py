@@ -766,7 +766,8 @@ def test_decode_steps_of_many_sequences_run_in_one_stack_call(checkpoints, monke
     real = cpu.FusedDecodeStack.__call__
 
     def spy(self, x, step, kv_caches, tokens=None, prompt=False):
-        calls.append(step.batch)
+        if not prompt:  # the prompts' step (90 rows) may run in the prompt mode too (test_short_prompts)
+            calls.append(step.batch)
         return real(self, x, step, kv_caches, tokens=tokens, prompt=prompt)
 
     monkeypatch.setattr(cpu.FusedDecodeStack, "__call__", spy)
