@@ -541,6 +541,8 @@ inline int64_t padded_width(int64_t k) { return (k + MAX_BLOCK - 1) / MAX_BLOCK 
 // called outside one, the calling thread does it all). xf: x widened by widen_rows.
 // W: the weights' type (T, or int8_t with `scale`, one float per row; nullptr otherwise).
 // TILE_ROWS: the rows a thread walks at once, as far as registers allow.
+constexpr int64_t X_BAND_BYTES = 24576;  // of L1's 32-48 KiB, beside a tile's weights
+
 // m rows of x in groups of M (the last one padded: its padding rows' results are dropped): each
 // tile of weight rows is read from memory once and multiplied into every group while it is in
 // the core's cache, as the panel GEMVs do.
@@ -552,13 +554,20 @@ void gemv_tiles(const float* xf, const W* w, const float* scale, const T* bias, 
     constexpr int R = std::max(1, std::min({TILE_ROWS, 8 / Block<W>::VECTORS, ACCUMULATORS / M}));
     const int64_t k_pad = padded_width(k);
     const int64_t tiles = (n + R - 1) / R;
+    // Bands of groups whose x stays in L1 beside a tile's weights: a tile multiplied into more
+    // groups than that read x from L2 for every multiply-add, slower than reading the weight from
+    // memory once per band where the products bound the GEMV (held to AVX2, SmolLM2 bf16, a
+    // 24-token prompt's first token: 56-60 ms in passes of 8 rows, 64-69 in one band).
+    const int64_t group_bytes = M * k_pad * int64_t(bf16_dot_rows<W>(M) ? sizeof(bfloat16) : sizeof(float));
+    const int64_t band = std::max<int64_t>(1, X_BAND_BYTES / group_bytes) * M;
+    for (int64_t band_first = 0; band_first < m; band_first += band) {
 #pragma omp for schedule(guided)  // ~4% faster than static over the benchmark model
     for (int64_t t = 0; t < tiles; ++t) {
         const int64_t n0 = t * R;
         float out[M * R];
         const int width = n0 + R <= n ? R : 1;  // a last, partial tile goes one row at a time
         for (int64_t r0 = n0; r0 < n0 + R && r0 < n; r0 += width) {
-            for (int64_t first = 0; first < m; first += M) {
+            for (int64_t first = band_first; first < std::min(m, band_first + band); first += M) {
                 const float* x = x_rows<W, M>(xf, first * k_pad);
                 if (width == R)
                     tile<W, R, M>(x, k_pad, w + r0 * k, k, out);
@@ -572,6 +581,7 @@ void gemv_tiles(const float* xf, const W* w, const float* scale, const T* bias, 
                 }
             }
         }
+    }
     }
 }
 
