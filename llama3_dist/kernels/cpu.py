@@ -793,8 +793,8 @@ class FusedDecodeLayer:
         # Whether a projection runs the integer GEMV, which rounds x to int8 blocks: dense
         # weights take x exact (as float32), so a layer without panels never rounds.
         self.rounds = bool(packed)
-        # Whether every projection is in panels, which take any number of rows (PANEL_MAX_ROWS);
-        # a dense one takes up to GEMV_MAX_ROWS.
+        # Whether every projection is in panels (the integer GEMV; else some run the dense one:
+        # FusedDecodeStack.takes_rows bounds the rows of each kind).
         self.all_panels = all(isinstance(t, PackedGroupWeights) for t in (qkv, o_proj, gate_up, down))
         self.hidden = qkv.shape[1]
         self.kernels = kernels

@@ -537,15 +537,15 @@ inline void tile(const float* xf, int64_t k_pad, const T* w, int64_t k, float* o
 
 inline int64_t padded_width(int64_t k) { return (k + MAX_BLOCK - 1) / MAX_BLOCK * MAX_BLOCK; }
 
+constexpr int64_t X_BAND_BYTES = 24576;  // of L1's 32-48 KiB, beside a tile's weights (gemv_tiles)
+
 // The GEMV's work, shared by the threads of an enclosing parallel region (an orphaned `omp for`:
 // called outside one, the calling thread does it all). xf: x widened by widen_rows.
 // W: the weights' type (T, or int8_t with `scale`, one float per row; nullptr otherwise).
 // TILE_ROWS: the rows a thread walks at once, as far as registers allow.
-constexpr int64_t X_BAND_BYTES = 24576;  // of L1's 32-48 KiB, beside a tile's weights
-
 // m rows of x in groups of M (the last one padded: its padding rows' results are dropped): each
-// tile of weight rows is read from memory once and multiplied into every group while it is in
-// the core's cache, as the panel GEMVs do.
+// tile of weight rows is read from memory once and multiplied into every group of a band while
+// it is in the core's cache, as the panel GEMVs do.
 template <typename T, typename W, int M, int TILE_ROWS>
 void gemv_tiles(const float* xf, const W* w, const float* scale, const T* bias, T* y, int64_t m, int64_t n,
                 int64_t k) {
@@ -562,26 +562,26 @@ void gemv_tiles(const float* xf, const W* w, const float* scale, const T* bias, 
     const int64_t band = std::max<int64_t>(1, X_BAND_BYTES / group_bytes) * M;
     for (int64_t band_first = 0; band_first < m; band_first += band) {
 #pragma omp for schedule(guided)  // ~4% faster than static over the benchmark model
-    for (int64_t t = 0; t < tiles; ++t) {
-        const int64_t n0 = t * R;
-        float out[M * R];
-        const int width = n0 + R <= n ? R : 1;  // a last, partial tile goes one row at a time
-        for (int64_t r0 = n0; r0 < n0 + R && r0 < n; r0 += width) {
-            for (int64_t first = band_first; first < std::min(m, band_first + band); first += M) {
-                const float* x = x_rows<W, M>(xf, first * k_pad);
-                if (width == R)
-                    tile<W, R, M>(x, k_pad, w + r0 * k, k, out);
-                else
-                    tile<W, 1, M>(x, k_pad, w + r0 * k, k, out);
-                for (int r = 0; r < width; ++r) {
-                    const float b = bias ? E::to_float(bias[r0 + r]) : 0.0f;
-                    const float s = scale ? scale[r0 + r] : 1.0f;
-                    for (int row = 0; row < M && first + row < m; ++row)
-                        y[(first + row) * n + r0 + r] = E::from_float(out[row * width + r] * s + b);
+        for (int64_t t = 0; t < tiles; ++t) {
+            const int64_t n0 = t * R;
+            float out[M * R];
+            const int width = n0 + R <= n ? R : 1;  // a last, partial tile goes one row at a time
+            for (int64_t r0 = n0; r0 < n0 + R && r0 < n; r0 += width) {
+                for (int64_t first = band_first; first < std::min(m, band_first + band); first += M) {
+                    const float* x = x_rows<W, M>(xf, first * k_pad);
+                    if (width == R)
+                        tile<W, R, M>(x, k_pad, w + r0 * k, k, out);
+                    else
+                        tile<W, 1, M>(x, k_pad, w + r0 * k, k, out);
+                    for (int r = 0; r < width; ++r) {
+                        const float b = bias ? E::to_float(bias[r0 + r]) : 0.0f;
+                        const float s = scale ? scale[r0 + r] : 1.0f;
+                        for (int row = 0; row < M && first + row < m; ++row)
+                            y[(first + row) * n + r0 + r] = E::from_float(out[row * width + r] * s + b);
+                    }
                 }
             }
         }
-    }
     }
 }
 
