@@ -1183,17 +1183,19 @@ def kernels_for(x: torch.Tensor) -> KernelLibrary | None:
 # --- linear layers ------------------------------------------------------------------------------
 
 
-def _cpu_features() -> set[str]:
+@functools.cache
+def _cpu_features() -> frozenset[str]:
     """The CPU's feature flags as Linux reports them (x86 'flags', Arm 'Features'); empty
-    elsewhere, which counts as no native half-precision GEMM."""
+    elsewhere, which counts as no native half-precision GEMM. Read once (dense_gemv_rows asks
+    at every product: reading /proc/cpuinfo each time cost a 32-token prompt ~14 ms)."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return set()
+        return frozenset()
     for line in text.splitlines():
         if line.startswith(("flags", "Features")):
-            return set(line.split(":", 1)[1].split())
-    return set()
+            return frozenset(line.split(":", 1)[1].split())
+    return frozenset()
 
 
 def _onednn_reports(dtype: torch.dtype) -> bool:
