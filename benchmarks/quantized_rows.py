@@ -49,7 +49,7 @@ def candidates(library: cpu.KernelLibrary, packed: cpu.PackedGroupWeights, dense
     for form, suffix in [("int8-x", "")] + ([("exact", "_exact")] if exact else []):
         name = f"gemv_{packed.layout}{suffix}"
         calls[f"{form} one call"] = lambda name=name: library._in_passes(
-            name, x, n, weights, None, (packed.group_size,), cpu.PANEL_MAX_ROWS
+            name, x, n, weights, None, (packed.group_size,), cpu.GEMV_ANY_MAX_ROWS
         )
         calls[f"{form} passes of 8"] = lambda name=name: library._in_passes(
             name, x, n, weights, None, (packed.group_size,), cpu.GEMV_MAX_ROWS

@@ -68,12 +68,10 @@ WIDEN_MIN_ROWS = 16
 # bfloat16, whole prompts on a 2-core AVX2 host: 16 rows 137 -> 263 and 66 -> 163 prompt tok/s).
 HALF_WIDEN_MIN_ROWS = 48
 GEMV_MAX_ROWS = 8  # the most rows of x a GEMV tile multiplies at once (the fused halves' limit)
-# The dense GEMVs (cpu_kernels.cpp's GEMV_ANY_MAX_ROWS) take up to this many rows in one call, in
-# groups of GEMV_MAX_ROWS: each tile of weight rows is read from memory once for all of them.
+# The dense and panel GEMVs (cpu_kernels.cpp's GEMV_ANY_MAX_ROWS) take up to this many rows in one
+# call, in groups of GEMV_MAX_ROWS: each tile or panel of weight rows is read from memory once and
+# multiplied into every group in turn.
 GEMV_ANY_MAX_ROWS = 4096
-# The panel GEMVs (cpu_kernels.cpp's PANEL_MAX_ROWS) take up to this many rows in one call: each
-# panel of weights is read from memory once and multiplied into every GEMV_MAX_ROWS rows in turn.
-PANEL_MAX_ROWS = 4096
 # Panel weights (the integer GEMV, bfloat16 models) in decode steps stay in the panel GEMV far
 # longer than the float GEMV: it reads each panel once for all rows and multiplies bytes (VNNI's
 # 64 byte products an instruction), while widening dequantizes the whole weight before its GEMM.
@@ -633,7 +631,7 @@ class KernelLibrary:
     ) -> torch.Tensor:
         """x @ dequantized(weight).T + bias for few rows: the integers are read as they are stored
         and dequantized in registers, GEMV_MAX_ROWS rows a pass over the weight, or for panel
-        layouts up to PANEL_MAX_ROWS in one (each panel read once, multiplied into every row).
+        layouts up to GEMV_ANY_MAX_ROWS in one (each panel read once, multiplied into every row).
         Panels multiply x rounded to int8 blocks unless exact_x (panels4 and panels8 only: prompt
         rows, decode_rows), which multiplies the dequantized weights with x in float32."""
         if weight.lanes != self.lanes:
@@ -643,7 +641,7 @@ class KernelLibrary:
         weights = (weight.words.data_ptr(), *weight.scale_pointers())
         bias = None if bias is None else bias.to(x.dtype).contiguous()
         name = f"gemv_{weight.layout}_exact" if exact_x else f"gemv_{weight.layout}"
-        pass_rows = PANEL_MAX_ROWS if weight.layout.startswith("panels") else GEMV_MAX_ROWS
+        pass_rows = GEMV_ANY_MAX_ROWS if weight.layout.startswith("panels") else GEMV_MAX_ROWS
         return self._in_passes(name, x, weight.shape[0], weights, bias, (weight.group_size,), pass_rows)
 
     def dequantize_grouped(
@@ -952,9 +950,8 @@ class FusedDecodeStack:
         # Whether the call rounds x anywhere: a layer's integer GEMV, or a head in panels (x in 15
         # bits). Without, it computes a prompt's rows exactly as the per-kernel path does.
         self.rounds = any(layer.rounds for layer in layers) or isinstance(head, PackedGroupWeights)
-        # Whether any weight is dense (the library's GEMV) or in panels (the integer one).
+        # Whether any weight is dense (the library's GEMV; `rounds`: any in panels).
         self._dense = any(not layer.all_panels for layer in layers) or isinstance(head, torch.Tensor)
-        self._panels = self.rounds
         # The head's outputs in the layers' dtype, before widening: never leave the call, so one
         # buffer serves every step (a fresh one would cost its page faults each step); it grows
         # to the most rows a step has had.
@@ -978,7 +975,7 @@ class FusedDecodeStack:
         if self._dense and rows >= dense_gemv_rows(dtype):
             return False
         widen_from = decode_panel_widen_rows(dtype) if decode else prompt_panel_widen_rows(dtype)
-        return not (self._panels and widen_from is not None and rows >= widen_from)
+        return not (self.rounds and widen_from is not None and rows >= widen_from)
 
     def _caches(self, kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[Any, Any]:
         """The caches' pointers as C arrays, kept while the worker passes the same cache list."""

@@ -1183,24 +1183,22 @@ inline void with_rows(int64_t m, Body&& body) {
     with_constant<GEMV_MAX_ROWS>(m, body);
 }
 
-// The panel GEMVs take any number of rows up to PANEL_MAX_ROWS, in groups of at most
+// The panel GEMVs take any number of rows up to GEMV_ANY_MAX_ROWS, in groups of at most
 // GEMV_MAX_ROWS (each row's accumulators in registers): each panel's weights are read from
 // memory once and, while they are in the core's cache, multiplied into every group in turn. A
 // batch of 64 decode rows read the whole weight from memory 8 times in passes of 8 rows.
-constexpr int64_t PANEL_MAX_ROWS = 4096;
 
-// The rows of each group for m rows: as even as the groups allow (m = 9: 2 groups of 5, not 8
-// and 1), the last one padded with zero rows of x (their products are computed, never stored).
+// The panel GEMVs' groups: as even as the groups allow (group_rows_of).
 inline int64_t panel_group_rows(int64_t m) { return group_rows_of(m); }
 
 // m rows padded to whole groups: the rows of x a panel GEMV's scratch holds.
 inline int64_t panel_padded_rows(int64_t m) { return padded_rows(m, panel_group_rows(m)); }
 
-// Whether a panel GEMV takes these arguments: 1 .. PANEL_MAX_ROWS rows, groups of whole blocks,
+// Whether a panel GEMV takes these arguments: 1 .. GEMV_ANY_MAX_ROWS rows, groups of whole blocks,
 // offsets or coded factors (not both) for 4-bit panels only.
 template <int BITS>
 inline bool panel_arguments(int64_t m, int64_t group_size, const uint16_t* offsets, const uint16_t* factors) {
-    return m >= 1 && m <= PANEL_MAX_ROWS && group_size >= 32 && group_size % 32 == 0 &&
+    return m >= 1 && m <= GEMV_ANY_MAX_ROWS && group_size >= 32 && group_size % 32 == 0 &&
            (BITS == 4 || (!offsets && !factors)) && !(factors && offsets);
 }
 
@@ -1472,7 +1470,7 @@ void panel_team(const T* x, int64_t m, const uint32_t* w, const uint16_t* scales
 }
 
 // y [m, n] = x [m, k] @ w.T + bias for 4- or 8-bit panel weights, x quantized to int8 per block
-// of 32; m from 1 to PANEL_MAX_ROWS, group_size a multiple of 32. Returns -1 for arguments out of
+// of 32; m from 1 to GEMV_ANY_MAX_ROWS, group_size a multiple of 32. Returns -1 for arguments out of
 // range.
 template <typename T, int BITS, int DIGITS = 1>
 int panel_gemv(const T* x, const uint32_t* w, const uint16_t* scales, const uint16_t* offsets,
@@ -1550,7 +1548,7 @@ void panel_exact_team(const T* x, int64_t m, const uint32_t* w, const uint16_t* 
     });
 }
 
-// y [m, n] = x [m, k] @ dequantized(w).T + bias, x exact (above); m from 1 to PANEL_MAX_ROWS.
+// y [m, n] = x [m, k] @ dequantized(w).T + bias, x exact (above); m from 1 to GEMV_ANY_MAX_ROWS.
 // Returns -1 for arguments out of range.
 template <typename T, int BITS>
 int panel_exact_gemv(const T* x, const uint32_t* w, const uint16_t* scales, const uint16_t* offsets,
