@@ -1530,21 +1530,144 @@ void panel_exact_tiles(const float* xf, int64_t k_pad, const uint32_t* w, const 
                                on_block, [](Floats (&)[M], int64_t, int64_t, const GroupScales&) {});
 }
 
-// The exact-x panel GEMV by the threads of an enclosing parallel region: x widened to float32
-// (xf: panel_padded_rows(m) rows of padded_width(k), zero past m's) once, after norm where there
-// is one (x is then its output).
+// 4-bit panels against bfloat16 prompt rows on CPUs with AVX-512 BF16 (Zen 4, Sapphire Rapids
+// and later): vdpbf16ps multiplies a lane's pair of weights by a pair of x's values and adds both
+// products into the lane's float32 sum. A weight goes in as 16 + q, which bfloat16 holds exactly
+// (its 8 significant bits hold every integer up to 256) and which a shuffle and an or make of q
+// (bfloat16 16.0 is 0x4180, 16 + q is 0x4180 | q << 3); x is the model's own bfloat16 values, so
+// every product is exact in float32, as in the float path. A group's sum D = sum (16 + q) x then
+// gives sum w x = scale * D + (offset - 16 * scale) * sum x (Q4_0's offset: -8 * scale). Where
+// the float path spends a widening, a conversion and a multiply-add to dequantize each weight
+// and a multiply-add per row of x, this spends a shuffle and an or per two weights and one
+// instruction per row of x for both. The sums are float32 ones in another order; their terms
+// are up to 31 |x| where the float path's are up to 15 |x| (times the scale): rounding far
+// below the outputs' bfloat16 one. The instruction flushes denormal x to zero (~1e-38).
+#if VECTOR_BYTES == 64 && defined(__AVX512BF16__)
+constexpr bool BF16_DOT_PANELS = true;
+#else
+constexpr bool BF16_DOT_PANELS = false;
+#endif
+
+// Whether the exact-x panel GEMV of BITS-bit panels against rows of T takes the dot products.
+template <typename T, int BITS>
+constexpr bool exact_panels_by_dot() {
+    return BF16_DOT_PANELS && BITS == 4 && std::is_same_v<T, bfloat16>;
+}
+
+// x [m, k] as bfloat16 rows k_pad = padded_width(k) apart, zero beyond k (xb), and each row's sum
+// of each group of group_size values (sums [m, groups]), for panel_dot_tiles.
+template <typename T>
+void bf16_rows_with_sums(const T* x, int64_t m, int64_t k, int64_t group_size, bfloat16* xb, float* sums) {
+    const int64_t k_pad = padded_width(k), groups = (k + group_size - 1) / group_size;
+    for (int64_t row = 0; row < m; ++row) {
+        const T* from = x + row * k;
+        memcpy(xb + row * k_pad, from, k * sizeof(T));
+        memset(xb + row * k_pad + k, 0, (k_pad - k) * sizeof(T));
+        for (int64_t g = 0; g < groups; ++g) {
+            Floats total = Floats{};
+            over_vectors(std::min(group_size, k - g * group_size), [&](int64_t j, int64_t count) {
+                total += load(from + g * group_size + j, count);
+            });
+            sums[row * groups + g] = horizontal_sum(total);
+        }
+    }
+}
+
+#if VECTOR_BYTES == 64 && defined(__AVX512BF16__)
+template <typename T, int M>
+void panel_dot_tiles(const bfloat16* xb, const float* x_sums, int64_t k_pad, const uint32_t* w,
+                     const uint16_t* scales, const uint16_t* offsets, const uint16_t* factors, const T* bias, T* y,
+                     int64_t rows, int64_t n, int64_t k, int64_t group_size) {
+    const bool symmetric = !offsets && !factors;  // Q4_0: w = (q - 8) * scale
+    const int64_t groups = (k + group_size - 1) / group_size;
+    // Bytes 2p and 2p + 1 of each 32-bit lane (a row's values 4c + 2p and 4c + 2p + 1, or 16 more
+    // for the high nibbles), each into the low byte of a 16-bit half whose high byte is zeroed.
+    const __m512i spread[2] = {_mm512_set4_epi32(0x800d800c, 0x80098008, 0x80058004, 0x80018000),
+                               _mm512_set4_epi32(0x800f800e, 0x800b800a, 0x80078006, 0x80038002)};
+    const __m512i nibble_bits = _mm512_set1_epi8(0x78), sixteen = _mm512_set1_epi16(0x4180);
+    // A row's sums in two chains where there are few rows: each instruction waits for the
+    // previous one of its chain.
+    constexpr int CHAINS = M <= 4 ? 2 : 1;
+    __m512 dots[CHAINS][M];
+    for (int c = 0; c < CHAINS; ++c)
+        for (int m = 0; m < M; ++m) dots[c][m] = _mm512_setzero_ps();
+    const auto on_block = [&](Floats (&)[M], int64_t first, int64_t b, const uint32_t* block, const GroupScales&)
+                              __attribute__((always_inline)) {
+        const bfloat16* x = xb + first * k_pad + b * 32;
+#pragma GCC unroll 4
+        for (int c = 0; c < 4; ++c) {
+            const __m512i q = _mm512_loadu_si512(block + c * LANES);
+            // byte j of lane l: row l's values 4c + j (low nibble) and 16 + 4c + j (high), as q << 3
+            const __m512i low = _mm512_and_si512(_mm512_slli_epi32(q, 3), nibble_bits);
+            const __m512i high = _mm512_and_si512(_mm512_srli_epi32(q, 1), nibble_bits);
+#pragma GCC unroll 2
+            for (int p = 0; p < 2; ++p) {
+                const __m512bh low_w = (__m512bh)_mm512_or_si512(_mm512_shuffle_epi8(low, spread[p]), sixteen);
+                const __m512bh high_w = (__m512bh)_mm512_or_si512(_mm512_shuffle_epi8(high, spread[p]), sixteen);
+#pragma GCC unroll 8
+                for (int m = 0; m < M; ++m) {
+                    int32_t low_x, high_x;  // the pair of x's values each multiplies
+                    memcpy(&low_x, x + m * k_pad + 4 * c + 2 * p, sizeof low_x);
+                    memcpy(&high_x, x + m * k_pad + 16 + 4 * c + 2 * p, sizeof high_x);
+                    __m512& low_sum = dots[0][m];
+                    __m512& high_sum = dots[CHAINS - 1][m];
+                    low_sum = _mm512_dpbf16_ps(low_sum, low_w, (__m512bh)_mm512_set1_epi32(low_x));
+                    high_sum = _mm512_dpbf16_ps(high_sum, high_w, (__m512bh)_mm512_set1_epi32(high_x));
+                }
+            }
+        }
+    };
+    const auto on_group_end = [&](Floats (&acc)[M], int64_t first, int64_t g, const GroupScales& group)
+                                  __attribute__((always_inline)) {
+        const Floats offsets_less_16 = (symmetric ? group.scales * -8.0f : group.offsets) - 16.0f * group.scales;
+#pragma GCC unroll 8
+        for (int m = 0; m < M; ++m) {
+            Floats sum = (Floats)dots[0][m];
+            if constexpr (CHAINS == 2) sum += (Floats)dots[1][m];
+            acc[m] += sum * group.scales + offsets_less_16 * x_sums[(first + m) * groups + g];
+            for (int c = 0; c < CHAINS; ++c) dots[c][m] = _mm512_setzero_ps();
+        }
+    };
+    over_panels<T, 4, M>(w, bias, y, rows, n, k, group_size, PanelScales{scales, offsets, factors, groups}, on_block,
+                         on_group_end);
+}
+#else
+template <typename T, int M>
+void panel_dot_tiles(const bfloat16*, const float*, int64_t, const uint32_t*, const uint16_t*, const uint16_t*,
+                     const uint16_t*, const T*, T*, int64_t, int64_t, int64_t, int64_t) {}
+#endif
+
+// The exact-x panel GEMV by the threads of an enclosing parallel region, after norm where there
+// is one (x is then its output): x widened to float32 once (xf: panel_padded_rows(m) rows of
+// padded_width(k), zero past m's), or for panel_dot_tiles as bfloat16 rows there, each row's
+// group sums after them. Past GEMV_MAX_ROWS rows each thread prepares rows of its own.
 template <typename T, int BITS>
 void panel_exact_team(const T* x, int64_t m, const uint32_t* w, const uint16_t* scales, const uint16_t* offsets,
                       const uint16_t* factors, const T* bias, T* y, int64_t n, int64_t k, int64_t group_size,
                       float* xf, const NormFirst<T>* norm = nullptr) {
+    constexpr bool by_dot = exact_panels_by_dot<T, BITS>();
+    const int64_t k_pad = padded_width(k), groups = (k + group_size - 1) / group_size;
+    bfloat16* xb = reinterpret_cast<bfloat16*>(xf);
+    float* x_sums = xf + panel_padded_rows(m) * k_pad / 2;  // past the bfloat16 rows
+    const auto prepare = [&](int64_t first, int64_t count) {
+        if (norm) norm->run_rows(first, count);
+        if constexpr (by_dot)
+            bf16_rows_with_sums<T>(x + first * k, count, k, group_size, xb + first * k_pad, x_sums + first * groups);
+        else
+            widen_rows<T, float>(x + first * k, count, k, xf + first * k_pad);
+    };
+    if (m > GEMV_MAX_ROWS) {
+#pragma omp for schedule(static)
+        for (int64_t row = 0; row < m; ++row) prepare(row, 1);
+    } else {
 #pragma omp single
-    {
-        if (norm) norm->run(m);
-        widen_rows<T, float>(x, m, k, xf);
+        prepare(0, m);
     }
     with_rows(panel_group_rows(m), [&](auto rows) {
-        panel_exact_tiles<T, BITS, rows()>(xf, padded_width(k), w, scales, offsets, factors, bias, y, m, n, k,
-                                           group_size);
+        if constexpr (by_dot)
+            panel_dot_tiles<T, rows()>(xb, x_sums, k_pad, w, scales, offsets, factors, bias, y, m, n, k, group_size);
+        else
+            panel_exact_tiles<T, BITS, rows()>(xf, k_pad, w, scales, offsets, factors, bias, y, m, n, k, group_size);
     });
 }
 

@@ -206,7 +206,8 @@ def test_decode_attention_threads_split_query_heads_exactly(variant):
 )
 def test_avx512_extensions_match_the_plain_avx512_paths(monkeypatch):
     """The avx512 library takes VNNI (the integer GEMV's byte dot products) and AVX-512 BF16
-    (decode attention's bfloat16 scores, the bfloat16 GEMV's products) where the CPU has them;
+    (decode attention's bfloat16 scores, the bfloat16 GEMV's products, prompt rows' products with
+    4-bit panels) where the CPU has them;
     built without either (LLAMA3_DIST_CPU_VNNI=0 LLAMA3_DIST_CPU_BF16=0, as for Skylake-X to Ice
     Lake servers) it runs AVX-512BW's byte products and float multiply-adds instead, which this
     host would otherwise never test. Integer sums are exact either way (panel GEMV outputs
@@ -233,6 +234,18 @@ def test_avx512_extensions_match_the_plain_avx512_paths(monkeypatch):
         exact = (x.double() @ w.double().T).to(BF16)
         for library in (plain, full):
             assert_matches(library.gemv(x, w, None), exact, exact_fraction=0.98)
+    # Prompt rows through 4-bit panels (x exact): float multiply-adds of dequantized weights, or
+    # dot products of 16 + q with pairs of x (AVX-512 BF16); 13 rows of 200 features end in a
+    # partial block.
+    w = randn(72, 200, dtype=F32) * 0.05
+    plain_int4 = ref.quantize_int4(w, 32).plain()
+    q4_0 = ref.GroupQuantized(plain_int4.values, plain_int4.scales, plain_int4.scales * -8, 4, 32)
+    for quantized in (ref.quantize_int4(w, 32), q4_0):
+        packed = cpu.pack_grouped(quantized, full.lanes, panels=True)
+        x = randn(13, 200, dtype=BF16)
+        exact = (x.double() @ ref.dequantize(quantized).double().T).to(BF16)
+        for library in (plain, full):
+            assert_matches(library.gemv_grouped(x, packed, None, exact_x=True), exact, exact_fraction=0.98)
 
 
 @pytest.mark.parametrize(
