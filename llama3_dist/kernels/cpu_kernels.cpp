@@ -1604,15 +1604,19 @@ void panel_dot_tiles(const bfloat16* xb, const float* x_sums, int64_t k_pad, con
             for (int p = 0; p < 2; ++p) {
                 const __m512bh low_w = (__m512bh)_mm512_or_si512(_mm512_shuffle_epi8(low, spread[p]), sixteen);
                 const __m512bh high_w = (__m512bh)_mm512_or_si512(_mm512_shuffle_epi8(high, spread[p]), sixteen);
+                // Every row's low product, then every row's high one: a row's two wait for each
+                // other where they share a chain.
 #pragma GCC unroll 8
                 for (int m = 0; m < M; ++m) {
-                    int32_t low_x, high_x;  // the pair of x's values each multiplies
-                    memcpy(&low_x, x + m * k_pad + 4 * c + 2 * p, sizeof low_x);
-                    memcpy(&high_x, x + m * k_pad + 16 + 4 * c + 2 * p, sizeof high_x);
-                    __m512& low_sum = dots[0][m];
-                    __m512& high_sum = dots[CHAINS - 1][m];
-                    low_sum = _mm512_dpbf16_ps(low_sum, low_w, (__m512bh)_mm512_set1_epi32(low_x));
-                    high_sum = _mm512_dpbf16_ps(high_sum, high_w, (__m512bh)_mm512_set1_epi32(high_x));
+                    int32_t pair;  // the pair of x's values the weights multiply
+                    memcpy(&pair, x + m * k_pad + 4 * c + 2 * p, sizeof pair);
+                    dots[0][m] = _mm512_dpbf16_ps(dots[0][m], low_w, (__m512bh)_mm512_set1_epi32(pair));
+                }
+#pragma GCC unroll 8
+                for (int m = 0; m < M; ++m) {
+                    int32_t pair;
+                    memcpy(&pair, x + m * k_pad + 16 + 4 * c + 2 * p, sizeof pair);
+                    dots[CHAINS - 1][m] = _mm512_dpbf16_ps(dots[CHAINS - 1][m], high_w, (__m512bh)_mm512_set1_epi32(pair));
                 }
             }
         }
