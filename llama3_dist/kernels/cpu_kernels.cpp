@@ -1554,19 +1554,25 @@ constexpr bool exact_panels_by_dot() {
     return BF16_DOT_PANELS && BITS == 4 && std::is_same_v<T, bfloat16>;
 }
 
-// x [m, k] as bfloat16 rows k_pad = padded_width(k) apart, zero beyond k (xb), and each row's sum
-// of each group of group_size values (sums [m, groups]), for panel_dot_tiles.
+// Rows [first, first + count) of x [m, k] for panel_dot_tiles: as pairs of bfloat16 values (32
+// bits each), those of a group of group_rows rows side by side (pair t of the group's row i at
+// (group * k_pad / 2 + t) * group_rows + i: a tile's broadcasts then read one pointer), zero
+// beyond k; and each row's sum of each group of group_size values (sums [m, groups]).
 template <typename T>
-void bf16_rows_with_sums(const T* x, int64_t m, int64_t k, int64_t group_size, bfloat16* xb, float* sums) {
+void bf16_pairs_with_sums(const T* x, int64_t first, int64_t count, int64_t k, int64_t group_rows,
+                          int64_t group_size, uint32_t* pairs, float* sums) {
     const int64_t k_pad = padded_width(k), groups = (k + group_size - 1) / group_size;
-    for (int64_t row = 0; row < m; ++row) {
+    for (int64_t row = first; row < first + count; ++row) {
         const T* from = x + row * k;
-        memcpy(xb + row * k_pad, from, k * sizeof(T));
-        memset(xb + row * k_pad + k, 0, (k_pad - k) * sizeof(T));
+        uint32_t* to = pairs + row / group_rows * (k_pad / 2) * group_rows + row % group_rows;
+        for (int64_t t = 0; t < k_pad / 2; ++t) {
+            const uint32_t low = 2 * t < k ? from[2 * t] : 0, high = 2 * t + 1 < k ? from[2 * t + 1] : 0;
+            to[t * group_rows] = low | high << 16;
+        }
         for (int64_t g = 0; g < groups; ++g) {
             Floats total = Floats{};
-            over_vectors(std::min(group_size, k - g * group_size), [&](int64_t j, int64_t count) {
-                total += load(from + g * group_size + j, count);
+            over_vectors(std::min(group_size, k - g * group_size), [&](int64_t j, int64_t n) {
+                total += load(from + g * group_size + j, n);
             });
             sums[row * groups + g] = horizontal_sum(total);
         }
@@ -1574,70 +1580,116 @@ void bf16_rows_with_sums(const T* x, int64_t m, int64_t k, int64_t group_size, b
 }
 
 #if VECTOR_BYTES == 64 && defined(__AVX512BF16__)
-template <typename T, int M>
-void panel_dot_tiles(const bfloat16* xb, const float* x_sums, int64_t k_pad, const uint32_t* w,
-                     const uint16_t* scales, const uint16_t* offsets, const uint16_t* factors, const T* bias, T* y,
-                     int64_t rows, int64_t n, int64_t k, int64_t group_size) {
-    const bool symmetric = !offsets && !factors;  // Q4_0: w = (q - 8) * scale
-    const int64_t groups = (k + group_size - 1) / group_size;
+// Rows [first, first + M) of x against P panels from `panel` on: each broadcast pair of x feeds
+// the P panels' products (the broadcasts, not the products, bound one panel at a time).
+template <typename T, int M, int P>
+__attribute__((always_inline)) inline void dot_panels(const uint32_t* xp, const float* x_sums, int64_t k_pad,
+                                                      const uint32_t* w, PanelScales (&scales_of)[2], bool symmetric,
+                                                      const T* bias, T* y, int64_t first, int64_t rows, int64_t panel,
+                                                      int64_t n, int64_t k, int64_t group_size) {
+    using E = Element<T>;
+    const int64_t blocks = (k + 31) / 32, groups = (k + group_size - 1) / group_size;
+    const int64_t blocks_per_group = group_size / 32;
     // Bytes 2p and 2p + 1 of each 32-bit lane (a row's values 4c + 2p and 4c + 2p + 1, or 16 more
     // for the high nibbles), each into the low byte of a 16-bit half whose high byte is zeroed.
     const __m512i spread[2] = {_mm512_set4_epi32(0x800d800c, 0x80098008, 0x80058004, 0x80018000),
                                _mm512_set4_epi32(0x800f800e, 0x800b800a, 0x80078006, 0x80038002)};
     const __m512i nibble_bits = _mm512_set1_epi8(0x78), sixteen = _mm512_set1_epi16(0x4180);
-    // A row's sums in two chains where there are few rows: each instruction waits for the
-    // previous one of its chain.
-    constexpr int CHAINS = M <= 4 ? 2 : 1;
-    __m512 dots[CHAINS][M];
-    for (int c = 0; c < CHAINS; ++c)
-        for (int m = 0; m < M; ++m) dots[c][m] = _mm512_setzero_ps();
-    const auto on_block = [&](Floats (&)[M], int64_t first, int64_t b, const uint32_t* block, const GroupScales&)
-                              __attribute__((always_inline)) {
-        const bfloat16* x = xb + first * k_pad + b * 32;
+    // The panels' sums over the groups so far, in memory: with the products' sums in registers
+    // they would take every vector register (GCC then moves values between them).
+    alignas(64) float acc[P][M][LANES] = {};
+    const uint32_t* x_pairs = xp + first * (k_pad / 2);  // this group of rows' (first: a multiple of M)
+    for (int64_t g = 0; g < groups; ++g) {
+        GroupScales group[P];
+        for (int j = 0; j < P; ++j) group[j] = scales_of[j](panel + j, g);
+        __m512 dots[P][M];
+        for (int j = 0; j < P; ++j)
+            for (int m = 0; m < M; ++m) dots[j][m] = _mm512_setzero_ps();
+        for (int64_t b = g * blocks_per_group; b < std::min(blocks, (g + 1) * blocks_per_group); ++b) {
+            const uint32_t* block[P];
+            for (int j = 0; j < P; ++j) {
+                block[j] = w + ((panel + j) * blocks + b) * 4 * LANES;
+                if (first == 0)
+                    for (int line = 0; line < 4 * VECTOR_BYTES; line += CACHE_LINE)
+                        __builtin_prefetch((const char*)block[j] + PREFETCH_BYTES + line, 0, 2);
+            }
+            const uint32_t* x = x_pairs + b * 16 * M;  // the block's 16 pairs of each row
 #pragma GCC unroll 4
-        for (int c = 0; c < 4; ++c) {
-            const __m512i q = _mm512_loadu_si512(block + c * LANES);
-            // byte j of lane l: row l's values 4c + j (low nibble) and 16 + 4c + j (high), as q << 3
-            const __m512i low = _mm512_and_si512(_mm512_slli_epi32(q, 3), nibble_bits);
-            const __m512i high = _mm512_and_si512(_mm512_srli_epi32(q, 1), nibble_bits);
-#pragma GCC unroll 2
-            for (int p = 0; p < 2; ++p) {
-                const __m512bh low_w = (__m512bh)_mm512_or_si512(_mm512_shuffle_epi8(low, spread[p]), sixteen);
-                const __m512bh high_w = (__m512bh)_mm512_or_si512(_mm512_shuffle_epi8(high, spread[p]), sixteen);
-                // Every row's low product, then every row's high one: a row's two wait for each
-                // other where they share a chain.
-#pragma GCC unroll 8
-                for (int m = 0; m < M; ++m) {
-                    int32_t pair;  // the pair of x's values the weights multiply
-                    memcpy(&pair, x + m * k_pad + 4 * c + 2 * p, sizeof pair);
-                    dots[0][m] = _mm512_dpbf16_ps(dots[0][m], low_w, (__m512bh)_mm512_set1_epi32(pair));
+            for (int c = 0; c < 4; ++c) {
+                __m512i low[P], high[P];
+                for (int j = 0; j < P; ++j) {
+                    const __m512i q = _mm512_loadu_si512(block[j] + c * LANES);
+                    // byte i of lane l: row l's values 4c + i (low nibble) and 16 + 4c + i, as q << 3
+                    low[j] = _mm512_and_si512(_mm512_slli_epi32(q, 3), nibble_bits);
+                    high[j] = _mm512_and_si512(_mm512_srli_epi32(q, 1), nibble_bits);
                 }
+#pragma GCC unroll 2
+                for (int p = 0; p < 2; ++p) {
+#pragma GCC unroll 2
+                    for (int half = 0; half < 2; ++half) {
+                        __m512bh weights[P];
+                        for (int j = 0; j < P; ++j)
+                            weights[j] = (__m512bh)_mm512_or_si512(
+                                _mm512_shuffle_epi8(half ? high[j] : low[j], spread[p]), sixteen);
+                        const int at = (half * 8 + 2 * c + p) * M;  // the pair of x's values they multiply
 #pragma GCC unroll 8
-                for (int m = 0; m < M; ++m) {
-                    int32_t pair;
-                    memcpy(&pair, x + m * k_pad + 16 + 4 * c + 2 * p, sizeof pair);
-                    dots[CHAINS - 1][m] = _mm512_dpbf16_ps(dots[CHAINS - 1][m], high_w, (__m512bh)_mm512_set1_epi32(pair));
+                        for (int m = 0; m < M; ++m) {
+                            const __m512bh xs = (__m512bh)_mm512_set1_epi32(int32_t(x[at + m]));
+                            for (int j = 0; j < P; ++j) dots[j][m] = _mm512_dpbf16_ps(dots[j][m], weights[j], xs);
+                        }
+                    }
                 }
             }
         }
-    };
-    const auto on_group_end = [&](Floats (&acc)[M], int64_t first, int64_t g, const GroupScales& group)
-                                  __attribute__((always_inline)) {
-        const Floats offsets_less_16 = (symmetric ? group.scales * -8.0f : group.offsets) - 16.0f * group.scales;
+        for (int j = 0; j < P; ++j) {
+            const Floats scale = group[j].scales;
+            const Floats offsets_less_16 = (symmetric ? scale * -8.0f : group[j].offsets) - 16.0f * scale;
 #pragma GCC unroll 8
-        for (int m = 0; m < M; ++m) {
-            Floats sum = (Floats)dots[0][m];
-            if constexpr (CHAINS == 2) sum += (Floats)dots[1][m];
-            acc[m] += sum * group.scales + offsets_less_16 * x_sums[(first + m) * groups + g];
-            for (int c = 0; c < CHAINS; ++c) dots[c][m] = _mm512_setzero_ps();
+            for (int m = 0; m < M; ++m) {
+                Floats sum;
+                memcpy(&sum, acc[j][m], sizeof sum);
+                sum += (Floats)dots[j][m] * scale + offsets_less_16 * x_sums[(first + m) * groups + g];
+                memcpy(acc[j][m], &sum, sizeof sum);
+            }
         }
-    };
-    over_panels<T, 4, M>(w, bias, y, rows, n, k, group_size, PanelScales{scales, offsets, factors, groups}, on_block,
-                         on_group_end);
+    }
+    for (int j = 0; j < P; ++j) {
+        const int64_t lanes = std::min<int64_t>(LANES, n - (panel + j) * LANES);
+        for (int m = 0; m < M && first + m < rows; ++m) {
+            const float* values = acc[j][m];
+            for (int64_t l = 0; l < lanes; ++l) {
+                const int64_t row = (panel + j) * LANES + l;
+                y[(first + m) * n + row] = E::from_float(values[l] + (bias ? E::to_float(bias[row]) : 0.0f));
+            }
+        }
+    }
+}
+
+template <typename T, int M>
+void panel_dot_tiles(const uint32_t* xp, const float* x_sums, int64_t k_pad, const uint32_t* w,
+                     const uint16_t* scales, const uint16_t* offsets, const uint16_t* factors, const T* bias, T* y,
+                     int64_t rows, int64_t n, int64_t k, int64_t group_size) {
+    const bool symmetric = !offsets && !factors;  // Q4_0: w = (q - 8) * scale
+    const int64_t groups = (k + group_size - 1) / group_size, panels = (n + LANES - 1) / LANES;
+    // Two panels a step, the last one alone where their number is odd.
+#pragma omp for schedule(guided)
+    for (int64_t pair = 0; pair < (panels + 1) / 2; ++pair) {
+        const int64_t panel = 2 * pair;
+        for (int64_t first = 0; first < rows; first += M) {
+            // Each panel's own (coded scales keep their run's factors)
+            PanelScales scales_of[2] = {{scales, offsets, factors, groups}, {scales, offsets, factors, groups}};
+            if (panel + 1 < panels)
+                dot_panels<T, M, 2>(xp, x_sums, k_pad, w, scales_of, symmetric, bias, y, first, rows, panel, n, k,
+                                    group_size);
+            else
+                dot_panels<T, M, 1>(xp, x_sums, k_pad, w, scales_of, symmetric, bias, y, first, rows, panel, n, k,
+                                    group_size);
+        }
+    }
 }
 #else
 template <typename T, int M>
-void panel_dot_tiles(const bfloat16*, const float*, int64_t, const uint32_t*, const uint16_t*, const uint16_t*,
+void panel_dot_tiles(const uint32_t*, const float*, int64_t, const uint32_t*, const uint16_t*, const uint16_t*,
                      const uint16_t*, const T*, T*, int64_t, int64_t, int64_t, int64_t) {}
 #endif
 
@@ -1651,12 +1703,12 @@ void panel_exact_team(const T* x, int64_t m, const uint32_t* w, const uint16_t* 
                       float* xf, const NormFirst<T>* norm = nullptr) {
     constexpr bool by_dot = exact_panels_by_dot<T, BITS>();
     const int64_t k_pad = padded_width(k), groups = (k + group_size - 1) / group_size;
-    bfloat16* xb = reinterpret_cast<bfloat16*>(xf);
-    float* x_sums = xf + panel_padded_rows(m) * k_pad / 2;  // past the bfloat16 rows
+    uint32_t* xp = reinterpret_cast<uint32_t*>(xf);
+    float* x_sums = xf + panel_padded_rows(m) * k_pad / 2;  // past the pairs
     const auto prepare = [&](int64_t first, int64_t count) {
         if (norm) norm->run_rows(first, count);
         if constexpr (by_dot)
-            bf16_rows_with_sums<T>(x + first * k, count, k, group_size, xb + first * k_pad, x_sums + first * groups);
+            bf16_pairs_with_sums<T>(x, first, count, k, panel_group_rows(m), group_size, xp, x_sums);
         else
             widen_rows<T, float>(x + first * k, count, k, xf + first * k_pad);
     };
@@ -1669,7 +1721,7 @@ void panel_exact_team(const T* x, int64_t m, const uint32_t* w, const uint16_t* 
     }
     with_rows(panel_group_rows(m), [&](auto rows) {
         if constexpr (by_dot)
-            panel_dot_tiles<T, rows()>(xb, x_sums, k_pad, w, scales, offsets, factors, bias, y, m, n, k, group_size);
+            panel_dot_tiles<T, rows()>(xp, x_sums, k_pad, w, scales, offsets, factors, bias, y, m, n, k, group_size);
         else
             panel_exact_tiles<T, BITS, rows()>(xf, k_pad, w, scales, offsets, factors, bias, y, m, n, k, group_size);
     });
@@ -2869,6 +2921,10 @@ int native_dot4() {
     return 0;
 #endif
 }
+
+// Whether prompt rows (x exact) meet 4-bit panels by AVX-512 BF16 dot products here
+// (panel_dot_tiles): cpu.py keeps more of them in the panels than the float path's.
+int bf16_dot_panels() { return BF16_DOT_PANELS; }
 
 // Structured outputs (model/sampler.py): a grammar's allowed tokens come as a packed bitmask,
 // bit t % 32 of 32-bit word t / 32 set when token t is allowed. Unpacking it into a [rows, vocab]

@@ -445,7 +445,7 @@ def test_panels_stay_in_gemv_passes_up_to_their_crossover(variant, bits):
     float GEMV's 16 rows (dequantizing the whole weight per call made batches of 16-63 sequences
     10x slower than 8), and widens them for a GEMM from the measured crossover on (never where
     the GEMM is a float32 one); prompt rows are never rounded to int8: the GEMV with x exact up
-    to their own crossover, widened past it."""
+    to their own crossover (4-bit panels' further where AVX-512 BF16 multiplies them), widened past it."""
     library, dtype = variant
     weight = (
         ref.quantize_int4(randn(40, 96, dtype=F32), 32) if bits == 4 else quantize_q8_0(randn(40, 96, dtype=F32), 32)
@@ -453,7 +453,11 @@ def test_panels_stay_in_gemv_passes_up_to_their_crossover(variant, bits):
     packed = cpu.pack_grouped(weight, library.lanes, panels=True)
     native = dtype == F32 or cpu.native_gemm(dtype)
     widen_from = cpu.PANEL_WIDEN_MIN_ROWS if native else None
-    exact_from = cpu.EXACT_PANEL_WIDEN_MIN_ROWS if native else cpu.EXACT_PANEL_WIDEN_MIN_ROWS_SLOW_GEMM
+    exact_from = cpu.prompt_panel_widen_rows(dtype, bits, library)
+    if bits == 4 and dtype == BF16 and library.bf16_dot_panels:  # the dot products' crossover
+        assert exact_from == cpu.EXACT_DOT_PANEL_WIDEN_MIN_ROWS
+    else:
+        assert exact_from == (cpu.EXACT_PANEL_WIDEN_MIN_ROWS if native else cpu.EXACT_PANEL_WIDEN_MIN_ROWS_SLOW_GEMM)
     crossovers = (cpu.PANEL_WIDEN_MIN_ROWS, exact_from)
     for rows in (1, cpu.WIDEN_MIN_ROWS + 4, *(c + d for c in crossovers for d in (-1, 0))):
         x = randn(rows, 96, dtype=dtype)

@@ -128,7 +128,7 @@ def test_prompt_rows_and_first_positions_are_never_rounded_to_int8(checkpoints, 
         llm.generate(prompt_token_ids=[list(range(5, 17))], sampling_params=params, use_tqdm=False)
         assert seen == [] and fused_calls == [(12, True), *decoded]  # 12 rows: still the prompt mode
         fused_calls.clear()
-        rows = cpu.prompt_panel_widen_rows(torch.bfloat16)
+        rows = cpu.prompt_panel_widen_rows(torch.bfloat16, 4, cpu.library())
         prompt = [5 + i % 100 for i in range(rows)]  # the tiny vocabulary's ids
         llm.generate(prompt_token_ids=[prompt], sampling_params=params, use_tqdm=False)
         assert seen == [False] and fused_calls == decoded  # the per-kernel path, exact
