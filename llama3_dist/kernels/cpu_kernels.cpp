@@ -1128,14 +1128,35 @@ inline int32_t lane_total(Ints v) {
     return total;
 }
 
+// Where the integer GEMV's quantized x lives for tiles of `group` rows (panel_group_rows): block
+// b of row i as 8 runs of 4 bytes, the same run of a group's rows side by side (run s of row i
+// is 4-byte word ((i / group * blocks + b) * 8 + s) * group + i % group), and the block's scale
+// and sums at (i / group * blocks + b) * group + i % group. A tile then reads a block's x at
+// constant offsets from one pointer: a pointer a row took the registers, and GCC kept them on
+// the stack (a tile of 8 rows made 350 stack references). A group of one row is row-major.
+struct XBlocks {
+    int64_t group, blocks;
+    int64_t at(int64_t row, int64_t b) const { return (row / group * blocks + b) * group + row % group; }
+    int64_t word(int64_t row, int64_t b, int64_t run) const {
+        return ((row / group * blocks + b) * 8 + run) * group + row % group;
+    }
+};
+
+// Rows [first_row, first_row + m) of x [*, k] into the layout (group_sums [rows, groups] row-major).
 // Runs once per projection of a decode step, so a vector at a time (one thread runs it while
 // the others wait): each value's rounding is nearbyintf's, every sum an exact integer one.
 template <typename T, int DIGITS>
-void quantize_blocks(const T* x, int64_t m, int64_t k, int64_t blocks, int64_t group_size, int8_t* xq,
-                     int8_t* xq_low, float* dx, float* group_sums, int32_t* block_sums, int32_t* low_block_sums) {
+void quantize_blocks(const T* x, int64_t first_row, int64_t m, int64_t k, const XBlocks& layout, int64_t group_size,
+                     int8_t* xq, int8_t* xq_low, float* dx, float* group_sums, int32_t* block_sums,
+                     int32_t* low_block_sums) {
     constexpr int VECTORS = 32 / LANES;
-    const int64_t groups = (k + group_size - 1) / group_size;
-    for (int64_t row = 0; row < m; ++row) {
+    const int64_t groups = (k + group_size - 1) / group_size, blocks = layout.blocks;
+    // a vector's LANES bytes, a run of 4 at a time, into their words
+    const auto store_runs = [&](int8_t* to, int64_t row, int64_t b, int v, const LaneInt8s& bytes) {
+        for (int run = 0; run < LANES / 4; ++run)
+            memcpy(to + 4 * layout.word(row, b, v * LANES / 4 + run), reinterpret_cast<const int8_t*>(&bytes) + 4 * run, 4);
+    };
+    for (int64_t row = first_row; row < first_row + m; ++row) {
         for (int64_t g = 0; g < groups; ++g) group_sums[row * groups + g] = 0.0f;
         for (int64_t b = 0; b < blocks; ++b) {
             Floats values[VECTORS], magnitude = {};  // zero past k
@@ -1148,29 +1169,25 @@ void quantize_blocks(const T* x, int64_t m, int64_t k, int64_t blocks, int64_t g
             const float largest = largest_lane(magnitude);
             const float range = DIGIT_RANGE[DIGITS];
             const float scale = largest / range, inverse = largest > 0.0f ? range / largest : 0.0f;
-            dx[row * blocks + b] = scale;
+            dx[layout.at(row, b)] = scale;
             // total: of the quantized x (a block lies in one group: groups are whole blocks);
             // with two digits, high_total and low_total: of each digit.
             Ints total = {}, high_total = {}, low_total = {};
             for (int v = 0; v < VECTORS; ++v) {
                 const Ints q = round_to_ints(values[v] * inverse);
-                int8_t* at = xq + (row * blocks + b) * 32 + v * LANES;
                 if constexpr (DIGITS == 2) {
                     const Ints high = round_to_ints(__builtin_convertvector(q, Floats) / 128.0f);
-                    const LaneInt8s high_bytes = __builtin_convertvector(high, LaneInt8s);
-                    const LaneInt8s low_bytes = __builtin_convertvector(q - 128 * high, LaneInt8s);
-                    memcpy(at, &high_bytes, LANES);
-                    memcpy(xq_low + (at - xq), &low_bytes, LANES);
+                    store_runs(xq, row, b, v, __builtin_convertvector(high, LaneInt8s));
+                    store_runs(xq_low, row, b, v, __builtin_convertvector(q - 128 * high, LaneInt8s));
                     high_total += high;
                     low_total += q - 128 * high;
                 } else {
-                    const LaneInt8s bytes = __builtin_convertvector(q, LaneInt8s);
-                    memcpy(at, &bytes, LANES);
+                    store_runs(xq, row, b, v, __builtin_convertvector(q, LaneInt8s));
                 }
                 total += q;
             }
-            block_sums[row * blocks + b] = lane_total(DIGITS == 2 ? high_total : total);
-            if constexpr (DIGITS == 2) low_block_sums[row * blocks + b] = lane_total(low_total);
+            block_sums[layout.at(row, b)] = lane_total(DIGITS == 2 ? high_total : total);
+            if constexpr (DIGITS == 2) low_block_sums[layout.at(row, b)] = lane_total(low_total);
             group_sums[row * groups + b * 32 / group_size] += float(lane_total(total)) * scale;
         }
     }
@@ -1257,20 +1274,24 @@ __attribute__((noinline)) void panel_tiles(const int8_t* xq, const int8_t* xq_lo
     constexpr int VECTORS = BITS == 4 ? 4 : BITS == 6 ? 6 : 8;  // per block of 32 (see the layouts)
     const int64_t blocks = (k + 31) / 32, groups = (k + group_size - 1) / group_size;
     const bool offset_term = offsets || factors;
+    // x in XBlocks' layout for groups of M rows: a block's per-row values from at(first, b) on,
+    // its runs of 4 bytes from runs(first, b) (run s of row m at s * M + m)
+    const auto at = [blocks](int64_t first, int64_t b) { return (first / M * blocks + b) * M; };
+    const auto runs = [&](const int8_t* bytes, int64_t first, int64_t b) {
+        return reinterpret_cast<const int32_t*>(bytes) + at(first, b) * 8;
+    };
     // 4 bits with PAIR_SUMS: each row's 16-bit pair sums of a block (see pair_sums)
     const auto nibble_pair_sums = [&](Pairs (&pairs)[M], int64_t first, int64_t b, const uint32_t* block)
                                       __attribute__((always_inline)) {
         for (int m = 0; m < M; ++m) pairs[m] = Pairs{};
+        const int32_t* x4 = runs(xq, first, b);
 #pragma GCC unroll 4
         for (int c = 0; c < 4; ++c) {
             Words q;
             memcpy(&q, block + c * LANES, sizeof q);
             const Words low = q & 0x0f0f0f0fu, high = (q >> 4) & 0x0f0f0f0fu;
 #pragma GCC unroll 8
-            for (int m = 0; m < M; ++m) {
-                const int32_t* x4 = reinterpret_cast<const int32_t*>(xq + ((first + m) * blocks + b) * 32);
-                pairs[m] += pair_sums(low, x4[c]) + pair_sums(high, x4[4 + c]);
-            }
+            for (int m = 0; m < M; ++m) pairs[m] += pair_sums(low, x4[c * M + m]) + pair_sums(high, x4[(4 + c) * M + m]);
         }
     };
     if constexpr (BITS == 4 && PAIR_SUMS) {
@@ -1301,7 +1322,7 @@ __attribute__((noinline)) void panel_tiles(const int8_t* xq, const int8_t* xq_lo
 #pragma GCC unroll 8
                 for (int m = 0; m < M; ++m)
                     run_scaled[m] += __builtin_convertvector(scaled_pairs(pairs[m], group.scale_pairs), Floats) *
-                                     dx[(first + m) * blocks + b];
+                                     dx[at(first, b) + m];
             };
             const auto on_group_end = [&](Floats (&acc)[M], int64_t first, int64_t g, const GroupCodes& group)
                                           __attribute__((always_inline)) {
@@ -1332,6 +1353,7 @@ __attribute__((noinline)) void panel_tiles(const int8_t* xq, const int8_t* xq_lo
             // (two vectors). Exact integer sums either way: the same results.
             Pairs pairs[M], low_pairs[M];
             for (int m = 0; m < M; ++m) pairs[m] = low_pairs[m] = Pairs{};
+            const int32_t *x4 = runs(xq, first, b), *low4 = runs(xq_low, first, b);
 #pragma GCC unroll 4
             for (int c = 0; c < 4; ++c) {
                 Words q;
@@ -1344,30 +1366,31 @@ __attribute__((noinline)) void panel_tiles(const int8_t* xq, const int8_t* xq_lo
                 const Words high = ((q >> 4) & 0x0f0f0f0fu) | bits_45(high_bits[1]);
 #pragma GCC unroll 8
                 for (int m = 0; m < M; ++m) {
-                    const int32_t* x4 = reinterpret_cast<const int32_t*>(xq + ((first + m) * blocks + b) * 32);
-                    const int32_t* low4 = reinterpret_cast<const int32_t*>(xq_low + ((first + m) * blocks + b) * 32);
+                    const int32_t first_run = x4[c * M + m], second_run = x4[(4 + c) * M + m];
+                    const int32_t first_low = low4[c * M + m], second_low = low4[(4 + c) * M + m];
                     if constexpr (PAIR_SUMS) {
-                        sums[m] += widen_pairs(pair_sums(low, x4[c]) + pair_sums(high, x4[4 + c]));
+                        sums[m] += widen_pairs(pair_sums(low, first_run) + pair_sums(high, second_run));
                         if constexpr (DIGITS == 2) {
-                            low_pairs[m] += pair_sums(low, low4[c]) + pair_sums(high, low4[4 + c]);
+                            low_pairs[m] += pair_sums(low, first_low) + pair_sums(high, second_low);
                             if (c % 2 == 1) {
                                 low_sums[m] += widen_pairs(low_pairs[m]);
                                 low_pairs[m] = Pairs{};
                             }
                         }
                     } else {
-                        sums[m] = dot4(dot4(sums[m], low, x4[c]), high, x4[4 + c]);
+                        sums[m] = dot4(dot4(sums[m], low, first_run), high, second_run);
                         if constexpr (DIGITS == 2)
-                            low_sums[m] = dot4(dot4(low_sums[m], low, low4[c]), high, low4[4 + c]);
+                            low_sums[m] = dot4(dot4(low_sums[m], low, first_low), high, second_low);
                     }
                 }
             }
             // u - 32: the 32s' share, per digit
             for (int m = 0; m < M; ++m) {
-                sums[m] -= 32 * block_sums[(first + m) * blocks + b];
-                if constexpr (DIGITS == 2) low_sums[m] -= 32 * low_block_sums[(first + m) * blocks + b];
+                sums[m] -= 32 * block_sums[at(first, b) + m];
+                if constexpr (DIGITS == 2) low_sums[m] -= 32 * low_block_sums[at(first, b) + m];
             }
         } else {
+            const int32_t *x4 = runs(xq, first, b), *low4 = runs(xq_low, first, b);
 #pragma GCC unroll 8
             for (int c = 0; c < VECTORS; ++c) {
                 Words q;
@@ -1375,40 +1398,32 @@ __attribute__((noinline)) void panel_tiles(const int8_t* xq, const int8_t* xq_lo
                 if constexpr (BITS == 4) {
                     const Words low = q & 0x0f0f0f0fu, high = (q >> 4) & 0x0f0f0f0fu;
 #pragma GCC unroll 8
-                    for (int m = 0; m < M; ++m) {
-                        const int32_t* x4 = reinterpret_cast<const int32_t*>(xq + ((first + m) * blocks + b) * 32);
-                        sums[m] = dot4(dot4(sums[m], low, x4[c]), high, x4[4 + c]);
-                    }
+                    for (int m = 0; m < M; ++m) sums[m] = dot4(dot4(sums[m], low, x4[c * M + m]), high, x4[(4 + c) * M + m]);
                 } else {
 #pragma GCC unroll 8
                     for (int m = 0; m < M; ++m) {
-                        const int32_t* x4 = reinterpret_cast<const int32_t*>(xq + ((first + m) * blocks + b) * 32);
-                        sums[m] = dot4_signed(sums[m], q, x4[c]);
-                        if constexpr (DIGITS == 2) {
-                            const int32_t* low4 =
-                                reinterpret_cast<const int32_t*>(xq_low + ((first + m) * blocks + b) * 32);
-                            low_sums[m] = dot4_signed(low_sums[m], q, low4[c]);
-                        }
+                        sums[m] = dot4_signed(sums[m], q, x4[c * M + m]);
+                        if constexpr (DIGITS == 2) low_sums[m] = dot4_signed(low_sums[m], q, low4[c * M + m]);
                     }
                 }
             }
         }
         if constexpr (BITS == 8 && SIGNED_DOT4_EXCESS) {
             for (int m = 0; m < M; ++m) {
-                sums[m] -= 128 * block_sums[(first + m) * blocks + b];
-                if constexpr (DIGITS == 2) low_sums[m] -= 128 * low_block_sums[(first + m) * blocks + b];
+                sums[m] -= 128 * block_sums[at(first, b) + m];
+                if constexpr (DIGITS == 2) low_sums[m] -= 128 * low_block_sums[at(first, b) + m];
             }
         }
         // Symmetric 4 bits (Q4_0: w = (q - 8) * scale, no offsets stored): the 8s' share.
         if constexpr (BITS == 4)
             if (!offset_term)
-                for (int m = 0; m < M; ++m) sums[m] -= 8 * block_sums[(first + m) * blocks + b];
+                for (int m = 0; m < M; ++m) sums[m] -= 8 * block_sums[at(first, b) + m];
         // |high digits' sum| <= 32 * 127 * 127, so 128 times it stays far inside int32.
         if constexpr (DIGITS == 2)
             for (int m = 0; m < M; ++m) sums[m] = sums[m] * 128 + low_sums[m];
 #pragma GCC unroll 8
         for (int m = 0; m < M; ++m)
-            acc[m] += __builtin_convertvector(sums[m], Floats) * (weight_scales * dx[(first + m) * blocks + b]);
+            acc[m] += __builtin_convertvector(sums[m], Floats) * (weight_scales * dx[at(first, b) + m]);
     };
     const auto on_group_end = [&](Floats (&acc)[M], int64_t first, int64_t g, const GroupScales& group)
                                   __attribute__((always_inline)) {
@@ -1443,23 +1458,21 @@ void panel_team(const T* x, int64_t m, const uint32_t* w, const uint16_t* scales
     int8_t *xq = scratch.xq.data(), *xq_low = scratch.xq_low.data();
     float *dx = scratch.dx.data(), *group_sums = scratch.group_sums.data();
     int32_t *block_sums = scratch.block_sums.data(), *low_block_sums = scratch.low_block_sums.data();
-    const int64_t blocks = (k + 31) / 32, groups = (k + group_size - 1) / group_size;
+    const XBlocks layout{panel_group_rows(m), (k + 31) / 32};
     if (m > GEMV_MAX_ROWS) {
         // Many rows: each thread norms and quantizes rows of its own (in one thread's single
         // section, this was ~8% of a 64-row step while the other thread waited).
 #pragma omp for schedule(static)
         for (int64_t row = 0; row < m; ++row) {
             if (norm) norm->run_rows(row, 1);
-            quantize_blocks<T, DIGITS>(x + row * k, 1, k, blocks, group_size, xq + row * blocks * 32,
-                                       DIGITS == 2 ? xq_low + row * blocks * 32 : nullptr, dx + row * blocks,
-                                       group_sums + row * groups, block_sums + row * blocks,
-                                       DIGITS == 2 ? low_block_sums + row * blocks : nullptr);
+            quantize_blocks<T, DIGITS>(x, row, 1, k, layout, group_size, xq, xq_low, dx, group_sums, block_sums,
+                                       low_block_sums);
         }
     } else {
 #pragma omp single
         {
             if (norm) norm->run(m);
-            quantize_blocks<T, DIGITS>(x, m, k, blocks, group_size, xq, xq_low, dx, group_sums, block_sums,
+            quantize_blocks<T, DIGITS>(x, 0, m, k, layout, group_size, xq, xq_low, dx, group_sums, block_sums,
                                        low_block_sums);
         }
     }
