@@ -1495,6 +1495,21 @@ int panel_gemv(const T* x, const uint32_t* w, const uint16_t* scales, const uint
     return 0;
 }
 
+// Rows [first, first + count) of x [*, k] widened to float32 for panel_exact_tiles, the rows of
+// each group of group_rows side by side (element e of row i at (i / group_rows * k_pad + e) *
+// group_rows + i % group_rows, k_pad = padded_width(k), zero beyond k): a tile reads them at
+// constant offsets from one pointer (a pointer a row took GCC's registers; it kept them on the
+// stack, ~1200 stack references in the 8-bit GEMV).
+template <typename T>
+void exact_rows(const T* x, int64_t first, int64_t count, int64_t k, int64_t group_rows, float* xf) {
+    using E = Element<T>;
+    const int64_t k_pad = padded_width(k);
+    for (int64_t row = first; row < first + count; ++row) {
+        float* to = xf + (row / group_rows * k_pad) * group_rows + row % group_rows;
+        for (int64_t e = 0; e < k_pad; ++e) to[e * group_rows] = e < k ? E::to_float(x[row * k + e]) : 0.0f;
+    }
+}
+
 // Prompt rows against 4- or 8-bit panels (bfloat16 models): x exact in float32, never rounded
 // to int8 (cpu.py's decode_rows says why), and each weight vector dequantized in registers,
 // q * scale + offset for the LANES rows of its panel, then multiplied into every row of x. Reads
@@ -1512,7 +1527,8 @@ void panel_exact_tiles(const float* xf, int64_t k_pad, const uint32_t* w, const 
                               const GroupScales& group) __attribute__((always_inline)) {
         const Floats weight_scales = group.scales;
         const Floats weight_offsets = symmetric ? weight_scales * -8.0f : group.offsets;
-        const float* x = xf + first * k_pad + b * 32;
+        // exact_rows' layout: element e of the group's row m at e * M + m (first: a multiple of M)
+        const float* x = xf + first * k_pad + b * 32 * M;
 #pragma GCC unroll 2
         for (int c = 0; c < VECTORS; ++c) {
             Words q;
@@ -1528,12 +1544,12 @@ void panel_exact_tiles(const float* xf, int64_t k_pad, const uint32_t* w, const 
                     const Floats high_w = high * weight_scales + weight_offsets;
 #pragma GCC unroll 8
                     for (int m = 0; m < M; ++m)
-                        acc[m] += low_w * x[m * k_pad + 4 * c + j] + high_w * x[m * k_pad + 16 + 4 * c + j];
+                        acc[m] += low_w * x[(4 * c + j) * M + m] + high_w * x[(16 + 4 * c + j) * M + m];
                 } else {
                     const Floats value = __builtin_convertvector(((Ints)q << (24 - 8 * j)) >> 24, Floats);
                     const Floats weight = value * weight_scales;
 #pragma GCC unroll 8
-                    for (int m = 0; m < M; ++m) acc[m] += weight * x[m * k_pad + 4 * c + j];
+                    for (int m = 0; m < M; ++m) acc[m] += weight * x[(4 * c + j) * M + m];
                 }
             }
         }
@@ -1707,9 +1723,10 @@ void panel_dot_tiles(const uint32_t*, const float*, int64_t, const uint32_t*, co
 #endif
 
 // The exact-x panel GEMV by the threads of an enclosing parallel region, after norm where there
-// is one (x is then its output): x widened to float32 once (xf: panel_padded_rows(m) rows of
-// padded_width(k), zero past m's), or for panel_dot_tiles as bfloat16 rows there, each row's
-// group sums after them. Past GEMV_MAX_ROWS rows each thread prepares rows of its own.
+// is one (x is then its output): x widened to float32 once (exact_rows; xf: panel_padded_rows(m)
+// rows of padded_width(k)), or for panel_dot_tiles as pairs of bfloat16 values there, each row's
+// group sums after them (bf16_pairs_with_sums). Past GEMV_MAX_ROWS rows each thread prepares
+// rows of its own.
 template <typename T, int BITS>
 void panel_exact_team(const T* x, int64_t m, const uint32_t* w, const uint16_t* scales, const uint16_t* offsets,
                       const uint16_t* factors, const T* bias, T* y, int64_t n, int64_t k, int64_t group_size,
@@ -1723,7 +1740,7 @@ void panel_exact_team(const T* x, int64_t m, const uint32_t* w, const uint16_t* 
         if constexpr (by_dot)
             bf16_pairs_with_sums<T>(x, first, count, k, panel_group_rows(m), group_size, xp, x_sums);
         else
-            widen_rows<T, float>(x + first * k, count, k, xf + first * k_pad);
+            exact_rows<T>(x, first, count, k, panel_group_rows(m), xf);
     };
     if (m > GEMV_MAX_ROWS) {
 #pragma omp for schedule(static)
