@@ -414,9 +414,10 @@ class KernelLibrary:
         """Whether this build has byte dot-product instructions (the 4-bit integer GEMV's)."""
         return bool(self._lib.native_dot4())
 
-    @property
+    @functools.cached_property
     def bf16_dot_panels(self) -> bool:
-        """Whether prompt rows (x exact) meet 4-bit panels by AVX-512 BF16 dot products here."""
+        """Whether prompt rows (x exact) meet 4-bit panels by AVX-512 BF16 dot products here (read
+        once: grouped_linear asks at every prompt product)."""
         return bool(self._lib.bf16_dot_panels())
 
     @property
