@@ -833,12 +833,14 @@ def test_first_positions_of_quantized_models_run_exact_in_the_stack(checkpoints,
 
 @built
 @pytest.mark.parametrize(
-    "dtype,quantization,second", [("float32", None, 5), ("bfloat16", "int4", 5), ("bfloat16", "int4", 17)]
+    "dtype,quantization,second",
+    [("float32", None, 5), ("bfloat16", "int4", 5), ("bfloat16", "int4", 17), ("bfloat16", "int4", 97)],
 )
 def test_short_prompts_run_in_the_stack(checkpoints, monkeypatch, dtype, quantization, second):
     """Prompt steps of at most 8 rows run in the stack's prompt mode, and of more where every weight
-    is in panels (here 3 + 17 rows: three groups of 7): a row per token with its own position,
-    slot, block table and context (causal), the keys and values of all stored first, x exact.
+    is in panels (here 3 + 17 rows: three groups of 7; 3 + 97 where 4-bit prompt rows stay exact
+    past 64, as with AVX-512 BF16's dot products): a row per token with its own position, slot,
+    block table and context (causal), the keys and values of all stored first, x exact.
     Against the per-kernel path (torch's prefill attention there, the library's decode attention
     here): the prompt's logits within float rounding, then the same greedy tokens."""
     from llama3_dist import Llama3Model, ReturnLogits, TextContext
@@ -877,8 +879,11 @@ def test_short_prompts_run_in_the_stack(checkpoints, monkeypatch, dtype, quantiz
                 last = model.execute(inputs).logits
             return prompt_logits, tokens
 
+    rows = 3 + second
+    in_stack = not quantization or rows < cpu.prompt_panel_widen_rows(torch.bfloat16, 4, cpu.library())
     got, got_tokens = run("1")
-    assert calls and calls[0] == (3 + second, True) and all(c == (2, False) for c in calls[1:])
+    prompt_calls = [(rows, True)] if in_stack else []  # else the per-kernel path's (widened) prompt
+    assert calls[: len(prompt_calls)] == prompt_calls and calls[len(prompt_calls) :] == [(2, False)] * 6
     calls.clear()
     expected, expected_tokens = run("0")
     assert calls == []
