@@ -800,8 +800,8 @@ class FusedDecodeLayer:
         self._tensors = [*tensors, *packed]  # the structs below point into them
         # Whether a projection runs the integer GEMV, which rounds x to int8 blocks: dense
         # weights take x exact (as float32), so a layer without panels never rounds.
-        self.rounds = bool(packed)
         self.panel_bits = {p.bits for p in packed}  # FusedDecodeStack.takes_rows bounds prompt rows by them
+        self.rounds = bool(self.panel_bits)
         # Whether every projection is in panels (the integer GEMV; else some run the dense one:
         # FusedDecodeStack.takes_rows bounds the rows of each kind).
         self.all_panels = all(isinstance(t, PackedGroupWeights) for t in (qkv, o_proj, gate_up, down))
@@ -963,6 +963,8 @@ class FusedDecodeStack:
         self.rounds = any(layer.rounds for layer in layers) or isinstance(head, PackedGroupWeights)
         # Whether any weight is dense (the library's GEMV; `rounds`: any in panels).
         self._dense = any(not layer.all_panels for layer in layers) or isinstance(head, torch.Tensor)
+        # The layers' panel widths (the head is left out of prompt steps): they bound prompt rows.
+        self._panel_bits = set().union(*(layer.panel_bits for layer in layers))
         # The head's outputs in the layers' dtype, before widening: never leave the call, so one
         # buffer serves every step (a fresh one would cost its page faults each step); it grows
         # to the most rows a step has had.
@@ -989,9 +991,10 @@ class FusedDecodeStack:
             return True
         if decode:
             widen_from = decode_panel_widen_rows(first.dtype)
-        else:  # the layers' panels (the head is left out of prompt steps)
-            bits = set().union(*(layer.panel_bits for layer in self._layers))
-            widen_from = min((prompt_panel_widen_rows(first.dtype, b, first.kernels) for b in bits), default=None)
+        else:
+            widen_from = min(
+                (prompt_panel_widen_rows(first.dtype, bits, first.kernels) for bits in self._panel_bits), default=None
+            )
         return widen_from is None or rows < widen_from
 
     def _caches(self, kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[Any, Any]:

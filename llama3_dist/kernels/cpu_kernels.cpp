@@ -1128,33 +1128,34 @@ inline int32_t lane_total(Ints v) {
     return total;
 }
 
-// Where the integer GEMV's quantized x lives for tiles of `group` rows (panel_group_rows): block
-// b of row i as 8 runs of 4 bytes, the same run of a group's rows side by side (run s of row i
-// is 4-byte word ((i / group * blocks + b) * 8 + s) * group + i % group), and the block's scale
-// and sums at (i / group * blocks + b) * group + i % group. A tile then reads a block's x at
-// constant offsets from one pointer: a pointer a row took the registers, and GCC kept them on
-// the stack (a tile of 8 rows made 350 stack references). A group of one row is row-major.
-struct XBlocks {
-    int64_t group, blocks;
-    int64_t at(int64_t row, int64_t b) const { return (row / group * blocks + b) * group + row % group; }
-    int64_t word(int64_t row, int64_t b, int64_t run) const {
-        return ((row / group * blocks + b) * 8 + run) * group + row % group;
-    }
+// Rows of x laid out for tiles of `group` rows (the GEMVs' groups of rows), each row `length`
+// elements, the same element of a group's rows side by side: element e of row i at (i / group *
+// length + e) * group + i % group. A tile of the rows from `first` (a multiple of group) reads
+// element e of its row m at at(first, e) + m, from one pointer at constant offsets, where a
+// pointer a row took the registers and GCC kept them on the stack (350 stack references in the
+// integer GEMV's 8-row tile, ~1200 in the 8-bit exact one). A group of one row is row-major.
+struct RowGroups {
+    int64_t group, length;
+    int64_t at(int64_t row, int64_t e) const { return (row / group * length + e) * group + row % group; }
 };
 
-// Rows [first_row, first_row + m) of x [*, k] into the layout (group_sums [rows, groups] row-major).
+// Rows [first_row, first_row + m) of x [*, k] for the integer GEMV's tiles of group_rows rows:
+// each block of 32 as 8 runs of 4 bytes (RowGroups of the runs), its scale and sums per block
+// (RowGroups of the blocks); group_sums [rows, groups] row-major.
 // Runs once per projection of a decode step, so a vector at a time (one thread runs it while
 // the others wait): each value's rounding is nearbyintf's, every sum an exact integer one.
 template <typename T, int DIGITS>
-void quantize_blocks(const T* x, int64_t first_row, int64_t m, int64_t k, const XBlocks& layout, int64_t group_size,
+void quantize_blocks(const T* x, int64_t first_row, int64_t m, int64_t k, int64_t group_rows, int64_t group_size,
                      int8_t* xq, int8_t* xq_low, float* dx, float* group_sums, int32_t* block_sums,
                      int32_t* low_block_sums) {
     constexpr int VECTORS = 32 / LANES;
-    const int64_t groups = (k + group_size - 1) / group_size, blocks = layout.blocks;
+    const int64_t groups = (k + group_size - 1) / group_size, blocks = (k + 31) / 32;
+    const RowGroups runs{group_rows, blocks * 8}, per_block{group_rows, blocks};
     // a vector's LANES bytes, a run of 4 at a time, into their words
     const auto store_runs = [&](int8_t* to, int64_t row, int64_t b, int v, const LaneInt8s& bytes) {
         for (int run = 0; run < LANES / 4; ++run)
-            memcpy(to + 4 * layout.word(row, b, v * LANES / 4 + run), reinterpret_cast<const int8_t*>(&bytes) + 4 * run, 4);
+            memcpy(to + 4 * runs.at(row, b * 8 + v * LANES / 4 + run), reinterpret_cast<const int8_t*>(&bytes) + 4 * run,
+                   4);
     };
     for (int64_t row = first_row; row < first_row + m; ++row) {
         for (int64_t g = 0; g < groups; ++g) group_sums[row * groups + g] = 0.0f;
@@ -1169,7 +1170,7 @@ void quantize_blocks(const T* x, int64_t first_row, int64_t m, int64_t k, const 
             const float largest = largest_lane(magnitude);
             const float range = DIGIT_RANGE[DIGITS];
             const float scale = largest / range, inverse = largest > 0.0f ? range / largest : 0.0f;
-            dx[layout.at(row, b)] = scale;
+            dx[per_block.at(row, b)] = scale;
             // total: of the quantized x (a block lies in one group: groups are whole blocks);
             // with two digits, high_total and low_total: of each digit.
             Ints total = {}, high_total = {}, low_total = {};
@@ -1186,8 +1187,8 @@ void quantize_blocks(const T* x, int64_t first_row, int64_t m, int64_t k, const 
                 }
                 total += q;
             }
-            block_sums[layout.at(row, b)] = lane_total(DIGITS == 2 ? high_total : total);
-            if constexpr (DIGITS == 2) low_block_sums[layout.at(row, b)] = lane_total(low_total);
+            block_sums[per_block.at(row, b)] = lane_total(DIGITS == 2 ? high_total : total);
+            if constexpr (DIGITS == 2) low_block_sums[per_block.at(row, b)] = lane_total(low_total);
             group_sums[row * groups + b * 32 / group_size] += float(lane_total(total)) * scale;
         }
     }
@@ -1219,6 +1220,17 @@ inline bool panel_arguments(int64_t m, int64_t group_size, const uint16_t* offse
            (BITS == 4 || (!offsets && !factors)) && !(factors && offsets);
 }
 
+// Row out_row of y [*, n]: a panel's LANES sums plus bias, the lanes past n dropped.
+template <typename T>
+inline void store_panel_row(const float* sums, int64_t panel, int64_t out_row, int64_t n, const T* bias, T* y) {
+    using E = Element<T>;
+    const int64_t lanes = std::min<int64_t>(LANES, n - panel * LANES);
+    for (int64_t l = 0; l < lanes; ++l) {
+        const int64_t row = panel * LANES + l;
+        y[out_row * n + row] = E::from_float(sums[l] + (bias ? E::to_float(bias[row]) : 0.0f));
+    }
+}
+
 // The walk both panel GEMVs share, by the threads of the enclosing parallel region: each panel
 // (LANES rows) in turn and, for each group of M rows of x (from row `first`, padded: see
 // panel_group_rows), its groups in order, each group's blocks of 32 (prefetched PREFETCH_BYTES
@@ -1231,13 +1243,11 @@ template <typename T, int VECTORS, int M, typename OnGroup, typename OnBlock, ty
 __attribute__((always_inline)) inline void over_panels(const uint32_t* w, const T* bias, T* y, int64_t m, int64_t n,
                                                        int64_t k, int64_t group_size, OnGroup&& on_group,
                                                        OnBlock&& on_block, OnGroupEnd&& on_group_end) {
-    using E = Element<T>;
     const int64_t blocks = (k + 31) / 32, groups = (k + group_size - 1) / group_size;
     const int64_t panels = (n + LANES - 1) / LANES, blocks_per_group = group_size / 32;
 #pragma omp for schedule(guided)
     for (int64_t panel = 0; panel < panels; ++panel) {
         const uint32_t* panel_words = w + panel * blocks * VECTORS * LANES;
-        const int64_t rows = std::min<int64_t>(LANES, n - panel * LANES);
         for (int64_t first = 0; first < m; first += M) {
             Floats acc[M];
             for (int r = 0; r < M; ++r) acc[r] = Floats{};
@@ -1253,12 +1263,9 @@ __attribute__((always_inline)) inline void over_panels(const uint32_t* w, const 
                 on_group_end(acc, first, g, group);
             }
             for (int r = 0; r < M && first + r < m; ++r) {
-                float lanes[LANES];
-                memcpy(lanes, &acc[r], sizeof lanes);
-                for (int64_t l = 0; l < rows; ++l) {
-                    const int64_t row = panel * LANES + l;
-                    y[(first + r) * n + row] = E::from_float(lanes[l] + (bias ? E::to_float(bias[row]) : 0.0f));
-                }
+                float sums[LANES];
+                memcpy(sums, &acc[r], sizeof sums);
+                store_panel_row(sums, panel, first + r, n, bias, y);
             }
         }
     }
@@ -1274,11 +1281,12 @@ __attribute__((noinline)) void panel_tiles(const int8_t* xq, const int8_t* xq_lo
     constexpr int VECTORS = BITS == 4 ? 4 : BITS == 6 ? 6 : 8;  // per block of 32 (see the layouts)
     const int64_t blocks = (k + 31) / 32, groups = (k + group_size - 1) / group_size;
     const bool offset_term = offsets || factors;
-    // x in XBlocks' layout for groups of M rows: a block's per-row values from at(first, b) on,
-    // its runs of 4 bytes from runs(first, b) (run s of row m at s * M + m)
-    const auto at = [blocks](int64_t first, int64_t b) { return (first / M * blocks + b) * M; };
+    // x as quantize_blocks lays it out for tiles of M rows: a block's per-row values from
+    // at(first, b) on, its runs of 4 bytes from runs(first, b) (run s of row m at s * M + m)
+    const RowGroups runs_of{M, blocks * 8}, per_block{M, blocks};
+    const auto at = [&](int64_t first, int64_t b) { return per_block.at(first, b); };
     const auto runs = [&](const int8_t* bytes, int64_t first, int64_t b) {
-        return reinterpret_cast<const int32_t*>(bytes) + at(first, b) * 8;
+        return reinterpret_cast<const int32_t*>(bytes) + runs_of.at(first, b * 8);
     };
     // 4 bits with PAIR_SUMS: each row's 16-bit pair sums of a block (see pair_sums)
     const auto nibble_pair_sums = [&](Pairs (&pairs)[M], int64_t first, int64_t b, const uint32_t* block)
@@ -1458,22 +1466,22 @@ void panel_team(const T* x, int64_t m, const uint32_t* w, const uint16_t* scales
     int8_t *xq = scratch.xq.data(), *xq_low = scratch.xq_low.data();
     float *dx = scratch.dx.data(), *group_sums = scratch.group_sums.data();
     int32_t *block_sums = scratch.block_sums.data(), *low_block_sums = scratch.low_block_sums.data();
-    const XBlocks layout{panel_group_rows(m), (k + 31) / 32};
+    const int64_t group_rows = panel_group_rows(m);
     if (m > GEMV_MAX_ROWS) {
         // Many rows: each thread norms and quantizes rows of its own (in one thread's single
         // section, this was ~8% of a 64-row step while the other thread waited).
 #pragma omp for schedule(static)
         for (int64_t row = 0; row < m; ++row) {
             if (norm) norm->run_rows(row, 1);
-            quantize_blocks<T, DIGITS>(x, row, 1, k, layout, group_size, xq, xq_low, dx, group_sums, block_sums,
-                                       low_block_sums);
+            quantize_blocks<T, DIGITS>(x, row, 1, k, group_rows, group_size, xq, xq_low, dx, group_sums,
+                                       block_sums, low_block_sums);
         }
     } else {
 #pragma omp single
         {
             if (norm) norm->run(m);
-            quantize_blocks<T, DIGITS>(x, 0, m, k, layout, group_size, xq, xq_low, dx, group_sums, block_sums,
-                                       low_block_sums);
+            quantize_blocks<T, DIGITS>(x, 0, m, k, group_rows, group_size, xq, xq_low, dx, group_sums,
+                                       block_sums, low_block_sums);
         }
     }
     with_rows(panel_group_rows(m), [&](auto rows) {
@@ -1495,17 +1503,14 @@ int panel_gemv(const T* x, const uint32_t* w, const uint16_t* scales, const uint
     return 0;
 }
 
-// Rows [first, first + count) of x [*, k] widened to float32 for panel_exact_tiles, the rows of
-// each group of group_rows side by side (element e of row i at (i / group_rows * k_pad + e) *
-// group_rows + i % group_rows, k_pad = padded_width(k), zero beyond k): a tile reads them at
-// constant offsets from one pointer (a pointer a row took GCC's registers; it kept them on the
-// stack, ~1200 stack references in the 8-bit GEMV).
+// Rows [first, first + count) of x [*, k] widened to float32 for panel_exact_tiles' tiles of
+// group_rows rows (RowGroups of padded_width(k) values, zero beyond k).
 template <typename T>
 void exact_rows(const T* x, int64_t first, int64_t count, int64_t k, int64_t group_rows, float* xf) {
     using E = Element<T>;
     const int64_t k_pad = padded_width(k);
     for (int64_t row = first; row < first + count; ++row) {
-        float* to = xf + (row / group_rows * k_pad) * group_rows + row % group_rows;
+        float* to = xf + RowGroups{group_rows, k_pad}.at(row, 0);
         for (int64_t e = 0; e < k_pad; ++e) to[e * group_rows] = e < k ? E::to_float(x[row * k + e]) : 0.0f;
     }
 }
@@ -1527,8 +1532,8 @@ void panel_exact_tiles(const float* xf, int64_t k_pad, const uint32_t* w, const 
                               const GroupScales& group) __attribute__((always_inline)) {
         const Floats weight_scales = group.scales;
         const Floats weight_offsets = symmetric ? weight_scales * -8.0f : group.offsets;
-        // exact_rows' layout: element e of the group's row m at e * M + m (first: a multiple of M)
-        const float* x = xf + first * k_pad + b * 32 * M;
+        // exact_rows' layout: the block's element e of the group's row m at e * M + m
+        const float* x = xf + RowGroups{M, k_pad}.at(first, b * 32);
 #pragma GCC unroll 2
         for (int c = 0; c < VECTORS; ++c) {
             Words q;
@@ -1583,17 +1588,16 @@ constexpr bool exact_panels_by_dot() {
     return BF16_DOT_PANELS && BITS == 4 && std::is_same_v<T, bfloat16>;
 }
 
-// Rows [first, first + count) of x [m, k] for panel_dot_tiles: as pairs of bfloat16 values (32
-// bits each), those of a group of group_rows rows side by side (pair t of the group's row i at
-// (group * k_pad / 2 + t) * group_rows + i: a tile's broadcasts then read one pointer), zero
-// beyond k; and each row's sum of each group of group_size values (sums [m, groups]).
+// Rows [first, first + count) of x [m, k] for panel_dot_tiles' tiles of group_rows rows: as
+// pairs of bfloat16 values (32 bits each; RowGroups of padded_width(k) / 2 pairs), zero beyond k;
+// and each row's sum of each group of group_size values (sums [m, groups]).
 template <typename T>
 void bf16_pairs_with_sums(const T* x, int64_t first, int64_t count, int64_t k, int64_t group_rows,
                           int64_t group_size, uint32_t* pairs, float* sums) {
     const int64_t k_pad = padded_width(k), groups = (k + group_size - 1) / group_size;
     for (int64_t row = first; row < first + count; ++row) {
         const T* from = x + row * k;
-        uint32_t* to = pairs + row / group_rows * (k_pad / 2) * group_rows + row % group_rows;
+        uint32_t* to = pairs + RowGroups{group_rows, k_pad / 2}.at(row, 0);
         for (int64_t t = 0; t < k_pad / 2; ++t) {
             const uint32_t low = 2 * t < k ? from[2 * t] : 0, high = 2 * t + 1 < k ? from[2 * t + 1] : 0;
             to[t * group_rows] = low | high << 16;
@@ -1617,7 +1621,6 @@ __attribute__((always_inline)) inline void dot_panels(const uint32_t* xp, const 
                                                       const uint32_t* w, PanelScales (&scales_of)[2], bool symmetric,
                                                       const T* bias, T* y, int64_t first, int64_t rows, int64_t panel,
                                                       int64_t n, int64_t k, int64_t group_size) {
-    using E = Element<T>;
     const int64_t blocks = (k + 31) / 32, groups = (k + group_size - 1) / group_size;
     const int64_t blocks_per_group = group_size / 32;
     // Bytes 2p and 2p + 1 of each 32-bit lane (a row's values 4c + 2p and 4c + 2p + 1, or 16 more
@@ -1628,7 +1631,6 @@ __attribute__((always_inline)) inline void dot_panels(const uint32_t* xp, const 
     // The panels' sums over the groups so far, in memory: with the products' sums in registers
     // they would take every vector register (GCC then moves values between them).
     alignas(64) float acc[P][M][LANES] = {};
-    const uint32_t* x_pairs = xp + first * (k_pad / 2);  // this group of rows' (first: a multiple of M)
     for (int64_t g = 0; g < groups; ++g) {
         GroupScales group[P];
         for (int j = 0; j < P; ++j) group[j] = scales_of[j](panel + j, g);
@@ -1643,7 +1645,7 @@ __attribute__((always_inline)) inline void dot_panels(const uint32_t* xp, const 
                     for (int line = 0; line < 4 * VECTOR_BYTES; line += CACHE_LINE)
                         __builtin_prefetch((const char*)block[j] + PREFETCH_BYTES + line, 0, 2);
             }
-            const uint32_t* x = x_pairs + b * 16 * M;  // the block's 16 pairs of each row
+            const uint32_t* x = xp + RowGroups{M, k_pad / 2}.at(first, b * 16);  // the block's 16 pairs
 #pragma GCC unroll 4
             for (int c = 0; c < 4; ++c) {
                 __m512i low[P], high[P];
@@ -1683,16 +1685,8 @@ __attribute__((always_inline)) inline void dot_panels(const uint32_t* xp, const 
             }
         }
     }
-    for (int j = 0; j < P; ++j) {
-        const int64_t lanes = std::min<int64_t>(LANES, n - (panel + j) * LANES);
-        for (int m = 0; m < M && first + m < rows; ++m) {
-            const float* values = acc[j][m];
-            for (int64_t l = 0; l < lanes; ++l) {
-                const int64_t row = (panel + j) * LANES + l;
-                y[(first + m) * n + row] = E::from_float(values[l] + (bias ? E::to_float(bias[row]) : 0.0f));
-            }
-        }
-    }
+    for (int j = 0; j < P; ++j)
+        for (int m = 0; m < M && first + m < rows; ++m) store_panel_row(acc[j][m], panel + j, first + m, n, bias, y);
 }
 
 template <typename T, int M>
