@@ -217,6 +217,8 @@ def test_avx512_extensions_match_the_plain_avx512_paths(monkeypatch):
     monkeypatch.setenv("LLAMA3_DIST_CPU_BF16", "0")
     plain, full = cpu.KernelLibrary("avx512"), cpu.library("avx512")
     assert full is not None
+    # the prompt rows' dot products are built in exactly where the CPU has the instructions
+    assert not plain.bf16_dot_panels and full.bf16_dot_panels == ("avx512_bf16" in cpu._cpu_features())
     d, hq, hk, lens = 64, 9, 3, [70, 300, 5]
     k_cache, v_cache, tables, ctx = paged_cache(lens, 16, hk, d, BF16, "cpu", pad_value=0)
     q = randn(len(lens), hq, d, dtype=BF16)
