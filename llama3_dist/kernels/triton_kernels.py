@@ -23,6 +23,12 @@ import triton.language as tl
 
 from . import reference
 
+try:  # Gluon (triton >= 3.4): kernels with their register layouts written out; CUDA only
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+except ImportError:
+    gluon = gl = None
+
 try:
     INTERPRET = bool(triton.knobs.runtime.interpret)
 except AttributeError:  # triton < 3.4 has no knobs
@@ -838,10 +844,19 @@ GEMV_MAX_ROWS = 4
 # one graph, but the GEMV needs no split-K reduction kernels, which saves launches; 2 and 4 rows:
 # cuBLAS 5.1 ms a token's projections against the GEMV's 6.1 and 8.8).
 DENSE_GEMV_MAX_ROWS = 1
-# (BLOCK_N, BLOCK_K, num_warps, num_stages[, JOIN]) by bit width; chosen by benchmarks/gpu_gemv.py
+# (BLOCK_N, BLOCK_K, num_warps, num_stages[, VARIANT]) by bit width; chosen by benchmarks/gpu_gemv.py
 # on an H200 (see benchmarks/results/): small BLOCK_N so even a 4096-row projection has hundreds of
-# programs. LLAMA3_DIST_GEMV_CONFIGS (JSON: {"16": [16, 512, 4, 3], ...}) overrides them, for tuning.
-GEMV_CONFIGS: dict[int, tuple[int, ...]] = {16: (4, 1024, 4, 3), 8: (8, 1024, 4, 3), 4: (8, 1024, 4, 1)}
+# programs. VARIANT for quantized weights: 0 the tiled kernel below, GEMV_JOIN (4 bits) its nibbles
+# joined in registers, GEMV_WORDS the Gluon kernel over 32-bit words (_gemv_words_kernel). Bit
+# width 0: float8 weights (the tiled kernel; the 8-bit integer tiles may be the words kernel's).
+# LLAMA3_DIST_GEMV_CONFIGS (JSON: {"16": [16, 512, 4, 3], ...}) overrides them, for tuning.
+GEMV_JOIN, GEMV_WORDS = 1, 2
+GEMV_CONFIGS: dict[int, tuple[int, ...]] = {
+    16: (4, 1024, 4, 3),
+    8: (8, 1024, 4, 3),
+    4: (8, 1024, 4, 1),
+    0: (8, 1024, 4, 3),
+}
 if os.environ.get("LLAMA3_DIST_GEMV_CONFIGS"):
     GEMV_CONFIGS.update(
         {int(bits): tuple(config) for bits, config in json.loads(os.environ["LLAMA3_DIST_GEMV_CONFIGS"]).items()}
@@ -993,6 +1008,216 @@ def _gemv_kernel(
     tl.store(out, _cast(acc, out_ptr.dtype.element_ty), mask=(row_ids < ROWS)[:, None] & n_mask[None, :])
 
 
+if gluon is not None:
+
+    @gluon.jit
+    def _gemv_words_kernel(
+        x_ptr,
+        w_ptr,
+        scale_ptr,
+        offset_ptr,
+        bias_ptr,
+        out_ptr,
+        N,
+        K,
+        stride_xm,
+        stride_wn,
+        stride_sn,
+        stride_om,
+        one_bits,
+        ROWS: gl.constexpr,
+        ROWS_P2: gl.constexpr,
+        BITS: gl.constexpr,
+        GROUP: gl.constexpr,
+        ROW_SCALE: gl.constexpr,
+        HAS_OFFSET: gl.constexpr,
+        HAS_BIAS: gl.constexpr,
+        BLOCK_N: gl.constexpr,
+        BLOCKS: gl.constexpr,
+        LAYOUT: gl.constexpr,
+    ):
+        """out[m, n] = sum_k x[m, k] * w[n, k] (+ bias[n]) for m < ROWS: _gemv_kernel's product for
+        8- and 4-bit weights read as 32-bit words (w_ptr: int32 [N, K * BITS / 32]), in Gluon so that
+        the layout is ours: LAYOUT is [ROWS_P2, BLOCK_N, BLOCKS, BITS words, 32 // BITS values], each
+        thread holding every row of x and whole blocks of 32 columns (a block's BITS words, each
+        word's values), so a block's sums never leave the thread's registers, and the x of a block
+        is read and widened once for all the rows a thread holds. The triton.jit kernel's compiler
+        spread the group sums over threads (shuffles, shared memory): on an H200 its 4-bit form
+        ran 9-10 instructions a weight and read at 1 TB/s; this one compiles to about 4 at 16-32
+        rows a program (benchmarks/gpu_gemv.py measures both).
+
+        A value u at bits BITS * i of a word is rotated to bits 23 - BITS .. 22 and or-ed into
+        1.0's bits: the float 1 + u / 2**BITS, exact, in two integer instructions (for 8 bits
+        q + 128 = u: the sign bit flips in the same instruction, by xor). A block's sum
+        S = sum(x) + sum(u x) / 2**BITS then gives sum(q x) = 2**BITS * S - (ZERO + 2**BITS) *
+        sum(x), and a group's scale s and offset o make it s * sum(q x) + o * sum(x)."""
+        VALUES: gl.constexpr = 32 // BITS  # values a word holds
+        ZERO: gl.constexpr = 128 if BITS == 8 else 0  # int8 read as unsigned: q + 128
+        MASK: gl.constexpr = ((1 << BITS) - 1) << (23 - BITS)
+        WORDS3: gl.constexpr = gl.SliceLayout(0, gl.SliceLayout(4, LAYOUT))  # [BLOCK_N, BLOCKS, BITS]
+        X4: gl.constexpr = gl.SliceLayout(1, LAYOUT)  # [ROWS_P2, BLOCKS, BITS, VALUES]
+        ACC: gl.constexpr = gl.SliceLayout(3, gl.SliceLayout(4, LAYOUT))  # [ROWS_P2, BLOCK_N, BLOCKS]
+        SCALES: gl.constexpr = gl.SliceLayout(0, ACC)  # [BLOCK_N, BLOCKS]
+        pid = gl.program_id(0)
+
+        rn = pid * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, gl.SliceLayout(2, WORDS3)))
+        w_block = gl.arange(0, BLOCKS, layout=gl.SliceLayout(0, gl.SliceLayout(2, WORDS3)))
+        w_word = gl.arange(0, BITS, layout=gl.SliceLayout(0, gl.SliceLayout(1, WORDS3)))
+        word_in_tile = w_block[None, :, None] * BITS + w_word[None, None, :]
+        w_rows = w_ptr + rn[:, None, None].to(gl.int64) * stride_wn
+        w_row_mask = (rn < N)[:, None, None]
+
+        x_row = gl.arange(0, ROWS_P2, layout=gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(3, X4))))
+        x_block = gl.arange(0, BLOCKS, layout=gl.SliceLayout(0, gl.SliceLayout(2, gl.SliceLayout(3, X4))))
+        x_word = gl.arange(0, BITS, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(3, X4))))
+        x_value = gl.arange(0, VALUES, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, X4))))
+        column_in_tile = (
+            x_block[None, :, None, None] * 32 + x_word[None, None, :, None] * VALUES + x_value[None, None, None, :]
+        )
+        x_rows = x_ptr + x_row[:, None, None, None] * stride_xm
+        x_row_mask = (x_row < ROWS)[:, None, None, None]
+
+        VALUE: gl.constexpr = gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(3, LAYOUT))))
+        value = gl.arange(0, VALUES, layout=VALUE)
+        left = ((23 - BITS - BITS * value) & 31).to(gl.uint32)[None, None, None, None, :]  # never 0
+        right = 32 - left
+
+        rs = pid * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, SCALES))
+        s_block = gl.arange(0, BLOCKS, layout=gl.SliceLayout(0, SCALES))
+        s_rows = rs[:, None].to(gl.int64) * stride_sn
+        s_row_mask = (rs < N)[:, None]
+
+        block_sums = gl.zeros((ROWS_P2, BLOCK_N, BLOCKS), gl.float32, layout=ACC)
+        x_terms = gl.zeros((ROWS_P2, BLOCK_N, BLOCKS), gl.float32, layout=ACC)
+        for k0 in range(0, K, BLOCKS * 32):
+            word = k0 // VALUES + word_in_tile
+            words = gl.load(w_rows + word, mask=w_row_mask & (word < K // VALUES), other=0)
+            words = words.to(gl.uint32, bitcast=True)[None, :, :, :, None]
+            column = k0 + column_in_tile
+            x = gl.load(x_rows + column, mask=x_row_mask & (column < K), other=0.0).to(gl.float32)
+            rotated = ((words << left) | (words >> right)) & MASK
+            # one_bits (1.0's bits, with bit 22 for 8 bits) is an argument so that the and and the
+            # or (xor) make one LOP3: it takes a single immediate operand
+            if BITS == 8:
+                w = (rotated ^ one_bits.to(gl.uint32)).to(gl.float32, bitcast=True)
+            else:
+                w = (rotated | one_bits.to(gl.uint32)).to(gl.float32, bitcast=True)
+            sums = gl.sum(gl.sum(w * x[:, None, :, :, :], axis=4), axis=3)  # [ROWS_P2, BLOCK_N, BLOCKS]
+            x_sums = gl.convert_layout(gl.sum(gl.sum(x, axis=3), axis=2), gl.SliceLayout(1, ACC))[:, None, :]
+            if GROUP > 0:
+                group = (k0 + s_block * 32) // GROUP
+                group_mask = s_row_mask & (k0 + s_block * 32 < K)[None, :]
+                scale = gl.load(scale_ptr + s_rows + group[None, :], mask=group_mask, other=0.0).to(gl.float32)
+                block_sums += scale[None, :, :] * sums
+                x_factor = -(ZERO + (1 << BITS)) * scale
+                if HAS_OFFSET:
+                    offset = gl.load(offset_ptr + s_rows + group[None, :], mask=group_mask, other=0.0)
+                    x_factor += offset.to(gl.float32)
+                x_terms += x_factor[None, :, :] * x_sums
+            else:
+                block_sums += sums
+                x_terms += x_sums
+        if GROUP > 0:
+            out = (1 << BITS) * gl.sum(block_sums, axis=2) + gl.sum(x_terms, axis=2)
+        else:
+            out = (1 << BITS) * gl.sum(block_sums, axis=2) - (ZERO + (1 << BITS)) * gl.sum(x_terms, axis=2)
+        OUT: gl.constexpr = gl.SliceLayout(2, ACC)
+        ro = pid * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, OUT))
+        row = gl.arange(0, ROWS_P2, layout=gl.SliceLayout(1, OUT))
+        if ROW_SCALE:
+            out *= gl.load(scale_ptr + ro.to(gl.int64) * stride_sn, mask=ro < N, other=0.0).to(gl.float32)[None, :]
+        if HAS_BIAS:
+            out += gl.load(bias_ptr + ro, mask=ro < N, other=0.0).to(gl.float32)[None, :]
+        gl.store(
+            out_ptr + row[:, None].to(gl.int64) * stride_om + ro[None, :],
+            out.to(out_ptr.dtype.element_ty),
+            mask=(row < ROWS)[:, None] & (ro < N)[None, :],
+        )
+
+
+def _takes_words(rows: torch.Tensor, weight: torch.Tensor, bits: int, group_size: int, fp8: bool) -> bool:
+    """Whether _gemv_words_kernel takes this product: Gluon there, a GPU, 8- or 4-bit weights whose
+    rows are whole 32-bit words, groups of whole blocks of 32 columns."""
+    k = rows.shape[1]
+    return (
+        gluon is not None
+        and rows.is_cuda
+        and not fp8
+        and bits in (4, 8)
+        and k % (32 // bits) == 0
+        and weight.stride(0) * weight.element_size() % 4 == 0
+        and weight.data_ptr() % 4 == 0
+        and (group_size % 32 == 0 if group_size else bits == 8)
+    )
+
+
+@functools.cache
+def _words_layout(rows_p2: int, bits: int, block_n: int, blocks: int, warps: int):
+    """[ROWS_P2, BLOCK_N, BLOCKS, words, values]: a block of 32 columns (bits words) a thread;
+    threads across blocks, and across rows where a tile has fewer than 32 blocks."""
+    threads_n = max(1, 32 // blocks)
+    if block_n < threads_n * warps:
+        raise ValueError(
+            f"GEMV words tile: {block_n} rows is fewer than the {threads_n * warps} its threads span "
+            f"({blocks} blocks of 32 columns, {warps} warps)"
+        )
+    return gl.BlockedLayout(
+        [rows_p2, 1, 1, bits, 32 // bits], [1, threads_n, 32 // threads_n, 1, 1], [1, warps, 1, 1, 1], [4, 3, 2, 0, 1]
+    )
+
+
+def _gemv_words(
+    rows: torch.Tensor,
+    weight: torch.Tensor,
+    scales: torch.Tensor | None,
+    offsets: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    out: torch.Tensor,
+    bits: int,
+    group_size: int,
+    block_n: int,
+    block_k: int,
+    warps: int,
+) -> None:
+    m, k = rows.shape
+    n = weight.shape[0]
+    words = weight.view(torch.int32) if weight.stride(1) == 1 else weight.contiguous().view(torch.int32)
+    blocks = max(1, block_k // 32)
+    rows_p2 = _pow2(m)
+    threads_n = max(1, 32 // blocks) * warps
+    while block_n > threads_n and block_n // threads_n * rows_p2 > 8:
+        # at most 8 (tile row, x row) pairs a thread: sm_90 code of 16 spilled registers (8 bits,
+        # 3 rows of x, 8 tile rows a thread); the tile's rows shrink instead
+        block_n //= 2
+    one_bits = 0x3FC00000 if bits == 8 else 0x3F800000  # 1.0, and for 8 bits bit 22 (q's sign) too
+    _gemv_words_kernel[(triton.cdiv(n, block_n),)](
+        rows,
+        words,
+        scales if scales is not None else words,
+        offsets if offsets is not None else words,
+        bias if bias is not None else words,
+        out,
+        n,
+        k,
+        rows.stride(0),
+        words.stride(0),
+        scales.stride(0) if scales is not None else 0,
+        out.stride(0),
+        one_bits,
+        ROWS=m,
+        ROWS_P2=rows_p2,
+        BITS=bits,
+        GROUP=group_size,
+        ROW_SCALE=bits == 8 and not group_size,
+        HAS_OFFSET=offsets is not None,
+        HAS_BIAS=bias is not None,
+        BLOCK_N=block_n,
+        BLOCKS=blocks,
+        LAYOUT=_words_layout(rows_p2, bits, block_n, blocks, warps),
+        num_warps=warps,
+    )
+
+
 def gemv(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -1018,7 +1243,10 @@ def gemv(
         raise ValueError(f"gemv takes at most {GEMV_MAX_ROWS} rows, got {m}")
     out = _empty((m, n), x.dtype, x.device)
     if m and n:
-        block_n, block_k, warps, stages, *variant = config or GEMV_CONFIGS[8 if fp8 else bits]
+        block_n, block_k, warps, stages, *variant = config or GEMV_CONFIGS[0 if fp8 else bits]
+        if variant and variant[0] == GEMV_WORDS and _takes_words(rows, weight, bits, group_size, fp8):
+            _gemv_words(rows, weight, scales, offsets, bias, out, bits, group_size, block_n, block_k, warps)
+            return out.reshape(*x.shape[:-1], n)
         if group_size:
             block_k = max(block_k, group_size)  # whole groups per tile (group sizes are powers of two)
         _gemv_kernel[(triton.cdiv(n, block_n),)](
@@ -1043,7 +1271,7 @@ def gemv(
             HAS_BIAS=bias is not None,
             BLOCK_N=block_n,
             BLOCK_K=block_k,
-            JOIN=bits == 4 and bool(variant and variant[0]),
+            JOIN=bits == 4 and bool(variant and variant[0] == GEMV_JOIN),
             FP8_X=fp8,
             num_warps=warps,
             num_stages=stages,

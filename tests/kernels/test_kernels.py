@@ -478,6 +478,75 @@ def test_decode_rows_take_the_gemv_and_equal_the_dequantized_product(monkeypatch
         assert calls == []
 
 
+def _quantized(kind: str, n: int, k: int):
+    """(the weight as gemv takes it, its keyword arguments, the dequantized float32 weight)."""
+    weight = randn(n, k)
+    if kind == "int8":
+        values, scale = ref.quantize_int8(weight)
+        return values, dict(scales=scale.reshape(-1, 1), bits=8), values.float() * scale[:, None]
+    grouped = {
+        "q8_0": lambda: ref.quantize_int8_groups(weight, 32),
+        "int4": lambda: ref.quantize_int4(weight, 32),
+        "int4-g128": lambda: ref.quantize_int4(weight, 128),
+    }[kind]()
+    packed = tk.pack_grouped(grouped)
+    arguments = dict(scales=packed.scales, offsets=packed.offsets, bits=packed.bits, group_size=packed.group_size)
+    return packed.words, arguments, ref.dequantize(grouped, F32)
+
+
+WORDS_CONFIGS = [(8, 1024, 1, 1, tk.GEMV_WORDS), (32, 256, 4, 1, tk.GEMV_WORDS)]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(DEVICE != "cuda" or tk.gluon is None, reason="the Gluon GEMV runs on CUDA GPUs only")
+@pytest.mark.parametrize("kind", ["int8", "q8_0", "int4", "int4-g128"])
+def test_words_gemv_equals_the_dequantized_product(kind):
+    """The Gluon GEMV over 32-bit words (gemv's GEMV_WORDS variant) for 1 and 3 rows (3: padded
+    to 4), a partial tile of rows and of columns (1000 = 7 groups of 128 and 104), a bias; two
+    tiles: one with a thread per block of columns, one with threads across rows too."""
+    n, k = 37, 1000
+    words, arguments, exact = _quantized(kind, n, k)
+    bias = randn(n, dtype=BF16)
+    for config in WORDS_CONFIGS:
+        for rows in (1, 3):
+            x = randn(rows, k, dtype=BF16)
+            assert tk._takes_words(x, words, arguments["bits"], arguments.get("group_size", 0), False)
+            got = tk.gemv(x, words, bias, config=config, **arguments).float()
+            expected = x.float() @ exact.T + bias.float()
+            message = f"words GEMV {config}, {rows} rows"
+            torch.testing.assert_close(got, expected, rtol=2e-2, atol=0.15, msg=lambda m, at=message: f"{at}: {m}")
+
+
+@pytest.mark.subprocess
+@pytest.mark.skipif(tk.gluon is None, reason="this triton has no Gluon (triton.experimental.gluon)")
+def test_words_gemv_compiles_for_hopper():
+    """The Gluon GEMV runs on GPUs only; here it is compiled for sm_90 by triton's own ptxas (no GPU
+    needed), in a process without TRITON_INTERPRET (the interpreter compiles nothing), for 4 and
+    8 bits, 1 and 3 rows, each tile shape of the GPU benchmark's sweep."""
+    code = """
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.experimental.gluon._runtime import GluonASTSource
+from llama3_dist.kernels import triton_kernels as tk
+for bits, group, offsets in ((4, 32, True), (8, 0, False)):
+    for rows in (1, 3):
+        for block_n, block_k, warps in ((8, 1024, 1), (16, 512, 2), (32, 256, 4)):
+            rows_p2 = tk._pow2(rows)
+            consts = dict(ROWS=rows, ROWS_P2=rows_p2, BITS=bits, GROUP=group, ROW_SCALE=not group,
+                          HAS_OFFSET=offsets, HAS_BIAS=True, BLOCK_N=block_n, BLOCKS=block_k // 32,
+                          LAYOUT=tk._words_layout(rows_p2, bits, block_n, block_k // 32, warps))
+            fn = tk._gemv_words_kernel
+            types = dict(x_ptr="*bf16", w_ptr="*i32", scale_ptr="*fp16" if group else "*fp32",
+                         offset_ptr="*fp16", bias_ptr="*bf16", out_ptr="*bf16")
+            sig = {n: "constexpr" if n in consts else types.get(n, "i32") for n in fn.arg_names}
+            kernel = triton.compile(GluonASTSource(fn, sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
+                                    options=dict(num_warps=warps))
+            assert kernel.asm["cubin"] and kernel.metadata.shared == 0, (bits, rows, block_n)
+"""
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    subprocess.run([sys.executable, "-c", code], check=True, env=env)
+
+
 def test_linear_kernels_are_checked_before_they_are_trusted(monkeypatch, caplog):
     """select() tries the Triton linear kernels once per device and dtype; where they fail or
     disagree with the exact product, quantized weights take the torch reference (and dense ones
