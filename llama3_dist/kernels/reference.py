@@ -218,15 +218,24 @@ def fp8_linear(
 
 def fp8_product(x8: torch.Tensor, weight: torch.Tensor, scaled_mm: bool) -> torch.Tensor:
     """x8 [m, k] @ weight [n, k].T, both float8_e4m3fn, in float32 (each product is exact there).
-    scaled_mm: torch._scaled_mm, which wants rows in multiples of 16 (x8 is padded); without it,
-    both upcast and a float32 matmul: torch's CPU _scaled_mm is ~10x slower than that."""
-    m = x8.shape[0]
+    scaled_mm: torch._scaled_mm, which wants every dimension in multiples of 16 (rows of x8 are
+    padded; a k or n off them, which no real model has, pads a copy of the weight too, with zeros
+    that add nothing); without it, both upcast and a float32 matmul: torch's CPU _scaled_mm is
+    ~10x slower than that."""
+    m, k = x8.shape
+    n = weight.shape[0]
     if not scaled_mm:
         return x8.float() @ weight.float().t()
-    if m % 16:
-        x8 = torch.nn.functional.pad(x8.view(torch.uint8), (0, 0, 0, 16 - m % 16)).view(torch.float8_e4m3fn)
+
+    def padded(t: torch.Tensor, rows: int, columns: int) -> torch.Tensor:
+        pad = (0, -columns % 16, 0, -rows % 16)
+        return torch.nn.functional.pad(t.view(torch.uint8), pad).view(torch.float8_e4m3fn) if any(pad) else t
+
     one = torch.ones((), device=x8.device)
-    return torch._scaled_mm(x8, weight.t(), scale_a=one, scale_b=one, out_dtype=torch.float32)[:m]
+    product = torch._scaled_mm(
+        padded(x8, m, k), padded(weight, n, k).t(), scale_a=one, scale_b=one, out_dtype=torch.float32
+    )
+    return product[:m, :n]
 
 
 def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
