@@ -792,9 +792,11 @@ def prefill_attention(
 @functools.cache
 def _warn_slow_4_bit() -> None:
     logging.getLogger("llama3_dist").warning(
-        "4-bit weights on a GPU decode slower than bfloat16 for now: the 4-bit GEMV is bound by its "
-        "instructions (measured on an H200: 5.28 against 4.67 ms a token for an 8B-shaped model); "
-        "int8 (3.40 ms) or bfloat16 serve faster there"
+        "4-bit weights on a GPU decode slower than bfloat16 with triton %s: it has no Gluon (triton "
+        ">= 3.4), which the fast 4-bit GEMV is written in, and the other one is bound by its "
+        "instructions (measured on an H200, 8B-shaped model: 5.28 ms a token against bfloat16's 4.46 "
+        "and 2.84 with Gluon); int8 (3.40 ms) or bfloat16 serve faster here",
+        triton.__version__,
     )
 
 
@@ -818,7 +820,7 @@ class TritonGroupWeights:
 def pack_grouped(weight: reference.GroupQuantized) -> TritonGroupWeights:
     """The weight in this module's layout (coded scales as float16: the GEMV reads those)."""
     weight = weight.plain()
-    if weight.bits == 4 and weight.values.is_cuda:
+    if weight.bits == 4 and weight.values.is_cuda and gluon is None:
         _warn_slow_4_bit()
     k = weight.shape[1]
     values = weight.values
@@ -850,13 +852,20 @@ DENSE_GEMV_MAX_ROWS = 1
 # joined in registers, GEMV_WORDS the Gluon kernel over 32-bit words (_gemv_words_kernel). Bit
 # width 0: float8 weights (the tiled kernel; the 8-bit integer tiles may be the words kernel's).
 # LLAMA3_DIST_GEMV_CONFIGS (JSON: {"16": [16, 512, 4, 3], ...}) overrides them, for tuning.
+# H200 run 5 (benchmarks/results/h200-gpu-run5.log), the decode step's projections of an 8B-shaped
+# model as one CUDA graph: bf16 (8, 1024, 8, 3) 3.73 ms (84% of the HBM peak; (4, 1024, 4, 3)
+# 3.93), int4 words 2.11 ms (the tiled kernel 4.73); int8 words and tiled alike (2.64 ms), tiled
+# kept (the words kernel timed slower at 2-4 rows); float8 (8, 1024, 4, 3): its 8B-shaped decode
+# 3.56 ms, the sweep's pick (32, 512, 4, 4) 4.21.
 GEMV_JOIN, GEMV_WORDS = 1, 2
 GEMV_CONFIGS: dict[int, tuple[int, ...]] = {
-    16: (4, 1024, 4, 3),
+    16: (8, 1024, 8, 3),
     8: (8, 1024, 4, 3),
-    4: (8, 1024, 4, 1),
+    4: (8, 1024, 2, 1, GEMV_WORDS),
     0: (8, 1024, 4, 3),
 }
+# the tiled kernel's tiles where a words config meets no Gluon (triton < 3.4) or a shape it skips
+GEMV_TILED_CONFIGS: dict[int, tuple[int, ...]] = {8: (8, 1024, 4, 3), 4: (8, 1024, 4, 1)}
 if os.environ.get("LLAMA3_DIST_GEMV_CONFIGS"):
     GEMV_CONFIGS.update(
         {int(bits): tuple(config) for bits, config in json.loads(os.environ["LLAMA3_DIST_GEMV_CONFIGS"]).items()}
@@ -1166,6 +1175,15 @@ def _words_layout(rows_p2: int, bits: int, block_n: int, blocks: int, warps: int
     )
 
 
+@functools.cache
+def _dequantize_layout(bits: int, block_n: int, blocks: int, warps: int):
+    """[BLOCK_N, BLOCKS, words, values]: a block of 32 columns a thread (_gemv_words_kernel's)."""
+    threads_n = max(1, 32 // blocks)
+    return gl.BlockedLayout(
+        [1, 1, bits, 32 // bits], [threads_n, 32 // threads_n, 1, 1], [warps, 1, 1, 1], [3, 2, 1, 0]
+    )
+
+
 def _gemv_words(
     rows: torch.Tensor,
     weight: torch.Tensor,
@@ -1244,9 +1262,11 @@ def gemv(
     out = _empty((m, n), x.dtype, x.device)
     if m and n:
         block_n, block_k, warps, stages, *variant = config or GEMV_CONFIGS[0 if fp8 else bits]
-        if variant and variant[0] == GEMV_WORDS and _takes_words(rows, weight, bits, group_size, fp8):
-            _gemv_words(rows, weight, scales, offsets, bias, out, bits, group_size, block_n, block_k, warps)
-            return out.reshape(*x.shape[:-1], n)
+        if variant and variant[0] == GEMV_WORDS:
+            if _takes_words(rows, weight, bits, group_size, fp8):
+                _gemv_words(rows, weight, scales, offsets, bias, out, bits, group_size, block_n, block_k, warps)
+                return out.reshape(*x.shape[:-1], n)
+            block_n, block_k, warps, stages = GEMV_TILED_CONFIGS[bits][:4]
         if group_size:
             block_k = max(block_k, group_size)  # whole groups per tile (group sizes are powers of two)
         _gemv_kernel[(triton.cdiv(n, block_n),)](
@@ -1319,6 +1339,89 @@ def _dequantize_kernel(
     tl.store(out, _cast(w, out_ptr.dtype.element_ty), mask=mask)
 
 
+if gluon is not None:
+
+    @gluon.jit
+    def _dequantize_words_kernel(
+        w_ptr,
+        scale_ptr,
+        offset_ptr,
+        out_ptr,
+        N,
+        K,
+        stride_wn,
+        stride_sn,
+        stride_on,
+        one_bits,
+        BITS: gl.constexpr,
+        GROUP: gl.constexpr,
+        HAS_OFFSET: gl.constexpr,
+        BLOCK_N: gl.constexpr,
+        BLOCKS: gl.constexpr,
+        LAYOUT: gl.constexpr,
+    ):
+        """_dequantize_kernel's out[n, k] for 8- and 4-bit weights read as 32-bit words, laid out as
+        _gemv_words_kernel reads them (LAYOUT: [BLOCK_N, BLOCKS, BITS words, 32 // BITS values], a
+        block of 32 columns a thread): one load of a block's words, its scale (and offset), one
+        multiply-add a value, 64 contiguous bytes of bfloat16 stored. The triton.jit kernel loads a
+        scale and an offset for every value: on an H200 it dequantized an 8B-shaped model's 4-bit
+        weights at 0.09 TB/s (52 ms a decode step of more than GEMV_MAX_ROWS rows).
+
+        With f = 1 + u / 2**BITS as in _gemv_words_kernel, a value s * q + o of a group is
+        2**BITS * s * f + (o - (ZERO + 2**BITS) * s): one multiply-add, rounded once (float16 scales:
+        s * q is exact in float32, so this is the reference's value); int8 with a float32 scale
+        per row takes q = 2**BITS * f - 384 (exact), then q * s."""
+        VALUES: gl.constexpr = 32 // BITS
+        ZERO: gl.constexpr = 128 if BITS == 8 else 0
+        MASK: gl.constexpr = ((1 << BITS) - 1) << (23 - BITS)
+        WORDS3: gl.constexpr = gl.SliceLayout(3, LAYOUT)  # [BLOCK_N, BLOCKS, BITS]
+        SCALES: gl.constexpr = gl.SliceLayout(2, WORDS3)  # [BLOCK_N, BLOCKS]
+        first_row = gl.program_id(0) * BLOCK_N
+        first_block = gl.program_id(1) * BLOCKS
+
+        rn = first_row + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, SCALES))
+        block = first_block + gl.arange(0, BLOCKS, layout=gl.SliceLayout(0, SCALES))
+        word_in_block = gl.arange(0, BITS, layout=gl.SliceLayout(0, gl.SliceLayout(1, WORDS3)))
+        word = block[None, :, None] * BITS + word_in_block[None, None, :]
+        word_mask = (rn < N)[:, None, None] & (word < K // VALUES)
+        words = gl.load(w_ptr + rn[:, None, None].to(gl.int64) * stride_wn + word, mask=word_mask, other=0)
+        words = words.to(gl.uint32, bitcast=True)[:, :, :, None]
+        VALUE: gl.constexpr = gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, LAYOUT)))
+        value = gl.arange(0, VALUES, layout=VALUE)
+        left = ((23 - BITS - BITS * value) & 31).to(gl.uint32)[None, None, None, :]
+        rotated = ((words << left) | (words >> (32 - left))) & MASK
+        if BITS == 8:
+            f = (rotated ^ one_bits.to(gl.uint32)).to(gl.float32, bitcast=True)
+        else:
+            f = (rotated | one_bits.to(gl.uint32)).to(gl.float32, bitcast=True)
+
+        scale_mask = (rn < N)[:, None] & (block * 32 < K)[None, :]
+        if GROUP > 0:
+            group = (block * 32) // GROUP
+            scale = gl.load(
+                scale_ptr + rn[:, None].to(gl.int64) * stride_sn + group[None, :], mask=scale_mask, other=0.0
+            )
+            scale = scale.to(gl.float32)
+            shift = -(ZERO + (1 << BITS)) * scale
+            if HAS_OFFSET:
+                offset = gl.load(
+                    offset_ptr + rn[:, None].to(gl.int64) * stride_sn + group[None, :], mask=scale_mask, other=0.0
+                )
+                shift += offset.to(gl.float32)
+            w = f * ((1 << BITS) * scale)[:, :, None, None] + shift[:, :, None, None]
+        else:  # int8, a float32 scale per row: q first (exact), then q * s rounded once, as the reference
+            scale = gl.load(scale_ptr + rn.to(gl.int64) * stride_sn, mask=rn < N, other=0.0).to(gl.float32)[:, None]
+            scale = gl.where(scale_mask, scale, 0.0)
+            w = (f * (1 << BITS) - (ZERO + (1 << BITS))) * scale[:, :, None, None]
+
+        row4 = first_row + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, gl.SliceLayout(2, WORDS3)))
+        column = (block[None, :, None] * 32 + word_in_block[None, None, :] * VALUES)[:, :, :, None] + value[
+            None, None, None, :
+        ]
+        out = out_ptr + row4[:, None, None, None].to(gl.int64) * stride_on + column
+        gl.store(out, w.to(out_ptr.dtype.element_ty), mask=(row4 < N)[:, None, None, None] & (column < K))
+
+
 def _dequantized(
     words: torch.Tensor,
     scales: torch.Tensor,
@@ -1331,7 +1434,29 @@ def _dequantized(
     """The weight in `dtype` [n, k], one pass over its integers (group_size 0: a scale per row)."""
     n = words.shape[0]
     out = _empty((n, k), dtype, words.device)
-    if n and k:
+    if n and k and _takes_words(out[:0], words, bits, group_size, False):
+        block_n, blocks, warps = 16, 8, 4
+        words32 = (words if words.stride(1) == 1 else words.contiguous()).view(torch.int32)
+        _dequantize_words_kernel[(triton.cdiv(n, block_n), triton.cdiv(k, blocks * 32))](
+            words32,
+            scales,
+            offsets if offsets is not None else scales,
+            out,
+            n,
+            k,
+            words32.stride(0),
+            scales.stride(0),
+            out.stride(0),
+            0x3FC00000 if bits == 8 else 0x3F800000,
+            BITS=bits,
+            GROUP=group_size,
+            HAS_OFFSET=offsets is not None,
+            BLOCK_N=block_n,
+            BLOCKS=blocks,
+            LAYOUT=_dequantize_layout(bits, block_n, blocks, warps),
+            num_warps=warps,
+        )
+    elif n and k:
         block_n, block_k = 16, 256
         _dequantize_kernel[(triton.cdiv(n, block_n), triton.cdiv(k, block_k))](
             words,
