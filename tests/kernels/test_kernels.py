@@ -390,8 +390,8 @@ def test_fp8_decode_rows_take_the_gemv_and_equal_the_reference(monkeypatch):
     take the reference (torch._scaled_mm on GPUs). In float32 the GEMV and the exact float8 product
     (the reference's CPU route, float32 sums) differ only by the order of summing the same exact
     products (x left unrounded would differ by ~1e-2). Hopper's float8 tensor cores sum with fewer
-    bits than float32 (H200 run 5: up to 7e-3 of an output apart from the exact product), so the
-    GPU's _scaled_mm route is held to bfloat16's tolerance."""
+    bits than float32 (H200 run 6: an output of ~50 off by 1.9 in torch._scaled_mm), so on GPUs
+    that route is held to 1% of the product's norm."""
     if DEVICE == "cuda" and torch.cuda.get_device_capability() < (8, 9):
         pytest.skip("float8 products need compute capability 8.9+")
     n, k = 37, 300
@@ -409,8 +409,10 @@ def test_fp8_decode_rows_take_the_gemv_and_equal_the_reference(monkeypatch):
             got = chosen.fp8_linear(x, values, scale, bias)
             assert got.dtype == dtype
             exact = ref.fp8_linear(x.cpu(), values.cpu(), scale.cpu(), bias.cpu()).float().to(DEVICE)
-            route_tolerance = tolerance if rows <= tk.GEMV_MAX_ROWS or DEVICE == "cpu" else TOL[BF16]
-            torch.testing.assert_close(got.float(), exact, **route_tolerance)
+            if rows <= tk.GEMV_MAX_ROWS or DEVICE == "cpu":
+                torch.testing.assert_close(got.float(), exact, **tolerance)
+            else:  # torch._scaled_mm's sums, a percent off here and there (as gpu_gemv.py checks it)
+                assert ((got.float() - exact).norm() / exact.norm()).item() < 1e-2
         if dtype == F32:  # the rounding of x is the reference's: unrounded x is far from it
             unrounded = x.float() @ (values.float() * scale[:, None]).T + bias.float()
             assert (unrounded - got).abs().max() > 1e-3
@@ -509,7 +511,8 @@ def test_words_gemv_equals_the_dequantized_product(kind):
     """The Gluon GEMV over 32-bit words (gemv's GEMV_WORDS variant) for 1 and 3 rows (3: padded
     to 4), a partial tile of rows and of columns (1000 = 7 groups of 128 and 104), a bias; two
     tiles: one with a thread per block of columns, one with threads across rows too. Then the
-    words kernel's dequantizing pass against the reference's bfloat16 weight, bit for bit."""
+    dequantizing pass (the words kernel's for 4 bits) against the reference's bfloat16 weight,
+    bit for bit."""
     n, k = 37, 1000
     words, arguments, exact = _quantized(kind, n, k)
     bias = randn(n, dtype=BF16)
@@ -521,7 +524,7 @@ def test_words_gemv_equals_the_dequantized_product(kind):
             expected = x.float() @ exact.T + bias.float()
             message = f"words GEMV {config}, {rows} rows"
             torch.testing.assert_close(got, expected, rtol=2e-2, atol=0.15, msg=lambda m, at=message: f"{at}: {m}")
-    # the words kernel's dequantizing pass (decode steps of more rows): the reference's values exactly
+    # the dequantizing pass (decode steps of more rows): the reference's values exactly
     dequantized = tk._dequantized(words, arguments["scales"], arguments.get("offsets"), arguments["bits"],
                                   arguments.get("group_size", 0), k, BF16)  # fmt: skip
     assert torch.equal(dequantized, exact.to(BF16))
