@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU-side check and measurement in one run, most important first, for a short loan of a GPU
-# machine (a session gets 15 minutes of device time, the machine's start included; this run takes
-# about 7 minutes on an H200, much of it Triton compiling and the 8B-shaped model's start-ups):
+# machine (a session gets 15 minutes of device time, the machine's start included; this run took
+# 5 minutes on an H200 in run 4, much of it Triton compiling and the 8B-shaped model's start-ups):
 #   1. gpu_gemv.py: the decode GEMV's correctness on the device (every variant and tile, the Gluon
 #      words GEMV's too), its tile shapes swept against cuBLAS / dequantize + cuBLAS /
 #      torch._scaled_mm, the best saved and used by the steps after it;

@@ -7,6 +7,7 @@ the LM head), with one to four rows of x:
    groups of 32 and 128 with offsets = int4 / Q4_1) against the float32 product of the
    dequantized weight, as a fraction of the product's norm; float8 weights (x rounded to float8
    per row inside the GEMV) against reference.fp8_linear (torch._scaled_mm, the same rounding);
+   8- and 4-bit weights also through the Gluon GEMV over 32-bit words (WORDS_SWEEP's tiles);
 2. a sweep of the GEMV's tile shapes per bit width at one row, each timed with
    triton.testing.do_bench (L2 flushed before every call), against what larger batches take:
    cuBLAS (dense), one dequantizing pass then cuBLAS (quantized; run 3 of

@@ -930,9 +930,10 @@ def _gemv_kernel(
     products are summed before its scale multiplies them, and its offset multiplies the group's
     sum of x, so the per-weight work is one convert and one multiply-add. JOIN (4 bits): the two
     nibbles of each byte are interleaved back into one row of columns in registers, so x is read
-    contiguously, instead of reading x's even and odd columns apart (stride-2 loads: on an H200
-    the 4-bit GEMV without JOIN reads the weights at 1 TB/s, bound by instructions, not memory;
-    JOIN awaits its measurement there). FP8_X (float8 weights, BITS 16 with ROW_SCALE): each row of
+    contiguously, instead of reading x's even and odd columns apart (stride-2 loads). Both are bound
+    by instructions on an H200 (~1 TB/s of 4-bit weights; H200 run 5, do_bench over an 8B-shaped
+    step's projections: 5.6 ms without JOIN, 4.3 with it): 4-bit weights take _gemv_words_kernel
+    where Triton has Gluon (3.8 ms there). FP8_X (float8 weights, BITS 16 with ROW_SCALE): each row of
     x rounded to float8_e4m3 with a scale of its own, its largest |x| / 448, as reference.fp8_linear
     does (W8A8 with dynamic per-token scales); the products of float8 values are exact in float32,
     and the sum is scaled by the row's scale, then the weight row's."""
@@ -1203,6 +1204,7 @@ def _gemv_words(
     blocks = max(1, block_k // 32)
     rows_p2 = _pow2(m)
     threads_n = max(1, 32 // blocks) * warps
+    block_n = max(block_n, threads_n)  # (a config's tile narrower than its threads: widened to them)
     while block_n > threads_n and block_n // threads_n * rows_p2 > 8:
         # at most 8 (tile row, x row) pairs a thread: sm_90 code of 16 spilled registers (8 bits,
         # 3 rows of x, 8 tile rows a thread); the tile's rows shrink instead
@@ -1266,7 +1268,7 @@ def gemv(
             if _takes_words(rows, weight, bits, group_size, fp8):
                 _gemv_words(rows, weight, scales, offsets, bias, out, bits, group_size, block_n, block_k, warps)
                 return out.reshape(*x.shape[:-1], n)
-            block_n, block_k, warps, stages = GEMV_TILED_CONFIGS[bits][:4]
+            block_n, block_k, warps, stages = GEMV_TILED_CONFIGS.get(bits, (block_n, block_k, warps, stages))[:4]
         if group_size:
             block_k = max(block_k, group_size)  # whole groups per tile (group sizes are powers of two)
         _gemv_kernel[(triton.cdiv(n, block_n),)](
@@ -1360,10 +1362,11 @@ if gluon is not None:
         BLOCKS: gl.constexpr,
         LAYOUT: gl.constexpr,
     ):
-        """_dequantize_kernel's out[n, k] for weights read as 32-bit words (4 bits: see _dequantized), as
-        _gemv_words_kernel reads them (LAYOUT: [BLOCK_N, BLOCKS, BITS words, 32 // BITS values], a
-        block of 32 columns a thread): one load of a block's words, its scale (and offset), one
-        multiply-add a value, 64 contiguous bytes of bfloat16 stored. The triton.jit kernel loads a
+        """_dequantize_kernel's out[n, k] for 8- or 4-bit weights read as 32-bit words (the engine
+        takes it for 4 bits: see _dequantized), as _gemv_words_kernel reads them (LAYOUT:
+        [BLOCK_N, BLOCKS, BITS words, 32 // BITS values], a block of 32 columns a thread): one
+        load of a block's words, its scale (and offset), one multiply-add a value, 64 contiguous
+        bytes of bfloat16 stored. The triton.jit kernel loads a
         scale and an offset for every value: on an H200 it dequantized an 8B-shaped model's 4-bit
         weights at 0.09 TB/s (52 ms a decode step of more than GEMV_MAX_ROWS rows).
 
