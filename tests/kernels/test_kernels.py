@@ -419,6 +419,13 @@ def test_fp8_decode_rows_take_the_gemv_and_equal_the_reference(monkeypatch):
     assert calls == [1, 2, 4] * 2  # the GEMV for decode's rows, nothing else
 
 
+GROUP_QUANTIZERS = {  # the group-quantized kinds the GEMV tests take, by name
+    "q8_0": lambda weight: ref.quantize_int8_groups(weight, 32),
+    "int4": lambda weight: ref.quantize_int4(weight, 32),
+    "int4-g128": lambda weight: ref.quantize_int4(weight, 128),
+}
+
+
 # The 4-bit cases also run the GEMV's nibble-joining variant: ~2 s each under the interpreter, so
 # they run in the whole suite, not the fast lane (which keeps 4-bit GEMVs in the tests above).
 @pytest.mark.parametrize(
@@ -448,11 +455,7 @@ def test_decode_rows_take_the_gemv_and_equal_the_dequantized_product(monkeypatch
         exact = values.float() * scale[:, None]
         product = lambda x: chosen.int8_linear(x, values, scale, bias)  # noqa: E731
     else:
-        grouped = {
-            "q8_0": lambda: ref.quantize_int8_groups(weight, 32),
-            "int4": lambda: ref.quantize_int4(weight, 32),
-            "int4-g128": lambda: ref.quantize_int4(weight, 128),
-        }[kind]()
+        grouped = GROUP_QUANTIZERS[kind](weight)
         exact = ref.dequantize(grouped, F32)
         packed = chosen.pack_grouped(grouped)
         product = lambda x: chosen.grouped_linear(x, packed, bias)  # noqa: E731
@@ -491,11 +494,7 @@ def _quantized(kind: str, n: int, k: int):
     if kind == "int8":
         values, scale = ref.quantize_int8(weight)
         return values, dict(scales=scale.reshape(-1, 1), bits=8), values.float() * scale[:, None]
-    grouped = {
-        "q8_0": lambda: ref.quantize_int8_groups(weight, 32),
-        "int4": lambda: ref.quantize_int4(weight, 32),
-        "int4-g128": lambda: ref.quantize_int4(weight, 128),
-    }[kind]()
+    grouped = GROUP_QUANTIZERS[kind](weight)
     packed = tk.pack_grouped(grouped)
     arguments = dict(scales=packed.scales, offsets=packed.offsets, bits=packed.bits, group_size=packed.group_size)
     return packed.words, arguments, ref.dequantize(grouped, F32)
