@@ -1021,6 +1021,19 @@ def _gemv_kernel(
 if gluon is not None:
 
     @gluon.jit
+    def _word_values(words, value, one_bits, BITS: gl.constexpr):
+        """The float 1 + u / 2**BITS of each value u of the 32-bit words (value: the index of a
+        value in its word, along the last axis): u rotated from bits BITS * value to bits
+        23 - BITS .. 22 and or-ed into one_bits, 1.0's bits (for 8 bits also bit 22, by xor: the
+        sign flipped, q + 128 = u). one_bits is an argument, not a constant, so that the and and the
+        or make one LOP3 (it takes a single immediate operand): two integer instructions a value."""
+        left = ((23 - BITS - BITS * value) & 31).to(gl.uint32)  # never 0
+        rotated = ((words << left) | (words >> (32 - left))) & (((1 << BITS) - 1) << (23 - BITS))
+        if BITS == 8:
+            return (rotated ^ one_bits.to(gl.uint32)).to(gl.float32, bitcast=True)
+        return (rotated | one_bits.to(gl.uint32)).to(gl.float32, bitcast=True)
+
+    @gluon.jit
     def _gemv_words_kernel(
         x_ptr,
         w_ptr,
@@ -1056,14 +1069,11 @@ if gluon is not None:
         ran 9-10 instructions a weight and read at 1 TB/s; this one compiles to about 4 at 16-32
         rows a program (benchmarks/gpu_gemv.py measures both).
 
-        A value u at bits BITS * i of a word is rotated to bits 23 - BITS .. 22 and or-ed into
-        1.0's bits: the float 1 + u / 2**BITS, exact, in two integer instructions (for 8 bits
-        q + 128 = u: the sign bit flips in the same instruction, by xor). A block's sum
+        Each value u becomes the float 1 + u / 2**BITS (_word_values). A block's sum
         S = sum(x) + sum(u x) / 2**BITS then gives sum(q x) = 2**BITS * S - (ZERO + 2**BITS) *
         sum(x), and a group's scale s and offset o make it s * sum(q x) + o * sum(x)."""
         VALUES: gl.constexpr = 32 // BITS  # values a word holds
         ZERO: gl.constexpr = 128 if BITS == 8 else 0  # int8 read as unsigned: q + 128
-        MASK: gl.constexpr = ((1 << BITS) - 1) << (23 - BITS)
         WORDS3: gl.constexpr = gl.SliceLayout(0, gl.SliceLayout(4, LAYOUT))  # [BLOCK_N, BLOCKS, BITS]
         X4: gl.constexpr = gl.SliceLayout(1, LAYOUT)  # [ROWS_P2, BLOCKS, BITS, VALUES]
         ACC: gl.constexpr = gl.SliceLayout(3, gl.SliceLayout(4, LAYOUT))  # [ROWS_P2, BLOCK_N, BLOCKS]
@@ -1088,9 +1098,7 @@ if gluon is not None:
         x_row_mask = (x_row < ROWS)[:, None, None, None]
 
         VALUE: gl.constexpr = gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(3, LAYOUT))))
-        value = gl.arange(0, VALUES, layout=VALUE)
-        left = ((23 - BITS - BITS * value) & 31).to(gl.uint32)[None, None, None, None, :]  # never 0
-        right = 32 - left
+        value = gl.arange(0, VALUES, layout=VALUE)[None, None, None, None, :]
 
         rs = pid * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, SCALES))
         s_block = gl.arange(0, BLOCKS, layout=gl.SliceLayout(0, SCALES))
@@ -1105,13 +1113,7 @@ if gluon is not None:
             words = words.to(gl.uint32, bitcast=True)[None, :, :, :, None]
             column = k0 + column_in_tile
             x = gl.load(x_rows + column, mask=x_row_mask & (column < K), other=0.0).to(gl.float32)
-            rotated = ((words << left) | (words >> right)) & MASK
-            # one_bits (1.0's bits, with bit 22 for 8 bits) is an argument so that the and and the
-            # or (xor) make one LOP3: it takes a single immediate operand
-            if BITS == 8:
-                w = (rotated ^ one_bits.to(gl.uint32)).to(gl.float32, bitcast=True)
-            else:
-                w = (rotated | one_bits.to(gl.uint32)).to(gl.float32, bitcast=True)
+            w = _word_values(words, value, one_bits, BITS)
             sums = gl.sum(gl.sum(w * x[:, None, :, :, :], axis=4), axis=3)  # [ROWS_P2, BLOCK_N, BLOCKS]
             x_sums = gl.convert_layout(gl.sum(gl.sum(x, axis=3), axis=2), gl.SliceLayout(1, ACC))[:, None, :]
             if GROUP > 0:
@@ -1145,14 +1147,12 @@ if gluon is not None:
         )
 
 
-def _takes_words(rows: torch.Tensor, weight: torch.Tensor, bits: int, group_size: int, fp8: bool) -> bool:
-    """Whether _gemv_words_kernel takes this product: Gluon there, a GPU, 8- or 4-bit weights whose
-    rows are whole 32-bit words, groups of whole blocks of 32 columns."""
-    k = rows.shape[1]
+def _takes_words(weight: torch.Tensor, k: int, bits: int, group_size: int) -> bool:
+    """Whether the words kernels take this integer weight of k columns: Gluon there, a GPU, 8- or
+    4-bit weights whose rows are whole 32-bit words, groups of whole blocks of 32 columns."""
     return (
         gluon is not None
-        and rows.is_cuda
-        and not fp8
+        and weight.is_cuda
         and bits in (4, 8)
         and k % (32 // bits) == 0
         and weight.stride(0) * weight.element_size() % 4 == 0
@@ -1166,22 +1166,43 @@ def _words_layout(rows_p2: int, bits: int, block_n: int, blocks: int, warps: int
     """[ROWS_P2, BLOCK_N, BLOCKS, words, values]: a block of 32 columns (bits words) a thread;
     threads across blocks, and across rows where a tile has fewer than 32 blocks."""
     threads_n = max(1, 32 // blocks)
-    if block_n < threads_n * warps:
-        raise ValueError(
-            f"GEMV words tile: {block_n} rows is fewer than the {threads_n * warps} its threads span "
-            f"({blocks} blocks of 32 columns, {warps} warps)"
-        )
     return gl.BlockedLayout(
         [rows_p2, 1, 1, bits, 32 // bits], [1, threads_n, 32 // threads_n, 1, 1], [1, warps, 1, 1, 1], [4, 3, 2, 0, 1]
     )
 
 
 @functools.cache
-def _dequantize_layout(bits: int, block_n: int, blocks: int, warps: int):
-    """[BLOCK_N, BLOCKS, words, values]: a block of 32 columns a thread (_gemv_words_kernel's)."""
+def _dequantize_layout(block_n: int, blocks: int, warps: int):
+    """[BLOCK_N, BLOCKS, 4 words, 8 values]: a block of 32 4-bit columns a thread."""
     threads_n = max(1, 32 // blocks)
-    return gl.BlockedLayout(
-        [1, 1, bits, 32 // bits], [threads_n, 32 // threads_n, 1, 1], [warps, 1, 1, 1], [3, 2, 1, 0]
+    return gl.BlockedLayout([1, 1, 4, 8], [threads_n, 32 // threads_n, 1, 1], [warps, 1, 1, 1], [3, 2, 1, 0])
+
+
+def _int32_words(weight: torch.Tensor) -> torch.Tensor:
+    """An integer weight's rows as 32-bit words (_takes_words has checked that they are whole)."""
+    return (weight if weight.stride(1) == 1 else weight.contiguous()).view(torch.int32)
+
+
+# _word_values' one_bits by bit width: 1.0's bits, and for 8 bits bit 22 (q's sign) too
+_ONE_BITS = {4: 0x3F800000, 8: 0x3FC00000}
+
+
+def _product_operands(rows, weight, scales, offsets, bias, out) -> tuple:
+    """The GEMV kernels' first arguments: x, w, scales, offsets, bias (each absent one stands in
+    as w, never read), out, N, K and the four row strides."""
+    return (
+        rows,
+        weight,
+        scales if scales is not None else weight,
+        offsets if offsets is not None else weight,
+        bias if bias is not None else weight,
+        out,
+        weight.shape[0],
+        rows.shape[1],
+        rows.stride(0),
+        weight.stride(0),
+        scales.stride(0) if scales is not None else 0,
+        out.stride(0),
     )
 
 
@@ -1198,9 +1219,8 @@ def _gemv_words(
     block_k: int,
     warps: int,
 ) -> None:
-    m, k = rows.shape
-    n = weight.shape[0]
-    words = weight.view(torch.int32) if weight.stride(1) == 1 else weight.contiguous().view(torch.int32)
+    m = rows.shape[0]
+    words = _int32_words(weight)
     blocks = max(1, block_k // 32)
     rows_p2 = _pow2(m)
     threads_n = max(1, 32 // blocks) * warps
@@ -1209,21 +1229,9 @@ def _gemv_words(
         # at most 8 (tile row, x row) pairs a thread: sm_90 code of 16 spilled registers (8 bits,
         # 3 rows of x, 8 tile rows a thread); the tile's rows shrink instead
         block_n //= 2
-    one_bits = 0x3FC00000 if bits == 8 else 0x3F800000  # 1.0, and for 8 bits bit 22 (q's sign) too
-    _gemv_words_kernel[(triton.cdiv(n, block_n),)](
-        rows,
-        words,
-        scales if scales is not None else words,
-        offsets if offsets is not None else words,
-        bias if bias is not None else words,
-        out,
-        n,
-        k,
-        rows.stride(0),
-        words.stride(0),
-        scales.stride(0) if scales is not None else 0,
-        out.stride(0),
-        one_bits,
+    _gemv_words_kernel[(triton.cdiv(words.shape[0], block_n),)](
+        *_product_operands(rows, words, scales, offsets, bias, out),
+        _ONE_BITS[bits],
         ROWS=m,
         ROWS_P2=rows_p2,
         BITS=bits,
@@ -1265,25 +1273,14 @@ def gemv(
     if m and n:
         block_n, block_k, warps, stages, *variant = config or GEMV_CONFIGS[0 if fp8 else bits]
         if variant and variant[0] == GEMV_WORDS:
-            if _takes_words(rows, weight, bits, group_size, fp8):
+            if not fp8 and _takes_words(weight, k, bits, group_size):
                 _gemv_words(rows, weight, scales, offsets, bias, out, bits, group_size, block_n, block_k, warps)
                 return out.reshape(*x.shape[:-1], n)
             block_n, block_k, warps, stages = GEMV_TILED_CONFIGS.get(bits, (block_n, block_k, warps, stages))[:4]
         if group_size:
             block_k = max(block_k, group_size)  # whole groups per tile (group sizes are powers of two)
         _gemv_kernel[(triton.cdiv(n, block_n),)](
-            rows,
-            weight,
-            scales if scales is not None else weight,
-            offsets if offsets is not None else weight,
-            bias if bias is not None else weight,
-            out,
-            n,
-            k,
-            rows.stride(0),
-            weight.stride(0),
-            scales.stride(0) if scales is not None else 0,
-            out.stride(0),
+            *_product_operands(rows, weight, scales, offsets, bias, out),
             ROWS=m,
             ROWS_P2=_pow2(m),
             BITS=bits,
@@ -1355,72 +1352,50 @@ if gluon is not None:
         stride_sn,
         stride_on,
         one_bits,
-        BITS: gl.constexpr,
         GROUP: gl.constexpr,
         HAS_OFFSET: gl.constexpr,
         BLOCK_N: gl.constexpr,
         BLOCKS: gl.constexpr,
         LAYOUT: gl.constexpr,
     ):
-        """_dequantize_kernel's out[n, k] for 8- or 4-bit weights read as 32-bit words (the engine
-        takes it for 4 bits: see _dequantized), as _gemv_words_kernel reads them (LAYOUT:
-        [BLOCK_N, BLOCKS, BITS words, 32 // BITS values], a block of 32 columns a thread): one
-        load of a block's words, its scale (and offset), one multiply-add a value, 64 contiguous
-        bytes of bfloat16 stored. The triton.jit kernel loads a
-        scale and an offset for every value: on an H200 it dequantized an 8B-shaped model's 4-bit
-        weights at 0.09 TB/s (52 ms a decode step of more than GEMV_MAX_ROWS rows).
+        """_dequantize_kernel's out[n, k] for 4-bit weights read as 32-bit words, as
+        _gemv_words_kernel reads them (LAYOUT: [BLOCK_N, BLOCKS, 4 words, 8 values], a block of 32
+        columns a thread): one load of a block's words, its scale (and offset), one multiply-add a
+        value, 64 contiguous bytes of bfloat16 stored. The triton.jit kernel loads a scale and an
+        offset for every value: on an H200 it dequantized an 8B-shaped model's 4-bit weights at
+        0.09 TB/s (52 ms a decode step of more than GEMV_MAX_ROWS rows). (8-bit weights keep it: it
+        loads int8's one scale a row once, and H200 run 6 timed int8's batch-64 decode step at
+        26.5 ms through an 8-bit form of this kernel against 12.3 through it.)
 
-        With f = 1 + u / 2**BITS as in _gemv_words_kernel, a value s * q + o of a group is
-        2**BITS * s * f + (o - (ZERO + 2**BITS) * s): one multiply-add, rounded once (float16 scales:
-        s * q is exact in float32, so this is the reference's value); int8 with a float32 scale
-        per row takes q = 2**BITS * f - 384 (exact), then q * s."""
-        VALUES: gl.constexpr = 32 // BITS
-        ZERO: gl.constexpr = 128 if BITS == 8 else 0
-        MASK: gl.constexpr = ((1 << BITS) - 1) << (23 - BITS)
-        WORDS3: gl.constexpr = gl.SliceLayout(3, LAYOUT)  # [BLOCK_N, BLOCKS, BITS]
+        With f = 1 + q / 16 (_word_values), a value s * q + o of a group is
+        16 * s * f + (o - 16 * s): one multiply-add, rounded once (float16 scales: s * q is exact
+        in float32, so this is the reference's value)."""
+        WORDS3: gl.constexpr = gl.SliceLayout(3, LAYOUT)  # [BLOCK_N, BLOCKS, 4]
         SCALES: gl.constexpr = gl.SliceLayout(2, WORDS3)  # [BLOCK_N, BLOCKS]
         first_row = gl.program_id(0) * BLOCK_N
         first_block = gl.program_id(1) * BLOCKS
 
         rn = first_row + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, SCALES))
         block = first_block + gl.arange(0, BLOCKS, layout=gl.SliceLayout(0, SCALES))
-        word_in_block = gl.arange(0, BITS, layout=gl.SliceLayout(0, gl.SliceLayout(1, WORDS3)))
-        word = block[None, :, None] * BITS + word_in_block[None, None, :]
-        word_mask = (rn < N)[:, None, None] & (word < K // VALUES)
+        word_in_block = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, WORDS3)))
+        word = block[None, :, None] * 4 + word_in_block[None, None, :]
+        word_mask = (rn < N)[:, None, None] & (word < K // 8)
         words = gl.load(w_ptr + rn[:, None, None].to(gl.int64) * stride_wn + word, mask=word_mask, other=0)
         words = words.to(gl.uint32, bitcast=True)[:, :, :, None]
         VALUE: gl.constexpr = gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, LAYOUT)))
-        value = gl.arange(0, VALUES, layout=VALUE)
-        left = ((23 - BITS - BITS * value) & 31).to(gl.uint32)[None, None, None, :]
-        rotated = ((words << left) | (words >> (32 - left))) & MASK
-        if BITS == 8:
-            f = (rotated ^ one_bits.to(gl.uint32)).to(gl.float32, bitcast=True)
-        else:
-            f = (rotated | one_bits.to(gl.uint32)).to(gl.float32, bitcast=True)
+        value = gl.arange(0, 8, layout=VALUE)[None, None, None, :]
+        f = _word_values(words, value, one_bits, 4)
 
         scale_mask = (rn < N)[:, None] & (block * 32 < K)[None, :]
-        if GROUP > 0:
-            group = (block * 32) // GROUP
-            scale = gl.load(
-                scale_ptr + rn[:, None].to(gl.int64) * stride_sn + group[None, :], mask=scale_mask, other=0.0
-            )
-            scale = scale.to(gl.float32)
-            shift = -(ZERO + (1 << BITS)) * scale
-            if HAS_OFFSET:
-                offset = gl.load(
-                    offset_ptr + rn[:, None].to(gl.int64) * stride_sn + group[None, :], mask=scale_mask, other=0.0
-                )
-                shift += offset.to(gl.float32)
-            w = f * ((1 << BITS) * scale)[:, :, None, None] + shift[:, :, None, None]
-        else:  # int8, a float32 scale per row: q first (exact), then q * s rounded once, as the reference
-            scale = gl.load(scale_ptr + rn.to(gl.int64) * stride_sn, mask=rn < N, other=0.0).to(gl.float32)[:, None]
-            scale = gl.where(scale_mask, scale, 0.0)
-            w = (f * (1 << BITS) - (ZERO + (1 << BITS))) * scale[:, :, None, None]
+        group = rn[:, None].to(gl.int64) * stride_sn + ((block * 32) // GROUP)[None, :]
+        scale = gl.load(scale_ptr + group, mask=scale_mask, other=0.0).to(gl.float32)
+        shift = -16 * scale
+        if HAS_OFFSET:
+            shift += gl.load(offset_ptr + group, mask=scale_mask, other=0.0).to(gl.float32)
+        w = f * (16 * scale)[:, :, None, None] + shift[:, :, None, None]
 
         row4 = first_row + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, gl.SliceLayout(2, WORDS3)))
-        column = (block[None, :, None] * 32 + word_in_block[None, None, :] * VALUES)[:, :, :, None] + value[
-            None, None, None, :
-        ]
+        column = (block[None, :, None] * 32 + word_in_block[None, None, :] * 8)[:, :, :, None] + value
         out = out_ptr + row4[:, None, None, None].to(gl.int64) * stride_on + column
         gl.store(out, w.to(out_ptr.dtype.element_ty), mask=(row4 < N)[:, None, None, None] & (column < K))
 
@@ -1437,11 +1412,9 @@ def _dequantized(
     """The weight in `dtype` [n, k], one pass over its integers (group_size 0: a scale per row)."""
     n = words.shape[0]
     out = _empty((n, k), dtype, words.device)
-    if n and k and bits == 4 and _takes_words(out[:0], words, bits, group_size, False):
-        # (4 bits only: H200 run 6 timed int8's batch-64 decode step at 26.5 ms through this kernel
-        # against 12.3 through the tiled one, which loads int8's one scale a row once)
+    if n and k and bits == 4 and _takes_words(words, k, bits, group_size):
         block_n, blocks, warps = 16, 8, 4
-        words32 = (words if words.stride(1) == 1 else words.contiguous()).view(torch.int32)
+        words32 = _int32_words(words)
         _dequantize_words_kernel[(triton.cdiv(n, block_n), triton.cdiv(k, blocks * 32))](
             words32,
             scales,
@@ -1452,13 +1425,12 @@ def _dequantized(
             words32.stride(0),
             scales.stride(0),
             out.stride(0),
-            0x3FC00000 if bits == 8 else 0x3F800000,
-            BITS=bits,
+            _ONE_BITS[4],
             GROUP=group_size,
             HAS_OFFSET=offsets is not None,
             BLOCK_N=block_n,
             BLOCKS=blocks,
-            LAYOUT=_dequantize_layout(bits, block_n, blocks, warps),
+            LAYOUT=_dequantize_layout(block_n, blocks, warps),
             num_warps=warps,
         )
     elif n and k:

@@ -518,7 +518,7 @@ def test_words_gemv_equals_the_dequantized_product(kind):
     for config in WORDS_CONFIGS:
         for rows in (1, 3):
             x = randn(rows, k, dtype=BF16)
-            assert tk._takes_words(x, words, arguments["bits"], arguments.get("group_size", 0), False)
+            assert tk._takes_words(words, k, arguments["bits"], arguments.get("group_size", 0))
             got = tk.gemv(x, words, bias, config=config, **arguments).float()
             expected = x.float() @ exact.T + bias.float()
             message = f"words GEMV {config}, {rows} rows"
@@ -534,7 +534,8 @@ def test_words_gemv_equals_the_dequantized_product(kind):
 def test_words_gemv_compiles_for_hopper():
     """The Gluon GEMV and dequantizing pass run on GPUs only; here they are compiled for sm_90 by
     triton's own ptxas (no GPU needed), in a process without TRITON_INTERPRET (the interpreter
-    compiles nothing): 4 and 8 bits, the GEMV for 1 and 3 rows in three tile shapes."""
+    compiles nothing): the GEMV for 4 and 8 bits, 1 and 3 rows, in three tile shapes; the 4-bit
+    dequantizing pass."""
     code = """
 import triton
 from triton.backends.compiler import GPUTarget
@@ -554,14 +555,13 @@ for bits, group, offsets in ((4, 32, True), (8, 0, False)):
             kernel = triton.compile(GluonASTSource(fn, sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
                                     options=dict(num_warps=warps))
             assert kernel.asm["cubin"] and kernel.metadata.shared == 0, (bits, rows, block_n)
-    consts = dict(BITS=bits, GROUP=group, HAS_OFFSET=offsets, BLOCK_N=16, BLOCKS=8,
-                  LAYOUT=tk._dequantize_layout(bits, 16, 8, 4))
-    fn = tk._dequantize_words_kernel
-    types = dict(w_ptr="*i32", scale_ptr="*fp16" if group else "*fp32", offset_ptr="*fp16", out_ptr="*bf16")
-    sig = {n: "constexpr" if n in consts else types.get(n, "i32") for n in fn.arg_names}
-    kernel = triton.compile(GluonASTSource(fn, sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
-                            options=dict(num_warps=4))
-    assert kernel.asm["cubin"], bits
+consts = dict(GROUP=32, HAS_OFFSET=True, BLOCK_N=16, BLOCKS=8, LAYOUT=tk._dequantize_layout(16, 8, 4))
+fn = tk._dequantize_words_kernel
+types = dict(w_ptr="*i32", scale_ptr="*fp16", offset_ptr="*fp16", out_ptr="*bf16")
+sig = {n: "constexpr" if n in consts else types.get(n, "i32") for n in fn.arg_names}
+kernel = triton.compile(GluonASTSource(fn, sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
+                        options=dict(num_warps=4))
+assert kernel.asm["cubin"]
 """
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
     subprocess.run([sys.executable, "-c", code], check=True, env=env)
